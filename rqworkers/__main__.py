@@ -1,0 +1,3 @@
+from rqworkers.cli import main
+
+raise SystemExit(main())

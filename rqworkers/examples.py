@@ -1,0 +1,27 @@
+"""Example handlers that ship with rqworkers, used by the example config and docker-compose."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("rqworkers.examples")
+
+
+def log_message(message: bytes) -> None:
+    """Log the first bytes of every message: enough to see the service working."""
+    log.info("received %d bytes: %r", len(message), message[:80])
+
+
+class Counter:
+    """A class handler: `setup` once per process, `handle` per message, `teardown` at exit."""
+
+    def setup(self) -> None:
+        self.count = 0
+
+    def handle(self, message: bytes) -> int:
+        self.count += 1
+        log.info("message %d of this process: %r", self.count, message[:80])
+        return self.count
+
+    def teardown(self) -> None:
+        log.info("handled %d messages in this process", self.count)

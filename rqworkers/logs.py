@@ -1,0 +1,62 @@
+"""Logging set-up for the manager and its workers.
+
+Every line names the process it came from (`manager`, `queue1-1`). With a log file, only
+the manager rotates it: workers write through a `WatchedFileHandler`, which reopens the file
+once the manager has renamed it, so several processes never rotate the same file at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+
+from rqworkers.config import LoggingSettings
+
+FORMAT = "%(asctime)s %(levelname)s %(identity)s[%(process)d]: %(message)s"
+
+
+class _Identity(logging.Filter):
+    def __init__(self, identity: str) -> None:
+        super().__init__()
+        self.identity = identity
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.identity = self.identity
+        return True
+
+
+def configure(settings: LoggingSettings, identity: str, rotate: bool = True) -> None:
+    """Send every record to stderr and, if configured, the log file.
+
+    `rotate` is True in the manager only; a worker passes False (see the module's docstring).
+    """
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.file:
+        if rotate:
+            handlers.append(
+                logging.handlers.RotatingFileHandler(
+                    settings.file, maxBytes=settings.max_bytes, backupCount=settings.backup_count
+                )
+            )
+        else:
+            handlers.append(logging.handlers.WatchedFileHandler(settings.file))
+    formatter = logging.Formatter(FORMAT)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(_Identity(identity))
+        root.addHandler(handler)
+    root.setLevel(settings.level)
+
+
+def rotate_if_due() -> None:
+    """Roll the log file over if workers' lines have filled it since the manager last wrote."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.RotatingFileHandler) and handler.maxBytes > 0:
+            probe = logging.LogRecord("rqworkers", logging.INFO, "", 0, "", None, None)
+            if handler.shouldRollover(probe):
+                handler.doRollover()

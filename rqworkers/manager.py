@@ -1,0 +1,255 @@
+"""The manager: keeps one worker process per slot alive, and stops them all cleanly.
+
+After gunicorn's arbiter: signal handlers only queue the signal; the main loop does the work,
+one pass at a time: handle signals → reap workers → enforce limits → spawn workers → sleep.
+A child's death (SIGCHLD) wakes the sleep at once, so a replacement starts without waiting
+for the next tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import time
+from types import FrameType
+
+from rqworkers import logs, process
+from rqworkers.backoff import ExponentialBackoff
+from rqworkers.config import Config
+from rqworkers.slots import Slot
+from rqworkers.worker import WorkerSpec
+from rqworkers.worker import main as worker_main
+
+log = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+
+
+class Manager:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.settings = config.manager
+        self.slots = build_slots(config)
+        self.backoff = ExponentialBackoff(
+            base=0.5, cap=self.settings.restart_backoff_max, free=1, jitter=0.1
+        )
+        self.signals: list[int] = []
+        self.stopping = False
+        self.pid = os.getpid()
+        self._wakeup_read, self._wakeup_write = os.pipe()
+
+    # -- the main loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signals()
+        self.log_banner()
+        try:
+            while not self.stopping:
+                self.handle_signals()
+                self.reap_workers()
+                if self.stopping:
+                    break
+                self.enforce_limits()
+                self.spawn_workers()
+                logs.rotate_if_due()
+                self.sleep()
+            self.stop_workers()
+        finally:
+            self.kill_workers()  # whatever went wrong, leave no process behind
+        log.info("manager %d stopped", self.pid)
+        return 0
+
+    def install_signals(self) -> None:
+        os.set_blocking(self._wakeup_write, False)
+        os.set_blocking(self._wakeup_read, False)
+        signal.set_wakeup_fd(self._wakeup_write)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, self.queue_signal)
+
+    def queue_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s received: stopping workers gracefully", signal.Signals(signum).name)
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                log.warning("SIGHUP received: live reload is not supported yet; ignored")
+
+    def log_banner(self) -> None:
+        s = self.settings
+        log.info(
+            "rqworkers manager %d starting on node %s (check interval %gs, shutdown timeout %gs)",
+            self.pid,
+            self.config.node,
+            s.check_interval,
+            s.shutdown_timeout,
+        )
+        for slot in self.slots:
+            p = slot.pair
+            log.info(
+                "  %s: queue %r on %s, handler %s, max_requests %d, timeout %gs",
+                slot.name,
+                p.queue,
+                p.endpoint,
+                p.handler,
+                p.max_requests,
+                p.timeout,
+            )
+
+    def sleep(self) -> None:
+        """Wait for the next tick, a due start or a signal, whichever comes first."""
+        now = time.monotonic()
+        timeout = self.settings.check_interval
+        for slot in self.slots:
+            if slot.pid is None:
+                timeout = min(timeout, max(0.0, slot.next_start - now))
+        if self.signals:
+            timeout = 0.0
+        self._wait_for_wakeup(timeout)
+
+    def _wait_for_wakeup(self, timeout: float) -> None:
+        with contextlib.suppress(InterruptedError):
+            select.select([self._wakeup_read], [], [], timeout)
+        try:
+            while os.read(self._wakeup_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- lifecycle of workers -------------------------------------------------------------
+
+    def spawn_workers(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is None and now >= slot.next_start:
+                self.spawn_worker(slot)
+
+    def spawn_worker(self, slot: Slot) -> None:
+        spec = WorkerSpec(
+            pair=slot.pair,
+            name=slot.name,
+            worker_id=slot.worker_id,
+            manager_pid=self.pid,
+            previous_exit=slot.previous_exit,
+            log_messages=self.config.logging.messages,
+        )
+        board = slot.board
+        logging_settings = self.config.logging
+
+        def child() -> int:
+            logs.configure(logging_settings, slot.name, rotate=False)
+            return worker_main(spec, board)
+
+        pid = process.fork(child)
+        slot.started(pid, time.monotonic())
+        log.info("%s %d started", slot.name, pid)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self._slot_of(pid)
+            if slot is None:
+                continue
+            handled = slot.board.handled
+            reason = slot.ended(status, time.monotonic(), self.backoff)
+            delay = max(0.0, slot.next_start - time.monotonic())
+            level = logging.WARNING if slot.failures else logging.INFO
+            log.log(
+                level,
+                "%s %d exited: %s (handled %d)%s",
+                slot.name,
+                pid,
+                reason,
+                handled,
+                f"; restarting in {delay:.1f}s" if delay > 0 and not self.stopping else "",
+            )
+
+    def enforce_limits(self) -> None:
+        """Recycle workers over their memory limits or stuck past their timeout."""
+        for slot in self.slots:
+            if slot.pid is None or slot.stop_reason is not None:
+                continue
+            pair = slot.pair
+            stuck_for = slot.board.busy_for()
+            if stuck_for > pair.timeout + pair.timeout_grace:
+                self.kill_worker(slot, signal.SIGKILL, f"timeout (killed after {stuck_for:.1f}s)")
+                continue
+            if not (pair.soft_memory_limit or pair.hard_memory_limit):
+                continue
+            rss = slot.rss()
+            if pair.hard_memory_limit and rss > pair.hard_memory_limit:
+                limit = pair.hard_memory_limit
+                self.kill_worker(
+                    slot, signal.SIGKILL, f"hard memory limit ({rss // _MB}MB > {limit // _MB}MB)"
+                )
+            elif pair.soft_memory_limit and rss > pair.soft_memory_limit:
+                limit = pair.soft_memory_limit
+                self.kill_worker(
+                    slot, signal.SIGTERM, f"soft memory limit ({rss // _MB}MB > {limit // _MB}MB)"
+                )
+
+    def kill_worker(self, slot: Slot, signum: int, reason: str) -> None:
+        if slot.pid is None:
+            return
+        if slot.stop_reason is None or signum == signal.SIGKILL:
+            slot.stop_reason = reason
+        log.info("%s %d: %s; sending %s", slot.name, slot.pid, reason, signal.Signals(signum).name)
+        process.send(slot.pid, signum)
+
+    def stop_workers(self) -> None:
+        """Graceful stop: SIGTERM everyone, wait up to `shutdown_timeout`, then SIGKILL."""
+        for slot in self.slots:
+            self.kill_worker(slot, signal.SIGTERM, "shutdown")
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while any(slot.pid for slot in self.slots) and time.monotonic() < deadline:
+            self.reap_workers()
+            if self.signals and any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
+                self.signals.clear()
+                log.warning("second stop signal: killing workers now")
+                break
+            self.signals.clear()
+            self._wait_for_wakeup(0.1)
+        self.reap_workers()
+
+    def kill_workers(self) -> None:
+        """SIGKILL what is still alive and wait for it: no orphan outlives the manager."""
+        for slot in self.slots:
+            if slot.pid is not None:
+                self.kill_worker(slot, signal.SIGKILL, "shutdown timeout")
+        for slot in self.slots:
+            if slot.pid is not None:
+                try:
+                    _, status = os.waitpid(slot.pid, 0)
+                except ChildProcessError:
+                    status = 0
+                reason = slot.ended(status, time.monotonic(), self.backoff)
+                log.warning("%s exited: %s", slot.name, reason)
+
+    def _slot_of(self, pid: int) -> Slot | None:
+        return next((slot for slot in self.slots if slot.pid == pid), None)
+
+
+def build_slots(config: Config) -> list[Slot]:
+    """One slot per process of every pair. Names carry the host only where queues repeat."""
+    queue_counts: dict[str, int] = {}
+    for pair in config.pairs:
+        queue_counts[pair.queue] = queue_counts.get(pair.queue, 0) + 1
+    slots = []
+    for pair in config.pairs:
+        unique = queue_counts[pair.queue] == 1
+        base = pair.queue if unique else f"{pair.host}/{pair.queue}"
+        owner = config.node if unique else f"{config.node}:{pair.host}"
+        for index in range(1, pair.processes + 1):
+            slots.append(Slot(pair, index, f"{base}-{index}", worker_id=f"{owner}:{index}"))
+    return slots

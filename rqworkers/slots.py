@@ -1,0 +1,92 @@
+"""The manager's bookkeeping for one worker process of one `(host, queue)` pair.
+
+A slot outlives its processes: it keeps the worker id (so a respawned worker finds its
+private list), the count of consecutive failures and the time the next start is due.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import psutil
+
+from rqworkers.backoff import ExponentialBackoff
+from rqworkers.config import PairSettings
+from rqworkers.errors import ExitCode
+from rqworkers.process import describe_exit
+from rqworkers.scoreboard import Scoreboard
+
+HEALTHY_AFTER = 10.0  # seconds a worker must live for its slot's failure count to reset
+
+# Exits the slot expects in normal life: respawn at once, no backoff.
+_RECYCLES = {
+    ExitCode.MAX_REQUESTS: "max requests",
+    ExitCode.TIMEOUT: "timeout",
+}
+_EXIT_WORDS = {
+    ExitCode.OK: "stopped",
+    ExitCode.STARTUP_FAILED: "startup failed",
+    ExitCode.ORPHANED: "orphaned",
+}
+
+
+@dataclass
+class Slot:
+    pair: PairSettings
+    index: int  # 1-based process number within the pair
+    name: str  # for people: `queue1-1`
+    worker_id: str  # for Redis keys: stable across respawns on the same node
+    board: Scoreboard = field(default_factory=Scoreboard)
+    pid: int | None = None
+    process: psutil.Process | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    next_start: float = 0.0
+    # Why the manager itself signalled the worker; it explains the exit when reaped.
+    stop_reason: str | None = None
+    # How the last worker ended, when it ended badly: handed to the next worker so that a
+    # message it leaves behind is dead-lettered with the real cause.
+    previous_exit: str | None = None
+
+    def started(self, pid: int, now: float) -> None:
+        self.pid = pid
+        self.started_at = now
+        self.stop_reason = None
+        try:
+            self.process = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            self.process = None
+
+    def ended(self, status: int, now: float, backoff: ExponentialBackoff) -> str:
+        """Record the death of the slot's worker; return the reason for the log."""
+        code = os.waitstatus_to_exitcode(status)
+        uptime = now - self.started_at
+        if self.stop_reason is not None:
+            reason, crashed = self.stop_reason, False
+        elif code in _RECYCLES:
+            reason, crashed = _RECYCLES[ExitCode(code)], False
+        elif code in _EXIT_WORDS:
+            reason, crashed = _EXIT_WORDS[ExitCode(code)], code != ExitCode.OK
+        else:
+            reason, crashed = describe_exit(status), True
+        if crashed:
+            self.failures = 1 if uptime >= HEALTHY_AFTER else self.failures + 1
+        else:
+            self.failures = 0
+        self.previous_exit = reason if (crashed or self.stop_reason) else None
+        self.next_start = now + backoff.compute(self.failures)
+        self.pid = None
+        self.process = None
+        self.stop_reason = None
+        self.board.reset()
+        return reason
+
+    def rss(self) -> int:
+        """Resident memory of the worker in bytes; 0 if it cannot be read."""
+        if self.process is None:
+            return 0
+        try:
+            return int(self.process.memory_info().rss)
+        except psutil.Error:
+            return 0
