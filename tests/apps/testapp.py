@@ -1,0 +1,95 @@
+"""Handlers for the integration tests. A payload's prefix says what the handler does.
+
+Every handler records `started` (payload) and `started:pids` (pid) before it acts, and
+`done` after it succeeds, in the Redis at $TESTAPP_REDIS_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import redis
+
+_client: redis.Redis | None = None
+
+
+def client() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(os.environ["TESTAPP_REDIS_URL"])
+    return _client
+
+
+def _record(key: str, message: bytes) -> None:
+    pipe = client().pipeline()
+    pipe.rpush(key, message)
+    pipe.rpush(f"{key}:pids", os.getpid())
+    pipe.execute()
+
+
+def handle(message: bytes) -> None:
+    _record("started", message)
+    command, _, arg = message.partition(b":")
+    arg = arg.split(b":")[0]  # anything after a second colon only makes the payload unique
+    if command == b"sleep":
+        time.sleep(float(arg))
+    elif command == b"raise":
+        raise ValueError("boom from testapp")
+    elif command == b"kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif command == b"swallow":  # a handler that tries to ignore its timeout
+        try:
+            time.sleep(float(arg))
+        except Exception:
+            pass
+    elif command == b"stuck":  # like C code that never lets Python run a signal handler
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+        time.sleep(float(arg))
+    elif command == b"alloc":  # alloc:<MiB>:<seconds to hold it>
+        size, _, hold = message.split(b":", 1)[1].partition(b":")
+        block = bytearray(int(size) * 1024 * 1024)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(float(hold or 0))
+    _record("done", message)
+
+
+def broken(message: bytes) -> None:
+    raise RuntimeError("always fails")
+
+
+class Lifecycle:
+    """A class handler whose callbacks misbehave: none of it may stall the worker."""
+
+    def setup(self) -> None:
+        client().rpush("lifecycle", f"setup:{os.getpid()}")
+
+    def handle(self, message: bytes) -> bytes:
+        _record("started", message)
+        if message.startswith(b"raise"):
+            raise ValueError("class handler failure")
+        _record("done", message)
+        return message.upper()
+
+    def on_success(self, message: bytes, result: bytes) -> None:
+        client().rpush("lifecycle", b"success:" + result)
+        raise RuntimeError("on_success is broken")
+
+    def on_failure(self, message: bytes, error: BaseException) -> None:
+        client().rpush("lifecycle", f"failure:{error}")
+        raise RuntimeError("on_failure is broken")
+
+    def teardown(self) -> None:
+        client().rpush("lifecycle", f"teardown:{os.getpid()}")
+
+
+class FailingSetup:
+    """A handler that can never start, like one whose database refuses it."""
+
+    def setup(self) -> None:
+        raise ConnectionRefusedError("the database said no")
+
+    def handle(self, message: bytes) -> None:
+        raise AssertionError("never reached")

