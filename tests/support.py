@@ -199,7 +199,8 @@ def write_config(path: Path, url: str, workers: list[dict[str, Any]], **sections
         lines.append("")
     for worker in workers:
         lines.append("[[workers]]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in {"host": "local", **worker}.items())
+        entry = {"host": "local", **worker}
+        lines.extend(f"{key} = {_toml(value)}" for key, value in entry.items())
         lines.append("")
     path.write_text("\n".join(lines))
     return path
