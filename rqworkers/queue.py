@@ -9,7 +9,9 @@ Redis Cluster slot:
 
 - `<queue>`: the shared list. Producers `LPUSH`; workers take from the right (FIFO).
 - `<queue>:processing:<worker-id>`: one worker's private list of in-flight messages.
-- `<queue>:deliveries`: hash, SHA-1 of a payload → deliveries so far (cleared on ack).
+- `<queue>:deliveries`: hash, payload → deliveries so far (cleared on ack). Keyed by the
+  payload itself so that scripts can count without hashing; it holds only in-flight and
+  retrying messages, so its size is bounded by what is in flight.
 - `<queue>:retry`: sorted set of failed messages waiting for their retry time.
 - `<queue>:dead`: the dead-letter list, original payloads byte-for-byte.
 - `<queue>:dead:reasons`: hash, SHA-1 of a payload → JSON with the last reason.
@@ -69,7 +71,7 @@ def connect(url: str, block_timeout: float = 1.0) -> redis.Redis:
 
 
 def digest(message: bytes) -> str:
-    """The key of a payload in the per-queue hashes. Identical payloads share it."""
+    """The key of a payload in `<queue>:dead:reasons`. Identical payloads share it."""
     return hashlib.sha1(message, usedforsecurity=False).hexdigest()
 
 
@@ -128,13 +130,13 @@ class ReliableQueue:
 
     def count_delivery(self, message: bytes) -> int:
         """Record one more delivery of `message`, before its handler runs; return the total."""
-        return int(self.client.hincrby(self.keys.deliveries, digest(message), 1))
+        return int(self.client.hincrby(self.keys.deliveries, message, 1))
 
     def ack(self, message: bytes) -> bool:
         """Remove a handled message. False if it was no longer there (someone moved it)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.lrem(self.keys.processing, -1, message)  # type: ignore[arg-type]
-        pipe.hdel(self.keys.deliveries, digest(message))
+        pipe.hdel(self.keys.deliveries, message)
         removed, _ = pipe.execute()
         return bool(removed)
 
@@ -153,7 +155,7 @@ class ReliableQueue:
         pipe = self.client.pipeline(transaction=True)
         pipe.lrem(self.keys.processing, -1, message)  # type: ignore[arg-type]
         pipe.lpush(self.keys.dead, message)
-        pipe.hdel(self.keys.deliveries, key)
+        pipe.hdel(self.keys.deliveries, message)
         pipe.hset(self.keys.dead_reasons, key, json.dumps(info))
         pipe.execute()
 
@@ -163,7 +165,7 @@ class ReliableQueue:
         return int(self._promote(keys=[self.keys.retry, self.keys.queue], args=args))
 
     def deliveries(self, message: bytes) -> int:
-        value = self.client.hget(self.keys.deliveries, digest(message))
+        value = self.client.hget(self.keys.deliveries, message)
         return int(cast(bytes, value)) if value is not None else 0
 
     def dead_reason(self, message: bytes) -> dict[str, Any] | None:

@@ -108,7 +108,7 @@ def test_a_worker_killed_mid_message_has_it_replayed_after_the_respawn(
     wait_for(lambda: len(lrange(redis_server, "started")) == 2, what="replay after respawn")
     first, second = pids_of(redis_server, "started")
     assert first == worker.pid and second != worker.pid
-    assert redis_server.client().hget("jobs:deliveries", _digest(b"sleep:30")) == b"2"
+    assert redis_server.client().hget("jobs:deliveries", b"sleep:30") == b"2"
     assert "killed by signal 9" in svc.output()
 
 
@@ -370,9 +370,3 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _node() -> str:
     return os.environ.get("RQWORKERS_NODE") or __import__("socket").gethostname()
-
-
-def _digest(payload: bytes) -> str:
-    from rqworkers.queue import digest
-
-    return digest(payload)
