@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,3 +35,46 @@ class ExponentialBackoff:
         if self.jitter:
             delay += random.uniform(0, delay * self.jitter)
         return delay
+
+
+class Outage:
+    """Backoff while a Redis is failing, logged once per outage rather than once per retry."""
+
+    def __init__(self, what: str, backoff: ExponentialBackoff | None = None) -> None:
+        self.what = what
+        self.failures = 0
+        self.since = 0.0
+        self.backoff = backoff or ExponentialBackoff(base=0.1, cap=10.0, jitter=0.2)
+
+    def wait(self, exc: Exception, stopping: Callable[[], bool]) -> None:
+        """Log the first failure of an outage, then sleep the next backoff step.
+
+        The sleep is cut short as soon as `stopping()` turns true, so a stop request is
+        never held up by an outage.
+        """
+        self.record(exc)
+        deadline = time.monotonic() + self.backoff.compute(self.failures)
+        while not stopping() and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def record(self, exc: Exception) -> None:
+        """Count a failure; the first of an outage is logged with its cause."""
+        if self.failures == 0:
+            self.since = time.monotonic()
+            log.warning("%s failed: %s; retrying with backoff", self.what, describe(exc))
+        self.failures += 1
+
+    def over(self) -> bool:
+        """Call after a success; True if it ended an outage."""
+        if not self.failures:
+            return False
+        log.info("%s is back after %.1fs", self.what, time.monotonic() - self.since)
+        self.failures = 0
+        return True
+
+
+def describe(exc: Exception) -> str:
+    """Name the cause of a Redis failure for an operator: refused, timed out, or Redis's reply."""
+    if isinstance(exc, redis.ResponseError):
+        return f"Redis replied with an error: {exc}"
+    return f"{type(exc).__name__}: {exc}"

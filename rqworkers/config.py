@@ -79,6 +79,8 @@ class ManagerSettings(_Section):
     shutdown_timeout: float = Field(30.0, ge=0, description="graceful stop budget, seconds")
     restart_backoff_max: float = Field(30.0, gt=0, description="cap of the restart backoff")
     node: str | None = Field(None, min_length=1, description="node identity in worker ids")
+    lease_ttl: float = Field(30.0, ge=1, description="seconds a lease outlives its last renewal")
+    reclaim_interval: float = Field(10.0, gt=0, description="seconds between orphan scans")
 
 
 class LoggingSettings(_Section):

@@ -19,7 +19,9 @@ from types import FrameType
 from rqworkers import logs, process
 from rqworkers.backoff import ExponentialBackoff
 from rqworkers.config import Config
-from rqworkers.slots import Slot
+from rqworkers.keeper import KeeperSpec, Lease
+from rqworkers.keeper import main as keeper_main
+from rqworkers.slots import KeeperSlot, Slot
 from rqworkers.worker import WorkerSpec
 from rqworkers.worker import main as worker_main
 
@@ -39,6 +41,8 @@ class Manager:
         self.signals: list[int] = []
         self.stopping = False
         self.pid = os.getpid()
+        self.lease_owner = f"{config.node}:{self.pid}"
+        self.keeper = KeeperSlot()
         self._wakeup_read, self._wakeup_write = os.pipe()
 
     # -- the main loop --------------------------------------------------------------------
@@ -126,6 +130,8 @@ class Manager:
 
     def spawn_workers(self) -> None:
         now = time.monotonic()
+        if self.keeper.pid is None and now >= self.keeper.next_start:
+            self.spawn_keeper()
         for slot in self.slots:
             if slot.pid is None and now >= slot.next_start:
                 self.spawn_worker(slot)
@@ -137,6 +143,8 @@ class Manager:
             worker_id=slot.worker_id,
             manager_pid=self.pid,
             previous_exit=slot.previous_exit,
+            lease_owner=self.lease_owner,
+            lease_ttl=self.settings.lease_ttl,
             log_messages=self.config.logging.messages,
         )
         board = slot.board
@@ -146,9 +154,27 @@ class Manager:
             logs.configure(logging_settings, slot.name, rotate=False)
             return worker_main(spec, board)
 
+        board.reset()
         pid = process.fork(child)
         slot.started(pid, time.monotonic())
         log.info("%s %d started", slot.name, pid)
+
+    def spawn_keeper(self) -> None:
+        spec = KeeperSpec(
+            owner=self.lease_owner,
+            manager_pid=self.pid,
+            lease_ttl=self.settings.lease_ttl,
+            reclaim_interval=self.settings.reclaim_interval,
+            leases=tuple(Lease(s.pair.url, s.pair.queue, s.worker_id, s.board) for s in self.slots),
+        )
+        logging_settings = self.config.logging
+
+        def child() -> int:
+            logs.configure(logging_settings, "keeper", rotate=False)
+            return keeper_main(spec)
+
+        self.keeper.pid = process.fork(child)
+        log.info("keeper %d started (lease ttl %gs)", self.keeper.pid, spec.lease_ttl)
 
     def reap_workers(self) -> None:
         while True:
@@ -158,6 +184,9 @@ class Manager:
                 return
             if pid == 0:
                 return
+            if pid == self.keeper.pid:
+                self.keeper.ended(status, time.monotonic(), restart=not self.stopping)
+                continue
             slot = self._slot_of(pid)
             if slot is None:
                 continue
@@ -221,9 +250,25 @@ class Manager:
             self.signals.clear()
             self._wait_for_wakeup(0.1)
         self.reap_workers()
+        self.stop_keeper()
+
+    def stop_keeper(self) -> None:
+        """Last to go: it keeps the leases of slow workers alive while they finish."""
+        if self.keeper.pid is None:
+            return
+        process.send(self.keeper.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        while self.keeper.pid is not None and time.monotonic() < deadline:
+            self._wait_for_wakeup(0.05)
+            self.reap_workers()
 
     def kill_workers(self) -> None:
         """SIGKILL what is still alive and wait for it: no orphan outlives the manager."""
+        if self.keeper.pid is not None:
+            process.send(self.keeper.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.keeper.pid, 0)
+            self.keeper.pid = None
         for slot in self.slots:
             if slot.pid is not None:
                 self.kill_worker(slot, signal.SIGKILL, "shutdown timeout")

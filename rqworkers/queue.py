@@ -15,6 +15,9 @@ Redis Cluster slot:
 - `<queue>:retry`: sorted set of failed messages waiting for their retry time.
 - `<queue>:dead`: the dead-letter list, original payloads byte-for-byte.
 - `<queue>:dead:reasons`: hash, SHA-1 of a payload → JSON with the last reason.
+- `<queue>:workers`: set of worker ids that have had a private list (the reclaim registry).
+- `<queue>:lease:<worker-id>`: string with a TTL, alive while the worker's node is.
+- `<queue>:reclaim:<worker-id>`: short fence so that only one manager reclaims a list.
 """
 
 from __future__ import annotations
@@ -39,6 +42,23 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 _NONCE_BYTES = 8
+
+# Hands an orphaned private list back to the head of the shared list, oldest message
+# nearest the head, counting one delivery each. The lease is checked inside the script: a
+# worker that took its lease back a moment ago keeps its messages.
+_RECLAIM_LUA = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+local moved = 0
+while true do
+  local message = redis.call('LPOP', KEYS[1])
+  if not message then break end
+  redis.call('RPUSH', KEYS[2], message)
+  redis.call('HINCRBY', KEYS[3], message, 1)
+  moved = moved + 1
+end
+redis.call('SREM', KEYS[5], ARGV[1])
+return moved
+"""
 
 # Moves due retries back to the tail of the shared list. A script, so that a message is in
 # the retry set or in the list, never in both and never in neither.
@@ -83,6 +103,9 @@ class Keys:
     retry: str
     dead: str
     dead_reasons: str
+    registry: str
+    lease: str
+    fence: str
 
     @classmethod
     def of(cls, queue: str, worker_id: str) -> Keys:
@@ -93,6 +116,9 @@ class Keys:
             retry=f"{queue}:retry",
             dead=f"{queue}:dead",
             dead_reasons=f"{queue}:dead:reasons",
+            registry=f"{queue}:workers",
+            lease=f"{queue}:lease:{worker_id}",
+            fence=f"{queue}:reclaim:{worker_id}",
         )
 
 
@@ -107,17 +133,52 @@ class ReliableQueue:
         self.worker_id = worker_id
         self._use_blmove = use_blmove
         self._promote = client.register_script(_PROMOTE_LUA)
+        self._reclaim = client.register_script(_RECLAIM_LUA)
+
+    def take_lease(self, owner: str, ttl: float) -> None:
+        """Claim this worker's lease and register its private list for orphan recovery.
+
+        Taken before the worker replays anything, so that no reclaimer can move its
+        leftovers while it is handling them.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.lease, owner, px=int(ttl * 1000))
+        pipe.sadd(self.keys.registry, self.worker_id)
+        pipe.execute()
+
+    def reclaim(self, fence_ttl: float = 60.0) -> int | None:
+        """Move this (dead) worker's messages back to the shared list.
+
+        Returns how many moved, or None if the lease is alive or another manager holds the
+        fence. Safe to call from any node at any time.
+        """
+        k = self.keys
+        if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
+            return None
+        try:
+            keys = [k.processing, k.queue, k.deliveries, k.lease, k.registry]
+            moved = int(self._reclaim(keys=keys, args=[self.worker_id]))
+        finally:
+            self.client.delete(k.fence)
+        return None if moved < 0 else moved
 
     def fetch(self, timeout: float) -> bytes | None:
         """Block up to `timeout` seconds for the oldest message; move it to the private list."""
-        if self._use_blmove is None:
-            self._use_blmove = _server_version(self.client) >= (6, 2)
         k = self.keys
-        if self._use_blmove:
-            # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
-            result = self.client.blmove(k.queue, k.processing, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
-        else:  # BRPOPLPUSH takes whole seconds on servers older than 6.0
-            result = self.client.brpoplpush(k.queue, k.processing, max(1, round(timeout)))
+        if self._use_blmove is not False:
+            try:
+                # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
+                result = self.client.blmove(k.queue, k.processing, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                self._use_blmove = True
+                return cast(bytes | None, result)
+            except redis.ResponseError as exc:
+                # Servers before 6.2 know no BLMOVE. Found out by asking, not by INFO, which
+                # an ACL may forbid; the error is not an outage, so it is handled here.
+                if self._use_blmove or "unknown command" not in str(exc).lower():
+                    raise
+                self._use_blmove = False
+        # BRPOPLPUSH takes whole seconds on servers older than 6.0
+        result = self.client.brpoplpush(k.queue, k.processing, max(1, round(timeout)))
         return cast(bytes | None, result)
 
     def leftover(self) -> bytes | None:
@@ -174,6 +235,19 @@ class ReliableQueue:
         return info
 
 
-def _server_version(client: redis.Redis) -> tuple[int, ...]:
-    info: dict[str, Any] = client.info("server")
-    return tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
+def renew_leases(client: redis.Redis, leases: list[str], owner: str, ttl: float) -> None:
+    """Extend the given lease keys in one round trip (no transaction: keys may span slots)."""
+    pipe = client.pipeline(transaction=False)
+    for key in leases:
+        pipe.set(key, owner, px=int(ttl * 1000))
+    pipe.execute()
+
+
+def registered_workers(client: redis.Redis, queue: str) -> list[str]:
+    """Worker ids that have had a private list for `queue`, read with SSCAN."""
+    ids = client.sscan_iter(Keys.of(queue, "").registry, count=100)
+    return sorted(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
+
+
+def lease_alive(client: redis.Redis, queue: str, worker_id: str) -> bool:
+    return bool(client.exists(Keys.of(queue, worker_id).lease))

@@ -13,11 +13,13 @@ import struct
 import time
 
 _LAYOUT = struct.Struct("dQQ")  # busy_since (monotonic seconds, 0 = idle), handled, failed
+_PID = struct.Struct("q")  # written by the manager: the live worker's pid, 0 when none
+_PID_OFFSET = _LAYOUT.size
 
 
 class Scoreboard:
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, _LAYOUT.size, flags=mmap.MAP_SHARED)
+        self._map = mmap.mmap(-1, _LAYOUT.size + _PID.size, flags=mmap.MAP_SHARED)
 
     def busy(self) -> None:
         """Mark the start of a message."""
@@ -30,7 +32,16 @@ class Scoreboard:
         _LAYOUT.pack_into(self._map, 0, 0.0, handled + 1, failures + int(failed))
 
     def reset(self) -> None:
+        """Clear everything: the slot has no worker. The manager calls it before a fork."""
         _LAYOUT.pack_into(self._map, 0, 0.0, 0, 0)
+        _PID.pack_into(self._map, _PID_OFFSET, 0)
+
+    def set_pid(self, pid: int) -> None:
+        _PID.pack_into(self._map, _PID_OFFSET, pid)
+
+    @property
+    def pid(self) -> int:
+        return int(_PID.unpack_from(self._map, _PID_OFFSET)[0])
 
     def busy_for(self) -> float:
         """Seconds the current message has been running; 0 when idle."""

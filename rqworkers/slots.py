@@ -6,6 +6,7 @@ private list), the count of consecutive failures and the time the next start is 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode
 from rqworkers.process import describe_exit
 from rqworkers.scoreboard import Scoreboard
+
+log = logging.getLogger(__name__)
 
 HEALTHY_AFTER = 10.0  # seconds a worker must live for its slot's failure count to reset
 
@@ -53,6 +56,7 @@ class Slot:
         self.pid = pid
         self.started_at = now
         self.stop_reason = None
+        self.board.set_pid(pid)
         try:
             self.process = psutil.Process(pid)
         except psutil.NoSuchProcess:
@@ -90,3 +94,19 @@ class Slot:
             return int(self.process.memory_info().rss)
         except psutil.Error:
             return 0
+
+
+@dataclass
+class KeeperSlot:
+    """The lease keeper's place: one per manager, restarted a second after any exit."""
+
+    pid: int | None = None
+    next_start: float = 0.0
+
+    def ended(self, status: int, now: float, restart: bool) -> None:
+        if restart:
+            log.warning("keeper %d exited: %s; restarting in 1s", self.pid, describe_exit(status))
+        else:
+            log.info("keeper %d stopped", self.pid)
+        self.pid = None
+        self.next_start = now + 1.0

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-import redis
-
-from rqworkers.backoff import ExponentialBackoff
+from rqworkers.backoff import ExponentialBackoff, Outage
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.handlers import Handler
@@ -46,6 +44,8 @@ class WorkerSpec:
     worker_id: str
     manager_pid: int
     previous_exit: str | None  # how this slot's last worker ended, if it ended badly
+    lease_owner: str
+    lease_ttl: float
     log_messages: bool = False
 
 
@@ -118,10 +118,11 @@ class Worker:
         self.max_requests = self.pair.max_requests + jitter if self.pair.max_requests else 0
         self.handled = 0
         self.replaying = True  # the private list may hold an earlier life's messages
+        self.needs_lease = True  # taken before any replay, so no reclaimer races us
         self.pending_ack: bytes | None = None  # handled, but Redis went away before the ack
         self.next_promote = 0.0
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
-        self.outage = _Outage(self.pair.endpoint)
+        self.outage = Outage(f"redis at {self.pair.endpoint}")
 
     def run(self) -> int:
         while not self.stop.set:
@@ -131,8 +132,8 @@ class Worker:
             try:
                 code = self.step()
             except TRANSIENT_ERRORS as exc:
-                self.replaying = True
-                self.outage.wait(exc, self.stop)
+                self.replaying = self.needs_lease = True
+                self.outage.wait(exc, lambda: self.stop.set)
                 continue
             self.outage.over()
             if code is not None:
@@ -141,6 +142,9 @@ class Worker:
 
     def step(self) -> int | None:
         """Take and settle at most one message. An exit code means: recycle now."""
+        if self.needs_lease:
+            self.queue.take_lease(self.spec.lease_owner, self.spec.lease_ttl)
+            self.needs_lease = False
         if self.pending_ack is not None:
             self.settle_ack(self.pending_ack)
             self.pending_ack = None
@@ -246,35 +250,3 @@ class Worker:
             attempts,
             reason,
         )
-
-
-class _Outage:
-    """Backoff while Redis is unreachable, logged once per outage rather than per retry."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.failures = 0
-        self.since = 0.0
-        self.backoff = ExponentialBackoff(base=0.1, cap=10.0, jitter=0.2)
-
-    def wait(self, exc: Exception, stop: _StopFlag) -> None:
-        if self.failures == 0:
-            self.since = time.monotonic()
-            log.warning("redis at %s failed: %s; retrying with backoff", self.endpoint, _cause(exc))
-        self.failures += 1
-        deadline = time.monotonic() + self.backoff.compute(self.failures)
-        while not stop.set and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-
-    def over(self) -> None:
-        if self.failures:
-            log.info(
-                "redis at %s is back after %.1fs", self.endpoint, time.monotonic() - self.since
-            )
-            self.failures = 0
-
-
-def _cause(exc: Exception) -> str:
-    if isinstance(exc, redis.ResponseError):
-        return f"Redis replied with an error: {exc}"
-    return f"{type(exc).__name__}: {exc}"

@@ -114,7 +114,7 @@ class Service:
         self.cwd = cwd
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = cwd / "rqworkers.log"
+        self.log_path = cwd / f"{config_path.stem}.log"
         self.known_pids: set[int] = set()
 
     def start(self, *extra: str) -> Service:

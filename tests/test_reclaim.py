@@ -1,0 +1,102 @@
+"""Orphan recovery across nodes, with real managers on two node identities."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+import fakeredis
+import pytest
+import redis
+
+from rqworkers.queue import Keys, ReliableQueue, registered_workers
+from tests.support import RedisServer, Service, wait_for
+
+StartService = Callable[..., Service]
+HANDLER = "testapp:handle"
+
+
+def manager_section(node: str) -> dict[str, object]:
+    return {
+        "check_interval": 0.2,
+        "shutdown_timeout": 10.0,
+        "node": node,
+        "lease_ttl": 1.5,
+        "reclaim_interval": 0.3,
+    }
+
+
+def lrange(server: RedisServer, key: str) -> list[bytes]:
+    return list(server.client().lrange(key, 0, -1))
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def client(request: pytest.FixtureRequest) -> redis.Redis:
+    if request.param == "fakeredis":
+        return fakeredis.FakeRedis()
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.client()
+
+
+def test_reclaim_hands_an_expired_list_back_to_the_head_in_order(client: redis.Redis) -> None:
+    dead = ReliableQueue(client, "jobs", "node-a:1")
+    dead.take_lease("node-a:1", ttl=60)
+    client.lpush("jobs", b"m1", b"m2", b"m3", b"later")
+    fetched = [dead.fetch(0.1) for _ in range(3)]
+    assert fetched == [b"m1", b"m2", b"m3"]
+    for message in fetched:
+        assert message is not None
+        dead.count_delivery(message)
+    assert dead.reclaim() is None, "a live lease is never reclaimed"
+    client.delete(dead.keys.lease)  # the node is gone: its lease expired
+    rescuer = ReliableQueue(client, "jobs", "node-a:1")
+    assert rescuer.reclaim() == 3
+    assert client.lrange("jobs", 0, -1) == [b"later", b"m3", b"m2", b"m1"], "m1 is next"
+    assert client.llen(dead.keys.processing) == 0
+    assert {client.hget("jobs:deliveries", m) for m in (b"m1", b"m2", b"m3")} == {b"2"}
+    assert registered_workers(client, "jobs") == []
+    assert rescuer.reclaim() == 0, "a second reclaim finds nothing to move"
+
+
+def test_reclaim_is_fenced(client: redis.Redis) -> None:
+    queue = ReliableQueue(client, "jobs", "node-a:1")
+    client.lpush(queue.keys.processing, b"m")
+    client.set(Keys.of("jobs", "node-a:1").fence, "1")  # another manager is reclaiming it
+    assert queue.reclaim() is None
+    assert client.lrange(queue.keys.processing, 0, -1) == [b"m"]
+
+
+def test_a_lost_node_has_its_messages_reclaimed_by_another(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    node_a = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-a"))
+    node_a.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"sleep:3")
+    wait_for(lambda: lrange(redis_server, "started") == [b"sleep:3"], what="started on node a")
+    node_b = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-b"))
+    node_b.wait_workers(1)
+    # The whole of node a vanishes at once: manager, keeper and worker.
+    os.killpg(node_a.pid, signal.SIGKILL)
+    wait_for(lambda: lrange(redis_server, "done") == [b"sleep:3"], timeout=20, what="reclaim")
+    assert lrange(redis_server, "started") == [b"sleep:3", b"sleep:3"]
+    assert client.llen("jobs:processing:node-a:1") == 0
+    assert "reclaimed 1 message(s) of jobs from jobs:processing:node-a:1" in node_b.output()
+
+
+def test_a_slow_handler_holding_its_process_is_never_reclaimed(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    node_a = service(
+        [{"queue": "jobs", "handler": HANDLER, "timeout": 60}], manager=manager_section("node-a")
+    )
+    node_a.wait_workers(1)
+    node_b = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-b"))
+    node_b.wait_workers(1)
+    client = redis_server.client()
+    # Signals blocked: like a handler in C code that holds the GIL for 4 lease lifetimes.
+    client.lpush("jobs", b"stuck:6")
+    wait_for(lambda: b"stuck:6" in lrange(redis_server, "done"), timeout=20, what="done")
+    assert lrange(redis_server, "started") == [b"stuck:6"], "it ran exactly once"
+    assert "reclaimed" not in node_a.output() + node_b.output()
