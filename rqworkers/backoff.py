@@ -24,7 +24,7 @@ class ExponentialBackoff:
     base: float
     cap: float
     free: int = 0
-    jitter: float = 0.0  # fraction of the delay added at random, to spread herds
+    jitter: float = 0.0  # fraction of the delay taken off at random, to spread herds
 
     def compute(self, failures: int) -> float:
         """Seconds to wait after `failures` consecutive failures (0 for none)."""
@@ -32,8 +32,8 @@ class ExponentialBackoff:
         if paid <= 0:
             return 0.0
         delay: float = min(self.cap, self.base * 2 ** min(paid - 1, 62))
-        if self.jitter:
-            delay += random.uniform(0, delay * self.jitter)
+        if self.jitter:  # taken off, not added: the cap stays a true upper bound
+            delay -= random.uniform(0, delay * self.jitter)
         return delay
 
 

@@ -14,9 +14,12 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import redis
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -61,8 +64,9 @@ def parse_size(value: object) -> int:
         return value
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _SIZE_UNITS:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        if match and match.group(2).lower() in _SIZE_UNITS and len(match.group(1)) <= 30:
+            # Decimal, not float: exact for every integer and no overflow on absurd input.
+            return int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
     raise ValueError(f"{value!r} is not a size such as 200MB, 1GiB or a number of bytes")
 
 
@@ -103,6 +107,7 @@ class PairSettings(_Section):
     queue: str = Field(min_length=1)
     handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
     processes: int = Field(1, ge=1)
+    prefetch: int = Field(1, ge=1, le=10_000)
     max_requests: int = Field(10_000, ge=0)
     max_requests_jitter: int = Field(0, ge=0)
     timeout: float = Field(30.0, gt=0)
@@ -148,8 +153,22 @@ class Config:
 
 
 def redact(url: str) -> str:
-    """`redis://user:secret@h/0` → `redis://user:***@h/0`: passwords never reach a log."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """`redis://user:secret@h/0` → `redis://user:***@h/0`: passwords never reach a log.
+
+    Parsed the way redis-py parses it: the password may contain `@`, and may also come as
+    a `?password=` query argument.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{colon}***@{hostport}" if colon else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -231,6 +250,10 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
                 "redis://, rediss:// or unix:// URL"
             )
             continue
+        problem = _url_problem(url)
+        if problem:
+            problems.append(f"{_path(where)}.host: {redact(url)!r} is not a valid URL: {problem}")
+            continue
         pair_key = (url, pair.queue)
         if pair_key in seen:
             problems.append(
@@ -246,6 +269,15 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
 def _host_url(host: str, hosts: Mapping[str, str]) -> str | None:
     url = hosts.get(host, host)
     return url if url.startswith(URL_SCHEMES) else None
+
+
+def _url_problem(url: str) -> str | None:
+    """What redis-py would object to in `url` (a bad port, say), found without connecting."""
+    try:
+        redis.ConnectionPool.from_url(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _describe(

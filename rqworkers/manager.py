@@ -143,6 +143,7 @@ class Manager:
             worker_id=slot.worker_id,
             manager_pid=self.pid,
             previous_exit=slot.previous_exit,
+            previous_started=slot.previous_started,
             lease_owner=self.lease_owner,
             lease_ttl=self.settings.lease_ttl,
             log_messages=self.config.logging.messages,

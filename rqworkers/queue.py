@@ -33,6 +33,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from rqworkers import scripts
+
 # Errors after which the connection is suspect and the worker should back off and retry.
 # ResponseError covers OOM/READONLY/NOPERM/LOADING replies: the command did nothing.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -43,33 +45,13 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 
 _NONCE_BYTES = 8
 
-# Hands an orphaned private list back to the head of the shared list, oldest message
-# nearest the head, counting one delivery each. The lease is checked inside the script: a
-# worker that took its lease back a moment ago keeps its messages.
-_RECLAIM_LUA = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
-local moved = 0
-while true do
-  local message = redis.call('LPOP', KEYS[1])
-  if not message then break end
-  redis.call('RPUSH', KEYS[2], message)
-  redis.call('HINCRBY', KEYS[3], message, 1)
-  moved = moved + 1
-end
-redis.call('SREM', KEYS[5], ARGV[1])
-return moved
-"""
 
-# Moves due retries back to the tail of the shared list. A script, so that a message is in
-# the retry set or in the list, never in both and never in neither.
-_PROMOTE_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('LPUSH', KEYS[2], string.sub(member, tonumber(ARGV[3]) + 1))
-end
-return #due
-"""
+@dataclass(frozen=True)
+class Taken:
+    """What `take` did: acks that found nothing, and the new messages with their counts."""
+
+    missing_acks: int
+    messages: list[tuple[bytes, int]]
 
 
 def connect(url: str, block_timeout: float = 1.0) -> redis.Redis:
@@ -132,8 +114,85 @@ class ReliableQueue:
         self.keys = Keys.of(queue, worker_id)
         self.worker_id = worker_id
         self._use_blmove = use_blmove
-        self._promote = client.register_script(_PROMOTE_LUA)
-        self._reclaim = client.register_script(_RECLAIM_LUA)
+        self._take = client.register_script(scripts.TAKE)
+        self._replay = client.register_script(scripts.REPLAY)
+        self._give_back = client.register_script(scripts.GIVE_BACK)
+        self._retry_later = client.register_script(scripts.RETRY_LATER)
+        self._dead_letter = client.register_script(scripts.DEAD_LETTER)
+        self._promote = client.register_script(scripts.PROMOTE)
+        self._reclaim = client.register_script(scripts.RECLAIM)
+
+    # -- the hot path -----------------------------------------------------------------------
+
+    def take(self, acks: list[bytes], limit: int) -> Taken:
+        """Ack `acks` and move up to `limit` messages to the private list, counted; one trip."""
+        k = self.keys
+        reply = self._take(keys=[k.queue, k.processing, k.deliveries], args=[limit, *acks])
+        return Taken(int(reply[0]), _pairs(reply[1:]))
+
+    def fetch(self, timeout: float) -> bytes | None:
+        """Block up to `timeout` seconds for the oldest message; move it to the private list.
+
+        Not counted: call `count_delivery`. Used only when `take` found the queue empty.
+        """
+        k = self.keys
+        if self._use_blmove is not False:
+            try:
+                # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
+                result = self.client.blmove(k.queue, k.processing, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                self._use_blmove = True
+                return cast(bytes | None, result)
+            except redis.ResponseError as exc:
+                # Servers before 6.2 know no BLMOVE. Found out by asking, not by INFO, which
+                # an ACL may forbid; the error is not an outage, so it is handled here.
+                if self._use_blmove or "unknown command" not in str(exc).lower():
+                    raise
+                self._use_blmove = False
+        # BRPOPLPUSH takes whole seconds on servers older than 6.0
+        result = self.client.brpoplpush(k.queue, k.processing, max(1, round(timeout)))
+        return cast(bytes | None, result)
+
+    def count_delivery(self, message: bytes) -> int:
+        """Record one more delivery of `message`, before its handler runs; return the total."""
+        return int(self.client.hincrby(self.keys.deliveries, message, 1))
+
+    def ack(self, message: bytes) -> bool:
+        """Remove a handled message. False if it was no longer there (someone moved it)."""
+        return self.take([message], 0).missing_acks == 0
+
+    # -- leftovers, failures, stopping -------------------------------------------------------
+
+    def replay(self, started: int) -> list[tuple[bytes, int]]:
+        """The private list, oldest first, counted as described in `scripts.REPLAY`."""
+        k = self.keys
+        return _pairs(self._replay(keys=[k.processing, k.deliveries], args=[started]))
+
+    def give_back(self, unstarted: list[bytes]) -> int:
+        """Return prefetched messages, oldest first in `unstarted`, to the head of the queue."""
+        k = self.keys
+        newest_first = list(reversed(unstarted))
+        return int(self._give_back(keys=[k.queue, k.processing, k.deliveries], args=newest_first))
+
+    def retry_later(self, message: bytes, delay: float) -> bool:
+        """Park a failed message in the retry set for `delay` seconds; its count stays."""
+        member = os.urandom(_NONCE_BYTES) + message  # identical payloads must not collapse
+        k = self.keys
+        args: list[bytes | float] = [message, time.time() + delay, member]
+        return bool(self._retry_later(keys=[k.processing, k.retry], args=args))
+
+    def dead_letter(self, message: bytes, reason: str, attempts: int) -> bool:
+        """Move a message that used up its deliveries to the dead list, keeping why."""
+        info = {"reason": reason, "attempts": attempts, "at": time.time(), "worker": self.worker_id}
+        k = self.keys
+        keys = [k.processing, k.dead, k.deliveries, k.dead_reasons]
+        return bool(self._dead_letter(keys=keys, args=[message, digest(message), json.dumps(info)]))
+
+    def promote_due(self, limit: int = 100) -> int:
+        """Move up to `limit` retries whose time has come back to the shared list."""
+        args: list[Any] = [time.time(), limit, _NONCE_BYTES]
+        return int(self._promote(keys=[self.keys.retry, self.keys.queue], args=args))
+
+    # -- leases and orphans -----------------------------------------------------------------
 
     def take_lease(self, owner: str, ttl: float) -> None:
         """Claim this worker's lease and register its private list for orphan recovery.
@@ -141,7 +200,7 @@ class ReliableQueue:
         Taken before the worker replays anything, so that no reclaimer can move its
         leftovers while it is handling them.
         """
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self.client.pipeline(transaction=False)
         pipe.set(self.keys.lease, owner, px=int(ttl * 1000))
         pipe.sadd(self.keys.registry, self.worker_id)
         pipe.execute()
@@ -162,68 +221,11 @@ class ReliableQueue:
             self.client.delete(k.fence)
         return None if moved < 0 else moved
 
-    def fetch(self, timeout: float) -> bytes | None:
-        """Block up to `timeout` seconds for the oldest message; move it to the private list."""
-        k = self.keys
-        if self._use_blmove is not False:
-            try:
-                # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
-                result = self.client.blmove(k.queue, k.processing, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                self._use_blmove = True
-                return cast(bytes | None, result)
-            except redis.ResponseError as exc:
-                # Servers before 6.2 know no BLMOVE. Found out by asking, not by INFO, which
-                # an ACL may forbid; the error is not an outage, so it is handled here.
-                if self._use_blmove or "unknown command" not in str(exc).lower():
-                    raise
-                self._use_blmove = False
-        # BRPOPLPUSH takes whole seconds on servers older than 6.0
-        result = self.client.brpoplpush(k.queue, k.processing, max(1, round(timeout)))
-        return cast(bytes | None, result)
-
-    def leftover(self) -> bytes | None:
-        """The oldest message still in the private list, left by an earlier life, if any."""
-        return cast(bytes | None, self.client.lindex(self.keys.processing, -1))
+    # -- reading ----------------------------------------------------------------------------
 
     def in_flight(self) -> list[bytes]:
         """The private list, oldest first."""
         return list(reversed(cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))))
-
-    def count_delivery(self, message: bytes) -> int:
-        """Record one more delivery of `message`, before its handler runs; return the total."""
-        return int(self.client.hincrby(self.keys.deliveries, message, 1))
-
-    def ack(self, message: bytes) -> bool:
-        """Remove a handled message. False if it was no longer there (someone moved it)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lrem(self.keys.processing, -1, message)  # type: ignore[arg-type]
-        pipe.hdel(self.keys.deliveries, message)
-        removed, _ = pipe.execute()
-        return bool(removed)
-
-    def retry_later(self, message: bytes, delay: float) -> None:
-        """Park a failed message in the retry set for `delay` seconds; its count stays."""
-        member = os.urandom(_NONCE_BYTES) + message  # identical payloads must not collapse
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lrem(self.keys.processing, -1, message)  # type: ignore[arg-type]
-        pipe.zadd(self.keys.retry, {member: time.time() + delay})
-        pipe.execute()
-
-    def dead_letter(self, message: bytes, reason: str, attempts: int) -> None:
-        """Move a message that used up its deliveries to the dead list, keeping why."""
-        info = {"reason": reason, "attempts": attempts, "at": time.time(), "worker": self.worker_id}
-        key = digest(message)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.lrem(self.keys.processing, -1, message)  # type: ignore[arg-type]
-        pipe.lpush(self.keys.dead, message)
-        pipe.hdel(self.keys.deliveries, message)
-        pipe.hset(self.keys.dead_reasons, key, json.dumps(info))
-        pipe.execute()
-
-    def promote_due(self, limit: int = 100) -> int:
-        """Move up to `limit` retries whose time has come back to the shared list."""
-        args: list[Any] = [time.time(), limit, _NONCE_BYTES]
-        return int(self._promote(keys=[self.keys.retry, self.keys.queue], args=args))
 
     def deliveries(self, message: bytes) -> int:
         value = self.client.hget(self.keys.deliveries, message)
@@ -233,6 +235,10 @@ class ReliableQueue:
         value = self.client.hget(self.keys.dead_reasons, digest(message))
         info: dict[str, Any] | None = json.loads(cast(bytes, value)) if value else None
         return info
+
+
+def _pairs(flat: list[Any]) -> list[tuple[bytes, int]]:
+    return [(bytes(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def renew_leases(client: redis.Redis, leases: list[str], owner: str, ttl: float) -> None:

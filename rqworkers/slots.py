@@ -51,6 +51,8 @@ class Slot:
     # How the last worker ended, when it ended badly: handed to the next worker so that a
     # message it leaves behind is dead-lettered with the real cause.
     previous_exit: str | None = None
+    # How many of its in-flight messages had reached the handler: see `scripts.REPLAY`.
+    previous_started: int = 0
 
     def started(self, pid: int, now: float) -> None:
         self.pid = pid
@@ -79,6 +81,7 @@ class Slot:
         else:
             self.failures = 0
         self.previous_exit = reason if (crashed or self.stop_reason) else None
+        self.previous_started = self.board.started
         self.next_start = now + backoff.compute(self.failures)
         self.pid = None
         self.process = None

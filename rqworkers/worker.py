@@ -1,8 +1,10 @@
 """One worker process: replay leftovers, then fetch, count, handle, settle, until recycled.
 
 The loop, for every message:
-check the parent → take a leftover or fetch → count the delivery → handle under a timer
-→ ack, retry later or dead-letter → recycle if `max_requests` is reached or a timeout hit.
+take the next of the batch, or ack what is done and take a new batch (counting each
+delivery) in one round trip, blocking only when the queue is empty → handle under a timer →
+queue the ack, or retry later or dead-letter → recycle if `max_requests` is reached or a
+timeout hit. On the way out, pending acks are sent and unstarted messages given back.
 
 A Redis error at any step sends the worker into backoff and, once Redis answers again,
 back to replaying its private list: whatever reply was lost, the message is there.
@@ -15,13 +17,14 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from rqworkers.backoff import ExponentialBackoff, Outage
+from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.handlers import Handler
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_TIMEOUT = 1.0  # seconds a fetch blocks: how often an idle worker checks its parent
 PROMOTE_INTERVAL = 1.0  # seconds between moves of due retries back to the shared list
+ACK_INTERVAL = 1.0  # seconds a handled message may wait for its ack to share a round trip
 _REASON_LIMIT = 2000  # characters of an exception kept as a dead letter's reason
 
 
@@ -44,6 +48,7 @@ class WorkerSpec:
     worker_id: str
     manager_pid: int
     previous_exit: str | None  # how this slot's last worker ended, if it ended badly
+    previous_started: int  # in-flight messages that had reached its handler when it ended
     lease_owner: str
     lease_ttl: float
     log_messages: bool = False
@@ -100,6 +105,8 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 
 class Worker:
+    """The loop of one worker process. Its state is what is in flight, nothing more."""
+
     def __init__(
         self,
         spec: WorkerSpec,
@@ -117,46 +124,54 @@ class Worker:
         jitter = random.randint(0, self.pair.max_requests_jitter)
         self.max_requests = self.pair.max_requests + jitter if self.pair.max_requests else 0
         self.handled = 0
-        self.replaying = True  # the private list may hold an earlier life's messages
         self.needs_lease = True  # taken before any replay, so no reclaimer races us
-        self.pending_ack: bytes | None = None  # handled, but Redis went away before the ack
+        # Replay what the private list holds before taking anything new; of it, the oldest
+        # `replay_started` messages had reached a handler (see `scripts.REPLAY`).
+        self.replaying = True
+        self.replay_started = spec.previous_started
+        self.batch: deque[tuple[bytes, int]] = deque()  # taken, not yet started; oldest first
+        self.acks: list[bytes] = []  # handled; the ack travels with the next `take`
+        self.acks_since = 0.0
         self.next_promote = 0.0
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         self.outage = Outage(f"redis at {self.pair.endpoint}")
 
     def run(self) -> int:
+        code: int = ExitCode.OK
         while not self.stop.set:
-            if os.getppid() != self.spec.manager_pid:
-                log.warning("manager %d is gone; exiting", self.spec.manager_pid)
-                return ExitCode.ORPHANED
             try:
-                code = self.step()
+                result = self.step()
             except TRANSIENT_ERRORS as exc:
-                self.replaying = self.needs_lease = True
+                self.lose_track()
                 self.outage.wait(exc, lambda: self.stop.set)
                 continue
             self.outage.over()
-            if code is not None:
-                return code
-        return ExitCode.OK
+            if result is not None:
+                code = result
+                break
+        self.finish()
+        return code
 
     def step(self) -> int | None:
-        """Take and settle at most one message. An exit code means: recycle now."""
+        """Handle at most one message. An exit code means: stop and recycle."""
         if self.needs_lease:
             self.queue.take_lease(self.spec.lease_owner, self.spec.lease_ttl)
             self.needs_lease = False
-        if self.pending_ack is not None:
-            self.settle_ack(self.pending_ack)
-            self.pending_ack = None
-        now = time.monotonic()
-        if now >= self.next_promote:
-            self.queue.promote_due()
-            self.next_promote = now + PROMOTE_INTERVAL
-        message = self.next_message()
-        if message is None:
+        if self.replaying:
+            self.batch.extend(self.queue.replay(self.replay_started))
+            self.replaying = False
+            if self.batch:
+                log.info("replaying %d message(s) left in flight", len(self.batch))
+        if not self.batch and not self.fill_batch():
+            if os.getppid() != self.spec.manager_pid:
+                log.warning("manager %d is gone; exiting", self.spec.manager_pid)
+                return ExitCode.ORPHANED
             return None
-        timed_out = self.deliver(message)
+        message, count = self.batch.popleft()
+        timed_out = self.deliver(message, count)
         self.handled += 1
+        if self.acks and time.monotonic() - self.acks_since > ACK_INTERVAL:
+            self.flush_acks()  # a slow batch must not hold finished work unacked for long
         if timed_out:
             return ExitCode.TIMEOUT
         if self.max_requests and self.handled >= self.max_requests:
@@ -164,21 +179,58 @@ class Worker:
             return ExitCode.MAX_REQUESTS
         return None
 
-    def next_message(self) -> bytes | None:
-        if self.replaying:
-            leftover = self.queue.leftover()
-            if leftover is not None:
-                log.info("replaying a message left in %s", self.queue.keys.processing)
-                return leftover
-            self.replaying = False
-        return self.queue.fetch(BLOCK_TIMEOUT)
+    def fill_batch(self) -> bool:
+        """Ack what is done and take up to `prefetch` messages; block only if there are none."""
+        now = time.monotonic()
+        if now >= self.next_promote:
+            self.queue.promote_due()
+            self.next_promote = now + PROMOTE_INTERVAL
+        self.batch.extend(self.flush_acks(self.pair.prefetch))
+        if self.batch:
+            return True
+        message = self.queue.fetch(BLOCK_TIMEOUT)
+        if message is None:
+            return False
+        self.batch.append((message, self.queue.count_delivery(message)))
+        return True
 
-    def deliver(self, message: bytes) -> bool:
-        """Count, handle and settle one message; True if it ran out of time."""
-        attempts = self.queue.count_delivery(message)
-        if attempts > self.pair.max_attempts:
-            reason = self.spec.previous_exit or "worker died while handling it"
-            self.dead_letter(message, reason, attempts - 1)
+    def flush_acks(self, limit: int = 0) -> list[tuple[bytes, int]]:
+        taken = self.queue.take(self.acks, limit)
+        self.board.settled(len(self.acks))
+        if taken.missing_acks:
+            log.warning(
+                "%d ack(s) removed nothing from %s: moved by someone else, they may run twice",
+                taken.missing_acks,
+                self.queue.keys.processing,
+            )
+        self.acks = []
+        return taken.messages
+
+    def lose_track(self) -> None:
+        """After a Redis error: forget the batch; the private list is the truth to replay."""
+        self.batch.clear()
+        self.replaying = self.needs_lease = True
+        self.replay_started = self.board.started
+
+    def finish(self) -> None:
+        """On the way out: send pending acks, give unstarted messages back to the queue."""
+        if not (self.acks or self.batch):
+            return
+        try:
+            self.flush_acks()
+            if self.batch:
+                moved = self.queue.give_back([message for message, _ in self.batch])
+                log.info("gave %d unstarted message(s) back to %s", moved, self.queue.keys.queue)
+                self.batch.clear()
+        except TRANSIENT_ERRORS as exc:
+            # They stay in the private list: the next worker of this slot replays them.
+            log.warning("could not settle in-flight messages on exit: %s", describe(exc))
+
+    def deliver(self, message: bytes, count: int) -> bool:
+        """Handle and settle one message whose delivery `count` is recorded; True on timeout."""
+        if count > self.pair.max_attempts:
+            reason = self.spec.previous_exit or "earlier deliveries never finished (worker lost)"
+            self.dead_letter(message, reason, count - 1)
             return False
         self.board.busy()
         error: BaseException | None = None
@@ -190,17 +242,16 @@ class Worker:
             error = exc
         elapsed = time.perf_counter() - started
         self.board.idle(failed=error is not None)
-        timed_out = isinstance(error, MessageTimeout)
         callback_timed_out = self.run_callback(message, result if error is None else None, error)
         if error is None:
-            self.pending_ack = message
-            self.settle_ack(message)
-            self.pending_ack = None
+            if not self.acks:
+                self.acks_since = time.monotonic()
+            self.acks.append(message)
             if self.spec.log_messages:
                 log.info("handled %d bytes in %.3fs", len(message), elapsed)
         else:
-            self.settle_failure(message, error, attempts)
-        return timed_out or callback_timed_out
+            self.settle_failure(message, error, count)
+        return isinstance(error, MessageTimeout) or callback_timed_out
 
     def run_callback(self, message: bytes, result: Any, error: BaseException | None) -> bool:
         """on_success/on_failure under the same time limit; True if it ran out of time."""
@@ -215,14 +266,6 @@ class Worker:
             return True
         return False
 
-    def settle_ack(self, message: bytes) -> None:
-        if not self.queue.ack(message):
-            log.warning(
-                "ack removed nothing from %s: the message was moved by someone else and may "
-                "run twice",
-                self.queue.keys.processing,
-            )
-
     def settle_failure(self, message: bytes, error: BaseException, attempts: int) -> None:
         if isinstance(error, MessageTimeout):
             reason = f"timeout after {self.pair.timeout:g}s"
@@ -230,19 +273,23 @@ class Worker:
             reason = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
         if attempts >= self.pair.max_attempts:
             self.dead_letter(message, reason, attempts)
-            return
-        delay = self.retry_backoff.compute(attempts)
-        self.queue.retry_later(message, delay)
-        log.warning(
-            "delivery %d/%d failed (%s); retrying in %.1fs",
-            attempts,
-            self.pair.max_attempts,
-            reason,
-            delay,
-        )
+        else:
+            delay = self.retry_backoff.compute(attempts)
+            if not self.queue.retry_later(message, delay):
+                log.warning("a failed message was moved by someone else; not retried here")
+            log.warning(
+                "delivery %d/%d failed (%s); retrying in %.1fs",
+                attempts,
+                self.pair.max_attempts,
+                reason,
+                delay,
+            )
+        self.board.settled(1)
 
     def dead_letter(self, message: bytes, reason: str, attempts: int) -> None:
-        self.queue.dead_letter(message, reason, attempts)
+        if not self.queue.dead_letter(message, reason, attempts):
+            log.warning("a message to dead-letter was moved by someone else; left alone")
+            return
         log.error(
             "dead-lettered a %d-byte message to %s after %d deliveries: %s",
             len(message),

@@ -214,20 +214,56 @@ def test_count_delivery_increments_per_call_and_is_keyed_by_payload(
     assert make_queue(queue="elsewhere").count_delivery(b"a") == 1
 
 
-def test_leftover_is_the_oldest_in_flight_message(client: redis.Redis, q: ReliableQueue) -> None:
-    assert q.leftover() is None
+def test_replay_returns_what_an_earlier_life_left_oldest_first(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    assert q.replay(started=0) == []
     produce(client, b"a", b"b", b"c")
-    q.fetch(0.1)
-    q.fetch(0.1)
-    assert q.leftover() == b"a"
-    assert q.ack(b"a")
-    assert q.leftover() == b"b"
-    assert q.ack(b"b")
-    assert q.leftover() is None
-    # A new life of the same worker id finds what an earlier life left.
-    q.fetch(0.1)
+    taken = q.take([], 3)
+    assert [m for m, _ in taken.messages] == [b"a", b"b", b"c"]
+    # A new life of the same worker id finds them, in order. `a` had reached the handler:
+    # replaying it is a new delivery. `b` and `c` had not: their fetch count stands.
     reborn = ReliableQueue(client, QUEUE, WORKER, use_blmove=True)
-    assert reborn.leftover() == b"c"
+    assert reborn.replay(started=1) == [(b"a", 2), (b"b", 1), (b"c", 1)]
+    assert reborn.ack(b"a")
+    assert reborn.in_flight() == [b"b", b"c"]
+
+
+def test_replay_counts_a_message_whose_fetch_was_never_counted(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"lost-reply")
+    assert q.fetch(0.1) == b"lost-reply"  # the reply never reached the worker: no count
+    assert q.replay(started=0) == [(b"lost-reply", 1)]
+
+
+def test_take_acks_and_fetches_in_one_step_counting_each_delivery(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"a", b"b", b"c")
+    first = q.take([], 1)
+    assert first.missing_acks == 0 and first.messages == [(b"a", 1)]
+    second = q.take([b"a"], 5)
+    assert second.messages == [(b"b", 1), (b"c", 1)]
+    assert q.deliveries(b"a") == 0, "the ack cleared the count"
+    assert q.in_flight() == [b"b", b"c"]
+    done = q.take([b"b", b"c", b"not-in-flight"], 1)
+    assert done.missing_acks == 1 and done.messages == []
+    assert q.in_flight() == []
+
+
+def test_give_back_returns_unstarted_messages_to_the_head_in_order(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"a", b"b", b"c", b"d", b"new")
+    q.take([], 4)
+    assert q.ack(b"a")
+    assert q.give_back([b"b", b"c", b"d"]) == 3
+    assert shared(client) == [b"b", b"c", b"d", b"new"], "b is next, as before"
+    assert q.in_flight() == []
+    assert q.deliveries(b"b") == 0, "a delivery that never happened is taken back"
+    assert q.give_back([b"b"]) == 0, "only what is in the private list moves"
+    assert shared(client) == [b"b", b"c", b"d", b"new"]
 
 
 # -- retries -----------------------------------------------------------------------------------
@@ -350,7 +386,7 @@ def test_payloads_round_trip_byte_for_byte(
 
     fetched = q.fetch(0.1)
     assert fetched == payload
-    assert q.leftover() == payload
+    assert q.in_flight() == [payload]
     assert q.count_delivery(fetched) == 1
 
     q.retry_later(fetched, 0)
