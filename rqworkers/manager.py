@@ -155,7 +155,7 @@ class Manager:
             logs.configure(logging_settings, slot.name, rotate=False)
             return worker_main(spec, board)
 
-        board.reset()
+        board.prepare()
         pid = process.fork(child)
         slot.started(pid, time.monotonic())
         log.info("%s %d started", slot.name, pid)
@@ -213,27 +213,28 @@ class Manager:
             pair = slot.pair
             stuck_for = slot.board.busy_for()
             if stuck_for > pair.timeout + pair.timeout_grace:
-                self.kill_worker(slot, signal.SIGKILL, f"timeout (killed after {stuck_for:.1f}s)")
+                reason = f"timeout (killed after {stuck_for:.1f}s)"
+                self.kill_worker(slot, signal.SIGKILL, reason, "timeout")
                 continue
             if not (pair.soft_memory_limit or pair.hard_memory_limit):
                 continue
             rss = slot.rss()
             if pair.hard_memory_limit and rss > pair.hard_memory_limit:
                 limit = pair.hard_memory_limit
-                self.kill_worker(
-                    slot, signal.SIGKILL, f"hard memory limit ({rss // _MB}MB > {limit // _MB}MB)"
-                )
+                reason = f"hard memory limit ({rss // _MB}MB > {limit // _MB}MB)"
+                self.kill_worker(slot, signal.SIGKILL, reason, "memory_hard")
             elif pair.soft_memory_limit and rss > pair.soft_memory_limit:
                 limit = pair.soft_memory_limit
-                self.kill_worker(
-                    slot, signal.SIGTERM, f"soft memory limit ({rss // _MB}MB > {limit // _MB}MB)"
-                )
+                reason = f"soft memory limit ({rss // _MB}MB > {limit // _MB}MB)"
+                self.kill_worker(slot, signal.SIGTERM, reason, "memory_soft")
 
-    def kill_worker(self, slot: Slot, signum: int, reason: str) -> None:
+    def kill_worker(self, slot: Slot, signum: int, reason: str, kind: str = "") -> None:
+        """Signal a worker, recording why (and its recycle `kind`) for when it is reaped."""
         if slot.pid is None:
             return
         if slot.stop_reason is None or signum == signal.SIGKILL:
-            slot.stop_reason = reason
+            slot.stop_reason, slot.stop_kind = reason, kind
+            slot.board.stop_requested()
         log.info("%s %d: %s; sending %s", slot.name, slot.pid, reason, signal.Signals(signum).name)
         process.send(slot.pid, signum)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -22,10 +23,11 @@ log = logging.getLogger(__name__)
 
 HEALTHY_AFTER = 10.0  # seconds a worker must live for its slot's failure count to reset
 
-# Exits the slot expects in normal life: respawn at once, no backoff.
+# Exits the slot expects in normal life: respawn at once, no backoff. Values: the reason
+# for the log, and the recycle kind for metrics (see `scoreboard.RECYCLE_REASONS`).
 _RECYCLES = {
-    ExitCode.MAX_REQUESTS: "max requests",
-    ExitCode.TIMEOUT: "timeout",
+    ExitCode.MAX_REQUESTS: ("max requests", "max_requests"),
+    ExitCode.TIMEOUT: ("timeout", "timeout"),
 }
 _EXIT_WORDS = {
     ExitCode.OK: "stopped",
@@ -48,6 +50,7 @@ class Slot:
     next_start: float = 0.0
     # Why the manager itself signalled the worker; it explains the exit when reaped.
     stop_reason: str | None = None
+    stop_kind: str = ""  # the recycle kind of that reason, "" for a shutdown
     # How the last worker ended, when it ended badly: handed to the next worker so that a
     # message it leaves behind is dead-lettered with the real cause.
     previous_exit: str | None = None
@@ -55,9 +58,11 @@ class Slot:
     previous_started: int = 0
 
     def started(self, pid: int, now: float) -> None:
+        """Call after the fork; `board.prepare()` must have run before it."""
         self.pid = pid
         self.started_at = now
         self.stop_reason = None
+        self.stop_kind = ""
         self.board.set_pid(pid)
         try:
             self.process = psutil.Process(pid)
@@ -69,24 +74,26 @@ class Slot:
         code = os.waitstatus_to_exitcode(status)
         uptime = now - self.started_at
         if self.stop_reason is not None:
-            reason, crashed = self.stop_reason, False
+            reason, kind, crashed = self.stop_reason, self.stop_kind, False
         elif code in _RECYCLES:
-            reason, crashed = _RECYCLES[ExitCode(code)], False
+            (reason, kind), crashed = _RECYCLES[ExitCode(code)], False
         elif code in _EXIT_WORDS:
             reason, crashed = _EXIT_WORDS[ExitCode(code)], code != ExitCode.OK
+            kind = "crash" if crashed else ""
         else:
-            reason, crashed = describe_exit(status), True
+            reason, kind, crashed = describe_exit(status), "crash", True
         if crashed:
             self.failures = 1 if uptime >= HEALTHY_AFTER else self.failures + 1
         else:
             self.failures = 0
         self.previous_exit = reason if (crashed or self.stop_reason) else None
         self.previous_started = self.board.started
-        self.next_start = now + backoff.compute(self.failures)
+        delay = backoff.compute(self.failures)
+        self.next_start = now + delay
+        self.board.worker_ended(reason, kind, time.time() + delay)
         self.pid = None
         self.process = None
         self.stop_reason = None
-        self.board.reset()
         return reason
 
     def rss(self) -> int:

@@ -142,6 +142,7 @@ class Worker:
             try:
                 result = self.step()
             except TRANSIENT_ERRORS as exc:
+                self.board.count("redis_errors")
                 self.lose_track()
                 self.outage.wait(exc, lambda: self.stop.set)
                 continue
@@ -241,7 +242,7 @@ class Worker:
         except (Exception, MessageTimeout) as exc:
             error = exc
         elapsed = time.perf_counter() - started
-        self.board.idle(failed=error is not None)
+        self.board.idle(error is not None, elapsed)
         callback_timed_out = self.run_callback(message, result if error is None else None, error)
         if error is None:
             if not self.acks:
@@ -275,7 +276,9 @@ class Worker:
             self.dead_letter(message, reason, attempts)
         else:
             delay = self.retry_backoff.compute(attempts)
-            if not self.queue.retry_later(message, delay):
+            if self.queue.retry_later(message, delay):
+                self.board.count("retried")
+            else:
                 log.warning("a failed message was moved by someone else; not retried here")
             log.warning(
                 "delivery %d/%d failed (%s); retrying in %.1fs",
@@ -290,6 +293,7 @@ class Worker:
         if not self.queue.dead_letter(message, reason, attempts):
             log.warning("a message to dead-letter was moved by someone else; left alone")
             return
+        self.board.count("dead_lettered")
         log.error(
             "dead-lettered a %d-byte message to %s after %d deliveries: %s",
             len(message),

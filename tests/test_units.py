@@ -48,13 +48,13 @@ def test_backoff_is_capped_even_after_very_many_failures() -> None:
     assert backoff.compute(10**9) == 30.0  # no OverflowError from 2**huge
 
 
-def test_jitter_adds_at_most_its_fraction() -> None:
+def test_jitter_takes_off_at_most_its_fraction_and_never_passes_the_cap() -> None:
     backoff = ExponentialBackoff(base=1.0, cap=8.0, jitter=0.25)
     for failures, plain in ((1, 1.0), (3, 4.0), (10, 8.0)):
         samples = [backoff.compute(failures) for _ in range(300)]
-        assert all(plain <= s <= plain * 1.25 for s in samples), (failures, min(samples))
+        assert all(plain * 0.75 <= s <= plain for s in samples), (failures, min(samples))
         assert len(set(samples)) > 1, "jitter must actually vary the delay"
-        assert max(samples) > plain * 1.1  # the range is used, not only its bottom
+        assert min(samples) < plain * 0.9  # the range is used, not only its top
     assert backoff.compute(0) == 0.0  # no jitter on nothing
 
 
@@ -360,16 +360,21 @@ def slot() -> Slot:
 
 
 def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
+    slot.board.prepare()
     slot.started(os.getpid(), now=100.0)
     slot.board.busy()
-    slot.board.idle(failed=False)
+    slot.board.idle(False, 0.01)
     reason = slot.ended(exited(ExitCode.MAX_REQUESTS), now=101.0, backoff=BACKOFF)
     assert reason == "max requests"
     assert slot.failures == 0
     assert slot.next_start == 101.0
     assert slot.previous_exit is None
     assert (slot.pid, slot.process) == (None, None)
-    assert slot.board.handled == 0  # reset for the next worker
+    assert slot.board.last_exit == "max requests"
+    assert slot.board.totals()["recycled_max_requests"] == 1
+    slot.board.prepare()
+    assert slot.board.handled == 0, "the next worker's own count starts at zero"
+    assert slot.board.totals()["handled"] == 1, "the slot's total survives the recycle"
 
 
 def test_a_timeout_recycle_restarts_at_once(slot: Slot) -> None:
@@ -471,11 +476,11 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
 
     def worker() -> int:
         board.busy()
-        board.idle(failed=False)
+        board.idle(False, 0.002)
         board.busy()
-        board.idle(failed=True)
+        board.idle(True, 0.3)
         board.busy()
-        board.idle(failed=False)
+        board.idle(False, 20.0)
         board.busy()  # left mid-message
         return 0
 
@@ -483,26 +488,45 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
     assert _fork_and_wait(worker) == 0
     assert board.handled == 3
     assert board.failed == 1
+    assert board.started == 4, "four messages reached the handler, none settled"
     busy_for = board.busy_for()
     assert 0.0 < busy_for <= time.monotonic() - started + 0.01
+    buckets = board.buckets()
+    assert sum(buckets) == 3 and buckets[0] == 1 and buckets[-1] == 1
+    assert board.totals()["duration_sum"] == pytest.approx(20.302)
 
-    board.idle(failed=False)
+    board.idle(False, 0.0)
+    board.settled(5)
     assert board.busy_for() == 0.0
     assert board.handled == 4
-    board.reset()
-    assert (board.handled, board.failed, board.busy_for()) == (0, 0, 0.0)
+    assert board.started == 0
 
 
 def test_the_child_sees_what_the_parent_wrote() -> None:
     board = Scoreboard()
     for failed in (False, True, True, False, False):
-        board.idle(failed=failed)
+        board.idle(failed, 0.0)
     status = _fork_and_wait(lambda: board.handled * 10 + board.failed)
     assert os.waitstatus_to_exitcode(status) == 52
 
 
 def test_each_scoreboard_is_its_own_memory() -> None:
     one, two = Scoreboard(), Scoreboard()
-    one.idle(failed=True)
+    one.idle(True, 0.0)
     assert (one.handled, one.failed) == (1, 1)
     assert (two.handled, two.failed) == (0, 0)
+
+
+def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
+    board = Scoreboard()
+    board.prepare()
+    board.set_pid(123)
+    assert board.state() == "idle"
+    board.busy()
+    assert board.state() == "busy"
+    board.stop_requested()
+    assert board.state() == "stopping"
+    board.worker_ended("killed by signal 9 (SIGKILL)", "crash", time.time() + 60)
+    assert board.state() == "backoff"
+    assert board.last_exit == "killed by signal 9 (SIGKILL)"
+    assert board.totals()["recycled_crash"] == 1
