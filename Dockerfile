@@ -1,0 +1,24 @@
+# rqworkers: Redis-backed reliable queue consumer service.
+#   docker build -t rqworkers .
+#   docker run --rm -e REDIS_URL=redis://redis-host:6379/0 rqworkers
+# The config is read from /app/config/rqworkers.toml (docker-compose mounts ./config there).
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Unprivileged user that runs the service; /app stays root-owned and read-only to it.
+RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin rqworkers
+
+WORKDIR /app
+# What gets copied is trimmed by .dockerignore (no .git, venvs, tests, caches).
+COPY . /app
+RUN pip install --no-cache-dir . \
+    && rm -rf /app/build /app/*.egg-info
+
+USER rqworkers
+# rqworkers drains in-flight messages on SIGTERM; docker-compose allows it 40s (stop_grace_period).
+STOPSIGNAL SIGTERM
+CMD ["rqworkers", "run", "--config", "/app/config/rqworkers.toml"]
