@@ -6,8 +6,11 @@ import json
 
 import redis
 
-from rqworkers import handlers, process
+from rqworkers import connections, handlers, process
 from rqworkers.config import Config, redact
+
+# What a PING may raise: a cluster client raises more than redis.RedisError.
+_FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.RedisError)
 
 
 def handler_problems(config: Config) -> list[str]:
@@ -30,14 +33,35 @@ def handler_problems_isolated(config: Config) -> list[str]:
     return [str(line) for line in result]
 
 
+def queue_problems(config: Config) -> list[str]:
+    """One line per queue that cannot work on its host: a cluster queue without a {hash tag}.
+
+    `config.load` already refuses these; listed here too for configs built in code.
+    """
+    problems = []
+    for pair in config.pairs:
+        problem = connections.queue_problem(pair.url, pair.queue)
+        if problem:
+            problems.append(f"redis at {redact(pair.url)}: {problem}")
+    return problems
+
+
 def host_problems(config: Config, timeout: float = 3.0) -> list[str]:
-    """One line per Redis that does not answer PING. Passwords are never shown."""
+    """One line per Redis that does not answer PING. Passwords are never shown.
+
+    A cluster must have all its slots served; a Sentinel URL must lead to its master (that
+    PING is the master's answer); TLS must verify; the credentials must be accepted.
+    """
     problems = []
     for url in sorted({pair.url for pair in config.pairs}):
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            client = connections.connect(url, timeout=timeout)
+        except (OSError, ValueError) as exc:  # an unreadable password_file, say
+            problems.append(f"redis at {redact(url)}: {type(exc).__name__}: {exc}")
+            continue
         try:
             client.ping()
-        except redis.RedisError as exc:
+        except _FAILURES as exc:
             problems.append(f"redis at {redact(url)}: {type(exc).__name__}: {exc}")
         finally:
             client.close()

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -30,9 +29,10 @@ from pydantic import (
     model_validator,
 )
 
+from rqworkers import connections
 from rqworkers.errors import ConfigError
 
-URL_SCHEMES = ("redis://", "rediss://", "unix://")
+URL_SCHEMES = connections.SCHEMES
 
 _SIZE_UNITS = {
     "": 1,
@@ -85,6 +85,10 @@ class ManagerSettings(_Section):
     node: str | None = Field(None, min_length=1, description="node identity in worker ids")
     lease_ttl: float = Field(30.0, ge=1, description="seconds a lease outlives its last renewal")
     reclaim_interval: float = Field(10.0, gt=0, description="seconds between orphan scans")
+    pid_file: str | None = Field(None, description="where the manager writes its pid")
+    metrics_address: str | None = Field(
+        None, pattern=r"^[^:]*:\d{1,5}$", description="host:port for /metrics and /healthz"
+    )
 
 
 class LoggingSettings(_Section):
@@ -92,7 +96,11 @@ class LoggingSettings(_Section):
     file: str | None = None
     max_bytes: Size = 10 * 1000**2
     backup_count: int = Field(5, ge=0)
-    messages: bool = Field(False, description="log a line for every handled message")
+    format: Literal["text", "json"] = "text"
+    # Per-message lines, as the fraction of messages that get one (0 = none, 1 = all): at
+    # thousands of messages a second, logging each would become the bottleneck.
+    handled: float = Field(0.0, ge=0, le=1, description="share of handled messages logged")
+    failures: float = Field(1.0, ge=0, le=1, description="share of failures logged")
 
     @field_validator("level", mode="before")
     @classmethod
@@ -156,7 +164,8 @@ def redact(url: str) -> str:
     """`redis://user:secret@h/0` → `redis://user:***@h/0`: passwords never reach a log.
 
     Parsed the way redis-py parses it: the password may contain `@`, and may also come as
-    a `?password=` query argument.
+    a `?password=` query argument (or `ssl_password=`, the key file's). `password_file=`
+    is a path and stays visible; so do the hosts of a cluster or Sentinel URL.
     """
     parts = urlsplit(url)
     netloc = parts.netloc
@@ -165,10 +174,14 @@ def redact(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}{colon}***@{hostport}" if colon else netloc
     query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_secret(k) for k, _ in pairs):
+        query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="*/:")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secret(query_key: str) -> bool:
+    return query_key.endswith("password")
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -247,12 +260,16 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
         if url is None:
             problems.append(
                 f"{_path(where)}.host: {pair.host!r} is neither a [hosts] name nor a "
-                "redis://, rediss:// or unix:// URL"
+                f"URL starting with {', '.join(URL_SCHEMES)}"
             )
             continue
-        problem = _url_problem(url)
+        problem = connections.url_problem(url)
         if problem:
             problems.append(f"{_path(where)}.host: {redact(url)!r} is not a valid URL: {problem}")
+            continue
+        problem = connections.queue_problem(url, pair.queue)
+        if problem:
+            problems.append(f"{_path(where)}.queue: {problem}")
             continue
         pair_key = (url, pair.queue)
         if pair_key in seen:
@@ -269,15 +286,6 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
 def _host_url(host: str, hosts: Mapping[str, str]) -> str | None:
     url = hosts.get(host, host)
     return url if url.startswith(URL_SCHEMES) else None
-
-
-def _url_problem(url: str) -> str | None:
-    """What redis-py would object to in `url` (a bad port, say), found without connecting."""
-    try:
-        redis.ConnectionPool.from_url(url)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 def _describe(

@@ -30,18 +30,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from rqworkers import scripts
 
-# Errors after which the connection is suspect and the worker should back off and retry.
-# ResponseError covers OOM/READONLY/NOPERM/LOADING replies: the command did nothing.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.ResponseError,
-)
+# Connecting lives in `connections`; these two are imported from here too.
+from rqworkers.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
+from rqworkers.connections import Client
+from rqworkers.connections import connect as connect
 
 _NONCE_BYTES = 8
 
@@ -52,24 +47,6 @@ class Taken:
 
     missing_acks: int
     messages: list[tuple[bytes, int]]
-
-
-def connect(url: str, block_timeout: float = 1.0) -> redis.Redis:
-    """A client for `url` whose failures surface at once: the worker owns retrying.
-
-    redis-py's own retry is off because a retried `BLMOVE` could move a second message
-    while the first reply was lost; the worker instead backs off and replays its private
-    list, which holds every message whatever happened to the reply.
-    """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=block_timeout + 10.0,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-    )
 
 
 def digest(message: bytes) -> str:
@@ -108,7 +85,7 @@ class ReliableQueue:
     """One worker's view of a queue: its shared list and its own private list."""
 
     def __init__(
-        self, client: redis.Redis, queue: str, worker_id: str, use_blmove: bool | None = None
+        self, client: Client, queue: str, worker_id: str, use_blmove: bool | None = None
     ) -> None:
         self.client = client
         self.keys = Keys.of(queue, worker_id)
@@ -194,14 +171,15 @@ class ReliableQueue:
 
     # -- leases and orphans -----------------------------------------------------------------
 
-    def take_lease(self, owner: str, ttl: float) -> None:
+    def take_lease(self, ttl: float) -> None:
         """Claim this worker's lease and register its private list for orphan recovery.
 
         Taken before the worker replays anything, so that no reclaimer can move its
-        leftovers while it is handling them.
+        leftovers while it is handling them. The keeper soon replaces the placeholder
+        value with the worker's status.
         """
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.lease, owner, px=int(ttl * 1000))
+        pipe.set(self.keys.lease, json.dumps({"state": "starting"}), px=int(ttl * 1000))
         pipe.sadd(self.keys.registry, self.worker_id)
         pipe.execute()
 
@@ -241,19 +219,120 @@ def _pairs(flat: list[Any]) -> list[tuple[bytes, int]]:
     return [(bytes(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
-def renew_leases(client: redis.Redis, leases: list[str], owner: str, ttl: float) -> None:
-    """Extend the given lease keys in one round trip (no transaction: keys may span slots)."""
+def renew_leases(client: Client, leases: dict[str, str], ttl: float) -> None:
+    """Set lease keys to their values for `ttl` seconds, in one round trip.
+
+    No transaction: the keys may belong to several queues, hence several Cluster slots.
+    """
     pipe = client.pipeline(transaction=False)
-    for key in leases:
-        pipe.set(key, owner, px=int(ttl * 1000))
+    for key, value in leases.items():
+        pipe.set(key, value, px=int(ttl * 1000))
     pipe.execute()
 
 
-def registered_workers(client: redis.Redis, queue: str) -> list[str]:
+@dataclass(frozen=True)
+class Snapshot:
+    """A queue as `rqworkers status` shows it. Workers are the values of live leases."""
+
+    waiting: int
+    in_flight: int
+    retrying: int
+    dead: int
+    workers: list[dict[str, Any]]
+
+
+def snapshot(client: Client, queue: str) -> Snapshot:
+    """Read a queue's lengths and its workers' published status in two round trips."""
+    keys = Keys.of(queue, "")
+    ids = registered_workers(client, queue)
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(keys.queue)
+    pipe.zcard(keys.retry)
+    pipe.llen(keys.dead)
+    for worker_id in ids:
+        pipe.llen(Keys.of(queue, worker_id).processing)
+        pipe.get(Keys.of(queue, worker_id).lease)
+    waiting, retrying, dead, *rest = pipe.execute()
+    in_flight = sum(int(n) for n in rest[0::2])
+    workers = []
+    for worker_id, raw in zip(ids, rest[1::2], strict=True):
+        if raw is None:
+            continue
+        try:
+            info = json.loads(raw)
+        except ValueError:  # a lease written by something else: show what we can
+            info = {"name": worker_id}
+        if isinstance(info, dict):
+            workers.append({"worker_id": worker_id, **info})
+    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers)
+
+
+def registered_workers(client: Client, queue: str) -> list[str]:
     """Worker ids that have had a private list for `queue`, read with SSCAN."""
     ids = client.sscan_iter(Keys.of(queue, "").registry, count=100)
     return sorted(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
 
 
-def lease_alive(client: redis.Redis, queue: str, worker_id: str) -> bool:
+def lease_alive(client: Client, queue: str, worker_id: str) -> bool:
     return bool(client.exists(Keys.of(queue, worker_id).lease))
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    index: int  # 0 is the newest
+    payload: bytes
+    info: dict[str, Any] | None  # reason, attempts, at, worker
+
+
+class DeadLetters:
+    """The dead-letter list of one queue, as operators handle it."""
+
+    def __init__(self, client: Client, queue: str) -> None:
+        self.client = client
+        self.keys = Keys.of(queue, "")
+        self._take = client.register_script(scripts.DEAD_TAKE)
+
+    def __len__(self) -> int:
+        return int(self.client.llen(self.keys.dead))
+
+    def page(self, start: int = 0, limit: int = 20) -> list[DeadLetter]:
+        """Up to `limit` dead letters from index `start` (0 is the newest)."""
+        payloads = cast(list[bytes], self.client.lrange(self.keys.dead, start, start + limit - 1))
+        return self._with_info(start, payloads)
+
+    def oldest(self, limit: int) -> list[DeadLetter]:
+        """The `limit` oldest dead letters, newest of them first."""
+        total = len(self)
+        start = max(0, total - limit)
+        return self.page(start, total - start)
+
+    def get(self, index: int) -> DeadLetter | None:
+        payload = cast(bytes | None, self.client.lindex(self.keys.dead, index))
+        return None if payload is None else self._with_info(index, [payload])[0]
+
+    def requeue(self, letters: list[DeadLetter]) -> int:
+        """Move `letters` (newest first) to the head of the queue, oldest first in line."""
+        return self._take_out("requeue", letters)
+
+    def purge(self, letters: list[DeadLetter]) -> int:
+        return self._take_out("purge", letters)
+
+    def _take_out(self, mode: str, letters: list[DeadLetter]) -> int:
+        if not letters:
+            return 0
+        k = self.keys
+        args: list[bytes | str] = [mode]
+        for letter in letters:
+            args += [letter.payload, digest(letter.payload)]
+        keys = [k.dead, k.queue, k.deliveries, k.dead_reasons]
+        return int(self._take(keys=keys, args=args))
+
+    def _with_info(self, start: int, payloads: list[bytes]) -> list[DeadLetter]:
+        if not payloads:
+            return []
+        raw = self.client.hmget(self.keys.dead_reasons, [digest(p) for p in payloads])
+        letters = []
+        for offset, (payload, info) in enumerate(zip(payloads, cast(list[Any], raw), strict=True)):
+            parsed = json.loads(info) if info else None
+            letters.append(DeadLetter(start + offset, payload, parsed))
+        return letters

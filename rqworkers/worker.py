@@ -26,9 +26,10 @@ from typing import Any
 
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
+from rqworkers.connections import connect
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.handlers import Handler
-from rqworkers.queue import TRANSIENT_ERRORS, ReliableQueue, connect
+from rqworkers.queue import TRANSIENT_ERRORS, ReliableQueue
 from rqworkers.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ class WorkerSpec:
     manager_pid: int
     previous_exit: str | None  # how this slot's last worker ended, if it ended badly
     previous_started: int  # in-flight messages that had reached its handler when it ended
-    lease_owner: str
     lease_ttl: float
-    log_messages: bool = False
+    log_handled: float = 0.0  # share of handled messages that get a log line
+    log_failures: float = 1.0  # share of failed and dead-lettered messages that do
 
 
 def main(spec: WorkerSpec, board: Scoreboard) -> int:
@@ -156,7 +157,7 @@ class Worker:
     def step(self) -> int | None:
         """Handle at most one message. An exit code means: stop and recycle."""
         if self.needs_lease:
-            self.queue.take_lease(self.spec.lease_owner, self.spec.lease_ttl)
+            self.queue.take_lease(self.spec.lease_ttl)
             self.needs_lease = False
         if self.replaying:
             self.batch.extend(self.queue.replay(self.replay_started))
@@ -248,8 +249,10 @@ class Worker:
             if not self.acks:
                 self.acks_since = time.monotonic()
             self.acks.append(message)
-            if self.spec.log_messages:
-                log.info("handled %d bytes in %.3fs", len(message), elapsed)
+            if self.spec.log_handled and _sampled(self.spec.log_handled):
+                log.info(
+                    "handled %d bytes in %.3fs", len(message), elapsed, extra={"event": "handled"}
+                )
         else:
             self.settle_failure(message, error, count)
         return isinstance(error, MessageTimeout) or callback_timed_out
@@ -280,13 +283,15 @@ class Worker:
                 self.board.count("retried")
             else:
                 log.warning("a failed message was moved by someone else; not retried here")
-            log.warning(
-                "delivery %d/%d failed (%s); retrying in %.1fs",
-                attempts,
-                self.pair.max_attempts,
-                reason,
-                delay,
-            )
+            if _sampled(self.spec.log_failures):
+                log.warning(
+                    "delivery %d/%d failed (%s); retrying in %.1fs",
+                    attempts,
+                    self.pair.max_attempts,
+                    reason,
+                    delay,
+                    extra={"event": "failed"},
+                )
         self.board.settled(1)
 
     def dead_letter(self, message: bytes, reason: str, attempts: int) -> None:
@@ -294,10 +299,16 @@ class Worker:
             log.warning("a message to dead-letter was moved by someone else; left alone")
             return
         self.board.count("dead_lettered")
-        log.error(
-            "dead-lettered a %d-byte message to %s after %d deliveries: %s",
-            len(message),
-            self.queue.keys.dead,
-            attempts,
-            reason,
-        )
+        if _sampled(self.spec.log_failures):
+            log.error(
+                "dead-lettered a %d-byte message to %s after %d deliveries: %s",
+                len(message),
+                self.queue.keys.dead,
+                attempts,
+                reason,
+                extra={"event": "dead_lettered"},
+            )
+
+
+def _sampled(share: float) -> bool:
+    return share >= 1.0 or random.random() < share

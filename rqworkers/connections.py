@@ -1,0 +1,301 @@
+"""Connecting to Redis, whatever the deployment: one server, a Cluster or a Sentinel master.
+
+A host is one URL. The schemes of redis-py (`redis://`, `rediss://`, `unix://`) reach one
+server; two more forms name a deployment:
+
+- `redis+cluster://[user:pass@]host:port[,host:port...]` (`rediss+cluster://` for TLS):
+  a Redis Cluster, found from these startup nodes.
+- `redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]`
+  (`rediss+sentinel://`): the master that these sentinels name; a failover is followed.
+
+Query arguments go to redis-py (`ssl_ca_certs`, `ssl_certfile`, ...), except
+`password_file=PATH`, read here at connect time (Docker secrets): the password is then
+never written in the config, the environment or a URL.
+
+Every client is made so that its failures surface at once: redis-py's own retry is off,
+because a retried `BLMOVE` could move a second message while the first reply was lost. The
+worker backs off instead and replays its private list, which holds every message whatever
+happened to the reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis._parsers import Encoder
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import parse_url as _redis_parse_url
+from redis.exceptions import RedisClusterException
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+Client = redis.Redis | RedisCluster
+
+SINGLE_SCHEMES = ("redis", "rediss", "unix")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SCHEMES = tuple(f"{s}://" for s in (*SINGLE_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES))
+
+# Errors after which the connection is suspect and the caller should back off and retry.
+# ResponseError covers OOM/READONLY/NOPERM/LOADING/CLUSTERDOWN replies: the command did
+# nothing. RedisClusterException is what a cluster client raises when no node answers.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.ResponseError,
+    RedisClusterException,
+)
+
+# Query arguments naming files that must exist; `password_file` is read here.
+_FILE_ARGUMENTS = ("password_file", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+_DEFAULT_PORT = 6379
+
+
+@dataclass(frozen=True)
+class Target:
+    """A host URL taken apart: what to connect to and how."""
+
+    kind: Literal["single", "cluster", "sentinel"]
+    tls: bool
+    # A redis-py URL (redis://, rediss://, unix://) with the credentials and the query
+    # arguments meant for redis-py; for a cluster or Sentinel, that of the first node.
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()  # cluster startup nodes or sentinels
+    service: str = ""  # the Sentinel master name
+    db: int = 0
+    password_file: str | None = None
+
+
+def parse(url: str) -> Target:
+    """Take a host URL apart; `ValueError` says what is wrong with it, without secrets."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in (*SINGLE_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES):
+        raise ValueError("the URL must start with " + ", ".join(SCHEMES))
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    password_file = None
+    kept = []
+    for key, value in query:
+        if key == "password_file":
+            if not value:
+                raise ValueError("password_file is empty")
+            password_file = value
+        else:
+            kept.append((key, value))
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    if password_file is not None:
+        _, colon, password = userinfo.partition(":")
+        if (colon and password) or any(k == "password" for k, _ in kept):
+            raise ValueError("give either a password or password_file, not both")
+    tls = scheme.startswith("rediss")
+    clean_query = urlencode(kept, safe="/:")
+    if scheme in SINGLE_SCHEMES:
+        # Not urlunsplit: it would turn unix:///path into unix:/path.
+        clean = url if password_file is None else url.partition("?")[0]
+        if password_file is not None and clean_query:
+            clean += f"?{clean_query}"
+        parse_url(clean)  # redis-py's own checks: the port, the db
+        return Target("single", tls, clean, password_file=password_file)
+
+    nodes = tuple(_node(item) for item in hostlist.split(","))
+    base = "rediss" if tls else "redis"
+    credentials = f"{userinfo}{at}"
+    host, port = nodes[0]
+    netloc = f"{credentials}[{host}]:{port}" if ":" in host else f"{credentials}{host}:{port}"
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if scheme in CLUSTER_SCHEMES:
+        if path and path != ["0"]:
+            raise ValueError("a Redis Cluster has only database 0: leave the path out")
+        first = urlunsplit((base, netloc, "", clean_query, ""))
+        if "db" in dict(parse_url(first)):
+            raise ValueError("a Redis Cluster has only database 0: no db argument")
+        return Target("cluster", tls, first, nodes, password_file=password_file)
+
+    if not path or len(path) > 2:
+        raise ValueError("a Sentinel URL ends with /<master-name> or /<master-name>/<db>")
+    service = path[0]
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+    except ValueError:
+        raise ValueError(f"the database after /{service}/ must be a number") from None
+    first = urlunsplit((base, netloc, f"/{db}", clean_query, ""))
+    options = parse_url(first)
+    return Target("sentinel", tls, first, nodes, service, int(options.get("db", db)), password_file)
+
+
+def parse_url(url: str) -> dict[str, Any]:
+    """redis-py's reading of a redis://, rediss:// or unix:// URL into keyword arguments."""
+    options: dict[str, Any] = _redis_parse_url(url)  # type: ignore[no-untyped-call]
+    return options
+
+
+def _node(item: str) -> tuple[str, int]:
+    if not item:
+        raise ValueError("an empty host in the list of nodes")
+    parts = urlsplit(f"//{item}")
+    try:
+        port = parts.port or _DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"{item!r} has no valid port") from None
+    if not parts.hostname or parts.username is not None:
+        raise ValueError(f"{item!r} is not host:port")
+    return parts.hostname, port
+
+
+def is_cluster(url: str) -> bool:
+    return url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES))
+
+
+def hash_tag(queue: str) -> str | None:
+    """The `{tag}` that decides the cluster slot of `queue` and of every key derived from it.
+
+    Redis hashes only what is between the first `{` and the next `}` when that is not
+    empty. Every key of a queue starts with its name, so a complete tag in the name is the
+    tag of all of them.
+    """
+    start = queue.find("{")
+    end = queue.find("}", start + 1) if start >= 0 else -1
+    return queue[start + 1 : end] if end > start + 1 else None
+
+
+def queue_problem(url: str, queue: str) -> str | None:
+    """Why `queue` cannot work on the host at `url`, or None. Pure: nothing is contacted."""
+    if is_cluster(url) and hash_tag(queue) is None:
+        return (
+            f"queue {queue!r} on a Redis Cluster needs a {{hash tag}} in its name, such as "
+            f"'{{{queue}}}': its messages move atomically between several keys "
+            f"({queue}, {queue}:processing:<worker>, {queue}:deliveries, ...) in Lua "
+            "scripts, and a cluster refuses a script whose keys are in different slots "
+            "(CROSSSLOT). With a tag they all hash to one slot"
+        )
+    return None
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with `url`, found without connecting: its form, a bad port, a file.
+
+    A file named by a query argument (`password_file`, `ssl_ca_certs`, ...) must be
+    readable; its content is not looked at here.
+    """
+    try:
+        target = parse(url)
+        _connection_kwargs(target)  # unknown arguments, a bad ssl_cert_reqs ...
+    except TypeError as exc:  # an argument redis-py does not know
+        return f"redis-py does not accept its query arguments: {exc}"
+    except (ValueError, redis.RedisError, RedisClusterException) as exc:
+        return str(exc)
+    query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    for key in _FILE_ARGUMENTS:
+        path = query.get(key)
+        if path and not os.access(path, os.R_OK):
+            why = "does not exist" if not os.path.exists(path) else "is not readable"
+            return f"{key} {path} {why}"
+    return None
+
+
+def _connection_kwargs(target: Target) -> dict[str, Any]:
+    """redis-py's keyword arguments for `target.url`, checked by making (not opening) one."""
+    options: dict[str, Any] = dict(parse_url(target.url))
+    connection_class = options.pop("connection_class", redis.Connection)
+    probe = {k: v for k, v in options.items() if k != "db" or target.kind != "cluster"}
+    connection_class(**probe)  # raises TypeError for an argument redis-py does not know
+    options["connection_class"] = connection_class
+    return options
+
+
+def read_password(path: str) -> str:
+    """The content of a secret file, without its trailing newline."""
+    with open(path, encoding="utf-8") as file:
+        return file.read().rstrip("\r\n")
+
+
+def connect(url: str, block_timeout: float = 1.0, *, timeout: float | None = None) -> Client:
+    """A client for `url` whose failures surface at once: the caller owns retrying.
+
+    `block_timeout` is the longest a blocking command (`BLMOVE`) waits: the socket allows
+    ten seconds more. `timeout`, if given, bounds connecting and every reply instead (for
+    `check`). No server is contacted before the first command, a cluster's included.
+    """
+    target = parse(url)
+    settings: dict[str, Any] = {
+        "socket_timeout": timeout if timeout is not None else block_timeout + 10.0,
+        "socket_connect_timeout": timeout if timeout is not None else 5.0,
+        "socket_keepalive": True,
+        "decode_responses": False,
+    }
+    if target.password_file is not None:
+        settings["password"] = read_password(target.password_file)
+    if target.kind == "cluster":
+        startup = [ClusterNode(h, p) for h, p in target.nodes[1:]]  # type: ignore[no-untyped-call]
+        return _LazyCluster(url=target.url, startup_nodes=startup, **settings)
+    settings["health_check_interval"] = 30
+    settings["retry"] = Retry(NoBackoff(), 0)
+    if target.kind == "sentinel":
+        options = parse_url(target.url)
+        for key in ("host", "port", "connection_class"):
+            options.pop(key, None)
+        if target.tls:
+            options["ssl"] = True
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.nodes),
+            sentinel_kwargs={k: v for k, v in settings.items() if k.startswith("socket_")},
+            **{**settings, **options},
+        )
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service, redis_class=redis.Redis
+        )
+        return master
+    # Query arguments of the URL win over these keywords (redis-py's rule).
+    return redis.Redis.from_url(target.url, **settings)
+
+
+class _LazyCluster(RedisCluster):
+    """A `RedisCluster` that asks the cluster for its slots on first use, not when made.
+
+    redis-py's constructor contacts the startup nodes and raises if none answers. Made
+    lazy, a worker started during an outage gets its error from its first command, like
+    any other, and waits it out with backoff instead of crashing.
+    Retries are off (`Retry(NoBackoff(), 0)`): MOVED and ASK redirections are still
+    followed, but a command is never sent again after a connection error.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:  # no super().__init__: see __getattr__
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        self.__dict__["_lazy_kwargs"] = kwargs
+        self.__dict__["_lazy_state"] = "new"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not yet set: the first one RedisCluster's methods use
+        # builds the client. While it is being built, a missing attribute is just missing.
+        if self.__dict__.get("_lazy_state") != "new":
+            raise AttributeError(name)
+        self.__dict__["_lazy_state"] = "starting"
+        try:
+            RedisCluster.__init__(self, **self.__dict__["_lazy_kwargs"])
+        except BaseException:
+            self.__dict__["_lazy_state"] = "new"  # the next command tries again
+            raise
+        self.__dict__["_lazy_state"] = "ready"
+        return getattr(self, name)
+
+    def get_encoder(self) -> Encoder:
+        # Needed by register_script before any command: no reason to contact the cluster.
+        if self.__dict__.get("_lazy_state") == "ready":
+            encoder: Encoder = super().get_encoder()  # type: ignore[no-untyped-call]
+            return encoder
+        decode = bool(self.__dict__["_lazy_kwargs"].get("decode_responses", False))
+        return Encoder("utf-8", "strict", decode)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        if self.__dict__.get("_lazy_state") == "ready":
+            super().close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # as RedisCluster's: a finalizer never raises
+            self.close()
