@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from rqworkers import __version__, checks, config, logs
-from rqworkers.errors import ConfigError, ExitCode
+from rqworkers import __version__, checks, config, dead, logs, status
+from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import Manager
+from rqworkers.queue import TRANSIENT_ERRORS
 
 log = logging.getLogger("rqworkers")
+
+Command = Callable[[config.Config, argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,11 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rqworkers {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (
-        ("run", "start the manager and keep one worker per (host, queue) alive"),
-        ("check", "validate the config, import every handler and ping every host"),
-    ):
-        sub = commands.add_parser(name, help=text, description=text)
+
+    def command(name: str, text: str, parent: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=text, description=text)
         sub.add_argument(
             "-c",
             "--config",
@@ -33,6 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
             required="RQWORKERS_CONFIG" not in os.environ,
             help="path of the TOML config file (default: $RQWORKERS_CONFIG)",
         )
+        return sub
+
+    command("run", "start the manager and keep one worker per (host, queue) alive")
+    command("check", "validate the config, import every handler and ping every host")
+    command("reload", "ask the running manager (found by [manager] pid_file) to reload")
+    st = command("status", "queues and live workers of every node, read from Redis")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                    help="redraw every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+
+    dead_parser = commands.add_parser("dead", help="list, show, requeue or purge dead letters")
+    dead_commands = dead_parser.add_subparsers(dest="dead_command", required=True)
+    for name, text in (
+        ("list", "list dead letters, newest first"),
+        ("show", "show one dead letter in full"),
+        ("requeue", "move dead letters back to the head of the queue, counts reset"),
+        ("purge", "delete dead letters"),
+    ):
+        sub = command(name, text, dead_commands)
+        sub.add_argument("--queue", help="queue name (needed when several are configured)")
+        sub.add_argument("--limit", type=int, default=None, help="at most this many")
+        if name == "show":
+            sub.add_argument("index", type=int, help="index from `dead list`")
+            sub.add_argument("--raw", action="store_true", help="the payload's bytes only")
+        if name in ("requeue", "purge"):
+            sub.add_argument("indexes", type=int, nargs="*", help="indexes (default: all)")
+        if name == "purge":
+            sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -43,12 +75,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rqworkers: invalid configuration\n{exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    if args.command == "check":
-        return check(cfg)
-    return run(cfg)
+    name = args.command if args.command != "dead" else f"dead {args.dead_command}"
+    try:
+        return COMMANDS[name](cfg, args)
+    except RqworkersError as exc:
+        print(f"rqworkers: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    except TRANSIENT_ERRORS as exc:
+        print(f"rqworkers: redis failed: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    except KeyboardInterrupt:
+        return ExitCode.FAILURE
 
 
-def check(cfg: config.Config) -> int:
+def run(cfg: config.Config, args: argparse.Namespace) -> int:
+    logs.configure(cfg.logging, "manager")
+    problems = checks.handler_problems_isolated(cfg)
+    if problems:
+        for line in problems:
+            log.error("%s: %s", cfg.source, line)
+        return ExitCode.CONFIG
+    return Manager(cfg).run()
+
+
+def check(cfg: config.Config, args: argparse.Namespace) -> int:
     problems = checks.handler_problems(cfg)
     unreachable = checks.host_problems(cfg)
     for line in problems + unreachable:
@@ -62,11 +112,70 @@ def check(cfg: config.Config) -> int:
     return ExitCode.OK
 
 
-def run(cfg: config.Config) -> int:
-    logs.configure(cfg.logging, "manager")
-    problems = checks.handler_problems_isolated(cfg)
-    if problems:
-        for line in problems:
-            log.error("%s: %s", cfg.source, line)
-        return ExitCode.CONFIG
-    return Manager(cfg).run()
+def reload(cfg: config.Config, args: argparse.Namespace) -> int:
+    if not cfg.manager.pid_file:
+        raise RqworkersError(f"{cfg.source}: set [manager] pid_file, or send SIGHUP to the manager")
+    try:
+        pid = int(Path(cfg.manager.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise RqworkersError(f"cannot signal the manager in {cfg.manager.pid_file}: {exc}") from exc
+    print(f"sent SIGHUP to manager {pid}")
+    return ExitCode.OK
+
+
+def show_status(cfg: config.Config, args: argparse.Namespace) -> int:
+    def render() -> str:
+        statuses = status.collect(cfg)
+        return status.as_json(statuses) + "\n" if args.json else status.as_text(statuses)
+
+    if args.watch:
+        status.watch(render, args.watch, sys.stdout)
+    else:
+        sys.stdout.write(render())
+    return ExitCode.OK
+
+
+def dead_list(cfg: config.Config, args: argparse.Namespace) -> int:
+    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    dead.list_letters(letters, args.limit or 20, sys.stdout)
+    return ExitCode.OK
+
+
+def dead_show(cfg: config.Config, args: argparse.Namespace) -> int:
+    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    dead.show(letters, args.index, args.raw, sys.stdout, sys.stdout.buffer)
+    return ExitCode.OK
+
+
+def dead_requeue(cfg: config.Config, args: argparse.Namespace) -> int:
+    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    moved = dead.take_out(letters, dead.Selection(args.indexes, args.limit), letters.requeue)
+    print(f"requeued {moved} message(s) to the head of {letters.keys.queue}")
+    return ExitCode.OK
+
+
+def dead_purge(cfg: config.Config, args: argparse.Namespace) -> int:
+    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    what = f"{len(args.indexes)} chosen" if args.indexes else f"{args.limit or 'all'}"
+    if not args.yes:
+        question = f"delete {what} of {len(letters)} dead letter(s) in {letters.keys.dead}?"
+        answer = input(f"{question} [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return ExitCode.FAILURE
+    purged = dead.take_out(letters, dead.Selection(args.indexes, args.limit), letters.purge)
+    print(f"deleted {purged} dead letter(s) from {letters.keys.dead}")
+    return ExitCode.OK
+
+
+COMMANDS: dict[str, Command] = {
+    "run": run,
+    "check": check,
+    "reload": reload,
+    "status": show_status,
+    "dead list": dead_list,
+    "dead show": dead_show,
+    "dead requeue": dead_requeue,
+    "dead purge": dead_purge,
+}

@@ -1,12 +1,17 @@
 """Logging set-up for the manager and its workers.
 
-Every line names the process it came from (`manager`, `queue1-1`). With a log file, only
-the manager rotates it: workers write through a `WatchedFileHandler`, which reopens the file
-once the manager has renamed it, so several processes never rotate the same file at once.
+Every line names the process it came from (`manager`, `queue1-1`). The `json` format writes
+one object per line (ts, level, worker, pid, queue, event, message) for log shippers.
+
+With a log file, only the manager rotates it: workers write through a `WatchedFileHandler`,
+which reopens the file once the manager has renamed it, so several processes never rotate
+the same file at once.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import logging.handlers
 import sys
@@ -17,16 +22,37 @@ FORMAT = "%(asctime)s %(levelname)s %(identity)s[%(process)d]: %(message)s"
 
 
 class _Identity(logging.Filter):
-    def __init__(self, identity: str) -> None:
+    def __init__(self, identity: str, queue: str | None) -> None:
         super().__init__()
         self.identity = identity
+        self.queue = queue
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.identity = self.identity
+        if not hasattr(record, "queue"):
+            record.queue = self.queue
         return True
 
 
-def configure(settings: LoggingSettings, identity: str, rotate: bool = True) -> None:
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "worker": getattr(record, "identity", None),
+            "pid": record.process,
+            "queue": getattr(record, "queue", None),
+            "event": getattr(record, "event", None),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(
+    settings: LoggingSettings, identity: str, rotate: bool = True, queue: str | None = None
+) -> None:
     """Send every record to stderr and, if configured, the log file.
 
     `rotate` is True in the manager only; a worker passes False (see the module's docstring).
@@ -45,10 +71,10 @@ def configure(settings: LoggingSettings, identity: str, rotate: bool = True) -> 
             )
         else:
             handlers.append(logging.handlers.WatchedFileHandler(settings.file))
-    formatter = logging.Formatter(FORMAT)
+    formatter = JsonFormatter() if settings.format == "json" else logging.Formatter(FORMAT)
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.addFilter(_Identity(identity))
+        handler.addFilter(_Identity(identity, queue))
         root.addHandler(handler)
     root.setLevel(settings.level)
 

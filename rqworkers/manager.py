@@ -4,6 +4,9 @@ After gunicorn's arbiter: signal handlers only queue the signal; the main loop d
 one pass at a time: handle signals → reap workers → enforce limits → spawn workers → sleep.
 A child's death (SIGCHLD) wakes the sleep at once, so a replacement starts without waiting
 for the next tick.
+
+Signals: SIGTERM/SIGINT stop gracefully (a second one kills at once); SIGHUP reloads the
+config file; SIGTTIN/SIGTTOU add or remove one process for every pair.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import os
 import select
 import signal
 import time
+from pathlib import Path
 from types import FrameType
 
-from rqworkers import logs, process
+from rqworkers import checks, config, logs, process
 from rqworkers.backoff import ExponentialBackoff
 from rqworkers.config import Config
+from rqworkers.errors import ConfigError
 from rqworkers.keeper import KeeperSpec, Lease
 from rqworkers.keeper import main as keeper_main
 from rqworkers.slots import KeeperSlot, Slot
@@ -40,8 +45,9 @@ class Manager:
         )
         self.signals: list[int] = []
         self.stopping = False
+        self.extra_processes = 0  # from SIGTTIN/SIGTTOU, on top of every pair's `processes`
         self.pid = os.getpid()
-        self.lease_owner = f"{config.node}:{self.pid}"
+        self.started = time.time()
         self.keeper = KeeperSlot()
         self._wakeup_read, self._wakeup_write = os.pipe()
 
@@ -50,6 +56,7 @@ class Manager:
     def run(self) -> int:
         self.install_signals()
         self.log_banner()
+        self.write_pid_file()
         try:
             while not self.stopping:
                 self.handle_signals()
@@ -63,14 +70,32 @@ class Manager:
             self.stop_workers()
         finally:
             self.kill_workers()  # whatever went wrong, leave no process behind
+            self.remove_pid_file()
         log.info("manager %d stopped", self.pid)
         return 0
+
+    def write_pid_file(self) -> None:
+        if self.settings.pid_file:
+            Path(self.settings.pid_file).write_text(f"{self.pid}\n")
+
+    def remove_pid_file(self) -> None:
+        path = self.settings.pid_file
+        with contextlib.suppress(OSError):
+            if path and Path(path).read_text().strip() == str(self.pid):
+                os.unlink(path)
 
     def install_signals(self) -> None:
         os.set_blocking(self._wakeup_write, False)
         os.set_blocking(self._wakeup_read, False)
         signal.set_wakeup_fd(self._wakeup_write)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+        for signum in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGCHLD,
+            signal.SIGHUP,
+            signal.SIGTTIN,
+            signal.SIGTTOU,
+        ):
             signal.signal(signum, self.queue_signal)
 
     def queue_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -83,7 +108,66 @@ class Manager:
                 log.info("%s received: stopping workers gracefully", signal.Signals(signum).name)
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                log.warning("SIGHUP received: live reload is not supported yet; ignored")
+                self.reload()
+            elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+                self.scale(+1 if signum == signal.SIGTTIN else -1)
+
+    # -- live changes ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Apply the config file anew; an invalid one is refused and the old one kept."""
+        log.info("SIGHUP received: reloading %s", self.config.source)
+        try:
+            new = config.load(self.config.source)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config:\n%s", exc)
+            return
+        problems = checks.handler_problems_isolated(new)
+        if problems:
+            log.error("reload refused, keeping the running config: %s", "; ".join(problems))
+            return
+        self.config, self.settings = new, new.manager
+        self.backoff = ExponentialBackoff(
+            base=0.5, cap=self.settings.restart_backoff_max, free=1, jitter=0.1
+        )
+        logs.configure(new.logging, "manager")
+        self.reconcile()
+
+    def scale(self, delta: int) -> None:
+        smallest = min((pair.processes for pair in self.config.pairs), default=1)
+        self.extra_processes = max(1 - smallest, self.extra_processes + delta)
+        log.info("%s: %+d process(es) per pair", "SIGTTIN" if delta > 0 else "SIGTTOU", delta)
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Make the slots match the config: start new ones, recycle changed ones, retire the
+        ones no longer wanted. Slots that did not change are left alone."""
+        wanted = {slot.key: slot for slot in build_slots(self.config, self.extra_processes)}
+        added = False
+        for slot in list(self.slots):
+            new = wanted.pop(slot.key, None)
+            if new is None:
+                self.retire(slot)
+            elif new.pair != slot.pair:
+                slot.pair = new.pair
+                self.kill_worker(slot, signal.SIGTERM, "config changed")
+        for slot in wanted.values():
+            self.slots.append(slot)
+            added = True
+        if added:
+            self.restart_keeper()  # it must hold the new workers' leases
+
+    def retire(self, slot: Slot) -> None:
+        slot.retiring = True
+        if slot.pid is None:
+            self.slots.remove(slot)
+        else:
+            self.kill_worker(slot, signal.SIGTERM, "removed from the config")
+
+    def restart_keeper(self) -> None:
+        if self.keeper.pid is not None:
+            self.keeper.restarting = True
+            process.send(self.keeper.pid, signal.SIGTERM)
 
     def log_banner(self) -> None:
         s = self.settings
@@ -144,15 +228,15 @@ class Manager:
             manager_pid=self.pid,
             previous_exit=slot.previous_exit,
             previous_started=slot.previous_started,
-            lease_owner=self.lease_owner,
             lease_ttl=self.settings.lease_ttl,
-            log_messages=self.config.logging.messages,
+            log_handled=self.config.logging.handled,
+            log_failures=self.config.logging.failures,
         )
         board = slot.board
         logging_settings = self.config.logging
 
         def child() -> int:
-            logs.configure(logging_settings, slot.name, rotate=False)
+            logs.configure(logging_settings, slot.name, rotate=False, queue=spec.pair.queue)
             return worker_main(spec, board)
 
         board.prepare()
@@ -162,11 +246,16 @@ class Manager:
 
     def spawn_keeper(self) -> None:
         spec = KeeperSpec(
-            owner=self.lease_owner,
+            node=self.config.node,
             manager_pid=self.pid,
             lease_ttl=self.settings.lease_ttl,
             reclaim_interval=self.settings.reclaim_interval,
-            leases=tuple(Lease(s.pair.url, s.pair.queue, s.worker_id, s.board) for s in self.slots),
+            leases=tuple(
+                Lease(s.pair.url, s.pair.queue, s.worker_id, s.name, s.pair.host, s.board)
+                for s in self.slots
+            ),
+            metrics_address=self.settings.metrics_address,
+            started=self.started,
         )
         logging_settings = self.config.logging
 
@@ -191,6 +280,8 @@ class Manager:
             slot = self._slot_of(pid)
             if slot is None:
                 continue
+            if slot.retiring:
+                self.slots.remove(slot)
             handled = slot.board.handled
             reason = slot.ended(status, time.monotonic(), self.backoff)
             delay = max(0.0, slot.next_start - time.monotonic())
@@ -206,9 +297,13 @@ class Manager:
             )
 
     def enforce_limits(self) -> None:
-        """Recycle workers over their memory limits or stuck past their timeout."""
+        """Recycle workers over their memory limits or stuck past their timeout.
+
+        A worker already asked to stop is still watched: one that keeps growing after its
+        soft-limit SIGTERM, or hangs, is SIGKILLed all the same.
+        """
         for slot in self.slots:
-            if slot.pid is None or slot.stop_reason is not None:
+            if slot.pid is None or slot.kill_sent:
                 continue
             pair = slot.pair
             stuck_for = slot.board.busy_for()
@@ -223,7 +318,7 @@ class Manager:
                 limit = pair.hard_memory_limit
                 reason = f"hard memory limit ({rss // _MB}MB > {limit // _MB}MB)"
                 self.kill_worker(slot, signal.SIGKILL, reason, "memory_hard")
-            elif pair.soft_memory_limit and rss > pair.soft_memory_limit:
+            elif pair.soft_memory_limit and rss > pair.soft_memory_limit and not slot.stop_reason:
                 limit = pair.soft_memory_limit
                 reason = f"soft memory limit ({rss // _MB}MB > {limit // _MB}MB)"
                 self.kill_worker(slot, signal.SIGTERM, reason, "memory_soft")
@@ -235,6 +330,7 @@ class Manager:
         if slot.stop_reason is None or signum == signal.SIGKILL:
             slot.stop_reason, slot.stop_kind = reason, kind
             slot.board.stop_requested()
+        slot.kill_sent = slot.kill_sent or signum == signal.SIGKILL
         log.info("%s %d: %s; sending %s", slot.name, slot.pid, reason, signal.Signals(signum).name)
         process.send(slot.pid, signum)
 
@@ -287,7 +383,7 @@ class Manager:
         return next((slot for slot in self.slots if slot.pid == pid), None)
 
 
-def build_slots(config: Config) -> list[Slot]:
+def build_slots(config: Config, extra_processes: int = 0) -> list[Slot]:
     """One slot per process of every pair. Names carry the host only where queues repeat."""
     queue_counts: dict[str, int] = {}
     for pair in config.pairs:
@@ -297,6 +393,6 @@ def build_slots(config: Config) -> list[Slot]:
         unique = queue_counts[pair.queue] == 1
         base = pair.queue if unique else f"{pair.host}/{pair.queue}"
         owner = config.node if unique else f"{config.node}:{pair.host}"
-        for index in range(1, pair.processes + 1):
+        for index in range(1, pair.processes + extra_processes + 1):
             slots.append(Slot(pair, index, f"{base}-{index}", worker_id=f"{owner}:{index}"))
     return slots

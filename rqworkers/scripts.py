@@ -122,3 +122,24 @@ end
 redis.call('SREM', KEYS[5], ARGV[1])
 return moved
 """
+
+# Takes chosen messages out of the dead list: back to the head of the shared queue with a
+# fresh delivery count (requeue), or gone (purge). Each message is found by value, so
+# dead letters added meanwhile, which shift every index, cannot make it take the wrong one.
+# KEYS: dead, queue, deliveries, dead reasons. ARGV: 'requeue' or 'purge', then message and
+# digest pairs, newest first. Returns how many were taken out.
+DEAD_TAKE = """
+local requeue = ARGV[1] == 'requeue'
+local taken = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('LREM', KEYS[1], -1, ARGV[i]) == 1 then
+    if requeue then
+      redis.call('RPUSH', KEYS[2], ARGV[i])
+      redis.call('HDEL', KEYS[3], ARGV[i])
+    end
+    redis.call('HDEL', KEYS[4], ARGV[i + 1])
+    taken = taken + 1
+  end
+end
+return taken
+"""

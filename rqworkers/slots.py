@@ -51,11 +51,18 @@ class Slot:
     # Why the manager itself signalled the worker; it explains the exit when reaped.
     stop_reason: str | None = None
     stop_kind: str = ""  # the recycle kind of that reason, "" for a shutdown
+    kill_sent: bool = False  # SIGKILL is on its way: nothing more to enforce
     # How the last worker ended, when it ended badly: handed to the next worker so that a
     # message it leaves behind is dead-lettered with the real cause.
     previous_exit: str | None = None
     # How many of its in-flight messages had reached the handler: see `scripts.REPLAY`.
     previous_started: int = 0
+    retiring: bool = False  # removed by a reload: not restarted once its worker exits
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """What makes a slot the same one across reloads."""
+        return (self.pair.url, self.pair.queue, self.index)
 
     def started(self, pid: int, now: float) -> None:
         """Call after the fork; `board.prepare()` must have run before it."""
@@ -63,6 +70,7 @@ class Slot:
         self.started_at = now
         self.stop_reason = None
         self.stop_kind = ""
+        self.kill_sent = False
         self.board.set_pid(pid)
         try:
             self.process = psutil.Process(pid)
@@ -112,11 +120,14 @@ class KeeperSlot:
 
     pid: int | None = None
     next_start: float = 0.0
+    restarting: bool = False  # asked to stop so that a new one takes a new slot list
 
     def ended(self, status: int, now: float, restart: bool) -> None:
-        if restart:
-            log.warning("keeper %d exited: %s; restarting in 1s", self.pid, describe_exit(status))
-        else:
+        if self.restarting or not restart:
             log.info("keeper %d stopped", self.pid)
+            self.next_start = now
+        else:
+            log.warning("keeper %d exited: %s; restarting in 1s", self.pid, describe_exit(status))
+            self.next_start = now + 1.0
         self.pid = None
-        self.next_start = now + 1.0
+        self.restarting = False

@@ -144,7 +144,9 @@ class Service:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        started = {int(pid) for pid in re.findall(r" (\d+) started$", self.output(), re.M)}
+        # A text line ends with `<name> <pid> started`; a JSON line has it as its message.
+        found = re.findall(r" (\d+) started(?:$|\"\}$)", self.output(), re.M)
+        started = {int(pid) for pid in found}
         live = [c for c in children if c.pid in started and _alive(c)]
         self.known_pids.update(c.pid for c in live)
         return live

@@ -81,7 +81,7 @@ def test_example_config_loads_with_defaults_merged() -> None:
     assert cfg.manager.check_interval == 1.0
     assert cfg.manager.shutdown_timeout == 30.0
     assert cfg.logging.level == "INFO"
-    assert cfg.logging.messages is True
+    assert cfg.logging.handled == 1.0 and cfg.logging.format == "text"
     assert [p.queue for p in cfg.pairs] == ["queue1", "queue2"]
     q1, q2 = cfg.pairs
     for pair in cfg.pairs:
@@ -618,7 +618,13 @@ _KNOWN_KEYS = sorted(
         "file",
         "max_bytes",
         "backup_count",
-        "messages",
+        "format",
+        "handled",
+        "failures",
+        "lease_ttl",
+        "reclaim_interval",
+        "pid_file",
+        "metrics_address",
         "local",
     }
 )

@@ -41,7 +41,7 @@ def client(request: pytest.FixtureRequest) -> redis.Redis:
 
 def test_reclaim_hands_an_expired_list_back_to_the_head_in_order(client: redis.Redis) -> None:
     dead = ReliableQueue(client, "jobs", "node-a:1")
-    dead.take_lease("node-a:1", ttl=60)
+    dead.take_lease(ttl=60)
     client.lpush("jobs", b"m1", b"m2", b"m3", b"later")
     fetched = [dead.fetch(0.1) for _ in range(3)]
     assert fetched == [b"m1", b"m2", b"m3"]

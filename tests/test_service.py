@@ -440,3 +440,18 @@ def test_sigterm_gives_unstarted_prefetched_messages_back_to_the_head_in_order(
     assert client.keys("jobs:processing:*") == []
     assert client.hlen("jobs:deliveries") == 0, "undelivered messages carry no count"
     assert "gave" in svc.output() and "unstarted message(s) back to jobs" in svc.output()
+
+
+def test_a_worker_growing_after_its_soft_limit_sigterm_is_still_hard_killed(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "soft_memory_limit": "100MiB",
+          "hard_memory_limit": "200MiB", "max_attempts": 1}],
+        manager={"check_interval": 0.1, "shutdown_timeout": 10.0},
+    )  # fmt: skip
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", b"grow")
+    wait_for(lambda: "soft memory limit" in svc.output(), what="soft limit")
+    wait_for(lambda: "exited: hard memory limit" in svc.output(), timeout=10, what="hard kill")
+    wait_for(lambda: redis_server.client().llen("jobs:dead") == 1, what="dead-lettered on replay")

@@ -53,6 +53,15 @@ def handle(message: bytes) -> None:
         for i in range(0, len(block), 4096):
             block[i] = 1
         time.sleep(float(hold or 0))
+    elif command == b"grow":  # past the soft limit, pause, then past the hard one
+        first = bytearray(120 * 1024 * 1024)
+        for i in range(0, len(first), 4096):
+            first[i] = 1
+        time.sleep(1.0)
+        second = bytearray(150 * 1024 * 1024)
+        for i in range(0, len(second), 4096):
+            second[i] = 1
+        time.sleep(30)
     _record("done", message)
 
 

@@ -1,0 +1,203 @@
+"""`/metrics` (Prometheus) and `/healthz`, served by the keeper process.
+
+Counts come from the slots' scoreboards, which are cumulative over every worker a slot has
+had, so counters stay correct across recycling without the manager doing any I/O. Queue
+lengths come from the keeper's last status pass, so a scrape never waits on Redis.
+
+The server runs in a thread of the keeper: the keeper never forks, so threads are safe
+there, while the manager, which forks, stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from rqworkers.queue import Snapshot
+from rqworkers.scoreboard import DURATION_BUCKETS, RECYCLE_REASONS, Scoreboard
+
+log = logging.getLogger(__name__)
+
+LABELS = ["host", "queue"]
+RESTART_GRACE = 2.0  # seconds a slot may go without a worker between exit and respawn
+
+
+@dataclass(frozen=True)
+class Target:
+    """One slot as metrics see it."""
+
+    host: str  # the host's name in the config
+    queue: str
+    name: str
+    board: Scoreboard
+
+
+class Metrics(Collector):
+    def __init__(
+        self,
+        targets: tuple[Target, ...],
+        snapshots: Callable[[], dict[tuple[str, str], Snapshot]],
+        started: float,
+        rss: Callable[[int], int],
+    ) -> None:
+        self.targets = targets
+        self.snapshots = snapshots  # (host, queue) → the keeper's latest reading
+        self.started = started
+        self.rss = rss
+
+    def collect(self) -> Iterator[Metric]:
+        labels = LABELS
+        counters = {
+            "handled": ("rqworkers_messages_handled", "Messages whose handler finished."),
+            "failed": ("rqworkers_messages_failed", "Messages whose handler raised or timed out."),
+            "retried": ("rqworkers_messages_retried", "Failed messages parked for a retry."),
+            "dead_lettered": ("rqworkers_messages_dead_lettered", "Messages dead-lettered."),
+            "redis_errors": ("rqworkers_redis_errors", "Redis errors met by workers."),
+        }
+        families = {
+            key: CounterMetricFamily(name, text, labels=labels)
+            for key, (name, text) in counters.items()
+        }
+        recycles = CounterMetricFamily(
+            "rqworkers_worker_recycles", "Worker exits by reason.", labels=[*labels, "reason"]
+        )
+        rss = GaugeMetricFamily(
+            "rqworkers_worker_rss_bytes",
+            "Resident memory of live workers.",
+            labels=[*labels, "worker"],
+        )
+        for key, (totals, _) in self._per_queue().items():
+            for name, family in families.items():
+                family.add_metric(list(key), totals[name])
+            for reason in RECYCLE_REASONS:
+                recycles.add_metric([*key, reason], totals[f"recycled_{reason}"])
+        yield from families.values()
+        yield recycles
+        yield from self._durations()
+        for target in self.targets:
+            if target.board.pid:
+                labels_of = [target.host, target.queue, target.name]
+                rss.add_metric(labels_of, self.rss(target.board.pid))
+        yield rss
+        yield from self._lengths()
+        uptime = GaugeMetricFamily("rqworkers_manager_uptime_seconds", "Seconds since start.")
+        uptime.add_metric([], time.time() - self.started)
+        yield uptime
+
+    def _per_queue(self) -> dict[tuple[str, str], tuple[dict[str, float], list[int]]]:
+        result: dict[tuple[str, str], tuple[dict[str, float], list[int]]] = {}
+        for target in self.targets:
+            key = (target.host, target.queue)
+            totals, buckets = target.board.totals(), target.board.buckets()
+            if key in result:
+                old_totals, old_buckets = result[key]
+                totals = {k: v + old_totals[k] for k, v in totals.items()}
+                buckets = [a + b for a, b in zip(buckets, old_buckets, strict=True)]
+            result[key] = (totals, buckets)
+        return result
+
+    def _durations(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "rqworkers_handler_duration_seconds",
+            "Time spent in the handler per message.",
+            labels=LABELS,
+        )
+        for key, (totals, buckets) in self._per_queue().items():
+            cumulative, running = [], 0
+            for bound, count in zip((*DURATION_BUCKETS, float("inf")), buckets, strict=True):
+                running += count
+                cumulative.append((_bound(bound), running))
+            family.add_metric(list(key), cumulative, sum_value=totals["duration_sum"])
+        yield family
+
+    def _lengths(self) -> Iterator[Metric]:
+        gauges = {
+            "waiting": "Messages in the shared list.",
+            "in_flight": "Messages in workers' private lists.",
+            "retrying": "Failed messages waiting for their retry time.",
+            "dead": "Messages in the dead-letter list.",
+        }
+        families = {
+            name: GaugeMetricFamily(
+                f"rqworkers_queue_{name}_messages", text, labels=["host", "queue"]
+            )
+            for name, text in gauges.items()
+        }
+        for (host, queue), snap in self.snapshots().items():
+            for name, family in families.items():
+                family.add_metric([host, queue], getattr(snap, name))
+        yield from families.values()
+
+
+def health(targets: tuple[Target, ...], manager_pid: int) -> tuple[bool, dict[str, object]]:
+    """Healthy while the manager runs and every slot has a live worker or a stated backoff."""
+    if os.getppid() != manager_pid:
+        return False, {"status": "unhealthy", "reason": f"manager {manager_pid} is gone"}
+    now = time.time()
+    problems, backoff = [], []
+    for target in targets:
+        board = target.board
+        if board.pid:
+            continue
+        next_start = board.get("next_start")
+        if now < next_start:
+            backoff.append({"worker": target.name, "restart_in": round(next_start - now, 1)})
+        elif now > next_start + RESTART_GRACE:
+            problems.append(f"{target.name} has no worker and no backoff")
+    if problems:
+        return False, {"status": "unhealthy", "reason": "; ".join(problems)}
+    return True, {"status": "ok", "workers": len(targets), "backoff": backoff}
+
+
+def serve(
+    address: str, metrics: Metrics, healthy: Callable[[], tuple[bool, dict[str, object]]]
+) -> ThreadingHTTPServer:
+    """Start serving `/metrics` and `/healthz` on `host:port` in a daemon thread."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/metrics":
+                self.reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+            elif self.path.split("?")[0] == "/healthz":
+                ok, body = healthy()
+                self.reply(200 if ok else 503, "application/json", json.dumps(body).encode())
+            else:
+                self.reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
+
+        def reply(self, code: int, content_type: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # a scrape every few seconds is not news
+
+    host, _, port = address.rpartition(":")
+    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("serving /metrics and /healthz on http://%s:%d", *server.server_address[:2])
+    return server
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)

@@ -1,0 +1,125 @@
+"""`rqworkers status`: every queue and every live worker, read from Redis alone.
+
+Workers publish their status as the value of their lease (see `keeper.py`), so this works
+from any machine that reaches Redis, for workers of every node. A host that cannot be
+reached is reported as such and the others are still shown.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TextIO
+
+from rqworkers.backoff import describe
+from rqworkers.config import Config, PairSettings
+from rqworkers.queue import TRANSIENT_ERRORS, Snapshot, connect, snapshot
+
+
+@dataclass(frozen=True)
+class PairStatus:
+    host: str  # redacted URL
+    queue: str
+    snapshot: Snapshot | None
+    error: str | None
+
+
+def collect(config: Config) -> list[PairStatus]:
+    """One status per configured pair; a failing host yields an error, not an exception."""
+    clients: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    statuses = []
+    for pair in config.pairs:
+        statuses.append(_pair_status(pair, clients, errors))
+    for client in clients.values():
+        client.close()
+    return statuses
+
+
+def _pair_status(pair: PairSettings, clients: dict[str, Any], errors: dict[str, str]) -> PairStatus:
+    if pair.url in errors:  # do not wait for the same dead host twice
+        return PairStatus(pair.endpoint, pair.queue, None, errors[pair.url])
+    client = clients.get(pair.url) or clients.setdefault(pair.url, connect(pair.url, 0.0))
+    try:
+        return PairStatus(pair.endpoint, pair.queue, snapshot(client, pair.queue), None)
+    except TRANSIENT_ERRORS as exc:
+        errors[pair.url] = f"unreachable: {describe(exc)}"
+        return PairStatus(pair.endpoint, pair.queue, None, errors[pair.url])
+
+
+def as_json(statuses: list[PairStatus]) -> str:
+    return json.dumps([asdict(s) for s in statuses], indent=2, default=str)
+
+
+_COLUMNS = ("WORKER", "NODE", "PID", "STATE", "HANDLED", "FAILED", "CURRENT", "RSS", "UPTIME")
+
+
+def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
+    """A table per queue, for people."""
+    now = time.time() if now is None else now
+    lines: list[str] = []
+    for status in statuses:
+        lines.append(f"{status.queue} on {status.host}")
+        snap = status.snapshot
+        if snap is None:
+            lines.append(f"  {status.error}")
+            lines.append("")
+            continue
+        lines.append(
+            f"  waiting {snap.waiting}  in-flight {snap.in_flight}  "
+            f"retrying {snap.retrying}  dead {snap.dead}  "
+            "(oldest waiting: unknown, payloads carry no timestamp)"
+        )
+        rows: list[tuple[str, ...]] = [(*_COLUMNS, "LAST EXIT")]
+        for w in sorted(snap.workers, key=lambda w: (str(w.get("node")), str(w.get("name")))):
+            rows.append(_worker_row(w, now))
+        if len(rows) == 1:
+            lines.append("  no live worker")
+        else:
+            widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+            for row in rows:
+                cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+                lines.append("  " + "  ".join([*cells, row[-1]]).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
+    since = float(w.get("since") or 0)
+    current = float(w.get("current_age") or 0)
+    return (
+        str(w.get("name", w.get("worker_id", "?"))),
+        str(w.get("node", "?")),
+        str(w.get("pid", "?")),
+        str(w.get("state", "?")),
+        str(w.get("handled", "?")),
+        str(w.get("failed", "?")),
+        f"{current:.1f}s" if current else "-",
+        f"{int(w.get('rss') or 0) // (1024 * 1024)}MB",
+        _duration(now - since) if since else "?",
+        str(w.get("last_exit") or "-"),
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def watch(
+    render: Callable[[], str], interval: float, out: TextIO, rounds: int | None = None
+) -> None:
+    """Redraw `render()` in place every `interval` seconds (until Ctrl-C, or `rounds`)."""
+    done = 0
+    while rounds is None or done < rounds:
+        out.write("\x1b[H\x1b[2J" + render())
+        out.flush()
+        done += 1
+        if rounds is None or done < rounds:
+            time.sleep(interval)

@@ -1,0 +1,307 @@
+"""Operating the service: status, dead letters, metrics and health, reload, scaling, logs.
+
+Every command runs as the real CLI against a real redis-server and the real manager.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from rqworkers.metrics import Target, health
+from rqworkers.scoreboard import Scoreboard
+from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for, write_config
+
+StartService = Callable[..., Service]
+HANDLER = "testapp:handle"
+
+
+def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]))
+    return subprocess.run(
+        [sys.executable, "-m", "rqworkers", *args],
+        input=stdin.encode(),
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
+
+
+def lrange(server: RedisServer, key: str) -> list[bytes]:
+    return list(server.client().lrange(key, 0, -1))
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def test_status_shows_queues_and_live_workers_and_survives_an_unreachable_host(
+    service: StartService, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    svc = service(
+        [
+            {"queue": "q1", "handler": HANDLER, "processes": 2, "max_attempts": 1},
+            {"queue": "q2", "handler": HANDLER},
+        ],
+        manager={"check_interval": 0.2, "shutdown_timeout": 5.0, "node": "node-a"},
+    )
+    workers = svc.wait_workers(3)
+    client = redis_server.client()
+    client.lpush("q1", b"raise", b"ok1", b"ok2")
+    client.lpush("q2", b"sleep:30")
+    wait_for(lambda: client.llen("q1:dead") == 1, what="poison dead-lettered")
+    wait_for(lambda: b"sleep:30" in lrange(redis_server, "started"), what="q2 busy")
+
+    def q2_busy() -> dict[str, object] | None:
+        report = json.loads(cli("status", "-c", str(svc.config_path), "--json").stdout)
+        q2 = next(r for r in report if r["queue"] == "q2")
+        live = q2["snapshot"]["workers"]
+        return report if live and live[0]["state"] == "busy" else None
+
+    report = wait_for(q2_busy, timeout=10, what="status to show q2-1 busy")
+    q1 = next(r for r in report if r["queue"] == "q1")
+    q2 = next(r for r in report if r["queue"] == "q2")
+    assert q1["snapshot"]["dead"] == 1 and q1["snapshot"]["waiting"] == 0
+    assert q2["snapshot"]["in_flight"] == 1
+    pids = {w.pid for w in workers}
+    names = {w["name"]: w for r in report for w in r["snapshot"]["workers"]}
+    assert set(names) == {"q1-1", "q1-2", "q2-1"}
+    assert {w["pid"] for w in names.values()} == pids
+    assert all(w["node"] == "node-a" and w["rss"] > 1_000_000 for w in names.values())
+    assert names["q2-1"]["current_age"] > 0
+    assert sum(int(names[n]["handled"]) for n in ("q1-1", "q1-2")) == 3
+
+    # A second host that is down: reported as such, the rest still shown, as a table.
+    bad = write_config(
+        tmp_path / "two-hosts.toml",
+        redis_server.url,
+        [{"queue": "q2", "handler": HANDLER},
+         {"queue": "gone", "handler": HANDLER, "host": f"redis://127.0.0.1:{free_port()}/0"}],
+    )  # fmt: skip
+    result = cli("status", "-c", str(bad))
+    text = result.stdout.decode()
+    assert result.returncode == 0
+    assert "q2-1" in text and "busy" in text and "in-flight 1" in text
+    assert "gone on redis://127.0.0.1:" in text and "unreachable" in text
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+def test_dead_letter_commands_on_really_dead_lettered_payloads(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 1}])
+    svc.wait_workers(1)
+    client = redis_server.client()
+    binary = b"raise:\x00\xff\xfebinary"
+    payloads = [b"raise:first", binary, b"raise:" + b"x" * 500]
+    client.lpush("jobs", *payloads)
+    wait_for(lambda: client.llen("jobs:dead") == 3, what="three dead letters")
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(20) == 0
+    config = str(svc.config_path)
+
+    listed = cli("dead", "list", "-c", config).stdout.decode()
+    assert "jobs:dead: 3 message(s)" in listed
+    assert "[0] 506 bytes" in listed and "[2] 11 bytes" in listed  # newest first
+    assert "\\x00\\xff\\xfe" in listed, "binary shown escaped"
+    assert listed.count("attempts 1") == 3 and "ValueError: boom from testapp" in listed
+    assert "…" in listed, "long payloads are cut"
+
+    raw = cli("dead", "show", "1", "--raw", "-c", config)
+    assert raw.returncode == 0 and raw.stdout == binary
+
+    requeued = cli("dead", "requeue", "1", "-c", config)
+    assert requeued.returncode == 0, requeued.stderr
+    assert lrange(redis_server, "jobs") == [binary]
+    assert client.hget("jobs:deliveries", binary) is None, "delivery count reset"
+    assert client.llen("jobs:dead") == 2
+
+    refused = cli("dead", "purge", "-c", config, stdin="n\n")
+    assert refused.returncode != 0 and client.llen("jobs:dead") == 2
+    purged = cli("dead", "purge", "--yes", "--limit", "1", "-c", config)
+    assert purged.returncode == 0 and client.lrange("jobs:dead", 0, -1) == [payloads[2]]
+    assert cli("dead", "purge", "--yes", "-c", config).returncode == 0
+    assert client.llen("jobs:dead") == 0 and client.hlen("jobs:dead:reasons") == 0
+
+    missing = cli("dead", "show", "7", "-c", config)
+    assert missing.returncode == 1 and b"no dead letter at index 7" in missing.stderr
+
+
+def test_requeue_all_puts_the_oldest_first_in_line(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 1}])
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[f"raise:{i}".encode() for i in range(250)])
+    wait_for(lambda: client.llen("jobs:dead") == 250, what="all dead")
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(20) == 0
+    assert cli("dead", "requeue", "-c", str(svc.config_path)).returncode == 0
+    in_line = list(reversed(lrange(redis_server, "jobs")))  # next first
+    assert in_line == [f"raise:{i}".encode() for i in range(250)]
+    assert client.llen("jobs:dead") == 0 and client.hlen("jobs:deliveries") == 0
+
+
+# -- metrics and health ------------------------------------------------------------------------
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    result = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            result[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return result
+
+
+def test_metrics_count_a_known_workload_across_recycles(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    manager = {"check_interval": 0.2, "shutdown_timeout": 5.0,
+               "metrics_address": f"127.0.0.1:{port}"}  # fmt: skip
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_requests": 10, "max_attempts": 2,
+          "retry_delay": 0.1}],
+        manager=manager,
+    )  # fmt: skip
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"raise", *[f"ok{i}".encode() for i in range(33)])
+    wait_for(lambda: client.llen("jobs:dead") == 1, what="poison dead")
+    wait_for(lambda: len(lrange(redis_server, "done")) == 33, what="all done")
+    q = (("host", "local"), ("queue", "jobs"))
+
+    def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        values = samples(scrape(port)[1])
+        done = values.get(("rqworkers_messages_handled_total", q)) == 35
+        return values if done and values.get(("rqworkers_queue_dead_messages", q)) == 1 else None
+
+    values = wait_for(settled, timeout=15, what="metrics to catch up")
+    assert values[("rqworkers_messages_failed_total", q)] == 2
+    assert values[("rqworkers_messages_retried_total", q)] == 1
+    assert values[("rqworkers_messages_dead_lettered_total", q)] == 1
+    assert values[("rqworkers_handler_duration_seconds_count", q)] == 35
+    recycled = values[("rqworkers_worker_recycles_total", (*q, ("reason", "max_requests")))]
+    assert recycled == 3, "35 deliveries at 10 per worker: three recycles"
+    assert values[("rqworkers_queue_waiting_messages", q)] == 0
+    assert values[("rqworkers_manager_uptime_seconds", ())] > 0
+    rss = [v for (name, _), v in values.items() if name == "rqworkers_worker_rss_bytes"]
+    assert len(rss) == 1 and rss[0] > 1_000_000
+
+    status, body = scrape(port, "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert scrape(port, "/nope")[0] == 404
+
+
+def test_healthz_states_a_backoff_and_fails_without_one() -> None:
+    board = Scoreboard()
+    target = Target("local", "jobs", "jobs-1", board)
+    board.worker_ended("startup failed", "crash", time.time() + 30)
+    ok, body = health((target,), os.getppid())
+    assert ok and body["backoff"] == [{"worker": "jobs-1", "restart_in": pytest.approx(30, 1)}]
+    board.worker_ended("startup failed", "crash", time.time() - 60)
+    ok, body = health((target,), os.getppid())
+    assert not ok and "jobs-1 has no worker" in str(body["reason"])
+    ok, body = health((target,), manager_pid=1)
+    assert not ok and "manager 1 is gone" in str(body["reason"])
+
+
+# -- reload and scaling ------------------------------------------------------------------------
+
+
+def test_reload_adds_removes_and_changes_pairs_while_messages_flow(
+    service: StartService, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "manager.pid"
+    manager = {"check_interval": 0.2, "shutdown_timeout": 10.0, "pid_file": str(pid_file)}
+    svc = service(
+        [{"queue": "q1", "handler": HANDLER}, {"queue": "q2", "handler": HANDLER}],
+        manager=manager,
+    )
+    [first_q1, first_q2] = sorted(svc.wait_workers(2), key=lambda p: p.pid)
+    client = redis_server.client()
+    stream = [f"sleep:0.01:{i}".encode() for i in range(300)]
+    client.lpush("q1", *stream)
+    wait_for(lambda: len(lrange(redis_server, "done")) > 20, what="q1 flowing")
+
+    write_config(
+        svc.config_path,
+        redis_server.url,
+        [{"queue": "q1", "handler": HANDLER, "max_requests": 1000},
+         {"queue": "q3", "handler": HANDLER}],
+        manager=manager,
+    )  # fmt: skip
+    result = cli("reload", "-c", str(svc.config_path))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: "q3-1" in svc.output() and "q2-1" in svc.output(), what="reload applied")
+    wait_for(lambda: "exited: removed from the config" in svc.output(), what="q2 retired")
+    wait_for(lambda: "exited: config changed" in svc.output(), what="q1 recycled")
+    client.lpush("q3", b"new-pair")
+    wait_for(lambda: b"new-pair" in lrange(redis_server, "done"), what="q3 handled")
+    wait_for(lambda: set(stream) <= set(lrange(redis_server, "done")), timeout=30, what="no loss")
+    assert not first_q1.is_running() and not first_q2.is_running()
+    assert len(svc.workers()) == 2  # q1 and q3
+
+    # An invalid file is refused; the running config stays.
+    svc.config_path.write_text(svc.config_path.read_text() + "\nnot_a_section = 1\n")
+    workers_before = {w.pid for w in svc.workers()}
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in svc.output(), what="refusal logged")
+    assert "not_a_section" in svc.output()
+    assert {w.pid for w in svc.workers()} == workers_before
+
+
+def test_sigttin_and_sigttou_add_and_remove_a_process_per_pair(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service([{"queue": "q1", "handler": HANDLER}, {"queue": "q2", "handler": HANDLER}])
+    svc.wait_workers(2)
+    svc.signal(signal.SIGTTIN)
+    svc.wait_workers(4)
+    assert "q1-2" in svc.output() and "q2-2" in svc.output()
+    svc.signal(signal.SIGTTOU)
+    svc.wait_workers(2)
+    svc.signal(signal.SIGTTOU)  # never below one per pair
+    time.sleep(0.5)  # give a wrong scale-down the time to show
+    assert len(svc.workers()) == 2
+
+
+# -- logs --------------------------------------------------------------------------------------
+
+
+def test_json_logs_carry_worker_pid_queue_and_event(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 1}],
+        logging={"format": "json", "handled": 1.0},
+    )
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", b"fine", b"raise")
+    wait_for(lambda: '"dead_lettered"' in svc.output(), what="dead-letter line")
+    entries = [json.loads(line) for line in svc.output().splitlines() if line.strip()]
+    assert {"ts", "level", "worker", "pid", "queue", "event", "message"} <= set(entries[0])
+    handled = [e for e in entries if e["event"] == "handled"]
+    assert handled and handled[0]["worker"] == "jobs-1" and handled[0]["queue"] == "jobs"
+    assert any(e["worker"] == "manager" and "started" in e["message"] for e in entries)
