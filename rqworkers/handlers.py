@@ -49,6 +49,10 @@ class Handler:
         self.handle: Callable[[bytes], Any] = (
             self._instance.handle if self._instance is not None else target
         )
+        # Known once, so that the per-message path skips arming a timer for nothing.
+        self.has_callbacks = any(
+            callable(getattr(self._instance, name, None)) for name in ("on_success", "on_failure")
+        )
 
     def setup(self) -> None:
         """Run the class's `setup()`. Its failure is the worker's startup failure: it raises."""

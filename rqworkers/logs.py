@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import logging.handlers
+import os
 import sys
 
 from rqworkers.config import LoggingSettings
@@ -80,9 +81,15 @@ def configure(
 
 
 def rotate_if_due() -> None:
-    """Roll the log file over if workers' lines have filled it since the manager last wrote."""
+    """Roll the log file over if workers' lines have filled it since the manager last wrote.
+
+    Measured on disk: the manager's own handler cannot know what workers appended.
+    """
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.handlers.RotatingFileHandler) and handler.maxBytes > 0:
-            probe = logging.LogRecord("rqworkers", logging.INFO, "", 0, "", None, None)
-            if handler.shouldRollover(probe):
+            try:
+                full = os.path.getsize(handler.baseFilename) >= handler.maxBytes
+            except OSError:
+                continue
+            if full:
                 handler.doRollover()

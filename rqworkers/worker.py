@@ -259,6 +259,8 @@ class Worker:
 
     def run_callback(self, message: bytes, result: Any, error: BaseException | None) -> bool:
         """on_success/on_failure under the same time limit; True if it ran out of time."""
+        if not self.handler.has_callbacks:
+            return False
         try:
             with _deadline(self.pair.timeout):
                 if error is None:

@@ -305,3 +305,25 @@ def test_json_logs_carry_worker_pid_queue_and_event(
     handled = [e for e in entries if e["event"] == "handled"]
     assert handled and handled[0]["worker"] == "jobs-1" and handled[0]["queue"] == "jobs"
     assert any(e["worker"] == "manager" and "started" in e["message"] for e in entries)
+
+
+def test_the_log_file_rotates_and_keeps_every_process_lines(
+    service: StartService, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "service.log"
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "processes": 2}],
+        logging={"file": str(log_file), "max_bytes": 4000, "backup_count": 3, "handled": 1.0},
+    )
+    svc.wait_workers(2)
+    # The manager checks the size once per tick, so a file may pass max_bytes by what the
+    # workers write in one tick; spread the writes over several ticks.
+    for batch in range(10):
+        redis_server.client().lpush("jobs", *[f"m{batch}-{i}".encode() for i in range(60)])
+        wait_for(lambda n=batch: len(lrange(redis_server, "done")) == 60 * (n + 1), what="batch")
+        time.sleep(0.25)  # one manager tick: rotation is paced by it, not by the test
+    wait_for(lambda: (tmp_path / "service.log.3").exists(), what="three rotations")
+    assert not (tmp_path / "service.log.4").exists(), "backup_count is respected"
+    text = "".join(p.read_text() for p in tmp_path.glob("service.log*"))
+    assert "jobs-1[" in text and "jobs-2[" in text, "both workers write to the rotated file"
+    assert all(p.stat().st_size < 20_000 for p in tmp_path.glob("service.log*"))
