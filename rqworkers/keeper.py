@@ -38,7 +38,6 @@ from rqworkers.errors import ExitCode
 from rqworkers.metrics import Metrics, Target, health, serve
 from rqworkers.queue import (
     TRANSIENT_ERRORS,
-    Keys,
     ReliableQueue,
     Snapshot,
     lease_alive,
@@ -170,7 +169,7 @@ class Keeper:
     def renew(self, url: str) -> None:
         """Renew the lease of every live worker; its value is the worker's status."""
         values = {
-            Keys.of(lease.queue, lease.worker_id).lease: json.dumps(self.status(lease))
+            (lease.queue, lease.worker_id): json.dumps(self.status(lease))
             for lease in self.spec.leases
             if lease.url == url and lease.board.pid
         }

@@ -183,11 +183,13 @@ class ReliableQueue:
         pipe.sadd(self.keys.registry, self.worker_id)
         pipe.execute()
 
-    def reclaim(self, fence_ttl: float = 60.0) -> int | None:
+    def reclaim(self, fence_ttl: float = 5.0) -> int | None:
         """Move this (dead) worker's messages back to the shared list.
 
         Returns how many moved, or None if the lease is alive or another manager holds the
-        fence. Safe to call from any node at any time.
+        fence. Safe to call from any node at any time: the script checks the lease itself,
+        so the fence only spares managers duplicate work, and its short TTL bounds the delay
+        when a manager dies holding it.
         """
         k = self.keys
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
@@ -219,14 +221,19 @@ def _pairs(flat: list[Any]) -> list[tuple[bytes, int]]:
     return [(bytes(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
-def renew_leases(client: Client, leases: dict[str, str], ttl: float) -> None:
-    """Set lease keys to their values for `ttl` seconds, in one round trip.
+def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> None:
+    """Renew the leases of (queue, worker id) pairs with their status values, in one trip.
 
-    No transaction: the keys may belong to several queues, hence several Cluster slots.
+    Each worker is registered again too: a node frozen past its TTL has had its workers
+    reclaimed and struck from the registry, and once it resumes, its private lists must be
+    findable again should it die for good later. No transaction: the keys may belong to
+    several queues, hence several Cluster slots.
     """
     pipe = client.pipeline(transaction=False)
-    for key, value in leases.items():
-        pipe.set(key, value, px=int(ttl * 1000))
+    for (queue, worker_id), value in leases.items():
+        keys = Keys.of(queue, worker_id)
+        pipe.set(keys.lease, value, px=int(ttl * 1000))
+        pipe.sadd(keys.registry, worker_id)
     pipe.execute()
 
 

@@ -100,3 +100,34 @@ def test_a_slow_handler_holding_its_process_is_never_reclaimed(
     wait_for(lambda: b"stuck:6" in lrange(redis_server, "done"), timeout=20, what="done")
     assert lrange(redis_server, "started") == [b"stuck:6"], "it ran exactly once"
     assert "reclaimed" not in node_a.output() + node_b.output()
+
+
+def test_renewing_a_lease_registers_the_worker_again(client: redis.Redis) -> None:
+    from rqworkers.queue import renew_leases
+
+    client.srem("jobs:workers", "node-a:1")  # struck out by a reclaim while the node was frozen
+    renew_leases(client, {("jobs", "node-a:1"): "{}"}, ttl=5)
+    assert registered_workers(client, "jobs") == ["node-a:1"]
+    assert client.pttl(Keys.of("jobs", "node-a:1").lease) > 0
+
+
+def test_a_node_frozen_past_its_lease_is_found_again_when_it_dies_later(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    node_a = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-a"))
+    node_a.wait_workers(1)
+    client = redis_server.client()
+    node_b = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-b"))
+    node_b.wait_workers(1)
+    os.killpg(node_a.pid, signal.SIGSTOP)  # a VM pause: the whole node stops
+    wait_for(
+        lambda: "node-a:1" not in registered_workers(client, "jobs"), what="node a struck out"
+    )
+    os.killpg(node_a.pid, signal.SIGCONT)
+    wait_for(lambda: "node-a:1" in registered_workers(client, "jobs"), what="node a back")
+    client.lpush("jobs", *[f"sleep:1:{i}".encode() for i in range(6)])
+    wait_for(lambda: client.llen("jobs:processing:node-a:1") == 1, what="node a busy")
+    os.killpg(node_a.pid, signal.SIGKILL)  # and now it is lost for good
+    expected = {f"sleep:1:{i}".encode() for i in range(6)}
+    wait_for(lambda: set(lrange(redis_server, "done")) == expected, timeout=30, what="all done")
+    assert client.llen("jobs:processing:node-a:1") == 0
