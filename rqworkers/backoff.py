@@ -76,5 +76,7 @@ class Outage:
 def describe(exc: Exception) -> str:
     """Name the cause of a Redis failure for an operator: refused, timed out, or Redis's reply."""
     if isinstance(exc, redis.ResponseError):
-        return f"Redis replied with an error: {exc}"
+        # The class names the cause redis-py parsed out of the reply (OutOfMemoryError,
+        # ReadOnlyError, NoPermissionError...), which its message may leave out.
+        return f"Redis replied with an error ({type(exc).__name__}): {exc}"
     return f"{type(exc).__name__}: {exc}"

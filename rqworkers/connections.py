@@ -185,7 +185,7 @@ def url_problem(url: str) -> str | None:
     """
     try:
         target = parse(url)
-        _connection_kwargs(target)  # unknown arguments, a bad ssl_cert_reqs ...
+        _check_arguments(target)  # unknown arguments, a bad ssl_cert_reqs ...
     except TypeError as exc:  # an argument redis-py does not know
         return f"redis-py does not accept its query arguments: {exc}"
     except (ValueError, redis.RedisError, RedisClusterException) as exc:
@@ -199,14 +199,14 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _connection_kwargs(target: Target) -> dict[str, Any]:
-    """redis-py's keyword arguments for `target.url`, checked by making (not opening) one."""
-    options: dict[str, Any] = dict(parse_url(target.url))
+def _check_arguments(target: Target) -> None:
+    """Let redis-py judge the URL's arguments by making (not opening) a connection with them.
+
+    Raises TypeError for an argument it does not know, RedisError for a bad value.
+    """
+    options = parse_url(target.url)
     connection_class = options.pop("connection_class", redis.Connection)
-    probe = {k: v for k, v in options.items() if k != "db" or target.kind != "cluster"}
-    connection_class(**probe)  # raises TypeError for an argument redis-py does not know
-    options["connection_class"] = connection_class
-    return options
+    connection_class(**options)
 
 
 def read_password(path: str) -> str:
@@ -276,8 +276,10 @@ class _LazyCluster(RedisCluster):
         if self.__dict__.get("_lazy_state") != "new":
             raise AttributeError(name)
         self.__dict__["_lazy_state"] = "starting"
+        kwargs = dict(self.__dict__["_lazy_kwargs"])
+        kwargs["startup_nodes"] = list(kwargs.get("startup_nodes", []))  # it appends to it
         try:
-            RedisCluster.__init__(self, **self.__dict__["_lazy_kwargs"])
+            RedisCluster.__init__(self, **kwargs)
         except BaseException:
             self.__dict__["_lazy_state"] = "new"  # the next command tries again
             raise

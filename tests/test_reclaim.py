@@ -120,9 +120,7 @@ def test_a_node_frozen_past_its_lease_is_found_again_when_it_dies_later(
     node_b = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-b"))
     node_b.wait_workers(1)
     os.killpg(node_a.pid, signal.SIGSTOP)  # a VM pause: the whole node stops
-    wait_for(
-        lambda: "node-a:1" not in registered_workers(client, "jobs"), what="node a struck out"
-    )
+    wait_for(lambda: "node-a:1" not in registered_workers(client, "jobs"), what="node a struck out")
     os.killpg(node_a.pid, signal.SIGCONT)
     wait_for(lambda: "node-a:1" in registered_workers(client, "jobs"), what="node a back")
     client.lpush("jobs", *[f"sleep:1:{i}".encode() for i in range(6)])
