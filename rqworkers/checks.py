@@ -24,8 +24,14 @@ def handler_problems(config: Config) -> list[str]:
 
 
 def handler_problems_isolated(config: Config) -> list[str]:
-    """`handler_problems`, run in a throwaway child so user modules never load in the manager."""
-    text = process.call_in_child(lambda: json.dumps(handler_problems(config)))
+    """`handler_problems`, run in a throwaway child so user modules never load in the manager.
+
+    An import that hangs, or a fork that fails, is a problem too, never a hang or a crash.
+    """
+    try:
+        text = process.call_in_child(lambda: json.dumps(handler_problems(config)))
+    except OSError as exc:  # TimeoutError included
+        return [f"checking handlers failed: {exc}"]
     try:
         result = json.loads(text)
     except json.JSONDecodeError:

@@ -101,7 +101,11 @@ def take_out(
     if selection.limit is not None:
         window = dead.oldest(selection.limit)  # newest first
         return sum(action(window[i : i + BATCH]) for i in range(0, len(window), BATCH))
-    done = 0
-    while batch := dead.page(0, BATCH):
-        done += action(batch)
+    # "All" means all there were when the command started, not those dead-lettered meanwhile.
+    done, total = 0, len(dead)
+    while done < total and (batch := dead.page(0, min(BATCH, total - done))):
+        moved = action(batch)
+        if moved == 0:
+            break
+        done += moved
     return done

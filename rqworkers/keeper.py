@@ -27,15 +27,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from types import FrameType
 
 import psutil
 
 from rqworkers.backoff import Outage
 from rqworkers.config import redact
-from rqworkers.connections import connect
+from rqworkers.connections import Client, connect
 from rqworkers.errors import ExitCode
 from rqworkers.metrics import Metrics, Target, health, serve
+from rqworkers.process import StopFlag
 from rqworkers.queue import (
     TRANSIENT_ERRORS,
     ReliableQueue,
@@ -50,6 +50,10 @@ from rqworkers.scoreboard import Scoreboard
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 2.0  # seconds between status updates (and lease renewals)
+# Seconds a Redis may take to connect or reply to the keeper (at most a sixth of the lease
+# TTL): one that hangs delays the renewals of the others by no more, so that those still
+# come at least every half TTL.
+REPLY_TIMEOUT = 1.5
 
 
 @dataclass(frozen=True)
@@ -73,18 +77,12 @@ class KeeperSpec:
     started: float = 0.0  # wall-clock start of the manager
 
 
-class _Stop:
-    def __init__(self) -> None:
-        self.set = False
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self.set = True
-
-
 def main(spec: KeeperSpec) -> int:
-    stop = _Stop()
+    stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # A terminal's Ctrl-C reaches the manager's whole group, this process included: the
+    # manager stops it last, once its workers no longer need their leases.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     keeper = Keeper(spec)
     server = keeper.serve_metrics() if spec.metrics_address else None
@@ -104,17 +102,43 @@ def main(spec: KeeperSpec) -> int:
     return ExitCode.OK
 
 
+@dataclass
+class Endpoint:
+    """One Redis (one URL) that the keeper serves, on a schedule of its own.
+
+    Endpoints are served one after the other, each call bounded by a short reply timeout:
+    one that hangs holds the others' renewals back by at most one timeout per pass, and one
+    that fails postpones only its own reclaims.
+    """
+
+    url: str
+    client: Client
+    leases: tuple[Lease, ...]
+    outage: Outage
+    next_renew: float = 0.0
+    next_reclaim: float = 0.0
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({lease.queue for lease in self.leases})
+
+
 class Keeper:
     def __init__(self, spec: KeeperSpec) -> None:
         self.spec = spec
-        self.clients = {url: connect(url) for url in {lease.url for lease in spec.leases}}
-        self.queues = sorted({(lease.url, lease.queue) for lease in spec.leases})
-        self.outages = {url: Outage(f"keeper: redis at {redact(url)}") for url in self.clients}
         # Often enough to keep leases (a third of their TTL) and status fresh.
         self.renew_every = min(spec.lease_ttl / 3, STATUS_INTERVAL)
-        self.processes: dict[int, psutil.Process] = {}
-        self.next_renew = 0.0
-        self.next_reclaim = 0.0
+        timeout = min(REPLY_TIMEOUT, spec.lease_ttl / 6)
+        self.endpoints = [
+            Endpoint(
+                url,
+                connect(url, timeout=timeout),
+                tuple(lease for lease in spec.leases if lease.url == url),
+                Outage(f"keeper: redis at {redact(url)}"),
+            )
+            for url in sorted({lease.url for lease in spec.leases})
+        ]
+        self.processes: dict[int, psutil.Process] = {}  # live workers only, for their RSS
         self.snapshots: dict[tuple[str, str], Snapshot] = {}  # for metrics only
 
     def serve_metrics(self) -> ThreadingHTTPServer | None:
@@ -131,50 +155,54 @@ class Keeper:
             return None
 
     def next_due(self) -> float:
-        return min(self.next_renew, self.next_reclaim)
+        due = (min(x.next_renew, x.next_reclaim) for x in self.endpoints)
+        return min(due, default=time.monotonic() + self.renew_every)
 
     def tick(self, now: float) -> None:
-        """Renew leases first, then reclaim: a live worker's lease is fresh before any check."""
-        if now >= self.next_renew:
-            self.next_renew = now + self.renew_every
-            for url in self.clients:
-                self.guarded(url, self.renew)
-                if self.spec.metrics_address:
-                    self.guarded(url, self.read_queues)
-        if now >= self.next_reclaim:
-            self.next_reclaim = now + self.spec.reclaim_interval
-            for url, queue in self.queues:
-                self.guarded(url, functools.partial(self.reclaim, queue=queue))
+        """Serve every endpoint that is due: renew its leases first, then reclaim, so that a
+        live worker's lease is fresh before any check. A failure ends the endpoint's turn."""
+        for endpoint in self.endpoints:
+            if now >= endpoint.next_renew:
+                endpoint.next_renew = now + self.renew_every
+                if self.guarded(endpoint, self.renew) and self.spec.metrics_address:
+                    self.guarded(endpoint, self.read_queues)
+            if now >= endpoint.next_reclaim:
+                endpoint.next_reclaim = now + self.spec.reclaim_interval
+                for queue in endpoint.queues:
+                    if not self.guarded(endpoint, functools.partial(self.reclaim, queue=queue)):
+                        break
+        self.forget_processes()
 
-    def guarded(self, url: str, action: Callable[[str], None]) -> None:
-        """Run one action against `url`; an error is logged once per outage, never raised."""
-        outage = self.outages[url]
+    def guarded(self, endpoint: Endpoint, action: Callable[[Endpoint], None]) -> bool:
+        """Run one action; an error is logged once per outage, never raised. True if it
+        succeeded. The endpoint's next renewal is its retry."""
         try:
-            action(url)
+            action(endpoint)
         except TRANSIENT_ERRORS as exc:
-            outage.record(exc)  # the ticks pace the retries
+            endpoint.outage.record(exc)
             # Leases may have lapsed meanwhile: give every node a full TTL to renew first.
-            self.next_reclaim = max(self.next_reclaim, time.monotonic() + self.spec.lease_ttl)
-            self.next_renew = min(self.next_renew, time.monotonic() + 1.0)
-            return
-        outage.over()
+            endpoint.next_reclaim = max(
+                endpoint.next_reclaim, time.monotonic() + self.spec.lease_ttl
+            )
+            return False
+        endpoint.outage.over()
+        return True
 
-    def read_queues(self, url: str) -> None:
+    def read_queues(self, endpoint: Endpoint) -> None:
         """Refresh the queue lengths that `/metrics` reports."""
-        hosts = {(x.url, x.queue): x.host for x in self.spec.leases}
-        for queue_url, queue in self.queues:
-            if queue_url == url:
-                self.snapshots[(hosts[(url, queue)], queue)] = snapshot(self.clients[url], queue)
+        hosts = {lease.queue: lease.host for lease in endpoint.leases}
+        for queue in endpoint.queues:
+            self.snapshots[(hosts[queue], queue)] = snapshot(endpoint.client, queue)
 
-    def renew(self, url: str) -> None:
+    def renew(self, endpoint: Endpoint) -> None:
         """Renew the lease of every live worker; its value is the worker's status."""
         values = {
             (lease.queue, lease.worker_id): json.dumps(self.status(lease))
-            for lease in self.spec.leases
-            if lease.url == url and lease.board.pid
+            for lease in endpoint.leases
+            if lease.board.pid
         }
         if values:
-            renew_leases(self.clients[url], values, self.spec.lease_ttl)
+            renew_leases(endpoint.client, values, self.spec.lease_ttl)
 
     def status(self, lease: Lease) -> dict[str, object]:
         board = lease.board
@@ -203,10 +231,17 @@ class Keeper:
             self.processes.pop(pid, None)
             return 0
 
-    def reclaim(self, url: str, queue: str) -> None:
+    def forget_processes(self) -> None:
+        """Drop the cached handles of workers that are gone: only live pids stay."""
+        live = {lease.board.pid for lease in self.spec.leases}
+        for pid in list(self.processes):  # a copy: the metrics thread may add one meanwhile
+            if pid not in live:
+                self.processes.pop(pid, None)
+
+    def reclaim(self, endpoint: Endpoint, queue: str) -> None:
         # Our own slots are included: a slot stuck in restart backoff whose lease lapsed
         # should not sit on its messages while other workers could handle them.
-        client = self.clients[url]
+        client = endpoint.client
         for worker_id in registered_workers(client, queue):
             if lease_alive(client, queue, worker_id):
                 continue
@@ -221,5 +256,5 @@ class Keeper:
                 )
 
     def close(self) -> None:
-        for client in self.clients.values():
-            client.close()
+        for endpoint in self.endpoints:
+            endpoint.client.close()

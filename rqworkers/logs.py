@@ -57,11 +57,9 @@ def configure(
     """Send every record to stderr and, if configured, the log file.
 
     `rotate` is True in the manager only; a worker passes False (see the module's docstring).
+    The new handlers are made before the old ones go: a log file that cannot be opened
+    raises `OSError` and leaves the logging as it was.
     """
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-        old.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file:
         if rotate:
@@ -72,6 +70,10 @@ def configure(
             )
         else:
             handlers.append(logging.handlers.WatchedFileHandler(settings.file))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     formatter = JsonFormatter() if settings.format == "json" else logging.Formatter(FORMAT)
     for handler in handlers:
         handler.setFormatter(formatter)

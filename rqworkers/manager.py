@@ -22,7 +22,7 @@ from types import FrameType
 
 from rqworkers import checks, config, logs, process
 from rqworkers.backoff import ExponentialBackoff
-from rqworkers.config import Config
+from rqworkers.config import Config, PairSettings
 from rqworkers.errors import ConfigError
 from rqworkers.keeper import KeeperSpec, Lease
 from rqworkers.keeper import main as keeper_main
@@ -33,6 +33,7 @@ from rqworkers.worker import main as worker_main
 log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
+KEEPER_RETRY = 1.0  # seconds before trying again to start a keeper that could not fork
 
 
 class Manager:
@@ -40,9 +41,7 @@ class Manager:
         self.config = config
         self.settings = config.manager
         self.slots = build_slots(config)
-        self.backoff = ExponentialBackoff(
-            base=0.5, cap=self.settings.restart_backoff_max, free=1, jitter=0.1
-        )
+        self.backoff = restart_backoff(self.settings.restart_backoff_max)
         self.signals: list[int] = []
         self.stopping = False
         self.extra_processes = 0  # from SIGTTIN/SIGTTOU, on top of every pair's `processes`
@@ -115,7 +114,8 @@ class Manager:
     # -- live changes ---------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Apply the config file anew; an invalid one is refused and the old one kept."""
+        """Apply the config file anew. All of it is checked first, the log file opened
+        included: a file that fails is refused, and the running config stays untouched."""
         log.info("SIGHUP received: reloading %s", self.config.source)
         try:
             new = config.load(self.config.source)
@@ -126,46 +126,71 @@ class Manager:
         if problems:
             log.error("reload refused, keeping the running config: %s", "; ".join(problems))
             return
+        try:
+            logs.configure(new.logging, "manager")
+        except OSError as exc:
+            log.error("reload refused, keeping the running config: log file: %s", exc)
+            return
         self.config, self.settings = new, new.manager
-        self.backoff = ExponentialBackoff(
-            base=0.5, cap=self.settings.restart_backoff_max, free=1, jitter=0.1
-        )
-        logs.configure(new.logging, "manager")
-        self.reconcile()
+        self.backoff = restart_backoff(self.settings.restart_backoff_max)
+        # Below the lowest, the same workers, but a SIGTTIN would seem to do nothing.
+        self.extra_processes = max(self.extra_processes, _lowest_extra(new))
+        self.reconcile("removed from the config")
 
     def scale(self, delta: int) -> None:
-        smallest = min((pair.processes for pair in self.config.pairs), default=1)
-        self.extra_processes = max(1 - smallest, self.extra_processes + delta)
-        log.info("%s: %+d process(es) per pair", "SIGTTIN" if delta > 0 else "SIGTTOU", delta)
-        self.reconcile()
+        name = "SIGTTIN" if delta > 0 else "SIGTTOU"
+        extra = max(_lowest_extra(self.config), self.extra_processes + delta)
+        if extra == self.extra_processes:
+            log.info("%s ignored: every pair is down to one process", name)
+            return
+        self.extra_processes = extra
+        total = sum(_processes(pair, extra) for pair in self.config.pairs)
+        log.info("%s: %+d process(es) per pair over the config, %d in all", name, extra, total)
+        self.reconcile(f"one process fewer per pair ({name})")
 
-    def reconcile(self) -> None:
+    def reconcile(self, retire_reason: str) -> None:
         """Make the slots match the config: start new ones, recycle changed ones, retire the
-        ones no longer wanted. Slots that did not change are left alone."""
+        ones no longer wanted. Slots that did not change are left alone, and so are those
+        whose pair changed its `processes` only."""
         wanted = {slot.key: slot for slot in build_slots(self.config, self.extra_processes)}
-        added = False
+        changed = False
         for slot in list(self.slots):
             new = wanted.pop(slot.key, None)
             if new is None:
-                self.retire(slot)
-            elif new.pair != slot.pair:
-                slot.pair = new.pair
-                self.kill_worker(slot, signal.SIGTERM, "config changed")
+                if not slot.retiring:
+                    changed |= self.retire(slot, retire_reason)
+                continue
+            if slot.retiring:  # wanted again before its worker exited: respawned after all
+                slot.retiring = False
+                log.info("%s is wanted again: it restarts once its worker exits", slot.name)
+            if new.pair != slot.pair:
+                recycle = not _same_but_processes(slot.pair, new.pair)
+                slot.pair, changed = new.pair, True  # the keeper's labels come from the pair
+                if recycle:
+                    self.kill_worker(slot, signal.SIGTERM, "config changed")
         for slot in wanted.values():
             self.slots.append(slot)
-            added = True
-        if added:
-            self.restart_keeper()  # it must hold the new workers' leases
+            changed = True
+        if changed:
+            self.restart_keeper()
 
-    def retire(self, slot: Slot) -> None:
+    def retire(self, slot: Slot, reason: str) -> bool:
+        """Stop a slot for good; True if it is gone at once (it had no worker)."""
         slot.retiring = True
         if slot.pid is None:
             self.slots.remove(slot)
-        else:
-            self.kill_worker(slot, signal.SIGTERM, "removed from the config")
+            return True
+        self.kill_worker(slot, signal.SIGTERM, reason)
+        return False
 
     def restart_keeper(self) -> None:
-        if self.keeper.pid is not None:
+        """Have a new keeper take the current slots, once the set of slots has changed.
+
+        A retiring slot stays in the set until its worker is reaped, so that its lease is
+        kept while it finishes; its removal restarts the keeper again. Not while stopping:
+        the keeper must hold the leases of the workers still finishing.
+        """
+        if self.keeper.pid is not None and not self.stopping:
             self.keeper.restarting = True
             process.send(self.keeper.pid, signal.SIGTERM)
 
@@ -193,10 +218,10 @@ class Manager:
     def sleep(self) -> None:
         """Wait for the next tick, a due start or a signal, whichever comes first."""
         now = time.monotonic()
-        timeout = self.settings.check_interval
-        for slot in self.slots:
-            if slot.pid is None:
-                timeout = min(timeout, max(0.0, slot.next_start - now))
+        due = [slot.next_start for slot in self._startable()]
+        if self.keeper.pid is None:
+            due.append(self.keeper.next_start)
+        timeout = min([self.settings.check_interval, *(max(0.0, t - now) for t in due)])
         if self.signals:
             timeout = 0.0
         self._wait_for_wakeup(timeout)
@@ -216,9 +241,19 @@ class Manager:
         now = time.monotonic()
         if self.keeper.pid is None and now >= self.keeper.next_start:
             self.spawn_keeper()
-        for slot in self.slots:
-            if slot.pid is None and now >= slot.next_start:
+        for slot in self._startable():
+            if now >= slot.next_start:
                 self.spawn_worker(slot)
+
+    def _startable(self) -> list[Slot]:
+        """The slots without a worker, but for those whose worker id a retiring worker still
+        holds: two processes must never share a private list, so they wait for its end."""
+        held = {(slot.pair.queue, slot.worker_id) for slot in self.slots if slot.pid is not None}
+        return [
+            slot
+            for slot in self.slots
+            if slot.pid is None and (slot.pair.queue, slot.worker_id) not in held
+        ]
 
     def spawn_worker(self, slot: Slot) -> None:
         spec = WorkerSpec(
@@ -240,7 +275,12 @@ class Manager:
             return worker_main(spec, board)
 
         board.prepare()
-        pid = process.fork(child)
+        try:
+            pid = process.fork(child, slot.name, own_group=True)
+        except OSError as exc:  # EAGAIN, ENOMEM: a failed start, retried with the backoff
+            delay = slot.start_failed(f"cannot fork: {exc}", time.monotonic(), self.backoff)
+            log.error("%s: cannot fork a worker: %s; retrying in %.1fs", slot.name, exc, delay)
+            return
         slot.started(pid, time.monotonic())
         log.info("%s %d started", slot.name, pid)
 
@@ -263,7 +303,12 @@ class Manager:
             logs.configure(logging_settings, "keeper", rotate=False)
             return keeper_main(spec)
 
-        self.keeper.pid = process.fork(child)
+        try:
+            self.keeper.pid = process.fork(child, "keeper")
+        except OSError as exc:
+            self.keeper.next_start = time.monotonic() + KEEPER_RETRY
+            log.error("cannot fork the keeper: %s; retrying in %gs", exc, KEEPER_RETRY)
+            return
         log.info("keeper %d started (lease ttl %gs)", self.keeper.pid, spec.lease_ttl)
 
     def reap_workers(self) -> None:
@@ -282,6 +327,7 @@ class Manager:
                 continue
             if slot.retiring:
                 self.slots.remove(slot)
+                self.restart_keeper()  # so that it no longer watches that slot
             handled = slot.board.handled
             reason = slot.ended(status, time.monotonic(), self.backoff)
             delay = max(0.0, slot.next_start - time.monotonic())
@@ -324,7 +370,12 @@ class Manager:
                 self.kill_worker(slot, signal.SIGTERM, reason, "memory_soft")
 
     def kill_worker(self, slot: Slot, signum: int, reason: str, kind: str = "") -> None:
-        """Signal a worker, recording why (and its recycle `kind`) for when it is reaped."""
+        """Signal a worker, recording why (and its recycle `kind`) for when it is reaped.
+
+        SIGKILL goes to the worker's whole process group, so that no subprocess its handler
+        started outlives it. SIGTERM goes to the worker alone: it lets the handler finish,
+        and the handler's own subprocesses are then its business.
+        """
         if slot.pid is None:
             return
         if slot.stop_reason is None or signum == signal.SIGKILL:
@@ -332,22 +383,27 @@ class Manager:
             slot.board.stop_requested()
         slot.kill_sent = slot.kill_sent or signum == signal.SIGKILL
         log.info("%s %d: %s; sending %s", slot.name, slot.pid, reason, signal.Signals(signum).name)
-        process.send(slot.pid, signum)
+        process.send(slot.pid, signum, group=signum == signal.SIGKILL)
 
     def stop_workers(self) -> None:
-        """Graceful stop: SIGTERM everyone, wait up to `shutdown_timeout`, then SIGKILL."""
+        """Graceful stop: SIGTERM everyone, wait up to `shutdown_timeout` (or until a second
+        stop signal), SIGKILL the rest, and only then stop the keeper, which holds the
+        leases of the workers still finishing."""
         for slot in self.slots:
             self.kill_worker(slot, signal.SIGTERM, "shutdown")
         deadline = time.monotonic() + self.settings.shutdown_timeout
+        reason = "shutdown timeout"
         while any(slot.pid for slot in self.slots) and time.monotonic() < deadline:
             self.reap_workers()
-            if self.signals and any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
-                self.signals.clear()
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in self.signals):
                 log.warning("second stop signal: killing workers now")
+                reason = "second stop signal"
+                self.signals.clear()
                 break
             self.signals.clear()
             self._wait_for_wakeup(0.1)
         self.reap_workers()
+        self.kill_slots(reason)
         self.stop_keeper()
 
     def stop_keeper(self) -> None:
@@ -367,9 +423,13 @@ class Manager:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.keeper.pid, 0)
             self.keeper.pid = None
+        self.kill_slots("shutdown timeout")
+
+    def kill_slots(self, reason: str) -> None:
+        """SIGKILL every worker still alive, with its process group, and reap it."""
         for slot in self.slots:
             if slot.pid is not None:
-                self.kill_worker(slot, signal.SIGKILL, "shutdown timeout")
+                self.kill_worker(slot, signal.SIGKILL, reason)
         for slot in self.slots:
             if slot.pid is not None:
                 try:
@@ -383,6 +443,28 @@ class Manager:
         return next((slot for slot in self.slots if slot.pid == pid), None)
 
 
+def restart_backoff(cap: float) -> ExponentialBackoff:
+    """Delay before restarting a worker that keeps failing: none the first time, then from
+    0.5 s doubling up to `cap`, jittered so that workers failing together spread out."""
+    return ExponentialBackoff(base=0.5, cap=cap, free=1, jitter=0.1)
+
+
+def _processes(pair: PairSettings, extra: int) -> int:
+    """Processes wanted for `pair`, with SIGTTIN/SIGTTOU's `extra`: never fewer than one."""
+    return max(1, pair.processes + extra)
+
+
+def _lowest_extra(config: Config) -> int:
+    """The lowest `extra_processes` that means something: it leaves every pair at one
+    process (`_processes` never gives fewer), and any lower one would give the same."""
+    return 1 - max((pair.processes for pair in config.pairs), default=1)
+
+
+def _same_but_processes(old: PairSettings, new: PairSettings) -> bool:
+    """Whether `old`'s workers may go on as `new`'s: `processes` only sizes the pair."""
+    return old.model_copy(update={"processes": new.processes}) == new
+
+
 def build_slots(config: Config, extra_processes: int = 0) -> list[Slot]:
     """One slot per process of every pair. Names carry the host only where queues repeat."""
     queue_counts: dict[str, int] = {}
@@ -393,6 +475,6 @@ def build_slots(config: Config, extra_processes: int = 0) -> list[Slot]:
         unique = queue_counts[pair.queue] == 1
         base = pair.queue if unique else f"{pair.host}/{pair.queue}"
         owner = config.node if unique else f"{config.node}:{pair.host}"
-        for index in range(1, pair.processes + extra_processes + 1):
+        for index in range(1, _processes(pair, extra_processes) + 1):
             slots.append(Slot(pair, index, f"{base}-{index}", worker_id=f"{owner}:{index}"))
     return slots

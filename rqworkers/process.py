@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
+import time
 from collections.abc import Callable
+from types import FrameType
 
 from rqworkers.errors import ExitCode
 
@@ -23,6 +27,17 @@ _MANAGER_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
+CALL_TIMEOUT = 30.0  # seconds `call_in_child` waits for its child's answer
+
+
+class StopFlag:
+    """A signal handler that only records the request; loops look at it between steps."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.set = True
 
 
 def set_parent_death_signal(signum: int) -> bool:
@@ -34,26 +49,33 @@ def set_parent_death_signal(signum: int) -> bool:
         return False
 
 
-def fork(child: Callable[[], int]) -> int:
+def fork(child: Callable[[], int], name: str = "child", own_group: bool = False) -> int:
     """Run `child()` in a forked process that exits with its return value; return the pid.
 
     The child never returns into the caller's stack: whatever happens it leaves through
     `os._exit`, so the manager's `finally` blocks and atexit hooks never run twice.
+
+    With `own_group`, the child leads a process group of its own, so that `send(pid,
+    SIGKILL, group=True)` also ends whatever subprocesses it started. It stays in the
+    manager's session, and ignores SIGTTOU so that writing its logs to a terminal set to
+    `tostop` never stops it. A terminal's Ctrl-C no longer reaches it directly: the
+    manager, which gets the SIGINT, stops it with SIGTERM.
     """
     parent = os.getpid()
     pid = os.fork()
     if pid:
+        if own_group:  # in both processes, so the group exists whichever runs first
+            _join_own_group(pid)
         return pid
     code = int(ExitCode.FAILURE)
     try:
-        signal.set_wakeup_fd(-1)
-        for signum in _MANAGER_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        set_parent_death_signal(signal.SIGTERM)
-        # If the parent died before prctl took effect, no signal will ever come.
-        code = int(ExitCode.ORPHANED) if os.getppid() != parent else child()
+        attached = _enter_child(parent)
+        if own_group:
+            _join_own_group(0)
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        code = child() if attached else int(ExitCode.ORPHANED)
     except BaseException:
-        log.exception("worker crashed")
+        log.exception("%s crashed", name)
     finally:
         logging.shutdown()
         sys.stdout.flush()
@@ -61,28 +83,74 @@ def fork(child: Callable[[], int]) -> int:
         os._exit(code)
 
 
-def call_in_child(fn: Callable[[], str]) -> str:
+def _enter_child(parent: int) -> bool:
+    """First thing in a forked child: drop the manager's signal handling and wake-up fd,
+    and ask for SIGTERM when the manager dies. False if it died already: before prctl
+    took effect, no signal will ever come."""
+    signal.set_wakeup_fd(-1)
+    for signum in _MANAGER_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    set_parent_death_signal(signal.SIGTERM)
+    return os.getppid() == parent
+
+
+def _join_own_group(pid: int) -> None:
+    """Make `pid` (0: this process) the leader of a new process group."""
+    with contextlib.suppress(OSError):  # the other process did it first, or has exited
+        os.setpgid(pid, 0)
+
+
+def call_in_child(fn: Callable[[], str], timeout: float = CALL_TIMEOUT) -> str:
     """Run `fn` in a short-lived child and return its text.
 
-    Used to import user handlers once at start-up without loading them into the manager,
-    which must stay small and free of whatever threads or sockets user modules open.
+    Used to import user handlers without loading them into the manager, which must stay
+    small and free of whatever threads or sockets user modules open. A child that has not
+    answered within `timeout` seconds (an import that hangs) is killed, and `TimeoutError`
+    raised; a failed fork raises its `OSError`.
     """
+    parent = os.getpid()
     read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    try:
+        pid = os.fork()
+    except OSError:
         os.close(read_end)
+        os.close(write_end)
+        raise
+    if pid == 0:
         try:
-            text = fn()
+            os.close(read_end)
+            text = fn() if _enter_child(parent) else "manager gone"
         except BaseException as exc:
             text = f"{type(exc).__name__}: {exc}"
-        with os.fdopen(write_end, "wb") as out:
-            out.write(text.encode("utf-8", "replace"))
-        os._exit(0)
+        try:
+            with os.fdopen(write_end, "wb") as out:
+                out.write(text.encode("utf-8", "replace"))
+        finally:
+            os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as inp:
-        data = inp.read()
+    try:
+        data = _read_until_eof(read_end, time.monotonic() + timeout)
+    finally:
+        os.close(read_end)
+    if data is None:
+        send(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise TimeoutError(f"no answer from child {pid} within {timeout:g}s: killed")
     os.waitpid(pid, 0)
     return data.decode("utf-8", "replace")
+
+
+def _read_until_eof(fd: int, deadline: float) -> bytes | None:
+    """Everything `fd` yields until its end, or None if the deadline passes first."""
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def describe_exit(status: int) -> str:
@@ -97,10 +165,13 @@ def describe_exit(status: int) -> str:
     return f"killed by signal {-code} ({name})"
 
 
-def send(pid: int, signum: int) -> bool:
-    """Signal `pid`; False if it is already gone."""
+def send(pid: int, signum: int, group: bool = False) -> bool:
+    """Signal `pid` (with `group`, the process group it leads); False if it is gone."""
     try:
-        os.kill(pid, signum)
+        if group:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
     except ProcessLookupError:
         return False
     return True

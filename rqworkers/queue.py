@@ -18,6 +18,7 @@ Redis Cluster slot:
 - `<queue>:workers`: set of worker ids that have had a private list (the reclaim registry).
 - `<queue>:lease:<worker-id>`: string with a TTL, alive while the worker's node is.
 - `<queue>:reclaim:<worker-id>`: short fence so that only one manager reclaims a list.
+- `<queue>:op:<worker-id>`: the id of the worker's last settling operation (see `scripts`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Keys:
     registry: str
     lease: str
     fence: str
+    op: str
 
     @classmethod
     def of(cls, queue: str, worker_id: str) -> Keys:
@@ -78,6 +80,7 @@ class Keys:
             registry=f"{queue}:workers",
             lease=f"{queue}:lease:{worker_id}",
             fence=f"{queue}:reclaim:{worker_id}",
+            op=f"{queue}:op:{worker_id}",
         )
 
 
@@ -101,11 +104,20 @@ class ReliableQueue:
 
     # -- the hot path -----------------------------------------------------------------------
 
-    def take(self, acks: list[bytes], limit: int) -> Taken:
-        """Ack `acks` and move up to `limit` messages to the private list, counted; one trip."""
+    def take(self, acks: list[bytes], limit: int, op: str = "") -> Taken:
+        """Ack `acks` and move up to `limit` messages to the private list, counted; one trip.
+
+        `op`, if given, is recorded in the same step (see `last_op`).
+        """
         k = self.keys
-        reply = self._take(keys=[k.queue, k.processing, k.deliveries], args=[limit, *acks])
+        keys = [k.queue, k.processing, k.deliveries, k.op]
+        reply = self._take(keys=keys, args=[op, limit, *acks])
         return Taken(int(reply[0]), _pairs(reply[1:]))
+
+    def last_op(self) -> str:
+        """The id of the last settling operation that reached Redis for this worker."""
+        value = self.client.get(self.keys.op)
+        return value.decode() if isinstance(value, bytes) else str(value or "")
 
     def fetch(self, timeout: float) -> bytes | None:
         """Block up to `timeout` seconds for the oldest message; move it to the private list.
@@ -139,10 +151,14 @@ class ReliableQueue:
 
     # -- leftovers, failures, stopping -------------------------------------------------------
 
-    def replay(self, started: int) -> list[tuple[bytes, int]]:
-        """The private list, oldest first, counted as described in `scripts.REPLAY`."""
+    def replay(self, started: int | None) -> list[tuple[bytes, int]]:
+        """The private list, oldest first, counted as described in `scripts.REPLAY`.
+
+        `started` None: unknown, so every message counts as a new delivery.
+        """
         k = self.keys
-        return _pairs(self._replay(keys=[k.processing, k.deliveries], args=[started]))
+        args = [-1 if started is None else started]
+        return _pairs(self._replay(keys=[k.processing, k.deliveries], args=args))
 
     def give_back(self, unstarted: list[bytes]) -> int:
         """Return prefetched messages, oldest first in `unstarted`, to the head of the queue."""
@@ -150,19 +166,20 @@ class ReliableQueue:
         newest_first = list(reversed(unstarted))
         return int(self._give_back(keys=[k.queue, k.processing, k.deliveries], args=newest_first))
 
-    def retry_later(self, message: bytes, delay: float) -> bool:
+    def retry_later(self, message: bytes, delay: float, op: str = "") -> bool:
         """Park a failed message in the retry set for `delay` seconds; its count stays."""
         member = os.urandom(_NONCE_BYTES) + message  # identical payloads must not collapse
         k = self.keys
-        args: list[bytes | float] = [message, time.time() + delay, member]
-        return bool(self._retry_later(keys=[k.processing, k.retry], args=args))
+        args: list[bytes | float | str] = [message, time.time() + delay, member, op]
+        return bool(self._retry_later(keys=[k.processing, k.retry, k.op], args=args))
 
-    def dead_letter(self, message: bytes, reason: str, attempts: int) -> bool:
+    def dead_letter(self, message: bytes, reason: str, attempts: int, op: str = "") -> bool:
         """Move a message that used up its deliveries to the dead list, keeping why."""
         info = {"reason": reason, "attempts": attempts, "at": time.time(), "worker": self.worker_id}
         k = self.keys
-        keys = [k.processing, k.dead, k.deliveries, k.dead_reasons]
-        return bool(self._dead_letter(keys=keys, args=[message, digest(message), json.dumps(info)]))
+        keys = [k.processing, k.dead, k.deliveries, k.dead_reasons, k.op]
+        args: list[bytes | str] = [message, digest(message), json.dumps(info), op]
+        return bool(self._dead_letter(keys=keys, args=args))
 
     def promote_due(self, limit: int = 100) -> int:
         """Move up to `limit` retries whose time has come back to the shared list."""
@@ -195,7 +212,7 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            keys = [k.processing, k.queue, k.deliveries, k.lease, k.registry]
+            keys = [k.processing, k.queue, k.lease, k.registry]
             moved = int(self._reclaim(keys=keys, args=[self.worker_id]))
         finally:
             self.client.delete(k.fence)

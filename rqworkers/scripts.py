@@ -7,15 +7,23 @@ commands are used, which every Redis since 2.6 (and fakeredis) runs.
 
 Private lists hold the newest message on the left and the oldest on the right, like the
 shared list they come from.
+
+The scripts a worker settles messages with record an operation id in `<queue>:op:<worker-id>`
+in the same atomic step. When a reply is lost to a Redis failure, the worker reads it back
+to learn whether its last operation happened, and so neither repeats nor forgets it.
 """
+
+_RECORD_OP = "if {arg} ~= '' then redis.call('SET', {key}, {arg}, 'EX', 86400) end"
 
 # Acks handled messages and takes up to `limit` new ones, counting each new delivery, in one
 # round trip: with prefetch 1 the ack of a message travels with the fetch of the next.
-# KEYS: queue, processing, deliveries. ARGV: limit, then the messages to ack.
+# KEYS: queue, processing, deliveries, op. ARGV: op id, limit, then the messages to ack.
 # Returns {acks that found nothing, message1, count1, message2, count2, ...}.
-TAKE = """
+TAKE = (
+    _RECORD_OP.format(arg="ARGV[1]", key="KEYS[4]")
+    + """
 local missing = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if redis.call('LREM', KEYS[2], -1, ARGV[i]) == 1 then
     redis.call('HDEL', KEYS[3], ARGV[i])
   else
@@ -23,7 +31,7 @@ for i = 2, #ARGV do
   end
 end
 local result = {missing}
-for _ = 1, tonumber(ARGV[1]) do
+for _ = 1, tonumber(ARGV[2]) do
   local message = redis.call('RPOP', KEYS[1])
   if not message then break end
   redis.call('LPUSH', KEYS[2], message)
@@ -32,12 +40,14 @@ for _ = 1, tonumber(ARGV[1]) do
 end
 return result
 """
+)
 
 # What an earlier life of this worker left in its private list, oldest first, with delivery
 # counts. The `started` oldest ones had reached the handler: replaying them is a new delivery
 # and is counted. The others were counted when fetched but never started, so that count
 # stands for this delivery; a message never counted at all (its fetch reply was lost in an
-# outage) is counted now.
+# outage) is counted now. `started` = -1 means unknown (a new manager after a node crash):
+# every message is counted, so a poison message that takes its node down still ends dead.
 # KEYS: processing, deliveries. ARGV: started. Returns {message1, count1, ...}.
 REPLAY = """
 local messages = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -48,7 +58,7 @@ for i = #messages, 1, -1 do
   local message = messages[i]
   position = position + 1
   local count = tonumber(redis.call('HGET', KEYS[2], message) or '0')
-  if position <= started or count == 0 then
+  if started < 0 or position <= started or count == 0 then
     count = redis.call('HINCRBY', KEYS[2], message, 1)
   end
   result[#result + 1] = message
@@ -76,22 +86,30 @@ return moved
 
 # Parks a failed message in the retry set; its delivery count stays. Only if it was still in
 # the private list: a message someone else moved must not be copied.
-# KEYS: processing, retry. ARGV: message, due time, member (nonce + message). Returns 0/1.
-RETRY_LATER = """
+# KEYS: processing, retry, op. ARGV: message, due time, member (nonce + message), op id.
+# Returns 0/1.
+RETRY_LATER = (
+    _RECORD_OP.format(arg="ARGV[4]", key="KEYS[3]")
+    + """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
+)
 
 # Moves a message that used up its deliveries to the dead list, keeping why.
-# KEYS: processing, dead, deliveries, dead reasons. ARGV: message, digest, reason JSON.
-DEAD_LETTER = """
+# KEYS: processing, dead, deliveries, dead reasons, op. ARGV: message, digest, reason JSON,
+# op id. Returns 0/1.
+DEAD_LETTER = (
+    _RECORD_OP.format(arg="ARGV[4]", key="KEYS[5]")
+    + """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
 redis.call('LPUSH', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
 return 1
 """
+)
 
 # Moves due retries back to the tail of the shared list, like new messages.
 # KEYS: retry, queue. ARGV: now, limit, nonce length. Returns how many moved.
@@ -105,21 +123,21 @@ return #due
 """
 
 # Hands an orphaned private list back to the head of the shared list, oldest message nearest
-# the head, counting one delivery each. The lease is checked inside the script: a worker that
-# took its lease back a moment ago keeps its messages.
-# KEYS: processing, queue, deliveries, lease, registry. ARGV: worker id.
+# the head. Not counted here: each was counted when the dead worker took it, and the next
+# take counts the new delivery. The lease is checked inside the script: a worker that took
+# its lease back a moment ago keeps its messages.
+# KEYS: processing, queue, lease, registry. ARGV: worker id.
 # Returns how many moved, or -1 if the lease is alive.
 RECLAIM = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local moved = 0
 while true do
   local message = redis.call('LPOP', KEYS[1])
   if not message then break end
   redis.call('RPUSH', KEYS[2], message)
-  redis.call('HINCRBY', KEYS[3], message, 1)
   moved = moved + 1
 end
-redis.call('SREM', KEYS[5], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
 return moved
 """
 

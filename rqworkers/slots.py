@@ -56,8 +56,10 @@ class Slot:
     # message it leaves behind is dead-lettered with the real cause.
     previous_exit: str | None = None
     # How many of its in-flight messages had reached the handler: see `scripts.REPLAY`.
-    previous_started: int = 0
-    retiring: bool = False  # removed by a reload: not restarted once its worker exits
+    # None: unknown (a new manager, or a worker that died before replaying), so the next
+    # replay counts every leftover as a new delivery.
+    previous_started: int | None = None
+    retiring: bool = False  # removed (reload or SIGTTOU): not restarted once its worker exits
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -95,7 +97,9 @@ class Slot:
         else:
             self.failures = 0
         self.previous_exit = reason if (crashed or self.stop_reason) else None
-        self.previous_started = self.board.started
+        started = self.board.started
+        if started is not None:  # else the worker never took over: keep what we knew
+            self.previous_started = started
         delay = backoff.compute(self.failures)
         self.next_start = now + delay
         self.board.worker_ended(reason, kind, time.time() + delay)
@@ -103,6 +107,15 @@ class Slot:
         self.process = None
         self.stop_reason = None
         return reason
+
+    def start_failed(self, reason: str, now: float, backoff: ExponentialBackoff) -> float:
+        """No worker could be started (the fork failed): a failure like a crash at start,
+        retried after the same backoff. Returns that delay."""
+        self.failures += 1
+        delay = backoff.compute(self.failures)
+        self.next_start = now + delay
+        self.board.worker_ended(reason, "", time.time() + delay)
+        return delay
 
     def rss(self) -> int:
         """Resident memory of the worker in bytes; 0 if it cannot be read."""

@@ -161,6 +161,24 @@ class Service:
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
+    def session(self) -> list[psutil.Process]:
+        """Every live process of the manager's session: its keeper, its workers (each leads a
+        process group of its own, but stays in the session) and their subprocesses."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == self.pid and _alive(proc):
+                    found.append(proc)
+            except (OSError, psutil.Error):
+                continue
+        return found
+
+    def signal_session(self, signum: int) -> None:
+        """Signal the whole node at once, as a lost or frozen machine would be."""
+        for proc in self.session():
+            with _suppress_lookup():
+                os.kill(proc.pid, signum)
+
     def wait(self, timeout: float = 30.0) -> int:
         assert self.process is not None
         return self.process.wait(timeout)
@@ -169,6 +187,7 @@ class Service:
         """Kill the manager's session and every pid ever seen; never leave a process behind."""
         if self.process is not None:
             self.workers()
+            self.known_pids.update(proc.pid for proc in self.session())
             with _suppress_lookup():
                 os.killpg(self.process.pid, signal.SIGKILL)
             for pid in self.known_pids:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 
@@ -53,10 +52,17 @@ def test_reclaim_hands_an_expired_list_back_to_the_head_in_order(client: redis.R
     rescuer = ReliableQueue(client, "jobs", "node-a:1")
     assert rescuer.reclaim() == 3
     assert client.lrange("jobs", 0, -1) == [b"later", b"m3", b"m2", b"m1"], "m1 is next"
+    moved_back = list(client.lrange("jobs", 0, -1))
     assert client.llen(dead.keys.processing) == 0
-    assert {client.hget("jobs:deliveries", m) for m in (b"m1", b"m2", b"m3")} == {b"2"}
+    # Not counted by the reclaim: the next take counts the new delivery, exactly once.
+    assert {client.hget("jobs:deliveries", m) for m in (b"m1", b"m2", b"m3")} == {b"1"}
+    assert rescuer.take([], 1).messages == [(b"m1", 2)]
     assert registered_workers(client, "jobs") == []
+    rescuer.take_lease(ttl=60)  # now a live worker again: its list is its own
+    client.delete(rescuer.keys.lease)
+    assert rescuer.reclaim() == 1, "only what it took since"
     assert rescuer.reclaim() == 0, "a second reclaim finds nothing to move"
+    assert sorted(client.lrange("jobs", 0, -1)) == sorted(moved_back)
 
 
 def test_reclaim_is_fenced(client: redis.Redis) -> None:
@@ -78,7 +84,7 @@ def test_a_lost_node_has_its_messages_reclaimed_by_another(
     node_b = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-b"))
     node_b.wait_workers(1)
     # The whole of node a vanishes at once: manager, keeper and worker.
-    os.killpg(node_a.pid, signal.SIGKILL)
+    node_a.signal_session(signal.SIGKILL)
     wait_for(lambda: lrange(redis_server, "done") == [b"sleep:3"], timeout=20, what="reclaim")
     assert lrange(redis_server, "started") == [b"sleep:3", b"sleep:3"]
     assert client.llen("jobs:processing:node-a:1") == 0
@@ -119,13 +125,13 @@ def test_a_node_frozen_past_its_lease_is_found_again_when_it_dies_later(
     client = redis_server.client()
     node_b = service([{"queue": "jobs", "handler": HANDLER}], manager=manager_section("node-b"))
     node_b.wait_workers(1)
-    os.killpg(node_a.pid, signal.SIGSTOP)  # a VM pause: the whole node stops
+    node_a.signal_session(signal.SIGSTOP)  # a VM pause: the whole node stops
     wait_for(lambda: "node-a:1" not in registered_workers(client, "jobs"), what="node a struck out")
-    os.killpg(node_a.pid, signal.SIGCONT)
+    node_a.signal_session(signal.SIGCONT)
     wait_for(lambda: "node-a:1" in registered_workers(client, "jobs"), what="node a back")
     client.lpush("jobs", *[f"sleep:1:{i}".encode() for i in range(6)])
     wait_for(lambda: client.llen("jobs:processing:node-a:1") == 1, what="node a busy")
-    os.killpg(node_a.pid, signal.SIGKILL)  # and now it is lost for good
+    node_a.signal_session(signal.SIGKILL)  # and now it is lost for good
     expected = {f"sleep:1:{i}".encode() for i in range(6)}
     wait_for(lambda: set(lrange(redis_server, "done")) == expected, timeout=30, what="all done")
     assert client.llen("jobs:processing:node-a:1") == 0

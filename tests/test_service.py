@@ -455,3 +455,32 @@ def test_a_worker_growing_after_its_soft_limit_sigterm_is_still_hard_killed(
     wait_for(lambda: "soft memory limit" in svc.output(), what="soft limit")
     wait_for(lambda: "exited: hard memory limit" in svc.output(), timeout=10, what="hard kill")
     wait_for(lambda: redis_server.client().llen("jobs:dead") == 1, what="dead-lettered on replay")
+
+
+def test_a_message_that_takes_its_whole_node_down_still_ends_in_the_dead_list(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """A new manager does not know what its predecessor's workers had started: it counts."""
+    client = redis_server.client()
+    client.lpush("jobs", b"killnode")
+    for life in range(3):
+        svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 2}])
+        if life < 2:
+            assert svc.wait(20) != 0, "the manager died with its worker"
+    wait_for(lambda: client.llen("jobs:dead") == 1, what="dead-lettered by the third life")
+    assert lrange(redis_server, "started").count(b"killnode") == 2
+    assert "killed by" not in str(dead_info(redis_server, "jobs", b"killnode")["reason"])
+
+
+def test_a_callback_stuck_in_c_code_is_killed_like_a_stuck_handler(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": "testapp:StuckCallback", "timeout": 1.0,
+          "timeout_grace": 1.0}]
+    )  # fmt: skip
+    [worker] = svc.wait_workers(1)
+    redis_server.client().lpush("jobs", b"m")
+    wait_for(lambda: "timeout (killed" in svc.output(), timeout=10, what="hard kill")
+    [replacement] = svc.wait_workers(1)
+    assert replacement.pid != worker.pid

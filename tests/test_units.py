@@ -475,6 +475,7 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
     assert (board.handled, board.failed, board.busy_for()) == (0, 0, 0.0)
 
     def worker() -> int:
+        board.replayed()
         board.busy()
         board.idle(False, 0.002)
         board.busy()
@@ -500,6 +501,8 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
     assert board.busy_for() == 0.0
     assert board.handled == 4
     assert board.started == 0
+    board.prepare()
+    assert board.started is None, "unknown until the next worker has replayed"
 
 
 def test_the_child_sees_what_the_parent_wrote() -> None:

@@ -39,6 +39,9 @@ def handle(message: bytes) -> None:
         raise ValueError("boom from testapp")
     elif command == b"kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif command == b"killnode":  # like an OOM kill of the whole container
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
     elif command == b"swallow":  # a handler that tries to ignore its timeout
         try:  # noqa: SIM105 - written the way user code swallows errors
             time.sleep(float(arg))
@@ -102,3 +105,14 @@ class FailingSetup:
 
     def handle(self, message: bytes) -> None:
         raise AssertionError("never reached")
+
+
+class StuckCallback:
+    """An on_success that blocks where Python cannot interrupt it, like C code."""
+
+    def handle(self, message: bytes) -> None:
+        _record("started", message)
+
+    def on_success(self, message: bytes, result: object) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+        time.sleep(60)
