@@ -65,6 +65,7 @@ FAULT_KINDS = (
     "worker_stop",
     "manager_kill",
     "node_kill",
+    "node_freeze",
     "redis_restart",
     "node_loss",
 )
@@ -73,6 +74,7 @@ REPEATABLE = {  # kind -> weight when drawing the rest of the faults
     "worker_stop": 2,
     "manager_kill": 1,
     "node_kill": 1,
+    "node_freeze": 1,
     "redis_restart": 1,
 }
 
@@ -235,7 +237,7 @@ class Node:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: killpg is a whole-node loss
+                start_new_session=True,  # its own session: see `signal_session`
             )
         self.leaders.append(self.process.pid)
         self.restart_at = None
@@ -274,10 +276,9 @@ class Node:
         return children
 
     def kill_group(self) -> None:
-        """SIGKILL the manager's whole process group: the node vanishes at once."""
+        """SIGKILL the manager's whole session: the node vanishes at once."""
         assert self.process is not None
-        with suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        signal_session(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
     def stop(self, timeout: float) -> int | None:
@@ -308,18 +309,29 @@ def tracebacks(log: bytes) -> list[str]:
     return found
 
 
-def kill_groups(leaders: Sequence[int], since: float) -> None:
-    """SIGKILL every process still in one of our process groups.
+def signal_session(leader: int, signum: int) -> None:
+    """Signal every process of the session that `leader` (a manager) started: itself, its
+    keeper, and its workers, which lead process groups of their own within the session."""
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader:
+                os.kill(proc.pid, signum)
+        except (psutil.Error, OSError):
+            continue
 
-    Only processes created after `since` count, so a recycled group id can never make us
+
+def kill_groups(leaders: Sequence[int], since: float) -> None:
+    """SIGKILL every process still in one of our sessions (one per manager started).
+
+    Only processes created after `since` count, so a recycled session id can never make us
     kill a stranger.
     """
-    groups = set(leaders)
+    sessions = set(leaders)
     for proc in psutil.process_iter(["pid", "create_time"]):
         try:
-            if proc.info["create_time"] >= since - 1 and os.getpgid(proc.pid) in groups:
+            if proc.info["create_time"] >= since - 1 and os.getsid(proc.pid) in sessions:
                 proc.kill()
-        except (psutil.Error, ProcessLookupError, PermissionError):
+        except (psutil.Error, OSError):
             continue
 
 
@@ -600,6 +612,29 @@ class Chaos:
         node.restart_at = time.monotonic() + down
         self.schedule(down, f"restart {node.name}", node.start)
         return f"{node.name} (group {old}; back in {down:.2f}s)"
+
+    def fault_node_freeze(self) -> str | None:
+        """SIGSTOP a whole node past its lease TTL, as a VM pause does, then let it go on.
+
+        The other node reclaims its messages meanwhile (duplicates are expected); once it
+        resumes it must register again, or a later loss of it would strand its lists.
+        """
+        nodes = self._live_nodes()
+        if not nodes:
+            return None
+        node = self.rng.choice(nodes)
+        assert node.process is not None
+        group = node.process.pid
+        signal_session(group, signal.SIGSTOP)
+        pause = self.rng.uniform(1.5 * LEASE_TTL, 3 * LEASE_TTL)
+        node.restart_at = time.monotonic() + pause  # not a target for other faults meanwhile
+
+        def thaw() -> None:
+            signal_session(group, signal.SIGCONT)
+            node.restart_at = None
+
+        self.schedule(pause, f"thaw {node.name}", thaw)
+        return f"{node.name} (group {group}) for {pause:.2f}s"
 
     def fault_node_loss(self) -> str | None:
         nodes = self._live_nodes()

@@ -1,0 +1,80 @@
+"""rqworkers handlers for the throughput bench: a no-op and a 1 ms sleep, both self-timing.
+
+The bench needs the time of the first and last handled message without adding a Redis round
+trip per message (that would measure the bench, not rqworkers). So a handler keeps its
+figures in memory and writes them once, in `teardown`, which rqworkers runs when the worker
+is stopped with SIGTERM. Two writes happen earlier on purpose: the wall time of a process's
+very first call (the respawn measurement needs it while the process is still running).
+
+Payloads tell the handler which phase they belong to, so one service run serves both:
+- `T<phase>...` throughput messages: first/last times and a count are kept per phase (one
+  service run drains several pre-filled batches in turn, one phase each);
+- `L<unix time>|...` latency messages: the delay from the producer's stamp to the handler's
+  start is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+
+import redis
+
+URL_ENV = "BENCH_REDIS_URL"
+FIRST_KEY = "bench:first"  # hash: pid -> wall time of the process's first call
+STATS_KEY = "bench:stats:"  # + pid, hash: <phase>:first, <phase>:last, <phase>:count
+LATENCY_KEY = "bench:latency:"  # + pid, string: packed doubles, seconds
+_LATENCY = ord("L")
+
+
+class Noop:
+    """Does nothing with the message; records timings in memory only."""
+
+    def setup(self) -> None:
+        self.client = redis.Redis.from_url(os.environ[URL_ENV])
+        self.pid = os.getpid()
+        self.calls = 0
+        self.phase = -1
+        self.phases: dict[int, list[float]] = {}  # phase -> [first, last, count]
+        self.current = [0.0, 0.0, 0.0]
+        self.latencies = array("d")
+
+    def _record(self, message: bytes, started: float) -> None:
+        if not self.calls:
+            self.client.hset(FIRST_KEY, str(self.pid), repr(started))
+        self.calls += 1
+        if message[0] == _LATENCY:
+            self.latencies.append(started - float(message[1:18]))
+            return
+        if message[1] != self.phase:  # phases never interleave: one byte compare per message
+            self.phase = message[1]
+            self.current = self.phases.setdefault(self.phase, [started, 0.0, 0.0])
+        current = self.current
+        current[1] = time.time()
+        current[2] += 1
+
+    def handle(self, message: bytes) -> None:
+        self._record(message, time.time())
+
+    def teardown(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        key = f"{STATS_KEY}{self.pid}"
+        for phase, (first, last, count) in self.phases.items():
+            name = chr(phase)
+            pipe.hset(key, f"{name}:first", repr(first))
+            pipe.hset(key, f"{name}:last", repr(last))
+            pipe.hset(key, f"{name}:count", int(count))
+        if self.latencies:
+            pipe.set(f"{LATENCY_KEY}{self.pid}", self.latencies.tobytes())
+        pipe.execute()
+        self.client.close()
+
+
+class Sleep1ms(Noop):
+    """Sleeps 1 ms per message: a handler that does some (I/O-like) work."""
+
+    def handle(self, message: bytes) -> None:
+        started = time.time()
+        time.sleep(0.001)
+        self._record(message, started)

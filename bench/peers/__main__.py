@@ -1,0 +1,77 @@
+"""`python -m bench.peers enqueue SYSTEM N`: put N no-op jobs on a peer's queue, then exit.
+
+Enqueueing is done before the worker starts and is not timed as part of consumption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+SYSTEMS = ("rq", "rq-simple", "celery", "dramatiq", "arq")
+_CHUNK = 500
+
+
+def enqueue(system: str, n: int) -> None:
+    from bench.peers.common import URL, payloads
+
+    items = payloads(n)
+    chunks = [items[i : i + _CHUNK] for i in range(0, n, _CHUNK)]
+    if system in ("rq", "rq-simple"):
+        import redis
+        from rq import Queue
+
+        from bench.peers.rq_tasks import noop, noop_forked
+
+        func = noop_forked if system == "rq" else noop
+        queue = Queue("bench", connection=redis.Redis.from_url(URL))
+        for chunk in chunks:
+            queue.enqueue_many([Queue.prepare_data(func, args=(p,)) for p in chunk])
+    elif system == "celery":
+        from bench.peers.celery_app import noop as celery_noop
+
+        for item in items:
+            celery_noop.apply_async(args=(item,))
+    elif system == "dramatiq":
+        from bench.peers.dramatiq_app import noop as dramatiq_noop
+
+        for item in items:
+            dramatiq_noop.send(item)
+    elif system == "arq":
+        asyncio.run(_enqueue_arq(chunks))
+
+
+async def _enqueue_arq(chunks: list[list[str]]) -> None:
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from bench.peers.arq_app import QUEUE
+    from bench.peers.common import URL
+
+    pool = await create_pool(RedisSettings.from_dsn(URL))
+    try:
+        for chunk in chunks:
+            for i in range(0, len(chunk), 50):
+                part = chunk[i : i + 50]
+                await asyncio.gather(
+                    *(pool.enqueue_job("noop", p, _queue_name=QUEUE) for p in part)
+                )
+    finally:
+        await pool.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["enqueue"])
+    parser.add_argument("system", choices=SYSTEMS)
+    parser.add_argument("n", type=int)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    enqueue(args.system, args.n)
+    print(json.dumps({"enqueued": args.n, "seconds": time.perf_counter() - started}))
+
+
+if __name__ == "__main__":
+    main()
