@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Handlers are imported from the current directory, as with `python -m rqworkers`; the
+    # `rqworkers` console script alone would only put its own bin directory on the path.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
     try:
         cfg = config.load(args.config)

@@ -327,3 +327,23 @@ def test_the_log_file_rotates_and_keeps_every_process_lines(
     text = "".join(p.read_text() for p in tmp_path.glob("service.log*"))
     assert "jobs-1[" in text and "jobs-2[" in text, "both workers write to the rotated file"
     assert all(p.stat().st_size < 20_000 for p in tmp_path.glob("service.log*"))
+
+
+def test_the_console_script_imports_handlers_from_the_current_directory(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    (tmp_path / "myjobs.py").write_text("def handle(message):\n    pass\n")
+    path = write_config(
+        tmp_path / "c.toml", redis_server.url, [{"queue": "q", "handler": "myjobs:handle"}]
+    )
+    script = Path(sys.executable).parent / "rqworkers"
+    assert script.exists(), "the package is installed with its console script"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [str(script), "check", "-c", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
