@@ -93,7 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: config.Config, args: argparse.Namespace) -> int:
-    logs.configure(cfg.logging, "manager")
+    try:
+        logs.configure(cfg.logging, "manager")
+    except OSError as exc:
+        print(
+            f"rqworkers: invalid configuration\n{cfg.source}: logging.file: {exc}", file=sys.stderr
+        )
+        return ExitCode.CONFIG
     problems = checks.handler_problems_isolated(cfg)
     if problems:
         for line in problems:

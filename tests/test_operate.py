@@ -347,3 +347,17 @@ def test_the_console_script_imports_handlers_from_the_current_directory(
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_an_unwritable_log_file_is_a_clear_config_error(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = write_config(
+        tmp_path / "c.toml",
+        redis_server.url,
+        [{"queue": "q", "handler": HANDLER}],
+        logging={"file": str(tmp_path / "missing-dir" / "x.log")},
+    )
+    result = cli("run", "-c", str(path))
+    assert result.returncode == 2
+    assert b"logging.file" in result.stderr and b"Traceback" not in result.stderr
