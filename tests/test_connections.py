@@ -612,3 +612,25 @@ def test_a_missing_acl_permission_is_waited_out_and_nothing_is_lost(
     client.acl_setuser("limited", commands=["+evalsha", "+blmove", "+brpoplpush"])
     wait_done(bookkeeper, set(messages))
     assert sorted(done(bookkeeper)) == sorted(messages), "each handled once"
+
+
+def test_a_read_only_replica_is_waited_out_until_it_is_promoted(
+    processes: Processes, service: StartService, bookkeeper: RedisServer, tmp_path: Path
+) -> None:
+    master = Server(processes, tmp_path / "master").start()
+    replica = Server(
+        processes, tmp_path / "replica", ["--replicaof", "127.0.0.1", str(master.port)]
+    ).start()
+    messages = [f"m{i}".encode() for i in range(20)]
+    master.client().lpush("jobs", *messages)
+    wait_for(lambda: replica.client().llen("jobs") == 20, what="replicated")
+    # Pointed at the replica, as after a failover the old master becomes one.
+    svc = service(replica.url, [{"queue": "jobs", "handler": HANDLER}])
+    svc.wait_workers(1)
+    wait_for(lambda: outage_lines(svc, "ReadOnlyError"), what="READONLY logged")
+    time.sleep(1.0)
+    assert len(outage_lines(svc, "ReadOnlyError")) == 1, "once per outage, not per retry"
+    assert not done(bookkeeper)
+    replica.client().execute_command("REPLICAOF", "NO", "ONE")
+    wait_done(bookkeeper, set(messages))
+    assert sorted(done(bookkeeper)) == sorted(messages), "each handled once"
