@@ -96,6 +96,7 @@ class ReliableQueue:
         self._use_blmove = use_blmove
         self._take = client.register_script(scripts.TAKE)
         self._replay = client.register_script(scripts.REPLAY)
+        self._count_fetched = client.register_script(scripts.COUNT_FETCHED)
         self._give_back = client.register_script(scripts.GIVE_BACK)
         self._retry_later = client.register_script(scripts.RETRY_LATER)
         self._dead_letter = client.register_script(scripts.DEAD_LETTER)
@@ -144,6 +145,12 @@ class ReliableQueue:
     def count_delivery(self, message: bytes) -> int:
         """Record one more delivery of `message`, before its handler runs; return the total."""
         return int(self.client.hincrby(self.keys.deliveries, message, 1))
+
+    def count_fetched(self, message: bytes) -> int | None:
+        """`count_delivery` for what `fetch` just returned; None if it was reclaimed meanwhile."""
+        k = self.keys
+        count = int(self._count_fetched(keys=[k.processing, k.deliveries], args=[message]))
+        return None if count < 0 else count
 
     def ack(self, message: bytes) -> bool:
         """Remove a handled message. False if it was no longer there (someone moved it)."""

@@ -42,6 +42,16 @@ return result
 """
 )
 
+# Counts the delivery of a message a blocking fetch just moved into the private list (at its
+# head), unless it is no longer there: if the worker stalled between the two steps long
+# enough for its list to be reclaimed, the message is someone else's now, and counting or
+# handling it here would leave a stale count and run it twice.
+# KEYS: processing, deliveries. ARGV: message. Returns the count, or -1.
+COUNT_FETCHED = """
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return -1 end
+return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+"""
+
 # What an earlier life of this worker left in its private list, oldest first, with delivery
 # counts. The `started` oldest ones had reached the handler: replaying them is a new delivery
 # and is counted. The others were counted when fetched but never started, so that count

@@ -204,7 +204,11 @@ class Worker:
         message = self.queue.fetch(BLOCK_TIMEOUT)
         if message is None:
             return False
-        self.batch.append((message, self.queue.count_delivery(message), LOST_WORKER))
+        count = self.queue.count_fetched(message)
+        if count is None:
+            log.warning("a fetched message was reclaimed before it started; left to its new owner")
+            return False
+        self.batch.append((message, count, LOST_WORKER))
         return True
 
     def next_op(self) -> str:

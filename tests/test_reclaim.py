@@ -135,3 +135,18 @@ def test_a_node_frozen_past_its_lease_is_found_again_when_it_dies_later(
     expected = {f"sleep:1:{i}".encode() for i in range(6)}
     wait_for(lambda: set(lrange(redis_server, "done")) == expected, timeout=30, what="all done")
     assert client.llen("jobs:processing:node-a:1") == 0
+
+
+def test_a_fetch_reclaimed_before_it_was_counted_is_left_to_its_new_owner(
+    client: redis.Redis,
+) -> None:
+    stalled = ReliableQueue(client, "jobs", "node-a:1")
+    client.lpush("jobs", b"m")
+    assert stalled.fetch(0.1) == b"m"
+    # The worker stalls here, its lease lapses and another node reclaims the list.
+    assert ReliableQueue(client, "jobs", "node-a:1").reclaim() == 1
+    assert stalled.count_fetched(b"m") is None, "not ours any more: neither counted nor run"
+    assert client.hget("jobs:deliveries", b"m") is None
+    owner = ReliableQueue(client, "jobs", "node-b:1")
+    assert owner.fetch(0.1) == b"m"
+    assert owner.count_fetched(b"m") == 1
