@@ -12,13 +12,33 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 HOST = "127.0.0.1"
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T | None], timeout: float = 10.0, what: str = "", interval: float = 0.01
+) -> T:
+    """Poll `condition` until it returns something truthy; `TimeoutError` after `timeout` s.
+
+    Shared by the bench and the test suite: both wait on conditions, never on blind sleeps.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or condition}")
+        time.sleep(interval)
 
 
 def redis_server_binary() -> str:

@@ -39,16 +39,16 @@ import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import psutil
 import redis
 
-from bench.redisproc import free_port, redis_server_binary
+from bench.redisproc import free_port, redis_server_binary, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -57,7 +57,6 @@ STAGING = "bench:staging"
 NODE = "bench"
 PAYLOAD_SIZE = 100
 DEFAULT_PEERS_PYTHON = Path.home() / ".cache" / "rqworkers-bench" / "peers" / "bin" / "python"
-T = TypeVar("T")
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -108,19 +107,6 @@ class Processes:
         for proc in reversed(self.started):
             self._kill_group(proc)
         self.started.clear()
-
-
-def wait_for(
-    condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.01
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- redis-server ---------------------------------------------------------------------------

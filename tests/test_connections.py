@@ -174,14 +174,9 @@ def processes() -> Iterator[Processes]:
 
 
 @pytest.fixture
-def bookkeeper(tmp_path: Path) -> Iterator[RedisServer]:
+def bookkeeper(redis_server: RedisServer) -> RedisServer:
     """A plain redis-server where the test handler records `started` and `done`."""
-    server = RedisServer(tmp_path / "bookkeeper")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return redis_server
 
 
 StartService = Callable[..., Service]
