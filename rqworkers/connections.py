@@ -52,6 +52,27 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     RedisClusterException,
 )
 
+# Error replies that mean "not now" rather than "never": the server is full, read-only,
+# loading, failing over, or the user lacks a permission an operator can grant. Any other
+# error reply (WRONGTYPE, a Lua runtime error) will fail the same way every time.
+_OUTAGE_REPLIES = ("OOM", "READONLY", "NOPERM", "TRYAGAIN", "MASTERDOWN", "LOADING", "CLUSTERDOWN")
+_OUTAGE_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True if `exc` (one of TRANSIENT_ERRORS) is worth waiting out; False for an error
+    reply that retrying cannot cure."""
+    if not isinstance(exc, redis.ResponseError) or isinstance(exc, _OUTAGE_CLASSES):
+        return True
+    return str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES
+
+
 # Query arguments naming files that must exist; `password_file` is read here.
 _FILE_ARGUMENTS = ("password_file", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 _DEFAULT_PORT = 6379

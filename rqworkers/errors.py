@@ -32,6 +32,13 @@ class HandlerError(RqworkersError):
     """A handler path cannot be imported or does not name something callable."""
 
 
+class Refused(RqworkersError):  # noqa: N818 (a verdict on a message, not a failure of ours)
+    """A message that can never succeed (malformed, not allowed).
+
+    Raised by a handler, it sends the message to the dead list at once, never retried.
+    """
+
+
 class MessageTimeout(BaseException):
     """Raised inside a handler that ran past its `timeout`.
 
@@ -51,3 +58,4 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 71
     STARTUP_FAILED = 72
     ORPHANED = 73
+    REDIS_REFUSED = 74  # an error reply retrying cannot cure, e.g. WRONGTYPE on a queue key

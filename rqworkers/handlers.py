@@ -69,6 +69,10 @@ class Handler:
     def on_failure(self, message: bytes, error: BaseException) -> None:
         self._callback("on_failure", message, error)
 
+    def on_dead_letter(self, message: bytes, reason: str, error: BaseException | None) -> None:
+        """After `message` reached the dead list for good: its final outcome."""
+        self._callback("on_dead_letter", message, reason, error)
+
     def _callback(self, name: str, *args: Any) -> None:
         method = getattr(self._instance, name, None)
         if method is None:

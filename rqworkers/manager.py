@@ -262,7 +262,7 @@ class Manager:
             worker_id=slot.worker_id,
             manager_pid=self.pid,
             previous_exit=slot.previous_exit,
-            previous_started=slot.previous_started,
+            previous_running=slot.previous_running,
             lease_ttl=self.settings.lease_ttl,
             log_handled=self.config.logging.handled,
             log_failures=self.config.logging.failures,

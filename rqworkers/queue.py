@@ -1,24 +1,39 @@
 """Every Redis operation on a queue's lists, in one place.
 
-A message only ever moves atomically: shared list → private list (fetch), private list →
-nowhere (ack), → retry set (retry later) or → dead list (dead-letter). It is never popped
-anywhere else, so at every instant it sits in exactly one key and a crash cannot lose it.
+The invariant everything else rests on:
+
+    Every message is, at every instant, in exactly one key: the shared list, one landing
+    list, one private list, the retry set or the dead list. Inside a worker's keys it is an
+    envelope `rqw1:<id>:<attempts>:<payload>`, unique per delivery, whose `attempts` counts
+    the deliveries of this one message that ended without a result. Identical payloads are
+    therefore independent messages: nothing is keyed by a payload's bytes except
+    dead-letter records, which keep one record per copy.
+
+A message only ever moves atomically, in one Lua script (`scripts`): shared list → private
+list (take), private list → nowhere (ack), → retry set (retry later) or → dead list. The
+count is not written when a message is taken: the hot path is the move and the ack, no more.
+A delivery that ends without a result is charged where it is found afterwards, by whoever
+meets it: the next worker of the slot charges what the scoreboard says was running when its
+predecessor died; a keeper reclaiming a lost node's list charges everything in it, because
+nobody knows what ran there.
 
 Keys, all prefixed by the queue name so that a `{hash tag}` in it keeps them in one
 Redis Cluster slot:
 
 - `<queue>`: the shared list. Producers `LPUSH`; workers take from the right (FIFO).
-- `<queue>:processing:<worker-id>`: one worker's private list of in-flight messages.
-- `<queue>:deliveries`: hash, payload → deliveries so far (cleared on ack). Keyed by the
-  payload itself so that scripts can count without hashing; it holds only in-flight and
-  retrying messages, so its size is bounded by what is in flight.
-- `<queue>:retry`: sorted set of failed messages waiting for their retry time.
+- `<queue>:landing:<worker-id>`: at most one message a worker's blocking fetch moved while
+  the queue was empty; its next take moves it to the private list.
+- `<queue>:processing:<worker-id>`: one worker's private list of in-flight envelopes,
+  newest on the left.
+- `<queue>:retry`: sorted set of envelopes waiting for their time (failed messages, and
+  messages given back or reclaimed with attempts behind them, due at once). Workers take
+  due ones before the shared list.
 - `<queue>:dead`: the dead-letter list, original payloads byte-for-byte.
-- `<queue>:dead:reasons`: hash, SHA-1 of a payload → JSON with the last reason.
+- `<queue>:dead:reasons`: hash, SHA-1 of a payload → JSON record of its newest dead copy,
+  with `copies` and the `older` copies' own records.
 - `<queue>:workers`: set of worker ids that have had a private list (the reclaim registry).
 - `<queue>:lease:<worker-id>`: string with a TTL, alive while the worker's node is.
 - `<queue>:reclaim:<worker-id>`: short fence so that only one manager reclaims a list.
-- `<queue>:op:<worker-id>`: the id of the worker's last settling operation (see `scripts`).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -39,15 +54,31 @@ from rqworkers.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
 from rqworkers.connections import Client
 from rqworkers.connections import connect as connect
 
-_NONCE_BYTES = 8
+_PREFIX = scripts.PREFIX.encode()
+
+
+class Delivery(NamedTuple):
+    """One delivery of a message: its envelope in the private list, and what it carries."""
+
+    element: bytes  # the envelope, unique: what acks and moves name
+    id: bytes
+    attempts: int  # earlier deliveries of this message that ended without a result
+    payload: bytes
+
+    @classmethod
+    def parse(cls, element: bytes) -> Delivery:
+        _, ident, attempts, payload = element.split(b":", 3)
+        return cls(element, ident, int(attempts), payload)
 
 
 @dataclass(frozen=True)
 class Taken:
-    """What `take` did: acks that found nothing, and the new messages with their counts."""
+    """What `take` did: acks that found nothing, the new deliveries, and when the next
+    retry is due (epoch seconds; None if none is waiting, or the take was full)."""
 
     missing_acks: int
-    messages: list[tuple[bytes, int]]
+    deliveries: list[Delivery]
+    next_due: float | None
 
 
 def digest(message: bytes) -> str:
@@ -58,30 +89,32 @@ def digest(message: bytes) -> str:
 @dataclass(frozen=True)
 class Keys:
     queue: str
+    landing: str
     processing: str
-    deliveries: str
     retry: str
     dead: str
     dead_reasons: str
     registry: str
     lease: str
     fence: str
-    op: str
 
     @classmethod
     def of(cls, queue: str, worker_id: str) -> Keys:
         return cls(
             queue=queue,
+            landing=f"{queue}:landing:{worker_id}",
             processing=f"{queue}:processing:{worker_id}",
-            deliveries=f"{queue}:deliveries",
             retry=f"{queue}:retry",
             dead=f"{queue}:dead",
             dead_reasons=f"{queue}:dead:reasons",
             registry=f"{queue}:workers",
             lease=f"{queue}:lease:{worker_id}",
             fence=f"{queue}:reclaim:{worker_id}",
-            op=f"{queue}:op:{worker_id}",
         )
+
+    def of_script(self, script: scripts.Script) -> list[str]:
+        """The KEYS of `script`, in the order its Lua header binds them."""
+        return [getattr(self, name) for name in script.keys]
 
 
 class ReliableQueue:
@@ -94,44 +127,47 @@ class ReliableQueue:
         self.keys = Keys.of(queue, worker_id)
         self.worker_id = worker_id
         self._use_blmove = use_blmove
-        self._take = client.register_script(scripts.TAKE)
-        self._replay = client.register_script(scripts.REPLAY)
-        self._count_fetched = client.register_script(scripts.COUNT_FETCHED)
-        self._give_back = client.register_script(scripts.GIVE_BACK)
-        self._retry_later = client.register_script(scripts.RETRY_LATER)
-        self._dead_letter = client.register_script(scripts.DEAD_LETTER)
-        self._promote = client.register_script(scripts.PROMOTE)
-        self._reclaim = client.register_script(scripts.RECLAIM)
+        # Delivery ids: unique per process (random) and per take (counted).
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = 0
+        self._take = self._bind(scripts.TAKE)
+        self._replay = self._bind(scripts.REPLAY)
+        self._give_back = self._bind(scripts.GIVE_BACK)
+        self._retry_later = self._bind(scripts.RETRY_LATER)
+        self._dead_letter = self._bind(scripts.DEAD_LETTER)
+        self._reclaim = self._bind(scripts.RECLAIM)
+
+    def _bind(self, script: scripts.Script) -> Any:
+        """A callable running `script` with this queue's keys: `call(*args)`."""
+        registered = self.client.register_script(script.source)
+        keys = self.keys.of_script(script)
+        return lambda *args: registered(keys=keys, args=args)
+
+    def _id_base(self) -> str:
+        self._ids += 1
+        return f"{self._id_prefix}.{self._ids}."
 
     # -- the hot path -----------------------------------------------------------------------
 
-    def take(self, acks: list[bytes], limit: int, op: str = "") -> Taken:
-        """Ack `acks` and move up to `limit` messages to the private list, counted; one trip.
+    def take(self, acks: list[bytes], limit: int) -> Taken:
+        """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip."""
+        reply = self._take(limit, time.time(), self._id_base(), *acks)
+        deliveries = [Delivery.parse(element) for element in reply[2:]]
+        return Taken(int(reply[0]), deliveries, float(reply[1]) if reply[1] else None)
 
-        `op`, if given, is recorded in the same step (see `last_op`).
-        """
-        k = self.keys
-        keys = [k.queue, k.processing, k.deliveries, k.op]
-        reply = self._take(keys=keys, args=[op, limit, *acks])
-        return Taken(int(reply[0]), _pairs(reply[1:]))
+    def fetch(self, timeout: float) -> bool:
+        """Block up to `timeout` seconds for a message; True once one has landed.
 
-    def last_op(self) -> str:
-        """The id of the last settling operation that reached Redis for this worker."""
-        value = self.client.get(self.keys.op)
-        return value.decode() if isinstance(value, bytes) else str(value or "")
-
-    def fetch(self, timeout: float) -> bytes | None:
-        """Block up to `timeout` seconds for the oldest message; move it to the private list.
-
-        Not counted: call `count_delivery`. Used only when `take` found the queue empty.
+        The blocking move lands it in this worker's landing list, not the private list: only
+        a script can wrap it in an envelope, and the next `take` does.
         """
         k = self.keys
         if self._use_blmove is not False:
             try:
                 # redis-py types the timeout as int; Redis >= 6 takes fractional seconds.
-                result = self.client.blmove(k.queue, k.processing, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+                result = self.client.blmove(k.queue, k.landing, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
                 self._use_blmove = True
-                return cast(bytes | None, result)
+                return result is not None
             except redis.ResponseError as exc:
                 # Servers before 6.2 know no BLMOVE. Found out by asking, not by INFO, which
                 # an ACL may forbid; the error is not an outage, so it is handled here.
@@ -139,59 +175,41 @@ class ReliableQueue:
                     raise
                 self._use_blmove = False
         # BRPOPLPUSH takes whole seconds on servers older than 6.0
-        result = self.client.brpoplpush(k.queue, k.processing, max(1, round(timeout)))
-        return cast(bytes | None, result)
+        result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
+        return result is not None
 
-    def count_delivery(self, message: bytes) -> int:
-        """Record one more delivery of `message`, before its handler runs; return the total."""
-        return int(self.client.hincrby(self.keys.deliveries, message, 1))
-
-    def count_fetched(self, message: bytes) -> int | None:
-        """`count_delivery` for what `fetch` just returned; None if it was reclaimed meanwhile."""
-        k = self.keys
-        count = int(self._count_fetched(keys=[k.processing, k.deliveries], args=[message]))
-        return None if count < 0 else count
-
-    def ack(self, message: bytes) -> bool:
-        """Remove a handled message. False if it was no longer there (someone moved it)."""
-        return self.take([message], 0).missing_acks == 0
+    def ack(self, delivery: Delivery) -> bool:
+        """Remove a handled delivery. False if it was no longer there (someone moved it)."""
+        return self.take([delivery.element], 0).missing_acks == 0
 
     # -- leftovers, failures, stopping -------------------------------------------------------
 
-    def replay(self, started: int | None) -> list[tuple[bytes, int]]:
-        """The private list, oldest first, counted as described in `scripts.REPLAY`.
+    def replay(self, running: list[bytes] | None) -> list[Delivery]:
+        """The private list, oldest first, after charging the deliveries that were running.
 
-        `started` None: unknown, so every message counts as a new delivery.
+        `running`: ids of the deliveries an earlier life of this worker had in its handler
+        when it died; None when unknown, so that every leftover is charged.
         """
-        k = self.keys
-        args = [-1 if started is None else started]
-        return _pairs(self._replay(keys=[k.processing, k.deliveries], args=args))
+        charge_all = "1" if running is None else "0"
+        reply = self._replay(charge_all, self._id_base(), *(running or ()))
+        return [Delivery.parse(element) for element in reply]
 
-    def give_back(self, unstarted: list[bytes]) -> int:
-        """Return prefetched messages, oldest first in `unstarted`, to the head of the queue."""
-        k = self.keys
-        newest_first = list(reversed(unstarted))
-        return int(self._give_back(keys=[k.queue, k.processing, k.deliveries], args=newest_first))
+    def give_back(self, unstarted: list[Delivery]) -> int:
+        """Return deliveries that never reached the handler, oldest first in `unstarted`,
+        to the head of the queue; those with attempts behind them keep their count."""
+        return int(self._give_back(*(d.element for d in reversed(unstarted))))
 
-    def retry_later(self, message: bytes, delay: float, op: str = "") -> bool:
-        """Park a failed message in the retry set for `delay` seconds; its count stays."""
-        member = os.urandom(_NONCE_BYTES) + message  # identical payloads must not collapse
-        k = self.keys
-        args: list[bytes | float | str] = [message, time.time() + delay, member, op]
-        return bool(self._retry_later(keys=[k.processing, k.retry, k.op], args=args))
+    def retry_later(self, delivery: Delivery, delay: float) -> bool:
+        """Park a failed delivery for `delay` seconds with one more attempt counted."""
+        due = time.time() + delay
+        attempts = delivery.attempts + 1
+        return bool(self._retry_later(delivery.element, due, self._id_base(), attempts))
 
-    def dead_letter(self, message: bytes, reason: str, attempts: int, op: str = "") -> bool:
-        """Move a message that used up its deliveries to the dead list, keeping why."""
-        info = {"reason": reason, "attempts": attempts, "at": time.time(), "worker": self.worker_id}
-        k = self.keys
-        keys = [k.processing, k.dead, k.deliveries, k.dead_reasons, k.op]
-        args: list[bytes | str] = [message, digest(message), json.dumps(info), op]
-        return bool(self._dead_letter(keys=keys, args=args))
-
-    def promote_due(self, limit: int = 100) -> int:
-        """Move up to `limit` retries whose time has come back to the shared list."""
-        args: list[Any] = [time.time(), limit, _NONCE_BYTES]
-        return int(self._promote(keys=[self.keys.retry, self.keys.queue], args=args))
+    def dead_letter(self, delivery: Delivery, record: dict[str, Any]) -> bool:
+        """Move a delivery that used up its attempts to the dead list, with its record
+        (reason, attempts, ...); this worker, the time and the delivery id are added."""
+        info = {**record, "id": delivery.id.decode(), "at": time.time(), "worker": self.worker_id}
+        return bool(self._dead_letter(delivery.element, digest(delivery.payload), json.dumps(info)))
 
     # -- leases and orphans -----------------------------------------------------------------
 
@@ -208,7 +226,7 @@ class ReliableQueue:
         pipe.execute()
 
     def reclaim(self, fence_ttl: float = 5.0) -> int | None:
-        """Move this (dead) worker's messages back to the shared list.
+        """Give this (dead) worker's messages back to its queue, each charged one attempt.
 
         Returns how many moved, or None if the lease is alive or another manager holds the
         fence. Safe to call from any node at any time: the script checks the lease itself,
@@ -219,30 +237,28 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            keys = [k.processing, k.queue, k.lease, k.registry]
-            moved = int(self._reclaim(keys=keys, args=[self.worker_id]))
+            moved = int(self._reclaim(self.worker_id))
         finally:
             self.client.delete(k.fence)
         return None if moved < 0 else moved
 
     # -- reading ----------------------------------------------------------------------------
 
-    def in_flight(self) -> list[bytes]:
+    def in_flight(self) -> list[Delivery]:
         """The private list, oldest first."""
-        return list(reversed(cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))))
+        elements = cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))
+        return [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
 
-    def deliveries(self, message: bytes) -> int:
-        value = self.client.hget(self.keys.deliveries, message)
-        return int(cast(bytes, value)) if value is not None else 0
+    def retrying(self) -> list[tuple[Delivery, float]]:
+        """The retry set, soonest first, with due times (epoch seconds)."""
+        members = self.client.zrange(self.keys.retry, 0, -1, withscores=True)
+        return [(Delivery.parse(m), float(s)) for m, s in cast(list[tuple[bytes, float]], members)]
 
     def dead_reason(self, message: bytes) -> dict[str, Any] | None:
+        """The newest dead copy's record of `message`, with `copies` and `older`."""
         value = self.client.hget(self.keys.dead_reasons, digest(message))
         info: dict[str, Any] | None = json.loads(cast(bytes, value)) if value else None
         return info
-
-
-def _pairs(flat: list[Any]) -> list[tuple[bytes, int]]:
-    return [(bytes(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> None:
@@ -281,12 +297,14 @@ def snapshot(client: Client, queue: str) -> Snapshot:
     pipe.zcard(keys.retry)
     pipe.llen(keys.dead)
     for worker_id in ids:
-        pipe.llen(Keys.of(queue, worker_id).processing)
-        pipe.get(Keys.of(queue, worker_id).lease)
+        worker_keys = Keys.of(queue, worker_id)
+        pipe.llen(worker_keys.processing)
+        pipe.llen(worker_keys.landing)
+        pipe.get(worker_keys.lease)
     waiting, retrying, dead, *rest = pipe.execute()
-    in_flight = sum(int(n) for n in rest[0::2])
+    in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
-    for worker_id, raw in zip(ids, rest[1::2], strict=True):
+    for worker_id, raw in zip(ids, rest[2::3], strict=True):
         if raw is None:
             continue
         try:
@@ -312,22 +330,29 @@ def lease_alive(client: Client, queue: str, worker_id: str) -> bool:
 class DeadLetter:
     index: int  # 0 is the newest
     payload: bytes
-    info: dict[str, Any] | None  # reason, attempts, at, worker
+    info: dict[str, Any] | None  # this copy's record: reason, attempts, at, worker, id
+    copies: int = 1  # copies of this payload in the dead list, this one included
 
 
 class DeadLetters:
-    """The dead-letter list of one queue, as operators handle it."""
+    """The dead-letter list of one queue, as operators handle it.
+
+    Copies of one payload (twins) share a record field; the k-th copy from the head of the
+    list owns the k-th record, newest first, since both are pushed and removed together.
+    """
 
     def __init__(self, client: Client, queue: str) -> None:
         self.client = client
         self.keys = Keys.of(queue, "")
-        self._take = client.register_script(scripts.DEAD_TAKE)
+        self._take = client.register_script(scripts.DEAD_TAKE.source)
 
     def __len__(self) -> int:
         return int(self.client.llen(self.keys.dead))
 
     def page(self, start: int = 0, limit: int = 20) -> list[DeadLetter]:
         """Up to `limit` dead letters from index `start` (0 is the newest)."""
+        if limit <= 0:
+            return []
         payloads = cast(list[bytes], self.client.lrange(self.keys.dead, start, start + limit - 1))
         return self._with_info(start, payloads)
 
@@ -338,8 +363,8 @@ class DeadLetters:
         return self.page(start, total - start)
 
     def get(self, index: int) -> DeadLetter | None:
-        payload = cast(bytes | None, self.client.lindex(self.keys.dead, index))
-        return None if payload is None else self._with_info(index, [payload])[0]
+        letters = self.page(index, 1) if index >= 0 else []
+        return letters[0] if letters else None
 
     def requeue(self, letters: list[DeadLetter]) -> int:
         """Move `letters` (newest first) to the head of the queue, oldest first in line."""
@@ -351,19 +376,46 @@ class DeadLetters:
     def _take_out(self, mode: str, letters: list[DeadLetter]) -> int:
         if not letters:
             return 0
-        k = self.keys
         args: list[bytes | str] = [mode]
         for letter in letters:
-            args += [letter.payload, digest(letter.payload)]
-        keys = [k.dead, k.queue, k.deliveries, k.dead_reasons]
-        return int(self._take(keys=keys, args=args))
+            record_id = str((letter.info or {}).get("id", ""))
+            args += [letter.payload, digest(letter.payload), record_id]
+        return int(self._take(keys=self.keys.of_script(scripts.DEAD_TAKE), args=args))
 
     def _with_info(self, start: int, payloads: list[bytes]) -> list[DeadLetter]:
         if not payloads:
             return []
-        raw = self.client.hmget(self.keys.dead_reasons, [digest(p) for p in payloads])
+        distinct = list(dict.fromkeys(payloads))
+        fields = [digest(p) for p in distinct]
+        raw = cast(list[Any], self.client.hmget(self.keys.dead_reasons, fields))
+        records = {p: json.loads(r) if r else None for p, r in zip(distinct, raw, strict=True)}
+        seen = {p: self._copies_before(p, start) for p in distinct}
         letters = []
-        for offset, (payload, info) in enumerate(zip(payloads, cast(list[Any], raw), strict=True)):
-            parsed = json.loads(info) if info else None
-            letters.append(DeadLetter(start + offset, payload, parsed))
+        for offset, payload in enumerate(payloads):
+            record = records[payload]
+            info, copies = _copy_record(record, seen[payload])
+            seen[payload] += 1
+            letters.append(DeadLetter(start + offset, payload, info, copies))
         return letters
+
+    def _copies_before(self, payload: bytes, start: int) -> int:
+        """How many copies of `payload` the dead list holds above index `start`."""
+        if start <= 0:
+            return 0
+        try:
+            found = self.client.lpos(self.keys.dead, payload, rank=1, count=0, maxlen=start)  # type: ignore[arg-type]
+            return len(cast(list[int], found))
+        except redis.ResponseError:  # before Redis 6.0.6: count them here
+            above = cast(list[bytes], self.client.lrange(self.keys.dead, 0, start - 1))
+            return above.count(payload)
+
+
+def _copy_record(record: dict[str, Any] | None, rank: int) -> tuple[dict[str, Any] | None, int]:
+    """The record of the `rank`-th copy (0 is the newest) of a payload, and its copies."""
+    if record is None:
+        return None, 1
+    older = record.get("older")
+    copies = int(record.get("copies", 1))
+    newest = {k: v for k, v in record.items() if k not in ("older", "copies")}
+    chain = [newest, *(older if isinstance(older, list) else [])]
+    return (chain[rank] if rank < len(chain) else None), copies

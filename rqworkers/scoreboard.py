@@ -1,7 +1,7 @@
 """The numbers a slot's worker, its manager and the keeper share through shared memory.
 
 The manager needs to know how long the current message has run (to kill a handler stuck in
-C code) and how many in-flight messages had reached the handler when a worker died,
+C code) and which delivery was in the handler when a worker died (it is charged one attempt),
 without asking the worker: a dead or stuck worker cannot answer. The keeper needs the same
 numbers to publish status and serve metrics. An anonymous shared mapping made before `fork`
 costs the worker a few memory writes per message and no system call.
@@ -23,13 +23,14 @@ RECYCLE_REASONS = ("max_requests", "timeout", "memory_soft", "memory_hard", "cra
 
 _WORKER_COUNTERS = ("handled", "failed", "retried", "dead_lettered", "redis_errors")
 _REASON_BYTES = 120
+_RUNNING_BYTES = 64  # the id of the delivery in the handler (ids are about 20 bytes)
 
 
 def _layout() -> dict[str, int]:
     names = [
         "busy_since",  # worker: monotonic seconds when the current message started; 0 idle
-        "started",  # worker: in-flight messages that reached the handler, not yet settled
-        "replayed",  # worker: 1 once it has replayed its private list (so `started` is known)
+        "running_length",  # worker: bytes of the running delivery's id; 0 when none runs
+        "replayed",  # worker: 1 once it has replayed its private list (so `running` is known)
         *_WORKER_COUNTERS,  # worker: cumulative over the slot's life
         "duration_sum",  # worker: seconds spent in handlers
         *(f"bucket{i}" for i in range(len(DURATION_BUCKETS) + 1)),  # worker: cumulative
@@ -47,12 +48,13 @@ def _layout() -> dict[str, int]:
 _OFFSETS = _layout()
 _INDEX = {name: offset // 8 for name, offset in _OFFSETS.items()}
 _REASON_OFFSET = 8 * len(_OFFSETS)
-_SIZE = _REASON_OFFSET + _REASON_BYTES
+_RUNNING_OFFSET = _REASON_OFFSET + _REASON_BYTES
+_SIZE = _RUNNING_OFFSET + _RUNNING_BYTES
 _FLOATS = {"busy_since", "duration_sum", "since", "next_start"}
 # Indexes the per-message path uses, resolved once.
-_BUSY_SINCE, _STARTED, _HANDLED, _FAILED, _DURATION_SUM, _BUCKET0 = (
+_BUSY_SINCE, _RUNNING_LENGTH, _HANDLED, _FAILED, _DURATION_SUM, _BUCKET0 = (
     _INDEX[name]
-    for name in ("busy_since", "started", "handled", "failed", "duration_sum", "bucket0")
+    for name in ("busy_since", "running_length", "handled", "failed", "duration_sum", "bucket0")
 )
 
 
@@ -79,14 +81,21 @@ class Scoreboard:
 
     # -- written by the worker, per message: indexes, no lookups ---------------------------
 
-    def busy(self) -> None:
-        """A message reaches the handler."""
-        self._floats[_BUSY_SINCE] = time.monotonic()
-        self._ints[_STARTED] += 1
+    def busy(self, delivery_id: bytes, since: float) -> None:
+        """The delivery `delivery_id` reaches the handler at `since` (monotonic seconds).
+
+        The id is written before its length, so a reader never sees a length with a
+        half-written id: a worker killed between the two leaves the previous id unnamed.
+        """
+        size = min(len(delivery_id), _RUNNING_BYTES)
+        self._map[_RUNNING_OFFSET : _RUNNING_OFFSET + size] = delivery_id[:size]
+        self._ints[_RUNNING_LENGTH] = size
+        self._floats[_BUSY_SINCE] = since
 
     def idle(self, failed: bool, seconds: float) -> None:
         """The handler is done with it after `seconds` (the message may not be settled yet)."""
         ints = self._ints
+        ints[_RUNNING_LENGTH] = 0
         self._floats[_BUSY_SINCE] = 0.0
         ints[_HANDLED] += 1
         if failed:
@@ -97,10 +106,6 @@ class Scoreboard:
     def replayed(self) -> None:
         self._set("replayed", 1)
 
-    def settled(self, count: int) -> None:
-        """`count` started messages left the private list (acked, retried, dead-lettered)."""
-        self._ints[_STARTED] -= count
-
     def count(self, event: str) -> None:
         """One more `retried`, `dead_lettered` or `redis_errors`."""
         self._add(event)
@@ -110,7 +115,7 @@ class Scoreboard:
     def prepare(self) -> None:
         """Before forking a new worker: clear what described the previous one."""
         self._set("busy_since", 0.0)
-        self._set("started", 0)
+        self._set("running_length", 0)
         self._set("replayed", 0)
         self._set("stopping", 0)
         self._set("since", time.time())
@@ -148,10 +153,13 @@ class Scoreboard:
         return int(self.get("pid"))
 
     @property
-    def started(self) -> int | None:
-        """In-flight messages that had reached the handler; None if the worker never got as
-        far as replaying its list, so its predecessor's figure was never taken over."""
-        return max(0, int(self.get("started"))) if self.get("replayed") else None
+    def running(self) -> list[bytes] | None:
+        """Ids of the deliveries in the handler; None if the worker never got as far as
+        replaying its list, so what its predecessor left was never taken over."""
+        if not self.get("replayed"):
+            return None
+        size = int(self.get("running_length"))
+        return [bytes(self._map[_RUNNING_OFFSET : _RUNNING_OFFSET + size])] if size else []
 
     @property
     def handled(self) -> int:

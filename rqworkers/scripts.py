@@ -1,173 +1,310 @@
-"""The Lua scripts behind the queue operations.
+"""The Lua scripts behind the queue operations, with their keys and arguments bound by name.
 
 A script runs atomically in Redis, so every move below is all-or-nothing, and each costs
 one round trip. Every script touches only keys of one queue: with a `{hash tag}` in the
-queue name they all live in one Redis Cluster slot. Only plain list, hash and sorted-set
-commands are used, which every Redis since 2.6 (and fakeredis) runs.
+queue name they all live in one Redis Cluster slot.
 
-Private lists hold the newest message on the left and the oldest on the right, like the
-shared list they come from.
+Each `Script` declares the names of its keys (attributes of `queue.Keys`) and arguments.
+The Lua header that binds them to `local`s is generated from those same names, and
+`queue.ReliableQueue` builds the key list from them too, so the order is written once.
 
-The scripts a worker settles messages with record an operation id in `<queue>:op:<worker-id>`
-in the same atomic step. When a reply is lost to a Redis failure, the worker reads it back
-to learn whether its last operation happened, and so neither repeats nor forgets it.
+The elements of a private list are *envelopes*, `rqw1:<id>:<attempts>:<payload>` (see
+`queue.py` for the invariant): `id` makes every delivery unique, even of identical
+payloads, so a settling operation sent twice (after a lost reply) can never remove a twin;
+`attempts` counts this message's deliveries that ended without a result. Shared and dead
+lists hold payloads as producers sent them.
+
+Writes are ordered so that a script refused by an out-of-memory Redis stops before it has
+lost anything: a message is pushed to its destination before it is removed from its
+source, and acks (which free memory) go first.
 """
 
-_RECORD_OP = "if {arg} ~= '' then redis.call('SET', {key}, {arg}, 'EX', 86400) end"
+from __future__ import annotations
 
-# Acks handled messages and takes up to `limit` new ones, counting each new delivery, in one
-# round trip: with prefetch 1 the ack of a message travels with the fetch of the next.
-# KEYS: queue, processing, deliveries, op. ARGV: op id, limit, then the messages to ack.
-# Returns {acks that found nothing, message1, count1, message2, count2, ...}.
-TAKE = (
-    _RECORD_OP.format(arg="ARGV[1]", key="KEYS[4]")
-    + """
+from dataclasses import dataclass
+
+PREFIX = "rqw1:"
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script whose KEYS and ARGV are bound to named locals at its top."""
+
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    body: str
+
+    @property
+    def source(self) -> str:
+        rest = f"local REST = {len(self.args) + 1}  -- where variadic ARGV start"
+        lines = [_bind(self.keys, "KEYS"), _bind(self.args, "ARGV"), rest, _LIBRARY, self.body]
+        return "\n".join(line for line in lines if line)
+
+
+def _bind(names: tuple[str, ...], table: str) -> str:
+    if not names:
+        return ""
+    values = ", ".join(f"{table}[{i}]" for i in range(1, len(names) + 1))
+    return f"local {', '.join(names)} = {values}"
+
+
+# Envelopes, parsed and built in one place.
+_LIBRARY = f"""
+local PREFIX = '{PREFIX}'
+local function parse(element)
+  if string.sub(element, 1, #PREFIX) ~= PREFIX then return nil, 0, element end
+  local a = string.find(element, ':', #PREFIX + 1, true)
+  local b = a and string.find(element, ':', a + 1, true)
+  if not b then return nil, 0, element end
+  return string.sub(element, #PREFIX + 1, a - 1), tonumber(string.sub(element, a + 1, b - 1)) or 0,
+    string.sub(element, b + 1)
+end
+local function wrap(id, attempts, payload)
+  return PREFIX .. id .. ':' .. attempts .. ':' .. payload
+end
+"""
+
+# Acks handled deliveries, then moves up to `limit` messages into the private list in one
+# round trip: first the one a blocking fetch left in the landing list, then due retries and
+# returned messages (oldest first), then the oldest of the shared list. Each new delivery
+# gets the id `idbase .. n`. Returns {acks that found nothing, due time of the next retry
+# ('' if none, or if this call took all it could), envelope1, envelope2, ...}.
+TAKE = Script(
+    keys=("queue", "processing", "landing", "retry"),
+    args=("limit", "now", "idbase"),
+    body="""
 local missing = 0
-for i = 3, #ARGV do
-  if redis.call('LREM', KEYS[2], -1, ARGV[i]) == 1 then
-    redis.call('HDEL', KEYS[3], ARGV[i])
-  else
-    missing = missing + 1
+for i = REST, #ARGV do
+  if redis.call('LREM', processing, -1, ARGV[i]) == 0 then missing = missing + 1 end
+end
+local taken = {missing, ''}
+local room = tonumber(limit)
+local function deliver(attempts, payload)
+  local element = wrap(idbase .. (#taken - 1), attempts, payload)
+  redis.call('LPUSH', processing, element)
+  taken[#taken + 1] = element
+  room = room - 1
+end
+if room <= 0 then return taken end
+local landed = redis.call('LINDEX', landing, -1)
+if landed then
+  deliver(0, landed)
+  redis.call('RPOP', landing)
+end
+if room > 0 then
+  local due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  for _, member in ipairs(due) do
+    local _, attempts, payload = parse(member)
+    deliver(attempts, payload)
+    redis.call('ZREM', retry, member)
   end
 end
-local result = {missing}
-for _ = 1, tonumber(ARGV[2]) do
-  local message = redis.call('RPOP', KEYS[1])
-  if not message then break end
-  redis.call('LPUSH', KEYS[2], message)
-  result[#result + 1] = message
-  result[#result + 1] = redis.call('HINCRBY', KEYS[3], message, 1)
+if room > 0 then
+  local oldest_last = redis.call('LRANGE', queue, -room, -1)
+  if #oldest_last > 0 then
+    for i = #oldest_last, 1, -1 do deliver(0, oldest_last[i]) end
+    redis.call('LTRIM', queue, 0, -#oldest_last - 1)
+  end
 end
-return result
-"""
+if room > 0 then
+  local next_due = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2]
+  if next_due then taken[2] = next_due end
+end
+return taken
+""",
 )
 
-# Counts the delivery of a message a blocking fetch just moved into the private list (at its
-# head), unless it is no longer there: if the worker stalled between the two steps long
-# enough for its list to be reclaimed, the message is someone else's now, and counting or
-# handling it here would leave a stale count and run it twice.
-# KEYS: processing, deliveries. ARGV: message. Returns the count, or -1.
-COUNT_FETCHED = """
-if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return -1 end
-return redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-"""
-
-# What an earlier life of this worker left in its private list, oldest first, with delivery
-# counts. The `started` oldest ones had reached the handler: replaying them is a new delivery
-# and is counted. The others were counted when fetched but never started, so that count
-# stands for this delivery; a message never counted at all (its fetch reply was lost in an
-# outage) is counted now. `started` = -1 means unknown (a new manager after a node crash):
-# every message is counted, so a poison message that takes its node down still ends dead.
-# KEYS: processing, deliveries. ARGV: started. Returns {message1, count1, ...}.
-REPLAY = """
-local messages = redis.call('LRANGE', KEYS[1], 0, -1)
-local started = tonumber(ARGV[1])
+# What an earlier life of this worker left in flight, oldest first, after charging one
+# attempt to each delivery whose handler was running when it died: those named in ARGV, or
+# every one when `charge_all` is '1' (nobody knows what ran). A message a blocking fetch left
+# in the landing list never reached a handler; it joins the private list uncharged. An
+# element that is not an envelope (written by an older release) is wrapped.
+# Returns {envelope1, envelope2, ...}, oldest first.
+REPLAY = Script(
+    keys=("processing", "landing"),
+    args=("charge_all", "idbase"),
+    body="""
+local landed = redis.call('LINDEX', landing, -1)
+if landed then
+  redis.call('LPUSH', processing, wrap(idbase .. 'L', 0, landed))
+  redis.call('RPOP', landing)
+end
+local charged = {}
+for i = REST, #ARGV do charged[ARGV[i]] = true end
+local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}
-local position = 0
-for i = #messages, 1, -1 do
-  local message = messages[i]
-  position = position + 1
-  local count = tonumber(redis.call('HGET', KEYS[2], message) or '0')
-  if started < 0 or position <= started or count == 0 then
-    count = redis.call('HINCRBY', KEYS[2], message, 1)
+for i = #elements, 1, -1 do
+  local element = elements[i]
+  local id, attempts, payload = parse(element)
+  local changed = false
+  if not id then
+    id, changed = idbase .. 'W' .. i, true
   end
-  result[#result + 1] = message
-  result[#result + 1] = count
+  if charge_all == '1' or charged[id] then
+    attempts, changed = attempts + 1, true
+  end
+  if changed then
+    element = wrap(id, attempts, payload)
+    redis.call('LSET', processing, i - 1, element)
+  end
+  result[#result + 1] = element
 end
 return result
-"""
+""",
+)
 
-# Gives prefetched messages that never reached the handler back to the head of the shared
-# queue, oldest nearest the head, and takes back their uncounted delivery.
-# KEYS: queue, processing, deliveries. ARGV: messages, newest first. Returns how many moved.
-GIVE_BACK = """
+# Gives deliveries that never reached the handler back, oldest nearest the head: untried
+# ones to the head of the shared list as they came, ones with attempts behind them to the
+# retry set, due at once and in order, so that their count survives.
+# ARGV: envelopes, newest first. Returns how many moved.
+GIVE_BACK = Script(
+    keys=("queue", "processing", "retry"),
+    args=(),
+    body="""
 local moved = 0
-for i = 1, #ARGV do
-  if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
-    redis.call('RPUSH', KEYS[1], ARGV[i])
-    if redis.call('HINCRBY', KEYS[3], ARGV[i], -1) <= 0 then
-      redis.call('HDEL', KEYS[3], ARGV[i])
-    end
+for i = REST, #ARGV do
+  local id, attempts, payload = parse(ARGV[i])
+  local member = wrap('g' .. tostring(id), attempts, payload)
+  if attempts == 0 then
+    redis.call('RPUSH', queue, payload)
+  else
+    redis.call('ZADD', retry, #ARGV - i, member)
+  end
+  if redis.call('LREM', processing, -1, ARGV[i]) == 1 then
     moved = moved + 1
+  elseif attempts == 0 then
+    redis.call('RPOP', queue)
+  else
+    redis.call('ZREM', retry, member)
   end
 end
 return moved
-"""
+""",
+)
 
-# Parks a failed message in the retry set; its delivery count stays. Only if it was still in
-# the private list: a message someone else moved must not be copied.
-# KEYS: processing, retry, op. ARGV: message, due time, member (nonce + message), op id.
+# Parks a failed delivery in the retry set until `due`, as an envelope carrying its new
+# attempts count, unique by `member_id`. Only if it was still in the private list: a
+# delivery someone else moved must not be copied, and a resent retry must not be doubled.
 # Returns 0/1.
-RETRY_LATER = (
-    _RECORD_OP.format(arg="ARGV[4]", key="KEYS[3]")
-    + """
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-return 1
-"""
-)
-
-# Moves a message that used up its deliveries to the dead list, keeping why.
-# KEYS: processing, dead, deliveries, dead reasons, op. ARGV: message, digest, reason JSON,
-# op id. Returns 0/1.
-DEAD_LETTER = (
-    _RECORD_OP.format(arg="ARGV[4]", key="KEYS[5]")
-    + """
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
-return 1
-"""
-)
-
-# Moves due retries back to the tail of the shared list, like new messages.
-# KEYS: retry, queue. ARGV: now, limit, nonce length. Returns how many moved.
-PROMOTE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('LPUSH', KEYS[2], string.sub(member, tonumber(ARGV[3]) + 1))
+RETRY_LATER = Script(
+    keys=("processing", "retry"),
+    args=("element", "due", "member_id", "attempts"),
+    body="""
+local _, _, payload = parse(element)
+local member = wrap(member_id, attempts, payload)
+redis.call('ZADD', retry, due, member)
+if redis.call('LREM', processing, -1, element) == 0 then
+  redis.call('ZREM', retry, member)
+  return 0
 end
-return #due
-"""
+return 1
+""",
+)
 
-# Hands an orphaned private list back to the head of the shared list, oldest message nearest
-# the head. Not counted here: each was counted when the dead worker took it, and the next
-# take counts the new delivery. The lease is checked inside the script: a worker that took
-# its lease back a moment ago keeps its messages.
-# KEYS: processing, queue, lease, registry. ARGV: worker id.
-# Returns how many moved, or -1 if the lease is alive.
-RECLAIM = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+# Moves a delivery that used up its attempts to the dead list, as its original payload, and
+# files its record in `dead_reasons` under the payload's digest. Identical payloads share
+# the field: its object is the newest copy's record, with `copies` (how many copies of this
+# payload the dead list holds) and `older`, the other copies' records, newest first (up to
+# `KEPT_TWIN_RECORDS`). Returns 0/1.
+KEPT_TWIN_RECORDS = 100
+DEAD_LETTER = Script(
+    keys=("processing", "dead", "dead_reasons"),
+    args=("element", "digest", "record"),
+    body=f"""
+local _, _, payload = parse(element)
+redis.call('LPUSH', dead, payload)
+if redis.call('LREM', processing, -1, element) == 0 then
+  redis.call('LPOP', dead)
+  return 0
+end
+local new = cjson.decode(record)
+local previous = redis.call('HGET', dead_reasons, digest)
+if previous then
+  local old = cjson.decode(previous)
+  local older = old.older or {{}}
+  old.older = nil
+  new.copies = (old.copies or 1) + 1
+  old.copies = nil
+  table.insert(older, 1, old)
+  while #older > {KEPT_TWIN_RECORDS} do table.remove(older) end
+  new.older = older
+else
+  new.copies = 1
+end
+redis.call('HSET', dead_reasons, digest, cjson.encode(new))
+return 1
+""",
+)
+
+# Hands an orphaned worker's messages back, if its lease is still gone: its deliveries to
+# the retry set, due at once and oldest first, each charged one attempt (nobody knows which
+# one was running); the message its blocking fetch had just landed, never delivered, to the
+# head of the shared list. Returns how many moved, or -1 if the lease is alive.
+RECLAIM = Script(
+    keys=("processing", "landing", "queue", "retry", "lease", "registry"),
+    args=("worker_id",),
+    body="""
+if redis.call('EXISTS', lease) == 1 then return -1 end
 local moved = 0
-while true do
-  local message = redis.call('LPOP', KEYS[1])
-  if not message then break end
-  redis.call('RPUSH', KEYS[2], message)
-  moved = moved + 1
+local landed = redis.call('LINDEX', landing, -1)
+if landed then
+  redis.call('RPUSH', queue, landed)
+  redis.call('RPOP', landing)
+  moved = 1
 end
-redis.call('SREM', KEYS[4], ARGV[1])
+while true do
+  local element = redis.call('LINDEX', processing, -1)
+  if not element then break end
+  local id, attempts, payload = parse(element)
+  moved = moved + 1
+  redis.call('ZADD', retry, moved, wrap('x' .. (id or moved), attempts + 1, payload))
+  redis.call('RPOP', processing)
+end
+redis.call('SREM', registry, worker_id)
 return moved
-"""
+""",
+)
 
-# Takes chosen messages out of the dead list: back to the head of the shared queue with a
-# fresh delivery count (requeue), or gone (purge). Each message is found by value, so
-# dead letters added meanwhile, which shift every index, cannot make it take the wrong one.
-# KEYS: dead, queue, deliveries, dead reasons. ARGV: 'requeue' or 'purge', then message and
-# digest pairs, newest first. Returns how many were taken out.
-DEAD_TAKE = """
-local requeue = ARGV[1] == 'requeue'
+# Takes chosen letters out of the dead list: back to the head of the shared queue with no
+# attempts behind them (requeue), or gone (purge). Each is found by payload, and its record
+# by id (or, when records were not kept, the oldest record of that payload), so dead letters
+# added meanwhile, which shift every index, cannot make it take the wrong one.
+# ARGV: 'requeue' or 'purge', then (payload, digest, record id) triples. Returns how many.
+DEAD_TAKE = Script(
+    keys=("dead", "queue", "dead_reasons"),
+    args=("mode",),
+    body="""
+local function without(record, id)
+  local copies = {record}
+  for _, r in ipairs(record.older or {}) do copies[#copies + 1] = r end
+  local at = #copies
+  for i, r in ipairs(copies) do
+    if r.id == id then at = i break end
+  end
+  table.remove(copies, at)
+  if #copies == 0 then return nil end
+  local head = table.remove(copies, 1)
+  head.copies = (record.copies or 1) - 1
+  head.older = copies
+  return head
+end
 local taken = 0
-for i = 2, #ARGV, 2 do
-  if redis.call('LREM', KEYS[1], -1, ARGV[i]) == 1 then
-    if requeue then
-      redis.call('RPUSH', KEYS[2], ARGV[i])
-      redis.call('HDEL', KEYS[3], ARGV[i])
+for i = REST, #ARGV, 3 do
+  local payload, digest, id = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if mode == 'requeue' then redis.call('RPUSH', queue, payload) end
+  if redis.call('LREM', dead, -1, payload) == 0 then
+    if mode == 'requeue' then redis.call('RPOP', queue) end
+  else
+    local raw = redis.call('HGET', dead_reasons, digest)
+    local rest = raw and without(cjson.decode(raw), id)
+    if rest then
+      redis.call('HSET', dead_reasons, digest, cjson.encode(rest))
+    else
+      redis.call('HDEL', dead_reasons, digest)
     end
-    redis.call('HDEL', KEYS[4], ARGV[i + 1])
     taken = taken + 1
   end
 end
 return taken
-"""
+""",
+)

@@ -33,6 +33,7 @@ _EXIT_WORDS = {
     ExitCode.OK: "stopped",
     ExitCode.STARTUP_FAILED: "startup failed",
     ExitCode.ORPHANED: "orphaned",
+    ExitCode.REDIS_REFUSED: "redis refused an operation",
 }
 
 
@@ -55,10 +56,10 @@ class Slot:
     # How the last worker ended, when it ended badly: handed to the next worker so that a
     # message it leaves behind is dead-lettered with the real cause.
     previous_exit: str | None = None
-    # How many of its in-flight messages had reached the handler: see `scripts.REPLAY`.
-    # None: unknown (a new manager, or a worker that died before replaying), so the next
-    # replay counts every leftover as a new delivery.
-    previous_started: int | None = None
+    # Ids of the deliveries that were in its handler: the next replay charges them an
+    # attempt (see `scripts.REPLAY`). None: unknown (a new manager, or a worker that died
+    # before replaying), so the next replay charges every leftover.
+    previous_running: list[bytes] | None = None
     retiring: bool = False  # removed (reload or SIGTTOU): not restarted once its worker exits
 
     @property
@@ -92,14 +93,19 @@ class Slot:
             kind = "crash" if crashed else ""
         else:
             reason, kind, crashed = describe_exit(status), "crash", True
-        if crashed:
-            self.failures = 1 if uptime >= HEALTHY_AFTER else self.failures + 1
-        else:
+        running = self.board.running
+        if not crashed:
             self.failures = 0
+        elif uptime >= HEALTHY_AFTER or self.board.handled or running:
+            # It did work: a message finished, or one was in the handler (a poison message,
+            # which its attempts bound). Backoff is for deaths before any work, such as a
+            # bad import or a refused login.
+            self.failures = 1
+        else:
+            self.failures += 1
         self.previous_exit = reason if (crashed or self.stop_reason) else None
-        started = self.board.started
-        if started is not None:  # else the worker never took over: keep what we knew
-            self.previous_started = started
+        if running is not None:  # else the worker never took over: keep what we knew
+            self.previous_running = running
         delay = backoff.compute(self.failures)
         self.next_start = now + delay
         self.board.worker_ended(reason, kind, time.time() + delay)

@@ -1,45 +1,49 @@
-"""One worker process: replay leftovers, then fetch, count, handle, settle, until recycled.
+"""One worker process: replay leftovers, then take, handle, settle, until recycled.
 
 The loop, for every message:
-take the next of the batch, or ack what is done and take a new batch (counting each
-delivery) in one round trip, blocking only when the queue is empty → handle under a timer →
-queue the ack, or retry later or dead-letter → recycle if `max_requests` is reached or a
-timeout hit. On the way out, pending acks are sent and unstarted messages given back.
+take the next of the batch, or ack what is done and take a new batch in one round trip,
+blocking only when the queue is empty → handle under a timer → queue the ack, or retry
+later or dead-letter → recycle if `max_requests` is reached or a timeout hit. On the way
+out, pending acks are sent and unstarted messages given back.
 
 A Redis error at any step sends the worker into backoff and, once Redis answers again,
-back to replaying its private list: whatever reply was lost, the message is there.
+back to replaying its private list: whatever reply was lost, the message is there, and
+the outbox sends again what was not confirmed.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import random
 import signal
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import redis
+
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
-from rqworkers.connections import connect
-from rqworkers.errors import ExitCode, MessageTimeout
+from rqworkers.connections import connect, is_outage
+from rqworkers.errors import ExitCode, MessageTimeout, Refused
 from rqworkers.handlers import Handler
+from rqworkers.outbox import Failure, Outbox
 from rqworkers.process import StopFlag
-from rqworkers.queue import TRANSIENT_ERRORS, ReliableQueue
+from rqworkers.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
 from rqworkers.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
 
 BLOCK_TIMEOUT = 1.0  # seconds a fetch blocks: how often an idle worker checks its parent
-PROMOTE_INTERVAL = 1.0  # seconds between moves of due retries back to the shared list
+MIN_BLOCK = 0.01  # seconds: a blocking fetch of 0 would wait forever
 LOST_WORKER = "earlier deliveries never finished (worker lost)"
-ACK_INTERVAL = 1.0  # seconds a handled message may wait for its ack to share a round trip
 _REASON_LIMIT = 2000  # characters of an exception kept as a dead letter's reason
+_TRACEBACK_LIMIT = 8000  # characters of a traceback kept in a dead letter's record
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,9 @@ class WorkerSpec:
     worker_id: str
     manager_pid: int
     previous_exit: str | None  # how this slot's last worker ended, if it ended badly
-    previous_started: int | None  # in-flight messages that had reached its handler; None: unknown
+    previous_running: list[bytes] | None  # ids of deliveries in its handler; None: unknown
     lease_ttl: float
-    log_handled: float = 0.0  # share of handled messages that get a log line
+    log_handled: float = 0.0  # share of succeeded messages that get a log line
     log_failures: float = 1.0  # share of failed and dead-lettered messages that do
 
 
@@ -120,24 +124,15 @@ class Worker:
         self.stop = stop
         jitter = random.randint(0, self.pair.max_requests_jitter)
         self.max_requests = self.pair.max_requests + jitter if self.pair.max_requests else 0
-        self.handled = 0
+        self.finished = 0  # messages this process ran to an end, for `max_requests`
         self.needs_lease = True  # taken before any replay, so no reclaimer races us
-        # Replay what the private list holds before taking anything new; of it, the oldest
-        # `replay_started` messages had reached a handler (see `scripts.REPLAY`).
+        # Replay what the private list holds before taking anything new, charging the
+        # deliveries an earlier life of this worker had in its handler (None: unknown).
         self.replaying = True
-        self.replay_started: int | None = spec.previous_started
-        # Taken, not yet started, oldest first: (message, deliveries, why it would be dead).
-        self.batch: deque[tuple[bytes, int, str]] = deque()
-        self.acks: list[bytes] = []  # handled; the ack travels with the next `take`
-        self.acks_since = 0.0
-        # A failed message's retry or dead-letter, until Redis has confirmed it.
-        self.failure: Callable[[str], None] | None = None
-        # The id of the settling operation whose reply a Redis error swallowed, if any.
-        self.failure_started = True
-        self.unsure: str | None = None
-        self.op_prefix = os.urandom(4).hex()
-        self.op_count = 0
-        self.next_promote = 0.0
+        self.charge_at_replay: list[bytes] | None = spec.previous_running
+        # Taken, not yet started, oldest first: (delivery, why it would be dead).
+        self.batch: deque[tuple[Delivery, str]] = deque()
+        self.outbox = Outbox(queue, self.failure_settled)
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         self.outage = Outage(f"redis at {self.pair.endpoint}")
 
@@ -147,6 +142,9 @@ class Worker:
             try:
                 result = self.step()
             except TRANSIENT_ERRORS as exc:
+                if not is_outage(exc):
+                    code = self.refused(exc)
+                    break
                 self.board.count("redis_errors")
                 self.lose_track()
                 self.outage.wait(exc, lambda: self.stop.set)
@@ -164,154 +162,123 @@ class Worker:
             self.queue.take_lease(self.spec.lease_ttl)
             self.needs_lease = False
         if self.replaying:
-            self.settle_unsure()
-            reason = self.spec.previous_exit or LOST_WORKER
-            replayed = self.queue.replay(self.replay_started)
-            self.batch.extend((message, count, reason) for message, count in replayed)
-            self.replaying = False
-            self.board.replayed()
-            if self.batch:
-                log.info("replaying %d message(s) left in flight", len(self.batch))
+            self.replay()
         if not self.batch and not self.fill_batch():
             if os.getppid() != self.spec.manager_pid:
                 log.warning("manager %d is gone; exiting", self.spec.manager_pid)
                 return ExitCode.ORPHANED
             return None
-        message, count, reason = self.batch.popleft()
-        timed_out = self.deliver(message, count, reason)
-        self.handled += 1
-        if self.acks and time.monotonic() - self.acks_since > ACK_INTERVAL:
-            self.flush_acks()  # a slow batch must not hold finished work unacked for long
+        delivery, lost_reason = self.batch.popleft()
+        timed_out = self.deliver(delivery, lost_reason)
         if timed_out:
             return ExitCode.TIMEOUT
-        if self.max_requests and self.handled >= self.max_requests:
-            log.info("handled %d messages; recycling", self.handled)
+        if self.max_requests and self.finished >= self.max_requests:
+            log.info("handled %d messages; recycling", self.finished)
             return ExitCode.MAX_REQUESTS
         return None
 
+    def replay(self) -> None:
+        """Settle what a lost reply left unconfirmed, then queue the private list's leftovers."""
+        self.outbox.flush()
+        reason = self.spec.previous_exit or LOST_WORKER
+        leftovers = self.queue.replay(self.charge_at_replay)
+        self.charge_at_replay = []  # from here on this process knows what it ran
+        self.batch.extend((delivery, reason) for delivery in leftovers)
+        self.replaying = False
+        self.board.replayed()
+        if leftovers:
+            log.info("replaying %d message(s) left in flight", len(leftovers))
+
     def fill_batch(self) -> bool:
         """Ack what is done and take up to `prefetch` messages; block only if there are none."""
-        now = time.monotonic()
-        if now >= self.next_promote:
-            self.queue.promote_due()
-            self.next_promote = now + PROMOTE_INTERVAL
         limit = self.pair.prefetch
         if self.max_requests:  # do not take what this worker will not live to start
-            limit = max(1, min(limit, self.max_requests - self.handled))
-        self.batch.extend((m, count, LOST_WORKER) for m, count in self.flush_acks(limit))
-        if self.batch:
-            return True
-        message = self.queue.fetch(BLOCK_TIMEOUT)
-        if message is None:
-            return False
-        count = self.queue.count_fetched(message)
-        if count is None:
-            log.warning("a fetched message was reclaimed before it started; left to its new owner")
-            return False
-        self.batch.append((message, count, LOST_WORKER))
-        return True
-
-    def next_op(self) -> str:
-        """A new id for a settling operation, recorded as unsure until Redis confirms it."""
-        self.op_count += 1
-        self.unsure = f"{self.op_prefix}-{self.op_count}"
-        return self.unsure
-
-    def flush_acks(self, limit: int = 0) -> list[tuple[bytes, int]]:
-        taken = self.queue.take(self.acks, limit, self.next_op())
-        self.unsure = None
-        self.board.settled(len(self.acks))
-        if taken.missing_acks:
-            log.warning(
-                "%d ack(s) removed nothing from %s: moved by someone else, they may run twice",
-                taken.missing_acks,
-                self.queue.keys.processing,
-            )
-        self.acks = []
-        return taken.messages
+            limit = max(1, min(limit, self.max_requests - self.finished))
+        taken = self.outbox.take(limit)
+        if not taken.deliveries:
+            if not self.queue.fetch(_block_for(taken.next_due)):
+                return False
+            taken = self.outbox.take(limit)
+        self.batch.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
+        return bool(self.batch)
 
     def lose_track(self) -> None:
         """After a Redis error: forget the batch; the private list is the truth to replay.
 
-        Pending acks and an unconfirmed failure are kept: `settle_unsure` finishes them first,
-        so that nothing settled is handled again, and the replay then finds only messages that
-        never reached the handler (their counts stand).
+        The outbox keeps what it has not had confirmed and sends it again first, so nothing
+        settled is handled again; the replay then finds only deliveries that never reached
+        the handler, and charges none of them.
         """
         self.batch.clear()
         self.replaying = self.needs_lease = True
-        self.replay_started = 0
+        self.outbox.lost_reply()
 
-    def settle_unsure(self) -> None:
-        """Learn whether the operation whose reply was lost happened, then finish the rest.
-
-        Acks are matched by value, so sending them twice could remove another message with
-        the same bytes: the recorded operation id tells whether they already went through.
-        """
-        if self.unsure is not None:
-            happened = self.queue.last_op() == self.unsure
-            self.unsure = None
-            if happened and self.failure is not None:
-                self.failure = None
-                if self.failure_started:
-                    self.board.settled(1)
-            elif happened:
-                self.board.settled(len(self.acks))
-                self.acks = []
-        if self.failure is not None:
-            self.settle_failure_now(self.failure_started)
-        if self.acks:
-            self.flush_acks()
+    def refused(self, exc: Exception) -> int:
+        """An error reply that waiting cannot cure: name the keys at fault, and exit."""
+        log.error(
+            "redis refused an operation on %s: %s%s; exiting",
+            self.queue.keys.queue,
+            describe(exc),
+            _wrong_types(self.queue),
+        )
+        self.batch.clear()  # left in the private list for the next worker
+        return ExitCode.REDIS_REFUSED
 
     def finish(self) -> None:
-        """On the way out: send pending acks, give unstarted messages back to the queue."""
-        if not (self.acks or self.batch or self.failure or self.unsure):
+        """On the way out: send pending settlements, give unstarted messages back."""
+        if self.outbox.empty and not self.batch:
             return
         try:
-            self.settle_unsure()
+            self.outbox.flush()
             if self.batch:
-                moved = self.queue.give_back([message for message, _, _ in self.batch])
+                moved = self.queue.give_back([delivery for delivery, _ in self.batch])
                 log.info("gave %d unstarted message(s) back to %s", moved, self.queue.keys.queue)
                 self.batch.clear()
         except TRANSIENT_ERRORS as exc:
             # They stay in the private list: the next worker of this slot replays them.
             log.warning("could not settle in-flight messages on exit: %s", describe(exc))
 
-    def deliver(self, message: bytes, count: int, lost_reason: str) -> bool:
-        """Handle and settle one message whose delivery `count` is recorded; True on timeout.
+    def deliver(self, delivery: Delivery, lost_reason: str) -> bool:
+        """Handle and settle one delivery; True if the handler or a callback timed out.
 
-        A message that already used up its deliveries without a result (its workers died)
-        goes to the dead list with `lost_reason`, unhandled.
+        A message whose earlier deliveries all ended without a result (its workers died)
+        goes to the dead list with `lost_reason`, unhandled, once they reach `max_attempts`.
         """
-        if count > self.pair.max_attempts:
-            self.failure = functools.partial(self.dead_letter, message, lost_reason, count - 1)
-            self.settle_failure_now(started=False)
+        number = delivery.attempts + 1
+        if number > self.pair.max_attempts:
+            record = {"reason": lost_reason, "attempts": delivery.attempts}
+            self.outbox.fail(Failure(delivery, record, None))
             return False
-        self.board.busy()
+        since = time.monotonic()
+        self.board.busy(delivery.id, since)
         error: BaseException | None = None
-        started = time.perf_counter()
         try:
-            result: Any = _call_within(self.pair.timeout, self.handler.handle, message)
+            result: Any = _call_within(self.pair.timeout, self.handler.handle, delivery.payload)
         except (Exception, MessageTimeout) as exc:
             error = exc
-        elapsed = time.perf_counter() - started
-        callback_timed_out = self.run_callback(message, result if error is None else None, error)
-        self.board.idle(error is not None, elapsed)  # after the callbacks: they count as busy
+        ended = time.monotonic()
+        callback_timed_out = self.handler.has_callbacks and self.run_callback(
+            delivery.payload, result if error is None else None, error
+        )
+        self.board.idle(error is not None, ended - since)  # after the callbacks: busy till then
+        self.finished += 1
         if error is None:
-            if not self.acks:
-                self.acks_since = time.monotonic()
-            self.acks.append(message)
+            self.outbox.ack(delivery, ended)
             if self.spec.log_handled and _sampled(self.spec.log_handled):
                 log.info(
-                    "handled %d bytes in %.3fs", len(message), elapsed, extra={"event": "handled"}
+                    "handled %d bytes in %.3fs",
+                    len(delivery.payload),
+                    ended - since,
+                    extra={"event": "handled"},
                 )
+            if self.outbox.acks_overdue(ended):
+                self.outbox.flush()  # a slow batch must not hold finished work unacked long
         else:
-            self.settle_failure(message, error, count)
+            self.outbox.fail(self.failure(delivery, error, number))
         return isinstance(error, MessageTimeout) or callback_timed_out
 
     def run_callback(self, message: bytes, result: Any, error: BaseException | None) -> bool:
         """on_success/on_failure under the same time limit; True if it ran out of time."""
-        if not self.handler.has_callbacks:
-            return False
         try:
             if error is None:
                 _call_within(self.pair.timeout, self.handler.on_success, message, result)
@@ -322,57 +289,83 @@ class Worker:
             return True
         return False
 
-    def settle_failure(self, message: bytes, error: BaseException, attempts: int) -> None:
+    def failure(self, delivery: Delivery, error: BaseException, number: int) -> Failure:
+        """What to do with delivery number `number` of a message, which raised `error`."""
+        record: dict[str, Any] = {"attempts": number}
+        final = number >= self.pair.max_attempts
         if isinstance(error, MessageTimeout):
-            reason = f"timeout after {self.pair.timeout:g}s"
+            record["reason"] = f"timeout after {self.pair.timeout:g}s"
         else:
-            reason = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
-        settle = self.dead_letter if attempts >= self.pair.max_attempts else self.retry_later
-        self.failure = functools.partial(settle, message, reason, attempts)
-        self.settle_failure_now()
+            record["reason"] = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
+            record["traceback"] = _traceback_text(error)
+            final = final or isinstance(error, Refused)
+        delay = None if final else self.retry_backoff.compute(number)
+        return Failure(delivery, record, delay, error)
 
-    def settle_failure_now(self, started: bool = True) -> None:
-        """Run `self.failure`; kept until Redis confirms it, so an outage cannot drop it.
-
-        `started`: the message had reached the handler (the scoreboard counts those).
-        """
-        assert self.failure is not None
-        self.failure_started = started
-        self.failure(self.next_op())
-        self.unsure = self.failure = None
-        if started:
-            self.board.settled(1)
-
-    def retry_later(self, message: bytes, reason: str, attempts: int, op: str) -> None:
-        delay = self.retry_backoff.compute(attempts)
-        if not self.queue.retry_later(message, delay, op):
-            log.warning("a failed message was moved by someone else; not retried here")
+    def failure_settled(self, failure: Failure, moved: bool) -> None:
+        """Count and log a retry or dead-letter that Redis confirmed."""
+        record, error = failure.record, failure.error
+        if not moved:
+            log.warning("a failed message was moved by someone else; left to its new owner")
             return
-        self.board.count("retried")
-        if _sampled(self.spec.log_failures):
-            log.warning(
-                "delivery %d/%d failed (%s); retrying in %.1fs",
-                attempts,
-                self.pair.max_attempts,
-                reason,
-                delay,
-                extra={"event": "failed"},
-            )
-
-    def dead_letter(self, message: bytes, reason: str, attempts: int, op: str) -> None:
-        if not self.queue.dead_letter(message, reason, attempts, op):
-            log.warning("a message to dead-letter was moved by someone else; left alone")
+        sampled = _sampled(self.spec.log_failures)
+        show = error if sampled and not isinstance(error, MessageTimeout) else None
+        if failure.delay is not None:
+            self.board.count("retried")
+            if sampled:
+                log.warning(
+                    "delivery %d/%d failed (%s); retrying in %.1fs",
+                    record["attempts"],
+                    self.pair.max_attempts,
+                    record["reason"],
+                    failure.delay,
+                    exc_info=show,
+                    extra={"event": "failed"},
+                )
             return
         self.board.count("dead_lettered")
-        if _sampled(self.spec.log_failures):
+        if sampled:
             log.error(
                 "dead-lettered a %d-byte message to %s after %d deliveries: %s",
-                len(message),
+                len(failure.delivery.payload),
                 self.queue.keys.dead,
-                attempts,
-                reason,
+                record["attempts"],
+                record["reason"],
+                exc_info=show,
                 extra={"event": "dead_lettered"},
             )
+        self.handler.on_dead_letter(failure.delivery.payload, record["reason"], error)
+
+
+def _block_for(next_due: float | None) -> float:
+    """Seconds an idle fetch may block: until the next retry is due, at most BLOCK_TIMEOUT."""
+    if next_due is None:
+        return BLOCK_TIMEOUT
+    return min(BLOCK_TIMEOUT, max(MIN_BLOCK, next_due - time.time()))
+
+
+def _traceback_text(error: BaseException) -> str:
+    text = "".join(traceback.format_exception(error))
+    if len(text) <= _TRACEBACK_LIMIT:
+        return text
+    return "...\n" + text[-_TRACEBACK_LIMIT:]  # the end holds the frame that raised
+
+
+def _wrong_types(queue: ReliableQueue) -> str:
+    """' (<key> is a <type>, ...)' for the queue's keys that hold the wrong kind of value."""
+    k = queue.keys
+    expected = {k.queue: "list", k.processing: "list", k.landing: "list", k.retry: "zset"}
+    expected.update({k.dead: "list", k.dead_reasons: "hash"})
+    try:
+        found = {key: queue.client.type(key) for key in expected}
+    except redis.RedisError:
+        return ""
+    wrong = [
+        f"{key} is a {kind.decode() if isinstance(kind, bytes) else kind}, not a {expected[key]}"
+        for key, kind in found.items()
+        if kind not in (b"none", "none", expected[key], expected[key].encode())
+    ]
+    return f" ({'; '.join(wrong)})" if wrong else ""
 
 
 def _sampled(share: float) -> bool:

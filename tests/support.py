@@ -198,3 +198,10 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)
+
+
+def internal_tracebacks(output: str) -> list[str]:
+    """Tracebacks in a log that do not come from a handler under tests/apps: those are
+    failures of rqworkers itself. A handler's exception is logged with its traceback."""
+    blocks = output.split("Traceback (most recent call last):")[1:]
+    return [block for block in blocks if "tests/apps/" not in block]

@@ -23,9 +23,16 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
 
 
 @pytest.mark.timeout(BUDGET + 60)
-def test_no_message_is_lost_under_every_kind_of_fault() -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--distinct", "10", "--max-attempts", "3"]],
+    ids=["unique-payloads", "ten-repeating-payloads"],
+)
+def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
+    """With repeating payloads too: twins are separate messages, so with no poison pushed
+    none is dead-lettered, even with only 3 attempts each."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.chaos", *ARGS, "--drain-timeout", "90", "--json"],
+        [sys.executable, "-m", "bench.chaos", *ARGS, *extra, "--drain-timeout", "90", "--json"],
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         stdout=subprocess.PIPE,
@@ -44,6 +51,8 @@ def test_no_message_is_lost_under_every_kind_of_fault() -> None:
     assert report["lost"] == 0, f"lost messages: {report['lost_sample']}\n{err}"
     assert report["drained"], f"not drained: {report['stuck']}\n{err}"
     assert report["handled"] + report["dead_lettered"] == report["produced"], err
+    if extra:
+        assert report["dead_lettered"] == 0, err
     assert report["unexpected_payloads"] == 0, err
     missing = [kind for kind in FAULT_KINDS if report["faults"].get(kind, 0) < 1]
     assert not missing, f"fault kinds never injected: {missing}\n{err}"

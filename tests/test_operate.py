@@ -125,7 +125,7 @@ def test_dead_letter_commands_on_really_dead_lettered_payloads(
     requeued = cli("dead", "requeue", "1", "-c", config)
     assert requeued.returncode == 0, requeued.stderr
     assert lrange(redis_server, "jobs") == [binary]
-    assert client.hget("jobs:deliveries", binary) is None, "delivery count reset"
+    assert client.zcard("jobs:retry") == 0, "requeued as a fresh message"
     assert client.llen("jobs:dead") == 2
 
     refused = cli("dead", "purge", "-c", config, stdin="n\n")
@@ -152,7 +152,7 @@ def test_requeue_all_puts_the_oldest_first_in_line(
     assert cli("dead", "requeue", "-c", str(svc.config_path)).returncode == 0
     in_line = list(reversed(lrange(redis_server, "jobs")))  # next first
     assert in_line == [f"raise:{i}".encode() for i in range(250)]
-    assert client.llen("jobs:dead") == 0 and client.hlen("jobs:deliveries") == 0
+    assert client.llen("jobs:dead") == 0 and client.hlen("jobs:dead:reasons") == 0
 
 
 # -- metrics and health ------------------------------------------------------------------------

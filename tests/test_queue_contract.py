@@ -2,7 +2,8 @@
 `BLMOVE` and with the `BRPOPLPUSH` fallback.
 
 The invariant behind every test: a message moves between keys atomically, so at any time it
-sits in exactly one of the shared list, a private list, the retry set or the dead list.
+sits in exactly one of the shared list, a landing list, a private list, the retry set or the
+dead list; and identical payloads are independent messages, each with its own attempts.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import fakeredis
 import pytest
 import redis
 
-from rqworkers.queue import Keys, ReliableQueue
+from rqworkers import scripts
+from rqworkers.queue import DeadLetters, Delivery, Keys, ReliableQueue
 from tests.support import RedisServer
 
 QUEUE = "jobs"
 WORKER = "node-a:1"
-NONCE = 8  # bytes of random prefix on retry-set members
 
 
 @pytest.fixture(params=["fakeredis", "redis-server"])
@@ -73,48 +74,112 @@ def shared(client: redis.Redis, queue: str = QUEUE) -> list[bytes]:
     return list(reversed(client.lrange(queue, 0, -1)))
 
 
-def retry_payloads(client: redis.Redis, queue: str = QUEUE) -> list[bytes]:
-    return sorted(member[NONCE:] for member in client.zrange(f"{queue}:retry", 0, -1))
+def retrying(client: redis.Redis, queue: str = QUEUE) -> list[tuple[bytes, int]]:
+    """(payload, attempts) of the retry set, soonest first."""
+    members = client.zrange(f"{queue}:retry", 0, -1)
+    return [(d.payload, d.attempts) for d in map(Delivery.parse, members)]
 
 
-def total(client: redis.Redis, keys: Keys, *private: str) -> int:
-    return (
-        client.llen(keys.queue)
-        + sum(client.llen(p) for p in (keys.processing, *private))
-        + client.zcard(keys.retry)
-        + client.llen(keys.dead)
-    )
+def take_all(q: ReliableQueue, limit: int = 100) -> list[Delivery]:
+    return q.take([], limit).deliveries
 
 
-# -- fetch -------------------------------------------------------------------------------------
+# -- take, ack and fetch ---------------------------------------------------------------------
 
 
-def test_fetch_moves_the_oldest_message_into_the_private_list(
+def test_take_moves_the_oldest_messages_into_the_private_list_as_envelopes(
     client: redis.Redis, q: ReliableQueue
 ) -> None:
     produce(client, b"first", b"second", b"third")
-
-    assert q.fetch(0.1) == b"first"
-    assert q.keys.processing == f"{QUEUE}:processing:{WORKER}"
-    assert client.lrange(q.keys.processing, 0, -1) == [b"first"]
-    assert shared(client) == [b"second", b"third"]
-
-    assert q.fetch(0.1) == b"second"
-    assert q.in_flight() == [b"first", b"second"]  # oldest first
+    taken = q.take([], 2)
+    assert [d.payload for d in taken.deliveries] == [b"first", b"second"]
+    assert all(d.attempts == 0 for d in taken.deliveries)
+    assert taken.missing_acks == 0 and taken.next_due is None
     assert shared(client) == [b"third"]
+    assert q.in_flight() == taken.deliveries  # oldest first
+    elements = client.lrange(q.keys.processing, 0, -1)
+    assert all(e.startswith(scripts.PREFIX.encode()) for e in elements)
 
 
-def test_fetch_on_an_empty_queue_returns_none_after_the_timeout(
+def test_identical_payloads_are_separate_deliveries_with_their_own_ids(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, *[b"refresh"] * 5)
+    taken = take_all(q)
+    assert [d.payload for d in taken] == [b"refresh"] * 5
+    assert len({d.element for d in taken}) == 5, "each delivery is unique"
+    # Acking one twin removes that one only; acking it again removes nothing else.
+    assert q.take([taken[2].element], 0).missing_acks == 0
+    assert q.take([taken[2].element], 0).missing_acks == 1
+    assert [d.id for d in q.in_flight()] == [d.id for d in taken if d is not taken[2]]
+
+
+def test_a_twin_s_retry_and_dead_letter_never_change_another_twin_s_count(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, *[b"1"] * 3)
+    one, two, three = take_all(q)
+    assert q.retry_later(one, 0)
+    assert q.dead_letter(two, {"reason": "boom", "attempts": 1})
+    again = take_all(q)
+    assert [(d.payload, d.attempts) for d in again] == [(b"1", 1)], "only the retried twin"
+    assert [d.attempts for d in q.in_flight()] == [0, 1], "the untouched twin is still fresh"
+    assert client.lrange(q.keys.dead, 0, -1) == [b"1"]
+    q.take([three.element, again[0].element], 0)
+    assert client.llen(q.keys.processing) == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"a:b:c", b"rqw1:fake:99:x", b"\x00\xff" * 100, b"x" * 1_000_000, "é".encode()],
+    ids=["empty", "colons", "looks-like-an-envelope", "binary", "1MB", "utf8"],
+)
+def test_odd_payloads_pass_byte_for_byte(
+    client: redis.Redis, q: ReliableQueue, payload: bytes
+) -> None:
+    produce(client, payload, payload)
+    first, second = take_all(q)
+    assert first.payload == second.payload == payload and first.attempts == 0
+    assert q.retry_later(first, 0)
+    assert q.dead_letter(second, {"reason": "r", "attempts": 1})
+    assert client.lrange(q.keys.dead, 0, -1) == [payload]
+    (retried,) = take_all(q)
+    assert retried.payload == payload and retried.attempts == 1
+    assert q.replay(None)[0].payload == payload
+
+
+def test_acks_travel_with_the_next_take(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, b"a", b"b")
+    (a,) = q.take([], 1).deliveries
+    taken = q.take([a.element], 1)
+    assert taken.missing_acks == 0
+    assert [d.payload for d in taken.deliveries] == [b"b"]
+    assert [d.payload for d in q.in_flight()] == [b"b"]
+
+
+def test_fetch_lands_one_message_and_the_next_take_wraps_it(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"first", b"second")
+    assert q.fetch(0.1) is True
+    assert client.lrange(q.keys.landing, 0, -1) == [b"first"]
+    assert client.exists(q.keys.processing) == 0, "only a script writes envelopes"
+    taken = q.take([], 5)
+    assert [d.payload for d in taken.deliveries] == [b"first", b"second"]
+    assert client.exists(q.keys.landing) == 0
+
+
+def test_fetch_on_an_empty_queue_returns_false_after_the_timeout(
     client: redis.Redis, q: ReliableQueue, use_blmove: bool
 ) -> None:
     timeout = 0.1 if use_blmove else 1.0  # BRPOPLPUSH blocks whole seconds
     started = time.monotonic()
-    assert q.fetch(timeout) is None
+    assert q.fetch(timeout) is False
     elapsed = time.monotonic() - started
     assert elapsed < timeout + 2.0
     if is_real(client):  # fakeredis does not really block on BLMOVE
         assert elapsed >= timeout * 0.8
-    assert client.exists(q.keys.processing) == 0
+    assert client.exists(q.keys.landing) == 0
 
 
 def test_brpoplpush_rounds_a_short_timeout_up_to_one_second(redis_server: RedisServer) -> None:
@@ -122,7 +187,7 @@ def test_brpoplpush_rounds_a_short_timeout_up_to_one_second(redis_server: RedisS
     try:
         q = ReliableQueue(conn, QUEUE, WORKER, use_blmove=False)
         started = time.monotonic()
-        assert q.fetch(0.1) is None  # sent as 0 it would block forever
+        assert q.fetch(0.1) is False  # sent as 0 it would block forever
         assert 0.8 <= time.monotonic() - started < 3.0
     finally:
         conn.close()
@@ -133,278 +198,183 @@ def test_auto_detection_uses_blmove_on_a_real_server(redis_server: RedisServer) 
     try:
         q = ReliableQueue(conn, QUEUE, WORKER)  # use_blmove=None: ask the server
         produce(conn, b"m")
-        assert q.fetch(0.1) == b"m"
+        assert q.fetch(0.1) is True
+        q.take([], 1)
         started = time.monotonic()
-        assert q.fetch(0.1) is None
+        assert q.fetch(0.1) is False
         # A fractional timeout was honoured, so BLMOVE (Redis >= 6.2) was chosen.
         assert time.monotonic() - started < 0.8
     finally:
         conn.close()
 
 
-def test_two_workers_have_separate_private_lists(
-    client: redis.Redis, make_queue: MakeQueue
+@pytest.mark.parametrize("limit", [1, 10, 10_000])
+def test_take_honours_its_limit_at_any_size(
+    client: redis.Redis, q: ReliableQueue, limit: int
 ) -> None:
-    one, two = make_queue(worker_id="n:1"), make_queue(worker_id="n:2")
-    produce(client, b"a", b"b")
-    assert one.fetch(0.1) == b"a"
-    assert two.fetch(0.1) == b"b"
-    assert one.in_flight() == [b"a"]
-    assert two.in_flight() == [b"b"]
-    assert one.ack(b"b") is False  # not its message
-    assert two.in_flight() == [b"b"]
+    produce(client, *[b"same"] * 50, b"last")
+    taken = q.take([], limit).deliveries
+    assert len(taken) == min(limit, 51)
+    assert client.llen(QUEUE) == 51 - len(taken)
+    assert len({d.id for d in taken}) == len(taken)
 
 
-# -- ack, delivery counts, leftovers -----------------------------------------------------------
+# -- retries -------------------------------------------------------------------------------------
 
 
-def test_ack_removes_the_message_and_its_delivery_count(
+def test_a_retry_waits_for_its_time_then_comes_first_with_one_more_attempt(
     client: redis.Redis, q: ReliableQueue
 ) -> None:
-    produce(client, b"m", b"other")
-    message = q.fetch(0.1)
-    assert message == b"m"
-    assert q.count_delivery(message) == 1
-    assert q.count_delivery(message) == 2
+    produce(client, b"late", b"waiting")
+    (late,) = q.take([], 1).deliveries
+    assert q.retry_later(late, 3600)
+    taken = q.take([], 5)
+    assert [d.payload for d in taken.deliveries] == [b"waiting"], "not due yet"
+    assert taken.next_due is not None and taken.next_due > time.time() + 3000
+    client.zadd(q.keys.retry, {client.zrange(q.keys.retry, 0, 0)[0]: 0})  # now due
+    produce(client, b"new")
+    taken = q.take([], 5)
+    assert [(d.payload, d.attempts) for d in taken.deliveries] == [(b"late", 1), (b"new", 0)]
+    assert taken.next_due is None
 
-    assert q.ack(message) is True
-    assert q.in_flight() == []
-    assert q.deliveries(message) == 0
-    assert client.exists(q.keys.deliveries) == 0
-    assert shared(client) == [b"other"]  # untouched
 
-
-def test_ack_returns_false_when_the_message_is_gone(client: redis.Redis, q: ReliableQueue) -> None:
+def test_retry_of_a_delivery_that_is_gone_copies_nothing(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
     produce(client, b"m")
-    message = q.fetch(0.1)
-    assert message is not None
-    assert q.ack(message) is True
-    assert q.ack(message) is False
-    assert q.ack(b"never fetched") is False
-    # Someone else moved it out of the private list.
-    produce(client, b"n")
-    assert q.fetch(0.1) == b"n"
-    client.delete(q.keys.processing)
-    assert q.ack(b"n") is False
+    (m,) = take_all(q)
+    assert q.retry_later(m, 0) is True
+    assert q.retry_later(m, 0) is False, "sent again after a lost reply: no second copy"
+    assert retrying(client) == [(b"m", 1)]
+    assert client.llen(q.keys.processing) == 0
 
 
-def test_ack_removes_one_copy_of_a_duplicated_payload(
+def test_retries_keep_counting_to_the_dead_list(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, b"poison", b"poison")
+    for attempt in range(3):
+        first, second = take_all(q)
+        assert first.attempts == second.attempts == attempt
+        assert q.retry_later(first, 0) and q.retry_later(second, 0)
+    assert retrying(client) == [(b"poison", 3), (b"poison", 3)]
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+
+def test_dead_twins_keep_their_own_records(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, *[b"twin"] * 3, b"other")
+    deliveries = take_all(q)
+    for n, d in enumerate(deliveries):
+        assert q.dead_letter(d, {"reason": f"reason {n}", "attempts": n + 1})
+    assert q.dead_letter(deliveries[0], {"reason": "again", "attempts": 9}) is False
+    dead = DeadLetters(client, QUEUE)
+    letters = dead.page(0, 10)
+    assert [letter.payload for letter in letters] == [b"other", b"twin", b"twin", b"twin"]
+    assert [(letter.info or {}).get("reason") for letter in letters] == [
+        "reason 3",
+        "reason 2",
+        "reason 1",
+        "reason 0",
+    ]
+    assert [(letter.info or {}).get("attempts") for letter in letters] == [4, 3, 2, 1]
+    assert [letter.copies for letter in letters] == [1, 3, 3, 3]
+    # Paging from the middle finds the same copy's record.
+    assert [(letter.info or {}).get("reason") for letter in dead.page(2, 2)] == [
+        "reason 1",
+        "reason 0",
+    ]
+    info = q.dead_reason(b"twin")
+    assert info is not None and info["reason"] == "reason 2" and info["copies"] == 3
+
+
+def test_requeue_of_one_twin_takes_its_own_record(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, *[b"twin"] * 3)
+    for n, d in enumerate(take_all(q)):
+        q.dead_letter(d, {"reason": f"r{n}", "attempts": 1})
+    dead = DeadLetters(client, QUEUE)
+    middle = dead.get(1)
+    assert middle is not None and (middle.info or {})["reason"] == "r1"
+    assert dead.requeue([middle]) == 1
+    assert shared(client) == [b"twin"]
+    assert [(letter.info or {}).get("reason") for letter in dead.page()] == ["r2", "r0"]
+    assert [letter.copies for letter in dead.page()] == [2, 2]
+    assert dead.purge(dead.page()) == 2
+    assert client.llen(q.keys.dead) == 0 and client.hlen(q.keys.dead_reasons) == 0
+    (requeued,) = take_all(q)
+    assert requeued.attempts == 0, "a requeued letter starts afresh"
+
+
+# -- replay, give back, reclaim ----------------------------------------------------------------
+
+
+def test_replay_charges_only_the_deliveries_that_were_running(
     client: redis.Redis, q: ReliableQueue
 ) -> None:
-    produce(client, b"dup", b"dup")
-    assert q.fetch(0.1) == b"dup"
-    assert q.fetch(0.1) == b"dup"
-    assert q.ack(b"dup") is True
-    assert q.in_flight() == [b"dup"]
+    produce(client, *[b"same"] * 4)
+    _, b, _, _ = take_all(q)
+    replayed = q.replay([b.id])
+    assert [x.payload for x in replayed] == [b"same"] * 4
+    assert [x.attempts for x in replayed] == [0, 1, 0, 0], "b ran; its twins did not"
+    assert [x.attempts for x in q.replay([])] == [0, 1, 0, 0], "nothing ran: nothing charged"
+    assert [x.attempts for x in q.replay(None)] == [1, 2, 1, 1], "unknown: all charged"
 
 
-def test_count_delivery_increments_per_call_and_is_keyed_by_payload(
+def test_replay_takes_in_a_landed_message_uncharged(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, b"old", b"landed")
+    take_all(q, 1)
+    assert q.fetch(0.1)
+    replayed = q.replay([])
+    assert [(x.payload, x.attempts) for x in replayed] == [(b"old", 0), (b"landed", 0)]
+    assert client.exists(q.keys.landing) == 0
+
+
+def test_replay_wraps_what_an_older_release_left(client: redis.Redis, q: ReliableQueue) -> None:
+    client.lpush(q.keys.processing, b"legacy-1", b"legacy-2")
+    replayed = q.replay([])
+    assert [(x.payload, x.attempts) for x in replayed] == [(b"legacy-1", 0), (b"legacy-2", 0)]
+    assert q.take([x.element for x in replayed], 0).missing_acks == 0
+
+
+def test_give_back_returns_untried_messages_to_the_head_and_keeps_counts(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"tried", b"a", b"b", b"later")
+    (tried,) = take_all(q, 1)
+    q.retry_later(tried, 0)
+    taken = take_all(q, 3)
+    assert [(d.payload, d.attempts) for d in taken] == [(b"tried", 1), (b"a", 0), (b"b", 0)]
+    assert q.give_back(taken) == 3
+    assert shared(client) == [b"a", b"b", b"later"], "untried ones back at the head, in order"
+    assert retrying(client) == [(b"tried", 1)], "the count survives"
+    assert [(d.payload, d.attempts) for d in take_all(q)] == [
+        (b"tried", 1),
+        (b"a", 0),
+        (b"b", 0),
+        (b"later", 0),
+    ]
+    assert q.give_back(taken) == 0, "given back already"
+
+
+def test_reclaim_charges_every_delivery_and_keeps_the_order(
     client: redis.Redis, make_queue: MakeQueue
 ) -> None:
-    q = make_queue()
-    assert [q.count_delivery(b"a") for _ in range(3)] == [1, 2, 3]
-    assert q.count_delivery(b"b") == 1
-    assert q.deliveries(b"a") == 3
-    assert q.deliveries(b"b") == 1
-    assert q.deliveries(b"c") == 0
-    assert client.hlen(f"{QUEUE}:deliveries") == 2  # one entry per distinct payload
-    # The count belongs to the queue, not the worker: another worker sees and extends it.
-    assert make_queue(worker_id="other:1").count_delivery(b"a") == 4
-    # ...but not another queue.
-    assert make_queue(queue="elsewhere").count_delivery(b"a") == 1
-
-
-def test_replay_returns_what_an_earlier_life_left_oldest_first(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    assert q.replay(started=0) == []
-    produce(client, b"a", b"b", b"c")
-    taken = q.take([], 3)
-    assert [m for m, _ in taken.messages] == [b"a", b"b", b"c"]
-    # A new life of the same worker id finds them, in order. `a` had reached the handler:
-    # replaying it is a new delivery. `b` and `c` had not: their fetch count stands.
-    reborn = ReliableQueue(client, QUEUE, WORKER, use_blmove=True)
-    assert reborn.replay(started=1) == [(b"a", 2), (b"b", 1), (b"c", 1)]
-    assert reborn.ack(b"a")
-    assert reborn.in_flight() == [b"b", b"c"]
-
-
-def test_replay_counts_a_message_whose_fetch_was_never_counted(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"lost-reply")
-    assert q.fetch(0.1) == b"lost-reply"  # the reply never reached the worker: no count
-    assert q.replay(started=0) == [(b"lost-reply", 1)]
-
-
-def test_take_acks_and_fetches_in_one_step_counting_each_delivery(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"a", b"b", b"c")
-    first = q.take([], 1)
-    assert first.missing_acks == 0 and first.messages == [(b"a", 1)]
-    second = q.take([b"a"], 5)
-    assert second.messages == [(b"b", 1), (b"c", 1)]
-    assert q.deliveries(b"a") == 0, "the ack cleared the count"
-    assert q.in_flight() == [b"b", b"c"]
-    done = q.take([b"b", b"c", b"not-in-flight"], 1)
-    assert done.missing_acks == 1 and done.messages == []
-    assert q.in_flight() == []
-
-
-def test_give_back_returns_unstarted_messages_to_the_head_in_order(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"a", b"b", b"c", b"d", b"new")
-    q.take([], 4)
-    assert q.ack(b"a")
-    assert q.give_back([b"b", b"c", b"d"]) == 3
-    assert shared(client) == [b"b", b"c", b"d", b"new"], "b is next, as before"
-    assert q.in_flight() == []
-    assert q.deliveries(b"b") == 0, "a delivery that never happened is taken back"
-    assert q.give_back([b"b"]) == 0, "only what is in the private list moves"
-    assert shared(client) == [b"b", b"c", b"d", b"new"]
-
-
-# -- retries -----------------------------------------------------------------------------------
-
-
-def test_retry_later_parks_the_message_until_it_is_due(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"late", b"soon")
-    late = q.fetch(0.1)
-    soon = q.fetch(0.1)
-    assert (late, soon) == (b"late", b"soon")
-    assert q.count_delivery(b"late") == 1
-
-    q.retry_later(b"late", 3600)
-    assert q.in_flight() == [b"soon"]
-    assert retry_payloads(client) == [b"late"]
-    assert q.deliveries(b"late") == 1  # the count survives a retry
-    assert q.promote_due() == 0
-    assert shared(client) == []
-
-    q.retry_later(b"soon", 0)
-    assert q.in_flight() == []
-    assert q.promote_due() == 1
-    assert shared(client) == [b"soon"]
-    assert retry_payloads(client) == [b"late"]  # still not due
-    assert q.promote_due() == 0
-
-
-def test_a_promoted_retry_goes_behind_waiting_messages(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"failed")
-    assert q.fetch(0.1) == b"failed"
-    produce(client, b"waiting")
-    q.retry_later(b"failed", 0)
-    assert q.promote_due() == 1
-    assert q.fetch(0.1) == b"waiting"
-    assert q.fetch(0.1) == b"failed"
-
-
-def test_promote_due_respects_its_limit(client: redis.Redis, q: ReliableQueue) -> None:
-    messages = [f"m{i}".encode() for i in range(5)]
-    produce(client, *messages)
-    for _ in messages:
-        q.retry_later(q.fetch(0.1) or b"", 0)
-    assert q.promote_due(limit=2) == 2
-    assert len(shared(client)) == 2
-    assert client.zcard(q.keys.retry) == 3
-    assert q.promote_due() == 3
-    assert sorted(shared(client)) == messages
-
-
-def test_identical_payloads_retried_together_are_both_kept(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"same", b"same")
-    assert q.fetch(0.1) == b"same"
-    assert q.fetch(0.1) == b"same"
-    q.retry_later(b"same", 0)
-    q.retry_later(b"same", 0)
-    assert q.in_flight() == []
-    assert client.zcard(q.keys.retry) == 2
-    assert q.promote_due() == 2
-    assert shared(client) == [b"same", b"same"]
-
-
-# -- dead letters ------------------------------------------------------------------------------
-
-
-def test_dead_letter_moves_the_message_and_keeps_the_reason(
-    client: redis.Redis, q: ReliableQueue
-) -> None:
-    produce(client, b"poison", b"next")
-    message = q.fetch(0.1)
-    assert message == b"poison"
-    for _ in range(3):
-        q.count_delivery(message)
-    before = time.time()
-
-    q.dead_letter(message, "ValueError: boom", 3)
-
-    assert q.in_flight() == []
-    assert client.lrange(f"{QUEUE}:dead", 0, -1) == [b"poison"]
-    assert q.deliveries(message) == 0
-    reason = q.dead_reason(message)
-    assert reason is not None
-    assert reason["reason"] == "ValueError: boom"
-    assert reason["attempts"] == 3
-    assert reason["worker"] == WORKER
-    assert before - 1 <= reason["at"] <= time.time() + 1
-    assert q.dead_reason(b"never died") is None
-    assert shared(client) == [b"next"]
-
-
-def test_dead_letters_keep_arrival_order_newest_left(client: redis.Redis, q: ReliableQueue) -> None:
-    produce(client, b"a", b"b")
-    q.fetch(0.1)
-    q.fetch(0.1)
-    q.dead_letter(b"a", "r", 1)
-    q.dead_letter(b"b", "r", 1)
-    assert client.lrange(q.keys.dead, 0, -1) == [b"b", b"a"]
-
-
-# -- payloads ----------------------------------------------------------------------------------
-
-PAYLOADS = {
-    "all-bytes": bytes(range(256)),
-    "empty": b"",
-    "5MB": random.Random(5).randbytes(5 * 1000 * 1000),
-    "lua-pattern-chars": b"%s %d ^$()[]*+-?. \x00\r\n",
-}
-
-
-@pytest.mark.parametrize("payload", PAYLOADS.values(), ids=PAYLOADS.keys())
-def test_payloads_round_trip_byte_for_byte(
-    client: redis.Redis, q: ReliableQueue, payload: bytes
-) -> None:
-    produce(client, payload)
-
-    fetched = q.fetch(0.1)
-    assert fetched == payload
-    assert q.in_flight() == [payload]
-    assert q.count_delivery(fetched) == 1
-
-    q.retry_later(fetched, 0)
-    assert q.in_flight() == []
-    assert q.promote_due() == 1
-    assert client.lrange(q.keys.queue, 0, -1) == [payload]
-
-    again = q.fetch(0.1)
-    assert again == payload
-    assert q.count_delivery(again) == 2
-
-    q.dead_letter(again, "gave up", 2)
-    assert client.lrange(q.keys.dead, 0, -1) == [payload]
-    assert client.llen(q.keys.queue) == 0
-    assert client.llen(q.keys.processing) == 0
-    assert client.zcard(q.keys.retry) == 0
-    assert (q.dead_reason(payload) or {}).get("attempts") == 2
-    assert q.deliveries(payload) == 0
+    lost = make_queue(worker_id="node-a:1")
+    lost.take_lease(ttl=60)
+    produce(client, b"m1", b"m1", b"m2", b"landed", b"later")
+    take_all(lost, 3)
+    assert lost.fetch(0.1)
+    assert lost.reclaim() is None, "a live lease is never reclaimed"
+    client.delete(lost.keys.lease)  # the node is gone: its lease expired
+    assert make_queue(worker_id="node-a:1").reclaim() == 4
+    assert client.llen(lost.keys.processing) == 0 and client.llen(lost.keys.landing) == 0
+    rescuer = make_queue(worker_id="node-b:1")
+    assert [(d.payload, d.attempts) for d in take_all(rescuer)] == [
+        (b"m1", 1),
+        (b"m1", 1),
+        (b"m2", 1),
+        (b"landed", 0),
+        (b"later", 0),
+    ]
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -421,26 +391,26 @@ def test_every_key_starts_with_the_queue_name(queue: str) -> None:
     assert keys.dead_reasons == f"{queue}:dead:reasons"
 
 
+def test_every_script_names_keys_that_exist() -> None:
+    keys = Keys.of("q", "w")
+    for name in ("TAKE", "REPLAY", "GIVE_BACK", "RETRY_LATER", "DEAD_LETTER", "RECLAIM"):
+        script: scripts.Script = getattr(scripts, name)
+        assert keys.of_script(script), name
+        assert script.source.startswith(f"local {', '.join(script.keys)} = KEYS[1], ")
+
+
 def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
     client: redis.Redis, make_queue: MakeQueue
 ) -> None:
     queue = "{orders}.high"
     q = make_queue(queue=queue)
     produce(client, b"a", b"b", b"c", queue=queue)
-    for _ in range(3):
-        q.count_delivery(q.fetch(0.1) or b"")
-    q.retry_later(b"a", 3600)  # stays in the retry set
-    q.dead_letter(b"b", "r", 1)
-    q.retry_later(b"c", 0)
-    q.promote_due()
+    a, b, c = take_all(q)
+    q.retry_later(a, 3600)  # stays in the retry set
+    q.dead_letter(b, {"reason": "r", "attempts": 1})
+    q.take([c.element], 0)
     written = {key.decode() for key in client.keys("*")}
-    assert written == {
-        queue,
-        f"{queue}:retry",
-        f"{queue}:dead",
-        f"{queue}:dead:reasons",
-        f"{queue}:deliveries",
-    }
+    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons"}
 
 
 # -- conservation ------------------------------------------------------------------------------
@@ -449,51 +419,46 @@ def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
 def test_operations_never_duplicate_or_lose_a_message(
     client: redis.Redis, make_queue: MakeQueue
 ) -> None:
+    """Random operations over two workers and few distinct payloads (so twins abound):
+    each message produced is, at every step, in exactly one place, with its own count."""
     workers = [make_queue(worker_id="n:1"), make_queue(worker_id="n:2")]
     keys = workers[0].keys
-    privates = [w.keys.processing for w in workers]
     rng = random.Random(1234)
-    live: set[bytes] = set()
-    acked: set[bytes] = set()
-    produced = 0
+    produced = acked = 0
 
-    def where(message: bytes) -> list[str]:
-        places = []
-        places += [keys.queue] * client.lrange(keys.queue, 0, -1).count(message)
-        for p in privates:
-            places += [p] * client.lrange(p, 0, -1).count(message)
-        places += [keys.retry] * retry_payloads(client).count(message)
-        places += [keys.dead] * client.lrange(keys.dead, 0, -1).count(message)
-        return places
+    def count() -> int:
+        total = client.llen(keys.queue) + client.zcard(keys.retry) + client.llen(keys.dead)
+        for w in workers:
+            total += client.llen(w.keys.processing) + client.llen(w.keys.landing)
+        return total
 
-    for step in range(150):
+    for step in range(200):
         worker = rng.choice(workers)
         in_flight = worker.in_flight()
-        op = rng.choice(["produce", "fetch", "ack", "retry", "retry", "dead", "promote"])
-        if op == "produce" or (op == "fetch" and client.llen(keys.queue) == 0):
-            message = f"msg-{produced}".encode()
+        op = rng.choice(["produce", "take", "fetch", "ack", "retry", "dead", "replay", "back"])
+        if op == "produce":
+            produce(client, rng.choice([b"a", b"b", b""]))
             produced += 1
-            produce(client, message)
-            live.add(message)
-        elif op == "fetch":
-            assert worker.fetch(0.1) is not None
+        elif op == "take":
+            worker.take([], rng.choice([1, 3]))
+        elif op == "fetch" and client.llen(keys.queue):
+            assert worker.fetch(0.1)
         elif op in ("ack", "retry", "dead") and in_flight:
-            message = rng.choice(in_flight)
+            d = rng.choice(in_flight)
             if op == "ack":
-                assert worker.ack(message) is True
-                live.discard(message)
-                acked.add(message)
+                assert worker.ack(d) is True
+                assert worker.ack(d) is False, "a resent ack removes no twin"
+                acked += 1
             elif op == "retry":
-                worker.retry_later(message, rng.choice([0, 3600]))
+                assert worker.retry_later(d, rng.choice([0, 3600])) is True
             else:
-                worker.dead_letter(message, "test", 1)
-        elif op == "promote":
-            worker.promote_due()
-
-        assert total(client, keys, *privates[1:]) == len(live), f"step {step}: {op}"
-        for message in live:
-            assert len(where(message)) == 1, f"step {step} ({op}): {message!r} in {where(message)}"
-        for message in acked:
-            assert where(message) == [], f"step {step} ({op}): acked {message!r} came back"
+                assert worker.dead_letter(d, {"reason": "test", "attempts": 1}) is True
+        elif op == "replay":
+            worker.replay(rng.choice([None, [], [d.id for d in in_flight[:1]]]))
+        elif op == "back" and in_flight:
+            worker.give_back(in_flight[-1:])
+        assert count() == produced - acked, f"step {step}: {op}"
+        ids = [d.id for w in workers for d in w.in_flight()]
+        assert len(ids) == len(set(ids)), f"step {step}: a delivery id repeated"
 
     assert produced > 10 and acked and client.llen(keys.dead) and client.zcard(keys.retry)

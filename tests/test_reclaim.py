@@ -38,39 +38,41 @@ def client(request: pytest.FixtureRequest) -> redis.Redis:
     return server.client()
 
 
-def test_reclaim_hands_an_expired_list_back_to_the_head_in_order(client: redis.Redis) -> None:
+def test_reclaim_hands_an_expired_list_back_first_in_order_each_charged(
+    client: redis.Redis,
+) -> None:
     dead = ReliableQueue(client, "jobs", "node-a:1")
     dead.take_lease(ttl=60)
     client.lpush("jobs", b"m1", b"m2", b"m3", b"later")
-    fetched = [dead.fetch(0.1) for _ in range(3)]
-    assert fetched == [b"m1", b"m2", b"m3"]
-    for message in fetched:
-        assert message is not None
-        dead.count_delivery(message)
+    assert [d.payload for d in dead.take([], 3).deliveries] == [b"m1", b"m2", b"m3"]
     assert dead.reclaim() is None, "a live lease is never reclaimed"
     client.delete(dead.keys.lease)  # the node is gone: its lease expired
     rescuer = ReliableQueue(client, "jobs", "node-a:1")
     assert rescuer.reclaim() == 3
-    assert client.lrange("jobs", 0, -1) == [b"later", b"m3", b"m2", b"m1"], "m1 is next"
-    moved_back = list(client.lrange("jobs", 0, -1))
     assert client.llen(dead.keys.processing) == 0
-    # Not counted by the reclaim: the next take counts the new delivery, exactly once.
-    assert {client.hget("jobs:deliveries", m) for m in (b"m1", b"m2", b"m3")} == {b"1"}
-    assert rescuer.take([], 1).messages == [(b"m1", 2)]
     assert registered_workers(client, "jobs") == []
+    # Nobody knows which one was running: each is charged, and each comes before `later`.
+    taken = rescuer.take([], 4).deliveries
+    assert [(d.payload, d.attempts) for d in taken] == [
+        (b"m1", 1),
+        (b"m2", 1),
+        (b"m3", 1),
+        (b"later", 0),
+    ]
     rescuer.take_lease(ttl=60)  # now a live worker again: its list is its own
     client.delete(rescuer.keys.lease)
-    assert rescuer.reclaim() == 1, "only what it took since"
+    assert rescuer.reclaim() == 4, "only what it took since"
     assert rescuer.reclaim() == 0, "a second reclaim finds nothing to move"
-    assert sorted(client.lrange("jobs", 0, -1)) == sorted(moved_back)
+    assert client.zcard("jobs:retry") == 4
 
 
 def test_reclaim_is_fenced(client: redis.Redis) -> None:
     queue = ReliableQueue(client, "jobs", "node-a:1")
-    client.lpush(queue.keys.processing, b"m")
+    client.lpush("jobs", b"m")
+    queue.take([], 1)
     client.set(Keys.of("jobs", "node-a:1").fence, "1")  # another manager is reclaiming it
     assert queue.reclaim() is None
-    assert client.lrange(queue.keys.processing, 0, -1) == [b"m"]
+    assert [d.payload for d in queue.in_flight()] == [b"m"]
 
 
 def test_a_lost_node_has_its_messages_reclaimed_by_another(
@@ -137,16 +139,15 @@ def test_a_node_frozen_past_its_lease_is_found_again_when_it_dies_later(
     assert client.llen("jobs:processing:node-a:1") == 0
 
 
-def test_a_fetch_reclaimed_before_it_was_counted_is_left_to_its_new_owner(
+def test_a_fetch_reclaimed_before_it_was_taken_in_is_left_to_its_new_owner(
     client: redis.Redis,
 ) -> None:
     stalled = ReliableQueue(client, "jobs", "node-a:1")
     client.lpush("jobs", b"m")
-    assert stalled.fetch(0.1) == b"m"
+    assert stalled.fetch(0.1) is True
     # The worker stalls here, its lease lapses and another node reclaims the list.
     assert ReliableQueue(client, "jobs", "node-a:1").reclaim() == 1
-    assert stalled.count_fetched(b"m") is None, "not ours any more: neither counted nor run"
-    assert client.hget("jobs:deliveries", b"m") is None
+    # It is back in the shared list, never delivered: whoever takes it next has the only copy.
     owner = ReliableQueue(client, "jobs", "node-b:1")
-    assert owner.fetch(0.1) == b"m"
-    assert owner.count_fetched(b"m") == 1
+    assert [(d.payload, d.attempts) for d in owner.take([], 1).deliveries] == [(b"m", 0)]
+    assert stalled.take([], 1).deliveries == [], "the landing list was emptied by the reclaim"

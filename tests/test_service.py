@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rqworkers.queue import Delivery
 from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
 
 StartService = Callable[..., Service]
@@ -51,6 +52,11 @@ def dead_info(server: RedisServer, queue: str, payload: bytes) -> dict[str, obje
     raw = server.client().hget(f"{queue}:dead:reasons", digest(payload))
     assert raw is not None, f"no dead-letter reason for {payload!r}"
     return dict(json.loads(raw))
+
+
+def in_flight(server: RedisServer, private: str) -> list[Delivery]:
+    """A private list's deliveries, oldest first."""
+    return [Delivery.parse(e) for e in reversed(server.client().lrange(private, 0, -1))]
 
 
 def gone(pids: list[int]) -> bool:
@@ -116,12 +122,14 @@ def test_a_worker_killed_mid_message_has_it_replayed_after_the_respawn(
     [worker] = svc.wait_workers(1)
     redis_server.client().lpush("jobs", b"sleep:30")
     wait_for(lambda: lrange(redis_server, "started") == [b"sleep:30"], what="message started")
-    assert redis_server.client().lrange("jobs:processing:" + _node() + ":1", 0, -1) == [b"sleep:30"]
+    private = f"jobs:processing:{_node()}:1"
+    assert [d.payload for d in in_flight(redis_server, private)] == [b"sleep:30"]
     worker.kill()
     wait_for(lambda: len(lrange(redis_server, "started")) == 2, what="replay after respawn")
     first, second = pids_of(redis_server, "started")
     assert first == worker.pid and second != worker.pid
-    assert redis_server.client().hget("jobs:deliveries", b"sleep:30") == b"2"
+    [again] = in_flight(redis_server, private)
+    assert (again.payload, again.attempts) == (b"sleep:30", 1), "the crash was charged"
     assert "killed by signal 9" in svc.output()
 
 
@@ -244,7 +252,7 @@ def test_a_poison_message_is_dead_lettered_after_exactly_max_attempts_while_othe
     info = dead_info(redis_server, "jobs", b"raise")
     assert info["attempts"] == 3 and "ValueError: boom from testapp" in str(info["reason"])
     assert len(wait_done(redis_server, 50)) == 50
-    assert client.zcard("jobs:retry") == 0 and client.hlen("jobs:deliveries") == 0
+    assert client.zcard("jobs:retry") == 0 and client.keys("jobs:processing:*") == []
 
 
 def test_a_message_that_kills_its_worker_ends_in_the_dead_list(
@@ -438,7 +446,7 @@ def test_sigterm_gives_unstarted_prefetched_messages_back_to_the_head_in_order(
     back = list(reversed(client.lrange("jobs", 0, -1)))  # oldest first
     assert done + back == messages, "handled ones, then the rest in their original order"
     assert client.keys("jobs:processing:*") == []
-    assert client.hlen("jobs:deliveries") == 0, "undelivered messages carry no count"
+    assert client.zcard("jobs:retry") == 0, "untried messages carry no count"
     assert "gave" in svc.output() and "unstarted message(s) back to jobs" in svc.output()
 
 

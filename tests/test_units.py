@@ -362,7 +362,7 @@ def slot() -> Slot:
 def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
     slot.board.prepare()
     slot.started(os.getpid(), now=100.0)
-    slot.board.busy()
+    slot.board.busy(b"id", time.monotonic())
     slot.board.idle(False, 0.01)
     reason = slot.ended(exited(ExitCode.MAX_REQUESTS), now=101.0, backoff=BACKOFF)
     assert reason == "max requests"
@@ -476,20 +476,20 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
 
     def worker() -> int:
         board.replayed()
-        board.busy()
+        board.busy(b"id-1", time.monotonic())
         board.idle(False, 0.002)
-        board.busy()
+        board.busy(b"id-2", time.monotonic())
         board.idle(True, 0.3)
-        board.busy()
+        board.busy(b"id-3", time.monotonic())
         board.idle(False, 20.0)
-        board.busy()  # left mid-message
+        board.busy(b"id-4", time.monotonic())  # left mid-message
         return 0
 
     started = time.monotonic()
     assert _fork_and_wait(worker) == 0
     assert board.handled == 3
     assert board.failed == 1
-    assert board.started == 4, "four messages reached the handler, none settled"
+    assert board.running == [b"id-4"], "the delivery it died in is named"
     busy_for = board.busy_for()
     assert 0.0 < busy_for <= time.monotonic() - started + 0.01
     buckets = board.buckets()
@@ -497,12 +497,11 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
     assert board.totals()["duration_sum"] == pytest.approx(20.302)
 
     board.idle(False, 0.0)
-    board.settled(5)
     assert board.busy_for() == 0.0
     assert board.handled == 4
-    assert board.started == 0
+    assert board.running == []
     board.prepare()
-    assert board.started is None, "unknown until the next worker has replayed"
+    assert board.running is None, "unknown until the next worker has replayed"
 
 
 def test_the_child_sees_what_the_parent_wrote() -> None:
@@ -525,7 +524,7 @@ def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
     board.prepare()
     board.set_pid(123)
     assert board.state() == "idle"
-    board.busy()
+    board.busy(b"id", time.monotonic())
     assert board.state() == "busy"
     board.stop_requested()
     assert board.state() == "stopping"

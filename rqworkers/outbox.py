@@ -1,0 +1,97 @@
+"""What a worker has decided about its deliveries and Redis has not yet confirmed.
+
+Acks wait here to travel with the next take (one round trip for both); a failure's retry or
+dead-letter is sent at once. When a Redis error swallows a reply, everything pending stays
+and is sent again once Redis answers: every delivery is a unique envelope, so an operation
+that did happen the first time finds nothing the second time and changes nothing. Nothing
+settled is therefore handled again, and nothing is settled twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rqworkers.queue import Delivery, ReliableQueue, Taken
+
+log = logging.getLogger(__name__)
+
+ACK_INTERVAL = 1.0  # seconds a handled message may wait for its ack to share a round trip
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A delivery that ended without a result: retried after `delay` seconds, or
+    dead-lettered when `delay` is None. `record` is what its dead letter keeps."""
+
+    delivery: Delivery
+    record: dict[str, Any]
+    delay: float | None
+    error: BaseException | None = None  # the exception, when one was raised
+
+
+Listener = Callable[[Failure, bool], None]  # (failure, whether it moved) once confirmed
+
+
+@dataclass
+class Outbox:
+    queue: ReliableQueue
+    on_failure_settled: Listener
+    acks: list[Delivery] = field(default_factory=list)
+    oldest_ack: float = 0.0  # monotonic seconds when the oldest pending ack was added
+    failures: list[Failure] = field(default_factory=list)
+    # After a lost reply, pending operations are sent again: a miss is then expected.
+    resending: bool = False
+
+    def ack(self, delivery: Delivery, now: float) -> None:
+        if not self.acks:
+            self.oldest_ack = now
+        self.acks.append(delivery)
+
+    def acks_overdue(self, now: float) -> bool:
+        """True when finished work has waited long enough for its ack."""
+        return bool(self.acks) and now - self.oldest_ack > ACK_INTERVAL
+
+    def fail(self, failure: Failure) -> None:
+        """Retry or dead-letter `failure` now (it stays pending if Redis does not answer)."""
+        self.failures.append(failure)
+        self.send_failures()
+
+    def take(self, limit: int) -> Taken:
+        """Send pending failures, then the acks with a take of up to `limit` new deliveries."""
+        self.send_failures()
+        taken = self.queue.take([d.element for d in self.acks], limit)
+        if taken.missing_acks and not self.resending:
+            log.warning(
+                "%d ack(s) removed nothing from %s: moved by someone else, they may run twice",
+                taken.missing_acks,
+                self.queue.keys.processing,
+            )
+        self.acks = []
+        self.resending = False
+        return taken
+
+    def flush(self) -> None:
+        """Send everything pending, taking nothing new."""
+        if self.acks or self.failures:
+            self.take(0)
+
+    def lost_reply(self) -> None:
+        """A Redis error hid whether the last operation happened: resend, quietly."""
+        self.resending = True
+
+    @property
+    def empty(self) -> bool:
+        return not (self.acks or self.failures)
+
+    def send_failures(self) -> None:
+        while self.failures:
+            failure = self.failures[0]
+            if failure.delay is None:
+                moved = self.queue.dead_letter(failure.delivery, failure.record)
+            else:
+                moved = self.queue.retry_later(failure.delivery, failure.delay)
+            self.failures.pop(0)
+            self.on_failure_settled(failure, moved or self.resending)
