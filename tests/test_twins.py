@@ -1,0 +1,182 @@
+"""Identical payloads are separate messages, against a real redis-server and `rqworkers run`.
+
+Real queues carry the same bytes over and over (`1`, `refresh`, an id). Each copy must be
+handled once when nothing fails, keep its own attempts when something does, and be charged
+for a crash only if it was the one running.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import pytest
+
+from rqworkers.queue import DeadLetters
+from tests.support import RedisServer, Service, wait_for
+
+StartService = Callable[..., Service]
+HANDLER = "testapp:handle"
+
+
+def lrange(server: RedisServer, key: str) -> list[bytes]:
+    return list(server.client().lrange(key, 0, -1))
+
+
+def settled(server: RedisServer, done: int, dead: int) -> bool:
+    client = server.client()
+    return client.llen("done") == done and client.llen("jobs:dead") == dead
+
+
+def assert_nothing_left(server: RedisServer) -> None:
+    """Every message settled: acks of a batch may wait up to a second to travel together."""
+    client = server.client()
+
+    def empty() -> bool:
+        keys = ["jobs", *client.keys("jobs:processing:*"), *client.keys("jobs:landing:*")]
+        return sum(client.llen(k) for k in keys) == 0 and client.zcard("jobs:retry") == 0
+
+    wait_for(empty, timeout=5, what="queue, private lists and retry set empty")
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+@pytest.mark.parametrize("prefetch", [1, 10, 100])
+def test_copies_of_one_payload_are_each_handled_exactly_once(
+    service: StartService, redis_server: RedisServer, prefetch: int, processes: int
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "processes": processes, "max_attempts": 3}],
+        defaults={"prefetch": prefetch},
+    )
+    svc.wait_workers(processes)
+    redis_server.client().lpush("jobs", *[b"refresh"] * 600)
+    wait_for(lambda: settled(redis_server, 600, 0), timeout=30, what="600 twins handled")
+    assert lrange(redis_server, "started") == [b"refresh"] * 600, "each copy ran once"
+    assert_nothing_left(redis_server)
+
+
+def test_a_poison_message_among_healthy_twins_ends_dead_alone(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3, "retry_delay": 0.05}],
+        defaults={"prefetch": 10},
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[b"ok"] * 20, b"raise", *[b"ok"] * 20)
+    wait_for(lambda: settled(redis_server, 40, 1), timeout=30, what="twins done, poison dead")
+    assert lrange(redis_server, "started").count(b"raise") == 3
+    assert lrange(redis_server, "started").count(b"ok") == 40
+    assert_nothing_left(redis_server)
+
+
+def test_twins_of_a_poison_message_each_keep_their_own_attempts_and_record(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3, "retry_delay": 0.05}],
+        defaults={"prefetch": 10},
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[b"raise"] * 4)
+    wait_for(lambda: client.llen("jobs:dead") == 4, timeout=30, what="four dead twins")
+    assert lrange(redis_server, "started").count(b"raise") == 12, "three deliveries each"
+    letters = DeadLetters(client, "jobs").page(0, 10)
+    assert [letter.copies for letter in letters] == [4] * 4
+    infos = [letter.info or {} for letter in letters]
+    assert [info.get("attempts") for info in infos] == [3] * 4
+    assert len({info.get("id") for info in infos}) == 4, "a record per copy"
+    assert all("ValueError: boom from testapp" in str(info.get("reason")) for info in infos)
+    assert all("testapp.py" in str(info.get("traceback")) for info in infos)
+
+
+def test_a_crash_charges_only_the_running_delivery_not_its_prefetched_twins(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 2}], defaults={"prefetch": 10}
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    # The worker takes the poison and nine twins of `ok` in one batch, then dies, twice.
+    client.lpush("jobs", b"kill", *[b"ok"] * 19)
+    wait_for(lambda: settled(redis_server, 19, 1), timeout=30, what="poison dead, twins done")
+    assert lrange(redis_server, "started").count(b"kill") == 2
+    assert lrange(redis_server, "started").count(b"ok") == 19, "no twin charged or run twice"
+    info = DeadLetters(client, "jobs").page(0, 1)[0].info or {}
+    assert "killed by signal 9" in str(info.get("reason")) and info.get("attempts") == 2
+    assert_nothing_left(redis_server)
+
+
+def test_copies_of_a_payload_that_crashes_its_worker_each_end_dead(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 2}], defaults={"prefetch": 10}
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[b"kill"] * 3, *[b"ok"] * 5)
+    wait_for(lambda: settled(redis_server, 5, 3), timeout=30, what="three dead, five done")
+    assert lrange(redis_server, "started").count(b"kill") == 6, "exactly two deliveries each"
+
+
+def test_twins_reclaimed_from_a_lost_node_run_elsewhere_and_none_is_dead(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    manager = {"check_interval": 0.2, "lease_ttl": 1.5, "reclaim_interval": 0.3}
+    pair = {"queue": "jobs", "handler": HANDLER, "max_attempts": 2, "prefetch": 10}
+    node_a = service([pair], manager={**manager, "node": "node-a"})
+    node_a.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[b"sleep:0.3"] * 10)
+    wait_for(lambda: lrange(redis_server, "started")[:1] == [b"sleep:0.3"], what="node a busy")
+    node_b = service([pair], manager={**manager, "node": "node-b"})
+    node_b.wait_workers(1)
+    node_a.signal_session(signal.SIGKILL)
+    wait_for(lambda: client.llen("done") >= 10, timeout=30, what="all ten handled")
+    assert client.llen("jobs:dead") == 0, "a node loss charges one attempt each: none dead"
+    assert "reclaimed" in node_b.output()
+    assert_nothing_left(redis_server)
+
+
+def test_a_retry_keeps_its_attempts_across_a_redis_restart(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3, "retry_delay": 2.0}],
+        manager={"check_interval": 0.2},
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"raise", b"raise")
+    wait_for(lambda: client.zcard("jobs:retry") == 2, what="both twins waiting to retry")
+    redis_server.stop()  # AOF with appendfsync always: the retry set and its counts survive
+    redis_server.start()
+    client = redis_server.client()
+    wait_for(lambda: client.llen("jobs:dead") == 2, timeout=40, what="both dead")
+    assert lrange(redis_server, "started").count(b"raise") == 6, "three deliveries each"
+    infos = [letter.info or {} for letter in DeadLetters(client, "jobs").page()]
+    assert [info.get("attempts") for info in infos] == [3, 3]
+
+
+def test_a_poison_storm_leaves_the_healthy_messages_flowing(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """One poison (SIGKILL) in every ten: a crash after progress is respawned at once, so
+    200 healthy and 20 poison messages settle well within a minute."""
+    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 3}])
+    svc.wait_workers(1)
+    client = redis_server.client()
+    messages = []
+    for i in range(200):
+        messages.append(f"ok:{i}".encode())
+        if i % 10 == 9:
+            messages.append(f"kill:{i}".encode())
+    client.lpush("jobs", *messages)
+    wait_for(lambda: settled(redis_server, 200, 20), timeout=60, what="storm settled")
+    started = lrange(redis_server, "started")
+    assert sum(m.startswith(b"kill") for m in started) == 60, "three deliveries per poison"
+    assert_nothing_left(redis_server)
