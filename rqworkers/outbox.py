@@ -59,10 +59,11 @@ class Outbox:
         self.failures.append(failure)
         self.send_failures()
 
-    def take(self, limit: int) -> Taken:
-        """Send pending failures, then the acks with a take of up to `limit` new deliveries."""
+    def take(self, limit: int, landed: bool = False) -> Taken:
+        """Send pending failures, then the acks with a take of up to `limit` new deliveries
+        (`landed`: a blocking fetch left one in the landing list)."""
         self.send_failures()
-        taken = self.queue.take([d.element for d in self.acks], limit)
+        taken = self.queue.take([d.element for d in self.acks], limit, landed)
         if taken.missing_acks and not self.resending:
             log.warning(
                 "%d ack(s) removed nothing from %s: moved by someone else, they may run twice",

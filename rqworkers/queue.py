@@ -149,9 +149,10 @@ class ReliableQueue:
 
     # -- the hot path -----------------------------------------------------------------------
 
-    def take(self, acks: list[bytes], limit: int) -> Taken:
-        """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip."""
-        reply = self._take(limit, time.time(), self._id_base(), *acks)
+    def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
+        """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
+        `landed`: a blocking fetch just landed one, to be taken first."""
+        reply = self._take(limit, time.time(), self._id_base(), "1" if landed else "0", *acks)
         deliveries = [Delivery.parse(element) for element in reply[2:]]
         return Taken(int(reply[0]), deliveries, float(reply[1]) if reply[1] else None)
 

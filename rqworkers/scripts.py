@@ -65,13 +65,14 @@ end
 """
 
 # Acks handled deliveries, then moves up to `limit` messages into the private list in one
-# round trip: first the one a blocking fetch left in the landing list, then due retries and
+# round trip: first the one a blocking fetch left in the landing list (looked at only when
+# `landed` is '1': an idle worker's take must cost Redis little), then due retries and
 # returned messages (oldest first), then the oldest of the shared list. Each new delivery
 # gets the id `idbase .. n`. Returns {acks that found nothing, due time of the next retry
 # ('' if none, or if this call took all it could), envelope1, envelope2, ...}.
 TAKE = Script(
     keys=("queue", "processing", "landing", "retry"),
-    args=("limit", "now", "idbase"),
+    args=("limit", "now", "idbase", "landed"),
     body="""
 local missing = 0
 for i = REST, #ARGV do
@@ -86,15 +87,19 @@ local function deliver(attempts, payload)
   room = room - 1
 end
 if room <= 0 then return taken end
-local landed = redis.call('LINDEX', landing, -1)
-if landed then
-  deliver(0, landed)
+local message = landed == '1' and redis.call('LINDEX', landing, -1)
+if message then
+  deliver(0, message)
   redis.call('RPOP', landing)
 end
-if room > 0 then
+local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
+if room > 0 and first[2] and tonumber(first[2]) <= tonumber(now) then
   local due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
   for _, member in ipairs(due) do
-    local _, attempts, payload = parse(member)
+    local id, attempts, payload = parse(member)
+    if not id then  -- written by a release before envelopes: 8 random bytes + payload
+      attempts, payload = 1, string.sub(member, 9)
+    end
     deliver(attempts, payload)
     redis.call('ZREM', retry, member)
   end
@@ -106,9 +111,8 @@ if room > 0 then
     redis.call('LTRIM', queue, 0, -#oldest_last - 1)
   end
 end
-if room > 0 then
-  local next_due = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2]
-  if next_due then taken[2] = next_due end
+if room > 0 and first[2] then
+  taken[2] = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or ''
 end
 return taken
 """,

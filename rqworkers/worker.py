@@ -13,6 +13,7 @@ the outbox sends again what was not confirmed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -39,7 +40,9 @@ from rqworkers.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
 
-BLOCK_TIMEOUT = 1.0  # seconds a fetch blocks: how often an idle worker checks its parent
+# Seconds an idle fetch blocks, which bounds an idle worker's Redis traffic (two commands
+# per block) and how often it checks that its manager lives. A stop signal cuts it short.
+BLOCK_TIMEOUT = 10.0
 MIN_BLOCK = 0.01  # seconds: a blocking fetch of 0 would wait forever
 LOST_WORKER = "earlier deliveries never finished (worker lost)"
 _REASON_LIMIT = 2000  # characters of an exception kept as a dead letter's reason
@@ -196,11 +199,26 @@ class Worker:
             limit = max(1, min(limit, self.max_requests - self.finished))
         taken = self.outbox.take(limit)
         if not taken.deliveries:
-            if not self.queue.fetch(_block_for(taken.next_due)):
+            if not self.wait_for_message(_block_for(taken.next_due)):
                 return False
-            taken = self.outbox.take(limit)
+            taken = self.outbox.take(limit, landed=True)
         self.batch.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
         return bool(self.batch)
+
+    def wait_for_message(self, seconds: float) -> bool:
+        """Block until a message lands or `seconds` pass; a stop signal ends it at once.
+
+        Cut short, the blocking command's reply is never read, so the connection is dropped:
+        a message Redis moved meanwhile waits in the landing list for this slot's next
+        worker, or for a reclaim.
+        """
+        if self.stop.set:
+            return False
+        with _interruptible(self.stop) as interrupted:
+            return self.queue.fetch(seconds)
+        if interrupted:
+            _drop_connections(self.queue.client)
+        return False
 
     def lose_track(self) -> None:
         """After a Redis error: forget the batch; the private list is the truth to replay.
@@ -335,6 +353,40 @@ class Worker:
                 extra={"event": "dead_lettered"},
             )
         self.handler.on_dead_letter(failure.delivery.payload, record["reason"], error)
+
+
+class _Interrupted(BaseException):
+    """A stop signal arrived while the worker was blocked waiting for a message."""
+
+
+@contextlib.contextmanager
+def _interruptible(stop: StopFlag) -> Iterator[list[bool]]:
+    """While inside, SIGTERM and SIGINT also raise `_Interrupted` (suppressed on the way
+    out; the list yielded holds True then). Python retries an interrupted system call
+    after the handler returns, so only an exception ends a blocking read early."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        stop(signum, frame)
+        raise _Interrupted()
+
+    interrupted: list[bool] = []
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield interrupted
+    except _Interrupted:
+        interrupted.append(True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _drop_connections(client: Any) -> None:
+    """Close every connection of `client`, whichever kind it is; new ones open on demand."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pool.disconnect()
+    else:
+        client.disconnect_connection_pools()
 
 
 def _block_for(next_due: float | None) -> float:

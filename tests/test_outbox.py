@@ -38,7 +38,7 @@ class FakeQueue:
             raise redis.ConnectionError("reset before the reply")
         return result
 
-    def take(self, acks: list[bytes], limit: int) -> Taken:
+    def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
         def effect() -> Taken:
             missing = 0
             for element in acks:

@@ -164,8 +164,9 @@ def test_fetch_lands_one_message_and_the_next_take_wraps_it(
     assert q.fetch(0.1) is True
     assert client.lrange(q.keys.landing, 0, -1) == [b"first"]
     assert client.exists(q.keys.processing) == 0, "only a script writes envelopes"
-    taken = q.take([], 5)
-    assert [d.payload for d in taken.deliveries] == [b"first", b"second"]
+    assert [d.payload for d in q.take([], 1).deliveries] == [b"second"], "not told: left"
+    taken = q.take([], 5, landed=True)
+    assert [d.payload for d in taken.deliveries] == [b"first"]
     assert client.exists(q.keys.landing) == 0
 
 
@@ -199,7 +200,7 @@ def test_auto_detection_uses_blmove_on_a_real_server(redis_server: RedisServer) 
         q = ReliableQueue(conn, QUEUE, WORKER)  # use_blmove=None: ask the server
         produce(conn, b"m")
         assert q.fetch(0.1) is True
-        q.take([], 1)
+        q.take([], 1, landed=True)
         started = time.monotonic()
         assert q.fetch(0.1) is False
         # A fractional timeout was honoured, so BLMOVE (Redis >= 6.2) was chosen.
@@ -333,6 +334,13 @@ def test_replay_wraps_what_an_older_release_left(client: redis.Redis, q: Reliabl
     replayed = q.replay([])
     assert [(x.payload, x.attempts) for x in replayed] == [(b"legacy-1", 0), (b"legacy-2", 0)]
     assert q.take([x.element for x in replayed], 0).missing_acks == 0
+
+
+def test_a_retry_left_by_an_older_release_is_taken_with_its_payload_intact(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    client.zadd(q.keys.retry, {b"\x01" * 8 + b"old:payload": 0})  # nonce + payload
+    assert [(d.payload, d.attempts) for d in take_all(q)] == [(b"old:payload", 1)]
 
 
 def test_give_back_returns_untried_messages_to_the_head_and_keeps_counts(

@@ -150,4 +150,4 @@ def test_a_fetch_reclaimed_before_it_was_taken_in_is_left_to_its_new_owner(
     # It is back in the shared list, never delivered: whoever takes it next has the only copy.
     owner = ReliableQueue(client, "jobs", "node-b:1")
     assert [(d.payload, d.attempts) for d in owner.take([], 1).deliveries] == [(b"m", 0)]
-    assert stalled.take([], 1).deliveries == [], "the landing list was emptied by the reclaim"
+    assert stalled.take([], 1, landed=True).deliveries == [], "emptied by the reclaim"

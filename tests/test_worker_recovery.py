@@ -37,11 +37,11 @@ class FlakyQueue(ReliableQueue):
         self.fail_at = fail_at
         self.after = after
 
-    def take(self, acks: list[bytes], limit: int) -> Taken:
+    def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
         self.takes += 1
         if self.takes == self.fail_at and not self.after:
             raise redis.ConnectionError("connection reset before the command was sent")
-        taken = super().take(acks, limit)
+        taken = super().take(acks, limit, landed)
         if self.takes == self.fail_at:
             raise redis.ConnectionError("connection reset before the reply arrived")
         return taken
