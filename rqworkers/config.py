@@ -116,6 +116,8 @@ class PairSettings(_Section):
     handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
     processes: int = Field(1, ge=1)
     prefetch: int = Field(1, ge=1, le=10_000)
+    # Messages one worker process runs at once: threads, or coroutines for `async def`.
+    concurrency: int = Field(1, ge=1, le=1000)
     max_requests: int = Field(10_000, ge=0)
     max_requests_jitter: int = Field(0, ge=0)
     timeout: float = Field(30.0, gt=0)

@@ -4,12 +4,19 @@ A function is called as `fn(message)`. A class is instantiated once per worker p
 may define `setup()`, `handle(message)`, `teardown()`, `on_success(message, result)` and
 `on_failure(message, error)`. Only `handle` decides a message's fate: an exception from a
 callback is logged and otherwise ignored, so a buggy callback cannot kill or stall a worker.
+
+`handle` may be `async def`; then so may the other methods, and all of them run on one
+event loop the handler owns, in a thread of its own, so that the worker's loop can wait on
+it and on Redis alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +60,35 @@ class Handler:
         self.has_callbacks = any(
             callable(getattr(self._instance, name, None)) for name in ("on_success", "on_failure")
         )
+        self.is_async = inspect.iscoroutinefunction(self.handle)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop async methods run on, started in a thread at first use."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=self._loop.run_forever, name="loop", daemon=True)
+            thread.start()
+        return self._loop
+
+    def method(self, name: str) -> Callable[..., Any] | None:
+        """The instance's `name` method (setup, on_success...), if it has one."""
+        method = getattr(self._instance, name, None)
+        return method if callable(method) else None
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """`method(*args)`, awaited on the handler's loop if it returns an awaitable."""
+        result = method(*args)
+        if inspect.isawaitable(result):
+            return asyncio.run_coroutine_threadsafe(_awaited(result), self.loop).result()
+        return result
 
     def setup(self) -> None:
         """Run the class's `setup()`. Its failure is the worker's startup failure: it raises."""
-        method = getattr(self._instance, "setup", None)
+        method = self.method("setup")
         if method is not None:
-            method()
+            self._call(method)
 
     def teardown(self) -> None:
         self._callback("teardown")
@@ -74,13 +104,22 @@ class Handler:
         self._callback("on_dead_letter", message, reason, error)
 
     def _callback(self, name: str, *args: Any) -> None:
-        method = getattr(self._instance, name, None)
+        method = self.method(name)
         if method is None:
             return
         try:
-            method(*args)
+            self._call(method, *args)
         except Exception:
             log.exception("handler %s.%s() raised; ignored", self.path, name)
+
+    def close(self) -> None:
+        """Stop the event loop, if one was started (after `teardown`)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def verify(path: str) -> str | None:

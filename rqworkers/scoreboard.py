@@ -23,13 +23,16 @@ RECYCLE_REASONS = ("max_requests", "timeout", "memory_soft", "memory_hard", "cra
 
 _WORKER_COUNTERS = ("handled", "failed", "retried", "dead_lettered", "redis_errors")
 _REASON_BYTES = 120
-_RUNNING_BYTES = 64  # the id of the delivery in the handler (ids are about 20 bytes)
+# What is in the handler: one entry per message a worker runs at once (up to `concurrency`),
+# each the monotonic time it started (0: free), its id's length and the id.
+CAPACITY = 1000
+_ENTRY_BYTES = 64
+_ID_BYTES = _ENTRY_BYTES - 16
 
 
 def _layout() -> dict[str, int]:
     names = [
-        "busy_since",  # worker: monotonic seconds when the current message started; 0 idle
-        "running_length",  # worker: bytes of the running delivery's id; 0 when none runs
+        "entries_used",  # worker: running entries ever used (readers look no further)
         "replayed",  # worker: 1 once it has replayed its private list (so `running` is known)
         *_WORKER_COUNTERS,  # worker: cumulative over the slot's life
         "duration_sum",  # worker: seconds spent in handlers
@@ -48,14 +51,15 @@ def _layout() -> dict[str, int]:
 _OFFSETS = _layout()
 _INDEX = {name: offset // 8 for name, offset in _OFFSETS.items()}
 _REASON_OFFSET = 8 * len(_OFFSETS)
-_RUNNING_OFFSET = _REASON_OFFSET + _REASON_BYTES
-_SIZE = _RUNNING_OFFSET + _RUNNING_BYTES
-_FLOATS = {"busy_since", "duration_sum", "since", "next_start"}
+_ENTRIES_OFFSET = _REASON_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
+_SIZE = _ENTRIES_OFFSET + CAPACITY * _ENTRY_BYTES
+_FLOATS = {"duration_sum", "since", "next_start"}
 # Indexes the per-message path uses, resolved once.
-_BUSY_SINCE, _RUNNING_LENGTH, _HANDLED, _FAILED, _DURATION_SUM, _BUCKET0 = (
-    _INDEX[name]
-    for name in ("busy_since", "running_length", "handled", "failed", "duration_sum", "bucket0")
+_ENTRIES_USED, _HANDLED, _FAILED, _DURATION_SUM, _BUCKET0 = (
+    _INDEX[name] for name in ("entries_used", "handled", "failed", "duration_sum", "bucket0")
 )
+_ENTRY_WORDS = _ENTRY_BYTES // 8
+_ENTRY0 = _ENTRIES_OFFSET // 8  # word index of entry 0: since (float), then id length
 
 
 class Scoreboard:
@@ -81,22 +85,28 @@ class Scoreboard:
 
     # -- written by the worker, per message: indexes, no lookups ---------------------------
 
-    def busy(self, delivery_id: bytes, since: float) -> None:
-        """The delivery `delivery_id` reaches the handler at `since` (monotonic seconds).
+    def busy(self, delivery_id: bytes, since: float, entry: int = 0) -> None:
+        """The delivery `delivery_id` reaches the handler at `since` (monotonic seconds),
+        in running entry `entry` (one per message the worker runs at once).
 
         The id is written before its length, so a reader never sees a length with a
         half-written id: a worker killed between the two leaves the previous id unnamed.
         """
-        size = min(len(delivery_id), _RUNNING_BYTES)
-        self._map[_RUNNING_OFFSET : _RUNNING_OFFSET + size] = delivery_id[:size]
-        self._ints[_RUNNING_LENGTH] = size
-        self._floats[_BUSY_SINCE] = since
+        word = _ENTRY0 + entry * _ENTRY_WORDS
+        size = min(len(delivery_id), _ID_BYTES)
+        start = (word + 2) * 8
+        self._map[start : start + size] = delivery_id[:size]
+        self._ints[word + 1] = size
+        self._floats[word] = since
+        if entry >= self._ints[_ENTRIES_USED]:
+            self._ints[_ENTRIES_USED] = entry + 1
 
-    def idle(self, failed: bool, seconds: float) -> None:
+    def idle(self, failed: bool, seconds: float, entry: int = 0) -> None:
         """The handler is done with it after `seconds` (the message may not be settled yet)."""
         ints = self._ints
-        ints[_RUNNING_LENGTH] = 0
-        self._floats[_BUSY_SINCE] = 0.0
+        word = _ENTRY0 + entry * _ENTRY_WORDS
+        ints[word + 1] = 0
+        self._floats[word] = 0.0
         ints[_HANDLED] += 1
         if failed:
             ints[_FAILED] += 1
@@ -114,8 +124,8 @@ class Scoreboard:
 
     def prepare(self) -> None:
         """Before forking a new worker: clear what described the previous one."""
-        self._set("busy_since", 0.0)
-        self._set("running_length", 0)
+        self._clear_entries(ids=True)
+        self._set("entries_used", 0)
         self._set("replayed", 0)
         self._set("stopping", 0)
         self._set("since", time.time())
@@ -129,7 +139,7 @@ class Scoreboard:
     def worker_ended(self, reason: str, recycle: str, next_start: float) -> None:
         """Record why the worker ended (`recycle` is one of RECYCLE_REASONS or '')."""
         self._set("pid", 0)
-        self._set("busy_since", 0.0)
+        self._clear_entries()
         self._set("next_start", next_start)
         if recycle:
             self._add(f"recycled_{recycle}")
@@ -138,15 +148,34 @@ class Scoreboard:
             _REASON_BYTES, b"\0"
         )
 
+    def _clear_entries(self, ids: bool = False) -> None:
+        """Nothing counts as busy any more; with `ids`, forget what ran too (a dead worker's
+        ids stay readable through `running` until its successor is prepared)."""
+        for entry in range(min(int(self.get("entries_used")), CAPACITY)):
+            word = _ENTRY0 + entry * _ENTRY_WORDS
+            self._floats[word] = 0.0
+            if ids:
+                self._ints[word + 1] = 0
+
+    def _entries(self) -> list[tuple[float, int, int]]:
+        """(since, id length, word index) of every entry a worker has used."""
+        used = min(int(self.get("entries_used")), CAPACITY)
+        words = (_ENTRY0 + i * _ENTRY_WORDS for i in range(used))
+        return [(self._floats[w], self._ints[w + 1], w) for w in words]
+
     def stop_requested(self) -> None:
         self._set("stopping", 1)
 
     # -- read by anyone ---------------------------------------------------------------------
 
     def busy_for(self) -> float:
-        """Seconds the current message has been running; 0 when idle."""
-        since = self.get("busy_since")
-        return time.monotonic() - since if since else 0.0
+        """Seconds the oldest running message has been running; 0 when idle."""
+        started = [since for since, _, _ in self._entries() if since]
+        return time.monotonic() - min(started) if started else 0.0
+
+    def in_flight(self) -> int:
+        """Messages in the handler now."""
+        return sum(1 for since, _, _ in self._entries() if since)
 
     @property
     def pid(self) -> int:
@@ -158,8 +187,11 @@ class Scoreboard:
         replaying its list, so what its predecessor left was never taken over."""
         if not self.get("replayed"):
             return None
-        size = int(self.get("running_length"))
-        return [bytes(self._map[_RUNNING_OFFSET : _RUNNING_OFFSET + size])] if size else []
+        return [
+            bytes(self._map[(w + 2) * 8 : (w + 2) * 8 + size])
+            for _, size, w in self._entries()
+            if size
+        ]
 
     @property
     def handled(self) -> int:
@@ -180,7 +212,7 @@ class Scoreboard:
             return "backoff" if self.get("next_start") > time.time() else "starting"
         if self.get("stopping"):
             return "stopping"
-        return "busy" if self.get("busy_since") else "idle"
+        return "busy" if self.in_flight() else "idle"
 
     def totals(self) -> dict[str, float]:
         """Cumulative counters for metrics."""

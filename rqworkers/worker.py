@@ -75,9 +75,14 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
         return ExitCode.STARTUP_FAILED
     queue = ReliableQueue(connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id)
     try:
+        if spec.pair.concurrency > 1 or handler.is_async:
+            from rqworkers.dispatch import ConcurrentWorker
+
+            return ConcurrentWorker(spec, handler, queue, board, stop).run()
         return Worker(spec, handler, queue, board, stop).run()
     finally:
         handler.teardown()
+        handler.close()
         queue.client.close()
 
 
@@ -141,7 +146,7 @@ class Worker:
 
     def run(self) -> int:
         code: int = ExitCode.OK
-        while not self.stop.set:
+        while self.keep_going():
             try:
                 result = self.step()
             except TRANSIENT_ERRORS as exc:
@@ -159,6 +164,16 @@ class Worker:
         self.finish()
         return code
 
+    def keep_going(self) -> bool:
+        return not self.stop.set
+
+    def parent_gone(self) -> int | None:
+        """ORPHANED if the manager that forked this worker is gone; checked when idle."""
+        if os.getppid() != self.spec.manager_pid:
+            log.warning("manager %d is gone; exiting", self.spec.manager_pid)
+            return ExitCode.ORPHANED
+        return None
+
     def step(self) -> int | None:
         """Handle at most one message. An exit code means: stop and recycle."""
         if self.needs_lease:
@@ -167,10 +182,7 @@ class Worker:
         if self.replaying:
             self.replay()
         if not self.batch and not self.fill_batch():
-            if os.getppid() != self.spec.manager_pid:
-                log.warning("manager %d is gone; exiting", self.spec.manager_pid)
-                return ExitCode.ORPHANED
-            return None
+            return self.parent_gone()
         delivery, lost_reason = self.batch.popleft()
         timed_out = self.deliver(delivery, lost_reason)
         if timed_out:

@@ -1,0 +1,227 @@
+"""Many messages at once in one worker process, for handlers that wait (HTTP, SMTP, a DB).
+
+With `concurrency = N` a worker keeps up to N deliveries in its handler: coroutines on the
+handler's event loop for an `async def` handler, else a pool of N threads. This module's
+loop runs in the worker's main thread and owns every Redis call; handlers never touch the
+queue. Deliveries settle in any order as each finishes: every envelope is unique, so an ack
+or a retry names exactly its own delivery wherever it sits in the private list.
+
+Timeouts: a coroutine is cancelled at its `timeout` and fails like any error; the worker
+keeps going. A thread cannot be interrupted: past its `timeout` its delivery is settled as
+a timeout failure, the worker takes nothing new, lets the others finish and recycles; if the
+thread is still stuck `timeout_grace` later, the manager kills the process, as it does when
+a coroutine blocks the loop (the scoreboard shows the oldest running message's age).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rqworkers.errors import ExitCode, MessageTimeout
+from rqworkers.handlers import Handler
+from rqworkers.queue import Delivery
+from rqworkers.worker import LOST_WORKER, Worker
+
+log = logging.getLogger(__name__)
+
+POLL = 0.05  # seconds between looks for new messages while others are in flight
+
+
+@dataclass(frozen=True)
+class Outcome:
+    error: BaseException | None
+    seconds: float  # time in the handler, callbacks not included
+
+
+@dataclass(frozen=True)
+class Running:
+    delivery: Delivery
+    entry: int  # its scoreboard entry
+    deadline: float  # monotonic seconds
+
+
+Job = Callable[[bytes], "cf.Future[Outcome]"]
+
+
+def thread_jobs(handler: Handler, threads: int) -> tuple[Job, Callable[[], None]]:
+    """Submit deliveries to a pool of `threads`; and a function that lets the pool go."""
+    pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="handler")
+
+    def run(payload: bytes) -> Outcome:
+        started = time.monotonic()
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            result = handler.handle(payload)
+        except Exception as exc:
+            error = exc
+        seconds = time.monotonic() - started
+        if handler.has_callbacks:
+            if error is None:
+                handler.on_success(payload, result)
+            else:
+                handler.on_failure(payload, error)
+        return Outcome(error, seconds)
+
+    return (lambda payload: pool.submit(run, payload)), lambda: pool.shutdown(wait=False)
+
+
+def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], None]]:
+    """Run deliveries as coroutines on the handler's loop, each cancelled at `timeout`."""
+
+    async def callback(name: str, *args: Any) -> None:
+        method = handler.method(name)
+        if method is None:
+            return
+        try:
+            result = method(*args)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception("handler %s.%s() raised; ignored", handler.path, name)
+
+    async def run(payload: bytes) -> Outcome:
+        started = time.monotonic()
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            result = await asyncio.wait_for(handler.handle(payload), timeout)
+        except TimeoutError as exc:
+            # wait_for's own, or one the handler raised: only the first is a timeout
+            late = time.monotonic() - started >= timeout
+            error = MessageTimeout() if late else exc
+        except Exception as exc:
+            error = exc
+        seconds = time.monotonic() - started
+        if error is None:
+            await callback("on_success", payload, result)
+        else:
+            await callback("on_failure", payload, error)
+        return Outcome(error, seconds)
+
+    loop = handler.loop
+    return (lambda payload: asyncio.run_coroutine_threadsafe(run(payload), loop)), lambda: None
+
+
+class ConcurrentWorker(Worker):
+    """`Worker`'s replay, taking and settling, with up to `concurrency` handlers at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        n = self.pair.concurrency
+        if self.handler.is_async:
+            self.submit, self.release = coroutine_jobs(self.handler, self.pair.timeout)
+        else:
+            self.submit, self.release = thread_jobs(self.handler, n)
+        self.running: dict[cf.Future[Outcome], Running] = {}
+        self.free_entries = list(range(n - 1, -1, -1))  # scoreboard entries, 0 first
+        self.exit_code: int | None = None  # set once draining: take nothing new
+        self.next_look = 0.0  # monotonic time of the next non-blocking take
+
+    def keep_going(self) -> bool:
+        return not self.stop.set or bool(self.running)
+
+    def step(self) -> int | None:
+        if self.stop.set and self.exit_code is None:
+            self.exit_code = ExitCode.OK
+        if self.needs_lease:
+            self.queue.take_lease(self.spec.lease_ttl)
+            self.needs_lease = False
+        if self.replaying:
+            self.replay()
+            mine = {r.delivery.element for r in self.running.values()}
+            self.batch = type(self.batch)(x for x in self.batch if x[0].element not in mine)
+        self.start_what_fits()
+        if not self.running:
+            if self.exit_code is not None:
+                return self.exit_code
+            if not self.batch and not self.fill_batch():  # nothing in flight: may block
+                return self.parent_gone()
+            return None
+        self.settle_finished()
+        self.look_for_more()
+        return None
+
+    def start_what_fits(self) -> None:
+        while self.batch and self.free_entries and self.exit_code is None:
+            delivery, lost_reason = self.batch.popleft()
+            if delivery.attempts >= self.pair.max_attempts:
+                self.deliver(delivery, lost_reason)  # dead-lettered unhandled
+                continue
+            entry = self.free_entries.pop()
+            now = time.monotonic()
+            self.board.busy(delivery.id, now, entry)
+            future = self.submit(delivery.payload)
+            self.running[future] = Running(delivery, entry, now + self.pair.timeout)
+
+    def settle_finished(self) -> None:
+        """Wait until one delivery finishes, a thread's deadline passes, or it is time to
+        look for more messages; settle what finished."""
+        now = time.monotonic()
+        room = len(self.free_entries) > len(self.batch) and self.exit_code is None
+        until = [self.next_look if room else now + 1.0]
+        if not self.handler.is_async:  # coroutines are cancelled on their loop
+            until += [r.deadline for r in self.running.values()]
+        wait = max(0.0, min(until) - now)
+        done, _ = cf.wait(self.running, timeout=wait, return_when=cf.FIRST_COMPLETED)
+        for future in done:
+            self.settle(future)
+        now = time.monotonic()
+        for future, running in list(self.running.items()):
+            if now >= running.deadline and not self.handler.is_async:
+                self.abandon(future, running)
+
+    def settle(self, future: cf.Future[Outcome]) -> None:
+        running = self.running.pop(future)
+        outcome = future.result()
+        delivery = running.delivery
+        self.board.idle(outcome.error is not None, outcome.seconds, running.entry)
+        self.free_entries.append(running.entry)
+        self.finished += 1
+        if outcome.error is None:
+            self.outbox.ack(delivery, time.monotonic())
+        else:
+            self.outbox.fail(self.failure(delivery, outcome.error, delivery.attempts + 1))
+        if self.max_requests and self.finished >= self.max_requests and self.exit_code is None:
+            log.info("handled %d messages; recycling", self.finished)
+            self.exit_code = ExitCode.MAX_REQUESTS
+
+    def abandon(self, future: cf.Future[Outcome], running: Running) -> None:
+        """A thread ran past its timeout: settle its delivery as a timeout failure, take
+        nothing new, and recycle once the others finish. Its scoreboard entry stays busy,
+        so the manager kills the process if the thread outlives `timeout_grace` too."""
+        del self.running[future]
+        delivery = running.delivery
+        self.finished += 1
+        error = MessageTimeout()
+        self.outbox.fail(self.failure(delivery, error, delivery.attempts + 1))
+        log.error(
+            "a handler thread ran past %gs; recycling once the others finish", self.pair.timeout
+        )
+        self.exit_code = ExitCode.TIMEOUT
+
+    def look_for_more(self) -> None:
+        """Take more without blocking when there is room, at most every POLL seconds."""
+        room = len(self.free_entries) - len(self.batch)
+        now = time.monotonic()
+        if self.exit_code is not None or room <= 0 or now < self.next_look:
+            return
+        self.next_look = now + POLL
+        limit = min(self.pair.prefetch, room)
+        if self.max_requests:
+            limit = min(limit, self.max_requests - self.finished - len(self.running))
+        if limit > 0:
+            taken = self.outbox.take(limit)
+            self.batch.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
+        elif self.outbox.acks_overdue(now):
+            self.outbox.flush()
+
+    def finish(self) -> None:
+        super().finish()
+        self.release()
