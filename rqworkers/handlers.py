@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,18 @@ class Handler:
             method(*args)
         except Exception:
             log.exception("handler %s.%s() raised; ignored", self.path, name)
+
+
+def startup_failure(exc: Exception) -> tuple[str, str]:
+    """Why a handler could not start, for the log: `Type: message`, then the traceback
+    (of the import's cause, for a module that fails to import), or "" where the message
+    says it all (a path that names nothing callable)."""
+    cause = exc.__cause__ if isinstance(exc, HandlerError) else exc
+    if cause is None:
+        return str(exc), ""
+    lines = traceback.format_exception(cause)
+    summary = str(exc) if isinstance(exc, HandlerError) else f"{type(exc).__name__}: {exc}"
+    return summary, "\n" + "".join(lines).rstrip()
 
 
 def verify(path: str) -> str | None:
