@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+import setproctitle
+
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect
 from rqworkers.errors import ExitCode, MessageTimeout
-from rqworkers.handlers import Handler
+from rqworkers.handlers import Handler, startup_failure
 from rqworkers.process import StopFlag
 from rqworkers.queue import TRANSIENT_ERRORS, ReliableQueue
 from rqworkers.scoreboard import Scoreboard
@@ -58,17 +60,29 @@ class WorkerSpec:
 
 
 def main(spec: WorkerSpec, board: Scoreboard) -> int:
-    """The worker process's entry point; returns its exit code."""
-    stop = _install_signals()
+    """The worker process's entry point; returns its exit code.
+
+    Until the handler is imported and its setup() has returned, SIGTERM and SIGINT keep
+    the default action the fork left them: a setup that hangs, in Python or in C, stops at
+    once. Only then does SIGTERM become a request to finish the message in hand. The
+    manager ends a setup that runs past `setup_timeout`.
+    """
+    setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
     try:
         handler = Handler(spec.pair.handler)
         handler.setup()
     except Exception as exc:
-        log.error("cannot start handler %s: %s", spec.pair.handler, exc)
+        log.error("cannot start handler %s: %s%s", spec.pair.handler, *startup_failure(exc))
         return ExitCode.STARTUP_FAILED
+    stop = _install_signals()
+    board.ready()
     queue = ReliableQueue(connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id)
     try:
-        return Worker(spec, handler, queue, board, stop).run()
+        worker = Worker(spec, handler, queue, board, stop)
+        # Its outages are published, so that `/healthz` and `status` can tell them.
+        worker.outage.report = board.waiting
+        return worker.run()
     finally:
         handler.teardown()
         queue.client.close()
@@ -83,7 +97,6 @@ def _install_signals() -> StopFlag:
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
     signal.signal(signal.SIGALRM, _raise_timeout)
     return stop
 
