@@ -145,9 +145,7 @@ class Scoreboard:
     def set_pid(self, pid: int) -> None:
         self._set("pid", pid)
 
-    def worker_ended(
-        self, reason: str, recycle: str, next_start: float, failures: int = 0
-    ) -> None:
+    def worker_ended(self, reason: str, recycle: str, next_start: float, failures: int = 0) -> None:
         """Record why the worker ended (`recycle` is one of RECYCLE_REASONS or ''), and the
         slot's consecutive `failures` so far (0 after a normal exit)."""
         self._set("pid", 0)
