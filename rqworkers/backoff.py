@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import redis
 
+from rqworkers.connections import tls_hint
+
 log = logging.getLogger(__name__)
 
 # Seconds between two attempts while a Redis fails, at most. It bounds both sides: a dead
@@ -108,4 +110,5 @@ def describe(exc: Exception) -> str:
         # ReadOnlyError, NoPermissionError...), which its message may leave out.
         return f"Redis replied with an error ({type(exc).__name__}): {exc}"
     text = " ".join(str(exc).split())  # one line, whatever redis-py put in it
-    return f"{type(exc).__name__}: {text}"
+    hint = tls_hint(exc)
+    return f"{type(exc).__name__}: {text}" + (f" ({hint})" if hint else "")

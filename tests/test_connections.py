@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from rqworkers import config, connections
+from rqworkers.backoff import describe
 from rqworkers.connections import (
     TRANSIENT_ERRORS,
     connect,
@@ -629,3 +630,54 @@ def test_a_read_only_replica_is_waited_out_until_it_is_promoted(
     replica.client().execute_command("REPLICAOF", "NO", "ONE")
     wait_done(bookkeeper, set(messages))
     assert sorted(done(bookkeeper)) == sorted(messages), "each handled once"
+
+
+# -- errors that say what is wrong, fast ---------------------------------------------------------
+
+
+def test_no_sentinel_answering_is_one_line_naming_each_sentinel_and_fast(
+    bookkeeper: RedisServer, tmp_path: Path
+) -> None:
+    ports = [free_port() for _ in range(3)]  # nothing listens there
+    url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/mymaster"
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError) as caught:
+        connect(url, timeout=1.0).ping()
+    assert time.monotonic() - started < 1.0, "no retries, no backoff"
+    message = str(caught.value)
+    assert message.startswith("no master 'mymaster' from 3 sentinel(s): 127.0.0.1:")
+    assert all(f"127.0.0.1:{p} ConnectionError" in message for p in ports), message
+    assert "\n" not in message and "<redis" not in message and len(message) < 600, message
+
+    started = time.monotonic()
+    result = check(tmp_path, url, "jobs", bookkeeper)
+    took = time.monotonic() - started
+    print(f"\ncheck took {took:.2f}s: {result.stderr.strip()}")
+    assert result.returncode == 1 and took < 5.0, (took, result)
+    assert len(result.stderr) < 1000 and "<redis" not in result.stderr, result.stderr
+
+
+def test_tls_errors_name_their_likely_cause_and_honour_the_connect_timeout(
+    processes: Processes, bookkeeper: RedisServer, certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    if not server_supports_tls():
+        pytest.skip("this redis-server was built without TLS")
+    server = Server(processes, tmp_path / "tls", tls_server_args(certificates), tls=True).start()
+    wait_for(lambda: _answers(connect(tls_url(server.port, certificates), timeout=2.0)))
+    with pytest.raises(redis.ConnectionError) as no_certificate:
+        connect(tls_url(server.port, certificates, client_cert=False), timeout=2.0).ping()
+    said = describe(no_certificate.value)
+    assert "requires a client certificate" in said and "ssl_certfile and ssl_keyfile" in said
+
+    plain = Server(processes, tmp_path / "plain").start()
+    for timeout, client in ((1.0, connect(f"rediss://127.0.0.1:{plain.port}/0", timeout=1.0)),
+                            (5.0, connect(f"rediss://127.0.0.1:{plain.port}/0"))):  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError) as no_answer:
+            client.ping()
+        took = time.monotonic() - started
+        assert timeout <= took < timeout + 1.0, f"{took:.2f}s for a {timeout:g}s connect timeout"
+        assert f"TLS handshake with 127.0.0.1:{plain.port} got no answer within {timeout:g}s" in (
+            str(no_answer.value)
+        )
+        assert "use redis:// instead of rediss://" in str(no_answer.value)
