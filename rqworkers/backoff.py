@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import redis
 
-from rqworkers.connections import tls_hint
-
 log = logging.getLogger(__name__)
 
 # Seconds between two attempts while a Redis fails, at most. It bounds both sides: a dead
@@ -100,7 +98,7 @@ class Outage:
 
 def describe(exc: Exception) -> str:
     """Name the cause of a Redis failure for an operator, in one line: refused, timed out,
-    a TLS mismatch, or Redis's reply."""
+    or Redis's reply (the clients of `connections` put TLS causes in their messages)."""
     if isinstance(exc, redis.exceptions.OutOfMemoryError):
         return f"Redis out of memory (maxmemory reached, nothing evictable): {exc}"
     if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
@@ -110,5 +108,4 @@ def describe(exc: Exception) -> str:
         # ReadOnlyError, NoPermissionError...), which its message may leave out.
         return f"Redis replied with an error ({type(exc).__name__}): {exc}"
     text = " ".join(str(exc).split())  # one line, whatever redis-py put in it
-    hint = tls_hint(exc)
-    return f"{type(exc).__name__}: {text}" + (f" ({hint})" if hint else "")
+    return f"{type(exc).__name__}: {text}"

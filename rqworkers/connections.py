@@ -271,14 +271,21 @@ def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def tls_hint(exc: BaseException) -> str | None:
+def _tls_hint(exc: BaseException) -> str | None:
     """The likely cause of a TLS failure that redis-py reports only as a broken socket.
 
     A server with `tls-auth-clients yes` accepts the handshake, then closes the connection
-    when the client has sent no certificate it trusts: the client sees an EOF.
+    when the client has sent no certificate it trusts: the client sees an EOF, or the alert
+    that says so without naming the arguments that give one.
     """
     cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ssl.SSLEOFError) or "EOF occurred in violation of protocol" in str(exc):
+    text = str(exc)
+    # Which one the client sees depends on timing: the server's TLS 1.3 alert, or its EOF.
+    if (
+        isinstance(cause, ssl.SSLEOFError)
+        or "EOF occurred in violation of protocol" in text
+        or "CERTIFICATE_REQUIRED" in text
+    ):
         return (
             "the server closed the TLS connection: it most likely requires a client "
             "certificate it trusts; give ssl_certfile and ssl_keyfile (and ssl_ca_certs for "
@@ -312,6 +319,17 @@ class _TlsConnection(SSLConnection):
             raise
         tls.settimeout(self.socket_timeout)
         return tls
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        """redis-py's first commands on a new connection, with the likely cause added to an
+        EOF: that is where a server wanting a client certificate closes the connection."""
+        try:
+            super().on_connect_check_health(check_health=check_health)
+        except redis.ConnectionError as exc:
+            hint = _tls_hint(exc)
+            if hint is None:
+                raise
+            raise redis.ConnectionError(f"{exc} ({hint})") from exc
 
 
 class _SentinelTlsConnection(SentinelManagedConnection, _TlsConnection):

@@ -24,7 +24,6 @@ import pytest
 import redis
 
 from rqworkers import config, connections
-from rqworkers.backoff import describe
 from rqworkers.connections import (
     TRANSIENT_ERRORS,
     connect,
@@ -666,8 +665,10 @@ def test_tls_errors_name_their_likely_cause_and_honour_the_connect_timeout(
     wait_for(lambda: _answers(connect(tls_url(server.port, certificates), timeout=2.0)))
     with pytest.raises(redis.ConnectionError) as no_certificate:
         connect(tls_url(server.port, certificates, client_cert=False), timeout=2.0).ping()
-    said = describe(no_certificate.value)
+    said = str(no_certificate.value)
     assert "requires a client certificate" in said and "ssl_certfile and ssl_keyfile" in said
+    result = check(tmp_path, tls_url(server.port, certificates, False), "jobs", bookkeeper)
+    assert result.returncode == 1 and "requires a client certificate" in result.stderr
 
     plain = Server(processes, tmp_path / "plain").start()
     for timeout, client in ((1.0, connect(f"rediss://127.0.0.1:{plain.port}/0", timeout=1.0)),
