@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import redis
 
+from rqworkers.backoff import RETRY_CAP, Outage, describe
 from rqworkers.queue import Keys
 from tests.support import RedisServer, Service, free_port, wait_for
 from tests.test_operate import cli, lrange, scrape
@@ -192,3 +194,31 @@ def test_exits_in_mid_message_are_named_with_their_true_code(
     # Each message counted as delivered once, and its worker's exit is its reason.
     wait_for(lambda: len(lrange(redis_server, "jobs:dead")) == 2, what="both dead-lettered")
     assert "after 1 deliveries: exited mid-message (exit code 0)" in svc.output()
+
+
+# -- the pieces, without processes ---------------------------------------------------------------
+
+
+def test_an_outage_reports_each_cause_then_its_end_and_retries_at_least_every_second() -> None:
+    reports: list[str | None] = []
+    outage = Outage("redis at test", report=reports.append)
+    refused = redis.exceptions.AuthenticationError("invalid username-password pair")
+    outage.record(refused)
+    outage.record(redis.exceptions.OutOfMemoryError("command not allowed when used memory"))
+    assert outage.over() and not outage.over()
+    assert reports == [
+        "Redis refused the credentials or a permission (AuthenticationError): "
+        "invalid username-password pair",
+        "Redis out of memory (maxmemory reached, nothing evictable): "
+        "command not allowed when used memory",
+        None,
+    ]
+    assert max(outage.backoff.compute(n) for n in range(1, 200)) <= RETRY_CAP == 1.0
+
+
+def test_a_long_redis_error_is_described_on_one_line() -> None:
+    error = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1.\n  Connection refused.")
+    assert (
+        describe(error)
+        == "ConnectionError: Error 111 connecting to 127.0.0.1:1. Connection refused."
+    )
