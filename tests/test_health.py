@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 
 from rqworkers.backoff import RETRY_CAP, Outage, describe
@@ -90,6 +91,42 @@ def svc_worker_id(svc: Service) -> str:
     node = re.search(r"starting on node (\S+)", svc.output())
     assert node is not None
     return f"{node.group(1)}:1"
+
+
+def refuse_the_password(server: RedisServer) -> str:
+    server.client().execute_command("ACL", "SETUSER", "app", "on", ">right", "~*", "&*", "+@all")
+    return f"redis://app:wrong@127.0.0.1:{server.port}/0"
+
+
+def fill_the_memory(server: RedisServer) -> str:
+    client = server.client()
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", "1mb")  # the server runs with noeviction
+    return server.url
+
+
+@pytest.mark.parametrize(
+    ("break_redis", "reason"),
+    [
+        (
+            refuse_the_password,
+            "Redis refused the credentials or a permission (AuthenticationError)",
+        ),
+        (fill_the_memory, "Redis out of memory (maxmemory reached, nothing evictable)"),
+    ],
+)
+def test_healthz_names_a_redis_that_answers_but_refuses(
+    service: StartService,
+    redis_server: RedisServer,
+    break_redis: Callable[[RedisServer], str],
+    reason: str,
+) -> None:
+    port = free_port()
+    url = break_redis(redis_server)
+    service([{"queue": "jobs", "handler": OPS, "host": url}], manager=manager_with_metrics(port))
+    body = wait_health(port, 503)
+    wait_for(lambda: reason in str(healthz(port)[1].get("reason")), what=reason)
+    assert "jobs-1 is waiting out a Redis error" in str(healthz(port)[1]["reason"]), body
 
 
 def test_a_missing_permission_shows_in_status_and_healthz_with_its_reason(
