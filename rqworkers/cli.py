@@ -135,15 +135,17 @@ def reload(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def show_status(cfg: config.Config, args: argparse.Namespace) -> int:
+    statuses: list[status.PairStatus] = []
+
     def render() -> str:
-        statuses = status.collect(cfg)
+        statuses[:] = status.collect(cfg)
         return status.as_json(statuses) + "\n" if args.json else status.as_text(statuses)
 
     if args.watch:
         status.watch(render, args.watch, sys.stdout)
     else:
         sys.stdout.write(render())
-    return ExitCode.OK
+    return status.exit_code(statuses)
 
 
 def dead_list(cfg: config.Config, args: argparse.Namespace) -> int:

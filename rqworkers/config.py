@@ -122,6 +122,7 @@ class PairSettings(_Section):
     max_requests_jitter: int = Field(0, ge=0)
     timeout: float = Field(30.0, gt=0)
     timeout_grace: float = Field(5.0, ge=0)
+    setup_timeout: float = Field(60.0, gt=0)  # seconds the handler's setup() may take
     soft_memory_limit: Size = 0
     hard_memory_limit: Size = 0
     max_attempts: int = Field(5, ge=1)

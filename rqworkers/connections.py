@@ -13,15 +13,22 @@ Query arguments go to redis-py (`ssl_ca_certs`, `ssl_certfile`, ...), except
 never written in the config, the environment or a URL.
 
 Every client is made so that its failures surface at once: redis-py's own retry is off,
-because a retried `BLMOVE` could move a second message while the first reply was lost. The
-worker backs off instead and replays its private list, which holds every message whatever
-happened to the reply.
+the clients that ask the sentinels included, because a retried `BLMOVE` could move a
+second message while the first reply was lost, and retries with backoff only delay a
+failover (and `check`). The worker backs off instead and replays its private list, which
+holds every message whatever happened to the reply.
+
+Errors are made to say what is wrong in one line: which sentinels were asked and what
+each answered, a TLS handshake that got no answer (a plain-TCP port), a server that wants
+a client certificate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -30,10 +37,11 @@ import redis
 from redis._parsers import Encoder
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import Connection, SSLConnection
 from redis.connection import parse_url as _redis_parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
 Client = redis.Redis | RedisCluster
 
@@ -256,24 +264,125 @@ def connect(url: str, block_timeout: float = 1.0, *, timeout: float | None = Non
         startup = [ClusterNode(h, p) for h, p in target.nodes[1:]]  # type: ignore[no-untyped-call]
         return _LazyCluster(url=target.url, startup_nodes=startup, **settings)
     settings["health_check_interval"] = 30
-    settings["retry"] = Retry(NoBackoff(), 0)
+    settings["retry"] = no_retry()
     if target.kind == "sentinel":
         options = parse_url(target.url)
         for key in ("host", "port", "connection_class"):
             options.pop(key, None)
         if target.tls:
-            options["ssl"] = True
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            options["connection_class"] = _SentinelTlsConnection
+        asking = {k: v for k, v in settings.items() if k.startswith("socket_")}
+        sentinel = _Sentinel(  # type: ignore[no-untyped-call]
             list(target.nodes),
-            sentinel_kwargs={k: v for k, v in settings.items() if k.startswith("socket_")},
+            sentinel_kwargs={**asking, "retry": no_retry()},
             **{**settings, **options},
         )
         master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             target.service, redis_class=redis.Redis
         )
         return master
+    if target.tls:
+        settings["connection_class"] = _TlsConnection
     # Query arguments of the URL win over these keywords (redis-py's rule).
     return redis.Redis.from_url(target.url, **settings)
+
+
+def no_retry() -> Retry:
+    """redis-py's retry policy for "never": a command fails at its first error."""
+    return Retry(NoBackoff(), 0)
+
+
+def _tls_hint(exc: BaseException) -> str | None:
+    """The likely cause of a TLS failure that redis-py reports only as a broken socket.
+
+    A server with `tls-auth-clients yes` accepts the handshake, then closes the connection
+    when the client has sent no certificate it trusts: the client sees an EOF, or the alert
+    that says so without naming the arguments that give one.
+    """
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc)
+    # Which one the client sees depends on timing: the server's TLS 1.3 alert, or its EOF.
+    if (
+        isinstance(cause, ssl.SSLEOFError)
+        or "EOF occurred in violation of protocol" in text
+        or "CERTIFICATE_REQUIRED" in text
+    ):
+        return (
+            "the server closed the TLS connection: it most likely requires a client "
+            "certificate it trusts; give ssl_certfile and ssl_keyfile (and ssl_ca_certs for "
+            "the server's CA) in the host URL's query"
+        )
+    return None
+
+
+class _TlsConnection(SSLConnection):
+    """redis-py's TLS connection, with the handshake bounded by the connect timeout.
+
+    redis-py runs the handshake under the (longer) reply timeout and reports it as a
+    timeout to connect: pointed at a plain-TCP port, which never answers a ClientHello,
+    `rediss://` then hangs 11 s and says nothing of TLS.
+    """
+
+    def _connect(self) -> socket.socket:
+        sock: socket.socket = Connection._connect(self)  # type: ignore[no-untyped-call]
+        sock.settimeout(self.socket_connect_timeout)
+        try:
+            tls: socket.socket = self._wrap_socket_with_ssl(sock)  # type: ignore[no-untyped-call]
+        except TimeoutError as exc:  # socket.timeout
+            sock.close()
+            raise redis.TimeoutError(
+                f"the TLS handshake with {self.host}:{self.port} got no answer within "
+                f"{self.socket_connect_timeout:g}s: is that a plain (non-TLS) port? "
+                "For a server without TLS, use redis:// instead of rediss://"
+            ) from exc
+        except (OSError, redis.RedisError):
+            sock.close()
+            raise
+        tls.settimeout(self.socket_timeout)
+        return tls
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        """redis-py's first commands on a new connection, with the likely cause added to an
+        EOF: that is where a server wanting a client certificate closes the connection."""
+        try:
+            super().on_connect_check_health(check_health=check_health)
+        except redis.ConnectionError as exc:
+            hint = _tls_hint(exc)
+            if hint is None:
+                raise
+            raise redis.ConnectionError(f"{exc} ({hint})") from exc
+
+
+class _SentinelTlsConnection(SentinelManagedConnection, _TlsConnection):
+    """A connection to the master that the sentinels name, over TLS (see `_TlsConnection`)."""
+
+
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel, whose failure to find the master says in one line which
+    sentinels were asked and what each said (redis-py's message holds the whole repr of
+    every client: kilobytes per line)."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = []
+        for number, sentinel in enumerate(self.sentinels):
+            kwargs = sentinel.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host')}:{kwargs.get('port')}"
+            try:
+                masters = sentinel.sentinel_masters()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                answers.append(f"{where} {type(exc).__name__}: {' '.join(str(exc).split())}")
+                continue
+            state = masters.get(service_name) if isinstance(masters, dict) else None
+            if state is None:
+                answers.append(f"{where} knows no master {service_name!r}")
+            elif not self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
+                answers.append(f"{where} sees master {service_name!r} down")
+            else:
+                self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
+                return str(state["ip"]), int(state["port"])
+        raise MasterNotFoundError(
+            f"no master {service_name!r} from {len(answers)} sentinel(s): " + "; ".join(answers)
+        )
 
 
 class _LazyCluster(RedisCluster):

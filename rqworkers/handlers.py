@@ -17,6 +17,7 @@ import importlib
 import inspect
 import logging
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,18 @@ class Handler:
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def startup_failure(exc: Exception) -> tuple[str, str]:
+    """Why a handler could not start, for the log: `Type: message`, then the traceback
+    (of the import's cause, for a module that fails to import), or "" where the message
+    says it all (a path that names nothing callable)."""
+    cause = exc.__cause__ if isinstance(exc, HandlerError) else exc
+    if cause is None:
+        return str(exc), ""
+    lines = traceback.format_exception(cause)
+    summary = str(exc) if isinstance(exc, HandlerError) else f"{type(exc).__name__}: {exc}"
+    return summary, "\n" + "".join(lines).rstrip()
 
 
 def verify(path: str) -> str | None:

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 
 import psutil
+import setproctitle
 
-from rqworkers.backoff import Outage
+from rqworkers.backoff import RETRY_CAP, Outage
 from rqworkers.config import redact
 from rqworkers.connections import Client, connect
 from rqworkers.errors import ExitCode
@@ -78,6 +79,7 @@ class KeeperSpec:
 
 
 def main(spec: KeeperSpec) -> int:
+    setproctitle.setproctitle("rqworkers: keeper")
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     # A terminal's Ctrl-C reaches the manager's whole group, this process included: the
@@ -180,10 +182,11 @@ class Keeper:
             action(endpoint)
         except TRANSIENT_ERRORS as exc:
             endpoint.outage.record(exc)
+            now = time.monotonic()
+            # Back within a second of Redis answering again, whatever the renewal period.
+            endpoint.next_renew = min(endpoint.next_renew, now + RETRY_CAP)
             # Leases may have lapsed meanwhile: give every node a full TTL to renew first.
-            endpoint.next_reclaim = max(
-                endpoint.next_reclaim, time.monotonic() + self.spec.lease_ttl
-            )
+            endpoint.next_reclaim = max(endpoint.next_reclaim, now + self.spec.lease_ttl)
             return False
         endpoint.outage.over()
         return True
@@ -212,7 +215,8 @@ class Keeper:
             "manager_pid": self.spec.manager_pid,
             "pid": board.pid,
             "state": board.state(),
-            "handled": board.handled,
+            "waiting_for": board.waiting_reason,
+            "succeeded": board.succeeded,
             "failed": board.failed,
             "current_age": round(board.busy_for(), 3),
             "rss": self.rss(board.pid),

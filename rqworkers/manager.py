@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+import setproctitle
+
 from rqworkers import checks, config, logs, process
 from rqworkers.backoff import ExponentialBackoff
 from rqworkers.config import Config, PairSettings
@@ -53,6 +55,7 @@ class Manager:
     # -- the main loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        setproctitle.setproctitle("rqworkers: manager")
         self.install_signals()
         self.log_banner()
         self.write_pid_file()
@@ -328,30 +331,38 @@ class Manager:
             if slot.retiring:
                 self.slots.remove(slot)
                 self.restart_keeper()  # so that it no longer watches that slot
-            handled = slot.board.handled
+            succeeded, failed = slot.board.succeeded, slot.board.failed
             reason = slot.ended(status, time.monotonic(), self.backoff)
             delay = max(0.0, slot.next_start - time.monotonic())
             level = logging.WARNING if slot.failures else logging.INFO
             log.log(
                 level,
-                "%s %d exited: %s (handled %d)%s",
+                "%s %d exited: %s (succeeded %d, failed %d)%s",
                 slot.name,
                 pid,
                 reason,
-                handled,
+                succeeded,
+                failed,
                 f"; restarting in {delay:.1f}s" if delay > 0 and not self.stopping else "",
             )
 
     def enforce_limits(self) -> None:
-        """Recycle workers over their memory limits or stuck past their timeout.
+        """Recycle workers over their memory limits or stuck past their timeout, and end
+        those whose handler's setup() ran past `setup_timeout`: a failed start, restarted
+        with backoff.
 
         A worker already asked to stop is still watched: one that keeps growing after its
         soft-limit SIGTERM, or hangs, is SIGKILLed all the same.
         """
+        now = time.monotonic()
         for slot in self.slots:
             if slot.pid is None or slot.kill_sent:
                 continue
             pair = slot.pair
+            if not slot.board.get("ready") and now - slot.started_at > pair.setup_timeout:
+                reason = f"setup ran past setup_timeout ({pair.setup_timeout:g}s)"
+                self.kill_worker(slot, signal.SIGKILL, reason, "crash")
+                continue
             stuck_for = slot.board.busy_for()
             if stuck_for > pair.timeout + pair.timeout_grace:
                 reason = f"timeout (killed after {stuck_for:.1f}s)"

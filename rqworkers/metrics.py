@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LABELS = ["host", "queue"]
 RESTART_GRACE = 2.0  # seconds a slot may go without a worker between exit and respawn
+CRASH_LOOP = 2  # failures in a row (crashes, failed starts) that make a slot unhealthy
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = LABELS
         counters = {
-            "handled": ("rqworkers_messages_handled", "Messages whose handler finished."),
+            "succeeded": ("rqworkers_messages_succeeded", "Messages whose handler returned."),
             "failed": ("rqworkers_messages_failed", "Messages whose handler raised or timed out."),
             "retried": ("rqworkers_messages_retried", "Failed messages parked for a retry."),
             "dead_lettered": ("rqworkers_messages_dead_lettered", "Messages dead-lettered."),
@@ -144,24 +145,58 @@ class Metrics(Collector):
         yield from families.values()
 
 
-def health(targets: tuple[Target, ...], manager_pid: int) -> tuple[bool, dict[str, object]]:
-    """Healthy while the manager runs and every slot has a live worker or a stated backoff."""
+def health(
+    targets: tuple[Target, ...], manager_pid: int, now: float | None = None
+) -> tuple[bool, dict[str, object]]:
+    """Healthy while the manager runs and every pair has a worker consuming.
+
+    A slot between two workers after a normal exit (a recycle) is given `RESTART_GRACE`
+    seconds; one whose workers keep failing, or that waits out a Redis error, is not.
+    The body names, for each pair that cannot consume, why not.
+    """
     if os.getppid() != manager_pid:
         return False, {"status": "unhealthy", "reason": f"manager {manager_pid} is gone"}
-    now = time.time()
-    problems, backoff = [], []
+    now = time.time() if now is None else now
+    pairs: dict[tuple[str, str], list[str]] = {}
     for target in targets:
-        board = target.board
-        if board.pid:
-            continue
-        next_start = board.get("next_start")
-        if now < next_start:
-            backoff.append({"worker": target.name, "restart_in": round(next_start - now, 1)})
-        elif now > next_start + RESTART_GRACE:
-            problems.append(f"{target.name} has no worker and no backoff")
-    if problems:
-        return False, {"status": "unhealthy", "reason": "; ".join(problems)}
-    return True, {"status": "ok", "workers": len(targets), "backoff": backoff}
+        problems = pairs.setdefault((target.host, target.queue), [])
+        problem = _slot_problem(target, now)
+        if problem is not None:
+            problems.append(f"{target.name} {problem}")
+        else:
+            problems.append("")  # this slot consumes: the pair is fine
+    failing = {
+        f"{host}/{queue}": problems
+        for (host, queue), problems in pairs.items()
+        if "" not in problems
+    }
+    if failing:
+        reason = "; ".join(p for problems in failing.values() for p in problems)
+        return False, {"status": "unhealthy", "reason": reason, "pairs": failing}
+    return True, {"status": "ok", "workers": len(targets), "pairs": len(pairs)}
+
+
+def _slot_problem(target: Target, now: float) -> str | None:
+    """Why the slot has no worker consuming, or None if it has one (or is between two
+    after a normal exit, for less than `RESTART_GRACE` seconds)."""
+    board = target.board
+    state = board.state()
+    if state in ("idle", "busy", "stopping"):  # stopping: finishing its message, replaced next
+        return None
+    if state == "waiting":
+        return f"is waiting out a Redis error: {board.waiting_reason}"
+    failures = int(board.get("failures"))
+    last = f"last exit: {board.last_exit}" if board.last_exit else "no exit yet"
+    if failures >= CRASH_LOOP:
+        restart = board.get("next_start") - now
+        when = f", restart in {restart:.1f}s" if restart > 0 else ""
+        return f"keeps failing ({failures} times in a row, {last}{when})"
+    since = board.get("since") if board.pid else board.get("ended_at")
+    if now - since < RESTART_GRACE:
+        return None
+    if state == "starting" and board.pid:
+        return f"has been in its handler's setup() for {now - since:.1f}s"
+    return f"has no worker consuming ({state}, {last})"
 
 
 def serve(

@@ -74,6 +74,9 @@ def fork(child: Callable[[], int], name: str = "child", own_group: bool = False)
             _join_own_group(0)
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
         code = child() if attached else int(ExitCode.ORPHANED)
+    except SystemExit as exc:  # `sys.exit(n)` from user code: the exit code it asked for
+        code = exit_code_of(exc)
+        log.warning("%s called sys.exit(%r)", name, exc.code)
     except BaseException:
         log.exception("%s crashed", name)
     finally:
@@ -151,6 +154,13 @@ def _read_until_eof(fd: int, deadline: float) -> bytes | None:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def exit_code_of(exc: SystemExit) -> int:
+    """The code a process exits with after `exc`, as Python's own exit would pick it."""
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else int(ExitCode.FAILURE)
 
 
 def describe_exit(status: int) -> str:

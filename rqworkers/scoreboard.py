@@ -9,6 +9,10 @@ costs the worker a few memory writes per message and no system call.
 Counters are cumulative over every worker the slot has had, so metrics stay correct across
 recycling; a worker's own figures are the difference from a base taken at its start.
 Each field has a single writer (the worker or the manager), so no lock is needed.
+
+Counting words, one meaning each (README's "Metrics" says the same): a message *succeeded*
+when its handler returned, *failed* when it raised or ran past its timeout; every delivery
+that reached the handler is one or the other.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import time
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 RECYCLE_REASONS = ("max_requests", "timeout", "memory_soft", "memory_hard", "crash")
 
-_WORKER_COUNTERS = ("handled", "failed", "retried", "dead_lettered", "redis_errors")
-_REASON_BYTES = 120
+_WORKER_COUNTERS = ("succeeded", "failed", "retried", "dead_lettered", "redis_errors")
+_REASON_BYTES = 120  # per text field: the manager's last exit, the worker's Redis error
 # What is in the handler: one entry per message a worker runs at once (up to `concurrency`),
 # each the monotonic time it started (0: free), its id's length and the id.
 CAPACITY = 1000
@@ -34,6 +38,8 @@ def _layout() -> dict[str, int]:
     names = [
         "entries_used",  # worker: running entries ever used (readers look no further)
         "replayed",  # worker: 1 once it has replayed its private list (so `running` is known)
+        "ready",  # worker: 1 once its handler's setup() has returned
+        "waiting_since",  # worker: wall-clock start of the Redis error it waits out; 0 none
         *_WORKER_COUNTERS,  # worker: cumulative over the slot's life
         "duration_sum",  # worker: seconds spent in handlers
         *(f"bucket{i}" for i in range(len(DURATION_BUCKETS) + 1)),  # worker: cumulative
@@ -41,7 +47,9 @@ def _layout() -> dict[str, int]:
         "stopping",  # manager: 1 once it asked the worker to stop
         "since",  # manager: wall-clock start time of the live worker
         "next_start",  # manager: wall-clock time of the next start while in backoff
-        "handled_base",  # manager: `handled` when the live worker started
+        "ended_at",  # manager: wall-clock time the last worker ended
+        "failures",  # manager: the slot's consecutive failed starts or crashes
+        "succeeded_base",  # manager: `succeeded` when the live worker started
         "failed_base",
         *(f"recycled_{reason}" for reason in RECYCLE_REASONS),  # manager: cumulative
     ]
@@ -50,13 +58,14 @@ def _layout() -> dict[str, int]:
 
 _OFFSETS = _layout()
 _INDEX = {name: offset // 8 for name, offset in _OFFSETS.items()}
-_REASON_OFFSET = 8 * len(_OFFSETS)
-_ENTRIES_OFFSET = _REASON_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
+_REASON_OFFSET = 8 * len(_OFFSETS)  # written by the manager: why the last worker ended
+_WAITING_OFFSET = _REASON_OFFSET + _REASON_BYTES  # written by the worker: its Redis error
+_ENTRIES_OFFSET = _WAITING_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
 _SIZE = _ENTRIES_OFFSET + CAPACITY * _ENTRY_BYTES
-_FLOATS = {"duration_sum", "since", "next_start"}
+_FLOATS = {"duration_sum", "since", "next_start", "waiting_since", "ended_at"}
 # Indexes the per-message path uses, resolved once.
-_ENTRIES_USED, _HANDLED, _FAILED, _DURATION_SUM, _BUCKET0 = (
-    _INDEX[name] for name in ("entries_used", "handled", "failed", "duration_sum", "bucket0")
+_ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
+    _INDEX[name] for name in ("entries_used", "succeeded", "failed", "duration_sum", "bucket0")
 )
 _ENTRY_WORDS = _ENTRY_BYTES // 8
 _ENTRY0 = _ENTRIES_OFFSET // 8  # word index of entry 0: since (float), then id length
@@ -107,9 +116,7 @@ class Scoreboard:
         word = _ENTRY0 + entry * _ENTRY_WORDS
         ints[word + 1] = 0
         self._floats[word] = 0.0
-        ints[_HANDLED] += 1
-        if failed:
-            ints[_FAILED] += 1
+        ints[_FAILED if failed else _SUCCEEDED] += 1
         self._floats[_DURATION_SUM] += seconds
         ints[_BUCKET0 + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
@@ -120,6 +127,21 @@ class Scoreboard:
         """One more `retried`, `dead_lettered` or `redis_errors`."""
         self._add(event)
 
+    # -- written by the worker, when its state changes -------------------------------------
+
+    def ready(self) -> None:
+        """The handler's setup() has returned: the worker can consume."""
+        self._set("ready", 1)
+
+    def waiting(self, reason: str | None) -> None:
+        """The worker waits out a Redis error, for `reason`; None: Redis answers again."""
+        if reason is None:
+            self._set("waiting_since", 0.0)
+            return
+        self._write_text(_WAITING_OFFSET, reason)
+        if not self.get("waiting_since"):
+            self._set("waiting_since", time.time())
+
     # -- written by the manager -------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -127,26 +149,38 @@ class Scoreboard:
         self._clear_entries(ids=True)
         self._set("entries_used", 0)
         self._set("replayed", 0)
+        self._set("ready", 0)
+        self._set("waiting_since", 0.0)
         self._set("stopping", 0)
         self._set("since", time.time())
         self._set("next_start", 0.0)
-        self._set("handled_base", self.get("handled"))
+        self._set("succeeded_base", self.get("succeeded"))
         self._set("failed_base", self.get("failed"))
 
     def set_pid(self, pid: int) -> None:
         self._set("pid", pid)
 
-    def worker_ended(self, reason: str, recycle: str, next_start: float) -> None:
-        """Record why the worker ended (`recycle` is one of RECYCLE_REASONS or '')."""
+    def worker_ended(self, reason: str, recycle: str, next_start: float, failures: int = 0) -> None:
+        """Record why the worker ended (`recycle` is one of RECYCLE_REASONS or ''), and the
+        slot's consecutive `failures` so far (0 after a normal exit)."""
         self._set("pid", 0)
         self._clear_entries()
+        self._set("waiting_since", 0.0)
+        self._set("ready", 0)
         self._set("next_start", next_start)
+        self._set("ended_at", time.time())
+        self._set("failures", failures)
         if recycle:
             self._add(f"recycled_{recycle}")
-        encoded = reason.encode("utf-8", "replace")[: _REASON_BYTES - 1]
-        self._map[_REASON_OFFSET : _REASON_OFFSET + _REASON_BYTES] = encoded.ljust(
-            _REASON_BYTES, b"\0"
-        )
+        self._write_text(_REASON_OFFSET, reason)
+
+    def _write_text(self, offset: int, text: str) -> None:
+        encoded = text.encode("utf-8", "replace")[: _REASON_BYTES - 1]
+        self._map[offset : offset + _REASON_BYTES] = encoded.ljust(_REASON_BYTES, b"\0")
+
+    def _read_text(self, offset: int) -> str:
+        raw = self._map[offset : offset + _REASON_BYTES]
+        return raw.rstrip(b"\0").decode("utf-8", "replace")
 
     def _clear_entries(self, ids: bool = False) -> None:
         """Nothing counts as busy any more; with `ids`, forget what ran too (a dead worker's
@@ -194,24 +228,35 @@ class Scoreboard:
         ]
 
     @property
-    def handled(self) -> int:
-        """Messages handled by the live (or last) worker of the slot."""
-        return int(self.get("handled") - self.get("handled_base"))
+    def succeeded(self) -> int:
+        """Messages of the live (or last) worker of the slot whose handler returned."""
+        return int(self.get("succeeded") - self.get("succeeded_base"))
 
     @property
     def failed(self) -> int:
+        """Messages of the live (or last) worker whose handler raised or timed out."""
         return int(self.get("failed") - self.get("failed_base"))
 
     @property
     def last_exit(self) -> str:
-        raw = self._map[_REASON_OFFSET : _REASON_OFFSET + _REASON_BYTES]
-        return raw.rstrip(b"\0").decode("utf-8", "replace")
+        return self._read_text(_REASON_OFFSET)
+
+    @property
+    def waiting_reason(self) -> str | None:
+        """The Redis error the live worker is waiting out, or None."""
+        return self._read_text(_WAITING_OFFSET) if self.get("waiting_since") else None
 
     def state(self) -> str:
+        """`backoff`, `starting` (no worker yet, or in its handler's setup()), `stopping`,
+        `waiting` (out a Redis error), `busy` or `idle`."""
         if not self.pid:
             return "backoff" if self.get("next_start") > time.time() else "starting"
         if self.get("stopping"):
             return "stopping"
+        if not self.get("ready"):
+            return "starting"
+        if self.get("waiting_since"):
+            return "waiting"
         return "busy" if self.in_flight() else "idle"
 
     def totals(self) -> dict[str, float]:

@@ -21,7 +21,9 @@ from rqworkers.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
 
-HEALTHY_AFTER = 10.0  # seconds a worker must live for its slot's failure count to reset
+# Seconds a worker must live, once its handler's setup() returned, for its slot's failure
+# count to reset: a setup() that fails or hangs on every start is a crash loop, however slow.
+HEALTHY_AFTER = 10.0
 
 # Exits the slot expects in normal life: respawn at once, no backoff. Values: the reason
 # for the log, and the recycle kind for metrics (see `scoreboard.RECYCLE_REASONS`).
@@ -81,11 +83,19 @@ class Slot:
             self.process = None
 
     def ended(self, status: int, now: float, backoff: ExponentialBackoff) -> str:
-        """Record the death of the slot's worker; return the reason for the log."""
+        """Record the death of the slot's worker; return the reason for the log.
+
+        Read before the scoreboard is reset: a worker that dies while a message is in its
+        handler exited mid-message, whatever its exit code (`os._exit(0)` included).
+        """
         code = os.waitstatus_to_exitcode(status)
-        uptime = now - self.started_at
+        healthy = self.board.get("ready") and now - self.started_at >= HEALTHY_AFTER
         if self.stop_reason is not None:
-            reason, kind, crashed = self.stop_reason, self.stop_kind, False
+            # The manager's own kills are recycles, but for a failed start ("crash").
+            reason, kind = self.stop_reason, self.stop_kind
+            crashed = kind == "crash"
+        elif self.board.busy_for():
+            reason, kind, crashed = f"exited mid-message ({describe_exit(status)})", "crash", True
         elif code in _RECYCLES:
             (reason, kind), crashed = _RECYCLES[ExitCode(code)], False
         elif code in _EXIT_WORDS:
@@ -96,10 +106,10 @@ class Slot:
         running = self.board.running
         if not crashed:
             self.failures = 0
-        elif uptime >= HEALTHY_AFTER or self.board.handled or running:
+        elif healthy or self.board.succeeded or self.board.failed or running:
             # It did work: a message finished, or one was in the handler (a poison message,
             # which its attempts bound). Backoff is for deaths before any work, such as a
-            # bad import or a refused login.
+            # bad import, a refused login or a failing setup().
             self.failures = 1
         else:
             self.failures += 1
@@ -108,7 +118,7 @@ class Slot:
             self.previous_running = running
         delay = backoff.compute(self.failures)
         self.next_start = now + delay
-        self.board.worker_ended(reason, kind, time.time() + delay)
+        self.board.worker_ended(reason, kind, time.time() + delay, self.failures)
         self.pid = None
         self.process = None
         self.stop_reason = None
@@ -120,7 +130,7 @@ class Slot:
         self.failures += 1
         delay = backoff.compute(self.failures)
         self.next_start = now + delay
-        self.board.worker_ended(reason, "", time.time() + delay)
+        self.board.worker_ended(reason, "", time.time() + delay, self.failures)
         return delay
 
     def rss(self) -> int:

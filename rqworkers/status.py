@@ -3,6 +3,9 @@
 Workers publish their status as the value of their lease (see `keeper.py`), so this works
 from any machine that reaches Redis, for workers of every node. A host that cannot be
 reached is reported as such and the others are still shown.
+
+Exit codes (README, "Status"): 0 when every host answered, 1 when one or more could not be
+reached (or refused the reading); a config problem is 2, as for every command.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, TextIO
 
 from rqworkers.backoff import describe
 from rqworkers.config import Config, PairSettings
+from rqworkers.errors import ExitCode
 from rqworkers.queue import TRANSIENT_ERRORS, Snapshot, connect, snapshot
 
 
@@ -49,11 +53,16 @@ def _pair_status(pair: PairSettings, clients: dict[str, Any], errors: dict[str, 
         return PairStatus(pair.endpoint, pair.queue, None, errors[pair.url])
 
 
+def exit_code(statuses: list[PairStatus]) -> int:
+    """0 if every host answered, 1 if any could not be read."""
+    return ExitCode.FAILURE if any(s.error for s in statuses) else ExitCode.OK
+
+
 def as_json(statuses: list[PairStatus]) -> str:
     return json.dumps([asdict(s) for s in statuses], indent=2, default=str)
 
 
-_COLUMNS = ("WORKER", "NODE", "PID", "STATE", "HANDLED", "FAILED", "CURRENT", "RSS", "UPTIME")
+_COLUMNS = ("WORKER", "NODE", "PID", "STATE", "SUCCEEDED", "FAILED", "CURRENT", "RSS", "UPTIME")
 
 
 def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
@@ -72,7 +81,7 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
             f"retrying {snap.retrying}  dead {snap.dead}  "
             "(oldest waiting: unknown, payloads carry no timestamp)"
         )
-        rows: list[tuple[str, ...]] = [(*_COLUMNS, "LAST EXIT")]
+        rows: list[tuple[str, ...]] = [(*_COLUMNS, "NOTE")]
         for w in sorted(snap.workers, key=lambda w: (str(w.get("node")), str(w.get("name")))):
             rows.append(_worker_row(w, now))
         if len(rows) == 1:
@@ -94,13 +103,21 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
         str(w.get("node", "?")),
         str(w.get("pid", "?")),
         str(w.get("state", "?")),
-        str(w.get("handled", "?")),
+        str(w.get("succeeded", "?")),
         str(w.get("failed", "?")),
         f"{current:.1f}s" if current else "-",
         f"{int(w.get('rss') or 0) // (1024 * 1024)}MB",
         _duration(now - since) if since else "?",
-        str(w.get("last_exit") or "-"),
+        _note(w),
     )
+
+
+def _note(w: dict[str, Any]) -> str:
+    """What an operator should know beyond the numbers: the Redis error a worker waits out,
+    else how the slot's last worker ended."""
+    if w.get("waiting_for"):
+        return f"waiting out a Redis error: {w['waiting_for']}"
+    return f"last exit: {w['last_exit']}" if w.get("last_exit") else "-"
 
 
 def _duration(seconds: float) -> str:

@@ -27,12 +27,13 @@ from types import FrameType
 from typing import Any
 
 import redis
+import setproctitle
 
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect, is_outage
 from rqworkers.errors import ExitCode, MessageTimeout, Refused
-from rqworkers.handlers import Handler
+from rqworkers.handlers import Handler, startup_failure
 from rqworkers.outbox import Failure, Outbox
 from rqworkers.process import StopFlag
 from rqworkers.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
@@ -65,14 +66,23 @@ class WorkerSpec:
 
 
 def main(spec: WorkerSpec, board: Scoreboard) -> int:
-    """The worker process's entry point; returns its exit code."""
-    stop = _install_signals()
+    """The worker process's entry point; returns its exit code.
+
+    Until the handler is imported and its setup() has returned, SIGTERM and SIGINT keep
+    the default action the fork left them: a setup that hangs, in Python or in C, stops at
+    once. Only then does SIGTERM become a request to finish the message in hand. The
+    manager ends a setup that runs past `setup_timeout`.
+    """
+    setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
     try:
         handler = Handler(spec.pair.handler)
         handler.setup()
     except Exception as exc:
-        log.error("cannot start handler %s: %s", spec.pair.handler, exc)
+        log.error("cannot start handler %s: %s%s", spec.pair.handler, *startup_failure(exc))
         return ExitCode.STARTUP_FAILED
+    stop = _install_signals()
+    board.ready()
     queue = ReliableQueue(connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id)
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
@@ -95,7 +105,6 @@ def _install_signals() -> StopFlag:
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
     signal.signal(signal.SIGALRM, _raise_timeout)
     return stop
 
@@ -142,7 +151,8 @@ class Worker:
         self.batch: deque[tuple[Delivery, str]] = deque()
         self.outbox = Outbox(queue, self.failure_settled)
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
-        self.outage = Outage(f"redis at {self.pair.endpoint}")
+        # Its outages are published, so that `/healthz` and `status` can tell them.
+        self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
 
     def run(self) -> int:
         code: int = ExitCode.OK

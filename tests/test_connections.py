@@ -580,7 +580,7 @@ def test_out_of_memory_is_waited_out_and_nothing_is_lost(
     wait_for(lambda: outage_lines(svc, _OOM), what="OOM logged")
     time.sleep(1.0)
     [line] = outage_lines(svc, _OOM)
-    assert "Redis replied with an error (OutOfMemoryError)" in line
+    assert "Redis out of memory (maxmemory reached, nothing evictable)" in line
     print(f"\n{line}")
     assert not done(bookkeeper)
     client.config_set("maxmemory", "0")
@@ -610,7 +610,7 @@ def test_a_missing_acl_permission_is_waited_out_and_nothing_is_lost(
     wait_for(lambda: outage_lines(svc, _NOPERM), what="NOPERM logged")
     time.sleep(1.0)
     [line] = outage_lines(svc, _NOPERM)
-    assert "Redis replied with an error (NoPermissionError): this user has no permissions" in line
+    assert "Redis refused the credentials or a permission (NoPermissionError): this user" in line
     print(f"\n{line}")
     assert not done(bookkeeper)
     client.acl_setuser("limited", commands=["+evalsha", "+blmove", "+brpoplpush"])
@@ -638,3 +638,116 @@ def test_a_read_only_replica_is_waited_out_until_it_is_promoted(
     replica.client().execute_command("REPLICAOF", "NO", "ONE")
     wait_done(bookkeeper, set(messages))
     assert sorted(done(bookkeeper)) == sorted(messages), "each handled once"
+
+
+# -- errors that say what is wrong, fast ---------------------------------------------------------
+
+
+def test_no_sentinel_answering_is_one_line_naming_each_sentinel_and_fast(
+    bookkeeper: RedisServer, tmp_path: Path
+) -> None:
+    ports = [free_port() for _ in range(3)]  # nothing listens there
+    url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/mymaster"
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError) as caught:
+        connect(url, timeout=1.0).ping()
+    assert time.monotonic() - started < 1.0, "no retries, no backoff"
+    message = str(caught.value)
+    assert message.startswith("no master 'mymaster' from 3 sentinel(s): 127.0.0.1:")
+    assert all(f"127.0.0.1:{p} ConnectionError" in message for p in ports), message
+    assert "\n" not in message and "<redis" not in message and len(message) < 600, message
+
+    started = time.monotonic()
+    result = check(tmp_path, url, "jobs", bookkeeper)
+    took = time.monotonic() - started
+    print(f"\ncheck took {took:.2f}s: {result.stderr.strip()}")
+    assert result.returncode == 1 and took < 5.0, (took, result)
+    assert len(result.stderr) < 1000 and "<redis" not in result.stderr, result.stderr
+
+
+def test_tls_errors_name_their_likely_cause_and_honour_the_connect_timeout(
+    processes: Processes, bookkeeper: RedisServer, certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    if not server_supports_tls():
+        pytest.skip("this redis-server was built without TLS")
+    server = Server(processes, tmp_path / "tls", tls_server_args(certificates), tls=True).start()
+    wait_for(lambda: _answers(connect(tls_url(server.port, certificates), timeout=2.0)))
+    with pytest.raises(redis.ConnectionError) as no_certificate:
+        connect(tls_url(server.port, certificates, client_cert=False), timeout=2.0).ping()
+    said = str(no_certificate.value)
+    assert "requires a client certificate" in said and "ssl_certfile and ssl_keyfile" in said
+    result = check(tmp_path, tls_url(server.port, certificates, False), "jobs", bookkeeper)
+    assert result.returncode == 1 and "requires a client certificate" in result.stderr
+
+    plain = Server(processes, tmp_path / "plain").start()
+    for timeout, client in ((1.0, connect(f"rediss://127.0.0.1:{plain.port}/0", timeout=1.0)),
+                            (5.0, connect(f"rediss://127.0.0.1:{plain.port}/0"))):  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError) as no_answer:
+            client.ping()
+        took = time.monotonic() - started
+        assert timeout <= took < timeout + 1.0, f"{took:.2f}s for a {timeout:g}s connect timeout"
+        assert f"TLS handshake with 127.0.0.1:{plain.port} got no answer within {timeout:g}s" in (
+            str(no_answer.value)
+        )
+        assert "use redis:// instead of rediss://" in str(no_answer.value)
+
+
+# -- prompt resumption -------------------------------------------------------------------------
+
+RESUME_WITHIN = 2.0  # seconds from Redis answering again to a new message being handled
+
+
+def resumption_delay(push: Callable[[], None], bookkeeper: RedisServer) -> float:
+    """Seconds from now, when Redis answers again, to the message `push` sends being done."""
+    back = time.monotonic()
+    push()
+    wait_for(lambda: b"after" in done(bookkeeper), timeout=30, what="the message after")
+    return time.monotonic() - back
+
+
+def test_workers_resume_promptly_after_a_cluster_node_is_back(
+    processes: Processes, service: StartService, bookkeeper: RedisServer, tmp_path: Path
+) -> None:
+    if server_version() < (7, 0):
+        pytest.skip("the cluster helper needs redis-server 7.0 or later")
+    cluster = Cluster(processes, tmp_path / "own-cluster").start()
+    client = cluster.client()
+    svc = service(cluster.url, [{"queue": "{jobs}", "handler": HANDLER}])
+    svc.wait_workers(1)
+    client.lpush("{jobs}", b"before")
+    wait_for(lambda: b"before" in done(bookkeeper), what="a message before")
+    owner = client.get_node_from_key("{jobs}").port
+    node = next(n for n in cluster.nodes if n.port == owner)
+    node.kill()
+    wait_for(lambda: outage_lines(svc, ""), what="the worker to see the outage")
+    time.sleep(6)  # the outage itself: long enough for any backoff to have grown
+    node.start()
+    wait_for(
+        lambda: node.client().cluster("INFO").get("cluster_state") == "ok",
+        timeout=30,
+        what="the node back in an ok cluster",
+    )
+    delay = resumption_delay(lambda: cluster.client().lpush("{jobs}", b"after"), bookkeeper)
+    print(f"\ncluster: resumed {delay:.2f}s after the node answered again")
+    assert delay < RESUME_WITHIN
+
+
+def test_workers_resume_promptly_after_a_sentinel_failover_with_the_first_sentinel_down(
+    processes: Processes, service: StartService, bookkeeper: RedisServer, tmp_path: Path
+) -> None:
+    setup = SentinelSetup(processes, tmp_path / "sentinel").start()
+    svc = service(setup.url, [{"queue": "jobs", "handler": HANDLER}])
+    svc.wait_workers(1)
+    old = setup.master.port
+    setup.sentinels[0].kill()  # the first one listed: every lookup starts with a dead one
+    setup.master.kill()
+    new = wait_for(lambda: setup.master_port() not in (None, old) and setup.master_port(),
+                   timeout=30, what="the failover")  # fmt: skip
+    master = redis.Redis(port=int(new), socket_timeout=5)
+    wait_for(lambda: master.info("replication")["role"] == "master", what="the new master")
+    delay = resumption_delay(lambda: master.lpush("jobs", b"after"), bookkeeper)
+    print(f"\nsentinel: resumed {delay:.2f}s after the sentinels named the new master")
+    assert delay < RESUME_WITHIN
+    lines = outage_lines(svc, "")
+    assert lines and all(len(line) < 1000 for line in lines), lines

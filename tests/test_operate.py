@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rqworkers.metrics import Target, health
@@ -79,7 +78,8 @@ def test_status_shows_queues_and_live_workers_and_survives_an_unreachable_host(
     assert {w["pid"] for w in names.values()} == pids
     assert all(w["node"] == "node-a" and w["rss"] > 1_000_000 for w in names.values())
     assert names["q2-1"]["current_age"] > 0
-    assert sum(int(names[n]["handled"]) for n in ("q1-1", "q1-2")) == 3
+    assert sum(int(names[n]["succeeded"]) for n in ("q1-1", "q1-2")) == 2
+    assert sum(int(names[n]["failed"]) for n in ("q1-1", "q1-2")) == 1
 
     # A second host that is down: reported as such, the rest still shown, as a table.
     bad = write_config(
@@ -90,7 +90,8 @@ def test_status_shows_queues_and_live_workers_and_survives_an_unreachable_host(
     )  # fmt: skip
     result = cli("status", "-c", str(bad))
     text = result.stdout.decode()
-    assert result.returncode == 0
+    assert result.returncode == 1, "a host unreachable"
+    assert cli("status", "-c", str(svc.config_path)).returncode == 0, "every host answers"
     assert "q2-1" in text and "busy" in text and "in-flight 1" in text
     assert "gone on redis://127.0.0.1:" in text and "unreachable" in text
 
@@ -194,7 +195,7 @@ def test_metrics_count_a_known_workload_across_recycles(
 
     def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
         values = samples(scrape(port)[1])
-        done = values.get(("rqworkers_messages_handled_total", q)) == 35
+        done = values.get(("rqworkers_messages_succeeded_total", q)) == 33
         return values if done and values.get(("rqworkers_queue_dead_messages", q)) == 1 else None
 
     values = wait_for(settled, timeout=15, what="metrics to catch up")
@@ -214,16 +215,48 @@ def test_metrics_count_a_known_workload_across_recycles(
     assert scrape(port, "/nope")[0] == 404
 
 
-def test_healthz_states_a_backoff_and_fails_without_one() -> None:
+def consuming_board() -> Scoreboard:
     board = Scoreboard()
-    target = Target("local", "jobs", "jobs-1", board)
-    board.worker_ended("startup failed", "crash", time.time() + 30)
-    ok, body = health((target,), os.getppid())
-    assert ok and body["backoff"] == [{"worker": "jobs-1", "restart_in": pytest.approx(30, 1)}]
-    board.worker_ended("startup failed", "crash", time.time() - 60)
-    ok, body = health((target,), os.getppid())
-    assert not ok and "jobs-1 has no worker" in str(body["reason"])
-    ok, body = health((target,), manager_pid=1)
+    board.prepare()
+    board.set_pid(os.getpid())
+    board.ready()
+    return board
+
+
+def test_healthz_is_ok_only_while_every_pair_has_a_worker_consuming() -> None:
+    one, two, other = consuming_board(), consuming_board(), consuming_board()
+    targets = (
+        Target("local", "jobs", "jobs-1", one),
+        Target("local", "jobs", "jobs-2", two),
+        Target("local", "mail", "mail-1", other),
+    )
+    assert health(targets, os.getppid()) == (True, {"status": "ok", "workers": 3, "pairs": 2})
+
+    one.waiting("Redis out of memory (maxmemory reached, nothing evictable): OOM")
+    assert health(targets, os.getppid())[0], "jobs-2 still consumes for the pair"
+    two.worker_ended("killed by signal 9 (SIGKILL)", "crash", time.time() + 30, failures=2)
+    ok, body = health(targets, os.getppid())
+    assert not ok and set(body["pairs"]) == {"local/jobs"}  # type: ignore[arg-type]
+    assert "jobs-1 is waiting out a Redis error: Redis out of memory" in str(body["reason"])
+    assert "jobs-2 keeps failing (2 times in a row, last exit: killed by signal 9" in str(
+        body["reason"]
+    )
+    assert "restart in 3" in str(body["reason"]) or "restart in 2" in str(body["reason"])
+
+    one.waiting(None)
+    assert health(targets, os.getppid())[0], "jobs-1 consumes again"
+
+    other.worker_ended("max requests", "max_requests", time.time())
+    assert health(targets, os.getppid())[0], "a recycle is given a moment to respawn"
+    ok, body = health(targets, os.getppid(), now=time.time() + 60)
+    assert not ok and "mail-1 has no worker consuming (starting, last exit: max requests)" in str(
+        body["reason"]
+    )
+    other.prepare()
+    other.set_pid(os.getpid())
+    ok, body = health(targets, os.getppid(), now=time.time() + 60)
+    assert not ok and "mail-1 has been in its handler's setup() for 60" in str(body["reason"])
+    ok, body = health(targets, manager_pid=1)
     assert not ok and "manager 1 is gone" in str(body["reason"])
 
 

@@ -373,8 +373,8 @@ def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
     assert slot.board.last_exit == "max requests"
     assert slot.board.totals()["recycled_max_requests"] == 1
     slot.board.prepare()
-    assert slot.board.handled == 0, "the next worker's own count starts at zero"
-    assert slot.board.totals()["handled"] == 1, "the slot's total survives the recycle"
+    assert slot.board.succeeded == 0, "the next worker's own count starts at zero"
+    assert slot.board.totals()["succeeded"] == 1, "the slot's total survives the recycle"
 
 
 def test_a_timeout_recycle_restarts_at_once(slot: Slot) -> None:
@@ -427,9 +427,28 @@ def test_a_crash_after_a_long_life_restarts_at_once(slot: Slot) -> None:
     assert slot.next_start == 2.5
 
     slot.started(os.getpid(), now=3.0)
+    slot.board.ready()  # its handler's setup() returned
     slot.ended(signal.SIGSEGV, now=3.0 + HEALTHY_AFTER, backoff=BACKOFF)
     assert slot.failures == 1  # the count starts over
     assert slot.next_start == 3.0 + HEALTHY_AFTER  # no delay
+
+
+def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
+    for start in range(3):
+        slot.started(os.getpid(), now=100.0 * start)
+        slot.ended(exited(ExitCode.STARTUP_FAILED), now=100.0 * start + 90, backoff=BACKOFF)
+    assert slot.failures == 3, "never ready: a long life in setup() resets nothing"
+    assert slot.board.get("failures") == 3, "published for /healthz"
+
+
+def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
+    slot.started(os.getpid(), now=0.0)
+    slot.board.ready()
+    slot.board.busy(b"id", time.monotonic())
+    reason = slot.ended(exited(ExitCode.OK), now=20.0, backoff=BACKOFF)
+    assert reason == "exited mid-message (exit code 0)"
+    assert slot.failures == 1 and slot.previous_exit == reason
+    assert slot.board.totals()["recycled_crash"] == 1
 
 
 def test_a_clean_stop_resets_failures_and_previous_exit(slot: Slot) -> None:
@@ -472,7 +491,7 @@ def test_started_tolerates_a_pid_that_is_already_gone(slot: Slot) -> None:
 
 def test_the_scoreboard_is_shared_across_fork() -> None:
     board = Scoreboard()
-    assert (board.handled, board.failed, board.busy_for()) == (0, 0, 0.0)
+    assert (board.succeeded, board.failed, board.busy_for()) == (0, 0, 0.0)
 
     def worker() -> int:
         board.replayed()
@@ -487,7 +506,7 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
 
     started = time.monotonic()
     assert _fork_and_wait(worker) == 0
-    assert board.handled == 3
+    assert board.succeeded == 2
     assert board.failed == 1
     assert board.running == [b"id-4"], "the delivery it died in is named"
     busy_for = board.busy_for()
@@ -498,7 +517,7 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
 
     board.idle(False, 0.0)
     assert board.busy_for() == 0.0
-    assert board.handled == 4
+    assert board.succeeded == 3
     assert board.running == []
     board.prepare()
     assert board.running is None, "unknown until the next worker has replayed"
@@ -508,22 +527,28 @@ def test_the_child_sees_what_the_parent_wrote() -> None:
     board = Scoreboard()
     for failed in (False, True, True, False, False):
         board.idle(failed, 0.0)
-    status = _fork_and_wait(lambda: board.handled * 10 + board.failed)
-    assert os.waitstatus_to_exitcode(status) == 52
+    status = _fork_and_wait(lambda: board.succeeded * 10 + board.failed)
+    assert os.waitstatus_to_exitcode(status) == 32
 
 
 def test_each_scoreboard_is_its_own_memory() -> None:
     one, two = Scoreboard(), Scoreboard()
     one.idle(True, 0.0)
-    assert (one.handled, one.failed) == (1, 1)
-    assert (two.handled, two.failed) == (0, 0)
+    assert (one.succeeded, one.failed) == (0, 1)
+    assert (two.succeeded, two.failed) == (0, 0)
 
 
 def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
     board = Scoreboard()
     board.prepare()
     board.set_pid(123)
+    assert board.state() == "starting", "until its handler's setup() has returned"
+    board.ready()
     assert board.state() == "idle"
+    board.waiting("ConnectionError: refused")
+    assert (board.state(), board.waiting_reason) == ("waiting", "ConnectionError: refused")
+    board.waiting(None)
+    assert (board.state(), board.waiting_reason) == ("idle", None)
     board.busy(b"id", time.monotonic())
     assert board.state() == "busy"
     board.stop_requested()

@@ -1,0 +1,49 @@
+"""Handlers for the operator-facing tests: setups that fail or hang, handlers that exit.
+
+Each records `done` (payload) in the Redis at $TESTAPP_REDIS_URL once a message succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import redis
+
+
+def _done(message: bytes) -> None:
+    redis.Redis.from_url(os.environ["TESTAPP_REDIS_URL"]).rpush("done", message)
+
+
+def handle(message: bytes) -> None:
+    """`os_exit` and `sys_exit` leave the process in mid-message; anything else succeeds."""
+    if message == b"os_exit":
+        os._exit(0)
+    if message == b"sys_exit":
+        sys.exit(0)
+    _done(message)
+
+
+def _read_settings(settings: dict[str, str]) -> str:
+    return settings["id"]  # the line a traceback must point at
+
+
+class FailingSetup:
+    """A handler whose setup() fails on every start, as with a missing setting."""
+
+    def setup(self) -> None:
+        _read_settings({})
+
+    def handle(self, message: bytes) -> None:
+        _done(message)
+
+
+class HangingSetup:
+    """A handler whose setup() never returns, as with a database that never answers."""
+
+    def setup(self) -> None:
+        time.sleep(600)
+
+    def handle(self, message: bytes) -> None:
+        _done(message)
