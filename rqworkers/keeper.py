@@ -31,7 +31,7 @@ from http.server import ThreadingHTTPServer
 import psutil
 
 from rqworkers.backoff import Outage
-from rqworkers.config import redact
+from rqworkers.config import Config, redact
 from rqworkers.connections import Client, connect
 from rqworkers.errors import ExitCode
 from rqworkers.metrics import Metrics, Target, health, serve
@@ -46,6 +46,7 @@ from rqworkers.queue import (
     snapshot,
 )
 from rqworkers.scoreboard import Scoreboard
+from rqworkers.web import Site
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class KeeperSpec:
     leases: tuple[Lease, ...]
     metrics_address: str | None = None
     started: float = 0.0  # wall-clock start of the manager
+    config: Config | None = None  # what the status page shows and acts on (`rqworkers.web`)
 
 
 def main(spec: KeeperSpec) -> int:
@@ -149,6 +151,7 @@ class Keeper:
                 str(self.spec.metrics_address),
                 collector,
                 lambda: health(targets, self.spec.manager_pid),
+                Site(self.spec.config).handle if self.spec.config else None,
             )
         except OSError as exc:  # the port is taken: keep the leases going regardless
             log.error("cannot serve metrics on %s: %s", self.spec.metrics_address, exc)

@@ -296,6 +296,7 @@ class Manager:
             ),
             metrics_address=self.settings.metrics_address,
             started=self.started,
+            config=self.config,
         )
         logging_settings = self.config.logging
 
