@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from rqworkers.web import Site
 from rqworkers.web.auth import COOKIE, Gate
 from rqworkers.web.cache import SharedReads
 from rqworkers.web.site import CSP, letter_key
-from tests.support import RedisServer, free_port, write_config
+from tests.support import RedisServer, Service, free_port, wait_for, write_config
 
 TOKEN = "s3cret-token-for-tests"
 STATIC = Path(__file__).resolve().parent.parent / "rqworkers" / "web" / "static"
@@ -141,8 +142,8 @@ def test_the_page_has_no_inline_code_and_builds_no_html_from_data() -> None:
 @dataclass
 class Server:
     port: int
-    site: Site
     redis: redis.Redis
+    site: Site | None = None  # when it runs in this process
 
     def call(
         self, method: str, path: str, body: bytes | dict[str, Any] | None = None, **headers: str
@@ -180,7 +181,7 @@ def web(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable[..., Ser
         collector = metrics.Metrics((), dict, time.time(), lambda pid: 0)
         server = metrics.serve(f"127.0.0.1:{port}", collector, lambda: (True, {}), site.handle)
         started.append((server, site))
-        return Server(port, site, redis_server.client())
+        return Server(port, redis_server.client(), site)
 
     try:
         yield start
@@ -229,6 +230,7 @@ def test_status_is_the_status_command_json_read_once_for_many_browsers(
     assert statuses == [200] * 25
     # The first request, then one read per started second of the burst (one, unless this
     # machine is very busy), whatever the number of browsers.
+    assert server.site is not None
     reads = server.site.status_reads.reads - 1
     assert 1 <= reads <= math.ceil(took), f"{reads} reads in {took:.2f}s"
     stats = server.redis.info("commandstats")
@@ -348,3 +350,29 @@ def test_an_unreachable_host_is_a_503_not_a_hang(web: Callable[..., Server],
         p["error"] and p["error"].startswith("unreachable") for p in server.json("/api/status")
     )
     assert time.monotonic() - started < 10
+
+
+def test_a_reload_that_changes_the_token_applies_it(
+    service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    port = free_port()
+    workers = [{"queue": "q1", "handler": "testapp:handle"}]
+    manager = {"check_interval": 0.2, "metrics_address": f"127.0.0.1:{port}"}
+    svc = service(workers, manager={**manager, "dashboard_token": TOKEN})
+    page = Server(port, redis_server.client())
+
+    def authorized(token: str) -> bool | None:
+        """Whether the service takes `token` (None: not serving right now)."""
+        try:
+            status, _, _ = page.call("POST", "/api/dead/purge", {"queue": "q1", "letters": []},
+                                     Authorization=f"Bearer {token}")  # fmt: skip
+        except OSError:
+            return None
+        return {400: True, 403: False}[status]  # 400: past the token, the empty list refused
+
+    wait_for(lambda: authorized(TOKEN), timeout=15, what="the page to take the first token")
+    write_config(svc.config_path, redis_server.url, workers,
+                 manager={**manager, "dashboard_token": "the-second-token-0123"})  # fmt: skip
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: authorized("the-second-token-0123"), timeout=15, what="the new token")
+    assert authorized(TOKEN) is False
