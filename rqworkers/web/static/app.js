@@ -60,6 +60,10 @@ function utc(epoch) {
 
 function sample(pairs, t) {
   const previous = state.samples[state.samples.length - 1];
+  // Workers publish their counts with every lease renewal (`at`): a reply with no newer
+  // renewal (the server's one-second cache, or a refresh between renewals) adds nothing.
+  const stamp = pairs.flatMap((p) => (p.snapshot?.workers ?? []).map((w) => `${w.worker_id}@${w.at}`)).sort().join(" ");
+  if (previous && previous.stamp === stamp) return;
   const perPair = new Map();
   const workers = new Map();
   for (const pair of pairs) {
@@ -76,7 +80,7 @@ function sample(pairs, t) {
     }
     perPair.set(pairKey(pair), sum);
   }
-  state.samples.push({ t, perPair, workers });
+  state.samples.push({ t, stamp, perPair, workers });
   while (state.samples.length > 2 && t - state.samples[0].t > HISTORY_MS) state.samples.shift();
 }
 
