@@ -257,6 +257,9 @@ def test_dead_letters_are_paged_with_binary_safe_previews(web: Callable[..., Ser
     assert b"<script>" not in raw and b"\\u003cscript\\u003e" in raw  # escaped even in JSON
     assert json.loads(raw)["letters"][0]["preview"] == repr(payloads[2][:60]) + "…"
     assert server.call("GET", "/api/dead?queue=nope")[0] == 404
+    server.redis.set("q1:dead", b"not a list")
+    status, _, raw = server.call("GET", "/api/dead?queue=q1")
+    assert status == 503 and b"WRONGTYPE" in raw  # an error reply, said as such
     assert server.call("GET", "/api/dead?queue=q2&limit=1000")[0] == 400
 
 

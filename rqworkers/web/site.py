@@ -23,6 +23,8 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from redis.exceptions import RedisError
+
 from rqworkers import dead, status
 from rqworkers.backoff import describe
 from rqworkers.config import Config, PairSettings
@@ -143,6 +145,8 @@ class Site:
                 response = _error(exc.status, str(exc))
             except TRANSIENT_ERRORS as exc:
                 response = _error(HTTPStatus.SERVICE_UNAVAILABLE, f"redis: {describe(exc)}")
+            except RedisError as exc:  # any other: said as such, never a dropped connection
+                response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"redis: {describe(exc)}")
         http.send_response(response.status)
         for name, value in (*SECURITY_HEADERS, *response.headers):
             http.send_header(name, value)
