@@ -168,7 +168,7 @@ class Site:
                 client.close()
             self._clients.clear()
 
-    def pair(self, request: Request, args: dict[str, Any]) -> PairSettings:
+    def pair(self, args: dict[str, Any]) -> PairSettings:
         """The pair named by `queue` (and `host`, the redacted URL, when a queue name is
         used on several hosts)."""
         queue, host = args.get("queue"), args.get("host")
@@ -208,7 +208,7 @@ class Site:
         )
 
     def get_dead(self, request: Request) -> Response:
-        pair = self.pair(request, {"queue": request.arg("queue"), "host": request.arg("host")})
+        pair = self.pair({"queue": request.arg("queue"), "host": request.arg("host")})
         start = _integer(request.arg("start", "0"), "start", 0, 2**31)
         limit = _integer(request.arg("limit", "20"), "limit", 1, MAX_PAGE)
 
@@ -253,7 +253,7 @@ class Site:
                           f"[{{index, key}}]}}: {exc}") from None  # fmt: skip
         if not 0 < len(wanted) <= MAX_PAGE:
             raise RefusedError(HTTPStatus.BAD_REQUEST, f"name 1 to {MAX_PAGE} letters")
-        pair = self.pair(request, args)
+        pair = self.pair(args)
         letters = DeadLetters(self.client(pair.url), pair.queue)
         found: list[DeadLetter] = []
         for index, key in sorted(set(wanted)):
