@@ -91,7 +91,7 @@ class ManagerSettings(_Section):
         None, pattern=r"^[^:]*:\d{1,5}$", description="host:port for /metrics and /healthz"
     )
     # The status page's actions (see `rqworkers.web`): a SecretStr so that no repr or log
-    # shows it; the file is read again at every login, so it can be rotated in place.
+    # shows it; the file is read again at every check, so it can be rotated in place.
     dashboard_token: SecretStr | None = Field(None, description="enables requeue and purge")
     dashboard_token_file: str | None = Field(None, description="file holding that token")
 

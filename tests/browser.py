@@ -22,10 +22,11 @@ INSTALL = "apt-get install chromium (as .ci/run does)"
 
 
 def chromium_path() -> str | None:
-    """The system's Chromium: $CHROMIUM, else `chromium` or `chromium-browser` on PATH."""
-    return (
-        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    """The system's Chromium: $CHROMIUM if set, else `chromium` or `chromium-browser`."""
+    names = (
+        [os.environ["CHROMIUM"]] if os.environ.get("CHROMIUM") else ["chromium", "chromium-browser"]
     )
+    return next((path for name in names if (path := shutil.which(name))), None)
 
 
 @contextlib.contextmanager
