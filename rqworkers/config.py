@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -89,6 +90,33 @@ class ManagerSettings(_Section):
     metrics_address: str | None = Field(
         None, pattern=r"^[^:]*:\d{1,5}$", description="host:port for /metrics and /healthz"
     )
+    # The status page's actions (see `rqworkers.web`): a SecretStr so that no repr or log
+    # shows it; the file is read again at every check, so it can be rotated in place.
+    dashboard_token: SecretStr | None = Field(None, description="enables requeue and purge")
+    dashboard_token_file: str | None = Field(None, description="file holding that token")
+
+    @model_validator(mode="after")
+    def _one_good_token(self) -> ManagerSettings:
+        if self.dashboard_token is not None and self.dashboard_token_file is not None:
+            raise ValueError("give either dashboard_token or dashboard_token_file, not both")
+        if self.dashboard_token is not None:
+            check_token(self.dashboard_token.get_secret_value(), "dashboard_token")
+        if self.dashboard_token_file is not None:
+            try:
+                token = connections.read_password(self.dashboard_token_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"dashboard_token_file: cannot read: {exc}") from None
+            check_token(token, f"dashboard_token_file {self.dashboard_token_file}")
+        return self
+
+
+MIN_TOKEN_LENGTH = 16  # characters: too many to guess over HTTP, even at full speed
+
+
+def check_token(token: str, where: str) -> None:
+    """Raise ValueError if `token` is too short to protect the status page's actions."""
+    if len(token.strip()) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"{where}: must hold at least {MIN_TOKEN_LENGTH} characters")
 
 
 class LoggingSettings(_Section):

@@ -32,7 +32,7 @@ import psutil
 import setproctitle
 
 from rqworkers.backoff import RETRY_CAP, Outage
-from rqworkers.config import redact
+from rqworkers.config import Config, redact
 from rqworkers.connections import Client, connect
 from rqworkers.errors import ExitCode
 from rqworkers.metrics import Metrics, Target, health, serve
@@ -47,6 +47,7 @@ from rqworkers.queue import (
     snapshot,
 )
 from rqworkers.scoreboard import Scoreboard
+from rqworkers.web import Site
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class KeeperSpec:
     leases: tuple[Lease, ...]
     metrics_address: str | None = None
     started: float = 0.0  # wall-clock start of the manager
+    config: Config | None = None  # what the status page shows and acts on (`rqworkers.web`)
 
 
 def main(spec: KeeperSpec) -> int:
@@ -151,6 +153,7 @@ class Keeper:
                 str(self.spec.metrics_address),
                 collector,
                 lambda: health(targets, self.spec.manager_pid),
+                Site(self.spec.config).handle if self.spec.config else None,
             )
         except OSError as exc:  # the port is taken: keep the leases going regardless
             log.error("cannot serve metrics on %s: %s", self.spec.metrics_address, exc)

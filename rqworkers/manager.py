@@ -134,11 +134,14 @@ class Manager:
         except OSError as exc:
             log.error("reload refused, keeping the running config: log file: %s", exc)
             return
+        manager_changed = new.manager != self.settings
         self.config, self.settings = new, new.manager
         self.backoff = restart_backoff(self.settings.restart_backoff_max)
         # Below the lowest, the same workers, but a SIGTTIN would seem to do nothing.
         self.extra_processes = max(self.extra_processes, _lowest_extra(new))
         self.reconcile("removed from the config")
+        if manager_changed:  # the keeper serves the page with `metrics_address` and the token
+            self.restart_keeper()
 
     def scale(self, delta: int) -> None:
         name = "SIGTTIN" if delta > 0 else "SIGTTOU"
@@ -299,6 +302,7 @@ class Manager:
             ),
             metrics_address=self.settings.metrics_address,
             started=self.started,
+            config=self.config,
         )
         logging_settings = self.config.logging
 

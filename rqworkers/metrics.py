@@ -200,9 +200,16 @@ def _slot_problem(target: Target, now: float) -> str | None:
 
 
 def serve(
-    address: str, metrics: Metrics, healthy: Callable[[], tuple[bool, dict[str, object]]]
+    address: str,
+    metrics: Metrics,
+    healthy: Callable[[], tuple[bool, dict[str, object]]],
+    pages: Callable[[BaseHTTPRequestHandler], bool] | None = None,
 ) -> ThreadingHTTPServer:
-    """Start serving `/metrics` and `/healthz` on `host:port` in a daemon thread."""
+    """Start serving `/metrics` and `/healthz` on `host:port` in a daemon thread.
+
+    `pages` answers every other request (the status page, `rqworkers.web`) and returns
+    False for a path it does not serve, which then gets a 404.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
 
@@ -213,8 +220,15 @@ def serve(
             elif self.path.split("?")[0] == "/healthz":
                 ok, body = healthy()
                 self.reply(200 if ok else 503, "application/json", json.dumps(body).encode())
-            else:
-                self.reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
+            elif not (pages and pages(self)):
+                self.not_found()
+
+        def do_POST(self) -> None:
+            if not (pages and pages(self)):
+                self.not_found()
+
+        def not_found(self) -> None:
+            self.reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
 
         def reply(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)

@@ -1,0 +1,345 @@
+"""The status page and its JSON API, served next to `/metrics` by the keeper.
+
+Reads: `GET /api/status` is exactly `rqworkers status --json` (one `status.collect` per
+second at most, shared by every open browser); `GET /api/dead` pages a queue's dead
+letters, each with a binary-safe preview (`dead.preview`) and everything its record says.
+Writes: `POST /api/dead/requeue` and `/api/dead/purge`, only with the token (see `auth`).
+
+Nothing here runs in a worker: the page costs the workers' hot path nothing, and Redis at
+most one status read per second and one read per dead-letter page per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from importlib.resources import files
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from redis.exceptions import RedisError
+
+from rqworkers import dead, status
+from rqworkers.backoff import describe
+from rqworkers.config import Config, PairSettings
+from rqworkers.connections import Client
+from rqworkers.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
+from rqworkers.web.auth import COOKIE, SESSION_SECONDS, Gate, Identity, token_source
+from rqworkers.web.cache import SharedReads
+
+log = logging.getLogger(__name__)
+
+# No inline script or style, nothing from another origin, no framing, forms post here only.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    ("Cache-Control", "no-store"),
+)
+MAX_BODY = 64 * 1024  # bytes: an action names at most MAX_PAGE letters by index and digest
+MAX_PAGE = 100  # dead letters per page and per action
+READ_ONLY = "read-only: [manager] dashboard_token is not set"
+REDIS_TIMEOUT = 5.0  # seconds to connect to or hear from Redis, for dead-letter requests
+
+_STATIC = files("rqworkers.web") / "static"
+ASSETS = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Any  # email.message.Message: case-insensitive `.get`
+    body: bytes
+    client: str  # the peer's address, for the audit log
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class RefusedError(Exception):
+    """A request that cannot be served as asked: answered with `status` and `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def letter_key(payload: bytes) -> str:
+    """How the page names a dead letter's value when it asks for an action on it."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+class Site:
+    """Routes requests; `handle` is the hook `metrics.serve` calls for paths it lacks."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gate = Gate(token_source(config.manager))
+        self.status_reads: SharedReads[bytes] = SharedReads()
+        self.dead_reads: SharedReads[dict[str, Any]] = SharedReads()
+        self._clients: dict[str, Client] = {}
+        self._clients_lock = threading.Lock()
+        self.assets = {path: (_STATIC / name).read_bytes() for path, (name, _) in ASSETS.items()}
+        self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
+            ("GET", "/api/status"): self.get_status,
+            ("GET", "/api/session"): self.get_session,
+            ("GET", "/api/dead"): self.get_dead,
+            ("POST", "/api/dead/requeue"): lambda r: self.act(r, "requeue"),
+            ("POST", "/api/dead/purge"): lambda r: self.act(r, "purge"),
+            ("POST", "/login"): self.login,
+            ("POST", "/logout"): self.logout,
+            **{("GET", path): self.get_asset for path in ASSETS},
+        }
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def handle(self, http: BaseHTTPRequestHandler) -> bool:
+        """Answer `http` if the path is ours; False leaves it to the caller (a 404)."""
+        url = urlsplit(http.path)
+        route = self.routes.get((http.command, url.path))
+        if route is None:
+            if not any(path == url.path for _, path in self.routes):
+                return False
+            response = _error(HTTPStatus.METHOD_NOT_ALLOWED, f"{http.command} not allowed here")
+        else:
+            try:
+                request = Request(
+                    http.command,
+                    url.path,
+                    parse_qs(url.query),
+                    http.headers,
+                    _body(http),
+                    http.client_address[0],
+                )
+                response = route(request)
+            except RefusedError as exc:
+                response = _error(exc.status, str(exc))
+            except TRANSIENT_ERRORS as exc:
+                response = _error(HTTPStatus.SERVICE_UNAVAILABLE, f"redis: {describe(exc)}")
+            except RedisError as exc:  # any other: said as such, never a dropped connection
+                response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"redis: {describe(exc)}")
+        http.send_response(response.status)
+        for name, value in (*SECURITY_HEADERS, *response.headers):
+            http.send_header(name, value)
+        http.send_header("Content-Type", response.content_type)
+        http.send_header("Content-Length", str(len(response.body)))
+        http.end_headers()
+        http.wfile.write(response.body)
+        return True
+
+    def client(self, url: str) -> Client:
+        with self._clients_lock:
+            if url not in self._clients:
+                self._clients[url] = connect(url, timeout=REDIS_TIMEOUT)
+            return self._clients[url]
+
+    def close(self) -> None:
+        with self._clients_lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+    def pair(self, args: dict[str, Any]) -> PairSettings:
+        """The pair named by `queue` (and `host`, the redacted URL, when a queue name is
+        used on several hosts)."""
+        queue, host = args.get("queue"), args.get("host")
+        matches = [
+            p for p in self.config.pairs if p.queue == queue and host in (None, "", p.endpoint)
+        ]
+        if not matches:
+            raise RefusedError(HTTPStatus.NOT_FOUND, f"no queue {queue!r} in the config")
+        if len({p.url for p in matches}) > 1:
+            raise RefusedError(
+                HTTPStatus.BAD_REQUEST, f"queue {queue!r} is on several hosts: add host"
+            )
+        return matches[0]
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_asset(self, request: Request) -> Response:
+        _, content_type = ASSETS[request.path]
+        return Response(HTTPStatus.OK, self.assets[request.path], content_type)
+
+    def get_status(self, request: Request) -> Response:
+        body = self.status_reads.get(
+            "status", lambda: _safe_json(status.as_json(status.collect(self.config)))
+        )
+        return Response(HTTPStatus.OK, body)
+
+    def get_session(self, request: Request) -> Response:
+        identity = self.gate.identify(request.headers)
+        token = self.gate.token()
+        return _json(
+            {
+                "node": self.config.node,
+                "actions": token is not None,
+                "authenticated": identity.authenticated,
+                "csrf": identity.csrf(token) if token and identity.authenticated else None,
+            }
+        )
+
+    def get_dead(self, request: Request) -> Response:
+        pair = self.pair({"queue": request.arg("queue"), "host": request.arg("host")})
+        start = _integer(request.arg("start", "0"), "start", 0, 2**31)
+        limit = _integer(request.arg("limit", "20"), "limit", 1, MAX_PAGE)
+
+        def read() -> dict[str, Any]:
+            letters = DeadLetters(self.client(pair.url), pair.queue)
+            return {
+                "host": pair.endpoint,
+                "queue": pair.queue,
+                "total": len(letters),
+                "start": start,
+                "letters": [_letter(letter) for letter in letters.page(start, limit)],
+            }
+
+        return _json(self.dead_reads.get((pair.url, pair.queue, start, limit), read))
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> Identity:
+        """The requester, if it may act; else `RefusedError` with 403 and why."""
+        if not self.gate.actions_enabled:
+            raise RefusedError(HTTPStatus.FORBIDDEN, READ_ONLY)
+        identity = self.gate.identify(request.headers)
+        if not identity.authenticated:
+            log.warning("dashboard: refused %s %s from %s: no valid token",
+                        request.method, request.path, request.client)  # fmt: skip
+            raise RefusedError(HTTPStatus.FORBIDDEN, "a valid token is needed: log in first")
+        if not self.gate.csrf_ok(identity, request.headers.get("X-CSRF-Token")):
+            raise RefusedError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
+        return identity
+
+    def act(self, request: Request, action: str) -> Response:
+        """Requeue or purge the letters named by index and value; all or nothing: if any
+        has moved since the page read it, nothing is done (409) and the page reloads."""
+        self.authorize(request)
+        if request.headers.get_content_type() != "application/json":
+            raise RefusedError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        try:
+            args = json.loads(request.body)
+            wanted = [(int(x["index"]), str(x["key"])) for x in args["letters"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RefusedError(HTTPStatus.BAD_REQUEST, f"expected {{queue, letters: "
+                          f"[{{index, key}}]}}: {exc}") from None  # fmt: skip
+        if not 0 < len(wanted) <= MAX_PAGE:
+            raise RefusedError(HTTPStatus.BAD_REQUEST, f"name 1 to {MAX_PAGE} letters")
+        pair = self.pair(args)
+        letters = DeadLetters(self.client(pair.url), pair.queue)
+        found: list[DeadLetter] = []
+        for index, key in sorted(set(wanted)):
+            letter = letters.get(index)
+            if letter is None or letter_key(letter.payload) != key:
+                raise RefusedError(HTTPStatus.CONFLICT, "the dead letters changed since the page "
+                              "read them: nothing was done, look again")  # fmt: skip
+            found.append(letter)
+        done = letters.requeue(found) if action == "requeue" else letters.purge(found)
+        self.status_reads.forget()
+        self.dead_reads.forget()
+        log.info("dashboard: %s of %d dead letter(s) of %s on %s by %s: %d done",
+                 action, len(found), pair.queue, pair.endpoint, request.client, done)  # fmt: skip
+        return _json({"action": action, "asked": len(found), "done": done})
+
+    def login(self, request: Request) -> Response:
+        if not self.gate.actions_enabled:
+            raise RefusedError(HTTPStatus.FORBIDDEN, READ_ONLY)
+        form = parse_qs(request.body.decode("utf-8", "surrogateescape"))
+        if not self.gate.token_matches((form.get("token") or [""])[0]):
+            log.warning("dashboard: refused a login from %s: wrong token", request.client)
+            raise RefusedError(HTTPStatus.FORBIDDEN, "wrong token")
+        log.info("dashboard: login from %s", request.client)
+        return _see_other(_cookie(request, self.gate.new_session(), SESSION_SECONDS))
+
+    def logout(self, request: Request) -> Response:
+        return _see_other(_cookie(request, "", 0))
+
+
+def _body(http: BaseHTTPRequestHandler) -> bytes:
+    if http.command != "POST":
+        return b""
+    try:
+        length = int(http.headers.get("Content-Length") or 0)
+    except ValueError:
+        raise RefusedError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+    if not 0 <= length <= MAX_BODY:
+        raise RefusedError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"at most {MAX_BODY} bytes")
+    return http.rfile.read(length)
+
+
+def _letter(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "index": letter.index,
+        "key": letter_key(letter.payload),
+        "size": len(letter.payload),
+        "preview": dead.preview(letter.payload),
+        "info": letter.info or {},  # reason, attempts, at, worker, and any newer fields
+    }
+
+
+def _integer(text: str | None, name: str, low: int, high: int) -> int:
+    try:
+        value = int(text or "")
+    except ValueError:
+        raise RefusedError(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number") from None
+    if not low <= value <= high:
+        raise RefusedError(HTTPStatus.BAD_REQUEST, f"{name} must be from {low} to {high}")
+    return value
+
+
+def _json(value: object) -> Response:
+    return Response(HTTPStatus.OK, _safe_json(json.dumps(value, default=str)))
+
+
+def _safe_json(text: str) -> bytes:
+    """JSON text with `<`, `>` and `&` escaped: even a browser that sniffed it as HTML
+    would find no tag in it."""
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def _error(code: int, message: str) -> Response:
+    response = _json({"error": message})
+    response.status = code
+    return response
+
+
+def _cookie(request: Request, value: str, max_age: int) -> tuple[str, str]:
+    # Secure when the reverse proxy says the browser came over HTTPS.
+    secure = "; Secure" if request.headers.get("X-Forwarded-Proto") == "https" else ""
+    return (
+        "Set-Cookie",
+        f"{COOKIE}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Strict{secure}",
+    )
+
+
+def _see_other(cookie: tuple[str, str]) -> Response:
+    # Relative, so that it works under a proxy's path prefix too.
+    return Response(HTTPStatus.SEE_OTHER, b"", "text/plain", [cookie, ("Location", "./")])

@@ -1,0 +1,334 @@
+// The rqworkers status page. Every value from the server is put in the page as text
+// (textContent), never as HTML: a payload holding <script> is shown, never run.
+"use strict";
+
+const REFRESH_MS = 2000;
+const HISTORY_MS = 5 * 60 * 1000; // what the chart keeps
+const RATE_SAMPLES = 5; // rates in the queue table: over the last few refreshes
+const PAGE = 20; // dead letters per page
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  session: { actions: false, authenticated: false, csrf: null },
+  samples: [], // {t, perPair: Map(pair -> {ok, failed}), workers: Map(id -> {pid, ok, failed})}
+  pairs: [],
+  dead: { pair: null, start: 0, count: null, letters: [] },
+};
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value !== undefined && value !== null) node.setAttribute(name, String(value));
+  }
+  for (const child of children) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
+  }
+  return node;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw Object.assign(new Error(body.error || response.statusText), { status: response.status });
+  return body;
+}
+
+const pairKey = (p) => `${p.host} ${p.queue}`;
+// The counts a worker publishes: `succeeded` (older managers: `handled`) and `failed`.
+const counts = (w) => ({ ok: Number(w.succeeded ?? w.handled ?? 0), failed: Number(w.failed ?? 0) });
+
+function bytes(n) {
+  n = Number(n || 0);
+  if (n >= 1 << 30) return (n / (1 << 30)).toFixed(1) + " GiB";
+  if (n >= 1 << 20) return (n / (1 << 20)).toFixed(0) + " MiB";
+  if (n >= 1 << 10) return (n / (1 << 10)).toFixed(0) + " KiB";
+  return n + " B";
+}
+
+function duration(seconds) {
+  seconds = Math.max(0, Math.floor(Number(seconds) || 0));
+  if (seconds < 60) return `${seconds}s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m${String(seconds % 60).padStart(2, "0")}s`;
+  return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")}m`;
+}
+
+function utc(epoch) {
+  return epoch ? new Date(Number(epoch) * 1000).toISOString().replace("T", " ").slice(0, 19) : "?";
+}
+
+// -- rates: differences of the workers' counters between refreshes ---------------------
+
+function sample(pairs, t) {
+  const previous = state.samples[state.samples.length - 1];
+  // Workers publish their counts with every lease renewal (`at`): a reply with no newer
+  // renewal (the server's one-second cache, or a refresh between renewals) adds nothing.
+  const stamp = pairs.flatMap((p) => (p.snapshot?.workers ?? []).map((w) => `${w.worker_id}@${w.at}`)).sort().join(" ");
+  if (previous && previous.stamp === stamp) return;
+  const perPair = new Map();
+  const workers = new Map();
+  for (const pair of pairs) {
+    const sum = { ok: 0, failed: 0 };
+    for (const w of pair.snapshot?.workers ?? []) {
+      const id = `${pairKey(pair)} ${w.worker_id}`;
+      const now = { pid: w.pid, ...counts(w) };
+      workers.set(id, now);
+      const before = previous?.workers.get(id);
+      if (!before) continue; // first seen: its past is not this interval's
+      const restarted = before.pid !== now.pid || now.ok < before.ok || now.failed < before.failed;
+      sum.ok += restarted ? now.ok : now.ok - before.ok;
+      sum.failed += restarted ? now.failed : now.failed - before.failed;
+    }
+    perPair.set(pairKey(pair), sum);
+  }
+  state.samples.push({ t, stamp, perPair, workers });
+  while (state.samples.length > 2 && t - state.samples[0].t > HISTORY_MS) state.samples.shift();
+}
+
+function rate(key) {
+  const recent = state.samples.slice(-RATE_SAMPLES - 1);
+  if (recent.length < 2) return null;
+  const seconds = (recent[recent.length - 1].t - recent[0].t) / 1000;
+  const total = { ok: 0, failed: 0 };
+  for (const s of recent.slice(1)) {
+    const d = s.perPair.get(key) ?? { ok: 0, failed: 0 };
+    total.ok += d.ok;
+    total.failed += d.failed;
+  }
+  return { ok: total.ok / seconds, failed: total.failed / seconds };
+}
+
+// -- rendering ------------------------------------------------------------------------
+
+function renderQueues(pairs) {
+  const body = $("queues").tBodies[0];
+  body.replaceChildren(...pairs.map((pair) => {
+    const attrs = { "data-host": pair.host, "data-queue": pair.queue };
+    const snap = pair.snapshot;
+    if (!snap) {
+      return el("tr", { ...attrs, class: "unreachable" },
+        el("td", {}, pair.host), el("td", {}, pair.queue), el("td", { colspan: 6, class: "error" }, pair.error));
+    }
+    const r = rate(pairKey(pair));
+    const cell = (name, value) => el("td", { class: `n ${name}` }, value);
+    return el("tr", attrs,
+      el("td", { class: "host" }, pair.host), el("td", { class: "queue" }, pair.queue),
+      cell("waiting", snap.waiting), cell("in_flight", snap.in_flight),
+      cell("retrying", snap.retrying), cell("dead", snap.dead),
+      cell("ok-rate", r ? r.ok.toFixed(1) : "…"), cell("failed-rate", r ? r.failed.toFixed(1) : "…"));
+  }));
+}
+
+function renderWorkers(pairs) {
+  const rows = [];
+  for (const pair of pairs) {
+    for (const w of pair.snapshot?.workers ?? []) rows.push({ pair, w });
+  }
+  rows.sort((a, b) => `${a.w.node} ${a.w.name}`.localeCompare(`${b.w.node} ${b.w.name}`));
+  const body = $("workers").tBodies[0];
+  if (!rows.length) {
+    body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 11 }, "no live worker")));
+    return;
+  }
+  body.replaceChildren(...rows.map(({ pair, w }) => {
+    const c = counts(w);
+    const age = Number(w.current_age || 0);
+    return el("tr", { "data-worker": `${w.node}/${w.name}`, "data-queue": pair.queue },
+      el("td", { class: "name" }, w.name ?? w.worker_id), el("td", { class: "node" }, w.node ?? "?"),
+      el("td", {}, pair.queue), el("td", { class: "n pid" }, w.pid ?? "?"),
+      el("td", { class: `state state-${w.state}` }, w.state ?? "?"),
+      el("td", { class: "n" }, age ? `${age.toFixed(1)}s` : "-"), el("td", { class: "n" }, bytes(w.rss)),
+      el("td", { class: "n" }, w.since ? duration(Number(w.at) - Number(w.since)) : "?"),
+      el("td", { class: "n succeeded" }, c.ok), el("td", { class: "n failed" }, c.failed),
+      el("td", {}, w.last_exit || "-"));
+  }));
+}
+
+function renderChart() {
+  const canvas = $("chart");
+  const ctx = canvas.getContext("2d");
+  const { width, height } = canvas;
+  ctx.clearRect(0, 0, width, height);
+  const points = [];
+  for (let i = 1; i < state.samples.length; i++) {
+    const s = state.samples[i];
+    const seconds = (s.t - state.samples[i - 1].t) / 1000;
+    let ok = 0, failed = 0;
+    for (const d of s.perPair.values()) { ok += d.ok; failed += d.failed; }
+    points.push({ t: s.t, ok: ok / seconds, failed: failed / seconds });
+  }
+  const top = Math.max(1, ...points.map((p) => Math.max(p.ok, p.failed)));
+  $("chart-scale").textContent = `(top: ${top.toFixed(1)}/s; a line every minute, now on the right)`;
+  const end = state.samples.length ? state.samples[state.samples.length - 1].t : 0;
+  const x = (t) => width - ((end - t) / HISTORY_MS) * width;
+  const y = (v) => height - 4 - (v / top) * (height - 12);
+  ctx.strokeStyle = "#e3e5ea";
+  ctx.lineWidth = 1;
+  for (let minute = 1; minute < HISTORY_MS / 60000; minute++) { // a line a minute back
+    ctx.beginPath();
+    ctx.moveTo(x(end - minute * 60000), 0);
+    ctx.lineTo(x(end - minute * 60000), height);
+    ctx.stroke();
+  }
+  for (const [field, color] of [["ok", "#2a7"], ["failed", "#c33"]]) {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    points.forEach((p, i) => (i ? ctx.lineTo(x(p.t), y(p[field])) : ctx.moveTo(x(p.t), y(p[field]))));
+    ctx.stroke();
+  }
+}
+
+function renderDeadChoices(pairs) {
+  const select = $("dead-queue");
+  const keys = pairs.map(pairKey);
+  const current = [...select.options].map((o) => o.value);
+  if (keys.join("\n") !== current.join("\n")) {
+    const chosen = select.value;
+    select.replaceChildren(...pairs.map((p) => el("option", { value: pairKey(p) }, `${p.queue} on ${p.host}`)));
+    // Until someone chooses, show the first queue that has dead letters.
+    const first = pairs.find((p) => p.snapshot?.dead);
+    if (keys.includes(chosen)) select.value = chosen;
+    else if (first) select.value = pairKey(first);
+  }
+  state.pairs = pairs;
+}
+
+function renderDead(page) {
+  const body = $("dead").tBodies[0];
+  const first = page.total ? page.start + 1 : 0;
+  $("dead-count").textContent = `${first}–${page.start + page.letters.length} of ${page.total}, newest first`;
+  $("dead-prev").disabled = page.start === 0;
+  $("dead-next").disabled = page.start + page.letters.length >= page.total;
+  if (!page.letters.length) {
+    body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 8 }, "no dead letter")));
+    return;
+  }
+  const known = new Set(["reason", "attempts", "at", "worker", "traceback"]);
+  body.replaceChildren(...page.letters.map((letter) => {
+    const info = letter.info || {};
+    const reason = el("td", { class: "reason" }, info.reason ?? "reason unknown");
+    if (info.traceback) reason.append(el("details", {}, el("summary", {}, "traceback"), el("pre", {}, info.traceback)));
+    const extra = Object.entries(info).filter(([k]) => !known.has(k));
+    if (extra.length) {
+      reason.append(el("div", { class: "extra" }, extra.map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(", ")));
+    }
+    const pick = el("input", { type: "checkbox", "data-index": letter.index, "data-key": letter.key, "aria-label": `select dead letter ${letter.index}` });
+    return el("tr", { "data-index": letter.index },
+      el("td", { class: "pick" }, pick), el("td", { class: "n" }, letter.index), el("td", { class: "n" }, letter.size),
+      el("td", { class: "preview" }, letter.preview), el("td", { class: "n attempts" }, info.attempts ?? "?"),
+      reason, el("td", {}, utc(info.at)), el("td", {}, info.worker ?? "?"));
+  }));
+}
+
+function renderSession() {
+  const s = state.session;
+  $("read-only").hidden = s.actions;
+  $("login").hidden = !s.actions || s.authenticated;
+  $("logout").hidden = !s.authenticated;
+  $("dead-actions").hidden = !s.authenticated;
+  for (const cell of document.querySelectorAll("#dead .pick")) cell.hidden = !s.authenticated;
+}
+
+// -- loading --------------------------------------------------------------------------
+
+async function loadDead() {
+  const pair = state.pairs.find((p) => pairKey(p) === $("dead-queue").value);
+  if (!pair) return;
+  const query = new URLSearchParams({ host: pair.host, queue: pair.queue, start: state.dead.start, limit: PAGE });
+  try {
+    const page = await api(`api/dead?${query}`);
+    state.dead.letters = page.letters;
+    renderDead(page);
+    renderSession();
+  } catch (error) {
+    $("dead-count").textContent = `cannot read dead letters: ${error.message}`;
+  }
+}
+
+let refreshing = false; // one refresh at a time, however slow Redis is
+
+async function refresh() {
+  if (refreshing) return;
+  refreshing = true;
+  try {
+    const pairs = await api("api/status");
+    sample(pairs, Date.now());
+    renderQueues(pairs);
+    renderWorkers(pairs);
+    renderChart();
+    renderDeadChoices(pairs);
+    const chosen = pairs.find((p) => pairKey(p) === $("dead-queue").value);
+    const count = chosen?.snapshot?.dead ?? null;
+    // Dead letters are read again only when their count (or the chosen queue) changes.
+    if (state.dead.pair !== $("dead-queue").value || state.dead.count !== count) {
+      state.dead.pair = $("dead-queue").value;
+      state.dead.count = count;
+      await loadDead();
+    }
+    $("refreshed").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    $("refreshed").classList.remove("error");
+  } catch (error) {
+    $("refreshed").textContent = `cannot refresh: ${error.message}`;
+    $("refreshed").classList.add("error");
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function loadSession() {
+  state.session = await api("api/session");
+  $("node").textContent = `served by node ${state.session.node}`;
+  renderSession();
+}
+
+async function act(action) {
+  const pair = state.pairs.find((p) => pairKey(p) === $("dead-queue").value);
+  const letters = [...document.querySelectorAll("#dead input[type=checkbox]:checked")]
+    .map((box) => ({ index: Number(box.dataset.index), key: box.dataset.key }));
+  const message = $("dead-message");
+  message.classList.remove("error");
+  if (!pair || !letters.length) {
+    message.textContent = "select dead letters first";
+    return;
+  }
+  if (action === "purge" && !window.confirm(`Delete ${letters.length} dead letter(s) for good?`)) return;
+  try {
+    const result = await api(`api/dead/${action}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": state.session.csrf ?? "" },
+      body: JSON.stringify({ host: pair.host, queue: pair.queue, letters }),
+    });
+    message.textContent = `${action === "requeue" ? "requeued" : "purged"} ${result.done} of ${result.asked}`;
+  } catch (error) {
+    message.textContent = `${action} refused (${error.status ?? "?"}): ${error.message}`;
+    message.classList.add("error");
+  }
+  state.dead.count = null; // read the letters again at once
+  await refresh();
+}
+
+function start() {
+  $("login").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = new URLSearchParams(new FormData(event.target));
+    event.target.reset();
+    const response = await fetch("login", { method: "POST", body: form, credentials: "same-origin" });
+    $("login-error").textContent = response.ok ? "" : "wrong token";
+    await loadSession();
+  });
+  $("logout").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    await fetch("logout", { method: "POST", credentials: "same-origin" });
+    await loadSession();
+  });
+  $("requeue").addEventListener("click", () => act("requeue"));
+  $("purge").addEventListener("click", () => act("purge"));
+  $("dead-queue").addEventListener("change", () => { state.dead.start = 0; refresh(); });
+  $("dead-prev").addEventListener("click", () => { state.dead.start = Math.max(0, state.dead.start - PAGE); loadDead(); });
+  $("dead-next").addEventListener("click", () => { state.dead.start += PAGE; loadDead(); });
+  loadSession().catch((error) => { $("node").textContent = `session: ${error.message}`; });
+  refresh();
+  setInterval(refresh, REFRESH_MS);
+}
+
+document.addEventListener("DOMContentLoaded", start);

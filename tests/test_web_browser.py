@@ -1,0 +1,167 @@
+"""The status page in a real headless Chromium, against `rqworkers run` on two nodes and a
+real redis-server: counts, live workers, an escaped `<script>` dead letter, requeue.
+
+Skipped only where no Chromium is installed (`.ci/run` installs Debian's).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+
+from tests.browser import INSTALL, chromium, chromium_path
+from tests.support import RedisServer, Service, free_port, wait_for
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+TOKEN = "browser-test-token-0123"
+SCRIPT = b"raise:<script>alert(1)</script>"
+IMAGE = b'raise:<img src=x onerror="alert(2)">\x00\xff'
+WAIT_MS = 20_000  # every on-page condition: the page refreshes every 2 s, leases last 3 s
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    path = chromium_path()
+    if path is None:
+        pytest.skip(f"no Chromium browser is installed here: {INSTALL}")
+    with chromium(path) as launched:
+        yield launched
+
+
+def test_the_page_shows_the_service_live_and_acts_only_with_the_token(
+    browser: Browser, service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port, down = free_port(), free_port()  # `down`: a host where nothing listens
+    defaults = {"handler": "testapp:handle", "max_requests": 0}
+    web1 = service(
+        [
+            {"queue": "orders", "processes": 2, "max_attempts": 3, "retry_delay": 300.0},
+            {"queue": "slow"},
+            {"queue": "mail", "max_attempts": 1},
+            {"queue": "elsewhere", "host": f"redis://127.0.0.1:{down}/0"},
+        ],
+        manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}", dashboard_token=TOKEN),
+        defaults=defaults,
+    )
+    service([{"queue": "orders"}], manager=_manager("web-2"), defaults=defaults)
+    client = redis_server.client()
+    dialogs: list[str] = []
+    page = browser.new_page()
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.evaluate("window.notReloaded = true")
+
+    # Workers of both nodes appear; the unreachable host is shown as such.
+    for worker in ("web-1/orders-1", "web-1/orders-2", "web-1/slow-1", "web-1/mail-1",
+                   "web-2/orders-1"):  # fmt: skip
+        expect(page.locator(f'#workers tr[data-worker="{worker}"]')).to_have_count(1)
+    expect(page.locator('#queues tr[data-queue="elsewhere"]')).to_have_class("unreachable")
+    expect(page.locator('#queues tr[data-queue="elsewhere"]')).to_contain_text("unreachable")
+
+    # SIGTTIN: one more worker per pair appears; SIGTTOU: they disappear, in place.
+    web1.signal(signal.SIGTTIN)
+    for worker in ("web-1/orders-3", "web-1/slow-2", "web-1/mail-2"):
+        expect(page.locator(f'#workers tr[data-worker="{worker}"]')).to_have_count(1)
+    web1.signal(signal.SIGTTOU)
+    for worker in ("web-1/orders-3", "web-1/slow-2", "web-1/mail-2"):
+        expect(page.locator(f'#workers tr[data-worker="{worker}"]')).to_have_count(0)
+    expect(page.locator("#workers tbody tr")).to_have_count(5)
+
+    # A known state: the counts on the page are these.
+    client.lpush("orders", b"raise:retry me later")
+    client.lpush("slow", *[f"sleep:60:{n}".encode() for n in range(4)])
+    client.lpush("mail", SCRIPT, IMAGE)
+    expected = {
+        "orders": {"waiting": 0, "in_flight": 0, "retrying": 1, "dead": 0},
+        "slow": {"waiting": 3, "in_flight": 1, "retrying": 0, "dead": 0},
+        "mail": {"waiting": 0, "in_flight": 0, "retrying": 0, "dead": 2},
+    }
+    for queue, counts in expected.items():
+        for column, value in counts.items():
+            cell = page.locator(f'#queues tr[data-queue="{queue}"] td.{column}')
+            expect(cell).to_have_text(str(value))
+    assert _redis_counts(client) == expected
+    expect(page.locator('#workers tr[data-worker="web-1/slow-1"] td.state')).to_have_text("busy")
+
+    # Dead letters: markup in a payload is text; nothing runs, no element is made from it.
+    page.select_option("#dead-queue", value=f"{redis_server.url} mail")
+    previews = page.locator("#dead td.preview")
+    expect(previews).to_have_count(2)
+    expect(previews.nth(0)).to_have_text(repr(IMAGE))  # newest first
+    expect(previews.nth(1)).to_have_text(repr(SCRIPT))
+    expect(page.locator("#dead td.reason").first).to_contain_text("ValueError: boom from testapp")
+    assert page.locator("#dead script, #dead img").count() == 0
+    assert dialogs == []
+
+    # Without the token: no action on the page, and the API refuses with 403.
+    expect(page.locator("#dead-actions")).to_be_hidden()
+    key = page.locator("#dead tr[data-index='1'] input").get_attribute("data-key")
+    refused = _post_json(page, "api/dead/requeue", {"queue": "mail", "letters": [
+        {"index": 1, "key": key}]})  # fmt: skip
+    assert refused == 403
+    started = client.lrange("started", 0, -1)
+    assert started.count(SCRIPT) == 1
+
+    # With it: log in through the form, pick the `<script>` letter, requeue it. It runs
+    # again (and, as it always fails, is dead-lettered again).
+    page.fill("#login input[name=token]", TOKEN)
+    page.click("#login button")
+    expect(page.locator("#logout")).to_be_visible()
+    expect(page.locator("#dead-actions")).to_be_visible()
+    assert TOKEN not in page.content()
+    page.check("#dead tr[data-index='1'] input")
+    page.click("#requeue")
+    expect(page.locator("#dead-message")).to_have_text("requeued 1 of 1")
+    wait_for(lambda: client.lrange("started", 0, -1).count(SCRIPT) == 2, timeout=10,
+             what="the requeued dead letter to run again")  # fmt: skip
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script can read the session
+    # A logged-in browser still cannot be made to act without the page's CSRF token.
+    assert _post_json(page, "api/dead/purge", {"queue": "mail", "letters": [
+        {"index": 0, "key": key}]}) == 403  # fmt: skip
+    assert client.llen("mail:dead") == 2
+    assert dialogs == [] and page.evaluate("window.notReloaded") is True
+
+
+def _manager(node: str, **extra: Any) -> dict[str, Any]:
+    return {"node": node, "check_interval": 0.2, "shutdown_timeout": 5.0, "lease_ttl": 3.0,
+            **extra}  # fmt: skip
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _redis_counts(client: redis.Redis) -> dict[str, dict[str, int]]:
+    counts = {}
+    for queue in ("orders", "slow", "mail"):
+        in_flight = sum(client.llen(key) for key in client.keys(f"{queue}:processing:*"))
+        counts[queue] = {"waiting": client.llen(queue), "in_flight": in_flight,
+                         "retrying": client.zcard(f"{queue}:retry"),
+                         "dead": client.llen(f"{queue}:dead")}  # fmt: skip
+    return counts
+
+
+def _post_json(page: Page, path: str, body: dict[str, Any]) -> int:
+    """POST from the page itself, as a script on it (or a forged request) would."""
+    return int(page.evaluate(
+        """([path, body]) => fetch(path, {method: "POST", body,
+               headers: {"Content-Type": "application/json"}}).then((r) => r.status)""",
+        [path, json.dumps(body)],
+    ))  # fmt: skip
