@@ -51,7 +51,9 @@ from rqworkers.web import Site
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 2.0  # seconds between status updates (and lease renewals)
+# Seconds between status updates (and lease renewals): one command per worker each time,
+# which is most of what an idle pair costs Redis.
+STATUS_INTERVAL = 5.0
 # Seconds a Redis may take to connect or reply to the keeper (at most a sixth of the lease
 # TTL): one that hangs delays the renewals of the others by no more, so that those still
 # come at least every half TTL.

@@ -262,20 +262,34 @@ class ReliableQueue:
         return info
 
 
-def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> None:
-    """Renew the leases of (queue, worker id) pairs with their status values, in one trip.
+def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
+    """Renew the leases of (queue, worker id) pairs with their status values, in one trip;
+    return how many had lapsed.
 
-    Each worker is registered again too: a node frozen past its TTL has had its workers
-    reclaimed and struck from the registry, and once it resumes, its private lists must be
-    findable again should it die for good later. No transaction: the keys may belong to
-    several queues, hence several Cluster slots.
+    A worker whose lease had lapsed is registered again: a node frozen past its TTL has had
+    its workers reclaimed and struck from the registry, and once it resumes, its private
+    lists must be findable again should it die for good later. Asking for the old value
+    (`SET ... GET`) tells which ones lapsed, so a live lease costs one command, not two.
+    No transaction: the keys may belong to several queues, hence several Cluster slots.
     """
     pipe = client.pipeline(transaction=False)
     for (queue, worker_id), value in leases.items():
-        keys = Keys.of(queue, worker_id)
-        pipe.set(keys.lease, value, px=int(ttl * 1000))
-        pipe.sadd(keys.registry, worker_id)
-    pipe.execute()
+        pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000), get=True)
+    try:
+        previous = pipe.execute()
+    except redis.ResponseError:  # before Redis 6.2 SET has no GET: register every one
+        pipe = client.pipeline(transaction=False)
+        for (queue, worker_id), value in leases.items():
+            pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000))
+        pipe.execute()
+        previous = [None] * len(leases)
+    lapsed = [key for key, old in zip(leases, previous, strict=True) if old is None]
+    if lapsed:
+        pipe = client.pipeline(transaction=False)
+        for queue, worker_id in lapsed:
+            pipe.sadd(Keys.of(queue, worker_id).registry, worker_id)
+        pipe.execute()
+    return len(lapsed)
 
 
 @dataclass(frozen=True)
