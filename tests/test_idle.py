@@ -3,11 +3,16 @@ little, and a stop signal ends a blocking wait at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from tests.support import RedisServer, Service, wait_for
+import pytest
+import redis
+
+from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
 
 StartService = Callable[..., Service]
 HANDLER = "testapp:handle"
@@ -62,3 +67,42 @@ def test_sigterm_ends_an_idle_worker_s_blocking_wait_at_once(
     # Its replacement still works, on a fresh connection.
     redis_server.client().lpush("jobs", b"after")
     wait_for(lambda: redis_server.client().lrange("done", 0, -1) == [b"after"], what="handled")
+
+
+def test_a_full_redis_still_takes_acks_so_the_service_drains_what_it_holds(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`maxmemory` reached with `noeviction`: producers are refused, but the messages Redis
+    holds are still handled and acked (an ack frees memory; the take that carries it may
+    move the next message), so the queue empties instead of the workers spinning."""
+    records = RedisServer(tmp_path / "records")  # the handler's own bookkeeping, not full
+    records.start()
+    config = write_config(
+        tmp_path / "full.toml",
+        redis_server.url,
+        [{"queue": "jobs", "handler": HANDLER, "prefetch": 5}],
+        manager={"check_interval": 0.2},
+    )
+    env = dict(os.environ, TESTAPP_REDIS_URL=records.url)
+    env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(REPO)])
+    svc = Service(config, tmp_path, env).start()
+    client = redis_server.client()
+    try:
+        svc.wait_workers(1)
+        messages = [f"sleep:0.02:{i}".encode() for i in range(100)]
+        client.lpush("jobs", *messages)
+        wait_for(lambda: records.client().llen("done") >= 5, what="handling under way")
+        client.config_set("maxmemory", str(client.info("memory")["used_memory"]))
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.lpush("jobs", b"refused")
+        wait_for(lambda: records.client().llen("done") == 100, timeout=30, what="all drained")
+        assert client.llen("jobs") == 0
+        wait_for(
+            lambda: sum(client.llen(k) for k in client.keys("jobs:processing:*")) == 0,
+            what="every ack through",
+        )
+        assert sorted(records.client().lrange("done", 0, -1)) == sorted(messages)
+    finally:
+        client.config_set("maxmemory", "0")
+        svc.cleanup()
+        records.stop()
