@@ -284,6 +284,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
 
     problems: list[str] = []
     expanded = _expand(raw, env, (), problems)
+    _override_log_level(expanded, env)
     if problems:
         raise ConfigError(source, problems)
     try:
@@ -296,6 +297,17 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raise ConfigError(source, problems)
     node = document.manager.node or env.get("RQWORKERS_NODE") or socket.gethostname()
     return Config(source, node, document.manager, document.logging, tuple(pairs))
+
+
+def _override_log_level(document: dict[str, Any], env: Mapping[str, str]) -> None:
+    """`$RQWORKERS_LOG_LEVEL` (set by `run --log-level`) wins over `[logging] level`.
+
+    Read at every load, so that a reload keeps the level asked for on the command line.
+    """
+    level = env.get("RQWORKERS_LOG_LEVEL")
+    section = document.setdefault("logging", {})
+    if level and isinstance(section, dict):
+        section["level"] = level
 
 
 def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems: list[str]) -> Any:

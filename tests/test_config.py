@@ -1038,7 +1038,7 @@ def test_cli_check_passes_against_a_real_redis(
     )
     result = rqworkers_check(path, cli_env)
     assert result.returncode == 0, result
-    assert result.stdout.strip() == f"{path}: ok (2 queues, 1 hosts reachable)"
+    assert result.stdout.strip() == f"{path}: ok (2 queues, 1 host reachable)"
     assert result.stderr == ""
 
 
