@@ -184,7 +184,7 @@ def _harmless(commands: list[list[str]], keys: Keys) -> list[list[str]]:
 
 
 def _probe(client: Client, command: list[str]) -> str:
-    """"OK" if Redis let the user run `command`, else its refusal."""
+    """`OK` if Redis let the user run `command`, else its refusal."""
     try:
         _command(client, *command)
     except redis.ResponseError as exc:

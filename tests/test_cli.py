@@ -1,0 +1,352 @@
+"""The command line as operators use it, against a real redis-server and real processes:
+where options go, what `check` finds beyond PING, and what stops `run` before it starts."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
+
+HANDLER = "testapp:handle"
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]))
+    env.pop("RQWORKERS_CONFIG", None)
+    env.pop("RQWORKERS_LOG_LEVEL", None)
+    return env
+
+
+def rqworkers(
+    env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m rqworkers ARGS`, to its end; stdin is not a terminal unless given one."""
+    return subprocess.run(
+        [sys.executable, "-m", "rqworkers", *args],
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stdout + result.stderr, result
+
+
+def config(tmp_path: Path, url: str, queues: list[str], **sections: Any) -> Path:
+    workers = [{"queue": q, "handler": HANDLER} for q in queues]
+    return write_config(tmp_path / "rqworkers.toml", url, workers, **sections)
+
+
+@pytest.fixture
+def services(tmp_path: Path, env: dict[str, str]) -> Iterator[list[Service]]:
+    """`rqworkers run` processes a test starts; all killed by pid at teardown."""
+    started: list[Service] = []
+    try:
+        yield started
+    finally:
+        for svc in started:
+            svc.cleanup()
+
+
+def start(services: list[Service], path: Path, env: dict[str, str], *extra: str) -> Service:
+    svc = Service(path, path.parent, dict(env, TESTAPP_REDIS_URL="")).start(*extra)
+    services.append(svc)
+    return svc
+
+
+# -- where options go --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "after", "environment", "both (the later one wins)"])
+def test_config_option_goes_before_or_after_the_subcommand(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, where: str
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    args = {
+        "before": ["-c", path, "check"],
+        "after": ["check", "--config", path],
+        "environment": ["check"],
+        "both (the later one wins)": ["-c", "absent.toml", "check", "-c", path],
+    }[where]
+    if where == "environment":
+        env["RQWORKERS_CONFIG"] = path
+    result = rqworkers(env, *args)
+    assert result.returncode == 0, result
+    # Counts agree with their nouns.
+    assert result.stdout.strip() == f"{path}: ok (1 queue, 1 host reachable)"
+
+
+def test_a_missing_config_option_is_a_usage_error(env: dict[str, str]) -> None:
+    result = rqworkers(env, "check")
+    assert result.returncode == 2
+    assert "-c/--config PATH is required (or set RQWORKERS_CONFIG)" in result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "listed"),
+    [
+        (["dead"], "usage: rqworkers dead", ["list", "show", "requeue", "purge"]),
+        (["-c", "x.toml", "dead"], "usage: rqworkers dead", ["requeue"]),
+        ([], "usage: rqworkers", ["run", "check", "status", "dead", "reload"]),
+    ],
+)
+def test_a_command_without_its_action_prints_its_help(
+    env: dict[str, str], args: list[str], usage: str, listed: list[str]
+) -> None:
+    result = rqworkers(env, *args)
+    assert result.returncode == 2
+    assert result.stdout.startswith(usage)
+    assert all(f"    {name}" in result.stdout for name in listed), result.stdout
+    assert "required" not in result.stdout + result.stderr
+    no_traceback(result)
+
+
+# -- dead purge --------------------------------------------------------------------------------
+
+
+def test_dead_purge_without_a_terminal_refuses_and_names_yes(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    client = redis_server.client()
+    client.lpush("jobs:dead", b"a", b"b")
+    for stdin in (subprocess.DEVNULL, subprocess.PIPE):  # end of input, or an empty pipe
+        result = rqworkers(env, "dead", "purge", "-c", path, stdin=stdin)
+        assert result.returncode == 2, result
+        assert "pass --yes to delete without asking" in result.stderr
+        no_traceback(result)
+    assert client.llen("jobs:dead") == 2
+    result = rqworkers(env, "dead", "purge", "--yes", "-c", path)
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == "deleted 2 dead letters from jobs:dead"
+    assert client.llen("jobs:dead") == 0
+
+
+@pytest.mark.parametrize(("answer", "left"), [(b"y\n", 0), (b"n\n", 1), (b"\x04", 1)])
+def test_dead_purge_asks_on_a_terminal(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, answer: bytes, left: int
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    client = redis_server.client()
+    client.lpush("jobs:dead", b"a")
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer)  # typed ahead; ^D is end of input at a terminal
+        result = rqworkers(env, "dead", "purge", "-c", path, stdin=terminal)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    no_traceback(result)
+    assert "delete all of 1 dead letter in jobs:dead? [y/N]" in result.stdout
+    assert client.llen("jobs:dead") == left
+    assert result.returncode == (0 if left == 0 else 1)
+    assert ("deleted 1 dead letter from jobs:dead" in result.stdout) == (left == 0)
+
+
+# -- check: more than PING ---------------------------------------------------------------------
+
+
+def test_check_reports_queue_keys_of_the_wrong_type(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs", "mail"]))
+    client = redis_server.client()
+    client.set("jobs", "a string")
+    client.hset("jobs:dead", "a", "hash")
+    client.lpush("mail:retry", "a list")
+    client.lpush("mail", "fine: a list")
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    prefix = f"{path}: queue 'jobs' on {redis_server.url}: "
+    lines = result.stderr.splitlines()
+    assert f"{prefix}key 'jobs' is a string, not a list: workers would fail on it with " \
+        "WRONGTYPE; rename or delete it, or choose another queue name" in lines  # fmt: skip
+    assert any(ln.startswith(f"{prefix}key 'jobs:dead' is a hash, not a list") for ln in lines)
+    assert any("key 'mail:retry' is a list, not a zset" in ln for ln in lines)
+    assert len(lines) == 3, result.stderr
+    no_traceback(result)
+
+
+def _acl_user(server: RedisServer, name: str, *rules: str) -> str:
+    server.client().execute_command("ACL", "SETUSER", name, "on", ">pw", *rules)
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+@pytest.mark.parametrize(
+    ("rules", "asked_with"),
+    [
+        # Without @dangerous the user may not run ACL DRYRUN: check probes instead.
+        (["~jobs", "~jobs:*", "+@all", "-@dangerous", "-evalsha"], "probes"),
+        (["~jobs", "~jobs:*", "+@all", "-evalsha"], "ACL DRYRUN"),
+    ],
+)
+def test_check_names_a_command_the_acl_user_may_not_run(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, rules: list[str],
+    asked_with: str,
+) -> None:  # fmt: skip
+    url = _acl_user(redis_server, "worker", *rules)
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    redacted = url.replace(":pw@", ":***@")
+    assert result.stderr.splitlines() == [
+        f"{path}: queue 'jobs' on {redacted}: the Redis user may not run EVALSHA as workers "
+        "do: this user has no permissions to run the 'evalsha' command"
+    ] if asked_with == "probes" else [
+        f"{path}: queue 'jobs' on {redacted}: the Redis user may not run EVALSHA as workers "
+        "do: This user has no permissions to run the 'evalsha' command"
+    ]  # fmt: skip
+    assert "pw@" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dangerous", ["-@dangerous", "+@dangerous"])
+def test_check_names_keys_the_acl_user_may_not_touch(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, dangerous: str
+) -> None:
+    url = _acl_user(redis_server, "narrow", "~jobs", "+@all", dangerous)
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    assert "may not run EVALSHA" in result.stderr
+    assert "no permissions to access" in result.stderr
+    no_traceback(result)
+
+
+def test_check_passes_the_acl_user_readme_recommends(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    url = _acl_user(redis_server, "worker", "~jobs", "~jobs:*", "+@all", "-@dangerous")
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 0, result
+    assert redis_server.client().keys("jobs*") == [], "check wrote nothing"
+
+
+def test_check_refuses_a_user_without_writes_even_when_it_can_only_probe(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    url = _acl_user(redis_server, "reader", "~jobs", "~jobs:*", "+@all", "-@dangerous", "-@write")
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    for command in ("DEL", "SET", "BLMOVE"):
+        assert f"may not run {command} as workers do" in result.stderr
+    assert redis_server.client().keys("jobs*") == [], "the probes changed nothing"
+
+
+# -- run: start problems are reported as check reports them -----------------------------------
+
+
+def test_run_refuses_a_metrics_address_in_use(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        manager = {"metrics_address": f"127.0.0.1:{port}", "shutdown_timeout": 5.0}
+        path = str(config(tmp_path, redis_server.url, ["jobs"], manager=manager))
+        result = rqworkers(env, "run", "-c", path)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("rqworkers: cannot start\n")
+    assert (
+        f"{path}: manager.metrics_address: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    ) in result.stderr
+    assert " started" not in result.stderr, "no worker may start"
+    no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("pid_file", "problem"),
+    [
+        ("missing-dir/rqworkers.pid", "cannot open {}: No such file or directory"),
+        (".", "is a directory"),
+    ],
+)
+def test_run_refuses_a_pid_file_it_cannot_write(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, pid_file: str, problem: str
+) -> None:
+    target = str(tmp_path / pid_file)
+    path = str(config(tmp_path, redis_server.url, ["jobs"], manager={"pid_file": target}))
+    result = rqworkers(env, "run", "-c", path)
+    assert result.returncode == 2, result
+    assert f"{path}: manager.pid_file: " in result.stderr
+    assert problem.format(target) in result.stderr
+    no_traceback(result)
+
+
+def test_a_second_manager_with_the_same_pid_file_refuses_and_leaves_it_alone(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    pid_file = tmp_path / "rqworkers.pid"
+    manager = {"pid_file": str(pid_file), "check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = config(tmp_path, redis_server.url, ["jobs"], manager=manager)
+    first = start(services, path, env)
+    first.wait_workers(1)
+    assert pid_file.read_text() == f"{first.pid}\n"
+
+    second = rqworkers(env, "run", "-c", str(path), timeout=30)
+    assert second.returncode == 2, second
+    assert (
+        f"{path}: manager.pid_file: {pid_file} is locked by a running manager "
+        f"(pid {first.pid}); stop it first, or give this one another pid_file"
+    ) in second.stderr
+    no_traceback(second)
+    assert pid_file.read_text() == f"{first.pid}\n", "the file is left alone"
+
+    # `reload` still reaches the first manager, and only it.
+    assert rqworkers(env, "reload", "-c", str(path)).returncode == 0
+    wait_for(lambda: "SIGHUP received" in first.output(), what="the first manager reloading")
+
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    assert not pid_file.exists(), "removed by the manager that held it"
+
+
+def test_a_stale_pid_file_is_taken_over(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    pid_file = tmp_path / "rqworkers.pid"
+    pid_file.write_text("999999999\n")  # a manager that died without removing it
+    manager = {"pid_file": str(pid_file), "check_interval": 0.2, "shutdown_timeout": 10.0}
+    svc = start(services, config(tmp_path, redis_server.url, ["jobs"], manager=manager), env)
+    svc.wait_workers(1)
+    assert pid_file.read_text() == f"{svc.pid}\n"
+
+
+def test_run_log_level_overrides_the_config_and_survives_a_reload(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    manager = {"check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = config(
+        tmp_path, redis_server.url, ["jobs"], manager=manager, logging={"level": "WARNING"}
+    )
+    svc = start(services, path, env, "--log-level", "info")
+    svc.wait_workers(1)  # found by the INFO lines `<name> <pid> started`
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP received" in svc.output(), what="reload")
+    svc.signal(signal.SIGTTIN)  # logged at INFO once the reload has applied the level again
+    wait_for(lambda: "SIGTTIN: +1 process" in svc.output(), what="an INFO line after reload")
+    svc.wait_workers(2)
+
+
+def test_run_log_level_is_checked(tmp_path: Path, env: dict[str, str]) -> None:
+    result = rqworkers(env, "run", "--log-level", "LOUD", "-c", str(tmp_path / "x.toml"))
+    assert result.returncode == 2
+    assert "invalid choice: 'LOUD'" in result.stderr
