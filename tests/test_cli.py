@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pty
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
+from tests.support import (
+    APPS,
+    REPO,
+    RedisServer,
+    Service,
+    free_port,
+    wait_for,
+    write_config,
+)
 
 HANDLER = "testapp:handle"
 
@@ -350,3 +360,66 @@ def test_run_log_level_is_checked(tmp_path: Path, env: dict[str, str]) -> None:
     result = rqworkers(env, "run", "--log-level", "LOUD", "-c", str(tmp_path / "x.toml"))
     assert result.returncode == 2
     assert "invalid choice: 'LOUD'" in result.stderr
+
+
+# -- README's dead-letter walkthrough, as written, with config/rqworkers.toml ------------------
+
+_STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ")
+
+
+def _walkthrough() -> list[tuple[str, list[str]]]:
+    """The commands of README's dead-letter walkthrough, each with the output it shows."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("### Dead letters\n", 1)[1].split("```\n")[1]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
+def test_the_readme_dead_letter_walkthrough_works_as_written(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("the walkthrough pushes with redis-cli")
+    (tmp_path / "config").symlink_to(REPO / "config")
+    env.update(
+        REDIS_URL=redis_server.url,
+        RQWORKERS_METRICS=f"127.0.0.1:{free_port()}",
+        RQWORKERS_PID_FILE=str(tmp_path / "rqworkers.pid"),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]),
+    )
+    svc = Service(tmp_path / "config" / "rqworkers.toml", tmp_path, env).start()
+    services.append(svc)
+    svc.wait_workers(2)
+    client = redis_server.client()
+    steps = _walkthrough()
+    assert [cmd.split()[:3] for cmd, _ in steps][2:] == [
+        ["rqworkers", "dead", "list"], ["rqworkers", "dead", "show"],
+        ["rqworkers", "dead", "requeue"], ["rqworkers", "dead", "purge"],
+    ]  # fmt: skip
+    for command, shown in steps:
+        if command.startswith("rqworkers"):
+            wait_for(lambda: client.llen("queue2:dead") == 2, what="two dead letters")
+        # The only change: redis-cli is pointed at the test's redis-server.
+        command = command.replace("redis-cli", f"redis-cli -p {redis_server.port}")
+        controller, terminal = pty.openpty()
+        try:
+            os.write(controller, b"y\n")  # purge's question, answered as shown
+            result = subprocess.run(
+                ["bash", "-c", command], stdin=terminal, capture_output=True, text=True,
+                env=env, cwd=tmp_path, timeout=60,
+            )  # fmt: skip
+        finally:
+            os.close(terminal)
+            os.close(controller)
+        assert result.returncode == 0, (command, result)
+        if "redis-cli" in command:
+            continue  # prints the list's length, which README leaves out
+        got = _STAMP.sub("<time>", result.stdout).replace("[y/N] ", "[y/N] y\n").splitlines()
+        assert got == [_STAMP.sub("<time>", line) for line in shown], command
+    assert (tmp_path / "payload.bin").read_bytes() == b"bad\x00\xff binary"
+    assert client.llen("queue2:dead") == 0

@@ -99,12 +99,13 @@ def test_example_config_loads_with_defaults_merged() -> None:
         assert pair.timeout == 30.0
         assert pair.soft_memory_limit == 200_000_000
         assert pair.hard_memory_limit == 300_000_000
-        assert pair.max_attempts == 5
+    assert q1.max_attempts == 5
     assert q1.handler == "rqworkers.examples:log_message"
     assert q1.max_requests == 10_000
     # Per-worker overrides win over [defaults].
     assert q2.handler == "rqworkers.examples:Counter"
     assert q2.max_requests == 100
+    assert q2.max_attempts == 2 and q2.retry_delay == 0.5
 
 
 def test_example_config_takes_values_from_the_environment() -> None:
