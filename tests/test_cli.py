@@ -3,6 +3,7 @@ where options go, what `check` finds beyond PING, and what stops `run` before it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from subprocess import Popen
 from pathlib import Path
 from typing import Any
 
@@ -423,3 +425,53 @@ def test_the_readme_dead_letter_walkthrough_works_as_written(
         assert got == [_STAMP.sub("<time>", line) for line in shown], command
     assert (tmp_path / "payload.bin").read_bytes() == b"bad\x00\xff binary"
     assert client.llen("queue2:dead") == 0
+
+
+# -- scripts/run-local -------------------------------------------------------------------------
+
+
+def _run_local_in_background(tmp_path: Path, env: dict[str, str], port: int) -> Popen[bytes]:
+    """`scripts/run-local &` in a non-interactive script, as a CI job or a Makefile starts
+    it: the shell starts it with SIGINT ignored. The script prints run-local's pid first."""
+    log = open(tmp_path / f"run-local-{port}.log", "wb")  # noqa: SIM115 - the process's
+    script = f'"{REPO}/scripts/run-local" & echo "pid $!"; wait $!; echo "status $?"'
+    return subprocess.Popen(
+        ["bash", "-c", script],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(
+            env,
+            REDIS_PORT=str(port),
+            RQWORKERS_METRICS=f"127.0.0.1:{free_port()}",
+            RQWORKERS_PID_FILE=str(tmp_path / f"rqworkers-{port}.pid"),
+        ),  # fmt: skip
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_run_local_skips_the_reinstall_and_stops_on_sigint_from_a_background_job(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    env.pop("RQWORKERS_REINSTALL", None)
+    for run in ("first", "second"):
+        port = free_port()
+        job = _run_local_in_background(tmp_path, env, port)
+        log = tmp_path / f"run-local-{port}.log"
+        try:
+            wait_for(lambda: re.search(r"queue2-1 \d+ started", log.read_text()), timeout=120,
+                     what="run-local's workers")  # fmt: skip
+            pid = int(re.findall(r"^pid (\d+)$", log.read_text(), re.M)[0])
+            os.kill(pid, signal.SIGINT)
+            assert job.wait(60) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            job.wait(10)
+            shutil.rmtree(REPO / ".run" / f"redis-{port}", ignore_errors=True)
+        output = log.read_text()
+        assert "rqworkers exited with status 0" in output and "redis-server stopped" in output
+        assert output.rstrip().endswith("status 0")
+        if run == "second":
+            assert "pyproject.toml is unchanged: not reinstalling" in output
+            assert "pip install" not in output
