@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from subprocess import Popen
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -444,9 +444,29 @@ def _run_local_in_background(tmp_path: Path, env: dict[str, str], port: int) -> 
             REDIS_PORT=str(port),
             RQWORKERS_METRICS=f"127.0.0.1:{free_port()}",
             RQWORKERS_PID_FILE=str(tmp_path / f"rqworkers-{port}.pid"),
-        ),  # fmt: skip
+        ),
         start_new_session=True,
     )
+
+
+def _run_local_until_sigint(tmp_path: Path, env: dict[str, str]) -> str:
+    """Start run-local in the background of a script, SIGINT it once its workers run, and
+    return its output. Its processes and Redis data are removed whatever happens."""
+    port = free_port()
+    job = _run_local_in_background(tmp_path, env, port)
+    log = tmp_path / f"run-local-{port}.log"
+    try:
+        wait_for(lambda: re.search(r"queue2-1 \d+ started", log.read_text()), timeout=120,
+                 what="run-local's workers")  # fmt: skip
+        pid = int(re.findall(r"^pid (\d+)$", log.read_text(), re.M)[0])
+        os.kill(pid, signal.SIGINT)
+        assert job.wait(60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(10)
+        shutil.rmtree(REPO / ".run" / f"redis-{port}", ignore_errors=True)
+    return log.read_text()
 
 
 @pytest.mark.slow
@@ -454,24 +474,9 @@ def test_run_local_skips_the_reinstall_and_stops_on_sigint_from_a_background_job
     tmp_path: Path, env: dict[str, str]
 ) -> None:
     env.pop("RQWORKERS_REINSTALL", None)
-    for run in ("first", "second"):
-        port = free_port()
-        job = _run_local_in_background(tmp_path, env, port)
-        log = tmp_path / f"run-local-{port}.log"
-        try:
-            wait_for(lambda: re.search(r"queue2-1 \d+ started", log.read_text()), timeout=120,
-                     what="run-local's workers")  # fmt: skip
-            pid = int(re.findall(r"^pid (\d+)$", log.read_text(), re.M)[0])
-            os.kill(pid, signal.SIGINT)
-            assert job.wait(60) == 0
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(job.pid, signal.SIGKILL)
-            job.wait(10)
-            shutil.rmtree(REPO / ".run" / f"redis-{port}", ignore_errors=True)
-        output = log.read_text()
-        assert "rqworkers exited with status 0" in output and "redis-server stopped" in output
-        assert output.rstrip().endswith("status 0")
-        if run == "second":
-            assert "pyproject.toml is unchanged: not reinstalling" in output
-            assert "pip install" not in output
+    _run_local_until_sigint(tmp_path, env)  # installs if it must
+    output = _run_local_until_sigint(tmp_path, env)
+    assert "pyproject.toml is unchanged: not reinstalling" in output
+    assert "pip install" not in output
+    assert "rqworkers exited with status 0" in output and "redis-server stopped" in output
+    assert output.rstrip().endswith("status 0")
