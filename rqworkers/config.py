@@ -60,6 +60,7 @@ MAX_LEASE_TTL = 24 * 3600.0
 MAX_COUNT = 10**9  # max_requests, max_requests_jitter, max_attempts
 MAX_BACKUP_COUNT = 1000  # a rollover renames every kept file
 MAX_SIZE = 2**63 - 1  # bytes: what the OS and Redis count in
+MIN_MEMORY_LIMIT = 64 * 1024**2  # bytes; a bare worker's RSS is about 40 MB
 MAX_PROCESSES_TOTAL = 4096  # all pairs together: one process and one shared page each
 
 
@@ -210,6 +211,16 @@ class PairSettings(_Section):
             raise ValueError(
                 f"{value} processes for one queue is more than this machine can run usefully "
                 f"(at most {ceiling}: 32 per CPU core)"
+            )
+        return value
+
+    @field_validator("soft_memory_limit", "hard_memory_limit")
+    @classmethod
+    def _room_to_start(cls, value: int) -> int:
+        if 0 < value < MIN_MEMORY_LIMIT:
+            raise ValueError(
+                f"{value} bytes is below what a worker needs to start; use 0 (off) or at "
+                f"least {MIN_MEMORY_LIMIT // 1024**2}MiB"
             )
         return value
 

@@ -295,8 +295,16 @@ def test_load_reads_os_environ_by_default(tmp_path: Path, monkeypatch: pytest.Mo
     ],
 )
 def test_sizes(tmp_path: Path, written: str, expected: int) -> None:
-    text = WORKER + f"hard_memory_limit = {written}\n"
-    assert load_text(tmp_path, text).pairs[0].hard_memory_limit == expected
+    text = f"[logging]\nmax_bytes = {written}\n" + WORKER
+    assert load_text(tmp_path, text).logging.max_bytes == expected
+
+
+@pytest.mark.parametrize("field", ["soft_memory_limit", "hard_memory_limit"])
+def test_a_memory_limit_leaves_room_for_a_worker_to_start(tmp_path: Path, field: str) -> None:
+    exc = config_error(tmp_path, WORKER + f'{field} = "10MB"\n')
+    assert_problem(exc, f"workers[0].{field}", "10000000 bytes is below what a worker needs",
+                   "use 0 (off) or at least 64MiB")  # fmt: skip
+    assert getattr(load_text(tmp_path, WORKER + f'{field} = "64MiB"\n').pairs[0], field) == 2**26
 
 
 @pytest.mark.parametrize(
