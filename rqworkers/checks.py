@@ -11,6 +11,7 @@ from rqworkers import connections, handlers, process
 from rqworkers.config import Config, PairSettings, metrics_endpoint, redact
 from rqworkers.connections import Client
 from rqworkers.queue import Keys
+from rqworkers.text import a
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
 _FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.RedisError)
@@ -110,7 +111,7 @@ def key_type_problems(client: Client, keys: Keys) -> list[str]:
             continue  # `permission_problems` names it
         if found not in ("none", wanted):
             problems.append(
-                f"key {key!r} is a {found}, not a {wanted}: workers would fail on it with "
+                f"key {key!r} is {a(found)}, not {a(wanted)}: workers would fail on it with "
                 "WRONGTYPE; rename or delete it, or choose another queue name"
             )
     return problems

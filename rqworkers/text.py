@@ -10,3 +10,8 @@ def plural(count: int, noun: str) -> str:
     if count == 1:
         return f"{count} {noun}"
     return f"{count} {_IRREGULAR.get(noun, noun + 's')}"
+
+
+def a(noun: str) -> str:
+    """`"an int"`, `"a str"`: the noun with its indefinite article (by its first letter)."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from rqworkers.text import a, plural
 from tests.support import (
     APPS,
     REPO,
@@ -126,6 +127,28 @@ def test_a_command_without_its_action_prints_its_help(
     assert all(f"    {name}" in result.stdout for name in listed), result.stdout
     assert "required" not in result.stdout + result.stderr
     no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("handler", "problem"),
+    [("sys:maxsize", "'sys:maxsize' is an int, not"), ("math:pi", "'math:pi' is a float, not")],
+)
+def test_check_names_a_handler_that_is_not_callable_in_good_english(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, handler: str, problem: str
+) -> None:
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url,
+                        [{"queue": "jobs", "handler": handler}])  # fmt: skip
+    result = rqworkers(env, "check", "-c", str(path))
+    assert result.returncode == 2, result
+    assert f"{path}: handler {handler!r} of queue 'jobs': {problem} a function or class" in (
+        result.stderr
+    )
+
+
+def test_plural_and_article() -> None:
+    assert [plural(n, "host") for n in (0, 1, 2)] == ["0 hosts", "1 host", "2 hosts"]
+    assert [plural(n, "delivery") for n in (1, 3)] == ["1 delivery", "3 deliveries"]
+    assert [a("int"), a("str"), a("Item"), a("zset")] == ["an int", "a str", "an Item", "a zset"]
 
 
 # -- dead purge --------------------------------------------------------------------------------
