@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+from pathlib import Path
 
 import redis
 
@@ -203,18 +205,40 @@ def _text(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def metrics_problems(config: Config) -> list[str]:
+def metrics_problems(config: Config, port: int | None = None) -> list[str]:
     """Why the keeper could not serve /metrics on `[manager] metrics_address`, if it could
-    not: found by binding it as the keeper will (IPv4, SO_REUSEADDR), then letting go."""
+    not: found by binding it as the keeper will (IPv4, SO_REUSEADDR), then letting go.
+    `port` 0 tests only that the host is an address of this machine."""
     address = config.manager.metrics_address
     if not address:
         return []
-    host, port = metrics_endpoint(address)
+    host, configured = metrics_endpoint(address)
+    port = configured if port is None else port
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
     except OSError as exc:
         why = exc.strerror or str(exc)
-        return [f"manager.metrics_address: cannot listen on {host}:{port}: {why}"]
+        return [f"manager.metrics_address: cannot listen on {host}:{port or configured}: {why}"]
+    return []
+
+
+def start_problems(config: Config) -> list[str]:
+    """What `run` would refuse at start for a value of the config, found by `check` without
+    taking anything a running manager holds: the metrics host must be an address of this
+    machine (its port may be in use by that manager), and the pid file must be writable."""
+    return metrics_problems(config, port=0) + pid_file_problems(config)
+
+
+def pid_file_problems(config: Config) -> list[str]:
+    path = config.manager.pid_file
+    if not path:
+        return []
+    target = Path(path)
+    where = target if target.exists() else target.parent
+    if not where.is_dir() and where == target.parent:
+        return [f"manager.pid_file: {path}: directory {str(where)!r} does not exist"]
+    if not os.access(where, os.W_OK):
+        return [f"manager.pid_file: {path}: {str(where)!r} is not writable"]
     return []

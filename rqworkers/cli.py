@@ -147,11 +147,14 @@ def run(cfg: config.Config, args: argparse.Namespace) -> int:
         for line in problems:
             log.error("%s: %s", cfg.source, line)
         return ExitCode.CONFIG
+    problems = checks.start_problems(cfg)
+    if problems:  # as `check` reports them; the manager then takes what it must hold
+        raise ConfigError(cfg.source, problems)
     return Manager(cfg).run()
 
 
 def check(cfg: config.Config, args: argparse.Namespace) -> int:
-    problems = checks.handler_problems(cfg)
+    problems = checks.handler_problems(cfg) + checks.start_problems(cfg)
     unreachable = checks.host_problems(cfg)
     for line in problems + unreachable:
         print(f"{cfg.source}: {line}", file=sys.stderr)

@@ -307,23 +307,53 @@ def test_run_refuses_a_metrics_address_in_use(
     no_traceback(result)
 
 
-@pytest.mark.parametrize(
-    ("pid_file", "problem"),
-    [
-        ("missing-dir/rqworkers.pid", "cannot open {}: No such file or directory"),
-        (".", "is a directory"),
-    ],
-)
-def test_run_refuses_a_pid_file_it_cannot_write(
-    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, pid_file: str, problem: str
+def test_run_refuses_a_pid_file_naming_a_directory(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
-    target = str(tmp_path / pid_file)
-    path = str(config(tmp_path, redis_server.url, ["jobs"], manager={"pid_file": target}))
+    path = str(config(tmp_path, redis_server.url, ["jobs"], manager={"pid_file": str(tmp_path)}))
     result = rqworkers(env, "run", "-c", path)
     assert result.returncode == 2, result
-    assert f"{path}: manager.pid_file: " in result.stderr
-    assert problem.format(target) in result.stderr
+    assert f"{path}: manager.pid_file: {str(tmp_path)!r} is a directory" in result.stderr
     no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("manager", "problem"),
+    [
+        # 192.0.2.1 (TEST-NET-1) is no address of this machine: binding fails locally, and
+        # nothing is sent anywhere.
+        ({"metrics_address": "192.0.2.1:9108"},
+         "manager.metrics_address: cannot listen on 192.0.2.1:9108: Cannot assign requested"),
+        ({"pid_file": "{tmp}/missing-dir/rqworkers.pid"},
+         "manager.pid_file: {tmp}/missing-dir/rqworkers.pid: directory '{tmp}/missing-dir' "
+         "does not exist"),
+    ],
+)  # fmt: skip
+def test_check_refuses_what_run_would_refuse_at_start(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, manager: dict[str, str],
+    problem: str,
+) -> None:  # fmt: skip
+    manager = {k: v.format(tmp=tmp_path) for k, v in manager.items()}
+    path = str(config(tmp_path, redis_server.url, ["jobs"], manager=manager))
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", path)
+        assert result.returncode == 2, result
+        assert f"{path}: {problem.format(tmp=tmp_path)}" in result.stderr
+        no_traceback(result)
+
+
+def test_check_passes_a_metrics_port_held_by_the_running_manager(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    """`check` is run next to a live manager: the port that manager holds is no problem."""
+    manager = {"metrics_address": f"127.0.0.1:{free_port()}", "check_interval": 0.2,
+               "pid_file": str(tmp_path / "rqworkers.pid")}  # fmt: skip
+    path = config(tmp_path, redis_server.url, ["jobs"], manager=manager)
+    svc = start(services, path, env)
+    svc.wait_workers(1)
+    wait_for(lambda: "serving /metrics" in svc.output(), what="the keeper serving metrics")
+    result = rqworkers(env, "check", "-c", str(path))
+    assert result.returncode == 0, result
 
 
 def test_a_second_manager_with_the_same_pid_file_refuses_and_leaves_it_alone(
