@@ -316,9 +316,8 @@ def _override_log_level(document: dict[str, Any], env: Mapping[str, str]) -> Non
     Read at every load, so that a reload keeps the level asked for on the command line.
     """
     level = env.get("RQWORKERS_LOG_LEVEL")
-    section = document.setdefault("logging", {})
-    if level and isinstance(section, dict):
-        section["level"] = level
+    if level and isinstance(document.setdefault("logging", {}), dict):
+        document["logging"]["level"] = level
 
 
 def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems: list[str]) -> Any:
