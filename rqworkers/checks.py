@@ -227,18 +227,23 @@ def metrics_problems(config: Config, port: int | None = None) -> list[str]:
 def start_problems(config: Config) -> list[str]:
     """What `run` would refuse at start for a value of the config, found by `check` without
     taking anything a running manager holds: the metrics host must be an address of this
-    machine (its port may be in use by that manager), and the pid file must be writable."""
-    return metrics_problems(config, port=0) + pid_file_problems(config)
+    machine (its port may be in use by that manager); the pid file and the log file must be
+    files that can be written."""
+    files = {"manager.pid_file": config.manager.pid_file, "logging.file": config.logging.file}
+    return metrics_problems(config, port=0) + [
+        f"{field}: {path}: {problem}"
+        for field, path in files.items()
+        if path and (problem := writable_file_problem(Path(path)))
+    ]
 
 
-def pid_file_problems(config: Config) -> list[str]:
-    path = config.manager.pid_file
-    if not path:
-        return []
-    target = Path(path)
-    where = target if target.exists() else target.parent
-    if not where.is_dir() and where == target.parent:
-        return [f"manager.pid_file: {path}: directory {str(where)!r} does not exist"]
+def writable_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be opened for writing (or created), or None."""
+    if path.is_dir():
+        return "is a directory"
+    where = path if path.exists() else path.parent
+    if not where.is_dir() and where == path.parent:
+        return f"directory {str(where)!r} does not exist"
     if not os.access(where, os.W_OK):
-        return [f"manager.pid_file: {path}: {str(where)!r} is not writable"]
-    return []
+        return f"{str(where)!r} is not writable"
+    return None

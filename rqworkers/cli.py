@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: config.Config, args: argparse.Namespace) -> int:
+    problems = checks.start_problems(cfg)
+    if problems:  # as `check` reports them; the manager then takes what it must hold
+        raise ConfigError(cfg.source, problems)
     try:
         logs.configure(cfg.logging, "manager")
     except OSError as exc:
@@ -147,9 +150,6 @@ def run(cfg: config.Config, args: argparse.Namespace) -> int:
         for line in problems:
             log.error("%s: %s", cfg.source, line)
         return ExitCode.CONFIG
-    problems = checks.start_problems(cfg)
-    if problems:  # as `check` reports them; the manager then takes what it must hold
-        raise ConfigError(cfg.source, problems)
     return Manager(cfg).run()
 
 

@@ -109,7 +109,7 @@ def _from_environment(value: object) -> object:
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except (tomllib.TOMLDecodeError, KeyError):
-        return str(value)
+        return value
     return parsed if isinstance(parsed, int | float) and not isinstance(parsed, bool) else value
 
 

@@ -318,23 +318,27 @@ def test_run_refuses_a_pid_file_naming_a_directory(
 
 
 @pytest.mark.parametrize(
-    ("manager", "problem"),
+    ("section", "setting", "problem"),
     [
         # 192.0.2.1 (TEST-NET-1) is no address of this machine: binding fails locally, and
         # nothing is sent anywhere.
-        ({"metrics_address": "192.0.2.1:9108"},
+        ("manager", {"metrics_address": "192.0.2.1:9108"},
          "manager.metrics_address: cannot listen on 192.0.2.1:9108: Cannot assign requested"),
-        ({"pid_file": "{tmp}/missing-dir/rqworkers.pid"},
+        ("manager", {"pid_file": "{tmp}/missing-dir/rqworkers.pid"},
          "manager.pid_file: {tmp}/missing-dir/rqworkers.pid: directory '{tmp}/missing-dir' "
          "does not exist"),
+        ("logging", {"file": "{tmp}/missing-dir/rqworkers.log"},
+         "logging.file: {tmp}/missing-dir/rqworkers.log: directory '{tmp}/missing-dir' "
+         "does not exist"),
+        ("logging", {"file": "{tmp}"}, "logging.file: {tmp}: is a directory"),
     ],
 )  # fmt: skip
-def test_check_refuses_what_run_would_refuse_at_start(
-    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, manager: dict[str, str],
-    problem: str,
+def test_check_refuses_what_run_would_refuse_at_start_and_run_says_the_same(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, section: str,
+    setting: dict[str, str], problem: str,
 ) -> None:  # fmt: skip
-    manager = {k: v.format(tmp=tmp_path) for k, v in manager.items()}
-    path = str(config(tmp_path, redis_server.url, ["jobs"], manager=manager))
+    values = {k: v.format(tmp=tmp_path) for k, v in setting.items()}
+    path = str(config(tmp_path, redis_server.url, ["jobs"], **{section: values}))
     for command in ("check", "run"):
         result = rqworkers(env, command, "-c", path)
         assert result.returncode == 2, result
