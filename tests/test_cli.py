@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from rqworkers.text import a, plural
+from tests.servers import Cluster, Processes, server_version
 from tests.support import (
     APPS,
     REPO,
@@ -270,6 +271,34 @@ def test_check_passes_the_acl_user_readme_recommends(
     result = rqworkers(env, "check", "-c", path)
     assert result.returncode == 0, result
     assert redis_server.client().keys("jobs*") == [], "check wrote nothing"
+
+
+def test_check_asks_every_node_of_a_cluster_as_workers_would(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """On a Redis Cluster the keys of a queue share one slot: the probes and ACL DRYRUN go
+    where the workers' commands go, and a missing EVALSHA is named the same way."""
+    if server_version() < (7, 0):
+        pytest.skip("the cluster fixture needs redis-server 7.0 or later")
+    started = Processes()
+    try:
+        cluster = Cluster(started, tmp_path / "cluster").start()
+        path = write_config(tmp_path / "rqworkers.toml", cluster.url,
+                            [{"queue": "{jobs}", "handler": HANDLER}])  # fmt: skip
+        result = rqworkers(env, "check", "-c", str(path))
+        assert result.returncode == 0, result
+        client = cluster.client()
+        client.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~{jobs}", "~{jobs}:*",
+                               "+@all", "-@dangerous", "-evalsha",
+                               target_nodes=client.ALL_NODES)  # fmt: skip
+        user_url = cluster.url.replace("redis+cluster://", "redis+cluster://worker:pw@")
+        path.write_text(path.read_text().replace(cluster.url, user_url))
+        result = rqworkers(env, "check", "-c", str(path))
+        assert result.returncode == 1, result
+        assert "the Redis user may not run EVALSHA as workers do" in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    finally:
+        started.kill_all()
 
 
 def test_check_refuses_a_user_without_writes_even_when_it_can_only_probe(
