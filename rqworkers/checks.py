@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 
 from rqworkers import connections, handlers, process
-from rqworkers.config import Config, PairSettings, metrics_endpoint, redact
+from rqworkers.config import Config, PairSettings, max_processes, metrics_endpoint, redact
 from rqworkers.connections import Client
 from rqworkers.queue import Keys
 from rqworkers.text import a
@@ -232,10 +232,25 @@ def start_problems(config: Config) -> list[str]:
     machine (its port may be in use by that manager); the pid file and the log file must be
     files that can be written."""
     files = {"manager.pid_file": config.manager.pid_file, "logging.file": config.logging.file}
-    return metrics_problems(config, port=0) + [
-        f"{field}: {path}: {problem}"
-        for field, path in files.items()
-        if path and (problem := writable_file_problem(Path(path)))
+    return (
+        process_problems(config)
+        + metrics_problems(config, port=0)
+        + [
+            f"{field}: {path}: {problem}"
+            for field, path in files.items()
+            if path and (problem := writable_file_problem(Path(path)))
+        ]
+    )
+
+
+def process_problems(config: Config) -> list[str]:
+    """One line per pair that wants more processes than this machine runs usefully."""
+    ceiling = max_processes()
+    return [
+        f"workers: queue {pair.queue!r} on {pair.endpoint}: processes = {pair.processes} is "
+        f"more than this machine can run usefully (at most {ceiling}: 32 per CPU core)"
+        for pair in config.pairs
+        if pair.processes > ceiling
     ]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from rqworkers.config import max_processes
 from rqworkers.text import a, plural
 from tests.servers import Cluster, Processes, server_version
 from tests.support import (
@@ -373,6 +374,24 @@ def test_check_refuses_what_run_would_refuse_at_start_and_run_says_the_same(
         assert result.returncode == 2, result
         assert f"{path}: {problem.format(tmp=tmp_path)}" in result.stderr
         no_traceback(result)
+
+
+def test_check_and_run_refuse_more_processes_than_the_machine_runs_usefully(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    ceiling = max_processes()
+    workers = [{"queue": "jobs", "handler": HANDLER, "processes": ceiling + 1}]
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", str(path))
+        assert result.returncode == 2, result
+        assert (
+            f"{path}: workers: queue 'jobs' on {redis_server.url}: processes = {ceiling + 1} is "
+            f"more than this machine can run usefully (at most {ceiling}: 32 per CPU core)"
+        ) in result.stderr
+        no_traceback(result)
+    # `status` reads the same file from any machine, and does not refuse it.
+    assert rqworkers(env, "status", "-c", str(path)).returncode == 0
 
 
 def test_check_passes_a_metrics_port_held_by_the_running_manager(

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rqworkers.config import Config, load
+from rqworkers.config import MAX_PROCESSES_TOTAL, Config, load
 from rqworkers.errors import ConfigError
 from tests.support import APPS, REPO, RedisServer, free_port, wait_for
 
@@ -152,7 +152,7 @@ def test_a_loaded_config_holds_only_finite_numbers_within_their_bounds(
     numbers = [*cfg.manager.model_dump().values(), *cfg.logging.model_dump().values()]
     for pair in cfg.pairs:
         numbers += pair.model_dump().values()
-        assert pair.processes <= 32 * (os.cpu_count() or 1)
+        assert pair.processes <= MAX_PROCESSES_TOTAL
         assert pair.timeout >= 0.001
     for value in numbers:
         if isinstance(value, int | float):
