@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+from pathlib import Path
 
 import redis
 
 from rqworkers import connections, handlers, process
-from rqworkers.config import Config, redact
+from rqworkers.config import Config, PairSettings, max_processes, metrics_endpoint, redact
+from rqworkers.connections import Client
+from rqworkers.queue import Keys
+from rqworkers.text import a
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
 _FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.RedisError)
@@ -53,7 +59,8 @@ def queue_problems(config: Config) -> list[str]:
 
 
 def host_problems(config: Config, timeout: float = 3.0) -> list[str]:
-    """One line per Redis that does not answer PING. Passwords are never shown.
+    """One line per problem a worker would meet on a Redis: no PING, a key of a queue that
+    holds the wrong type, a command the user may not run. Passwords are never shown.
 
     A cluster must have all its slots served; a Sentinel URL must lead to its master (that
     PING is the master's answer); TLS must verify; the credentials must be accepted.
@@ -67,8 +74,190 @@ def host_problems(config: Config, timeout: float = 3.0) -> list[str]:
             continue
         try:
             client.ping()
+            for pair in config.pairs:
+                if pair.url == url:
+                    keys = Keys.of(pair.queue, f"{config.node}:1")
+                    problems.extend(_prefixed(pair, key_type_problems(client, keys)))
+                    problems.extend(_prefixed(pair, permission_problems(client, keys)))
         except _FAILURES as exc:
             problems.append(f"redis at {redact(url)}: {type(exc).__name__}: {exc}")
         finally:
             client.close()
     return problems
+
+
+def _prefixed(pair: PairSettings, lines: list[str]) -> list[str]:
+    return [f"queue {pair.queue!r} on {pair.endpoint}: {line}" for line in lines]
+
+
+def _key_types(keys: Keys) -> dict[str, str]:
+    """What each shared key of a queue must be, if it exists (README, "Redis keys")."""
+    return {
+        keys.queue: "list",
+        keys.retry: "zset",
+        keys.dead: "list",
+        keys.dead_reasons: "hash",
+        keys.registry: "set",
+    }
+
+
+def key_type_problems(client: Client, keys: Keys) -> list[str]:
+    """One line per key of the queue that exists with another type than the workers use:
+    each would fail every command on it with WRONGTYPE."""
+    problems = []
+    for key, wanted in _key_types(keys).items():
+        try:
+            found = _text(client.type(key))
+        except redis.exceptions.NoPermissionError:
+            continue  # `permission_problems` names it
+        if found not in ("none", wanted):
+            problems.append(
+                f"key {key!r} is {a(found)}, not {a(wanted)}: workers would fail on it with "
+                "WRONGTYPE; rename or delete it, or choose another queue name"
+            )
+    return problems
+
+
+# What a worker and its keeper run on a queue's keys, as ACL DRYRUN arguments. Not
+# BRPOPLPUSH: only servers without BLMOVE use it, and those have no DRYRUN either.
+def _worker_commands(keys: Keys) -> list[list[str]]:
+    every_key = [keys.queue, keys.landing, keys.processing, keys.retry, keys.dead,
+                 keys.dead_reasons, keys.registry, keys.lease, keys.fence]  # fmt: skip
+    return [
+        # A script that does not exist: NOSCRIPT if allowed, so probing it changes nothing.
+        ["EVALSHA", "0" * 40, str(len(every_key)), *every_key],
+        ["SCRIPT", "LOAD", "return 0"],
+        ["BLMOVE", keys.queue, keys.landing, "RIGHT", "LEFT", "1"],
+        ["HMGET", keys.dead_reasons, "d"],
+        ["LRANGE", keys.processing, "0", "-1"],
+        ["ZRANGE", keys.retry, "0", "0"],
+        ["SET", keys.lease, "v", "PX", "1000", "GET"],
+        ["SET", keys.fence, "1", "NX", "PX", "1000"],
+        ["DEL", keys.fence],
+        ["SADD", keys.registry, "w"],
+        ["SSCAN", keys.registry, "0"],
+        ["EXISTS", keys.lease],
+        ["LLEN", keys.queue],
+        ["ZCARD", keys.retry],
+    ]
+
+
+def permission_problems(client: Client, keys: Keys) -> list[str]:
+    """One line per reason the Redis user may not run what a worker runs on these keys,
+    naming the commands it stops. A PING alone passes a user who then waits forever at run
+    time for EVALSHA.
+
+    Asked with ACL DRYRUN (Redis 7+) where the user may run it; otherwise probed with
+    forms that change nothing (`_harmless`).
+    """
+    commands = _worker_commands(keys)
+    try:
+        user = _command(client, "ACL", "WHOAMI")
+        verdicts = [_command(client, "ACL", "DRYRUN", user, *c) for c in commands]
+    except redis.ResponseError:  # no ACL DRYRUN here, or not for this user: probe instead
+        verdicts = [_probe(client, c) for c in _harmless(commands, keys)]
+        commands = _harmless(commands, keys)
+    refused: dict[str, list[str]] = {}
+    for command, verdict in zip(commands, verdicts, strict=True):
+        if verdict != "OK":
+            name = " ".join(command[:2]) if command[0] == "SCRIPT" else command[0]
+            refused.setdefault(verdict, []).append(name)
+    return [
+        f"the Redis user may not run {', '.join(dict.fromkeys(names))} as workers do: {why}"
+        for why, names in refused.items()
+    ]
+
+
+def _harmless(commands: list[list[str]], keys: Keys) -> list[list[str]]:
+    """The probes that change nothing: EVALSHA of no script (on every real key), SCRIPT
+    LOAD of `return 0`, the reads, and no-op writes on a key of the queue that no one uses
+    (DEL of it, SET ... XX of it, BLMOVE from it). SADD cannot be probed so."""
+    unused = f"{keys.queue}:check:unused"
+    reads = {"EVALSHA", "SCRIPT", "HMGET", "LRANGE", "ZRANGE", "SSCAN", "EXISTS", "LLEN",
+             "ZCARD"}  # fmt: skip
+    return [
+        *(c for c in commands if c[0] in reads),
+        ["DEL", unused],
+        ["SET", unused, "v", "XX", "PX", "1000"],
+        ["BLMOVE", unused, unused, "RIGHT", "LEFT", "0.01"],
+    ]
+
+
+def _probe(client: Client, command: list[str]) -> str:
+    """`OK` if Redis let the user run `command`, else its refusal."""
+    try:
+        _command(client, *command)
+    except redis.ResponseError as exc:
+        # NOSCRIPT: it was allowed. An unknown command (BLMOVE before Redis 6.2) is one
+        # workers do not use there: they fall back to BRPOPLPUSH.
+        if not str(exc).startswith(("No matching script", "unknown command")):
+            return str(exc)
+    return "OK"
+
+
+def _command(client: Client, *args: str) -> str:
+    """A raw command's reply as text: redis-py has no typed method for ACL DRYRUN."""
+    return _text(client.execute_command(*args))  # type: ignore[no-untyped-call]
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def metrics_problems(config: Config, port: int | None = None) -> list[str]:
+    """Why the keeper could not serve /metrics on `[manager] metrics_address`, if it could
+    not: found by binding it as the keeper will (IPv4, SO_REUSEADDR), then letting go.
+    `port` 0 tests only that the host is an address of this machine."""
+    address = config.manager.metrics_address
+    if not address:
+        return []
+    host, configured = metrics_endpoint(address)
+    port = configured if port is None else port
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        return [f"manager.metrics_address: cannot listen on {host}:{port or configured}: {why}"]
+    return []
+
+
+def start_problems(config: Config) -> list[str]:
+    """What `run` would refuse at start for a value of the config, found by `check` without
+    taking anything a running manager holds: the metrics host must be an address of this
+    machine (its port may be in use by that manager); the pid file and the log file must be
+    files that can be written."""
+    files = {"manager.pid_file": config.manager.pid_file, "logging.file": config.logging.file}
+    return (
+        process_problems(config)
+        + metrics_problems(config, port=0)
+        + [
+            f"{field}: {path}: {problem}"
+            for field, path in files.items()
+            if path and (problem := writable_file_problem(Path(path)))
+        ]
+    )
+
+
+def process_problems(config: Config) -> list[str]:
+    """One line per pair that wants more processes than this machine runs usefully."""
+    ceiling = max_processes()
+    return [
+        f"workers: queue {pair.queue!r} on {pair.endpoint}: processes = {pair.processes} is "
+        f"more than this machine can run usefully (at most {ceiling}: 32 per CPU core)"
+        for pair in config.pairs
+        if pair.processes > ceiling
+    ]
+
+
+def writable_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be opened for writing (or created), or None."""
+    if path.is_dir():
+        return "is a directory"
+    where = path if path.exists() else path.parent
+    if not where.is_dir() and where == path.parent:
+        return f"directory {str(where)!r} does not exist"
+    if not os.access(where, os.W_OK):
+        return f"{str(where)!r} is not writable"
+    return None

@@ -15,10 +15,14 @@ from rqworkers import __version__, checks, config, dead, logs, status
 from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import Manager
 from rqworkers.queue import TRANSIENT_ERRORS
+from rqworkers.text import plural
 
 log = logging.getLogger("rqworkers")
 
 Command = Callable[[config.Config, argparse.Namespace], int]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,20 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rqworkers", description="Reliable Redis list consumers, supervised."
     )
     parser.add_argument("--version", action="version", version=f"rqworkers {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _config_option(parser, default=None)
+    parser.set_defaults(help_of=parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str, parent: Any = commands) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = parent.add_parser(name, help=text, description=text)
-        sub.add_argument(
-            "-c",
-            "--config",
-            default=os.environ.get("RQWORKERS_CONFIG"),
-            required="RQWORKERS_CONFIG" not in os.environ,
-            help="path of the TOML config file (default: $RQWORKERS_CONFIG)",
-        )
+        # SUPPRESS: a -c given before the subcommand is not overwritten by this one's default.
+        _config_option(sub, default=argparse.SUPPRESS)
         return sub
 
-    command("run", "start the manager and keep one worker per (host, queue) alive")
+    run_parser = command("run", "start the manager and keep one worker per (host, queue) alive")
+    run_parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="overrides [logging] level (reloads included), as $RQWORKERS_LOG_LEVEL does",
+    )
     command("check", "validate the config, import every handler and ping every host")
     command("reload", "ask the running manager (found by [manager] pid_file) to reload")
     st = command("status", "queues and live workers of every node, read from Redis")
@@ -47,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                     help="redraw every SECONDS (default 2) until Ctrl-C")  # fmt: skip
 
-    dead_parser = commands.add_parser("dead", help="list, show, requeue or purge dead letters")
-    dead_commands = dead_parser.add_subparsers(dest="dead_command", required=True)
+    dead_parser = command("dead", "list, show, requeue or purge dead letters")
+    dead_parser.set_defaults(help_of=dead_parser)
+    dead_commands = dead_parser.add_subparsers(dest="dead_command", metavar="ACTION")
     for name, text in (
         ("list", "list dead letters, newest first"),
         ("show", "show one dead letter in full"),
@@ -68,12 +76,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
+    """`-c/--config`, accepted before the subcommand and after it, as people type it."""
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=default,
+        metavar="PATH",
+        help="path of the TOML config file (default: $RQWORKERS_CONFIG)",
+    )
+
+
+def _incomplete(args: argparse.Namespace) -> bool:
+    """Print the help of a command given without its action (`rqworkers dead`): True if so.
+
+    Help rather than argparse's `required: dead_command`, which tells a newcomer nothing.
+    """
+    if args.command is None or (args.command == "dead" and args.dead_command is None):
+        args.help_of.print_help()
+        return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Handlers are imported from the current directory, as with `python -m rqworkers`; the
     # `rqworkers` console script alone would only put its own bin directory on the path.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if _incomplete(args):
+        return ExitCode.CONFIG
+    args.config = args.config or os.environ.get("RQWORKERS_CONFIG")
+    if not args.config:
+        parser.error("-c/--config PATH is required (or set RQWORKERS_CONFIG)")
+    if getattr(args, "log_level", None):
+        # Through the environment, so that a reload (SIGHUP) keeps the override too.
+        os.environ["RQWORKERS_LOG_LEVEL"] = args.log_level
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:
@@ -82,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.command if args.command != "dead" else f"dead {args.dead_command}"
     try:
         return COMMANDS[name](cfg, args)
+    except ConfigError as exc:  # a start problem: reported as `check` reports a bad config
+        print(f"rqworkers: cannot start\n{exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     except RqworkersError as exc:
         print(f"rqworkers: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
@@ -93,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(cfg: config.Config, args: argparse.Namespace) -> int:
+    problems = checks.start_problems(cfg)
+    if problems:  # as `check` reports them; the manager then takes what it must hold
+        raise ConfigError(cfg.source, problems)
     try:
         logs.configure(cfg.logging, "manager")
     except OSError as exc:
@@ -109,7 +154,7 @@ def run(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def check(cfg: config.Config, args: argparse.Namespace) -> int:
-    problems = checks.handler_problems(cfg)
+    problems = checks.handler_problems(cfg) + checks.start_problems(cfg)
     unreachable = checks.host_problems(cfg)
     for line in problems + unreachable:
         print(f"{cfg.source}: {line}", file=sys.stderr)
@@ -117,8 +162,9 @@ def check(cfg: config.Config, args: argparse.Namespace) -> int:
         return ExitCode.CONFIG
     if unreachable:
         return ExitCode.FAILURE
-    hosts = len({pair.url for pair in cfg.pairs})
-    print(f"{cfg.source}: ok ({len(cfg.pairs)} queues, {hosts} hosts reachable)")
+    queues = plural(len(cfg.pairs), "queue")
+    hosts = plural(len({pair.url for pair in cfg.pairs}), "host")
+    print(f"{cfg.source}: ok ({queues}, {hosts} reachable)")
     return ExitCode.OK
 
 
@@ -163,22 +209,41 @@ def dead_show(cfg: config.Config, args: argparse.Namespace) -> int:
 def dead_requeue(cfg: config.Config, args: argparse.Namespace) -> int:
     letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
     moved = dead.take_out(letters, dead.Selection(args.indexes, args.limit), letters.requeue)
-    print(f"requeued {moved} message(s) to the head of {letters.keys.queue}")
+    print(f"requeued {plural(moved, 'message')} to the head of {letters.keys.queue}")
     return ExitCode.OK
 
 
 def dead_purge(cfg: config.Config, args: argparse.Namespace) -> int:
+    if not args.yes and not sys.stdin.isatty():
+        # No one to answer the question: refuse rather than guess, or die on EOF.
+        print(
+            "rqworkers: dead purge asks for confirmation on a terminal; "
+            "pass --yes to delete without asking",
+            file=sys.stderr,
+        )
+        return ExitCode.CONFIG
     letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
-    what = f"{len(args.indexes)} chosen" if args.indexes else f"{args.limit or 'all'}"
-    if not args.yes:
-        question = f"delete {what} of {len(letters)} dead letter(s) in {letters.keys.dead}?"
-        answer = input(f"{question} [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("nothing deleted")
-            return ExitCode.FAILURE
+    if not args.yes and not _confirmed(_purge_question(args, len(letters), letters.keys.dead)):
+        print("nothing deleted")
+        return ExitCode.FAILURE
     purged = dead.take_out(letters, dead.Selection(args.indexes, args.limit), letters.purge)
-    print(f"deleted {purged} dead letter(s) from {letters.keys.dead}")
+    print(f"deleted {plural(purged, 'dead letter')} from {letters.keys.dead}")
     return ExitCode.OK
+
+
+def _purge_question(args: argparse.Namespace, total: int, key: str) -> str:
+    what = f"{len(args.indexes)} chosen" if args.indexes else f"{args.limit or 'all'}"
+    return f"delete {what} of {plural(total, 'dead letter')} in {key}?"
+
+
+def _confirmed(question: str) -> bool:
+    """The operator's yes; no answer at all (end of input) is a no."""
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        print()
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 COMMANDS: dict[str, Command] = {

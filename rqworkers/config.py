@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -51,8 +51,33 @@ _SIZE_UNITS = {
     "tb": 1000**4,
     "tib": 1024**4,
 }
+# Bounds (README, "Configuration reference", lists them). Every value inside them runs.
+MAX_SECONDS = 7 * 24 * 3600.0  # any duration: a week; `inf` or 1e308 overflow timers
+MIN_CHECK_INTERVAL = 0.01  # below it the manager would busy-loop
+MAX_CHECK_INTERVAL = 60.0  # memory limits and hard timeouts are enforced on this tick
+MIN_TIMEOUT = 0.001  # setitimer rounds anything shorter to 0, which means "no timeout"
+MIN_RECLAIM_INTERVAL = 0.1  # below it the keeper would busy-loop
+MAX_LEASE_TTL = 24 * 3600.0
+MAX_COUNT = 10**9  # max_requests, max_requests_jitter, max_attempts
+MAX_BACKUP_COUNT = 1000  # a rollover renames every kept file
+MAX_SIZE = 2**63 - 1  # bytes: what the OS and Redis count in
+MIN_MEMORY_LIMIT = 64 * 1024**2  # bytes; a bare worker's RSS is about 40 MB
+MAX_PROCESSES_TOTAL = 4096  # all pairs together: one process and one shared page each
+
+
+def max_processes() -> int:
+    """Ceiling of `processes` for one pair on this machine: 32 per CPU core.
+
+    Beyond it the workers of one queue only take turns on the CPUs. Checked where workers
+    run (`check`, `run`), not by `load`.
+    """
+    return 32 * (os.cpu_count() or 1)
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# What `_VAR_RE` reads, plus a `${` that starts no valid reference (group 3).
+_BROKEN_VAR_RE = re.compile(_VAR_RE.pattern + r"|(\$\{[^}]*\}?)")
 
 
 def parse_size(value: object) -> int:
@@ -71,29 +96,69 @@ def parse_size(value: object) -> int:
     raise ValueError(f"{value!r} is not a size such as 200MB, 1GiB or a number of bytes")
 
 
-Size = Annotated[int, BeforeValidator(parse_size)]
+class Expanded(str):
+    """A string in which a `${VAR}` was replaced: it may stand for a number."""
+
+
+def _from_environment(value: object) -> object:
+    """A number that came from `${VAR}` (`processes = "${PROCS:-3}"`), parsed as TOML would.
+
+    Only there: a number written as a string in the file itself (`processes = "3"`) stays
+    a string and is refused, as are `true` for an int and `2.0` for an int.
+    """
+    if not isinstance(value, Expanded):
+        return value
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except (tomllib.TOMLDecodeError, KeyError):
+        return value
+    return parsed if isinstance(parsed, int | float) and not isinstance(parsed, bool) else value
+
+
+_NUMBER = BeforeValidator(_from_environment)
+Int = Annotated[int, _NUMBER]
+Float = Annotated[float, _NUMBER]
+Size = Annotated[int, BeforeValidator(parse_size), Field(le=MAX_SIZE)]
 
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo such as `max_request` must not pass silently.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `processes = "3"`, `processes = true`, `max_attempts = 2.0` are mistakes, not
+    # values to coerce. Not finite (`inf`, `nan`) is refused for every number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ManagerSettings(_Section):
-    check_interval: float = Field(1.0, gt=0, description="seconds between supervision passes")
-    shutdown_timeout: float = Field(30.0, ge=0, description="graceful stop budget, seconds")
-    restart_backoff_max: float = Field(30.0, gt=0, description="cap of the restart backoff")
-    node: str | None = Field(None, min_length=1, description="node identity in worker ids")
-    lease_ttl: float = Field(30.0, ge=1, description="seconds a lease outlives its last renewal")
-    reclaim_interval: float = Field(10.0, gt=0, description="seconds between orphan scans")
-    pid_file: str | None = Field(None, description="where the manager writes its pid")
-    metrics_address: str | None = Field(
-        None, pattern=r"^[^:]*:\d{1,5}$", description="host:port for /metrics and /healthz"
+    check_interval: Float = Field(
+        1.0, ge=MIN_CHECK_INTERVAL, le=MAX_CHECK_INTERVAL, description="seconds between passes"
     )
+    shutdown_timeout: Float = Field(30.0, ge=0, le=MAX_SECONDS, description="stop budget, s")
+    restart_backoff_max: Float = Field(30.0, gt=0, le=MAX_SECONDS, description="backoff cap, s")
+    node: str | None = Field(None, min_length=1, description="node identity in worker ids")
+    lease_ttl: Float = Field(30.0, ge=1, le=MAX_LEASE_TTL, description="lease life, seconds")
+    reclaim_interval: Float = Field(
+        10.0, ge=MIN_RECLAIM_INTERVAL, le=MAX_SECONDS, description="seconds between orphan scans"
+    )
+    pid_file: str | None = Field(None, min_length=1, description="where the manager writes its pid")
+    metrics_address: str | None = Field(None, description="host:port for /metrics and /healthz")
     # The status page's actions (see `rqworkers.web`): a SecretStr so that no repr or log
     # shows it; the file is read again at every check, so it can be rotated in place.
     dashboard_token: SecretStr | None = Field(None, description="enables requeue and purge")
     dashboard_token_file: str | None = Field(None, description="file holding that token")
+
+    @field_validator("pid_file")
+    @classmethod
+    def _pid_file_is_a_file(cls, value: str | None) -> str | None:
+        if value is not None and Path(value).is_dir():
+            raise ValueError(f"{value!r} is a directory; name a file in it, such as rqworkers.pid")
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            metrics_endpoint(value)
+        return value
 
     @model_validator(mode="after")
     def _one_good_token(self) -> ManagerSettings:
@@ -119,16 +184,27 @@ def check_token(token: str, where: str) -> None:
         raise ValueError(f"{where}: must hold at least {MIN_TOKEN_LENGTH} characters")
 
 
+def metrics_endpoint(address: str) -> tuple[str, int]:
+    """`("127.0.0.1", 9108)` from `"127.0.0.1:9108"`; an empty host is 127.0.0.1.
+
+    Raises ValueError naming what is wrong: no port, or one outside 1..65535.
+    """
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port with a port from 1 to 65535")
+    return host or "127.0.0.1", int(port)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     file: str | None = None
     max_bytes: Size = 10 * 1000**2
-    backup_count: int = Field(5, ge=0)
+    backup_count: Int = Field(5, ge=0, le=MAX_BACKUP_COUNT)
     format: Literal["text", "json"] = "text"
     # Per-message lines, as the fraction of messages that get one (0 = none, 1 = all): at
     # thousands of messages a second, logging each would become the bottleneck.
-    handled: float = Field(0.0, ge=0, le=1, description="share of handled messages logged")
-    failures: float = Field(1.0, ge=0, le=1, description="share of failures logged")
+    handled: Float = Field(0.0, ge=0, le=1, description="share of handled messages logged")
+    failures: Float = Field(1.0, ge=0, le=1, description="share of failures logged")
 
     @field_validator("level", mode="before")
     @classmethod
@@ -142,22 +218,34 @@ class PairSettings(_Section):
     host: str = Field(min_length=1)
     queue: str = Field(min_length=1)
     handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-    processes: int = Field(1, ge=1)
-    prefetch: int = Field(1, ge=1, le=10_000)
+    # The machine's own ceiling (`max_processes`) is checked by `check` and `run`, not here:
+    # `status` and `dead` load the same file on a smaller machine.
+    processes: Int = Field(1, ge=1, le=MAX_PROCESSES_TOTAL)
+    prefetch: Int = Field(1, ge=1, le=10_000)
     # Messages one worker process runs at once: threads, or coroutines for `async def`.
-    concurrency: int = Field(1, ge=1, le=1000)
-    max_requests: int = Field(10_000, ge=0)
-    max_requests_jitter: int = Field(0, ge=0)
-    timeout: float = Field(30.0, gt=0)
-    timeout_grace: float = Field(5.0, ge=0)
-    setup_timeout: float = Field(60.0, gt=0)  # seconds the handler's setup() may take
+    concurrency: Int = Field(1, ge=1, le=1000)
+    max_requests: Int = Field(10_000, ge=0, le=MAX_COUNT)
+    max_requests_jitter: Int = Field(0, ge=0, le=MAX_COUNT)
+    timeout: Float = Field(30.0, ge=MIN_TIMEOUT, le=MAX_SECONDS)
+    timeout_grace: Float = Field(5.0, ge=0, le=MAX_SECONDS)
+    setup_timeout: Float = Field(60.0, gt=0, le=MAX_SECONDS)  # seconds setup() may take
     soft_memory_limit: Size = 0
     hard_memory_limit: Size = 0
-    max_attempts: int = Field(5, ge=1)
-    retry_delay: float = Field(1.0, ge=0)
-    retry_delay_max: float = Field(300.0, ge=0)
+    max_attempts: Int = Field(5, ge=1, le=MAX_COUNT)
+    retry_delay: Float = Field(1.0, ge=0, le=MAX_SECONDS)
+    retry_delay_max: Float = Field(300.0, ge=0, le=MAX_SECONDS)
     # Filled in by the loader, never by the user: the host's URL.
     url: str = Field("", exclude=True)
+
+    @field_validator("soft_memory_limit", "hard_memory_limit")
+    @classmethod
+    def _room_to_start(cls, value: int) -> int:
+        if 0 < value < MIN_MEMORY_LIMIT:
+            raise ValueError(
+                f"{value} bytes is below what a worker needs to start; use 0 (off) or at "
+                f"least {MIN_MEMORY_LIMIT // 1024**2}MiB"
+            )
+        return value
 
     @model_validator(mode="after")
     def _limits_ordered(self) -> PairSettings:
@@ -230,6 +318,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
 
     problems: list[str] = []
     expanded = _expand(raw, env, (), problems)
+    _override_log_level(expanded, env)
     if problems:
         raise ConfigError(source, problems)
     try:
@@ -244,6 +333,16 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     return Config(source, node, document.manager, document.logging, tuple(pairs))
 
 
+def _override_log_level(document: dict[str, Any], env: Mapping[str, str]) -> None:
+    """`$RQWORKERS_LOG_LEVEL` (set by `run --log-level`) wins over `[logging] level`.
+
+    Read at every load, so that a reload keeps the level asked for on the command line.
+    """
+    level = env.get("RQWORKERS_LOG_LEVEL")
+    if level and isinstance(document.setdefault("logging", {}), dict):
+        document["logging"]["level"] = level
+
+
 def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems: list[str]) -> Any:
     if isinstance(value, dict):
         return {k: _expand(v, env, (*where, k), problems) for k, v in value.items()}
@@ -252,9 +351,20 @@ def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems
     if not isinstance(value, str):
         return value
 
+    if where[:1] == ("hosts",):
+        # A URL is never meant to hold a literal `${`: it is a reference gone wrong.
+        for broken in filter(None, (m.group(3) for m in _BROKEN_VAR_RE.finditer(value))):
+            problems.append(
+                f"{_path(where)}: {broken!r} is not a valid reference "
+                "(write ${NAME} or ${NAME:-default}; $$ for a literal $)"
+            )
+    replaced = False
+
     def substitute(match: re.Match[str]) -> str:
+        nonlocal replaced
         if match.group(0) == "$$":
             return "$"
+        replaced = True
         name, default = match.group(1), match.group(2)
         if name in env and (env[name] or default is None):
             return env[name]
@@ -263,7 +373,8 @@ def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems
         problems.append(f"{_path(where)}: environment variable {name} is not set")
         return ""
 
-    return _VAR_RE.sub(substitute, value)
+    text = _VAR_RE.sub(substitute, value)
+    return Expanded(text) if replaced else text
 
 
 def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSettings]:
@@ -272,7 +383,8 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
     unknown_defaults = set(document.defaults) - (set(PairSettings.model_fields) - {"url"})
     for key in sorted(unknown_defaults):
         problems.append(f"defaults.{key}: unknown setting")
-    pairs: list[PairSettings] = []
+    hosts, bad_hosts = _check_hosts(document.hosts, problems)
+    pairs: dict[int, PairSettings] = {}
     seen: dict[tuple[str, str], int] = {}
     for index, entry in enumerate(document.workers):
         where = ("workers", index)
@@ -287,16 +399,18 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
                 if line not in problems:
                     problems.append(line)
             continue
-        url = _host_url(pair.host, document.hosts)
+        if pair.host in bad_hosts:
+            continue  # reported once, at hosts.<name>
+        url = _host_url(pair.host, hosts)
         if url is None:
             problems.append(
                 f"{_path(where)}.host: {pair.host!r} is neither a [hosts] name nor a "
                 f"URL starting with {', '.join(URL_SCHEMES)}"
             )
             continue
-        problem = connections.url_problem(url)
+        problem = _url_problem(url)
         if problem:
-            problems.append(f"{_path(where)}.host: {redact(url)!r} is not a valid URL: {problem}")
+            problems.append(f"{_path(where)}.host: {problem}")
             continue
         problem = connections.queue_problem(url, pair.queue)
         if problem:
@@ -310,8 +424,61 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
             )
             continue
         seen[pair_key] = index
-        pairs.append(pair.model_copy(update={"url": url}))
-    return pairs
+        pairs[index] = pair.model_copy(update={"url": url})
+    problems.extend(_key_collisions(pairs))
+    problems.extend(_too_many_processes(pairs.values()))
+    return list(pairs.values())
+
+
+def _check_hosts(hosts: Mapping[str, str], problems: list[str]) -> tuple[dict[str, str], set[str]]:
+    """The usable `[hosts]` entries, and the names of the broken ones, each reported at
+    `hosts.<name>`: the entry is what needs fixing, not every worker that uses it."""
+    good, bad = {}, set()
+    for name, url in hosts.items():
+        problem = (
+            _url_problem(url)
+            if url.startswith(URL_SCHEMES)
+            else f"{url!r} is not a URL starting with {', '.join(URL_SCHEMES)}"
+        )
+        if problem:
+            problems.append(f"hosts.{name}: {problem}")
+            bad.add(name)
+        else:
+            good[name] = url
+    return good, bad
+
+
+def _url_problem(url: str) -> str | None:
+    problem = connections.url_problem(url)
+    return f"{redact(url)!r} is not a valid URL: {problem}" if problem else None
+
+
+def _key_collisions(pairs: Mapping[int, PairSettings]) -> list[str]:
+    """One line per queue whose name is, or could be, a key of another queue on its host.
+
+    Every key derived from queue `jobs` is `jobs:<something>` (`jobs:dead`,
+    `jobs:processing:<worker-id>`, and any added later), so a queue `jobs:dead` would
+    consume `jobs`'s dead letters, and `jobs:processing:web-1:1` would run a worker's
+    in-flight messages a second time. Any name `<other queue>:<anything>` is refused.
+    """
+    problems = []
+    for index, pair in pairs.items():
+        for other_index, other in pairs.items():
+            if other.url == pair.url and pair.queue.startswith(f"{other.queue}:"):
+                problems.append(
+                    f"{_path(('workers', index))}.queue: {pair.queue!r} could be a key of "
+                    f"queue {other.queue!r} (workers[{other_index}]) on the same host: every "
+                    f"key {other.queue}:... belongs to that queue; rename one of them"
+                )
+                break
+    return problems
+
+
+def _too_many_processes(pairs: Iterable[PairSettings]) -> list[str]:
+    total = sum(pair.processes for pair in pairs)
+    if total <= MAX_PROCESSES_TOTAL:
+        return []
+    return [f"workers: {total} processes in all; at most {MAX_PROCESSES_TOTAL} are allowed"]
 
 
 def _host_url(host: str, hosts: Mapping[str, str]) -> str | None:
@@ -333,8 +500,38 @@ def _describe(
             message = "unknown setting"
         elif error["type"] == "missing":
             message = "required setting is missing"
+        elif error["type"] in _EXPECTED:
+            message = f"expected {_EXPECTED[error['type']]}, not {_kind(error['input'])}"
         lines.append(f"{_path((*prefix, *loc))}: {message}")
     return lines
+
+
+# What strict validation wanted, by pydantic's error type.
+_EXPECTED = {
+    "int_type": "an integer (such as 3)",
+    "float_type": "a number (such as 1.5)",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "dict_type": "a table",
+    "list_type": "a list",
+    "model_type": "a table",
+}
+
+
+def _kind(value: object) -> str:
+    """How a TOML value reads to the person who wrote it: `the string "3"`, `true`, `2.0`."""
+    if isinstance(value, str):
+        numeric = value.strip().lstrip("+-").replace(".", "", 1).isdigit()
+        return f"the string {value!r}" + (" (write numbers without quotes)" if numeric else "")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value!r} (a fraction; write an integer without a decimal point)"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
 
 
 def _path(loc: tuple[Any, ...]) -> str:

@@ -199,7 +199,7 @@ def queue_problem(url: str, queue: str) -> str | None:
         return (
             f"queue {queue!r} on a Redis Cluster needs a {{hash tag}} in its name, such as "
             f"'{{{queue}}}': its messages move atomically between several keys "
-            f"({queue}, {queue}:processing:<worker>, {queue}:deliveries, ...) in Lua "
+            f"({queue}, {queue}:processing:<worker>, {queue}:retry, ...) in Lua "
             "scripts, and a cluster refuses a script whose keys are in different slots "
             "(CROSSSLOT). With a tag they all hash to one slot"
         )

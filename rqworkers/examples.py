@@ -13,12 +13,19 @@ def log_message(message: bytes) -> None:
 
 
 class Counter:
-    """A class handler: `setup` once per process, `handle` per message, `teardown` at exit."""
+    """A class handler: `setup` once per process, `handle` per message, `teardown` at exit.
+
+    It refuses every payload that starts with `bad` (ValueError), so that retries and dead
+    letters can be seen with the example config: README's dead-letter walkthrough pushes
+    such payloads.
+    """
 
     def setup(self) -> None:
         self.count = 0
 
     def handle(self, message: bytes) -> int:
+        if message.startswith(b"bad"):
+            raise ValueError(f"cannot parse {message[:80]!r}")
         self.count += 1
         log.info("message %d of this process: %r", self.count, message[:80])
         return self.count

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rqworkers.errors import HandlerError
+from rqworkers.text import a
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def resolve(path: str) -> Any:
         except AttributeError:
             raise HandlerError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not callable(target):
-        raise HandlerError(f"{path!r} is a {type(target).__name__}, not a function or class")
+        raise HandlerError(f"{path!r} is {a(type(target).__name__)}, not a function or class")
     if isinstance(target, type) and not callable(getattr(target, "handle", None)):
         raise HandlerError(f"class {path!r} has no handle(message) method")
     return target

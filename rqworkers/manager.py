@@ -12,12 +12,12 @@ config file; SIGTTIN/SIGTTOU add or remove one process for every pair.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
 import signal
 import time
-from pathlib import Path
 from types import FrameType
 
 import setproctitle
@@ -50,15 +50,16 @@ class Manager:
         self.pid = os.getpid()
         self.started = time.time()
         self.keeper = KeeperSlot()
+        self._pid_lock: tuple[str, int] | None = None  # pid file path and its locked fd
         self._wakeup_read, self._wakeup_write = os.pipe()
 
     # -- the main loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        self.claim()
         setproctitle.setproctitle("rqworkers: manager")
         self.install_signals()
         self.log_banner()
-        self.write_pid_file()
         try:
             while not self.stopping:
                 self.handle_signals()
@@ -76,15 +77,54 @@ class Manager:
         log.info("manager %d stopped", self.pid)
         return 0
 
+    def claim(self) -> None:
+        """Take what only one manager may hold, before anything starts: the pid file, then
+        the metrics address. Raises `ConfigError` (exit 2, as from `check`) if one is taken."""
+        self.write_pid_file()
+        problems = checks.metrics_problems(self.config)
+        if problems:
+            self.remove_pid_file()
+            raise ConfigError(self.config.source, problems)
+
     def write_pid_file(self) -> None:
-        if self.settings.pid_file:
-            Path(self.settings.pid_file).write_text(f"{self.pid}\n")
+        """Write the manager's pid under a lock that lives as long as the manager.
+
+        A second manager given the same file finds it locked and refuses to start, leaving
+        the file alone (as gunicorn refuses): `rqworkers reload` must never signal the wrong
+        manager. A POSIX lock (`lockf`), not `flock`: forked children do not inherit it, so
+        it ends with the manager even while its workers finish their messages.
+        """
+        path = self.settings.pid_file
+        if not path:
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            problem = f"manager.pid_file: cannot open {path}: {exc.strerror}"
+            raise ConfigError(self.config.source, [problem]) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            problem = (
+                f"manager.pid_file: {path} is locked by a running manager (pid {holder}); "
+                "stop it first, or give this one another pid_file"
+            )
+            raise ConfigError(self.config.source, [problem]) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.pid}\n".encode(), 0)
+        self._pid_lock = (path, fd)
 
     def remove_pid_file(self) -> None:
-        path = self.settings.pid_file
+        """Remove the pid file this manager holds, unless another file has replaced it."""
+        if self._pid_lock is None:
+            return
+        (path, fd), self._pid_lock = self._pid_lock, None
         with contextlib.suppress(OSError):
-            if path and Path(path).read_text().strip() == str(self.pid):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.unlink(path)
+        os.close(fd)
 
     def install_signals(self) -> None:
         os.set_blocking(self._wakeup_write, False)

@@ -240,7 +240,7 @@ def test_a_class_without_setup_is_fine(write_module: Callable[[str], str]) -> No
 @pytest.mark.parametrize(
     ("source", "attr", "message"),
     [
-        ("LIMIT = 42\n", "LIMIT", "'{path}' is a int, not a function or class"),
+        ("LIMIT = 42\n", "LIMIT", "'{path}' is an int, not a function or class"),
         ("NAME = 'handle'\n", "NAME", "'{path}' is a str, not a function or class"),
         ("def handle(m):\n    pass\n", "nope", "module '{mod}' has no attribute 'nope'"),
         ("class Job:\n    pass\n", "Job.gone", "module '{mod}' has no attribute 'Job.gone'"),

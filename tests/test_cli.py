@@ -1,0 +1,587 @@
+"""The command line as operators use it, against a real redis-server and real processes:
+where options go, what `check` finds beyond PING, and what stops `run` before it starts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+
+from rqworkers.config import max_processes
+from rqworkers.text import a, plural
+from tests.servers import Cluster, Processes, server_version
+from tests.support import (
+    APPS,
+    REPO,
+    RedisServer,
+    Service,
+    free_port,
+    wait_for,
+    write_config,
+)
+
+HANDLER = "testapp:handle"
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]))
+    env.pop("RQWORKERS_CONFIG", None)
+    env.pop("RQWORKERS_LOG_LEVEL", None)
+    return env
+
+
+def rqworkers(
+    env: dict[str, str], *args: str, stdin: int | None = subprocess.DEVNULL, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m rqworkers ARGS`, to its end; stdin is not a terminal unless given one."""
+    return subprocess.run(
+        [sys.executable, "-m", "rqworkers", *args],
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stdout + result.stderr, result
+
+
+def config(tmp_path: Path, url: str, queues: list[str], **sections: Any) -> Path:
+    workers = [{"queue": q, "handler": HANDLER} for q in queues]
+    return write_config(tmp_path / "rqworkers.toml", url, workers, **sections)
+
+
+@pytest.fixture
+def services(tmp_path: Path, env: dict[str, str]) -> Iterator[list[Service]]:
+    """`rqworkers run` processes a test starts; all killed by pid at teardown."""
+    started: list[Service] = []
+    try:
+        yield started
+    finally:
+        for svc in started:
+            svc.cleanup()
+
+
+def start(services: list[Service], path: Path, env: dict[str, str], *extra: str) -> Service:
+    svc = Service(path, path.parent, dict(env, TESTAPP_REDIS_URL="")).start(*extra)
+    services.append(svc)
+    return svc
+
+
+# -- where options go --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "after", "environment", "both (the later one wins)"])
+def test_config_option_goes_before_or_after_the_subcommand(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, where: str
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    args = {
+        "before": ["-c", path, "check"],
+        "after": ["check", "--config", path],
+        "environment": ["check"],
+        "both (the later one wins)": ["-c", "absent.toml", "check", "-c", path],
+    }[where]
+    if where == "environment":
+        env["RQWORKERS_CONFIG"] = path
+    result = rqworkers(env, *args)
+    assert result.returncode == 0, result
+    # Counts agree with their nouns.
+    assert result.stdout.strip() == f"{path}: ok (1 queue, 1 host reachable)"
+
+
+def test_a_missing_config_option_is_a_usage_error(env: dict[str, str]) -> None:
+    result = rqworkers(env, "check")
+    assert result.returncode == 2
+    assert "-c/--config PATH is required (or set RQWORKERS_CONFIG)" in result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "listed"),
+    [
+        (["dead"], "usage: rqworkers dead", ["list", "show", "requeue", "purge"]),
+        (["-c", "x.toml", "dead"], "usage: rqworkers dead", ["requeue"]),
+        ([], "usage: rqworkers", ["run", "check", "status", "dead", "reload"]),
+    ],
+)
+def test_a_command_without_its_action_prints_its_help(
+    env: dict[str, str], args: list[str], usage: str, listed: list[str]
+) -> None:
+    result = rqworkers(env, *args)
+    assert result.returncode == 2
+    assert result.stdout.startswith(usage)
+    assert all(f"    {name}" in result.stdout for name in listed), result.stdout
+    assert "required" not in result.stdout + result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("handler", "problem"),
+    [("sys:maxsize", "'sys:maxsize' is an int, not"), ("math:pi", "'math:pi' is a float, not")],
+)
+def test_check_names_a_handler_that_is_not_callable_in_good_english(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, handler: str, problem: str
+) -> None:
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url,
+                        [{"queue": "jobs", "handler": handler}])  # fmt: skip
+    result = rqworkers(env, "check", "-c", str(path))
+    assert result.returncode == 2, result
+    assert f"{path}: handler {handler!r} of queue 'jobs': {problem} a function or class" in (
+        result.stderr
+    )
+
+
+def test_plural_and_article() -> None:
+    assert [plural(n, "host") for n in (0, 1, 2)] == ["0 hosts", "1 host", "2 hosts"]
+    assert [plural(n, "delivery") for n in (1, 3)] == ["1 delivery", "3 deliveries"]
+    assert [a("int"), a("str"), a("Item"), a("zset")] == ["an int", "a str", "an Item", "a zset"]
+
+
+# -- dead purge --------------------------------------------------------------------------------
+
+
+def test_dead_purge_without_a_terminal_refuses_and_names_yes(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    client = redis_server.client()
+    client.lpush("jobs:dead", b"a", b"b")
+    for stdin in (subprocess.DEVNULL, subprocess.PIPE):  # end of input, or an empty pipe
+        result = rqworkers(env, "dead", "purge", "-c", path, stdin=stdin)
+        assert result.returncode == 2, result
+        assert "pass --yes to delete without asking" in result.stderr
+        no_traceback(result)
+    assert client.llen("jobs:dead") == 2
+    result = rqworkers(env, "dead", "purge", "--yes", "-c", path)
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == "deleted 2 dead letters from jobs:dead"
+    assert client.llen("jobs:dead") == 0
+
+
+@pytest.mark.parametrize(("answer", "left"), [(b"y\n", 0), (b"n\n", 1), (b"\x04", 1)])
+def test_dead_purge_asks_on_a_terminal(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, answer: bytes, left: int
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    client = redis_server.client()
+    client.lpush("jobs:dead", b"a")
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer)  # typed ahead; ^D is end of input at a terminal
+        result = rqworkers(env, "dead", "purge", "-c", path, stdin=terminal)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    no_traceback(result)
+    assert "delete all of 1 dead letter in jobs:dead? [y/N]" in result.stdout
+    assert client.llen("jobs:dead") == left
+    assert result.returncode == (0 if left == 0 else 1)
+    assert ("deleted 1 dead letter from jobs:dead" in result.stdout) == (left == 0)
+
+
+# -- check: more than PING ---------------------------------------------------------------------
+
+
+def test_check_reports_queue_keys_of_the_wrong_type(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs", "mail"]))
+    client = redis_server.client()
+    client.set("jobs", "a string")
+    client.hset("jobs:dead", "a", "hash")
+    client.lpush("mail:retry", "a list")
+    client.lpush("mail", "fine: a list")
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    prefix = f"{path}: queue 'jobs' on {redis_server.url}: "
+    lines = result.stderr.splitlines()
+    assert f"{prefix}key 'jobs' is a string, not a list: workers would fail on it with " \
+        "WRONGTYPE; rename or delete it, or choose another queue name" in lines  # fmt: skip
+    assert any(ln.startswith(f"{prefix}key 'jobs:dead' is a hash, not a list") for ln in lines)
+    assert any("key 'mail:retry' is a list, not a zset" in ln for ln in lines)
+    assert len(lines) == 3, result.stderr
+    no_traceback(result)
+
+
+def _acl_user(server: RedisServer, name: str, *rules: str) -> str:
+    server.client().execute_command("ACL", "SETUSER", name, "on", ">pw", *rules)
+    return f"redis://{name}:pw@127.0.0.1:{server.port}/0"
+
+
+@pytest.mark.parametrize(
+    ("rules", "asked_with"),
+    [
+        # Without @dangerous the user may not run ACL DRYRUN: check probes instead.
+        (["~jobs", "~jobs:*", "+@all", "-@dangerous", "-evalsha"], "probes"),
+        (["~jobs", "~jobs:*", "+@all", "-evalsha"], "ACL DRYRUN"),
+    ],
+)
+def test_check_names_a_command_the_acl_user_may_not_run(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, rules: list[str],
+    asked_with: str,
+) -> None:  # fmt: skip
+    url = _acl_user(redis_server, "worker", *rules)
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    redacted = url.replace(":pw@", ":***@")
+    assert result.stderr.splitlines() == [
+        f"{path}: queue 'jobs' on {redacted}: the Redis user may not run EVALSHA as workers "
+        "do: this user has no permissions to run the 'evalsha' command"
+    ] if asked_with == "probes" else [
+        f"{path}: queue 'jobs' on {redacted}: the Redis user may not run EVALSHA as workers "
+        "do: This user has no permissions to run the 'evalsha' command"
+    ]  # fmt: skip
+    assert "pw@" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dangerous", ["-@dangerous", "+@dangerous"])
+def test_check_names_keys_the_acl_user_may_not_touch(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, dangerous: str
+) -> None:
+    url = _acl_user(redis_server, "narrow", "~jobs", "+@all", dangerous)
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    assert "may not run EVALSHA" in result.stderr
+    assert "no permissions to access" in result.stderr
+    no_traceback(result)
+
+
+def test_check_passes_the_acl_user_readme_recommends(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    url = _acl_user(redis_server, "worker", "~jobs", "~jobs:*", "+@all", "-@dangerous")
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 0, result
+    assert redis_server.client().keys("jobs*") == [], "check wrote nothing"
+
+
+def test_check_asks_every_node_of_a_cluster_as_workers_would(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """On a Redis Cluster the keys of a queue share one slot: the probes and ACL DRYRUN go
+    where the workers' commands go, and a missing EVALSHA is named the same way."""
+    if server_version() < (7, 0):
+        pytest.skip("the cluster fixture needs redis-server 7.0 or later")
+    started = Processes()
+    try:
+        cluster = Cluster(started, tmp_path / "cluster").start()
+        path = write_config(tmp_path / "rqworkers.toml", cluster.url,
+                            [{"queue": "{jobs}", "handler": HANDLER}])  # fmt: skip
+        result = rqworkers(env, "check", "-c", str(path))
+        assert result.returncode == 0, result
+        client = cluster.client()
+        client.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~{jobs}", "~{jobs}:*",
+                               "+@all", "-@dangerous", "-evalsha",
+                               target_nodes=client.ALL_NODES)  # fmt: skip
+        user_url = cluster.url.replace("redis+cluster://", "redis+cluster://worker:pw@")
+        path.write_text(path.read_text().replace(cluster.url, user_url))
+        result = rqworkers(env, "check", "-c", str(path))
+        assert result.returncode == 1, result
+        assert "the Redis user may not run EVALSHA as workers do" in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    finally:
+        started.kill_all()
+
+
+def test_check_refuses_a_user_without_writes_even_when_it_can_only_probe(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    url = _acl_user(redis_server, "reader", "~jobs", "~jobs:*", "+@all", "-@dangerous", "-@write")
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    for command in ("DEL", "SET", "BLMOVE"):
+        assert f"may not run {command} as workers do" in result.stderr
+    assert redis_server.client().keys("jobs*") == [], "the probes changed nothing"
+
+
+# -- run: start problems are reported as check reports them -----------------------------------
+
+
+def test_run_refuses_a_metrics_address_in_use(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        manager = {"metrics_address": f"127.0.0.1:{port}", "shutdown_timeout": 5.0}
+        path = str(config(tmp_path, redis_server.url, ["jobs"], manager=manager))
+        result = rqworkers(env, "run", "-c", path)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("rqworkers: cannot start\n")
+    assert (
+        f"{path}: manager.metrics_address: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    ) in result.stderr
+    assert " started" not in result.stderr, "no worker may start"
+    no_traceback(result)
+
+
+def test_run_refuses_a_pid_file_naming_a_directory(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"], manager={"pid_file": str(tmp_path)}))
+    result = rqworkers(env, "run", "-c", path)
+    assert result.returncode == 2, result
+    assert f"{path}: manager.pid_file: {str(tmp_path)!r} is a directory" in result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.parametrize(
+    ("section", "setting", "problem"),
+    [
+        # 192.0.2.1 (TEST-NET-1) is no address of this machine: binding fails locally, and
+        # nothing is sent anywhere.
+        ("manager", {"metrics_address": "192.0.2.1:9108"},
+         "manager.metrics_address: cannot listen on 192.0.2.1:9108: Cannot assign requested"),
+        ("manager", {"pid_file": "{tmp}/missing-dir/rqworkers.pid"},
+         "manager.pid_file: {tmp}/missing-dir/rqworkers.pid: directory '{tmp}/missing-dir' "
+         "does not exist"),
+        ("logging", {"file": "{tmp}/missing-dir/rqworkers.log"},
+         "logging.file: {tmp}/missing-dir/rqworkers.log: directory '{tmp}/missing-dir' "
+         "does not exist"),
+        ("logging", {"file": "{tmp}"}, "logging.file: {tmp}: is a directory"),
+    ],
+)  # fmt: skip
+def test_check_refuses_what_run_would_refuse_at_start_and_run_says_the_same(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, section: str,
+    setting: dict[str, str], problem: str,
+) -> None:  # fmt: skip
+    values = {k: v.format(tmp=tmp_path) for k, v in setting.items()}
+    path = str(config(tmp_path, redis_server.url, ["jobs"], **{section: values}))
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", path)
+        assert result.returncode == 2, result
+        assert f"{path}: {problem.format(tmp=tmp_path)}" in result.stderr
+        no_traceback(result)
+
+
+def test_check_and_run_refuse_more_processes_than_the_machine_runs_usefully(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    ceiling = max_processes()
+    workers = [{"queue": "jobs", "handler": HANDLER, "processes": ceiling + 1}]
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", str(path))
+        assert result.returncode == 2, result
+        assert (
+            f"{path}: workers: queue 'jobs' on {redis_server.url}: processes = {ceiling + 1} is "
+            f"more than this machine can run usefully (at most {ceiling}: 32 per CPU core)"
+        ) in result.stderr
+        no_traceback(result)
+    # `status` reads the same file from any machine, and does not refuse it.
+    assert rqworkers(env, "status", "-c", str(path)).returncode == 0
+
+
+def test_check_passes_a_metrics_port_held_by_the_running_manager(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    """`check` is run next to a live manager: the port that manager holds is no problem."""
+    manager = {"metrics_address": f"127.0.0.1:{free_port()}", "check_interval": 0.2,
+               "pid_file": str(tmp_path / "rqworkers.pid")}  # fmt: skip
+    path = config(tmp_path, redis_server.url, ["jobs"], manager=manager)
+    svc = start(services, path, env)
+    svc.wait_workers(1)
+    wait_for(lambda: "serving /metrics" in svc.output(), what="the keeper serving metrics")
+    result = rqworkers(env, "check", "-c", str(path))
+    assert result.returncode == 0, result
+
+
+def test_a_second_manager_with_the_same_pid_file_refuses_and_leaves_it_alone(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    pid_file = tmp_path / "rqworkers.pid"
+    manager = {"pid_file": str(pid_file), "check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = config(tmp_path, redis_server.url, ["jobs"], manager=manager)
+    first = start(services, path, env)
+    first.wait_workers(1)
+    assert pid_file.read_text() == f"{first.pid}\n"
+
+    second = rqworkers(env, "run", "-c", str(path), timeout=30)
+    assert second.returncode == 2, second
+    assert (
+        f"{path}: manager.pid_file: {pid_file} is locked by a running manager "
+        f"(pid {first.pid}); stop it first, or give this one another pid_file"
+    ) in second.stderr
+    no_traceback(second)
+    assert pid_file.read_text() == f"{first.pid}\n", "the file is left alone"
+
+    # `reload` still reaches the first manager, and only it.
+    assert rqworkers(env, "reload", "-c", str(path)).returncode == 0
+    wait_for(lambda: "SIGHUP received" in first.output(), what="the first manager reloading")
+
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    assert not pid_file.exists(), "removed by the manager that held it"
+
+
+def test_a_stale_pid_file_is_taken_over(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    pid_file = tmp_path / "rqworkers.pid"
+    pid_file.write_text("999999999\n")  # a manager that died without removing it
+    manager = {"pid_file": str(pid_file), "check_interval": 0.2, "shutdown_timeout": 10.0}
+    svc = start(services, config(tmp_path, redis_server.url, ["jobs"], manager=manager), env)
+    svc.wait_workers(1)
+    assert pid_file.read_text() == f"{svc.pid}\n"
+
+
+def test_run_log_level_overrides_the_config_and_survives_a_reload(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    manager = {"check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = config(
+        tmp_path, redis_server.url, ["jobs"], manager=manager, logging={"level": "WARNING"}
+    )
+    svc = start(services, path, env, "--log-level", "info")
+    svc.wait_workers(1)  # found by the INFO lines `<name> <pid> started`
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP received" in svc.output(), what="reload")
+    svc.signal(signal.SIGTTIN)  # logged at INFO once the reload has applied the level again
+    wait_for(lambda: "SIGTTIN: +1 process" in svc.output(), what="an INFO line after reload")
+    svc.wait_workers(2)
+
+
+def test_run_log_level_is_checked(tmp_path: Path, env: dict[str, str]) -> None:
+    result = rqworkers(env, "run", "--log-level", "LOUD", "-c", str(tmp_path / "x.toml"))
+    assert result.returncode == 2
+    assert "invalid choice: 'LOUD'" in result.stderr
+
+
+# -- README's dead-letter walkthrough, as written, with config/rqworkers.toml ------------------
+
+_STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ")
+
+
+def _walkthrough() -> list[tuple[str, list[str]]]:
+    """The commands of README's dead-letter walkthrough, each with the output it shows."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("### Dead letters\n", 1)[1].split("```\n")[1]
+    steps: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return steps
+
+
+def test_the_readme_dead_letter_walkthrough_works_as_written(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("the walkthrough pushes with redis-cli")
+    (tmp_path / "config").symlink_to(REPO / "config")
+    env.update(
+        REDIS_URL=redis_server.url,
+        RQWORKERS_METRICS=f"127.0.0.1:{free_port()}",
+        RQWORKERS_PID_FILE=str(tmp_path / "rqworkers.pid"),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]]),
+    )
+    svc = Service(tmp_path / "config" / "rqworkers.toml", tmp_path, env).start()
+    services.append(svc)
+    svc.wait_workers(2)
+    client = redis_server.client()
+    steps = _walkthrough()
+    assert [cmd.split()[:3] for cmd, _ in steps][2:] == [
+        ["rqworkers", "dead", "list"], ["rqworkers", "dead", "show"],
+        ["rqworkers", "dead", "requeue"], ["rqworkers", "dead", "purge"],
+    ]  # fmt: skip
+    for command, shown in steps:
+        if command.startswith("rqworkers"):
+            wait_for(lambda: client.llen("queue2:dead") == 2, what="two dead letters")
+        # The only change: redis-cli is pointed at the test's redis-server.
+        command = command.replace("redis-cli", f"redis-cli -p {redis_server.port}")
+        controller, terminal = pty.openpty()
+        try:
+            os.write(controller, b"y\n")  # purge's question, answered as shown
+            result = subprocess.run(
+                ["bash", "-c", command], stdin=terminal, capture_output=True, text=True,
+                env=env, cwd=tmp_path, timeout=60,
+            )  # fmt: skip
+        finally:
+            os.close(terminal)
+            os.close(controller)
+        assert result.returncode == 0, (command, result)
+        if "redis-cli" in command:
+            continue  # prints the list's length, which README leaves out
+        got = _STAMP.sub("<time>", result.stdout).replace("[y/N] ", "[y/N] y\n").splitlines()
+        assert got == [_STAMP.sub("<time>", line) for line in shown], command
+    assert (tmp_path / "payload.bin").read_bytes() == b"bad\x00\xff binary"
+    assert client.llen("queue2:dead") == 0
+
+
+# -- scripts/run-local -------------------------------------------------------------------------
+
+
+def _run_local_in_background(tmp_path: Path, env: dict[str, str], port: int) -> Popen[bytes]:
+    """`scripts/run-local &` in a non-interactive script, as a CI job or a Makefile starts
+    it: the shell starts it with SIGINT ignored. The script prints run-local's pid first."""
+    log = open(tmp_path / f"run-local-{port}.log", "wb")  # noqa: SIM115 - the process's
+    script = f'"{REPO}/scripts/run-local" & echo "pid $!"; wait $!; echo "status $?"'
+    return subprocess.Popen(
+        ["bash", "-c", script],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(
+            env,
+            REDIS_PORT=str(port),
+            RQWORKERS_METRICS=f"127.0.0.1:{free_port()}",
+            RQWORKERS_PID_FILE=str(tmp_path / f"rqworkers-{port}.pid"),
+        ),
+        start_new_session=True,
+    )
+
+
+def _run_local_until_sigint(tmp_path: Path, env: dict[str, str]) -> str:
+    """Start run-local in the background of a script, SIGINT it once its workers run, and
+    return its output. Its processes and Redis data are removed whatever happens."""
+    port = free_port()
+    job = _run_local_in_background(tmp_path, env, port)
+    log = tmp_path / f"run-local-{port}.log"
+    try:
+        wait_for(lambda: re.search(r"queue2-1 \d+ started", log.read_text()), timeout=120,
+                 what="run-local's workers")  # fmt: skip
+        pid = int(re.findall(r"^pid (\d+)$", log.read_text(), re.M)[0])
+        os.kill(pid, signal.SIGINT)
+        assert job.wait(60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(10)
+        shutil.rmtree(REPO / ".run" / f"redis-{port}", ignore_errors=True)
+    return log.read_text()
+
+
+@pytest.mark.slow
+def test_run_local_skips_the_reinstall_and_stops_on_sigint_from_a_background_job(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    env.pop("RQWORKERS_REINSTALL", None)
+    _run_local_until_sigint(tmp_path, env)  # installs if it must
+    output = _run_local_until_sigint(tmp_path, env)
+    assert "pyproject.toml is unchanged: not reinstalling" in output
+    assert "pip install" not in output
+    assert "rqworkers exited with status 0" in output and "redis-server stopped" in output
+    assert output.rstrip().endswith("status 0")
