@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -203,8 +204,13 @@ class LoggingSettings(_Section):
     format: Literal["text", "json"] = "text"
     # Per-message lines, as the fraction of messages that get one (0 = none, 1 = all): at
     # thousands of messages a second, logging each would become the bottleneck.
-    handled: Float = Field(0.0, ge=0, le=1, description="share of handled messages logged")
-    failures: Float = Field(1.0, ge=0, le=1, description="share of failures logged")
+    # Shares (0 to 1) of messages that get a log line; the old names are still read.
+    sample_succeeded: Float = Field(
+        0.0, ge=0, le=1, validation_alias=AliasChoices("sample_succeeded", "handled")
+    )
+    sample_failed: Float = Field(
+        1.0, ge=0, le=1, validation_alias=AliasChoices("sample_failed", "failures")
+    )
 
     @field_validator("level", mode="before")
     @classmethod

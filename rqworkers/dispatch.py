@@ -116,12 +116,13 @@ class ConcurrentWorker(Worker):
         super().__init__(*args, **kwargs)
         n = self.pair.concurrency
         if self.handler.is_async:
-            self.submit, self.release = coroutine_jobs(self.handler, self.pair.timeout)
+            self.submit, self.close_jobs = coroutine_jobs(self.handler, self.pair.timeout)
         else:
-            self.submit, self.release = thread_jobs(self.handler, n)
+            self.submit, self.close_jobs = thread_jobs(self.handler, n)
         self.running: dict[cf.Future[Outcome], Running] = {}
         self.free_entries = list(range(n - 1, -1, -1))  # scoreboard entries, 0 first
         self.exit_code: int | None = None  # set once draining: take nothing new
+        self.abandoned: list[int] = []  # entries of threads left running past their timeout
         self.next_look = 0.0  # monotonic time of the next non-blocking take
 
     def keep_going(self) -> bool:
@@ -189,7 +190,7 @@ class ConcurrentWorker(Worker):
         else:
             self.outbox.fail(self.failure(delivery, outcome.error, delivery.attempts + 1))
         if self.max_requests and self.finished >= self.max_requests and self.exit_code is None:
-            log.info("handled %d messages; recycling", self.finished)
+            log.info("finished %d messages; recycling", self.finished)
             self.exit_code = ExitCode.MAX_REQUESTS
 
     def abandon(self, future: cf.Future[Outcome], running: Running) -> None:
@@ -197,6 +198,7 @@ class ConcurrentWorker(Worker):
         nothing new, and recycle once the others finish. Its scoreboard entry stays busy,
         so the manager kills the process if the thread outlives `timeout_grace` too."""
         del self.running[future]
+        self.abandoned.append(running.entry)
         delivery = running.delivery
         self.finished += 1
         error = MessageTimeout()
@@ -224,4 +226,6 @@ class ConcurrentWorker(Worker):
 
     def finish(self) -> None:
         super().finish()
-        self.release()
+        self.close_jobs()
+        for entry in self.abandoned:  # settled already: the exit is a recycle, not a crash
+            self.board.release(entry)

@@ -310,8 +310,8 @@ class Manager:
             previous_exit=slot.previous_exit,
             previous_running=slot.previous_running,
             lease_ttl=self.settings.lease_ttl,
-            log_handled=self.config.logging.handled,
-            log_failures=self.config.logging.failures,
+            sample_succeeded=self.config.logging.sample_succeeded,
+            sample_failed=self.config.logging.sample_failed,
         )
         board = slot.board
         logging_settings = self.config.logging

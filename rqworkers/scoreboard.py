@@ -120,6 +120,13 @@ class Scoreboard:
         self._floats[_DURATION_SUM] += seconds
         ints[_BUCKET0 + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
+    def release(self, entry: int) -> None:
+        """Free a running entry without counting an outcome: its delivery was settled
+        elsewhere (a thread abandoned past its timeout, as the worker exits)."""
+        word = _ENTRY0 + entry * _ENTRY_WORDS
+        self._ints[word + 1] = 0
+        self._floats[word] = 0.0
+
     def replayed(self) -> None:
         self._set("replayed", 1)
 

@@ -61,8 +61,8 @@ class WorkerSpec:
     previous_exit: str | None  # how this slot's last worker ended, if it ended badly
     previous_running: list[bytes] | None  # ids of deliveries in its handler; None: unknown
     lease_ttl: float
-    log_handled: float = 0.0  # share of succeeded messages that get a log line
-    log_failures: float = 1.0  # share of failed and dead-lettered messages that do
+    sample_succeeded: float = 0.0  # share of succeeded messages that get a log line
+    sample_failed: float = 1.0  # share of failed and dead-lettered messages that do
 
 
 def main(spec: WorkerSpec, board: Scoreboard) -> int:
@@ -198,7 +198,7 @@ class Worker:
         if timed_out:
             return ExitCode.TIMEOUT
         if self.max_requests and self.finished >= self.max_requests:
-            log.info("handled %d messages; recycling", self.finished)
+            log.info("finished %d messages; recycling", self.finished)
             return ExitCode.MAX_REQUESTS
         return None
 
@@ -304,12 +304,12 @@ class Worker:
         self.finished += 1
         if error is None:
             self.outbox.ack(delivery, ended)
-            if self.spec.log_handled and _sampled(self.spec.log_handled):
+            if self.spec.sample_succeeded and _sampled(self.spec.sample_succeeded):
                 log.info(
-                    "handled %d bytes in %.3fs",
+                    "succeeded: %d bytes in %.3fs",
                     len(delivery.payload),
                     ended - since,
-                    extra={"event": "handled"},
+                    extra={"event": "succeeded"},
                 )
             if self.outbox.acks_overdue(ended):
                 self.outbox.flush()  # a slow batch must not hold finished work unacked long
@@ -348,7 +348,7 @@ class Worker:
         if not moved:
             log.warning("a failed message was moved by someone else; left to its new owner")
             return
-        sampled = _sampled(self.spec.log_failures)
+        sampled = _sampled(self.spec.sample_failed)
         show = error if sampled and not isinstance(error, MessageTimeout) else None
         if failure.delay is not None:
             self.board.count("retried")

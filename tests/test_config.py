@@ -89,7 +89,7 @@ def test_example_config_loads_with_defaults_merged() -> None:
     assert cfg.manager.check_interval == 1.0
     assert cfg.manager.shutdown_timeout == 30.0
     assert cfg.logging.level == "INFO"
-    assert cfg.logging.handled == 1.0 and cfg.logging.format == "text"
+    assert cfg.logging.sample_succeeded == 1.0 and cfg.logging.format == "text"
     assert [p.queue for p in cfg.pairs] == ["queue1", "queue2"]
     q1, q2 = cfg.pairs
     for pair in cfg.pairs:
@@ -506,7 +506,7 @@ def test_a_pid_file_naming_a_directory_is_refused(tmp_path: Path) -> None:
     [
         ("backup_count = 1e9", "logging.backup_count", "expected an integer"),
         ("backup_count = 100000", "logging.backup_count", "less than or equal to 1000"),
-        ("handled = nan", "logging.handled", "finite number"),
+        ("sample_succeeded = nan", "logging.sample_succeeded", "finite number"),
         ("failures = inf", "logging.failures", "finite number"),
         ('max_bytes = "1e400"', "logging.max_bytes", "is not a size"),
     ],
@@ -806,6 +806,8 @@ _KNOWN_KEYS = sorted(
         "max_bytes",
         "backup_count",
         "format",
+        "sample_succeeded",
+        "sample_failed",
         "handled",
         "failures",
         "lease_ttl",
@@ -1086,3 +1088,14 @@ def test_cli_check_reports_a_malformed_url_without_a_traceback(
     assert "Traceback" not in result.stdout + result.stderr
     assert result.returncode in (1, 2)
     assert str(path) in result.stderr
+
+
+def test_the_old_names_of_the_log_shares_are_still_read(tmp_path: Path) -> None:
+    """`handled` was both a count and a share; the share is `sample_succeeded` now."""
+    path = tmp_path / "old.toml"
+    path.write_text(
+        "[logging]\nhandled = 0.5\nfailures = 0.25\n"
+        '[[workers]]\nhost = "redis://127.0.0.1:6379/0"\nqueue = "q"\nhandler = "m:f"\n'
+    )
+    config = load(path)
+    assert (config.logging.sample_succeeded, config.logging.sample_failed) == (0.5, 0.25)

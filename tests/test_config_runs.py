@@ -49,8 +49,8 @@ MANAGER = {
 LOGGING = {
     "max_bytes": st.sampled_from([0, 1, "10MB", "1GB", 2**40]),
     "backup_count": _counts,
-    "handled": _shares,
-    "failures": _shares,
+    "sample_succeeded": _shares,
+    "sample_failed": _shares,
 }
 PAIR = {
     "processes": st.integers(min_value=1, max_value=2),

@@ -328,14 +328,14 @@ def test_json_logs_carry_worker_pid_queue_and_event(
 ) -> None:
     svc = service(
         [{"queue": "jobs", "handler": HANDLER, "max_attempts": 1}],
-        logging={"format": "json", "handled": 1.0},
+        logging={"format": "json", "sample_succeeded": 1.0},
     )
     svc.wait_workers(1)
     redis_server.client().lpush("jobs", b"fine", b"raise")
     wait_for(lambda: '"dead_lettered"' in svc.output(), what="dead-letter line")
     entries = [json.loads(line) for line in svc.output().splitlines() if line.strip()]
     assert {"ts", "level", "worker", "pid", "queue", "event", "message"} <= set(entries[0])
-    handled = [e for e in entries if e["event"] == "handled"]
+    handled = [e for e in entries if e["event"] == "succeeded"]
     assert handled and handled[0]["worker"] == "jobs-1" and handled[0]["queue"] == "jobs"
     assert any(e["worker"] == "manager" and "started" in e["message"] for e in entries)
 
