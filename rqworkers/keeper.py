@@ -68,6 +68,7 @@ class Lease:
     name: str
     host: str  # the host's name in the config, for metric labels
     board: Scoreboard  # the slot's; its pid says whether the worker lives
+    concurrency: int = 1  # messages its worker may run at once
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,8 @@ class Keeper:
             "succeeded": board.succeeded,
             "failed": board.failed,
             "current_age": round(board.busy_for(), 3),
+            "in_flight": board.in_flight(),
+            "concurrency": lease.concurrency,
             "rss": self.rss(board.pid),
             "since": board.get("since"),
             "last_exit": board.last_exit,

@@ -337,7 +337,15 @@ class Manager:
             lease_ttl=self.settings.lease_ttl,
             reclaim_interval=self.settings.reclaim_interval,
             leases=tuple(
-                Lease(s.pair.url, s.pair.queue, s.worker_id, s.name, s.pair.host, s.board)
+                Lease(
+                    s.pair.url,
+                    s.pair.queue,
+                    s.worker_id,
+                    s.name,
+                    s.pair.host,
+                    s.board,
+                    s.pair.concurrency,
+                )
                 for s in self.slots
             ),
             metrics_address=self.settings.metrics_address,

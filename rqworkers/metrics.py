@@ -82,6 +82,16 @@ class Metrics(Collector):
             "Resident memory of live workers.",
             labels=[*labels, "worker"],
         )
+        in_handler = GaugeMetricFamily(
+            "rqworkers_worker_in_flight_messages",
+            "Messages in a live worker's handler now (at most its concurrency).",
+            labels=[*labels, "worker"],
+        )
+        oldest = GaugeMetricFamily(
+            "rqworkers_worker_oldest_message_seconds",
+            "How long the oldest message in a live worker's handler has run.",
+            labels=[*labels, "worker"],
+        )
         for key, (totals, _) in self._per_queue().items():
             for name, family in families.items():
                 family.add_metric(list(key), totals[name])
@@ -94,7 +104,11 @@ class Metrics(Collector):
             if target.board.pid:
                 labels_of = [target.host, target.queue, target.name]
                 rss.add_metric(labels_of, self.rss(target.board.pid))
+                in_handler.add_metric(labels_of, target.board.in_flight())
+                oldest.add_metric(labels_of, target.board.busy_for())
         yield rss
+        yield in_handler
+        yield oldest
         yield from self._lengths()
         uptime = GaugeMetricFamily("rqworkers_manager_uptime_seconds", "Seconds since start.")
         uptime.add_metric([], time.time() - self.started)

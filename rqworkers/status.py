@@ -102,7 +102,7 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
         str(w.get("name", w.get("worker_id", "?"))),
         str(w.get("node", "?")),
         str(w.get("pid", "?")),
-        str(w.get("state", "?")),
+        _state(w),
         str(w.get("succeeded", "?")),
         str(w.get("failed", "?")),
         f"{current:.1f}s" if current else "-",
@@ -110,6 +110,15 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
         _duration(now - since) if since else "?",
         _note(w),
     )
+
+
+def _state(w: dict[str, Any]) -> str:
+    """The state, with how many of its `concurrency` handlers are busy when it has several."""
+    state = str(w.get("state", "?"))
+    concurrency = int(w.get("concurrency") or 1)
+    if concurrency > 1 and state == "busy":
+        return f"busy {int(w.get('in_flight') or 0)}/{concurrency}"
+    return state
 
 
 def _note(w: dict[str, Any]) -> str:

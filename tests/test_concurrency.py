@@ -6,15 +6,20 @@ and plain handlers on a pool of threads (tests/apps/concapp.py).
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
 from rqworkers.queue import Delivery
-from tests.support import RedisServer, Service, wait_for
+from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for
 
 StartService = Callable[..., Service]
 KINDS = {"async": "concapp:handle_async", "threads": "concapp:handle_threads"}
@@ -152,3 +157,35 @@ def test_identical_payloads_in_flight_settle_out_of_order(
     wait_for(lambda: client.llen("jobs:dead") == 3, timeout=15, what="three dead")
     assert lrange(redis_server, "started").count(b"raise") == 6, "two deliveries each"
     wait_for(lambda: in_flight(redis_server) == [], what="everything acked")
+
+
+def test_status_and_metrics_show_busy_handlers_out_of_the_concurrency(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    manager = {"check_interval": 0.2, "metrics_address": f"127.0.0.1:{port}"}
+    svc = service([pair("async")], manager=manager)
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", *[f"sleep:30:{i}".encode() for i in range(30)])
+    wait_for(lambda: redis_server.client().llen("started") == 30, what="30 in the handler")
+
+    def metric() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        found = re.search(r"rqworkers_worker_in_flight_messages\{[^}]*\} (\S+)", text)
+        return found.group(1) if found and float(found.group(1)) == 30 else None
+
+    wait_for(metric, timeout=15, what="in-flight gauge at 30")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]))
+
+    def status() -> str | None:
+        result = subprocess.run(
+            [sys.executable, "-m", "rqworkers", "status", "-c", str(svc.config_path)],
+            capture_output=True,
+            env=env,
+            timeout=30,
+        )
+        text = result.stdout.decode()
+        return text if "busy 30/100" in text else None
+
+    wait_for(status, timeout=15, interval=0.5, what="status showing busy 30/100")
