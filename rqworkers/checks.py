@@ -6,7 +6,7 @@ import json
 
 import redis
 
-from rqworkers import connections, handlers, process
+from rqworkers import connections, handlers, process, tasks
 from rqworkers.config import Config, redact
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
@@ -14,12 +14,17 @@ _FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.R
 
 
 def handler_problems(config: Config) -> list[str]:
-    """One line per handler that cannot be imported, naming its queue."""
+    """One line per handler (or task allow-list) that cannot be imported, naming its queue."""
     problems = []
     for pair in config.pairs:
-        problem = handlers.verify(pair.handler)
+        if pair.tasks is not None:
+            problem = tasks.verify(pair.tasks)
+            what = f"tasks {list(pair.tasks)!r}"
+        else:
+            problem = handlers.verify(pair.handler or "")
+            what = f"handler {pair.handler!r}"
         if problem:
-            problems.append(f"handler {pair.handler!r} of queue {pair.queue!r}: {problem}")
+            problems.append(f"{what} of queue {pair.queue!r}: {problem}")
     return problems
 
 

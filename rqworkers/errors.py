@@ -32,6 +32,11 @@ class HandlerError(RqworkersError):
     """A handler path cannot be imported or does not name something callable."""
 
 
+class Refused(RqworkersError):  # noqa: N818 - the name says what happened to the message
+    """A message that can never succeed (malformed, not allowed): dead-lettered at once,
+    never retried."""
+
+
 class MessageTimeout(BaseException):
     """Raised inside a handler that ran past its `timeout`.
 

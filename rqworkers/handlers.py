@@ -69,6 +69,9 @@ class Handler:
     def on_failure(self, message: bytes, error: BaseException) -> None:
         self._callback("on_failure", message, error)
 
+    def on_dead_letter(self, message: bytes, reason: str, error: BaseException | None) -> None:
+        """After the message went to the dead list, whatever the cause. Nothing by default."""
+
     def _callback(self, name: str, *args: Any) -> None:
         method = getattr(self._instance, name, None)
         if method is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from rqworkers import taskhandler
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect
@@ -61,7 +62,7 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     """The worker process's entry point; returns its exit code."""
     stop = _install_signals()
     try:
-        handler = Handler(spec.pair.handler)
+        handler = taskhandler.load(spec.pair)
         handler.setup()
     except Exception as exc:
         log.error("cannot start handler %s: %s", spec.pair.handler, exc)
