@@ -28,7 +28,7 @@ from rqworkers import taskhandler
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect
-from rqworkers.errors import ExitCode, MessageTimeout
+from rqworkers.errors import ExitCode, MessageTimeout, Refused
 from rqworkers.handlers import Handler
 from rqworkers.process import StopFlag
 from rqworkers.queue import TRANSIENT_ERRORS, ReliableQueue
@@ -284,7 +284,9 @@ class Worker:
         goes to the dead list with `lost_reason`, unhandled.
         """
         if count > self.pair.max_attempts:
-            self.failure = functools.partial(self.dead_letter, message, lost_reason, count - 1)
+            self.failure = functools.partial(
+                self.dead_letter, message, lost_reason, count - 1, None
+            )
             self.settle_failure_now(started=False)
             return False
         self.board.busy()
@@ -326,10 +328,14 @@ class Worker:
     def settle_failure(self, message: bytes, error: BaseException, attempts: int) -> None:
         if isinstance(error, MessageTimeout):
             reason = f"timeout after {self.pair.timeout:g}s"
+        elif isinstance(error, Refused):
+            reason = str(error)[:_REASON_LIMIT]
         else:
             reason = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
-        settle = self.dead_letter if attempts >= self.pair.max_attempts else self.retry_later
-        self.failure = functools.partial(settle, message, reason, attempts)
+        if isinstance(error, Refused) or attempts >= self.pair.max_attempts:
+            self.failure = functools.partial(self.dead_letter, message, reason, attempts, error)
+        else:
+            self.failure = functools.partial(self.retry_later, message, reason, attempts)
         self.settle_failure_now()
 
     def settle_failure_now(self, started: bool = True) -> None:
@@ -360,11 +366,17 @@ class Worker:
                 extra={"event": "failed"},
             )
 
-    def dead_letter(self, message: bytes, reason: str, attempts: int, op: str) -> None:
+    def dead_letter(
+        self, message: bytes, reason: str, attempts: int, error: BaseException | None, op: str
+    ) -> None:
         if not self.queue.dead_letter(message, reason, attempts, op):
             log.warning("a message to dead-letter was moved by someone else; left alone")
             return
         self.board.count("dead_lettered")
+        try:
+            self.handler.on_dead_letter(message, reason, error)
+        except Exception:
+            log.exception("handler %s.on_dead_letter() raised; ignored", self.handler.path)
         if _sampled(self.spec.log_failures):
             log.error(
                 "dead-lettered a %d-byte message to %s after %d deliveries: %s",
