@@ -26,9 +26,11 @@ import importlib
 import inspect
 import json
 import re
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from rqworkers.errors import MessageTimeout, Refused, RqworkersError
@@ -107,14 +109,23 @@ class TaskError(RqworkersError):
 
 
 def _traceback(error: BaseException) -> str:
-    return "".join(traceback.format_exception(error))
+    """The exception's traceback from the task's code on: the worker's frames say nothing."""
+    frames = error.__traceback__
+    while frames is not None and frames.tb_next is not None and _ours(frames.tb_frame):
+        frames = frames.tb_next
+    return "".join(traceback.format_exception(type(error), error, frames))
+
+
+def _ours(frame: FrameType) -> bool:
+    return str(frame.f_globals.get("__name__", "")).startswith("rqworkers.")
 
 
 # --- the message -------------------------------------------------------------------------
 
 
 def encode(task: Task) -> bytes:
-    """The message's bytes, version field first. Validated like a received one."""
+    """The message's bytes, version field first; `ValueError` for what a worker would
+    refuse, `TypeError` for arguments that are not JSON."""
     fields: dict[str, Any] = {"v": VERSION, "task": task.task, "id": task.id}
     if task.args:
         fields["args"] = task.args
@@ -125,7 +136,10 @@ def encode(task: Task) -> bytes:
             fields[name] = getattr(task, name)
     if task.reply_to is not None:
         fields["result_ttl"] = task.result_ttl
-    validate(fields, task.id)
+    try:
+        validate(fields, task.id)
+    except Refused as exc:
+        raise ValueError(str(exc)) from None
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -234,6 +248,31 @@ def _preview(value: object) -> str:
 
 def _short(exc: BaseException) -> str:
     return _preview(str(exc) or type(exc).__name__).strip("'\"")
+
+
+def path_of(function: Callable[..., Any] | str) -> str:
+    """`"module:function"` for a module-level function, as a worker will import it.
+
+    `ValueError` for what a worker cannot import by name: a lambda, a nested function, a
+    method, or a function of a script run as `__main__` (not with `python -m`).
+    """
+    if isinstance(function, str):
+        if not _PATH_RE.match(function):
+            raise ValueError(f"{function!r} is not of the form 'module:function'")
+        return function
+    module = getattr(function, "__module__", None)
+    name = getattr(function, "__qualname__", "")
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else None
+        if module is None:
+            raise ValueError(
+                f"{name} is defined in the script being run: a worker cannot import it; "
+                "move it to a module (or run the script with python -m)"
+            )
+    if not module or not _PATH_RE.match(f"{module}:{name}"):
+        raise ValueError(f"{function!r} is not a module-level function a worker can import")
+    return f"{module}:{name}"
 
 
 # --- the allow-list ----------------------------------------------------------------------
