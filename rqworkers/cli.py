@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--kwargs", type=_json, default={}, help="JSON object")
     submit.add_argument("--timeout", type=float, help="the task's own timeout, seconds")
     submit.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="S",
-                        help="wait for the result, at most S seconds (default: no limit)")  # fmt: skip
+                        help="wait for the result, at most S seconds (default: none)")  # fmt: skip
 
     dead_parser = commands.add_parser("dead", help="list, show, requeue or purge dead letters")
     dead_commands = dead_parser.add_subparsers(dest="dead_command", required=True)
