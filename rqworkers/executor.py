@@ -55,7 +55,11 @@ class TaskFuture(concurrent.futures.Future[Any]):
             return True
         if self.done() or not self._executor._withdraw(self.payload):
             return False
-        return super().cancel()
+        super().cancel()
+        # What an executor does for a cancelled future it meets: without it, `wait` and
+        # `as_completed` would never count the future as done.
+        self.set_running_or_notify_cancel()
+        return True
 
 
 class Executor(concurrent.futures.Executor):

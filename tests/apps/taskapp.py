@@ -60,6 +60,11 @@ def kill_once(tag: str) -> str:
     return f"survived {tag}"
 
 
+def crash() -> None:
+    """SIGKILLs its own worker every time, like a task that runs it out of memory."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def runnable(a: int, b: int) -> int:
     """Seed 000's task module: `runnable`, `callback`, `error_callback`."""
     if b == 0:
