@@ -20,7 +20,8 @@ import pytest
 
 import rqworkers
 from rqworkers import Executor, Producer, TaskError
-from tests.support import APPS, REPO, RedisServer, Service, wait_for
+from tests.servers import Cluster, Processes, SentinelSetup
+from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
 
 StartService = Callable[..., Service]
 
@@ -388,3 +389,41 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
 
     done = run_cli("submit", "-c", config, "--queue", "raw", "taskapp:add", env=env)
     assert done.returncode == 1 and "not a task queue" in done.stderr
+
+
+@pytest.mark.slow
+def test_producer_and_executor_on_a_cluster_and_through_sentinels(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Every URL form the config accepts: a task pair on a Redis Cluster, served to an
+    Executor and a Producer; a Producer through Sentinel reaches the master."""
+    processes = Processes()
+    svc: Service | None = None
+    try:
+        cluster = Cluster(processes, tmp_path / "cluster").start()
+        path = write_config(tmp_path / "cluster.toml", cluster.url, [task_pair(queue="{tasks}")],
+                            manager={"check_interval": 0.2, "shutdown_timeout": 10.0})  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(REPO)])
+        env["TESTAPP_REDIS_URL"] = redis_server.url
+        svc = Service(path, tmp_path, env).start()
+        with Executor(cluster.url, "{tasks}") as executor:
+            assert executor.submit(taskapp.add, 1, 2).result(timeout=30) == 3
+            assert list(executor.map(taskapp.square, range(100), timeout=30)) == [
+                i * i for i in range(100)
+            ]
+        producer = Producer(cluster.url)
+        producer.submit("{tasks}", "taskapp:add", (2, 3), reply_to="{tasks}:mine")
+        assert producer.wait_reply("{tasks}:mine", timeout=30) == 5
+
+        sentinels = SentinelSetup(processes, tmp_path / "sentinel").start()
+        through = Producer(sentinels.url)
+        through.push("raw", b"one", "two")
+        task_id = through.submit("tasks", "taskapp:add", (1, 1))
+        master = sentinels.master.client()
+        assert master.lrange("raw", 0, -1) == [b"two", b"one"]
+        assert json.loads(master.lindex("tasks", 0))["id"] == task_id
+    finally:
+        if svc is not None:
+            svc.cleanup()
+        processes.kill_all()
