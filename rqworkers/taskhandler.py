@@ -55,6 +55,7 @@ class TaskHandler(Handler):
         self.path = f"tasks {list(pair.tasks)!r}"
         self.allowed = AllowList(pair.tasks)
         self.pair_timeout = pair.timeout
+        self.queue = pair.queue
         self.url = pair.url
         self._client: Client | None = None
         self._instance = None
@@ -89,6 +90,11 @@ class TaskHandler(Handler):
         fit the function's signature.
         """
         task = tasks.parse(message)
+        if task.reply_to is not None and self._own_key(task.reply_to):
+            raise Refused(
+                f"reply_to {task.reply_to!r} is one of the queue's own keys; "
+                f"use {self.queue}:replies:<id> or a key outside {self.queue}:*"
+            )
         function = self.allowed.resolve(task.task)
         for callback in (task.on_success, task.on_failure):
             if callback is not None:
@@ -99,6 +105,14 @@ class TaskHandler(Handler):
         if task.reply_to is not None:
             self._send(task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
         return result
+
+    def _own_key(self, key: str) -> bool:
+        """Whether `key` is the queue or one of its own keys (private lists, dead list...):
+        a reply pushed there would corrupt them. Reply lists under `<queue>:replies:` are
+        the executors'."""
+        if key == self.queue:
+            return True
+        return key.startswith(f"{self.queue}:") and not key.startswith(f"{self.queue}:replies:")
 
     def _check_arguments(self, function: Callable[..., Any], task: Task) -> None:
         signature = self._signatures.get(function)
@@ -146,7 +160,7 @@ class TaskHandler(Handler):
         address = tasks.reply_address(message)  # read even from a message that was refused
         timeout = min(task.timeout or self.pair_timeout, self.pair_timeout) if task else None
         failure = TaskError.from_dead_letter(address.id if address else "", reason, error, timeout)
-        if address is not None:
+        if address is not None and not self._own_key(address.key):
             self._send_patiently(address.key, address.ttl, tasks.failure_reply(failure))
         if task is not None and task.on_failure and self.allowed.permits(task.on_failure):
             try:

@@ -362,6 +362,19 @@ def test_a_task_that_cannot_run_is_refused_before_it_is_called(
     assert redis_server.client().llen("sleep:started") == 0
 
 
+def test_a_reply_to_one_of_the_queues_own_keys_is_refused(
+    handler: TaskHandler, redis_server: RedisServer
+) -> None:
+    for key in ("tasks", "tasks:dead", "tasks:processing:node:1", "tasks:deliveries"):
+        message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
+        with pytest.raises(Refused, match="is one of the queue's own keys"):
+            handler.handle(message)
+        handler.on_dead_letter(message, "refused", Refused("own key"))
+    assert redis_server.client().keys("tasks*") == []
+    ok = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to="tasks:replies:abc"))
+    assert handler.handle(ok) == 3
+
+
 def test_a_dead_letter_replies_and_runs_on_failure_once(
     handler: TaskHandler, redis_server: RedisServer
 ) -> None:
