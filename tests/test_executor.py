@@ -390,6 +390,12 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
     done = run_cli("submit", "-c", config, "--queue", "raw", "taskapp:add", env=env)
     assert done.returncode == 1 and "not a task queue" in done.stderr
 
+    # `status` shows the task pair like any other: its worker, its count, its dead letter.
+    done = run_cli("status", "-c", config, "--json", env=env)
+    (tasks_pair,) = [p for p in json.loads(done.stdout) if p["queue"] == "tasks"]
+    (worker,) = tasks_pair["snapshot"]["workers"]
+    assert worker["handled"] >= 4 and tasks_pair["snapshot"]["dead"] == 1
+
 
 @pytest.mark.slow
 def test_producer_and_executor_on_a_cluster_and_through_sentinels(
