@@ -249,5 +249,12 @@ class Executor(concurrent.futures.Executor):
                 future.set_exception(error)
 
     def _wake_reader(self) -> None:
+        """Unblock the reader's BRPOP at once. The list gets the replies' TTL, so a wake-up
+        that comes after the reader deleted it does not leave a key behind for good."""
+        if not self._reader.is_alive():
+            return
+        pipe = self._producer.client.pipeline(transaction=False)
+        pipe.lpush(self.reply_key, _WAKE)
+        pipe.pexpire(self.reply_key, max(1, int(self.result_ttl * 1000)))
         with contextlib.suppress(*TRANSIENT_ERRORS):
-            self._producer.client.lpush(self.reply_key, _WAKE)
+            pipe.execute()

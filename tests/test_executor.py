@@ -327,6 +327,8 @@ def test_shutdown_and_with_work_as_the_standard_library_documents(
     assert client.llen("tasks") == 0 and not client.exists(ex.reply_key)
     with pytest.raises(RuntimeError):
         ex.submit(taskapp.add, 1, 2)
+    ex.shutdown()  # a second time: harmless, and leaves no key behind
+    assert not client.exists(ex.reply_key)
     with Executor(redis_server.url, "tasks") as ex2:
         future = ex2.submit(taskapp.add, 2, 2)
     assert future.done() and future.result() == 4
