@@ -269,6 +269,27 @@ def test_a_pair_has_handler_or_tasks_never_both(tmp_path: Path, entry: str, prob
     assert any(problem in line for line in str(info.value).splitlines()), str(info.value)
 
 
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_check_and_run_refuse_a_pair_with_both(tmp_path: Path, command: str) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [[workers]]
+        host = "redis://127.0.0.1:6379/0"
+        queue = "q"
+        handler = "rqworkers.examples:log_message"
+        tasks = ["rqworkers.examples:square"]
+        """,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "rqworkers", command, "-c", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"{path}: workers[0]: set `handler` (raw payloads) or `tasks`" in done.stderr
+    assert "not both" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_check_reports_an_allow_list_that_does_not_import(tmp_path: Path) -> None:
     path = write_config(
         tmp_path,
