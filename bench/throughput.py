@@ -305,6 +305,9 @@ class Sizes:
     respawn_queue: int
     prefetches: tuple[int, ...] = (1, 10, 100)
     repeats: int = 3  # throughput phases per rqworkers case and runs per yardstick: medians
+    roundtrip: int = 20_000  # Executor tasks per round-trip throughput phase
+    roundtrip_peer: int = 2_000  # the same for a peer with results
+    roundtrip_latency: int = 1_000  # tasks run one at a time for p50/p99 (peers: half)
 
 
 def sizes_for(messages: int | None, quick: bool, repeats: int | None = None) -> Sizes:
@@ -326,6 +329,9 @@ def _sizes_for(messages: int | None, quick: bool) -> Sizes:
             respawn_queue=1_000,
             prefetches=(1, 100),  # prefetch 10 only in full runs: the smoke run stays < 60 s
             repeats=1,
+            roundtrip=2_000,
+            roundtrip_peer=200,
+            roundtrip_latency=200,
         )
     fast = messages or 100_000
     return Sizes(
@@ -372,7 +378,10 @@ class Bench:
             self.resources_idle_python,
             self.respawn,
             self.peers,
+            self.executor,
         ):
+            if self.args.only and section.__name__ not in self.args.only:
+                continue
             # Other work on the machine skews every figure: say how busy it was.
             self.report.load[section.__name__] = list(os.getloadavg())
             section()
@@ -584,6 +593,123 @@ class Bench:
             self.procs.stop(proc, timeout=10)
         return n / (last - first)
 
+    # -- 8. Executor round trips ----------------------------------------------------------
+
+    def executor(self) -> None:
+        """Tasks with results: submit → worker → reply → future, the rqworkers Executor beside
+        `ProcessPoolExecutor` (one machine, no Redis) and the peers with their result stores.
+
+        Rate: N tasks sent by `map`, until the last result is in. Latency: tasks one at a
+        time, submit to result, so p50/p99 are of a round trip, not of a backlog.
+        """
+        self.log("executor round trips")
+        s = self.sizes
+        for prefetch, processes in ((1, 1), (100, 1), (100, 2)):
+            run = ServiceRun(self, prefetch, processes, 0, work='tasks = ["bench.tasks:*"]')
+            with run.service():
+                rate, trips = executor_roundtrip(self.redis.url, s.roundtrip, s.roundtrip_latency,
+                                                 s.repeats)  # fmt: skip
+            row = Row("executor", f"rqworkers Executor, prefetch {prefetch}, {processes} proc",
+                      s.roundtrip, rate, note=f"{spread_of(trips)}")  # fmt: skip
+            row.p50_ms, row.p99_ms = percentiles(trips)
+            self.add(row)
+        rate, trips = pool_roundtrip(s.roundtrip, s.roundtrip_latency)
+        row = Row("executor", "ProcessPoolExecutor(1), no Redis", s.roundtrip, rate,
+                  note="the program before the one-line change")  # fmt: skip
+        row.p50_ms, row.p99_ms = percentiles(trips)
+        self.add(row)
+        url = self.redis.url
+        celery = "-m celery -A bench.peers.celery_results_app worker --pool solo --concurrency 1"
+        celery += " -Q bench-rt --loglevel WARNING --without-gossip --without-mingle"
+        celery += " --without-heartbeat"
+        rq = f"-m rq.cli worker -w rq.worker.SimpleWorker --logging_level WARNING --url {url}"
+        rq += " bench-rt"
+        dramatiq = "-m dramatiq bench.peers.dramatiq_results_app --processes 1 --threads 1"
+        cases = [
+            ("celery", "Celery, solo pool, Redis result backend", celery),
+            ("rq", "RQ SimpleWorker, results (latest_result)", rq),
+            ("dramatiq", "Dramatiq, 1 process, 1 thread, Results", dramatiq),
+        ]
+        for package, label, worker_args in cases:
+            version = self.peer_version(package)
+            if version.startswith("not run"):
+                self.add(Row("executor peer", label, s.roundtrip_peer, note=version))
+                continue
+            try:
+                found = self.peer_roundtrip(package, worker_args.split())
+            except Exception as exc:  # a peer that fails is reported, the bench goes on
+                self.add(
+                    Row("executor peer", label, s.roundtrip_peer, note=f"not run: {exc}"[:160])
+                )
+                continue
+            row = Row("executor peer", label, s.roundtrip_peer, found["rate"],
+                      note=f"{package} {version}")  # fmt: skip
+            row.p50_ms, row.p99_ms = found["p50_ms"], found["p99_ms"]
+            self.add(row)
+
+    def peer_roundtrip(self, system: str, worker_args: list[str]) -> dict[str, float]:
+        self.client.flushdb()
+        env = bench_env(self.redis.url)
+        log = self.workdir / f"peer-rt-{system}.log"
+        worker = self.procs.start([self.peers_python, *worker_args], env=env, log=log)
+        try:
+            n, m = self.sizes.roundtrip_peer, max(50, self.sizes.roundtrip_latency // 2)
+            args = [self.peers_python, "-m", "bench.peers", "roundtrip", system, str(n), str(m)]
+            out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=900)  # fmt: skip
+            if out.returncode:
+                tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+                raise RuntimeError(f"round trips failed: {tail}")
+            return cast(dict[str, float], json.loads(out.stdout))
+        finally:
+            self.procs.stop(worker, timeout=10)
+
+
+def executor_roundtrip(url: str, n: int, m: int, repeats: int) -> tuple[float, list[float]]:
+    """The median rate of `repeats` maps of N, and M single round trips in ms."""
+    from bench.tasks import echo
+    from rqworkers import Executor
+
+    with Executor(url, QUEUE) as executor:
+        return _roundtrip(executor, echo, n, m, repeats)
+
+
+def pool_roundtrip(n: int, m: int) -> tuple[float, list[float]]:
+    """The same with `concurrent.futures.ProcessPoolExecutor(1)`: the program as it was."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench.tasks import echo
+
+    with ProcessPoolExecutor(1) as executor:
+        return _roundtrip(executor, echo, n, m, 1)
+
+
+def _roundtrip(executor: Any, fn: Any, n: int, m: int, repeats: int) -> tuple[float, list[float]]:
+    if executor.submit(fn, -1).result(timeout=60) != -1:  # warm up
+        raise RuntimeError("echo returned something else")
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        results = list(executor.map(fn, range(n), timeout=900))
+        rates.append(n / (time.perf_counter() - started))
+        if results != list(range(n)):
+            raise RuntimeError("results do not match the arguments")
+    trips = []
+    for i in range(m):
+        one = time.perf_counter()
+        executor.submit(fn, i).result(timeout=60)
+        trips.append((time.perf_counter() - one) * 1000)
+    return statistics.median(rates), trips
+
+
+def percentiles(trips_ms: list[float]) -> tuple[float, float]:
+    """p50 and p99 of round trips, in ms."""
+    return statistics.median(trips_ms), statistics.quantiles(trips_ms, n=100)[98]
+
+
+def spread_of(trips_ms: list[float]) -> str:
+    return f"{len(trips_ms)} single trips, max {max(trips_ms):.2f} ms"
+
 
 def no_message_logs() -> str:
     """The setting that turns per-message log lines off, in this version of the config."""
@@ -625,14 +751,17 @@ def parse_benchmark_csv(text: str) -> float | None:
 class ServiceRun:
     """One start of the real `python -m rqworkers run`, measured and stopped."""
 
-    def __init__(self, bench: Bench, prefetch: int, processes: int, sleep_ms: int) -> None:
+    def __init__(
+        self, bench: Bench, prefetch: int, processes: int, sleep_ms: int, work: str = ""
+    ) -> None:
         self.bench = bench
+        self.work = work  # the pair's handler line; default: the no-op or 1 ms handler
         self.prefetch = prefetch
         self.processes = processes
         self.sleep_ms = sleep_ms
         self.client = bench.client
         self.resources: dict[str, Any] = {}
-        self.name = f"p{prefetch}-x{processes}-{sleep_ms}ms"
+        self.name = f"p{prefetch}-x{processes}-{sleep_ms}ms" + ("-tasks" if work else "")
 
     @property
     def processing_keys(self) -> list[str]:
@@ -640,6 +769,7 @@ class ServiceRun:
 
     def config(self) -> Path:
         handler = "bench.handlers:Noop" if self.sleep_ms == 0 else "bench.handlers:Sleep1ms"
+        work = self.work or f'handler = "{handler}"'
         path = self.bench.workdir / f"rqworkers-{self.name}.toml"
         path.write_text(
             f"""
@@ -664,7 +794,7 @@ timeout = 30.0
 [[workers]]
 host = "bench"
 queue = "{QUEUE}"
-handler = "{handler}"
+{work}
 processes = {self.processes}
 prefetch = {self.prefetch}
 """
@@ -885,6 +1015,14 @@ def judge(report: Report) -> list[tuple[str, bool | None, str]]:
                         detail,
                     )
                 )
+    trips = {r.case: r for r in report.rows if r.section == "executor" and r.rate}
+    trip_peers = [r for r in report.rows if r.section == "executor peer" and r.rate]
+    best = max(trip_peers, key=lambda r: r.rate or 0.0, default=None)
+    for case, row in trips.items():
+        if case.startswith("rqworkers") and row.rate and best and best.rate:
+            r = row.rate / best.rate
+            what = f"{case}: round trips >= 10x the best peer ({best.case})"
+            out.append((what, r >= 10, f"{row.rate:,.0f} vs {best.rate:,.0f}/s: {r:.1f}x"))
     idle = report.resources.get("prefetch 1, 1 process(es)", {}).get("idle_core_percent")
     if idle:
         out.append(
@@ -1070,6 +1208,10 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # runs every `finally`, which kills what we started
 
 
+SECTIONS = ("raw_redis", "yardsticks", "rqworkers", "resources_idle_python", "respawn", "peers",
+            "executor")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="rqworkers throughput bench (see module doc)")
     parser.add_argument("--messages", type=int, help="messages per 0 ms case (default 100000)")
@@ -1090,6 +1232,7 @@ def main() -> int:
         help="interpreter with bench/requirements.txt installed",
     )
     parser.add_argument("--render", metavar="JSON", help="print the table of a saved --json run")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     args = parser.parse_args()
     if args.render:
         print(render(load_report(Path(args.render))), end="")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from rqworkers import connections, handlers, process
+from rqworkers import connections, handlers, process, tasks
 from rqworkers.config import Config, PairSettings, max_processes, metrics_endpoint, redact
 from rqworkers.connections import Client
 from rqworkers.queue import Keys
@@ -20,12 +20,17 @@ _FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.R
 
 
 def handler_problems(config: Config) -> list[str]:
-    """One line per handler that cannot be imported, naming its queue."""
+    """One line per handler (or task allow-list) that cannot be imported, naming its queue."""
     problems = []
     for pair in config.pairs:
-        problem = handlers.verify(pair.handler)
+        if pair.tasks is not None:
+            problem = tasks.verify(pair.tasks)
+            what = f"tasks {list(pair.tasks)!r}"
+        else:
+            problem = handlers.verify(pair.handler or "")
+            what = f"handler {pair.handler!r}"
         if problem:
-            problems.append(f"handler {pair.handler!r} of queue {pair.queue!r}: {problem}")
+            problems.append(f"{what} of queue {pair.queue!r}: {problem}")
     return problems
 
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rqworkers import __version__, checks, config, dead, logs, status
 from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import Manager
+from rqworkers.producer import Producer
 from rqworkers.queue import TRANSIENT_ERRORS
+from rqworkers.tasks import TaskError
 from rqworkers.text import plural
 
 log = logging.getLogger("rqworkers")
@@ -53,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                     help="redraw every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+
+    push = command("push", "push raw payloads onto a queue: the arguments, or stdin's lines")
+    push.add_argument("--queue", help="queue name (needed when several are configured)")
+    push.add_argument("--host", help="the pair's host, when the queue is on several")
+    push.add_argument("payloads", nargs="*", metavar="PAYLOAD", help="default: lines of stdin")
+    submit = command("submit", "send a task message to a task queue; print its id or result")
+    submit.add_argument("--queue", help="queue name (needed when several are configured)")
+    submit.add_argument("--host", help="the pair's host, when the queue is on several")
+    submit.add_argument("task", metavar="TASK", help="module:function")
+    submit.add_argument("--args", type=_json, default=[], help="JSON list")
+    submit.add_argument("--kwargs", type=_json, default={}, help="JSON object")
+    submit.add_argument("--timeout", type=float, help="the task's own timeout, seconds")
+    submit.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="S",
+                        help="wait for the result, at most S seconds (default: none)")  # fmt: skip
 
     dead_parser = command("dead", "list, show, requeue or purge dead letters")
     dead_parser.set_defaults(help_of=dead_parser)
@@ -246,7 +265,74 @@ def _confirmed(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+def _pair(cfg: config.Config, args: argparse.Namespace) -> config.PairSettings:
+    pairs = tuple(p for p in cfg.pairs if args.host in (None, p.host))
+    return dead.pick_pair(dataclasses.replace(cfg, pairs=pairs), args.queue)
+
+
+def _json(text: str) -> Any:
+    return json.loads(text)
+
+
+_json.__name__ = "JSON"  # argparse names the type in its error: "invalid JSON value"
+
+
+def _with_progress(lines: Iterator[str], out: TextIO, every: int = 10_000) -> Iterator[str]:
+    """`lines`, counting them on `out` when it is a terminal (for large inputs)."""
+    if not out.isatty():
+        yield from lines
+        return
+    count = 0
+    for count, line in enumerate(lines, 1):
+        yield line
+        if count % every == 0:
+            out.write(f"\rread {count:,} lines")
+            out.flush()
+    if count >= every:
+        out.write(f"\rread {count:,} lines\n")
+
+
+def push(cfg: config.Config, args: argparse.Namespace) -> int:
+    pair = _pair(cfg, args)
+    lines = (line.rstrip("\r\n") for line in sys.stdin)
+    payloads = args.payloads or _with_progress(lines, sys.stderr)
+    with Producer(pair.url) as producer:
+        length = producer.push_many(pair.queue, payloads)
+    print(f"pushed to {pair.queue} ({length} waiting)")
+    return ExitCode.OK
+
+
+def submit(cfg: config.Config, args: argparse.Namespace) -> int:
+    pair = _pair(cfg, args)
+    if pair.tasks is None:
+        raise RqworkersError(f"queue {pair.queue!r} is not a task queue (it has a handler)")
+    if not isinstance(args.args, list) or not isinstance(args.kwargs, dict):
+        raise RqworkersError("--args must be a JSON list and --kwargs a JSON object")
+    with Producer(pair.url) as producer:
+        reply_to = f"{pair.queue}:replies:{uuid.uuid4().hex}" if args.wait is not None else None
+        task_id = producer.submit(
+            pair.queue, args.task, args.args, args.kwargs, timeout=args.timeout, reply_to=reply_to
+        )
+        if reply_to is None:
+            print(task_id)
+            return ExitCode.OK
+        try:
+            result = producer.wait_reply(reply_to, args.wait or None)
+        except TaskError as exc:
+            print(f"rqworkers: task {task_id} failed ({exc.reason}): {exc.type}: {exc.message}",
+                  file=sys.stderr)  # fmt: skip
+            if exc.traceback:
+                print(exc.traceback, end="", file=sys.stderr)
+            return ExitCode.FAILURE
+        except TimeoutError as exc:
+            raise RqworkersError(f"task {task_id}: {exc}") from None
+    print(json.dumps(result))
+    return ExitCode.OK
+
+
 COMMANDS: dict[str, Command] = {
+    "push": push,
+    "submit": submit,
     "run": run,
     "check": check,
     "reload": reload,

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
@@ -30,8 +30,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
-from rqworkers import connections
+from rqworkers import connections, tasks
 from rqworkers.errors import ConfigError
 
 URL_SCHEMES = connections.SCHEMES
@@ -223,7 +224,9 @@ class PairSettings(_Section):
 
     host: str = Field(min_length=1)
     queue: str = Field(min_length=1)
-    handler: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    handler: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    # A task pair: an allow-list of `module:function` / `module:*` (see `tasks`).
+    tasks: tuple[str, ...] | None = Field(None, min_length=1)
     # The machine's own ceiling (`max_processes`) is checked by `check` and `run`, not here:
     # `status` and `dead` load the same file on a smaller machine.
     processes: Int = Field(1, ge=1, le=MAX_PROCESSES_TOTAL)
@@ -252,6 +255,33 @@ class PairSettings(_Section):
                 f"least {MIN_MEMORY_LIMIT // 1024**2}MiB"
             )
         return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_patterns(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        problems = [p for p in map(tasks.pattern_problem, value or ()) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _handler_or_tasks(cls, data: Any, validate: Any) -> Any:
+        """Exactly one of `handler` and `tasks`; neither is reported with the other problems."""
+        neither = isinstance(data, dict) and not {"handler", "tasks"} & set(data)
+        missing: InitErrorDetails = {"type": "missing", "loc": ("handler",), "input": data}
+        try:
+            pair = validate(data)
+        except ValidationError as exc:
+            if not neither:
+                raise
+            found = [cast(InitErrorDetails, error) for error in exc.errors()]
+            raise ValidationError.from_exception_data(exc.title, [*found, missing]) from None
+        if neither:
+            raise ValidationError.from_exception_data(cls.__name__, [missing])
+        if pair.handler is not None and pair.tasks is not None:
+            raise ValueError("set `handler` (raw payloads) or `tasks` (task messages), not both")
+        return pair
 
     @model_validator(mode="after")
     def _limits_ordered(self) -> PairSettings:
@@ -397,7 +427,10 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
         if "url" in entry:
             problems.append(f"{_path(where)}.url: unknown setting (hosts go in `host`)")
             continue
-        defaults = {k: v for k, v in document.defaults.items() if k not in unknown_defaults}
+        # An entry that names its own `handler` or `tasks` drops the other from [defaults].
+        kind = {"handler", "tasks"} & set(entry)
+        dropped = unknown_defaults | ({"handler", "tasks"} - kind if kind else set())
+        defaults = {k: v for k, v in document.defaults.items() if k not in dropped}
         try:
             pair = PairSettings.model_validate({**defaults, **entry})
         except ValidationError as exc:

@@ -32,3 +32,8 @@ class Counter:
 
     def teardown(self) -> None:
         log.info("handled %d messages in this process", self.count)
+
+
+def square(x: int) -> int:
+    """An example task (README, "Tasks"): `tasks = ["rqworkers.examples:square"]`."""
+    return x * x

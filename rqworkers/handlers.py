@@ -51,6 +51,11 @@ def resolve(path: str) -> Any:
 class Handler:
     """One worker's handler instance. `handle` raises on failure; callbacks never raise."""
 
+    # Defaults for subclasses that build themselves (the task handler).
+    is_async = False
+    _loop: asyncio.AbstractEventLoop | None = None
+    _instance: Any = None
+
     def __init__(self, path: str) -> None:
         target = resolve(path)
         self.path = path

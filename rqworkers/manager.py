@@ -256,7 +256,7 @@ class Manager:
                 slot.name,
                 p.queue,
                 p.endpoint,
-                p.handler,
+                p.handler or f"tasks {list(p.tasks or ())}",
                 p.max_requests,
                 p.timeout,
             )

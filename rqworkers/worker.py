@@ -29,6 +29,7 @@ from typing import Any
 import redis
 import setproctitle
 
+from rqworkers import taskhandler
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect, is_outage
@@ -76,7 +77,7 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
     try:
-        handler = Handler(spec.pair.handler)
+        handler = taskhandler.load(spec.pair)
         handler.setup()
     except Exception as exc:
         log.error("cannot start handler %s: %s%s", spec.pair.handler, *startup_failure(exc))
@@ -336,7 +337,8 @@ class Worker:
         if isinstance(error, MessageTimeout):
             record["reason"] = f"timeout after {self.pair.timeout:g}s"
         else:
-            record["reason"] = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
+            name = "" if isinstance(error, Refused) else f"{type(error).__name__}: "
+            record["reason"] = f"{name}{error}"[:_REASON_LIMIT]
             record["traceback"] = _traceback_text(error)
             final = final or isinstance(error, Refused)
         delay = None if final else self.retry_backoff.compute(number)
@@ -374,7 +376,10 @@ class Worker:
                 exc_info=show,
                 extra={"event": "dead_lettered"},
             )
-        self.handler.on_dead_letter(failure.delivery.payload, record["reason"], error)
+        try:
+            self.handler.on_dead_letter(failure.delivery.payload, record["reason"], error)
+        except Exception:
+            log.exception("handler %s.on_dead_letter() raised; ignored", self.handler.path)
 
 
 class _Interrupted(BaseException):

@@ -1,4 +1,5 @@
 """`python -m bench.peers enqueue SYSTEM N`: put N no-op jobs on a peer's queue, then exit.
+`python -m bench.peers roundtrip SYSTEM N M`: round trips with results (see `roundtrip`).
 
 Enqueueing is done before the worker starts and is not timed as part of consumption.
 """
@@ -64,10 +65,16 @@ async def _enqueue_arq(chunks: list[list[str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["enqueue"])
+    parser.add_argument("command", choices=["enqueue", "roundtrip"])
     parser.add_argument("system", choices=SYSTEMS)
     parser.add_argument("n", type=int)
+    parser.add_argument("m", type=int, nargs="?", default=0, help="roundtrip: latency trips")
     args = parser.parse_args()
+    if args.command == "roundtrip":
+        from bench.peers.roundtrip import roundtrip
+
+        print(json.dumps(roundtrip(args.system, args.n, args.m)))
+        return
     started = time.perf_counter()
     enqueue(args.system, args.n)
     print(json.dumps({"enqueued": args.n, "seconds": time.perf_counter() - started}))

@@ -1,0 +1,260 @@
+"""A `concurrent.futures.Executor` whose work runs on rqworkers task pairs, anywhere.
+
+    from rqworkers import Executor
+
+    with Executor("redis://127.0.0.1:6379/0", "tasks") as executor:   # was ProcessPoolExecutor()
+        print(list(executor.map(myapp.jobs.square, range(10))))
+
+Each `submit` pushes one task message whose `reply_to` is this executor's own reply list;
+one background thread blocks on that list and resolves futures as replies arrive: no
+polling, no connection per future. What the workers guarantee (at-least-once, replay
+after a crash, timeouts, dead letters) holds for every future; a dead-letter sends a
+reply too, so a future never waits forever for a task that ended. A duplicate run may
+reply twice: the first reply wins.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
+
+from rqworkers import tasks
+from rqworkers.backoff import Outage
+from rqworkers.config import redact
+from rqworkers.connections import TRANSIENT_ERRORS, connect
+from rqworkers.producer import Producer
+from rqworkers.tasks import TaskError
+
+__all__ = ["Executor", "TaskError", "TaskFuture"]
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 5.0  # seconds the reply reader blocks; shutdown wakes it at once anyway
+_REPLIES_PER_READ = 100  # replies taken per round trip when they queue up
+_PUSH_BATCH = 100  # task messages per LPUSH while `map` submits
+_WAKE = b""  # pushed by `shutdown` onto the reply list so the reader stops blocking
+
+
+class TaskFuture(concurrent.futures.Future[Any]):
+    """A future of one task message. `cancel()` succeeds while the message still waits in
+    the queue, and takes it out; once a worker has it, it cannot be cancelled."""
+
+    def __init__(self, executor: Executor, task_id: str, payload: bytes) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self._executor = executor
+        self.payload = payload
+
+    def cancel(self) -> bool:
+        if self.cancelled():
+            return True
+        if self.done() or not self._executor._withdraw(self.payload):
+            return False
+        super().cancel()
+        # What an executor does for a cancelled future it meets: without it, `wait` and
+        # `as_completed` would never count the future as done.
+        self.set_running_or_notify_cancel()
+        return True
+
+
+class Executor(concurrent.futures.Executor):
+    """Runs `fn(*args, **kwargs)` as task messages on `queue` of the Redis at `url`.
+
+    `timeout`: seconds each task may run (capped by the pair's `timeout`); `max_pending`:
+    `submit` blocks while that many futures are unfinished; `result_ttl`: seconds a reply
+    waits in Redis for an executor that is away.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        timeout: float | None = None,
+        max_pending: int | None = None,
+        result_ttl: float = tasks.DEFAULT_RESULT_TTL,
+    ) -> None:
+        if max_pending is not None and max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self.queue = queue
+        self.timeout = timeout
+        self.result_ttl = result_ttl
+        self.reply_key = f"{queue}:replies:{uuid.uuid4().hex}"
+        self._producer = Producer(url)
+        self._reader_client = connect(url, _BLOCK)
+        self._endpoint = redact(url)
+        self._futures: dict[str, TaskFuture] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(max_pending) if max_pending else None
+        self._shutdown = False
+        self._closing = False  # no new futures will come: the reader ends when none pend
+        self._batch = threading.local()  # futures `map` has not pushed yet, per thread
+        self._reader = threading.Thread(
+            target=self._read_replies, name=f"rqworkers-replies-{queue}", daemon=True
+        )
+        self._reader.start()
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Send `fn(*args, **kwargs)`; `fn` is a module-level function or `"module:function"`.
+
+        `ValueError` for a function a worker could not import by name, `TypeError` for
+        arguments that are not JSON, `RuntimeError` after `shutdown`.
+        """
+        message = Producer.task(
+            tasks.path_of(fn), args, kwargs, self.timeout, self.reply_key, self.result_ttl
+        )
+        payload = tasks.encode(message)
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        self._take_slot()
+        future = TaskFuture(self, message.id, payload)
+        with self._lock:
+            self._futures[message.id] = future  # before the push: a reply may come at once
+        future.add_done_callback(self._finished)
+        self._push(future)
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any] | str,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """As `concurrent.futures.Executor.map`; messages are pushed 100 per round trip."""
+        self._batch.futures = []
+        try:
+            # The base class types `fn` as a callable; `submit` takes a name as well.
+            return super().map(fn, *iterables, timeout=timeout, chunksize=chunksize)  # type: ignore[arg-type]
+        finally:
+            self._flush()
+            del self._batch.futures
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As the standard library's: no new submits; with `cancel_futures`, tasks still
+        waiting in the queue are taken out; with `wait`, return once every future is done."""
+        with self._lock:
+            self._shutdown = True
+            pending = list(self._futures.values())
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(pending)
+        with self._lock:
+            self._closing = True
+        self._wake_reader()
+        if wait:
+            self._reader.join()
+
+    # --- sending -----------------------------------------------------------------------
+
+    def _take_slot(self) -> None:
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            self._flush()  # unsent messages would never finish and free a slot
+            self._slots.acquire()
+
+    def _push(self, future: TaskFuture) -> None:
+        batch: list[TaskFuture] | None = getattr(self._batch, "futures", None)
+        if batch is None:
+            self._send([future])
+            return
+        batch.append(future)
+        if len(batch) >= _PUSH_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch: list[TaskFuture] | None = getattr(self._batch, "futures", None)
+        if batch:
+            futures = batch[:]
+            batch.clear()
+            self._send(futures)
+
+    def _send(self, futures: list[TaskFuture]) -> None:
+        """One LPUSH of their messages. If it fails, so do they (with its error), and the
+        error is raised: they may or may not have been sent, but no reply will be awaited."""
+        try:
+            self._producer.client.lpush(self.queue, *(f.payload for f in futures))
+        except BaseException as exc:
+            for future in futures:
+                future.set_exception(exc)  # frees its slot; a late reply is ignored
+            raise
+
+    def _withdraw(self, payload: bytes) -> bool:
+        """Take a message out of the queue if it is still waiting there."""
+        try:
+            return bool(self._producer.client.lrem(self.queue, 1, payload))  # type: ignore[arg-type]
+        except TRANSIENT_ERRORS as exc:
+            log.warning("cannot cancel a task while redis at %s fails: %s", self._endpoint, exc)
+            return False
+
+    def _finished(self, future: concurrent.futures.Future[Any]) -> None:
+        assert isinstance(future, TaskFuture)
+        with self._lock:
+            self._futures.pop(future.task_id, None)
+            last = self._closing and not self._futures
+        if self._slots is not None:
+            self._slots.release()
+        if last:
+            self._wake_reader()
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def _read_replies(self) -> None:
+        """The reply thread: resolve futures until shut down and none is pending."""
+        outage = Outage(f"redis at {self._endpoint} (replies of {self.queue})")
+        client = self._reader_client
+        while not self._done_reading():
+            try:
+                replies = cast(list[bytes] | None, client.rpop(self.reply_key, _REPLIES_PER_READ))
+                if not replies:
+                    popped = cast(Any, client.brpop([self.reply_key], timeout=_BLOCK))
+                    replies = [popped[1]] if popped else []
+            except TRANSIENT_ERRORS as exc:
+                outage.wait(exc, self._done_reading)
+                continue
+            outage.over()
+            for reply in replies:
+                self._resolve(reply)
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            client.delete(self.reply_key)
+        client.close()
+        self._producer.close()
+
+    def _done_reading(self) -> bool:
+        with self._lock:
+            return self._closing and not self._futures
+
+    def _resolve(self, reply: bytes) -> None:
+        if reply == _WAKE:
+            return
+        try:
+            task_id, result, error = tasks.read_reply(reply)
+        except ValueError:
+            log.warning("ignored a reply that is not a task reply: %r", reply[:80])
+            return
+        with self._lock:
+            future = self._futures.get(task_id)
+        if future is None:
+            return  # a duplicate run's second reply, or a cancelled task's
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def _wake_reader(self) -> None:
+        """Unblock the reader's BRPOP at once. The list gets the replies' TTL, so a wake-up
+        that comes after the reader deleted it does not leave a key behind for good."""
+        if not self._reader.is_alive():
+            return
+        pipe = self._producer.client.pipeline(transaction=False)
+        pipe.lpush(self.reply_key, _WAKE)
+        pipe.pexpire(self.reply_key, max(1, int(self.result_ttl * 1000)))
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            pipe.execute()

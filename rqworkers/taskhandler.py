@@ -1,0 +1,207 @@
+"""The worker side of tasks: a handler that runs allow-listed functions named by messages.
+
+To the worker a `TaskHandler` is a `Handler` like any other, so every guarantee of the raw
+path (replay, delivery counts, timeouts, memory limits, recycling, leases) holds unchanged:
+
+- `handle` reads the message, refuses (`Refused`: dead-lettered at once) what can never
+  run, calls the function under the message's own `timeout` and, with `reply_to`, pushes
+  the success reply before returning. A reply that cannot be sent is an exception like
+  any other: the message is retried or replayed, so a reply is sent at least once.
+- An exception is retried like any message; only the last one is final. The worker calls
+  `on_dead_letter` after every dead-letter, whatever the cause, and that is where the
+  failure reply goes and the message's `on_failure` runs: so a caller hears once, at the
+  end, and never waits forever.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.commands.core import AsyncScript, Script
+
+from rqworkers import tasks
+from rqworkers.backoff import ExponentialBackoff
+from rqworkers.config import PairSettings
+from rqworkers.connections import TRANSIENT_ERRORS, Client, connect
+from rqworkers.errors import HandlerError, Refused
+from rqworkers.handlers import Handler
+from rqworkers.tasks import AllowList, Task, TaskError
+
+log = logging.getLogger(__name__)
+
+_REPLY = "redis.call('LPUSH', KEYS[1], ARGV[1]); redis.call('PEXPIRE', KEYS[1], ARGV[2])"
+_REPLY_ATTEMPTS = 6  # a failure reply retried over about 3 s of Redis errors, then given up
+
+
+def load(pair: PairSettings) -> Handler:
+    """The handler of a pair: its `handler`, or a `TaskHandler` for a task pair."""
+    if pair.tasks is not None:
+        return TaskHandler(pair)
+    if pair.handler is None:
+        raise HandlerError(f"queue {pair.queue!r} has neither a handler nor tasks")
+    return Handler(pair.handler)
+
+
+class TaskHandler(Handler):
+    """Runs the task messages of one task pair, in one worker process."""
+
+    def __init__(self, pair: PairSettings) -> None:  # nothing to import by path: no super()
+        assert pair.tasks is not None
+        self.path = f"tasks {list(pair.tasks)!r}"
+        self.allowed = AllowList(pair.tasks)
+        self.pair_timeout = pair.timeout
+        self.queue = pair.queue
+        self.url = pair.url
+        self._client: Client | None = None
+        self._instance = None
+        self.handle: Callable[[bytes], Any] = self.run
+        self.has_callbacks = True  # a message may name an `on_success`
+        self._signatures: dict[Callable[..., Any], inspect.Signature] = {}
+        self._last: tuple[bytes, Task] | None = None
+        self._reply_script: AsyncScript | Script | None = None
+
+    @property
+    def client(self) -> Client:
+        """Made on first use, in the worker process (never shared across a fork)."""
+        if self._client is None:
+            self._client = connect(self.url)
+        return self._client
+
+    def setup(self) -> None:
+        """Import every allow-listed module now: a broken one stops the worker at start."""
+        problems = self.allowed.problems()
+        if problems:
+            raise HandlerError("; ".join(problems))
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def run(self, message: bytes) -> Any:
+        """Run the task in `message`; its return value, or whatever it raised.
+
+        `Refused` for a message that can never run: unreadable, outside the allow-list, a
+        function that does not exist, callbacks that are not allowed, arguments that do not
+        fit the function's signature.
+        """
+        task = tasks.parse(message)
+        if task.reply_to is not None and self._own_key(task.reply_to):
+            raise Refused(
+                f"reply_to {task.reply_to!r} is one of the queue's own keys; "
+                f"use {self.queue}:replies:<id> or a key outside {self.queue}:*"
+            )
+        function = self.allowed.resolve(task.task)
+        for callback in (task.on_success, task.on_failure):
+            if callback is not None:
+                self.allowed.resolve(callback)
+        self._check_arguments(function, task)
+        self._last = (message, task)
+        result = self._call(function, task)
+        if task.reply_to is not None:
+            self._send(task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
+        return result
+
+    def _own_key(self, key: str) -> bool:
+        """Whether `key` is the queue or one of its own keys (private lists, dead list...):
+        a reply pushed there would corrupt them. Reply lists under `<queue>:replies:` are
+        the executors'."""
+        if key == self.queue:
+            return True
+        return key.startswith(f"{self.queue}:") and not key.startswith(f"{self.queue}:replies:")
+
+    def _check_arguments(self, function: Callable[..., Any], task: Task) -> None:
+        signature = self._signatures.get(function)
+        if signature is None:
+            try:
+                signature = self._signatures[function] = inspect.signature(function)
+            except (TypeError, ValueError):  # some builtins have none: let the call decide
+                return
+        try:
+            signature.bind(*task.args, **task.kwargs)
+        except TypeError as exc:
+            raise Refused(f"task {task.task!r} cannot take these arguments: {exc}") from None
+
+    def _call(self, function: Callable[..., Any], task: Task) -> Any:
+        """`function(*args, **kwargs)`, within the message's `timeout` if that is shorter.
+
+        The worker has armed `ITIMER_REAL` for the pair's `timeout`; a shorter own timeout
+        replaces it for the call, and what was left of the pair's is armed again after.
+        """
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        if task.timeout is None or task.timeout >= (left or self.pair_timeout):
+            return function(*task.args, **task.kwargs)
+        started = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, task.timeout)
+        try:
+            return function(*task.args, **task.kwargs)
+        finally:
+            rest = left - (time.monotonic() - started) if left else 0.0
+            signal.setitimer(signal.ITIMER_REAL, max(rest, 1e-6) if left else 0.0)
+
+    def on_success(self, message: bytes, result: Any) -> None:
+        task = self._task(message)
+        if task is not None and task.on_success is not None:
+            self._callback(task.on_success, result)
+
+    def on_failure(self, message: bytes, error: BaseException) -> None:
+        """Nothing: a failure that will be retried is not final (see `on_dead_letter`)."""
+
+    def on_dead_letter(self, message: bytes, reason: str, error: BaseException | None) -> None:
+        """Tell the caller (`reply_to`) and the message's `on_failure` that the task failed."""
+        try:
+            task: Task | None = self._task(message)
+        except Refused:
+            task = None
+        address = tasks.reply_address(message)  # read even from a message that was refused
+        timeout = min(task.timeout or self.pair_timeout, self.pair_timeout) if task else None
+        failure = TaskError.from_dead_letter(address.id if address else "", reason, error, timeout)
+        if address is not None and not self._own_key(address.key):
+            self._send_patiently(address.key, address.ttl, tasks.failure_reply(failure))
+        if task is not None and task.on_failure and self.allowed.permits(task.on_failure):
+            try:
+                self._callback(task.on_failure, failure)
+            except Refused as exc:
+                log.warning("on_failure of task %s not run: %s", task.id, exc)
+
+    def _task(self, message: bytes) -> Task | None:
+        """The parsed `message`: usually the one `run` just read."""
+        if self._last is not None and self._last[0] == message:
+            return self._last[1]
+        return tasks.parse(message)
+
+    def _callback(self, path: str, argument: Any) -> None:
+        """A message's `on_success` or `on_failure`: its exception is logged, never raised."""
+        function = self.allowed.resolve(path)
+        try:
+            function(argument)
+        except Exception:
+            log.exception("task callback %s raised; ignored", path)
+
+    def _send(self, key: str, ttl: float, reply: bytes) -> None:
+        """Push `reply` onto `key`, which expires `ttl` seconds after the newest reply.
+
+        One script, so a reply list never outlives its TTL, in one command (cheaper than a
+        pipeline of two); one key, so it runs on a cluster too.
+        """
+        if self._reply_script is None:
+            self._reply_script = self.client.register_script(_REPLY)
+        self._reply_script(keys=[key], args=[reply, max(1, int(ttl * 1000))])
+
+    def _send_patiently(self, key: str, ttl: float, reply: bytes) -> None:
+        """`_send`, retried through a short Redis outage: the dead letter is already made,
+        so this reply is the caller's only news of it."""
+        backoff = ExponentialBackoff(base=0.1, cap=1.0)
+        for attempt in range(1, _REPLY_ATTEMPTS + 1):
+            try:
+                self._send(key, ttl, reply)
+                return
+            except TRANSIENT_ERRORS as exc:
+                if attempt == _REPLY_ATTEMPTS:
+                    log.error("failure reply to %s lost: %s", key, exc)
+                    return
+                time.sleep(backoff.compute(attempt))

@@ -1,0 +1,421 @@
+"""Task messages without the service: the format, the allow-list, replies, task pairs in the
+config, and `TaskHandler` driven directly against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rqworkers import checks, tasks
+from rqworkers.config import PairSettings, load
+from rqworkers.errors import ConfigError, MessageTimeout, Refused
+from rqworkers.producer import Producer
+from rqworkers.taskhandler import TaskHandler
+from rqworkers.taskhandler import load as load_handler
+from rqworkers.tasks import AllowList, TaskError
+from tests.support import APPS, REPO, RedisServer
+
+
+@pytest.fixture(autouse=True)
+def apps_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test apps, where a worker finds them through its PYTHONPATH."""
+    monkeypatch.syspath_prepend(str(APPS))
+
+
+@pytest.fixture
+def recorded_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The file that `recorded_import` writes if anything ever imports it."""
+    marker = tmp_path / "imported"
+    monkeypatch.setenv("RECORDED_IMPORT_FILE", str(marker))
+    sys.modules.pop("recorded_import", None)
+    yield marker
+    sys.modules.pop("recorded_import", None)
+
+
+# --- the message format ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"hello", "not valid JSON"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b"[1, 2]", "a JSON array, not an object"),
+        (b'"taskapp:add"', "a JSON string, not an object"),
+        (b"42", "a JSON number, not an object"),
+        (b"null", "a JSON null, not an object"),
+        (b'{"args": [1]}', "no 'task' field"),
+        (b'{"task": 7}', "'task' must be 'module:function'"),
+        (b'{"task": "taskapp"}', "'task' must be 'module:function'"),
+        (b'{"task": "taskapp:add.__globals__"}', "'task' must be 'module:function'"),
+        (b'{"task": "taskapp:add", "args": {"a": 1}}', "'args' must be a list, not a JSON object"),
+        (b'{"task": "taskapp:add", "args": "12"}', "'args' must be a list, not a JSON string"),
+        (b'{"task": "taskapp:add", "kwargs": [1]}', "'kwargs' must be an object"),
+        (b'{"task": "taskapp:add", "id": 5}', "'id' must be a non-empty string"),
+        (b'{"task": "taskapp:add", "timeout": -1}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": true}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": Infinity}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": 0}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "reply_to": ""}', "'reply_to' must be a non-empty string"),
+        (b'{"task": "taskapp:add", "on_success": "x"}', "'on_success' must be 'module:function'"),
+        (b'{"task": "taskapp:add", "agrs": []}', "unknown field(s): 'agrs'"),
+        (b'{"v": 2, "task": "taskapp:add"}', "version 2 is not supported"),
+    ],
+)
+def test_a_message_that_cannot_be_read_is_refused_with_its_reason(
+    payload: bytes, reason: str
+) -> None:
+    with pytest.raises(Refused) as info:
+        tasks.parse(payload)
+    assert reason in str(info.value)
+
+
+def test_only_task_is_required_and_a_missing_id_is_the_same_for_every_retry() -> None:
+    message = b'{"task": "myapp.jobs:add"}'
+    task = tasks.parse(message)
+    assert (task.task, task.args, task.kwargs, task.timeout, task.reply_to) == (
+        "myapp.jobs:add", [], {}, None, None,
+    )  # fmt: skip
+    assert task.result_ttl == tasks.DEFAULT_RESULT_TTL
+    assert task.id and tasks.parse(message).id == task.id
+    assert tasks.parse(b'{"task": "myapp.jobs:add", "args": [1]}').id != task.id
+
+
+def test_a_message_survives_encoding_and_parsing_unchanged() -> None:
+    sent = Producer.task(
+        "myapp.jobs:add", (1, "two", [3.5], {"four": None}), {"é": "ü"}, 2.5, "replies",
+        60, "myapp.jobs:ok", "myapp.jobs:ko",
+    )  # fmt: skip
+    data = tasks.encode(sent)
+    assert json.loads(data)["v"] == tasks.VERSION
+    assert tasks.parse(data) == sent
+
+
+def test_encoding_refuses_what_a_worker_would_refuse() -> None:
+    with pytest.raises(ValueError, match="'task' must be 'module:function'"):
+        tasks.encode(Producer.task("no colon"))
+    with pytest.raises(ValueError, match="'timeout' must be a positive number"):
+        tasks.encode(Producer.task("m:f", timeout=0))
+    with pytest.raises(TypeError):
+        tasks.encode(Producer.task("m:f", (object(),)))
+
+
+def test_a_huge_argument_list_passes() -> None:
+    args = list(range(1_000_000))
+    task = tasks.parse(tasks.encode(Producer.task("taskapp:count", args)))
+    assert len(task.args) == 1_000_000 and task.args[-1] == 999_999
+
+
+def test_path_of_names_module_level_functions_only() -> None:
+    import taskapp
+
+    assert tasks.path_of(taskapp.add) == "taskapp:add"
+    assert tasks.path_of("taskapp:add") == "taskapp:add"
+
+    def nested() -> None: ...
+
+    for bad in (nested, lambda: None, TaskError.from_dead_letter, "taskapp"):
+        with pytest.raises(ValueError):
+            tasks.path_of(bad)
+
+
+def test_a_function_of_a_script_run_as_main_is_refused_with_advice(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from rqworkers import tasks\n"
+        "def work(): pass\n"
+        "try:\n    tasks.path_of(work)\nexcept ValueError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
+    assert "move it to a module" in out
+
+
+# --- the allow-list ----------------------------------------------------------------------
+
+
+def test_allow_list_patterns_are_module_function_or_module_star() -> None:
+    for good in ("myapp.jobs:*", "reports:build", "a.b.c:_x"):
+        assert tasks.pattern_problem(good) is None
+    for bad in ("myapp.jobs", "*:*", "myapp.*:f", "m:f.g", "m:", ":f", "m:f*", "os:sys tem"):
+        assert tasks.pattern_problem(bad), bad
+
+
+def test_the_allow_list_is_judged_on_the_name_before_any_import(recorded_import: Path) -> None:
+    allowed = AllowList(["taskapp:*", "reports:build"])
+    assert allowed.permits("taskapp:add") and allowed.permits("reports:build")
+    for path in ("recorded_import:run", "os:system", "builtins:eval", "reports:other",
+                 "taskapp:_private", "taskapp.sub:add", "taskapp:add.__globals__"):  # fmt: skip
+        assert not allowed.permits(path), path
+        with pytest.raises(Refused, match="not in this queue's allow-list"):
+            allowed.resolve(path)
+    assert "recorded_import" not in sys.modules
+    assert not recorded_import.exists()
+
+
+def test_a_wildcard_allows_only_public_functions_defined_in_the_module() -> None:
+    allowed = AllowList(["taskapp:*"])
+    import taskapp
+
+    assert allowed.resolve("taskapp:add") is taskapp.add
+    with pytest.raises(Refused, match="not a function defined in 'taskapp'"):
+        allowed.resolve("taskapp:system")  # `from os import system` in taskapp
+    with pytest.raises(Refused, match="not a function defined in 'taskapp'"):
+        allowed.resolve("taskapp:NotAFunction")
+    with pytest.raises(Refused, match="does not exist"):
+        allowed.resolve("taskapp:nope")
+
+
+def test_an_allow_list_problem_names_the_module_or_the_function(recorded_import: Path) -> None:
+    assert AllowList(["taskapp:*", "taskapp:add"]).problems() == []
+    problems = AllowList(["no_such_module_here:*", "taskapp:nope"]).problems()
+    assert "cannot import 'no_such_module_here'" in problems[0]
+    assert "'taskapp' has no 'nope'" in problems[1]
+
+
+# --- replies -----------------------------------------------------------------------------
+
+
+def test_replies_carry_the_result_or_the_error() -> None:
+    assert tasks.read_reply(tasks.success_reply("id1", {"a": [1]})) == ("id1", {"a": [1]}, None)
+    with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+        tasks.success_reply("id1", {1, 2})
+    try:
+        raise ValueError("bad value")
+    except ValueError as exc:
+        error = TaskError.from_dead_letter("id2", "ValueError: bad value", exc)
+    task_id, result, got = tasks.read_reply(tasks.failure_reply(error))
+    assert (task_id, result) == ("id2", None)
+    assert got is not None
+    assert (got.reason, got.type, got.message) == ("raised", "ValueError", "bad value")
+    assert "raise ValueError" in got.traceback and "Traceback" in got.traceback
+
+
+def test_a_failure_says_whether_the_task_raised_timed_out_died_or_was_refused() -> None:
+    cases: list[tuple[BaseException | None, str]] = [
+        (ValueError("x"), tasks.RAISED),
+        (MessageTimeout(), tasks.TIMEOUT),
+        (Refused("not allowed"), tasks.REFUSED),
+        (None, tasks.DEAD_LETTERED),
+    ]
+    for error, reason in cases:
+        failure = TaskError.from_dead_letter("id", "killed by signal 9 (SIGKILL)", error, 2.0)
+        assert failure.reason == reason
+    lost = TaskError.from_dead_letter("id", "killed by signal 9 (SIGKILL)", None)
+    assert lost.message == "killed by signal 9 (SIGKILL)"
+    assert TaskError.from_dead_letter("id", "t", MessageTimeout(), 2.0).message == (
+        "timeout after 2s"
+    )
+
+
+# --- task pairs in the config ------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rqworkers.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_task_pair_is_declared_with_tasks_in_defaults_or_workers(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [hosts]
+        local = "redis://127.0.0.1:6379/0"
+        [defaults]
+        handler = "rqworkers.examples:log_message"
+        [[workers]]
+        host = "local"
+        queue = "raw"
+        [[workers]]
+        host = "local"
+        queue = "tasks"
+        tasks = ["myapp.jobs:*", "reports:build"]
+        """,
+    )
+    raw, task_pair = load(path, environ={}).pairs
+    assert raw.handler == "rqworkers.examples:log_message" and raw.tasks is None
+    assert task_pair.handler is None and task_pair.tasks == ("myapp.jobs:*", "reports:build")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ('handler = "m:f"\ntasks = ["m:*"]', "workers[0]: set `handler` (raw payloads) or"),
+        ('tasks = ["m"]', "workers[0].tasks: 'm' is not of the form 'module:function'"),
+        ("tasks = []", "workers[0].tasks: "),
+        ("", "workers[0].handler: required setting is missing"),
+    ],
+)
+def test_a_pair_has_handler_or_tasks_never_both(tmp_path: Path, entry: str, problem: str) -> None:
+    path = write_config(
+        tmp_path, f'[[workers]]\nhost = "redis://127.0.0.1:6379/0"\nqueue = "q"\n{entry}\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert any(problem in line for line in str(info.value).splitlines()), str(info.value)
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_check_and_run_refuse_a_pair_with_both(tmp_path: Path, command: str) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [[workers]]
+        host = "redis://127.0.0.1:6379/0"
+        queue = "q"
+        handler = "rqworkers.examples:log_message"
+        tasks = ["rqworkers.examples:square"]
+        """,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "rqworkers", command, "-c", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"{path}: workers[0]: set `handler` (raw payloads) or `tasks`" in done.stderr
+    assert "not both" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_check_reports_an_allow_list_that_does_not_import(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [[workers]]
+        host = "redis://127.0.0.1:6379/0"
+        queue = "tasks"
+        tasks = ["no_such_module_here:*", "taskapp:nope"]
+        """,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "rqworkers", "check", "-c", str(path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "of queue 'tasks': cannot import 'no_such_module_here'" in done.stderr
+    assert "'taskapp' has no 'nope'" in done.stderr
+    assert "Traceback" not in done.stderr
+    config = load(path, environ={})
+    assert len(checks.handler_problems(config)) == 1
+
+
+# --- TaskHandler, driven directly ----------------------------------------------------------
+
+
+@pytest.fixture
+def handler(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[TaskHandler]:
+    monkeypatch.setenv("TESTAPP_REDIS_URL", redis_server.url)
+    import taskapp
+
+    monkeypatch.setattr(taskapp, "_client", None)  # its client is for this test's server
+    pair = PairSettings(
+        host="local", queue="tasks", tasks=("taskapp:*",), timeout=5.0, url=redis_server.url
+    )
+    made = load_handler(pair)
+    assert isinstance(made, TaskHandler)
+    made.setup()
+    yield made
+    made.teardown()
+
+
+def test_the_handler_runs_the_task_and_replies_before_the_ack(
+    handler: TaskHandler, redis_server: RedisServer
+) -> None:
+    message = tasks.encode(Producer.task("taskapp:job", (7, 6), {"scale": 2}, reply_to="r"))
+    assert handler.handle(message)["result"] == 12
+    client = redis_server.client()
+    assert 0 < client.pttl("r") <= tasks.DEFAULT_RESULT_TTL * 1000
+    task_id, result, error = tasks.read_reply(client.rpop("r"))
+    assert (task_id, result["result"], error) == (tasks.parse(message).id, 12, None)
+
+
+def test_the_messages_own_timeout_interrupts_it_within_the_pairs(handler: TaskHandler) -> None:
+    signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)  # what the worker arms: the pair's timeout
+        message = tasks.encode(Producer.task("taskapp:sleep", (3,), timeout=0.2))
+        with pytest.raises(MessageTimeout):
+            handler.handle(message)
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 4.0 < left < 5.0, "the rest of the pair's timeout is armed again"
+        assert handler.handle(tasks.encode(Producer.task("taskapp:add", (1, 2), timeout=1))) == 3
+        assert 3.5 < signal.getitimer(signal.ITIMER_REAL)[0] <= left
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def _raise_timeout(signum: int, frame: Any) -> None:
+    raise MessageTimeout()
+
+
+def test_a_task_that_cannot_run_is_refused_before_it_is_called(
+    handler: TaskHandler, redis_server: RedisServer, recorded_import: Path
+) -> None:
+    for task, args in [
+        ("recorded_import:run", []),
+        ("os:system", ["true"]),
+        ("builtins:eval", ["1"]),
+        ("taskapp:nope", []),
+        ("taskapp:add", [1]),  # arguments that do not fit
+        ("taskapp:add", [1, 2, 3]),
+    ]:
+        with pytest.raises(Refused):
+            handler.handle(json.dumps({"task": task, "args": args}).encode())
+    callback = {"task": "taskapp:add", "args": [1, 2], "on_success": "os:system"}
+    with pytest.raises(Refused, match="'os:system' is not in this queue's allow-list"):
+        handler.handle(json.dumps(callback).encode())
+    assert not recorded_import.exists()
+    assert redis_server.client().llen("sleep:started") == 0
+
+
+def test_a_reply_to_one_of_the_queues_own_keys_is_refused(
+    handler: TaskHandler, redis_server: RedisServer
+) -> None:
+    for key in ("tasks", "tasks:dead", "tasks:processing:node:1", "tasks:deliveries"):
+        message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
+        with pytest.raises(Refused, match="is one of the queue's own keys"):
+            handler.handle(message)
+        handler.on_dead_letter(message, "refused", Refused("own key"))
+    assert redis_server.client().keys("tasks*") == []
+    ok = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to="tasks:replies:abc"))
+    assert handler.handle(ok) == 3
+
+
+def test_a_dead_letter_replies_and_runs_on_failure_once(
+    handler: TaskHandler, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    message = tasks.encode(
+        Producer.task("taskapp:fail", ("no",), reply_to="r", on_failure="taskapp:error_callback")
+    )
+    with pytest.raises(ValueError) as info:
+        handler.handle(message)
+    handler.on_failure(message, info.value)  # a failure to be retried: nothing yet
+    assert client.llen("r") == 0 and client.llen("callbacks:failure") == 0
+    handler.on_dead_letter(message, "ValueError: no", info.value)
+    _, _, error = tasks.read_reply(client.rpop("r"))
+    assert error is not None and (error.reason, error.type, error.message) == (
+        "raised", "ValueError", "no",
+    )  # fmt: skip
+    assert client.lrange("callbacks:failure", 0, -1) == [b"raised|raised: ValueError: no"]
+    # Refused for an unknown field, but its reply_to is still read: the caller hears.
+    odd = b'{"task": "taskapp:add", "reply_to": "r", "id": "x1", "bogus": 1}'
+    handler.on_dead_letter(odd, "unknown field", Refused("unknown field"))
+    assert tasks.read_reply(client.rpop("r"))[2].reason == "refused"  # type: ignore[union-attr]
+    handler.on_dead_letter(b"\xff not json", "not valid JSON", Refused("x"))  # nobody to tell
+    assert client.llen("r") == 0
