@@ -30,7 +30,7 @@ from rqworkers.keeper import KeeperSpec, Lease
 from rqworkers.keeper import main as keeper_main
 from rqworkers.slots import KeeperSlot, Slot
 from rqworkers.worker import WorkerSpec
-from rqworkers.worker import main as worker_main
+from rqworkers.worker_main import main as worker_main
 
 log = logging.getLogger(__name__)
 

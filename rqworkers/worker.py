@@ -27,14 +27,12 @@ from types import FrameType
 from typing import Any
 
 import redis
-import setproctitle
 
-from rqworkers import taskhandler
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
-from rqworkers.connections import connect, is_outage
+from rqworkers.connections import is_outage
 from rqworkers.errors import ExitCode, MessageTimeout, Refused
-from rqworkers.handlers import Handler, startup_failure
+from rqworkers.handlers import Handler
 from rqworkers.outbox import Failure, Outbox
 from rqworkers.process import StopFlag
 from rqworkers.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
@@ -64,50 +62,6 @@ class WorkerSpec:
     lease_ttl: float
     sample_succeeded: float = 0.0  # share of succeeded messages that get a log line
     sample_failed: float = 1.0  # share of failed and dead-lettered messages that do
-
-
-def main(spec: WorkerSpec, board: Scoreboard) -> int:
-    """The worker process's entry point; returns its exit code.
-
-    Until the handler is imported and its setup() has returned, SIGTERM and SIGINT keep
-    the default action the fork left them: a setup that hangs, in Python or in C, stops at
-    once. Only then does SIGTERM become a request to finish the message in hand. The
-    manager ends a setup that runs past `setup_timeout`.
-    """
-    setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
-    try:
-        handler = taskhandler.load(spec.pair)
-        handler.setup()
-    except Exception as exc:
-        log.error("cannot start handler %s: %s%s", spec.pair.handler, *startup_failure(exc))
-        return ExitCode.STARTUP_FAILED
-    stop = _install_signals()
-    board.ready()
-    queue = ReliableQueue(connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id)
-    try:
-        if spec.pair.concurrency > 1 or handler.is_async:
-            from rqworkers.dispatch import ConcurrentWorker
-
-            return ConcurrentWorker(spec, handler, queue, board, stop).run()
-        return Worker(spec, handler, queue, board, stop).run()
-    finally:
-        handler.teardown()
-        handler.close()
-        queue.client.close()
-
-
-def _raise_timeout(signum: int, frame: FrameType | None) -> None:
-    raise MessageTimeout()
-
-
-def _install_signals() -> StopFlag:
-    """SIGTERM/SIGINT set the flag; the loop looks at it between messages."""
-    stop = StopFlag()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGALRM, _raise_timeout)
-    return stop
 
 
 def _call_within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:

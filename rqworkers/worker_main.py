@@ -1,0 +1,68 @@
+"""The worker process's entry point: build the handler, choose the loop, run it.
+
+Apart from `worker` so that the loops (`worker.Worker`, `dispatch.ConcurrentWorker`) can
+build on each other while this, which picks between them, sits above both.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+import setproctitle
+
+from rqworkers import taskhandler
+from rqworkers.connections import connect
+from rqworkers.dispatch import ConcurrentWorker
+from rqworkers.errors import ExitCode, MessageTimeout
+from rqworkers.handlers import startup_failure
+from rqworkers.process import StopFlag
+from rqworkers.queue import ReliableQueue
+from rqworkers.scoreboard import Scoreboard
+from rqworkers.worker import BLOCK_TIMEOUT, Worker, WorkerSpec
+
+log = logging.getLogger("rqworkers.worker")
+
+
+def main(spec: WorkerSpec, board: Scoreboard) -> int:
+    """The worker process's entry point; returns its exit code.
+
+    Until the handler is imported and its setup() has returned, SIGTERM and SIGINT keep
+    the default action the fork left them: a setup that hangs, in Python or in C, stops at
+    once. Only then does SIGTERM become a request to finish the message in hand. The
+    manager ends a setup that runs past `setup_timeout`.
+    """
+    setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
+    try:
+        handler = taskhandler.load(spec.pair)
+        handler.setup()
+    except Exception as exc:
+        what = spec.pair.handler or f"for tasks {list(spec.pair.tasks or ())}"
+        log.error("cannot start handler %s: %s%s", what, *startup_failure(exc))
+        return ExitCode.STARTUP_FAILED
+    stop = _install_signals()
+    board.ready()
+    queue = ReliableQueue(connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id)
+    try:
+        if spec.pair.concurrency > 1 or handler.is_async:
+            return ConcurrentWorker(spec, handler, queue, board, stop).run()
+        return Worker(spec, handler, queue, board, stop).run()
+    finally:
+        handler.teardown()
+        handler.close()
+        queue.client.close()
+
+
+def _raise_timeout(signum: int, frame: FrameType | None) -> None:
+    raise MessageTimeout()
+
+
+def _install_signals() -> StopFlag:
+    """SIGTERM/SIGINT set the flag; the loop looks at it between messages."""
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, _raise_timeout)
+    return stop
