@@ -219,6 +219,11 @@ class LoggingSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+def _tuple_of_list(value: object) -> object:
+    """A TOML array as the tuple a frozen setting holds (strict types take no list)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class PairSettings(_Section):
     """One `(host, queue)` pair with every setting resolved. The unit the manager runs."""
 
@@ -226,7 +231,9 @@ class PairSettings(_Section):
     queue: str = Field(min_length=1)
     handler: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
     # A task pair: an allow-list of `module:function` / `module:*` (see `tasks`).
-    tasks: tuple[str, ...] | None = Field(None, min_length=1)
+    tasks: Annotated[tuple[str, ...], BeforeValidator(_tuple_of_list)] | None = Field(
+        None, min_length=1
+    )
     # The machine's own ceiling (`max_processes`) is checked by `check` and `run`, not here:
     # `status` and `dead` load the same file on a smaller machine.
     processes: Int = Field(1, ge=1, le=MAX_PROCESSES_TOTAL)

@@ -159,7 +159,9 @@ class ConcurrentWorker(Worker):
             now = time.monotonic()
             self.board.busy(delivery.id, now, entry)
             future = self.submit(delivery.payload)
-            self.running[future] = Running(delivery, entry, now + self.pair.timeout)
+            own = self.handler.own_timeout(delivery.payload)
+            limit = self.pair.timeout if own is None else min(own, self.pair.timeout)
+            self.running[future] = Running(delivery, entry, now + limit)
 
     def settle_finished(self) -> None:
         """Wait until one delivery finishes, a thread's deadline passes, or it is time to

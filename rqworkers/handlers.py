@@ -88,7 +88,7 @@ class Handler:
         """`method(*args)`, awaited on the handler's loop if it returns an awaitable."""
         result = method(*args)
         if inspect.isawaitable(result):
-            return asyncio.run_coroutine_threadsafe(_awaited(result), self.loop).result()
+            return asyncio.run_coroutine_threadsafe(awaited(result), self.loop).result()
         return result
 
     def setup(self) -> None:
@@ -119,13 +119,17 @@ class Handler:
         except Exception:
             log.exception("handler %s.%s() raised; ignored", self.path, name)
 
+    def own_timeout(self, message: bytes) -> float | None:
+        """A message's own time limit, if the message names one (task messages do)."""
+        return None
+
     def close(self) -> None:
         """Stop the event loop, if one was started (after `teardown`)."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-async def _awaited(awaitable: Any) -> Any:
+async def awaited(awaitable: Any) -> Any:
     return await awaitable
 
 

@@ -15,9 +15,11 @@ path (replay, delivery counts, timeouts, memory limits, recycling, leases) holds
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +31,7 @@ from rqworkers.backoff import ExponentialBackoff
 from rqworkers.config import PairSettings
 from rqworkers.connections import TRANSIENT_ERRORS, Client, connect
 from rqworkers.errors import HandlerError, Refused
-from rqworkers.handlers import Handler
+from rqworkers.handlers import Handler, awaited
 from rqworkers.tasks import AllowList, Task, TaskError
 
 log = logging.getLogger(__name__)
@@ -132,16 +134,39 @@ class TaskHandler(Handler):
         The worker has armed `ITIMER_REAL` for the pair's `timeout`; a shorter own timeout
         replaces it for the call, and what was left of the pair's is armed again after.
         """
+        if threading.current_thread() is not threading.main_thread():
+            # A pool thread (`concurrency` > 1): no signal can reach it; the worker's loop
+            # keeps the deadline instead (see `own_timeout`).
+            return self._invoke(function, task)
         left = signal.getitimer(signal.ITIMER_REAL)[0]
         if task.timeout is None or task.timeout >= (left or self.pair_timeout):
-            return function(*task.args, **task.kwargs)
+            return self._invoke(function, task)
         started = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, task.timeout)
         try:
-            return function(*task.args, **task.kwargs)
+            return self._invoke(function, task)
         finally:
             rest = left - (time.monotonic() - started) if left else 0.0
             signal.setitimer(signal.ITIMER_REAL, max(rest, 1e-6) if left else 0.0)
+
+    def _invoke(self, function: Callable[..., Any], task: Task) -> Any:
+        """Call the task; an `async def` one runs on the handler's event loop, and is
+        cancelled there if the wait for it is cut short (a timeout)."""
+        result = function(*task.args, **task.kwargs)
+        if not inspect.isawaitable(result):
+            return result
+        future = asyncio.run_coroutine_threadsafe(awaited(result), self.loop)
+        try:
+            return future.result()
+        finally:
+            future.cancel()  # a no-op once it is done
+
+    def own_timeout(self, message: bytes) -> float | None:
+        """The message's own `timeout`, which the concurrent loop applies to a thread."""
+        try:
+            return tasks.parse(message).timeout
+        except Exception:  # refused when it runs; no deadline of its own meanwhile
+            return None
 
     def on_success(self, message: bytes, result: Any) -> None:
         task = self._task(message)

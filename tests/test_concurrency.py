@@ -189,3 +189,22 @@ def test_status_and_metrics_show_busy_handlers_out_of_the_concurrency(
         return text if "busy 30/100" in text else None
 
     wait_for(status, timeout=15, interval=0.5, what="status showing busy 30/100")
+
+
+@pytest.mark.parametrize("concurrency", [1, 20])
+def test_async_tasks_run_on_the_loop_of_a_task_pair(
+    service: StartService, redis_server: RedisServer, concurrency: int
+) -> None:
+    from rqworkers import Executor
+
+    svc = service(
+        [{"queue": "tasks", "tasks": ["taskapp:*"], "concurrency": concurrency, "prefetch": 20}]
+    )
+    svc.wait_workers(1)
+    with Executor(redis_server.url, "tasks") as executor:
+        started = time.monotonic()
+        futures = [executor.submit("taskapp:asleep", 0.2, f"t{i}") for i in range(20)]
+        assert [f.result(timeout=30) for f in futures] == [f"t{i}" for i in range(20)]
+        elapsed = time.monotonic() - started
+    if concurrency > 1:  # all at once, not one after another (4 s)
+        assert elapsed < 2.0, f"20 async tasks of 0.2 s took {elapsed:.2f}s"

@@ -88,3 +88,11 @@ def _private() -> str:
 
 class NotAFunction:
     pass
+
+
+async def asleep(seconds: float, tag: str = "") -> str:
+    """An `async def` task: it waits without holding a thread."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return tag
