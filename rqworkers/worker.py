@@ -290,11 +290,12 @@ class Worker:
         final = number >= self.pair.max_attempts
         if isinstance(error, MessageTimeout):
             record["reason"] = f"timeout after {self.pair.timeout:g}s"
+        elif isinstance(error, Refused):  # a verdict on the message: its reason says it all
+            record["reason"] = str(error)[:_REASON_LIMIT]
+            final = True
         else:
-            name = "" if isinstance(error, Refused) else f"{type(error).__name__}: "
-            record["reason"] = f"{name}{error}"[:_REASON_LIMIT]
+            record["reason"] = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
             record["traceback"] = _traceback_text(error)
-            final = final or isinstance(error, Refused)
         delay = None if final else self.retry_backoff.compute(number)
         return Failure(delivery, record, delay, error)
 
@@ -305,7 +306,7 @@ class Worker:
             log.warning("a failed message was moved by someone else; left to its new owner")
             return
         sampled = _sampled(self.spec.sample_failed)
-        show = error if sampled and not isinstance(error, MessageTimeout) else None
+        show = error if sampled and not isinstance(error, MessageTimeout | Refused) else None
         if failure.delay is not None:
             self.board.count("retried")
             if sampled:
