@@ -319,9 +319,9 @@ def test_check_reports_an_allow_list_that_does_not_import(tmp_path: Path) -> Non
 @pytest.fixture
 def handler(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[TaskHandler]:
     monkeypatch.setenv("TESTAPP_REDIS_URL", redis_server.url)
-    import taskapp
+    import testapp  # taskapp records through testapp's client
 
-    monkeypatch.setattr(taskapp, "_client", None)  # its client is for this test's server
+    monkeypatch.setattr(testapp, "_client", None)  # its client is for this test's server
     pair = PairSettings(
         host="local", queue="tasks", tasks=("taskapp:*",), timeout=5.0, url=redis_server.url
     )

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 
 import pytest
+import redis
 
 from rqworkers.queue import DeadLetters
 from tests.support import RedisServer, Service, wait_for
@@ -26,6 +27,13 @@ def lrange(server: RedisServer, key: str) -> list[bytes]:
 def settled(server: RedisServer, done: int, dead: int) -> bool:
     client = server.client()
     return client.llen("done") == done and client.llen("jobs:dead") == dead
+
+
+def start_one(service: StartService, redis_server: RedisServer, **settings: object) -> redis.Redis:
+    """One worker of `jobs` at prefetch 10 with `settings`, started; a client of its Redis."""
+    svc = service([{"queue": "jobs", "handler": HANDLER, **settings}], defaults={"prefetch": 10})
+    svc.wait_workers(1)
+    return redis_server.client()
 
 
 def assert_nothing_left(server: RedisServer) -> None:
@@ -58,12 +66,7 @@ def test_copies_of_one_payload_are_each_handled_exactly_once(
 def test_a_poison_message_among_healthy_twins_ends_dead_alone(
     service: StartService, redis_server: RedisServer
 ) -> None:
-    svc = service(
-        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3, "retry_delay": 0.05}],
-        defaults={"prefetch": 10},
-    )
-    svc.wait_workers(1)
-    client = redis_server.client()
+    client = start_one(service, redis_server, max_attempts=3, retry_delay=0.05)
     client.lpush("jobs", *[b"ok"] * 20, b"raise", *[b"ok"] * 20)
     wait_for(lambda: settled(redis_server, 40, 1), timeout=30, what="twins done, poison dead")
     assert lrange(redis_server, "started").count(b"raise") == 3
@@ -74,12 +77,7 @@ def test_a_poison_message_among_healthy_twins_ends_dead_alone(
 def test_twins_of_a_poison_message_each_keep_their_own_attempts_and_record(
     service: StartService, redis_server: RedisServer
 ) -> None:
-    svc = service(
-        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3, "retry_delay": 0.05}],
-        defaults={"prefetch": 10},
-    )
-    svc.wait_workers(1)
-    client = redis_server.client()
+    client = start_one(service, redis_server, max_attempts=3, retry_delay=0.05)
     client.lpush("jobs", *[b"raise"] * 4)
     wait_for(lambda: client.llen("jobs:dead") == 4, timeout=30, what="four dead twins")
     assert lrange(redis_server, "started").count(b"raise") == 12, "three deliveries each"
@@ -95,11 +93,7 @@ def test_twins_of_a_poison_message_each_keep_their_own_attempts_and_record(
 def test_a_crash_charges_only_the_running_delivery_not_its_prefetched_twins(
     service: StartService, redis_server: RedisServer
 ) -> None:
-    svc = service(
-        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 2}], defaults={"prefetch": 10}
-    )
-    svc.wait_workers(1)
-    client = redis_server.client()
+    client = start_one(service, redis_server, max_attempts=2)
     # The worker takes the poison and nine twins of `ok` in one batch, then dies, twice.
     client.lpush("jobs", b"kill", *[b"ok"] * 19)
     wait_for(lambda: settled(redis_server, 19, 1), timeout=30, what="poison dead, twins done")
@@ -113,11 +107,7 @@ def test_a_crash_charges_only_the_running_delivery_not_its_prefetched_twins(
 def test_copies_of_a_payload_that_crashes_its_worker_each_end_dead(
     service: StartService, redis_server: RedisServer
 ) -> None:
-    svc = service(
-        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 2}], defaults={"prefetch": 10}
-    )
-    svc.wait_workers(1)
-    client = redis_server.client()
+    client = start_one(service, redis_server, max_attempts=2)
     client.lpush("jobs", *[b"kill"] * 3, *[b"ok"] * 5)
     wait_for(lambda: settled(redis_server, 5, 3), timeout=30, what="three dead, five done")
     assert lrange(redis_server, "started").count(b"kill") == 6, "exactly two deliveries each"

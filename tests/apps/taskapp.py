@@ -9,16 +9,7 @@ import time
 from os import system  # noqa: F401 - imported, not defined here: `taskapp:*` must not allow it
 from typing import Any
 
-import redis
-
-_client: redis.Redis | None = None
-
-
-def client() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(os.environ["TESTAPP_REDIS_URL"])
-    return _client
+from testapp import client  # one Redis client per process for both test apps
 
 
 def add(a: float, b: float) -> float:
