@@ -101,11 +101,14 @@ def take_out(
     if selection.limit is not None:
         window = dead.oldest(selection.limit)  # newest first
         return sum(action(window[i : i + BATCH]) for i in range(0, len(window), BATCH))
-    # "All" means all there were when the command started, not those dead-lettered meanwhile.
-    done, total = 0, len(dead)
-    while done < total and (batch := dead.page(0, min(BATCH, total - done))):
-        moved = action(batch)
+    # "All" means all there were when the command started, not those dead-lettered meanwhile:
+    # new ones arrive at the head, so those that were there are always the `remaining`
+    # oldest; each batch is the newest of them.
+    done, remaining = 0, len(dead)
+    while remaining > 0:
+        batch = dead.page(max(0, len(dead) - remaining), min(BATCH, remaining))
+        moved = action(batch) if batch else 0
         if moved == 0:
             break
-        done += moved
+        done, remaining = done + moved, remaining - moved
     return done

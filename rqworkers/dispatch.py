@@ -131,6 +131,8 @@ class ConcurrentWorker(Worker):
     def step(self) -> int | None:
         if self.stop.set and self.exit_code is None:
             self.exit_code = ExitCode.OK
+        if self.exit_code is not None and self.batch:
+            self.give_back_batch()  # draining: what never started goes back at once
         if self.needs_lease:
             self.queue.take_lease(self.spec.lease_ttl)
             self.needs_lease = False
@@ -184,13 +186,15 @@ class ConcurrentWorker(Worker):
         running = self.running.pop(future)
         outcome = future.result()
         delivery = running.delivery
-        self.board.idle(outcome.error is not None, outcome.seconds, running.entry)
+        error = outcome.error
+        failure = None if error is None else self.failure(delivery, error, delivery.attempts + 1)
+        self.board.idle(error is not None, outcome.seconds, running.entry)
         self.free_entries.append(running.entry)
         self.finished += 1
-        if outcome.error is None:
+        if failure is None:
             self.outbox.ack(delivery, time.monotonic())
         else:
-            self.outbox.fail(self.failure(delivery, outcome.error, delivery.attempts + 1))
+            self.outbox.fail(failure)
         if self.max_requests and self.finished >= self.max_requests and self.exit_code is None:
             log.info("finished %d messages; recycling", self.finished)
             self.exit_code = ExitCode.MAX_REQUESTS

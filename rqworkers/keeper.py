@@ -254,10 +254,13 @@ class Keeper:
         # Our own slots are included: a slot stuck in restart backoff whose lease lapsed
         # should not sit on its messages while other workers could handle them.
         client = endpoint.client
+        # Our own slots' scoreboards tell what was running; a lost node's cannot be read.
+        own = {(x.queue, x.worker_id): x.board.running for x in endpoint.leases}
         for worker_id in registered_workers(client, queue):
             if lease_alive(client, queue, worker_id):
                 continue
-            moved = ReliableQueue(client, queue, worker_id).reclaim()
+            running = own.get((queue, worker_id)) if (queue, worker_id) in own else None
+            moved = ReliableQueue(client, queue, worker_id).reclaim(running)
             if moved:
                 log.warning(
                     "reclaimed %d message(s) of %s from %s:processing:%s (its lease expired)",

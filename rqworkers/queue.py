@@ -152,7 +152,8 @@ class ReliableQueue:
     def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
         """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
         `landed`: a blocking fetch just landed one, to be taken first."""
-        reply = self._take(limit, time.time(), self._id_base(), "1" if landed else "0", *acks)
+        flag = "1" if landed else "0"
+        reply = self._take(limit, time.time(), self._id_base(), flag, self.worker_id, *acks)
         deliveries = [Delivery.parse(element) for element in reply[2:]]
         return Taken(int(reply[0]), deliveries, float(reply[1]) if reply[1] else None)
 
@@ -192,7 +193,8 @@ class ReliableQueue:
         when it died; None when unknown, so that every leftover is charged.
         """
         charge_all = "1" if running is None else "0"
-        reply = self._replay(charge_all, self._id_base(), *(running or ()))
+        mine = f"{self._id_prefix}."
+        reply = self._replay(charge_all, self._id_base(), mine, *(running or ()))
         return [Delivery.parse(element) for element in reply]
 
     def give_back(self, unstarted: list[Delivery]) -> int:
@@ -210,7 +212,10 @@ class ReliableQueue:
         """Move a delivery that used up its attempts to the dead list, with its record
         (reason, attempts, ...); this worker, the time and the delivery id are added."""
         info = {**record, "id": delivery.id.decode(), "at": time.time(), "worker": self.worker_id}
-        return bool(self._dead_letter(delivery.element, digest(delivery.payload), json.dumps(info)))
+        # Raw UTF-8, not \u escapes: Lua's cjson refuses an escaped lone surrogate, which an
+        # exception about undecodable bytes may hold; each becomes "?" here.
+        text = json.dumps(info, ensure_ascii=False).encode("utf-8", "replace")
+        return bool(self._dead_letter(delivery.element, digest(delivery.payload), text))
 
     # -- leases and orphans -----------------------------------------------------------------
 
@@ -226,8 +231,10 @@ class ReliableQueue:
         pipe.sadd(self.keys.registry, self.worker_id)
         pipe.execute()
 
-    def reclaim(self, fence_ttl: float = 5.0) -> int | None:
-        """Give this (dead) worker's messages back to its queue, each charged one attempt.
+    def reclaim(self, running: list[bytes] | None = None, fence_ttl: float = 5.0) -> int | None:
+        """Give this (dead) worker's messages back to its queue, charging one attempt to
+        each that was running: those in `running`, or every one when that is None (a lost
+        node, whose scoreboard nobody can read).
 
         Returns how many moved, or None if the lease is alive or another manager holds the
         fence. Safe to call from any node at any time: the script checks the lease itself,
@@ -238,7 +245,8 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            moved = int(self._reclaim(self.worker_id))
+            charge_all = "1" if running is None else "0"
+            moved = int(self._reclaim(self.worker_id, charge_all, *(running or ())))
         finally:
             self.client.delete(k.fence)
         return None if moved < 0 else moved

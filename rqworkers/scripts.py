@@ -56,8 +56,13 @@ local function parse(element)
   local a = string.find(element, ':', #PREFIX + 1, true)
   local b = a and string.find(element, ':', a + 1, true)
   if not b then return nil, 0, element end
-  return string.sub(element, #PREFIX + 1, a - 1), tonumber(string.sub(element, a + 1, b - 1)) or 0,
-    string.sub(element, b + 1)
+  local id, attempts = string.sub(element, #PREFIX + 1, a - 1), string.sub(element, a + 1, b - 1)
+  -- Only what rqworkers wrote: its ids hold a dot, its attempts are digits. Anything else is
+  -- a payload left by an older release that merely looks like an envelope.
+  if not string.find(id, '.', 1, true) or not string.match(attempts, '^%d+$') then
+    return nil, 0, element
+  end
+  return id, tonumber(attempts), string.sub(element, b + 1)
 end
 local function wrap(id, attempts, payload)
   return PREFIX .. id .. ':' .. attempts .. ':' .. payload
@@ -71,8 +76,8 @@ end
 # gets the id `idbase .. n`. Returns {acks that found nothing, due time of the next retry
 # ('' if none, or if this call took all it could), envelope1, envelope2, ...}.
 TAKE = Script(
-    keys=("queue", "processing", "landing", "retry"),
-    args=("limit", "now", "idbase", "landed"),
+    keys=("queue", "processing", "landing", "retry", "lease", "registry"),
+    args=("limit", "now", "idbase", "landed", "worker_id"),
     body="""
 local missing = 0
 for i = REST, #ARGV do
@@ -87,6 +92,9 @@ local function deliver(attempts, payload)
   room = room - 1
 end
 if room <= 0 then return taken end
+-- A worker whose lease lapsed (its node froze) was struck from the registry by a reclaim:
+-- what it takes now must stay findable should its node die before the keeper renews.
+if redis.call('EXISTS', lease) == 0 then redis.call('SADD', registry, worker_id) end
 local message = landed == '1' and redis.call('LINDEX', landing, -1)
 if message then
   deliver(0, message)
@@ -120,19 +128,16 @@ return taken
 
 # What an earlier life of this worker left in flight, oldest first, after charging one
 # attempt to each delivery whose handler was running when it died: those named in ARGV, or
-# every one when `charge_all` is '1' (nobody knows what ran). A message a blocking fetch left
-# in the landing list never reached a handler; it joins the private list uncharged. An
-# element that is not an envelope (written by an older release) is wrapped.
+# every one when `charge_all` is '1' (nobody knows what ran) except what this process wrote
+# itself (ids starting with `idbase`'s process part). A charged envelope gets a new id, so a
+# replay sent again after a lost reply charges nothing twice. Messages a blocking fetch
+# left in the landing list never reached a handler; they join the private list uncharged.
+# An element that is not an envelope (written by an older release) is wrapped.
 # Returns {envelope1, envelope2, ...}, oldest first.
 REPLAY = Script(
     keys=("processing", "landing"),
-    args=("charge_all", "idbase"),
+    args=("charge_all", "idbase", "mine"),
     body="""
-local landed = redis.call('LINDEX', landing, -1)
-if landed then
-  redis.call('LPUSH', processing, wrap(idbase .. 'L', 0, landed))
-  redis.call('RPOP', landing)
-end
 local charged = {}
 for i = REST, #ARGV do charged[ARGV[i]] = true end
 local elements = redis.call('LRANGE', processing, 0, -1)
@@ -144,13 +149,23 @@ for i = #elements, 1, -1 do
   if not id then
     id, changed = idbase .. 'W' .. i, true
   end
-  if charge_all == '1' or charged[id] then
-    attempts, changed = attempts + 1, true
+  if charged[id] or (charge_all == '1' and string.sub(id, 1, #mine) ~= mine) then
+    attempts, changed, id = attempts + 1, true, idbase .. 'C' .. i
   end
   if changed then
     element = wrap(id, attempts, payload)
     redis.call('LSET', processing, i - 1, element)
   end
+  result[#result + 1] = element
+end
+local n = 0
+while true do
+  local landed = redis.call('LINDEX', landing, -1)
+  if not landed then break end
+  n = n + 1
+  local element = wrap(idbase .. 'L' .. n, 0, landed)
+  redis.call('LPUSH', processing, element)
+  redis.call('RPOP', landing)
   result[#result + 1] = element
 end
 return result
@@ -210,58 +225,70 @@ return 1
 # the field: its object is the newest copy's record, with `copies` (how many copies of this
 # payload the dead list holds) and `older`, the other copies' records, newest first (up to
 # `KEPT_TWIN_RECORDS`). Returns 0/1.
+# The record is made before anything moves (a record that cannot be read is replaced, never
+# fatal half-way); the copies' own tracebacks are kept for the newest only, so a field of
+# many copies stays small.
 KEPT_TWIN_RECORDS = 100
 DEAD_LETTER = Script(
     keys=("processing", "dead", "dead_reasons"),
     args=("element", "digest", "record"),
     body=f"""
 local _, _, payload = parse(element)
+local ok, new = pcall(cjson.decode, record)
+if not ok or type(new) ~= 'table' then new = {{reason = 'unreadable record'}} end
+local previous = redis.call('HGET', dead_reasons, digest)
+local readable, old = false, nil
+if previous then readable, old = pcall(cjson.decode, previous) end
+if readable and type(old) == 'table' then
+  local older = type(old.older) == 'table' and old.older or {{}}
+  new.copies = (tonumber(old.copies) or 1) + 1
+  old.older, old.copies, old.traceback = nil, nil, nil
+  table.insert(older, 1, old)
+  while #older > {KEPT_TWIN_RECORDS} do table.remove(older) end
+  new.older = older
+else
+  new.copies = 1  -- the first copy, or one whose unreadable predecessor is replaced
+end
+local value = cjson.encode(new)
 redis.call('LPUSH', dead, payload)
 if redis.call('LREM', processing, -1, element) == 0 then
   redis.call('LPOP', dead)
   return 0
 end
-local new = cjson.decode(record)
-local previous = redis.call('HGET', dead_reasons, digest)
-if previous then
-  local old = cjson.decode(previous)
-  local older = old.older or {{}}
-  old.older = nil
-  new.copies = (old.copies or 1) + 1
-  old.copies = nil
-  table.insert(older, 1, old)
-  while #older > {KEPT_TWIN_RECORDS} do table.remove(older) end
-  new.older = older
-else
-  new.copies = 1
-end
-redis.call('HSET', dead_reasons, digest, cjson.encode(new))
+redis.call('HSET', dead_reasons, digest, value)
 return 1
 """,
 )
 
 # Hands an orphaned worker's messages back, if its lease is still gone: its deliveries to
-# the retry set, due at once and oldest first, each charged one attempt (nobody knows which
-# one was running); the message its blocking fetch had just landed, never delivered, to the
-# head of the shared list. Returns how many moved, or -1 if the lease is alive.
+# the retry set, due at once and oldest first, each charged one attempt when `charge_all` is
+# '1' (a lost node: nobody knows which one was running), else only those named in ARGV (a
+# slot of this reclaimer's own node, whose scoreboard it reads); the messages its blocking
+# fetch had landed, never delivered, to the head of the shared list.
+# Returns how many moved, or -1 if the lease is alive.
 RECLAIM = Script(
     keys=("processing", "landing", "queue", "retry", "lease", "registry"),
-    args=("worker_id",),
+    args=("worker_id", "charge_all"),
     body="""
 if redis.call('EXISTS', lease) == 1 then return -1 end
+local charged = {}
+for i = REST, #ARGV do charged[ARGV[i]] = true end
+local tag = 'x' .. string.gsub(worker_id, '[^%w]', '-') .. '.'
 local moved = 0
-local landed = redis.call('LINDEX', landing, -1)
-if landed then
+while true do
+  local landed = redis.call('LINDEX', landing, -1)
+  if not landed then break end
   redis.call('RPUSH', queue, landed)
   redis.call('RPOP', landing)
-  moved = 1
+  moved = moved + 1
 end
 while true do
   local element = redis.call('LINDEX', processing, -1)
   if not element then break end
   local id, attempts, payload = parse(element)
   moved = moved + 1
-  redis.call('ZADD', retry, moved, wrap('x' .. (id or moved), attempts + 1, payload))
+  if charge_all == '1' or (id and charged[id]) then attempts = attempts + 1 end
+  redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
   redis.call('RPOP', processing)
 end
 redis.call('SREM', registry, worker_id)
@@ -281,14 +308,16 @@ DEAD_TAKE = Script(
 local function without(record, id)
   local copies = {record}
   for _, r in ipairs(record.older or {}) do copies[#copies + 1] = r end
-  local at = #copies
+  local total = tonumber(record.copies) or 1
+  local at = nil
   for i, r in ipairs(copies) do
     if r.id == id then at = i break end
   end
-  table.remove(copies, at)
-  if #copies == 0 then return nil end
+  if at == nil and total <= #copies then at = #copies end  -- else: a copy past the kept
+  if at ~= nil then table.remove(copies, at) end           -- records, which has none
+  if total <= 1 or #copies == 0 then return nil end
   local head = table.remove(copies, 1)
-  head.copies = (record.copies or 1) - 1
+  head.copies = total - 1
   head.older = copies
   return head
 end

@@ -105,6 +105,7 @@ class Worker:
         # Taken, not yet started, oldest first: (delivery, why it would be dead).
         self.batch: deque[tuple[Delivery, str]] = deque()
         self.outbox = Outbox(queue, self.failure_settled)
+        self.in_handler = False  # user code runs: this worker's Redis client is idle
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         # Its outages are published, so that `/healthz` and `status` can tell them.
         self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
@@ -120,7 +121,7 @@ class Worker:
                     break
                 self.board.count("redis_errors")
                 self.lose_track()
-                self.outage.wait(exc, lambda: self.stop.set)
+                self.outage.wait(exc, lambda: not self.keep_going())
                 continue
             self.outage.over()
             if result is not None:
@@ -225,13 +226,29 @@ class Worker:
             return
         try:
             self.outbox.flush()
-            if self.batch:
-                moved = self.queue.give_back([delivery for delivery, _ in self.batch])
-                log.info("gave %d unstarted message(s) back to %s", moved, self.queue.keys.queue)
-                self.batch.clear()
+            self.give_back_batch()
         except TRANSIENT_ERRORS as exc:
             # They stay in the private list: the next worker of this slot replays them.
             log.warning("could not settle in-flight messages on exit: %s", describe(exc))
+
+    def give_back_batch(self) -> None:
+        """Return what was taken but never started to the head of the queue, at once: if the
+        worker is then killed (a slow message past `shutdown_timeout`), a new manager would
+        have to charge every leftover, not knowing which one ran."""
+        if self.batch:
+            moved = self.queue.give_back([delivery for delivery, _ in self.batch])
+            log.info("gave %d unstarted message(s) back to %s", moved, self.queue.keys.queue)
+            self.batch.clear()
+
+    def on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM/SIGINT: stop after the message in hand; while a handler runs (and so
+        this worker's Redis client is idle), give the unstarted messages back right away."""
+        self.stop(signum, frame)
+        if self.in_handler and self.batch:
+            try:
+                self.give_back_batch()
+            except Exception as exc:  # the normal way out will try again
+                log.warning("could not give unstarted messages back yet: %s", exc)
 
     def deliver(self, delivery: Delivery, lost_reason: str) -> bool:
         """Handle and settle one delivery; True if the handler or a callback timed out.
@@ -247,6 +264,7 @@ class Worker:
         since = time.monotonic()
         self.board.busy(delivery.id, since)
         error: BaseException | None = None
+        self.in_handler = True
         try:
             result: Any = _call_within(self.pair.timeout, self.handler.handle, delivery.payload)
         except (Exception, MessageTimeout) as exc:
@@ -255,6 +273,9 @@ class Worker:
         callback_timed_out = self.handler.has_callbacks and self.run_callback(
             delivery.payload, result if error is None else None, error
         )
+        self.in_handler = False
+        # Decided while the scoreboard still names the delivery: a crash until then charges it.
+        failure = None if error is None else self.failure(delivery, error, number)
         self.board.idle(error is not None, ended - since)  # after the callbacks: busy till then
         self.finished += 1
         if error is None:
@@ -269,7 +290,8 @@ class Worker:
             if self.outbox.acks_overdue(ended):
                 self.outbox.flush()  # a slow batch must not hold finished work unacked long
         else:
-            self.outbox.fail(self.failure(delivery, error, number))
+            assert failure is not None
+            self.outbox.fail(failure)
         return isinstance(error, MessageTimeout) or callback_timed_out
 
     def run_callback(self, message: bytes, result: Any, error: BaseException | None) -> bool:
@@ -291,10 +313,10 @@ class Worker:
         if isinstance(error, MessageTimeout):
             record["reason"] = f"timeout after {self.pair.timeout:g}s"
         elif isinstance(error, Refused):  # a verdict on the message: its reason says it all
-            record["reason"] = str(error)[:_REASON_LIMIT]
+            record["reason"] = _text_of(error)[:_REASON_LIMIT]
             final = True
         else:
-            record["reason"] = f"{type(error).__name__}: {error}"[:_REASON_LIMIT]
+            record["reason"] = f"{type(error).__name__}: {_text_of(error)}"[:_REASON_LIMIT]
             record["traceback"] = _traceback_text(error)
         delay = None if final else self.retry_backoff.compute(number)
         return Failure(delivery, record, delay, error)
@@ -378,8 +400,19 @@ def _block_for(next_due: float | None) -> float:
     return min(BLOCK_TIMEOUT, max(MIN_BLOCK, next_due - time.time()))
 
 
+def _text_of(error: BaseException) -> str:
+    """`str(error)`, which user code can make raise: that must not kill the worker."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__name__} whose str() raised>"
+
+
 def _traceback_text(error: BaseException) -> str:
-    text = "".join(traceback.format_exception(error))
+    try:
+        text = "".join(traceback.format_exception(error))
+    except Exception:
+        return ""
     if len(text) <= _TRACEBACK_LIMIT:
         return text
     return "...\n" + text[-_TRACEBACK_LIMIT:]  # the end holds the frame that raised

@@ -48,7 +48,10 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             return ConcurrentWorker(spec, handler, queue, board, stop).run()
-        return Worker(spec, handler, queue, board, stop).run()
+        worker = Worker(spec, handler, queue, board, stop)
+        signal.signal(signal.SIGTERM, worker.on_stop_signal)
+        signal.signal(signal.SIGINT, worker.on_stop_signal)
+        return worker.run()
     finally:
         handler.teardown()
         handler.close()

@@ -394,3 +394,25 @@ def test_an_unwritable_log_file_is_a_clear_config_error(
     result = cli("run", "-c", str(path))
     assert result.returncode == 2
     assert b"logging.file" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
+    import fakeredis
+
+    from rqworkers.dead import BATCH, Selection, take_out
+    from rqworkers.queue import DeadLetter, DeadLetters
+
+    client = fakeredis.FakeRedis()
+    client.lpush("jobs:dead", *[f"old-{i:03d}".encode() for i in range(BATCH + 50)])
+    dead = DeadLetters(client, "jobs")
+    calls = 0
+
+    def purge_and_meanwhile_a_new_one(letters: list[DeadLetter]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            client.lpush("jobs:dead", b"NEW-unseen")  # dead-lettered between two batches
+        return dead.purge(letters)
+
+    assert take_out(dead, Selection([], None), purge_and_meanwhile_a_new_one) == BATCH + 50
+    assert client.lrange("jobs:dead", 0, -1) == [b"NEW-unseen"]

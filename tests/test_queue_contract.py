@@ -288,6 +288,35 @@ def test_dead_twins_keep_their_own_records(client: redis.Redis, q: ReliableQueue
     assert info is not None and info["reason"] == "reason 2" and info["copies"] == 3
 
 
+def test_a_reason_with_undecodable_bytes_is_kept(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, b"surr:\xffx", b"surr:\xffx")
+    first, second = take_all(q)
+    reason = b"ValueError: bad \xff".decode("utf-8", "surrogateescape")
+    assert q.dead_letter(first, {"reason": reason, "attempts": 1, "traceback": reason})
+    assert q.dead_letter(second, {"reason": "plain", "attempts": 1})
+    letters = DeadLetters(client, QUEUE).page()
+    assert [(letter.info or {}).get("reason") for letter in letters] == [
+        "plain",
+        "ValueError: bad ?",
+    ]
+    assert [letter.copies for letter in letters] == [2, 2]
+
+
+def test_purging_a_copy_past_the_kept_records_leaves_the_others(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    kept = scripts.KEPT_TWIN_RECORDS + 1  # the newest record plus the older ones kept
+    produce(client, *[b"1"] * (kept + 2))
+    for n, d in enumerate(take_all(q, kept + 2)):
+        assert q.dead_letter(d, {"reason": f"copy {n}", "attempts": 1})
+    dead = DeadLetters(client, QUEUE)
+    oldest = dead.get(kept + 1)
+    assert oldest is not None and oldest.info is None and oldest.copies == kept + 2
+    assert dead.purge([oldest]) == 1
+    reasons = [(letter.info or {}).get("reason") for letter in dead.page(0, kept + 1)]
+    assert reasons == [f"copy {n}" for n in range(kept + 1, 1, -1)] + [None], "none lost"
+
+
 def test_requeue_of_one_twin_takes_its_own_record(client: redis.Redis, q: ReliableQueue) -> None:
     produce(client, *[b"twin"] * 3)
     for n, d in enumerate(take_all(q)):
@@ -309,15 +338,34 @@ def test_requeue_of_one_twin_takes_its_own_record(client: redis.Redis, q: Reliab
 
 
 def test_replay_charges_only_the_deliveries_that_were_running(
-    client: redis.Redis, q: ReliableQueue
+    client: redis.Redis, q: ReliableQueue, make_queue: MakeQueue
 ) -> None:
     produce(client, *[b"same"] * 4)
     _, b, _, _ = take_all(q)
-    replayed = q.replay([b.id])
+    after = make_queue()  # the next life of this worker
+    replayed = after.replay([b.id])
     assert [x.payload for x in replayed] == [b"same"] * 4
     assert [x.attempts for x in replayed] == [0, 1, 0, 0], "b ran; its twins did not"
-    assert [x.attempts for x in q.replay([])] == [0, 1, 0, 0], "nothing ran: nothing charged"
-    assert [x.attempts for x in q.replay(None)] == [1, 2, 1, 1], "unknown: all charged"
+    assert [x.attempts for x in after.replay([b.id])] == [0, 1, 0, 0], "sent again: no charge"
+    assert [x.attempts for x in after.replay([])] == [0, 1, 0, 0], "nothing ran: nothing charged"
+    assert [x.attempts for x in make_queue().replay(None)] == [1, 2, 1, 1], "unknown: all"
+
+
+def test_replay_of_unknown_charges_each_leftover_once_even_sent_twice(
+    client: redis.Redis, q: ReliableQueue, make_queue: MakeQueue
+) -> None:
+    produce(client, b"a", b"b", b"landed-1", b"landed-2")
+    take_all(q, 2)
+    assert q.fetch(0.1) and q.fetch(0.1)
+    after = make_queue()
+    first = after.replay(None)
+    assert [(x.payload, x.attempts) for x in first] == [
+        (b"a", 1),
+        (b"b", 1),
+        (b"landed-1", 0),
+        (b"landed-2", 0),
+    ], "landed messages never ran: never charged"
+    assert [x.attempts for x in after.replay(None)] == [1, 1, 0, 0], "a resent replay"
 
 
 def test_replay_takes_in_a_landed_message_uncharged(client: redis.Redis, q: ReliableQueue) -> None:
@@ -361,6 +409,17 @@ def test_give_back_returns_untried_messages_to_the_head_and_keeps_counts(
         (b"later", 0),
     ]
     assert q.give_back(taken) == 0, "given back already"
+
+
+def test_reclaim_of_an_own_slot_charges_only_what_was_running(
+    client: redis.Redis, make_queue: MakeQueue
+) -> None:
+    slot = make_queue(worker_id="node-a:1")
+    produce(client, b"ran", b"waited", b"waited")
+    ran, _, _ = take_all(slot)
+    assert make_queue(worker_id="node-a:1").reclaim([ran.id]) == 3
+    taken = take_all(make_queue(worker_id="node-a:2"))
+    assert [(d.payload, d.attempts) for d in taken] == [(b"ran", 1), (b"waited", 0), (b"waited", 0)]
 
 
 def test_reclaim_charges_every_delivery_and_keeps_the_order(
@@ -418,7 +477,8 @@ def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
     q.dead_letter(b, {"reason": "r", "attempts": 1})
     q.take([c.element], 0)
     written = {key.decode() for key in client.keys("*")}
-    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons"}
+    registry = f"{queue}:workers"  # a worker without a lease registers as it takes
+    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons", registry}
 
 
 # -- conservation ------------------------------------------------------------------------------

@@ -170,3 +170,34 @@ def test_a_poison_storm_leaves_the_healthy_messages_flowing(
     started = lrange(redis_server, "started")
     assert sum(m.startswith(b"kill") for m in started) == 60, "three deliveries per poison"
     assert_nothing_left(redis_server)
+
+
+def test_an_exception_whose_str_raises_still_ends_in_the_dead_list(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    client = start_one(service, redis_server, max_attempts=2, retry_delay=0.05)
+    client.lpush("jobs", b"badstr", b"ok")
+    wait_for(lambda: settled(redis_server, 1, 1), timeout=20, what="poison dead, ok done")
+    assert lrange(redis_server, "started").count(b"badstr") == 2
+    info = DeadLetters(client, "jobs").page(0, 1)[0].info or {}
+    assert "_UnprintableError" in str(info.get("reason"))
+
+
+def test_sigterm_gives_prefetched_messages_back_while_the_handler_still_runs(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """A deploy with a slow message: if the worker is killed at `shutdown_timeout`, the next
+    manager cannot know what ran and charges every leftover; so what never started goes
+    back at once, and only the slow message is left to be charged."""
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 1, "prefetch": 5}],
+        manager={"check_interval": 0.2, "shutdown_timeout": 1.0},
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"sleep:30", *[f"ok{i}".encode() for i in range(4)])
+    wait_for(lambda: lrange(redis_server, "started") == [b"sleep:30"], what="slow one started")
+    svc.signal(signal.SIGTERM)
+    wait_for(lambda: client.llen("jobs") == 4, timeout=5, what="four given back at once")
+    assert svc.wait(20) == 0
+    assert client.llen("jobs:dead") == 0

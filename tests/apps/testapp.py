@@ -29,6 +29,11 @@ def _record(key: str, message: bytes) -> None:
     pipe.execute()
 
 
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        return str(self.detail)  # type: ignore[attr-defined]  # never set: raises
+
+
 def handle(message: bytes) -> None:
     _record("started", message)
     command, _, arg = message.partition(b":")
@@ -37,6 +42,8 @@ def handle(message: bytes) -> None:
         time.sleep(float(arg))
     elif command == b"raise":
         raise ValueError("boom from testapp")
+    elif command == b"badstr":  # an exception whose str() itself raises
+        raise _UnprintableError()
     elif command == b"kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif command == b"killnode":  # like an OOM kill of the whole container
