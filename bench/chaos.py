@@ -298,12 +298,18 @@ class Node:
             return None
 
 
+# A handler's own failure is logged with its traceback on purpose (the harness's handler
+# fails while Redis restarts); only the others are anomalies.
+_HANDLER_FAILURE = re.compile(r"delivery \d+/\d+ failed|dead-lettered a ")
+
+
 def tracebacks(log: bytes) -> list[str]:
-    """The exception line ending each traceback in a log, with the log line that preceded it."""
+    """The exception line ending each traceback in a log that is not a handler's own
+    failure, with the log line that preceded it."""
     lines = log.decode(errors="replace").splitlines()
     found = []
     for i, line in enumerate(lines):
-        if not line.startswith("Traceback"):
+        if not line.startswith("Traceback") or (i and _HANDLER_FAILURE.search(lines[i - 1])):
             continue
         end = next(
             (j for j in range(i + 1, len(lines)) if lines[j] and not lines[j][0].isspace()), None
