@@ -87,7 +87,9 @@ def test_twins_of_a_poison_message_each_keep_their_own_attempts_and_record(
     assert [info.get("attempts") for info in infos] == [3] * 4
     assert len({info.get("id") for info in infos}) == 4, "a record per copy"
     assert all("ValueError: boom from testapp" in str(info.get("reason")) for info in infos)
-    assert all("testapp.py" in str(info.get("traceback")) for info in infos)
+    # The newest copy keeps its traceback; the older copies' records stay small without.
+    assert "testapp.py" in str(infos[0].get("traceback"))
+    assert [info.get("traceback") for info in infos[1:]] == [None] * 3
 
 
 def test_a_crash_charges_only_the_running_delivery_not_its_prefetched_twins(
