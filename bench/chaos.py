@@ -124,17 +124,22 @@ class Settings:
     redis_downtime: float
     drain_timeout: float
     distinct: int = 0  # payload values per queue; 0: every payload unique
+    concurrency: int = 1  # messages a worker of the second queue runs at once
 
 
 def config_text(node: str, url: str, s: Settings) -> str:
     """One node's TOML: short leases and intervals so that recovery shows within seconds.
 
-    The first queue takes one message at a time, the second `--prefetch` at a time, so
-    that both the one-by-one and the batched paths (deferred acks, give-back) are broken.
+    The first queue takes one message at a time, the second `--prefetch` at a time (and
+    runs `--concurrency` at once), so that the one-by-one, the batched (deferred acks,
+    give-back) and the concurrent (out-of-order settling) paths are all broken.
     """
     prefetch = {QUEUES[0]: 1, QUEUES[1]: s.prefetch}
+    concurrency = {QUEUES[0]: 1, QUEUES[1]: s.concurrency}
     workers = "".join(
-        f'\n[[workers]]\nqueue = "{queue}"\nprefetch = {prefetch[queue]}\n' for queue in QUEUES
+        f'\n[[workers]]\nqueue = "{queue}"\nprefetch = {prefetch[queue]}\n'
+        f"concurrency = {concurrency[queue]}\n"
+        for queue in QUEUES
     )
     return f"""\
 [manager]
@@ -850,6 +855,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--max-attempts", type=int, default=1000, help="rqworkers max_attempts")
     parser.add_argument(
+        "--concurrency", type=int, default=1, help=f"rqworkers concurrency on {QUEUES[1]}"
+    )
+    parser.add_argument(
         "--distinct",
         type=int,
         default=0,
@@ -871,6 +879,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     args = parser.parse_args(argv)
     if args.messages < 1 or args.faults < 0 or args.prefetch < 1 or args.distinct < 0:
         parser.error("--messages and --prefetch must be at least 1, --faults at least 0")
+    if not 1 <= args.concurrency <= 1000:
+        parser.error("--concurrency must be from 1 to 1000")
     # Default pace: about 500 messages and 3 faults a second at most, 10 s at least.
     duration = args.duration or max(10.0, args.messages / 500, args.faults / 3)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -888,6 +898,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         redis_downtime=args.redis_downtime,
         drain_timeout=args.drain_timeout,
         distinct=args.distinct,
+        concurrency=args.concurrency,
     )
 
 

@@ -25,8 +25,8 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
 @pytest.mark.timeout(BUDGET + 60)
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--distinct", "10", "--max-attempts", "3"]],
-    ids=["unique-payloads", "ten-repeating-payloads"],
+    [[], ["--distinct", "10", "--max-attempts", "3"], ["--concurrency", "20"]],
+    ids=["unique-payloads", "ten-repeating-payloads", "concurrency-20"],
 )
 def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
     """With repeating payloads too: twins are separate messages, so with no poison pushed
