@@ -119,6 +119,9 @@ class Handler:
         except Exception:
             log.exception("handler %s.%s() raised; ignored", self.path, name)
 
+    def before_ack(self) -> None:
+        """Called before acks are sent: what must reach Redis ahead of them (task replies)."""
+
     def own_timeout(self, message: bytes) -> float | None:
         """A message's own time limit, if the message names one (task messages do)."""
         return None

@@ -39,6 +39,7 @@ Listener = Callable[[Failure, bool], None]  # (failure, whether it moved) once c
 class Outbox:
     queue: ReliableQueue
     on_failure_settled: Listener
+    before_acks: Callable[[], None] = lambda: None  # what must reach Redis ahead of acks
     acks: list[Delivery] = field(default_factory=list)
     oldest_ack: float = 0.0  # monotonic seconds when the oldest pending ack was added
     failures: list[Failure] = field(default_factory=list)
@@ -63,6 +64,8 @@ class Outbox:
         """Send pending failures, then the acks with a take of up to `limit` new deliveries
         (`landed`: a blocking fetch left one in the landing list)."""
         self.send_failures()
+        if self.acks:
+            self.before_acks()
         taken = self.queue.take([d.element for d in self.acks], limit, landed)
         if taken.missing_acks and not self.resending:
             log.warning(

@@ -21,9 +21,11 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from redis.cluster import RedisCluster
 from redis.commands.core import AsyncScript, Script
 
 from rqworkers import tasks
@@ -66,6 +68,9 @@ class TaskHandler(Handler):
         self._signatures: dict[Callable[..., Any], inspect.Signature] = {}
         self._last: tuple[bytes, Task] | None = None
         self._reply_script: AsyncScript | Script | None = None
+        # Success replies of handled messages, sent by `before_ack` ahead of their acks;
+        # a deque, since handler threads append while the worker's loop takes them.
+        self._replies: deque[tuple[str, float, bytes]] = deque()
 
     @property
     def client(self) -> Client:
@@ -105,7 +110,8 @@ class TaskHandler(Handler):
         self._last = (message, task)
         result = self._call(function, task)
         if task.reply_to is not None:
-            self._send(task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
+            reply = tasks.success_reply(task.id, result)
+            self._replies.append((task.reply_to, task.result_ttl, reply))
         return result
 
     def _own_key(self, key: str) -> bool:
@@ -216,6 +222,30 @@ class TaskHandler(Handler):
         if self._reply_script is None:
             self._reply_script = self.client.register_script(_REPLY)
         self._reply_script(keys=[key], args=[reply, max(1, int(ttl * 1000))])
+
+    def before_ack(self) -> None:
+        """Send the success replies of the messages about to be acked, in one round trip.
+
+        A reply reaches Redis before its message's ack, never after: a crash between the two
+        repeats the task (at-least-once), and its caller keeps the first reply.
+        """
+        replies = []
+        while self._replies:
+            replies.append(self._replies.popleft())
+        if not replies:
+            return
+        try:
+            if isinstance(self.client, RedisCluster):  # replies may sit in several slots
+                for key, ttl, reply in replies:
+                    self._send(key, ttl, reply)
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for key, ttl, reply in replies:
+                pipe.eval(_REPLY, 1, key, reply, max(1, int(ttl * 1000)))
+            pipe.execute()
+        except BaseException:
+            self._replies.extendleft(reversed(replies))  # sent again with the next acks
+            raise
 
     def _send_patiently(self, key: str, ttl: float, reply: bytes) -> None:
         """`_send`, retried through a short Redis outage: the dead letter is already made,

@@ -104,7 +104,7 @@ class Worker:
         self.charge_at_replay: list[bytes] | None = spec.previous_running
         # Taken, not yet started, oldest first: (delivery, why it would be dead).
         self.batch: deque[tuple[Delivery, str]] = deque()
-        self.outbox = Outbox(queue, self.failure_settled)
+        self.outbox = Outbox(queue, self.failure_settled, handler.before_ack)
         self.in_handler = False  # user code runs: this worker's Redis client is idle
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         # Its outages are published, so that `/healthz` and `status` can tell them.

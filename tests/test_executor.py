@@ -29,6 +29,8 @@ StartService = Callable[..., Service]
 def _taskapp() -> Any:
     """The test app's functions, under their module name `taskapp`, which is all that an
     executor sends: the workers import the module themselves."""
+    if str(APPS) not in sys.path:  # taskapp imports its sibling testapp
+        sys.path.append(str(APPS))
     spec = importlib.util.spec_from_file_location("taskapp", APPS / "taskapp.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

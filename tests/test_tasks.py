@@ -338,6 +338,8 @@ def test_the_handler_runs_the_task_and_replies_before_the_ack(
     message = tasks.encode(Producer.task("taskapp:job", (7, 6), {"scale": 2}, reply_to="r"))
     assert handler.handle(message)["result"] == 12
     client = redis_server.client()
+    assert client.exists("r") == 0, "replies travel together, just before the acks"
+    handler.before_ack()
     assert 0 < client.pttl("r") <= tasks.DEFAULT_RESULT_TTL * 1000
     task_id, result, error = tasks.read_reply(client.rpop("r"))
     assert (task_id, result["result"], error) == (tasks.parse(message).id, 12, None)
