@@ -142,3 +142,22 @@ def test_a_failure_moved_by_someone_else_is_reported_as_not_moved(fake: FakeQueu
     box = outbox(fake, settled)
     box.fail(Failure(delivery(1), {"reason": "boom", "attempts": 3}, delay=None))
     assert fake.dead == [] and [moved for _, moved in settled] == [False]
+
+
+def test_what_must_precede_the_acks_is_sent_first(fake: FakeQueue) -> None:
+    order: list[str] = []
+    queue: ReliableQueue = fake  # type: ignore[assignment]
+    box = Outbox(queue, lambda f, moved: None, lambda: order.append("before"))
+    original = fake.take
+
+    def take(acks: list[bytes], limit: int, landed: bool = False) -> Taken:
+        order.append(f"take {len(acks)}")
+        return original(acks, limit, landed)
+
+    fake.take = take  # type: ignore[method-assign]
+    box.take(1)
+    d = delivery(1)
+    fake.present.add(d.element)
+    box.ack(d, now=0.0)
+    box.take(1)
+    assert order == ["take 0", "before", "take 1"], "only acks wait for it"
