@@ -54,14 +54,14 @@ def thread_jobs(handler: Handler, threads: int) -> tuple[Job, Callable[[], None]
     pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="handler")
 
     def run(payload: bytes) -> Outcome:
-        started = time.monotonic()
+        began = time.monotonic()
         error: BaseException | None = None
         result: Any = None
         try:
             result = handler.handle(payload)
         except Exception as exc:
             error = exc
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - began
         if handler.has_callbacks:
             if error is None:
                 handler.on_success(payload, result)
@@ -87,18 +87,18 @@ def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], 
             log.exception("handler %s.%s() raised; ignored", handler.path, name)
 
     async def run(payload: bytes) -> Outcome:
-        started = time.monotonic()
+        began = time.monotonic()
         error: BaseException | None = None
         result: Any = None
         try:
             result = await asyncio.wait_for(handler.handle(payload), timeout)
         except TimeoutError as exc:
             # wait_for's own, or one the handler raised: only the first is a timeout
-            late = time.monotonic() - started >= timeout
+            late = time.monotonic() - began >= timeout
             error = MessageTimeout() if late else exc
         except Exception as exc:
             error = exc
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - began
         if error is None:
             await callback("on_success", payload, result)
         else:

@@ -79,7 +79,7 @@ class KeeperSpec:
     reclaim_interval: float
     leases: tuple[Lease, ...]
     metrics_address: str | None = None
-    started: float = 0.0  # wall-clock start of the manager
+    manager_start_time: float = 0.0  # wall clock
     config: Config | None = None  # what the status page shows and acts on (`rqworkers.web`)
 
 
@@ -150,7 +150,9 @@ class Keeper:
 
     def serve_metrics(self) -> ThreadingHTTPServer | None:
         targets = tuple(Target(x.host, x.queue, x.name, x.board) for x in self.spec.leases)
-        collector = Metrics(targets, lambda: dict(self.snapshots), self.spec.started, self.rss)
+        collector = Metrics(
+            targets, lambda: dict(self.snapshots), self.spec.manager_start_time, self.rss
+        )
         try:
             return serve(
                 str(self.spec.metrics_address),

@@ -48,7 +48,7 @@ class Manager:
         self.stopping = False
         self.extra_processes = 0  # from SIGTTIN/SIGTTOU, on top of every pair's `processes`
         self.pid = os.getpid()
-        self.started = time.time()
+        self.start_time = time.time()  # wall clock, for the uptime metric
         self.keeper = KeeperSlot()
         self._pid_lock: tuple[str, int] | None = None  # pid file path and its locked fd
         self._wakeup_read, self._wakeup_write = os.pipe()
@@ -327,7 +327,7 @@ class Manager:
             delay = slot.start_failed(f"cannot fork: {exc}", time.monotonic(), self.backoff)
             log.error("%s: cannot fork a worker: %s; retrying in %.1fs", slot.name, exc, delay)
             return
-        slot.started(pid, time.monotonic())
+        slot.spawned(pid, time.monotonic())
         log.info("%s %d started", slot.name, pid)
 
     def spawn_keeper(self) -> None:
@@ -349,7 +349,7 @@ class Manager:
                 for s in self.slots
             ),
             metrics_address=self.settings.metrics_address,
-            started=self.started,
+            manager_start_time=self.start_time,
             config=self.config,
         )
         logging_settings = self.config.logging
@@ -411,7 +411,7 @@ class Manager:
             if slot.pid is None or slot.kill_sent:
                 continue
             pair = slot.pair
-            if not slot.board.get("ready") and now - slot.started_at > pair.setup_timeout:
+            if not slot.board.get("ready") and now - slot.spawned_at > pair.setup_timeout:
                 reason = f"setup ran past setup_timeout ({pair.setup_timeout:g}s)"
                 self.kill_worker(slot, signal.SIGKILL, reason, "crash")
                 continue

@@ -53,12 +53,12 @@ class Metrics(Collector):
         self,
         targets: tuple[Target, ...],
         snapshots: Callable[[], dict[tuple[str, str], Snapshot]],
-        started: float,
+        manager_start_time: float,
         rss: Callable[[int], int],
     ) -> None:
         self.targets = targets
         self.snapshots = snapshots  # (host, queue) → the keeper's latest reading
-        self.started = started
+        self.manager_start_time = manager_start_time
         self.rss = rss
 
     def collect(self) -> Iterator[Metric]:
@@ -111,7 +111,7 @@ class Metrics(Collector):
         yield oldest
         yield from self._lengths()
         uptime = GaugeMetricFamily("rqworkers_manager_uptime_seconds", "Seconds since start.")
-        uptime.add_metric([], time.time() - self.started)
+        uptime.add_metric([], time.time() - self.manager_start_time)
         yield uptime
 
     def _per_queue(self) -> dict[tuple[str, str], tuple[dict[str, float], list[int]]]:

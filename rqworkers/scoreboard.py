@@ -211,8 +211,8 @@ class Scoreboard:
 
     def busy_for(self) -> float:
         """Seconds the oldest running message has been running; 0 when idle."""
-        started = [since for since, _, _ in self._entries() if since]
-        return time.monotonic() - min(started) if started else 0.0
+        running_since = [since for since, _, _ in self._entries() if since]
+        return time.monotonic() - min(running_since) if running_since else 0.0
 
     def in_flight(self) -> int:
         """Messages in the handler now."""

@@ -48,7 +48,7 @@ class Slot:
     board: Scoreboard = field(default_factory=Scoreboard)
     pid: int | None = None
     process: psutil.Process | None = None
-    started_at: float = 0.0
+    spawned_at: float = 0.0  # monotonic time of the fork
     failures: int = 0
     next_start: float = 0.0
     # Why the manager itself signalled the worker; it explains the exit when reaped.
@@ -69,10 +69,10 @@ class Slot:
         """What makes a slot the same one across reloads."""
         return (self.pair.url, self.pair.queue, self.index)
 
-    def started(self, pid: int, now: float) -> None:
+    def spawned(self, pid: int, now: float) -> None:
         """Call after the fork; `board.prepare()` must have run before it."""
         self.pid = pid
-        self.started_at = now
+        self.spawned_at = now
         self.stop_reason = None
         self.stop_kind = ""
         self.kill_sent = False
@@ -89,7 +89,7 @@ class Slot:
         handler exited mid-message, whatever its exit code (`os._exit(0)` included).
         """
         code = os.waitstatus_to_exitcode(status)
-        healthy = self.board.get("ready") and now - self.started_at >= HEALTHY_AFTER
+        healthy = self.board.get("ready") and now - self.spawned_at >= HEALTHY_AFTER
         if self.stop_reason is not None:
             # The manager's own kills are recycles, but for a failed start ("crash").
             reason, kind = self.stop_reason, self.stop_kind

@@ -361,7 +361,7 @@ def slot() -> Slot:
 
 def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
     slot.board.prepare()
-    slot.started(os.getpid(), now=100.0)
+    slot.spawned(os.getpid(), now=100.0)
     slot.board.busy(b"id", time.monotonic())
     slot.board.idle(False, 0.01)
     reason = slot.ended(exited(ExitCode.MAX_REQUESTS), now=101.0, backoff=BACKOFF)
@@ -379,7 +379,7 @@ def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
 
 def test_a_timeout_recycle_restarts_at_once(slot: Slot) -> None:
     slot.failures = 3
-    slot.started(os.getpid(), now=100.0)
+    slot.spawned(os.getpid(), now=100.0)
     assert slot.ended(exited(ExitCode.TIMEOUT), now=100.5, backoff=BACKOFF) == "timeout"
     assert slot.failures == 0
     assert slot.next_start == 100.5
@@ -389,7 +389,7 @@ def test_repeated_quick_crashes_back_off_more_and_more(slot: Slot) -> None:
     now = 1000.0
     delays = []
     for _ in range(6):
-        slot.started(os.getpid(), now)
+        slot.spawned(os.getpid(), now)
         now += 1.0  # dies one second after starting: well within HEALTHY_AFTER
         reason = slot.ended(signal.SIGKILL, now, BACKOFF)
         assert reason == "killed by signal 9 (SIGKILL)"
@@ -402,7 +402,7 @@ def test_repeated_quick_crashes_back_off_more_and_more(slot: Slot) -> None:
 
 def test_startup_failures_count_as_crashes(slot: Slot) -> None:
     for expected in (1, 2, 3):
-        slot.started(os.getpid(), now=0.0)
+        slot.spawned(os.getpid(), now=0.0)
         assert slot.ended(exited(ExitCode.STARTUP_FAILED), now=0.1, backoff=BACKOFF) == (
             "startup failed"
         )
@@ -412,21 +412,21 @@ def test_startup_failures_count_as_crashes(slot: Slot) -> None:
 
 
 def test_an_unexpected_exit_code_is_a_crash(slot: Slot) -> None:
-    slot.started(os.getpid(), now=0.0)
+    slot.spawned(os.getpid(), now=0.0)
     assert slot.ended(exited(1), now=0.5, backoff=BACKOFF) == "exit code 1"
     assert slot.failures == 1
     assert slot.previous_exit == "exit code 1"
 
 
 def test_a_crash_after_a_long_life_restarts_at_once(slot: Slot) -> None:
-    slot.started(os.getpid(), now=0.0)
+    slot.spawned(os.getpid(), now=0.0)
     slot.ended(signal.SIGKILL, now=1.0, backoff=BACKOFF)
-    slot.started(os.getpid(), now=1.0)
+    slot.spawned(os.getpid(), now=1.0)
     slot.ended(signal.SIGKILL, now=2.0, backoff=BACKOFF)
     assert slot.failures == 2
     assert slot.next_start == 2.5
 
-    slot.started(os.getpid(), now=3.0)
+    slot.spawned(os.getpid(), now=3.0)
     slot.board.ready()  # its handler's setup() returned
     slot.ended(signal.SIGSEGV, now=3.0 + HEALTHY_AFTER, backoff=BACKOFF)
     assert slot.failures == 1  # the count starts over
@@ -435,14 +435,14 @@ def test_a_crash_after_a_long_life_restarts_at_once(slot: Slot) -> None:
 
 def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
     for start in range(3):
-        slot.started(os.getpid(), now=100.0 * start)
+        slot.spawned(os.getpid(), now=100.0 * start)
         slot.ended(exited(ExitCode.STARTUP_FAILED), now=100.0 * start + 90, backoff=BACKOFF)
     assert slot.failures == 3, "never ready: a long life in setup() resets nothing"
     assert slot.board.get("failures") == 3, "published for /healthz"
 
 
 def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
-    slot.started(os.getpid(), now=0.0)
+    slot.spawned(os.getpid(), now=0.0)
     slot.board.ready()
     slot.board.busy(b"id", time.monotonic())
     reason = slot.ended(exited(ExitCode.OK), now=20.0, backoff=BACKOFF)
@@ -452,10 +452,10 @@ def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
 
 
 def test_a_clean_stop_resets_failures_and_previous_exit(slot: Slot) -> None:
-    slot.started(os.getpid(), now=0.0)
+    slot.spawned(os.getpid(), now=0.0)
     slot.ended(signal.SIGKILL, now=0.1, backoff=BACKOFF)
     assert slot.previous_exit is not None
-    slot.started(os.getpid(), now=1.0)
+    slot.spawned(os.getpid(), now=1.0)
     assert slot.ended(exited(ExitCode.OK), now=2.0, backoff=BACKOFF) == "stopped"
     assert slot.failures == 0
     assert slot.previous_exit is None
@@ -463,11 +463,11 @@ def test_a_clean_stop_resets_failures_and_previous_exit(slot: Slot) -> None:
 
 def test_the_managers_stop_reason_wins(slot: Slot) -> None:
     for _ in range(3):
-        slot.started(os.getpid(), now=0.0)
+        slot.spawned(os.getpid(), now=0.0)
         slot.ended(signal.SIGKILL, now=0.1, backoff=BACKOFF)
     assert slot.failures == 3
 
-    slot.started(os.getpid(), now=10.0)
+    slot.spawned(os.getpid(), now=10.0)
     assert slot.stop_reason is None  # started() clears it
     slot.stop_reason = "hard memory limit (400MB > 300MB)"
     reason = slot.ended(signal.SIGKILL, now=10.5, backoff=BACKOFF)
@@ -479,10 +479,10 @@ def test_the_managers_stop_reason_wins(slot: Slot) -> None:
 
 
 def test_started_tolerates_a_pid_that_is_already_gone(slot: Slot) -> None:
-    slot.started(2**22 + 12345, now=5.0)  # above the default pid_max: never a process
+    slot.spawned(2**22 + 12345, now=5.0)  # above the default pid_max: never a process
     assert slot.process is None
     assert slot.rss() == 0
-    slot.started(os.getpid(), now=5.0)
+    slot.spawned(os.getpid(), now=5.0)
     assert slot.rss() > 0
 
 
