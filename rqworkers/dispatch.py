@@ -227,6 +227,8 @@ class ConcurrentWorker(Worker):
         if limit > 0:
             taken = self.outbox.take(limit)
             self.batch.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
+            if len(taken.deliveries) == limit:  # the queue has more: look again at once
+                self.next_look = now
         elif self.outbox.acks_overdue(now):
             self.outbox.flush()
 

@@ -80,45 +80,64 @@ TAKE = Script(
     args=("limit", "now", "idbase", "landed", "worker_id"),
     body="""
 local missing = 0
-for i = REST, #ARGV do
-  if redis.call('LREM', processing, -1, ARGV[i]) == 0 then missing = missing + 1 end
+local acks = #ARGV - REST + 1
+if acks > 0 then
+  -- Acks in order are the oldest of the private list: one LTRIM removes them all.
+  local oldest = redis.call('LRANGE', processing, -acks, -1)
+  local in_order = #oldest == acks
+  for i = 1, acks do
+    if not in_order then break end
+    in_order = oldest[acks - i + 1] == ARGV[REST + i - 1]
+  end
+  if in_order then
+    redis.call('LTRIM', processing, 0, -acks - 1)
+  else
+    for i = REST, #ARGV do
+      if redis.call('LREM', processing, -1, ARGV[i]) == 0 then missing = missing + 1 end
+    end
+  end
 end
 local taken = {missing, ''}
 local room = tonumber(limit)
-local function deliver(attempts, payload)
-  local element = wrap(idbase .. (#taken - 1), attempts, payload)
-  redis.call('LPUSH', processing, element)
-  taken[#taken + 1] = element
-  room = room - 1
-end
 if room <= 0 then return taken end
 -- A worker whose lease lapsed (its node froze) was struck from the registry by a reclaim:
 -- what it takes now must stay findable should its node die before the keeper renews.
 if redis.call('EXISTS', lease) == 0 then redis.call('SADD', registry, worker_id) end
-local message = landed == '1' and redis.call('LINDEX', landing, -1)
-if message then
-  deliver(0, message)
-  redis.call('RPOP', landing)
+local fresh = {}
+local function deliver(attempts, payload)
+  fresh[#fresh + 1] = wrap(idbase .. (#fresh + 1), attempts, payload)
+  room = room - 1
 end
+local landed_message = landed == '1' and redis.call('LINDEX', landing, -1)
+if landed_message then deliver(0, landed_message) end
 local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
+local due = {}
 if room > 0 and first[2] and tonumber(first[2]) <= tonumber(now) then
-  local due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)
     if not id then  -- written by a release before envelopes: 8 random bytes + payload
       attempts, payload = 1, string.sub(member, 9)
     end
     deliver(attempts, payload)
-    redis.call('ZREM', retry, member)
   end
 end
+local oldest_last = {}
 if room > 0 then
-  local oldest_last = redis.call('LRANGE', queue, -room, -1)
-  if #oldest_last > 0 then
-    for i = #oldest_last, 1, -1 do deliver(0, oldest_last[i]) end
-    redis.call('LTRIM', queue, 0, -#oldest_last - 1)
-  end
+  oldest_last = redis.call('LRANGE', queue, -room, -1)
+  for i = #oldest_last, 1, -1 do deliver(0, oldest_last[i]) end
 end
+-- Pushed before they leave where they were: Redis out of memory refuses the push, and then
+-- nothing has moved.
+for i = 1, #fresh, 1000 do
+  redis.call('LPUSH', processing, unpack(fresh, i, math.min(i + 999, #fresh)))
+end
+if landed_message then redis.call('RPOP', landing) end
+for i = 1, #due, 1000 do
+  redis.call('ZREM', retry, unpack(due, i, math.min(i + 999, #due)))
+end
+if #oldest_last > 0 then redis.call('LTRIM', queue, 0, -#oldest_last - 1) end
+for _, element in ipairs(fresh) do taken[#taken + 1] = element end
 if room > 0 and first[2] then
   taken[2] = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or ''
 end
