@@ -1,6 +1,7 @@
 """I/O-bound handlers: rqworkers' `concurrency` beside peers' threads and coroutines (issue 11).
 
-    python -m bench.concurrency [--seconds S] [--repeat R] [--no-peers] [--json]
+    python -m bench.concurrency [--seconds S] [--repeat R] [--concurrency C ...] [--no-peers]
+                                [--json]
     python -m bench.concurrency --render run.json
 
 Every handler and job waits 50 ms per message (`asyncio.sleep` or `time.sleep`), as one that
@@ -118,8 +119,10 @@ class ConcurrencyBench(Bench):
 
     def rqworkers_cases(self) -> None:
         self.log("rqworkers")
-        cases = [(kind, c, c) for kind in ("async", "threads") for c in CONCURRENCIES]
-        cases.append(("async", AIM_CONCURRENCY, 1))  # the default prefetch, for comparison
+        concurrencies = self.args.concurrency
+        cases = [(kind, c, c) for kind in ("async", "threads") for c in concurrencies]
+        if AIM_CONCURRENCY in concurrencies:  # the default prefetch, for comparison
+            cases.append(("async", AIM_CONCURRENCY, 1))
         for kind, concurrency, prefetch in cases:
             n = messages_for(concurrency, self.args.seconds)
             if prefetch < concurrency:  # one start per 50 ms look: keep the run short
@@ -259,6 +262,10 @@ def main() -> int:
         "--seconds", type=float, default=5.0, help="N = the messages of this long at the ideal"
     )
     parser.add_argument("--repeat", type=int, choices=range(1, 10), default=3, metavar="R")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=list(CONCURRENCIES), metavar="C",
+        help="rqworkers cases to run (default: 1 10 100 1000)",
+    )  # fmt: skip
     parser.add_argument("--no-peers", action="store_true", help="rqworkers and Redis only")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
