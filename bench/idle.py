@@ -114,7 +114,7 @@ def measure(
         time.sleep(settle)  # start-up traffic passes; nothing to wait on but the clock
         children = psutil.Process(service.pid).children() if service else []
         others = [c.pid for c in children]
-        workers = [c.pid for c in children if "worker" in " ".join(c.cmdline())]
+        workers = [c.pid for c in children if "rqworkers: worker " in " ".join(c.cmdline())]
         before_total = int(client.info("stats")["total_commands_processed"])
         before_calls = command_calls(client)
         cpu_before = {pid: cpu_seconds(pid) or 0.0 for pid in [server.process.pid, *others]}
