@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--prefetch", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--top", type=int, default=18)
+    parser.add_argument("--top", type=int, default=18, help="0: no cProfile run")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
     procs = Processes()
@@ -163,6 +163,13 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
         per = min(timeit.repeat(fn, number=20_000, repeat=5)) / 20_000
         print(f"  {name:<48} {per * 1e6:6.3f} us")
     worker.queue.client.close()
+    if args.top:
+        profiled(args, url, client, prefetch)
+
+
+def profiled(args: argparse.Namespace, url: str, client: Any, prefetch: int) -> None:
+    """One more drain under cProfile: its top `--top` functions by own time."""
+    n = args.messages
     client.flushdb()
     fill(client, QUEUE, n)
     worker = build(url, prefetch)
