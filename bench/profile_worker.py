@@ -10,6 +10,9 @@ finished, against a private redis-server (no persistence). For each prefetch it 
   spent in `Outbox.take` (the Lua round trip that acks and takes, client wall time: the
   server's work, the socket, redis-py and hiredis) and the rest, the worker's own Python;
 - the redis-server's CPU per message over the same runs;
+- the yardstick of the same prefetch (`bench/yardsticks.py`: (b) for prefetch 1, (c)
+  otherwise) run in this process before each run, on the same messages: a ratio taken
+  without the service around the worker (no fork, no manager, no bench polling);
 - what each piece of the per-message path costs alone (`timeit`, in the same process):
   the clock reads, the timer (two `setitimer` calls), the scoreboard writes, the envelope
   parsing, the outbox's ack, the handler call through `_call_within`;
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import Processes, _terminate, cpu_seconds, fill, start_redis
+from bench.yardsticks import MODES, _handler
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect
 from rqworkers.handlers import Handler
@@ -137,7 +141,14 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
     print(f"## prefetch {prefetch}, {n:,} messages, load {os.getloadavg()[0]:.2f}\n")
     best: tuple[float, float, int] | None = None
     redis_cpu = 0.0
+    mode = "b" if prefetch == 1 else "c"
+    yardstick: list[float] = []
     for _ in range(args.repeat):
+        client.flushdb()  # the yardstick of this prefetch first, on the same messages
+        fill(client, QUEUE, n)
+        started = time.perf_counter()
+        MODES[mode](client, QUEUE, n, _handler(0.0))
+        yardstick.append(time.perf_counter() - started)
         client.flushdb()
         fill(client, QUEUE, n)
         worker = build(url, prefetch)
@@ -156,7 +167,12 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
     print(f"wall per message (best of {args.repeat}): {wall * us:.2f} us = {n / wall:,.0f} msgs/s")
     print(f"  in Outbox.take (Redis round trip, redis-py): {in_take * us:.2f} us ({takes:,} calls)")
     print(f"  the rest (worker Python per message): {(wall - in_take) * us:.2f} us")
-    print(f"redis-server CPU per message: {redis_cpu / args.repeat * us:.2f} us\n")
+    print(f"redis-server CPU per message: {redis_cpu / args.repeat * us:.2f} us")
+    fastest = min(yardstick)
+    print(
+        f"yardstick ({mode}) in this process, interleaved (best of {args.repeat}): "
+        f"{fastest * us:.2f} us = {n / fastest:,.0f} msgs/s; the worker: {fastest / wall:.2f}x\n"
+    )
     worker = build(url, prefetch)
     print("pieces alone (timeit, best of 5, per call):")
     for name, fn in pieces(worker).items():
