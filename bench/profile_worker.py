@@ -98,19 +98,21 @@ def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
         outbox.ack(delivery, 0.0)
         outbox.acks.clear()
 
+    def scoreboard() -> None:
+        board.busy(delivery.id, 1.0)
+        board.idle(False, 0.0001)
+
+    def timer() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
     return {
         "2 clock reads (time.monotonic)": lambda: (monotonic(), monotonic()),
-        "timer: 2 setitimer calls": lambda: (
-            signal.setitimer(signal.ITIMER_REAL, 30.0),
-            signal.setitimer(signal.ITIMER_REAL, 0),
-        ),
+        "timer: 2 setitimer calls": timer,
         "handler call via _call_within (timer included)": lambda: _call_within(
             30.0, handler.handle, delivery.payload
         ),
-        "scoreboard busy + idle": lambda: (
-            board.busy(delivery.id, 1.0),
-            board.idle(False, 0.0001),
-        ),
+        "scoreboard busy + idle": scoreboard,
         "envelope parse (Delivery.parse)": lambda: Delivery.parse(element),
         "outbox ack (append)": ack,
     }

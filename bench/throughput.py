@@ -1037,9 +1037,9 @@ def judge(report: Report) -> list[tuple[str, bool | None, str]]:
                         detail,
                     )
                 )
-    one, two = rate("prefetch 100, 1 proc, 0 ms"), rate("prefetch 100, 2 proc, 0 ms")
-    if one and two:  # issue 8 asks more of prefetch 100 than the 1.6x above
-        r = two / one
+    single, double = rate("prefetch 100, 1 proc, 0 ms"), rate("prefetch 100, 2 proc, 0 ms")
+    if single and double:  # issue 8 asks more of prefetch 100 than the 1.6x above
+        r = double / single
         out.append(("2 processes >= 1.8 x 1 (prefetch 100, 0 ms; issue 8)", r >= 1.8, f"{r:.2f}x"))
     trips = {r.case: r for r in report.rows if r.section == "executor" and r.rate}
     trip_peers = [r for r in report.rows if r.section == "executor peer" and r.rate]
