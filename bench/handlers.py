@@ -1,4 +1,4 @@
-"""rqworkers handlers for the throughput bench: a no-op and a 1 ms sleep, both self-timing.
+"""rqworkers handlers for the benches: a no-op, a 1 ms sleep and 50 ms waits, all self-timing.
 
 The bench needs the time of the first and last handled message without adding a Redis round
 trip per message (that would measure the bench, not rqworkers). So a handler keeps its
@@ -15,7 +15,9 @@ Payloads tell the handler which phase they belong to, so one service run serves 
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 from array import array
 
@@ -78,3 +80,36 @@ class Sleep1ms(Noop):
         started = time.time()
         time.sleep(0.001)
         self._record(message, started)
+
+
+WAIT = 0.05  # seconds an I/O-bound handler waits (bench/concurrency.py)
+
+
+class AsyncWait50ms(Noop):
+    """Awaits 50 ms per message: an `async def` handler that waits on I/O. Its coroutines
+    all run on one event loop thread, so `_record` needs no lock."""
+
+    async def handle(self, message: bytes) -> None:  # type: ignore[override]
+        started = time.time()
+        await asyncio.sleep(WAIT)
+        self._record(message, started)
+
+
+class ThreadWait50ms(Noop):
+    """Sleeps 50 ms per message in a thread of the worker's pool. `_record`'s counters are
+    read-modify-writes, which threads would lose without the lock."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.lock = threading.Lock()
+
+    def handle(self, message: bytes) -> None:
+        started = time.time()
+        time.sleep(WAIT)
+        with self.lock:
+            self._record(message, started)
+
+
+def noop(message: bytes) -> None:
+    """A bare function that does nothing: `bench/profile_worker.py` times the worker's own
+    path around it, so the handler must add no time of its own."""

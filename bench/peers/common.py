@@ -10,6 +10,7 @@ of what a fork costs), and the reading says so.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ URL = os.environ.get("BENCH_REDIS_URL", "")
 EXPECT = int(os.environ.get("BENCH_EXPECT", "0"))
 RESULT_KEY = "bench:peer"  # hash: first, last, count
 PAYLOAD_SIZE = 100
+WAIT = 0.05  # seconds an I/O-bound job waits (`wait50` in each peer's app)
 
 
 def payloads(n: int) -> list[str]:
@@ -27,20 +29,30 @@ def payloads(n: int) -> list[str]:
 
 
 class Recorder:
-    """Per-process count of jobs run; writes `RESULT_KEY` once, at the expected count."""
+    """Per-process count of jobs run; writes `RESULT_KEY` once, at the expected count.
+
+    Thread-safe: peers that run jobs on threads (Dramatiq, Celery's threads pool) would
+    otherwise lose increments and never reach the count. An uncontended lock costs well
+    under a microsecond, nothing beside a job.
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self.first = 0.0
+        self.lock = threading.Lock()
 
-    def hit(self) -> None:
+    def hit(self, started: float | None = None) -> None:
+        """One job done; `started` (its start, wall clock) for jobs that take time, so that
+        the span runs from the first job's start, as the rqworkers handlers time it."""
         now = time.time()
-        if not self.count:
-            self.first = now
-        self.count += 1
-        if self.count == EXPECT:
+        with self.lock:
+            if not self.count:
+                self.first = now if started is None else started
+            self.count += 1
+            done = self.count == EXPECT
+        if done:
             client = redis.Redis.from_url(URL)
-            mapping = {"first": repr(self.first), "last": repr(now), "count": self.count}
+            mapping = {"first": repr(self.first), "last": repr(now), "count": EXPECT}
             client.hset(RESULT_KEY, mapping=mapping)
             client.close()
 
