@@ -60,10 +60,14 @@ def describe(letter: DeadLetter) -> str:
         if when
         else "?"
     )
-    return (
+    reason = info.get("reason", "reason unknown" if letter.info is not None else "no record")
+    text = (
         f"[{letter.index}] {len(letter.payload)} bytes  {preview(letter.payload)}\n"
-        f"    attempts {info.get('attempts', '?')}, {stamp}, {info.get('reason', 'reason unknown')}"
+        f"    attempts {info.get('attempts', '?')}, {stamp}, {reason}"
     )
+    if letter.copies > 1:  # identical payloads: each copy has its own record (most recent)
+        text += f"\n    one of {letter.copies} copies of this payload in the dead list"
+    return text
 
 
 def preview(payload: bytes) -> str:
@@ -82,6 +86,9 @@ def show(dead: DeadLetters, index: int, raw: bool, out: TextIO, raw_out: BinaryI
         return
     out.write(describe(letter) + "\n")
     out.write(repr(letter.payload) + "\n")
+    traceback = (letter.info or {}).get("traceback")
+    if traceback:
+        out.write(str(traceback).rstrip("\n") + "\n")
 
 
 def take_out(
