@@ -48,6 +48,7 @@ from bench.throughput import (
     ServiceRun,
     _terminate,
     machine_info,
+    target_lines,
 )
 
 CONCURRENCIES = (1, 10, 100, 1000)
@@ -242,10 +243,7 @@ def render(report: Report) -> str:
             f"{_fmt(r.rate, ',.0f'):>8} {_fmt(r.ideal, ',.0f'):>8} {ratio:>7} "
             f"{_fmt(r.rss_mb, '.1f'):>6} {_fmt(r.p50_ms, '.2f'):>7}  {r.note}".rstrip()
         )
-    lines += ["```", "", "Targets:", ""]
-    for what, met, detail in report.targets:
-        mark = {True: "MET   ", False: "MISSED", None: "info  "}[met]
-        lines.append(f"- {mark} {what}: {detail}")
+    lines += ["```", "", "Targets:", "", *target_lines(report.targets)]
     return "\n".join(lines) + "\n"
 
 

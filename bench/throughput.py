@@ -1141,11 +1141,14 @@ def render(report: Report) -> str:
     for name, times in report.respawn.items():
         shown = ", ".join(f"{t * 1000:.1f} ms" for t in times)
         lines.append(f"respawn ({name}), SIGKILL -> replacement's first handled message: {shown}")
-    lines += ["```", "", "## Targets", ""]
-    for what, met, detail in report.targets:
-        mark = {True: "MET   ", False: "MISSED", None: "info  "}[met]
-        lines.append(f"- {mark} {what}: {detail}")
+    lines += ["```", "", "## Targets", "", *target_lines(report.targets)]
     return "\n".join(lines) + "\n"
+
+
+def target_lines(targets: list[tuple[str, bool | None, str]]) -> list[str]:
+    """One line per target: MET, MISSED, or info where there is nothing to judge."""
+    marks = {True: "MET   ", False: "MISSED", None: "info  "}
+    return [f"- {marks[met]} {what}: {detail}" for what, met, detail in targets]
 
 
 def _round(value: object) -> object:

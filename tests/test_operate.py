@@ -416,3 +416,18 @@ def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
 
     assert take_out(dead, Selection([], None), purge_and_meanwhile_a_new_one) == BATCH + 50
     assert client.lrange("jobs:dead", 0, -1) == [b"NEW-unseen"]
+
+
+def test_dead_list_and_show_say_how_many_copies_and_show_the_traceback(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 1}])
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"raise", b"raise")
+    wait_for(lambda: client.llen("jobs:dead") == 2, what="two dead twins")
+    config = str(svc.config_path)
+    listed = cli("dead", "list", "-c", config).stdout.decode()
+    assert listed.count("one of 2 copies of this payload in the dead list") == 2
+    shown = cli("dead", "show", "0", "-c", config).stdout.decode()
+    assert "Traceback (most recent call last)" in shown and "testapp.py" in shown

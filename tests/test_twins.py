@@ -7,7 +7,6 @@ for a crash only if it was the one running.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 
@@ -204,28 +203,3 @@ def test_sigterm_gives_prefetched_messages_back_while_the_handler_still_runs(
     wait_for(lambda: client.llen("jobs") == 4, timeout=5, what="four given back at once")
     assert svc.wait(20) == 0
     assert client.llen("jobs:dead") == 0
-
-
-def test_dead_list_and_show_say_how_many_copies_and_show_the_traceback(
-    service: StartService, redis_server: RedisServer
-) -> None:
-    import subprocess
-    import sys
-
-    from tests.support import APPS, REPO
-
-    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 1}])
-    svc.wait_workers(1)
-    client = redis_server.client()
-    client.lpush("jobs", b"raise", b"raise")
-    wait_for(lambda: client.llen("jobs:dead") == 2, what="two dead twins")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]))
-
-    def cli(*args: str) -> str:
-        command = [sys.executable, "-m", "rqworkers", "dead", *args, "-c", str(svc.config_path)]
-        return subprocess.run(command, capture_output=True, env=env, timeout=30).stdout.decode()
-
-    listed = cli("list")
-    assert listed.count("one of 2 copies of this payload in the dead list") == 2
-    shown = cli("show", "0")
-    assert "Traceback (most recent call last)" in shown and "testapp.py" in shown
