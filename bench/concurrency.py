@@ -41,12 +41,12 @@ from pathlib import Path
 
 from bench.handlers import WAIT
 from bench.throughput import (
-    DEFAULT_PEERS_PYTHON,
     Bench,
     MemorySampler,
     Processes,
     ServiceRun,
     _terminate,
+    add_report_arguments,
     machine_info,
     target_lines,
 )
@@ -265,14 +265,7 @@ def main() -> int:
         help="rqworkers cases to run (default: 1 10 100 1000)",
     )  # fmt: skip
     parser.add_argument("--no-peers", action="store_true", help="rqworkers and Redis only")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument(
-        "--peers-python",
-        default=os.environ.get("BENCH_PEERS_PYTHON")
-        or (str(DEFAULT_PEERS_PYTHON) if DEFAULT_PEERS_PYTHON.exists() else sys.executable),
-        help="interpreter with bench/requirements.txt installed",
-    )
-    parser.add_argument("--render", metavar="JSON", help="print the table of a saved --json run")
+    add_report_arguments(parser)
     args = parser.parse_args()
     if args.render:
         print(render(load_report(Path(args.render))), end="")

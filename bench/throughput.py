@@ -1145,6 +1145,18 @@ def render(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json, --peers-python and --render, which every bench with peers takes."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--peers-python",
+        default=os.environ.get("BENCH_PEERS_PYTHON")
+        or (str(DEFAULT_PEERS_PYTHON) if DEFAULT_PEERS_PYTHON.exists() else sys.executable),
+        help="interpreter with bench/requirements.txt installed",
+    )
+    parser.add_argument("--render", metavar="JSON", help="print the table of a saved --json run")
+
+
 def target_lines(targets: list[tuple[str, bool | None, str]]) -> list[str]:
     """One line per target: MET, MISSED, or info where there is nothing to judge."""
     marks = {True: "MET   ", False: "MISSED", None: "info  "}
@@ -1253,14 +1265,7 @@ def main() -> int:
         help="runs of each throughput figure, median reported (default 3; 1 with --quick)",
     )
     parser.add_argument("--png", help="draw a bar chart here (needs matplotlib)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    parser.add_argument(
-        "--peers-python",
-        default=os.environ.get("BENCH_PEERS_PYTHON")
-        or (str(DEFAULT_PEERS_PYTHON) if DEFAULT_PEERS_PYTHON.exists() else sys.executable),
-        help="interpreter with bench/requirements.txt installed",
-    )
-    parser.add_argument("--render", metavar="JSON", help="print the table of a saved --json run")
+    add_report_arguments(parser)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     args = parser.parse_args()
     if args.render:
