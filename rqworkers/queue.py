@@ -53,6 +53,7 @@ from rqworkers import scripts
 from rqworkers.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
 from rqworkers.connections import Client
 from rqworkers.connections import connect as connect
+from rqworkers.direct import Call, script_caller
 
 _PREFIX = scripts.PREFIX.encode()
 
@@ -121,7 +122,12 @@ class ReliableQueue:
     """One worker's view of a queue: its shared list and its own private list."""
 
     def __init__(
-        self, client: Client, queue: str, worker_id: str, use_blmove: bool | None = None
+        self,
+        client: Client,
+        queue: str,
+        worker_id: str,
+        use_blmove: bool | None = None,
+        keep_connection: bool = False,  # a worker's own queue: see `direct`
     ) -> None:
         self.client = client
         self.keys = Keys.of(queue, worker_id)
@@ -130,6 +136,7 @@ class ReliableQueue:
         # Delivery ids: unique per process (random) and per take (counted).
         self._id_prefix = os.urandom(6).hex()
         self._ids = 0
+        self._runner = script_caller(client, keep_connection)
         self._take = self._bind(scripts.TAKE)
         self._replay = self._bind(scripts.REPLAY)
         self._give_back = self._bind(scripts.GIVE_BACK)
@@ -137,11 +144,9 @@ class ReliableQueue:
         self._dead_letter = self._bind(scripts.DEAD_LETTER)
         self._reclaim = self._bind(scripts.RECLAIM)
 
-    def _bind(self, script: scripts.Script) -> Any:
+    def _bind(self, script: scripts.Script) -> Call:
         """A callable running `script` with this queue's keys: `call(*args)`."""
-        registered = self.client.register_script(script.source)
-        keys = self.keys.of_script(script)
-        return lambda *args: registered(keys=keys, args=args)
+        return self._runner(script.source, self.keys.of_script(script))
 
     def _id_base(self) -> str:
         self._ids += 1

@@ -44,7 +44,9 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
         return ExitCode.STARTUP_FAILED
     stop = _install_signals()
     board.ready()
-    queue = ReliableQueue(connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id)
+    queue = ReliableQueue(
+        connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id, keep_connection=True
+    )
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             return ConcurrentWorker(spec, handler, queue, board, stop).run()

@@ -38,18 +38,29 @@ def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Red
         conn.close()
 
 
-@pytest.fixture(params=[True, False], ids=["blmove", "brpoplpush"])
-def use_blmove(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param)
+# (BLMOVE or the BRPOPLPUSH fallback, scripts on a kept connection or through the pool)
+@pytest.fixture(
+    params=[(True, True), (False, False), (True, False)],
+    ids=["blmove-kept", "brpoplpush-pooled", "blmove-pooled"],
+)
+def variant(request: pytest.FixtureRequest) -> tuple[bool, bool]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def use_blmove(variant: tuple[bool, bool]) -> bool:
+    return variant[0]
 
 
 MakeQueue = Callable[..., ReliableQueue]
 
 
 @pytest.fixture
-def make_queue(client: redis.Redis, use_blmove: bool) -> MakeQueue:
+def make_queue(client: redis.Redis, variant: tuple[bool, bool]) -> MakeQueue:
+    use_blmove, keep = variant
+
     def make(queue: str = QUEUE, worker_id: str = WORKER) -> ReliableQueue:
-        return ReliableQueue(client, queue, worker_id, use_blmove=use_blmove)
+        return ReliableQueue(client, queue, worker_id, use_blmove=use_blmove, keep_connection=keep)
 
     return make
 
@@ -530,3 +541,33 @@ def test_operations_never_duplicate_or_lose_a_message(
         assert len(ids) == len(set(ids)), f"step {step}: a delivery id repeated"
 
     assert produced > 10 and acked and client.llen(keys.dead) and client.zcard(keys.retry)
+
+
+# -- the kept connection (`rqworkers.direct`) ------------------------------------------------
+
+
+def test_a_kept_connection_loads_its_scripts_again_after_script_flush(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    q = ReliableQueue(client, QUEUE, WORKER, keep_connection=True)
+    produce(client, b"one", b"two")
+    first = q.take([], 1).deliveries
+    client.script_flush()  # what a restarted or failed-over server looks like
+    second = q.take([d.element for d in first], 1).deliveries
+    assert [d.payload for d in first + second] == [b"one", b"two"]
+    assert q.in_flight() == second
+
+
+def test_a_kept_connection_that_was_killed_fails_once_then_reconnects(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    q = ReliableQueue(client, QUEUE, WORKER, keep_connection=True)
+    produce(client, b"one", b"two")
+    q.take([], 1)
+    client.client_kill_filter(skipme=True, _type="normal")  # every connection but this one
+    with pytest.raises(redis.ConnectionError):
+        q.take([], 1)
+    assert [d.payload for d in q.take([], 1).deliveries] == [b"two"]
+    assert [d.payload for d in q.in_flight()] == [b"one", b"two"]
