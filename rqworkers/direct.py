@@ -17,6 +17,7 @@ keep: it runs scripts the ordinary way.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from redis.exceptions import NoScriptError
 from rqworkers.connections import Client
 
 Call = Callable[..., Any]  # call(*args) with the script's keys bound
+STALE_AFTER = 0.05  # seconds idle after which a kept connection is checked before use
 
 
 class ScriptRunner:
@@ -35,6 +37,7 @@ class ScriptRunner:
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._connection: Any = None
+        self._used = 0.0  # monotonic time of the last reply
 
     def bind(self, source: str, keys: Sequence[str]) -> Call:
         encoded = source.encode()
@@ -54,8 +57,37 @@ class ScriptRunner:
         connection = self._connection
         if connection is None:  # kept for this process's life: never given back
             connection = self._connection = self._pool.get_connection()
-        connection.send_command(*command)
-        return connection.read_response()
+        # A no-op while connected. After a failure, the connection's own `connect` (not the
+        # one sending would call) is what asks Sentinel where the master is now.
+        connection.connect()
+        if time.monotonic() - self._used > STALE_AFTER and _stale(connection):
+            # The server closed it (a restart while this worker waited elsewhere). Checked
+            # as the pool checks a connection it hands out, but only after a pause: back
+            # to back, a poll per call would cost 2 µs.
+            connection.disconnect()
+            connection.connect()
+        try:
+            connection.send_command(*command)
+            reply = connection.read_response()
+        except redis.ResponseError:
+            raise  # an error reply: the connection is in step
+        except BaseException:
+            # A timeout, a lost connection, an exception from a signal handler between the
+            # send and the read: the reply may still come, and must not be read as the
+            # next command's. (A Sentinel connection does not drop itself on errors.)
+            connection.disconnect()
+            raise
+        self._used = time.monotonic()
+        return reply
+
+
+def _stale(connection: Any) -> bool:
+    """True if an idle connection has something to read: the server's close, or a reply
+    nobody read."""
+    try:
+        return bool(connection.can_read())
+    except redis.ConnectionError:  # the parser found the server's close
+        return True
 
 
 def script_caller(client: Client, keep_connection: bool) -> Callable[[str, Sequence[str]], Call]:

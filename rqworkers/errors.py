@@ -39,6 +39,11 @@ class Refused(RqworkersError):  # noqa: N818 (a verdict on a message, not a fail
     """
 
 
+class Superseded(RqworkersError):  # noqa: N818 (a state, like Refused)
+    """Another process has taken over this worker's private list (it replayed it since):
+    two managers share a node name, or this worker outlived its replacement."""
+
+
 class MessageTimeout(BaseException):
     """Raised inside a handler that ran past its `timeout`.
 
@@ -59,3 +64,4 @@ class ExitCode(enum.IntEnum):
     STARTUP_FAILED = 72
     ORPHANED = 73
     REDIS_REFUSED = 74  # an error reply retrying cannot cure, e.g. WRONGTYPE on a queue key
+    SUPERSEDED = 75  # another process replayed this worker id's private list since

@@ -45,6 +45,10 @@ class Outbox:
     failures: list[Failure] = field(default_factory=list)
     # After a lost reply, pending operations are sent again: a miss is then expected.
     resending: bool = False
+    # Acks in take order are the oldest of the private list: sent as one LTRIM (see
+    # `scripts.TAKE`). A worker that settles out of order turns this off.
+    trim_acks: bool = True
+    one_by_one: bool = False  # the last trim found the list otherwise: send each ack once
 
     def ack(self, delivery: Delivery, now: float) -> None:
         if not self.acks:
@@ -64,9 +68,18 @@ class Outbox:
         """Send pending failures, then the acks with a take of up to `limit` new deliveries
         (`landed`: a blocking fetch left one in the landing list)."""
         self.send_failures()
-        if self.acks:
+        acks = self.acks
+        if not acks and limit <= 0:
+            return Taken(0, [], None)  # nothing to send
+        if acks:
             self.before_acks()
-        taken = self.queue.take([d.element for d in self.acks], limit, landed)
+        trim = len(acks) if self._in_take_order() else 0
+        elements = [acks[0].element, acks[-1].element] if trim else [d.element for d in acks]
+        taken = self.queue.take(elements, limit, landed, trim)
+        if taken.missing_acks < 0:  # nothing was removed: the acks wait for the next trip
+            log.debug("%d acks were not the oldest of the private list; sent one by one", trim)
+            self.one_by_one = True
+            return taken
         if taken.missing_acks and not self.resending:
             log.warning(
                 "%d ack(s) removed nothing from %s: moved by someone else, they may run twice",
@@ -74,12 +87,25 @@ class Outbox:
                 self.queue.keys.processing,
             )
         self.acks = []
-        self.resending = False
+        self.resending = self.one_by_one = False
         return taken
 
+    def _in_take_order(self) -> bool:
+        """True when the acks may travel as a trim: each taken after the one before."""
+        acks = self.acks
+        if not acks or not self.trim_acks or self.one_by_one:
+            return False
+        previous = acks[0].seq
+        for delivery in acks[1:]:
+            if delivery.seq <= previous:
+                return False
+            previous = delivery.seq
+        return acks[0].seq > 0  # 0: a delivery read back from Redis, of unknown order
+
     def flush(self) -> None:
-        """Send everything pending, taking nothing new."""
-        if self.acks or self.failures:
+        """Send everything pending, taking nothing new (a trim refused is sent again, one
+        by one, so this ends in two trips at most)."""
+        while self.acks or self.failures:
             self.take(0)
 
     def lost_reply(self) -> None:

@@ -34,6 +34,10 @@ Redis Cluster slot:
 - `<queue>:workers`: set of worker ids that have had a private list (the reclaim registry).
 - `<queue>:lease:<worker-id>`: string with a TTL, alive while the worker's node is.
 - `<queue>:reclaim:<worker-id>`: short fence so that only one manager reclaims a list.
+- `<queue>:owner:<worker-id>`: the process (its id prefix) that last replayed the private
+  list. Only it may take into the list: a second process on the same worker id (two
+  managers sharing a node name) is refused, rather than having its messages mixed into the
+  list of another, which acks by trimming the list's oldest.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import redis
 
@@ -54,22 +58,56 @@ from rqworkers.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
 from rqworkers.connections import Client
 from rqworkers.connections import connect as connect
 from rqworkers.direct import Call, script_caller
+from rqworkers.errors import Superseded
 
 _PREFIX = scripts.PREFIX.encode()
+SUPERSEDED = -2  # what TAKE answers a process that no longer owns the private list
 
 
-class Delivery(NamedTuple):
-    """One delivery of a message: its envelope in the private list, and what it carries."""
+class Delivery:
+    """One delivery of a message: its id, unique per delivery, its count of earlier
+    deliveries that ended without a result, and what it carries.
 
-    element: bytes  # the envelope, unique: what acks and moves name
-    id: bytes
-    attempts: int  # earlier deliveries of this message that ended without a result
-    payload: bytes
+    `seq` orders one process's deliveries as they sit in its private list (take order),
+    which lets in-order acks travel as one LTRIM. A plain class with slots, not a named
+    tuple: a worker makes one per message, and its envelope is only built when needed.
+    """
+
+    __slots__ = ("_element", "attempts", "id", "payload", "seq")
+
+    def __init__(
+        self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
+    ) -> None:
+        self.id = id
+        self.attempts = attempts
+        self.payload = payload
+        self.seq = seq
+        self._element = element
+
+    @property
+    def element(self) -> bytes:
+        """The envelope in the private list, `rqw1:<id>:<attempts>:<payload>`: what acks
+        and moves name."""
+        if not self._element:
+            self._element = b"%s%s:%d:%s" % (_PREFIX, self.id, self.attempts, self.payload)
+        return self._element
 
     @classmethod
-    def parse(cls, element: bytes) -> Delivery:
+    def parse(cls, element: bytes, seq: int = 0) -> Delivery:
         _, ident, attempts, payload = element.split(b":", 3)
-        return cls(element, ident, int(attempts), payload)
+        return cls(ident, int(attempts), payload, seq, element)
+
+    def _key(self) -> tuple[bytes, int, bytes]:
+        return self.id, self.attempts, self.payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Delivery) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Delivery(id={self.id!r}, attempts={self.attempts}, payload={self.payload!r})"
 
 
 @dataclass(frozen=True)
@@ -77,7 +115,7 @@ class Taken:
     """What `take` did: acks that found nothing, the new deliveries, and when the next
     retry is due (epoch seconds; None if none is waiting, or the take was full)."""
 
-    missing_acks: int
+    missing_acks: int  # -1: acks sent as a trim were not where claimed, and were not removed
     deliveries: list[Delivery]
     next_due: float | None
 
@@ -98,6 +136,7 @@ class Keys:
     registry: str
     lease: str
     fence: str
+    owner: str
 
     @classmethod
     def of(cls, queue: str, worker_id: str) -> Keys:
@@ -111,6 +150,7 @@ class Keys:
             registry=f"{queue}:workers",
             lease=f"{queue}:lease:{worker_id}",
             fence=f"{queue}:reclaim:{worker_id}",
+            owner=f"{queue}:owner:{worker_id}",
         )
 
     def of_script(self, script: scripts.Script) -> list[str]:
@@ -136,6 +176,7 @@ class ReliableQueue:
         # Delivery ids: unique per process (random) and per take (counted).
         self._id_prefix = os.urandom(6).hex()
         self._ids = 0
+        self._seq = 0  # of the last delivery this process was handed (take order)
         self._runner = script_caller(client, keep_connection)
         self._take = self._bind(scripts.TAKE)
         self._replay = self._bind(scripts.REPLAY)
@@ -154,12 +195,27 @@ class ReliableQueue:
 
     # -- the hot path -----------------------------------------------------------------------
 
-    def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
+    def take(self, acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
         """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
-        `landed`: a blocking fetch just landed one, to be taken first."""
+        `landed`: a blocking fetch just landed one, to be taken first.
+
+        `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
+        holds only the oldest and the newest of them (see `scripts.TAKE`)."""
         flag = "1" if landed else "0"
-        reply = self._take(limit, time.time(), self._id_base(), flag, self.worker_id, *acks)
-        deliveries = [Delivery.parse(element) for element in reply[2:]]
+        base = self._id_base()
+        reply = self._take(limit, time.time(), base, flag, self.worker_id, trim, *acks)
+        if reply[0] == SUPERSEDED:
+            raise Superseded(f"{self.keys.processing} was taken over by another process")
+        payloads = reply[3:]
+        seq = self._seq
+        self._seq += len(payloads)
+        prefix = base.encode()
+        # Attempts are listed only when some deliveries have them (retries, given back).
+        counts = [int(n) for n in reply[2].split(b",")] if reply[2] else [0] * len(payloads)
+        deliveries = [
+            Delivery(b"%s%d" % (prefix, n), attempts, payload, seq + n)
+            for n, (attempts, payload) in enumerate(zip(counts, payloads, strict=True), 1)
+        ]
         return Taken(int(reply[0]), deliveries, float(reply[1]) if reply[1] else None)
 
     def fetch(self, timeout: float) -> bool:
@@ -200,12 +256,15 @@ class ReliableQueue:
         charge_all = "1" if running is None else "0"
         mine = f"{self._id_prefix}."
         reply = self._replay(charge_all, self._id_base(), mine, *(running or ()))
-        return [Delivery.parse(element) for element in reply]
+        seq = self._seq
+        self._seq += len(reply)
+        return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
 
     def give_back(self, unstarted: list[Delivery]) -> int:
         """Return deliveries that never reached the handler, oldest first in `unstarted`,
         to the head of the queue; those with attempts behind them keep their count."""
-        return int(self._give_back(*(d.element for d in reversed(unstarted))))
+        elements = (d.element for d in reversed(unstarted))
+        return int(self._give_back(f"g{self._id_base()}", *elements))
 
     def retry_later(self, delivery: Delivery, delay: float) -> bool:
         """Park a failed delivery for `delay` seconds with one more attempt counted."""

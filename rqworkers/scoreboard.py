@@ -102,9 +102,11 @@ class Scoreboard:
         half-written id: a worker killed between the two leaves the previous id unnamed.
         """
         word = _ENTRY0 + entry * _ENTRY_WORDS
-        size = min(len(delivery_id), _ID_BYTES)
+        size = len(delivery_id)
+        if size > _ID_BYTES:  # never for ids rqworkers makes; the slice would copy
+            size, delivery_id = _ID_BYTES, delivery_id[:_ID_BYTES]
         start = (word + 2) * 8
-        self._map[start : start + size] = delivery_id[:size]
+        self._map[start : start + size] = delivery_id
         self._ints[word + 1] = size
         self._floats[word] = since
         if entry >= self._ints[_ENTRIES_USED]:

@@ -73,39 +73,61 @@ end
 # round trip: first the one a blocking fetch left in the landing list (looked at only when
 # `landed` is '1': an idle worker's take must cost Redis little), then due retries and
 # returned messages (oldest first), then the oldest of the shared list. Each new delivery
-# gets the id `idbase .. n`. Returns {acks that found nothing, due time of the next retry
-# ('' if none, or if this call took all it could), envelope1, envelope2, ...}.
+# gets the id `idbase .. n`, n counting from 1.
+# Acks come in one of two forms. `trim` 0: ARGV's rest are the envelopes to remove, one
+# LREM each. `trim` n > 0: the n acks are the oldest of the private list, and ARGV's rest
+# are the oldest and the newest of them: both are checked where they must be, and one
+# LTRIM removes the n. The worker only claims that when its acks follow the private list's
+# order; every envelope is unique and the list holds only its owner's deliveries, in take
+# order, so if the two ends are in place, the n between them are the acks. If they are not,
+# nothing is removed and the reply's first element is -1: the worker sends them one by one.
+# Returns {-2} to a process that no longer owns the list, taking and acking nothing; else
+# {acks that found nothing (or -1), due time of the next retry ('' if none, or if
+# this call took all it could), attempts of each new delivery joined by ',' ('' when all
+# are 0), payload1, payload2, ...}: the worker knows the ids it gave, so the envelopes
+# need not travel back.
 TAKE = Script(
-    keys=("queue", "processing", "landing", "retry", "lease", "registry"),
-    args=("limit", "now", "idbase", "landed", "worker_id"),
+    keys=("queue", "processing", "landing", "retry", "lease", "registry", "owner"),
+    args=("limit", "now", "idbase", "landed", "worker_id", "trim"),
     body="""
+-- Only the process that last replayed the list (or, if none did, took first) takes into it
+-- and trims it (see `owner` in queue.py): the list holds one process's deliveries, in order.
+local me, owned_by = string.match(idbase, '^[^.]*%.'), redis.call('GET', owner)
+if not owned_by then
+  redis.call('SET', owner, me)
+elseif owned_by ~= me then
+  return {-2}
+end
 local missing = 0
-local acks = #ARGV - REST + 1
+local acks = tonumber(trim)
 if acks > 0 then
-  -- Acks in order are the oldest of the private list: one LTRIM removes them all.
-  local oldest = redis.call('LRANGE', processing, -acks, -1)
-  local in_order = #oldest == acks
-  for i = 1, acks do
-    if not in_order then break end
-    in_order = oldest[acks - i + 1] == ARGV[REST + i - 1]
+  local in_place = redis.call('LINDEX', processing, -1) == ARGV[REST]
+  if in_place and acks > 1 then
+    in_place = redis.call('LINDEX', processing, -acks) == ARGV[REST + 1]
   end
-  if in_order then
+  if in_place then
     redis.call('LTRIM', processing, 0, -acks - 1)
   else
-    for i = REST, #ARGV do
-      if redis.call('LREM', processing, -1, ARGV[i]) == 0 then missing = missing + 1 end
-    end
+    missing = -1
+  end
+else
+  for i = REST, #ARGV do
+    if redis.call('LREM', processing, -1, ARGV[i]) == 0 then missing = missing + 1 end
   end
 end
-local taken = {missing, ''}
+local taken = {missing, '', ''}
 local room = tonumber(limit)
 if room <= 0 then return taken end
 -- A worker whose lease lapsed (its node froze) was struck from the registry by a reclaim:
 -- what it takes now must stay findable should its node die before the keeper renews.
 if redis.call('EXISTS', lease) == 0 then redis.call('SADD', registry, worker_id) end
-local fresh = {}
+local fresh, attempts_of, tried = {}, {}, false
 local function deliver(attempts, payload)
-  fresh[#fresh + 1] = wrap(idbase .. (#fresh + 1), attempts, payload)
+  local n = #fresh + 1
+  fresh[n] = wrap(idbase .. n, attempts, payload)
+  attempts_of[n] = attempts
+  taken[n + 3] = payload
+  if attempts ~= 0 then tried = true end
   room = room - 1
 end
 local landed_message = landed == '1' and redis.call('LINDEX', landing, -1)
@@ -123,9 +145,14 @@ if room > 0 and first[2] and tonumber(first[2]) <= tonumber(now) then
   end
 end
 local oldest_last = {}
-if room > 0 then
+if room > 0 then  -- the bulk of every busy take: `deliver` inlined, attempts 0
   oldest_last = redis.call('LRANGE', queue, -room, -1)
-  for i = #oldest_last, 1, -1 do deliver(0, oldest_last[i]) end
+  local n, head = #fresh, PREFIX .. idbase
+  for i = #oldest_last, 1, -1 do
+    n = n + 1
+    fresh[n] = head .. n .. ':0:' .. oldest_last[i]
+    taken[n + 3] = oldest_last[i]
+  end
 end
 -- Pushed before they leave where they were: Redis out of memory refuses the push, and then
 -- nothing has moved.
@@ -137,7 +164,10 @@ for i = 1, #due, 1000 do
   redis.call('ZREM', retry, unpack(due, i, math.min(i + 999, #due)))
 end
 if #oldest_last > 0 then redis.call('LTRIM', queue, 0, -#oldest_last - 1) end
-for _, element in ipairs(fresh) do taken[#taken + 1] = element end
+if tried then
+  for i = #attempts_of + 1, #fresh do attempts_of[i] = 0 end
+  taken[3] = table.concat(attempts_of, ',')
+end
 if room > 0 and first[2] then
   taken[2] = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or ''
 end
@@ -151,12 +181,13 @@ return taken
 # itself (ids starting with `idbase`'s process part). A charged envelope gets a new id, so a
 # replay sent again after a lost reply charges nothing twice. Messages a blocking fetch
 # left in the landing list never reached a handler; they join the private list uncharged.
-# An element that is not an envelope (written by an older release) is wrapped.
-# Returns {envelope1, envelope2, ...}, oldest first.
+# An element that is not an envelope (written by an older release) is wrapped. The replaying
+# process becomes the list's `owner`. Returns {envelope1, envelope2, ...}, oldest first.
 REPLAY = Script(
-    keys=("processing", "landing"),
+    keys=("processing", "landing", "owner"),
     args=("charge_all", "idbase", "mine"),
     body="""
+redis.call('SET', owner, mine)  -- from now on only this process takes into the list
 local charged = {}
 for i = REST, #ARGV do charged[ARGV[i]] = true end
 local elements = redis.call('LRANGE', processing, 0, -1)
@@ -194,15 +225,17 @@ return result
 # Gives deliveries that never reached the handler back, oldest nearest the head: untried
 # ones to the head of the shared list as they came, ones with attempts behind them to the
 # retry set, due at once and in order, so that their count survives.
-# ARGV: envelopes, newest first. Returns how many moved.
+# ARGV: an id base, then envelopes, newest first. Returns how many moved.
 GIVE_BACK = Script(
     keys=("queue", "processing", "retry"),
-    args=(),
+    args=("idbase",),
     body="""
 local moved = 0
 for i = REST, #ARGV do
-  local id, attempts, payload = parse(ARGV[i])
-  local member = wrap('g' .. tostring(id), attempts, payload)
+  local _, attempts, payload = parse(ARGV[i])
+  -- A new id each call: were it the delivery's, a give-back sent again after a lost reply
+  -- would find its own earlier copy in the retry set and remove it (ZREM below).
+  local member = wrap(idbase .. (i - REST + 1), attempts, payload)
   if attempts == 0 then
     redis.call('RPUSH', queue, payload)
   else
@@ -286,7 +319,7 @@ return 1
 # fetch had landed, never delivered, to the head of the shared list.
 # Returns how many moved, or -1 if the lease is alive.
 RECLAIM = Script(
-    keys=("processing", "landing", "queue", "retry", "lease", "registry"),
+    keys=("processing", "landing", "queue", "retry", "lease", "registry", "owner"),
     args=("worker_id", "charge_all"),
     body="""
 if redis.call('EXISTS', lease) == 1 then return -1 end
@@ -311,6 +344,7 @@ while true do
   redis.call('RPOP', processing)
 end
 redis.call('SREM', registry, worker_id)
+redis.call('DEL', owner)  -- whoever takes into the list next owns it
 return moved
 """,
 )

@@ -36,6 +36,7 @@ _EXIT_WORDS = {
     ExitCode.STARTUP_FAILED: "startup failed",
     ExitCode.ORPHANED: "orphaned",
     ExitCode.REDIS_REFUSED: "redis refused an operation",
+    ExitCode.SUPERSEDED: "another process took over its private list (node name shared?)",
 }
 
 

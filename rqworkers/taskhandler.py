@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from redis.cluster import RedisCluster
 from redis.commands.core import AsyncScript, Script
 
 from rqworkers import tasks
+from rqworkers.alarm import ALARM
 from rqworkers.backoff import ExponentialBackoff
 from rqworkers.config import PairSettings
 from rqworkers.connections import TRANSIENT_ERRORS, Client, connect
@@ -135,25 +135,13 @@ class TaskHandler(Handler):
             raise Refused(f"task {task.task!r} cannot take these arguments: {exc}") from None
 
     def _call(self, function: Callable[..., Any], task: Task) -> Any:
-        """`function(*args, **kwargs)`, within the message's `timeout` if that is shorter.
-
-        The worker has armed `ITIMER_REAL` for the pair's `timeout`; a shorter own timeout
-        replaces it for the call, and what was left of the pair's is armed again after.
-        """
-        if threading.current_thread() is not threading.main_thread():
+        """`function(*args, **kwargs)`, within the message's `timeout` if that is shorter
+        than what is left of the pair's (the worker's `ALARM` keeps both)."""
+        if threading.current_thread() is not threading.main_thread() or task.timeout is None:
             # A pool thread (`concurrency` > 1): no signal can reach it; the worker's loop
             # keeps the deadline instead (see `own_timeout`).
             return self._invoke(function, task)
-        left = signal.getitimer(signal.ITIMER_REAL)[0]
-        if task.timeout is None or task.timeout >= (left or self.pair_timeout):
-            return self._invoke(function, task)
-        started = time.monotonic()
-        signal.setitimer(signal.ITIMER_REAL, task.timeout)
-        try:
-            return self._invoke(function, task)
-        finally:
-            rest = left - (time.monotonic() - started) if left else 0.0
-            signal.setitimer(signal.ITIMER_REAL, max(rest, 1e-6) if left else 0.0)
+        return ALARM.call(task.timeout, self._invoke, function, task)
 
     def _invoke(self, function: Callable[..., Any], task: Task) -> Any:
         """Call the task; an `async def` one runs on the handler's event loop, and is

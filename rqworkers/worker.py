@@ -21,17 +21,18 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import redis
 
+from rqworkers.alarm import ALARM
 from rqworkers.backoff import ExponentialBackoff, Outage, describe
 from rqworkers.config import PairSettings
 from rqworkers.connections import is_outage
-from rqworkers.errors import ExitCode, MessageTimeout, Refused
+from rqworkers.errors import ExitCode, MessageTimeout, Refused, Superseded
 from rqworkers.handlers import Handler
 from rqworkers.outbox import Failure, Outbox
 from rqworkers.process import StopFlag
@@ -62,19 +63,6 @@ class WorkerSpec:
     lease_ttl: float
     sample_succeeded: float = 0.0  # share of succeeded messages that get a log line
     sample_failed: float = 1.0  # share of failed and dead-lettered messages that do
-
-
-def _call_within(seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)`, interrupted by `MessageTimeout` in this (main) thread after `seconds`.
-
-    A plain function rather than a context manager: it runs for every message, and a
-    generator-based `with` costs twice as much.
-    """
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn(*args)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class Worker:
@@ -109,12 +97,16 @@ class Worker:
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         # Its outages are published, so that `/healthz` and `status` can tell them.
         self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
+        ALARM.install()
 
     def run(self) -> int:
         code: int = ExitCode.OK
         while self.keep_going():
             try:
                 result = self.step()
+            except Superseded as exc:
+                code = self.superseded(exc)
+                break
             except TRANSIENT_ERRORS as exc:
                 if not is_outage(exc):
                     code = self.refused(exc)
@@ -141,7 +133,8 @@ class Worker:
         return None
 
     def step(self) -> int | None:
-        """Handle at most one message. An exit code means: stop and recycle."""
+        """Take a batch if none is in hand, and handle it. An exit code means: stop and
+        recycle."""
         if self.needs_lease:
             self.queue.take_lease(self.spec.lease_ttl)
             self.needs_lease = False
@@ -149,13 +142,19 @@ class Worker:
             self.replay()
         if not self.batch and not self.fill_batch():
             return self.parent_gone()
-        delivery, lost_reason = self.batch.popleft()
-        timed_out = self.deliver(delivery, lost_reason)
-        if timed_out:
-            return ExitCode.TIMEOUT
-        if self.max_requests and self.finished >= self.max_requests:
-            log.info("finished %d messages; recycling", self.finished)
-            return ExitCode.MAX_REQUESTS
+        self.outage.over()  # Redis answers: say so now, not after a batch of slow messages
+        return self.run_batch()
+
+    def run_batch(self) -> int | None:
+        """Handle the batch in turn until it is done, a stop is asked for, or a limit hit."""
+        batch, stop = self.batch, self.stop
+        while batch and not stop.set:
+            delivery, lost_reason = batch.popleft()
+            if self.deliver(delivery, lost_reason):
+                return ExitCode.TIMEOUT
+            if self.max_requests and self.finished >= self.max_requests:
+                log.info("finished %d messages; recycling", self.finished)
+                return ExitCode.MAX_REQUESTS
         return None
 
     def replay(self) -> None:
@@ -209,6 +208,19 @@ class Worker:
         self.replaying = self.needs_lease = True
         self.outbox.lost_reply()
 
+    def superseded(self, exc: Superseded) -> int:
+        """Another process replayed this worker's private list: it now owns what is there,
+        acks of this one's finished messages included (they run again there). Exit."""
+        log.error(
+            "%s; exiting. Two managers given the same node name (%s) share worker ids: "
+            "give every node its own",
+            exc,
+            self.spec.worker_id.rsplit(":", 1)[0],
+        )
+        self.batch.clear()
+        self.outbox.acks.clear()
+        return ExitCode.SUPERSEDED
+
     def refused(self, exc: Exception) -> int:
         """An error reply that waiting cannot cure: name the keys at fault, and exit."""
         log.error(
@@ -222,6 +234,7 @@ class Worker:
 
     def finish(self) -> None:
         """On the way out: send pending settlements, give unstarted messages back."""
+        ALARM.disarm()
         if self.outbox.empty and not self.batch:
             return
         try:
@@ -264,13 +277,14 @@ class Worker:
         since = time.monotonic()
         self.board.busy(delivery.id, since)
         error: BaseException | None = None
+        handler = self.handler
         self.in_handler = True
         try:
-            result: Any = _call_within(self.pair.timeout, self.handler.handle, delivery.payload)
+            result: Any = ALARM.until(since + self.pair.timeout, handler.handle, delivery.payload)
         except (Exception, MessageTimeout) as exc:
             error = exc
         ended = time.monotonic()
-        callback_timed_out = self.handler.has_callbacks and self.run_callback(
+        callback_timed_out = handler.has_callbacks and self.run_callback(
             delivery.payload, result if error is None else None, error
         )
         self.in_handler = False
@@ -298,9 +312,9 @@ class Worker:
         """on_success/on_failure under the same time limit; True if it ran out of time."""
         try:
             if error is None:
-                _call_within(self.pair.timeout, self.handler.on_success, message, result)
+                ALARM.call(self.pair.timeout, self.handler.on_success, message, result)
             else:
-                _call_within(self.pair.timeout, self.handler.on_failure, message, error)
+                ALARM.call(self.pair.timeout, self.handler.on_failure, message, error)
         except MessageTimeout:
             log.error("handler callback ran past %ss; recycling", self.pair.timeout)
             return True

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import signal
-from types import FrameType
 
 import setproctitle
 
 from rqworkers import taskhandler
+from rqworkers.alarm import ALARM
 from rqworkers.connections import connect
 from rqworkers.dispatch import ConcurrentWorker
-from rqworkers.errors import ExitCode, MessageTimeout
+from rqworkers.errors import ExitCode
 from rqworkers.handlers import startup_failure
 from rqworkers.process import StopFlag
 from rqworkers.queue import ReliableQueue
@@ -60,14 +60,10 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
         queue.client.close()
 
 
-def _raise_timeout(signum: int, frame: FrameType | None) -> None:
-    raise MessageTimeout()
-
-
 def _install_signals() -> StopFlag:
     """SIGTERM/SIGINT set the flag; the loop looks at it between messages."""
     stop = StopFlag()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGALRM, _raise_timeout)
+    ALARM.install()
     return stop

@@ -4,6 +4,7 @@ confirms it, is sent again after a lost reply, and a resend's miss is not a warn
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -14,7 +15,22 @@ from rqworkers.queue import Delivery, Keys, ReliableQueue, Taken
 
 
 def delivery(n: int, payload: bytes = b"same") -> Delivery:
-    return Delivery(b"rqw1:id%d:0:" % n + payload, b"id%d" % n, 0, payload)
+    """The n-th delivery this process took (n >= 1), with a twin's payload by default."""
+    return Delivery(b"id%d" % n, 0, payload, seq=n)
+
+
+class PrivateList(list[bytes]):
+    """The private list, oldest first."""
+
+    def add(self, element: bytes) -> None:
+        self.append(element)
+
+    def update(self, elements: Iterable[bytes]) -> None:
+        self.extend(elements)
+
+    def discard(self, element: bytes) -> None:
+        if element in self:
+            self.remove(element)
 
 
 class FakeQueue:
@@ -23,7 +39,8 @@ class FakeQueue:
 
     def __init__(self) -> None:
         self.keys = Keys.of("jobs", "n:1")
-        self.present: set[bytes] = set()
+        self.present = PrivateList()
+        self.trims: list[int] = []  # acks sent as one trim, how many each time
         self.acked: list[bytes] = []
         self.retried: list[bytes] = []
         self.dead: list[bytes] = []
@@ -38,8 +55,16 @@ class FakeQueue:
             raise redis.ConnectionError("reset before the reply")
         return result
 
-    def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
+    def take(self, acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
         def effect() -> Taken:
+            if trim:  # as scripts.TAKE: the ends must be where the worker says
+                present = self.present
+                if present[:1] != acks[:1] or present[trim - 1 : trim] != acks[-1:]:
+                    return Taken(-1, [], None)
+                self.acked += present[:trim]
+                del present[:trim]
+                self.trims.append(trim)
+                return Taken(0, [], None)
             missing = 0
             for element in acks:
                 if element in self.present:
@@ -82,7 +107,7 @@ def outbox(fake: FakeQueue, settled: list[tuple[Failure, bool]]) -> Outbox:
 
 def test_acks_wait_for_the_next_take_and_go_together(fake: FakeQueue) -> None:
     box = outbox(fake, [])
-    twins = [delivery(n) for n in range(3)]
+    twins = [delivery(n) for n in range(1, 4)]
     fake.present.update(d.element for d in twins)
     for d in twins:
         box.ack(d, now=100.0)
@@ -90,6 +115,7 @@ def test_acks_wait_for_the_next_take_and_go_together(fake: FakeQueue) -> None:
     assert box.acks_overdue(100.0 + ACK_INTERVAL * 2)
     box.take(5)
     assert fake.acked == [d.element for d in twins] and box.empty
+    assert fake.trims == [3], "in take order: one trim"
 
 
 @pytest.mark.parametrize("mode", ["before", "after"])
@@ -117,7 +143,7 @@ def test_an_ack_that_finds_nothing_outside_a_resend_is_a_warning(
     box = outbox(fake, [])
     box.ack(delivery(1), now=0.0)  # not present: someone reclaimed it
     with caplog.at_level(logging.WARNING):
-        box.take(1)
+        box.flush()  # a trim refused, then the ack alone
     assert "1 ack(s) removed nothing" in caplog.text
 
 
@@ -150,9 +176,9 @@ def test_what_must_precede_the_acks_is_sent_first(fake: FakeQueue) -> None:
     box = Outbox(queue, lambda f, moved: None, lambda: order.append("before"))
     original = fake.take
 
-    def take(acks: list[bytes], limit: int, landed: bool = False) -> Taken:
-        order.append(f"take {len(acks)}")
-        return original(acks, limit, landed)
+    def take(acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
+        order.append(f"take {trim or len(acks)}")
+        return original(acks, limit, landed, trim)
 
     fake.take = take  # type: ignore[method-assign]
     box.take(1)
@@ -161,3 +187,45 @@ def test_what_must_precede_the_acks_is_sent_first(fake: FakeQueue) -> None:
     box.ack(d, now=0.0)
     box.take(1)
     assert order == ["take 0", "before", "take 1"], "only acks wait for it"
+
+
+def test_acks_out_of_take_order_go_one_by_one(fake: FakeQueue) -> None:
+    box = outbox(fake, [])
+    first, second = delivery(1), delivery(2)
+    fake.present.update([first.element, second.element])
+    box.ack(second, now=0.0)
+    box.ack(first, now=0.0)
+    box.take(1)
+    assert sorted(fake.acked) == [first.element, second.element] and fake.trims == []
+
+
+def test_a_trim_the_list_refuses_removes_nothing_and_goes_again_one_by_one(
+    fake: FakeQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = outbox(fake, [])
+    first, unsettled, third = delivery(1), delivery(2), delivery(3)
+    # a delivery this outbox does not know of sits between its acks
+    fake.present.update([first.element, unsettled.element, third.element])
+    box.ack(first, now=0.0)
+    box.ack(third, now=0.0)
+    box.take(1)
+    assert fake.acked == [] and not box.empty, "refused: kept for the next trip"
+    with caplog.at_level(logging.WARNING):
+        box.flush()
+    assert fake.acked == [first.element, third.element] and box.empty
+    assert fake.present == [unsettled.element], "what was not acked stays"
+    assert "removed nothing" not in caplog.text
+    fake.present.discard(unsettled.element)  # settled elsewhere (retried, say)
+    box.ack(delivery(4), now=0.0)
+    fake.present.add(delivery(4).element)
+    box.flush()
+    assert fake.trims == [1], "one by one only once"
+
+
+def test_deliveries_read_back_from_redis_are_never_trimmed(fake: FakeQueue) -> None:
+    box = outbox(fake, [])
+    d = Delivery.parse(delivery(1).element)  # seq 0: its place in the list is unknown
+    fake.present.add(d.element)
+    box.ack(d, now=0.0)
+    box.flush()
+    assert fake.acked == [d.element] and fake.trims == []

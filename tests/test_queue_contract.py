@@ -19,6 +19,8 @@ import pytest
 import redis
 
 from rqworkers import scripts
+from rqworkers.direct import STALE_AFTER
+from rqworkers.errors import Superseded
 from rqworkers.queue import DeadLetters, Delivery, Keys, ReliableQueue
 from tests.support import RedisServer
 
@@ -489,7 +491,8 @@ def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
     q.take([c.element], 0)
     written = {key.decode() for key in client.keys("*")}
     registry = f"{queue}:workers"  # a worker without a lease registers as it takes
-    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons", registry}
+    owner = f"{queue}:owner:{WORKER}"
+    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons", registry, owner}
 
 
 # -- conservation ------------------------------------------------------------------------------
@@ -559,7 +562,7 @@ def test_a_kept_connection_loads_its_scripts_again_after_script_flush(
     assert q.in_flight() == second
 
 
-def test_a_kept_connection_that_was_killed_fails_once_then_reconnects(
+def test_a_kept_connection_the_server_closed_while_idle_is_replaced_before_use(
     redis_server: RedisServer,
 ) -> None:
     client = redis_server.client()
@@ -567,7 +570,103 @@ def test_a_kept_connection_that_was_killed_fails_once_then_reconnects(
     produce(client, b"one", b"two")
     q.take([], 1)
     client.client_kill_filter(skipme=True, _type="normal")  # every connection but this one
-    with pytest.raises(redis.ConnectionError):
-        q.take([], 1)
-    assert [d.payload for d in q.take([], 1).deliveries] == [b"two"]
+    time.sleep(2 * STALE_AFTER)  # idle: a worker blocked on another connection, say
+    assert [d.payload for d in q.take([], 1).deliveries] == [b"two"], "no error"
     assert [d.payload for d in q.in_flight()] == [b"one", b"two"]
+
+
+# -- acks as one trim -------------------------------------------------------------------------
+
+
+def trim(q: ReliableQueue, acks: list[Delivery], limit: int = 0) -> int:
+    """Send `acks` as the oldest of the private list; the reply's first number."""
+    return q.take([acks[0].element, acks[-1].element], limit, trim=len(acks)).missing_acks
+
+
+def test_in_order_acks_of_twins_leave_as_one_trim(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, *[b"same"] * 5)
+    taken = take_all(q)
+    assert trim(q, taken[:3]) == 0
+    assert q.in_flight() == taken[3:]
+    assert trim(q, taken[3:4]) == 0 and q.in_flight() == taken[4:]
+
+
+def test_a_trim_over_an_unacked_delivery_removes_nothing(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, *[b"same"] * 4)
+    taken = take_all(q)
+    acks = [taken[0], taken[2]]  # taken[1] is still in the handler
+    assert trim(q, acks) == -1
+    assert q.in_flight() == taken
+    assert q.take([d.element for d in acks], 0).missing_acks == 0, "one by one, they go"
+    assert q.in_flight() == [taken[1], taken[3]]
+
+
+def test_a_trim_sent_again_after_a_lost_reply_removes_nothing_more(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, *[b"same"] * 4)
+    taken = take_all(q)
+    assert trim(q, taken[:2]) == 0
+    assert trim(q, taken[:2]) == -1, "the oldest is gone: the ends are not in place"
+    assert q.in_flight() == taken[2:]
+
+
+def test_a_take_hands_each_delivery_its_own_attempts(client: redis.Redis, q: ReliableQueue) -> None:
+    produce(client, b"fresh")
+    (failed,) = take_all(q)
+    assert q.retry_later(failed, 0.0)
+    assert q.retry_later(take_all(q)[0], 0.0)  # its second failed delivery
+    produce(client, b"fresh", b"fresh")
+    taken = take_all(q)
+    assert [(d.payload, d.attempts) for d in taken] == [(b"fresh", 2), (b"fresh", 0), (b"fresh", 0)]
+    assert q.in_flight() == taken
+    assert [d.seq for d in taken] == sorted({d.seq for d in taken}), "in take order"
+
+
+def test_a_give_back_sent_again_after_a_lost_reply_keeps_the_message(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"tried", b"fresh")
+    (tried,) = take_all(q, 1)
+    assert q.retry_later(tried, 0.0)
+    taken = take_all(q)
+    assert [(d.payload, d.attempts) for d in taken] == [(b"tried", 1), (b"fresh", 0)]
+    assert q.give_back(taken) == 2
+    assert q.give_back(taken) == 0, "the second changes nothing..."
+    assert retrying(client) == [(b"tried", 1)], "...and removes nothing"
+    assert shared(client) == [b"fresh"]
+
+
+def test_a_process_whose_list_another_replayed_takes_nothing_more(
+    client: redis.Redis, make_queue: MakeQueue
+) -> None:
+    """Two processes on one worker id (two managers sharing a node name): the one that
+    replayed the list last owns it; the other's takes and acks are refused, so the owner's
+    list holds only its own deliveries, in its order, and its trims take only its acks."""
+    first, second = make_queue(), make_queue()
+    produce(client, b"x", b"y", b"z")
+    x, y = take_all(first, 2)
+    replayed = second.replay([])
+    assert replayed == [x, y]
+    with pytest.raises(Superseded):
+        first.take([x.element], 1)
+    assert shared(client) == [b"z"], "it took nothing"
+    assert second.in_flight() == [x, y], "and removed nothing"
+    (z,) = take_all(second, 1)
+    assert trim(second, [*replayed, z]) == 0
+    assert second.in_flight() == []
+
+
+def test_a_reclaimed_list_belongs_to_whoever_takes_next(
+    client: redis.Redis, make_queue: MakeQueue
+) -> None:
+    first = make_queue()
+    produce(client, b"x")
+    take_all(first, 1)
+    assert first.reclaim() == 1  # no lease: reclaimed, and the owner forgotten
+    second = make_queue()
+    assert [d.payload for d in take_all(second, 1)] == [b"x"]
+    with pytest.raises(Superseded):
+        first.take([], 1)

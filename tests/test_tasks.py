@@ -11,11 +11,11 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from rqworkers import checks, tasks
+from rqworkers.alarm import ALARM
 from rqworkers.config import PairSettings, load
 from rqworkers.errors import ConfigError, MessageTimeout, Refused
 from rqworkers.producer import Producer
@@ -346,23 +346,23 @@ def test_the_handler_runs_the_task_and_replies_before_the_ack(
 
 
 def test_the_messages_own_timeout_interrupts_it_within_the_pairs(handler: TaskHandler) -> None:
-    signal.signal(signal.SIGALRM, _raise_timeout)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 5.0)  # what the worker arms: the pair's timeout
+    ALARM.install()
+
+    def under_the_pairs_timeout() -> float:
         message = tasks.encode(Producer.task("taskapp:sleep", (3,), timeout=0.2))
         with pytest.raises(MessageTimeout):
             handler.handle(message)
-        left = signal.getitimer(signal.ITIMER_REAL)[0]
-        assert 4.0 < left < 5.0, "the rest of the pair's timeout is armed again"
+        left = ALARM.left()
+        assert left is not None and 4.0 < left < 5.0, "the pair's deadline holds again"
         assert handler.handle(tasks.encode(Producer.task("taskapp:add", (1, 2), timeout=1))) == 3
-        assert 3.5 < signal.getitimer(signal.ITIMER_REAL)[0] <= left
+        return left
+
+    try:
+        assert ALARM.call(5.0, under_the_pairs_timeout) > 4.0  # what the worker runs it in
+        assert ALARM.left() is None
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        ALARM.disarm()
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
-
-
-def _raise_timeout(signum: int, frame: Any) -> None:
-    raise MessageTimeout()
 
 
 def test_a_task_that_cannot_run_is_refused_before_it_is_called(

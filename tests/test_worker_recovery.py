@@ -32,16 +32,16 @@ class FlakyQueue(ReliableQueue):
     """Fails the `fail_at`-th take, `after` Redis ran it (reply lost) or before."""
 
     def __init__(self, client: redis.Redis, fail_at: int, after: bool) -> None:
-        super().__init__(client, "jobs", "node:1")
+        super().__init__(client, "jobs", "node:1", keep_connection=True)
         self.takes = 0
         self.fail_at = fail_at
         self.after = after
 
-    def take(self, acks: list[bytes], limit: int, landed: bool = False) -> Taken:
+    def take(self, acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
         self.takes += 1
         if self.takes == self.fail_at and not self.after:
             raise redis.ConnectionError("connection reset before the command was sent")
-        taken = super().take(acks, limit, landed)
+        taken = super().take(acks, limit, landed, trim)
         if self.takes == self.fail_at:
             raise redis.ConnectionError("connection reset before the reply arrived")
         return taken
