@@ -57,7 +57,15 @@ class Noop:
         current[2] += 1
 
     def handle(self, message: bytes) -> None:
-        self._record(message, time.time())
+        now = time.time()
+        if self.calls and message[1] == self.phase and message[0] != _LATENCY:
+            # the throughput phases' path, kept short: the yardsticks' handler does nothing
+            current = self.current
+            current[1] = now
+            current[2] += 1
+            self.calls += 1
+            return
+        self._record(message, now)
 
     def teardown(self) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -14,8 +14,9 @@ finished, against a private redis-server (no persistence). For each prefetch it 
   otherwise) run in this process before each run, on the same messages: a ratio taken
   without the service around the worker (no fork, no manager, no bench polling);
 - what each piece of the per-message path costs alone (`timeit`, in the same process):
-  the clock reads, the timer (two `setitimer` calls), the scoreboard writes, the envelope
-  parsing, the outbox's ack, the handler call through `_call_within`;
+  the clock reads, the handler call under `ALARM` (and, for comparison, the two
+  `setitimer` calls a timer per message would cost), the scoreboard writes, making a
+  `Delivery` from a take's reply, the outbox's ack;
 - a cProfile run's top functions by own time (the profiler adds its own cost per call, so
   its totals are larger than the wall time above; the proportions are what it is for).
 """
@@ -38,6 +39,7 @@ from typing import Any
 
 from bench.throughput import Processes, _terminate, cpu_seconds, fill, start_redis
 from bench.yardsticks import MODES, _handler
+from rqworkers.alarm import ALARM
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect
 from rqworkers.handlers import Handler
@@ -45,7 +47,7 @@ from rqworkers.outbox import Outbox
 from rqworkers.process import StopFlag
 from rqworkers.queue import Delivery, ReliableQueue
 from rqworkers.scoreboard import Scoreboard
-from rqworkers.worker import BLOCK_TIMEOUT, Worker, WorkerSpec, _call_within
+from rqworkers.worker import BLOCK_TIMEOUT, Worker, WorkerSpec
 
 QUEUE = "jobs"
 HANDLER = "bench.handlers:noop"
@@ -90,8 +92,8 @@ class TakeTimer:
 def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
     """Each piece of `Worker.deliver`'s path, as it runs per message."""
     board, outbox, handler = worker.board, worker.outbox, worker.handler
-    element = b"rqw1:0123456789ab.1.0:0:" + b"x" * 100
-    delivery = Delivery.parse(element)
+    base, payload = b"0123456789ab.1.", b"x" * 100
+    delivery = Delivery(base + b"1", 0, payload, 1)
     monotonic = time.monotonic
 
     def ack() -> None:
@@ -108,12 +110,12 @@ def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
 
     return {
         "2 clock reads (time.monotonic)": lambda: (monotonic(), monotonic()),
-        "timer: 2 setitimer calls": timer,
-        "handler call via _call_within (timer included)": lambda: _call_within(
+        "(not used) a timer per message: 2 setitimer calls": timer,
+        "handler call via ALARM.call (lazy timer)": lambda: ALARM.call(
             30.0, handler.handle, delivery.payload
         ),
         "scoreboard busy + idle": scoreboard,
-        "envelope parse (Delivery.parse)": lambda: Delivery.parse(element),
+        "a Delivery made from a take's reply": lambda: Delivery(b"%s%d" % (base, 7), 0, payload, 7),
         "outbox ack (append)": ack,
     }
 
