@@ -549,12 +549,18 @@ def test_operations_never_duplicate_or_lose_a_message(
 # -- the kept connection (`rqworkers.direct`) ------------------------------------------------
 
 
-def test_a_kept_connection_loads_its_scripts_again_after_script_flush(
-    redis_server: RedisServer,
-) -> None:
+@pytest.fixture
+def kept(redis_server: RedisServer) -> tuple[redis.Redis, ReliableQueue]:
+    """A worker's queue on a real Redis, scripts on its kept connection, two messages."""
     client = redis_server.client()
-    q = ReliableQueue(client, QUEUE, WORKER, keep_connection=True)
     produce(client, b"one", b"two")
+    return client, ReliableQueue(client, QUEUE, WORKER, keep_connection=True)
+
+
+def test_a_kept_connection_loads_its_scripts_again_after_script_flush(
+    kept: tuple[redis.Redis, ReliableQueue],
+) -> None:
+    client, q = kept
     first = q.take([], 1).deliveries
     client.script_flush()  # what a restarted or failed-over server looks like
     second = q.take([d.element for d in first], 1).deliveries
@@ -563,11 +569,9 @@ def test_a_kept_connection_loads_its_scripts_again_after_script_flush(
 
 
 def test_a_kept_connection_the_server_closed_while_idle_is_replaced_before_use(
-    redis_server: RedisServer,
+    kept: tuple[redis.Redis, ReliableQueue],
 ) -> None:
-    client = redis_server.client()
-    q = ReliableQueue(client, QUEUE, WORKER, keep_connection=True)
-    produce(client, b"one", b"two")
+    client, q = kept
     q.take([], 1)
     client.client_kill_filter(skipme=True, _type="normal")  # every connection but this one
     time.sleep(2 * STALE_AFTER)  # idle: a worker blocked on another connection, say
