@@ -212,10 +212,10 @@ class Worker:
         """Another process replayed this worker's private list: it now owns what is there,
         acks of this one's finished messages included (they run again there). Exit."""
         log.error(
-            "%s; exiting. Two managers given the same node name (%s) share worker ids: "
-            "give every node its own",
+            "%s; exiting. Two managers given the same node name share worker ids (this "
+            "one's is %s): give every node its own",
             exc,
-            self.spec.worker_id.rsplit(":", 1)[0],
+            self.spec.worker_id,
         )
         self.batch.clear()
         self.outbox.acks.clear()
