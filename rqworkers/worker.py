@@ -13,7 +13,6 @@ the outbox sends again what was not confirmed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -21,10 +20,10 @@ import signal
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -40,6 +39,7 @@ from rqworkers.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
 from rqworkers.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Seconds an idle fetch blocks, which bounds an idle worker's Redis traffic (two commands
 # per block) and how often it checks that its manager lives. A stop signal cuts it short.
@@ -191,11 +191,10 @@ class Worker:
         """
         if self.stop.set:
             return False
-        with _interruptible(self.stop) as interrupted:
-            return self.queue.fetch(seconds)
-        if interrupted:
+        landed = interruptible(self.stop, self.queue.fetch, seconds)
+        if landed is None:
             _drop_connections(self.queue.client)
-        return False
+        return bool(landed)
 
     def lose_track(self) -> None:
         """After a Redis error: forget the batch; the private list is the truth to replay.
@@ -377,25 +376,39 @@ class _Interrupted(BaseException):
     """A stop signal arrived while the worker was blocked waiting for a message."""
 
 
-@contextlib.contextmanager
-def _interruptible(stop: StopFlag) -> Iterator[list[bool]]:
-    """While inside, SIGTERM and SIGINT also raise `_Interrupted` (suppressed on the way
-    out; the list yielded holds True then). Python retries an interrupted system call
-    after the handler returns, so only an exception ends a blocking read early."""
+def interruptible(stop: StopFlag, fn: Callable[..., T], *args: Any) -> T | None:
+    """`fn(*args)`, cut short by SIGTERM or SIGINT (then None); `stop` records the signal.
+
+    Python retries an interrupted system call after the handler returns, so only an
+    exception ends a blocking read early. A handler may run at any bytecode, even after
+    it was replaced (a signal that arrived just before), so it raises only while `armed`,
+    and `armed` is cleared inside a `try` whose `except` catches what it raises: the
+    exception can never escape into the code around (the manager's death sends SIGTERM to
+    its workers at whatever instant it happens).
+    """
+    armed = False
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         stop(signum, frame)
-        raise _Interrupted()
+        if armed:
+            raise _Interrupted()
 
-    interrupted: list[bool] = []
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[signal.Signals, Any] = {}
     try:
-        yield interrupted
+        try:
+            for stop_signal in (signal.SIGTERM, signal.SIGINT):
+                previous[stop_signal] = signal.signal(stop_signal, interrupt)
+            armed = True
+            if stop.set:  # asked before the handlers were in place
+                return None
+            return fn(*args)
+        finally:
+            armed = False
     except _Interrupted:
-        interrupted.append(True)
+        return None
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
 
 
 def _drop_connections(client: Any) -> None:
