@@ -308,13 +308,24 @@ class Node:
 _HANDLER_FAILURE = re.compile(r"delivery \d+/\d+ failed|dead-lettered a ")
 
 
+# How Python joins the tracebacks of chained exceptions: the line two above the next one.
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+
+
 def tracebacks(log: bytes) -> list[str]:
     """The exception line ending each traceback in a log that is not a handler's own
-    failure, with the log line that preceded it."""
+    failure, with the log line that preceded it. A chained exception's tracebacks belong
+    to the record of the first."""
     lines = log.decode(errors="replace").splitlines()
     found = []
+    handlers = False  # whether the traceback being read is a handler's own failure
     for i, line in enumerate(lines):
-        if not line.startswith("Traceback") or (i and _HANDLER_FAILURE.search(lines[i - 1])):
+        if not line.startswith("Traceback"):
+            continue
+        chained = i >= 2 and lines[i - 2].startswith(_CHAINED)
+        if not chained:
+            handlers = bool(i and _HANDLER_FAILURE.search(lines[i - 1]))
+        if handlers:
             continue
         end = next(
             (j for j in range(i + 1, len(lines)) if lines[j] and not lines[j][0].isspace()), None

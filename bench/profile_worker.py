@@ -151,7 +151,7 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
         client.flushdb()  # the yardstick of this prefetch first, on the same messages
         fill(client, QUEUE, n)
         started = time.perf_counter()
-        MODES[mode](client, QUEUE, n, _handler(0.0))
+        MODES[mode](client, QUEUE, f"{QUEUE}:processing", n, _handler(0.0))
         yardstick.append(time.perf_counter() - started)
         client.flushdb()
         fill(client, QUEUE, n)

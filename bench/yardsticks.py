@@ -11,12 +11,19 @@ same reliability rqworkers gives, without its delivery counting, retries or supe
 Run as `python -m bench.yardsticks --url URL --queue Q --mode a --n N [--sleep S]` on a
 queue already holding N messages; it prints one JSON line. Connecting and loading the
 script happen before the clock starts.
+
+With `--go KEY`, several of them share one queue, as the processes of one rqworkers pair
+do: each pushes onto `KEY:ready` once it is connected, starts its clock when `KEY` gets an
+element, stops when the queue is empty, and reports its own first and last instants
+(`time.time()`), so the caller can take the rate over the union of their runs. Each then
+uses its own private list, `Q:processing:<pid>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,9 +63,8 @@ def _handler(sleep: float) -> Handle:
     return work
 
 
-def blmove_lrem(client: redis.Redis, queue: str, n: int, handle: Handle) -> int:
+def blmove_lrem(client: redis.Redis, queue: str, processing: str, n: int, handle: Handle) -> int:
     """(a) The textbook reliable queue: two round trips per message."""
-    processing = f"{queue}:processing"
     handled = 0
     while handled < n:
         message: Any = client.blmove(queue, processing, 1, "RIGHT", "LEFT")
@@ -70,9 +76,8 @@ def blmove_lrem(client: redis.Redis, queue: str, n: int, handle: Handle) -> int:
     return handled
 
 
-def pipelined(client: redis.Redis, queue: str, n: int, handle: Handle) -> int:
+def pipelined(client: redis.Redis, queue: str, processing: str, n: int, handle: Handle) -> int:
     """(b) The ack of one message travels with the fetch of the next: one round trip."""
-    processing = f"{queue}:processing"
     pipe = client.pipeline(transaction=False)
     previous: Any = None
     handled = 0
@@ -92,9 +97,8 @@ def pipelined(client: redis.Redis, queue: str, n: int, handle: Handle) -> int:
     return handled
 
 
-def lua_batch(client: redis.Redis, queue: str, n: int, handle: Handle) -> int:
+def lua_batch(client: redis.Redis, queue: str, processing: str, n: int, handle: Handle) -> int:
     """(c) 100 LMOVEs per script call; the whole batch acked by one LTRIM in the next call."""
-    processing = f"{queue}:processing"
     take = client.register_script(_TAKE_BATCH)
     client.script_load(_TAKE_BATCH)  # loaded before the clock starts
     acks = 0
@@ -111,7 +115,7 @@ def lua_batch(client: redis.Redis, queue: str, n: int, handle: Handle) -> int:
     return handled
 
 
-MODES: dict[str, Callable[[redis.Redis, str, int, Handle], int]] = {
+MODES: dict[str, Callable[[redis.Redis, str, str, int, Handle], int]] = {
     "a": blmove_lrem,
     "b": pipelined,
     "c": lua_batch,
@@ -125,14 +129,23 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--go", help="start when this list gets an element (see above)")
     args = parser.parse_args()
     client = redis.Redis.from_url(args.url)
     client.ping()
-    started = time.perf_counter()
-    handled = MODES[args.mode](client, args.queue, args.n, _handler(args.sleep))
+    processing = f"{args.queue}:processing"
+    if args.go:
+        processing += f":{os.getpid()}"
+        if args.mode == "c":
+            client.script_load(_TAKE_BATCH)
+        client.rpush(f"{args.go}:ready", os.getpid())
+        client.blpop([args.go])
+    began, started = time.time(), time.perf_counter()
+    handled = MODES[args.mode](client, args.queue, processing, args.n, _handler(args.sleep))
     elapsed = time.perf_counter() - started
-    left = client.llen(f"{args.queue}:processing")
-    print(json.dumps({"handled": handled, "expected": args.n, "elapsed": elapsed, "left": left}))
+    left = client.llen(processing)
+    result = {"handled": handled, "expected": args.n, "elapsed": elapsed, "left": left}
+    print(json.dumps({**result, "began": began, "ended": began + elapsed}))
 
 
 if __name__ == "__main__":
