@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 # loading, failing over, or the user lacks a permission an operator can grant. Any other
 # error reply (WRONGTYPE, a Lua runtime error) will fail the same way every time.
 _OUTAGE_REPLIES = ("OOM", "READONLY", "NOPERM", "TRYAGAIN", "MASTERDOWN", "LOADING", "CLUSTERDOWN")
+_WRAPPED_CODE = re.compile(r": -([A-Z]+) ")
 _OUTAGE_CLASSES = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
@@ -78,7 +80,19 @@ def is_outage(exc: BaseException) -> bool:
     reply that retrying cannot cure."""
     if not isinstance(exc, redis.ResponseError) or isinstance(exc, _OUTAGE_CLASSES):
         return True
-    return str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES
+    return _error_code(str(exc)) in _OUTAGE_REPLIES
+
+
+def _error_code(message: str) -> str:
+    """An error reply's code: its first word. Before 7.0, Redis wraps an error that a
+    command inside a script returned, `ERR Error running script (call to f_...):
+    @user_script:9: -OOM command not allowed ...`: there it is the word after the dash."""
+    code = message.split(" ", 1)[0]
+    if code == "ERR" and "Error running script" in message:
+        wrapped = _WRAPPED_CODE.search(message)
+        if wrapped:
+            return wrapped.group(1)
+    return code
 
 
 # Query arguments naming files that must exist; `password_file` is read here.

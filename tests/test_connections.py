@@ -751,3 +751,27 @@ def test_workers_resume_promptly_after_a_sentinel_failover_with_the_first_sentin
     assert delay < RESUME_WITHIN
     lines = outage_lines(svc, "")
     assert lines and all(len(line) < 1000 for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("reply", "outage"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", True),
+        ("READONLY You can't write against a read only replica.", True),
+        ("NOPERM this user has no permissions to run the 'evalsha' command", True),
+        ("LOADING Redis is loading the dataset in memory", True),
+        ("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.", True),
+        ("TRYAGAIN Multiple keys request during rehashing of slot", True),
+        # Redis 7 passes a script's failed command on with its own code ...
+        ("WRONGTYPE Operation against a key holding the wrong kind of value script: 08, on", False),
+        ("user_script:1: attempt to concatenate a boolean value script: d4, on", False),
+        # ... older servers wrap it
+        ("ERR Error running script (call to f_08): @user_script:9: -OOM command not allowed", True),
+        ("ERR Error running script (call to f_08): @user_script:3: -READONLY You can't", True),
+        ("ERR Error running script (call to f_08): @user_script:1: WRONGTYPE Operation", False),
+        ("ERR unknown command 'BLMOVE'", False),
+    ],
+)
+def test_only_replies_that_waiting_can_cure_count_as_an_outage(reply: str, outage: bool) -> None:
+    assert connections.is_outage(redis.ResponseError(reply)) is outage
+    assert connections.is_outage(redis.ConnectionError("Connection refused")) is True
