@@ -475,7 +475,7 @@ class DeadLetters:
         distinct = list(dict.fromkeys(payloads))
         fields = [digest(p) for p in distinct]
         raw = cast(list[Any], self.client.hmget(self.keys.dead_reasons, fields))
-        records = {p: json.loads(r) if r else None for p, r in zip(distinct, raw, strict=True)}
+        records = {p: _record(r) for p, r in zip(distinct, raw, strict=True)}
         seen = {p: self._copies_before(p, start) for p in distinct}
         letters = []
         for offset, payload in enumerate(payloads):
@@ -495,6 +495,16 @@ class DeadLetters:
         except redis.ResponseError:  # before Redis 6.0.6: count them here
             above = cast(list[bytes], self.client.lrange(self.keys.dead, 0, start - 1))
             return above.count(payload)
+
+
+def _record(raw: bytes | None) -> dict[str, Any] | None:
+    """A dead letter's record; None when there is none, or none rqworkers could have
+    written (a field set by hand): the letter is listed, requeued and purged all the same."""
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _copy_record(record: dict[str, Any] | None, rank: int) -> tuple[dict[str, Any] | None, int]:

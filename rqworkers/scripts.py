@@ -381,8 +381,11 @@ for i = REST, #ARGV, 3 do
   if redis.call('LREM', dead, -1, payload) == 0 then
     if mode == 'requeue' then redis.call('RPOP', queue) end
   else
+    -- A record that is not ours to read (written by hand, say) is dropped, not fatal.
     local raw = redis.call('HGET', dead_reasons, digest)
-    local rest = raw and without(cjson.decode(raw), id)
+    local readable, record = false, nil
+    if raw then readable, record = pcall(cjson.decode, raw) end
+    local rest = readable and type(record) == 'table' and without(record, id)
     if rest then
       redis.call('HSET', dead_reasons, digest, cjson.encode(rest))
     else

@@ -38,7 +38,11 @@ from rqworkers.tasks import AllowList, Task, TaskError
 
 log = logging.getLogger(__name__)
 
-_REPLY = "redis.call('LPUSH', KEYS[1], ARGV[1]); redis.call('PEXPIRE', KEYS[1], ARGV[2])"
+_REPLY = """
+local key, reply, ttl_ms = KEYS[1], ARGV[1], ARGV[2]
+redis.call('LPUSH', key, reply)
+redis.call('PEXPIRE', key, ttl_ms)
+"""
 _REPLY_ATTEMPTS = 6  # a failure reply retried over about 3 s of Redis errors, then given up
 
 

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rqworkers.metrics import Target, health
@@ -431,3 +432,26 @@ def test_dead_list_and_show_say_how_many_copies_and_show_the_traceback(
     assert listed.count("one of 2 copies of this payload in the dead list") == 2
     shown = cli("dead", "show", "0", "-c", config).stdout.decode()
     assert "Traceback (most recent call last)" in shown and "testapp.py" in shown
+    assert "one of 2 copies of this payload in the dead list" in shown
+    older = cli("dead", "show", "1", "-c", config).stdout.decode()
+    assert "one of 2 copies" in older and "attempts 1" in older
+
+
+@pytest.mark.parametrize("record", [b"{not json", b"42", b'"text"'])
+def test_a_dead_record_that_is_not_ours_to_read_does_not_stop_a_requeue(
+    record: bytes, redis_server: RedisServer
+) -> None:
+    """Written by hand or by something else: the letter still moves, the record is dropped."""
+    import fakeredis
+
+    from rqworkers.queue import DeadLetters, digest
+
+    for client in (fakeredis.FakeRedis(), redis_server.client()):
+        client.flushdb()
+        client.lpush("jobs:dead", b"m", b"n")
+        client.hset("jobs:dead:reasons", digest(b"m"), record)
+        dead = DeadLetters(client, "jobs")
+        assert [letter.payload for letter in dead.page()] == [b"n", b"m"]
+        assert dead.requeue(dead.page()) == 2
+        assert client.lrange("jobs", 0, -1) == [b"n", b"m"]  # the oldest, m, next in line
+        assert client.llen("jobs:dead") == 0 and client.hlen("jobs:dead:reasons") == 0
