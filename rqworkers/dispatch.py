@@ -158,6 +158,7 @@ class ConcurrentWorker(Worker):
             if delivery.attempts >= self.pair.max_attempts:
                 self.deliver(delivery, lost_reason)  # dead-lettered unhandled
                 continue
+            self.settle_before(delivery)
             entry = self.free_entries.pop()
             now = time.monotonic()
             self.board.busy(delivery.id, now, entry)

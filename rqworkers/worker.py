@@ -273,6 +273,7 @@ class Worker:
             record = {"reason": lost_reason, "attempts": delivery.attempts}
             self.outbox.fail(Failure(delivery, record, None))
             return False
+        self.settle_before(delivery)
         since = time.monotonic()
         self.board.busy(delivery.id, since)
         error: BaseException | None = None
@@ -306,6 +307,12 @@ class Worker:
             assert failure is not None
             self.outbox.fail(failure)
         return isinstance(error, MessageTimeout) or callback_timed_out
+
+    def settle_before(self, delivery: Delivery) -> None:
+        """A delivery that ended without a result before may take this worker down again:
+        settle what is finished first, or every crash would run those again too."""
+        if delivery.attempts and not self.outbox.empty:
+            self.outbox.flush()
 
     def run_callback(self, message: bytes, result: Any, error: BaseException | None) -> bool:
         """on_success/on_failure under the same time limit; True if it ran out of time."""

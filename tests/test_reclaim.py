@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import fakeredis
 import pytest
 import redis
 
-from rqworkers.queue import Keys, ReliableQueue, registered_workers
+from rqworkers.queue import Keys, ReliableQueue, digest, registered_workers
 from tests.support import RedisServer, Service, wait_for
 
 StartService = Callable[..., Service]
@@ -151,3 +152,45 @@ def test_a_fetch_reclaimed_before_it_was_taken_in_is_left_to_its_new_owner(
     owner = ReliableQueue(client, "jobs", "node-b:1")
     assert [(d.payload, d.attempts) for d in owner.take([], 1).deliveries] == [(b"m", 0)]
     assert stalled.take([], 1, landed=True).deliveries == [], "emptied by the reclaim"
+
+
+def dead_record(client: redis.Redis, payload: bytes) -> dict[str, object]:
+    raw = client.hget("jobs:dead:reasons", digest(payload))
+    assert raw is not None, f"no dead-letter record for {payload!r}"
+    return dict(json.loads(raw))
+
+
+def test_a_message_that_takes_every_node_down_is_dead_lettered_by_reclaim_after_max_attempts(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """Each node that starts it dies whole, so no worker of it lives to say what ran: a
+    survivor's reclaim charges the lost list, and after `max_attempts` (2) deliveries the
+    last node standing dead-letters it without running it a third time."""
+    client = redis_server.client()
+    worker = {"queue": "jobs", "handler": HANDLER, "max_attempts": 2}
+    nodes = [service([worker], manager=manager_section(f"node-{name}")) for name in "abc"]
+    for node in nodes:
+        node.wait_workers(1)
+    client.lpush("jobs", b"killnode")
+    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered by reclaim")
+    assert lrange(redis_server, "started").count(b"killnode") == 2
+    assert sum(node.process is not None and node.process.poll() is None for node in nodes) == 1
+    record = dead_record(client, b"killnode")
+    assert record["attempts"] == 2 and "killed by" not in str(record["reason"])
+    assert client.llen("jobs") == 0 and client.zcard("jobs:retry") == 0
+
+
+def test_a_retry_keeps_its_attempt_number_when_its_node_is_lost(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """Raised (attempt 1), then took its whole node down (2 = max_attempts): the survivor's
+    reclaim carries the count on, so it is dead-lettered, not run a third time."""
+    client = redis_server.client()
+    worker = {"queue": "jobs", "handler": HANDLER, "max_attempts": 2, "retry_delay": 0.1}
+    nodes = [service([worker], manager=manager_section(f"node-{name}")) for name in "ab"]
+    for node in nodes:
+        node.wait_workers(1)
+    client.lpush("jobs", b"steps:rn:1")
+    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered by reclaim")
+    assert lrange(redis_server, "started").count(b"steps:rn:1") == 2
+    assert dead_record(client, b"steps:rn:1")["attempts"] == 2

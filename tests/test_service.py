@@ -16,7 +16,15 @@ import psutil
 import pytest
 
 from rqworkers.queue import Delivery
-from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
+from tests.support import (
+    APPS,
+    REPO,
+    RedisServer,
+    Service,
+    internal_tracebacks,
+    wait_for,
+    write_config,
+)
 
 StartService = Callable[..., Service]
 
@@ -271,6 +279,45 @@ def test_a_message_that_kills_its_worker_ends_in_the_dead_list(
     wait_for(lambda: lrange(redis_server, "done") == [b"after"], what="next message handled")
 
 
+def test_a_retry_keeps_its_attempt_number_across_a_worker_crash(
+    service: StartService, redis_server: RedisServer, prefetch: int
+) -> None:
+    """Raised (attempt 1), killed its worker (2), raised again (3 = max_attempts): dead. Had
+    the crash lost the retry's count, the fourth start would have succeeded."""
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3, "retry_delay": 0.1}],
+        defaults={"prefetch": prefetch},
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"steps:rkr:1", *[b"twin"] * 20)
+    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered")
+    assert lrange(redis_server, "started").count(b"steps:rkr:1") == 3
+    info = dead_info(redis_server, "jobs", b"steps:rkr:1")
+    assert info["attempts"] == 3 and "step 3 of" in str(info["reason"])
+    assert wait_done(redis_server, 20).count(b"twin") >= 20
+    assert client.lrange("jobs:dead", 0, -1) == [b"steps:rkr:1"]
+
+
+def test_a_queue_key_of_the_wrong_type_ends_the_worker_with_a_clear_error_not_a_wait(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """WRONGTYPE will fail the same way every time: the worker says which key is at fault
+    and exits (the manager backs the slot off), and work resumes once the key is fixed."""
+    client = redis_server.client()
+    client.set("jobs", b"not a list")
+    svc = service([{"queue": "jobs", "handler": HANDLER}])
+    wait_for(lambda: "; restarting in" in svc.output(), what="the slot backing off")
+    out = svc.output()
+    assert "ERROR jobs-1" in out and "redis refused an operation on jobs: " in out
+    assert "WRONGTYPE" in out and "(jobs is a string, not a list); exiting" in out
+    assert "exited: redis refused an operation" in out
+    assert internal_tracebacks(out) == []
+    client.delete("jobs")
+    client.lpush("jobs", b"after")
+    wait_for(lambda: lrange(redis_server, "done") == [b"after"], timeout=30, what="work resumed")
+
+
 def test_class_handler_callbacks_that_raise_never_stall_the_worker(
     service: StartService, redis_server: RedisServer
 ) -> None:
@@ -429,6 +476,26 @@ def test_a_crash_in_a_prefetched_batch_does_not_count_against_its_neighbours(
     assert started.count(b"kill") == 2
     assert all(started.count(m) == 1 for m in innocents), "each innocent ran exactly once"
     assert client.lrange("jobs:dead", 0, -1) == [b"kill"]
+
+
+def test_a_poison_mid_batch_makes_the_twins_before_it_run_again_once_not_per_crash(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """The twins finished before the crash had their acks waiting in the outbox: the first
+    crash loses them (documented duplicate case 1), but the replayed batch settles them
+    before it runs the charged message again, so later crashes repeat nothing."""
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER, "max_attempts": 3}], defaults={"prefetch": 100}
+    )
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[b"twin"] * 10, b"kill", *[b"twin"] * 10)
+    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="the killer dead-lettered")
+    assert wait_done(redis_server, 20).count(b"twin") >= 20
+    started = lrange(redis_server, "started")
+    assert started.count(b"kill") == 3
+    assert started.count(b"twin") <= 30, "the first ten ran once per crash"
+    assert client.llen("jobs:dead") == 1 and client.lrange("jobs:dead", 0, -1) == [b"kill"]
 
 
 def test_sigterm_gives_unstarted_prefetched_messages_back_to_the_head_in_order(

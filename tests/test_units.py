@@ -435,6 +435,30 @@ def test_a_crash_after_a_long_life_restarts_at_once(slot: Slot) -> None:
     assert slot.next_start == 3.0 + HEALTHY_AFTER  # no delay
 
 
+@pytest.mark.parametrize("progress", ["a message finished", "one was in the handler"])
+def test_a_quick_crash_after_progress_restarts_at_once_however_many_came_before(
+    slot: Slot, progress: str
+) -> None:
+    """Issue 8, item 6: a poison message among healthy ones kills its worker one second
+    after the start, again and again; each worker did work, so none waits."""
+    now = 1000.0
+    for _ in range(8):
+        slot.board.prepare()
+        slot.spawned(os.getpid(), now)
+        slot.board.replayed()  # took over its private list, as every worker does first
+        slot.board.busy(b"node:1.5.1", time.monotonic())
+        if progress == "a message finished":
+            slot.board.idle(False, 0.001)
+            slot.board.busy(b"node:1.5.2", time.monotonic())
+        now += 1.0
+        slot.ended(signal.SIGKILL, now, BACKOFF)
+        assert slot.failures == 1 and slot.next_start == now
+    slot.board.prepare()
+    slot.spawned(os.getpid(), now)
+    slot.ended(signal.SIGKILL, now + 0.1, BACKOFF)  # then one that did nothing at all
+    assert slot.failures == 2 and slot.next_start == pytest.approx(now + 0.1 + 0.5)
+
+
 def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
     for start in range(3):
         slot.spawned(os.getpid(), now=100.0 * start)

@@ -47,8 +47,16 @@ def handle(message: bytes) -> None:
     elif command == b"kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif command == b"killnode":  # like an OOM kill of the whole container
-        os.kill(os.getppid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
+        _kill_node()
+    elif command == b"steps":  # steps:<one letter per start>:<id>: r raise, k kill, n killnode
+        step = client().lrange("started", 0, -1).count(message) - 1
+        action = arg[step : step + 1]
+        if action == b"r":
+            raise ValueError(f"step {step + 1} of {message!r} raises")
+        if action == b"k":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == b"n":
+            _kill_node()
     elif command == b"swallow":  # a handler that tries to ignore its timeout
         try:  # noqa: SIM105 - written the way user code swallows errors
             time.sleep(float(arg))
@@ -73,6 +81,11 @@ def handle(message: bytes) -> None:
             second[i] = 1
         time.sleep(30)
     _record("done", message)
+
+
+def _kill_node() -> None:
+    os.kill(os.getppid(), signal.SIGKILL)  # the manager, whose keeper follows it
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def broken(message: bytes) -> None:
