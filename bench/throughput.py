@@ -97,12 +97,24 @@ class Processes:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-        """SIGTERM the leader (a graceful stop), then SIGKILL whatever is left of its group."""
+        """SIGTERM the leader (a graceful stop), wait for its whole session to end, then
+        SIGKILL whatever is left of it. rqworkers' workers lead process groups of their
+        own: one left running would take the next run's messages."""
+        deadline = time.monotonic() + timeout
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
+        with contextlib.suppress(TimeoutError):
+            wait_for(
+                lambda: not _session(proc.pid),
+                timeout=max(0.1, deadline - time.monotonic()),
+                interval=0.05,
+            )
+        for pid in _session(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         self._kill_group(proc)
 
     def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
@@ -115,6 +127,16 @@ class Processes:
         for proc in reversed(self.started):
             self._kill_group(proc)
         self.started.clear()
+
+
+def _session(leader: int) -> list[int]:
+    """The live processes of the session `leader` started (zombies are not alive)."""
+    found = []
+    for process in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(process.pid) == leader:
+                found.append(process.pid)
+    return found
 
 
 # -- redis-server ---------------------------------------------------------------------------
@@ -530,7 +552,8 @@ class Bench:
 
         def service(prefetch: int, processes: int, messages: int) -> float:
             row = ServiceRun(self, prefetch, processes, 0).measure(messages, 1, 0.0, False, 0.0)
-            assert row.rate, "no rate measured"
+            if not row.rate or row.rate <= 0 or "MISMATCH" in row.note:
+                raise RuntimeError(f"prefetch {prefetch}, {processes} proc: {row.note}")
             return row.rate
 
         ratios: dict[str, list[float]] = {name: [] for name in PAIRED}
@@ -875,8 +898,11 @@ class ServiceRun:
         self.name = f"p{prefetch}-x{processes}-{sleep_ms}ms" + ("-tasks" if work else "")
 
     @property
-    def processing_keys(self) -> list[str]:
-        return [f"{QUEUE}:processing:{NODE}:{i}" for i in range(1, self.processes + 1)]
+    def worker_keys(self) -> list[str]:
+        """Where the workers hold messages: private lists, and the landing lists a
+        blocking fetch fills (a message there is not handled yet either)."""
+        ids = [f"{NODE}:{i}" for i in range(1, self.processes + 1)]
+        return [f"{QUEUE}:{kind}:{worker}" for worker in ids for kind in ("processing", "landing")]
 
     def config(self) -> Path:
         handler = "bench.handlers:Noop" if self.sleep_ms == 0 else "bench.handlers:Sleep1ms"
@@ -935,7 +961,7 @@ prefetch = {self.prefetch}
     def drained(self) -> bool:
         pipe = self.client.pipeline(transaction=False)
         pipe.llen(QUEUE)
-        for key in self.processing_keys:
+        for key in self.worker_keys:
             pipe.llen(key)
         return not any(pipe.execute())
 
