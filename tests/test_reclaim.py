@@ -160,6 +160,24 @@ def dead_record(client: redis.Redis, payload: bytes) -> dict[str, object]:
     return dict(json.loads(raw))
 
 
+def dead_letter_across_nodes(
+    service: StartService,
+    client: redis.Redis,
+    payload: bytes,
+    names: str,
+    settings: dict[str, object],
+) -> list[Service]:
+    """Start a node per letter of `names` (one worker, max_attempts 2), push `payload`, and
+    wait until it is dead-lettered; the nodes, some of them dead by then."""
+    worker = {"queue": "jobs", "handler": HANDLER, "max_attempts": 2, **settings}
+    nodes = [service([worker], manager=manager_section(f"node-{name}")) for name in names]
+    for node in nodes:
+        node.wait_workers(1)
+    client.lpush("jobs", payload)
+    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered by reclaim")
+    return nodes
+
+
 def test_a_message_that_takes_every_node_down_is_dead_lettered_by_reclaim_after_max_attempts(
     service: StartService, redis_server: RedisServer
 ) -> None:
@@ -167,12 +185,7 @@ def test_a_message_that_takes_every_node_down_is_dead_lettered_by_reclaim_after_
     survivor's reclaim charges the lost list, and after `max_attempts` (2) deliveries the
     last node standing dead-letters it without running it a third time."""
     client = redis_server.client()
-    worker = {"queue": "jobs", "handler": HANDLER, "max_attempts": 2}
-    nodes = [service([worker], manager=manager_section(f"node-{name}")) for name in "abc"]
-    for node in nodes:
-        node.wait_workers(1)
-    client.lpush("jobs", b"killnode")
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered by reclaim")
+    nodes = dead_letter_across_nodes(service, client, b"killnode", "abc", {})
     assert lrange(redis_server, "started").count(b"killnode") == 2
     assert sum(node.process is not None and node.process.poll() is None for node in nodes) == 1
     record = dead_record(client, b"killnode")
@@ -186,11 +199,6 @@ def test_a_retry_keeps_its_attempt_number_when_its_node_is_lost(
     """Raised (attempt 1), then took its whole node down (2 = max_attempts): the survivor's
     reclaim carries the count on, so it is dead-lettered, not run a third time."""
     client = redis_server.client()
-    worker = {"queue": "jobs", "handler": HANDLER, "max_attempts": 2, "retry_delay": 0.1}
-    nodes = [service([worker], manager=manager_section(f"node-{name}")) for name in "ab"]
-    for node in nodes:
-        node.wait_workers(1)
-    client.lpush("jobs", b"steps:rn:1")
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered by reclaim")
+    dead_letter_across_nodes(service, client, b"steps:rn:1", "ab", {"retry_delay": 0.1})
     assert lrange(redis_server, "started").count(b"steps:rn:1") == 2
     assert dead_record(client, b"steps:rn:1")["attempts"] == 2
