@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import Processes, _terminate, cpu_seconds, fill, start_redis
-from bench.yardsticks import MODES, _handler
+from bench.yardsticks import _TAKE_BATCH, MODES, _handler
 from rqworkers.alarm import ALARM
 from rqworkers.config import PairSettings
 from rqworkers.connections import connect
@@ -150,6 +150,7 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
     for _ in range(args.repeat):
         client.flushdb()  # the yardstick of this prefetch first, on the same messages
         fill(client, QUEUE, n)
+        client.script_load(_TAKE_BATCH)
         started = time.perf_counter()
         MODES[mode](client, QUEUE, f"{QUEUE}:processing", n, _handler(0.0))
         yardstick.append(time.perf_counter() - started)

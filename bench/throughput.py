@@ -486,26 +486,16 @@ class Bench:
 
     def yardstick(self, mode: str, n: int, sleep_ms: int) -> float:
         """One run of `bench.yardsticks` in its own process on n pre-filled messages."""
-        self.client.flushdb()
-        fill(self.client, QUEUE, n)
-        args = [sys.executable, "-m", "bench.yardsticks", "--url", self.redis.url]
-        args += ["--queue", QUEUE, "--mode", mode, "--n", str(n)]
-        args += ["--sleep", str(sleep_ms / 1000)]
-        out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
-        if out.returncode:
-            raise RuntimeError(f"yardstick {mode} failed: {out.stderr[-2000:]}")
-        result = json.loads(out.stdout)
-        if result["handled"] != n or result["left"]:
-            raise RuntimeError(f"yardstick {mode} handled {result}")
-        return float(n / result["elapsed"])
+        return self.yardsticks_together(mode, n, 1, sleep_ms)
 
-    def yardsticks_together(self, mode: str, n: int, processes: int) -> float:
+    def yardsticks_together(self, mode: str, n: int, processes: int, sleep_ms: int = 0) -> float:
         """`processes` runs of `bench.yardsticks` sharing n pre-filled messages, started at
         one signal; the rate is over the union of their runs."""
         self.client.flushdb()
         fill(self.client, QUEUE, n)
         args = [sys.executable, "-m", "bench.yardsticks", "--url", self.redis.url]
         args += ["--queue", QUEUE, "--mode", mode, "--n", str(n), "--go", "bench:go"]
+        args += ["--sleep", str(sleep_ms / 1000)]
         runs = [
             subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(processes)

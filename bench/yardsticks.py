@@ -99,8 +99,7 @@ def pipelined(client: redis.Redis, queue: str, processing: str, n: int, handle: 
 
 def lua_batch(client: redis.Redis, queue: str, processing: str, n: int, handle: Handle) -> int:
     """(c) 100 LMOVEs per script call; the whole batch acked by one LTRIM in the next call."""
-    take = client.register_script(_TAKE_BATCH)
-    client.script_load(_TAKE_BATCH)  # loaded before the clock starts
+    take = client.register_script(_TAKE_BATCH)  # loaded by the caller, before its clock
     acks = 0
     handled = 0
     while handled < n:
@@ -133,11 +132,11 @@ def main() -> None:
     args = parser.parse_args()
     client = redis.Redis.from_url(args.url)
     client.ping()
+    if args.mode == "c":
+        client.script_load(_TAKE_BATCH)
     processing = f"{args.queue}:processing"
     if args.go:
         processing += f":{os.getpid()}"
-        if args.mode == "c":
-            client.script_load(_TAKE_BATCH)
         client.rpush(f"{args.go}:ready", os.getpid())
         client.blpop([args.go])
     began, started = time.time(), time.perf_counter()

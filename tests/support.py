@@ -6,6 +6,7 @@ fails. Tests wait on conditions with `wait_for`, never on blind sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -205,3 +206,12 @@ def internal_tracebacks(output: str) -> list[str]:
     failures of rqworkers itself. A handler's exception is logged with its traceback."""
     blocks = output.split("Traceback (most recent call last):")[1:]
     return [block for block in blocks if "tests/apps/" not in block]
+
+
+def dead_info(server: RedisServer, queue: str, payload: bytes) -> dict[str, object]:
+    """The dead-letter record of `payload` (of its newest copy) in `queue`."""
+    from rqworkers.queue import digest
+
+    raw = server.client().hget(f"{queue}:dead:reasons", digest(payload))
+    assert raw is not None, f"no dead-letter reason for {payload!r}"
+    return dict(json.loads(raw))

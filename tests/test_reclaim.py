@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Callable
 
@@ -10,8 +9,8 @@ import fakeredis
 import pytest
 import redis
 
-from rqworkers.queue import Keys, ReliableQueue, digest, registered_workers
-from tests.support import RedisServer, Service, wait_for
+from rqworkers.queue import Keys, ReliableQueue, registered_workers
+from tests.support import RedisServer, Service, dead_info, wait_for
 
 StartService = Callable[..., Service]
 HANDLER = "testapp:handle"
@@ -154,12 +153,6 @@ def test_a_fetch_reclaimed_before_it_was_taken_in_is_left_to_its_new_owner(
     assert stalled.take([], 1, landed=True).deliveries == [], "emptied by the reclaim"
 
 
-def dead_record(client: redis.Redis, payload: bytes) -> dict[str, object]:
-    raw = client.hget("jobs:dead:reasons", digest(payload))
-    assert raw is not None, f"no dead-letter record for {payload!r}"
-    return dict(json.loads(raw))
-
-
 def dead_letter_across_nodes(
     service: StartService,
     client: redis.Redis,
@@ -188,7 +181,7 @@ def test_a_message_that_takes_every_node_down_is_dead_lettered_by_reclaim_after_
     nodes = dead_letter_across_nodes(service, client, b"killnode", "abc", {})
     assert lrange(redis_server, "started").count(b"killnode") == 2
     assert sum(node.process is not None and node.process.poll() is None for node in nodes) == 1
-    record = dead_record(client, b"killnode")
+    record = dead_info(redis_server, "jobs", b"killnode")
     assert record["attempts"] == 2 and "killed by" not in str(record["reason"])
     assert client.llen("jobs") == 0 and client.zcard("jobs:retry") == 0
 
@@ -201,4 +194,4 @@ def test_a_retry_keeps_its_attempt_number_when_its_node_is_lost(
     client = redis_server.client()
     dead_letter_across_nodes(service, client, b"steps:rn:1", "ab", {"retry_delay": 0.1})
     assert lrange(redis_server, "started").count(b"steps:rn:1") == 2
-    assert dead_record(client, b"steps:rn:1")["attempts"] == 2
+    assert dead_info(redis_server, "jobs", b"steps:rn:1")["attempts"] == 2

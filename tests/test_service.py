@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ from tests.support import (
     REPO,
     RedisServer,
     Service,
+    dead_info,
     internal_tracebacks,
     wait_for,
     write_config,
@@ -52,14 +52,6 @@ def wait_done(server: RedisServer, count: int, timeout: float = 20.0) -> list[by
         timeout=timeout,
         what=f"{count} messages done",
     )
-
-
-def dead_info(server: RedisServer, queue: str, payload: bytes) -> dict[str, object]:
-    from rqworkers.queue import digest
-
-    raw = server.client().hget(f"{queue}:dead:reasons", digest(payload))
-    assert raw is not None, f"no dead-letter reason for {payload!r}"
-    return dict(json.loads(raw))
 
 
 def in_flight(server: RedisServer, private: str) -> list[Delivery]:
