@@ -28,17 +28,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
-from redis._parsers import Encoder
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import Connection, SSLConnection
+from redis.connection import SSLConnection
 from redis.connection import parse_url as _redis_parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
@@ -286,14 +284,12 @@ def connect(url: str, block_timeout: float = 1.0, *, timeout: float | None = Non
         if target.tls:
             options["connection_class"] = _SentinelTlsConnection
         asking = {k: v for k, v in settings.items() if k.startswith("socket_")}
-        sentinel = _Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = _Sentinel(
             list(target.nodes),
             sentinel_kwargs={**asking, "retry": no_retry()},
             **{**settings, **options},
         )
-        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-            target.service, redis_class=redis.Redis
-        )
+        master: redis.Redis = sentinel.master_for(target.service, redis_class=redis.Redis)
         return master
     if target.tls:
         settings["connection_class"] = _TlsConnection
@@ -330,30 +326,24 @@ def _tls_hint(exc: BaseException) -> str | None:
 
 
 class _TlsConnection(SSLConnection):
-    """redis-py's TLS connection, with the handshake bounded by the connect timeout.
+    """redis-py's TLS connection, whose timeout to connect says that TLS may be the cause.
 
-    redis-py runs the handshake under the (longer) reply timeout and reports it as a
-    timeout to connect: pointed at a plain-TCP port, which never answers a ClientHello,
-    `rediss://` then hangs 11 s and says nothing of TLS.
+    Pointed at a plain-TCP port, which never answers a ClientHello, `rediss://` gets only
+    "Timeout connecting to server". redis-py bounds the handshake by the connect timeout
+    from 8.2 on (before, by the 11 s reply timeout, with no public way to change it): that
+    is why pyproject.toml asks for redis>=8.2.
     """
 
-    def _connect(self) -> socket.socket:
-        sock: socket.socket = Connection._connect(self)  # type: ignore[no-untyped-call]
-        sock.settimeout(self.socket_connect_timeout)
+    def connect(self) -> None:
         try:
-            tls: socket.socket = self._wrap_socket_with_ssl(sock)  # type: ignore[no-untyped-call]
-        except TimeoutError as exc:  # socket.timeout
-            sock.close()
+            super().connect()  # type: ignore[no-untyped-call]
+        except redis.TimeoutError as exc:
             raise redis.TimeoutError(
-                f"the TLS handshake with {self.host}:{self.port} got no answer within "
-                f"{self.socket_connect_timeout:g}s: is that a plain (non-TLS) port? "
-                "For a server without TLS, use redis:// instead of rediss://"
+                f"the TLS connection to {self.host}:{self.port} got no answer within "
+                f"{self.socket_connect_timeout:g}s (TCP connect or TLS handshake): is that a "
+                "plain (non-TLS) port? For a server without TLS, use redis:// instead of "
+                "rediss://"
             ) from exc
-        except (OSError, redis.RedisError):
-            sock.close()
-            raise
-        tls.settimeout(self.socket_timeout)
-        return tls
 
     def on_connect_check_health(self, check_health: bool = True) -> None:
         """redis-py's first commands on a new connection, with the likely cause added to an
@@ -430,13 +420,13 @@ class _LazyCluster(RedisCluster):
         self.__dict__["_lazy_state"] = "ready"
         return getattr(self, name)
 
-    def get_encoder(self) -> Encoder:
+    def get_encoder(self) -> Any:
         # Needed by register_script before any command: no reason to contact the cluster.
+        # A client that is made but never connected lends its public encoder instead.
         if self.__dict__.get("_lazy_state") == "ready":
-            encoder: Encoder = super().get_encoder()  # type: ignore[no-untyped-call]
-            return encoder
+            return super().get_encoder()  # type: ignore[no-untyped-call]
         decode = bool(self.__dict__["_lazy_kwargs"].get("decode_responses", False))
-        return Encoder("utf-8", "strict", decode)  # type: ignore[no-untyped-call]
+        return redis.Redis(decode_responses=decode).get_encoder()
 
     def close(self) -> None:
         if self.__dict__.get("_lazy_state") == "ready":
