@@ -10,7 +10,8 @@ a client goes away early. Here:
   at once and closed, so no client can make the keeper start threads without bound;
 - a client silent for `IDLE_SECONDS` is disconnected, and a request must have arrived
   whole (request line, headers and body) within `REQUEST_SECONDS`: a client that trickles
-  a byte at a time (slowloris) holds its thread that long at most;
+  a byte at a time (slowloris) holds its thread that long at most; a request of more
+  than `MAX_REQUEST_BYTES` is cut off;
 - the listen backlog is `BACKLOG`;
 - every response, the server's own error pages included, carries `SECURITY_HEADERS`;
 - a client that disconnects or times out is a debug line, not a traceback; any other
@@ -43,6 +44,9 @@ MAX_CONNECTIONS = 32  # served at once, each by a thread
 IDLE_SECONDS = 10.0  # the longest wait for the next bytes from a client, or for it to read
 REQUEST_SECONDS = 15.0  # from the first wait for a request to having read it whole
 BACKLOG = 128  # connections the kernel queues before we accept them
+# Bytes one request may send, line, headers and body: http.server alone would buffer up to
+# 100 header lines of 64 KiB each (6.4 MB) per connection. Bodies are at most 64 KiB.
+MAX_REQUEST_BYTES = 256 * 1024
 
 # No inline script or style, nothing from another origin, no framing, forms post here only.
 CSP = (
@@ -75,13 +79,23 @@ class _DeadlineReader(socket.SocketIO):
         super().__init__(sock, "rb")
         self.connection = sock
         self.deadline = math.inf
+        self.taken = 0  # bytes read since the request began
+
+    def start(self) -> None:
+        """A new request begins: its own deadline and byte count."""
+        self.deadline = time.monotonic() + REQUEST_SECONDS
+        self.taken = 0
 
     def readinto(self, buffer: WriteableBuffer) -> int | None:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"no whole request within {REQUEST_SECONDS:g}s")
+        if self.taken > MAX_REQUEST_BYTES:
+            raise ConnectionAbortedError(f"a request of more than {MAX_REQUEST_BYTES} bytes")
         self.connection.settimeout(min(left, IDLE_SECONDS))
-        return super().readinto(buffer)
+        got = super().readinto(buffer)
+        self.taken += got or 0
+        return got
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -98,7 +112,7 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self) -> None:
-        self.reader.deadline = time.monotonic() + REQUEST_SECONDS
+        self.reader.start()
         super().handle_one_request()
 
     def parse_request(self) -> bool:
