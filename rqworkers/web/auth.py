@@ -10,6 +10,10 @@ its expiry, and changing the token ends every session. The CSRF token is another
 the session id: a page of another origin can neither read it nor guess it, and the cookie
 is `SameSite=Strict` besides. A bearer request needs no CSRF token, because a browser never
 adds that header by itself. Every comparison uses `hmac.compare_digest`.
+
+Fail closed: the token is checked at every use, so a token file emptied or shortened
+while the service runs turns the actions off instead of making the empty string the key
+(`token_source`, `Gate.token`). Wrong tokens are throttled per client address (`Throttle`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ Reads: `GET /api/status` is exactly `rqworkers status --json` (one `status.colle
 second at most, shared by every open browser); `GET /api/dead` pages a queue's dead
 letters, each with a binary-safe preview (`dead.preview`) and everything its record says.
 Writes: `POST /api/dead/requeue` and `/api/dead/purge`, only with the token (see `auth`).
+All of it only for requests addressed to one of this server's names (`Site.check_host`).
 
 Nothing here runs in a worker: the page costs the workers' hot path nothing, and Redis at
 most one status read per second and one read per dead-letter page per second.
