@@ -592,16 +592,31 @@ def test_the_throttle_refills_counts_each_address_and_stays_bounded(
     now = [0.0]
     throttle = auth.Throttle(clock=lambda: now[0])
     for _ in range(auth.LOGIN_BURST):
-        assert throttle.wait("10.0.0.1") == 0
-        throttle.failed("10.0.0.1")
-    assert throttle.wait("10.0.0.1") == auth.LOGIN_REFILL and throttle.wait("10.0.0.2") == 0
+        assert throttle.attempt("10.0.0.1") == 0
+    assert throttle.attempt("10.0.0.1") == auth.LOGIN_REFILL
+    assert throttle.attempt("10.0.0.2") == 0  # each address its own bucket
     now[0] += auth.LOGIN_REFILL
-    assert throttle.wait("10.0.0.1") == 0
-    throttle.failed("10.0.0.1")
-    assert throttle.wait("10.0.0.1") > 0
+    assert throttle.attempt("10.0.0.1") == 0
+    assert throttle.attempt("10.0.0.1") > 0
+    throttle.refund("10.0.0.2")  # a right token costs nothing
+    assert "10.0.0.2" not in throttle._buckets
+    # Parallel guesses: charged as they pass, so no more pass than the bucket holds.
+    barrier = threading.Barrier(50)
+    passed: list[bool] = []
+
+    def guess() -> None:
+        barrier.wait()
+        passed.append(throttle.attempt("10.0.0.3") == 0)
+
+    threads = [threading.Thread(target=guess) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert passed.count(True) == auth.LOGIN_BURST
     monkeypatch.setattr(auth, "MAX_CLIENTS", 50)
     for n in range(500):
-        throttle.failed(f"192.0.2.{n}")
+        throttle.attempt(f"192.0.2.{n}")
     assert len(throttle._buckets) <= 50
 
 

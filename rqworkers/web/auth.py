@@ -194,21 +194,31 @@ class Throttle:
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # address: (tokens, at)
 
-    def wait(self, client: str) -> float:
-        """Seconds before `client` may offer a token again; 0: now."""
-        with self._lock:
-            tokens = self._tokens(client, self.clock())
-        return 0.0 if tokens >= 1 else (1 - tokens) * LOGIN_REFILL
+    def attempt(self, client: str) -> float:
+        """Charge `client` one guess and return 0, or return the seconds it must wait.
 
-    def failed(self, client: str) -> None:
-        """`client` offered a wrong token."""
+        Charged before the token is compared, in one step, so that parallel requests
+        cannot all pass the check before any of them is counted. `refund` a right one."""
         with self._lock:
             now = self.clock()
-            tokens = self._tokens(client, now) - 1
-            self._buckets.pop(client, None)
+            tokens = self._tokens(client, now)
+            if tokens < 1:
+                return (1 - tokens) * LOGIN_REFILL
+            self._set(client, tokens - 1, now)
+        return 0.0
+
+    def refund(self, client: str) -> None:
+        """The guess `attempt` charged was right (or was no guess): give it back."""
+        with self._lock:
+            now = self.clock()
+            self._set(client, self._tokens(client, now) + 1, now)
+
+    def _set(self, client: str, tokens: float, now: float) -> None:
+        self._buckets.pop(client, None)
+        if tokens < LOGIN_BURST:
             self._buckets[client] = (tokens, now)  # newest last: the oldest go first
-            if len(self._buckets) > MAX_CLIENTS:
-                self._forget(now)
+        if len(self._buckets) > MAX_CLIENTS:
+            self._forget(now)
 
     def _tokens(self, client: str, now: float) -> float:
         tokens, at = self._buckets.get(client, (LOGIN_BURST, now))

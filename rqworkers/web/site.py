@@ -268,12 +268,13 @@ class Site:
             return self.gate.identify(request.headers)
         self.slow_down(request)
         identity = self.gate.identify(request.headers)
-        if not identity.authenticated and self.gate.actions_enabled:
-            self.throttle.failed(request.client)
+        if identity.authenticated or not self.gate.actions_enabled:
+            self.throttle.refund(request.client)
         return identity
 
     def slow_down(self, request: Request) -> None:
-        wait = self.throttle.wait(request.client)
+        """Charge the client one guess, or refuse (429) if it has none left."""
+        wait = self.throttle.attempt(request.client)
         if wait > 0:
             raise RefusedError(HTTPStatus.TOO_MANY_REQUESTS,
                                f"too many wrong tokens: try again in {math.ceil(wait)}s",
@@ -335,9 +336,9 @@ class Site:
         self.slow_down(request)
         form = parse_qs(request.body.decode("utf-8", "surrogateescape"))
         if not self.gate.token_matches((form.get("token") or [""])[0]):
-            self.throttle.failed(request.client)
             log.warning("dashboard: refused a login from %s: wrong token", request.client)
             raise RefusedError(HTTPStatus.FORBIDDEN, "wrong token")
+        self.throttle.refund(request.client)
         log.info("dashboard: login from %s", request.client)
         return _see_other(_cookie(request, self.gate.new_session(), SESSION_SECONDS))
 
