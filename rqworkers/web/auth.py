@@ -187,7 +187,7 @@ class Throttle:
     until it refills: 12 guesses a minute instead of thousands a second.
 
     Keyed by the peer's address: behind a reverse proxy every client shares the proxy's,
-    so a guesser there delays everyone's login (never a bearer's actions for long)."""
+    so a guesser there delays everyone's login, and bearer scripts, until it refills."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
