@@ -235,3 +235,31 @@ def test_a_page_of_another_origin_can_neither_read_nor_log_out(
         expect(operator.locator("#login")).to_be_visible()
         session = operator.evaluate("fetch('api/session').then((r) => r.json())")
         assert session["authenticated"] is False
+
+
+def test_private_dead_letters_show_only_after_login(
+    browser: Browser, service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = free_port()
+    service([{"queue": "mail", "max_attempts": 1}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN, dashboard_private=True),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
+    client = redis_server.client()
+    client.lpush("mail", b"raise:private matter")
+    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    expect(page.locator("#private")).to_be_visible()
+    expect(page.locator("#dead-count")).to_contain_text("log in first")
+    expect(page.locator('#queues tr[data-queue="mail"] td.dead')).to_have_text("1")
+    assert "private matter" not in page.content()
+    page.fill("#login input[name=token]", TOKEN)
+    page.click("#login button")
+    expect(page.locator("#private")).to_be_hidden()
+    expect(page.locator("#dead td.preview")).to_have_text(repr(b"raise:private matter"))
