@@ -36,7 +36,7 @@ from rqworkers.web import server as web_server
 from rqworkers.web.auth import COOKIE, Gate
 from rqworkers.web.cache import SharedReads
 from rqworkers.web.server import CSP
-from rqworkers.web.site import letter_key
+from rqworkers.web.site import MAX_HOSTS_LOGGED, letter_key
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 
 TOKEN = "s3cret-token-for-tests"
@@ -506,7 +506,8 @@ def test_the_page_answers_only_its_own_names(
         assert headers["Content-Security-Policy"] == CSP
     assert server.call("POST", "/login", f"token={TOKEN}".encode(), Host="evil.example")[0] == 421
     refused = [f"localhost:{port + 1}", "localhost", "127.0.0.1.evil.example", "[::2]",
-               f"status.example.com.evil:{port}", "", f"127.0.0.1:{port}@evil"]  # fmt: skip
+               f"status.example.com.evil:{port}", "", f"127.0.0.1:{port}@evil", "[::1]",
+               f"::1:{port}", f"[::1]x:{port}"]  # fmt: skip
     for host in refused:
         assert server.call("GET", "/api/dead?queue=q1", Host=host)[0] == 421, host
     allowed = [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}",
@@ -523,6 +524,9 @@ def test_the_page_answers_only_its_own_names(
     assert server.call("GET", "/healthz", Host="evil.example")[0] == 200
     warnings = [r.getMessage() for r in caplog.records if "evil.example:" in r.getMessage()]
     assert len(warnings) == 1 and "dashboard_hosts" in warnings[0]  # once per name
+    for n in range(MAX_HOSTS_LOGGED + 20):  # a flood of names: the log and memory stay bounded
+        assert server.call("GET", "/api/status", Host=f"n{n}.evil.example")[0] == 421
+    assert server.site is not None and len(server.site._hosts_refused) == MAX_HOSTS_LOGGED
 
 
 def test_dashboard_hosts_and_private_are_checked(tmp_path: Path) -> None:

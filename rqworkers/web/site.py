@@ -165,12 +165,7 @@ class Site:
         proxy, the proxy's). `/metrics` and `/healthz` never come here."""
         hosts = http.headers.get_all("Host") or []
         host = hosts[0].strip().lower() if len(hosts) == 1 else ""
-        if host.startswith("["):
-            name, _, rest = host.partition("]")
-            name, port = name + "]", rest.removeprefix(":") if rest.startswith(":") else None
-        else:
-            name, colon, port_text = host.rpartition(":") if ":" in host else (host, "", "")
-            port = port_text if colon else None
+        name, port = _split_host(host)
         bound, bound_port = cast(tuple[str, int], http.server.server_address)[:2]
         bound_name = f"[{bound}]" if ":" in str(bound) else str(bound)
         if name in self.hosts:
@@ -180,7 +175,8 @@ class Site:
             return
         with self._clients_lock:
             first = host not in self._hosts_refused and len(self._hosts_refused) < MAX_HOSTS_LOGGED
-            self._hosts_refused.add(host)
+            if first:
+                self._hosts_refused.add(host)
         if first:
             log.warning("dashboard: refused requests for Host %r from %s: not a name of this "
                         "server (add it to [manager] dashboard_hosts if it is)",
@@ -348,6 +344,13 @@ class Site:
         `Set-Cookie` of a cross-site answer even though it sent no cookie)."""
         self.authorize(request)
         return _see_other(_cookie(request, "", 0))
+
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """`("[::1]", "9108")` from `[::1]:9108`; `("localhost", None)` from `localhost`."""
+    after_brackets = host.rfind("]") + 1  # an IPv6 address holds colons of its own
+    colon = host.find(":", after_brackets)
+    return (host, None) if colon < 0 else (host[:colon], host[colon + 1 :])
 
 
 def _body(http: BaseHTTPRequestHandler) -> bytes:
