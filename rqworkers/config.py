@@ -217,11 +217,15 @@ def read_token_file(path: str) -> str:
 
     The status page calls this at every request, so a file emptied, shortened, swapped
     for a FIFO or a device, or replaced by another user while the service runs turns the
-    actions off rather than on. It must be a regular file (a symlink to one is fine, as
-    Kubernetes mounts secrets) that only its owner can write, owned by this user or root.
+    actions off rather than on. It must be a regular file that only its owner, this user
+    or root, can write. It may be a symlink to one (Kubernetes mounts secrets so) if the
+    link too is this user's or root's; and its folder must not let others swap it: not
+    writable by others, or sticky (as /tmp is), where no one removes another's file.
     """
     where = f"dashboard_token_file {path}"
     try:
+        entry = os.lstat(path)
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
         # O_NONBLOCK: opening a FIFO must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
@@ -230,10 +234,13 @@ def read_token_file(path: str) -> str:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ValueError(f"{where}: not a regular file")
-        if info.st_uid not in (0, os.geteuid()):
-            raise ValueError(f"{where}: owned by uid {info.st_uid}, not by this user or root")
+        for what, owner in (("a symlink", entry.st_uid), ("the file", info.st_uid)):
+            if owner not in (0, os.geteuid()):
+                raise ValueError(f"{where}: {what} owned by uid {owner}, not this user or root")
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise ValueError(f"{where}: writable by others than its owner")
+        if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
+            raise ValueError(f"{where}: in a folder others can write to (and not sticky)")
         data = os.read(fd, MAX_TOKEN_FILE + 1)
     except OSError as exc:
         raise ValueError(f"{where}: cannot read: {exc}") from None

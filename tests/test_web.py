@@ -475,9 +475,26 @@ def test_a_token_file_must_be_a_private_regular_file(tmp_path: Path) -> None:
     os.chmod(shared, 0o664)
     huge = tmp_path / "huge"
     huge.write_text(TOKEN * 1000)
-    for path, problem in [(fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
-                          (shared, "writable by others"), (huge, "larger than 4096 bytes"),
-                          (tmp_path / "missing", "cannot read")]:  # fmt: skip
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    (open_folder / "token").write_text(TOKEN)
+    os.chmod(open_folder, 0o777)  # anyone may replace the file in it
+    cases = [(fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+             (shared, "writable by others"), (huge, "larger than 4096 bytes"),
+             (tmp_path / "missing", "cannot read"),
+             (open_folder / "token", "in a folder others can write to")]  # fmt: skip
+    if os.geteuid() == 0:  # a symlink planted by another user, in a sticky folder
+        sticky = tmp_path / "sticky"
+        sticky.mkdir()
+        os.chmod(sticky, 0o1777)
+        good = tmp_path / "good"
+        good.write_text(TOKEN)
+        (sticky / "token").symlink_to(good)
+        os.lchown(sticky / "token", 65534, 65534)
+        cases.append((sticky / "token", "a symlink owned by uid 65534"))
+        (sticky / "mine").symlink_to(good)
+        assert _load(tmp_path, {"dashboard_token_file": str(sticky / "mine")})
+    for path, problem in cases:
         with pytest.raises(ConfigError, match=problem) as caught:
             _load(tmp_path, {"dashboard_token_file": str(path)})
         assert "manager" in str(caught.value) and "c.toml" in str(caught.value)
