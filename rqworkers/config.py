@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -130,6 +131,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+def _tuple_of_list(value: object) -> object:
+    """A TOML array as the tuple a frozen setting holds (strict types take no list)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 class ManagerSettings(_Section):
     check_interval: Float = Field(
         1.0, ge=MIN_CHECK_INTERVAL, le=MAX_CHECK_INTERVAL, description="seconds between passes"
@@ -147,6 +153,11 @@ class ManagerSettings(_Section):
     # shows it; the file is read again at every check, so it can be rotated in place.
     dashboard_token: SecretStr | None = Field(None, description="enables requeue and purge")
     dashboard_token_file: str | None = Field(None, description="file holding that token")
+    # Host names the page answers besides its own address and loopback (DNS rebinding).
+    dashboard_hosts: Annotated[tuple[str, ...], BeforeValidator(_tuple_of_list)] = Field(
+        (), description="more Host names for the page"
+    )
+    dashboard_private: bool = Field(False, description="dead letters only with the token")
 
     @field_validator("pid_file")
     @classmethod
@@ -162,6 +173,15 @@ class ManagerSettings(_Section):
             metrics_endpoint(value)
         return value
 
+    @field_validator("dashboard_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        problems = [f"{name!r} is not a host name or address" for name in value
+                    if not _HOST_NAME_RE.match(name)]  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+        return tuple(name.lower() for name in value)
+
     @model_validator(mode="after")
     def _one_good_token(self) -> ManagerSettings:
         if self.dashboard_token is not None and self.dashboard_token_file is not None:
@@ -169,21 +189,71 @@ class ManagerSettings(_Section):
         if self.dashboard_token is not None:
             check_token(self.dashboard_token.get_secret_value(), "dashboard_token")
         if self.dashboard_token_file is not None:
-            try:
-                token = connections.read_password(self.dashboard_token_file)
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"dashboard_token_file: cannot read: {exc}") from None
-            check_token(token, f"dashboard_token_file {self.dashboard_token_file}")
+            read_token_file(self.dashboard_token_file)
+        elif self.dashboard_private and self.dashboard_token is None:
+            raise ValueError("dashboard_private needs dashboard_token or dashboard_token_file")
         return self
 
 
 MIN_TOKEN_LENGTH = 16  # characters: too many to guess over HTTP, even at full speed
 
 
+MAX_TOKEN_FILE = 4096  # bytes: a token file is one line; /dev/zero must not fill memory
+# A DNS name (`status.example.com`), an IPv4 address, or an IPv6 one in brackets.
+_HOST_NAME_RE = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?\.?$|^\[[0-9A-Fa-f:.]+\]$"
+)
+
+
 def check_token(token: str, where: str) -> None:
     """Raise ValueError if `token` is too short to protect the status page's actions."""
     if len(token.strip()) < MIN_TOKEN_LENGTH:
         raise ValueError(f"{where}: must hold at least {MIN_TOKEN_LENGTH} characters")
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path`, checked as at load; ValueError saying what is wrong otherwise.
+
+    The status page calls this at every request, so a file emptied, shortened, swapped
+    for a FIFO or a device, or replaced by another user while the service runs turns the
+    actions off rather than on. It must be a regular file that only its owner, this user
+    or root, can write. It may be a symlink to one (Kubernetes mounts secrets so) if the
+    link too is this user's or root's; and its folder must not let others swap it: not
+    writable by others, or sticky (as /tmp is), where no one removes another's file.
+    """
+    where = f"dashboard_token_file {path}"
+    try:
+        entry = os.lstat(path)
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ValueError(f"{where}: cannot read: {exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{where}: not a regular file")
+        for what, owner in (("a symlink", entry.st_uid), ("the file", info.st_uid)):
+            if owner not in (0, os.geteuid()):
+                raise ValueError(f"{where}: {what} owned by uid {owner}, not this user or root")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ValueError(f"{where}: writable by others than its owner")
+        if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
+            raise ValueError(f"{where}: in a folder others can write to (and not sticky)")
+        data = os.read(fd, MAX_TOKEN_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read: {exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE:
+        raise ValueError(f"{where}: larger than {MAX_TOKEN_FILE} bytes")
+    try:
+        token = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    check_token(token, where)
+    return token
 
 
 def metrics_endpoint(address: str) -> tuple[str, int]:
@@ -217,11 +287,6 @@ class LoggingSettings(_Section):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
-
-
-def _tuple_of_list(value: object) -> object:
-    """A TOML array as the tuple a frozen setting holds (strict types take no list)."""
-    return tuple(value) if isinstance(value, list) else value
 
 
 class PairSettings(_Section):

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
@@ -30,6 +30,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from rqworkers.queue import Snapshot
 from rqworkers.scoreboard import DURATION_BUCKETS, RECYCLE_REASONS, Scoreboard
+from rqworkers.web.server import Handler as BoundedHandler
+from rqworkers.web.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +220,18 @@ def serve(
     metrics: Metrics,
     healthy: Callable[[], tuple[bool, dict[str, object]]],
     pages: Callable[[BaseHTTPRequestHandler], bool] | None = None,
-) -> ThreadingHTTPServer:
+) -> Server:
     """Start serving `/metrics` and `/healthz` on `host:port` in a daemon thread.
 
     `pages` answers every other request (the status page, `rqworkers.web`) and returns
-    False for a path it does not serve, which then gets a 404.
+    False for a path it does not serve, which then gets a 404. The server is bounded
+    (threads, timeouts, security headers): see `rqworkers.web.server`.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+    class Handler(BoundedHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's names
             if self.path.split("?")[0] == "/metrics":
                 self.reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
             elif self.path.split("?")[0] == "/healthz":
@@ -237,7 +240,7 @@ def serve(
             elif not (pages and pages(self)):
                 self.not_found()
 
-        def do_POST(self) -> None:
+        def do_POST(self) -> None:  # noqa: N802
             if not (pages and pages(self)):
                 self.not_found()
 
@@ -251,12 +254,8 @@ def serve(
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:
-            pass  # a scrape every few seconds is not news
-
     host, _, port = address.rpartition(":")
-    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-    server.daemon_threads = True
+    server = Server((host or "127.0.0.1", int(port)), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("serving /metrics and /healthz on http://%s:%d", *server.server_address[:2])
     return server

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import psutil
@@ -30,7 +30,8 @@ def chromium_path() -> str | None:
 
 
 @contextlib.contextmanager
-def chromium(path: str) -> Iterator[Browser]:
+def chromium(path: str, args: Sequence[str] = ()) -> Iterator[Browser]:
+    """`args`: more Chromium switches, such as `--host-resolver-rules`."""
     from playwright.sync_api import sync_playwright
 
     me = psutil.Process()
@@ -46,7 +47,7 @@ def chromium(path: str) -> Iterator[Browser]:
                 spawned.update(process.children(recursive=True))
 
     try:
-        browser = driver.chromium.launch(executable_path=path)
+        browser = driver.chromium.launch(executable_path=path, args=list(args))
         note_descendants()
         try:
             yield browser

@@ -6,18 +6,24 @@ Against a real redis-server and the real HTTP server of `metrics.serve`, in this
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import json
 import logging
 import math
+import os
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import redis
@@ -25,10 +31,12 @@ import redis
 from rqworkers import config, metrics
 from rqworkers.errors import ConfigError
 from rqworkers.queue import ReliableQueue
-from rqworkers.web import Site
+from rqworkers.web import Site, auth
+from rqworkers.web import server as web_server
 from rqworkers.web.auth import COOKIE, Gate
 from rqworkers.web.cache import SharedReads
-from rqworkers.web.site import CSP, letter_key
+from rqworkers.web.server import CSP
+from rqworkers.web.site import MAX_HOSTS_LOGGED, letter_key
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 
 TOKEN = "s3cret-token-for-tests"
@@ -373,7 +381,8 @@ def test_a_reload_that_changes_the_token_applies_it(
                                      Authorization=f"Bearer {token}")  # fmt: skip
         except OSError:
             return None
-        return {400: True, 403: False}[status]  # 400: past the token, the empty list refused
+        # 400: past the token, the empty list refused. 429: the old keeper's throttle.
+        return {400: True, 403: False, 429: False}[status]
 
     wait_for(lambda: authorized(TOKEN), timeout=15, what="the page to take the first token")
     write_config(svc.config_path, redis_server.url, workers,
@@ -381,3 +390,366 @@ def test_a_reload_that_changes_the_token_applies_it(
     svc.signal(signal.SIGHUP)
     wait_for(lambda: authorized("the-second-token-0123"), timeout=15, what="the new token")
     assert authorized(TOKEN) is False
+
+
+# -- issue 17: fail closed, answer only our own names, bounded server ---------------------
+
+
+def _forged_cookie(key: str) -> tuple[str, str]:
+    """A session cookie and CSRF token made offline with `key` as the HMAC key."""
+    session = f"forged.{int(time.time()) + 3600}"
+
+    def mac(purpose: str, value: str) -> str:
+        return hmac.new(key.encode(), f"{purpose}|{value}".encode(), hashlib.sha256).hexdigest()
+
+    return f"{COOKIE}={session}.{mac('session', session)}", mac("csrf", session)
+
+
+def test_a_token_file_spoiled_while_running_turns_every_action_off(
+    web: Callable[..., Server], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    server = web(dashboard_token_file=str(secret))
+    dead_letter(server.redis, "q1", b"poison", "boom")
+    purge = {"queue": "q1", "letters": [{"index": 0, "key": letter_key(b"poison")}]}
+    caplog.clear()
+
+    def refused_everything(content: str) -> None:
+        for token in {"", content}:
+            form = urlencode({"token": token}).encode()
+            status, headers, _ = server.call("POST", "/login", form)
+            assert status == 403 and "Set-Cookie" not in headers, repr(content)
+            if token and token == token.strip():  # what a header can carry
+                bearer = f"Bearer {token}"
+                assert server.call("POST", "/api/dead/purge", purge, Authorization=bearer)[0] == 403
+            cookie, csrf = _forged_cookie(token)
+            forged = server.call("POST", "/api/dead/purge", purge, Cookie=cookie, X_CSRF_Token=csrf)
+            assert forged[0] == 403, repr(content)
+        assert server.json("/api/session")["actions"] is False
+        assert server.redis.llen("q1:dead") == 1
+
+    for content in ("", "ab", " " * 20, "\n"):  # emptied, shortened, blanked
+        secret.write_text(content)
+        refused_everything(content)
+    problems = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(problems) == 1 and "must hold at least 16 characters" in problems[0], problems
+
+    # Swapped for something that is not a token file: refused at once, never a hang.
+    secret.unlink()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in ("/dev/zero", fifo):
+        secret.unlink(missing_ok=True)
+        secret.symlink_to(target)
+        refused_everything("")
+    other = tmp_path / "other"
+    other.write_text(TOKEN)
+    os.chmod(other, 0o666)
+    secret.unlink()
+    secret.symlink_to(other)  # a token another local user could have written
+    refused_everything(TOKEN)
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chmod(other, 0o600)
+        os.chown(other, 65534, 65534)
+        refused_everything(TOKEN)
+    problems = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("not a regular file" in p for p in problems)
+    assert any("writable by others" in p for p in problems)
+    assert len(problems) == len(set(problems)), problems  # once per change, not per request
+
+    # Put right again: the actions come back, and the log says so.
+    secret.unlink()
+    secret.write_text(TOKEN + "\n")
+    status, _, _ = server.call("POST", "/api/dead/purge", purge, Authorization=f"Bearer {TOKEN}")
+    assert status == 200 and server.redis.llen("q1:dead") == 0
+    assert "the token is usable again" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_a_token_file_must_be_a_private_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    shared = tmp_path / "shared"
+    shared.write_text(TOKEN)
+    os.chmod(shared, 0o664)
+    huge = tmp_path / "huge"
+    huge.write_text(TOKEN * 1000)
+    open_folder = tmp_path / "open"
+    open_folder.mkdir()
+    (open_folder / "token").write_text(TOKEN)
+    os.chmod(open_folder, 0o777)  # anyone may replace the file in it
+    cases = [(fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+             (shared, "writable by others"), (huge, "larger than 4096 bytes"),
+             (tmp_path / "missing", "cannot read"),
+             (open_folder / "token", "in a folder others can write to")]  # fmt: skip
+    if os.geteuid() == 0:  # a symlink planted by another user, in a sticky folder
+        sticky = tmp_path / "sticky"
+        sticky.mkdir()
+        os.chmod(sticky, 0o1777)
+        good = tmp_path / "good"
+        good.write_text(TOKEN)
+        (sticky / "token").symlink_to(good)
+        os.lchown(sticky / "token", 65534, 65534)
+        cases.append((sticky / "token", "a symlink owned by uid 65534"))
+        (sticky / "mine").symlink_to(good)
+        assert _load(tmp_path, {"dashboard_token_file": str(sticky / "mine")})
+    for path, problem in cases:
+        with pytest.raises(ConfigError, match=problem) as caught:
+            _load(tmp_path, {"dashboard_token_file": str(path)})
+        assert "manager" in str(caught.value) and "c.toml" in str(caught.value)
+
+
+def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send `data` as is and read the whole answer (the server closes after it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_page_answers_only_its_own_names(
+    web: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = web(dashboard_hosts=["Status.Example.com", "10.1.2.3"])
+    dead_letter(server.redis, "q1", b"secret payload", "boom")
+    port = server.port
+    # DNS rebinding: a page of evil.example, its name now pointing at 127.0.0.1.
+    for path in ("/api/dead?queue=q1", "/api/status", "/api/session", "/", "/static/app.js"):
+        status, headers, body = server.call("GET", path, Host=f"evil.example:{port}")
+        assert status == 421 and b"secret" not in body, path
+        assert headers["Content-Security-Policy"] == CSP
+    assert server.call("POST", "/login", f"token={TOKEN}".encode(), Host="evil.example")[0] == 421
+    refused = [f"localhost:{port + 1}", "localhost", "127.0.0.1.evil.example", "[::2]",
+               f"status.example.com.evil:{port}", "", f"127.0.0.1:{port}@evil", "[::1]",
+               f"::1:{port}", f"[::1]x:{port}"]  # fmt: skip
+    for host in refused:
+        assert server.call("GET", "/api/dead?queue=q1", Host=host)[0] == 421, host
+    allowed = [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}",
+               "status.example.com", "status.example.com:443", "10.1.2.3:8080"]  # fmt: skip
+    for host in allowed:
+        status, _, body = server.call("GET", "/api/dead?queue=q1", Host=host)
+        assert status == 200 and b"secret payload" in body, host
+    # No Host at all, or two of them: refused too.
+    assert _raw(port, b"GET /api/dead?queue=q1 HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 421")
+    two = f"GET /api/status HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n\r\n"
+    assert _raw(port, two.encode()).startswith(b"HTTP/1.0 421")
+    # Scrapers and probes may use any name.
+    assert server.call("GET", "/metrics", Host="evil.example")[0] == 200
+    assert server.call("GET", "/healthz", Host="evil.example")[0] == 200
+    warnings = [r.getMessage() for r in caplog.records if "evil.example:" in r.getMessage()]
+    assert len(warnings) == 1 and "dashboard_hosts" in warnings[0]  # once per name
+    for n in range(MAX_HOSTS_LOGGED + 20):  # a flood of names: the log and memory stay bounded
+        assert server.call("GET", "/api/status", Host=f"n{n}.evil.example")[0] == 421
+    assert server.site is not None and len(server.site._hosts_refused) == MAX_HOSTS_LOGGED
+
+
+def test_dashboard_hosts_and_private_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"manager.*'bad name' is not a host name"):
+        _load(tmp_path, {"dashboard_hosts": ["ok.example", "bad name"]})
+    with pytest.raises(ConfigError, match="dashboard_hosts"):
+        _load(tmp_path, {"dashboard_hosts": "ok.example"})
+    with pytest.raises(ConfigError, match="dashboard_private needs dashboard_token"):
+        _load(tmp_path, {"dashboard_private": True})
+    cfg = _load(tmp_path, {"dashboard_hosts": ["A.example", "[::1]"], "dashboard_private": True,
+                           "dashboard_token": TOKEN})  # fmt: skip
+    assert cfg.manager.dashboard_hosts == ("a.example", "[::1]") and cfg.manager.dashboard_private
+
+
+def test_private_dead_letters_need_the_token_to_be_read(web: Callable[..., Server]) -> None:
+    server = web(dashboard_token=TOKEN, dashboard_private=True)
+    dead_letter(server.redis, "q1", b"private payload", "boom")
+    status, _, body = server.call("GET", "/api/dead?queue=q1")
+    assert status == 403 and b"private payload" not in body and b"log in" in body
+    assert server.json("/api/session")["private"] is True
+    wrong = "Bearer wrong-wrong-wrong"
+    assert server.call("GET", "/api/dead?queue=q1", Authorization=wrong)[0] == 403
+    page = server.json("/api/dead?queue=q1", Authorization=f"Bearer {TOKEN}")
+    assert page["letters"][0]["preview"] == repr(b"private payload")
+    _, headers, _ = server.call("POST", "/login", f"token={TOKEN}".encode())
+    session = headers["Set-Cookie"].split(";")[0]
+    assert server.json("/api/dead?queue=q1", Cookie=session)["total"] == 1
+    status = server.call("GET", "/api/status")[0]
+    assert status == 200  # counts stay public; contents do not
+
+
+def test_logout_needs_the_page_s_csrf_token(web: Callable[..., Server]) -> None:
+    server = web(dashboard_token=TOKEN)
+    _, headers, _ = server.call("POST", "/login", f"token={TOKEN}".encode())
+    session = headers["Set-Cookie"].split(";")[0]
+    # A form of another origin: the browser sends no cookie (SameSite) and no CSRF token.
+    for forged in ({}, {"Cookie": session}, {"Cookie": session, "X_CSRF_Token": "0" * 64}):
+        status, headers, _ = server.call("POST", "/logout", b"", **forged)
+        assert status == 403 and "Set-Cookie" not in headers, forged
+    csrf = server.json("/api/session", Cookie=session)["csrf"]
+    status, headers, _ = server.call("POST", "/logout", b"", Cookie=session, X_CSRF_Token=csrf)
+    assert status == 303 and "Max-Age=0" in headers["Set-Cookie"]
+
+
+def test_wrong_tokens_are_throttled_per_client_address(
+    web: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "LOGIN_REFILL", 1.5)  # seconds, not the real 5: a faster test
+    server = web(dashboard_token=TOKEN)
+    for _ in range(auth.LOGIN_BURST - 1):
+        assert server.call("POST", "/login", b"token=wrong-wrong-wrong-wrong")[0] == 403
+    bearer = {"Authorization": "Bearer wrong-wrong-wrong-wrong"}
+    assert server.call("GET", "/api/session", **bearer)[0] == 200  # a guess too, and counted
+    started = time.monotonic()
+    status, headers, body = server.call("POST", "/login", f"token={TOKEN}".encode())
+    assert status == 429 and "Set-Cookie" not in headers and b"try again" in body
+    assert 1 <= int(headers["Retry-After"]) <= math.ceil(auth.LOGIN_REFILL)
+    assert server.call("POST", "/api/dead/purge", {}, Authorization=f"Bearer {TOKEN}")[0] == 429
+    wait_for(lambda: server.call("POST", "/login", f"token={TOKEN}".encode())[0] == 303,
+             timeout=auth.LOGIN_REFILL + 5, what="the bucket to refill")  # fmt: skip
+    assert time.monotonic() - started >= auth.LOGIN_REFILL / 2
+
+
+def test_the_throttle_refills_counts_each_address_and_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    throttle = auth.Throttle(clock=lambda: now[0])
+    for _ in range(auth.LOGIN_BURST):
+        assert throttle.attempt("10.0.0.1") == 0
+    assert throttle.attempt("10.0.0.1") == auth.LOGIN_REFILL
+    assert throttle.attempt("10.0.0.2") == 0  # each address its own bucket
+    now[0] += auth.LOGIN_REFILL
+    assert throttle.attempt("10.0.0.1") == 0
+    assert throttle.attempt("10.0.0.1") > 0
+    throttle.refund("10.0.0.2")  # a right token costs nothing
+    assert "10.0.0.2" not in throttle._buckets
+    # Parallel guesses: charged as they pass, so no more pass than the bucket holds.
+    barrier = threading.Barrier(50)
+    passed: list[bool] = []
+
+    def guess() -> None:
+        barrier.wait()
+        passed.append(throttle.attempt("10.0.0.3") == 0)
+
+    threads = [threading.Thread(target=guess) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert passed.count(True) == auth.LOGIN_BURST
+    monkeypatch.setattr(auth, "MAX_CLIENTS", 50)
+    for n in range(500):
+        throttle.attempt(f"192.0.2.{n}")
+    assert len(throttle._buckets) <= 50
+
+
+def test_hostile_bodies_get_a_400_never_a_traceback(
+    web: Callable[..., Server], capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    server = web(dashboard_token=TOKEN)
+    dead_letter(server.redis, "q1", b"poison", "boom")
+    key = letter_key(b"poison")
+    bearer = {"Authorization": f"Bearer {TOKEN}", "Content_Type": "application/json"}
+    bodies = [
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"queue": "q1", "letters": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+        b'{"queue": "q1", "letters": [{"index": 1e400, "key": "%s"}]}' % key.encode(),
+        b'{"queue": "q1", "letters": [{"index": NaN, "key": "x"}]}',
+        b'{"queue": "q1", "letters": [{"index": ' + b"9" * 5000 + b', "key": "x"}]}',
+        b'{"queue": "q1", "letters": [{"index": "0", "key": "%s"}]}' % key.encode(),
+        b'{"queue": "q1", "letters": [{"index": true, "key": "%s"}]}' % key.encode(),
+        b'{"queue": "q1", "letters": [{"index": 0, "key": 7}]}',
+        b'{"queue": ["q1"], "letters": [{"index": 0, "key": "x"}]}',
+        b'{"queue": "q1", "letters": {"index": 0}}',
+        b'["letters"]',
+        b"\xff\xfe\x00",
+    ]
+    for body in bodies:
+        status, _, reply = server.call("POST", "/api/dead/purge", body, **bearer)
+        assert status in (400, 404), (body[:60], status, reply)
+        assert b"error" in reply
+    assert server.redis.llen("q1:dead") == 1
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_error_pages_carry_the_security_headers(web: Callable[..., Server]) -> None:
+    server = web()
+    host = f"Host: 127.0.0.1:{server.port}\r\n"
+    requests = {
+        "501": f"HEAD / HTTP/1.0\r\n{host}\r\n",
+        "501 ": f"BREW /api/status HTTP/1.0\r\n{host}\r\n",
+        "400": "GET / x HTTP/1.0\r\n\r\n",
+        "414": "GET /" + "a" * 70_000 + " HTTP/1.0\r\n\r\n",
+        "431": f"GET / HTTP/1.0\r\n{host}X-Big: {'b' * 70_000}\r\n\r\n",
+        "431 ": f"GET / HTTP/1.0\r\n{host}" + "X-N: 1\r\n" * 200 + "\r\n",
+        "501  ": f"POST /login HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "404": f"GET /nothing HTTP/1.0\r\n{host}\r\n",
+    }
+    for code, request in requests.items():
+        answer = _raw(server.port, request.encode())
+        head = answer.split(b"\r\n\r\n")[0].decode()
+        assert head.split()[1] == code.strip(), (code, head[:200])
+        assert f"Content-Security-Policy: {CSP}" in head, code
+        assert "X-Frame-Options: DENY" in head and "X-Content-Type-Options: nosniff" in head
+
+
+def test_idle_slow_and_surplus_connections_are_bounded(
+    web: Callable[..., Server], monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(web_server, "IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(web_server.Handler, "timeout", 1.0)
+    monkeypatch.setattr(web_server, "REQUEST_SECONDS", 2.0)
+    server = web()
+    threads = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    try:
+        # 100 silent connections: at most MAX_CONNECTIONS threads; the others get a 503.
+        wait_for(lambda: threading.active_count() - threads >= web_server.MAX_CONNECTIONS,
+                 timeout=10, what="the server to take its share")  # fmt: skip
+        assert threading.active_count() - threads <= web_server.MAX_CONNECTIONS
+        refused = 0
+        for sock in idle[web_server.MAX_CONNECTIONS :]:
+            sock.settimeout(5)
+            refused += sock.recv(100).startswith(b"HTTP/1.0 503")
+        assert refused == 100 - web_server.MAX_CONNECTIONS
+        # The silent ones are dropped after IDLE_SECONDS; then the page answers again.
+        started = time.monotonic()
+        for sock in idle[: web_server.MAX_CONNECTIONS]:
+            sock.settimeout(5)
+            assert sock.recv(100) == b""  # closed by the server
+        assert time.monotonic() - started < 4
+        wait_for(lambda: server.call("GET", "/api/status")[0] == 200, timeout=5,
+                 what="the page to answer again")  # fmt: skip
+    finally:
+        for sock in idle:
+            sock.close()
+
+    # Slowloris: a byte every half second keeps under the idle timeout, not the deadline.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+        slow.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - started < 8:
+                slow.sendall(b"a")
+                time.sleep(0.5)  # the attack's own pace, not a wait for a condition
+        assert time.monotonic() - started < 4
+
+    # Clients that go away early: a body cut short by a reset, a reply nobody reads.
+    for path, body in [("/api/dead/purge", b"x" * 10), ("/static/app.js", b"")]:
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            head = f"POST {path} HTTP/1.0\r\nHost: 127.0.0.1:{server.port}\r\n"
+            head += f"Content-Length: {1000 if body else 0}\r\n\r\n"
+            sock.sendall(head.encode() + body)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, not a goodbye
+    # Huge headers: cut off at MAX_REQUEST_BYTES, not buffered up to 6.4 MB.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as huge:
+        huge.sendall(b"GET /api/status HTTP/1.0\r\n")
+        with pytest.raises(OSError):  # reset before the 100 lines http.server would take
+            for _ in range(100):
+                huge.sendall(b"X-Big: " + b"b" * 60_000 + b"\r\n")
+    assert server.call("GET", "/api/status")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

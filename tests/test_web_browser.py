@@ -165,3 +165,101 @@ def _post_json(page: Page, path: str, body: dict[str, Any]) -> int:
                headers: {"Content-Type": "application/json"}}).then((r) => r.status)""",
         [path, json.dumps(body)],
     ))  # fmt: skip
+
+
+EVIL = "evil.test"  # a name the hostile page owns; Chromium resolves it to 127.0.0.1
+ATTACKER = "http://attacker.test"  # another site, served by the test itself
+# Chromium's own guard against public pages reaching private addresses, switched off: the
+# server must hold without it (other browsers have none, older Chromium neither).
+NO_PNA = [
+    "--disable-features=BlockInsecurePrivateNetworkRequests,LocalNetworkAccessChecks,"
+    "PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults"
+]
+
+
+def test_a_page_of_another_origin_can_neither_read_nor_log_out(
+    service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    """DNS rebinding: a page of evil.test whose name now points at 127.0.0.1 reads
+    `/api/dead` as its own origin unless the server refuses names not its own. And a form
+    of another site posting to `/logout` must not end the operator's session."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    path = chromium_path()
+    if path is None:
+        pytest.skip(f"no Chromium browser is installed here: {INSTALL}")
+    port = free_port()
+    service([{"queue": "mail", "max_attempts": 1}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
+    client = redis_server.client()
+    client.lpush("mail", b"raise:card 4111-1111-1111-1111")
+    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    read = """(path) => fetch(path).then(async (r) => [r.status, await r.text()])"""
+    with chromium(path, [f"--host-resolver-rules=MAP {EVIL} 127.0.0.1", *NO_PNA]) as browser:
+        context = browser.new_context()  # the operator's: one cookie jar for two tabs
+        operator = context.new_page()
+        operator.goto(f"http://127.0.0.1:{port}/")
+        status, body = operator.evaluate(read, "api/dead?queue=mail")
+        assert status == 200 and "4111" in body  # the operator's own page reads it
+
+        hostile = browser.new_page()
+        hostile.route(f"http://{EVIL}:{port}/attack",
+                      lambda route: route.fulfill(content_type="text/html",
+                                                  body="<p>nothing to see</p>"))  # fmt: skip
+        hostile.goto(f"http://{EVIL}:{port}/attack")
+        status, body = hostile.evaluate(read, "/api/dead?queue=mail")
+        assert status == 421 and "4111" not in body
+        response = hostile.goto(f"http://{EVIL}:{port}/")
+        assert response is not None and response.status == 421
+
+        # Logged in, the operator is not logged out by a form of another site.
+        operator.fill("#login input[name=token]", TOKEN)
+        operator.click("#login button")
+        expect(operator.locator("#logout")).to_be_visible()
+        form = (f'<form method="post" action="http://127.0.0.1:{port}/logout"></form>'
+                "<script>document.forms[0].submit()</script>")  # fmt: skip
+        attacker = context.new_page()
+        attacker.route(f"{ATTACKER}/", lambda route: route.fulfill(content_type="text/html",
+                                                                    body=form))  # fmt: skip
+        attacker.goto(f"{ATTACKER}/")
+        attacker.wait_for_url(f"http://127.0.0.1:{port}/**")  # the form was posted
+        session = operator.evaluate("fetch('api/session').then((r) => r.json())")
+        assert session["authenticated"] is True
+        # The page's own button still logs out (it sends the CSRF token).
+        operator.click("#logout button")
+        expect(operator.locator("#login")).to_be_visible()
+        session = operator.evaluate("fetch('api/session').then((r) => r.json())")
+        assert session["authenticated"] is False
+
+
+def test_private_dead_letters_show_only_after_login(
+    browser: Browser, service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = free_port()
+    service([{"queue": "mail", "max_attempts": 1}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN, dashboard_private=True),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
+    client = redis_server.client()
+    client.lpush("mail", b"raise:private matter")
+    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    expect(page.locator("#private")).to_be_visible()
+    expect(page.locator("#dead-count")).to_contain_text("log in first")
+    expect(page.locator('#queues tr[data-queue="mail"] td.dead')).to_have_text("1")
+    assert "private matter" not in page.content()
+    page.fill("#login input[name=token]", TOKEN)
+    page.click("#login button")
+    expect(page.locator("#private")).to_be_hidden()
+    expect(page.locator("#dead td.preview")).to_have_text(repr(b"raise:private matter"))

@@ -10,6 +10,10 @@ its expiry, and changing the token ends every session. The CSRF token is another
 the session id: a page of another origin can neither read it nor guess it, and the cookie
 is `SameSite=Strict` besides. A bearer request needs no CSRF token, because a browser never
 adds that header by itself. Every comparison uses `hmac.compare_digest`.
+
+Fail closed: the token is checked at every use, so a token file emptied or shortened
+while the service runs turns the actions off instead of making the empty string the key
+(`token_source`, `Gate.token`). Wrong tokens are throttled per client address (`Throttle`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 
-from rqworkers.config import ManagerSettings
-from rqworkers.connections import read_password
+from rqworkers.config import ManagerSettings, check_token, read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +38,45 @@ SESSION_SECONDS = 12 * 3600
 
 def token_source(settings: ManagerSettings) -> Callable[[], str | None]:
     """How to get the token now: from the config, or read from its file each time (so that
-    rotating the file takes effect without a restart). None: actions are off."""
+    rotating the file takes effect without a restart). None: actions are off.
+
+    Fails closed: a token that is missing, unreadable or shorter than the minimum at the
+    moment of a request is None, never an empty or short key, and the keeper logs why once
+    each time that changes (not once per request)."""
     if settings.dashboard_token is not None:
-        token = settings.dashboard_token.get_secret_value()
-        return lambda: token
-    path = settings.dashboard_token_file
-    if path is None:
+        secret = settings.dashboard_token
+
+        def read() -> str:
+            token = secret.get_secret_value()
+            check_token(token, "dashboard_token")
+            return token
+
+    elif settings.dashboard_token_file is not None:
+        path = settings.dashboard_token_file
+
+        def read() -> str:
+            return read_token_file(path)
+
+    else:
         return lambda: None
+    problem = [""]  # the last one logged: "" while the token is usable
+    lock = threading.Lock()
 
-    def from_file() -> str | None:
+    def current() -> str | None:
         try:
-            return read_password(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            log.error("dashboard_token_file %s: cannot read: %s; actions refused", path, exc)
-            return None
+            token, now = read(), ""
+        except ValueError as exc:
+            token, now = None, str(exc)
+        with lock:
+            if now != problem[0]:
+                if now:
+                    log.error("dashboard: %s; every action is refused until it is fixed", now)
+                else:
+                    log.warning("dashboard: the token is usable again: actions are on")
+                problem[0] = now
+        return token
 
-    return from_file
+    return current
 
 
 @dataclass(frozen=True)
@@ -70,8 +97,23 @@ class Gate:
     """Checks credentials against the token of `token_source`."""
 
     def __init__(self, token: Callable[[], str | None], clock: Callable[[], float] = time.time):
-        self.token = token
+        self.source = token
         self.clock = clock
+
+    def token(self) -> str | None:
+        """The token now, or None (actions off) if there is none or it is too short: an
+        empty or short key would let anyone log in or forge a session cookie."""
+        token = self.source()
+        try:
+            check_token(token or "", "dashboard token")
+        except ValueError:
+            return None
+        return token
+
+    def presents_token(self, headers: Mapping[str, str]) -> bool:
+        """Whether the request offers a token (a bearer header): a guess, if wrong."""
+        scheme, _, value = (headers.get("Authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and bool(value)
 
     @property
     def actions_enabled(self) -> bool:
@@ -79,18 +121,15 @@ class Gate:
 
     def token_matches(self, candidate: str) -> bool:
         token = self.token()
-        return token is not None and hmac.compare_digest(
-            candidate.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
-        )
+        return token is not None and _same(candidate, token)
 
     def identify(self, headers: Mapping[str, str]) -> Identity:
         """A bearer header, or a valid unexpired session cookie; else anonymous."""
         token = self.token()
         if token is None:
             return ANONYMOUS
-        scheme, _, value = (headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer" and value:
-            return Identity(self.token_matches(value.strip()))
+        if self.presents_token(headers):
+            return Identity(_same(headers["Authorization"].partition(" ")[2].strip(), token))
         session = self._session(headers.get("Cookie") or "", token)
         return Identity(True, session) if session else ANONYMOUS
 
@@ -126,6 +165,67 @@ class Gate:
         return session
 
 
+def _same(candidate: str, token: str) -> bool:
+    return hmac.compare_digest(
+        candidate.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
+    )
+
+
 def _mac(token: str, purpose: str, value: str) -> str:
     key = token.encode("utf-8", "surrogateescape")
     return hmac.new(key, f"{purpose}|{value}".encode(), hashlib.sha256).hexdigest()
+
+
+LOGIN_BURST = 5  # wrong tokens a client address may offer in a row
+LOGIN_REFILL = 5.0  # seconds after which it may offer one more
+MAX_CLIENTS = 10_000  # addresses remembered at once: a flood of them cannot fill memory
+
+
+class Throttle:
+    """Wrong tokens, per client address: a token bucket of `LOGIN_BURST`, one more every
+    `LOGIN_REFILL` seconds. An empty bucket refuses every token offered, right or wrong,
+    until it refills: 12 guesses a minute instead of thousands a second.
+
+    Keyed by the peer's address: behind a reverse proxy every client shares the proxy's,
+    so a guesser there delays everyone's login, and bearer scripts, until it refills."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # address: (tokens, at)
+
+    def attempt(self, client: str) -> float:
+        """Charge `client` one guess and return 0, or return the seconds it must wait.
+
+        Charged before the token is compared, in one step, so that parallel requests
+        cannot all pass the check before any of them is counted. `refund` a right one."""
+        with self._lock:
+            now = self.clock()
+            tokens = self._tokens(client, now)
+            if tokens < 1:
+                return (1 - tokens) * LOGIN_REFILL
+            self._set(client, tokens - 1, now)
+        return 0.0
+
+    def refund(self, client: str) -> None:
+        """The guess `attempt` charged was right (or was no guess): give it back."""
+        with self._lock:
+            now = self.clock()
+            self._set(client, self._tokens(client, now) + 1, now)
+
+    def _set(self, client: str, tokens: float, now: float) -> None:
+        self._buckets.pop(client, None)
+        if tokens < LOGIN_BURST:
+            self._buckets[client] = (tokens, now)  # newest last: the oldest go first
+        if len(self._buckets) > MAX_CLIENTS:
+            self._forget(now)
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, at = self._buckets.get(client, (LOGIN_BURST, now))
+        return min(float(LOGIN_BURST), tokens + (now - at) / LOGIN_REFILL)
+
+    def _forget(self, now: float) -> None:
+        for client in [c for c in self._buckets if self._tokens(c, now) >= LOGIN_BURST]:
+            del self._buckets[client]
+        while len(self._buckets) > MAX_CLIENTS:
+            del self._buckets[next(iter(self._buckets))]

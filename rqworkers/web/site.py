@@ -4,6 +4,7 @@ Reads: `GET /api/status` is exactly `rqworkers status --json` (one `status.colle
 second at most, shared by every open browser); `GET /api/dead` pages a queue's dead
 letters, each with a binary-safe preview (`dead.preview`) and everything its record says.
 Writes: `POST /api/dead/requeue` and `/api/dead/purge`, only with the token (see `auth`).
+All of it only for requests addressed to one of this server's names (`Site.check_host`).
 
 Nothing here runs in a worker: the page costs the workers' hot path nothing, and Redis at
 most one status read per second and one read per dead-letter page per second.
@@ -14,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from redis.exceptions import RedisError
@@ -30,28 +32,18 @@ from rqworkers.backoff import describe
 from rqworkers.config import Config, PairSettings
 from rqworkers.connections import Client
 from rqworkers.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
-from rqworkers.web.auth import COOKIE, SESSION_SECONDS, Gate, Identity, token_source
+from rqworkers.web.auth import COOKIE, SESSION_SECONDS, Gate, Identity, Throttle, token_source
 from rqworkers.web.cache import SharedReads
 
 log = logging.getLogger(__name__)
 
-# No inline script or style, nothing from another origin, no framing, forms post here only.
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-    "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
-SECURITY_HEADERS = (
-    ("Content-Security-Policy", CSP),
-    ("X-Content-Type-Options", "nosniff"),
-    ("X-Frame-Options", "DENY"),
-    ("Referrer-Policy", "no-referrer"),
-    ("Cross-Origin-Opener-Policy", "same-origin"),
-    ("Cross-Origin-Resource-Policy", "same-origin"),
-    ("Cache-Control", "no-store"),
-)
 MAX_BODY = 64 * 1024  # bytes: an action names at most MAX_PAGE letters by index and digest
 MAX_PAGE = 100  # dead letters per page and per action
 READ_ONLY = "read-only: [manager] dashboard_token is not set"
+UNUSABLE = "actions are off: the dashboard token is unusable now (the keeper's log says why)"
+PRIVATE = "dead letters are private here ([manager] dashboard_private): log in first"
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")  # names that cannot be rebound to a page
+MAX_HOSTS_LOGGED = 100  # distinct refused Host names logged: a flood cannot fill the log
 REDIS_TIMEOUT = 5.0  # seconds to connect to or hear from Redis, for dead-letter requests
 
 _STATIC = files("rqworkers.web") / "static"
@@ -88,9 +80,10 @@ class Response:
 class RefusedError(Exception):
     """A request that cannot be served as asked: answered with `status` and `message`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.status = status
+        self.headers = list(headers)
 
 
 def letter_key(payload: bytes) -> str:
@@ -104,6 +97,10 @@ class Site:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.gate = Gate(token_source(config.manager))
+        self.throttle = Throttle()
+        self.private = config.manager.dashboard_private
+        self.hosts = frozenset(config.manager.dashboard_hosts)
+        self._hosts_refused: set[str] = set()
         self.status_reads: SharedReads[bytes] = SharedReads()
         self.dead_reads: SharedReads[dict[str, Any]] = SharedReads()
         self._clients: dict[str, Client] = {}
@@ -126,35 +123,66 @@ class Site:
         """Answer `http` if the path is ours; False leaves it to the caller (a 404)."""
         url = urlsplit(http.path)
         route = self.routes.get((http.command, url.path))
-        if route is None:
-            if not any(path == url.path for _, path in self.routes):
-                return False
-            response = _error(HTTPStatus.METHOD_NOT_ALLOWED, f"{http.command} not allowed here")
-        else:
-            try:
-                request = Request(
-                    http.command,
-                    url.path,
-                    parse_qs(url.query),
-                    http.headers,
-                    _body(http),
-                    http.client_address[0],
+        if not any(path == url.path for _, path in self.routes):
+            return False
+        try:
+            self.check_host(http)
+            if route is None:
+                raise RefusedError(
+                    HTTPStatus.METHOD_NOT_ALLOWED, f"{http.command} not allowed here"
                 )
-                response = route(request)
-            except RefusedError as exc:
-                response = _error(exc.status, str(exc))
-            except TRANSIENT_ERRORS as exc:
-                response = _error(HTTPStatus.SERVICE_UNAVAILABLE, f"redis: {describe(exc)}")
-            except RedisError as exc:  # any other: said as such, never a dropped connection
-                response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"redis: {describe(exc)}")
-        http.send_response(response.status)
-        for name, value in (*SECURITY_HEADERS, *response.headers):
+            request = Request(http.command, url.path, parse_qs(url.query), http.headers,
+                              _body(http), http.client_address[0])  # fmt: skip
+            response = route(request)
+        except RefusedError as exc:
+            response = _error(exc.status, str(exc))
+            response.headers += exc.headers
+        except TRANSIENT_ERRORS as exc:
+            response = _error(HTTPStatus.SERVICE_UNAVAILABLE, f"redis: {describe(exc)}")
+        except RedisError as exc:  # any other: said as such, never a dropped connection
+            response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"redis: {describe(exc)}")
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away: nobody to answer (`web.server` logs it quietly)
+        except Exception:  # a bug: logged with its traceback, and still an answer
+            log.exception("dashboard: %s %s failed", http.command, url.path)
+            response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error: see the log")
+        http.send_response(response.status)  # with the security headers: `web.server`
+        for name, value in response.headers:
             http.send_header(name, value)
         http.send_header("Content-Type", response.content_type)
         http.send_header("Content-Length", str(len(response.body)))
         http.end_headers()
         http.wfile.write(response.body)
         return True
+
+    def check_host(self, http: BaseHTTPRequestHandler) -> None:
+        """Refuse (421) a request whose `Host` is not a name of this server.
+
+        A page of another origin can point a name it owns at 127.0.0.1 (DNS rebinding) and
+        read whatever answers there as its own: its requests carry its own name as `Host`.
+        So the page and its API answer only the bound address and loopback names with the
+        bound port, or a name in `[manager] dashboard_hosts` (with any port: behind a
+        proxy, the proxy's). `/metrics` and `/healthz` never come here."""
+        hosts = http.headers.get_all("Host") or []
+        host = hosts[0].strip().lower() if len(hosts) == 1 else ""
+        name, port = _split_host(host)
+        bound, bound_port = cast(tuple[str, int], http.server.server_address)[:2]
+        bound_name = f"[{bound}]" if ":" in str(bound) else str(bound)
+        if name in self.hosts:
+            return
+        default_port = port is None and bound_port == 80
+        if name in (*LOOPBACK, bound_name) and (port == str(bound_port) or default_port):
+            return
+        with self._clients_lock:
+            first = host not in self._hosts_refused and len(self._hosts_refused) < MAX_HOSTS_LOGGED
+            if first:
+                self._hosts_refused.add(host)
+        if first:
+            log.warning("dashboard: refused requests for Host %r from %s: not a name of this "
+                        "server (add it to [manager] dashboard_hosts if it is)",
+                        host, http.client_address[0])  # fmt: skip
+        raise RefusedError(HTTPStatus.MISDIRECTED_REQUEST,
+                           f"this server does not answer for Host {host!r}")  # fmt: skip
 
     def client(self, url: str) -> Client:
         with self._clients_lock:
@@ -196,7 +224,7 @@ class Site:
         return Response(HTTPStatus.OK, body)
 
     def get_session(self, request: Request) -> Response:
-        identity = self.gate.identify(request.headers)
+        identity = self.identify(request)
         token = self.gate.token()
         return _json(
             {
@@ -204,10 +232,13 @@ class Site:
                 "actions": token is not None,
                 "authenticated": identity.authenticated,
                 "csrf": identity.csrf(token) if token and identity.authenticated else None,
+                "private": self.private,
             }
         )
 
     def get_dead(self, request: Request) -> Response:
+        if self.private and not self.identify(request).authenticated:
+            raise RefusedError(HTTPStatus.FORBIDDEN, PRIVATE)
         pair = self.pair({"queue": request.arg("queue"), "host": request.arg("host")})
         start = _integer(request.arg("start", "0"), "start", 0, 2**31)
         limit = _integer(request.arg("limit", "20"), "limit", 1, MAX_PAGE)
@@ -226,11 +257,36 @@ class Site:
 
     # -- writes ---------------------------------------------------------------------------
 
+    def identify(self, request: Request) -> Identity:
+        """Who sent `request`; a wrong bearer token counts against its address (`Throttle`),
+        and an address out of guesses gets 429 before its token is even compared."""
+        if not self.gate.presents_token(request.headers):
+            return self.gate.identify(request.headers)
+        self.slow_down(request)
+        identity = self.gate.identify(request.headers)
+        if identity.authenticated or not self.gate.actions_enabled:
+            self.throttle.refund(request.client)
+        return identity
+
+    def slow_down(self, request: Request) -> None:
+        """Charge the client one guess, or refuse (429) if it has none left."""
+        wait = self.throttle.attempt(request.client)
+        if wait > 0:
+            raise RefusedError(HTTPStatus.TOO_MANY_REQUESTS,
+                               f"too many wrong tokens: try again in {math.ceil(wait)}s",
+                               (("Retry-After", str(math.ceil(wait))),))  # fmt: skip
+
+    def actions_on(self) -> None:
+        """`RefusedError` (403) unless a usable token is configured right now."""
+        if not self.gate.actions_enabled:
+            configured = self.config.manager
+            unset = configured.dashboard_token is None and configured.dashboard_token_file is None
+            raise RefusedError(HTTPStatus.FORBIDDEN, READ_ONLY if unset else UNUSABLE)
+
     def authorize(self, request: Request) -> Identity:
         """The requester, if it may act; else `RefusedError` with 403 and why."""
-        if not self.gate.actions_enabled:
-            raise RefusedError(HTTPStatus.FORBIDDEN, READ_ONLY)
-        identity = self.gate.identify(request.headers)
+        self.actions_on()
+        identity = self.identify(request)
         if not identity.authenticated:
             log.warning("dashboard: refused %s %s from %s: no valid token",
                         request.method, request.path, request.client)  # fmt: skip
@@ -245,12 +301,14 @@ class Site:
         self.authorize(request)
         if request.headers.get_content_type() != "application/json":
             raise RefusedError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        args = _parse_json(request.body)
+        shape = "expected {queue, letters: [{index, key}]}"
         try:
-            args = json.loads(request.body)
-            wanted = [(int(x["index"]), str(x["key"])) for x in args["letters"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RefusedError(HTTPStatus.BAD_REQUEST, f"expected {{queue, letters: "
-                          f"[{{index, key}}]}}: {exc}") from None  # fmt: skip
+            wanted = [(x["index"], x["key"]) for x in args["letters"]]
+        except (KeyError, TypeError) as exc:
+            raise RefusedError(HTTPStatus.BAD_REQUEST, f"{shape}: {exc}") from None
+        if not all(type(i) is int and 0 <= i < 2**31 and isinstance(k, str) for i, k in wanted):
+            raise RefusedError(HTTPStatus.BAD_REQUEST, f"{shape}: index a whole number, key text")
         if not 0 < len(wanted) <= MAX_PAGE:
             raise RefusedError(HTTPStatus.BAD_REQUEST, f"name 1 to {MAX_PAGE} letters")
         pair = self.pair(args)
@@ -270,17 +328,29 @@ class Site:
         return _json({"action": action, "asked": len(found), "done": done})
 
     def login(self, request: Request) -> Response:
-        if not self.gate.actions_enabled:
-            raise RefusedError(HTTPStatus.FORBIDDEN, READ_ONLY)
+        self.actions_on()
+        self.slow_down(request)
         form = parse_qs(request.body.decode("utf-8", "surrogateescape"))
         if not self.gate.token_matches((form.get("token") or [""])[0]):
             log.warning("dashboard: refused a login from %s: wrong token", request.client)
             raise RefusedError(HTTPStatus.FORBIDDEN, "wrong token")
+        self.throttle.refund(request.client)
         log.info("dashboard: login from %s", request.client)
         return _see_other(_cookie(request, self.gate.new_session(), SESSION_SECONDS))
 
     def logout(self, request: Request) -> Response:
+        """Only from the page itself: a valid session and its CSRF token. A form of
+        another origin could otherwise log the operator out (the browser applies the
+        `Set-Cookie` of a cross-site answer even though it sent no cookie)."""
+        self.authorize(request)
         return _see_other(_cookie(request, "", 0))
+
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """`("[::1]", "9108")` from `[::1]:9108`; `("localhost", None)` from `localhost`."""
+    after_brackets = host.rfind("]") + 1  # an IPv6 address holds colons of its own
+    colon = host.find(":", after_brackets)
+    return (host, None) if colon < 0 else (host[:colon], host[colon + 1 :])
 
 
 def _body(http: BaseHTTPRequestHandler) -> bytes:
@@ -292,7 +362,32 @@ def _body(http: BaseHTTPRequestHandler) -> bytes:
         raise RefusedError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
     if not 0 <= length <= MAX_BODY:
         raise RefusedError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"at most {MAX_BODY} bytes")
-    return http.rfile.read(length)
+    body = http.rfile.read(length)
+    if len(body) < length:
+        raise RefusedError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
+    return body
+
+
+def _parse_json(body: bytes) -> Any:
+    """The JSON in `body`, or 400: never a traceback, whatever the nesting or the numbers
+    (`1e400` is not a number JSON can carry, nor `NaN`)."""
+    try:
+        return json.loads(body, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise RefusedError(HTTPStatus.BAD_REQUEST, "JSON nested too deep") from None
+    except ValueError as exc:  # UnicodeDecodeError and too long integers included
+        raise RefusedError(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
 
 
 def _letter(letter: DeadLetter) -> dict[str, Any]:

@@ -225,6 +225,7 @@ function renderSession() {
   $("read-only").hidden = s.actions;
   $("login").hidden = !s.actions || s.authenticated;
   $("logout").hidden = !s.authenticated;
+  $("private").hidden = !s.private || s.authenticated;
   $("dead-actions").hidden = !s.authenticated;
   for (const cell of document.querySelectorAll("#dead .pick")) cell.hidden = !s.authenticated;
 }
@@ -241,6 +242,8 @@ async function loadDead() {
     renderDead(page);
     renderSession();
   } catch (error) {
+    state.dead.letters = [];
+    $("dead").tBodies[0].replaceChildren();
     $("dead-count").textContent = `cannot read dead letters: ${error.message}`;
   }
 }
@@ -276,7 +279,9 @@ async function refresh() {
 }
 
 async function loadSession() {
+  const was = state.session.authenticated;
   state.session = await api("api/session");
+  if (was !== state.session.authenticated) state.dead.count = null; // private letters: read again
   $("node").textContent = `served by node ${state.session.node}`;
   renderSession();
 }
@@ -313,12 +318,13 @@ function start() {
     const form = new URLSearchParams(new FormData(event.target));
     event.target.reset();
     const response = await fetch("login", { method: "POST", body: form, credentials: "same-origin" });
-    $("login-error").textContent = response.ok ? "" : "wrong token";
+    const refusal = response.status === 429 ? "too many wrong tokens: wait and try again" : "wrong token";
+    $("login-error").textContent = response.ok ? "" : refusal;
     await loadSession();
   });
   $("logout").addEventListener("submit", async (event) => {
     event.preventDefault();
-    await fetch("logout", { method: "POST", credentials: "same-origin" });
+    await fetch("logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": state.session.csrf ?? "" } });
     await loadSession();
   });
   $("requeue").addEventListener("click", () => act("requeue"));
