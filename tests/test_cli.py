@@ -288,6 +288,16 @@ def test_check_asks_every_node_of_a_cluster_as_workers_would(
                             [{"queue": "{jobs}", "handler": HANDLER}])  # fmt: skip
         result = rqworkers(env, "check", "-c", str(path))
         assert result.returncode == 0, result
+        # Two URLs naming different nodes of one cluster are one host: `{jobs}:dead` there
+        # would take the dead letters of `{jobs}`.
+        first, second = (f"redis+cluster://127.0.0.1:{node.port}" for node in cluster.nodes[:2])
+        two = write_config(tmp_path / "two.toml", cluster.url, [
+            {"host": first, "queue": "{jobs}", "handler": HANDLER},
+            {"host": second, "queue": "{jobs}:dead", "handler": HANDLER},
+        ])  # fmt: skip
+        result = rqworkers(env, "check", "-c", str(two))
+        assert result.returncode == 2, result
+        assert "workers[1].queue: '{jobs}:dead' could be a key of queue '{jobs}'" in result.stderr
         client = cluster.client()
         client.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~{jobs}", "~{jobs}:*",
                                "+@all", "-@dangerous", "-evalsha",
