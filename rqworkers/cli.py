@@ -20,7 +20,7 @@ from rqworkers.manager import Manager
 from rqworkers.producer import Producer
 from rqworkers.queue import TRANSIENT_ERRORS
 from rqworkers.tasks import TaskError
-from rqworkers.text import plural
+from rqworkers.text import plural, printable, quoted
 
 log = logging.getLogger("rqworkers")
 
@@ -350,10 +350,11 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
         try:
             result = producer.wait_reply(reply_to, wait)
         except TaskError as exc:
-            print(f"rqworkers: task {task_id} failed ({exc.reason}): {exc.type}: {exc.message}",
-                  file=sys.stderr)  # fmt: skip
+            # What the worker replied, which whoever can write the reply list could forge.
+            why = printable(f"{exc.reason}): {exc.type}: {exc.message}")
+            print(f"rqworkers: task {task_id} failed ({why}", file=sys.stderr)
             if exc.traceback:
-                print(exc.traceback, end="", file=sys.stderr)
+                print(quoted(exc.traceback), end="", file=sys.stderr)
             return ExitCode.FAILURE
         except TimeoutError as exc:
             raise RqworkersError(f"task {task_id}: {exc}") from None

@@ -15,7 +15,7 @@ from typing import BinaryIO, TextIO
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import RqworkersError
 from rqworkers.queue import DeadLetter, DeadLetters, connect
-from rqworkers.text import printable
+from rqworkers.text import printable, quoted
 
 PREVIEW_BYTES = 60
 BATCH = 100  # messages per atomic step of `requeue` and `purge` without indexes
@@ -91,10 +91,7 @@ def show(dead: DeadLetters, index: int, raw: bool, out: TextIO, raw_out: BinaryI
     out.write(repr(letter.payload) + "\n")
     traceback = (letter.info or {}).get("traceback")
     if traceback:
-        # Text from Redis, which any client can write: each of its lines is marked as part of
-        # the traceback, so that no line in it can pass for a line of our own.
-        lines = printable(str(traceback).rstrip("\n"), keep_newlines=True).split("\n")
-        out.write("".join(f"  | {line}\n" for line in lines))
+        out.write(quoted(str(traceback)))  # text from Redis, which any client can write
 
 
 def take_out(

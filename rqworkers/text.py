@@ -29,3 +29,10 @@ def printable(text: str, keep_newlines: bool = False) -> str:
         char if char.isprintable() or (keep_newlines and char == "\n") else repr(char)[1:-1]
         for char in text
     )
+
+
+def quoted(text: str) -> str:
+    """A text of several lines that came from elsewhere (a traceback kept in Redis), made
+    `printable` and each line marked `  | `, so that no line in it passes for one of ours."""
+    lines = printable(text.rstrip("\n"), keep_newlines=True).split("\n")
+    return "".join(f"  | {line}\n" for line in lines)

@@ -4,6 +4,7 @@ where options go, what `check` finds beyond PING, and what stops `run` before it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -870,3 +871,23 @@ def test_submit_refuses_bad_values_in_one_line_and_sends_nothing(
     assert result.stderr.startswith(f"rqworkers submit: {problem}"), result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert redis_server.client().llen("tasks") == 0, "nothing was submitted"
+
+
+def test_submit_wait_escapes_control_characters_in_the_failure_it_prints(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    workers = [{"queue": "tasks", "tasks": ["taskapp:*"], "max_attempts": 1}]
+    manager = {"check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers, manager=manager)
+    svc = Service(path, tmp_path, dict(env, TESTAPP_REDIS_URL=redis_server.url)).start()
+    services.append(svc)
+    svc.wait_workers(1)
+    text = "from the cli\nrqworkers: task 0 succeeded\x1b[2J\x07"
+    result = rqworkers(env, "submit", "-c", str(path), "taskapp:fail", "--args",
+                       json.dumps([text]), "--wait", "30")  # fmt: skip
+    assert result.returncode == 1, result
+    assert "failed (raised): ValueError: from the cli\\nrqworkers: task 0 succeeded\\x1b[2J" in (
+        result.stderr
+    )
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert not any(line.startswith("rqworkers: task 0") for line in result.stderr.splitlines())
