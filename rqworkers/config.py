@@ -212,7 +212,7 @@ def metrics_endpoint(address: str) -> tuple[str, int]:
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    file: str | None = Field(None, min_length=1)
+    file: str | None = None  # "" is none too: `file = "${LOG_FILE:-}"` may turn it off
     max_bytes: Size = 10 * 1000**2
     backup_count: Int = Field(5, ge=0, le=MAX_BACKUP_COUNT)
     format: Literal["text", "json"] = "text"
