@@ -298,7 +298,7 @@ def process_problems(config: Config) -> list[str]:
 def writable_file_problem(path: str, pid_file: bool = False) -> str | None:
     """Why `path` cannot be opened for writing (or created) as a regular file, or None. For
     a `pid_file`, a link in its place is a problem too (see `pidfile`)."""
-    problem = files.problem(path, follow=not pid_file, single_link=pid_file)
+    problem = files.problem(path, follow=not pid_file, ours=pid_file)
     if problem:
         return problem
     where = Path(path) if os.path.lexists(path) else Path(path).parent

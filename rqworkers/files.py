@@ -43,15 +43,15 @@ def not_regular(path: str, mode: int) -> NotRegularFileError:
     return NotRegularFileError(path, f"is {kind(mode)}, not a regular file")
 
 
-def open_regular(path: str, flags: int, *, follow: bool = True, single_link: bool = False) -> int:
+def open_regular(path: str, flags: int, *, follow: bool = True, ours: bool = False) -> int:
     """A descriptor of `path`, opened with `flags` plus no blocking and close-on-exec, and
     checked to be a regular file (`NotRegularFileError` if not; the `OSError` of `open` if it
     cannot be opened). The descriptor is left blocking, as files always are.
 
     `follow=False` refuses a symbolic link as the last part of the path (`O_NOFOLLOW`): a
     link planted where the file should be would make us write wherever it points.
-    `single_link` refuses a file with several hard links, a planted link to a file that
-    is not ours.
+    `ours` refuses a file that another user owns, or that has several hard links (a
+    planted link to a file that is not ours).
     """
     extra = os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
@@ -65,8 +65,9 @@ def open_regular(path: str, flags: int, *, follow: bool = True, single_link: boo
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise not_regular(path, info.st_mode)
-        if single_link and info.st_nlink > 1:
-            raise NotRegularFileError(path, _many_links(info.st_nlink))
+        foreign = _foreign(info) if ours else None
+        if foreign:
+            raise NotRegularFileError(path, foreign)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -87,9 +88,9 @@ def read_regular(path: str, limit: int) -> bytes:
     return data
 
 
-def problem(path: str, *, follow: bool = True, single_link: bool = False) -> str | None:
+def problem(path: str, *, follow: bool = True, ours: bool = False) -> str | None:
     """Why `path` cannot be a file we write, found without opening it: it exists and is not
-    a regular file. `follow` and `single_link` as for `open_regular`."""
+    a regular file. `follow` and `ours` as for `open_regular`."""
     try:
         info = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
@@ -102,10 +103,14 @@ def problem(path: str, *, follow: bool = True, single_link: bool = False) -> str
         return "is a directory"
     if not stat.S_ISREG(info.st_mode):
         return f"is {kind(info.st_mode)}, not a regular file"
-    if single_link and info.st_nlink > 1:
-        return _many_links(info.st_nlink)
+    return _foreign(info) if ours else None
+
+
+def _foreign(info: os.stat_result) -> str | None:
+    """Why a file is not ours to write, or None: another user owns it, or it has several
+    hard links, as a link planted in a shared directory would."""
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): refused"
+    if info.st_nlink > 1:
+        return f"has {info.st_nlink} hard links: refused, it may not be ours"
     return None
-
-
-def _many_links(count: int) -> str:
-    return f"has {count} hard links: refused, it may not be ours"

@@ -5,7 +5,7 @@ manager killed with SIGKILL leaves its file behind, and the kernel gives its pid
 process sooner or later. So:
 
 - the manager never follows a symbolic link to its pid file, never writes a file with
-  several hard links, nor a FIFO or a device: it refuses to start instead;
+  several hard links or another user's, nor a FIFO or a device: it refuses to start instead;
 - it holds a POSIX lock (`lockf`) on the file for its whole life. Forked children do not
   inherit that lock, and the kernel drops it when the manager ends, however it ends;
 - `reload` signals the pid in the file only if the file is locked (someone alive holds it),
@@ -39,7 +39,7 @@ def take(path: str, pid: int) -> int:
     keeps open for as long as it runs. `PidFileError` if a running manager holds it, or if
     `path` is not a plain file of its own."""
     try:
-        fd = files.open_regular(path, os.O_RDWR | os.O_CREAT, follow=False, single_link=True)
+        fd = files.open_regular(path, os.O_RDWR | os.O_CREAT, follow=False, ours=True)
     except OSError as exc:
         raise PidFileError(f"{path}: {_why(exc)}") from None
     if not _lock(fd, fcntl.LOCK_EX, LOCK_PATIENCE):

@@ -675,7 +675,7 @@ def test_reload_refuses_a_locked_pid_file_whose_pid_is_no_rqworkers_manager(
         locker.wait(10)
 
 
-@pytest.mark.parametrize("planted", ["symbolic link", "hard link"])
+@pytest.mark.parametrize("planted", ["symbolic link", "hard link", "another user's file"])
 def test_the_pid_file_never_writes_through_a_link_planted_in_its_place(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service],
     planted: str,
@@ -688,9 +688,15 @@ def test_the_pid_file_never_writes_through_a_link_planted_in_its_place(
     if planted == "symbolic link":
         pid_file.symlink_to(victim)
         problem = "is a symbolic link: refused, it could point anywhere"
-    else:
+    elif planted == "hard link":
         os.link(victim, pid_file)
         problem = "has 2 hard links: refused, it may not be ours"
+    else:  # a file the planter owns: they could write another pid in it at any time
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        pid_file.write_text("")
+        os.chown(pid_file, 65534, 65534)
+        problem = "is owned by uid 65534, not by this user (uid 0): refused"
     for command in ("check", "run"):
         result = rqworkers(env, command, "-c", str(path), timeout=30)
         assert result.returncode == 2, result
