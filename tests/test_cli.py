@@ -887,7 +887,7 @@ def test_submit_wait_escapes_control_characters_in_the_failure_it_prints(
     path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers, manager=manager)
     svc = Service(path, tmp_path, dict(env, TESTAPP_REDIS_URL=redis_server.url)).start()
     services.append(svc)
-    svc.wait_workers(1)
+    svc.wait_workers(1, timeout=30)  # the machine may be busy
     text = "from the cli\nrqworkers: task 0 succeeded\x1b[2J\x07"
     result = rqworkers(env, "submit", "-c", str(path), "taskapp:fail", "--args",
                        json.dumps([text]), "--wait", "30")  # fmt: skip
