@@ -10,7 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Unprivileged user that runs the service; /app stays root-owned and read-only to it.
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin rqworkers
+        --shell /usr/sbin/nologin rqworkers \
+    && install -d -o rqworkers -g rqworkers -m 0755 /run/rqworkers
+# The pid file (for `rqworkers reload`) in a directory of its own, which only rqworkers writes.
+ENV RQWORKERS_PID_FILE=/run/rqworkers/rqworkers.pid
 
 WORKDIR /app
 # What gets copied is trimmed by .dockerignore (no .git, venvs, tests, caches).

@@ -6,17 +6,26 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 
-from rqworkers import connections, handlers, process, tasks
-from rqworkers.config import Config, PairSettings, max_processes, metrics_endpoint, redact
+from rqworkers import connections, files, handlers, process, tasks
+from rqworkers.config import (
+    Config,
+    PairSettings,
+    key_collisions,
+    max_processes,
+    metrics_endpoint,
+    redact,
+)
 from rqworkers.connections import Client
 from rqworkers.queue import Keys
 from rqworkers.text import a
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
 _FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.RedisError)
+_IDENTITY_FAILURES: tuple[type[Exception], ...] = (*_FAILURES, KeyError, TypeError, ValueError)
 
 
 def handler_problems(config: Config) -> list[str]:
@@ -63,12 +72,15 @@ def queue_problems(config: Config) -> list[str]:
     return problems
 
 
-def host_problems(config: Config, timeout: float = 3.0) -> list[str]:
+def host_problems(
+    config: Config, timeout: float = 3.0, identities: dict[str, object] | None = None
+) -> list[str]:
     """One line per problem a worker would meet on a Redis: no PING, a key of a queue that
     holds the wrong type, a command the user may not run. Passwords are never shown.
 
     A cluster must have all its slots served; a Sentinel URL must lead to its master (that
     PING is the master's answer); TLS must verify; the credentials must be accepted.
+    `identities`, if given, receives each reachable URL's `server_identity`.
     """
     problems = []
     for url in sorted({pair.url for pair in config.pairs}):
@@ -79,6 +91,8 @@ def host_problems(config: Config, timeout: float = 3.0) -> list[str]:
             continue
         try:
             client.ping()
+            if identities is not None:
+                identities[url] = server_identity(client, url)
             for pair in config.pairs:
                 if pair.url == url:
                     keys = Keys.of(pair.queue, f"{config.node}:1")
@@ -89,6 +103,30 @@ def host_problems(config: Config, timeout: float = 3.0) -> list[str]:
         finally:
             client.close()
     return problems
+
+
+def server_identity(client: Client, url: str) -> object:
+    """What tells one server (and database) from another whatever the URL's spelling:
+    `127.0.0.1` and `localhost`, a port written or left out, a Sentinel and the master's own
+    address. The server's `run_id` and the database; for a cluster, its nodes' ids. None if
+    the server does not say (INFO refused to this user, say)."""
+    try:
+        if isinstance(client, redis.RedisCluster):
+            nodes: object = client.cluster_nodes()
+            ids = frozenset(str(n["node_id"]) for n in cast(dict[str, Any], nodes).values())
+            return ("cluster", ids)
+        info: object = client.info("server")
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        return (str(cast(dict[str, Any], info)["run_id"]), int(db))
+    except _IDENTITY_FAILURES:
+        return None
+
+
+def collision_problems(config: Config, identities: dict[str, object]) -> list[str]:
+    """`config.key_collisions` across URLs that name the same server (see `server_identity`):
+    `jobs` on one spelling and `jobs:dead` on another would take each other's keys. (Those
+    on one URL never get here: `load` refuses them.)"""
+    return key_collisions(dict(enumerate(config.pairs)), lambda pair: identities.get(pair.url))
 
 
 def _prefixed(pair: PairSettings, lines: list[str]) -> list[str]:
@@ -232,15 +270,16 @@ def start_problems(config: Config) -> list[str]:
     """What `run` would refuse at start for a value of the config, found by `check` without
     taking anything a running manager holds: the metrics host must be an address of this
     machine (its port may be in use by that manager); the pid file and the log file must be
-    files that can be written."""
-    files = {"manager.pid_file": config.manager.pid_file, "logging.file": config.logging.file}
+    regular files that can be written, and the pid file no symbolic link (see `pidfile`)."""
+    paths = {"manager.pid_file": config.manager.pid_file, "logging.file": config.logging.file}
     return (
         process_problems(config)
         + metrics_problems(config, port=0)
         + [
             f"{field}: {path}: {problem}"
-            for field, path in files.items()
-            if path and (problem := writable_file_problem(Path(path)))
+            for field, path in paths.items()
+            if path
+            and (problem := writable_file_problem(path, pid_file=field == "manager.pid_file"))
         ]
     )
 
@@ -256,12 +295,14 @@ def process_problems(config: Config) -> list[str]:
     ]
 
 
-def writable_file_problem(path: Path) -> str | None:
-    """Why `path` cannot be opened for writing (or created), or None."""
-    if path.is_dir():
-        return "is a directory"
-    where = path if path.exists() else path.parent
-    if not where.is_dir() and where == path.parent:
+def writable_file_problem(path: str, pid_file: bool = False) -> str | None:
+    """Why `path` cannot be opened for writing (or created) as a regular file, or None. For
+    a `pid_file`, a link in its place is a problem too (see `pidfile`)."""
+    problem = files.problem(path, follow=not pid_file, ours=pid_file)
+    if problem:
+        return problem
+    where = Path(path) if os.path.lexists(path) else Path(path).parent
+    if not where.is_dir() and where == Path(path).parent:
         return f"directory {str(where)!r} does not exist"
     if not os.access(where, os.W_OK):
         return f"{str(where)!r} is not writable"

@@ -6,21 +6,21 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
-from rqworkers import __version__, checks, config, dead, logs, status
+from rqworkers import __version__, checks, config, dead, logs, pidfile, status, tasks
 from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import Manager
 from rqworkers.producer import Producer
 from rqworkers.queue import TRANSIENT_ERRORS
 from rqworkers.tasks import TaskError
-from rqworkers.text import plural
+from rqworkers.text import plural, printable, quoted
 
 log = logging.getLogger("rqworkers")
 
@@ -69,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("task", metavar="TASK", help="module:function")
     submit.add_argument("--args", type=_json, default=[], help="JSON list")
     submit.add_argument("--kwargs", type=_json, default={}, help="JSON object")
-    submit.add_argument("--timeout", type=float, help="the task's own timeout, seconds")
-    submit.add_argument("--wait", type=float, nargs="?", const=0.0, metavar="S",
-                        help="wait for the result, at most S seconds (default: none)")  # fmt: skip
+    # Seconds are read by `_seconds`, so that a bad value is refused in one line, like TASK.
+    submit.add_argument("--timeout", metavar="S", help="the task's own timeout, seconds")
+    submit.add_argument("--wait", nargs="?", const="", metavar="S",
+                        help="wait for the result, at most S seconds (none: no limit)")  # fmt: skip
 
     dead_parser = command("dead", "list, show, requeue or purge dead letters")
     dead_parser.set_defaults(help_of=dead_parser)
@@ -143,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a start problem: reported as `check` reports a bad config
         print(f"rqworkers: cannot start\n{exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    except UsageError as exc:
+        print(f"rqworkers {name}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     except RqworkersError as exc:
         print(f"rqworkers: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
@@ -174,7 +178,9 @@ def run(cfg: config.Config, args: argparse.Namespace) -> int:
 
 def check(cfg: config.Config, args: argparse.Namespace) -> int:
     problems = checks.handler_problems(cfg) + checks.start_problems(cfg)
-    unreachable = checks.host_problems(cfg)
+    identities: dict[str, object] = {}
+    unreachable = checks.host_problems(cfg, identities=identities)
+    problems += checks.collision_problems(cfg, identities)
     for line in problems + unreachable:
         print(f"{cfg.source}: {line}", file=sys.stderr)
     if problems:
@@ -191,9 +197,9 @@ def reload(cfg: config.Config, args: argparse.Namespace) -> int:
     if not cfg.manager.pid_file:
         raise RqworkersError(f"{cfg.source}: set [manager] pid_file, or send SIGHUP to the manager")
     try:
-        pid = int(Path(cfg.manager.pid_file).read_text().strip())
+        pid = pidfile.running_manager(cfg.manager.pid_file)
         os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise RqworkersError(f"cannot signal the manager in {cfg.manager.pid_file}: {exc}") from exc
     print(f"sent SIGHUP to manager {pid}")
     return ExitCode.OK
@@ -277,7 +283,25 @@ def _json(text: str) -> Any:
 _json.__name__ = "JSON"  # argparse names the type in its error: "invalid JSON value"
 
 
-def _with_progress(lines: Iterator[str], out: TextIO, every: int = 10_000) -> Iterator[str]:
+class UsageError(RqworkersError):
+    """A command-line value that is refused before anything is sent: exit 2, one line."""
+
+
+def _seconds(text: str, option: str) -> float:
+    """A number of seconds given on the command line: positive, finite, at most a week."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= config.MAX_SECONDS:  # also false for nan
+        raise UsageError(
+            f"{option}: {text!r} is not a number of seconds above 0 and at most "
+            f"{config.MAX_SECONDS:g} (a week)"
+        )
+    return value
+
+
+def _with_progress(lines: Iterator[bytes], out: TextIO, every: int = 10_000) -> Iterator[bytes]:
     """`lines`, counting them on `out` when it is a terminal (for large inputs)."""
     if not out.isatty():
         yield from lines
@@ -294,8 +318,9 @@ def _with_progress(lines: Iterator[str], out: TextIO, every: int = 10_000) -> It
 
 def push(cfg: config.Config, args: argparse.Namespace) -> int:
     pair = _pair(cfg, args)
-    lines = (line.rstrip("\r\n") for line in sys.stdin)
-    payloads = args.payloads or _with_progress(lines, sys.stderr)
+    # Bytes as given, from stdin and from the arguments alike: a payload need not be UTF-8.
+    lines = (line.rstrip(b"\r\n") for line in sys.stdin.buffer)
+    payloads = [os.fsencode(p) for p in args.payloads] or _with_progress(lines, sys.stderr)
     with Producer(pair.url) as producer:
         length = producer.push_many(pair.queue, payloads)
     print(f"pushed to {pair.queue} ({length} waiting)")
@@ -307,22 +332,29 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     if pair.tasks is None:
         raise RqworkersError(f"queue {pair.queue!r} is not a task queue (it has a handler)")
     if not isinstance(args.args, list) or not isinstance(args.kwargs, dict):
-        raise RqworkersError("--args must be a JSON list and --kwargs a JSON object")
+        raise UsageError("--args must be a JSON list and --kwargs a JSON object")
+    try:
+        tasks.path_of(args.task)
+    except ValueError as exc:
+        raise UsageError(f"TASK: {exc}") from None
+    timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
+    wait = _seconds(args.wait, "--wait") if args.wait else None  # `--wait` alone: no limit
     with Producer(pair.url) as producer:
         reply_to = f"{pair.queue}:replies:{uuid.uuid4().hex}" if args.wait is not None else None
         task_id = producer.submit(
-            pair.queue, args.task, args.args, args.kwargs, timeout=args.timeout, reply_to=reply_to
+            pair.queue, args.task, args.args, args.kwargs, timeout=timeout, reply_to=reply_to
         )
         if reply_to is None:
             print(task_id)
             return ExitCode.OK
         try:
-            result = producer.wait_reply(reply_to, args.wait or None)
+            result = producer.wait_reply(reply_to, wait)
         except TaskError as exc:
-            print(f"rqworkers: task {task_id} failed ({exc.reason}): {exc.type}: {exc.message}",
-                  file=sys.stderr)  # fmt: skip
+            # What the worker replied, which whoever can write the reply list could forge.
+            why = printable(f"{exc.reason}): {exc.type}: {exc.message}")
+            print(f"rqworkers: task {task_id} failed ({why}", file=sys.stderr)
             if exc.traceback:
-                print(exc.traceback, end="", file=sys.stderr)
+                print(quoted(exc.traceback), end="", file=sys.stderr)
             return ExitCode.FAILURE
         except TimeoutError as exc:
             raise RqworkersError(f"task {task_id}: {exc}") from None

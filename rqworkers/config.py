@@ -13,7 +13,7 @@ import re
 import socket
 import stat
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from rqworkers import connections, tasks
+from rqworkers import connections, files, tasks
 from rqworkers.errors import ConfigError
 
 URL_SCHEMES = connections.SCHEMES
@@ -66,6 +66,8 @@ MAX_BACKUP_COUNT = 1000  # a rollover renames every kept file
 MAX_SIZE = 2**63 - 1  # bytes: what the OS and Redis count in
 MIN_MEMORY_LIMIT = 64 * 1024**2  # bytes; a bare worker's RSS is about 40 MB
 MAX_PROCESSES_TOTAL = 4096  # all pairs together: one process and one shared page each
+MIN_RESTART_BACKOFF = 1.0  # seconds: below it a worker that cannot start forks in a tight loop
+MAX_CONFIG_BYTES = 1024 * 1024  # a config file is a few KiB; past this it is no config file
 
 
 def max_processes() -> int:
@@ -136,12 +138,21 @@ def _tuple_of_list(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _no_nul(cls: type, value: str | None) -> str | None:
+    """A path no system call can take: refused here rather than by a `ValueError` later."""
+    if value is not None and "\0" in value:
+        raise ValueError(f"{value!r} holds a NUL character: no file has that name")
+    return value
+
+
 class ManagerSettings(_Section):
     check_interval: Float = Field(
         1.0, ge=MIN_CHECK_INTERVAL, le=MAX_CHECK_INTERVAL, description="seconds between passes"
     )
     shutdown_timeout: Float = Field(30.0, ge=0, le=MAX_SECONDS, description="stop budget, s")
-    restart_backoff_max: Float = Field(30.0, gt=0, le=MAX_SECONDS, description="backoff cap, s")
+    restart_backoff_max: Float = Field(
+        30.0, ge=MIN_RESTART_BACKOFF, le=MAX_SECONDS, description="backoff cap, s"
+    )
     node: str | None = Field(None, min_length=1, description="node identity in worker ids")
     lease_ttl: Float = Field(30.0, ge=1, le=MAX_LEASE_TTL, description="lease life, seconds")
     reclaim_interval: Float = Field(
@@ -158,6 +169,8 @@ class ManagerSettings(_Section):
         (), description="more Host names for the page"
     )
     dashboard_private: bool = Field(False, description="dead letters only with the token")
+
+    _pid_file_path = field_validator("pid_file")(_no_nul)
 
     @field_validator("pid_file")
     @classmethod
@@ -269,7 +282,7 @@ def metrics_endpoint(address: str) -> tuple[str, int]:
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    file: str | None = None
+    file: str | None = None  # "" is none too: `file = "${LOG_FILE:-}"` may turn it off
     max_bytes: Size = 10 * 1000**2
     backup_count: Int = Field(5, ge=0, le=MAX_BACKUP_COUNT)
     format: Literal["text", "json"] = "text"
@@ -282,6 +295,8 @@ class LoggingSettings(_Section):
     sample_failed: Float = Field(
         1.0, ge=0, le=1, validation_alias=AliasChoices("sample_failed", "failures")
     )
+
+    _file_path = field_validator("file")(_no_nul)
 
     @field_validator("level", mode="before")
     @classmethod
@@ -416,7 +431,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     source = str(path)
     env = os.environ if environ is None else environ
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = tomllib.loads(files.read_regular(source, MAX_CONFIG_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(source, ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -474,6 +489,12 @@ def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems
             return "$"
         replaced = True
         name, default = match.group(1), match.group(2)
+        if default is not None and "${" in default:
+            problems.append(
+                f"{_path(where)}: ${{{name}:-${{...}}}}: a reference inside a default is not "
+                f"supported; write the default itself, or set {name}"
+            )
+            return ""
         if name in env and (env[name] or default is None):
             return env[name]
         if default is not None:
@@ -536,7 +557,7 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
             continue
         seen[pair_key] = index
         pairs[index] = pair.model_copy(update={"url": url})
-    problems.extend(_key_collisions(pairs))
+    problems.extend(key_collisions(pairs))
     problems.extend(_too_many_processes(pairs.values()))
     return list(pairs.values())
 
@@ -564,18 +585,29 @@ def _url_problem(url: str) -> str | None:
     return f"{redact(url)!r} is not a valid URL: {problem}" if problem else None
 
 
-def _key_collisions(pairs: Mapping[int, PairSettings]) -> list[str]:
+def _url(pair: PairSettings) -> object:
+    return pair.url
+
+
+def key_collisions(
+    pairs: Mapping[int, PairSettings], server: Callable[[PairSettings], object] = _url
+) -> list[str]:
     """One line per queue whose name is, or could be, a key of another queue on its host.
 
     Every key derived from queue `jobs` is `jobs:<something>` (`jobs:dead`,
     `jobs:processing:<worker-id>`, and any added later), so a queue `jobs:dead` would
     consume `jobs`'s dead letters, and `jobs:processing:web-1:1` would run a worker's
     in-flight messages a second time. Any name `<other queue>:<anything>` is refused.
+
+    Two pairs are on the same host when `server` gives them the same value, not None: by
+    default the same URL (all `load` can know); `check`, which connects, passes the
+    server's identity, so that two spellings of one server are one host.
     """
     problems = []
     for index, pair in pairs.items():
         for other_index, other in pairs.items():
-            if other.url == pair.url and pair.queue.startswith(f"{other.queue}:"):
+            same = server(pair) is not None and server(other) == server(pair)
+            if same and pair.queue.startswith(f"{other.queue}:"):
                 problems.append(
                     f"{_path(('workers', index))}.queue: {pair.queue!r} could be a key of "
                     f"queue {other.queue!r} (workers[{other_index}]) on the same host: every "

@@ -15,6 +15,7 @@ from typing import BinaryIO, TextIO
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import RqworkersError
 from rqworkers.queue import DeadLetter, DeadLetters, connect
+from rqworkers.text import printable, quoted
 
 PREVIEW_BYTES = 60
 BATCH = 100  # messages per atomic step of `requeue` and `purge` without indexes
@@ -61,9 +62,11 @@ def describe(letter: DeadLetter) -> str:
         else "?"
     )
     reason = info.get("reason", "reason unknown" if letter.info is not None else "no record")
+    # The record is data a worker wrote from an exception: escaped, as the payload is.
+    attempts = printable(str(info.get("attempts", "?")))
     text = (
         f"[{letter.index}] {len(letter.payload)} bytes  {preview(letter.payload)}\n"
-        f"    attempts {info.get('attempts', '?')}, {stamp}, {reason}"
+        f"    attempts {attempts}, {stamp}, {printable(str(reason))}"
     )
     if letter.copies > 1:  # identical payloads: each copy has its own record (most recent)
         text += f"\n    one of {letter.copies} copies of this payload in the dead list"
@@ -88,7 +91,7 @@ def show(dead: DeadLetters, index: int, raw: bool, out: TextIO, raw_out: BinaryI
     out.write(repr(letter.payload) + "\n")
     traceback = (letter.info or {}).get("traceback")
     if traceback:
-        out.write(str(traceback).rstrip("\n") + "\n")
+        out.write(quoted(str(traceback)))  # text from Redis, which any client can write
 
 
 def take_out(

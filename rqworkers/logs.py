@@ -3,6 +3,11 @@
 Every line names the process it came from (`manager`, `queue1-1`). The `json` format writes
 one object per line (ts, level, worker, pid, queue, event, message) for log shippers.
 
+Messages carry users' data (exception messages, payload previews): in the text format every
+control character in them is escaped, so that one event starts one line and no message can
+forge another line or drive a terminal. A traceback keeps its own lines, but the exception
+messages and notes in it are escaped the same way. JSON escapes them by itself.
+
 With a log file, only the manager rotates it: workers write through a `WatchedFileHandler`,
 which reopens the file once the manager has renamed it, so several processes never rotate
 the same file at once.
@@ -16,8 +21,12 @@ import logging
 import logging.handlers
 import os
 import sys
+import traceback
+from typing import Any
 
+from rqworkers import files
 from rqworkers.config import LoggingSettings
+from rqworkers.text import printable
 
 FORMAT = "%(asctime)s %(levelname)s %(identity)s[%(process)d]: %(message)s"
 
@@ -33,6 +42,41 @@ class _Identity(logging.Filter):
         if not hasattr(record, "queue"):
             record.queue = self.queue
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """`FORMAT`, with users' data escaped (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - the base's name
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - the base's name
+        exc = ei[1]
+        if not isinstance(exc, BaseException):
+            return printable(super().formatException(ei), keep_newlines=True)
+        chunks = traceback.TracebackException.from_exception(exc).format()
+        return "".join(_escaped(chunk) for chunk in chunks).rstrip("\n")
+
+
+# Chunks of `TracebackException.format()` written by Python itself: the header, a stack
+# frame (file, line, function and source line), the words between chained exceptions.
+_TRUSTED_CHUNKS = ("Traceback (most recent call last):\n", "  File ")
+_CHAINING = (
+    "\nThe above exception was the direct cause of the following exception:\n\n",
+    "\nDuring handling of the above exception, another exception occurred:\n\n",
+)
+
+
+def _escaped(chunk: str) -> str:
+    """A traceback chunk with any line breaks that are not Python's own escaped: those of an
+    exception's message or note (`ValueError: a\\nforged line`)."""
+    if chunk.startswith(_TRUSTED_CHUNKS) or chunk in _CHAINING:
+        return printable(chunk, keep_newlines=True)
+    body = chunk.removesuffix("\n")
+    return printable(body) + chunk[len(body) :]
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,11 +101,13 @@ def configure(
     """Send every record to stderr and, if configured, the log file.
 
     `rotate` is True in the manager only; a worker passes False (see the module's docstring).
-    The new handlers are made before the old ones go: a log file that cannot be opened
-    raises `OSError` and leaves the logging as it was.
+    The new handlers are made before the old ones go: a log file that cannot be opened, or
+    that is no regular file, raises `OSError` and leaves the logging as it was.
     """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings.file:
+        # Opened once without blocking first: a FIFO would hang the handler's own `open`.
+        os.close(files.open_regular(settings.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
         if rotate:
             handlers.append(
                 logging.handlers.RotatingFileHandler(
@@ -74,7 +120,7 @@ def configure(
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    formatter = JsonFormatter() if settings.format == "json" else logging.Formatter(FORMAT)
+    formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(_Identity(identity, queue))

@@ -12,7 +12,6 @@ config file; SIGTTIN/SIGTTOU add or remove one process for every pair.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -22,7 +21,7 @@ from types import FrameType
 
 import setproctitle
 
-from rqworkers import checks, config, logs, process
+from rqworkers import checks, config, logs, pidfile, process
 from rqworkers.backoff import ExponentialBackoff
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import ConfigError
@@ -56,8 +55,9 @@ class Manager:
     # -- the main loop --------------------------------------------------------------------
 
     def run(self) -> int:
+        # Titled first: `reload` signals only a process with this title that holds the pid file.
+        setproctitle.setproctitle(pidfile.TITLE)
         self.claim()
-        setproctitle.setproctitle("rqworkers: manager")
         self.install_signals()
         self.log_banner()
         try:
@@ -91,40 +91,22 @@ class Manager:
 
         A second manager given the same file finds it locked and refuses to start, leaving
         the file alone (as gunicorn refuses): `rqworkers reload` must never signal the wrong
-        manager. A POSIX lock (`lockf`), not `flock`: forked children do not inherit it, so
-        it ends with the manager even while its workers finish their messages.
+        manager. A symbolic link, a FIFO or a device in its place is refused (see `pidfile`).
         """
         path = self.settings.pid_file
         if not path:
             return
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            problem = f"manager.pid_file: cannot open {path}: {exc.strerror}"
-            raise ConfigError(self.config.source, [problem]) from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            problem = (
-                f"manager.pid_file: {path} is locked by a running manager (pid {holder}); "
-                "stop it first, or give this one another pid_file"
-            )
-            raise ConfigError(self.config.source, [problem]) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{self.pid}\n".encode(), 0)
-        self._pid_lock = (path, fd)
+            self._pid_lock = (path, pidfile.take(path, self.pid))
+        except pidfile.PidFileError as exc:
+            raise ConfigError(self.config.source, [f"manager.pid_file: {exc}"]) from None
 
     def remove_pid_file(self) -> None:
         """Remove the pid file this manager holds, unless another file has replaced it."""
         if self._pid_lock is None:
             return
         (path, fd), self._pid_lock = self._pid_lock, None
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.unlink(path)
-        os.close(fd)
+        pidfile.release(path, fd)
 
     def install_signals(self) -> None:
         os.set_blocking(self._wakeup_write, False)

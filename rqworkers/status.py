@@ -20,6 +20,7 @@ from rqworkers.backoff import describe
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import ExitCode
 from rqworkers.queue import TRANSIENT_ERRORS, Snapshot, connect, snapshot
+from rqworkers.text import printable
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
         lines.append(f"{status.queue} on {status.host}")
         snap = status.snapshot
         if snap is None:
-            lines.append(f"  {status.error}")
+            lines.append(f"  {printable(status.error or '')}")
             lines.append("")
             continue
         lines.append(
@@ -83,7 +84,7 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
         )
         rows: list[tuple[str, ...]] = [(*_COLUMNS, "NOTE")]
         for w in sorted(snap.workers, key=lambda w: (str(w.get("node")), str(w.get("name")))):
-            rows.append(_worker_row(w, now))
+            rows.append(tuple(map(printable, _worker_row(w, now))))  # data any client can write
         if len(rows) == 1:
             lines.append("  no live worker")
         else:

@@ -4,6 +4,7 @@ where options go, what `check` finds beyond PING, and what stops `run` before it
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -288,6 +289,16 @@ def test_check_asks_every_node_of_a_cluster_as_workers_would(
                             [{"queue": "{jobs}", "handler": HANDLER}])  # fmt: skip
         result = rqworkers(env, "check", "-c", str(path))
         assert result.returncode == 0, result
+        # Two URLs naming different nodes of one cluster are one host: `{jobs}:dead` there
+        # would take the dead letters of `{jobs}`.
+        first, second = (f"redis+cluster://127.0.0.1:{node.port}" for node in cluster.nodes[:2])
+        two = write_config(tmp_path / "two.toml", cluster.url, [
+            {"host": first, "queue": "{jobs}", "handler": HANDLER},
+            {"host": second, "queue": "{jobs}:dead", "handler": HANDLER},
+        ])  # fmt: skip
+        result = rqworkers(env, "check", "-c", str(two))
+        assert result.returncode == 2, result
+        assert "workers[1].queue: '{jobs}:dead' could be a key of queue '{jobs}'" in result.stderr
         client = cluster.client()
         client.execute_command("ACL", "SETUSER", "worker", "on", ">pw", "~{jobs}", "~{jobs}:*",
                                "+@all", "-@dangerous", "-evalsha",
@@ -585,3 +596,304 @@ def test_run_local_skips_the_reinstall_and_stops_on_sigint_from_a_background_job
     assert "pip install" not in output
     assert "rqworkers exited with status 0" in output and "redis-server stopped" in output
     assert output.rstrip().endswith("status 0")
+
+
+# -- pid files and reload: never turned on the operator ----------------------------------------
+
+
+@pytest.fixture
+def bystander() -> Iterator[Popen[bytes]]:
+    """An unrelated process of the same user, which a wrong SIGHUP would kill."""
+    proc = subprocess.Popen(["sleep", "120"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _managed(tmp_path: Path, url: str) -> tuple[Path, Path]:
+    pid_file = tmp_path / "rqworkers.pid"
+    manager = {"pid_file": str(pid_file), "check_interval": 0.2, "shutdown_timeout": 10.0}
+    return config(tmp_path, url, ["jobs"], manager=manager), pid_file
+
+
+def test_reload_refuses_the_pid_file_of_a_killed_manager_whose_pid_was_reused(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service],
+    bystander: Popen[bytes],
+) -> None:  # fmt: skip
+    path, pid_file = _managed(tmp_path, redis_server.url)
+    svc = start(services, path, env)
+    svc.wait_workers(1)
+    svc.signal_session(signal.SIGKILL)  # no chance to remove its pid file
+    svc.wait(10)
+    assert pid_file.exists()
+    pid_file.write_text(f"{bystander.pid}\n")  # the kernel gave the pid to another process
+
+    result = rqworkers(env, "reload", "-c", str(path))
+    assert result.returncode == 1, result
+    assert result.stderr == (
+        f"rqworkers: {pid_file} is not locked: no manager holds it (one that died left it "
+        f"behind, pid {bystander.pid}); nothing was signalled\n"
+    )
+    assert bystander.poll() is None, "the unrelated process got no SIGHUP"
+
+
+_LOCKER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.write(fd, (sys.argv[2] or str(os.getpid())).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("written", ["the bystander's pid", "the locker's own pid"])
+def test_reload_refuses_a_locked_pid_file_whose_pid_is_no_rqworkers_manager(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, bystander: Popen[bytes],
+    written: str,
+) -> None:  # fmt: skip
+    """Held, but not by a manager: the lock alone is not trusted either."""
+    path, pid_file = _managed(tmp_path, redis_server.url)
+    pid = str(bystander.pid) if written == "the bystander's pid" else ""
+    locker = subprocess.Popen([sys.executable, "-c", _LOCKER, str(pid_file), pid],
+                              stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == b"locked\n"
+        result = rqworkers(env, "reload", "-c", str(path))
+        assert result.returncode == 1, result
+        target = pid or str(locker.pid)
+        assert re.fullmatch(
+            rf"rqworkers: {re.escape(str(pid_file))}: pid {target} is not an rqworkers manager "
+            r"\(it is '.*'\); nothing was signalled\n",
+            result.stderr,
+        ), result.stderr
+        assert bystander.poll() is None and locker.poll() is None, "no one got a SIGHUP"
+    finally:
+        locker.kill()
+        locker.wait(10)
+
+
+@pytest.mark.parametrize("planted", ["symbolic link", "hard link", "another user's file"])
+def test_the_pid_file_never_writes_through_a_link_planted_in_its_place(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service],
+    planted: str,
+) -> None:  # fmt: skip
+    """As in a world-writable directory: another user plants a link where the pid file goes,
+    to a file the operator can write and the planter cannot."""
+    victim = tmp_path / "victim.conf"
+    victim.write_text("precious\n")
+    path, pid_file = _managed(tmp_path, redis_server.url)
+    if planted == "symbolic link":
+        pid_file.symlink_to(victim)
+        problem = "is a symbolic link: refused, it could point anywhere"
+    elif planted == "hard link":
+        os.link(victim, pid_file)
+        problem = "has 2 hard links: refused, it may not be ours"
+    else:  # a file the planter owns: they could write another pid in it at any time
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        pid_file.write_text("")
+        os.chown(pid_file, 65534, 65534)
+        problem = "is owned by uid 65534, not by this user (uid 0): refused"
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", str(path), timeout=30)
+        assert result.returncode == 2, result
+        assert f"{path}: manager.pid_file: {pid_file}: " in result.stderr
+        no_traceback(result)
+        assert " started" not in result.stderr
+        assert problem in result.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_example_config_keeps_its_pid_file_out_of_shared_directories(tmp_path: Path) -> None:
+    from rqworkers.config import load
+
+    cfg = load(REPO / "config" / "rqworkers.toml", environ={})
+    assert cfg.manager.pid_file is not None
+    directory = Path(os.path.abspath(cfg.manager.pid_file)).parent  # run from the checkout
+    assert not directory.stat().st_mode & 0o002, f"{directory} is writable by every user"
+
+
+# -- what `check` refuses, `run` refuses: one line each, exit 2 --------------------------------
+
+
+def _fifo(tmp_path: Path) -> str:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "setting", "problem"),
+    [
+        ("logging", "file", "logging.file: {value}: is a FIFO, not a regular file"),
+        ("manager", "pid_file", "manager.pid_file: {value}: is a FIFO, not a regular file"),
+        ("manager", "pid_file", "manager.pid_file: /dev/null: is a character device, not a "
+                                "regular file"),
+        ("logging", "file", "logging.file: {value!r} holds a NUL character: no file has that "
+                            "name"),
+        ("manager", "pid_file", "manager.pid_file: {value!r} holds a NUL character: no file has "
+                                "that name"),
+        ("manager", "restart_backoff_max", "manager.restart_backoff_max: Input should be "
+                                           "greater than or equal to 1"),
+    ],
+    ids=["log-fifo", "pid-fifo", "pid-device", "log-nul", "pid-nul", "backoff-1e-300"],
+)  # fmt: skip
+def test_check_and_run_refuse_files_that_are_no_files_and_a_backoff_that_forks_in_a_loop(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, request: pytest.FixtureRequest,
+    section: str, setting: str, problem: str,
+) -> None:  # fmt: skip
+    case = request.node.callspec.id
+    value: object = _fifo(tmp_path) if case.endswith("fifo") else {
+        "pid-device": "/dev/null", "log-nul": f"{tmp_path}/a\0b.log",
+        "pid-nul": f"{tmp_path}/a\0b.pid", "backoff-1e-300": 1e-300,
+    }[case]  # fmt: skip
+    path = config(tmp_path, redis_server.url, ["jobs"], **{section: {setting: value}})
+    path.write_text(path.read_text().replace("\0", "\\u0000"))  # TOML's escape for NUL
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", str(path), timeout=30)  # a hang fails too
+        assert result.returncode == 2, result
+        headers = ("rqworkers: invalid configuration", "rqworkers: cannot start")
+        lines = [line for line in result.stderr.splitlines() if line not in headers]
+        assert lines == [f"{path}: {problem.format(value=value)}"], result.stderr
+        no_traceback(result)
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "a FIFO", "a 2 MB file"])
+def test_a_config_file_that_is_no_config_file_is_refused_in_one_line(
+    tmp_path: Path, env: dict[str, str], kind: str
+) -> None:
+    if kind == "/dev/zero":
+        path, problem = "/dev/zero", "is a character device, not a regular file"
+    elif kind == "a FIFO":
+        path, problem = _fifo(tmp_path), "is a FIFO, not a regular file"
+    else:
+        path, problem = str(tmp_path / "big.toml"), "is larger than 1024 KiB: not a config file"
+        Path(path).write_text("# padding\n" * 200_000)
+    for command in ("check", "run", "status"):
+        result = rqworkers(env, command, "-c", path, timeout=30)
+        assert result.returncode == 2, result
+        assert result.stderr == (
+            f"rqworkers: invalid configuration\n{path}: cannot read: {problem}\n"
+        ), result.stderr
+
+
+def test_check_compares_servers_by_identity_not_by_the_spelling_of_their_url(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """`jobs:dead` next to `jobs` on the same server and database would consume the dead
+    letters of `jobs`, whether the URLs say 127.0.0.1 or localhost."""
+    port = redis_server.port
+    workers = [
+        {"host": f"redis://127.0.0.1:{port}/1", "queue": "jobs", "handler": HANDLER},
+        {"host": f"redis://localhost:{port}/1", "queue": "jobs:dead", "handler": HANDLER},
+    ]
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
+    result = rqworkers(env, "check", "-c", str(path))
+    assert result.returncode == 2, result
+    assert result.stderr == (
+        f"{path}: workers[1].queue: 'jobs:dead' could be a key of queue 'jobs' (workers[0]) "
+        "on the same host: every key jobs:... belongs to that queue; rename one of them\n"
+    )
+    # Another database of the same server is another keyspace: no collision there.
+    workers[1]["host"] = f"redis://localhost:{port}/2"
+    write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
+    result = rqworkers(env, "check", "-c", str(path))
+    assert result.returncode == 0, result
+
+
+def test_a_reference_inside_a_default_is_refused_naming_the_field(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """`${A:-${B}}` used to expand to the text `${B}` plus a stray `}`: a token made so
+    worked for the page's login."""
+    token = "${RQ_TEST_UNSET:-${RQ_TEST_TOKEN}}"
+    path = config(tmp_path, redis_server.url, ["jobs"], manager={"dashboard_token": token})
+    env.update(RQ_TEST_TOKEN="a-good-long-token-of-32-characters")
+    env.pop("RQ_TEST_UNSET", None)
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", str(path), timeout=30)
+        assert result.returncode == 2, result
+        assert result.stderr == (
+            f"rqworkers: invalid configuration\n{path}: manager.dashboard_token: "
+            "${RQ_TEST_UNSET:-${...}}: a reference inside a default is not supported; write "
+            "the default itself, or set RQ_TEST_UNSET\n"
+        ), result.stderr
+
+
+# -- bad input to push and submit ----------------------------------------------------------------
+
+
+def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    path = str(config(tmp_path, redis_server.url, ["jobs"]))
+    stdin = tmp_path / "payloads"
+    stdin.write_bytes(b"\xff\xfe not utf-8\r\nplain\n\x00nul\xc3")
+    with open(stdin, "rb") as lines:
+        result = subprocess.run(
+            [sys.executable, "-m", "rqworkers", "push", "-c", path], stdin=lines,
+            capture_output=True, env=env, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 0, result
+    assert result.stdout == b"pushed to jobs (3 waiting)\n"
+    client = redis_server.client()
+    assert client.lrange("jobs", 0, -1)[::-1] == [b"\xff\xfe not utf-8", b"plain", b"\x00nul\xc3"]
+    client.delete("jobs")
+    result = subprocess.run(
+        [sys.executable.encode(), b"-m", b"rqworkers", b"push", b"-c", path.encode(), b"\xe9t\xe9"],
+        capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result
+    assert client.lrange("jobs", 0, -1) == [b"\xe9t\xe9"]
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--wait", "0"], "--wait: '0' is not a number of seconds above 0 and at most 604800"),
+        (["--wait", "nan"], "--wait: 'nan' is not a number of seconds above 0 and at most"),
+        (["--wait", "-1"], "--wait: '-1' is not a number of seconds above 0 and at most"),
+        (["--wait", "inf"], "--wait: 'inf' is not a number of seconds above 0 and at most"),
+        (["--wait", "soon"], "--wait: 'soon' is not a number of seconds above 0 and at most"),
+        (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds above 0 and at"),
+        (["--timeout", "-1"], "--timeout: '-1' is not a number of seconds above 0 and at most"),
+        (["--task", "taskapp"], "TASK: 'taskapp' is not of the form 'module:function'"),
+        (["--task", "taskapp:add.__globals__"], "TASK: 'taskapp:add.__globals__' is not of"),
+    ],
+)  # fmt: skip
+def test_submit_refuses_bad_values_in_one_line_and_sends_nothing(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, args: list[str], problem: str
+) -> None:
+    workers = [{"queue": "tasks", "tasks": ["taskapp:*"]}]
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
+    task = args[1] if args[0] == "--task" else "taskapp:add"
+    options = [] if args[0] == "--task" else args
+    result = rqworkers(env, "submit", "-c", str(path), task, "--args", "[1, 2]", *options,
+                       timeout=20)  # fmt: skip
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"rqworkers submit: {problem}"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert redis_server.client().llen("tasks") == 0, "nothing was submitted"
+
+
+def test_submit_wait_escapes_control_characters_in_the_failure_it_prints(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    workers = [{"queue": "tasks", "tasks": ["taskapp:*"], "max_attempts": 1}]
+    manager = {"check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers, manager=manager)
+    svc = Service(path, tmp_path, dict(env, TESTAPP_REDIS_URL=redis_server.url)).start()
+    services.append(svc)
+    svc.wait_workers(1, timeout=30)  # the machine may be busy
+    text = "from the cli\nrqworkers: task 0 succeeded\x1b[2J\x07"
+    result = rqworkers(env, "submit", "-c", str(path), "taskapp:fail", "--args",
+                       json.dumps([text]), "--wait", "30")  # fmt: skip
+    assert result.returncode == 1, result
+    assert "failed (raised): ValueError: from the cli\\nrqworkers: task 0 succeeded\\x1b[2J" in (
+        result.stderr
+    )
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert not any(line.startswith("rqworkers: task 0") for line in result.stderr.splitlines())

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from rqworkers.config import (
+    MAX_CONFIG_BYTES,
     MAX_PROCESSES_TOTAL,
     Config,
     PairSettings,
@@ -214,6 +215,25 @@ def test_variable_expansion(
 ) -> None:
     text = WORKER.replace('queue = "q"', f'queue = "{written}"')
     assert load_text(tmp_path, text, environ).pairs[0].queue == expected
+
+
+@pytest.mark.parametrize(
+    ("written", "environ"),
+    [
+        ("${A:-${B}}", {"B": "b"}),  # used to give the text `${B}` and a stray `}`
+        ("${A:-${B}}", {}),
+        ("${A:-x${B:-y}z}", {"B": "b"}),
+        ("q-${A:-${B}}", {"A": "set"}),  # refused even when the default is not needed
+    ],
+)
+def test_a_reference_inside_a_default_is_refused(
+    tmp_path: Path, written: str, environ: dict[str, str]
+) -> None:
+    text = WORKER.replace('queue = "q"', f'queue = "{written}"')
+    exc = config_error(tmp_path, text, environ)
+    assert_problem(exc, "workers[0].queue", "${A:-${...}}: a reference inside a default is not "
+                   "supported; write the default itself, or set A")  # fmt: skip
+    assert len(exc.problems) == 1
 
 
 def test_expansion_reaches_hosts_and_numbers(tmp_path: Path) -> None:
@@ -481,6 +501,12 @@ def test_bad_worker_values(tmp_path: Path, line: str, field: str, problem: str) 
         ("reclaim_interval = 1e-9", "manager.reclaim_interval", "greater than or equal to 0.1"),
         ("shutdown_timeout = nan", "manager.shutdown_timeout", "finite number"),
         ("restart_backoff_max = 1e300", "manager.restart_backoff_max", "less than or equal"),
+        # A worker whose setup() fails would be forked again at once, hundreds of times a second.
+        ("restart_backoff_max = 1e-300", "manager.restart_backoff_max", "or equal to 1"),
+        ("restart_backoff_max = 0.5", "manager.restart_backoff_max", "greater than or equal to 1"),
+        ("restart_backoff_max = nan", "manager.restart_backoff_max", "finite number"),
+        ("restart_backoff_max = inf", "manager.restart_backoff_max", "finite number"),
+        ('pid_file = "a\\u0000b"', "manager.pid_file", "holds a NUL character"),
         ('metrics_address = "127.0.0.1:99999"', "manager.metrics_address", "port from 1 to"),
         ('metrics_address = "127.0.0.1:0"', "manager.metrics_address", "port from 1 to 65535"),
         ('metrics_address = "127.0.0.1"', "manager.metrics_address", "not host:port"),
@@ -496,6 +522,30 @@ def test_bad_manager_values(tmp_path: Path, line: str, field: str, problem: str)
     assert len(exc.problems) == 1
 
 
+@pytest.mark.parametrize("kind", ["character device", "FIFO", "directory", "large file"])
+def test_a_config_file_is_read_only_if_it_is_a_regular_file_of_sensible_size(
+    tmp_path: Path, kind: str
+) -> None:
+    """`-c /dev/zero` used to end in a MemoryError, `-c` a FIFO in a hang."""
+    if kind == "character device":
+        path, problem = "/dev/zero", "is a character device, not a regular file"
+    elif kind == "FIFO":
+        path, problem = str(tmp_path / "fifo"), "is a FIFO, not a regular file"
+        os.mkfifo(path)
+    elif kind == "directory":
+        path, problem = str(tmp_path), "is a directory, not a regular file"
+    else:
+        path, problem = str(tmp_path / "big.toml"), "is larger than 1024 KiB"
+        Path(path).write_text(WORKER + "#" * MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert info.value.problems == [f"cannot read: {problem}" + ("" if kind != "large file"
+                                   else ": not a config file")]  # fmt: skip
+    # Just under the bound is read.
+    Path(tmp_path / "fits.toml").write_text(WORKER + "#" * (MAX_CONFIG_BYTES - len(WORKER) - 1))
+    assert load(tmp_path / "fits.toml", environ={}).pairs
+
+
 def test_a_pid_file_naming_a_directory_is_refused(tmp_path: Path) -> None:
     exc = config_error(tmp_path, f'[manager]\npid_file = "{tmp_path}"\n' + WORKER)
     assert_problem(exc, "manager.pid_file", f"{str(tmp_path)!r} is a directory")
@@ -509,6 +559,7 @@ def test_a_pid_file_naming_a_directory_is_refused(tmp_path: Path) -> None:
         ("sample_succeeded = nan", "logging.sample_succeeded", "finite number"),
         ("failures = inf", "logging.failures", "finite number"),
         ('max_bytes = "1e400"', "logging.max_bytes", "is not a size"),
+        ('file = "a\\u0000b"', "logging.file", "'a\\x00b' holds a NUL character: no file has"),
     ],
 )
 def test_bad_logging_values(tmp_path: Path, line: str, field: str, problem: str) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rqworkers.config import MAX_PROCESSES_TOTAL, Config, load
+from rqworkers.config import MAX_PROCESSES_TOTAL, MIN_RESTART_BACKOFF, Config, load
 from rqworkers.errors import ConfigError
 from tests.support import APPS, REPO, RedisServer, free_port, wait_for
 
@@ -42,7 +44,7 @@ _shares = st.floats(min_value=0.0, max_value=1.0)
 MANAGER = {
     "check_interval": st.floats(min_value=0.01, max_value=0.5),
     "shutdown_timeout": _seconds,
-    "restart_backoff_max": st.floats(min_value=0.1, max_value=3.0),
+    "restart_backoff_max": st.floats(min_value=MIN_RESTART_BACKOFF, max_value=3.0),
     "lease_ttl": st.floats(min_value=1.0, max_value=60.0),
     "reclaim_interval": st.floats(min_value=0.1, max_value=3.0),
 }
@@ -247,3 +249,40 @@ def test_every_config_that_loads_also_starts_and_never_gives_a_traceback(
         total = sum(pair.processes for pair in cfg.pairs)
         assert output.count(" started") >= total + 1, output  # the keeper too
         assert "manager" in output and "stopped" in output
+
+
+@pytest.mark.slow
+def test_a_worker_whose_setup_always_fails_is_forked_at_a_bounded_rate(
+    shared_redis: RedisServer, tmp_path: Path
+) -> None:
+    """At the lowest `restart_backoff_max` allowed, a handler whose setup() fails on every
+    start is forked a handful of times in 6 s (986 times at 1e-300, before the floor)."""
+    text = render(
+        {"manager": {"restart_backoff_max": MIN_RESTART_BACKOFF, "check_interval": 0.05},
+         "logging": {}, "defaults": {}, "workers": [{}]},
+        shared_redis.url, {},
+    ).replace("testapp:handle", "opsapp:FailingSetup")  # fmt: skip
+    path = tmp_path / "rqworkers.toml"
+    path.write_text(text)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(APPS), str(REPO)]),
+               TESTAPP_REDIS_URL=shared_redis.url)  # fmt: skip
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rqworkers", "run", "-c", str(path)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "q0-1" in log.read_text(), timeout=30, what="the first worker")
+        first = time.monotonic()
+        with contextlib.suppress(TimeoutError):  # the process only has to keep running
+            wait_for(lambda: proc.poll() is not None, timeout=6.0, what="nothing")
+        elapsed = time.monotonic() - first
+        assert proc.poll() is None, log.read_text()
+        starts = len(re.findall(r"q0-1 \d+ started", log.read_text()))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # One free restart, then 0.5 s, then 1 s (the cap) between starts; one spare for jitter.
+    assert 2 <= starts <= 3 + elapsed / (MIN_RESTART_BACKOFF * 0.9), (starts, elapsed)

@@ -341,6 +341,36 @@ def test_json_logs_carry_worker_pid_queue_and_event(
     assert any(e["worker"] == "manager" and "started" in e["message"] for e in entries)
 
 
+# A payload that the handler `opsapp:say` raises as its exception's message: a line break
+# followed by what looks like a line of its own, and escape sequences that would set the
+# terminal's title, ring its bell and clear the screen.
+FORGED = "2026-01-01 00:00:00,000 INFO manager[1]: forged"
+HOSTILE = f"evil\n{FORGED}\r\n[9] 3 bytes  b'forged'\x1b]0;owned\x07\x1b[2J\u202e".encode()
+
+
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_a_message_from_user_data_cannot_forge_a_log_line(
+    service: StartService, redis_server: RedisServer, format: str
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": "opsapp:say", "max_attempts": 2, "retry_delay": 0.0}],
+        logging={"format": format},
+    )
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", HOSTILE)
+    wait_for(lambda: redis_server.client().llen("jobs:dead") == 1, what="the dead letter")
+    wait_for(lambda: "dead-lettered" in svc.output(), what="its log line")
+    output = svc.output()
+    assert not any(line.startswith((FORGED, "[9]")) for line in output.splitlines()), output
+    assert not set("\x1b\x07\r\u202e") & set(output), "no control character reaches the log"
+    if format == "json":
+        entries = [json.loads(line) for line in output.splitlines()]
+        assert any(HOSTILE.decode() in str(e.get("exception")) for e in entries)
+    else:
+        assert f"ValueError: evil\\n{FORGED}\\r\\n[9]" in output  # one line, escaped
+        assert "Traceback (most recent call last):" in output  # the traceback keeps its lines
+
+
 def test_the_log_file_rotates_and_keeps_every_process_lines(
     service: StartService, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -435,6 +465,41 @@ def test_dead_list_and_show_say_how_many_copies_and_show_the_traceback(
     assert "one of 2 copies of this payload in the dead list" in shown
     older = cli("dead", "show", "1", "-c", config).stdout.decode()
     assert "one of 2 copies" in older and "attempts 1" in older
+
+
+def test_dead_list_and_show_escape_control_characters_from_user_data(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service([{"queue": "jobs", "handler": "opsapp:say", "max_attempts": 1}])
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", HOSTILE)
+    wait_for(lambda: client.llen("jobs:dead") == 1, what="the dead letter")
+    config = str(svc.config_path)
+    for args in (["list"], ["show", "0"]):
+        result = cli("dead", *args, "-c", config)
+        assert result.returncode == 0, result
+        text = result.stdout.decode()
+        assert not set("\x1b\x07\r\u202e") & set(text), text
+        assert not any(line.startswith(("[9]", FORGED)) for line in text.splitlines()), text
+        assert f"ValueError: evil\\n{FORGED}\\r\\n[9] 3 bytes" in text, text
+    # The traceback of `show` keeps its lines, each marked as the record's.
+    assert f"\n  | {FORGED}\\r\n  | [9] 3 bytes" in text, text
+    assert cli("dead", "show", "0", "--raw", "-c", config).stdout == HOSTILE  # bytes as they are
+
+
+def test_status_escapes_what_any_redis_client_can_write_in_a_worker_entry() -> None:
+    from rqworkers.queue import Snapshot
+    from rqworkers.status import PairStatus, as_text
+
+    worker = {"name": "jobs-1\x1b[2J", "node": "n\nforged", "state": "idle",
+              "waiting_for": "OOM \x1b]0;owned\x07"}  # fmt: skip
+    snap = Snapshot(waiting=0, in_flight=0, retrying=0, dead=0, workers=[worker])
+    text = as_text([PairStatus("redis://h/0", "jobs", snap, None)], now=0.0)
+    assert "\x1b" not in text and "\x07" not in text and "\nforged" not in text, text
+    assert "jobs-1\\x1b[2J" in text and "n\\nforged" in text
+    text = as_text([PairStatus("redis://h/0", "jobs", None, "unreachable: \x1b[2J")])
+    assert "unreachable: \\x1b[2J" in text
 
 
 @pytest.mark.parametrize("record", [b"{not json", b"42", b'"text"'])

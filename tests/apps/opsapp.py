@@ -47,3 +47,9 @@ class HangingSetup:
 
     def handle(self, message: bytes) -> None:
         _done(message)
+
+
+def say(message: bytes) -> None:
+    """Raise an exception whose message is the payload: control characters, newlines and all,
+    as a handler quoting user data in its errors does."""
+    raise ValueError(message.decode("utf-8", "replace"))
