@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -309,7 +308,7 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     if not isinstance(args.args, list) or not isinstance(args.kwargs, dict):
         raise RqworkersError("--args must be a JSON list and --kwargs a JSON object")
     with Producer(pair.url) as producer:
-        reply_to = f"{pair.queue}:replies:{uuid.uuid4().hex}" if args.wait is not None else None
+        reply_to = Producer.reply_key(pair.queue) if args.wait is not None else None
         task_id = producer.submit(
             pair.queue, args.task, args.args, args.kwargs, timeout=args.timeout, reply_to=reply_to
         )
