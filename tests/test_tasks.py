@@ -68,6 +68,18 @@ def recorded_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         (b'{"task": "taskapp:add", "timeout": Infinity}', "'timeout' must be a positive number"),
         (b'{"task": "taskapp:add", "result_ttl": 0}', "'result_ttl' must be a positive number"),
         (b'{"task": "taskapp:add", "reply_to": ""}', "'reply_to' must be a non-empty string"),
+        (b'{"task": null}', "'task' must be 'module:function', not null"),
+        (b'{"task": {"a": 1}}', "'task' must be 'module:function'"),
+        (b'{"task": false}', "'task' must be 'module:function'"),
+        (b'{"task": "taskapp:add", "id": null}', "'id' must be a non-empty string"),
+        (b'{"task": "taskapp:add", "timeout": 0}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": NaN}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": 1e400}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": "5"}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": -1}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": NaN}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": 1e300}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "reply_to": 5}', "'reply_to' must be a non-empty string"),
         (b'{"task": "taskapp:add", "on_success": "x"}', "'on_success' must be 'module:function'"),
         (b'{"task": "taskapp:add", "agrs": []}', "unknown field(s): 'agrs'"),
         (b'{"v": 2, "task": "taskapp:add"}', "version 2 is not supported"),
@@ -482,7 +494,7 @@ def test_reply_keys_widen_the_namespace_only_as_the_operator_says(
             message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
             with pytest.raises(Refused, match=r"\(tasks:replies:\*, results:\*, done:\[0-9\]\?\)"):
                 made.handle(message)
-        keys = {k.decode() for k in redis_server.client().keys()}
+        keys = {k.decode() for k in redis_server.client().scan_iter()}
         assert keys == {"results:x", "done:1a", "tasks:replies:y"}
     finally:
         made.teardown()
