@@ -606,6 +606,7 @@ _EXPECTED = {
     "bool_type": "true or false",
     "dict_type": "a table",
     "list_type": "a list",
+    "tuple_type": "a list",
     "model_type": "a table",
 }
 

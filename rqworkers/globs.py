@@ -95,7 +95,7 @@ class Glob:
                 moves.append((i + 1, j))  # a's `*` ends here
             if j < len(b) and b[j] is None:
                 moves.append((i, j + 1))
-            if i < len(a) and j < len(b) and (a[i] or _ANY) & (b[j] or _ANY):
+            if i < len(a) and j < len(b) and _taken(a[i]) & _taken(b[j]):
                 # one byte both take: a `*` stays where it is, any other step moves on
                 moves.append((i + (a[i] is not None), j + (b[j] is not None)))
             for state in moves:
@@ -114,6 +114,10 @@ class Glob:
             if self.overlaps(Glob("", early)) or self.overlaps(Glob("", astray)):
                 return False
         return True
+
+
+def _taken(step: Step) -> frozenset[int]:
+    return _ANY if step is None else step
 
 
 def _steps(data: bytes) -> tuple[Step, ...]:

@@ -61,8 +61,8 @@ def task(name: str, *args: Any, **fields: Any) -> bytes:
 
 
 def reply_of(server: RedisServer, key: str, timeout: float = 20.0) -> Any:
-    popped = server.client().brpop([key], timeout=timeout)
-    assert popped is not None, f"no reply on {key}"
+    client = server.client()  # its socket timeout is 5 s: block 1 s at a time
+    popped = wait_for(lambda: client.brpop([key], timeout=1), timeout=timeout, what=key)
     return json.loads(popped[1])
 
 
