@@ -238,11 +238,11 @@ class TaskHandler(Handler):
         try:
             refused = self._push(due)
             for attempt in range(1, _SUCCESS_REPLY_ATTEMPTS):
-                passing = [(item, exc) for item, exc in refused if is_outage(exc)]
+                passing = [(item, exc) for item, exc in refused if _may_pass(exc)]
                 if not passing:
                     break
                 time.sleep(backoff.compute(attempt))  # OOM, say: Redis may free memory
-                lasting = [(item, exc) for item, exc in refused if not is_outage(exc)]
+                lasting = [(item, exc) for item, exc in refused if not _may_pass(exc)]
                 refused = lasting + self._push([item for item, _ in passing])
         except BaseException:
             self._put_back(due)  # sent again with the next acks (a second copy is harmless)
@@ -301,10 +301,16 @@ class TaskHandler(Handler):
                 self._send(key, ttl, reply)
                 return
             except TRANSIENT_ERRORS as exc:
-                if attempt == _REPLY_ATTEMPTS or not is_outage(exc):
+                if attempt == _REPLY_ATTEMPTS or not _may_pass(exc):
                     log.error("failure reply to %r not written: %s", key, describe(exc))
                     return
                 time.sleep(backoff.compute(attempt))
+
+
+def _may_pass(exc: Exception) -> bool:
+    """Whether a reply Redis refused may go through if sent again soon: Redis is out of
+    memory, read-only, loading... A refusal of the key itself (WRONGTYPE, NOPERM) stays."""
+    return is_outage(exc) and not isinstance(exc, redis.exceptions.NoPermissionError)
 
 
 def _milliseconds(seconds: float) -> int:

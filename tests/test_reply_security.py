@@ -283,14 +283,15 @@ def test_a_reply_to_outside_the_namespace_is_dead_lettered_at_once_and_touches_n
     assert internal_tracebacks(log) == []
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_reply_of_the_wrong_type_fails_its_delivery_and_the_queue_goes_on(
-    service: StartService, redis_server: RedisServer
+    service: StartService, redis_server: RedisServer, concurrency: int
 ) -> None:
     """`SET tasks:replies:x x`: the task runs max_attempts times, no more; it is
     dead-lettered saying why, and the worker never exits for it."""
     client = redis_server.client()
     client.set("tasks:replies:x", "x")
-    svc = service([task_pair(max_attempts=3)])
+    svc = service([task_pair(max_attempts=3, concurrency=concurrency)])
     (worker,) = svc.wait_workers(1)
     message = task("taskapp:sleep", 0, "wrongtype", reply_to="tasks:replies:x")
     after = task("taskapp:add", 1, 2, reply_to="tasks:replies:after")
@@ -337,6 +338,7 @@ def test_a_reply_the_redis_user_may_not_write_fails_its_delivery_not_the_queue(
         )
         assert client.llen("sleep:started") == 2  # max_attempts, no more
         log = svc.output()
+        assert log.count("not written") == 3, "two failed deliveries, one lost failure reply"
         assert "retrying with backoff" not in log, "not an outage"
         assert "exited" not in log and internal_tracebacks(log) == []
     finally:
