@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from rqworkers import Executor, Producer
+from rqworkers import Executor, Producer, checks
 from rqworkers.config import PairSettings, load
 from rqworkers.errors import ConfigError, ReplyError
 from rqworkers.globs import Glob
@@ -311,16 +311,35 @@ def test_a_reply_of_the_wrong_type_fails_its_delivery_and_the_queue_goes_on(
     assert internal_tracebacks(log) == []
 
 
+def acl_user(server: RedisServer, *reply_keys: str) -> str:
+    """The URL of a Redis user with every right on queue `tasks`'s keys but its replies,
+    and on `reply_keys`."""
+    server.client().execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", "worker", "on", ">worker-password-0123", "+@all", "~tasks",
+        "~tasks:[^r]*", "~tasks:retry", "~tasks:reclaim:*", *reply_keys,
+    )  # fmt: skip
+    return f"redis://worker:worker-password-0123@127.0.0.1:{server.port}/0"
+
+
+def test_check_names_a_redis_user_that_may_not_write_replies(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    path = write_config(tmp_path / "acl.toml", acl_user(redis_server), [task_pair()])
+    (line,) = checks.host_problems(load(path, environ={}))
+    assert line.startswith("queue 'tasks' on redis://worker:***@")
+    assert "may not run EVAL, LPUSH, PEXPIRE as workers do" in line and "NOPERM" not in line
+    path = write_config(
+        tmp_path / "ok.toml", acl_user(redis_server, "~tasks:replies:*"), [task_pair()]
+    )
+    assert checks.host_problems(load(path, environ={})) == []
+
+
 def test_a_reply_the_redis_user_may_not_write_fails_its_delivery_not_the_queue(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """NOPERM on the reply key is that delivery's failure, not an outage of the queue."""
     client = redis_server.client()
-    client.execute_command(  # type: ignore[no-untyped-call]
-        "ACL", "SETUSER", "worker", "on", ">worker-password-0123", "+@all", "~tasks",
-        "~tasks:[^r]*", "~tasks:retry", "~tasks:reclaim:*", "~tasks:replies:ok:*",
-    )  # fmt: skip
-    url = f"redis://worker:worker-password-0123@127.0.0.1:{redis_server.port}/0"
+    url = acl_user(redis_server, "~tasks:replies:ok:*")
     path = write_config(tmp_path / "acl.toml", url, [task_pair()], manager={"check_interval": 0.2})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)])}
     env["TESTAPP_REDIS_URL"] = redis_server.url
