@@ -132,7 +132,8 @@ def _worker_commands(keys: Keys, replies: bool = False) -> list[list[str]]:
     reply = tasks.reply_prefix(keys.queue) + "check"  # a task pair's replies: one script
     reply_commands = [["EVAL", "return 0", "1", reply], ["LPUSH", reply, "r"],
                       ["PEXPIRE", reply, "1"]]  # fmt: skip
-    return [*(reply_commands if replies else []),
+    return [
+        *(reply_commands if replies else []),
         # A script that does not exist: NOSCRIPT if allowed, so probing it changes nothing.
         ["EVALSHA", "0" * 40, str(len(every_key)), *every_key],
         ["SCRIPT", "LOAD", "return 0"],

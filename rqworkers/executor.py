@@ -91,7 +91,7 @@ class Executor(concurrent.futures.Executor):
         self.result_ttl = result_ttl
         self.reply_key = tasks.new_reply_key(queue)
         self._id_key = secrets.token_bytes(16)  # tags the ids this executor sends
-        self._forged_seen = False  # a reply for an id it never sent was logged
+        self._stray_logged = False  # a reply that is not one of its own was logged
         self._producer = Producer(url)
         self._reader_client = connect(url, _BLOCK)
         self._endpoint = redact(url)
@@ -261,25 +261,30 @@ class Executor(concurrent.futures.Executor):
         try:
             task_id, result, error = tasks.read_reply(reply)
         except ValueError:
-            log.warning("ignored a reply that is not a task reply: %r", reply[:80])
+            self._stray(f"a reply that is not a task reply: {reply[:80]!r}")
             return
         with self._lock:
             future = self._futures.get(task_id)
         if future is None:
-            if not self._issued(task_id) and not self._forged_seen:
-                self._forged_seen = True
-                log.warning(
-                    "ignored a reply on %s for task id %r, which this executor never sent "
-                    "(forged, or pushed there by mistake); more are ignored silently",
-                    self.reply_key,
-                    task_id[:80],
-                )
+            if not self._issued(task_id):
+                self._stray(f"a reply for task id {task_id[:80]!r}, which it never sent")
             return  # else a duplicate run's second reply, or a cancelled task's
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    def _stray(self, what: str) -> None:
+        """Log the first reply that is not one of this executor's: whoever can push to
+        its list must not be able to flood the log too."""
+        if not self._stray_logged:
+            self._stray_logged = True
+            log.warning(
+                "ignored %s on %s (forged, or pushed there by mistake); more are ignored silently",
+                what,
+                self.reply_key,
+            )
 
     def _wake_reader(self) -> None:
         """Unblock the reader's BRPOP at once. The list gets the replies' TTL, so a wake-up

@@ -456,7 +456,10 @@ def read_reply(data: bytes) -> tuple[str, Any, TaskError | None]:
 
     `ValueError` if `data` is not a reply (an executor drops those with a log line).
     """
-    fields = json.loads(data)
+    try:
+        fields = json.loads(data)
+    except (ValueError, RecursionError):  # anyone who may push to the list may push junk
+        raise ValueError("not a task reply") from None
     if not isinstance(fields, dict) or not isinstance(fields.get("id"), str):
         raise ValueError("not a task reply")
     if fields.get("ok"):

@@ -381,14 +381,17 @@ def test_an_executor_ignores_and_logs_once_a_reply_it_never_asked_for(
             {"v": 1, "id": "f" * 48, "ok": True, "result": "forged"},
             {"v": 1, "id": future.task_id[:32] + "0" * 16, "ok": True, "result": "forged"},
             {"v": 1, "id": "x", "ok": False, "reason": "raised", "message": "forged"},
+            "not a reply",
+            [1, 2],
         ]
-        redis_server.client().lpush(executor.reply_key, *[json.dumps(f) for f in forged])
+        junk = [b"[" * 100_000, b"\xff\xfe"]  # too deep for json, not UTF-8
+        redis_server.client().lpush(executor.reply_key, *[json.dumps(f) for f in forged], *junk)
 
         def logged() -> list[str]:
-            return [r.getMessage() for r in caplog.records if "never sent" in r.getMessage()]
+            return [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
 
         wait_for(lambda: logged() and redis_server.client().llen(executor.reply_key) == 0,
                  timeout=10, what="the forged replies to be read")  # fmt: skip
         assert future.result(timeout=20) == "real", "the forged replies were ignored"
     (line,) = logged()
-    assert "'" + "f" * 48 + "'" in line
+    assert f"a reply for task id '{'f' * 48}', which it never sent" in line
