@@ -153,6 +153,28 @@ def test_reply_keys_that_reach_no_queue_widen_the_namespace(tmp_path: Path) -> N
     assert pair.reply_keys == tuple(globs)
 
 
+def test_a_queue_inside_another_queues_reply_namespace_is_refused(tmp_path: Path) -> None:
+    path = config_with(tmp_path, task_pair(), task_pair(queue="tasks:replies:x"))
+    with pytest.raises(ConfigError, match=r"workers\[1\]\.queue: 'tasks:replies:x' could be a key"):
+        load(path, environ={})
+
+
+def test_reply_keys_are_compared_with_the_queues_of_every_host(tmp_path: Path) -> None:
+    """Two URLs may name one server: a glob that reaches a queue on any host is refused,
+    and one inside the pair's own replies passes next to the same queue on another host."""
+    other = "redis://localhost:1/0"
+    path = config_with(
+        tmp_path,
+        task_pair(reply_keys=["tasks:replies:*", "results:*"]),
+        task_pair(host=other),
+        task_pair(queue="results", host=other),
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    (line,) = info.value.render().splitlines()
+    assert "workers[0].reply_keys[1]: 'results:*' could match keys of queue 'results'" in line
+
+
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
