@@ -68,7 +68,9 @@ class Producer:
         """Send a task message naming `task` (`"module:function"`); its id.
 
         `timeout` (seconds) is the task's own, capped by the pair's; with `reply_to`, the
-        outcome is pushed onto that list and kept `result_ttl` seconds (default 3600).
+        outcome is pushed onto that list and kept `result_ttl` seconds (default 3600). A
+        worker refuses a `reply_to` outside `<queue>:replies:` (see `reply_key`) and the
+        pair's `reply_keys`.
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
         """
