@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,17 @@ import pytest
 import rqworkers
 from rqworkers import Executor, Producer, TaskError
 from tests.servers import Cluster, Processes, SentinelSetup
-from tests.support import APPS, REPO, RedisServer, Service, dead_info, wait_for, write_config
+from tests.support import (
+    APPS,
+    REPO,
+    RedisServer,
+    Service,
+    dead_info,
+    run_cli,
+    task_pair,
+    wait_for,
+    write_config,
+)
 
 StartService = Callable[..., Service]
 
@@ -39,18 +48,6 @@ def _taskapp() -> Any:
 
 
 taskapp = _taskapp()
-
-
-def task_pair(**settings: Any) -> dict[str, Any]:
-    pair: dict[str, Any] = {
-        "queue": "tasks",
-        "tasks": ["taskapp:*"],
-        "max_attempts": 2,
-        "retry_delay": 0.0,
-        "timeout": 10.0,
-    }
-    pair.update(settings)
-    return pair
 
 
 @pytest.fixture
@@ -382,15 +379,6 @@ def test_an_executor_waits_out_a_redis_restart(
     redis_server.start()  # same port, appendfsync always: the queue and replies are kept
     assert future.result(timeout=60) == "across"
     assert ex.submit(taskapp.add, 2, 2).result(timeout=30) == 4
-
-
-def run_cli(
-    *args: str, stdin: str | None = None, env: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rqworkers", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=60, cwd=REPO,
-    )  # fmt: skip
 
 
 def test_the_push_and_submit_commands(service: StartService, redis_server: RedisServer) -> None:

@@ -11,8 +11,6 @@ import itertools
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +30,8 @@ from tests.support import (
     Service,
     dead_info,
     internal_tracebacks,
+    run_cli,
+    task_pair,
     wait_for,
     write_config,
 )
@@ -42,18 +42,6 @@ StartService = Callable[..., Service]
 @pytest.fixture(autouse=True)
 def apps_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(APPS))
-
-
-def task_pair(**settings: Any) -> dict[str, Any]:
-    pair: dict[str, Any] = {
-        "queue": "tasks",
-        "tasks": ["taskapp:*"],
-        "max_attempts": 2,
-        "retry_delay": 0.0,
-        "timeout": 10.0,
-    }
-    pair.update(settings)
-    return pair
 
 
 def task(name: str, *args: Any, **fields: Any) -> bytes:
@@ -200,11 +188,7 @@ def test_check_refuses_a_reply_glob_that_reaches_another_queue_in_one_line(
     tmp_path: Path,
 ) -> None:
     path = config_with(tmp_path, task_pair(reply_keys=["vic*"]), task_pair(queue="victim"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)])}
-    done = subprocess.run(
-        [sys.executable, "-m", "rqworkers", "check", "-c", str(path)],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+    done = run_cli("check", "-c", str(path))
     assert done.returncode == 2, done.stderr
     assert (
         f"{path}: workers[0].reply_keys[0]: 'vic*' could match keys of queue 'victim'"
