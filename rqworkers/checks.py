@@ -96,8 +96,9 @@ def host_problems(
             for pair in config.pairs:
                 if pair.url == url:
                     keys = Keys.of(pair.queue, f"{config.node}:1")
+                    replies = pair.tasks is not None
                     problems.extend(_prefixed(pair, key_type_problems(client, keys)))
-                    problems.extend(_prefixed(pair, permission_problems(client, keys)))
+                    problems.extend(_prefixed(pair, permission_problems(client, keys, replies)))
         except _FAILURES as exc:
             problems.append(f"redis at {redact(url)}: {type(exc).__name__}: {exc}")
         finally:
@@ -163,10 +164,14 @@ def key_type_problems(client: Client, keys: Keys) -> list[str]:
 
 # What a worker and its keeper run on a queue's keys, as ACL DRYRUN arguments. Not
 # BRPOPLPUSH: only servers without BLMOVE use it, and those have no DRYRUN either.
-def _worker_commands(keys: Keys) -> list[list[str]]:
+def _worker_commands(keys: Keys, replies: bool = False) -> list[list[str]]:
     every_key = [keys.queue, keys.landing, keys.processing, keys.retry, keys.dead,
                  keys.dead_reasons, keys.registry, keys.lease, keys.fence]  # fmt: skip
+    reply = tasks.reply_prefix(keys.queue) + "check"  # a task pair's replies: one script
+    reply_commands = [["EVAL", "return 0", "1", reply], ["LPUSH", reply, "r"],
+                      ["PEXPIRE", reply, "1"]]  # fmt: skip
     return [
+        *(reply_commands if replies else []),
         # A script that does not exist: NOSCRIPT if allowed, so probing it changes nothing.
         ["EVALSHA", "0" * 40, str(len(every_key)), *every_key],
         ["SCRIPT", "LOAD", "return 0"],
@@ -185,15 +190,15 @@ def _worker_commands(keys: Keys) -> list[list[str]]:
     ]
 
 
-def permission_problems(client: Client, keys: Keys) -> list[str]:
-    """One line per reason the Redis user may not run what a worker runs on these keys,
-    naming the commands it stops. A PING alone passes a user who then waits forever at run
-    time for EVALSHA.
+def permission_problems(client: Client, keys: Keys, replies: bool = False) -> list[str]:
+    """One line per reason the Redis user may not run what a worker runs on these keys
+    (and, with `replies`, on the queue's reply lists), naming the commands it stops. A PING
+    alone passes a user who then waits forever at run time for EVALSHA.
 
     Asked with ACL DRYRUN (Redis 7+) where the user may run it; otherwise probed with
     forms that change nothing (`_harmless`).
     """
-    commands = _worker_commands(keys)
+    commands = _worker_commands(keys, replies)
     try:
         user = _command(client, "ACL", "WHOAMI")
         verdicts = [_command(client, "ACL", "DRYRUN", user, *c) for c in commands]

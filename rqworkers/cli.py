@@ -10,7 +10,6 @@ import math
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
@@ -340,7 +339,7 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
     wait = _seconds(args.wait, "--wait") if args.wait else None  # `--wait` alone: no limit
     with Producer(pair.url) as producer:
-        reply_to = f"{pair.queue}:replies:{uuid.uuid4().hex}" if args.wait is not None else None
+        reply_to = Producer.reply_key(pair.queue) if args.wait is not None else None
         task_id = producer.submit(
             pair.queue, args.task, args.args, args.kwargs, timeout=timeout, reply_to=reply_to
         )

@@ -35,6 +35,7 @@ from pydantic_core import InitErrorDetails
 
 from rqworkers import connections, files, tasks
 from rqworkers.errors import ConfigError
+from rqworkers.globs import Glob
 
 URL_SCHEMES = connections.SCHEMES
 
@@ -314,6 +315,8 @@ class PairSettings(_Section):
     tasks: Annotated[tuple[str, ...], BeforeValidator(_tuple_of_list)] | None = Field(
         None, min_length=1
     )
+    # Globs of keys a task pair may push replies onto, besides `<queue>:replies:*`.
+    reply_keys: Annotated[tuple[str, ...], BeforeValidator(_tuple_of_list)] = ()
     # The machine's own ceiling (`max_processes`) is checked by `check` and `run`, not here:
     # `status` and `dead` load the same file on a smaller machine.
     processes: Int = Field(1, ge=1, le=MAX_PROCESSES_TOTAL)
@@ -351,6 +354,19 @@ class PairSettings(_Section):
             raise ValueError("; ".join(problems))
         return value
 
+    @field_validator("reply_keys")
+    @classmethod
+    def _reply_globs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        problems = []
+        for pattern in value:
+            try:
+                Glob.parse(pattern)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
     @model_validator(mode="wrap")
     @classmethod
     def _handler_or_tasks(cls, data: Any, validate: Any) -> Any:
@@ -368,6 +384,8 @@ class PairSettings(_Section):
             raise ValidationError.from_exception_data(cls.__name__, [missing])
         if pair.handler is not None and pair.tasks is not None:
             raise ValueError("set `handler` (raw payloads) or `tasks` (task messages), not both")
+        if pair.reply_keys and pair.tasks is None:
+            raise ValueError("reply_keys: only a task pair (`tasks`) sends replies")
         return pair
 
     @model_validator(mode="after")
@@ -558,6 +576,7 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
         seen[pair_key] = index
         pairs[index] = pair.model_copy(update={"url": url})
     problems.extend(key_collisions(pairs))
+    problems.extend(_reply_key_collisions(pairs))
     problems.extend(_too_many_processes(pairs.values()))
     return list(pairs.values())
 
@@ -617,6 +636,33 @@ def key_collisions(
     return problems
 
 
+def _reply_key_collisions(pairs: Mapping[int, PairSettings]) -> list[str]:
+    """One line per `reply_keys` glob that could match a key of a configured queue: the
+    worker would push a reply wherever a message points it, so a glob that reaches
+    another queue's keys (or this queue's own, outside `<queue>:replies:`) would let a
+    producer corrupt that queue. Compared with every queue of the file, on any host: two
+    spellings of a URL may name one server, and only a refusal is sure to be safe."""
+    problems = []
+    for index, pair in pairs.items():
+        for number, pattern in enumerate(pair.reply_keys):
+            where = f"{_path(('workers', index, 'reply_keys', number))}: {pattern!r}"
+            if tasks.reaches_own_keys(pattern, pair.queue):
+                problems.append(
+                    f"{where} could match keys of this queue itself ({pair.queue}, "
+                    f"{pair.queue}:dead, ...): only {tasks.reply_prefix(pair.queue)}* are replies"
+                )
+                continue
+            for other_index, other in pairs.items():
+                if other.queue != pair.queue and tasks.reaches_queue(pattern, other.queue):
+                    problems.append(
+                        f"{where} could match keys of queue {other.queue!r} "
+                        f"(workers[{other_index}]): a reply there would corrupt it; choose "
+                        "keys that no configured queue uses"
+                    )
+                    break
+    return problems
+
+
 def _too_many_processes(pairs: Iterable[PairSettings]) -> list[str]:
     total = sum(pair.processes for pair in pairs)
     if total <= MAX_PROCESSES_TOTAL:
@@ -657,6 +703,7 @@ _EXPECTED = {
     "bool_type": "true or false",
     "dict_type": "a table",
     "list_type": "a list",
+    "tuple_type": "a list",
     "model_type": "a table",
 }
 

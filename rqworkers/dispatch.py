@@ -44,6 +44,7 @@ class Running:
     delivery: Delivery
     entry: int  # its scoreboard entry
     deadline: float  # monotonic seconds
+    limit: float  # seconds it may run: the pair's `timeout`, or the message's own if shorter
 
 
 Job = Callable[[bytes], "cf.Future[Outcome]"]
@@ -165,7 +166,7 @@ class ConcurrentWorker(Worker):
             future = self.submit(delivery.payload)
             own = self.handler.own_timeout(delivery.payload)
             limit = self.pair.timeout if own is None else min(own, self.pair.timeout)
-            self.running[future] = Running(delivery, entry, now + limit)
+            self.running[future] = Running(delivery, entry, now + limit, limit)
 
     def settle_finished(self) -> None:
         """Wait until one delivery finishes, a thread's deadline passes, or it is time to
@@ -209,11 +210,9 @@ class ConcurrentWorker(Worker):
         self.abandoned.append(running.entry)
         delivery = running.delivery
         self.finished += 1
-        error = MessageTimeout()
+        error = MessageTimeout(running.limit)
         self.outbox.fail(self.failure(delivery, error, delivery.attempts + 1))
-        log.error(
-            "a handler thread ran past %gs; recycling once the others finish", self.pair.timeout
-        )
+        log.error("a handler thread ran past %gs; recycling once the others finish", running.limit)
         self.exit_code = ExitCode.TIMEOUT
 
     def look_for_more(self) -> None:

@@ -48,8 +48,18 @@ class MessageTimeout(BaseException):
     """Raised inside a handler that ran past its `timeout`.
 
     A `BaseException`, like `KeyboardInterrupt`, so that user code catching `Exception`
-    cannot keep a timed-out message running.
+    cannot keep a timed-out message running. `seconds` is the limit it enforced, when
+    that was not the pair's `timeout` (a task message's own).
     """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+
+class ReplyError(RqworkersError):
+    """A task's reply could not be written (wrong type, no permission, out of memory):
+    that delivery failed, and is retried or dead-lettered like any failure."""
 
 
 class ExitCode(enum.IntEnum):

@@ -11,15 +11,20 @@ polling, no connection per future. What the workers guarantee (at-least-once, re
 after a crash, timeouts, dead letters) holds for every future; a dead-letter sends a
 reply too, so a future never waits forever for a task that ended. A duplicate run may
 reply twice: the first reply wins.
+
+The reply list and the task ids are random (128 bits each), so no one who has not read a
+message can send a result to its future. A reply for an id this executor never sent (an
+id carries a tag only it can make) is ignored, and logged once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
+import secrets
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
@@ -84,7 +89,9 @@ class Executor(concurrent.futures.Executor):
         self.queue = queue
         self.timeout = timeout
         self.result_ttl = result_ttl
-        self.reply_key = f"{queue}:replies:{uuid.uuid4().hex}"
+        self.reply_key = tasks.new_reply_key(queue)
+        self._id_key = secrets.token_bytes(16)  # tags the ids this executor sends
+        self._stray_logged = False  # a reply that is not one of its own was logged
         self._producer = Producer(url)
         self._reader_client = connect(url, _BLOCK)
         self._endpoint = redact(url)
@@ -106,7 +113,13 @@ class Executor(concurrent.futures.Executor):
         arguments that are not JSON, `RuntimeError` after `shutdown`.
         """
         message = Producer.task(
-            tasks.path_of(fn), args, kwargs, self.timeout, self.reply_key, self.result_ttl
+            tasks.path_of(fn),
+            args,
+            kwargs,
+            self.timeout,
+            self.reply_key,
+            self.result_ttl,
+            task_id=self._new_id(),
         )
         payload = tasks.encode(message)
         if self._shutdown:
@@ -153,6 +166,18 @@ class Executor(concurrent.futures.Executor):
             self._reader.join()
 
     # --- sending -----------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        """128 random bits, then a tag of them that only this executor can make."""
+        nonce = secrets.token_hex(16)
+        return nonce + self._tag(nonce)
+
+    def _tag(self, nonce: str) -> str:
+        return hashlib.blake2b(nonce.encode(), key=self._id_key, digest_size=8).hexdigest()
+
+    def _issued(self, task_id: str) -> bool:
+        nonce, tag = task_id[:32], task_id[32:]
+        return len(task_id) == 48 and secrets.compare_digest(tag, self._tag(nonce))
 
     def _take_slot(self) -> None:
         if self._slots is not None and not self._slots.acquire(blocking=False):
@@ -236,17 +261,30 @@ class Executor(concurrent.futures.Executor):
         try:
             task_id, result, error = tasks.read_reply(reply)
         except ValueError:
-            log.warning("ignored a reply that is not a task reply: %r", reply[:80])
+            self._stray(f"a reply that is not a task reply: {reply[:80]!r}")
             return
         with self._lock:
             future = self._futures.get(task_id)
         if future is None:
-            return  # a duplicate run's second reply, or a cancelled task's
+            if not self._issued(task_id):
+                self._stray(f"a reply for task id {task_id[:80]!r}, which it never sent")
+            return  # else a duplicate run's second reply, or a cancelled task's
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # cancelled meanwhile
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    def _stray(self, what: str) -> None:
+        """Log the first reply that is not one of this executor's: whoever can push to
+        its list must not be able to flood the log too."""
+        if not self._stray_logged:
+            self._stray_logged = True
+            log.warning(
+                "ignored %s on %s (forged, or pushed there by mistake); more are ignored silently",
+                what,
+                self.reply_key,
+            )
 
     def _wake_reader(self) -> None:
         """Unblock the reader's BRPOP at once. The list gets the replies' TTL, so a wake-up

@@ -119,8 +119,11 @@ class Handler:
         except Exception:
             log.exception("handler %s.%s() raised; ignored", self.path, name)
 
-    def before_ack(self) -> None:
-        """Called before acks are sent: what must reach Redis ahead of them (task replies)."""
+    def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
+        """Called before the acks of `messages` are sent: what must reach Redis ahead of
+        them (task replies). Returns the messages whose writes failed, with why: those
+        deliveries fail instead of being acked."""
+        return []
 
     def own_timeout(self, message: bytes) -> float | None:
         """A message's own time limit, if the message names one (task messages do)."""

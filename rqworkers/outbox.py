@@ -66,13 +66,14 @@ class Outbox:
 
     def take(self, limit: int, landed: bool = False) -> Taken:
         """Send pending failures, then the acks with a take of up to `limit` new deliveries
-        (`landed`: a blocking fetch left one in the landing list)."""
+        (`landed`: a blocking fetch left one in the landing list). What must precede the
+        acks goes first: it may turn an ack into a failure."""
+        if self.acks:
+            self.before_acks()
         self.send_failures()
         acks = self.acks
         if not acks and limit <= 0:
             return Taken(0, [], None)  # nothing to send
-        if acks:
-            self.before_acks()
         trim = len(acks) if self._in_take_order() else 0
         elements = [acks[0].element, acks[-1].element] if trim else [d.element for d in acks]
         taken = self.queue.take(elements, limit, landed, trim)

@@ -4,15 +4,17 @@
 
     producer = Producer("redis://127.0.0.1:6379/0")
     producer.push("queue1", b"hello", "world")
-    task_id = producer.submit("tasks", "myapp.jobs:add", (1, 2), reply_to="my-replies")
+    replies = producer.reply_key("tasks")   # tasks:replies:<128 random bits>
+    task_id = producer.submit("tasks", "myapp.jobs:add", (1, 2), reply_to=replies)
+    print(producer.wait_reply(replies, timeout=30))
 
 A message is pushed with `LPUSH`, as workers take from the right: first in, first out.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
@@ -66,7 +68,9 @@ class Producer:
         """Send a task message naming `task` (`"module:function"`); its id.
 
         `timeout` (seconds) is the task's own, capped by the pair's; with `reply_to`, the
-        outcome is pushed onto that list and kept `result_ttl` seconds (default 3600).
+        outcome is pushed onto that list and kept `result_ttl` seconds (default 3600). A
+        worker refuses a `reply_to` outside `<queue>:replies:` (see `reply_key`) and the
+        pair's `reply_keys`.
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
         """
@@ -93,13 +97,19 @@ class Producer:
             task=task,
             args=list(args),
             kwargs=dict(kwargs or {}),
-            id=task_id or uuid.uuid4().hex,
+            id=task_id or secrets.token_hex(16),
             timeout=timeout,
             reply_to=reply_to,
             result_ttl=tasks.DEFAULT_RESULT_TTL if result_ttl is None else result_ttl,
             on_success=on_success,
             on_failure=on_failure,
         )
+
+    @staticmethod
+    def reply_key(queue: str) -> str:
+        """A fresh reply list for tasks sent to `queue`: `<queue>:replies:<128 random bits>`,
+        in the reply keys every worker of the queue accepts, and that no one can guess."""
+        return tasks.new_reply_key(queue)
 
     def wait_reply(self, reply_to: str, timeout: float | None = None) -> Any:
         """The result in the first reply on `reply_to`, taken off the list; `TaskError` if

@@ -4,9 +4,12 @@ To the worker a `TaskHandler` is a `Handler` like any other, so every guarantee 
 path (replay, delivery counts, timeouts, memory limits, recycling, leases) holds unchanged:
 
 - `handle` reads the message, refuses (`Refused`: dead-lettered at once) what can never
-  run, calls the function under the message's own `timeout` and, with `reply_to`, pushes
-  the success reply before returning. A reply that cannot be sent is an exception like
-  any other: the message is retried or replayed, so a reply is sent at least once.
+  run, a `reply_to` outside the queue's reply keys included, and calls the function under
+  the message's own `timeout`. With `reply_to`, its success reply waits to be pushed just
+  before the message's ack (`before_ack`, many in one round trip). A reply Redis refuses
+  (WRONGTYPE, NOPERM, OOM past a short retry) fails that delivery alone (`ReplyError`):
+  it is retried or dead-lettered like any failure, and the queue goes on. A reply whose
+  ack is lost is sent again with the replay: a reply is sent at least once.
 - An exception is retried like any message; only the last one is final. The worker calls
   `on_dead_letter` after every dead-letter, whatever the cause, and that is where the
   failure reply goes and the message's `on_failure` runs: so a caller hears once, at the
@@ -20,21 +23,21 @@ import inspect
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import AsyncScript, Script
 
 from rqworkers import tasks
 from rqworkers.alarm import ALARM
-from rqworkers.backoff import ExponentialBackoff
+from rqworkers.backoff import ExponentialBackoff, describe
 from rqworkers.config import PairSettings
-from rqworkers.connections import TRANSIENT_ERRORS, Client, connect
-from rqworkers.errors import HandlerError, Refused
+from rqworkers.connections import TRANSIENT_ERRORS, Client, connect, is_outage
+from rqworkers.errors import HandlerError, MessageTimeout, Refused, ReplyError
 from rqworkers.handlers import Handler, awaited
-from rqworkers.tasks import AllowList, Task, TaskError
+from rqworkers.tasks import AllowList, ReplyKeys, Task, TaskError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ redis.call('LPUSH', key, reply)
 redis.call('PEXPIRE', key, ttl_ms)
 """
 _REPLY_ATTEMPTS = 6  # a failure reply retried over about 3 s of Redis errors, then given up
+# A success reply refused for a cause that may pass (OOM, READONLY...) is tried this many
+# times over about 0.75 s; then its delivery fails, and the queue goes on.
+_SUCCESS_REPLY_ATTEMPTS = 5
+
+Reply = tuple[str, float, bytes]  # (key, seconds to keep it, the reply)
 
 
 def load(pair: PairSettings) -> Handler:
@@ -62,6 +70,7 @@ class TaskHandler(Handler):
         assert pair.tasks is not None
         self.path = f"tasks {list(pair.tasks)!r}"
         self.allowed = AllowList(pair.tasks)
+        self.reply_keys = ReplyKeys(pair.queue, pair.reply_keys)
         self.pair_timeout = pair.timeout
         self.queue = pair.queue
         self.url = pair.url
@@ -72,9 +81,10 @@ class TaskHandler(Handler):
         self._signatures: dict[Callable[..., Any], inspect.Signature] = {}
         self._last: tuple[bytes, Task] | None = None
         self._reply_script: AsyncScript | Script | None = None
-        # Success replies of handled messages, sent by `before_ack` ahead of their acks;
-        # a deque, since handler threads append while the worker's loop takes them.
-        self._replies: deque[tuple[str, float, bytes]] = deque()
+        # Success replies of handled messages, by message, sent by `before_ack` ahead of
+        # their acks; locked, since handler threads add while the worker's loop takes.
+        self._replies: dict[bytes, list[Reply]] = {}
+        self._replies_lock = threading.Lock()
 
     @property
     def client(self) -> Client:
@@ -101,11 +111,9 @@ class TaskHandler(Handler):
         fit the function's signature.
         """
         task = tasks.parse(message)
-        if task.reply_to is not None and self._own_key(task.reply_to):
-            raise Refused(
-                f"reply_to {task.reply_to!r} is one of the queue's own keys; "
-                f"use {self.queue}:replies:<id> or a key outside {self.queue}:*"
-            )
+        refusal = None if task.reply_to is None else self.reply_keys.refusal(task.reply_to)
+        if refusal:
+            raise Refused(refusal)
         function = self.allowed.resolve(task.task)
         for callback in (task.on_success, task.on_failure):
             if callback is not None:
@@ -114,17 +122,10 @@ class TaskHandler(Handler):
         self._last = (message, task)
         result = self._call(function, task)
         if task.reply_to is not None:
-            reply = tasks.success_reply(task.id, result)
-            self._replies.append((task.reply_to, task.result_ttl, reply))
+            reply = (task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
+            with self._replies_lock:
+                self._replies.setdefault(message, []).append(reply)
         return result
-
-    def _own_key(self, key: str) -> bool:
-        """Whether `key` is the queue or one of its own keys (private lists, dead list...):
-        a reply pushed there would corrupt them. Reply lists under `<queue>:replies:` are
-        the executors'."""
-        if key == self.queue:
-            return True
-        return key.startswith(f"{self.queue}:") and not key.startswith(f"{self.queue}:replies:")
 
     def _check_arguments(self, function: Callable[..., Any], task: Task) -> None:
         signature = self._signatures.get(function)
@@ -145,7 +146,13 @@ class TaskHandler(Handler):
             # A pool thread (`concurrency` > 1): no signal can reach it; the worker's loop
             # keeps the deadline instead (see `own_timeout`).
             return self._invoke(function, task)
-        return ALARM.call(task.timeout, self._invoke, function, task)
+        try:
+            return ALARM.call(task.timeout, self._invoke, function, task)
+        except MessageTimeout:
+            outer = ALARM.deadline  # the pair's, restored; passed too if it was the one
+            if outer and time.monotonic() >= outer:
+                raise
+            raise MessageTimeout(task.timeout) from None  # the task's own ran out
 
     def _invoke(self, function: Callable[..., Any], task: Task) -> Any:
         """Call the task; an `async def` one runs on the handler's event loop, and is
@@ -183,7 +190,7 @@ class TaskHandler(Handler):
         address = tasks.reply_address(message)  # read even from a message that was refused
         timeout = min(task.timeout or self.pair_timeout, self.pair_timeout) if task else None
         failure = TaskError.from_dead_letter(address.id if address else "", reason, error, timeout)
-        if address is not None and not self._own_key(address.key):
+        if address is not None and self.reply_keys.permits(address.key):
             self._send_patiently(address.key, address.ttl, tasks.failure_reply(failure))
         if task is not None and task.on_failure and self.allowed.permits(task.on_failure):
             try:
@@ -213,31 +220,77 @@ class TaskHandler(Handler):
         """
         if self._reply_script is None:
             self._reply_script = self.client.register_script(_REPLY)
-        self._reply_script(keys=[key], args=[reply, max(1, int(ttl * 1000))])
+        self._reply_script(keys=[key], args=[reply, _milliseconds(ttl)])
 
-    def before_ack(self) -> None:
-        """Send the success replies of the messages about to be acked, in one round trip.
+    def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
+        """Send the success replies of `messages`, about to be acked, in one round trip.
+        Returns the messages whose reply Redis refused, each with a `ReplyError` naming the
+        key and why: those deliveries fail instead of being acked; the others go on.
 
         A reply reaches Redis before its message's ack, never after: a crash between the two
-        repeats the task (at-least-once), and its caller keeps the first reply.
+        repeats the task (at-least-once), and its caller keeps the first reply. A Redis that
+        does not answer raises, as for any command: the replies go again with the acks.
         """
-        replies = []
-        while self._replies:
-            replies.append(self._replies.popleft())
-        if not replies:
-            return
+        due = self._take_replies(messages)
+        if not due:
+            return []
+        backoff = ExponentialBackoff(base=0.05, cap=0.4)
         try:
-            if isinstance(self.client, RedisCluster):  # replies may sit in several slots
-                for key, ttl, reply in replies:
-                    self._send(key, ttl, reply)
-                return
-            pipe = self.client.pipeline(transaction=False)
-            for key, ttl, reply in replies:
-                pipe.eval(_REPLY, 1, key, reply, max(1, int(ttl * 1000)))
-            pipe.execute()
+            refused = self._push(due)
+            for attempt in range(1, _SUCCESS_REPLY_ATTEMPTS):
+                passing = [(item, exc) for item, exc in refused if _may_pass(exc)]
+                if not passing:
+                    break
+                time.sleep(backoff.compute(attempt))  # OOM, say: Redis may free memory
+                lasting = [(item, exc) for item, exc in refused if not _may_pass(exc)]
+                refused = lasting + self._push([item for item, _ in passing])
         except BaseException:
-            self._replies.extendleft(reversed(replies))  # sent again with the next acks
+            self._put_back(due)  # sent again with the next acks (a second copy is harmless)
             raise
+        return [
+            (message, ReplyError(f"reply to {key!r} not written: {describe(exc)}"))
+            for (message, (key, _, _)), exc in refused
+        ]
+
+    def _take_replies(self, messages: list[bytes]) -> list[tuple[bytes, Reply]]:
+        """The waiting replies of `messages`, one per message (twins have one each)."""
+        due = []
+        with self._replies_lock:
+            for message in messages:
+                waiting = self._replies.get(message)
+                if waiting:
+                    due.append((message, waiting.pop(0)))
+                    if not waiting:
+                        del self._replies[message]
+        return due
+
+    def _put_back(self, due: list[tuple[bytes, Reply]]) -> None:
+        with self._replies_lock:
+            for message, reply in reversed(due):
+                self._replies.setdefault(message, []).insert(0, reply)
+
+    def _push(
+        self, items: list[tuple[bytes, Reply]]
+    ) -> list[tuple[tuple[bytes, Reply], redis.ResponseError]]:
+        """Push every reply of `items`; those Redis refused, with its error reply."""
+        results: list[Any] = []
+        if isinstance(self.client, RedisCluster):  # replies may sit in several slots
+            for _, (key, ttl, reply) in items:
+                try:
+                    self._send(key, ttl, reply)
+                    results.append(None)
+                except redis.ResponseError as exc:
+                    results.append(exc)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for _, (key, ttl, reply) in items:
+                pipe.eval(_REPLY, 1, key, reply, _milliseconds(ttl))
+            results = pipe.execute(raise_on_error=False)
+        return [
+            (item, result)
+            for item, result in zip(items, results, strict=True)
+            if isinstance(result, redis.ResponseError)
+        ]
 
     def _send_patiently(self, key: str, ttl: float, reply: bytes) -> None:
         """`_send`, retried through a short Redis outage: the dead letter is already made,
@@ -248,7 +301,18 @@ class TaskHandler(Handler):
                 self._send(key, ttl, reply)
                 return
             except TRANSIENT_ERRORS as exc:
-                if attempt == _REPLY_ATTEMPTS:
-                    log.error("failure reply to %s lost: %s", key, exc)
+                if attempt == _REPLY_ATTEMPTS or not _may_pass(exc):
+                    log.error("failure reply to %r not written: %s", key, describe(exc))
                     return
                 time.sleep(backoff.compute(attempt))
+
+
+def _may_pass(exc: Exception) -> bool:
+    """Whether a reply Redis refused may go through if sent again soon: Redis is out of
+    memory, read-only, loading... A refusal of the key itself (WRONGTYPE, NOPERM) stays."""
+    return is_outage(exc) and not isinstance(exc, redis.exceptions.NoPermissionError)
+
+
+def _milliseconds(seconds: float) -> int:
+    """A reply list's TTL for PEXPIRE: at least 1 ms (0 would delete it at once)."""
+    return max(1, int(seconds * 1000))

@@ -15,6 +15,12 @@ and anyone who can push to the queue writes task messages. The worker therefore 
 only modules the allow-list names, checked on the string before any import, so that
 `os:system` or `builtins:eval` can never be reached, even by attribute tricks.
 
+`reply_to` is a boundary too: the worker pushes the reply with its own Redis rights, so a
+message could otherwise make it write into any key (another queue, a dead list, another
+caller's replies). A worker writes replies only into its queue's reply namespace,
+`<queue>:replies:*`, and into the `reply_keys` globs its operator added (`ReplyKeys`);
+`check` proves that those reach no configured queue's keys.
+
 This module is pure (no Redis): the worker side is `taskhandler`, the client side
 `producer` and `executor`.
 """
@@ -26,6 +32,7 @@ import importlib
 import inspect
 import json
 import re
+import secrets
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from rqworkers.errors import MessageTimeout, Refused, RqworkersError
+from rqworkers.globs import Glob
 
 VERSION = 1  # the "v" field; a message without one is version 1
 DEFAULT_RESULT_TTL = 3600.0  # seconds a reply is kept when the message does not say
@@ -101,6 +109,7 @@ class TaskError(RqworkersError):
         if isinstance(error, Refused):
             return cls(REFUSED, "Refused", str(error), task_id=task_id)
         if isinstance(error, MessageTimeout):
+            timeout = error.seconds or timeout
             text = f"timeout after {timeout:g}s" if timeout else reason
             return cls(TIMEOUT, "MessageTimeout", text, _traceback(error), task_id)
         if isinstance(error, Exception):
@@ -205,8 +214,10 @@ def validate(fields: object, default_id: str) -> Task:
     if not isinstance(task_id, str) or not task_id:
         raise Refused("task message 'id' must be a non-empty string")
     reply_to = fields.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or not reply_to):
+    if reply_to is not None and (not isinstance(reply_to, str) or not _utf8(reply_to)):
         raise Refused("task message 'reply_to' must be a non-empty string (a list key)")
+    if fields.get("task") is None:
+        raise Refused("task message 'task' must be 'module:function', not null")
     return Task(
         task=_path(fields, "task"),
         args=args,
@@ -218,6 +229,14 @@ def validate(fields: object, default_id: str) -> Task:
         on_success=_path(fields, "on_success"),
         on_failure=_path(fields, "on_failure"),
     )
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` is non-empty and can be sent as UTF-8 (JSON allows lone surrogates)."""
+    try:
+        return bool(text.encode())
+    except UnicodeEncodeError:
+        return False
 
 
 def _path(fields: Mapping[str, Any], name: str) -> Any:
@@ -362,6 +381,52 @@ def verify(patterns: Sequence[str]) -> str | None:
     return "; ".join(problems) or None
 
 
+# --- where replies go --------------------------------------------------------------------
+
+
+def reply_prefix(queue: str) -> str:
+    """How every key of `queue`'s own reply namespace starts."""
+    return f"{queue}:replies:"
+
+
+def new_reply_key(queue: str) -> str:
+    """A reply list of `queue` no one can guess (128 random bits): only who reads the
+    message that names it can send a task's result there."""
+    return reply_prefix(queue) + secrets.token_hex(16)
+
+
+def reaches_queue(pattern: str, queue: str) -> bool:
+    """Whether the glob `pattern` could match `queue` or any key under `<queue>:`."""
+    glob = Glob.parse(pattern)
+    return glob.overlaps(Glob.literal(queue)) or glob.overlaps(Glob.literal(f"{queue}:", True))
+
+
+def reaches_own_keys(pattern: str, queue: str) -> bool:
+    """Whether the glob `pattern` could match a key of `queue` that is not a reply list."""
+    return reaches_queue(pattern, queue) and not Glob.parse(pattern).within(reply_prefix(queue))
+
+
+class ReplyKeys:
+    """The keys a worker of `queue` may push replies onto: its reply namespace, and the
+    operator's `reply_keys` globs (which `config` checks against every queue's keys)."""
+
+    def __init__(self, queue: str, patterns: Iterable[str] = ()) -> None:
+        self.prefix = reply_prefix(queue)
+        self.globs = tuple(Glob.parse(pattern) for pattern in patterns)
+
+    def permits(self, key: str) -> bool:
+        if not _utf8(key):
+            return False
+        return key.startswith(self.prefix) or any(glob.matches(key) for glob in self.globs)
+
+    def refusal(self, key: str) -> str | None:
+        """Why a message may not name `key` as its `reply_to`, or None."""
+        if self.permits(key):
+            return None
+        allowed = ", ".join([f"{self.prefix}*", *(glob.text for glob in self.globs)])
+        return f"reply_to {_preview(key)} is not one of this queue's reply keys ({allowed})"
+
+
 # --- replies -----------------------------------------------------------------------------
 
 
@@ -391,7 +456,10 @@ def read_reply(data: bytes) -> tuple[str, Any, TaskError | None]:
 
     `ValueError` if `data` is not a reply (an executor drops those with a log line).
     """
-    fields = json.loads(data)
+    try:
+        fields = json.loads(data)
+    except (ValueError, RecursionError):  # anyone who may push to the list may push junk
+        raise ValueError("not a task reply") from None
     if not isinstance(fields, dict) or not isinstance(fields.get("id"), str):
         raise ValueError("not a task reply")
     if fields.get("ok"):

@@ -92,7 +92,7 @@ class Worker:
         self.charge_at_replay: list[bytes] | None = spec.previous_running
         # Taken, not yet started, oldest first: (delivery, why it would be dead).
         self.batch: deque[tuple[Delivery, str]] = deque()
-        self.outbox = Outbox(queue, self.failure_settled, handler.before_ack)
+        self.outbox = Outbox(queue, self.failure_settled, self.before_acks)
         self.in_handler = False  # user code runs: this worker's Redis client is idle
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         # Its outages are published, so that `/healthz` and `status` can tell them.
@@ -308,6 +308,16 @@ class Worker:
             self.outbox.fail(failure)
         return isinstance(error, MessageTimeout) or callback_timed_out
 
+    def before_acks(self) -> None:
+        """Send what the handler must write ahead of the pending acks (task replies); a
+        delivery whose own write failed is failed instead, like any failure of its own."""
+        acks = self.outbox.acks
+        for message, error in self.handler.before_ack([delivery.payload for delivery in acks]):
+            delivery = next((d for d in acks if d.payload == message), None)
+            if delivery is not None:
+                acks.remove(delivery)
+                self.outbox.failures.append(self.failure(delivery, error, delivery.attempts + 1))
+
     def settle_before(self, delivery: Delivery) -> None:
         """A delivery that ended without a result before may take this worker down again:
         settle what is finished first, or every crash would run those again too."""
@@ -331,13 +341,14 @@ class Worker:
         record: dict[str, Any] = {"attempts": number}
         final = number >= self.pair.max_attempts
         if isinstance(error, MessageTimeout):
-            record["reason"] = f"timeout after {self.pair.timeout:g}s"
+            record["reason"] = f"timeout after {error.seconds or self.pair.timeout:g}s"
         elif isinstance(error, Refused):  # a verdict on the message: its reason says it all
             record["reason"] = _text_of(error)[:_REASON_LIMIT]
             final = True
         else:
             record["reason"] = f"{type(error).__name__}: {_text_of(error)}"[:_REASON_LIMIT]
-            record["traceback"] = _traceback_text(error)
+            if error.__traceback__ is not None:  # none for a failure found after the handler
+                record["traceback"] = _traceback_text(error)
         delay = None if final else self.retry_backoff.compute(number)
         return Failure(delivery, record, delay, error)
 
@@ -348,7 +359,9 @@ class Worker:
             log.warning("a failed message was moved by someone else; left to its new owner")
             return
         sampled = _sampled(self.spec.sample_failed)
-        show = error if sampled and not isinstance(error, MessageTimeout | Refused) else None
+        show = None
+        if sampled and error is not None and error.__traceback__ is not None:
+            show = None if isinstance(error, MessageTimeout | Refused) else error
         if failure.delay is not None:
             self.board.count("retried")
             if sampled:

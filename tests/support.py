@@ -177,6 +177,31 @@ class _suppress_lookup:  # noqa: N801 - used like contextlib.suppress
         return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
 
 
+def task_pair(**settings: Any) -> dict[str, Any]:
+    """A `[[workers]]` entry of the task pair `tasks` over the test apps, quick to retry."""
+    pair: dict[str, Any] = {
+        "queue": "tasks",
+        "tasks": ["taskapp:*"],
+        "max_attempts": 2,
+        "retry_delay": 0.0,
+        "timeout": 10.0,
+    }
+    pair.update(settings)
+    return pair
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m rqworkers ARGS`, finding the test apps; its exit status and output."""
+    if env is None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)])}
+    return subprocess.run(
+        [sys.executable, "-m", "rqworkers", *args],
+        input=stdin, capture_output=True, text=True, env=env, timeout=60, cwd=REPO,
+    )  # fmt: skip
+
+
 def write_config(path: Path, url: str, workers: list[dict[str, Any]], **sections: Any) -> Path:
     """A config file with one `[[workers]]` table per dict; `sections` become `[name]` tables."""
     lines = [f'[hosts]\nlocal = "{url}"\n']

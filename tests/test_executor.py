@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,17 @@ import pytest
 import rqworkers
 from rqworkers import Executor, Producer, TaskError
 from tests.servers import Cluster, Processes, SentinelSetup
-from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
+from tests.support import (
+    APPS,
+    REPO,
+    RedisServer,
+    Service,
+    dead_info,
+    run_cli,
+    task_pair,
+    wait_for,
+    write_config,
+)
 
 StartService = Callable[..., Service]
 
@@ -39,18 +48,6 @@ def _taskapp() -> Any:
 
 
 taskapp = _taskapp()
-
-
-def task_pair(**settings: Any) -> dict[str, Any]:
-    pair: dict[str, Any] = {
-        "queue": "tasks",
-        "tasks": ["taskapp:*"],
-        "max_attempts": 2,
-        "retry_delay": 0.0,
-        "timeout": 10.0,
-    }
-    pair.update(settings)
-    return pair
 
 
 @pytest.fixture
@@ -108,14 +105,15 @@ def test_seed_000_tasks_with_their_own_timeout_and_callbacks(
     service([task_pair(max_attempts=1)])
     client = redis_server.client()
     producer = Producer(redis_server.url)
+    r = producer.reply_key("tasks")
     callbacks = {"on_success": "taskapp:callback", "on_failure": "taskapp:error_callback"}
     ok, zero, slow = (
-        producer.submit("tasks", "taskapp:runnable", (i, b), timeout=1, reply_to="r", **callbacks)
+        producer.submit("tasks", "taskapp:runnable", (i, b), timeout=1, reply_to=r, **callbacks)
         for i, b in ((7, 2), (1, 0), (1, -1))
     )
     replies = {}
     for _ in range(3):
-        popped = client.brpop(["r"], timeout=20)
+        popped = client.brpop([r], timeout=20)
         assert popped is not None, "every task replies"
         task_id, result, error = rqworkers.tasks.read_reply(popped[1])
         replies[task_id] = error.reason if error else result
@@ -148,16 +146,26 @@ def test_a_failed_task_is_retried_then_raises_task_error_with_its_traceback(
         future.result()
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
 def test_a_task_past_its_own_timeout_fails_with_reason_timeout(
-    service: StartService, redis_server: RedisServer, executor: Callable[..., Executor]
+    service: StartService,
+    redis_server: RedisServer,
+    executor: Callable[..., Executor],
+    concurrency: int,
 ) -> None:
-    svc = service([task_pair(max_attempts=1, timeout=30)])
+    """The caller, the log and the dead letter all name the task's own timeout."""
+    svc = service([task_pair(max_attempts=1, timeout=30, concurrency=concurrency)])
     started = time.monotonic()
     future = executor(timeout=0.5).submit(taskapp.sleep, 20, "late")
     error = future.exception(timeout=15)
     assert isinstance(error, TaskError) and error.reason == "timeout"
     assert error.message == "timeout after 0.5s"
     assert time.monotonic() - started < 10, "the task's own timeout, not the pair's 30 s"
+    (payload,) = redis_server.client().lrange("tasks:dead", 0, -1)
+    assert dead_info(redis_server, "tasks", payload)["reason"] == "timeout after 0.5s"
+    (line,) = [line for line in svc.output().splitlines() if "dead-lettered" in line]
+    assert "timeout after 0.5s" in line and "after 30s" not in svc.output()
+    assert concurrency == 1 or "a handler thread ran past 0.5s" in svc.output()
     assert "exited: timeout" in wait_for(
         lambda: svc.output() if "exited: timeout" in svc.output() else None,
         timeout=10, what="the worker to recycle",
@@ -266,8 +274,24 @@ def test_two_executors_on_one_queue_each_get_only_their_own_results(
         (b'{"task": "os:system", "args": ["touch /tmp/x"]}', "not in this queue's allow-list"),
         (b'{"task": "recorded_import:run"}', "not in this queue's allow-list"),
         (b'{"task": "taskapp:nope"}', "does not exist"),
+        (b'{"task": null}', "'task' must be 'module:function', not null"),
+        (b'{"task": ["taskapp:add"]}', "'task' must be 'module:function'"),
+        (b'{"task": "taskapp:add", "args": [1, 2], "timeout": NaN}', "'timeout' must be a"),
+        (b'{"task": "taskapp:add", "args": [1, 2], "result_ttl": -1}', "'result_ttl' must be a"),
     ],
-    ids=["not-json", "not-object", "no-task", "bad-args", "os-system", "not-allowed", "missing"],
+    ids=[
+        "not-json",
+        "not-object",
+        "no-task",
+        "bad-args",
+        "os-system",
+        "not-allowed",
+        "missing",
+        "null-task",
+        "list-task",
+        "nan-timeout",
+        "negative-ttl",
+    ],
 )
 def test_bad_input_is_dead_lettered_at_once_with_its_reason(
     service: StartService,
@@ -281,10 +305,12 @@ def test_bad_input_is_dead_lettered_at_once_with_its_reason(
     monkeypatch.setenv("RECORDED_IMPORT_FILE", str(marker))
     svc = service([task_pair(max_attempts=5, retry_delay=0.1)])
     client = redis_server.client()
-    after = b'{"task": "taskapp:add", "args": [1, 2], "reply_to": "after"}'
+    after = b'{"task": "taskapp:add", "args": [1, 2], "reply_to": "tasks:replies:after"}'
     Producer(redis_server.url).push("tasks", payload, after)
     wait_for(lambda: client.llen("tasks:dead") == 1, timeout=15, what="the dead letter")
-    popped = client.brpop(["after"], timeout=15)  # the worker went on with the next message
+    popped = client.brpop(
+        ["tasks:replies:after"], timeout=15
+    )  # the worker went on with the next message
     assert popped is not None and json.loads(popped[1])["result"] == 3
     assert client.lrange("tasks:dead", 0, -1) == [payload]
     (details,) = [json.loads(v) for v in client.hvals("tasks:dead:reasons")]
@@ -355,15 +381,6 @@ def test_an_executor_waits_out_a_redis_restart(
     assert ex.submit(taskapp.add, 2, 2).result(timeout=30) == 4
 
 
-def run_cli(
-    *args: str, stdin: str | None = None, env: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rqworkers", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=60, cwd=REPO,
-    )  # fmt: skip
-
-
 def test_the_push_and_submit_commands(service: StartService, redis_server: RedisServer) -> None:
     svc = service([task_pair(max_attempts=1), {"queue": "raw", "handler": "testapp:handle"}])
     config = str(svc.config_path)
@@ -375,9 +392,9 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
     wait_for(lambda: client.llen("done") == 3, timeout=15, what="the pushed lines")
     assert sorted(client.lrange("done", 0, -1)) == [b"one", b"three", b"two"]
 
-    message = '{"task": "taskapp:add", "args": [20, 22], "reply_to": "cli-replies"}'
+    message = '{"task": "taskapp:add", "args": [20, 22], "reply_to": "tasks:replies:cli"}'
     assert run_cli("push", "-c", config, "--queue", "tasks", message, env=env).returncode == 0
-    popped = client.brpop(["cli-replies"], timeout=20)
+    popped = client.brpop(["tasks:replies:cli"], timeout=20)
     assert popped is not None and json.loads(popped[1])["result"] == 42
 
     done = run_cli("submit", "-c", config, "--queue", "tasks", "taskapp:job", "--args", "[1, 2]",
@@ -392,7 +409,7 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
 
     done = run_cli("submit", "-c", config, "--queue", "tasks", "taskapp:add", "--args", "[1, 1]",
                    env=env)  # fmt: skip
-    assert done.returncode == 0 and len(done.stdout.strip()) == 32  # the task id
+    assert done.returncode == 0 and len(done.stdout.strip()) == 32  # the task id: 128 bits
 
     done = run_cli("submit", "-c", config, "--queue", "raw", "taskapp:add", env=env)
     assert done.returncode == 1 and "not a task queue" in done.stderr

@@ -68,6 +68,18 @@ def recorded_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         (b'{"task": "taskapp:add", "timeout": Infinity}', "'timeout' must be a positive number"),
         (b'{"task": "taskapp:add", "result_ttl": 0}', "'result_ttl' must be a positive number"),
         (b'{"task": "taskapp:add", "reply_to": ""}', "'reply_to' must be a non-empty string"),
+        (b'{"task": null}', "'task' must be 'module:function', not null"),
+        (b'{"task": {"a": 1}}', "'task' must be 'module:function'"),
+        (b'{"task": false}', "'task' must be 'module:function'"),
+        (b'{"task": "taskapp:add", "id": null}', "'id' must be a non-empty string"),
+        (b'{"task": "taskapp:add", "timeout": 0}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": NaN}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": 1e400}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": "5"}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": -1}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": NaN}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": 1e300}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "reply_to": 5}', "'reply_to' must be a non-empty string"),
         (b'{"task": "taskapp:add", "on_success": "x"}', "'on_success' must be 'module:function'"),
         (b'{"task": "taskapp:add", "agrs": []}', "unknown field(s): 'agrs'"),
         (b'{"v": 2, "task": "taskapp:add"}', "version 2 is not supported"),
@@ -335,13 +347,15 @@ def handler(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Itera
 def test_the_handler_runs_the_task_and_replies_before_the_ack(
     handler: TaskHandler, redis_server: RedisServer
 ) -> None:
-    message = tasks.encode(Producer.task("taskapp:job", (7, 6), {"scale": 2}, reply_to="r"))
+    r = "tasks:replies:r"
+    message = tasks.encode(Producer.task("taskapp:job", (7, 6), {"scale": 2}, reply_to=r))
     assert handler.handle(message)["result"] == 12
     client = redis_server.client()
-    assert client.exists("r") == 0, "replies travel together, just before the acks"
-    handler.before_ack()
-    assert 0 < client.pttl("r") <= tasks.DEFAULT_RESULT_TTL * 1000
-    task_id, result, error = tasks.read_reply(client.rpop("r"))
+    assert client.exists(r) == 0, "replies travel together, just before the acks"
+    assert handler.before_ack([b"another message"]) == [] and client.exists(r) == 0
+    assert handler.before_ack([message]) == []
+    assert 0 < client.pttl(r) <= tasks.DEFAULT_RESULT_TTL * 1000
+    task_id, result, error = tasks.read_reply(client.rpop(r))
     assert (task_id, result["result"], error) == (tasks.parse(message).id, 12, None)
 
 
@@ -385,39 +399,128 @@ def test_a_task_that_cannot_run_is_refused_before_it_is_called(
     assert redis_server.client().llen("sleep:started") == 0
 
 
-def test_a_reply_to_one_of_the_queues_own_keys_is_refused(
-    handler: TaskHandler, redis_server: RedisServer
+OUTSIDE_THE_REPLY_KEYS = [
+    "tasks",  # the queue itself
+    "tasks:dead",
+    "tasks:dead:reasons",
+    "tasks:processing:node:1",
+    "tasks:retry",
+    "tasks:deliveries",  # any key of the queue's, even one added later
+    "tasks:replies",  # not under `tasks:replies:`
+    "victim",  # another queue
+    "victim:processing:node:1",
+    "bad:dead",
+    "raw",
+    "strkey",
+    "TASKS:replies:x",
+    " tasks:replies:x",
+    "other:replies:x",  # another queue's callers
+    "tasks:*",  # globs are literal keys, and these are not in the namespace
+    "*",
+    "tasks[:]replies:x",
+    "x" * 100_000,
+]
+
+
+@pytest.mark.parametrize("key", OUTSIDE_THE_REPLY_KEYS, ids=lambda key: key[:30])
+def test_a_reply_to_outside_the_queues_reply_keys_is_refused_before_anything_runs(
+    handler: TaskHandler, redis_server: RedisServer, key: str
 ) -> None:
-    for key in ("tasks", "tasks:dead", "tasks:processing:node:1", "tasks:deliveries"):
-        message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
-        with pytest.raises(Refused, match="is one of the queue's own keys"):
-            handler.handle(message)
-        handler.on_dead_letter(message, "refused", Refused("own key"))
-    assert redis_server.client().keys("tasks*") == []
-    ok = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to="tasks:replies:abc"))
-    assert handler.handle(ok) == 3
+    client = redis_server.client()
+    client.set("strkey", "x")
+    client.lpush("victim", b"waiting")
+    message = tasks.encode(
+        Producer.task("taskapp:sleep", (0, "ran"), reply_to=key, result_ttl=0.001)
+    )
+    with pytest.raises(Refused, match="is not one of this queue's reply keys") as info:
+        handler.handle(message)
+    assert len(str(info.value)) < 300, "one short reason line, even for a huge key"
+    handler.on_dead_letter(message, str(info.value), info.value)
+    assert client.llen("sleep:started") == 0, "refused before the task ran"
+    assert sorted(client.keys()) == [b"strkey", b"victim"], "nothing written anywhere"
+    assert client.pttl("victim") == -1 and client.lrange("victim", 0, -1) == [b"waiting"]
+
+
+@pytest.mark.parametrize(
+    "key", ["tasks:replies:abc", "tasks:replies:*", "tasks:replies:[x]", "tasks:replies:a:b"]
+)
+def test_a_reply_to_in_the_queues_reply_namespace_is_written(
+    handler: TaskHandler, redis_server: RedisServer, key: str
+) -> None:
+    message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
+    assert handler.handle(message) == 3
+    assert handler.before_ack([message]) == []
+    assert redis_server.client().keys() == [key.encode()]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"reply_to": 7},
+        {"reply_to": ["tasks:replies:x"]},
+        {"reply_to": {"key": "tasks:replies:x"}},
+        {"reply_to": True},
+        {"reply_to": "tasks:replies:\ud800"},  # a lone surrogate: no key can be written
+    ],
+    ids=["number", "list", "object", "bool", "surrogate"],
+)
+def test_a_reply_to_that_is_not_a_key_is_refused(
+    handler: TaskHandler, redis_server: RedisServer, fields: dict[str, object]
+) -> None:
+    message = json.dumps({"task": "taskapp:add", "args": [1, 2], **fields}).encode()
+    with pytest.raises(Refused, match="'reply_to' must be a non-empty string") as info:
+        handler.handle(message)
+    handler.on_dead_letter(message, str(info.value), info.value)
+    assert redis_server.client().keys() == []
+
+
+def test_reply_keys_widen_the_namespace_only_as_the_operator_says(
+    redis_server: RedisServer,
+) -> None:
+    pair = PairSettings(
+        host="local",
+        queue="tasks",
+        tasks=("taskapp:*",),
+        reply_keys=("results:*", "done:[0-9]?"),
+        url=redis_server.url,
+    )
+    made = TaskHandler(pair)
+    try:
+        for key in ("results:x", "done:1a", "tasks:replies:y"):
+            message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
+            assert made.handle(message) == 3
+            assert made.before_ack([message]) == []
+        for key in ("done:a1", "done:12x", "result", "tasks:dead"):
+            message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
+            with pytest.raises(Refused, match=r"\(tasks:replies:\*, results:\*, done:\[0-9\]\?\)"):
+                made.handle(message)
+        keys = {k.decode() for k in redis_server.client().scan_iter()}
+        assert keys == {"results:x", "done:1a", "tasks:replies:y"}
+    finally:
+        made.teardown()
 
 
 def test_a_dead_letter_replies_and_runs_on_failure_once(
     handler: TaskHandler, redis_server: RedisServer
 ) -> None:
     client = redis_server.client()
+    r = "tasks:replies:r"
     message = tasks.encode(
-        Producer.task("taskapp:fail", ("no",), reply_to="r", on_failure="taskapp:error_callback")
+        Producer.task("taskapp:fail", ("no",), reply_to=r, on_failure="taskapp:error_callback")
     )
     with pytest.raises(ValueError) as info:
         handler.handle(message)
     handler.on_failure(message, info.value)  # a failure to be retried: nothing yet
-    assert client.llen("r") == 0 and client.llen("callbacks:failure") == 0
+    assert client.llen(r) == 0 and client.llen("callbacks:failure") == 0
     handler.on_dead_letter(message, "ValueError: no", info.value)
-    _, _, error = tasks.read_reply(client.rpop("r"))
+    _, _, error = tasks.read_reply(client.rpop(r))
     assert error is not None and (error.reason, error.type, error.message) == (
         "raised", "ValueError", "no",
     )  # fmt: skip
     assert client.lrange("callbacks:failure", 0, -1) == [b"raised|raised: ValueError: no"]
     # Refused for an unknown field, but its reply_to is still read: the caller hears.
-    odd = b'{"task": "taskapp:add", "reply_to": "r", "id": "x1", "bogus": 1}'
+    odd = b'{"task": "taskapp:add", "reply_to": "tasks:replies:r", "id": "x1", "bogus": 1}'
     handler.on_dead_letter(odd, "unknown field", Refused("unknown field"))
-    assert tasks.read_reply(client.rpop("r"))[2].reason == "refused"  # type: ignore[union-attr]
+    assert tasks.read_reply(client.rpop(r))[2].reason == "refused"  # type: ignore[union-attr]
     handler.on_dead_letter(b"\xff not json", "not valid JSON", Refused("x"))  # nobody to tell
-    assert client.llen("r") == 0
+    assert client.llen(r) == 0
