@@ -240,14 +240,13 @@ def read_token_file(path: str) -> str:
     try:
         entry = os.lstat(path)
         folder = os.stat(os.path.dirname(os.path.abspath(path)))
-        # O_NONBLOCK: opening a FIFO must not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = files.open_regular(path, os.O_RDONLY | os.O_NOCTTY)
+    except files.NotRegularFileError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ValueError(f"{where}: cannot read: {exc}") from None
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{where}: not a regular file")
         for what, owner in (("a symlink", entry.st_uid), ("the file", info.st_uid)):
             if owner not in (0, os.geteuid()):
                 raise ValueError(f"{where}: {what} owned by uid {owner}, not this user or root")
@@ -449,7 +448,8 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     source = str(path)
     env = os.environ if environ is None else environ
     try:
-        raw = tomllib.loads(files.read_regular(source, MAX_CONFIG_BYTES).decode("utf-8"))
+        data = files.read_regular(source, MAX_CONFIG_BYTES, "a config file")
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(source, ["file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:

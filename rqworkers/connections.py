@@ -42,6 +42,8 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
+from rqworkers import files
+
 Client = redis.Redis | RedisCluster
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
@@ -96,6 +98,7 @@ def _error_code(message: str) -> str:
 # Query arguments naming files that must exist; `password_file` is read here.
 _FILE_ARGUMENTS = ("password_file", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
 _DEFAULT_PORT = 6379
+_MAX_SECRET_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,10 @@ def url_problem(url: str) -> str | None:
         if path and not os.access(path, os.R_OK):
             why = "does not exist" if not os.path.exists(path) else "is not readable"
             return f"{key} {path} {why}"
+        # A FIFO would hang the connect that reads it, a device fill the memory.
+        found = path and key != "ssl_ca_path" and files.problem(path)
+        if found:
+            return f"{key} {path} {found}"
     return None
 
 
@@ -251,9 +258,11 @@ def _check_arguments(target: Target) -> None:
 
 
 def read_password(path: str) -> str:
-    """The content of a secret file, without its trailing newline."""
-    with open(path, encoding="utf-8") as file:
-        return file.read().rstrip("\r\n")
+    """The content of a secret file, without its trailing newline. The file is read at
+    every connect, so it is checked then too: a FIFO or a device swapped in since `check`
+    raises `files.NotRegularFileError` rather than hanging or filling the memory."""
+    secret = files.read_regular(path, _MAX_SECRET_BYTES, "a password file")
+    return secret.decode("utf-8", errors="strict").rstrip("\r\n")
 
 
 def connect(url: str, block_timeout: float = 1.0, *, timeout: float | None = None) -> Client:

@@ -75,16 +75,17 @@ def open_regular(path: str, flags: int, *, follow: bool = True, ours: bool = Fal
     return fd
 
 
-def read_regular(path: str, limit: int) -> bytes:
+def read_regular(path: str, limit: int, what: str) -> bytes:
     """The bytes of the regular file `path` (symbolic links followed), at most `limit` of
-    them: `NotRegularFileError` for anything else, or for a file larger than that."""
+    them: `NotRegularFileError` for anything else, or for a file larger than that, which
+    is then no `what` ("a config file")."""
     fd = open_regular(path, os.O_RDONLY)
     try:
         data = os.read(fd, limit + 1)
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise NotRegularFileError(path, f"is larger than {limit // 1024} KiB: not a config file")
+        raise NotRegularFileError(path, f"is larger than {limit // 1024} KiB: not {what}")
     return data
 
 

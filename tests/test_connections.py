@@ -119,6 +119,17 @@ def test_a_password_file_that_exists_is_fine(tmp_path: Path) -> None:
     assert connections.read_password(str(secret)) == "pw"
 
 
+def test_a_password_file_that_is_no_file_is_refused_not_read(tmp_path: Path) -> None:
+    """A FIFO would hang the connect that reads it; a device would fill the memory."""
+    fifo = tmp_path / "secret"
+    os.mkfifo(fifo)
+    for path, kind in ((str(fifo), "a FIFO"), ("/dev/zero", "a character device")):
+        found = url_problem(f"redis://u@h:6379/0?password_file={path}")
+        assert found is not None and f"password_file {path} is {kind}" in found, found
+        with pytest.raises(OSError, match=f"is {kind}, not a regular file"):
+            connections.read_password(path)
+
+
 @pytest.mark.parametrize(
     ("queue", "tag"),
     [("{jobs}", "jobs"), ("app:{jobs}:high", "jobs"), ("jobs", None), ("{}jobs", None),
