@@ -1,8 +1,8 @@
 """The numbers a slot's worker, its manager and the keeper share through shared memory.
 
 The manager needs to know how long the current message has run (to kill a handler stuck in
-C code) and which delivery was in the handler when a worker died (it is charged one attempt),
-without asking the worker: a dead or stuck worker cannot answer. The keeper needs the same
+C code) and which deliveries had reached the handler when a worker died (each is charged one
+attempt), without asking the worker: a dead or stuck worker cannot answer. The keeper needs the same
 numbers to publish status and serve metrics. An anonymous shared mapping made before `fork`
 costs the worker a few memory writes per message and no system call.
 
@@ -26,6 +26,9 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 
 RECYCLE_REASONS = ("max_requests", "timeout", "memory_soft", "memory_hard", "crash")
 
 _WORKER_COUNTERS = ("succeeded", "failed", "retried", "dead_lettered", "redis_errors")
+# Deliveries whose ack, retry or dead letter Redis confirmed: a worker that settled nothing
+# before it died made no progress, and its slot backs off (`slots.Slot.ended`).
+_PROGRESS = "settled"
 _REASON_BYTES = 120  # per text field: the manager's last exit, the worker's Redis error
 # What is in the handler: one entry per message a worker runs at once (up to `concurrency`),
 # each the monotonic time it started (0: free), its id's length and the id.
@@ -40,6 +43,8 @@ def _layout() -> dict[str, int]:
         "replayed",  # worker: 1 once it has replayed its private list (so `running` is known)
         "ready",  # worker: 1 once its handler's setup() has returned
         "waiting_since",  # worker: wall-clock start of the Redis error it waits out; 0 none
+        "mark_side",  # worker: which of the two unstarted marks is the current one
+        _PROGRESS,  # worker: cumulative over the slot's life
         *_WORKER_COUNTERS,  # worker: cumulative over the slot's life
         "duration_sum",  # worker: seconds spent in handlers
         *(f"bucket{i}" for i in range(len(DURATION_BUCKETS) + 1)),  # worker: cumulative
@@ -51,6 +56,7 @@ def _layout() -> dict[str, int]:
         "failures",  # manager: the slot's consecutive failed starts or crashes
         "succeeded_base",  # manager: `succeeded` when the live worker started
         "failed_base",
+        "settled_base",
         *(f"recycled_{reason}" for reason in RECYCLE_REASONS),  # manager: cumulative
     ]
     return {name: 8 * i for i, name in enumerate(names)}
@@ -61,7 +67,11 @@ _INDEX = {name: offset // 8 for name, offset in _OFFSETS.items()}
 _REASON_OFFSET = 8 * len(_OFFSETS)  # written by the manager: why the last worker ended
 _WAITING_OFFSET = _REASON_OFFSET + _REASON_BYTES  # written by the worker: its Redis error
 _ENTRIES_OFFSET = _WAITING_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
-_SIZE = _ENTRIES_OFFSET + CAPACITY * _ENTRY_BYTES
+# Two marks, each an id length then the id: the id of the oldest delivery in the private list
+# that has not reached the handler. The worker writes the spare one and then flips
+# `mark_side`, so a worker killed at any instant leaves a whole mark.
+_MARKS_OFFSET = _ENTRIES_OFFSET + CAPACITY * _ENTRY_BYTES
+_SIZE = _MARKS_OFFSET + 2 * _ENTRY_BYTES
 _FLOATS = {"duration_sum", "since", "next_start", "waiting_since", "ended_at"}
 # Indexes the per-message path uses, resolved once.
 _ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
@@ -69,6 +79,7 @@ _ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
 )
 _ENTRY_WORDS = _ENTRY_BYTES // 8
 _ENTRY0 = _ENTRIES_OFFSET // 8  # word index of entry 0: since (float), then id length
+_MARK0, _MARK_SIDE, _SETTLED = _MARKS_OFFSET // 8, _INDEX["mark_side"], _INDEX[_PROGRESS]
 
 
 class Scoreboard:
@@ -122,6 +133,24 @@ class Scoreboard:
         self._floats[_DURATION_SUM] += seconds
         ints[_BUCKET0 + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
+    def mark_unstarted(self, delivery_id: bytes) -> None:
+        """`delivery_id` is the oldest delivery in the private list whose handler has not
+        started (b"": every one there has started). Deliveries take their place in the list
+        in the order they start, so if this worker dies, every delivery older than it in the
+        list reached the handler and is charged one attempt, whatever the exit: finished but
+        unsettled ones too, since nothing says their ack would ever get through."""
+        side = 1 - self._ints[_MARK_SIDE]
+        word = _MARK0 + side * _ENTRY_WORDS
+        size = min(len(delivery_id), _ID_BYTES)
+        start = (word + 1) * 8
+        self._map[start : start + size] = delivery_id[:size]
+        self._ints[word] = size
+        self._ints[_MARK_SIDE] = side
+
+    def settled(self, deliveries: int) -> None:
+        """Redis confirmed the ack, retry or dead letter of `deliveries` more deliveries."""
+        self._ints[_SETTLED] += deliveries
+
     def release(self, entry: int) -> None:
         """Free a running entry without counting an outcome: its delivery was settled
         elsewhere (a thread abandoned past its timeout, as the worker exits)."""
@@ -158,6 +187,8 @@ class Scoreboard:
         self._clear_entries(ids=True)
         self._set("entries_used", 0)
         self._set("replayed", 0)
+        self._set("mark_side", 0)
+        self._ints[_MARK0] = 0
         self._set("ready", 0)
         self._set("waiting_since", 0.0)
         self._set("stopping", 0)
@@ -165,6 +196,7 @@ class Scoreboard:
         self._set("next_start", 0.0)
         self._set("succeeded_base", self.get("succeeded"))
         self._set("failed_base", self.get("failed"))
+        self._set("settled_base", self.get(_PROGRESS))
 
     def set_pid(self, pid: int) -> None:
         self._set("pid", pid)
@@ -225,16 +257,20 @@ class Scoreboard:
         return int(self.get("pid"))
 
     @property
-    def running(self) -> list[bytes] | None:
-        """Ids of the deliveries in the handler; None if the worker never got as far as
-        replaying its list, so what its predecessor left was never taken over."""
+    def first_unstarted(self) -> bytes | None:
+        """The mark (see `mark_unstarted`) the live or last worker left; None if it never
+        got as far as replaying its list, so what its predecessor left was never taken over.
+        """
         if not self.get("replayed"):
             return None
-        return [
-            bytes(self._map[(w + 2) * 8 : (w + 2) * 8 + size])
-            for _, size, w in self._entries()
-            if size
-        ]
+        word = _MARK0 + self._ints[_MARK_SIDE] * _ENTRY_WORDS
+        start = (word + 1) * 8
+        return bytes(self._map[start : start + self._ints[word]])
+
+    @property
+    def made_progress(self) -> bool:
+        """Whether the live (or last) worker of the slot settled any delivery."""
+        return self.get(_PROGRESS) > self.get("settled_base")
 
     @property
     def succeeded(self) -> int:

@@ -176,30 +176,33 @@ return taken
 )
 
 # What an earlier life of this worker left in flight, oldest first, after charging one
-# attempt to each delivery whose handler was running when it died: those named in ARGV, or
-# every one when `charge_all` is '1' (nobody knows what ran) except what this process wrote
-# itself (ids starting with `idbase`'s process part). A charged envelope gets a new id, so a
-# replay sent again after a lost reply charges nothing twice. Messages a blocking fetch
-# left in the landing list never reached a handler; they join the private list uncharged.
-# An element that is not an envelope (written by an older release) is wrapped. The replaying
-# process becomes the list's `owner`. Returns {envelope1, envelope2, ...}, oldest first.
+# attempt to each delivery whose handler had started: with `charge` '1', every one older
+# than the delivery whose id is `unstarted` (deliveries sit in the list in the order they
+# start), or every one if none has that id ('' when every one started, or nobody knows),
+# except what this process wrote itself (ids starting with `mine`). A charged envelope gets
+# a new id of this process, so a replay sent again after a lost reply charges nothing twice.
+# With `charge` '0' (this process's own list, after a Redis error) nothing is charged.
+# Messages a blocking fetch left in the landing list never reached a handler; they join the
+# private list uncharged. An element that is not an envelope (written by an older release)
+# is wrapped. The replaying process becomes the list's `owner`. Returns {envelope1, ...},
+# oldest first.
 REPLAY = Script(
     keys=("processing", "landing", "owner"),
-    args=("charge_all", "idbase", "mine"),
+    args=("charge", "unstarted", "idbase", "mine"),
     body="""
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
-local charged = {}
-for i = REST, #ARGV do charged[ARGV[i]] = true end
+local started = charge == '1'
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}
 for i = #elements, 1, -1 do
   local element = elements[i]
   local id, attempts, payload = parse(element)
   local changed = false
+  if id == unstarted then started = false end
   if not id then
     id, changed = idbase .. 'W' .. i, true
   end
-  if charged[id] or (charge_all == '1' and string.sub(id, 1, #mine) ~= mine) then
+  if started and string.sub(id, 1, #mine) ~= mine then
     attempts, changed, id = attempts + 1, true, idbase .. 'C' .. i
   end
   if changed then
@@ -313,18 +316,17 @@ return 1
 )
 
 # Hands an orphaned worker's messages back, if its lease is still gone: its deliveries to
-# the retry set, due at once and oldest first, each charged one attempt when `charge_all` is
-# '1' (a lost node: nobody knows which one was running), else only those named in ARGV (a
-# slot of this reclaimer's own node, whose scoreboard it reads); the messages its blocking
-# fetch had landed, never delivered, to the head of the shared list.
+# the retry set, due at once and oldest first, each charged one attempt if its handler had
+# started: every one older than the delivery whose id is `unstarted` (as in REPLAY), so
+# every one for a lost node ('': nobody knows which ran), or a slot of this reclaimer's own
+# node, whose scoreboard it reads; the messages its blocking fetch had landed, never
+# delivered, to the head of the shared list.
 # Returns how many moved, or -1 if the lease is alive.
 RECLAIM = Script(
     keys=("processing", "landing", "queue", "retry", "lease", "registry", "owner"),
-    args=("worker_id", "charge_all"),
+    args=("worker_id", "unstarted"),
     body="""
 if redis.call('EXISTS', lease) == 1 then return -1 end
-local charged = {}
-for i = REST, #ARGV do charged[ARGV[i]] = true end
 local tag = 'x' .. string.gsub(worker_id, '[^%w]', '-') .. '.'
 local moved = 0
 while true do
@@ -334,12 +336,14 @@ while true do
   redis.call('RPOP', landing)
   moved = moved + 1
 end
+local started = true
 while true do
   local element = redis.call('LINDEX', processing, -1)
   if not element then break end
   local id, attempts, payload = parse(element)
   moved = moved + 1
-  if charge_all == '1' or (id and charged[id]) then attempts = attempts + 1 end
+  if id == unstarted then started = false end
+  if started then attempts = attempts + 1 end
   redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
   redis.call('RPOP', processing)
 end

@@ -1,0 +1,91 @@
+"""Issue 17, section 2: no message can make a worker run its task forever.
+
+A delivery is charged whenever its worker ends after the handler started it, whatever the
+exit code: here the handler returns, and then the worker's ack is refused (WRONGTYPE on a
+queue key, exit code 74). Against a real redis-server and `rqworkers run`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+
+from tests.support import RedisServer, Service, dead_info, free_port, wait_for
+from tests.test_health import healthz, manager_with_metrics
+from tests.test_operate import cli, lrange
+
+StartService = Callable[..., Service]
+HANDLER = "testapp:refuse_the_ack"
+NEIGHBOURS = [f"ok-{n}".encode() for n in range(20)]
+
+
+def drained(server: RedisServer) -> bool:
+    client = server.client()
+    keys = ["jobs", *client.keys("jobs:processing:*"), *client.keys("jobs:landing:*")]
+    return sum(client.llen(k) for k in keys) == 0 and client.zcard("jobs:retry") == 0
+
+
+@pytest.mark.parametrize(("prefetch", "concurrency"), [(1, 1), (10, 1), (1, 4), (10, 4)], ids=str)
+def test_a_message_whose_ack_is_refused_runs_at_most_max_attempts_times(
+    service: StartService, redis_server: RedisServer, prefetch: int, concurrency: int
+) -> None:
+    pair = {"queue": "jobs", "handler": HANDLER, "max_attempts": 3}
+    svc = service([{**pair, "prefetch": prefetch, "concurrency": concurrency}])
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"poison", *NEIGHBOURS)  # the poison is taken first
+
+    wait_for(lambda: client.llen("jobs:dead") >= 1, timeout=30, what="the poison dead")
+    wait_for(lambda: drained(redis_server), timeout=30, what="the queue behind it drained")
+    started = lrange(redis_server, "started")
+    assert started.count(b"poison") == 3, "charged for every end after its handler started"
+    dead = lrange(redis_server, "jobs:dead")
+    assert dead[-1] == b"poison"
+    info = dead_info(redis_server, "jobs", b"poison")
+    assert info["attempts"] == 3
+    # With others in their handlers, the worker ends mid-message, and is named so.
+    assert re.search(
+        r"redis refused an operation|mid-message \(exit code 74\)", str(info["reason"])
+    )
+    done = set(lrange(redis_server, "done"))
+    assert set(NEIGHBOURS) <= done | set(dead), "nothing lost"
+    if concurrency == 1:  # one at a time, a neighbour never shares the poison's fate
+        assert set(NEIGHBOURS) <= done and len(dead) == 1
+    exits = re.findall(
+        r"exited: (redis refused an operation|exited mid-message \(exit code 74\))", svc.output()
+    )
+    assert len(exits) >= 3
+    assert svc.process is not None and svc.process.poll() is None, "the service runs on"
+
+
+def test_an_exit_that_repeats_on_one_delivery_backs_off_and_shows(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    port = free_port()
+    manager = manager_with_metrics(port, restart_backoff_max=4.0)
+    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 6}], manager=manager)
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"poison", b"after")
+
+    def crash_loop() -> dict[str, object] | None:
+        code, body = healthz(port)
+        return body if code == 503 and "keeps failing" in str(body.get("reason")) else None
+
+    body = wait_for(crash_loop, timeout=20, what="/healthz to tell the crash loop")
+    assert "last exit: redis refused an operation" in str(body["reason"])
+
+    def backoff_in_status() -> str | None:
+        text = cli("status", "-c", str(svc.config_path)).stdout.decode()
+        row = next((line for line in text.splitlines() if "jobs-1" in line), "")
+        return row if " backoff " in row else None
+
+    row = wait_for(backoff_in_status, timeout=20, what="status to show the backoff")
+    assert "last exit: redis refused an operation" in row
+    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="the poison dead")
+    wait_for(lambda: b"after" in lrange(redis_server, "done"), timeout=30, what="the next one")
+    assert lrange(redis_server, "started").count(b"poison") == 6
+    restarts = [line for line in svc.output().splitlines() if "restarting in" in line]
+    assert len(restarts) >= 3, "each repeat waits longer before the next worker"
