@@ -44,10 +44,12 @@ Redis Cluster slot:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -180,6 +182,7 @@ class ReliableQueue:
         self._ids = 0
         self._seq = 0  # of the last delivery this process was handed (take order)
         self._runner = script_caller(client, keep_connection)
+        self._lease = self._bind(scripts.LEASE)
         self._take = self._bind(scripts.TAKE)
         self._replay = self._bind(scripts.REPLAY)
         self._give_back = self._bind(scripts.GIVE_BACK)
@@ -189,7 +192,8 @@ class ReliableQueue:
 
     def _bind(self, script: scripts.Script) -> Call:
         """A callable running `script` with this queue's keys: `call(*args)`."""
-        return self._runner(script.source, self.keys.of_script(script))
+        keys = self.keys.of_script(script)
+        return bind_script(lambda source: self._runner(source, keys), script)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -300,10 +304,7 @@ class ReliableQueue:
         leftovers while it is handling them. The keeper soon replaces the placeholder
         value with the worker's status.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.lease, json.dumps({"state": "starting"}), px=int(ttl * 1000))
-        pipe.sadd(self.keys.registry, self.worker_id)
-        pipe.execute()
+        self._lease(json.dumps({"state": "starting"}), int(ttl * 1000), self.worker_id, "1")
 
     def reclaim(self, unstarted: bytes = b"", fence_ttl: float = 5.0) -> int | None:
         """Give this (dead) worker's messages back to its queue, charging one attempt to
@@ -345,33 +346,48 @@ class ReliableQueue:
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
-    """Renew the leases of (queue, worker id) pairs with their status values, in one trip;
-    return how many had lapsed.
+    """Renew the leases of (queue, worker id) pairs with their status values; return how
+    many had lapsed.
 
     A worker whose lease had lapsed is registered again: a node frozen past its TTL has had
     its workers reclaimed and struck from the registry, and once it resumes, its private
-    lists must be findable again should it die for good later. Asking for the old value
-    (`SET ... GET`) tells which ones lapsed, so a live lease costs one command, not two.
-    No transaction: the keys may belong to several queues, hence several Cluster slots.
+    lists must be findable again should it die for good later. One script call per lease,
+    which a Redis out of memory runs too (see `scripts.LEASE`).
     """
-    pipe = client.pipeline(transaction=False)
+    lease = _lease_script(client)
+    lapsed = 0
     for (queue, worker_id), value in leases.items():
-        pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000), get=True)
-    try:
-        previous = pipe.execute()
-    except redis.ResponseError:  # before Redis 6.2 SET has no GET: register every one
-        pipe = client.pipeline(transaction=False)
-        for (queue, worker_id), value in leases.items():
-            pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000))
-        pipe.execute()
-        previous = [None] * len(leases)
-    lapsed = [key for key, old in zip(leases, previous, strict=True) if old is None]
-    if lapsed:
-        pipe = client.pipeline(transaction=False)
-        for queue, worker_id in lapsed:
-            pipe.sadd(Keys.of(queue, worker_id).registry, worker_id)
-        pipe.execute()
-    return len(lapsed)
+        keys = Keys.of(queue, worker_id).of_script(scripts.LEASE)
+        if lease(keys=keys, args=[value, int(ttl * 1000), worker_id, "0"]) is None:
+            lapsed += 1
+    return lapsed
+
+
+@functools.lru_cache(maxsize=16)
+def _lease_script(client: Client) -> Call:
+    """The lease script on `client`, bound once per client (a keeper's few)."""
+    return bind_script(client.register_script, scripts.LEASE)
+
+
+def bind_script(make: Callable[[str], Call], script: scripts.Script) -> Call:
+    """`make(source)`, a callable running `script`; if the server refuses the shebang line
+    that declares its flags (Redis before 7.0 reads none: a syntax error), its source
+    without them from then on, which runs as every script did before flags existed."""
+    flagged = make(script.source)
+    if not script.flags:
+        return flagged
+    chosen = [flagged]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return chosen[0](*args, **kwargs)
+        except redis.ResponseError as exc:
+            if chosen[0] is not flagged or "near '#'" not in str(exc):
+                raise
+            chosen[0] = make(script.legacy_source)
+            return chosen[0](*args, **kwargs)
+
+    return run
 
 
 def publish_status(client: Client, values: dict[tuple[str, str], str]) -> None:
@@ -475,7 +491,7 @@ class DeadLetters:
     def __init__(self, client: Client, queue: str) -> None:
         self.client = client
         self.keys = Keys.of(queue, "")
-        self._take = client.register_script(scripts.DEAD_TAKE.source)
+        self._take = bind_script(client.register_script, scripts.DEAD_TAKE)
 
     def __len__(self) -> int:
         return int(self.client.llen(self.keys.dead))

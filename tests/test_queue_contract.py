@@ -473,10 +473,14 @@ def test_every_key_starts_with_the_queue_name(queue: str) -> None:
 
 def test_every_script_names_keys_that_exist() -> None:
     keys = Keys.of("q", "w")
-    for name in ("TAKE", "REPLAY", "GIVE_BACK", "RETRY_LATER", "DEAD_LETTER", "RECLAIM"):
+    names = ("TAKE", "REPLAY", "GIVE_BACK", "RETRY_LATER", "DEAD_LETTER", "RECLAIM", "LEASE")
+    for name in names:
         script: scripts.Script = getattr(scripts, name)
         assert keys.of_script(script), name
-        assert script.source.startswith(f"local {', '.join(script.keys)} = KEYS[1], ")
+        header = f"local {', '.join(script.keys)} = KEYS[1], "
+        assert script.legacy_source.startswith(header)
+        flags = f"#!lua flags={','.join(script.flags)}\n" if script.flags else ""
+        assert script.source == flags + script.legacy_source
 
 
 def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
