@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import redis
 
 from tests.support import RedisServer, Service, dead_info, free_port, wait_for
 from tests.test_health import healthz, manager_with_metrics
@@ -89,3 +91,33 @@ def test_an_exit_that_repeats_on_one_delivery_backs_off_and_shows(
     assert lrange(redis_server, "started").count(b"poison") == 6
     restarts = [line for line in svc.output().splitlines() if "restarting in" in line]
     assert len(restarts) >= 3, "each repeat waits longer before the next worker"
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_redis_out_of_memory_drains_the_queue_that_fills_it(
+    service: StartService,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    concurrency: int,
+) -> None:
+    """Issue 17, section 6: over `maxmemory` with noeviction, producers are refused, but
+    the workers still take, ack and so drain what is waiting; nothing is lost."""
+    out = tmp_path / "handled"
+    monkeypatch.setenv("TESTAPP_OUT", str(out))
+    client = redis_server.client()
+    sent = [b"%06d:" % n + b"." * 1000 for n in range(2000)]
+    for start in range(0, len(sent), 100):
+        client.lpush("jobs", *sent[start : start + 100])
+    # The queue now holds 2 MB more than Redis may: it refuses every write that may grow.
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) - 1_000_000)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.lpush("jobs", b"one more")
+
+    pair = {"queue": "jobs", "handler": "testapp:to_file", "prefetch": 10}
+    svc = service([{**pair, "concurrency": concurrency}])
+    wait_for(lambda: drained(redis_server), timeout=60, what="the queue drained")
+    handled = out.read_bytes().splitlines()
+    assert set(handled) == set(sent), "every message handled"
+    assert len(handled) == len(sent), "each once"
+    assert "out of memory" not in svc.output().lower()
