@@ -346,21 +346,44 @@ class ReliableQueue:
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
-    """Renew the leases of (queue, worker id) pairs with their status values; return how
-    many had lapsed.
+    """Renew the leases of (queue, worker id) pairs with their status values, in one trip;
+    return how many had lapsed.
 
     A worker whose lease had lapsed is registered again: a node frozen past its TTL has had
     its workers reclaimed and struck from the registry, and once it resumes, its private
-    lists must be findable again should it die for good later. One script call per lease,
-    which a Redis out of memory runs too (see `scripts.LEASE`).
+    lists must be findable again should it die for good later. Asking for the old value
+    (`SET ... GET`) tells which ones lapsed, so a live lease costs one command, not two.
+    No transaction: the keys may belong to several queues, hence several Cluster slots.
+    A Redis out of memory refuses the SET: then one script call per lease, which it runs
+    (see `scripts.LEASE`), so that no live worker's messages are reclaimed meanwhile.
     """
-    lease = _lease_script(client)
-    lapsed = 0
+    pipe = client.pipeline(transaction=False)
     for (queue, worker_id), value in leases.items():
-        keys = Keys.of(queue, worker_id).of_script(scripts.LEASE)
-        if lease(keys=keys, args=[value, int(ttl * 1000), worker_id, "0"]) is None:
-            lapsed += 1
-    return lapsed
+        pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000), get=True)
+    try:
+        previous = pipe.execute()
+    except redis.exceptions.OutOfMemoryError:
+        lease = _lease_script(client)
+        previous = [
+            lease(
+                keys=Keys.of(*key).of_script(scripts.LEASE), args=[v, int(ttl * 1000), key[1], "0"]
+            )
+            for key, v in leases.items()
+        ]
+        return sum(1 for old in previous if old is None)
+    except redis.ResponseError:  # before Redis 6.2 SET has no GET: register every one
+        pipe = client.pipeline(transaction=False)
+        for (queue, worker_id), value in leases.items():
+            pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000))
+        pipe.execute()
+        previous = [None] * len(leases)
+    lapsed = [key for key, old in zip(leases, previous, strict=True) if old is None]
+    if lapsed:
+        pipe = client.pipeline(transaction=False)
+        for queue, worker_id in lapsed:
+            pipe.sadd(Keys.of(queue, worker_id).registry, worker_id)
+        pipe.execute()
+    return len(lapsed)
 
 
 @functools.lru_cache(maxsize=16)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from rqworkers.queue import renew_leases
 from tests.support import RedisServer, Service, dead_info, free_port, wait_for
 from tests.test_health import healthz, manager_with_metrics
 from tests.test_operate import cli, lrange
@@ -121,3 +122,18 @@ def test_a_redis_out_of_memory_drains_the_queue_that_fills_it(
     assert set(handled) == set(sent), "every message handled"
     assert len(handled) == len(sent), "each once"
     assert "out of memory" not in svc.output().lower()
+
+
+def test_leases_are_renewed_on_a_redis_out_of_memory(redis_server: RedisServer) -> None:
+    """A keeper that cannot renew leases on a Redis out of memory would let live workers'
+    messages be reclaimed (and run twice) while they drain the queue."""
+    client = redis_server.client()
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", 1_000_000)
+    leases = {("jobs", "node:1"): '{"state": "idle"}'}
+    assert renew_leases(client, leases, ttl=5.0) == 1, "it had no lease: registered"
+    assert renew_leases(client, leases, ttl=5.0) == 0
+    assert 0 < client.pttl("jobs:lease:node:1") <= 5000
+    assert client.smembers("jobs:workers") == {b"node:1"}
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")
