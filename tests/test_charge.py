@@ -11,10 +11,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import fakeredis
 import pytest
 import redis
 
-from rqworkers.queue import renew_leases
+from rqworkers import scripts
+from rqworkers.queue import Keys, bind_script, renew_leases
 from tests.support import RedisServer, Service, dead_info, free_port, wait_for
 from tests.test_health import healthz, manager_with_metrics
 from tests.test_operate import cli, lrange
@@ -137,3 +139,21 @@ def test_leases_are_renewed_on_a_redis_out_of_memory(redis_server: RedisServer) 
     assert client.smembers("jobs:workers") == {b"node:1"}
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         client.set("one-more", b"x")
+
+
+def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them() -> None:
+    """Before Redis 7.0 a shebang line is a syntax error (fakeredis answers the same): the
+    script runs without its flags from then on, as every script did before flags."""
+    client = fakeredis.FakeRedis()
+    sources: list[str] = []
+
+    def make(source: str) -> Callable[..., object]:
+        sources.append(source)
+        return client.register_script(source)
+
+    lease = bind_script(make, scripts.LEASE)
+    keys = Keys.of("jobs", "node:1").of_script(scripts.LEASE)
+    assert lease(keys=keys, args=["{}", 5000, "node:1", "1"]) is None
+    assert lease(keys=keys, args=["{}", 5000, "node:1", "0"]) == b"{}"
+    assert [s.startswith("#!lua flags=allow-oom\n") for s in sources] == [True, False]
+    assert client.smembers("jobs:workers") == {b"node:1"}
