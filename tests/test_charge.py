@@ -7,6 +7,7 @@ queue key, exit code 74). Against a real redis-server and `rqworkers run`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from rqworkers import scripts
 from rqworkers.queue import Keys, bind_script, renew_leases
 from tests.support import RedisServer, Service, dead_info, free_port, wait_for
 from tests.test_health import healthz, manager_with_metrics
-from tests.test_operate import cli, lrange
+from tests.test_operate import cli, lrange, scrape
 
 StartService = Callable[..., Service]
 HANDLER = "testapp:refuse_the_ack"
@@ -89,6 +90,14 @@ def test_an_exit_that_repeats_on_one_delivery_backs_off_and_shows(
 
     row = wait_for(backoff_in_status, timeout=20, what="status to show the backoff")
     assert "last exit: redis refused an operation" in row
+
+    def backoff_on_the_page() -> dict[str, object] | None:
+        pairs = json.loads(scrape(port, "/api/status")[1])  # what the status page draws
+        workers = [w for p in pairs for w in (p["snapshot"] or {}).get("workers", [])]
+        return next((w for w in workers if w.get("state") == "backoff"), None)
+
+    worker = wait_for(backoff_on_the_page, timeout=20, what="the page to show the backoff")
+    assert worker["last_exit"] == "redis refused an operation"
     wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="the poison dead")
     wait_for(lambda: b"after" in lrange(redis_server, "done"), timeout=30, what="the next one")
     assert lrange(redis_server, "started").count(b"poison") == 6
