@@ -101,7 +101,7 @@ def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
         outbox.acks.clear()
 
     def scoreboard() -> None:
-        board.busy(delivery.id, 1.0)
+        board.busy(1.0)
         board.idle(False, 0.0001)
 
     def timer() -> None:

@@ -163,7 +163,7 @@ class ConcurrentWorker(Worker):
             self.mark_unstarted()
             entry = self.free_entries.pop()
             now = time.monotonic()
-            self.board.busy(delivery.id, now, entry)
+            self.board.busy(now, entry)
             future = self.submit(delivery.payload)
             own = self.handler.own_timeout(delivery.payload)
             limit = self.pair.timeout if own is None else min(own, self.pair.timeout)

@@ -310,7 +310,7 @@ class Worker:
         self.settle_before(delivery)
         self.mark_unstarted()  # from here on, its worker's end charges it
         since = time.monotonic()
-        self.board.busy(delivery.id, since)
+        self.board.busy(since)
         error: BaseException | None = None
         handler = self.handler
         self.in_handler = True

@@ -364,7 +364,7 @@ def slot() -> Slot:
 def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
     slot.board.prepare()
     slot.spawned(os.getpid(), now=100.0)
-    slot.board.busy(b"id", time.monotonic())
+    slot.board.busy(time.monotonic())
     slot.board.idle(False, 0.01)
     reason = slot.ended(exited(ExitCode.MAX_REQUESTS), now=101.0, backoff=BACKOFF)
     assert reason == "max requests"
@@ -445,10 +445,10 @@ def test_a_quick_crash_after_progress_restarts_at_once_however_many_came_before(
         slot.board.prepare()
         slot.spawned(os.getpid(), now)
         slot.board.replayed()  # took over its private list, as every worker does first
-        slot.board.busy(b"node:1.5.1", time.monotonic())
+        slot.board.busy(time.monotonic())
         slot.board.idle(False, 0.001)
         slot.board.settled(1)  # Redis confirmed its ack
-        slot.board.busy(b"node:1.5.2", time.monotonic())
+        slot.board.busy(time.monotonic())
         now += 1.0
         slot.ended(signal.SIGKILL, now, BACKOFF)
         assert slot.failures == 1 and slot.next_start == now
@@ -473,7 +473,7 @@ def test_the_same_delivery_ending_its_worker_again_and_again_backs_off(
         slot.board.ready()
         slot.board.replayed()
         slot.board.mark_unstarted(b"")
-        slot.board.busy(b"node:1.5.1", time.monotonic())
+        slot.board.busy(time.monotonic())
         if finished:
             slot.board.idle(False, 0.001)
         now += 1.0
@@ -496,7 +496,7 @@ def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
 def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
     slot.spawned(os.getpid(), now=0.0)
     slot.board.ready()
-    slot.board.busy(b"id", time.monotonic())
+    slot.board.busy(time.monotonic())
     reason = slot.ended(exited(ExitCode.OK), now=20.0, backoff=BACKOFF)
     assert reason == "exited mid-message (exit code 0)"
     assert slot.failures == 1 and slot.previous_exit == reason
@@ -549,14 +549,14 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
         board.mark_unstarted(b"id-1")
         board.replayed()
         board.mark_unstarted(b"id-2")
-        board.busy(b"id-1", time.monotonic())
+        board.busy(time.monotonic())
         board.idle(False, 0.002)
-        board.busy(b"id-2", time.monotonic())
+        board.busy(time.monotonic())
         board.idle(True, 0.3)
-        board.busy(b"id-3", time.monotonic())
+        board.busy(time.monotonic())
         board.idle(False, 20.0)
         board.mark_unstarted(b"id-5")
-        board.busy(b"id-4", time.monotonic())  # left mid-message
+        board.busy(time.monotonic())  # left mid-message
         board.settled(3)
         return 0
 
@@ -608,7 +608,7 @@ def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
     assert (board.state(), board.waiting_reason) == ("waiting", "ConnectionError: refused")
     board.waiting(None)
     assert (board.state(), board.waiting_reason) == ("idle", None)
-    board.busy(b"id", time.monotonic())
+    board.busy(time.monotonic())
     assert board.state() == "busy"
     board.stop_requested()
     assert board.state() == "stopping"
