@@ -126,13 +126,16 @@ class Scoreboard:
         in the order they start, so if this worker dies, every delivery older than it in the
         list reached the handler and is charged one attempt, whatever the exit: finished but
         unsettled ones too, since nothing says their ack would ever get through."""
-        side = 1 - self._ints[_MARK_SIDE]
+        ints = self._ints
+        side = 1 - ints[_MARK_SIDE]
         word = _MARK0 + side * _MARK_WORDS
-        size = min(len(delivery_id), _ID_BYTES)
-        start = (word + 1) * 8
-        self._map[start : start + size] = delivery_id[:size]
-        self._ints[word] = size
-        self._ints[_MARK_SIDE] = side
+        size = len(delivery_id)
+        if size > _ID_BYTES:  # never for ids rqworkers makes; the slice would copy
+            size, delivery_id = _ID_BYTES, delivery_id[:_ID_BYTES]
+        start = word * 8 + 8
+        self._map[start : start + size] = delivery_id
+        ints[word] = size
+        ints[_MARK_SIDE] = side
 
     def settled(self, deliveries: int) -> None:
         """Redis confirmed the ack, retry or dead letter of `deliveries` more deliveries."""

@@ -187,8 +187,9 @@ class Worker:
         The mark stays when the batch is dropped but its deliveries stay in the private list
         (a Redis error, an exit), and moves on only once they are given back.
         """
-        self.board.mark_unstarted(self.batch[0][0].id if self.batch else b"")
-        self.marked = bool(self.batch)
+        batch = self.batch
+        self.board.mark_unstarted(batch[0][0].id if batch else b"")
+        self.marked = bool(batch)
 
     def before_take(self) -> None:
         """A take is about to be sent: if no delivery in hand is unstarted, what it takes
