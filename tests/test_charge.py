@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from rqworkers import scripts
-from rqworkers.queue import Keys, bind_script, renew_leases
+from rqworkers.queue import DeadLetters, Keys, ReliableQueue, bind_script, renew_leases
 from tests.support import RedisServer, Service, dead_info, free_port, wait_for
 from tests.test_health import healthz, manager_with_metrics
 from tests.test_operate import cli, lrange, scrape
@@ -166,3 +166,20 @@ def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them() -> N
     assert lease(keys=keys, args=["{}", 5000, "node:1", "0"]) == b"{}"
     assert [s.startswith("#!lua flags=allow-oom\n") for s in sources] == [True, False]
     assert client.smembers("jobs:workers") == {b"node:1"}
+
+
+def test_dead_letters_can_be_purged_on_a_redis_out_of_memory(redis_server: RedisServer) -> None:
+    """Purging frees memory: an operator must be able to do it when memory is full."""
+    client = redis_server.client()
+    client.lpush("jobs", b"bad-1", b"bad-2")
+    queue = ReliableQueue(client, "jobs", "node:1")
+    for delivery in queue.take([], 2).deliveries:
+        assert queue.dead_letter(delivery, {"reason": "r", "attempts": 1})
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", 1_000_000)
+    dead = DeadLetters(client, "jobs")
+    assert dead.requeue(dead.page(0, 1)) == 1
+    assert dead.purge(dead.page()) == 1
+    assert client.llen("jobs:dead") == 0 and client.lrange("jobs", 0, -1) == [b"bad-2"]
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")
