@@ -363,14 +363,7 @@ def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float)
     try:
         previous = pipe.execute()
     except redis.exceptions.OutOfMemoryError:
-        lease = _lease_script(client)
-        previous = [
-            lease(
-                keys=Keys.of(*key).of_script(scripts.LEASE), args=[v, int(ttl * 1000), key[1], "0"]
-            )
-            for key, v in leases.items()
-        ]
-        return sum(1 for old in previous if old is None)
+        return _renew_by_script(client, leases, ttl)
     except redis.ResponseError:  # before Redis 6.2 SET has no GET: register every one
         pipe = client.pipeline(transaction=False)
         for (queue, worker_id), value in leases.items():
@@ -384,6 +377,17 @@ def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float)
             pipe.sadd(Keys.of(queue, worker_id).registry, worker_id)
         pipe.execute()
     return len(lapsed)
+
+
+def _renew_by_script(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
+    """`renew_leases` on a Redis out of memory: one `scripts.LEASE` call per lease."""
+    lease = _lease_script(client)
+    lapsed = 0
+    for (queue, worker_id), value in leases.items():
+        keys = Keys.of(queue, worker_id).of_script(scripts.LEASE)
+        if lease(keys=keys, args=[value, int(ttl * 1000), worker_id, "0"]) is None:
+            lapsed += 1
+    return lapsed
 
 
 @functools.lru_cache(maxsize=16)
