@@ -58,7 +58,7 @@ def build(url: str, prefetch: int) -> Worker:
     pair = PairSettings(
         host="h", queue=QUEUE, handler=HANDLER, prefetch=prefetch, max_requests=0, url=url
     )
-    spec = WorkerSpec(pair, f"{QUEUE}-1", "node:1", os.getppid(), None, [], lease_ttl=30)
+    spec = WorkerSpec(pair, f"{QUEUE}-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
     queue = ReliableQueue(connect(url, BLOCK_TIMEOUT), QUEUE, "node:1", keep_connection=True)
     return Worker(spec, Handler(HANDLER), queue, Scoreboard(), StopFlag())
 
@@ -101,7 +101,7 @@ def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
         outbox.acks.clear()
 
     def scoreboard() -> None:
-        board.busy(delivery.id, 1.0)
+        board.busy(1.0)
         board.idle(False, 0.0001)
 
     def timer() -> None:

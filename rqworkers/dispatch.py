@@ -26,7 +26,7 @@ from typing import Any
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.handlers import Handler
 from rqworkers.queue import Delivery
-from rqworkers.worker import LOST_WORKER, Worker
+from rqworkers.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,6 @@ class ConcurrentWorker(Worker):
             self.needs_lease = False
         if self.replaying:
             self.replay()
-            mine = {r.delivery.element for r in self.running.values()}
-            self.batch = type(self.batch)(x for x in self.batch if x[0].element not in mine)
         self.start_what_fits()
         if not self.running:
             if self.exit_code is not None:
@@ -153,6 +151,9 @@ class ConcurrentWorker(Worker):
         self.look_for_more()
         return None
 
+    def running_elements(self) -> set[bytes]:
+        return {r.delivery.element for r in self.running.values()}
+
     def start_what_fits(self) -> None:
         while self.batch and self.free_entries and self.exit_code is None:
             delivery, lost_reason = self.batch.popleft()
@@ -160,9 +161,10 @@ class ConcurrentWorker(Worker):
                 self.deliver(delivery, lost_reason)  # dead-lettered unhandled
                 continue
             self.settle_before(delivery)
+            self.mark_unstarted()
             entry = self.free_entries.pop()
             now = time.monotonic()
-            self.board.busy(delivery.id, now, entry)
+            self.board.busy(now, entry)
             future = self.submit(delivery.payload)
             own = self.handler.own_timeout(delivery.payload)
             limit = self.pair.timeout if own is None else min(own, self.pair.timeout)
@@ -227,7 +229,7 @@ class ConcurrentWorker(Worker):
             limit = min(limit, self.max_requests - self.finished - len(self.running))
         if limit > 0:
             taken = self.outbox.take(limit)
-            self.batch.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
+            self.took(taken.deliveries)
             if len(taken.deliveries) == limit:  # the queue has more: look again at once
                 self.next_look = now
         elif self.outbox.acks_overdue(now):

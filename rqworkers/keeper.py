@@ -42,6 +42,7 @@ from rqworkers.queue import (
     ReliableQueue,
     Snapshot,
     lease_alive,
+    publish_status,
     registered_workers,
     renew_leases,
     snapshot,
@@ -101,6 +102,7 @@ def main(spec: KeeperSpec) -> int:
             deadline = keeper.next_due()
             while not stop.set and time.monotonic() < deadline:
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        keeper.farewell()
     finally:
         if server is not None:
             server.shutdown()
@@ -206,23 +208,41 @@ class Keeper:
             self.snapshots[(hosts[queue], queue)] = snapshot(endpoint.client, queue)
 
     def renew(self, endpoint: Endpoint) -> None:
-        """Renew the lease of every live worker; its value is the worker's status."""
-        values = {
-            (lease.queue, lease.worker_id): json.dumps(self.status(lease))
-            for lease in endpoint.leases
-            if lease.board.pid
-        }
-        if values:
-            renew_leases(endpoint.client, values, self.spec.lease_ttl)
+        """Renew the lease of every live worker; its value is the worker's status. A slot
+        without one (in restart backoff) has its status written, its lease left to lapse."""
+        live: dict[tuple[str, str], str] = {}
+        idle: dict[tuple[str, str], str] = {}
+        for lease in endpoint.leases:
+            key = (lease.queue, lease.worker_id)
+            (live if lease.board.pid else idle)[key] = json.dumps(self.status(lease))
+        if live:
+            renew_leases(endpoint.client, live, self.spec.lease_ttl)
+        if idle:
+            publish_status(endpoint.client, idle)
 
-    def status(self, lease: Lease) -> dict[str, object]:
+    def farewell(self) -> None:
+        """The manager has stopped every worker: say so in their leases, rather than leave
+        the last state published (`idle`, say) until they expire."""
+        if any(lease.board.pid for lease in self.spec.leases):
+            return  # a keeper replaced while workers run (a reload): nothing has stopped
+        for endpoint in self.endpoints:
+            values = {
+                (x.queue, x.worker_id): json.dumps(self.status(x, "stopped"))
+                for x in endpoint.leases
+            }
+            try:
+                publish_status(endpoint.client, values)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("could not mark the workers of %s stopped: %s", endpoint.url, exc)
+
+    def status(self, lease: Lease, state: str | None = None) -> dict[str, object]:
         board = lease.board
         return {
             "name": lease.name,
             "node": self.spec.node,
             "manager_pid": self.spec.manager_pid,
             "pid": board.pid,
-            "state": board.state(),
+            "state": state or board.state(),
             "waiting_for": board.waiting_reason,
             "succeeded": board.succeeded,
             "failed": board.failed,
@@ -233,6 +253,7 @@ class Keeper:
             "since": board.get("since"),
             "last_exit": board.last_exit,
             "at": time.time(),
+            "every": self.renew_every,  # seconds until the next: older news is stale
         }
 
     def rss(self, pid: int) -> int:
@@ -256,13 +277,13 @@ class Keeper:
         # Our own slots are included: a slot stuck in restart backoff whose lease lapsed
         # should not sit on its messages while other workers could handle them.
         client = endpoint.client
-        # Our own slots' scoreboards tell what was running; a lost node's cannot be read.
-        own = {(x.queue, x.worker_id): x.board.running for x in endpoint.leases}
+        # Our own slots' scoreboards tell what had started; a lost node's cannot be read.
+        own = {(x.queue, x.worker_id): x.board.first_unstarted for x in endpoint.leases}
         for worker_id in registered_workers(client, queue):
             if lease_alive(client, queue, worker_id):
                 continue
-            running = own.get((queue, worker_id)) if (queue, worker_id) in own else None
-            moved = ReliableQueue(client, queue, worker_id).reclaim(running)
+            unstarted = own.get((queue, worker_id)) or b""
+            moved = ReliableQueue(client, queue, worker_id).reclaim(unstarted)
             if moved:
                 log.warning(
                     "reclaimed %d message(s) of %s from %s:processing:%s (its lease expired)",

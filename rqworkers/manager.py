@@ -290,7 +290,7 @@ class Manager:
             worker_id=slot.worker_id,
             manager_pid=self.pid,
             previous_exit=slot.previous_exit,
-            previous_running=slot.previous_running,
+            previous_unstarted=slot.previous_unstarted,
             lease_ttl=self.settings.lease_ttl,
             sample_succeeded=self.config.logging.sample_succeeded,
             sample_failed=self.config.logging.sample_failed,

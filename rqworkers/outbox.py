@@ -40,6 +40,8 @@ class Outbox:
     queue: ReliableQueue
     on_failure_settled: Listener
     before_acks: Callable[[], None] = lambda: None  # what must reach Redis ahead of acks
+    before_take: Callable[[], None] = lambda: None  # called as a take is about to be sent
+    on_settled: Callable[[int], None] = lambda deliveries: None  # once Redis confirmed them
     acks: list[Delivery] = field(default_factory=list)
     oldest_ack: float = 0.0  # monotonic seconds when the oldest pending ack was added
     failures: list[Failure] = field(default_factory=list)
@@ -76,6 +78,7 @@ class Outbox:
             return Taken(0, [], None)  # nothing to send
         trim = len(acks) if self._in_take_order() else 0
         elements = [acks[0].element, acks[-1].element] if trim else [d.element for d in acks]
+        self.before_take()
         taken = self.queue.take(elements, limit, landed, trim)
         if taken.missing_acks < 0:  # nothing was removed: the acks wait for the next trip
             log.debug("%d acks were not the oldest of the private list; sent one by one", trim)
@@ -87,6 +90,8 @@ class Outbox:
                 taken.missing_acks,
                 self.queue.keys.processing,
             )
+        if acks:
+            self.on_settled(len(acks))
         self.acks = []
         self.resending = self.one_by_one = False
         return taken
@@ -125,4 +130,5 @@ class Outbox:
             else:
                 moved = self.queue.retry_later(failure.delivery, failure.delay)
             self.failures.pop(0)
+            self.on_settled(1)
             self.on_failure_settled(failure, moved or self.resending)

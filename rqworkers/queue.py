@@ -13,9 +13,10 @@ A message only ever moves atomically, in one Lua script (`scripts`): shared list
 list (take), private list → nowhere (ack), → retry set (retry later) or → dead list. The
 count is not written when a message is taken: the hot path is the move and the ack, no more.
 A delivery that ends without a result is charged where it is found afterwards, by whoever
-meets it: the next worker of the slot charges what the scoreboard says was running when its
-predecessor died; a keeper reclaiming a lost node's list charges everything in it, because
-nobody knows what ran there.
+meets it: the next worker of the slot charges what the scoreboard says had reached the
+handler when its predecessor died (finished but unsettled deliveries included, whatever the
+exit); a keeper reclaiming a lost node's list charges everything in it, because nobody
+knows what ran there.
 
 Keys, all prefixed by the queue name so that a `{hash tag}` in it keeps them in one
 Redis Cluster slot:
@@ -42,10 +43,13 @@ Redis Cluster slot:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -178,6 +182,7 @@ class ReliableQueue:
         self._ids = 0
         self._seq = 0  # of the last delivery this process was handed (take order)
         self._runner = script_caller(client, keep_connection)
+        self._lease = self._bind(scripts.LEASE)
         self._take = self._bind(scripts.TAKE)
         self._replay = self._bind(scripts.REPLAY)
         self._give_back = self._bind(scripts.GIVE_BACK)
@@ -187,7 +192,8 @@ class ReliableQueue:
 
     def _bind(self, script: scripts.Script) -> Call:
         """A callable running `script` with this queue's keys: `call(*args)`."""
-        return self._runner(script.source, self.keys.of_script(script))
+        keys = self.keys.of_script(script)
+        return bind_script(lambda source: self._runner(source, keys), script)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -247,18 +253,26 @@ class ReliableQueue:
 
     # -- leftovers, failures, stopping -------------------------------------------------------
 
-    def replay(self, running: list[bytes] | None) -> list[Delivery]:
-        """The private list, oldest first, after charging the deliveries that were running.
+    def replay(self, charge_before: bytes | None) -> list[Delivery]:
+        """The private list, oldest first, after charging the deliveries that had started.
 
-        `running`: ids of the deliveries an earlier life of this worker had in its handler
-        when it died; None when unknown, so that every leftover is charged.
+        `charge_before`: the id of the oldest delivery an earlier life of this worker left
+        unstarted (its scoreboard's `first_unstarted`): each delivery older than it is
+        charged one attempt, every one when no delivery has that id (b"": all had started,
+        or nobody knows). None: this process's own list, after a Redis error: nothing is
+        charged.
         """
-        charge_all = "1" if running is None else "0"
+        charge = "0" if charge_before is None else "1"
         mine = f"{self._id_prefix}."
-        reply = self._replay(charge_all, self._id_base(), mine, *(running or ()))
+        reply = self._replay(charge, charge_before or b"", self._id_base(), mine)
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
+
+    @property
+    def next_take_id(self) -> bytes:
+        """The id the next `take` gives its first delivery, should it take one."""
+        return f"{self._id_prefix}.{self._ids + 1}.1".encode()
 
     def give_back(self, unstarted: list[Delivery]) -> int:
         """Return deliveries that never reached the handler, oldest first in `unstarted`,
@@ -290,15 +304,13 @@ class ReliableQueue:
         leftovers while it is handling them. The keeper soon replaces the placeholder
         value with the worker's status.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.lease, json.dumps({"state": "starting"}), px=int(ttl * 1000))
-        pipe.sadd(self.keys.registry, self.worker_id)
-        pipe.execute()
+        self._lease(json.dumps({"state": "starting"}), int(ttl * 1000), self.worker_id, "1")
 
-    def reclaim(self, running: list[bytes] | None = None, fence_ttl: float = 5.0) -> int | None:
+    def reclaim(self, unstarted: bytes = b"", fence_ttl: float = 5.0) -> int | None:
         """Give this (dead) worker's messages back to its queue, charging one attempt to
-        each that was running: those in `running`, or every one when that is None (a lost
-        node, whose scoreboard nobody can read).
+        each that had started: each older than the delivery whose id is `unstarted` (its
+        scoreboard's `first_unstarted`), so every one for b"" (a lost node, whose
+        scoreboard nobody can read).
 
         Returns how many moved, or None if the lease is alive or another manager holds the
         fence. Safe to call from any node at any time: the script checks the lease itself,
@@ -309,8 +321,7 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            charge_all = "1" if running is None else "0"
-            moved = int(self._reclaim(self.worker_id, charge_all, *(running or ())))
+            moved = int(self._reclaim(self.worker_id, unstarted))
         finally:
             self.client.delete(k.fence)
         return None if moved < 0 else moved
@@ -343,12 +354,16 @@ def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float)
     lists must be findable again should it die for good later. Asking for the old value
     (`SET ... GET`) tells which ones lapsed, so a live lease costs one command, not two.
     No transaction: the keys may belong to several queues, hence several Cluster slots.
+    A Redis out of memory refuses the SET: then one script call per lease, which it runs
+    (see `scripts.LEASE`), so that no live worker's messages are reclaimed meanwhile.
     """
     pipe = client.pipeline(transaction=False)
     for (queue, worker_id), value in leases.items():
         pipe.set(Keys.of(queue, worker_id).lease, value, px=int(ttl * 1000), get=True)
     try:
         previous = pipe.execute()
+    except redis.exceptions.OutOfMemoryError:
+        return _renew_by_script(client, leases, ttl)
     except redis.ResponseError:  # before Redis 6.2 SET has no GET: register every one
         pipe = client.pipeline(transaction=False)
         for (queue, worker_id), value in leases.items():
@@ -362,6 +377,65 @@ def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float)
             pipe.sadd(Keys.of(queue, worker_id).registry, worker_id)
         pipe.execute()
     return len(lapsed)
+
+
+def _renew_by_script(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
+    """`renew_leases` on a Redis out of memory: one `scripts.LEASE` call per lease."""
+    lease = _lease_script(client)
+    lapsed = 0
+    for (queue, worker_id), value in leases.items():
+        keys = Keys.of(queue, worker_id).of_script(scripts.LEASE)
+        if lease(keys=keys, args=[value, int(ttl * 1000), worker_id, "0"]) is None:
+            lapsed += 1
+    return lapsed
+
+
+@functools.lru_cache(maxsize=16)
+def _lease_script(client: Client) -> Call:
+    """The lease script on `client`, bound once per client (a keeper's few)."""
+    return bind_script(client.register_script, scripts.LEASE)
+
+
+def bind_script(make: Callable[[str], Call], script: scripts.Script) -> Call:
+    """`make(source)`, a callable running `script`; if the server refuses the shebang line
+    that declares its flags (Redis before 7.0 reads none: a syntax error), its source
+    without them from then on, which runs as every script did before flags existed."""
+    flagged = make(script.source)
+    if not script.flags:
+        return flagged
+    chosen = [flagged]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return chosen[0](*args, **kwargs)
+        except redis.ResponseError as exc:
+            if chosen[0] is not flagged or "near '#'" not in str(exc):
+                raise
+            chosen[0] = make(script.legacy_source)
+            return chosen[0](*args, **kwargs)
+
+    return run
+
+
+def publish_status(client: Client, values: dict[tuple[str, str], str]) -> None:
+    """Write the status of slots that have no live worker (in restart backoff, or stopped)
+    into their leases without renewing them.
+
+    A slot stuck in backoff must let its lease lapse, so that its messages are reclaimed,
+    but `status` should tell why it does not consume until then. Only a lease that still
+    exists is written (XX), its TTL kept (KEEPTTL, Redis 6.0+; an older server, or one out
+    of memory, keeps the last value: this is news, not a duty).
+    """
+    pipe = client.pipeline(transaction=False)
+    for (queue, worker_id), value in values.items():
+        pipe.set(Keys.of(queue, worker_id).lease, value, xx=True, keepttl=True)
+    with contextlib.suppress(redis.ResponseError):
+        pipe.execute()
+
+
+# A status older than this many publishing periods (plus a second) comes from a keeper that
+# stopped publishing: its manager is gone or cut off from Redis.
+STALE_AFTER = 2
 
 
 @dataclass(frozen=True)
@@ -399,8 +473,21 @@ def snapshot(client: Client, queue: str) -> Snapshot:
         except ValueError:  # a lease written by something else: show what we can
             info = {"name": worker_id}
         if isinstance(info, dict):
-            workers.append({"worker_id": worker_id, **info})
+            workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
     return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers)
+
+
+def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:
+    """A published status whose keeper has not renewed it for `STALE_AFTER` periods says
+    `stale` and since when, rather than the state its node was last seen in."""
+    try:
+        age = now - float(info["at"])
+        every = float(info.get("every", 5.0))
+    except (KeyError, TypeError, ValueError):
+        return info
+    if age > STALE_AFTER * every + 1.0 and info.get("state") != "stopped":
+        return {**info, "state": "stale", "stale_for": round(age, 1)}
+    return info
 
 
 def registered_workers(client: Client, queue: str) -> list[str]:
@@ -431,7 +518,7 @@ class DeadLetters:
     def __init__(self, client: Client, queue: str) -> None:
         self.client = client
         self.keys = Keys.of(queue, "")
-        self._take = client.register_script(scripts.DEAD_TAKE.source)
+        self._take = bind_script(client.register_script, scripts.DEAD_TAKE)
 
     def __len__(self) -> int:
         return int(self.client.llen(self.keys.dead))

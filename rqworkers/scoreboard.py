@@ -1,10 +1,10 @@
 """The numbers a slot's worker, its manager and the keeper share through shared memory.
 
 The manager needs to know how long the current message has run (to kill a handler stuck in
-C code) and which delivery was in the handler when a worker died (it is charged one attempt),
-without asking the worker: a dead or stuck worker cannot answer. The keeper needs the same
-numbers to publish status and serve metrics. An anonymous shared mapping made before `fork`
-costs the worker a few memory writes per message and no system call.
+C code) and which deliveries had reached the handler when a worker died (each is charged
+one attempt), without asking the worker: a dead or stuck worker cannot answer. The keeper
+needs the same numbers to publish status and serve metrics. An anonymous shared mapping
+made before `fork` costs the worker a few memory writes per message and no system call.
 
 Counters are cumulative over every worker the slot has had, so metrics stay correct across
 recycling; a worker's own figures are the difference from a base taken at its start.
@@ -28,18 +28,22 @@ RECYCLE_REASONS = ("max_requests", "timeout", "memory_soft", "memory_hard", "cra
 _WORKER_COUNTERS = ("succeeded", "failed", "retried", "dead_lettered", "redis_errors")
 _REASON_BYTES = 120  # per text field: the manager's last exit, the worker's Redis error
 # What is in the handler: one entry per message a worker runs at once (up to `concurrency`),
-# each the monotonic time it started (0: free), its id's length and the id.
+# each the monotonic time it started (0: free).
 CAPACITY = 1000
-_ENTRY_BYTES = 64
-_ID_BYTES = _ENTRY_BYTES - 16
+_MARK_BYTES = 64  # a delivery id's length, then the id (up to 56 bytes)
+_ID_BYTES = _MARK_BYTES - 8
 
 
 def _layout() -> dict[str, int]:
     names = [
         "entries_used",  # worker: running entries ever used (readers look no further)
-        "replayed",  # worker: 1 once it has replayed its private list (so `running` is known)
+        "replayed",  # worker: 1 once it has replayed its private list (its mark means something)
         "ready",  # worker: 1 once its handler's setup() has returned
         "waiting_since",  # worker: wall-clock start of the Redis error it waits out; 0 none
+        "mark_side",  # worker: which of the two unstarted marks is the current one
+        # worker, cumulative over the slot's life: deliveries whose ack, retry or dead letter
+        # Redis confirmed (a worker that settled none before it died made no progress)
+        "settled",
         *_WORKER_COUNTERS,  # worker: cumulative over the slot's life
         "duration_sum",  # worker: seconds spent in handlers
         *(f"bucket{i}" for i in range(len(DURATION_BUCKETS) + 1)),  # worker: cumulative
@@ -51,6 +55,7 @@ def _layout() -> dict[str, int]:
         "failures",  # manager: the slot's consecutive failed starts or crashes
         "succeeded_base",  # manager: `succeeded` when the live worker started
         "failed_base",
+        "settled_base",
         *(f"recycled_{reason}" for reason in RECYCLE_REASONS),  # manager: cumulative
     ]
     return {name: 8 * i for i, name in enumerate(names)}
@@ -61,14 +66,19 @@ _INDEX = {name: offset // 8 for name, offset in _OFFSETS.items()}
 _REASON_OFFSET = 8 * len(_OFFSETS)  # written by the manager: why the last worker ended
 _WAITING_OFFSET = _REASON_OFFSET + _REASON_BYTES  # written by the worker: its Redis error
 _ENTRIES_OFFSET = _WAITING_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
-_SIZE = _ENTRIES_OFFSET + CAPACITY * _ENTRY_BYTES
+# Two marks, each an id length then the id: the id of the oldest delivery in the private list
+# that has not reached the handler. The worker writes the spare one and then flips
+# `mark_side`, so a worker killed at any instant leaves a whole mark.
+_MARKS_OFFSET = _ENTRIES_OFFSET + CAPACITY * 8
+_SIZE = _MARKS_OFFSET + 2 * _MARK_BYTES
 _FLOATS = {"duration_sum", "since", "next_start", "waiting_since", "ended_at"}
 # Indexes the per-message path uses, resolved once.
 _ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
     _INDEX[name] for name in ("entries_used", "succeeded", "failed", "duration_sum", "bucket0")
 )
-_ENTRY_WORDS = _ENTRY_BYTES // 8
-_ENTRY0 = _ENTRIES_OFFSET // 8  # word index of entry 0: since (float), then id length
+_ENTRY0 = _ENTRIES_OFFSET // 8  # word index of entry 0, the start (a float) of each
+_MARK0, _MARK_WORDS = _MARKS_OFFSET // 8, _MARK_BYTES // 8
+_MARK_SIDE, _SETTLED = _INDEX["mark_side"], _INDEX["settled"]
 
 
 class Scoreboard:
@@ -94,40 +104,47 @@ class Scoreboard:
 
     # -- written by the worker, per message: indexes, no lookups ---------------------------
 
-    def busy(self, delivery_id: bytes, since: float, entry: int = 0) -> None:
-        """The delivery `delivery_id` reaches the handler at `since` (monotonic seconds),
-        in running entry `entry` (one per message the worker runs at once).
-
-        The id is written before its length, so a reader never sees a length with a
-        half-written id: a worker killed between the two leaves the previous id unnamed.
-        """
-        word = _ENTRY0 + entry * _ENTRY_WORDS
-        size = len(delivery_id)
-        if size > _ID_BYTES:  # never for ids rqworkers makes; the slice would copy
-            size, delivery_id = _ID_BYTES, delivery_id[:_ID_BYTES]
-        start = (word + 2) * 8
-        self._map[start : start + size] = delivery_id
-        self._ints[word + 1] = size
-        self._floats[word] = since
+    def busy(self, since: float, entry: int = 0) -> None:
+        """A delivery reaches the handler at `since` (monotonic seconds), in running entry
+        `entry` (one per message the worker runs at once). Which ones are charged should
+        the worker die is `mark_unstarted`'s business."""
+        self._floats[_ENTRY0 + entry] = since
         if entry >= self._ints[_ENTRIES_USED]:
             self._ints[_ENTRIES_USED] = entry + 1
 
     def idle(self, failed: bool, seconds: float, entry: int = 0) -> None:
         """The handler is done with it after `seconds` (the message may not be settled yet)."""
         ints = self._ints
-        word = _ENTRY0 + entry * _ENTRY_WORDS
-        ints[word + 1] = 0
-        self._floats[word] = 0.0
+        self._floats[_ENTRY0 + entry] = 0.0
         ints[_FAILED if failed else _SUCCEEDED] += 1
         self._floats[_DURATION_SUM] += seconds
         ints[_BUCKET0 + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
+    def mark_unstarted(self, delivery_id: bytes) -> None:
+        """`delivery_id` is the oldest delivery in the private list whose handler has not
+        started (b"": every one there has started). Deliveries take their place in the list
+        in the order they start, so if this worker dies, every delivery older than it in the
+        list reached the handler and is charged one attempt, whatever the exit: finished but
+        unsettled ones too, since nothing says their ack would ever get through."""
+        ints = self._ints
+        side = 1 - ints[_MARK_SIDE]
+        word = _MARK0 + side * _MARK_WORDS
+        size = len(delivery_id)
+        if size > _ID_BYTES:  # never for ids rqworkers makes; the slice would copy
+            size, delivery_id = _ID_BYTES, delivery_id[:_ID_BYTES]
+        start = word * 8 + 8
+        self._map[start : start + size] = delivery_id
+        ints[word] = size
+        ints[_MARK_SIDE] = side
+
+    def settled(self, deliveries: int) -> None:
+        """Redis confirmed the ack, retry or dead letter of `deliveries` more deliveries."""
+        self._ints[_SETTLED] += deliveries
+
     def release(self, entry: int) -> None:
         """Free a running entry without counting an outcome: its delivery was settled
         elsewhere (a thread abandoned past its timeout, as the worker exits)."""
-        word = _ENTRY0 + entry * _ENTRY_WORDS
-        self._ints[word + 1] = 0
-        self._floats[word] = 0.0
+        self._floats[_ENTRY0 + entry] = 0.0
 
     def replayed(self) -> None:
         self._set("replayed", 1)
@@ -155,9 +172,11 @@ class Scoreboard:
 
     def prepare(self) -> None:
         """Before forking a new worker: clear what described the previous one."""
-        self._clear_entries(ids=True)
+        self._clear_entries()
         self._set("entries_used", 0)
         self._set("replayed", 0)
+        self._set("mark_side", 0)
+        self._ints[_MARK0] = 0
         self._set("ready", 0)
         self._set("waiting_since", 0.0)
         self._set("stopping", 0)
@@ -165,6 +184,7 @@ class Scoreboard:
         self._set("next_start", 0.0)
         self._set("succeeded_base", self.get("succeeded"))
         self._set("failed_base", self.get("failed"))
+        self._set("settled_base", self.get("settled"))
 
     def set_pid(self, pid: int) -> None:
         self._set("pid", pid)
@@ -191,20 +211,15 @@ class Scoreboard:
         raw = self._map[offset : offset + _REASON_BYTES]
         return raw.rstrip(b"\0").decode("utf-8", "replace")
 
-    def _clear_entries(self, ids: bool = False) -> None:
-        """Nothing counts as busy any more; with `ids`, forget what ran too (a dead worker's
-        ids stay readable through `running` until its successor is prepared)."""
+    def _clear_entries(self) -> None:
+        """Nothing counts as busy any more."""
         for entry in range(min(int(self.get("entries_used")), CAPACITY)):
-            word = _ENTRY0 + entry * _ENTRY_WORDS
-            self._floats[word] = 0.0
-            if ids:
-                self._ints[word + 1] = 0
+            self._floats[_ENTRY0 + entry] = 0.0
 
-    def _entries(self) -> list[tuple[float, int, int]]:
-        """(since, id length, word index) of every entry a worker has used."""
+    def _starts(self) -> list[float]:
+        """When each running entry a worker has used started; 0 for a free one."""
         used = min(int(self.get("entries_used")), CAPACITY)
-        words = (_ENTRY0 + i * _ENTRY_WORDS for i in range(used))
-        return [(self._floats[w], self._ints[w + 1], w) for w in words]
+        return [self._floats[_ENTRY0 + i] for i in range(used)]
 
     def stop_requested(self) -> None:
         self._set("stopping", 1)
@@ -213,28 +228,32 @@ class Scoreboard:
 
     def busy_for(self) -> float:
         """Seconds the oldest running message has been running; 0 when idle."""
-        running_since = [since for since, _, _ in self._entries() if since]
+        running_since = [since for since in self._starts() if since]
         return time.monotonic() - min(running_since) if running_since else 0.0
 
     def in_flight(self) -> int:
         """Messages in the handler now."""
-        return sum(1 for since, _, _ in self._entries() if since)
+        return sum(1 for since in self._starts() if since)
 
     @property
     def pid(self) -> int:
         return int(self.get("pid"))
 
     @property
-    def running(self) -> list[bytes] | None:
-        """Ids of the deliveries in the handler; None if the worker never got as far as
-        replaying its list, so what its predecessor left was never taken over."""
+    def first_unstarted(self) -> bytes | None:
+        """The mark (see `mark_unstarted`) the live or last worker left; None if it never
+        got as far as replaying its list, so what its predecessor left was never taken over.
+        """
         if not self.get("replayed"):
             return None
-        return [
-            bytes(self._map[(w + 2) * 8 : (w + 2) * 8 + size])
-            for _, size, w in self._entries()
-            if size
-        ]
+        word = _MARK0 + self._ints[_MARK_SIDE] * _MARK_WORDS
+        start = (word + 1) * 8
+        return bytes(self._map[start : start + self._ints[word]])
+
+    @property
+    def made_progress(self) -> bool:
+        """Whether the live (or last) worker of the slot settled any delivery."""
+        return self.get("settled") > self.get("settled_base")
 
     @property
     def succeeded(self) -> int:

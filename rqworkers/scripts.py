@@ -17,6 +17,14 @@ lists hold payloads as producers sent them.
 Writes are ordered so that a script refused by an out-of-memory Redis stops before it has
 lost anything: a message is pushed to its destination before it is removed from its
 source, and acks (which free memory) go first.
+
+Out of memory: a Redis over `maxmemory` with `noeviction` refuses every write that may
+grow memory, so the workers could not drain the very queue that fills it. A script that
+only moves messages (each costs at most its envelope's few dozen bytes more where it lands,
+and its ack frees the whole message) declares `allow-oom` (Redis 7.0+, `#!lua flags=...`),
+and runs all the same. One that writes something new of any size, such as a dead letter's
+record with its traceback, does not: it waits for memory like any outage. Redis before 7.0
+reads no flags; there every script waits (see `queue.bind_script`).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PREFIX = "rqw1:"
+# Runs on a Redis over `maxmemory`: for scripts that only move messages (see above).
+ALLOW_OOM = ("allow-oom",)
 
 
 @dataclass(frozen=True)
@@ -33,9 +43,18 @@ class Script:
     keys: tuple[str, ...]
     args: tuple[str, ...]
     body: str
+    flags: tuple[str, ...] = ()  # Redis 7 script flags, such as ALLOW_OOM
 
     @property
     def source(self) -> str:
+        """The script, with its flags declared in a shebang line if it has any."""
+        if not self.flags:
+            return self.legacy_source
+        return f"#!lua flags={','.join(self.flags)}\n{self.legacy_source}"
+
+    @property
+    def legacy_source(self) -> str:
+        """The script without a shebang line, for a Redis before 7.0 (which reads none)."""
         rest = f"local REST = {len(self.args) + 1}  -- where variadic ARGV start"
         lines = [_bind(self.keys, "KEYS"), _bind(self.args, "ARGV"), rest, _LIBRARY, self.body]
         return "\n".join(line for line in lines if line)
@@ -87,6 +106,7 @@ end
 # are 0), payload1, payload2, ...}: the worker knows the ids it gave, so the envelopes
 # need not travel back.
 TAKE = Script(
+    flags=ALLOW_OOM,
     keys=("queue", "processing", "landing", "retry", "lease", "registry", "owner"),
     args=("limit", "now", "idbase", "landed", "worker_id", "trim"),
     body="""
@@ -176,30 +196,34 @@ return taken
 )
 
 # What an earlier life of this worker left in flight, oldest first, after charging one
-# attempt to each delivery whose handler was running when it died: those named in ARGV, or
-# every one when `charge_all` is '1' (nobody knows what ran) except what this process wrote
-# itself (ids starting with `idbase`'s process part). A charged envelope gets a new id, so a
-# replay sent again after a lost reply charges nothing twice. Messages a blocking fetch
-# left in the landing list never reached a handler; they join the private list uncharged.
-# An element that is not an envelope (written by an older release) is wrapped. The replaying
-# process becomes the list's `owner`. Returns {envelope1, envelope2, ...}, oldest first.
+# attempt to each delivery whose handler had started: with `charge` '1', every one older
+# than the delivery whose id is `unstarted` (deliveries sit in the list in the order they
+# start), or every one if none has that id ('' when every one started, or nobody knows),
+# except what this process wrote itself (ids starting with `mine`). A charged envelope gets
+# a new id of this process, so a replay sent again after a lost reply charges nothing twice.
+# With `charge` '0' (this process's own list, after a Redis error) nothing is charged.
+# Messages a blocking fetch left in the landing list never reached a handler; they join the
+# private list uncharged. An element that is not an envelope (written by an older release)
+# is wrapped. The replaying process becomes the list's `owner`. Returns {envelope1, ...},
+# oldest first.
 REPLAY = Script(
+    flags=ALLOW_OOM,
     keys=("processing", "landing", "owner"),
-    args=("charge_all", "idbase", "mine"),
+    args=("charge", "unstarted", "idbase", "mine"),
     body="""
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
-local charged = {}
-for i = REST, #ARGV do charged[ARGV[i]] = true end
+local started = charge == '1'
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}
 for i = #elements, 1, -1 do
   local element = elements[i]
   local id, attempts, payload = parse(element)
   local changed = false
+  if id == unstarted then started = false end
   if not id then
     id, changed = idbase .. 'W' .. i, true
   end
-  if charged[id] or (charge_all == '1' and string.sub(id, 1, #mine) ~= mine) then
+  if started and string.sub(id, 1, #mine) ~= mine then
     attempts, changed, id = attempts + 1, true, idbase .. 'C' .. i
   end
   if changed then
@@ -227,6 +251,7 @@ return result
 # retry set, due at once and in order, so that their count survives.
 # ARGV: an id base, then envelopes, newest first. Returns how many moved.
 GIVE_BACK = Script(
+    flags=ALLOW_OOM,
     keys=("queue", "processing", "retry"),
     args=("idbase",),
     body="""
@@ -258,6 +283,7 @@ return moved
 # delivery someone else moved must not be copied, and a resent retry must not be doubled.
 # Returns 0/1.
 RETRY_LATER = Script(
+    flags=ALLOW_OOM,
     keys=("processing", "retry"),
     args=("element", "due", "member_id", "attempts"),
     body="""
@@ -269,6 +295,23 @@ if redis.call('LREM', processing, -1, element) == 0 then
   return 0
 end
 return 1
+""",
+)
+
+# Takes or renews a worker's lease for `ttl` milliseconds, its value the worker's status,
+# and registers the worker for orphan recovery when `register` is '1' or the lease had
+# lapsed (a reclaim struck the worker from the registry). Returns the previous value, or
+# false. A lease is small and one per worker: it may be written on a Redis out of memory,
+# so that a live worker's messages are never reclaimed while it drains its queue.
+LEASE = Script(
+    flags=ALLOW_OOM,
+    keys=("lease", "registry"),
+    args=("value", "ttl", "worker_id", "register"),
+    body="""
+local previous = redis.call('GET', lease)
+redis.call('SET', lease, value, 'PX', ttl)
+if register == '1' or not previous then redis.call('SADD', registry, worker_id) end
+return previous
 """,
 )
 
@@ -313,18 +356,18 @@ return 1
 )
 
 # Hands an orphaned worker's messages back, if its lease is still gone: its deliveries to
-# the retry set, due at once and oldest first, each charged one attempt when `charge_all` is
-# '1' (a lost node: nobody knows which one was running), else only those named in ARGV (a
-# slot of this reclaimer's own node, whose scoreboard it reads); the messages its blocking
-# fetch had landed, never delivered, to the head of the shared list.
+# the retry set, due at once and oldest first, each charged one attempt if its handler had
+# started: every one older than the delivery whose id is `unstarted` (as in REPLAY), so
+# every one for a lost node ('': nobody knows which ran), or a slot of this reclaimer's own
+# node, whose scoreboard it reads; the messages its blocking fetch had landed, never
+# delivered, to the head of the shared list.
 # Returns how many moved, or -1 if the lease is alive.
 RECLAIM = Script(
+    flags=ALLOW_OOM,
     keys=("processing", "landing", "queue", "retry", "lease", "registry", "owner"),
-    args=("worker_id", "charge_all"),
+    args=("worker_id", "unstarted"),
     body="""
 if redis.call('EXISTS', lease) == 1 then return -1 end
-local charged = {}
-for i = REST, #ARGV do charged[ARGV[i]] = true end
 local tag = 'x' .. string.gsub(worker_id, '[^%w]', '-') .. '.'
 local moved = 0
 while true do
@@ -334,12 +377,14 @@ while true do
   redis.call('RPOP', landing)
   moved = moved + 1
 end
+local started = true
 while true do
   local element = redis.call('LINDEX', processing, -1)
   if not element then break end
   local id, attempts, payload = parse(element)
   moved = moved + 1
-  if charge_all == '1' or (id and charged[id]) then attempts = attempts + 1 end
+  if id == unstarted then started = false end
+  if started then attempts = attempts + 1 end
   redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
   redis.call('RPOP', processing)
 end
@@ -355,6 +400,7 @@ return moved
 # added meanwhile, which shift every index, cannot make it take the wrong one.
 # ARGV: 'requeue' or 'purge', then (payload, digest, record id) triples. Returns how many.
 DEAD_TAKE = Script(
+    flags=ALLOW_OOM,
     keys=("dead", "queue", "dead_reasons"),
     args=("mode",),
     body="""

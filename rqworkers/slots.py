@@ -59,10 +59,10 @@ class Slot:
     # How the last worker ended, when it ended badly: handed to the next worker so that a
     # message it leaves behind is dead-lettered with the real cause.
     previous_exit: str | None = None
-    # Ids of the deliveries that were in its handler: the next replay charges them an
-    # attempt (see `scripts.REPLAY`). None: unknown (a new manager, or a worker that died
-    # before replaying), so the next replay charges every leftover.
-    previous_running: list[bytes] | None = None
+    # The oldest delivery of its private list that had not reached the handler: the next
+    # replay charges every one before it an attempt (see `scripts.REPLAY`). None: unknown
+    # (a new manager, or a worker that died before replaying): every leftover is charged.
+    previous_unstarted: bytes | None = None
     retiring: bool = False  # removed (reload or SIGTTOU): not restarted once its worker exits
 
     @property
@@ -104,19 +104,19 @@ class Slot:
             kind = "crash" if crashed else ""
         else:
             reason, kind, crashed = describe_exit(status), "crash", True
-        running = self.board.running
+        unstarted = self.board.first_unstarted
         if not crashed:
             self.failures = 0
-        elif healthy or self.board.succeeded or self.board.failed or running:
-            # It did work: a message finished, or one was in the handler (a poison message,
-            # which its attempts bound). Backoff is for deaths before any work, such as a
-            # bad import, a refused login or a failing setup().
+        elif healthy or self.board.made_progress:
+            # It settled a message before it died: respawn at once. A worker that dies before
+            # settling anything (a bad import, a refused login, a failing setup(), or the
+            # same delivery ending its worker again and again) backs off.
             self.failures = 1
         else:
             self.failures += 1
         self.previous_exit = reason if (crashed or self.stop_reason) else None
-        if running is not None:  # else the worker never took over: keep what we knew
-            self.previous_running = running
+        if unstarted is not None:  # else the worker never took over: keep what we knew
+            self.previous_unstarted = unstarted
         delay = backoff.compute(self.failures)
         self.next_start = now + delay
         self.board.worker_ended(reason, kind, time.time() + delay, self.failures)

@@ -125,6 +125,8 @@ def _state(w: dict[str, Any]) -> str:
 def _note(w: dict[str, Any]) -> str:
     """What an operator should know beyond the numbers: the Redis error a worker waits out,
     else how the slot's last worker ended."""
+    if w.get("state") == "stale":
+        return f"no news from its node for {w.get('stale_for')}s (manager stopped or cut off)"
     if w.get("waiting_for"):
         return f"waiting out a Redis error: {w['waiting_for']}"
     return f"last exit: {w['last_exit']}" if w.get("last_exit") else "-"

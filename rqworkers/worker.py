@@ -59,7 +59,9 @@ class WorkerSpec:
     worker_id: str
     manager_pid: int
     previous_exit: str | None  # how this slot's last worker ended, if it ended badly
-    previous_running: list[bytes] | None  # ids of deliveries in its handler; None: unknown
+    # The first delivery its private list held that never reached a handler (see
+    # `Scoreboard.mark_unstarted`); the ones before it are charged. None: unknown.
+    previous_unstarted: bytes | None
     lease_ttl: float
     sample_succeeded: float = 0.0  # share of succeeded messages that get a log line
     sample_failed: float = 1.0  # share of failed and dead-lettered messages that do
@@ -87,12 +89,15 @@ class Worker:
         self.finished = 0  # messages this process ran to an end, for `max_requests`
         self.needs_lease = True  # taken before any replay, so no reclaimer races us
         # Replay what the private list holds before taking anything new, charging the
-        # deliveries an earlier life of this worker had in its handler (None: unknown).
+        # deliveries an earlier life of this worker had started (all, if that is unknown).
         self.replaying = True
-        self.charge_at_replay: list[bytes] | None = spec.previous_running
+        self.charge_before: bytes | None = spec.previous_unstarted or b""
         # Taken, not yet started, oldest first: (delivery, why it would be dead).
         self.batch: deque[tuple[Delivery, str]] = deque()
-        self.outbox = Outbox(queue, self.failure_settled, self.before_acks)
+        self.marked = False  # the scoreboard names an unstarted delivery of the private list
+        self.outbox = Outbox(
+            queue, self.failure_settled, self.before_acks, self.before_take, board.settled
+        )
         self.in_handler = False  # user code runs: this worker's Redis client is idle
         self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         # Its outages are published, so that `/healthz` and `status` can tell them.
@@ -161,13 +166,42 @@ class Worker:
         """Settle what a lost reply left unconfirmed, then queue the private list's leftovers."""
         self.outbox.flush()
         reason = self.spec.previous_exit or LOST_WORKER
-        leftovers = self.queue.replay(self.charge_at_replay)
-        self.charge_at_replay = []  # from here on this process knows what it ran
-        self.batch.extend((delivery, reason) for delivery in leftovers)
+        leftovers = self.queue.replay(self.charge_before)
+        self.charge_before = None  # from here on this process knows what it ran
+        running = self.running_elements()
+        self.batch.extend((d, reason) for d in leftovers if d.element not in running)
+        self.mark_unstarted()
         self.replaying = False
         self.board.replayed()
         if leftovers:
             log.info("replaying %d message(s) left in flight", len(leftovers))
+
+    def running_elements(self) -> set[bytes]:
+        """Envelopes of the deliveries in a handler now (none between two messages)."""
+        return set()
+
+    def mark_unstarted(self) -> None:
+        """Tell the scoreboard which delivery is the oldest not started: call before each
+        handler starts, and whenever the batch is refilled.
+
+        The mark stays when the batch is dropped but its deliveries stay in the private list
+        (a Redis error, an exit), and moves on only once they are given back.
+        """
+        batch = self.batch
+        self.board.mark_unstarted(batch[0][0].id if batch else b"")
+        self.marked = bool(batch)
+
+    def before_take(self) -> None:
+        """A take is about to be sent: if no delivery in hand is unstarted, what it takes
+        is the oldest unstarted, even should this worker die before the reply is read."""
+        if not self.marked:
+            self.board.mark_unstarted(self.queue.next_take_id)
+
+    def took(self, deliveries: list[Delivery]) -> None:
+        """Add what a take brought to the batch."""
+        self.batch.extend((delivery, LOST_WORKER) for delivery in deliveries)
+        if not self.marked and self.batch:
+            self.mark_unstarted()
 
     def fill_batch(self) -> bool:
         """Ack what is done and take up to `prefetch` messages; block only if there are none."""
@@ -179,7 +213,7 @@ class Worker:
             if not self.wait_for_message(_block_for(taken.next_due)):
                 return False
             taken = self.outbox.take(limit, landed=True)
-        self.batch.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
+        self.took(taken.deliveries)
         return bool(self.batch)
 
     def wait_for_message(self, seconds: float) -> bool:
@@ -251,6 +285,7 @@ class Worker:
             moved = self.queue.give_back([delivery for delivery, _ in self.batch])
             log.info("gave %d unstarted message(s) back to %s", moved, self.queue.keys.queue)
             self.batch.clear()
+            self.marked = False  # the one it names has left the list
 
     def on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         """SIGTERM/SIGINT: stop after the message in hand; while a handler runs (and so
@@ -274,8 +309,9 @@ class Worker:
             self.outbox.fail(Failure(delivery, record, None))
             return False
         self.settle_before(delivery)
+        self.mark_unstarted()  # from here on, its worker's end charges it
         since = time.monotonic()
-        self.board.busy(delivery.id, since)
+        self.board.busy(since)
         error: BaseException | None = None
         handler = self.handler
         self.in_handler = True

@@ -259,3 +259,34 @@ def test_a_long_redis_error_is_described_on_one_line() -> None:
         describe(error)
         == "ConnectionError: Error 111 connecting to 127.0.0.1:1. Connection refused."
     )
+
+
+def status_row(svc: Service, name: str = "jobs-1") -> str:
+    text = cli("status", "-c", str(svc.config_path)).stdout.decode()
+    return next((line for line in text.splitlines() if f"{name} " in line), "")
+
+
+def test_status_shows_a_stopped_managers_workers_as_stopped_not_idle(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service([{"queue": "jobs", "handler": OPS}])
+    svc.wait_workers(1)
+    wait_for(lambda: " idle " in status_row(svc), timeout=15, what="status to show it idle")
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(15) == 0
+    row = status_row(svc)
+    assert " stopped " in row and " idle " not in row, row
+
+
+def test_status_shows_a_lost_managers_workers_as_stale(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    svc = service(
+        [{"queue": "jobs", "handler": OPS}],
+        manager={"check_interval": 0.2, "lease_ttl": 12.0},  # a status every 4 s
+    )
+    svc.wait_workers(1)
+    wait_for(lambda: " idle " in status_row(svc), timeout=15, what="status to show it idle")
+    svc.signal_session(signal.SIGKILL)  # the whole node: nobody says goodbye
+    row = wait_for(lambda: " stale " in (r := status_row(svc)) and r, timeout=15, what="stale")
+    assert "no news from its node for" in row and " idle " not in row, row

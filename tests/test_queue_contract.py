@@ -158,7 +158,7 @@ def test_odd_payloads_pass_byte_for_byte(
     assert client.lrange(q.keys.dead, 0, -1) == [payload]
     (retried,) = take_all(q)
     assert retried.payload == payload and retried.attempts == 1
-    assert q.replay(None)[0].payload == payload
+    assert q.replay(b"")[0].payload == payload
 
 
 def test_acks_travel_with_the_next_take(client: redis.Redis, q: ReliableQueue) -> None:
@@ -350,18 +350,18 @@ def test_requeue_of_one_twin_takes_its_own_record(client: redis.Redis, q: Reliab
 # -- replay, give back, reclaim ----------------------------------------------------------------
 
 
-def test_replay_charges_only_the_deliveries_that_were_running(
+def test_replay_charges_only_the_deliveries_that_had_started(
     client: redis.Redis, q: ReliableQueue, make_queue: MakeQueue
 ) -> None:
     produce(client, *[b"same"] * 4)
-    _, b, _, _ = take_all(q)
+    _, _, c, _ = take_all(q)  # a and b reached the handler; c and d (their twins) did not
     after = make_queue()  # the next life of this worker
-    replayed = after.replay([b.id])
+    replayed = after.replay(c.id)
     assert [x.payload for x in replayed] == [b"same"] * 4
-    assert [x.attempts for x in replayed] == [0, 1, 0, 0], "b ran; its twins did not"
-    assert [x.attempts for x in after.replay([b.id])] == [0, 1, 0, 0], "sent again: no charge"
-    assert [x.attempts for x in after.replay([])] == [0, 1, 0, 0], "nothing ran: nothing charged"
-    assert [x.attempts for x in make_queue().replay(None)] == [1, 2, 1, 1], "unknown: all"
+    assert [x.attempts for x in replayed] == [1, 1, 0, 0], "a and b started; c and d did not"
+    assert [x.attempts for x in after.replay(c.id)] == [1, 1, 0, 0], "sent again: no charge"
+    assert [x.attempts for x in after.replay(None)] == [1, 1, 0, 0], "its own list: no charge"
+    assert [x.attempts for x in make_queue().replay(b"")] == [2, 2, 1, 1], "unknown: all"
 
 
 def test_replay_of_unknown_charges_each_leftover_once_even_sent_twice(
@@ -371,28 +371,28 @@ def test_replay_of_unknown_charges_each_leftover_once_even_sent_twice(
     take_all(q, 2)
     assert q.fetch(0.1) and q.fetch(0.1)
     after = make_queue()
-    first = after.replay(None)
+    first = after.replay(b"")
     assert [(x.payload, x.attempts) for x in first] == [
         (b"a", 1),
         (b"b", 1),
         (b"landed-1", 0),
         (b"landed-2", 0),
     ], "landed messages never ran: never charged"
-    assert [x.attempts for x in after.replay(None)] == [1, 1, 0, 0], "a resent replay"
+    assert [x.attempts for x in after.replay(b"")] == [1, 1, 0, 0], "a resent replay"
 
 
 def test_replay_takes_in_a_landed_message_uncharged(client: redis.Redis, q: ReliableQueue) -> None:
     produce(client, b"old", b"landed")
     take_all(q, 1)
     assert q.fetch(0.1)
-    replayed = q.replay([])
+    replayed = q.replay(None)
     assert [(x.payload, x.attempts) for x in replayed] == [(b"old", 0), (b"landed", 0)]
     assert client.exists(q.keys.landing) == 0
 
 
 def test_replay_wraps_what_an_older_release_left(client: redis.Redis, q: ReliableQueue) -> None:
     client.lpush(q.keys.processing, b"legacy-1", b"legacy-2")
-    replayed = q.replay([])
+    replayed = q.replay(None)
     assert [(x.payload, x.attempts) for x in replayed] == [(b"legacy-1", 0), (b"legacy-2", 0)]
     assert q.take([x.element for x in replayed], 0).missing_acks == 0
 
@@ -424,13 +424,13 @@ def test_give_back_returns_untried_messages_to_the_head_and_keeps_counts(
     assert q.give_back(taken) == 0, "given back already"
 
 
-def test_reclaim_of_an_own_slot_charges_only_what_was_running(
+def test_reclaim_of_an_own_slot_charges_only_what_had_started(
     client: redis.Redis, make_queue: MakeQueue
 ) -> None:
     slot = make_queue(worker_id="node-a:1")
     produce(client, b"ran", b"waited", b"waited")
-    ran, _, _ = take_all(slot)
-    assert make_queue(worker_id="node-a:1").reclaim([ran.id]) == 3
+    _, waited, _ = take_all(slot)
+    assert make_queue(worker_id="node-a:1").reclaim(waited.id) == 3
     taken = take_all(make_queue(worker_id="node-a:2"))
     assert [(d.payload, d.attempts) for d in taken] == [(b"ran", 1), (b"waited", 0), (b"waited", 0)]
 
@@ -473,10 +473,14 @@ def test_every_key_starts_with_the_queue_name(queue: str) -> None:
 
 def test_every_script_names_keys_that_exist() -> None:
     keys = Keys.of("q", "w")
-    for name in ("TAKE", "REPLAY", "GIVE_BACK", "RETRY_LATER", "DEAD_LETTER", "RECLAIM"):
+    names = ("TAKE", "REPLAY", "GIVE_BACK", "RETRY_LATER", "DEAD_LETTER", "RECLAIM", "LEASE")
+    for name in names:
         script: scripts.Script = getattr(scripts, name)
         assert keys.of_script(script), name
-        assert script.source.startswith(f"local {', '.join(script.keys)} = KEYS[1], ")
+        header = f"local {', '.join(script.keys)} = KEYS[1], "
+        assert script.legacy_source.startswith(header)
+        flags = f"#!lua flags={','.join(script.flags)}\n" if script.flags else ""
+        assert script.source == flags + script.legacy_source
 
 
 def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
@@ -536,7 +540,7 @@ def test_operations_never_duplicate_or_lose_a_message(
             else:
                 assert worker.dead_letter(d, {"reason": "test", "attempts": 1}) is True
         elif op == "replay":
-            worker.replay(rng.choice([None, [], [d.id for d in in_flight[:1]]]))
+            worker.replay(rng.choice([None, b"", *(d.id for d in in_flight[:2])]))
         elif op == "back" and in_flight:
             worker.give_back(in_flight[-1:])
         assert count() == produced - acked, f"step {step}: {op}"
@@ -652,7 +656,7 @@ def test_a_process_whose_list_another_replayed_takes_nothing_more(
     first, second = make_queue(), make_queue()
     produce(client, b"x", b"y", b"z")
     x, y = take_all(first, 2)
-    replayed = second.replay([])
+    replayed = second.replay(None)
     assert replayed == [x, y]
     with pytest.raises(Superseded):
         first.take([x.element], 1)

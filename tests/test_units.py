@@ -364,7 +364,7 @@ def slot() -> Slot:
 def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
     slot.board.prepare()
     slot.spawned(os.getpid(), now=100.0)
-    slot.board.busy(b"id", time.monotonic())
+    slot.board.busy(time.monotonic())
     slot.board.idle(False, 0.01)
     reason = slot.ended(exited(ExitCode.MAX_REQUESTS), now=101.0, backoff=BACKOFF)
     assert reason == "max requests"
@@ -435,21 +435,20 @@ def test_a_crash_after_a_long_life_restarts_at_once(slot: Slot) -> None:
     assert slot.next_start == 3.0 + HEALTHY_AFTER  # no delay
 
 
-@pytest.mark.parametrize("progress", ["a message finished", "one was in the handler"])
 def test_a_quick_crash_after_progress_restarts_at_once_however_many_came_before(
-    slot: Slot, progress: str
+    slot: Slot,
 ) -> None:
     """Issue 8, item 6: a poison message among healthy ones kills its worker one second
-    after the start, again and again; each worker did work, so none waits."""
+    after the start, again and again; each worker settled messages, so none waits."""
     now = 1000.0
     for _ in range(8):
         slot.board.prepare()
         slot.spawned(os.getpid(), now)
         slot.board.replayed()  # took over its private list, as every worker does first
-        slot.board.busy(b"node:1.5.1", time.monotonic())
-        if progress == "a message finished":
-            slot.board.idle(False, 0.001)
-            slot.board.busy(b"node:1.5.2", time.monotonic())
+        slot.board.busy(time.monotonic())
+        slot.board.idle(False, 0.001)
+        slot.board.settled(1)  # Redis confirmed its ack
+        slot.board.busy(time.monotonic())
         now += 1.0
         slot.ended(signal.SIGKILL, now, BACKOFF)
         assert slot.failures == 1 and slot.next_start == now
@@ -457,6 +456,33 @@ def test_a_quick_crash_after_progress_restarts_at_once_however_many_came_before(
     slot.spawned(os.getpid(), now)
     slot.ended(signal.SIGKILL, now + 0.1, BACKOFF)  # then one that did nothing at all
     assert slot.failures == 2 and slot.next_start == pytest.approx(now + 0.1 + 0.5)
+
+
+@pytest.mark.parametrize("code", [signal.SIGKILL, exited(ExitCode.REDIS_REFUSED)])
+@pytest.mark.parametrize("finished", [False, True], ids=["in-handler", "handler-returned"])
+def test_the_same_delivery_ending_its_worker_again_and_again_backs_off(
+    slot: Slot, code: int, finished: bool
+) -> None:
+    """Issue 17: a worker that dies before settling anything, with a delivery in its
+    handler or one that has left it unsettled (its ack refused: exit 74), is a crash loop
+    like a failed start, however much it ran: 0, 0.5, 1, 2 s... ."""
+    now, delays = 1000.0, []
+    for _ in range(4):
+        slot.board.prepare()
+        slot.spawned(os.getpid(), now)
+        slot.board.ready()
+        slot.board.replayed()
+        slot.board.mark_unstarted(b"")
+        slot.board.busy(time.monotonic())
+        if finished:
+            slot.board.idle(False, 0.001)
+        now += 1.0
+        slot.ended(code, now, BACKOFF)
+        delays.append(slot.next_start - now)
+        now = slot.next_start
+    assert delays == pytest.approx([0.0, 0.5, 1.0, 2.0])
+    assert slot.board.get("failures") == 4, "published for /healthz and status"
+    assert slot.board.state() == "backoff"
 
 
 def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
@@ -470,7 +496,7 @@ def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
 def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
     slot.spawned(os.getpid(), now=0.0)
     slot.board.ready()
-    slot.board.busy(b"id", time.monotonic())
+    slot.board.busy(time.monotonic())
     reason = slot.ended(exited(ExitCode.OK), now=20.0, backoff=BACKOFF)
     assert reason == "exited mid-message (exit code 0)"
     assert slot.failures == 1 and slot.previous_exit == reason
@@ -520,21 +546,26 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
     assert (board.succeeded, board.failed, board.busy_for()) == (0, 0, 0.0)
 
     def worker() -> int:
+        board.mark_unstarted(b"id-1")
         board.replayed()
-        board.busy(b"id-1", time.monotonic())
+        board.mark_unstarted(b"id-2")
+        board.busy(time.monotonic())
         board.idle(False, 0.002)
-        board.busy(b"id-2", time.monotonic())
+        board.busy(time.monotonic())
         board.idle(True, 0.3)
-        board.busy(b"id-3", time.monotonic())
+        board.busy(time.monotonic())
         board.idle(False, 20.0)
-        board.busy(b"id-4", time.monotonic())  # left mid-message
+        board.mark_unstarted(b"id-5")
+        board.busy(time.monotonic())  # left mid-message
+        board.settled(3)
         return 0
 
     started = time.monotonic()
     assert _fork_and_wait(worker) == 0
     assert board.succeeded == 2
     assert board.failed == 1
-    assert board.running == [b"id-4"], "the delivery it died in is named"
+    assert board.first_unstarted == b"id-5", "what it died before starting is named"
+    assert board.made_progress
     busy_for = board.busy_for()
     assert 0.0 < busy_for <= time.monotonic() - started + 0.01
     buckets = board.buckets()
@@ -544,9 +575,11 @@ def test_the_scoreboard_is_shared_across_fork() -> None:
     board.idle(False, 0.0)
     assert board.busy_for() == 0.0
     assert board.succeeded == 3
-    assert board.running == []
     board.prepare()
-    assert board.running is None, "unknown until the next worker has replayed"
+    assert board.first_unstarted is None, "unknown until the next worker has replayed"
+    assert not board.made_progress
+    board.replayed()
+    assert board.first_unstarted == b"", "a new worker has started nothing"
 
 
 def test_the_child_sees_what_the_parent_wrote() -> None:
@@ -575,7 +608,7 @@ def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
     assert (board.state(), board.waiting_reason) == ("waiting", "ConnectionError: refused")
     board.waiting(None)
     assert (board.state(), board.waiting_reason) == ("idle", None)
-    board.busy(b"id", time.monotonic())
+    board.busy(time.monotonic())
     assert board.state() == "busy"
     board.stop_requested()
     assert board.state() == "stopping"

@@ -204,7 +204,7 @@ def dead_letter(client: redis.Redis, queue: str, payload: bytes, reason: str) ->
     """Dead-letter `payload` the way a worker does."""
     client.lpush(queue, payload)
     worker = ReliableQueue(client, queue, "test:1")
-    worker.replay([])  # a new process takes the list over, as every worker starts
+    worker.replay(None)  # a new process takes the list over, as every worker starts
     [delivery] = worker.take([], 1).deliveries
     assert delivery.payload == payload
     assert worker.dead_letter(delivery, {"reason": reason, "attempts": 3})

@@ -59,7 +59,7 @@ def run_worker(queue: ReliableQueue, prefetch: int, messages: int) -> Worker:
     pair = PairSettings(
         host="h", queue="jobs", handler="tests.test_worker_recovery:record", prefetch=prefetch
     )
-    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, [], lease_ttl=30)
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
     worker = Worker(spec, Handler(pair.handler), queue, Scoreboard(), StopFlag())
     worker.outage.backoff = type(worker.outage.backoff)(base=0.0, cap=0.0)
     for _ in range(10 * messages):
@@ -87,4 +87,4 @@ def test_identical_payloads_survive_a_lost_take(
     assert client.llen("jobs") == 0
     assert client.llen("jobs:processing:node:1") == 0
     assert client.zcard("jobs:retry") == 0 and client.llen("jobs:dead") == 0
-    assert worker.board.running == []
+    assert worker.board.in_flight() == 0

@@ -136,3 +136,26 @@ class StuckCallback:
     def on_success(self, message: bytes, result: object) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
         time.sleep(60)
+
+
+def refuse_the_ack(message: bytes) -> None:
+    """Succeeds; a payload starting with `poison` then makes the worker's next take on queue
+    `jobs` (which carries the ack) fail with WRONGTYPE before it changes anything, as a key
+    of the wrong type does: the worker exits with code 74 after its handler returned, before
+    the ack reached Redis. The owner key it breaks is set again by the next worker's replay.
+    """
+    _record("started", message)
+    if message.startswith(b"poison"):
+        for key in client().keys("jobs:owner:*"):
+            pipe = client().pipeline()
+            pipe.delete(key)
+            pipe.rpush(key, b"not a string")
+            pipe.execute()
+    _record("done", message)
+
+
+def to_file(message: bytes) -> None:
+    """Appends the payload as a line to $TESTAPP_OUT: a record that needs no Redis, which
+    may be out of memory."""
+    with open(os.environ["TESTAPP_OUT"], "ab") as out:
+        out.write(message + b"\n")
