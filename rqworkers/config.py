@@ -8,6 +8,7 @@ each naming the file, the field path and what is wrong.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -191,7 +192,7 @@ class ManagerSettings(_Section):
     @classmethod
     def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         problems = [f"{name!r} is not a host name or address" for name in value
-                    if not _HOST_NAME_RE.match(name)]  # fmt: skip
+                    if not host_name_ok(name)]  # fmt: skip
         if problems:
             raise ValueError("; ".join(problems))
         return tuple(name.lower() for name in value)
@@ -213,11 +214,31 @@ MIN_TOKEN_LENGTH = 16  # characters: too many to guess over HTTP, even at full s
 
 
 MAX_TOKEN_FILE = 4096  # bytes: a token file is one line; /dev/zero must not fill memory
-# A DNS name (`status.example.com`), an IPv4 address, or an IPv6 one in brackets.
-_HOST_NAME_RE = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
-    r"[A-Za-z0-9])?\.?$|^\[[0-9A-Fa-f:.]+\]$"
+# A DNS name (`status.example.com`): labels of letters, digits and inner hyphens.
+_DNS_NAME_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?\.?"
 )
+
+
+def host_name_ok(name: str) -> bool:
+    """Whether `name` is a DNS name, an IPv4 address, or an IPv6 one in brackets, as a
+    `Host` header names a server (without the port). The whole text must be one: no
+    trailing newline, no `[:]`, no all-digit name that is not an IPv4 address."""
+    if name.startswith("[") and name.endswith("]"):
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            return False
+        return True
+    if not _DNS_NAME_RE.fullmatch(name):
+        return False
+    if name.rstrip(".").rpartition(".")[2].isdigit():  # numbers: an IPv4 address or nothing
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return False
+    return True
 
 
 def check_token(token: str, where: str) -> None:
@@ -232,28 +253,27 @@ def read_token_file(path: str) -> str:
     The status page calls this at every request, so a file emptied, shortened, swapped
     for a FIFO or a device, or replaced by another user while the service runs turns the
     actions off rather than on. It must be a regular file that only its owner, this user
-    or root, can write. It may be a symlink to one (Kubernetes mounts secrets so) if the
-    link too is this user's or root's; and its folder must not let others swap it: not
-    writable by others, or sticky (as /tmp is), where no one removes another's file.
+    or root, can write. It may be reached through symlinks (Kubernetes mounts secrets so)
+    if each is this user's or root's; and no folder that holds a link, a folder or the
+    file on the way may let others swap what it holds: not writable by others, or sticky
+    (as /tmp is), where no one removes another's file. `_resolve_owned` walks the path.
     """
     where = f"dashboard_token_file {path}"
     try:
-        entry = os.lstat(path)
-        folder = os.stat(os.path.dirname(os.path.abspath(path)))
-        fd = files.open_regular(path, os.O_RDONLY | os.O_NOCTTY)
+        real = _resolve_owned(path, where)
+        fd = files.open_regular(real, os.O_RDONLY | os.O_NOCTTY, follow=False)
     except files.NotRegularFileError as exc:
         raise ValueError(f"{where}: {exc}") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ValueError(f"{where}: cannot read: {exc}") from None
     try:
         info = os.fstat(fd)
-        for what, owner in (("a symlink", entry.st_uid), ("the file", info.st_uid)):
-            if owner not in (0, os.geteuid()):
-                raise ValueError(f"{where}: {what} owned by uid {owner}, not this user or root")
+        named = "" if real == os.path.abspath(path) else f" ({real})"
+        if info.st_uid not in (0, os.geteuid()):
+            raise ValueError(f"{where}: the file{named} is owned by uid {info.st_uid}, "
+                             "not this user or root")  # fmt: skip
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ValueError(f"{where}: writable by others than its owner")
-        if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
-            raise ValueError(f"{where}: in a folder others can write to (and not sticky)")
+            raise ValueError(f"{where}: the file{named} is writable by others than its owner")
         data = os.read(fd, MAX_TOKEN_FILE + 1)
     except OSError as exc:
         raise ValueError(f"{where}: cannot read: {exc}") from None
@@ -267,6 +287,48 @@ def read_token_file(path: str) -> str:
         raise ValueError(f"{where}: not UTF-8 text") from None
     check_token(token, where)
     return token
+
+
+MAX_LINKS = 40  # symlinks followed on the way to a token file, as Linux allows
+
+
+def _resolve_owned(path: str, where: str) -> str:
+    """The real path of `path`, found as the kernel would, one component at a time (each
+    link read with `os.readlink`), checking that no other user can change where it leads:
+    every link is this user's or root's, and every folder holding a component is not
+    writable by group or others unless sticky. ValueError names the first that fails.
+
+    Checking only the configured path would not do: a private link to a file in a
+    world-writable folder lets anyone there put their own file, or link, in its place."""
+    pending = list(reversed(os.path.abspath(path).split("/")))
+    current, links = "/", 0
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)  # `current` holds no link: this is exact
+            continue
+        candidate = os.path.join(current, name)
+        folder = os.stat(current).st_mode
+        entry = os.lstat(candidate)
+        if folder & (stat.S_IWGRP | stat.S_IWOTH) and not folder & stat.S_ISVTX:
+            raise ValueError(f"{where}: {candidate} is in a folder others can write to "
+                             f"(and not sticky): {current}")  # fmt: skip
+        if not stat.S_ISLNK(entry.st_mode):
+            current = candidate
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise ValueError(f"{where}: more than {MAX_LINKS} symlinks on the way")
+        if entry.st_uid not in (0, os.geteuid()):
+            raise ValueError(f"{where}: {candidate} is a symlink owned by uid {entry.st_uid}, "
+                             "not this user or root")  # fmt: skip
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = "/"
+        pending.extend(reversed(target.split("/")))
+    return current
 
 
 def metrics_endpoint(address: str) -> tuple[str, int]:
