@@ -13,7 +13,10 @@ adds that header by itself. Every comparison uses `hmac.compare_digest`.
 
 Fail closed: the token is checked at every use, so a token file emptied or shortened
 while the service runs turns the actions off instead of making the empty string the key
-(`token_source`, `Gate.token`). Wrong tokens are throttled per client address (`Throttle`).
+(`token_source`, `Gate.token`). Wrong tokens are throttled per client address and for
+all of them together (`Throttle`), and logged as a summary (`QuietLog`). A POST must come
+from the page's own origin, or from no browser at all (`Site.check_origin`): a form of
+another origin could otherwise spend everyone's guesses and lock the operator out.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import threading
 import time
@@ -178,16 +182,22 @@ def _mac(token: str, purpose: str, value: str) -> str:
 
 LOGIN_BURST = 5  # wrong tokens a client address may offer in a row
 LOGIN_REFILL = 5.0  # seconds after which it may offer one more
+GLOBAL_BURST = 20  # wrong tokens all addresses together may offer in a row
+GLOBAL_REFILL = 0.5  # seconds after which they may offer one more: 2 a second at most
 MAX_CLIENTS = 10_000  # addresses remembered at once: a flood of them cannot fill memory
+EVERYONE = ""  # the key of the bucket all addresses share (no address is empty)
 
 
 class Throttle:
-    """Wrong tokens, per client address: a token bucket of `LOGIN_BURST`, one more every
-    `LOGIN_REFILL` seconds. An empty bucket refuses every token offered, right or wrong,
-    until it refills: 12 guesses a minute instead of thousands a second.
+    """Wrong tokens: a token bucket per client address (`LOGIN_BURST`, one more every
+    `LOGIN_REFILL` seconds) and one for all of them together (`GLOBAL_BURST`, one more
+    every `GLOBAL_REFILL` seconds). An empty bucket refuses every token offered, right or
+    wrong, until it refills: 12 guesses a minute from one address, and 2 a second from
+    any number of them (a local user can source from all of 127.0.0.0/8).
 
-    Keyed by the peer's address: behind a reverse proxy every client shares the proxy's,
-    so a guesser there delays everyone's login, and bearer scripts, until it refills."""
+    The price of the shared bucket: whoever keeps it empty delays everyone's login, and
+    bearer scripts, until it refills. So does a guesser behind a reverse proxy, where
+    every client has the proxy's address."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -195,37 +205,77 @@ class Throttle:
         self._buckets: dict[str, tuple[float, float]] = {}  # address: (tokens, at)
 
     def attempt(self, client: str) -> float:
-        """Charge `client` one guess and return 0, or return the seconds it must wait.
+        """Charge `client` (and everyone) one guess and return 0, or return the seconds it
+        must wait.
 
         Charged before the token is compared, in one step, so that parallel requests
         cannot all pass the check before any of them is counted. `refund` a right one."""
         with self._lock:
             now = self.clock()
-            tokens = self._tokens(client, now)
-            if tokens < 1:
-                return (1 - tokens) * LOGIN_REFILL
-            self._set(client, tokens - 1, now)
+            mine, everyone = self._tokens(client, now), self._tokens(EVERYONE, now)
+            if mine < 1 or everyone < 1:
+                return max((1 - mine) * LOGIN_REFILL, (1 - everyone) * GLOBAL_REFILL)
+            self._set(client, mine - 1, now)
+            self._set(EVERYONE, everyone - 1, now)
         return 0.0
 
     def refund(self, client: str) -> None:
         """The guess `attempt` charged was right (or was no guess): give it back."""
         with self._lock:
             now = self.clock()
-            self._set(client, self._tokens(client, now) + 1, now)
+            for key in (client, EVERYONE):
+                self._set(key, self._tokens(key, now) + 1, now)
 
     def _set(self, client: str, tokens: float, now: float) -> None:
         self._buckets.pop(client, None)
-        if tokens < LOGIN_BURST:
+        if tokens < _burst(client):
             self._buckets[client] = (tokens, now)  # newest last: the oldest go first
         if len(self._buckets) > MAX_CLIENTS:
             self._forget(now)
 
     def _tokens(self, client: str, now: float) -> float:
-        tokens, at = self._buckets.get(client, (LOGIN_BURST, now))
-        return min(float(LOGIN_BURST), tokens + (now - at) / LOGIN_REFILL)
+        burst = _burst(client)
+        tokens, at = self._buckets.get(client, (burst, now))
+        refill = GLOBAL_REFILL if client == EVERYONE else LOGIN_REFILL
+        return min(float(burst), tokens + (now - at) / refill)
 
     def _forget(self, now: float) -> None:
-        for client in [c for c in self._buckets if self._tokens(c, now) >= LOGIN_BURST]:
+        for client in [c for c in self._buckets if self._tokens(c, now) >= _burst(c)]:
             del self._buckets[client]
         while len(self._buckets) > MAX_CLIENTS:
-            del self._buckets[next(iter(self._buckets))]
+            oldest = next(c for c in self._buckets if c != EVERYONE)
+            del self._buckets[oldest]
+
+
+def _burst(client: str) -> int:
+    return GLOBAL_BURST if client == EVERYONE else LOGIN_BURST
+
+
+LOG_EVERY = 10.0  # seconds: at most one line of refusals this often, however many there are
+
+
+class QuietLog:
+    """Refusals (wrong tokens, cross-site posts) logged as a summary, not one line each:
+    the first at once, then at most one line every `LOG_EVERY` seconds saying how many
+    there were since and from how many addresses. A flood of guesses, from however many
+    addresses, cannot fill the disk; no refusal goes uncounted (the next line counts it)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last = -math.inf  # when the last line was written
+        self._held = 0  # refusals since, not yet written
+        self._clients: set[str] = set()  # their addresses (at most MAX_CLIENTS kept)
+
+    def refused(self, what: str, client: str) -> None:
+        with self._lock:
+            now = self.clock()
+            if now - self._last < LOG_EVERY:
+                self._held += 1
+                if len(self._clients) < MAX_CLIENTS:
+                    self._clients.add(client)
+                return
+            held, clients = self._held, len(self._clients)
+            self._last, self._held, self._clients = now, 0, set()
+        since = f" (and {held} more refused from {clients} address(es) since the last such line)"
+        log.warning("dashboard: refused %s from %s%s", what, client, since if held else "")

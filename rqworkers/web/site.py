@@ -32,7 +32,15 @@ from rqworkers.backoff import describe
 from rqworkers.config import Config, PairSettings
 from rqworkers.connections import Client
 from rqworkers.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
-from rqworkers.web.auth import COOKIE, SESSION_SECONDS, Gate, Identity, Throttle, token_source
+from rqworkers.web.auth import (
+    COOKIE,
+    SESSION_SECONDS,
+    Gate,
+    Identity,
+    QuietLog,
+    Throttle,
+    token_source,
+)
 from rqworkers.web.cache import SharedReads
 
 log = logging.getLogger(__name__)
@@ -98,6 +106,7 @@ class Site:
         self.config = config
         self.gate = Gate(token_source(config.manager))
         self.throttle = Throttle()
+        self.refusals = QuietLog()
         self.private = config.manager.dashboard_private
         self.hosts = frozenset(config.manager.dashboard_hosts)
         self._hosts_refused: set[str] = set()
@@ -127,6 +136,8 @@ class Site:
             return False
         try:
             self.check_host(http)
+            if http.command == "POST":
+                self.check_origin(http)
             if route is None:
                 raise RefusedError(
                     HTTPStatus.METHOD_NOT_ALLOWED, f"{http.command} not allowed here"
@@ -183,6 +194,41 @@ class Site:
                         host, http.client_address[0])  # fmt: skip
         raise RefusedError(HTTPStatus.MISDIRECTED_REQUEST,
                            f"this server does not answer for Host {host!r}")  # fmt: skip
+
+    def check_origin(self, http: BaseHTTPRequestHandler) -> None:
+        """Refuse (403) a POST that a browser sent from a page of another origin.
+
+        A form of any site can POST to the page: it gets no answer it can read, but a
+        login with a wrong token spends the throttle's guesses (locking the operator out),
+        and `SameSite` does not stop a login. Browsers say where a request comes from:
+        `Sec-Fetch-Site` (`same-origin`, or `none` when the user typed it; `same-site`
+        is another port or subdomain, so another origin), and `Origin` (`null` from a
+        sandbox or a redirect). A script (curl) sends neither, and is let through. Checked
+        before anything is charged or compared. Our origin is the `Host` that `check_host`
+        accepted, or a name in `dashboard_hosts` (behind a proxy that changes `Host`)."""
+        fetch_site = (http.headers.get("Sec-Fetch-Site") or "").strip().lower()
+        origin = http.headers.get("Origin")
+        problem = None
+        if fetch_site in ("cross-site", "same-site"):
+            problem = f"Sec-Fetch-Site: {fetch_site}"
+        elif origin is not None and not self._our_origin(origin, http.headers.get("Host") or ""):
+            problem = f"Origin {origin[:100]!r}"
+        if problem:
+            self.refusals.refused(f"a POST {urlsplit(http.path).path} from another origin "
+                                  f"({problem})", http.client_address[0])  # fmt: skip
+            raise RefusedError(HTTPStatus.FORBIDDEN, "refused: sent from a page of another origin")
+
+    def _our_origin(self, origin: str, host: str) -> bool:
+        try:
+            url = urlsplit(origin.strip())
+            _ = url.port  # a port that is not a number is no origin of ours
+        except ValueError:
+            return False
+        if url.scheme not in ("http", "https") or url.path or url.query or url.fragment:
+            return False
+        netloc, name = url.netloc.lower(), (url.hostname or "").lower()
+        name = f"[{name}]" if ":" in name else name
+        return netloc == host.strip().lower() or name in self.hosts
 
     def client(self, url: str) -> Client:
         with self._clients_lock:
@@ -288,8 +334,8 @@ class Site:
         self.actions_on()
         identity = self.identify(request)
         if not identity.authenticated:
-            log.warning("dashboard: refused %s %s from %s: no valid token",
-                        request.method, request.path, request.client)  # fmt: skip
+            self.refusals.refused(f"{request.method} {request.path}: no valid token",
+                                  request.client)  # fmt: skip
             raise RefusedError(HTTPStatus.FORBIDDEN, "a valid token is needed: log in first")
         if not self.gate.csrf_ok(identity, request.headers.get("X-CSRF-Token")):
             raise RefusedError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
@@ -332,7 +378,7 @@ class Site:
         self.slow_down(request)
         form = parse_qs(request.body.decode("utf-8", "surrogateescape"))
         if not self.gate.token_matches((form.get("token") or [""])[0]):
-            log.warning("dashboard: refused a login from %s: wrong token", request.client)
+            self.refusals.refused("a login: wrong token", request.client)
             raise RefusedError(HTTPStatus.FORBIDDEN, "wrong token")
         self.throttle.refund(request.client)
         log.info("dashboard: login from %s", request.client)
