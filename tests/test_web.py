@@ -500,6 +500,78 @@ def test_a_token_file_must_be_a_private_regular_file(tmp_path: Path) -> None:
         assert "manager" in str(caught.value) and "c.toml" in str(caught.value)
 
 
+def test_a_token_file_others_can_reach_and_swap_is_refused(tmp_path: Path) -> None:
+    """Every link on the way to the file, and every folder holding one (or the file, or a
+    folder on the way), is checked: a private link into a folder anyone can write is a
+    token anyone can choose (they put their own file, or link, in its place)."""
+    secrets = tmp_path / "sec"
+    secrets.mkdir(mode=0o700)
+    world = tmp_path / "ww"
+    world.mkdir()
+    os.chmod(world, 0o777)  # not sticky: anyone may replace what it holds
+    (world / "tok").write_text(TOKEN)
+    os.chmod(world / "tok", 0o600)
+    (world / "dir").mkdir(mode=0o700)
+    (world / "dir" / "tok").write_text(TOKEN)
+    (secrets / "direct").symlink_to(world / "tok")
+    (secrets / "hop").symlink_to(world / "tok")
+    (secrets / "twice").symlink_to(secrets / "hop")  # the second link leads into ww/
+    (secrets / "down").symlink_to(world / "dir" / "tok")  # ww/ holds the folder dir/
+    (secrets / "relative").symlink_to("../ww/tok")
+    (secrets / "loop").symlink_to(secrets / "loop2")
+    (secrets / "loop2").symlink_to(secrets / "loop")
+    cases = [(secrets / name, re.escape(f"in a folder others can write to (and not sticky): {world}"))
+             for name in ("direct", "twice", "down", "relative")]  # fmt: skip
+    cases.append((secrets / "loop", "more than 40 symlinks"))
+    if os.geteuid() == 0:  # another user's link in the middle, or another user's file
+        sticky = tmp_path / "sticky"
+        sticky.mkdir()
+        os.chmod(sticky, 0o1777)
+        good = secrets / "good"
+        good.write_text(TOKEN)
+        (sticky / "theirs").symlink_to(good)
+        os.lchown(sticky / "theirs", 65534, 65534)
+        (secrets / "via").symlink_to(sticky / "theirs")
+        cases.append((secrets / "via", re.escape(f"{sticky}/theirs is a symlink owned by uid 65534")))
+        given = secrets / "given"
+        given.write_text(TOKEN)
+        os.chown(given, 65534, 65534)
+        cases.append((given, "the file is owned by uid 65534, not this user or root"))
+        (secrets / "to-given").symlink_to(given)
+        cases.append((secrets / "to-given", re.escape(f"the file ({given}) is owned by uid 65534")))
+    for path, problem in cases:
+        with pytest.raises(ConfigError, match=problem) as caught:
+            _load(tmp_path, {"dashboard_token_file": str(path)})
+        assert "manager" in str(caught.value), caught.value
+    # Sticky (as /tmp) and private folders, and links of our own, are fine, at any depth.
+    os.chmod(world, 0o1777)
+    for name in ("direct", "twice", "down", "relative"):
+        cfg = _load(tmp_path, {"dashboard_token_file": str(secrets / name)})
+        assert config.read_token_file(str(cfg.manager.dashboard_token_file)) == TOKEN
+
+
+def test_a_token_folder_opened_to_others_while_running_turns_the_actions_off(
+    web: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The reproduction: sec/token -> ww/tok, and ww/ becomes writable by anyone. Another
+    user could now put their own token there; the page must stop taking any."""
+    world = tmp_path / "ww"
+    world.mkdir(mode=0o755)
+    (world / "tok").write_text(TOKEN)
+    os.chmod(world / "tok", 0o600)
+    secrets = tmp_path / "sec"
+    secrets.mkdir(mode=0o700)
+    (secrets / "token").symlink_to(world / "tok")
+    server = web(dashboard_token_file=str(secrets / "token"))
+    assert server.call("POST", "/login", f"token={TOKEN}".encode())[0] == 303
+    os.chmod(world, 0o777)
+    status, headers, body = server.call("POST", "/login", f"token={TOKEN}".encode())
+    assert status == 403 and "Set-Cookie" not in headers and b"actions are off" in body
+    assert server.json("/api/session")["actions"] is False
+    os.chmod(world, 0o755)
+    assert server.call("POST", "/login", f"token={TOKEN}".encode())[0] == 303
+
+
 def _raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """Send `data` as is and read the whole answer (the server closes after it)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -551,6 +623,20 @@ def test_dashboard_hosts_and_private_are_checked(tmp_path: Path) -> None:
         _load(tmp_path, {"dashboard_hosts": ["ok.example", "bad name"]})
     with pytest.raises(ConfigError, match="dashboard_hosts"):
         _load(tmp_path, {"dashboard_hosts": "ok.example"})
+    # The whole text must be a host name: no trailing newline, no empty or broken address.
+    for bad in ("a.com\n", "[:]", "[]", "[::1", "[a.com]", "1.2.3", "999.1.2.3", "a..b", "-a.com",
+                "a.com:80", "a_b.com", ""):
+        with pytest.raises(ConfigError, match="dashboard_hosts: .* is not a host name"):
+            _load(tmp_path, {"dashboard_hosts": [bad]})
+    with pytest.raises(ConfigError):  # writes c.toml, where a basic string holds a newline
+        _load(tmp_path, {"dashboard_hosts": ["PLACE HOLDER"]})
+    newline = tmp_path / "newline.toml"
+    newline.write_text((tmp_path / "c.toml").read_text().replace("'PLACE HOLDER'", '"a.com\\n"'))
+    with pytest.raises(ConfigError, match=r"dashboard_hosts: 'a\.com\\n' is not a host name"):
+        config.load(newline)
+    assert not config.host_name_ok("a.com\n")
+    good = ["status.example.com", "status.example.com.", "10.0.0.5", "[::1]", "[2001:db8::5]"]
+    assert _load(tmp_path, {"dashboard_hosts": good}).manager.dashboard_hosts == tuple(good)
     with pytest.raises(ConfigError, match="dashboard_private needs dashboard_token"):
         _load(tmp_path, {"dashboard_private": True})
     cfg = _load(tmp_path, {"dashboard_hosts": ["A.example", "[::1]"], "dashboard_private": True,
