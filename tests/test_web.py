@@ -520,8 +520,8 @@ def test_a_token_file_others_can_reach_and_swap_is_refused(tmp_path: Path) -> No
     (secrets / "relative").symlink_to("../ww/tok")
     (secrets / "loop").symlink_to(secrets / "loop2")
     (secrets / "loop2").symlink_to(secrets / "loop")
-    cases = [(secrets / name, re.escape(f"in a folder others can write to (and not sticky): {world}"))
-             for name in ("direct", "twice", "down", "relative")]  # fmt: skip
+    swappable = re.escape(f"in a folder others can write to (and not sticky): {world}")
+    cases = [(secrets / name, swappable) for name in ("direct", "twice", "down", "relative")]
     cases.append((secrets / "loop", "more than 40 symlinks"))
     if os.geteuid() == 0:  # another user's link in the middle, or another user's file
         sticky = tmp_path / "sticky"
@@ -532,7 +532,8 @@ def test_a_token_file_others_can_reach_and_swap_is_refused(tmp_path: Path) -> No
         (sticky / "theirs").symlink_to(good)
         os.lchown(sticky / "theirs", 65534, 65534)
         (secrets / "via").symlink_to(sticky / "theirs")
-        cases.append((secrets / "via", re.escape(f"{sticky}/theirs is a symlink owned by uid 65534")))
+        theirs = re.escape(f"{sticky}/theirs is a symlink owned by uid 65534")
+        cases.append((secrets / "via", theirs))
         given = secrets / "given"
         given.write_text(TOKEN)
         os.chown(given, 65534, 65534)
@@ -624,9 +625,10 @@ def test_dashboard_hosts_and_private_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="dashboard_hosts"):
         _load(tmp_path, {"dashboard_hosts": "ok.example"})
     # The whole text must be a host name: no trailing newline, no empty or broken address.
-    for bad in ("a.com\n", "[:]", "[]", "[::1", "[a.com]", "1.2.3", "999.1.2.3", "a..b", "-a.com",
-                "a.com:80", "a_b.com", ""):
-        with pytest.raises(ConfigError, match="dashboard_hosts: .* is not a host name"):
+    bad_names = ["a.com\n", "[:]", "[]", "[::1", "[a.com]", "1.2.3", "999.1.2.3", "a..b",
+                 "-a.com", "a.com:80", "a_b.com", ""]  # fmt: skip
+    for bad in bad_names:
+        with pytest.raises(ConfigError, match=r"dashboard_hosts: .* is not a host name"):
             _load(tmp_path, {"dashboard_hosts": [bad]})
     with pytest.raises(ConfigError):  # writes c.toml, where a basic string holds a newline
         _load(tmp_path, {"dashboard_hosts": ["PLACE HOLDER"]})
