@@ -729,6 +729,106 @@ def test_the_throttle_refills_counts_each_address_and_stays_bounded(
     assert len(throttle._buckets) <= 50
 
 
+def _from(server: Server, source: str, method: str, path: str, body: bytes, **headers: str) -> int:
+    """The status of a request sent from the loopback address `source` (any of 127/8)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10,
+                                            source_address=(source, 0))  # fmt: skip
+    try:
+        connection.request(method, path, body, {k.replace("_", "-"): v for k, v in headers.items()})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_posts_from_another_origin_are_refused_before_any_guess_is_counted(
+    web: Callable[..., Server],
+) -> None:
+    """A form of another site posting wrong tokens to /login used to spend the operator's
+    guesses: afterwards the right token got 429. Now such posts are refused (403) before
+    the throttle, and a script without browser headers (curl) is still served."""
+    server = web(dashboard_token=TOKEN)
+    dead_letter(server.redis, "q1", b"poison", "boom")
+    own = f"http://127.0.0.1:{server.port}"
+    foreign = [{"Origin": "http://attacker.test"}, {"Origin": "null"},
+               {"Origin": f"http://127.0.0.1:{server.port + 1}"}, {"Origin": f"{own}.evil"},
+               {"Origin": own, "Sec_Fetch_Site": "cross-site"},
+               {"Sec_Fetch_Site": "same-site"}]  # fmt: skip
+    for _ in range(3):
+        for headers in foreign:
+            status, _, body = server.call("POST", "/login", b"token=wrong-wrong-wrong", **headers)
+            assert status == 403 and b"another origin" in body, headers
+    purge = {"queue": "q1", "letters": [{"index": 0, "key": letter_key(b"poison")}]}
+    bearer = f"Bearer {TOKEN}"
+    for headers in foreign:
+        status, _, body = server.call("POST", "/api/dead/purge", purge, Authorization=bearer,
+                                      **headers)  # fmt: skip
+        assert status == 403 and b"another origin" in body, headers
+    assert server.redis.llen("q1:dead") == 1
+    # The page's own origin, a typed address, and curl: served, and the right token works.
+    for headers in ({"Origin": own, "Sec_Fetch_Site": "same-origin"}, {"Sec_Fetch_Site": "none"},
+                    {}):  # fmt: skip
+        status, reply, _ = server.call("POST", "/login", f"token={TOKEN}".encode(), **headers)
+        assert status == 303 and COOKIE in reply["Set-Cookie"], headers
+    assert server.call("POST", "/api/dead/purge", purge, Authorization=bearer)[0] == 200
+    assert server.redis.llen("q1:dead") == 0
+
+
+def test_a_listed_host_name_is_an_origin_of_ours(web: Callable[..., Server]) -> None:
+    """Behind a proxy the browser's origin is the proxy's name: listed, it is ours."""
+    server = web(dashboard_token=TOKEN, dashboard_hosts=["status.example.com"])
+    form = f"token={TOKEN}".encode()
+    ok = server.call("POST", "/login", form, Host="status.example.com",
+                     Origin="https://status.example.com")  # fmt: skip
+    assert ok[0] == 303
+    assert server.call("POST", "/login", form, Origin="https://other.example.com")[0] == 403
+
+
+def test_guesses_from_many_addresses_share_one_bound(
+    web: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rotating source addresses over 127/8 used to give 5 guesses per address: 5,000 in
+    5 s. All addresses together now get `GLOBAL_BURST` and then 1 every `GLOBAL_REFILL`
+    seconds; and the refusals are logged as a few summary lines, not one line each."""
+    server = web(dashboard_token=TOKEN)
+    caplog.set_level(logging.WARNING, logger="rqworkers.web")
+    started = time.monotonic()
+    statuses = [_from(server, f"127.0.{2 + n // 250}.{n % 250}", "POST", "/login",
+                      b"token=wrong-wrong-wrong") for n in range(300)]  # fmt: skip
+    elapsed = time.monotonic() - started
+    answered = len(statuses) - statuses.count(429)
+    assert set(statuses) <= {403, 429}
+    assert answered <= auth.GLOBAL_BURST + elapsed / auth.GLOBAL_REFILL + 1, (answered, elapsed)
+    lines = [r.getMessage() for r in caplog.records if "refused a login" in r.getMessage()]
+    assert 1 <= len(lines) <= 1 + elapsed / auth.LOG_EVERY + 1, lines
+
+
+def test_the_global_bucket_refills_and_refused_logins_are_summarised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    throttle = auth.Throttle(clock=lambda: now[0])
+    passed = sum(throttle.attempt(f"10.1.{n // 250}.{n % 250}") == 0 for n in range(1000))
+    assert passed == auth.GLOBAL_BURST  # a thousand addresses, one shared bound
+    assert throttle.attempt("10.9.9.9") == pytest.approx(auth.GLOBAL_REFILL)
+    now[0] += auth.GLOBAL_REFILL
+    assert throttle.attempt("10.9.9.9") == 0 and throttle.attempt("10.9.9.8") > 0
+    throttle.refund("10.9.9.9")  # a right token gives its guess back to everyone too
+    assert throttle.attempt("10.9.9.8") == 0
+    assert len(throttle._buckets) <= auth.GLOBAL_BURST + 3  # only the charged are kept
+
+    quiet = auth.QuietLog(clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="rqworkers.web")
+    for n in range(500):
+        quiet.refused("a login: wrong token", f"10.2.0.{n % 7}")
+    now[0] += auth.LOG_EVERY
+    quiet.refused("a login: wrong token", "10.2.0.9")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "and 499 more refused from 7 address(es)" in lines[1]
+
+
 def test_hostile_bodies_get_a_400_never_a_traceback(
     web: Callable[..., Server], capfd: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
