@@ -263,3 +263,43 @@ def test_private_dead_letters_show_only_after_login(
     page.click("#login button")
     expect(page.locator("#private")).to_be_hidden()
     expect(page.locator("#dead td.preview")).to_have_text(repr(b"raise:private matter"))
+
+
+def test_a_page_of_another_origin_cannot_lock_the_operator_out(
+    service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    """Forms of another site posting wrong tokens to /login used to empty the throttle's
+    bucket for 127.0.0.1, so the operator's own login got 429 afterwards. Chromium marks
+    those posts (`Origin`, `Sec-Fetch-Site: cross-site`): refused before they are counted."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    path = chromium_path()
+    if path is None:
+        pytest.skip(f"no Chromium browser is installed here: {INSTALL}")
+    port = free_port()
+    service([{"queue": "mail"}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    frames = "".join(f'<iframe name="f{n}"></iframe><form target="f{n}" method="post" '
+                     f'action="http://127.0.0.1:{port}/login"><input name="token" '
+                     f'value="wrong-guess-{n}-wrong"></form>' for n in range(8))  # fmt: skip
+    attack = frames + "<script>for (const f of document.forms) f.submit()</script>"
+    with chromium(path, NO_PNA) as browser:
+        attacker = browser.new_page()
+        attacker.route(f"{ATTACKER}/", lambda route: route.fulfill(content_type="text/html",
+                                                                    body=attack))  # fmt: skip
+        posted: list[int] = []
+        attacker.on("response", lambda r: posted.append(r.status) if "/login" in r.url else None)
+        attacker.goto(f"{ATTACKER}/")
+        wait_for(lambda: (attacker.wait_for_timeout(50), len(posted) == 8)[1], timeout=15,
+                 what="the eight forms to be posted")  # fmt: skip
+        assert posted == [403] * 8, posted
+        operator = browser.new_page()
+        operator.goto(f"http://127.0.0.1:{port}/")
+        operator.fill("#login input[name=token]", TOKEN)
+        operator.click("#login button")
+        expect(operator.locator("#logout")).to_be_visible()
