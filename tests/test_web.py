@@ -754,7 +754,7 @@ def test_posts_from_another_origin_are_refused_before_any_guess_is_counted(
     foreign = [{"Origin": "http://attacker.test"}, {"Origin": "null"},
                {"Origin": f"http://127.0.0.1:{server.port + 1}"}, {"Origin": f"{own}.evil"},
                {"Origin": own, "Sec_Fetch_Site": "cross-site"},
-               {"Sec_Fetch_Site": "same-site"}]  # fmt: skip
+               {"Sec_Fetch_Site": "same-site"}, {"Sec_Fetch_Site": "bogus"}]  # fmt: skip
     for _ in range(3):
         for headers in foreign:
             status, _, body = server.call("POST", "/login", b"token=wrong-wrong-wrong", **headers)
@@ -783,6 +783,11 @@ def test_a_listed_host_name_is_an_origin_of_ours(web: Callable[..., Server]) -> 
                      Origin="https://status.example.com")  # fmt: skip
     assert ok[0] == 303
     assert server.call("POST", "/login", form, Origin="https://other.example.com")[0] == 403
+    # A browser that says the post came from its own page (the proxy's origin): trusted,
+    # since no page can set that header; an old browser's `Origin` alone must be ours.
+    proxied = server.call("POST", "/login", form, Origin="https://proxy.example.net",
+                          Sec_Fetch_Site="same-origin")  # fmt: skip
+    assert proxied[0] == 303
 
 
 def test_guesses_from_many_addresses_share_one_bound(

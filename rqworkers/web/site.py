@@ -200,25 +200,28 @@ class Site:
 
         A form of any site can POST to the page: it gets no answer it can read, but a
         login with a wrong token spends the throttle's guesses (locking the operator out),
-        and `SameSite` does not stop a login. Browsers say where a request comes from:
-        `Sec-Fetch-Site` (`same-origin`, or `none` when the user typed it; `same-site`
-        is another port or subdomain, so another origin), and `Origin` (`null` from a
-        sandbox or a redirect). A script (curl) sends neither, and is let through. Checked
-        before anything is charged or compared. Our origin is the `Host` that `check_host`
-        accepted, or a name in `dashboard_hosts` (behind a proxy that changes `Host`)."""
+        and `SameSite` does not stop a login. Browsers say where a request comes from, in
+        headers no page can set: `Sec-Fetch-Site` (`same-origin`, or `none` when the user
+        typed it; `same-site` is another port or subdomain, so another origin), and, in
+        browsers too old for that, `Origin` (`null` from a sandbox or a redirect), which
+        must then be the `Host` that `check_host` accepted or a name in `dashboard_hosts`.
+        `same-origin` is trusted whatever `Origin` says: behind a proxy that rewrites
+        `Host`, the browser's origin is the proxy's name, which only the browser knows. A
+        script (curl) sends neither header and is let through: it is no browser a page
+        could drive. Checked before any token is charged or compared."""
         fetch_site = (http.headers.get("Sec-Fetch-Site") or "").strip().lower()
         origin = http.headers.get("Origin")
         problem = None
-        if fetch_site in ("cross-site", "same-site"):
-            problem = f"Sec-Fetch-Site: {fetch_site}"
-        elif origin is not None and not self._our_origin(origin, http.headers.get("Host") or ""):
+        if fetch_site and fetch_site not in ("same-origin", "none"):
+            problem = f"Sec-Fetch-Site: {fetch_site[:30]}"
+        elif not fetch_site and origin is not None and not self._our_origin(origin, http):
             problem = f"Origin {origin[:100]!r}"
         if problem:
             self.refusals.refused(f"a POST {urlsplit(http.path).path} from another origin "
                                   f"({problem})", http.client_address[0])  # fmt: skip
             raise RefusedError(HTTPStatus.FORBIDDEN, "refused: sent from a page of another origin")
 
-    def _our_origin(self, origin: str, host: str) -> bool:
+    def _our_origin(self, origin: str, http: BaseHTTPRequestHandler) -> bool:
         try:
             url = urlsplit(origin.strip())
             _ = url.port  # a port that is not a number is no origin of ours
@@ -228,7 +231,8 @@ class Site:
             return False
         netloc, name = url.netloc.lower(), (url.hostname or "").lower()
         name = f"[{name}]" if ":" in name else name
-        return netloc == host.strip().lower() or name in self.hosts
+        host = (http.headers.get("Host") or "").strip().lower()
+        return netloc == host or name in self.hosts
 
     def client(self, url: str) -> Client:
         with self._clients_lock:
