@@ -609,6 +609,15 @@ def test_the_page_answers_only_its_own_names(
     assert _raw(port, b"GET /api/dead?queue=q1 HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 421")
     two = f"GET /api/status HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n\r\n"
     assert _raw(port, two.encode()).startswith(b"HTTP/1.0 421")
+
+    # The absolute form of a request line names the server too: it must be the Host.
+    def absolute(target: str) -> bytes:
+        return _raw(port, f"GET {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+
+    for target in ("http://evil.example/api/dead?queue=q1", f"ftp://127.0.0.1:{port}/api/dead"):
+        answer = absolute(target)
+        assert answer.startswith(b"HTTP/1.0 400") and b"secret" not in answer, target
+    assert b"secret payload" in absolute(f"http://127.0.0.1:{port}/api/dead?queue=q1")
     # Scrapers and probes may use any name.
     assert server.call("GET", "/metrics", Host="evil.example")[0] == 200
     assert server.call("GET", "/healthz", Host="evil.example")[0] == 200

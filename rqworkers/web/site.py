@@ -135,6 +135,7 @@ class Site:
         if not any(path == url.path for _, path in self.routes):
             return False
         try:
+            self.check_authority(http, url.scheme, url.netloc)
             self.check_host(http)
             if http.command == "POST":
                 self.check_origin(http)
@@ -194,6 +195,17 @@ class Site:
                         host, http.client_address[0])  # fmt: skip
         raise RefusedError(HTTPStatus.MISDIRECTED_REQUEST,
                            f"this server does not answer for Host {host!r}")  # fmt: skip
+
+    def check_authority(self, http: BaseHTTPRequestHandler, scheme: str, netloc: str) -> None:
+        """Refuse (400) a request line naming another server (`GET http://evil/api/dead`):
+        in that absolute form the URL's authority, not `Host`, names the server asked for,
+        so it must be the very `Host` that `check_host` then checks."""
+        if not (scheme or netloc or not http.path.startswith("/")):
+            return
+        host = (http.headers.get("Host") or "").strip().lower()
+        if scheme not in ("http", "https") or netloc.lower() != host:
+            raise RefusedError(HTTPStatus.BAD_REQUEST,
+                               "the request names another server than its Host")  # fmt: skip
 
     def check_origin(self, http: BaseHTTPRequestHandler) -> None:
         """Refuse (403) a POST that a browser sent from a page of another origin.
