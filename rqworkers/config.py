@@ -295,8 +295,9 @@ MAX_LINKS = 40  # symlinks followed on the way to a token file, as Linux allows
 def _resolve_owned(path: str, where: str) -> str:
     """The real path of `path`, found as the kernel would, one component at a time (each
     link read with `os.readlink`), checking that no other user can change where it leads:
-    every link is this user's or root's, and every folder holding a component is not
-    writable by group or others unless sticky. ValueError names the first that fails.
+    every link is this user's or root's, and every folder holding a component is too and
+    is not writable by group or others unless sticky. ValueError names the first that
+    fails.
 
     Checking only the configured path would not do: a private link to a file in a
     world-writable folder lets anyone there put their own file, or link, in its place."""
@@ -310,9 +311,12 @@ def _resolve_owned(path: str, where: str) -> str:
             current = os.path.dirname(current)  # `current` holds no link: this is exact
             continue
         candidate = os.path.join(current, name)
-        folder = os.stat(current).st_mode
+        folder = os.stat(current)
         entry = os.lstat(candidate)
-        if folder & (stat.S_IWGRP | stat.S_IWOTH) and not folder & stat.S_ISVTX:
+        if folder.st_uid not in (0, os.geteuid()):  # its owner may change anything in it
+            raise ValueError(f"{where}: {candidate} is in a folder owned by uid "
+                             f"{folder.st_uid}, not this user or root: {current}")  # fmt: skip
+        if folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder.st_mode & stat.S_ISVTX:
             raise ValueError(f"{where}: {candidate} is in a folder others can write to "
                              f"(and not sticky): {current}")  # fmt: skip
         if not stat.S_ISLNK(entry.st_mode):

@@ -538,6 +538,11 @@ def test_a_token_file_others_can_reach_and_swap_is_refused(tmp_path: Path) -> No
         given.write_text(TOKEN)
         os.chown(given, 65534, 65534)
         cases.append((given, "the file is owned by uid 65534, not this user or root"))
+        theirs_folder = tmp_path / "bob"  # another user's folder: they may swap its files
+        theirs_folder.mkdir(mode=0o755)
+        (theirs_folder / "tok").write_text(TOKEN)
+        os.chown(theirs_folder, 65534, 65534)
+        cases.append((theirs_folder / "tok", "in a folder owned by uid 65534"))
         (secrets / "to-given").symlink_to(given)
         cases.append((secrets / "to-given", re.escape(f"the file ({given}) is owned by uid 65534")))
     for path, problem in cases:
@@ -732,6 +737,7 @@ def test_the_throttle_refills_counts_each_address_and_stays_bounded(
     for thread in threads:
         thread.join()
     assert passed.count(True) == auth.LOGIN_BURST
+    monkeypatch.setattr(auth, "GLOBAL_BURST", 10**6)  # here, only the per-address buckets
     monkeypatch.setattr(auth, "MAX_CLIENTS", 50)
     for n in range(500):
         throttle.attempt(f"192.0.2.{n}")
