@@ -841,9 +841,9 @@ def test_the_global_bucket_refills_and_refused_logins_are_summarised(
     quiet = auth.QuietLog(clock=lambda: now[0])
     caplog.set_level(logging.WARNING, logger="rqworkers.web")
     for n in range(500):
-        quiet.refused("a login: wrong token", f"10.2.0.{n % 7}")
+        quiet.refused("a login", f"10.2.0.{n % 7}", "wrong token")
     now[0] += auth.LOG_EVERY
-    quiet.refused("a login: wrong token", "10.2.0.9")
+    quiet.refused("a login", "10.2.0.9", "wrong token")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert "and 499 more refused from 7 address(es)" in lines[1]

@@ -267,7 +267,8 @@ class QuietLog:
         self._held = 0  # refusals since, not yet written
         self._clients: set[str] = set()  # their addresses (at most MAX_CLIENTS kept)
 
-    def refused(self, what: str, client: str) -> None:
+    def refused(self, what: str, client: str, why: str) -> None:
+        """Note that `what` (`a login`) from `client` was refused because of `why`."""
         with self._lock:
             now = self.clock()
             if now - self._last < LOG_EVERY:
@@ -278,4 +279,4 @@ class QuietLog:
             held, clients = self._held, len(self._clients)
             self._last, self._held, self._clients = now, 0, set()
         since = f" (and {held} more refused from {clients} address(es) since the last such line)"
-        log.warning("dashboard: refused %s from %s%s", what, client, since if held else "")
+        log.warning("dashboard: refused %s from %s: %s%s", what, client, why, since if held else "")

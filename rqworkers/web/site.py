@@ -225,12 +225,12 @@ class Site:
         origin = http.headers.get("Origin")
         problem = None
         if fetch_site and fetch_site not in ("same-origin", "none"):
-            problem = f"Sec-Fetch-Site: {fetch_site[:30]}"
+            problem = f"Sec-Fetch-Site {fetch_site[:30]!r}"
         elif not fetch_site and origin is not None and not self._our_origin(origin, http):
             problem = f"Origin {origin[:100]!r}"
         if problem:
-            self.refusals.refused(f"a POST {urlsplit(http.path).path} from another origin "
-                                  f"({problem})", http.client_address[0])  # fmt: skip
+            self.refusals.refused(f"a POST to {urlsplit(http.path).path}", http.client_address[0],
+                                  f"sent from another origin ({problem})")  # fmt: skip
             raise RefusedError(HTTPStatus.FORBIDDEN, "refused: sent from a page of another origin")
 
     def _our_origin(self, origin: str, http: BaseHTTPRequestHandler) -> bool:
@@ -350,8 +350,8 @@ class Site:
         self.actions_on()
         identity = self.identify(request)
         if not identity.authenticated:
-            self.refusals.refused(f"{request.method} {request.path}: no valid token",
-                                  request.client)  # fmt: skip
+            self.refusals.refused(f"{request.method} {request.path}", request.client,
+                                  "no valid token")  # fmt: skip
             raise RefusedError(HTTPStatus.FORBIDDEN, "a valid token is needed: log in first")
         if not self.gate.csrf_ok(identity, request.headers.get("X-CSRF-Token")):
             raise RefusedError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
@@ -394,7 +394,7 @@ class Site:
         self.slow_down(request)
         form = parse_qs(request.body.decode("utf-8", "surrogateescape"))
         if not self.gate.token_matches((form.get("token") or [""])[0]):
-            self.refusals.refused("a login: wrong token", request.client)
+            self.refusals.refused("a login", request.client, "wrong token")
             raise RefusedError(HTTPStatus.FORBIDDEN, "wrong token")
         self.throttle.refund(request.client)
         log.info("dashboard: login from %s", request.client)
