@@ -175,10 +175,15 @@ def test_a_task_past_its_own_timeout_fails_with_reason_timeout(
 def test_a_return_value_that_is_not_json_is_a_failure_that_says_so(
     service: StartService, executor: Callable[..., Executor]
 ) -> None:
-    service([task_pair(max_attempts=1)])
+    service([task_pair(max_attempts=1, tasks=["taskapp:*", "builtins:float"])])
     error = executor().submit(taskapp.not_json).exception(timeout=20)
     assert isinstance(error, TaskError) and error.reason == "raised"
     assert "cannot be encoded as JSON" in error.message
+    for text in ("nan", "inf", "-inf"):  # JSON has no NaN nor Infinity: no parser reads them
+        error = executor().submit("builtins:float", text).exception(timeout=20)
+        assert isinstance(error, TaskError) and error.reason == "raised", text
+        assert "return value cannot be encoded as JSON: Out of range float" in error.message
+    assert executor().submit("builtins:float", "1.5").result(timeout=20) == 1.5
 
 
 def test_a_worker_sigkilled_mid_task_still_resolves_the_future_once(
@@ -276,7 +281,9 @@ def test_two_executors_on_one_queue_each_get_only_their_own_results(
         (b'{"task": "taskapp:nope"}', "does not exist"),
         (b'{"task": null}', "'task' must be 'module:function', not null"),
         (b'{"task": ["taskapp:add"]}', "'task' must be 'module:function'"),
-        (b'{"task": "taskapp:add", "args": [1, 2], "timeout": NaN}', "'timeout' must be a"),
+        (b'{"task": "taskapp:add", "args": [1, 2], "timeout": NaN}', "NaN is not JSON"),
+        (b'{"task": "taskapp:add", "args": [NaN, 2]}', "NaN is not JSON"),
+        ('{"task": "taskapp:add", "args": [1, 2]}'.encode("utf-16"), "not UTF-8"),
         (b'{"task": "taskapp:add", "args": [1, 2], "result_ttl": -1}', "'result_ttl' must be a"),
     ],
     ids=[
@@ -290,6 +297,8 @@ def test_two_executors_on_one_queue_each_get_only_their_own_results(
         "null-task",
         "list-task",
         "nan-timeout",
+        "nan-argument",
+        "utf-16",
         "negative-ttl",
     ],
 )
