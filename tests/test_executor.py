@@ -436,6 +436,29 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
     assert status["snapshot"]["dead"] == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        ("[1e400, 1]", "the number 1e400 is out of range"),
+        ("[NaN, 1]", "NaN is not JSON"),
+        ('{"x": -Infinity}', "-Infinity is not JSON"),
+        ("[" * 100_000, "not valid JSON (maximum recursion depth"),
+    ],
+    ids=["1e400", "nan", "minus-infinity", "deep"],
+)
+def test_submit_refuses_arguments_no_json_parser_reads_and_sends_nothing(
+    redis_server: RedisServer, tmp_path: Path, args: str, reason: str
+) -> None:
+    config = write_config(tmp_path / "rqworkers.toml", redis_server.url, [task_pair()])
+    option = "--kwargs" if args.startswith("{") else "--args"
+    done = run_cli("submit", "-c", str(config), "taskapp:add", option, args, "--wait", "5")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert f"error: argument {option}: " in done.stderr.splitlines()[-1]
+    assert reason in done.stderr.splitlines()[-1]
+    assert redis_server.client().keys() == [], "nothing was sent"
+
+
 @pytest.mark.slow
 def test_producer_and_executor_on_a_cluster_and_through_sentinels(
     tmp_path: Path, redis_server: RedisServer
