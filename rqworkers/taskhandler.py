@@ -220,7 +220,7 @@ class TaskHandler(Handler):
         """
         if self._reply_script is None:
             self._reply_script = self.client.register_script(_REPLY)
-        self._reply_script(keys=[key], args=[reply, _milliseconds(ttl)])
+        self._reply_script(keys=[key], args=[reply, tasks.milliseconds(ttl)])
 
     def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
         """Send the success replies of `messages`, about to be acked, in one round trip.
@@ -284,7 +284,7 @@ class TaskHandler(Handler):
         else:
             pipe = self.client.pipeline(transaction=False)
             for _, (key, ttl, reply) in items:
-                pipe.eval(_REPLY, 1, key, reply, _milliseconds(ttl))
+                pipe.eval(_REPLY, 1, key, reply, tasks.milliseconds(ttl))
             results = pipe.execute(raise_on_error=False)
         return [
             (item, result)
@@ -311,8 +311,3 @@ def _may_pass(exc: Exception) -> bool:
     """Whether a reply Redis refused may go through if sent again soon: Redis is out of
     memory, read-only, loading... A refusal of the key itself (WRONGTYPE, NOPERM) stays."""
     return is_outage(exc) and not isinstance(exc, redis.exceptions.NoPermissionError)
-
-
-def _milliseconds(seconds: float) -> int:
-    """A reply list's TTL for PEXPIRE: at least 1 ms (0 would delete it at once)."""
-    return max(1, int(seconds * 1000))

@@ -309,9 +309,9 @@ def seconds(value: object, name: str) -> float:
     return float(value)
 
 
-def milliseconds(seconds: float) -> int:
-    """A TTL in seconds for PEXPIRE: at least 1 ms (0 would delete the key at once)."""
-    return max(1, int(seconds * 1000))
+def milliseconds(ttl: float) -> int:
+    """A TTL in seconds, for PEXPIRE: at least 1 ms (0 would delete the key at once)."""
+    return max(1, int(ttl * 1000))
 
 
 def _json_type(value: object) -> str:

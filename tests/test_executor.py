@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -68,6 +69,87 @@ def executor(redis_server: RedisServer) -> Iterator[Callable[..., Executor]]:
 def test_the_executor_is_a_concurrent_futures_executor_importable_from_rqworkers() -> None:
     assert issubclass(rqworkers.Executor, concurrent.futures.Executor)
     assert issubclass(rqworkers.TaskFuture, concurrent.futures.Future)
+
+
+_NOT_SECONDS = [math.nan, math.inf, -math.inf, -1, 0, 0.0, 1e9, True, "5", None]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"result_ttl": bad} for bad in _NOT_SECONDS]
+    + [{"timeout": bad} for bad in _NOT_SECONDS if bad is not None]
+    + [{"max_pending": bad} for bad in [math.nan, math.inf, 0, -1, 2.5, True, "3"]],
+    ids=repr,
+)
+def test_an_executor_refuses_a_bad_number_when_it_is_made(
+    redis_server: RedisServer, options: dict[str, Any]
+) -> None:
+    """At the call, not at the first `submit` or, worse, in `shutdown`: with `result_ttl`
+    NaN, leaving a `with` block raised a ValueError there that hid the block's own error."""
+    threads = threading.active_count()
+    (name,) = options
+    with pytest.raises(ValueError, match=f"^{name} must be "):
+        Executor(redis_server.url, "tasks", **options)
+    assert threading.active_count() == threads, "no reply reader was started"
+    with pytest.raises(ZeroDivisionError), Executor(redis_server.url, "tasks", **{name: 1}) as ex:
+        if name != "max_pending":
+            with pytest.raises(AttributeError):
+                setattr(ex, name, options[name])  # read-only: checked once, for good
+        1 / 0  # noqa: B018 - the block's own error comes out of `with`
+
+
+def test_an_executor_takes_every_sensible_number(redis_server: RedisServer) -> None:
+    with Executor(redis_server.url, "tasks", timeout=0.001, result_ttl=10**8, max_pending=1):
+        pass
+    with Executor(redis_server.url, "tasks", timeout=None, max_pending=None, result_ttl=0.5):
+        pass
+    assert redis_server.client().keys() == []
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -math.inf, -1, 0, 1e9, True, "1"])
+def test_wait_reply_refuses_a_timeout_that_is_not_seconds_at_once(
+    redis_server: RedisServer, timeout: Any
+) -> None:
+    """`None` waits forever; NaN and infinity used to wait forever without saying so."""
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        with Producer(redis_server.url) as producer:
+            try:
+                producer.wait_reply("tasks:replies:none", timeout)
+                outcome.append(None)
+            except BaseException as exc:  # the test reports whatever came out
+                outcome.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)  # the old code blocked forever here
+    thread.start()
+    thread.join(5)
+    assert outcome, f"wait_reply(timeout={timeout!r}) is still waiting"
+    assert isinstance(outcome[0], ValueError), outcome
+    assert str(outcome[0]).startswith("timeout must be a positive number of seconds")
+
+
+def test_wait_reply_times_out_after_its_timeout(redis_server: RedisServer) -> None:
+    with Producer(redis_server.url) as producer:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+            producer.wait_reply("tasks:replies:none", 0.3)
+        assert 0.25 < time.monotonic() - started < 2
+
+
+def test_nan_and_infinity_are_never_sent_by_submit(
+    redis_server: RedisServer, executor: Callable[..., Executor]
+) -> None:
+    ex = executor()
+    with Producer(redis_server.url) as producer:
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+                producer.submit("tasks", "taskapp:add", (value, 1))
+            with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+                ex.submit(taskapp.add, 1, value)
+            with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+                list(ex.map(taskapp.add, [1], [value]))
+    assert redis_server.client().llen("tasks") == 0
     assert rqworkers.TaskError and rqworkers.Producer
 
 
