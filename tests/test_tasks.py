@@ -561,6 +561,36 @@ def test_reply_keys_widen_the_namespace_only_as_the_operator_says(
         made.teardown()
 
 
+_REFUSED_WITH_ON_FAILURE = {
+    "reply-to-outside": {"task": "taskapp:fail", "args": ["x"], "reply_to": "victim"},
+    "reply-to-dead-list": {"task": "taskapp:fail", "args": ["x"], "reply_to": "tasks:dead"},
+    "arguments-do-not-fit": {"task": "taskapp:fail", "args": [1, 2, 3]},
+    "not-allowed": {"task": "os:system", "args": ["true"]},
+    "does-not-exist": {"task": "taskapp:nope"},
+    "on-success-not-allowed": {"task": "taskapp:fail", "args": ["x"], "on_success": "os:system"},
+    "unknown-field": {"task": "taskapp:fail", "args": ["x"], "agrs": []},
+    "bad-timeout": {"task": "taskapp:fail", "args": ["x"], "timeout": -1},
+}
+
+
+@pytest.mark.parametrize("fields", _REFUSED_WITH_ON_FAILURE.values(), ids=_REFUSED_WITH_ON_FAILURE)
+def test_a_refused_message_runs_nothing_not_even_its_on_failure(
+    handler: TaskHandler, redis_server: RedisServer, fields: dict[str, object]
+) -> None:
+    client = redis_server.client()
+    r = "tasks:replies:r"
+    fields = {"reply_to": r, **fields, "on_failure": "taskapp:error_callback"}
+    for message in (json.dumps(fields).encode(), json.dumps(fields).encode("utf-16")):
+        with pytest.raises(Refused) as info:
+            handler.handle(message)
+        handler.on_dead_letter(message, str(info.value), info.value)
+    assert client.llen("fail:attempts") == 0 and client.llen("callbacks:failure") == 0
+    if fields["reply_to"] == r:  # the caller still hears, and only once per message
+        replies = [tasks.read_reply(reply)[2] for reply in client.lrange(r, 0, -1)]
+        assert [error.reason if error else None for error in replies] == ["refused"] * 2
+    assert set(client.keys()) <= {r.encode()}
+
+
 def test_a_dead_letter_replies_and_runs_on_failure_once(
     handler: TaskHandler, redis_server: RedisServer
 ) -> None:
