@@ -180,7 +180,7 @@ def decode_json(data: bytes | str) -> Any:
         raise ValueError(f"a NUL byte at {data.index(chr(0))}: UTF-16 or UTF-32, not UTF-8?")
     if data.startswith("\ufeff"):
         raise ValueError("a byte-order mark: JSON text starts without one")
-    return json.loads(data, parse_constant=_constant, parse_float=_finite)
+    return _DECODER.decode(data)
 
 
 def _constant(name: str) -> Any:
@@ -193,6 +193,9 @@ def _finite(text: str) -> float:
         shown = text if len(text) <= 40 else text[:37] + "..."
         raise ValueError(f"the number {shown} is out of range")
     return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite)  # made once
 
 
 def _to_json(value: Any, what: str, **style: Any) -> bytes:
