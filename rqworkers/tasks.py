@@ -307,7 +307,8 @@ def seconds(value: object, name: str) -> float:
     nor infinite: a longer one is a mistake). `ValueError` naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < _FOREVER:
         raise ValueError(
-            f"{name} must be a positive number of seconds below {_FOREVER:g}, not {_preview(value)}"
+            f"{name} must be a positive number of seconds below {_FOREVER:.0f}, "
+            f"not {_preview(value)}"
         )
     return float(value)
 
