@@ -276,7 +276,10 @@ def _pair(cfg: config.Config, args: argparse.Namespace) -> config.PairSettings:
 
 
 def _json(text: str) -> Any:
-    return json.loads(text)
+    try:
+        return tasks.decode_json(text)  # as a worker reads it: no NaN, no 1e400
+    except (ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
 
 
 _json.__name__ = "JSON"  # argparse names the type in its error: "invalid JSON value"

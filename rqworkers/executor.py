@@ -72,7 +72,8 @@ class Executor(concurrent.futures.Executor):
 
     `timeout`: seconds each task may run (capped by the pair's `timeout`); `max_pending`:
     `submit` blocks while that many futures are unfinished; `result_ttl`: seconds a reply
-    waits in Redis for an executor that is away.
+    waits in Redis for an executor that is away. A number out of range (NaN, infinite, not
+    above 0, not whole for `max_pending`) is a `ValueError` here, before anything starts.
     """
 
     def __init__(
@@ -84,11 +85,13 @@ class Executor(concurrent.futures.Executor):
         max_pending: int | None = None,
         result_ttl: float = tasks.DEFAULT_RESULT_TTL,
     ) -> None:
-        if max_pending is not None and max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
+        if max_pending is not None and (
+            isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1
+        ):
+            raise ValueError(f"max_pending must be a whole number at least 1, not {max_pending!r}")
         self.queue = queue
-        self.timeout = timeout
-        self.result_ttl = result_ttl
+        self._timeout = None if timeout is None else tasks.seconds(timeout, "timeout")
+        self._result_ttl = tasks.seconds(result_ttl, "result_ttl")
         self.reply_key = tasks.new_reply_key(queue)
         self._id_key = secrets.token_bytes(16)  # tags the ids this executor sends
         self._stray_logged = False  # a reply that is not one of its own was logged
@@ -105,6 +108,16 @@ class Executor(concurrent.futures.Executor):
             target=self._read_replies, name=f"rqworkers-replies-{queue}", daemon=True
         )
         self._reader.start()
+
+    # Read-only: checked once, so that no later value can fail `submit`, or `shutdown`
+    # (which sets the reply list's TTL) and hide the error that ended a `with` block.
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
+
+    @property
+    def result_ttl(self) -> float:
+        return self._result_ttl
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Send `fn(*args, **kwargs)`; `fn` is a module-level function or `"module:function"`.
@@ -293,6 +306,6 @@ class Executor(concurrent.futures.Executor):
             return
         pipe = self._producer.client.pipeline(transaction=False)
         pipe.lpush(self.reply_key, _WAKE)
-        pipe.pexpire(self.reply_key, max(1, int(self.result_ttl * 1000)))
+        pipe.pexpire(self.reply_key, tasks.milliseconds(self.result_ttl))
         with contextlib.suppress(*TRANSIENT_ERRORS):
             pipe.execute()

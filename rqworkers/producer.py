@@ -113,7 +113,10 @@ class Producer:
 
     def wait_reply(self, reply_to: str, timeout: float | None = None) -> Any:
         """The result in the first reply on `reply_to`, taken off the list; `TaskError` if
-        the task failed, `TimeoutError` if no reply came within `timeout` seconds."""
+        the task failed, `TimeoutError` if no reply came within `timeout` seconds (`None`:
+        wait forever; NaN, infinite or not above 0: `ValueError`, at once)."""
+        if timeout is not None:
+            timeout = tasks.seconds(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = _BLOCK if deadline is None else min(_BLOCK, deadline - time.monotonic())

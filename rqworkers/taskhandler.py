@@ -13,7 +13,8 @@ path (replay, delivery counts, timeouts, memory limits, recycling, leases) holds
 - An exception is retried like any message; only the last one is final. The worker calls
   `on_dead_letter` after every dead-letter, whatever the cause, and that is where the
   failure reply goes and the message's `on_failure` runs: so a caller hears once, at the
-  end, and never waits forever.
+  end, and never waits forever. A refused message runs nothing, `on_failure` included:
+  the same checks decide it again there, so the verdict needs no state across threads.
 """
 
 from __future__ import annotations
@@ -110,6 +111,17 @@ class TaskHandler(Handler):
         function that does not exist, callbacks that are not allowed, arguments that do not
         fit the function's signature.
         """
+        task, function = self._admit(message)
+        self._last = (message, task)
+        result = self._call(function, task)
+        if task.reply_to is not None:
+            reply = (task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
+            with self._replies_lock:
+                self._replies.setdefault(message, []).append(reply)
+        return result
+
+    def _admit(self, message: bytes) -> tuple[Task, Callable[..., Any]]:
+        """The task in `message` and its function, if it may run; `Refused` otherwise."""
         task = tasks.parse(message)
         refusal = None if task.reply_to is None else self.reply_keys.refusal(task.reply_to)
         if refusal:
@@ -119,13 +131,7 @@ class TaskHandler(Handler):
             if callback is not None:
                 self.allowed.resolve(callback)
         self._check_arguments(function, task)
-        self._last = (message, task)
-        result = self._call(function, task)
-        if task.reply_to is not None:
-            reply = (task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
-            with self._replies_lock:
-                self._replies.setdefault(message, []).append(reply)
-        return result
+        return task, function
 
     def _check_arguments(self, function: Callable[..., Any], task: Task) -> None:
         signature = self._signatures.get(function)
@@ -175,14 +181,15 @@ class TaskHandler(Handler):
 
     def on_success(self, message: bytes, result: Any) -> None:
         task = self._task(message)
-        if task is not None and task.on_success is not None:
+        if task.on_success is not None:
             self._callback(task.on_success, result)
 
     def on_failure(self, message: bytes, error: BaseException) -> None:
         """Nothing: a failure that will be retried is not final (see `on_dead_letter`)."""
 
     def on_dead_letter(self, message: bytes, reason: str, error: BaseException | None) -> None:
-        """Tell the caller (`reply_to`) and the message's `on_failure` that the task failed."""
+        """Tell the caller (`reply_to`) and the message's `on_failure` that the task failed;
+        a refused message's caller only: nothing of a refused message runs."""
         try:
             task: Task | None = self._task(message)
         except Refused:
@@ -192,17 +199,14 @@ class TaskHandler(Handler):
         failure = TaskError.from_dead_letter(address.id if address else "", reason, error, timeout)
         if address is not None and self.reply_keys.permits(address.key):
             self._send_patiently(address.key, address.ttl, tasks.failure_reply(failure))
-        if task is not None and task.on_failure and self.allowed.permits(task.on_failure):
-            try:
-                self._callback(task.on_failure, failure)
-            except Refused as exc:
-                log.warning("on_failure of task %s not run: %s", task.id, exc)
+        if task is not None and task.on_failure:
+            self._callback(task.on_failure, failure)
 
-    def _task(self, message: bytes) -> Task | None:
-        """The parsed `message`: usually the one `run` just read."""
+    def _task(self, message: bytes) -> Task:
+        """`message`'s task if `run` lets it run, else `Refused`: usually the one it just ran."""
         if self._last is not None and self._last[0] == message:
             return self._last[1]
-        return tasks.parse(message)
+        return self._admit(message)[0]
 
     def _callback(self, path: str, argument: Any) -> None:
         """A message's `on_success` or `on_failure`: its exception is logged, never raised."""
@@ -220,7 +224,7 @@ class TaskHandler(Handler):
         """
         if self._reply_script is None:
             self._reply_script = self.client.register_script(_REPLY)
-        self._reply_script(keys=[key], args=[reply, _milliseconds(ttl)])
+        self._reply_script(keys=[key], args=[reply, tasks.milliseconds(ttl)])
 
     def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
         """Send the success replies of `messages`, about to be acked, in one round trip.
@@ -284,7 +288,7 @@ class TaskHandler(Handler):
         else:
             pipe = self.client.pipeline(transaction=False)
             for _, (key, ttl, reply) in items:
-                pipe.eval(_REPLY, 1, key, reply, _milliseconds(ttl))
+                pipe.eval(_REPLY, 1, key, reply, tasks.milliseconds(ttl))
             results = pipe.execute(raise_on_error=False)
         return [
             (item, result)
@@ -311,8 +315,3 @@ def _may_pass(exc: Exception) -> bool:
     """Whether a reply Redis refused may go through if sent again soon: Redis is out of
     memory, read-only, loading... A refusal of the key itself (WRONGTYPE, NOPERM) stays."""
     return is_outage(exc) and not isinstance(exc, redis.exceptions.NoPermissionError)
-
-
-def _milliseconds(seconds: float) -> int:
-    """A reply list's TTL for PEXPIRE: at least 1 ms (0 would delete it at once)."""
-    return max(1, int(seconds * 1000))

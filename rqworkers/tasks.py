@@ -1,6 +1,6 @@
 """Task messages: the JSON format, the allow-list that guards imports, and the replies.
 
-A task message is one JSON object, UTF-8, that any language can produce:
+A task message is one JSON object, UTF-8, that any language can produce and read:
 
     {"v": 1, "task": "myapp.jobs:add", "args": [1, 2], "kwargs": {}, "id": "…",
      "timeout": 10, "reply_to": "jobs:replies:…", "result_ttl": 3600,
@@ -8,7 +8,9 @@ A task message is one JSON object, UTF-8, that any language can produce:
 
 Only `task` is required. A message this worker cannot read (not JSON, not an object, a
 missing or mistyped field, an unknown field, a newer version) raises `Refused` with the
-reason: it can never succeed, so it is dead-lettered at once instead of retried.
+reason: it can never succeed, so it is dead-lettered at once instead of retried. "JSON" is
+what every parser reads (RFC 8259): UTF-8 only, and no `NaN` or `Infinity`, which Python's
+`json` would otherwise read and write but other languages' parsers refuse.
 
 The allow-list is a security boundary, not a convenience: a task message names code to run,
 and anyone who can push to the queue writes task messages. The worker therefore imports
@@ -31,6 +33,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import re
 import secrets
 import sys
@@ -149,16 +152,59 @@ def encode(task: Task) -> bytes:
         validate(fields, task.id)
     except Refused as exc:
         raise ValueError(str(exc)) from None
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    return _to_json(fields, "the task message", separators=(",", ":"), ensure_ascii=False)
 
 
 def parse(message: bytes) -> Task:
     """The task in `message`; `Refused`, naming the problem, if it is not a valid one."""
     try:
-        fields = json.loads(message)
+        fields = decode_json(message)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise Refused(f"not a task message: not valid JSON ({_short(exc)})") from None
     return validate(fields, _default_id(message))
+
+
+def decode_json(data: bytes | str) -> Any:
+    """`data` read as JSON as every parser reads it: `ValueError` saying why not.
+
+    Bytes must be UTF-8, without a byte-order mark (`json.loads` would guess UTF-16 or
+    UTF-32 too). `NaN`, `Infinity` and a number beyond a double's range (`1e400`, which
+    Python reads as infinity) are refused: a reply could not carry them back as JSON.
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+    if "\0" in data:  # never in JSON text (raw control characters are not allowed)
+        raise ValueError(f"a NUL byte at {data.index(chr(0))}: UTF-16 or UTF-32, not UTF-8?")
+    if data.startswith("\ufeff"):
+        raise ValueError("a byte-order mark: JSON text starts without one")
+    return _DECODER.decode(data)
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"the number {shown} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite)  # made once
+
+
+def _to_json(value: Any, what: str, **style: Any) -> bytes:
+    """`value` as UTF-8 JSON that every parser reads; `TypeError` saying why not: a type
+    JSON lacks, a circular reference, NaN or an infinity, a lone surrogate."""
+    try:
+        return json.dumps(value, allow_nan=False, **style).encode()
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise TypeError(f"{what} cannot be encoded as JSON: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -250,9 +296,26 @@ def _seconds(fields: Mapping[str, Any], name: str) -> float | None:
     value = fields.get(name)
     if value is None:
         return None
+    try:
+        return seconds(value, f"task message {name!r}")
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
+def seconds(value: object, name: str) -> float:
+    """`value` as a duration: a number of seconds above 0 and below 10**9 (so never NaN
+    nor infinite: a longer one is a mistake). `ValueError` naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < _FOREVER:
-        raise Refused(f"task message {name!r} must be a positive number of seconds")
+        raise ValueError(
+            f"{name} must be a positive number of seconds below {_FOREVER:.0f}, "
+            f"not {_preview(value)}"
+        )
     return float(value)
+
+
+def milliseconds(ttl: float) -> int:
+    """A TTL in seconds, for PEXPIRE: at least 1 ms (0 would delete the key at once)."""
+    return max(1, int(ttl * 1000))
 
 
 def _json_type(value: object) -> str:
@@ -432,10 +495,8 @@ class ReplyKeys:
 
 def success_reply(task_id: str, result: Any) -> bytes:
     """The reply of a task that returned `result`; `TypeError` if that is not JSON."""
-    try:
-        return json.dumps({"v": VERSION, "id": task_id, "ok": True, "result": result}).encode()
-    except (TypeError, ValueError) as exc:  # ValueError: a circular reference, NaN…
-        raise TypeError(f"the task's return value cannot be encoded as JSON: {exc}") from None
+    fields = {"v": VERSION, "id": task_id, "ok": True, "result": result}
+    return _to_json(fields, "the task's return value")
 
 
 def failure_reply(error: TaskError) -> bytes:
@@ -448,7 +509,7 @@ def failure_reply(error: TaskError) -> bytes:
         "message": error.message,
         "traceback": error.traceback,
     }
-    return json.dumps(fields).encode()
+    return _to_json(fields, "a failure reply")
 
 
 def read_reply(data: bytes) -> tuple[str, Any, TaskError | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -68,6 +69,87 @@ def executor(redis_server: RedisServer) -> Iterator[Callable[..., Executor]]:
 def test_the_executor_is_a_concurrent_futures_executor_importable_from_rqworkers() -> None:
     assert issubclass(rqworkers.Executor, concurrent.futures.Executor)
     assert issubclass(rqworkers.TaskFuture, concurrent.futures.Future)
+
+
+_NOT_SECONDS = [math.nan, math.inf, -math.inf, -1, 0, 0.0, 1e9, True, "5", None]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"result_ttl": bad} for bad in _NOT_SECONDS]
+    + [{"timeout": bad} for bad in _NOT_SECONDS if bad is not None]
+    + [{"max_pending": bad} for bad in [math.nan, math.inf, 0, -1, 2.5, True, "3"]],
+    ids=repr,
+)
+def test_an_executor_refuses_a_bad_number_when_it_is_made(
+    redis_server: RedisServer, options: dict[str, Any]
+) -> None:
+    """At the call, not at the first `submit` or, worse, in `shutdown`: with `result_ttl`
+    NaN, leaving a `with` block raised a ValueError there that hid the block's own error."""
+    threads = threading.active_count()
+    (name,) = options
+    with pytest.raises(ValueError, match=f"^{name} must be "):
+        Executor(redis_server.url, "tasks", **options)
+    assert threading.active_count() == threads, "no reply reader was started"
+    with pytest.raises(ZeroDivisionError), Executor(redis_server.url, "tasks", **{name: 1}) as ex:
+        if name != "max_pending":
+            with pytest.raises(AttributeError):
+                setattr(ex, name, options[name])  # read-only: checked once, for good
+        1 / 0  # noqa: B018 - the block's own error comes out of `with`
+
+
+def test_an_executor_takes_every_sensible_number(redis_server: RedisServer) -> None:
+    with Executor(redis_server.url, "tasks", timeout=0.001, result_ttl=10**8, max_pending=1):
+        pass
+    with Executor(redis_server.url, "tasks", timeout=None, max_pending=None, result_ttl=0.5):
+        pass
+    assert redis_server.client().keys() == []
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -math.inf, -1, 0, 1e9, True, "1"])
+def test_wait_reply_refuses_a_timeout_that_is_not_seconds_at_once(
+    redis_server: RedisServer, timeout: Any
+) -> None:
+    """`None` waits forever; NaN and infinity used to wait forever without saying so."""
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        with Producer(redis_server.url) as producer:
+            try:
+                producer.wait_reply("tasks:replies:none", timeout)
+                outcome.append(None)
+            except BaseException as exc:  # the test reports whatever came out
+                outcome.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)  # the old code blocked forever here
+    thread.start()
+    thread.join(5)
+    assert outcome, f"wait_reply(timeout={timeout!r}) is still waiting"
+    assert isinstance(outcome[0], ValueError), outcome
+    assert str(outcome[0]).startswith("timeout must be a positive number of seconds")
+
+
+def test_wait_reply_times_out_after_its_timeout(redis_server: RedisServer) -> None:
+    with Producer(redis_server.url) as producer:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"within 0\.3s"):
+            producer.wait_reply("tasks:replies:none", 0.3)
+        assert 0.25 < time.monotonic() - started < 2
+
+
+def test_nan_and_infinity_are_never_sent_by_submit(
+    redis_server: RedisServer, executor: Callable[..., Executor]
+) -> None:
+    ex = executor()
+    with Producer(redis_server.url) as producer:
+        for value in (math.nan, math.inf, -math.inf):
+            with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+                producer.submit("tasks", "taskapp:add", (value, 1))
+            with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+                ex.submit(taskapp.add, 1, value)
+            with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+                list(ex.map(taskapp.add, [1], [value]))
+    assert redis_server.client().llen("tasks") == 0
     assert rqworkers.TaskError and rqworkers.Producer
 
 
@@ -175,10 +257,15 @@ def test_a_task_past_its_own_timeout_fails_with_reason_timeout(
 def test_a_return_value_that_is_not_json_is_a_failure_that_says_so(
     service: StartService, executor: Callable[..., Executor]
 ) -> None:
-    service([task_pair(max_attempts=1)])
+    service([task_pair(max_attempts=1, tasks=["taskapp:*", "builtins:float"])])
     error = executor().submit(taskapp.not_json).exception(timeout=20)
     assert isinstance(error, TaskError) and error.reason == "raised"
     assert "cannot be encoded as JSON" in error.message
+    for text in ("nan", "inf", "-inf"):  # JSON has no NaN nor Infinity: no parser reads them
+        error = executor().submit("builtins:float", text).exception(timeout=20)
+        assert isinstance(error, TaskError) and error.reason == "raised", text
+        assert "return value cannot be encoded as JSON: Out of range float" in error.message
+    assert executor().submit("builtins:float", "1.5").result(timeout=20) == 1.5
 
 
 def test_a_worker_sigkilled_mid_task_still_resolves_the_future_once(
@@ -276,7 +363,9 @@ def test_two_executors_on_one_queue_each_get_only_their_own_results(
         (b'{"task": "taskapp:nope"}', "does not exist"),
         (b'{"task": null}', "'task' must be 'module:function', not null"),
         (b'{"task": ["taskapp:add"]}', "'task' must be 'module:function'"),
-        (b'{"task": "taskapp:add", "args": [1, 2], "timeout": NaN}', "'timeout' must be a"),
+        (b'{"task": "taskapp:add", "args": [1, 2], "timeout": NaN}', "NaN is not JSON"),
+        (b'{"task": "taskapp:add", "args": [NaN, 2]}', "NaN is not JSON"),
+        ('{"task": "taskapp:add", "args": [1, 2]}'.encode("utf-16"), "not UTF-8"),
         (b'{"task": "taskapp:add", "args": [1, 2], "result_ttl": -1}', "'result_ttl' must be a"),
     ],
     ids=[
@@ -290,6 +379,8 @@ def test_two_executors_on_one_queue_each_get_only_their_own_results(
         "null-task",
         "list-task",
         "nan-timeout",
+        "nan-argument",
+        "utf-16",
         "negative-ttl",
     ],
 )
@@ -425,6 +516,29 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
 
     status = wait_for(task_pair_status, timeout=15, what="status to show the task pair's counts")
     assert status["snapshot"]["dead"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        ("[1e400, 1]", "the number 1e400 is out of range"),
+        ("[NaN, 1]", "NaN is not JSON"),
+        ('{"x": -Infinity}', "-Infinity is not JSON"),
+        ("[" * 100_000, "not valid JSON (maximum recursion depth"),
+    ],
+    ids=["1e400", "nan", "minus-infinity", "deep"],
+)
+def test_submit_refuses_arguments_no_json_parser_reads_and_sends_nothing(
+    redis_server: RedisServer, tmp_path: Path, args: str, reason: str
+) -> None:
+    config = write_config(tmp_path / "rqworkers.toml", redis_server.url, [task_pair()])
+    option = "--kwargs" if args.startswith("{") else "--args"
+    done = run_cli("submit", "-c", str(config), "taskapp:add", option, args, "--wait", "5")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert f"error: argument {option}: " in done.stderr.splitlines()[-1]
+    assert reason in done.stderr.splitlines()[-1]
+    assert redis_server.client().keys() == [], "nothing was sent"
 
 
 @pytest.mark.slow

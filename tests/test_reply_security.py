@@ -290,6 +290,39 @@ def test_a_reply_to_outside_the_namespace_is_dead_lettered_at_once_and_touches_n
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_refused_message_runs_nothing_not_even_its_on_failure(
+    service: StartService, redis_server: RedisServer, concurrency: int
+) -> None:
+    """README: refused "before anything runs". A message that ran and failed for good runs
+    its `on_failure`, which shows when the worker got past the refused ones."""
+    client = redis_server.client()
+    svc = service([task_pair(max_attempts=3, processes=1, concurrency=concurrency)])
+    on_failure = {"on_failure": "taskapp:error_callback"}
+    refused = [
+        task("taskapp:fail", "x", reply_to="victim", **on_failure),
+        task("taskapp:fail", "x", reply_to="tasks:dead", **on_failure),
+        task("taskapp:fail", 1, 2, reply_to="tasks:replies:r", **on_failure),
+        task("os:system", "true", reply_to="tasks:replies:r", **on_failure),
+        task("taskapp:fail", "x", on_success="os:system", **on_failure),
+        task("taskapp:fail", float("nan"), reply_to="tasks:replies:r", **on_failure),
+        json.dumps({"task": "taskapp:fail", "args": ["x"], **on_failure}).encode("utf-16"),
+    ]
+    ran = task("taskapp:fail", "ran", **on_failure)
+    Producer(redis_server.url).push("tasks", *refused)
+    wait_for(lambda: client.llen("tasks:dead") == len(refused), timeout=15, what="dead letters")
+    Producer(redis_server.url).push("tasks", ran)
+    wait_for(lambda: client.llen("callbacks:failure") > 0, timeout=15, what="on_failure")
+    assert client.lrange("callbacks:failure", 0, -1) == [b"raised|raised: ValueError: ran"]
+    assert client.lrange("fail:attempts", 0, -1) == [b"ran"] * 3
+    for message in refused:
+        assert dead_info(redis_server, "tasks", message)["attempts"] == 1
+    replies = [json.loads(reply) for reply in client.lrange("tasks:replies:r", 0, -1)]
+    assert [reply["reason"] for reply in replies] == ["refused"] * 3, "their callers still hear"
+    assert not client.exists("victim")
+    assert internal_tracebacks(svc.output()) == []
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_reply_of_the_wrong_type_fails_its_delivery_and_the_queue_goes_on(
     service: StartService, redis_server: RedisServer, concurrency: int
 ) -> None:

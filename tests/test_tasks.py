@@ -4,6 +4,7 @@ config, and `TaskHandler` driven directly against a real redis-server."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -65,7 +66,7 @@ def recorded_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         (b'{"task": "taskapp:add", "id": 5}', "'id' must be a non-empty string"),
         (b'{"task": "taskapp:add", "timeout": -1}', "'timeout' must be a positive number"),
         (b'{"task": "taskapp:add", "timeout": true}', "'timeout' must be a positive number"),
-        (b'{"task": "taskapp:add", "timeout": Infinity}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": Infinity}', "not valid JSON (Infinity is not JSON)"),
         (b'{"task": "taskapp:add", "result_ttl": 0}', "'result_ttl' must be a positive number"),
         (b'{"task": "taskapp:add", "reply_to": ""}', "'reply_to' must be a non-empty string"),
         (b'{"task": null}', "'task' must be 'module:function', not null"),
@@ -73,11 +74,11 @@ def recorded_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
         (b'{"task": false}', "'task' must be 'module:function'"),
         (b'{"task": "taskapp:add", "id": null}', "'id' must be a non-empty string"),
         (b'{"task": "taskapp:add", "timeout": 0}', "'timeout' must be a positive number"),
-        (b'{"task": "taskapp:add", "timeout": NaN}', "'timeout' must be a positive number"),
-        (b'{"task": "taskapp:add", "timeout": 1e400}', "'timeout' must be a positive number"),
+        (b'{"task": "taskapp:add", "timeout": NaN}', "not valid JSON (NaN is not JSON)"),
+        (b'{"task": "taskapp:add", "timeout": 1e400}', "the number 1e400 is out of range"),
         (b'{"task": "taskapp:add", "timeout": "5"}', "'timeout' must be a positive number"),
         (b'{"task": "taskapp:add", "result_ttl": -1}', "'result_ttl' must be a positive number"),
-        (b'{"task": "taskapp:add", "result_ttl": NaN}', "'result_ttl' must be a positive number"),
+        (b'{"task": "taskapp:add", "result_ttl": NaN}', "not valid JSON (NaN is not JSON)"),
         (b'{"task": "taskapp:add", "result_ttl": 1e300}', "'result_ttl' must be a positive number"),
         (b'{"task": "taskapp:add", "reply_to": 5}', "'reply_to' must be a non-empty string"),
         (b'{"task": "taskapp:add", "on_success": "x"}', "'on_success' must be 'module:function'"),
@@ -127,6 +128,66 @@ def test_a_huge_argument_list_passes() -> None:
     args = list(range(1_000_000))
     task = tasks.parse(tasks.encode(Producer.task("taskapp:count", args)))
     assert len(task.args) == 1_000_000 and task.args[-1] == 999_999
+
+
+_ADD = '{"task": "taskapp:add", "args": [1, 2]}'
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_ADD.encode("utf-16"), "not UTF-8"),  # with its byte-order mark
+        (_ADD.encode("utf-16-le"), "a NUL byte"),
+        (_ADD.encode("utf-16-be"), "a NUL byte"),
+        (_ADD.encode("utf-32"), "not UTF-8"),
+        (_ADD.encode("utf-32-be"), "a NUL byte"),
+        (b"\xef\xbb\xbf" + _ADD.encode(), "byte-order mark"),
+        (b'{"task": "taskapp:add", "args": ["\xe9", 1]}', "not UTF-8"),  # Latin-1
+        (b'{"task": "taskapp:add", "args": ["\xed\xa0\x80"]}', "not UTF-8"),  # a surrogate
+        (b'{"task": "taskapp:add", "args": [NaN, 1]}', "NaN is not JSON"),
+        (b'{"task": "taskapp:add", "args": [Infinity, 1]}', "Infinity is not JSON"),
+        (b'{"task": "taskapp:add", "kwargs": {"a": -Infinity}}', "-Infinity is not JSON"),
+        (b'{"task": "taskapp:add", "args": [1e400, 1]}', "1e400 is out of range"),
+        (b'{"task": "taskapp:add", "args": [-1.5e308, 1e309]}', "1e309 is out of range"),
+    ],
+    ids=[
+        "utf-16",
+        "utf-16-le",
+        "utf-16-be",
+        "utf-32",
+        "utf-32-be",
+        "utf-8-bom",
+        "latin-1",
+        "surrogate",
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "1e400",
+        "1e309",
+    ],
+)
+def test_a_message_is_utf8_json_without_nan_or_infinity(payload: bytes, reason: str) -> None:
+    with pytest.raises(Refused) as info:
+        tasks.parse(payload)
+    text = str(info.value)
+    assert text.startswith("not a task message: not valid JSON (") and reason in text
+    assert "\n" not in text and len(text) < 200, "one short reason line"
+
+
+def test_utf8_text_and_big_finite_numbers_pass() -> None:
+    task = tasks.parse('{"task": "taskapp:add", "args": ["é€😀", 1.5e308, -1e-400, 10]}'.encode())
+    assert task.args == ["é€😀", 1.5e308, -0.0, 10]
+    assert tasks.parse(b'{"task": "taskapp:add", "args": [' + b"9" * 400 + b"]}").args[0] > 1e308
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_and_infinity_are_never_sent(value: float) -> None:
+    with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+        tasks.encode(Producer.task("m:f", (1, [value])))
+    with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+        tasks.encode(Producer.task("m:f", kwargs={"x": {"y": value}}))
+    with pytest.raises(TypeError, match="cannot be encoded as JSON"):
+        tasks.success_reply("id", {"mean": value})
 
 
 def test_path_of_names_module_level_functions_only() -> None:
@@ -498,6 +559,36 @@ def test_reply_keys_widen_the_namespace_only_as_the_operator_says(
         assert keys == {"results:x", "done:1a", "tasks:replies:y"}
     finally:
         made.teardown()
+
+
+_REFUSED_WITH_ON_FAILURE = {
+    "reply-to-outside": {"task": "taskapp:fail", "args": ["x"], "reply_to": "victim"},
+    "reply-to-dead-list": {"task": "taskapp:fail", "args": ["x"], "reply_to": "tasks:dead"},
+    "arguments-do-not-fit": {"task": "taskapp:fail", "args": [1, 2, 3]},
+    "not-allowed": {"task": "os:system", "args": ["true"]},
+    "does-not-exist": {"task": "taskapp:nope"},
+    "on-success-not-allowed": {"task": "taskapp:fail", "args": ["x"], "on_success": "os:system"},
+    "unknown-field": {"task": "taskapp:fail", "args": ["x"], "agrs": []},
+    "bad-timeout": {"task": "taskapp:fail", "args": ["x"], "timeout": -1},
+}
+
+
+@pytest.mark.parametrize("fields", _REFUSED_WITH_ON_FAILURE.values(), ids=_REFUSED_WITH_ON_FAILURE)
+def test_a_refused_message_runs_nothing_not_even_its_on_failure(
+    handler: TaskHandler, redis_server: RedisServer, fields: dict[str, object]
+) -> None:
+    client = redis_server.client()
+    r = "tasks:replies:r"
+    fields = {"reply_to": r, **fields, "on_failure": "taskapp:error_callback"}
+    for message in (json.dumps(fields).encode(), json.dumps(fields).encode("utf-16")):
+        with pytest.raises(Refused) as info:
+            handler.handle(message)
+        handler.on_dead_letter(message, str(info.value), info.value)
+    assert client.llen("fail:attempts") == 0 and client.llen("callbacks:failure") == 0
+    if fields["reply_to"] == r:  # the caller still hears, and only once per message
+        replies = [tasks.read_reply(reply)[2] for reply in client.lrange(r, 0, -1)]
+        assert [error.reason if error else None for error in replies] == ["refused"] * 2
+    assert set(client.keys()) <= {r.encode()}
 
 
 def test_a_dead_letter_replies_and_runs_on_failure_once(
