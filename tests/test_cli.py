@@ -831,7 +831,7 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
 ) -> None:
     path = str(config(tmp_path, redis_server.url, ["jobs"]))
     stdin = tmp_path / "payloads"
-    stdin.write_bytes(b"\xff\xfe not utf-8\r\nplain\n\x00nul\xc3")
+    stdin.write_bytes(b"\xff\xfe not utf-8\r\nplain\n\x00nul\xc3")  # "\r" is the payload's
     with open(stdin, "rb") as lines:
         result = subprocess.run(
             [sys.executable, "-m", "rqworkers", "push", "-c", path], stdin=lines,
@@ -840,7 +840,7 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
     assert result.returncode == 0, result
     assert result.stdout == b"pushed to jobs (3 waiting)\n"
     client = redis_server.client()
-    assert client.lrange("jobs", 0, -1)[::-1] == [b"\xff\xfe not utf-8", b"plain", b"\x00nul\xc3"]
+    assert client.lrange("jobs", 0, -1)[::-1] == [b"\xff\xfe not utf-8\r", b"plain", b"\x00nul\xc3"]
     client.delete("jobs")
     result = subprocess.run(
         [sys.executable.encode(), b"-m", b"rqworkers", b"push", b"-c", path.encode(), b"\xe9t\xe9"],
@@ -853,13 +853,15 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
 @pytest.mark.parametrize(
     ("args", "problem"),
     [
-        (["--wait", "0"], "--wait: '0' is not a number of seconds above 0 and at most 604800"),
-        (["--wait", "nan"], "--wait: 'nan' is not a number of seconds above 0 and at most"),
-        (["--wait", "-1"], "--wait: '-1' is not a number of seconds above 0 and at most"),
-        (["--wait", "inf"], "--wait: 'inf' is not a number of seconds above 0 and at most"),
-        (["--wait", "soon"], "--wait: 'soon' is not a number of seconds above 0 and at most"),
-        (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds above 0 and at"),
-        (["--timeout", "-1"], "--timeout: '-1' is not a number of seconds above 0 and at most"),
+        (["--wait", "0"], "--wait: '0' is not a number of seconds from 0.001 to 604800"),
+        (["--wait", "nan"], "--wait: 'nan' is not a number of seconds from 0.001 to"),
+        (["--wait", "-1"], "--wait: '-1' is not a number of seconds from 0.001 to"),
+        (["--wait", "inf"], "--wait: 'inf' is not a number of seconds from 0.001 to"),
+        (["--wait", "soon"], "--wait: 'soon' is not a number of seconds from 0.001 to"),
+        (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds from 0.001 to"),
+        (["--timeout", "-1"], "--timeout: '-1' is not a number of seconds from 0.001 to"),
+        (["--wait", "1e-300"], "--wait: '1e-300' is not a number of seconds from 0.001 to"),
+        (["--timeout", "0.0009"], "--timeout: '0.0009' is not a number of seconds from 0.001"),
         (["--task", "taskapp"], "TASK: 'taskapp' is not of the form 'module:function'"),
         (["--task", "taskapp:add.__globals__"], "TASK: 'taskapp:add.__globals__' is not of"),
     ],
