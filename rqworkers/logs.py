@@ -5,8 +5,10 @@ one object per line (ts, level, worker, pid, queue, event, message) for log ship
 
 Messages carry users' data (exception messages, payload previews): in the text format every
 control character in them is escaped, so that one event starts one line and no message can
-forge another line or drive a terminal. A traceback keeps its own lines, but the exception
-messages and notes in it are escaped the same way. JSON escapes them by itself.
+forge another line or drive a terminal. A traceback keeps its own lines, but each is marked
+`  | ` and escaped: any of them may hold an exception's data (a SyntaxError's file name, a
+note, a message), so none may look like a line of its own; a message or a note stays on one
+line where it can be told apart. JSON escapes them by itself.
 
 With a log file, only the manager rotates it: workers write through a `WatchedFileHandler`,
 which reopens the file once the manager has renamed it, so several processes never rotate
@@ -26,7 +28,7 @@ from typing import Any
 
 from rqworkers import files
 from rqworkers.config import LoggingSettings
-from rqworkers.text import printable
+from rqworkers.text import QUOTE_MARK, printable
 
 FORMAT = "%(asctime)s %(levelname)s %(identity)s[%(process)d]: %(message)s"
 
@@ -53,16 +55,26 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - the base's name
         return printable(super().formatMessage(record))
 
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's line, then each line of its traceback (or stack) marked `  | ` and
+        escaped: only the first line of a record starts with a timestamp, whatever a
+        traceback holds (a SyntaxError's file name, a note, a message: all the exception's)."""
+        first, *rest = super().format(record).split("\n")
+        return "\n".join([first, *(f"{QUOTE_MARK}{printable(line)}" for line in rest)])
+
     def formatException(self, ei: Any) -> str:  # noqa: N802 - the base's name
+        """The traceback with an exception's message or note kept on one line each, escaped,
+        where that can be told apart (see `_escaped`); `format` marks every line anyway."""
         exc = ei[1]
         if not isinstance(exc, BaseException):
-            return printable(super().formatException(ei), keep_newlines=True)
+            return super().formatException(ei)
         chunks = traceback.TracebackException.from_exception(exc).format()
         return "".join(_escaped(chunk) for chunk in chunks).rstrip("\n")
 
 
-# Chunks of `TracebackException.format()` written by Python itself: the header, a stack
-# frame (file, line, function and source line), the words between chained exceptions.
+# Chunks of `TracebackException.format()` that Python itself breaks into lines: the header,
+# a stack frame (file, line, function and source line; a SyntaxError's own file name
+# line too, which is why `format` must mark every line), the words between chained ones.
 _TRUSTED_CHUNKS = ("Traceback (most recent call last):\n", "  File ")
 _CHAINING = (
     "\nThe above exception was the direct cause of the following exception:\n\n",
@@ -74,7 +86,7 @@ def _escaped(chunk: str) -> str:
     """A traceback chunk with any line breaks that are not Python's own escaped: those of an
     exception's message or note (`ValueError: a\\nforged line`)."""
     if chunk.startswith(_TRUSTED_CHUNKS) or chunk in _CHAINING:
-        return printable(chunk, keep_newlines=True)
+        return chunk
     body = chunk.removesuffix("\n")
     return printable(body) + chunk[len(body) :]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,8 +368,45 @@ def test_a_message_from_user_data_cannot_forge_a_log_line(
         entries = [json.loads(line) for line in output.splitlines()]
         assert any(HOSTILE.decode() in str(e.get("exception")) for e in entries)
     else:
-        assert f"ValueError: evil\\n{FORGED}\\r\\n[9]" in output  # one line, escaped
-        assert "Traceback (most recent call last):" in output  # the traceback keeps its lines
+        assert f"  | ValueError: evil\\n{FORGED}\\r\\n[9]" in output  # one line, escaped
+        assert "  | Traceback (most recent call last):" in output  # the traceback keeps its lines
+        assert_one_event_per_line(output)
+
+
+# A line the formatter writes: it starts with the time, the level and the process.
+EVENT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.-]+\[\d+\]: ")
+
+
+def assert_one_event_per_line(output: str) -> None:
+    """Every line of a text log is an event of the formatter's, or marked as the rest of one."""
+    for line in output.splitlines():
+        assert EVENT_LINE.match(line) or line.startswith("  | "), f"{line!r} in\n{output}"
+
+
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_no_line_of_a_traceback_can_pass_for_a_log_event(
+    service: StartService, redis_server: RedisServer, format: str
+) -> None:
+    """A SyntaxError's file name is printed in its traceback as `  File "<name>", line 1`,
+    and each line of a note as a line of its own: both used to forge whole log lines."""
+    forged = f'x"\n{FORGED}\n  File "y'
+    payload = json.dumps({"filename": forged, "text": "def (", "note": f"n\n{FORGED}"})
+    svc = service(
+        [{"queue": "jobs", "handler": "opsapp:parse", "max_attempts": 1}],
+        logging={"format": format},
+    )
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", payload.encode())
+    wait_for(lambda: "dead-lettered" in svc.output(), what="the dead letter's log line")
+    output = svc.output()
+    assert "SyntaxError" in output, output
+    assert not any(line.startswith(FORGED) for line in output.splitlines()), output
+    if format == "json":
+        entries = [json.loads(line) for line in output.splitlines()]
+        assert any(FORGED in str(e.get("exception")) for e in entries)
+    else:
+        assert_one_event_per_line(output)
+        assert f"  | {FORGED}" in output  # shown, as the rest of the event it belongs to
 
 
 def test_the_log_file_rotates_and_keeps_every_process_lines(
