@@ -431,6 +431,48 @@ def test_the_log_file_rotates_and_keeps_every_process_lines(
     assert all(p.stat().st_size < 20_000 for p in tmp_path.glob("service.log*"))
 
 
+@pytest.mark.parametrize("swapped_for", ["a FIFO", "a symbolic link"])
+def test_a_log_file_swapped_while_running_neither_blocks_nor_writes_elsewhere(
+    service: StartService, redis_server: RedisServer, tmp_path: Path, swapped_for: str
+) -> None:
+    """Workers reopen the log file when its path names another file. They used to reopen it
+    with a blocking open that follows links: a FIFO put there hung them for good (with
+    `status` saying idle), a link made a root worker append to whatever it pointed at."""
+    log_file, victim = tmp_path / "service.log", tmp_path / "victim"
+    victim.write_text("precious\n")
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER}],
+        logging={"file": str(log_file), "sample_succeeded": 1.0},
+    )
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", b"before")
+    wait_for(lambda: "jobs-1[" in log_file.read_text(), what="the worker's line in the file")
+
+    log_file.unlink()
+    if swapped_for == "a FIFO":
+        os.mkfifo(log_file)
+        problem = "is a FIFO, not a regular file"
+    else:
+        log_file.symlink_to(victim)
+        problem = "is a symbolic link: refused"
+    payloads = [f"during-{i}".encode() for i in range(5)]
+    for payload in payloads:  # one at a time: each is a line the worker writes
+        redis_server.client().lpush("jobs", payload)
+        wait_for(lambda p=payload: p in lrange(redis_server, "done"), what=f"{payload!r} handled")
+    assert victim.read_text() == "precious\n", "nothing written through the link"
+    refusals = [line for line in svc.output().splitlines() if problem in line]
+    workers = [line for line in refusals if " jobs-1[" in line]
+    assert len(workers) == 1, svc.output()  # said once, not at every line
+    assert "stderr only" in workers[0] and str(log_file) in workers[0]
+    assert "Traceback" not in svc.output() and "Logging error" not in svc.output()
+    assert "succeeded" in svc.output().split(workers[0])[1], "its lines go on to stderr"
+
+    log_file.unlink()  # the operator's fix: the next line opens a new file at the path
+    redis_server.client().lpush("jobs", b"after")
+    wait_for(lambda: log_file.is_file() and "jobs-1[" in log_file.read_text(), what="reopened")
+    assert victim.read_text() == "precious\n"
+
+
 def test_the_console_script_imports_handlers_from_the_current_directory(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
