@@ -167,7 +167,11 @@ def run(cfg: config.Config, args: argparse.Namespace) -> int:
             f"rqworkers: invalid configuration\n{cfg.source}: logging.file: {exc}", file=sys.stderr
         )
         return ExitCode.CONFIG
-    problems = checks.handler_problems_isolated(cfg)
+    # What `check` refuses, `run` refuses: the collisions too, by each server's identity.
+    problems, unchecked = checks.start_collision_problems(cfg)
+    for line in unchecked:
+        log.warning("%s: %s", cfg.source, line)
+    problems += checks.handler_problems_isolated(cfg)
     if problems:
         for line in problems:
             log.error("%s: %s", cfg.source, line)
