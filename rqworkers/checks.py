@@ -18,6 +18,7 @@ from rqworkers.config import (
     max_processes,
     metrics_endpoint,
     redact,
+    server_spelling,
 )
 from rqworkers.connections import Client
 from rqworkers.queue import Keys
@@ -128,6 +129,34 @@ def collision_problems(config: Config, identities: dict[str, object]) -> list[st
     `jobs` on one spelling and `jobs:dead` on another would take each other's keys. (Those
     on one URL never get here: `load` refuses them.)"""
     return key_collisions(dict(enumerate(config.pairs)), lambda pair: identities.get(pair.url))
+
+
+def start_collision_problems(config: Config, timeout: float = 3.0) -> tuple[list[str], list[str]]:
+    """`collision_problems` as `run` and a reload find them: each server known by its
+    identity if it answers within `timeout`, else by its URL's `server_spelling`, so that
+    a Redis down at start never keeps the service from starting. Returns the problems,
+    and one line per URL whose identity could not be checked."""
+    identities: dict[str, object] = {}
+    unchecked = []
+    for url in sorted({pair.url for pair in config.pairs}):
+        identity = None
+        try:
+            client = connections.connect(url, timeout=timeout)
+        except (OSError, ValueError):  # an unreadable password_file: the workers say so
+            client = None
+        if client is not None:
+            try:
+                identity = server_identity(client, url)
+            finally:
+                client.close()
+        if identity is None:
+            identity = ("spelling", server_spelling(url))
+            unchecked.append(
+                f"redis at {redact(url)}: cannot tell which server it is now (unreachable, or "
+                "INFO refused): its queues are told from others' by the URL's spelling only"
+            )
+        identities[url] = identity
+    return collision_problems(config, identities), unchecked
 
 
 def _prefixed(pair: PairSettings, lines: list[str]) -> list[str]:

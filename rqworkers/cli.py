@@ -167,7 +167,11 @@ def run(cfg: config.Config, args: argparse.Namespace) -> int:
             f"rqworkers: invalid configuration\n{cfg.source}: logging.file: {exc}", file=sys.stderr
         )
         return ExitCode.CONFIG
-    problems = checks.handler_problems_isolated(cfg)
+    # What `check` refuses, `run` refuses: the collisions too, by each server's identity.
+    problems, unchecked = checks.start_collision_problems(cfg)
+    for line in unchecked:
+        log.warning("%s: %s", cfg.source, line)
+    problems += checks.handler_problems_isolated(cfg)
     if problems:
         for line in problems:
             log.error("%s: %s", cfg.source, line)
@@ -290,14 +294,15 @@ class UsageError(RqworkersError):
 
 
 def _seconds(text: str, option: str) -> float:
-    """A number of seconds given on the command line: positive, finite, at most a week."""
+    """A number of seconds given on the command line: finite, at most a week, and at least
+    `config.MIN_TIMEOUT`, below which a timer means nothing (1e-300 would give up at once)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value <= config.MAX_SECONDS:  # also false for nan
+    if not config.MIN_TIMEOUT <= value <= config.MAX_SECONDS:  # also false for nan
         raise UsageError(
-            f"{option}: {text!r} is not a number of seconds above 0 and at most "
+            f"{option}: {text!r} is not a number of seconds from {config.MIN_TIMEOUT:g} to "
             f"{config.MAX_SECONDS:g} (a week)"
         )
     return value
@@ -321,7 +326,8 @@ def _with_progress(lines: Iterator[bytes], out: TextIO, every: int = 10_000) -> 
 def push(cfg: config.Config, args: argparse.Namespace) -> int:
     pair = _pair(cfg, args)
     # Bytes as given, from stdin and from the arguments alike: a payload need not be UTF-8.
-    lines = (line.rstrip(b"\r\n") for line in sys.stdin.buffer)
+    # Only the line's own "\n" goes; a "\r" before it is the payload's.
+    lines = (line.removesuffix(b"\n") for line in sys.stdin.buffer)
     payloads = [os.fsencode(p) for p in args.payloads] or _with_progress(lines, sys.stderr)
     with Producer(pair.url) as producer:
         length = producer.push_many(pair.queue, payloads)

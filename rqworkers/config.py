@@ -671,7 +671,38 @@ def _url_problem(url: str) -> str | None:
 
 
 def _url(pair: PairSettings) -> object:
-    return pair.url
+    return server_spelling(pair.url)
+
+
+# Names of this machine's loopback that a URL may use for one local server.
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def server_spelling(url: str) -> object:
+    """What a URL's text says of its server and database, spelled one way: `localhost`,
+    `127.0.0.1` and `[::1]` alike, the default port written or not, database `/1`, `/01`
+    or `?db=1`; credentials and options left out. All that can be known without
+    connecting (`checks.server_identity` knows more)."""
+    try:
+        target = connections.parse(url)
+        if target.kind == "cluster":
+            return ("cluster", frozenset(_node(h, p) for h, p in target.nodes))
+        if target.kind == "sentinel":
+            nodes = frozenset(_node(h, p) for h, p in target.nodes)
+            return ("sentinel", nodes, target.service, target.db)
+        options = connections.parse_url(target.url)
+        db = int(options.get("db") or 0)
+        if "path" in options:  # unix://
+            return ("unix", os.path.normpath(str(options["path"])), db)
+        return ("single", _node(str(options.get("host") or "localhost"),
+                                int(options.get("port") or 6379)), db)  # fmt: skip
+    except (ValueError, TypeError):  # not a URL `load` accepts: only its text is known
+        return url
+
+
+def _node(host: str, port: int) -> tuple[str, int]:
+    host = host.lower().strip("[]")
+    return ("localhost" if host in _LOOPBACK else host, port)
 
 
 def key_collisions(
@@ -684,14 +715,25 @@ def key_collisions(
     consume `jobs`'s dead letters, and `jobs:processing:web-1:1` would run a worker's
     in-flight messages a second time. Any name `<other queue>:<anything>` is refused.
 
+    The same name twice on one host is refused too, as `load` refuses it on one URL: more
+    workers for a queue are `processes`, not another spelling of its URL.
+
     Two pairs are on the same host when `server` gives them the same value, not None: by
-    default the same URL (all `load` can know); `check`, which connects, passes the
-    server's identity, so that two spellings of one server are one host.
+    default the same `server_spelling` of their URLs (all `load` can know); `check` and
+    `run`, which connect, pass the server's identity, so that any two spellings of one
+    server are one host.
     """
     problems = []
     for index, pair in pairs.items():
         for other_index, other in pairs.items():
             same = server(pair) is not None and server(other) == server(pair)
+            if same and other_index < index and pair.queue == other.queue:
+                problems.append(
+                    f"{_path(('workers', index))}.queue: queue {pair.queue!r} is already "
+                    f"declared on the same host in workers[{other_index}] (another spelling of "
+                    "its URL); use `processes` for more workers"
+                )
+                break
             if same and pair.queue.startswith(f"{other.queue}:"):
                 problems.append(
                     f"{_path(('workers', index))}.queue: {pair.queue!r} could be a key of "

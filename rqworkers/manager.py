@@ -147,7 +147,10 @@ class Manager:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config:\n%s", exc)
             return
-        problems = checks.handler_problems_isolated(new)
+        problems, unchecked = checks.start_collision_problems(new)
+        for line in unchecked:
+            log.warning("reload: %s", line)
+        problems += checks.handler_problems_isolated(new)
         if problems:
             log.error("reload refused, keeping the running config: %s", "; ".join(problems))
             return

@@ -31,8 +31,11 @@ def printable(text: str, keep_newlines: bool = False) -> str:
     )
 
 
+QUOTE_MARK = "  | "  # starts every line that came from elsewhere: no line of ours does
+
+
 def quoted(text: str) -> str:
     """A text of several lines that came from elsewhere (a traceback kept in Redis), made
     `printable` and each line marked `  | `, so that no line in it passes for one of ours."""
     lines = printable(text.rstrip("\n"), keep_newlines=True).split("\n")
-    return "".join(f"  | {line}\n" for line in lines)
+    return "".join(f"{QUOTE_MARK}{line}\n" for line in lines)

@@ -11,15 +11,16 @@ import signal
 
 import setproctitle
 
-from rqworkers import taskhandler
+from rqworkers import files, taskhandler
 from rqworkers.alarm import ALARM
-from rqworkers.connections import connect
+from rqworkers.connections import Client, connect
 from rqworkers.dispatch import ConcurrentWorker
 from rqworkers.errors import ExitCode
 from rqworkers.handlers import startup_failure
 from rqworkers.process import StopFlag
 from rqworkers.queue import ReliableQueue
 from rqworkers.scoreboard import Scoreboard
+from rqworkers.text import printable
 from rqworkers.worker import BLOCK_TIMEOUT, Worker, WorkerSpec
 
 log = logging.getLogger("rqworkers.worker")
@@ -35,18 +36,20 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     """
     setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
+    client = _client(spec)
+    if client is None:
+        return ExitCode.STARTUP_FAILED
     try:
         handler = taskhandler.load(spec.pair)
         handler.setup()
     except Exception as exc:
+        client.close()
         what = spec.pair.handler or f"for tasks {list(spec.pair.tasks or ())}"
         log.error("cannot start handler %s: %s%s", what, *startup_failure(exc))
         return ExitCode.STARTUP_FAILED
     stop = _install_signals()
     board.ready()
-    queue = ReliableQueue(
-        connect(spec.pair.url, BLOCK_TIMEOUT), spec.pair.queue, spec.worker_id, keep_connection=True
-    )
+    queue = ReliableQueue(client, spec.pair.queue, spec.worker_id, keep_connection=True)
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             return ConcurrentWorker(spec, handler, queue, board, stop).run()
@@ -58,6 +61,19 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
         handler.teardown()
         handler.close()
         queue.client.close()
+
+
+def _client(spec: WorkerSpec) -> Client | None:
+    """The worker's Redis client, or None after one line saying why there is none. Making it
+    contacts no server but reads the URL's `password_file`, which may have been swapped for
+    a FIFO or a device since `check` (`files.NotRegularFileError`), removed, or made
+    unreadable: a failed start the manager backs off from, not a crash with a traceback."""
+    try:
+        return connect(spec.pair.url, BLOCK_TIMEOUT)
+    except (OSError, ValueError) as exc:  # ValueError: a password that is not UTF-8
+        where = f"password_file {exc.path} " if isinstance(exc, files.NotRegularFileError) else ""
+        log.error("cannot connect to %s: %s%s", spec.pair.endpoint, where, printable(str(exc)))
+        return None
 
 
 def _install_signals() -> StopFlag:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from subprocess import Popen
@@ -784,11 +785,11 @@ def test_check_compares_servers_by_identity_not_by_the_spelling_of_their_url(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
     """`jobs:dead` next to `jobs` on the same server and database would consume the dead
-    letters of `jobs`, whether the URLs say 127.0.0.1 or localhost."""
+    letters of `jobs`, whether the URLs say 127.0.0.1 or 127.1 (which no text rule knows)."""
     port = redis_server.port
     workers = [
         {"host": f"redis://127.0.0.1:{port}/1", "queue": "jobs", "handler": HANDLER},
-        {"host": f"redis://localhost:{port}/1", "queue": "jobs:dead", "handler": HANDLER},
+        {"host": f"redis://127.1:{port}/1", "queue": "jobs:dead", "handler": HANDLER},
     ]
     path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
     result = rqworkers(env, "check", "-c", str(path))
@@ -798,10 +799,74 @@ def test_check_compares_servers_by_identity_not_by_the_spelling_of_their_url(
         "on the same host: every key jobs:... belongs to that queue; rename one of them\n"
     )
     # Another database of the same server is another keyspace: no collision there.
-    workers[1]["host"] = f"redis://localhost:{port}/2"
+    workers[1]["host"] = f"redis://127.1:{port}/2"
     write_config(tmp_path / "rqworkers.toml", redis_server.url, workers)
     result = rqworkers(env, "check", "-c", str(path))
     assert result.returncode == 0, result
+
+
+def _two_spellings(tmp_path: Path, port: int, second: str) -> Path:
+    """`jobs` on 127.0.0.1 and `second` on 127.1: one server, which no text rule can tell."""
+    workers = [
+        {"host": f"redis://127.0.0.1:{port}/5", "queue": "jobs", "handler": HANDLER},
+        {"host": f"redis://127.1:{port}/5", "queue": second, "handler": HANDLER},
+    ]
+    return write_config(tmp_path / "rqworkers.toml", f"redis://127.0.0.1:{port}/5", workers,
+                        manager={"check_interval": 0.2, "shutdown_timeout": 10.0})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("second", "problem"),
+    [
+        ("jobs:dead", "workers[1].queue: 'jobs:dead' could be a key of queue 'jobs' (workers[0])"),
+        ("jobs", "workers[1].queue: queue 'jobs' is already declared on the same host in"),
+    ],
+)  # fmt: skip
+def test_run_refuses_queues_that_collide_under_two_spellings_of_one_server(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, second: str, problem: str
+) -> None:
+    """`check` refused these, `run` started them: the second pair then consumed the dead
+    letters of the first (or took its replies, with `tasks:replies:x`)."""
+    path = _two_spellings(tmp_path, redis_server.port, second)
+    for command in ("check", "run"):
+        result = rqworkers(env, command, "-c", str(path), timeout=60)
+        assert result.returncode == 2, (command, result)
+        assert problem in result.stderr, (command, result.stderr)
+        assert " started" not in result.stderr, "no worker may start"
+        no_traceback(result)
+
+
+def test_a_reload_that_would_collide_under_another_spelling_is_refused(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    path = config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/5", ["jobs"],
+                  manager={"check_interval": 0.2, "shutdown_timeout": 10.0})  # fmt: skip
+    svc = start(services, path, env)
+    svc.wait_workers(1, timeout=30)
+    _two_spellings(tmp_path, redis_server.port, "jobs:dead")
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in svc.output(), timeout=30, what="the refusal")
+    assert "'jobs:dead' could be a key of queue 'jobs'" in svc.output(), svc.output()
+    time.sleep(1.0)  # five manager ticks: a worker for jobs:dead would have started
+    assert len(svc.workers()) == 1 and "jobs:dead-1" not in svc.output()
+
+
+def test_run_starts_during_an_outage_and_says_it_compared_spellings_only(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
+) -> None:
+    """Identity needs an answer: a server down at start must not keep the service down."""
+    down = free_port()
+    workers = [
+        {"host": redis_server.url, "queue": "jobs", "handler": HANDLER},
+        {"host": f"redis://127.0.0.1:{down}/0", "queue": "jobs", "handler": HANDLER},
+    ]
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, workers,
+                        manager={"check_interval": 0.2, "shutdown_timeout": 10.0})  # fmt: skip
+    svc = start(services, path, env)
+    svc.wait_workers(2, timeout=30)
+    lines = [line for line in svc.output().splitlines() if "cannot tell which server" in line]
+    assert len(lines) == 1 and f"127.0.0.1:{down}/0" in lines[0], svc.output()
+    assert "WARNING" in lines[0]
 
 
 def test_a_reference_inside_a_default_is_refused_naming_the_field(
@@ -831,7 +896,7 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
 ) -> None:
     path = str(config(tmp_path, redis_server.url, ["jobs"]))
     stdin = tmp_path / "payloads"
-    stdin.write_bytes(b"\xff\xfe not utf-8\r\nplain\n\x00nul\xc3")
+    stdin.write_bytes(b"\xff\xfe not utf-8\r\nplain\n\x00nul\xc3")  # "\r" is the payload's
     with open(stdin, "rb") as lines:
         result = subprocess.run(
             [sys.executable, "-m", "rqworkers", "push", "-c", path], stdin=lines,
@@ -840,7 +905,7 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
     assert result.returncode == 0, result
     assert result.stdout == b"pushed to jobs (3 waiting)\n"
     client = redis_server.client()
-    assert client.lrange("jobs", 0, -1)[::-1] == [b"\xff\xfe not utf-8", b"plain", b"\x00nul\xc3"]
+    assert client.lrange("jobs", 0, -1)[::-1] == [b"\xff\xfe not utf-8\r", b"plain", b"\x00nul\xc3"]
     client.delete("jobs")
     result = subprocess.run(
         [sys.executable.encode(), b"-m", b"rqworkers", b"push", b"-c", path.encode(), b"\xe9t\xe9"],
@@ -853,13 +918,15 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
 @pytest.mark.parametrize(
     ("args", "problem"),
     [
-        (["--wait", "0"], "--wait: '0' is not a number of seconds above 0 and at most 604800"),
-        (["--wait", "nan"], "--wait: 'nan' is not a number of seconds above 0 and at most"),
-        (["--wait", "-1"], "--wait: '-1' is not a number of seconds above 0 and at most"),
-        (["--wait", "inf"], "--wait: 'inf' is not a number of seconds above 0 and at most"),
-        (["--wait", "soon"], "--wait: 'soon' is not a number of seconds above 0 and at most"),
-        (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds above 0 and at"),
-        (["--timeout", "-1"], "--timeout: '-1' is not a number of seconds above 0 and at most"),
+        (["--wait", "0"], "--wait: '0' is not a number of seconds from 0.001 to 604800"),
+        (["--wait", "nan"], "--wait: 'nan' is not a number of seconds from 0.001 to"),
+        (["--wait", "-1"], "--wait: '-1' is not a number of seconds from 0.001 to"),
+        (["--wait", "inf"], "--wait: 'inf' is not a number of seconds from 0.001 to"),
+        (["--wait", "soon"], "--wait: 'soon' is not a number of seconds from 0.001 to"),
+        (["--timeout", "nan"], "--timeout: 'nan' is not a number of seconds from 0.001 to"),
+        (["--timeout", "-1"], "--timeout: '-1' is not a number of seconds from 0.001 to"),
+        (["--wait", "1e-300"], "--wait: '1e-300' is not a number of seconds from 0.001 to"),
+        (["--timeout", "0.0009"], "--timeout: '0.0009' is not a number of seconds from 0.001"),
         (["--task", "taskapp"], "TASK: 'taskapp' is not of the form 'module:function'"),
         (["--task", "taskapp:add.__globals__"], "TASK: 'taskapp:add.__globals__' is not of"),
     ],

@@ -756,6 +756,45 @@ def test_a_derived_name_on_another_host_is_fine(tmp_path: Path) -> None:
     assert [p.queue for p in cfg.pairs] == ["q", "q:dead"]
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("redis://127.0.0.1:6379/1", "redis://localhost:6379/1"),
+        ("redis://127.0.0.1:6379/1", "redis://127.0.0.1:6379/01"),
+        ("redis://127.0.0.1:6379/1", "redis://[::1]:6379?db=1"),
+        ("redis://localhost/0", "redis://user:pw@LOCALHOST:6379"),
+        ("redis://h:7000/0", "redis://h:7000/0?socket_timeout=5"),
+        ("unix:///run/redis.sock?db=2", "unix:///run//redis.sock?db=02"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("queues", [("q", "q"), ("q", "q:dead")])
+def test_two_spellings_of_one_server_and_database_are_one_host(
+    tmp_path: Path, first: str, second: str, queues: tuple[str, str]
+) -> None:
+    """The same queue under two spellings of one URL used to pass even `check`: two pairs
+    on one list. So did `q:dead` next to `q` spelled so, before `check` connected."""
+    text = WORKER.replace(URL, first) + WORKER.replace(URL, second).replace('"q"', f'"{queues[1]}"')
+    exc = config_error(tmp_path, text)
+    wanted = (
+        "queue 'q' is already declared on the same host in workers[0] (another spelling of "
+        "its URL); use `processes` for more workers"
+        if queues[1] == "q"
+        else "'q:dead' could be a key of queue 'q' (workers[0]) on the same host"
+    )
+    assert_problem(exc, "workers[1].queue", wanted)
+    assert len(exc.problems) == 1
+
+
+@pytest.mark.parametrize(
+    "other",
+    ["redis://127.0.0.1:6379/2", "redis://127.0.0.1:6380/0", "redis://10.0.0.1:6379/0",
+     "unix:///run/redis.sock"],
+)  # fmt: skip
+def test_the_same_queue_on_another_server_or_database_is_fine(tmp_path: Path, other: str) -> None:
+    cfg = load_text(tmp_path, WORKER + WORKER.replace(URL, other))
+    assert [p.queue for p in cfg.pairs] == ["q", "q"]
+
+
 # -- the file itself ---------------------------------------------------------------------------
 
 

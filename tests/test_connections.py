@@ -567,6 +567,44 @@ def test_acl_user_password_and_password_file_and_no_leak_of_a_wrong_password(
     assert wrong not in bad.output() and "s3cret" not in svc.output()
 
 
+def test_a_password_file_swapped_for_a_fifo_is_one_line_per_start_and_backs_off(
+    processes: Processes, service: StartService, bookkeeper: RedisServer, tmp_path: Path
+) -> None:
+    """The password file is read at every worker start: a FIFO swapped in since `check` used
+    to end each start in "crashed" and twenty lines of traceback."""
+    server = Server(processes, tmp_path / "auth").start()
+    server.client().config_set("requirepass", "s3cret")
+    admin = redis.Redis(port=server.port, password="s3cret", socket_timeout=5)
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret\n")
+    url = f"redis://127.0.0.1:{server.port}/0?password_file={secret}"
+    svc = service(url, [{"queue": "a", "handler": HANDLER}])
+    (worker,) = svc.wait_workers(1)
+    admin.lpush("a", b"before")
+    wait_done(bookkeeper, {b"before"})
+
+    secret.unlink()
+    os.mkfifo(secret)
+    worker.kill()  # its replacement reads the password file anew
+    problem = f"password_file {secret} is a FIFO, not a regular file"
+    wait_for(lambda: len(_lines_with(svc, problem)) >= 3, timeout=20, what="three failed starts")
+    output = svc.output()
+    assert "Traceback" not in output and "crashed" not in output, output
+    assert all("cannot connect to redis://" in line for line in _lines_with(svc, problem))
+    assert len(_lines_with(svc, "startup failed")) >= 2, output  # the manager backs off
+    assert len(_lines_with(svc, problem)) <= 6, output  # 0 s, 0.5 s, 1 s, 2 s ... apart
+
+    secret.unlink()
+    secret.write_text("s3cret\n")
+    svc.wait_workers(1, timeout=30)
+    admin.lpush("a", b"after")
+    wait_done(bookkeeper, {b"after"}, timeout=30)
+
+
+def _lines_with(svc: Service, text: str) -> list[str]:
+    return [line for line in svc.output().splitlines() if text in line]
+
+
 # -- error replies: OOM and NOPERM ---------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,8 +368,45 @@ def test_a_message_from_user_data_cannot_forge_a_log_line(
         entries = [json.loads(line) for line in output.splitlines()]
         assert any(HOSTILE.decode() in str(e.get("exception")) for e in entries)
     else:
-        assert f"ValueError: evil\\n{FORGED}\\r\\n[9]" in output  # one line, escaped
-        assert "Traceback (most recent call last):" in output  # the traceback keeps its lines
+        assert f"  | ValueError: evil\\n{FORGED}\\r\\n[9]" in output  # one line, escaped
+        assert "  | Traceback (most recent call last):" in output  # the traceback keeps its lines
+        assert_one_event_per_line(output)
+
+
+# A line the formatter writes: it starts with the time, the level and the process.
+EVENT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.-]+\[\d+\]: ")
+
+
+def assert_one_event_per_line(output: str) -> None:
+    """Every line of a text log is an event of the formatter's, or marked as the rest of one."""
+    for line in output.splitlines():
+        assert EVENT_LINE.match(line) or line.startswith("  | "), f"{line!r} in\n{output}"
+
+
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_no_line_of_a_traceback_can_pass_for_a_log_event(
+    service: StartService, redis_server: RedisServer, format: str
+) -> None:
+    """A SyntaxError's file name is printed in its traceback as `  File "<name>", line 1`,
+    and each line of a note as a line of its own: both used to forge whole log lines."""
+    forged = f'x"\n{FORGED}\n  File "y'
+    payload = json.dumps({"filename": forged, "text": "def (", "note": f"n\n{FORGED}"})
+    svc = service(
+        [{"queue": "jobs", "handler": "opsapp:parse", "max_attempts": 1}],
+        logging={"format": format},
+    )
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", payload.encode())
+    wait_for(lambda: "dead-lettered" in svc.output(), what="the dead letter's log line")
+    output = svc.output()
+    assert "SyntaxError" in output, output
+    assert not any(line.startswith(FORGED) for line in output.splitlines()), output
+    if format == "json":
+        entries = [json.loads(line) for line in output.splitlines()]
+        assert any(FORGED in str(e.get("exception")) for e in entries)
+    else:
+        assert_one_event_per_line(output)
+        assert f"  | {FORGED}" in output  # shown, as the rest of the event it belongs to
 
 
 def test_the_log_file_rotates_and_keeps_every_process_lines(
@@ -391,6 +429,48 @@ def test_the_log_file_rotates_and_keeps_every_process_lines(
     text = "".join(p.read_text() for p in tmp_path.glob("service.log*"))
     assert "jobs-1[" in text and "jobs-2[" in text, "both workers write to the rotated file"
     assert all(p.stat().st_size < 20_000 for p in tmp_path.glob("service.log*"))
+
+
+@pytest.mark.parametrize("swapped_for", ["a FIFO", "a symbolic link"])
+def test_a_log_file_swapped_while_running_neither_blocks_nor_writes_elsewhere(
+    service: StartService, redis_server: RedisServer, tmp_path: Path, swapped_for: str
+) -> None:
+    """Workers reopen the log file when its path names another file. They used to reopen it
+    with a blocking open that follows links: a FIFO put there hung them for good (with
+    `status` saying idle), a link made a root worker append to whatever it pointed at."""
+    log_file, victim = tmp_path / "service.log", tmp_path / "victim"
+    victim.write_text("precious\n")
+    svc = service(
+        [{"queue": "jobs", "handler": HANDLER}],
+        logging={"file": str(log_file), "sample_succeeded": 1.0},
+    )
+    svc.wait_workers(1)
+    redis_server.client().lpush("jobs", b"before")
+    wait_for(lambda: "jobs-1[" in log_file.read_text(), what="the worker's line in the file")
+
+    log_file.unlink()
+    if swapped_for == "a FIFO":
+        os.mkfifo(log_file)
+        problem = "is a FIFO, not a regular file"
+    else:
+        log_file.symlink_to(victim)
+        problem = "is a symbolic link: refused"
+    payloads = [f"during-{i}".encode() for i in range(5)]
+    for payload in payloads:  # one at a time: each is a line the worker writes
+        redis_server.client().lpush("jobs", payload)
+        wait_for(lambda p=payload: p in lrange(redis_server, "done"), what=f"{payload!r} handled")
+    assert victim.read_text() == "precious\n", "nothing written through the link"
+    refusals = [line for line in svc.output().splitlines() if problem in line]
+    workers = [line for line in refusals if " jobs-1[" in line]
+    assert len(workers) == 1, svc.output()  # said once, not at every line
+    assert "stderr only" in workers[0] and str(log_file) in workers[0]
+    assert "Traceback" not in svc.output() and "Logging error" not in svc.output()
+    assert "succeeded" in svc.output().split(workers[0])[1], "its lines go on to stderr"
+
+    log_file.unlink()  # the operator's fix: the next line opens a new file at the path
+    redis_server.client().lpush("jobs", b"after")
+    wait_for(lambda: log_file.is_file() and "jobs-1[" in log_file.read_text(), what="reopened")
+    assert victim.read_text() == "precious\n"
 
 
 def test_the_console_script_imports_handlers_from_the_current_directory(

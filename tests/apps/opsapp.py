@@ -5,6 +5,8 @@ Each records `done` (payload) in the Redis at $TESTAPP_REDIS_URL once a message 
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import sys
 import time
@@ -53,3 +55,15 @@ def say(message: bytes) -> None:
     """Raise an exception whose message is the payload: control characters, newlines and all,
     as a handler quoting user data in its errors does."""
     raise ValueError(message.decode("utf-8", "replace"))
+
+
+def parse(message: bytes) -> None:
+    """Compile the payload's `text` under its `filename`, and add its `note` to the error, as
+    a handler compiling users' templates does: a SyntaxError's traceback shows the file name
+    and the source line, and each line of a note, as lines of their own."""
+    fields = json.loads(message)
+    try:
+        ast.parse(fields["text"], filename=fields["filename"])
+    except SyntaxError as exc:
+        exc.add_note(fields["note"])
+        raise
