@@ -484,13 +484,9 @@ def test_a_token_file_must_be_a_private_regular_file(tmp_path: Path) -> None:
              (tmp_path / "missing", "cannot read"),
              (open_folder / "token", "in a folder others can write to")]  # fmt: skip
     if os.geteuid() == 0:  # a symlink planted by another user, in a sticky folder
-        sticky = tmp_path / "sticky"
-        sticky.mkdir()
-        os.chmod(sticky, 0o1777)
         good = tmp_path / "good"
         good.write_text(TOKEN)
-        (sticky / "token").symlink_to(good)
-        os.lchown(sticky / "token", 65534, 65534)
+        sticky = _sticky_folder_with_a_link_of_nobody(tmp_path, "token", good)
         cases.append((sticky / "token", "a symlink owned by uid 65534"))
         (sticky / "mine").symlink_to(good)
         assert _load(tmp_path, {"dashboard_token_file": str(sticky / "mine")})
@@ -498,6 +494,17 @@ def test_a_token_file_must_be_a_private_regular_file(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=problem) as caught:
             _load(tmp_path, {"dashboard_token_file": str(path)})
         assert "manager" in str(caught.value) and "c.toml" in str(caught.value)
+
+
+def _sticky_folder_with_a_link_of_nobody(tmp_path: Path, name: str, target: Path) -> Path:
+    """A sticky folder (as /tmp) holding `name`, a link to `target` that uid 65534 owns:
+    planted by another user (the caller runs as root)."""
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    (sticky / name).symlink_to(target)
+    os.lchown(sticky / name, 65534, 65534)
+    return sticky
 
 
 def test_a_token_file_others_can_reach_and_swap_is_refused(tmp_path: Path) -> None:
@@ -524,13 +531,9 @@ def test_a_token_file_others_can_reach_and_swap_is_refused(tmp_path: Path) -> No
     cases = [(secrets / name, swappable) for name in ("direct", "twice", "down", "relative")]
     cases.append((secrets / "loop", "more than 40 symlinks"))
     if os.geteuid() == 0:  # another user's link in the middle, or another user's file
-        sticky = tmp_path / "sticky"
-        sticky.mkdir()
-        os.chmod(sticky, 0o1777)
         good = secrets / "good"
         good.write_text(TOKEN)
-        (sticky / "theirs").symlink_to(good)
-        os.lchown(sticky / "theirs", 65534, 65534)
+        sticky = _sticky_folder_with_a_link_of_nobody(tmp_path, "theirs", good)
         (secrets / "via").symlink_to(sticky / "theirs")
         theirs = re.escape(f"{sticky}/theirs is a symlink owned by uid 65534")
         cases.append((secrets / "via", theirs))

@@ -148,6 +148,24 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _page_with_a_dead_letter(
+    service: Callable[..., Service], redis_server: RedisServer, payload: bytes, **manager: Any
+) -> int:
+    """The port of a served status page (with the token) whose queue `mail` holds one
+    dead letter, made by `payload` (a `raise:...` of testapp)."""
+    port = free_port()
+    service([{"queue": "mail", "max_attempts": 1}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN, **manager),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
+    client = redis_server.client()
+    client.lpush("mail", payload)
+    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    return port
+
+
 def _redis_counts(client: redis.Redis) -> dict[str, dict[str, int]]:
     counts = {}
     for queue in ("orders", "slow", "mail"):
@@ -189,16 +207,7 @@ def test_a_page_of_another_origin_can_neither_read_nor_log_out(
     path = chromium_path()
     if path is None:
         pytest.skip(f"no Chromium browser is installed here: {INSTALL}")
-    port = free_port()
-    service([{"queue": "mail", "max_attempts": 1}],
-            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
-                             dashboard_token=TOKEN),
-            defaults={"handler": "testapp:handle"})  # fmt: skip
-    client = redis_server.client()
-    client.lpush("mail", b"raise:card 4111-1111-1111-1111")
-    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
-    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
-             what="the status page to be served")  # fmt: skip
+    port = _page_with_a_dead_letter(service, redis_server, b"raise:card 4111-1111-1111-1111")
     read = """(path) => fetch(path).then(async (r) => [r.status, await r.text()])"""
     with chromium(path, [f"--host-resolver-rules=MAP {EVIL} 127.0.0.1", *NO_PNA]) as browser:
         context = browser.new_context()  # the operator's: one cookie jar for two tabs
@@ -243,16 +252,9 @@ def test_private_dead_letters_show_only_after_login(
     from playwright.sync_api import expect
 
     expect.set_options(timeout=WAIT_MS)
-    port = free_port()
-    service([{"queue": "mail", "max_attempts": 1}],
-            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
-                             dashboard_token=TOKEN, dashboard_private=True),
-            defaults={"handler": "testapp:handle"})  # fmt: skip
-    client = redis_server.client()
-    client.lpush("mail", b"raise:private matter")
-    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
-    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
-             what="the status page to be served")  # fmt: skip
+    port = _page_with_a_dead_letter(
+        service, redis_server, b"raise:private matter", dashboard_private=True
+    )
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     expect(page.locator("#private")).to_be_visible()
