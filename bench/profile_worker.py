@@ -39,15 +39,15 @@ from typing import Any
 
 from bench.throughput import Processes, _terminate, cpu_seconds, fill, start_redis
 from bench.yardsticks import _TAKE_BATCH, MODES, _handler
-from rqworkers.alarm import ALARM
+from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
-from rqworkers.connections import connect
-from rqworkers.handlers import Handler
-from rqworkers.outbox import Outbox
-from rqworkers.process import StopFlag
-from rqworkers.queue import Delivery, ReliableQueue
-from rqworkers.scoreboard import Scoreboard
-from rqworkers.worker import BLOCK_TIMEOUT, Worker, WorkerSpec
+from rqworkers.store.connections import connect
+from rqworkers.store.queue import Delivery, ReliableQueue
+from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.handlers import Handler
+from rqworkers.worker.loop import BLOCK_TIMEOUT, Worker, WorkerSpec
+from rqworkers.worker.outbox import Outbox
+from rqworkers.worker.scoreboard import Scoreboard
 
 QUEUE = "jobs"
 HANDLER = "bench.handlers:noop"

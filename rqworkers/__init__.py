@@ -1,8 +1,8 @@
 """rqworkers: reliable Redis list consumers, one supervised worker process per (host, queue)."""
 
-from rqworkers.executor import Executor, TaskFuture
-from rqworkers.producer import Producer
-from rqworkers.tasks import TaskError
+from rqworkers.client.executor import Executor, TaskFuture
+from rqworkers.client.producer import Producer
+from rqworkers.client.tasks import TaskError
 
 __all__ = ["Executor", "Producer", "TaskError", "TaskFuture"]
 __version__ = "0.1.0"

@@ -13,13 +13,16 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from rqworkers import __version__, checks, config, dead, logs, pidfile, status, tasks
+from rqworkers import __version__, config, logs
+from rqworkers.client import tasks
+from rqworkers.client.producer import Producer
+from rqworkers.client.tasks import TaskError
+from rqworkers.common.text import plural, printable, quoted
 from rqworkers.errors import ConfigError, ExitCode, RqworkersError
-from rqworkers.manager import Manager
-from rqworkers.producer import Producer
-from rqworkers.queue import TRANSIENT_ERRORS
-from rqworkers.tasks import TaskError
-from rqworkers.text import plural, printable, quoted
+from rqworkers.manager import pidfile
+from rqworkers.manager.supervisor import Manager
+from rqworkers.ops import checks, dead, status
+from rqworkers.store.queue import TRANSIENT_ERRORS
 
 log = logging.getLogger("rqworkers")
 

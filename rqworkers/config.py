@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     AliasChoices,
@@ -34,9 +33,11 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from rqworkers import connections, files, tasks
+from rqworkers.client import tasks
+from rqworkers.common import files
+from rqworkers.common.globs import Glob
 from rqworkers.errors import ConfigError
-from rqworkers.globs import Glob
+from rqworkers.store import connections
 
 URL_SCHEMES = connections.SCHEMES
 
@@ -162,7 +163,7 @@ class ManagerSettings(_Section):
     )
     pid_file: str | None = Field(None, min_length=1, description="where the manager writes its pid")
     metrics_address: str | None = Field(None, description="host:port for /metrics and /healthz")
-    # The status page's actions (see `rqworkers.web`): a SecretStr so that no repr or log
+    # The status page's actions (see `rqworkers.ops.web`): a SecretStr so that no repr or log
     # shows it; the file is read again at every check, so it can be rotated in place.
     dashboard_token: SecretStr | None = Field(None, description="enables requeue and purge")
     dashboard_token_file: str | None = Field(None, description="file holding that token")
@@ -465,7 +466,7 @@ class PairSettings(_Section):
     @property
     def endpoint(self) -> str:
         """The URL with any password hidden, fit for logs."""
-        return redact(self.url)
+        return connections.redact(self.url)
 
 
 class _Document(_Section):
@@ -483,30 +484,6 @@ class Config:
     manager: ManagerSettings
     logging: LoggingSettings
     pairs: tuple[PairSettings, ...]
-
-
-def redact(url: str) -> str:
-    """`redis://user:secret@h/0` → `redis://user:***@h/0`: passwords never reach a log.
-
-    Parsed the way redis-py parses it: the password may contain `@`, and may also come as
-    a `?password=` query argument (or `ssl_password=`, the key file's). `password_file=`
-    is a path and stays visible; so do the hosts of a cluster or Sentinel URL.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{colon}***@{hostport}" if colon else netloc
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(_secret(k) for k, _ in pairs):
-        query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="*/:")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _secret(query_key: str) -> bool:
-    return query_key.endswith("password")
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -667,7 +644,7 @@ def _check_hosts(hosts: Mapping[str, str], problems: list[str]) -> tuple[dict[st
 
 def _url_problem(url: str) -> str | None:
     problem = connections.url_problem(url)
-    return f"{redact(url)!r} is not a valid URL: {problem}" if problem else None
+    return f"{connections.redact(url)!r} is not a valid URL: {problem}" if problem else None
 
 
 def _url(pair: PairSettings) -> object:

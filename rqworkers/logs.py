@@ -26,9 +26,9 @@ import sys
 import traceback
 from typing import Any, TextIO
 
-from rqworkers import files
+from rqworkers.common import files
+from rqworkers.common.text import QUOTE_MARK, printable
 from rqworkers.config import LoggingSettings
-from rqworkers.text import QUOTE_MARK, printable
 
 FORMAT = "%(asctime)s %(levelname)s %(identity)s[%(process)d]: %(message)s"
 

@@ -235,7 +235,7 @@ def internal_tracebacks(output: str) -> list[str]:
 
 def dead_info(server: RedisServer, queue: str, payload: bytes) -> dict[str, object]:
     """The dead-letter record of `payload` (of its newest copy) in `queue`."""
-    from rqworkers.queue import digest
+    from rqworkers.store.queue import digest
 
     raw = server.client().hget(f"{queue}:dead:reasons", digest(payload))
     assert raw is not None, f"no dead-letter reason for {payload!r}"

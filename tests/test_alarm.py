@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from rqworkers.alarm import ALARM
 from rqworkers.errors import MessageTimeout
+from rqworkers.worker.alarm import ALARM
 
 
 @pytest.fixture(autouse=True)

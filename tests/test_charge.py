@@ -16,8 +16,8 @@ import fakeredis
 import pytest
 import redis
 
-from rqworkers import scripts
-from rqworkers.queue import DeadLetters, Keys, ReliableQueue, bind_script, renew_leases
+from rqworkers.store import scripts
+from rqworkers.store.queue import DeadLetters, Keys, ReliableQueue, bind_script, renew_leases
 from tests.support import RedisServer, Service, dead_info, free_port, wait_for
 from tests.test_health import healthz, manager_with_metrics
 from tests.test_operate import cli, lrange, scrape

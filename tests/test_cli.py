@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
+from rqworkers.common.text import a, plural
 from rqworkers.config import max_processes
-from rqworkers.text import a, plural
 from tests.servers import Cluster, Processes, server_version
 from tests.support import (
     APPS,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rqworkers.queue import Delivery
+from rqworkers.store.queue import Delivery
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for
 
 StartService = Callable[..., Service]

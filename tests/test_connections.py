@@ -23,8 +23,10 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from rqworkers import config, connections
-from rqworkers.connections import (
+from rqworkers import config
+from rqworkers.errors import ConfigError
+from rqworkers.store import connections
+from rqworkers.store.connections import (
     TRANSIENT_ERRORS,
     connect,
     hash_tag,
@@ -32,8 +34,7 @@ from rqworkers.connections import (
     queue_problem,
     url_problem,
 )
-from rqworkers.errors import ConfigError
-from rqworkers.queue import ReliableQueue
+from rqworkers.store.queue import ReliableQueue
 from tests.servers import (
     Cluster,
     Processes,

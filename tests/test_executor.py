@@ -197,7 +197,7 @@ def test_seed_000_tasks_with_their_own_timeout_and_callbacks(
     for _ in range(3):
         popped = client.brpop([r], timeout=20)
         assert popped is not None, "every task replies"
-        task_id, result, error = rqworkers.tasks.read_reply(popped[1])
+        task_id, result, error = rqworkers.client.tasks.read_reply(popped[1])
         replies[task_id] = error.reason if error else result
     assert replies == {ok: 3, zero: "raised", slow: "timeout"}
     wait_for(lambda: client.llen("callbacks:failure") == 2, timeout=10, what="error callbacks")
@@ -222,7 +222,7 @@ def test_a_failed_task_is_retried_then_raises_task_error_with_its_traceback(
     assert isinstance(error, TaskError)
     assert (error.reason, error.type, error.message) == ("raised", "ValueError", "nope")
     assert 'taskapp.py", line' in error.traceback and "ValueError: nope" in error.traceback
-    assert "rqworkers/worker.py" not in error.traceback
+    assert "rqworkers/worker/" not in error.traceback
     assert redis_server.client().llen("fail:attempts") == 3  # max_attempts, then final
     with pytest.raises(TaskError):
         future.result()

@@ -19,8 +19,8 @@ import psutil
 import pytest
 import redis
 
-from rqworkers.backoff import RETRY_CAP, Outage, describe
-from rqworkers.queue import Keys
+from rqworkers.common.backoff import RETRY_CAP, Outage, describe
+from rqworkers.store.queue import Keys
 from tests.support import RedisServer, Service, free_port, wait_for
 from tests.test_operate import cli, lrange, scrape
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rqworkers.metrics import Target, health
-from rqworkers.scoreboard import Scoreboard
+from rqworkers.ops.metrics import Target, health
+from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for, write_config
 
 StartService = Callable[..., Service]
@@ -510,8 +510,8 @@ def test_an_unwritable_log_file_is_a_clear_config_error(
 def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
     import fakeredis
 
-    from rqworkers.dead import BATCH, Selection, take_out
-    from rqworkers.queue import DeadLetter, DeadLetters
+    from rqworkers.ops.dead import BATCH, Selection, take_out
+    from rqworkers.store.queue import DeadLetter, DeadLetters
 
     client = fakeredis.FakeRedis()
     client.lpush("jobs:dead", *[f"old-{i:03d}".encode() for i in range(BATCH + 50)])
@@ -569,8 +569,8 @@ def test_dead_list_and_show_escape_control_characters_from_user_data(
 
 
 def test_status_escapes_what_any_redis_client_can_write_in_a_worker_entry() -> None:
-    from rqworkers.queue import Snapshot
-    from rqworkers.status import PairStatus, as_text
+    from rqworkers.ops.status import PairStatus, as_text
+    from rqworkers.store.queue import Snapshot
 
     worker = {"name": "jobs-1\x1b[2J", "node": "n\nforged", "state": "idle",
               "waiting_for": "OOM \x1b]0;owned\x07"}  # fmt: skip
@@ -589,7 +589,7 @@ def test_a_dead_record_that_is_not_ours_to_read_does_not_stop_a_requeue(
     """Written by hand or by something else: the letter still moves, the record is dropped."""
     import fakeredis
 
-    from rqworkers.queue import DeadLetters, digest
+    from rqworkers.store.queue import DeadLetters, digest
 
     for client in (fakeredis.FakeRedis(), redis_server.client()):
         client.flushdb()

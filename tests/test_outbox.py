@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from rqworkers.outbox import ACK_INTERVAL, Failure, Outbox
-from rqworkers.queue import Delivery, Keys, ReliableQueue, Taken
+from rqworkers.store.queue import Delivery, Keys, ReliableQueue, Taken
+from rqworkers.worker.outbox import ACK_INTERVAL, Failure, Outbox
 
 
 def delivery(n: int, payload: bytes = b"same") -> Delivery:

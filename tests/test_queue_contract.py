@@ -18,10 +18,10 @@ import fakeredis
 import pytest
 import redis
 
-from rqworkers import scripts
-from rqworkers.direct import STALE_AFTER
 from rqworkers.errors import Superseded
-from rqworkers.queue import DeadLetters, Delivery, Keys, ReliableQueue
+from rqworkers.store import scripts
+from rqworkers.store.direct import STALE_AFTER
+from rqworkers.store.queue import DeadLetters, Delivery, Keys, ReliableQueue
 from tests.support import RedisServer
 
 QUEUE = "jobs"
@@ -550,7 +550,7 @@ def test_operations_never_duplicate_or_lose_a_message(
     assert produced > 10 and acked and client.llen(keys.dead) and client.zcard(keys.retry)
 
 
-# -- the kept connection (`rqworkers.direct`) ------------------------------------------------
+# -- the kept connection (`rqworkers.store.direct`) ------------------------------------------------
 
 
 @pytest.fixture

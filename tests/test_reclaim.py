@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 import redis
 
-from rqworkers.queue import Keys, ReliableQueue, registered_workers
+from rqworkers.store.queue import Keys, ReliableQueue, registered_workers
 from tests.support import RedisServer, Service, dead_info, wait_for
 
 StartService = Callable[..., Service]
@@ -111,7 +111,7 @@ def test_a_slow_handler_holding_its_process_is_never_reclaimed(
 
 
 def test_renewing_a_lease_registers_the_worker_again(client: redis.Redis) -> None:
-    from rqworkers.queue import renew_leases
+    from rqworkers.store.queue import renew_leases
 
     client.srem("jobs:workers", "node-a:1")  # struck out by a reclaim while the node was frozen
     renew_leases(client, {("jobs", "node-a:1"): "{}"}, ttl=5)

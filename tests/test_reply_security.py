@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
-from rqworkers import Executor, Producer, checks
+from rqworkers import Executor, Producer
+from rqworkers.common.globs import Glob
 from rqworkers.config import PairSettings, load
 from rqworkers.errors import ConfigError, ReplyError
-from rqworkers.globs import Glob
-from rqworkers.taskhandler import TaskHandler
+from rqworkers.ops import checks
+from rqworkers.worker.taskhandler import TaskHandler
 from tests.support import (
     APPS,
     REPO,
@@ -415,7 +416,7 @@ def test_an_executor_ignores_and_logs_once_a_reply_it_never_asked_for(
             len(future.task_id) == 48
             and future.task_id != executor.submit("taskapp:add", 1, 1).task_id
         )
-        caplog.set_level(logging.WARNING, logger="rqworkers.executor")
+        caplog.set_level(logging.WARNING, logger="rqworkers.client.executor")
         forged = [
             {"v": 1, "id": "f" * 48, "ok": True, "result": "forged"},
             {"v": 1, "id": future.task_id[:32] + "0" * 16, "ok": True, "result": "forged"},

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rqworkers.queue import Delivery
+from rqworkers.store.queue import Delivery
 from tests.support import (
     APPS,
     REPO,

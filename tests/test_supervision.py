@@ -22,11 +22,13 @@ from typing import Any
 import psutil
 import pytest
 
-from rqworkers import checks, config, logs, process
+from rqworkers import config, logs
+from rqworkers.common import process
 from rqworkers.config import Config, LoggingSettings
-from rqworkers.keeper import Keeper, KeeperSpec, Lease
-from rqworkers.manager import Manager, build_slots
-from rqworkers.scoreboard import Scoreboard
+from rqworkers.manager.supervisor import Manager, build_slots
+from rqworkers.ops import checks
+from rqworkers.ops.keeper import Keeper, KeeperSpec, Lease
+from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 from tests.test_operate import scrape
 

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from rqworkers import checks, tasks
-from rqworkers.alarm import ALARM
+from rqworkers.client import tasks
+from rqworkers.client.producer import Producer
+from rqworkers.client.tasks import AllowList, TaskError
 from rqworkers.config import PairSettings, load
 from rqworkers.errors import ConfigError, MessageTimeout, Refused
-from rqworkers.producer import Producer
-from rqworkers.taskhandler import TaskHandler
-from rqworkers.taskhandler import load as load_handler
-from rqworkers.tasks import AllowList, TaskError
+from rqworkers.ops import checks
+from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.taskhandler import TaskHandler
+from rqworkers.worker.taskhandler import load as load_handler
 from tests.support import APPS, REPO, RedisServer
 
 

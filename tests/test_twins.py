@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from rqworkers.queue import DeadLetters
+from rqworkers.store.queue import DeadLetters
 from tests.support import RedisServer, Service, wait_for
 
 StartService = Callable[..., Service]

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from rqworkers import handlers
-from rqworkers.backoff import ExponentialBackoff
+from rqworkers.common.backoff import ExponentialBackoff
+from rqworkers.common.process import StopFlag, describe_exit
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, HandlerError
-from rqworkers.handlers import Handler
-from rqworkers.process import StopFlag, describe_exit
-from rqworkers.scoreboard import Scoreboard
-from rqworkers.slots import HEALTHY_AFTER, Slot
-from rqworkers.worker import interruptible
+from rqworkers.manager.slots import HEALTHY_AFTER, Slot
+from rqworkers.worker import handlers
+from rqworkers.worker.handlers import Handler
+from rqworkers.worker.loop import interruptible
+from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import APPS
 
 # -- backoff -----------------------------------------------------------------------------------
@@ -189,12 +189,12 @@ def test_callbacks_that_raise_are_logged_and_swallowed(
         """
     )
     handler = Handler(f"{mod}:Job")
-    with caplog.at_level(logging.ERROR, logger="rqworkers.handlers"):
+    with caplog.at_level(logging.ERROR, logger="rqworkers.worker.handlers"):
         handler.on_success(b"m", 1)
         handler.on_failure(b"m", ValueError("x"))
         handler.teardown()
 
-    records = [r for r in caplog.records if r.name == "rqworkers.handlers"]
+    records = [r for r in caplog.records if r.name == "rqworkers.worker.handlers"]
     assert [r.getMessage() for r in records] == [
         f"handler {mod}:Job.on_success() raised; ignored",
         f"handler {mod}:Job.on_failure() raised; ignored",

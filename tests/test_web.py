@@ -28,19 +28,20 @@ from urllib.parse import urlencode
 import pytest
 import redis
 
-from rqworkers import config, metrics
+from rqworkers import config
 from rqworkers.errors import ConfigError
-from rqworkers.queue import ReliableQueue
-from rqworkers.web import Site, auth
-from rqworkers.web import server as web_server
-from rqworkers.web.auth import COOKIE, Gate
-from rqworkers.web.cache import SharedReads
-from rqworkers.web.server import CSP
-from rqworkers.web.site import MAX_HOSTS_LOGGED, letter_key
+from rqworkers.ops import metrics
+from rqworkers.ops.web import Site, auth
+from rqworkers.ops.web import server as web_server
+from rqworkers.ops.web.auth import COOKIE, Gate
+from rqworkers.ops.web.cache import SharedReads
+from rqworkers.ops.web.server import CSP
+from rqworkers.ops.web.site import MAX_HOSTS_LOGGED, letter_key
+from rqworkers.store.queue import ReliableQueue
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 
 TOKEN = "s3cret-token-for-tests"
-STATIC = Path(__file__).resolve().parent.parent / "rqworkers" / "web" / "static"
+STATIC = Path(__file__).resolve().parent.parent / "rqworkers" / "ops" / "web" / "static"
 
 
 # -- config -------------------------------------------------------------------------------
@@ -815,7 +816,7 @@ def test_guesses_from_many_addresses_share_one_bound(
     5 s. All addresses together now get `GLOBAL_BURST` and then 1 every `GLOBAL_REFILL`
     seconds; and the refusals are logged as a few summary lines, not one line each."""
     server = web(dashboard_token=TOKEN)
-    caplog.set_level(logging.WARNING, logger="rqworkers.web")
+    caplog.set_level(logging.WARNING, logger="rqworkers.ops.web")
     started = time.monotonic()
     statuses = [_from(server, f"127.0.{2 + n // 250}.{n % 250}", "POST", "/login",
                       b"token=wrong-wrong-wrong") for n in range(300)]  # fmt: skip
@@ -842,7 +843,7 @@ def test_the_global_bucket_refills_and_refused_logins_are_summarised(
     assert len(throttle._buckets) <= auth.GLOBAL_BURST + 3  # only the charged are kept
 
     quiet = auth.QuietLog(clock=lambda: now[0])
-    caplog.set_level(logging.WARNING, logger="rqworkers.web")
+    caplog.set_level(logging.WARNING, logger="rqworkers.ops.web")
     for n in range(500):
         quiet.refused("a login", f"10.2.0.{n % 7}", "wrong token")
     now[0] += auth.LOG_EVERY

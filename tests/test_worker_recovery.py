@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
-from rqworkers.handlers import Handler
-from rqworkers.process import StopFlag
-from rqworkers.queue import ReliableQueue, Taken
-from rqworkers.scoreboard import Scoreboard
-from rqworkers.worker import Worker, WorkerSpec
+from rqworkers.store.queue import ReliableQueue, Taken
+from rqworkers.worker.handlers import Handler
+from rqworkers.worker.loop import Worker, WorkerSpec
+from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import RedisServer
 
 HANDLED: list[bytes] = []

@@ -21,15 +21,18 @@ from types import FrameType
 
 import setproctitle
 
-from rqworkers import checks, config, logs, pidfile, process
-from rqworkers.backoff import ExponentialBackoff
+from rqworkers import config, logs
+from rqworkers.common import process
+from rqworkers.common.backoff import ExponentialBackoff
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import ConfigError
-from rqworkers.keeper import KeeperSpec, Lease
-from rqworkers.keeper import main as keeper_main
-from rqworkers.slots import KeeperSlot, Slot
-from rqworkers.worker import WorkerSpec
-from rqworkers.worker_main import main as worker_main
+from rqworkers.manager import pidfile
+from rqworkers.manager.slots import KeeperSlot, Slot
+from rqworkers.ops import checks
+from rqworkers.ops.keeper import KeeperSpec, Lease
+from rqworkers.ops.keeper import main as keeper_main
+from rqworkers.worker.loop import WorkerSpec
+from rqworkers.worker.main import main as worker_main
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,6 @@ set (see `site.Site`); the page itself is three static files in `static/`, with 
 step and nothing fetched from elsewhere. Requeue and purge need `dashboard_token` (`auth`).
 """
 
-from rqworkers.web.site import Site
+from rqworkers.ops.web.site import Site
 
 __all__ = ["Site"]

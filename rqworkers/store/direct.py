@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from rqworkers.connections import Client
+from rqworkers.store.connections import Client
 
 Call = Callable[..., Any]  # call(*args) with the script's keys bound
 STALE_AFTER = 0.05  # seconds idle after which a kept connection is checked before use

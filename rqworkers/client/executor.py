@@ -28,12 +28,11 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
-from rqworkers import tasks
-from rqworkers.backoff import Outage
-from rqworkers.config import redact
-from rqworkers.connections import TRANSIENT_ERRORS, connect
-from rqworkers.producer import Producer
-from rqworkers.tasks import TaskError
+from rqworkers.client import tasks
+from rqworkers.client.producer import Producer
+from rqworkers.client.tasks import TaskError
+from rqworkers.common.backoff import Outage
+from rqworkers.store.connections import TRANSIENT_ERRORS, connect, redact
 
 __all__ = ["Executor", "TaskError", "TaskFuture"]
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from rqworkers.backoff import ExponentialBackoff
+from rqworkers.common.backoff import ExponentialBackoff
+from rqworkers.common.process import describe_exit
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode
-from rqworkers.process import describe_exit
-from rqworkers.scoreboard import Scoreboard
+from rqworkers.worker.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
 

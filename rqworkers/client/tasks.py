@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from rqworkers.common.globs import Glob
 from rqworkers.errors import MessageTimeout, Refused, RqworkersError
-from rqworkers.globs import Glob
 
 VERSION = 1  # the "v" field; a message without one is version 1
 DEFAULT_RESULT_TTL = 3600.0  # seconds a reply is kept when the message does not say

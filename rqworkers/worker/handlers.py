@@ -21,8 +21,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from rqworkers.common.text import a
 from rqworkers.errors import HandlerError
-from rqworkers.text import a
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rqworkers.queue import Delivery, ReliableQueue, Taken
+from rqworkers.store.queue import Delivery, ReliableQueue, Taken
 
 log = logging.getLogger(__name__)
 

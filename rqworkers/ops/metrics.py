@@ -28,10 +28,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from rqworkers.queue import Snapshot
-from rqworkers.scoreboard import DURATION_BUCKETS, RECYCLE_REASONS, Scoreboard
-from rqworkers.web.server import Handler as BoundedHandler
-from rqworkers.web.server import Server
+from rqworkers.ops.web.server import Handler as BoundedHandler
+from rqworkers.ops.web.server import Server
+from rqworkers.store.queue import Snapshot
+from rqworkers.worker.scoreboard import DURATION_BUCKETS, RECYCLE_REASONS, Scoreboard
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ def serve(
 ) -> Server:
     """Start serving `/metrics` and `/healthz` on `host:port` in a daemon thread.
 
-    `pages` answers every other request (the status page, `rqworkers.web`) and returns
+    `pages` answers every other request (the status page, `rqworkers.ops.web`) and returns
     False for a path it does not serve, which then gets a 404. The server is bounded
-    (threads, timeouts, security headers): see `rqworkers.web.server`.
+    (threads, timeouts, security headers): see `rqworkers.ops.web.server`.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)

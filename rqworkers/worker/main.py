@@ -11,17 +11,18 @@ import signal
 
 import setproctitle
 
-from rqworkers import files, taskhandler
-from rqworkers.alarm import ALARM
-from rqworkers.connections import Client, connect
-from rqworkers.dispatch import ConcurrentWorker
+from rqworkers.common import files
+from rqworkers.common.process import StopFlag
+from rqworkers.common.text import printable
 from rqworkers.errors import ExitCode
-from rqworkers.handlers import startup_failure
-from rqworkers.process import StopFlag
-from rqworkers.queue import ReliableQueue
-from rqworkers.scoreboard import Scoreboard
-from rqworkers.text import printable
-from rqworkers.worker import BLOCK_TIMEOUT, Worker, WorkerSpec
+from rqworkers.store.connections import Client, connect
+from rqworkers.store.queue import ReliableQueue
+from rqworkers.worker import taskhandler
+from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.dispatch import ConcurrentWorker
+from rqworkers.worker.handlers import startup_failure
+from rqworkers.worker.loop import BLOCK_TIMEOUT, Worker, WorkerSpec
+from rqworkers.worker.scoreboard import Scoreboard
 
 log = logging.getLogger("rqworkers.worker")
 

@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
-from rqworkers import tasks
-from rqworkers.connections import Client, connect
-from rqworkers.tasks import Task
+from rqworkers.client import tasks
+from rqworkers.client.tasks import Task
+from rqworkers.store.connections import Client, connect
 
 _BATCH = 1000  # payloads per LPUSH: big inputs go in bounded round trips
 _BLOCK = 1.0  # seconds per BRPOP while waiting for a reply (the client's reply timeout is 11 s)

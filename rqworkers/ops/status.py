@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from rqworkers.backoff import describe
+from rqworkers.common.backoff import describe
+from rqworkers.common.text import printable
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import ExitCode
-from rqworkers.queue import TRANSIENT_ERRORS, Snapshot, connect, snapshot
-from rqworkers.text import printable
+from rqworkers.store.queue import TRANSIENT_ERRORS, Snapshot, connect, snapshot
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,21 @@ from typing import Any, cast
 
 import redis
 
-from rqworkers import connections, files, handlers, process, tasks
+from rqworkers.client import tasks
+from rqworkers.common import files, process
+from rqworkers.common.text import a
 from rqworkers.config import (
     Config,
     PairSettings,
     key_collisions,
     max_processes,
     metrics_endpoint,
-    redact,
     server_spelling,
 )
-from rqworkers.connections import Client
-from rqworkers.queue import Keys
-from rqworkers.text import a
+from rqworkers.store import connections
+from rqworkers.store.connections import Client, redact
+from rqworkers.store.queue import Keys
+from rqworkers.worker import handlers
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
 _FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.RedisError)

@@ -31,13 +31,14 @@ from http.server import ThreadingHTTPServer
 import psutil
 import setproctitle
 
-from rqworkers.backoff import RETRY_CAP, Outage
-from rqworkers.config import Config, redact
-from rqworkers.connections import Client, connect
+from rqworkers.common.backoff import RETRY_CAP, Outage
+from rqworkers.common.process import StopFlag
+from rqworkers.config import Config
 from rqworkers.errors import ExitCode
-from rqworkers.metrics import Metrics, Target, health, serve
-from rqworkers.process import StopFlag
-from rqworkers.queue import (
+from rqworkers.ops.metrics import Metrics, Target, health, serve
+from rqworkers.ops.web import Site
+from rqworkers.store.connections import Client, connect, redact
+from rqworkers.store.queue import (
     TRANSIENT_ERRORS,
     ReliableQueue,
     Snapshot,
@@ -47,8 +48,7 @@ from rqworkers.queue import (
     renew_leases,
     snapshot,
 )
-from rqworkers.scoreboard import Scoreboard
-from rqworkers.web import Site
+from rqworkers.worker.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class KeeperSpec:
     leases: tuple[Lease, ...]
     metrics_address: str | None = None
     manager_start_time: float = 0.0  # wall clock
-    config: Config | None = None  # what the status page shows and acts on (`rqworkers.web`)
+    config: Config | None = None  # what the status page shows and acts on (`rqworkers.ops.web`)
 
 
 def main(spec: KeeperSpec) -> int:

@@ -42,7 +42,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
-from rqworkers import files
+from rqworkers.common import files
 
 Client = redis.Redis | RedisCluster
 
@@ -263,6 +263,30 @@ def read_password(path: str) -> str:
     raises `files.NotRegularFileError` rather than hanging or filling the memory."""
     secret = files.read_regular(path, _MAX_SECRET_BYTES, "a password file")
     return secret.decode("utf-8", errors="strict").rstrip("\r\n")
+
+
+def redact(url: str) -> str:
+    """`redis://user:secret@h/0` → `redis://user:***@h/0`: passwords never reach a log.
+
+    Parsed the way redis-py parses it: the password may contain `@`, and may also come as
+    a `?password=` query argument (or `ssl_password=`, the key file's). `password_file=`
+    is a path and stays visible; so do the hosts of a cluster or Sentinel URL.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{colon}***@{hostport}" if colon else netloc
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_secret(k) for k, _ in pairs):
+        query = urlencode([(k, "***" if _secret(k) else v) for k, v in pairs], safe="*/:")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _secret(query_key: str) -> bool:
+    return query_key.endswith("password")
 
 
 def connect(url: str, block_timeout: float = 1.0, *, timeout: float | None = None) -> Client:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from rqworkers.errors import ExitCode, MessageTimeout
-from rqworkers.handlers import Handler
-from rqworkers.queue import Delivery
-from rqworkers.worker import Worker
+from rqworkers.store.queue import Delivery
+from rqworkers.worker.handlers import Handler
+from rqworkers.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from redis.exceptions import RedisError
 
-from rqworkers import dead, status
-from rqworkers.backoff import describe
+from rqworkers.common.backoff import describe
 from rqworkers.config import Config, PairSettings
-from rqworkers.connections import Client
-from rqworkers.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
-from rqworkers.web.auth import (
+from rqworkers.ops import dead, status
+from rqworkers.ops.web.auth import (
     COOKIE,
     SESSION_SECONDS,
     Gate,
@@ -41,7 +39,9 @@ from rqworkers.web.auth import (
     Throttle,
     token_source,
 )
-from rqworkers.web.cache import SharedReads
+from rqworkers.ops.web.cache import SharedReads
+from rqworkers.store.connections import Client
+from rqworkers.store.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ LOOPBACK = ("localhost", "127.0.0.1", "[::1]")  # names that cannot be rebound t
 MAX_HOSTS_LOGGED = 100  # distinct refused Host names logged: a flood cannot fill the log
 REDIS_TIMEOUT = 5.0  # seconds to connect to or hear from Redis, for dead-letter requests
 
-_STATIC = files("rqworkers.web") / "static"
+_STATIC = files("rqworkers.ops.web") / "static"
 ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),

@@ -55,14 +55,14 @@ from typing import Any, cast
 
 import redis
 
-from rqworkers import scripts
+from rqworkers.errors import Superseded
+from rqworkers.store import scripts
 
 # Connecting lives in `connections`; these two are imported from here too.
-from rqworkers.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
-from rqworkers.connections import Client
-from rqworkers.connections import connect as connect
-from rqworkers.direct import Call, script_caller
-from rqworkers.errors import Superseded
+from rqworkers.store.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
+from rqworkers.store.connections import Client
+from rqworkers.store.connections import connect as connect
+from rqworkers.store.direct import Call, script_caller
 
 _PREFIX = scripts.PREFIX.encode()
 SUPERSEDED = -2  # what TAKE answers a process that no longer owns the private list

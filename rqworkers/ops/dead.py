@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
+from rqworkers.common.text import printable, quoted
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import RqworkersError
-from rqworkers.queue import DeadLetter, DeadLetters, connect
-from rqworkers.text import printable, quoted
+from rqworkers.store.queue import DeadLetter, DeadLetters, connect
 
 PREVIEW_BYTES = 60
 BATCH = 100  # messages per atomic step of `requeue` and `purge` without indexes

@@ -27,16 +27,16 @@ from typing import Any, TypeVar
 
 import redis
 
-from rqworkers.alarm import ALARM
-from rqworkers.backoff import ExponentialBackoff, Outage, describe
+from rqworkers.common.backoff import ExponentialBackoff, Outage, describe
+from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
-from rqworkers.connections import is_outage
 from rqworkers.errors import ExitCode, MessageTimeout, Refused, Superseded
-from rqworkers.handlers import Handler
-from rqworkers.outbox import Failure, Outbox
-from rqworkers.process import StopFlag
-from rqworkers.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
-from rqworkers.scoreboard import Scoreboard
+from rqworkers.store.connections import is_outage
+from rqworkers.store.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
+from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.handlers import Handler
+from rqworkers.worker.outbox import Failure, Outbox
+from rqworkers.worker.scoreboard import Scoreboard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -31,14 +31,14 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import AsyncScript, Script
 
-from rqworkers import tasks
-from rqworkers.alarm import ALARM
-from rqworkers.backoff import ExponentialBackoff, describe
+from rqworkers.client import tasks
+from rqworkers.client.tasks import AllowList, ReplyKeys, Task, TaskError
+from rqworkers.common.backoff import ExponentialBackoff, describe
 from rqworkers.config import PairSettings
-from rqworkers.connections import TRANSIENT_ERRORS, Client, connect, is_outage
 from rqworkers.errors import HandlerError, MessageTimeout, Refused, ReplyError
-from rqworkers.handlers import Handler, awaited
-from rqworkers.tasks import AllowList, ReplyKeys, Task, TaskError
+from rqworkers.store.connections import TRANSIENT_ERRORS, Client, connect, is_outage
+from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.handlers import Handler, awaited
 
 log = logging.getLogger(__name__)
 

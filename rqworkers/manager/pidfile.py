@@ -22,7 +22,7 @@ import time
 
 import psutil
 
-from rqworkers import files
+from rqworkers.common import files
 from rqworkers.errors import RqworkersError
 
 TITLE = "rqworkers: manager"  # the manager's process title, as `ps` shows it

@@ -1,0 +1,1 @@
+"""What a producer's program imports: the task message format, Producer, Executor."""

@@ -1,0 +1,3 @@
+"""What every process shares and that knows nothing of queues: text, files, globs, backoff,
+fork and signals.
+"""

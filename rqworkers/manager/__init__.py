@@ -1,0 +1,1 @@
+"""The manager process: supervision of the slots, the pid file."""

@@ -1,0 +1,1 @@
+"""Operations: status, dead letters, metrics, checks, the keeper and its status page."""
