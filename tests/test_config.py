@@ -28,9 +28,9 @@ from rqworkers.config import (
     load,
     max_processes,
     parse_size,
-    redact,
 )
 from rqworkers.errors import ConfigError
+from rqworkers.store.connections import redact
 from tests.support import APPS, REPO, RedisServer, free_port
 
 EXAMPLE = REPO / "config" / "rqworkers.toml"

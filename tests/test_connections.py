@@ -162,7 +162,7 @@ def test_config_rejects_a_cluster_queue_without_a_hash_tag(tmp_path: Path) -> No
 
 
 def test_redact_hides_every_secret_but_shows_the_password_file() -> None:
-    shown = config.redact(
+    shown = connections.redact(
         "rediss+sentinel://u:topsecret@s1:1,s2:2/m/0?password_file=/run/secrets/x"
         "&ssl_password=keysecret"
     )
