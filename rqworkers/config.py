@@ -57,7 +57,7 @@ _SIZE_UNITS = {
     "tb": 1000**4,
     "tib": 1024**4,
 }
-# Bounds (README, "Configuration reference", lists them). Every value inside them runs.
+# Bounds (docs/configuration.md lists them). Every value inside them runs.
 MAX_SECONDS = 7 * 24 * 3600.0  # any duration: a week; `inf` or 1e308 overflow timers
 MIN_CHECK_INTERVAL = 0.01  # below it the manager would busy-loop
 MAX_CHECK_INTERVAL = 60.0  # memory limits and hard timeouts are enforced on this tick

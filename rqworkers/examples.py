@@ -16,8 +16,8 @@ class Counter:
     """A class handler: `setup` once per process, `handle` per message, `teardown` at exit.
 
     It refuses every payload that starts with `bad` (ValueError), so that retries and dead
-    letters can be seen with the example config: README's dead-letter walkthrough pushes
-    such payloads.
+    letters can be seen with the example config: the dead-letter walkthrough of
+    docs/operating.md pushes such payloads.
     """
 
     def setup(self) -> None:
@@ -35,5 +35,5 @@ class Counter:
 
 
 def square(x: int) -> int:
-    """An example task (README, "Tasks"): `tasks = ["rqworkers.examples:square"]`."""
+    """An example task (README, docs/tasks.md): `tasks = ["rqworkers.examples:square"]`."""
     return x * x

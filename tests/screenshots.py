@@ -1,4 +1,4 @@
-"""Screenshots of the status page under a realistic load, for README and `docs/`.
+"""Screenshots of the status page under a realistic load, for `docs/`.
 
     python -m tests.screenshots [docs]
 

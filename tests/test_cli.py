@@ -481,15 +481,16 @@ def test_run_log_level_is_checked(tmp_path: Path, env: dict[str, str]) -> None:
     assert "invalid choice: 'LOUD'" in result.stderr
 
 
-# -- README's dead-letter walkthrough, as written, with config/rqworkers.toml ------------------
+# -- The dead-letter walkthrough of docs/operating.md, as written, with config/rqworkers.toml ---
 
 _STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ")
 
 
 def _walkthrough() -> list[tuple[str, list[str]]]:
-    """The commands of README's dead-letter walkthrough, each with the output it shows."""
-    text = (REPO / "README.md").read_text()
-    block = text.split("### Dead letters\n", 1)[1].split("```\n")[1]
+    """The commands of the dead-letter walkthrough (docs/operating.md), each with the output
+    it shows."""
+    text = (REPO / "docs" / "operating.md").read_text()
+    block = text.split("## Dead letters\n", 1)[1].split("```\n")[1]
     steps: list[tuple[str, list[str]]] = []
     for line in block.splitlines():
         if line.startswith("$ "):
@@ -499,7 +500,7 @@ def _walkthrough() -> list[tuple[str, list[str]]]:
     return steps
 
 
-def test_the_readme_dead_letter_walkthrough_works_as_written(
+def test_the_dead_letter_walkthrough_of_the_docs_works_as_written(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, services: list[Service]
 ) -> None:
     if shutil.which("redis-cli") is None:
@@ -537,7 +538,7 @@ def test_the_readme_dead_letter_walkthrough_works_as_written(
             os.close(controller)
         assert result.returncode == 0, (command, result)
         if "redis-cli" in command:
-            continue  # prints the list's length, which README leaves out
+            continue  # prints the list's length, which the page leaves out
         got = _STAMP.sub("<time>", result.stdout).replace("[y/N] ", "[y/N] y\n").splitlines()
         assert got == [_STAMP.sub("<time>", line) for line in shown], command
     assert (tmp_path / "payload.bin").read_bytes() == b"bad\x00\xff binary"

@@ -294,7 +294,7 @@ def test_a_reply_to_outside_the_namespace_is_dead_lettered_at_once_and_touches_n
 def test_a_refused_message_runs_nothing_not_even_its_on_failure(
     service: StartService, redis_server: RedisServer, concurrency: int
 ) -> None:
-    """README: refused "before anything runs". A message that ran and failed for good runs
+    """docs/tasks.md: refused "before anything runs". A message that ran and failed for good runs
     its `on_failure`, which shows when the worker got past the refused ones."""
     client = redis_server.client()
     svc = service([task_pair(max_attempts=3, processes=1, concurrency=concurrency)])

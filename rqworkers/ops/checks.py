@@ -166,7 +166,7 @@ def _prefixed(pair: PairSettings, lines: list[str]) -> list[str]:
 
 
 def _key_types(keys: Keys) -> dict[str, str]:
-    """What each shared key of a queue must be, if it exists (README, "Redis keys")."""
+    """What each shared key of a queue must be, if it exists (docs/redis-keys.md)."""
     return {
         keys.queue: "list",
         keys.retry: "zset",

@@ -4,7 +4,7 @@ Workers publish their status as the value of their lease (see `keeper.py`), so t
 from any machine that reaches Redis, for workers of every node. A host that cannot be
 reached is reported as such and the others are still shown.
 
-Exit codes (README, "Status"): 0 when every host answered, 1 when one or more could not be
+Exit codes (docs/operating.md): 0 when every host answered, 1 when one or more could not be
 reached (or refused the reading); a config problem is 2, as for every command.
 """
 

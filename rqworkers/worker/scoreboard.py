@@ -10,7 +10,7 @@ Counters are cumulative over every worker the slot has had, so metrics stay corr
 recycling; a worker's own figures are the difference from a base taken at its start.
 Each field has a single writer (the worker or the manager), so no lock is needed.
 
-Counting words, one meaning each (README's "Metrics" says the same): a message *succeeded*
+Counting words, one meaning each (docs/operating.md says the same): a message *succeeded*
 when its handler returned, *failed* when it raised or ran past its timeout; every delivery
 that reached the handler is one or the other.
 """
