@@ -204,11 +204,10 @@ def test_path_of_names_module_level_functions_only() -> None:
             tasks.path_of(bad)
 
 
-@pytest.mark.service
 def test_a_function_of_a_script_run_as_main_is_refused_with_advice(tmp_path: Path) -> None:
     script = tmp_path / "script.py"
     script.write_text(
-        "from rqworkers import tasks\n"
+        "from rqworkers.client import tasks\n"
         "def work(): pass\n"
         "try:\n    tasks.path_of(work)\nexcept ValueError as exc:\n    print(exc)\n"
     )
