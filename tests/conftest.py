@@ -1,13 +1,71 @@
+"""Fixtures shared by every test file, and the `service` marker.
+
+A test is marked `service` when it starts rqworkers processes: `rqworkers run` or any other
+command run as a subprocess. `scripts/test --fast` leaves those out (`-m "not slow and not
+service"`). The marker is set here for every test that uses a fixture in SERVICE_FIXTURES;
+a test that runs the command line itself (`run_cli`, `Service(...).start()`, its file's own
+helper) is marked by hand. So that a forgotten mark cannot hide, a test not marked `service`
+that starts `python -m rqworkers`, the `rqworkers` script or a `bench` program fails, saying
+so (see `_refuse_unmarked_starts`).
+"""
+
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support import APPS, REPO, RedisServer, Service, write_config
+
+# Fixtures that start `rqworkers run`: conftest's and test_connections.py's `service`, and
+# test_cli.py's `services`. A test using one, directly or through another fixture, is marked.
+SERVICE_FIXTURES = frozenset({"service", "services"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
+
+_starts_allowed = True  # outside a test (collection, the session's end): not ours to judge
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    global _starts_allowed
+    _starts_allowed = item.get_closest_marker("service") is not None
+    try:
+        return (yield)
+    finally:
+        _starts_allowed = True
+
+
+def _refuse_unmarked_starts(event: str, args: tuple[Any, ...]) -> None:
+    """An audit hook: a subprocess that runs rqworkers, started by a test not marked
+    `service`, is refused with advice instead of slipping into `scripts/test --fast`."""
+    if event != "subprocess.Popen" or _starts_allowed:
+        return
+    argv = args[1]
+    words = [argv] if isinstance(argv, (str, bytes, os.PathLike)) else list(argv)
+    words = [os.fsdecode(word) for word in words]
+    module = words[words.index("-m") + 1] if "-m" in words[:-1] else ""
+    if (
+        module == "rqworkers"
+        or module.startswith("bench.")
+        or (words and Path(words[0]).name == "rqworkers")
+    ):
+        raise RuntimeError(
+            f"this test starts rqworkers ({' '.join(words[:4])} ...) but is not marked "
+            "`service`: add @pytest.mark.service (see tests/conftest.py)"
+        )
+
+
+sys.addaudithook(_refuse_unmarked_starts)
 
 
 @pytest.fixture
@@ -17,7 +75,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     try:
         yield server
     finally:
-        server.stop()
+        server.discard()  # the test is over: no need to wait for a graceful shutdown
 
 
 @pytest.fixture

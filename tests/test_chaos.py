@@ -28,6 +28,7 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
     [[], ["--distinct", "10", "--max-attempts", "3"], ["--concurrency", "20"]],
     ids=["unique-payloads", "ten-repeating-payloads", "concurrency-20"],
 )
+@pytest.mark.service
 def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
     """With repeating payloads too: twins are separate messages, so with no poison pushed
     none is dead-lettered, even with only 3 attempts each."""

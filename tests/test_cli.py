@@ -89,6 +89,7 @@ def start(services: list[Service], path: Path, env: dict[str, str], *extra: str)
 
 
 @pytest.mark.parametrize("where", ["before", "after", "environment", "both (the later one wins)"])
+@pytest.mark.service
 def test_config_option_goes_before_or_after_the_subcommand(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, where: str
 ) -> None:
@@ -107,6 +108,7 @@ def test_config_option_goes_before_or_after_the_subcommand(
     assert result.stdout.strip() == f"{path}: ok (1 queue, 1 host reachable)"
 
 
+@pytest.mark.service
 def test_a_missing_config_option_is_a_usage_error(env: dict[str, str]) -> None:
     result = rqworkers(env, "check")
     assert result.returncode == 2
@@ -122,6 +124,7 @@ def test_a_missing_config_option_is_a_usage_error(env: dict[str, str]) -> None:
         ([], "usage: rqworkers", ["run", "check", "status", "dead", "reload"]),
     ],
 )
+@pytest.mark.service
 def test_a_command_without_its_action_prints_its_help(
     env: dict[str, str], args: list[str], usage: str, listed: list[str]
 ) -> None:
@@ -137,6 +140,7 @@ def test_a_command_without_its_action_prints_its_help(
     ("handler", "problem"),
     [("sys:maxsize", "'sys:maxsize' is an int, not"), ("math:pi", "'math:pi' is a float, not")],
 )
+@pytest.mark.service
 def test_check_names_a_handler_that_is_not_callable_in_good_english(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, handler: str, problem: str
 ) -> None:
@@ -158,6 +162,7 @@ def test_plural_and_article() -> None:
 # -- dead purge --------------------------------------------------------------------------------
 
 
+@pytest.mark.service
 def test_dead_purge_without_a_terminal_refuses_and_names_yes(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -177,6 +182,7 @@ def test_dead_purge_without_a_terminal_refuses_and_names_yes(
 
 
 @pytest.mark.parametrize(("answer", "left"), [(b"y\n", 0), (b"n\n", 1), (b"\x04", 1)])
+@pytest.mark.service
 def test_dead_purge_asks_on_a_terminal(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, answer: bytes, left: int
 ) -> None:
@@ -200,6 +206,7 @@ def test_dead_purge_asks_on_a_terminal(
 # -- check: more than PING ---------------------------------------------------------------------
 
 
+@pytest.mark.service
 def test_check_reports_queue_keys_of_the_wrong_type(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -234,6 +241,7 @@ def _acl_user(server: RedisServer, name: str, *rules: str) -> str:
         (["~jobs", "~jobs:*", "+@all", "-evalsha"], "ACL DRYRUN"),
     ],
 )
+@pytest.mark.service
 def test_check_names_a_command_the_acl_user_may_not_run(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, rules: list[str],
     asked_with: str,
@@ -254,6 +262,7 @@ def test_check_names_a_command_the_acl_user_may_not_run(
 
 
 @pytest.mark.parametrize("dangerous", ["-@dangerous", "+@dangerous"])
+@pytest.mark.service
 def test_check_names_keys_the_acl_user_may_not_touch(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, dangerous: str
 ) -> None:
@@ -266,6 +275,7 @@ def test_check_names_keys_the_acl_user_may_not_touch(
     no_traceback(result)
 
 
+@pytest.mark.service
 def test_check_passes_the_acl_user_readme_recommends(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -276,6 +286,7 @@ def test_check_passes_the_acl_user_readme_recommends(
     assert redis_server.client().keys("jobs*") == [], "check wrote nothing"
 
 
+@pytest.mark.service
 def test_check_asks_every_node_of_a_cluster_as_workers_would(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -314,6 +325,7 @@ def test_check_asks_every_node_of_a_cluster_as_workers_would(
         started.kill_all()
 
 
+@pytest.mark.service
 def test_check_refuses_a_user_without_writes_even_when_it_can_only_probe(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -329,6 +341,7 @@ def test_check_refuses_a_user_without_writes_even_when_it_can_only_probe(
 # -- run: start problems are reported as check reports them -----------------------------------
 
 
+@pytest.mark.service
 def test_run_refuses_a_metrics_address_in_use(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -349,6 +362,7 @@ def test_run_refuses_a_metrics_address_in_use(
     no_traceback(result)
 
 
+@pytest.mark.service
 def test_run_refuses_a_pid_file_naming_a_directory(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -375,6 +389,7 @@ def test_run_refuses_a_pid_file_naming_a_directory(
         ("logging", {"file": "{tmp}"}, "logging.file: {tmp}: is a directory"),
     ],
 )  # fmt: skip
+@pytest.mark.service
 def test_check_refuses_what_run_would_refuse_at_start_and_run_says_the_same(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, section: str,
     setting: dict[str, str], problem: str,
@@ -388,6 +403,7 @@ def test_check_refuses_what_run_would_refuse_at_start_and_run_says_the_same(
         no_traceback(result)
 
 
+@pytest.mark.service
 def test_check_and_run_refuse_more_processes_than_the_machine_runs_usefully(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -475,6 +491,7 @@ def test_run_log_level_overrides_the_config_and_survives_a_reload(
     svc.wait_workers(2)
 
 
+@pytest.mark.service
 def test_run_log_level_is_checked(tmp_path: Path, env: dict[str, str]) -> None:
     result = rqworkers(env, "run", "--log-level", "LOUD", "-c", str(tmp_path / "x.toml"))
     assert result.returncode == 2
@@ -588,6 +605,7 @@ def _run_local_until_sigint(tmp_path: Path, env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.service
 def test_run_local_skips_the_reinstall_and_stops_on_sigint_from_a_background_job(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -652,6 +670,7 @@ time.sleep(120)
 
 
 @pytest.mark.parametrize("written", ["the bystander's pid", "the locker's own pid"])
+@pytest.mark.service
 def test_reload_refuses_a_locked_pid_file_whose_pid_is_no_rqworkers_manager(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, bystander: Popen[bytes],
     written: str,
@@ -743,6 +762,7 @@ def _fifo(tmp_path: Path) -> str:
     ],
     ids=["log-fifo", "pid-fifo", "pid-device", "log-nul", "pid-nul", "backoff-1e-300"],
 )  # fmt: skip
+@pytest.mark.service
 def test_check_and_run_refuse_files_that_are_no_files_and_a_backoff_that_forks_in_a_loop(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, request: pytest.FixtureRequest,
     section: str, setting: str, problem: str,
@@ -764,6 +784,7 @@ def test_check_and_run_refuse_files_that_are_no_files_and_a_backoff_that_forks_i
 
 
 @pytest.mark.parametrize("kind", ["/dev/zero", "a FIFO", "a 2 MB file"])
+@pytest.mark.service
 def test_a_config_file_that_is_no_config_file_is_refused_in_one_line(
     tmp_path: Path, env: dict[str, str], kind: str
 ) -> None:
@@ -782,6 +803,7 @@ def test_a_config_file_that_is_no_config_file_is_refused_in_one_line(
         ), result.stderr
 
 
+@pytest.mark.service
 def test_check_compares_servers_by_identity_not_by_the_spelling_of_their_url(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -823,6 +845,7 @@ def _two_spellings(tmp_path: Path, port: int, second: str) -> Path:
         ("jobs", "workers[1].queue: queue 'jobs' is already declared on the same host in"),
     ],
 )  # fmt: skip
+@pytest.mark.service
 def test_run_refuses_queues_that_collide_under_two_spellings_of_one_server(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, second: str, problem: str
 ) -> None:
@@ -870,6 +893,7 @@ def test_run_starts_during_an_outage_and_says_it_compared_spellings_only(
     assert "WARNING" in lines[0]
 
 
+@pytest.mark.service
 def test_a_reference_inside_a_default_is_refused_naming_the_field(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -892,6 +916,7 @@ def test_a_reference_inside_a_default_is_refused_naming_the_field(
 # -- bad input to push and submit ----------------------------------------------------------------
 
 
+@pytest.mark.service
 def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -932,6 +957,7 @@ def test_push_sends_stdin_and_arguments_as_the_bytes_they_are(
         (["--task", "taskapp:add.__globals__"], "TASK: 'taskapp:add.__globals__' is not of"),
     ],
 )  # fmt: skip
+@pytest.mark.service
 def test_submit_refuses_bad_values_in_one_line_and_sends_nothing(
     tmp_path: Path, env: dict[str, str], redis_server: RedisServer, args: list[str], problem: str
 ) -> None:

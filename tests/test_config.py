@@ -1075,6 +1075,7 @@ def rqworkers_check(path: Path, env: dict[str, str]) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.service
 def test_cli_check_rejects_a_bad_config(tmp_path: Path, cli_env: dict[str, str]) -> None:
     path = write(tmp_path, WORKER + "max_request = 5\n")
     result = rqworkers_check(path, cli_env)
@@ -1084,6 +1085,7 @@ def test_cli_check_rejects_a_bad_config(tmp_path: Path, cli_env: dict[str, str])
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.service
 def test_cli_check_missing_file(tmp_path: Path, cli_env: dict[str, str]) -> None:
     path = tmp_path / "absent.toml"
     result = rqworkers_check(path, cli_env)
@@ -1100,6 +1102,7 @@ def test_cli_check_missing_file(tmp_path: Path, cli_env: dict[str, str]) -> None
         ("no_such_module_xyz:handle", "ModuleNotFoundError"),
     ],
 )
+@pytest.mark.service
 def test_cli_check_reports_a_handler_that_cannot_be_imported(
     tmp_path: Path, cli_env: dict[str, str], handler: str, problem: str
 ) -> None:
@@ -1116,6 +1119,7 @@ def test_cli_check_reports_a_handler_that_cannot_be_imported(
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.service
 def test_cli_check_passes_against_a_real_redis(
     tmp_path: Path, cli_env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -1143,6 +1147,7 @@ def test_cli_check_passes_against_a_real_redis(
     assert result.stderr == ""
 
 
+@pytest.mark.service
 def test_cli_check_fails_for_an_unreachable_host_without_leaking_its_password(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -1158,6 +1163,7 @@ def test_cli_check_fails_for_an_unreachable_host_without_leaking_its_password(
     assert "Traceback" not in output
 
 
+@pytest.mark.service
 def test_cli_check_does_not_leak_a_password_from_the_environment(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
@@ -1170,6 +1176,7 @@ def test_cli_check_does_not_leak_a_password_from_the_environment(
     assert "redis://:***@127.0.0.1:" in result.stderr
 
 
+@pytest.mark.service
 def test_cli_check_reports_a_malformed_url_without_a_traceback(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:

@@ -230,6 +230,7 @@ def run_until_started(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(document=documents)
+@pytest.mark.service
 def test_every_config_that_loads_also_starts_and_never_gives_a_traceback(
     document: dict[str, Any], shared_redis: RedisServer
 ) -> None:
@@ -259,6 +260,7 @@ def test_every_config_that_loads_also_starts_and_never_gives_a_traceback(
 
 
 @pytest.mark.slow
+@pytest.mark.service
 def test_a_worker_whose_setup_always_fails_is_forked_at_a_bounded_rate(
     shared_redis: RedisServer, tmp_path: Path
 ) -> None:

@@ -699,6 +699,7 @@ def test_a_read_only_replica_is_waited_out_until_it_is_promoted(
 # -- errors that say what is wrong, fast ---------------------------------------------------------
 
 
+@pytest.mark.service
 def test_no_sentinel_answering_is_one_line_naming_each_sentinel_and_fast(
     bookkeeper: RedisServer, tmp_path: Path
 ) -> None:
@@ -721,6 +722,7 @@ def test_no_sentinel_answering_is_one_line_naming_each_sentinel_and_fast(
     assert len(result.stderr) < 1000 and "<redis" not in result.stderr, result.stderr
 
 
+@pytest.mark.service
 def test_tls_errors_name_their_likely_cause_and_honour_the_connect_timeout(
     processes: Processes, bookkeeper: RedisServer, certificates: dict[str, Path], tmp_path: Path
 ) -> None:

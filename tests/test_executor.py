@@ -528,6 +528,7 @@ def test_the_push_and_submit_commands(service: StartService, redis_server: Redis
     ],
     ids=["1e400", "nan", "minus-infinity", "deep"],
 )
+@pytest.mark.service
 def test_submit_refuses_arguments_no_json_parser_reads_and_sends_nothing(
     redis_server: RedisServer, tmp_path: Path, args: str, reason: str
 ) -> None:
@@ -542,6 +543,7 @@ def test_submit_refuses_arguments_no_json_parser_reads_and_sends_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.service
 def test_producer_and_executor_on_a_cluster_and_through_sentinels(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

@@ -69,6 +69,7 @@ def test_sigterm_ends_an_idle_worker_s_blocking_wait_at_once(
     wait_for(lambda: redis_server.client().lrange("done", 0, -1) == [b"after"], what="handled")
 
 
+@pytest.mark.service
 def test_a_full_redis_still_takes_acks_so_the_service_drains_what_it_holds(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -473,6 +473,7 @@ def test_a_log_file_swapped_while_running_neither_blocks_nor_writes_elsewhere(
     assert victim.read_text() == "precious\n"
 
 
+@pytest.mark.service
 def test_the_console_script_imports_handlers_from_the_current_directory(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -493,6 +494,7 @@ def test_the_console_script_imports_handlers_from_the_current_directory(
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.service
 def test_an_unwritable_log_file_is_a_clear_config_error(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

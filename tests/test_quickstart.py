@@ -90,6 +90,7 @@ def _session(proc: psutil.Process) -> int | None:
         return None
 
 
+@pytest.mark.service
 def test_the_readme_quick_start_runs_as_written(
     tmp_path: Path, quickstart_env: dict[str, str]
 ) -> None:

@@ -185,6 +185,7 @@ def test_a_malformed_reply_keys_is_refused_naming_the_field(
     assert problem in info.value.render()
 
 
+@pytest.mark.service
 def test_check_refuses_a_reply_glob_that_reaches_another_queue_in_one_line(
     tmp_path: Path,
 ) -> None:
@@ -374,6 +375,7 @@ def test_check_names_a_redis_user_that_may_not_write_replies(
     assert checks.host_problems(load(path, environ={})) == []
 
 
+@pytest.mark.service
 def test_a_reply_the_redis_user_may_not_write_fails_its_delivery_not_the_queue(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

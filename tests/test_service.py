@@ -416,6 +416,7 @@ def test_a_worker_that_keeps_dying_at_start_backs_off_and_spares_the_others(
     assert psutil.pid_exists(svc.pid)
 
 
+@pytest.mark.service
 def test_bad_config_gives_a_clear_error_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(
@@ -429,6 +430,7 @@ def test_bad_config_gives_a_clear_error_without_traceback(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.service
 def test_bad_handler_is_reported_when_run_starts(tmp_path: Path, redis_server: RedisServer) -> None:
     path = write_config(
         tmp_path / "c.toml", redis_server.url, [{"queue": "q", "handler": "badimport:handle"}]

@@ -344,6 +344,7 @@ def test_a_pair_has_handler_or_tasks_never_both(tmp_path: Path, entry: str, prob
 
 
 @pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.service
 def test_check_and_run_refuse_a_pair_with_both(tmp_path: Path, command: str) -> None:
     path = write_config(
         tmp_path,
@@ -364,6 +365,7 @@ def test_check_and_run_refuse_a_pair_with_both(tmp_path: Path, command: str) -> 
     assert "not both" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.service
 def test_check_reports_an_allow_list_that_does_not_import(tmp_path: Path) -> None:
     path = write_config(
         tmp_path,

@@ -1,0 +1,134 @@
+"""`worker.loop`: `interruptible`, which lets a stop signal cut a blocking call short, and
+rules of the loop driven in this process against fakeredis, in milliseconds. The real
+service shows the same rules in tests/test_service.py, where only it can (crashes, signals).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+
+from rqworkers.common.process import StopFlag
+from rqworkers.config import PairSettings
+from rqworkers.store.queue import ReliableQueue, digest
+from rqworkers.worker.dispatch import ConcurrentWorker
+from rqworkers.worker.handlers import Handler
+from rqworkers.worker.loop import Worker, WorkerSpec, interruptible
+from rqworkers.worker.scoreboard import Scoreboard
+
+
+def test_stop_signal_cuts_a_blocking_call_short() -> None:
+    stop = StopFlag()
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    began = time.monotonic()
+    try:
+        assert interruptible(stop, time.sleep, 30) is None
+    finally:
+        timer.cancel()
+    assert stop.set and time.monotonic() - began < 10
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # what was there before
+
+
+def test_stop_signal_at_any_instant_never_escapes(restore_sigterm: None) -> None:
+    """The manager's death SIGTERMs its workers at whatever instant: a signal landing while
+    the handlers are swapped in or out must neither escape as an exception nor be lost."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    firing = threading.Event()
+    firing.set()
+
+    def fire() -> None:
+        while firing.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.00002)
+
+    shooter = threading.Thread(target=fire, daemon=True)
+    calls = cut = 0
+    escaped: list[BaseException] = []
+    try:
+        shooter.start()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            stop = StopFlag()
+            try:
+                result = interruptible(stop, sum, range(20))
+            except BaseException as exc:  # what the worker would die of
+                escaped.append(exc)
+                continue
+            calls += 1
+            if result is None:
+                cut += 1
+                assert stop.set
+            else:
+                assert result == 190
+    finally:
+        firing.clear()
+        shooter.join()
+    assert not escaped
+    assert calls > 1000 and cut > 0
+
+
+@pytest.fixture
+def restore_sigterm() -> Iterator[None]:
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+# -- the loop's rules, in this process against fakeredis ------------------------------------------
+
+STARTED: list[bytes] = []
+DONE: list[bytes] = []
+
+
+def handle(message: bytes) -> None:
+    """As tests/apps/testapp.py's handler does for `raise` and a plain payload."""
+    STARTED.append(message)
+    if message == b"raise":
+        raise ValueError("boom from testapp")
+    DONE.append(message)
+
+
+@pytest.mark.parametrize(
+    ("kind", "concurrency"), [(Worker, 1), (ConcurrentWorker, 4)], ids=["one", "concurrent"]
+)
+@pytest.mark.parametrize("prefetch", [1, 10])
+def test_a_poison_message_is_dead_lettered_after_exactly_max_attempts_while_others_flow(
+    kind: type[Worker], concurrency: int, prefetch: int
+) -> None:
+    """The rule of test_service.py's test of the same name, without a process and in both
+    loops: a message that raises runs `max_attempts` times, then lands in the dead list with
+    its reason, while the others are each handled once."""
+    STARTED.clear()
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    pair = PairSettings(
+        host="h", queue="jobs", handler="tests.test_loop:handle", prefetch=prefetch,
+        concurrency=concurrency, max_attempts=3, retry_delay=0.0,
+    )  # fmt: skip
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
+    worker = kind(spec, Handler(pair.handler), queue, Scoreboard(), StopFlag())
+    client.lpush("jobs", b"raise", *[f"ok{i}".encode() for i in range(50)])
+    try:
+        for _ in range(1000):  # a step never blocks while work waits or is due
+            assert worker.step() is None
+            settled = not getattr(worker, "running", None)  # ConcurrentWorker: none in flight
+            if client.llen(queue.keys.dead) == 1 and len(DONE) == 50 and settled:
+                break
+    finally:
+        worker.finish()
+    assert STARTED.count(b"raise") == 3
+    raw = client.hget(queue.keys.dead_reasons, digest(b"raise"))
+    assert raw is not None
+    info = json.loads(raw)
+    assert info["attempts"] == 3 and "ValueError: boom from testapp" in str(info["reason"])
+    assert sorted(DONE) == sorted(f"ok{i}".encode() for i in range(50))
+    assert client.zcard(queue.keys.retry) == 0 and client.llen(queue.keys.processing) == 0

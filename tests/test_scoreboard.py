@@ -1,0 +1,88 @@
+"""`worker.scoreboard`: the shared-memory counters a worker writes and its manager reads."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from rqworkers.worker.scoreboard import Scoreboard
+from tests.support import fork_and_wait
+
+
+def test_the_scoreboard_is_shared_across_fork() -> None:
+    board = Scoreboard()
+    assert (board.succeeded, board.failed, board.busy_for()) == (0, 0, 0.0)
+
+    def worker() -> int:
+        board.mark_unstarted(b"id-1")
+        board.replayed()
+        board.mark_unstarted(b"id-2")
+        board.busy(time.monotonic())
+        board.idle(False, 0.002)
+        board.busy(time.monotonic())
+        board.idle(True, 0.3)
+        board.busy(time.monotonic())
+        board.idle(False, 20.0)
+        board.mark_unstarted(b"id-5")
+        board.busy(time.monotonic())  # left mid-message
+        board.settled(3)
+        return 0
+
+    started = time.monotonic()
+    assert fork_and_wait(worker) == 0
+    assert board.succeeded == 2
+    assert board.failed == 1
+    assert board.first_unstarted == b"id-5", "what it died before starting is named"
+    assert board.made_progress
+    busy_for = board.busy_for()
+    assert 0.0 < busy_for <= time.monotonic() - started + 0.01
+    buckets = board.buckets()
+    assert sum(buckets) == 3 and buckets[0] == 1 and buckets[-1] == 1
+    assert board.totals()["duration_sum"] == pytest.approx(20.302)
+
+    board.idle(False, 0.0)
+    assert board.busy_for() == 0.0
+    assert board.succeeded == 3
+    board.prepare()
+    assert board.first_unstarted is None, "unknown until the next worker has replayed"
+    assert not board.made_progress
+    board.replayed()
+    assert board.first_unstarted == b"", "a new worker has started nothing"
+
+
+def test_the_child_sees_what_the_parent_wrote() -> None:
+    board = Scoreboard()
+    for failed in (False, True, True, False, False):
+        board.idle(failed, 0.0)
+    status = fork_and_wait(lambda: board.succeeded * 10 + board.failed)
+    assert os.waitstatus_to_exitcode(status) == 32
+
+
+def test_each_scoreboard_is_its_own_memory() -> None:
+    one, two = Scoreboard(), Scoreboard()
+    one.idle(True, 0.0)
+    assert (one.succeeded, one.failed) == (0, 1)
+    assert (two.succeeded, two.failed) == (0, 0)
+
+
+def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
+    board = Scoreboard()
+    board.prepare()
+    board.set_pid(123)
+    assert board.state() == "starting", "until its handler's setup() has returned"
+    board.ready()
+    assert board.state() == "idle"
+    board.waiting("ConnectionError: refused")
+    assert (board.state(), board.waiting_reason) == ("waiting", "ConnectionError: refused")
+    board.waiting(None)
+    assert (board.state(), board.waiting_reason) == ("idle", None)
+    board.busy(time.monotonic())
+    assert board.state() == "busy"
+    board.stop_requested()
+    assert board.state() == "stopping"
+    board.worker_ended("killed by signal 9 (SIGKILL)", "crash", time.time() + 60)
+    assert board.state() == "backoff"
+    assert board.last_exit == "killed by signal 9 (SIGKILL)"
+    assert board.totals()["recycled_crash"] == 1
