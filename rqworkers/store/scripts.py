@@ -4,13 +4,14 @@ A script runs atomically in Redis, so every move is all-or-nothing, and each cos
 round trip. Every script touches only keys of one queue: with a `{hash tag}` in the queue
 name they all live in one Redis Cluster slot.
 
-Each script is a file in `lua/`, whose header comment declares its KEYS and ARGV by name
-(`-- KEYS: a, b` and `-- ARGV: c, d, rest...`) and says what it returns. The loader here
-reads those names, and puts before the script's body a prologue that binds them to
-`local`s, the constants Python shares with the Lua (`PREFIX`, `KEPT_TWIN_RECORDS`), and the
-envelope library `lua/envelope.lua`. A caller names its arguments (`Script.argv`) and keys
-(`queue.Keys.of_script`) by the same names, so the order is written once, in the header;
-each script's reply is read by the decoder declared beside it here.
+Each script is a file in `lua/`, whose header comment (up to the first blank line) declares
+its KEYS and ARGV by name (`-- KEYS: a, b` and `-- ARGV: c, d, rest...`) and says what it
+returns. The loader here reads those names, and puts before the script's body a prologue
+that binds them to `local`s, then the constants Python shares with the Lua (`PREFIX`,
+`KEPT_TWIN_RECORDS`) and the envelope library `lua/envelope.lua`, each only if the body
+reads it. A caller names its arguments (`Script.argv`) and keys (`queue.Keys.of_script`)
+by the same names, so the order is written once, in the header; each script's reply is read
+by the decoder declared beside it here.
 
 The elements of a private list are *envelopes*, `rqw1:<id>:<attempts>:<payload>` (see
 `queue.py` for the invariant): `id` makes every delivery unique, even of identical

@@ -1,6 +1,6 @@
--- The envelope library, put before the body of every script (see scripts.py). Elements of
--- a private list and members of the retry set are envelopes, `<PREFIX><id>:<attempts>:<payload>`:
--- parsed and built here, and nowhere else in Lua.
+-- The envelope library, put before the body of every script that calls it (see scripts.py).
+-- Elements of a private list and members of the retry set are envelopes,
+-- `<PREFIX><id>:<attempts>:<payload>`: parsed and built here, and nowhere else in Lua.
 --
 -- Uses PREFIX, bound by the loader from scripts.PREFIX, which the Python side reads too.
 -- Defines:
