@@ -162,8 +162,9 @@ def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them() -> N
 
     lease = bind_script(make, scripts.LEASE)
     keys = Keys.of("jobs", "node:1").of_script(scripts.LEASE)
-    assert lease(keys=keys, args=["{}", 5000, "node:1", "1"]) is None
-    assert lease(keys=keys, args=["{}", 5000, "node:1", "0"]) == b"{}"
+    args = {"value": "{}", "ttl": 5000, "worker_id": "node:1"}
+    assert lease(keys=keys, args=scripts.LEASE.argv(**args, register="1")) is None
+    assert lease(keys=keys, args=scripts.LEASE.argv(**args, register="0")) == b"{}"
     assert [s.startswith("#!lua flags=allow-oom\n") for s in sources] == [True, False]
     assert client.smembers("jobs:workers") == {b"node:1"}
 

@@ -390,14 +390,16 @@ def test_replay_takes_in_a_landed_message_uncharged(client: redis.Redis, q: Reli
     assert client.exists(q.keys.landing) == 0
 
 
-def test_replay_wraps_what_an_older_release_left(client: redis.Redis, q: ReliableQueue) -> None:
+def test_replay_wraps_elements_that_are_not_envelopes(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
     client.lpush(q.keys.processing, b"legacy-1", b"legacy-2")
     replayed = q.replay(None)
     assert [(x.payload, x.attempts) for x in replayed] == [(b"legacy-1", 0), (b"legacy-2", 0)]
     assert q.take([x.element for x in replayed], 0).missing_acks == 0
 
 
-def test_a_retry_left_by_an_older_release_is_taken_with_its_payload_intact(
+def test_a_retry_in_the_format_before_envelopes_is_taken_with_its_payload_intact(
     client: redis.Redis, q: ReliableQueue
 ) -> None:
     client.zadd(q.keys.retry, {b"\x01" * 8 + b"old:payload": 0})  # nonce + payload

@@ -3,9 +3,9 @@
 A worker's hot path is one script call per batch. Through `Redis.evalsha` (or a registered
 `Script`) each call also checks a connection out of the pool and back in (a `poll` system
 call to see that it holds no stale data), looks up response callbacks and dispatches
-redis-py's observability events: about 30 µs a call on this project's bench machine, next
-to a 75 µs round trip. At prefetch 1 that is the difference between trailing a plain
-pipelined consumer and matching it (bench/RESULTS.md).
+redis-py's observability events: a sizeable part of a round trip to a local Redis. At
+prefetch 1 that is the difference between trailing a plain pipelined consumer and matching
+it (measured in bench/RESULTS.md, "A kept connection").
 
 So a worker keeps one connection out of its client's pool for its life and sends EVALSHA
 on it directly. Errors are the same as through the client: the connection raises
@@ -63,7 +63,7 @@ class ScriptRunner:
         if time.monotonic() - self._used > STALE_AFTER and _stale(connection):
             # The server closed it (a restart while this worker waited elsewhere). Checked
             # as the pool checks a connection it hands out, but only after a pause: back
-            # to back, a poll per call would cost 2 µs.
+            # to back, a system call per call would be pure cost.
             connection.disconnect()
             connection.connect()
         try:

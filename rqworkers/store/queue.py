@@ -49,9 +49,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 
@@ -65,7 +65,7 @@ from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
 
 _PREFIX = scripts.PREFIX.encode()
-SUPERSEDED = -2  # what TAKE answers a process that no longer owns the private list
+R = TypeVar("R")
 
 
 class Delivery:
@@ -157,7 +157,7 @@ class Keys:
             owner=f"{queue}:owner:{worker_id}",
         )
 
-    def of_script(self, script: scripts.Script) -> list[str]:
+    def of_script(self, script: scripts.Script[Any]) -> list[str]:
         """The KEYS of `script`, in the order its Lua header binds them."""
         return [getattr(self, name) for name in script.keys]
 
@@ -181,19 +181,14 @@ class ReliableQueue:
         self._id_prefix = os.urandom(6).hex()
         self._ids = 0
         self._seq = 0  # of the last delivery this process was handed (take order)
-        self._runner = script_caller(client, keep_connection)
-        self._lease = self._bind(scripts.LEASE)
-        self._take = self._bind(scripts.TAKE)
-        self._replay = self._bind(scripts.REPLAY)
-        self._give_back = self._bind(scripts.GIVE_BACK)
-        self._retry_later = self._bind(scripts.RETRY_LATER)
-        self._dead_letter = self._bind(scripts.DEAD_LETTER)
-        self._reclaim = self._bind(scripts.RECLAIM)
-
-    def _bind(self, script: scripts.Script) -> Call:
-        """A callable running `script` with this queue's keys: `call(*args)`."""
-        keys = self.keys.of_script(script)
-        return bind_script(lambda source: self._runner(source, keys), script)
+        runner = script_caller(client, keep_connection)
+        self._lease = Bound(runner, self.keys, scripts.LEASE)
+        self._take = Bound(runner, self.keys, scripts.TAKE)
+        self._replay = Bound(runner, self.keys, scripts.REPLAY)
+        self._give_back = Bound(runner, self.keys, scripts.GIVE_BACK)
+        self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
+        self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
+        self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -207,22 +202,28 @@ class ReliableQueue:
 
         `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
         holds only the oldest and the newest of them (see `scripts.TAKE`)."""
-        flag = "1" if landed else "0"
         base = self._id_base()
-        reply = self._take(limit, time.time(), base, flag, self.worker_id, trim, *acks)
-        if reply[0] == SUPERSEDED:
+        reply = self._take(
+            limit=limit,
+            now=time.time(),
+            idbase=base,
+            landed="1" if landed else "0",
+            worker_id=self.worker_id,
+            trim=trim,
+            acks=acks,
+        )
+        if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
-        payloads = reply[3:]
         seq = self._seq
-        self._seq += len(payloads)
+        self._seq += len(reply.payloads)
         prefix = base.encode()
-        # Attempts are listed only when some deliveries have them (retries, given back).
-        counts = [int(n) for n in reply[2].split(b",")] if reply[2] else [0] * len(payloads)
         deliveries = [
             Delivery(b"%s%d" % (prefix, n), attempts, payload, seq + n)
-            for n, (attempts, payload) in enumerate(zip(counts, payloads, strict=True), 1)
+            for n, (attempts, payload) in enumerate(
+                zip(reply.attempts, reply.payloads, strict=True), 1
+            )
         ]
-        return Taken(int(reply[0]), deliveries, float(reply[1]) if reply[1] else None)
+        return Taken(reply.missing_acks, deliveries, reply.next_due)
 
     def fetch(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a message; True once one has landed.
@@ -264,7 +265,9 @@ class ReliableQueue:
         """
         charge = "0" if charge_before is None else "1"
         mine = f"{self._id_prefix}."
-        reply = self._replay(charge, charge_before or b"", self._id_base(), mine)
+        reply = self._replay(
+            charge=charge, unstarted=charge_before or b"", idbase=self._id_base(), mine=mine
+        )
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
@@ -277,14 +280,17 @@ class ReliableQueue:
     def give_back(self, unstarted: list[Delivery]) -> int:
         """Return deliveries that never reached the handler, oldest first in `unstarted`,
         to the head of the queue; those with attempts behind them keep their count."""
-        elements = (d.element for d in reversed(unstarted))
-        return int(self._give_back(f"g{self._id_base()}", *elements))
+        elements = [d.element for d in reversed(unstarted)]
+        return self._give_back(idbase=f"g{self._id_base()}", envelopes=elements)
 
     def retry_later(self, delivery: Delivery, delay: float) -> bool:
         """Park a failed delivery for `delay` seconds with one more attempt counted."""
-        due = time.time() + delay
-        attempts = delivery.attempts + 1
-        return bool(self._retry_later(delivery.element, due, self._id_base(), attempts))
+        return self._retry_later(
+            element=delivery.element,
+            due=time.time() + delay,
+            member_id=self._id_base(),
+            attempts=delivery.attempts + 1,
+        )
 
     def dead_letter(self, delivery: Delivery, record: dict[str, Any]) -> bool:
         """Move a delivery that used up its attempts to the dead list, with its record
@@ -293,7 +299,9 @@ class ReliableQueue:
         # Raw UTF-8, not \u escapes: Lua's cjson refuses an escaped lone surrogate, which an
         # exception about undecodable bytes may hold; each becomes "?" here.
         text = json.dumps(info, ensure_ascii=False).encode("utf-8", "replace")
-        return bool(self._dead_letter(delivery.element, digest(delivery.payload), text))
+        return self._dead_letter(
+            element=delivery.element, digest=digest(delivery.payload), record=text
+        )
 
     # -- leases and orphans -----------------------------------------------------------------
 
@@ -304,7 +312,12 @@ class ReliableQueue:
         leftovers while it is handling them. The keeper soon replaces the placeholder
         value with the worker's status.
         """
-        self._lease(json.dumps({"state": "starting"}), int(ttl * 1000), self.worker_id, "1")
+        self._lease(
+            value=json.dumps({"state": "starting"}),
+            ttl=int(ttl * 1000),
+            worker_id=self.worker_id,
+            register="1",
+        )
 
     def reclaim(self, unstarted: bytes = b"", fence_ttl: float = 5.0) -> int | None:
         """Give this (dead) worker's messages back to its queue, charging one attempt to
@@ -321,10 +334,9 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            moved = int(self._reclaim(self.worker_id, unstarted))
+            return self._reclaim(worker_id=self.worker_id, unstarted=unstarted)
         finally:
             self.client.delete(k.fence)
-        return None if moved < 0 else moved
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -385,7 +397,10 @@ def _renew_by_script(client: Client, leases: dict[tuple[str, str], str], ttl: fl
     lapsed = 0
     for (queue, worker_id), value in leases.items():
         keys = Keys.of(queue, worker_id).of_script(scripts.LEASE)
-        if lease(keys=keys, args=[value, int(ttl * 1000), worker_id, "0"]) is None:
+        args = scripts.LEASE.argv(
+            value=value, ttl=int(ttl * 1000), worker_id=worker_id, register="0"
+        )
+        if scripts.LEASE.decode(lease(keys=keys, args=args)) is None:
             lapsed += 1
     return lapsed
 
@@ -396,10 +411,30 @@ def _lease_script(client: Client) -> Call:
     return bind_script(client.register_script, scripts.LEASE)
 
 
-def bind_script(make: Callable[[str], Call], script: scripts.Script) -> Call:
+class Bound(Generic[R]):
+    """A script bound to a queue's keys: called with its ARGV by name (`Script.argv`), it
+    returns its decoded reply."""
+
+    __slots__ = ("_call", "_script")
+
+    def __init__(
+        self,
+        runner: Callable[[str, Sequence[str]], Call],
+        keys: Keys,
+        script: scripts.Script[R],
+    ) -> None:
+        key_list = keys.of_script(script)
+        self._call = bind_script(lambda source: runner(source, key_list), script)
+        self._script = script
+
+    def __call__(self, **args: Any) -> R:
+        return self._script.decode(self._call(*self._script.argv(**args)))
+
+
+def bind_script(make: Callable[[str], Call], script: scripts.Script[Any]) -> Call:
     """`make(source)`, a callable running `script`; if the server refuses the shebang line
     that declares its flags (Redis before 7.0 reads none: a syntax error), its source
-    without them from then on, which runs as every script did before flags existed."""
+    without them from then on (`Script.legacy_source`)."""
     flagged = make(script.source)
     if not script.flags:
         return flagged
@@ -518,7 +553,7 @@ class DeadLetters:
     def __init__(self, client: Client, queue: str) -> None:
         self.client = client
         self.keys = Keys.of(queue, "")
-        self._take = bind_script(client.register_script, scripts.DEAD_TAKE)
+        self._take = Bound(script_caller(client, False), self.keys, scripts.DEAD_TAKE)
 
     def __len__(self) -> int:
         return int(self.client.llen(self.keys.dead))
@@ -550,11 +585,11 @@ class DeadLetters:
     def _take_out(self, mode: str, letters: list[DeadLetter]) -> int:
         if not letters:
             return 0
-        args: list[bytes | str] = [mode]
+        triples: list[bytes | str] = []
         for letter in letters:
             record_id = str((letter.info or {}).get("id", ""))
-            args += [letter.payload, digest(letter.payload), record_id]
-        return int(self._take(keys=self.keys.of_script(scripts.DEAD_TAKE), args=args))
+            triples += [letter.payload, digest(letter.payload), record_id]
+        return self._take(mode=mode, letters=triples)
 
     def _with_info(self, start: int, payloads: list[bytes]) -> list[DeadLetter]:
         if not payloads:

@@ -1,9 +1,9 @@
 """The handler's time limit: `MessageTimeout` raised in the main thread once a call runs past
 its deadline, with no system call per message.
 
-Arming an interval timer around every call costs two `setitimer` calls, 0.5 µs a message,
-a fifth of a no-op message's whole cost at prefetch 100. So a call only writes its deadline
-where a watchdog thread can read it. The watchdog sleeps until the deadline it last saw;
+Arming an interval timer around every call costs two `setitimer` system calls a message, a
+large part of a short message's whole cost at a high prefetch. So a call only writes its
+deadline where a watchdog thread can read it. The watchdog sleeps until the deadline it last saw;
 when it wakes, the deadline of whatever runs *now* decides: past it, the main thread gets
 SIGALRM (`pthread_kill`), whose handler raises `MessageTimeout`; not yet, it sleeps again
 until then; nothing running, it sleeps until a call wakes it. A stream of short messages so
@@ -11,9 +11,9 @@ costs one wake-up of the watchdog per `timeout` seconds, and a call is only ever
 interrupted once its own deadline has passed: never early, and never between calls.
 
 The watchdog needs the GIL for a moment to look, which a thread holding it in C code does
-not give; the manager's `timeout_grace` kill covers that, as it did before.
+not give; the manager's `timeout_grace` kill covers that.
 
-A handler must not use SIGALRM itself; this was already so.
+A handler must not use SIGALRM itself.
 """
 
 from __future__ import annotations

@@ -36,17 +36,13 @@ from rqworkers.client.tasks import AllowList, ReplyKeys, Task, TaskError
 from rqworkers.common.backoff import ExponentialBackoff, describe
 from rqworkers.config import PairSettings
 from rqworkers.errors import HandlerError, MessageTimeout, Refused, ReplyError
+from rqworkers.store import scripts
 from rqworkers.store.connections import TRANSIENT_ERRORS, Client, connect, is_outage
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.handlers import Handler, awaited
 
 log = logging.getLogger(__name__)
 
-_REPLY = """
-local key, reply, ttl_ms = KEYS[1], ARGV[1], ARGV[2]
-redis.call('LPUSH', key, reply)
-redis.call('PEXPIRE', key, ttl_ms)
-"""
 _REPLY_ATTEMPTS = 6  # a failure reply retried over about 3 s of Redis errors, then given up
 # A success reply refused for a cause that may pass (OOM, READONLY...) is tried this many
 # times over about 0.75 s; then its delivery fails, and the queue goes on.
@@ -217,14 +213,11 @@ class TaskHandler(Handler):
             log.exception("task callback %s raised; ignored", path)
 
     def _send(self, key: str, ttl: float, reply: bytes) -> None:
-        """Push `reply` onto `key`, which expires `ttl` seconds after the newest reply.
-
-        One script, so a reply list never outlives its TTL, in one command (cheaper than a
-        pipeline of two); one key, so it runs on a cluster too.
-        """
+        """Push `reply` onto `key`, which expires `ttl` seconds after the newest reply
+        (`scripts.REPLY`)."""
         if self._reply_script is None:
-            self._reply_script = self.client.register_script(_REPLY)
-        self._reply_script(keys=[key], args=[reply, tasks.milliseconds(ttl)])
+            self._reply_script = self.client.register_script(scripts.REPLY.source)
+        self._reply_script(keys=[key], args=_reply_args(reply, ttl))
 
     def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
         """Send the success replies of `messages`, about to be acked, in one round trip.
@@ -288,7 +281,7 @@ class TaskHandler(Handler):
         else:
             pipe = self.client.pipeline(transaction=False)
             for _, (key, ttl, reply) in items:
-                pipe.eval(_REPLY, 1, key, reply, tasks.milliseconds(ttl))
+                pipe.eval(scripts.REPLY.source, 1, key, *_reply_args(reply, ttl))
             results = pipe.execute(raise_on_error=False)
         return [
             (item, result)
@@ -309,6 +302,11 @@ class TaskHandler(Handler):
                     log.error("failure reply to %r not written: %s", key, describe(exc))
                     return
                 time.sleep(backoff.compute(attempt))
+
+
+def _reply_args(reply: bytes, ttl: float) -> list[Any]:
+    """ARGV of `scripts.REPLY`."""
+    return scripts.REPLY.argv(reply=reply, ttl_ms=tasks.milliseconds(ttl))
 
 
 def _may_pass(exc: Exception) -> bool:

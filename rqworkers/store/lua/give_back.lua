@@ -1,0 +1,31 @@
+#!lua flags=allow-oom
+-- GIVE_BACK: gives deliveries that never reached the handler back, oldest nearest the
+-- head: untried ones to the head of the shared list as they came, ones with attempts
+-- behind them to the retry set, due at once and in order, so that their count survives.
+--
+-- KEYS: queue, processing, retry
+-- ARGV: idbase, envelopes...
+--   idbase     an id base of this process, for the retry set's new members
+--   envelopes  the deliveries to give back, newest first
+-- Returns how many moved (decoded by scripts.GIVE_BACK).
+
+local moved = 0
+for i = REST, #ARGV do
+  local _, attempts, payload = parse(ARGV[i])
+  -- A new id each call: were it the delivery's, a give-back sent again after a lost reply
+  -- would find its own earlier copy in the retry set and remove it (ZREM below).
+  local member = wrap(idbase .. (i - REST + 1), attempts, payload)
+  if attempts == 0 then
+    redis.call('RPUSH', queue, payload)
+  else
+    redis.call('ZADD', retry, #ARGV - i, member)
+  end
+  if redis.call('LREM', processing, -1, ARGV[i]) == 1 then
+    moved = moved + 1
+  elseif attempts == 0 then
+    redis.call('RPOP', queue)
+  else
+    redis.call('ZREM', retry, member)
+  end
+end
+return moved

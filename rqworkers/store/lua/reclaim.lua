@@ -1,0 +1,38 @@
+#!lua flags=allow-oom
+-- RECLAIM: hands an orphaned worker's messages back, if its lease is still gone: its
+-- deliveries to the retry set, due at once and oldest first, each charged one attempt if
+-- its handler had started; the messages its blocking fetch had landed, never delivered, to
+-- the head of the shared list.
+--
+-- KEYS: processing, landing, queue, retry, lease, registry, owner
+-- ARGV: worker_id, unstarted
+--   worker_id  the orphaned worker, struck from the registry once its messages are back
+--   unstarted  the id of its oldest delivery that had not started: every one older is
+--              charged (as in REPLAY), so every one for '' (a lost node: nobody knows
+--              which ran). A slot of the reclaimer's own node has it from its scoreboard.
+-- Returns how many moved, or -1 if the lease is alive (decoded by scripts.RECLAIM).
+
+if redis.call('EXISTS', lease) == 1 then return -1 end
+local tag = 'x' .. string.gsub(worker_id, '[^%w]', '-') .. '.'
+local moved = 0
+while true do
+  local landed = redis.call('LINDEX', landing, -1)
+  if not landed then break end
+  redis.call('RPUSH', queue, landed)
+  redis.call('RPOP', landing)
+  moved = moved + 1
+end
+local started = true
+while true do
+  local element = redis.call('LINDEX', processing, -1)
+  if not element then break end
+  local id, attempts, payload = parse(element)
+  moved = moved + 1
+  if id == unstarted then started = false end
+  if started then attempts = attempts + 1 end
+  redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
+  redis.call('RPOP', processing)
+end
+redis.call('SREM', registry, worker_id)
+redis.call('DEL', owner)  -- whoever takes into the list next owns it
+return moved

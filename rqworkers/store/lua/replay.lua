@@ -1,0 +1,53 @@
+#!lua flags=allow-oom
+-- REPLAY: what an earlier life of this worker left in flight, oldest first, after charging
+-- one attempt to each delivery whose handler had started.
+--
+-- KEYS: processing, landing, owner
+-- ARGV: charge, unstarted, idbase, mine
+--   charge     '1': charge every delivery older than the one whose id is `unstarted`
+--              (deliveries sit in the list in the order they start), or every one if none
+--              has that id; '0' (this process's own list, after a Redis error): none
+--   unstarted  the id of the oldest delivery that had not started ('' when every one had,
+--              or nobody knows)
+--   idbase     an id base of this process, for the envelopes this call writes
+--   mine       the id prefix of this process: what it wrote itself is never charged
+-- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY).
+--
+-- A charged envelope gets a new id of this process, so a replay sent again after a lost
+-- reply charges nothing twice. Messages a blocking fetch left in the landing list never
+-- reached a handler; they join the private list uncharged. An element that is not an
+-- envelope (written by hand, or by another program) is wrapped. The replaying process
+-- becomes the list's `owner`.
+
+redis.call('SET', owner, mine)  -- from now on only this process takes into the list
+local started = charge == '1'
+local elements = redis.call('LRANGE', processing, 0, -1)
+local result = {}
+for i = #elements, 1, -1 do
+  local element = elements[i]
+  local id, attempts, payload = parse(element)
+  local changed = false
+  if id == unstarted then started = false end
+  if not id then
+    id, changed = idbase .. 'W' .. i, true
+  end
+  if started and string.sub(id, 1, #mine) ~= mine then
+    attempts, changed, id = attempts + 1, true, idbase .. 'C' .. i
+  end
+  if changed then
+    element = wrap(id, attempts, payload)
+    redis.call('LSET', processing, i - 1, element)
+  end
+  result[#result + 1] = element
+end
+local n = 0
+while true do
+  local landed = redis.call('LINDEX', landing, -1)
+  if not landed then break end
+  n = n + 1
+  local element = wrap(idbase .. 'L' .. n, 0, landed)
+  redis.call('LPUSH', processing, element)
+  redis.call('RPOP', landing)
+  result[#result + 1] = element
+end
+return result
