@@ -6,17 +6,20 @@ service shows the same rules in tests/test_service.py, where only it can (crashe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
 
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
+from rqworkers.errors import ExitCode
 from rqworkers.store.queue import ReliableQueue, digest
 from rqworkers.worker.dispatch import ConcurrentWorker
 from rqworkers.worker.handlers import Handler
@@ -132,3 +135,98 @@ def test_a_poison_message_is_dead_lettered_after_exactly_max_attempts_while_othe
     assert info["attempts"] == 3 and "ValueError: boom from testapp" in str(info["reason"])
     assert sorted(DONE) == sorted(f"ok{i}".encode() for i in range(50))
     assert client.zcard(queue.keys.retry) == 0 and client.llen(queue.keys.processing) == 0
+
+
+LOOPS = pytest.mark.parametrize(
+    ("kind", "concurrency"), [(Worker, 1), (ConcurrentWorker, 4)], ids=["one", "concurrent"]
+)
+
+
+def _worker(
+    kind: type[Worker],
+    client: fakeredis.FakeRedis,
+    previous_unstarted: bytes | None = b"",
+    sample_succeeded: float = 0.0,
+    **settings: Any,
+) -> Worker:
+    """A worker of `kind` on queue `jobs` of `client`, handled by this module's `handle`."""
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    handler = "tests.test_loop:handle"
+    pair = PairSettings(host="h", queue="jobs", handler=handler, retry_delay=0.0, **settings)
+    spec = WorkerSpec(
+        pair, "jobs-1", "node:1", os.getppid(), "killed by signal 9 (SIGKILL)",
+        previous_unstarted, lease_ttl=30, sample_succeeded=sample_succeeded,
+    )  # fmt: skip
+    return kind(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+
+
+@LOOPS
+def test_both_loops_recycle_at_max_requests_and_take_no_more(
+    kind: type[Worker], concurrency: int
+) -> None:
+    """`max_requests` (jitter 0) finished messages end the worker with MAX_REQUESTS, and it
+    never took one it would not live to start: the rest wait in the queue."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(
+        kind, client, concurrency=concurrency, prefetch=10, max_requests=3, max_requests_jitter=0
+    )
+    client.lpush("jobs", *[f"ok{i}".encode() for i in range(10)])
+    code = None
+    try:
+        for _ in range(1000):
+            code = worker.step()
+            if code is not None:
+                break
+    finally:
+        worker.finish()
+    assert code == ExitCode.MAX_REQUESTS
+    assert len(DONE) == 3 and client.llen("jobs") == 7
+    assert client.llen(worker.queue.keys.processing) == 0
+
+
+@LOOPS
+def test_both_loops_dead_letter_an_exhausted_delivery_unhandled(
+    kind: type[Worker], concurrency: int
+) -> None:
+    """A delivery its dead workers used up `max_attempts` on never reaches a handler again:
+    it is dead-lettered with how the last worker ended."""
+    STARTED.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    client.lpush("jobs", b"doomed")
+    first = _worker(Worker, client, max_attempts=1)
+    first.resume()
+    assert first.fill_batch()  # taken into the private list; then the worker "dies"
+    worker = _worker(kind, client, previous_unstarted=None, concurrency=concurrency, max_attempts=1)
+    try:
+        for _ in range(100):
+            worker.step()
+            if client.llen(worker.queue.keys.dead) == 1:
+                break
+    finally:
+        worker.finish()
+    assert STARTED == []
+    raw = client.hget(worker.queue.keys.dead_reasons, digest(b"doomed"))
+    assert raw is not None
+    assert json.loads(raw)["reason"] == "killed by signal 9 (SIGKILL)"
+
+
+@LOOPS
+def test_both_loops_log_sampled_successes(
+    kind: type[Worker], concurrency: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`sample_succeeded = 1` gives every succeeded message its log line, in either loop."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(kind, client, sample_succeeded=1.0, concurrency=concurrency)
+    client.lpush("jobs", b"ok1", b"ok2")
+    caplog.set_level(logging.INFO)
+    try:
+        for _ in range(1000):
+            worker.step()
+            if len(DONE) == 2 and not getattr(worker, "running", None):
+                break
+    finally:
+        worker.finish()
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "succeeded"]
+    assert len(lines) == 2
