@@ -5,6 +5,7 @@ service shows the same rules in tests/test_service.py, where only it can (crashe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -230,3 +231,74 @@ def test_both_loops_log_sampled_successes(
         worker.finish()
     lines = [r for r in caplog.records if getattr(r, "event", None) == "succeeded"]
     assert len(lines) == 2
+
+
+class SlowCallback:
+    """An async handler whose on_success never returns by itself."""
+
+    async def handle(self, message: bytes) -> None:
+        DONE.append(message)
+
+    async def on_success(self, message: bytes, result: object) -> None:
+        await asyncio.sleep(3600)
+
+
+def test_an_async_callback_is_cancelled_at_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """Callbacks run under the same `timeout` as `handle` (docs/handlers.md): a coroutine
+    callback past it is cancelled, and its delivery is acked as `handle` decided."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    handler = "tests.test_loop:SlowCallback"
+    pair = PairSettings(host="h", queue="jobs", handler=handler, timeout=0.2)
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
+    loaded = Handler(handler)
+    worker = ConcurrentWorker(spec, loaded, queue, Scoreboard(), StopFlag())
+    client.lpush("jobs", b"ok")
+    began = time.monotonic()
+    try:
+        while time.monotonic() - began < 5:
+            worker.step()
+            if DONE and not worker.running:
+                break
+    finally:
+        worker.finish()
+        loaded.close()
+    assert DONE == [b"ok"] and not worker.running
+    assert "SlowCallback.on_success() ran past 0.2s; cancelled" in caplog.text
+    worker.outbox.flush()
+    assert client.llen(queue.keys.processing) == 0 and client.llen(queue.keys.dead) == 0
+
+
+class SlowThreadCallback:
+    """A plain handler whose on_success outlasts the message's `timeout`."""
+
+    def handle(self, message: bytes) -> None:
+        DONE.append(message)
+
+    def on_success(self, message: bytes, result: object) -> None:
+        time.sleep(0.6)
+
+
+def test_a_thread_callback_shares_its_message_timeout() -> None:
+    """A thread cannot be interrupted (docs/concurrency.md): `handle` and its callback share
+    the message's one `timeout`, and a callback past it makes the delivery a timeout
+    failure, retried, and the worker recycle."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    handler = "tests.test_loop:SlowThreadCallback"
+    pair = PairSettings(host="h", queue="jobs", handler=handler, timeout=0.2, concurrency=2)
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
+    worker = ConcurrentWorker(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+    client.lpush("jobs", b"ok")
+    code = None
+    try:
+        for _ in range(1000):
+            code = worker.step()
+            if code is not None:
+                break
+    finally:
+        worker.finish()
+    assert code == ExitCode.TIMEOUT and DONE == [b"ok"]
+    assert client.zcard(queue.keys.retry) == 1 and client.llen(queue.keys.processing) == 0

@@ -77,15 +77,21 @@ def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], 
     """Run deliveries as coroutines on the handler's loop, each cancelled at `timeout`."""
 
     async def callback(name: str, *args: Any) -> None:
+        """A callback under the same `timeout` as `handle`: past it, it is cancelled and the
+        delivery settles as `handle` decided (a cancelled coroutine leaves nothing stuck)."""
         method = handler.method(name)
         if method is None:
             return
+        began = time.monotonic()
         try:
             result = method(*args)
             if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            log.exception("handler %s.%s() raised; ignored", handler.path, name)
+                await asyncio.wait_for(result, timeout)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and time.monotonic() - began >= timeout:
+                log.error("handler %s.%s() ran past %gs; cancelled", handler.path, name, timeout)
+            else:
+                log.exception("handler %s.%s() raised; ignored", handler.path, name)
 
     async def run(payload: bytes) -> Outcome:
         began = time.monotonic()
