@@ -159,10 +159,8 @@ class ConcurrentWorker(Worker):
     def start_what_fits(self) -> None:
         while self.batch and self.free_entries and self.exit_code is None:
             delivery, lost_reason = self.batch.popleft()
-            if self.settler.exhausted(delivery):
-                self.settler.lost(delivery, lost_reason)
-                continue
-            self.settler.before_start(delivery)
+            if not self.settler.admit(delivery, lost_reason):
+                continue  # dead-lettered unhandled
             self.mark_unstarted()
             entry = self.free_entries.pop()
             now = time.monotonic()

@@ -300,10 +300,8 @@ class Worker:
         goes to the dead list with `lost_reason`, unhandled, once they reach `max_attempts`.
         """
         settler = self.settler
-        if settler.exhausted(delivery):
-            settler.lost(delivery, lost_reason)
+        if not settler.admit(delivery, lost_reason):
             return False
-        settler.before_start(delivery)
         self.mark_unstarted()  # from here on, its worker's end charges it
         since = time.monotonic()
         self.board.busy(since)

@@ -57,21 +57,21 @@ class Settler:
         self.finished = 0  # messages this process ran to an end, for `max_requests`
         self.retry_backoff = ExponentialBackoff(pair.retry_delay, pair.retry_delay_max)
 
-    def exhausted(self, delivery: Delivery) -> bool:
-        """True when earlier deliveries of this message used up `max_attempts` without a
-        result (their workers died): it must not reach a handler again."""
-        return delivery.attempts >= self.pair.max_attempts
+    def admit(self, delivery: Delivery, lost_reason: str) -> bool:
+        """True if `delivery` may reach the handler now.
 
-    def lost(self, delivery: Delivery, reason: str) -> None:
-        """Dead-letter an exhausted delivery, unhandled, with why its workers ended."""
-        record = {"reason": reason, "attempts": delivery.attempts}
-        self.outbox.fail(Failure(delivery, record, None))
-
-    def before_start(self, delivery: Delivery) -> None:
-        """A delivery that ended without a result before may take this worker down again:
-        settle what is finished first, or every crash would run those again too."""
+        One whose earlier deliveries used up `max_attempts` without a result (their workers
+        died) never does: it is dead-lettered unhandled, with `lost_reason`. One that ended
+        without a result before may take this worker down again: what is finished is
+        settled first, or every crash would run those again too.
+        """
+        if delivery.attempts >= self.pair.max_attempts:
+            record = {"reason": lost_reason, "attempts": delivery.attempts}
+            self.outbox.fail(Failure(delivery, record, None))
+            return False
         if delivery.attempts and not self.outbox.empty:
             self.outbox.flush()
+        return True
 
     def verdict(self, delivery: Delivery, error: BaseException | None) -> Failure | None:
         """None for a success, else the retry or dead letter the delivery has earned. Call it
