@@ -148,17 +148,30 @@ def _worker(
     client: fakeredis.FakeRedis,
     previous_unstarted: bytes | None = b"",
     sample_succeeded: float = 0.0,
+    handler: str = "tests.test_loop:handle",
     **settings: Any,
 ) -> Worker:
-    """A worker of `kind` on queue `jobs` of `client`, handled by this module's `handle`."""
+    """A worker of `kind` on queue `jobs` of `client`, handled by `handler`."""
     queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
-    handler = "tests.test_loop:handle"
     pair = PairSettings(host="h", queue="jobs", handler=handler, retry_delay=0.0, **settings)
     spec = WorkerSpec(
         pair, "jobs-1", "node:1", os.getppid(), "killed by signal 9 (SIGKILL)",
         previous_unstarted, lease_ttl=30, sample_succeeded=sample_succeeded,
     )  # fmt: skip
     return kind(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+
+
+def _run_to_exit(worker: Worker) -> int | None:
+    """Step `worker` until it asks to exit (its code), at most 1000 steps; then finish it."""
+    code = None
+    try:
+        for _ in range(1000):
+            code = worker.step()
+            if code is not None:
+                break
+    finally:
+        worker.finish()
+    return code
 
 
 @LOOPS
@@ -173,15 +186,7 @@ def test_both_loops_recycle_at_max_requests_and_take_no_more(
         kind, client, concurrency=concurrency, prefetch=10, max_requests=3, max_requests_jitter=0
     )
     client.lpush("jobs", *[f"ok{i}".encode() for i in range(10)])
-    code = None
-    try:
-        for _ in range(1000):
-            code = worker.step()
-            if code is not None:
-                break
-    finally:
-        worker.finish()
-    assert code == ExitCode.MAX_REQUESTS
+    assert _run_to_exit(worker) == ExitCode.MAX_REQUESTS
     assert len(DONE) == 3 and client.llen("jobs") == 7
     assert client.llen(worker.queue.keys.processing) == 0
 
@@ -248,12 +253,8 @@ def test_an_async_callback_is_cancelled_at_timeout(caplog: pytest.LogCaptureFixt
     callback past it is cancelled, and its delivery is acked as `handle` decided."""
     DONE.clear()
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
-    handler = "tests.test_loop:SlowCallback"
-    pair = PairSettings(host="h", queue="jobs", handler=handler, timeout=0.2)
-    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
-    loaded = Handler(handler)
-    worker = ConcurrentWorker(spec, loaded, queue, Scoreboard(), StopFlag())
+    worker = _worker(ConcurrentWorker, client, handler="tests.test_loop:SlowCallback", timeout=0.2)
+    assert isinstance(worker, ConcurrentWorker)
     client.lpush("jobs", b"ok")
     began = time.monotonic()
     try:
@@ -263,11 +264,11 @@ def test_an_async_callback_is_cancelled_at_timeout(caplog: pytest.LogCaptureFixt
                 break
     finally:
         worker.finish()
-        loaded.close()
+        worker.handler.close()
     assert DONE == [b"ok"] and not worker.running
     assert "SlowCallback.on_success() ran past 0.2s; cancelled" in caplog.text
-    worker.outbox.flush()
-    assert client.llen(queue.keys.processing) == 0 and client.llen(queue.keys.dead) == 0
+    keys = worker.queue.keys
+    assert client.llen(keys.processing) == 0 and client.llen(keys.dead) == 0
 
 
 class SlowThreadCallback:
@@ -286,19 +287,9 @@ def test_a_thread_callback_shares_its_message_timeout() -> None:
     failure, retried, and the worker recycle."""
     DONE.clear()
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
     handler = "tests.test_loop:SlowThreadCallback"
-    pair = PairSettings(host="h", queue="jobs", handler=handler, timeout=0.2, concurrency=2)
-    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
-    worker = ConcurrentWorker(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+    worker = _worker(ConcurrentWorker, client, handler=handler, timeout=0.2, concurrency=2)
     client.lpush("jobs", b"ok")
-    code = None
-    try:
-        for _ in range(1000):
-            code = worker.step()
-            if code is not None:
-                break
-    finally:
-        worker.finish()
-    assert code == ExitCode.TIMEOUT and DONE == [b"ok"]
-    assert client.zcard(queue.keys.retry) == 1 and client.llen(queue.keys.processing) == 0
+    assert _run_to_exit(worker) == ExitCode.TIMEOUT and DONE == [b"ok"]
+    keys = worker.queue.keys
+    assert client.zcard(keys.retry) == 1 and client.llen(keys.processing) == 0
