@@ -5,18 +5,22 @@ service shows the same rules in tests/test_service.py, where only it can (crashe
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import fakeredis
 import pytest
 
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
+from rqworkers.errors import ExitCode
 from rqworkers.store.queue import ReliableQueue, digest
 from rqworkers.worker.dispatch import ConcurrentWorker
 from rqworkers.worker.handlers import Handler
@@ -132,3 +136,160 @@ def test_a_poison_message_is_dead_lettered_after_exactly_max_attempts_while_othe
     assert info["attempts"] == 3 and "ValueError: boom from testapp" in str(info["reason"])
     assert sorted(DONE) == sorted(f"ok{i}".encode() for i in range(50))
     assert client.zcard(queue.keys.retry) == 0 and client.llen(queue.keys.processing) == 0
+
+
+LOOPS = pytest.mark.parametrize(
+    ("kind", "concurrency"), [(Worker, 1), (ConcurrentWorker, 4)], ids=["one", "concurrent"]
+)
+
+
+def _worker(
+    kind: type[Worker],
+    client: fakeredis.FakeRedis,
+    previous_unstarted: bytes | None = b"",
+    sample_succeeded: float = 0.0,
+    handler: str = "tests.test_loop:handle",
+    **settings: Any,
+) -> Worker:
+    """A worker of `kind` on queue `jobs` of `client`, handled by `handler`."""
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    pair = PairSettings(host="h", queue="jobs", handler=handler, retry_delay=0.0, **settings)
+    spec = WorkerSpec(
+        pair, "jobs-1", "node:1", os.getppid(), "killed by signal 9 (SIGKILL)",
+        previous_unstarted, lease_ttl=30, sample_succeeded=sample_succeeded,
+    )  # fmt: skip
+    return kind(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+
+
+def _run_to_exit(worker: Worker) -> int | None:
+    """Step `worker` until it asks to exit (its code), at most 1000 steps; then finish it."""
+    code = None
+    try:
+        for _ in range(1000):
+            code = worker.step()
+            if code is not None:
+                break
+    finally:
+        worker.finish()
+    return code
+
+
+@LOOPS
+def test_both_loops_recycle_at_max_requests_and_take_no_more(
+    kind: type[Worker], concurrency: int
+) -> None:
+    """`max_requests` (jitter 0) finished messages end the worker with MAX_REQUESTS, and it
+    never took one it would not live to start: the rest wait in the queue."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(
+        kind, client, concurrency=concurrency, prefetch=10, max_requests=3, max_requests_jitter=0
+    )
+    client.lpush("jobs", *[f"ok{i}".encode() for i in range(10)])
+    assert _run_to_exit(worker) == ExitCode.MAX_REQUESTS
+    assert len(DONE) == 3 and client.llen("jobs") == 7
+    assert client.llen(worker.queue.keys.processing) == 0
+
+
+@LOOPS
+def test_both_loops_dead_letter_an_exhausted_delivery_unhandled(
+    kind: type[Worker], concurrency: int
+) -> None:
+    """A delivery its dead workers used up `max_attempts` on never reaches a handler again:
+    it is dead-lettered with how the last worker ended."""
+    STARTED.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    client.lpush("jobs", b"doomed")
+    first = _worker(Worker, client, max_attempts=1)
+    first.resume()
+    assert first.fill_batch()  # taken into the private list; then the worker "dies"
+    worker = _worker(kind, client, previous_unstarted=None, concurrency=concurrency, max_attempts=1)
+    try:
+        for _ in range(100):
+            worker.step()
+            if client.llen(worker.queue.keys.dead) == 1:
+                break
+    finally:
+        worker.finish()
+    assert STARTED == []
+    raw = client.hget(worker.queue.keys.dead_reasons, digest(b"doomed"))
+    assert raw is not None
+    assert json.loads(raw)["reason"] == "killed by signal 9 (SIGKILL)"
+
+
+@LOOPS
+def test_both_loops_log_sampled_successes(
+    kind: type[Worker], concurrency: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`sample_succeeded = 1` gives every succeeded message its log line, in either loop."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(kind, client, sample_succeeded=1.0, concurrency=concurrency)
+    client.lpush("jobs", b"ok1", b"ok2")
+    caplog.set_level(logging.INFO)
+    try:
+        for _ in range(1000):
+            worker.step()
+            if len(DONE) == 2 and not getattr(worker, "running", None):
+                break
+    finally:
+        worker.finish()
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "succeeded"]
+    assert len(lines) == 2
+
+
+class SlowCallback:
+    """An async handler whose on_success never returns by itself."""
+
+    async def handle(self, message: bytes) -> None:
+        DONE.append(message)
+
+    async def on_success(self, message: bytes, result: object) -> None:
+        await asyncio.sleep(3600)
+
+
+def test_an_async_callback_is_cancelled_at_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """Callbacks run under the same `timeout` as `handle` (docs/handlers.md): a coroutine
+    callback past it is cancelled, and its delivery is acked as `handle` decided."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(ConcurrentWorker, client, handler="tests.test_loop:SlowCallback", timeout=0.2)
+    assert isinstance(worker, ConcurrentWorker)
+    client.lpush("jobs", b"ok")
+    began = time.monotonic()
+    try:
+        while time.monotonic() - began < 5:
+            worker.step()
+            if DONE and not worker.running:
+                break
+    finally:
+        worker.finish()
+        worker.handler.close()
+    assert DONE == [b"ok"] and not worker.running
+    assert "SlowCallback.on_success() ran past 0.2s; cancelled" in caplog.text
+    keys = worker.queue.keys
+    assert client.llen(keys.processing) == 0 and client.llen(keys.dead) == 0
+
+
+class SlowThreadCallback:
+    """A plain handler whose on_success outlasts the message's `timeout`."""
+
+    def handle(self, message: bytes) -> None:
+        DONE.append(message)
+
+    def on_success(self, message: bytes, result: object) -> None:
+        time.sleep(0.6)
+
+
+def test_a_thread_callback_shares_its_message_timeout() -> None:
+    """A thread cannot be interrupted (docs/concurrency.md): `handle` and its callback share
+    the message's one `timeout`, and a callback past it makes the delivery a timeout
+    failure, retried, and the worker recycle."""
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    handler = "tests.test_loop:SlowThreadCallback"
+    worker = _worker(ConcurrentWorker, client, handler=handler, timeout=0.2, concurrency=2)
+    client.lpush("jobs", b"ok")
+    assert _run_to_exit(worker) == ExitCode.TIMEOUT and DONE == [b"ok"]
+    keys = worker.queue.keys
+    assert client.zcard(keys.retry) == 1 and client.llen(keys.processing) == 0

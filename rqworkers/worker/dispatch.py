@@ -77,15 +77,21 @@ def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], 
     """Run deliveries as coroutines on the handler's loop, each cancelled at `timeout`."""
 
     async def callback(name: str, *args: Any) -> None:
+        """A callback under the same `timeout` as `handle`: past it, it is cancelled and the
+        delivery settles as `handle` decided (a cancelled coroutine leaves nothing stuck)."""
         method = handler.method(name)
         if method is None:
             return
+        began = time.monotonic()
         try:
             result = method(*args)
             if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            log.exception("handler %s.%s() raised; ignored", handler.path, name)
+                await asyncio.wait_for(result, timeout)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and time.monotonic() - began >= timeout:
+                log.error("handler %s.%s() ran past %gs; cancelled", handler.path, name, timeout)
+            else:
+                log.exception("handler %s.%s() raised; ignored", handler.path, name)
 
     async def run(payload: bytes) -> Outcome:
         began = time.monotonic()
@@ -135,11 +141,7 @@ class ConcurrentWorker(Worker):
             self.exit_code = ExitCode.OK
         if self.exit_code is not None and self.batch:
             self.give_back_batch()  # draining: what never started goes back at once
-        if self.needs_lease:
-            self.queue.take_lease(self.spec.lease_ttl)
-            self.needs_lease = False
-        if self.replaying:
-            self.replay()
+        self.resume()
         self.start_what_fits()
         if not self.running:
             if self.exit_code is not None:
@@ -157,10 +159,8 @@ class ConcurrentWorker(Worker):
     def start_what_fits(self) -> None:
         while self.batch and self.free_entries and self.exit_code is None:
             delivery, lost_reason = self.batch.popleft()
-            if delivery.attempts >= self.pair.max_attempts:
-                self.deliver(delivery, lost_reason)  # dead-lettered unhandled
-                continue
-            self.settle_before(delivery)
+            if not self.settler.admit(delivery, lost_reason):
+                continue  # dead-lettered unhandled
             self.mark_unstarted()
             entry = self.free_entries.pop()
             now = time.monotonic()
@@ -190,19 +190,13 @@ class ConcurrentWorker(Worker):
     def settle(self, future: cf.Future[Outcome]) -> None:
         running = self.running.pop(future)
         outcome = future.result()
-        delivery = running.delivery
-        error = outcome.error
-        failure = None if error is None else self.failure(delivery, error, delivery.attempts + 1)
+        settler, delivery, error = self.settler, running.delivery, outcome.error
+        failure = settler.verdict(delivery, error)
         self.board.idle(error is not None, outcome.seconds, running.entry)
         self.free_entries.append(running.entry)
-        self.finished += 1
-        if failure is None:
-            self.outbox.ack(delivery, time.monotonic())
-        else:
-            self.outbox.fail(failure)
-        if self.max_requests and self.finished >= self.max_requests and self.exit_code is None:
-            log.info("finished %d messages; recycling", self.finished)
-            self.exit_code = ExitCode.MAX_REQUESTS
+        settler.settle(delivery, failure, time.monotonic(), outcome.seconds)
+        if self.exit_code is None:
+            self.exit_code = settler.recycle()
 
     def abandon(self, future: cf.Future[Outcome], running: Running) -> None:
         """A thread ran past its timeout: settle its delivery as a timeout failure, take
@@ -211,9 +205,8 @@ class ConcurrentWorker(Worker):
         del self.running[future]
         self.abandoned.append(running.entry)
         delivery = running.delivery
-        self.finished += 1
-        error = MessageTimeout(running.limit)
-        self.outbox.fail(self.failure(delivery, error, delivery.attempts + 1))
+        failure = self.settler.failure(delivery, MessageTimeout(running.limit))
+        self.settler.settle(delivery, failure, time.monotonic(), running.limit)
         log.error("a handler thread ran past %gs; recycling once the others finish", running.limit)
         self.exit_code = ExitCode.TIMEOUT
 
@@ -224,9 +217,7 @@ class ConcurrentWorker(Worker):
         if self.exit_code is not None or room <= 0 or now < self.next_look:
             return
         self.next_look = now + POLL
-        limit = min(self.pair.prefetch, room)
-        if self.max_requests:
-            limit = min(limit, self.max_requests - self.finished - len(self.running))
+        limit = self.settler.cap(min(self.pair.prefetch, room), len(self.running))
         if limit > 0:
             taken = self.outbox.take(limit)
             self.took(taken.deliveries)

@@ -2,9 +2,10 @@
 
 The loop, for every message:
 take the next of the batch, or ack what is done and take a new batch in one round trip,
-blocking only when the queue is empty → handle under a timer → queue the ack, or retry
-later or dead-letter → recycle if `max_requests` is reached or a timeout hit. On the way
-out, pending acks are sent and unstarted messages given back.
+blocking only when the queue is empty → handle under a timer → settle: queue the ack, or
+retry later or dead-letter, as `settle.Settler` decides → recycle if `max_requests` is
+reached or a timeout hit. On the way out, pending acks are sent and unstarted messages
+given back.
 
 A Redis error at any step sends the worker into backoff and, once Redis answers again,
 back to replaying its private list: whatever reply was lost, the message is there, and
@@ -15,10 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,16 +26,16 @@ from typing import Any, TypeVar
 
 import redis
 
-from rqworkers.common.backoff import ExponentialBackoff, Outage, describe
+from rqworkers.common.backoff import Outage, describe
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
-from rqworkers.errors import ExitCode, MessageTimeout, Refused, Superseded
+from rqworkers.errors import ExitCode, MessageTimeout, Superseded
 from rqworkers.store.connections import is_outage
 from rqworkers.store.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.handlers import Handler
-from rqworkers.worker.outbox import Failure, Outbox
 from rqworkers.worker.scoreboard import Scoreboard
+from rqworkers.worker.settle import Settler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,8 +45,6 @@ T = TypeVar("T")
 BLOCK_TIMEOUT = 10.0
 MIN_BLOCK = 0.01  # seconds: a blocking fetch of 0 would wait forever
 LOST_WORKER = "earlier deliveries never finished (worker lost)"
-_REASON_LIMIT = 2000  # characters of an exception kept as a dead letter's reason
-_TRACEBACK_LIMIT = 8000  # characters of a traceback kept in a dead letter's record
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,9 @@ class Worker:
         self.queue = queue
         self.board = board
         self.stop = stop
-        jitter = random.randint(0, self.pair.max_requests_jitter)
-        self.max_requests = self.pair.max_requests + jitter if self.pair.max_requests else 0
-        self.finished = 0  # messages this process ran to an end, for `max_requests`
+        samples = (spec.sample_succeeded, spec.sample_failed)
+        self.settler = Settler(spec.pair, handler, queue, board, samples, self.before_take)
+        self.outbox = self.settler.outbox
         self.needs_lease = True  # taken before any replay, so no reclaimer races us
         # Replay what the private list holds before taking anything new, charging the
         # deliveries an earlier life of this worker had started (all, if that is unknown).
@@ -95,11 +92,7 @@ class Worker:
         # Taken, not yet started, oldest first: (delivery, why it would be dead).
         self.batch: deque[tuple[Delivery, str]] = deque()
         self.marked = False  # the scoreboard names an unstarted delivery of the private list
-        self.outbox = Outbox(
-            queue, self.failure_settled, self.before_acks, self.before_take, board.settled
-        )
         self.in_handler = False  # user code runs: this worker's Redis client is idle
-        self.retry_backoff = ExponentialBackoff(self.pair.retry_delay, self.pair.retry_delay_max)
         # Its outages are published, so that `/healthz` and `status` can tell them.
         self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
         ALARM.install()
@@ -140,11 +133,7 @@ class Worker:
     def step(self) -> int | None:
         """Take a batch if none is in hand, and handle it. An exit code means: stop and
         recycle."""
-        if self.needs_lease:
-            self.queue.take_lease(self.spec.lease_ttl)
-            self.needs_lease = False
-        if self.replaying:
-            self.replay()
+        self.resume()
         if not self.batch and not self.fill_batch():
             return self.parent_gone()
         self.outage.over()  # Redis answers: say so now, not after a batch of slow messages
@@ -157,10 +146,19 @@ class Worker:
             delivery, lost_reason = batch.popleft()
             if self.deliver(delivery, lost_reason):
                 return ExitCode.TIMEOUT
-            if self.max_requests and self.finished >= self.max_requests:
-                log.info("finished %d messages; recycling", self.finished)
-                return ExitCode.MAX_REQUESTS
+            code = self.settler.recycle()
+            if code is not None:
+                return code
         return None
+
+    def resume(self) -> None:
+        """Before taking anything: hold the lease, then replay the private list if a start
+        or a Redis error left it unknown. The lease comes first, so no reclaimer races us."""
+        if self.needs_lease:
+            self.queue.take_lease(self.spec.lease_ttl)
+            self.needs_lease = False
+        if self.replaying:
+            self.replay()
 
     def replay(self) -> None:
         """Settle what a lost reply left unconfirmed, then queue the private list's leftovers."""
@@ -205,9 +203,7 @@ class Worker:
 
     def fill_batch(self) -> bool:
         """Ack what is done and take up to `prefetch` messages; block only if there are none."""
-        limit = self.pair.prefetch
-        if self.max_requests:  # do not take what this worker will not live to start
-            limit = max(1, min(limit, self.max_requests - self.finished))
+        limit = max(1, self.settler.cap(self.pair.prefetch))
         taken = self.outbox.take(limit)
         if not taken.deliveries:
             if not self.wait_for_message(_block_for(taken.next_due)):
@@ -303,12 +299,9 @@ class Worker:
         A message whose earlier deliveries all ended without a result (its workers died)
         goes to the dead list with `lost_reason`, unhandled, once they reach `max_attempts`.
         """
-        number = delivery.attempts + 1
-        if number > self.pair.max_attempts:
-            record = {"reason": lost_reason, "attempts": delivery.attempts}
-            self.outbox.fail(Failure(delivery, record, None))
+        settler = self.settler
+        if not settler.admit(delivery, lost_reason):
             return False
-        self.settle_before(delivery)
         self.mark_unstarted()  # from here on, its worker's end charges it
         since = time.monotonic()
         self.board.busy(since)
@@ -324,41 +317,12 @@ class Worker:
             delivery.payload, result if error is None else None, error
         )
         self.in_handler = False
-        # Decided while the scoreboard still names the delivery: a crash until then charges it.
-        failure = None if error is None else self.failure(delivery, error, number)
+        failure = settler.verdict(delivery, error)
         self.board.idle(error is not None, ended - since)  # after the callbacks: busy till then
-        self.finished += 1
-        if error is None:
-            self.outbox.ack(delivery, ended)
-            if self.spec.sample_succeeded and _sampled(self.spec.sample_succeeded):
-                log.info(
-                    "succeeded: %d bytes in %.3fs",
-                    len(delivery.payload),
-                    ended - since,
-                    extra={"event": "succeeded"},
-                )
-            if self.outbox.acks_overdue(ended):
-                self.outbox.flush()  # a slow batch must not hold finished work unacked long
-        else:
-            assert failure is not None
-            self.outbox.fail(failure)
+        settler.settle(delivery, failure, ended, ended - since)
+        if failure is None and self.outbox.acks_overdue(ended):
+            self.outbox.flush()  # a slow batch must not hold finished work unacked long
         return isinstance(error, MessageTimeout) or callback_timed_out
-
-    def before_acks(self) -> None:
-        """Send what the handler must write ahead of the pending acks (task replies); a
-        delivery whose own write failed is failed instead, like any failure of its own."""
-        acks = self.outbox.acks
-        for message, error in self.handler.before_ack([delivery.payload for delivery in acks]):
-            delivery = next((d for d in acks if d.payload == message), None)
-            if delivery is not None:
-                acks.remove(delivery)
-                self.outbox.failures.append(self.failure(delivery, error, delivery.attempts + 1))
-
-    def settle_before(self, delivery: Delivery) -> None:
-        """A delivery that ended without a result before may take this worker down again:
-        settle what is finished first, or every crash would run those again too."""
-        if delivery.attempts and not self.outbox.empty:
-            self.outbox.flush()
 
     def run_callback(self, message: bytes, result: Any, error: BaseException | None) -> bool:
         """on_success/on_failure under the same time limit; True if it ran out of time."""
@@ -371,61 +335,6 @@ class Worker:
             log.error("handler callback ran past %ss; recycling", self.pair.timeout)
             return True
         return False
-
-    def failure(self, delivery: Delivery, error: BaseException, number: int) -> Failure:
-        """What to do with delivery number `number` of a message, which raised `error`."""
-        record: dict[str, Any] = {"attempts": number}
-        final = number >= self.pair.max_attempts
-        if isinstance(error, MessageTimeout):
-            record["reason"] = f"timeout after {error.seconds or self.pair.timeout:g}s"
-        elif isinstance(error, Refused):  # a verdict on the message: its reason says it all
-            record["reason"] = _text_of(error)[:_REASON_LIMIT]
-            final = True
-        else:
-            record["reason"] = f"{type(error).__name__}: {_text_of(error)}"[:_REASON_LIMIT]
-            if error.__traceback__ is not None:  # none for a failure found after the handler
-                record["traceback"] = _traceback_text(error)
-        delay = None if final else self.retry_backoff.compute(number)
-        return Failure(delivery, record, delay, error)
-
-    def failure_settled(self, failure: Failure, moved: bool) -> None:
-        """Count and log a retry or dead-letter that Redis confirmed."""
-        record, error = failure.record, failure.error
-        if not moved:
-            log.warning("a failed message was moved by someone else; left to its new owner")
-            return
-        sampled = _sampled(self.spec.sample_failed)
-        show = None
-        if sampled and error is not None and error.__traceback__ is not None:
-            show = None if isinstance(error, MessageTimeout | Refused) else error
-        if failure.delay is not None:
-            self.board.count("retried")
-            if sampled:
-                log.warning(
-                    "delivery %d/%d failed (%s); retrying in %.1fs",
-                    record["attempts"],
-                    self.pair.max_attempts,
-                    record["reason"],
-                    failure.delay,
-                    exc_info=show,
-                    extra={"event": "failed"},
-                )
-            return
-        self.board.count("dead_lettered")
-        if sampled:
-            log.error(
-                "dead-lettered a %d-byte message to %s after %d deliveries: %s",
-                len(failure.delivery.payload),
-                self.queue.keys.dead,
-                record["attempts"],
-                record["reason"],
-                exc_info=show,
-                extra={"event": "dead_lettered"},
-            )
-        try:
-            self.handler.on_dead_letter(failure.delivery.payload, record["reason"], error)
-        except Exception:
-            log.exception("handler %s.on_dead_letter() raised; ignored", self.handler.path)
 
 
 class _Interrupted(BaseException):
@@ -483,24 +392,6 @@ def _block_for(next_due: float | None) -> float:
     return min(BLOCK_TIMEOUT, max(MIN_BLOCK, next_due - time.time()))
 
 
-def _text_of(error: BaseException) -> str:
-    """`str(error)`, which user code can make raise: that must not kill the worker."""
-    try:
-        return str(error)
-    except Exception:
-        return f"<{type(error).__name__} whose str() raised>"
-
-
-def _traceback_text(error: BaseException) -> str:
-    try:
-        text = "".join(traceback.format_exception(error))
-    except Exception:
-        return ""
-    if len(text) <= _TRACEBACK_LIMIT:
-        return text
-    return "...\n" + text[-_TRACEBACK_LIMIT:]  # the end holds the frame that raised
-
-
 def _wrong_types(queue: ReliableQueue) -> str:
     """' (<key> is a <type>, ...)' for the queue's keys that hold the wrong kind of value."""
     k = queue.keys
@@ -516,7 +407,3 @@ def _wrong_types(queue: ReliableQueue) -> str:
         if kind not in (b"none", "none", expected[key], expected[key].encode())
     ]
     return f" ({'; '.join(wrong)})" if wrong else ""
-
-
-def _sampled(share: float) -> bool:
-    return share >= 1.0 or random.random() < share
