@@ -23,6 +23,7 @@ import pytest
 
 from rqworkers.common.text import a, plural
 from rqworkers.config import max_processes
+from rqworkers.store.keys import Keys
 from tests.servers import Cluster, Processes, server_version
 from tests.support import (
     APPS,
@@ -272,6 +273,25 @@ def test_check_names_keys_the_acl_user_may_not_touch(
     assert result.returncode == 1, result
     assert "may not run EVALSHA" in result.stderr
     assert "no permissions to access" in result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.parametrize("dangerous", ["-@dangerous", "+@dangerous"])
+@pytest.mark.service
+def test_check_names_a_user_who_may_not_touch_the_owner_key(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, dangerous: str
+) -> None:
+    """TAKE reads and writes `<queue>:owner:<worker-id>`: a user allowed every other key of
+    the queue would wait forever at run time, so `check` names it."""
+    patterns = [f"~{key.of('jobs', '*')}" for key in Keys.declared() if key is not Keys.owner]
+    url = _acl_user(redis_server, "no-owner", *patterns, "+@all", dangerous)
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    assert "may not run EVALSHA" in result.stderr
+    if dangerous == "+@dangerous":  # ACL DRYRUN names the key: `jobs:owner:<worker-id>`
+        assert f"'{Keys('jobs').owner}" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
     no_traceback(result)
 
 
