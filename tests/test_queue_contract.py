@@ -88,7 +88,7 @@ def shared(client: redis.Redis, queue: str = QUEUE) -> list[bytes]:
 
 def retrying(client: redis.Redis, queue: str = QUEUE) -> list[tuple[bytes, int]]:
     """(payload, attempts) of the retry set, soonest first."""
-    members = client.zrange(f"{queue}:retry", 0, -1)
+    members = client.zrange(Keys(queue).retry, 0, -1)
     return [(d.payload, d.attempts) for d in map(Delivery.parse, members)]
 
 
@@ -493,9 +493,8 @@ def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
     q.dead_letter(b, {"reason": "r", "attempts": 1})
     q.take([c.element], 0)
     written = {key.decode() for key in client.keys("*")}
-    registry = f"{queue}:workers"  # a worker without a lease registers as it takes
-    owner = f"{queue}:owner:{WORKER}"
-    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons", registry, owner}
+    keys = Keys(queue, WORKER)  # a worker without a lease registers as it takes
+    assert written == {keys.retry, keys.dead, keys.dead_reasons, keys.registry, keys.owner}
 
 
 # -- conservation ------------------------------------------------------------------------------
