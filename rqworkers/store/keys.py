@@ -63,8 +63,9 @@ class Key:
         return value
 
     def of(self, queue: str, worker_id: str = "") -> str:
-        """This key's name for one queue (and worker)."""
-        return self.pattern.replace(QUEUE, queue).replace(WORKER, worker_id)
+        """This key's name for one queue (and worker). Every pattern starts with `<queue>`;
+        only the rest is filled in, so a queue name is never read as a placeholder."""
+        return queue + self.pattern.removeprefix(QUEUE).replace(WORKER, worker_id)
 
     def probes(self, names: Mapping[str, str]) -> list[list[str]]:
         """`commands`, with the keys' names from `names` (attribute name → key name)."""
@@ -79,7 +80,9 @@ class Key:
 class Keys:
     """The keys of one queue, as one of its workers names them: `Keys("jobs", "n:1").dead`.
 
-    A worker id is needed only for the keys that have one (`Key.per_worker`).
+    Each attribute below is a key's declaration on the class and its name on an instance
+    (`Keys.dead.type` is "list", `Keys("jobs").dead` is "jobs:dead"). A worker id is needed
+    only for the keys that have one (`Key.per_worker`).
     """
 
     queue = Key(
@@ -142,6 +145,7 @@ class Keys:
 
     @classmethod
     def of(cls, queue: str, worker_id: str) -> Keys:
+        """`Keys(queue, worker_id)`, as the queue's callers spell it."""
         return cls(queue, worker_id)
 
     @classmethod
