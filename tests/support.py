@@ -20,6 +20,7 @@ import psutil
 import redis
 
 from bench.redisproc import free_port, redis_server_binary, wait_for
+from rqworkers.store.keys import Keys
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
@@ -246,7 +247,7 @@ def dead_info(server: RedisServer, queue: str, payload: bytes) -> dict[str, obje
     """The dead-letter record of `payload` (of its newest copy) in `queue`."""
     from rqworkers.store.queue import digest
 
-    raw = server.client().hget(f"{queue}:dead:reasons", digest(payload))
+    raw = server.client().hget(Keys(queue).dead_reasons, digest(payload))
     assert raw is not None, f"no dead-letter reason for {payload!r}"
     return dict(json.loads(raw))
 

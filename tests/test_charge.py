@@ -29,8 +29,9 @@ NEIGHBOURS = [f"ok-{n}".encode() for n in range(20)]
 
 def drained(server: RedisServer) -> bool:
     client = server.client()
-    keys = ["jobs", *client.keys("jobs:processing:*"), *client.keys("jobs:landing:*")]
-    return sum(client.llen(k) for k in keys) == 0 and client.zcard("jobs:retry") == 0
+    every = Keys("jobs", "*")
+    keys = ["jobs", *client.keys(every.processing), *client.keys(every.landing)]
+    return sum(client.llen(k) for k in keys) == 0 and client.zcard(Keys("jobs").retry) == 0
 
 
 @pytest.mark.parametrize(("prefetch", "concurrency"), [(1, 1), (10, 1), (1, 4), (10, 4)], ids=str)
@@ -43,11 +44,11 @@ def test_a_message_whose_ack_is_refused_runs_at_most_max_attempts_times(
     client = redis_server.client()
     client.lpush("jobs", b"poison", *NEIGHBOURS)  # the poison is taken first
 
-    wait_for(lambda: client.llen("jobs:dead") >= 1, timeout=30, what="the poison dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) >= 1, timeout=30, what="the poison dead")
     wait_for(lambda: drained(redis_server), timeout=30, what="the queue behind it drained")
     started = lrange(redis_server, "started")
     assert started.count(b"poison") == 3, "charged for every end after its handler started"
-    dead = lrange(redis_server, "jobs:dead")
+    dead = lrange(redis_server, Keys("jobs").dead)
     assert dead[-1] == b"poison"
     info = dead_info(redis_server, "jobs", b"poison")
     assert info["attempts"] == 3
@@ -98,7 +99,7 @@ def test_an_exit_that_repeats_on_one_delivery_backs_off_and_shows(
 
     worker = wait_for(backoff_on_the_page, timeout=20, what="the page to show the backoff")
     assert worker["last_exit"] == "redis refused an operation"
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="the poison dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=30, what="the poison dead")
     wait_for(lambda: b"after" in lrange(redis_server, "done"), timeout=30, what="the next one")
     assert lrange(redis_server, "started").count(b"poison") == 6
     restarts = [line for line in svc.output().splitlines() if "restarting in" in line]
@@ -144,8 +145,8 @@ def test_leases_are_renewed_on_a_redis_out_of_memory(redis_server: RedisServer) 
     leases = {("jobs", "node:1"): '{"state": "idle"}'}
     assert renew_leases(client, leases, ttl=5.0) == 1, "it had no lease: registered"
     assert renew_leases(client, leases, ttl=5.0) == 0
-    assert 0 < client.pttl("jobs:lease:node:1") <= 5000
-    assert client.smembers("jobs:workers") == {b"node:1"}
+    assert 0 < client.pttl(Keys("jobs", "node:1").lease) <= 5000
+    assert client.smembers(Keys("jobs").registry) == {b"node:1"}
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         client.set("one-more", b"x")
 
@@ -166,7 +167,7 @@ def test_a_redis_that_reads_no_script_flags_runs_the_scripts_without_them() -> N
     assert lease(keys=keys, args=scripts.LEASE.argv(**args, register="1")) is None
     assert lease(keys=keys, args=scripts.LEASE.argv(**args, register="0")) == b"{}"
     assert [s.startswith("#!lua flags=allow-oom\n") for s in sources] == [True, False]
-    assert client.smembers("jobs:workers") == {b"node:1"}
+    assert client.smembers(Keys("jobs").registry) == {b"node:1"}
 
 
 def test_dead_letters_can_be_purged_on_a_redis_out_of_memory(redis_server: RedisServer) -> None:
@@ -181,6 +182,6 @@ def test_dead_letters_can_be_purged_on_a_redis_out_of_memory(redis_server: Redis
     dead = DeadLetters(client, "jobs")
     assert dead.requeue(dead.page(0, 1)) == 1
     assert dead.purge(dead.page()) == 1
-    assert client.llen("jobs:dead") == 0 and client.lrange("jobs", 0, -1) == [b"bad-2"]
+    assert client.llen(Keys("jobs").dead) == 0 and client.lrange("jobs", 0, -1) == [b"bad-2"]
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         client.set("one-more", b"x")

@@ -23,6 +23,7 @@ import pytest
 
 from rqworkers.common.text import a, plural
 from rqworkers.config import max_processes
+from rqworkers.store.keys import Keys
 from tests.servers import Cluster, Processes, server_version
 from tests.support import (
     APPS,
@@ -168,17 +169,17 @@ def test_dead_purge_without_a_terminal_refuses_and_names_yes(
 ) -> None:
     path = str(config(tmp_path, redis_server.url, ["jobs"]))
     client = redis_server.client()
-    client.lpush("jobs:dead", b"a", b"b")
+    client.lpush(Keys("jobs").dead, b"a", b"b")
     for stdin in (subprocess.DEVNULL, subprocess.PIPE):  # end of input, or an empty pipe
         result = rqworkers(env, "dead", "purge", "-c", path, stdin=stdin)
         assert result.returncode == 2, result
         assert "pass --yes to delete without asking" in result.stderr
         no_traceback(result)
-    assert client.llen("jobs:dead") == 2
+    assert client.llen(Keys("jobs").dead) == 2
     result = rqworkers(env, "dead", "purge", "--yes", "-c", path)
     assert result.returncode == 0, result
     assert result.stdout.strip() == "deleted 2 dead letters from jobs:dead"
-    assert client.llen("jobs:dead") == 0
+    assert client.llen(Keys("jobs").dead) == 0
 
 
 @pytest.mark.parametrize(("answer", "left"), [(b"y\n", 0), (b"n\n", 1), (b"\x04", 1)])
@@ -188,7 +189,7 @@ def test_dead_purge_asks_on_a_terminal(
 ) -> None:
     path = str(config(tmp_path, redis_server.url, ["jobs"]))
     client = redis_server.client()
-    client.lpush("jobs:dead", b"a")
+    client.lpush(Keys("jobs").dead, b"a")
     controller, terminal = pty.openpty()
     try:
         os.write(controller, answer)  # typed ahead; ^D is end of input at a terminal
@@ -198,7 +199,7 @@ def test_dead_purge_asks_on_a_terminal(
         os.close(controller)
     no_traceback(result)
     assert "delete all of 1 dead letter in jobs:dead? [y/N]" in result.stdout
-    assert client.llen("jobs:dead") == left
+    assert client.llen(Keys("jobs").dead) == left
     assert result.returncode == (0 if left == 0 else 1)
     assert ("deleted 1 dead letter from jobs:dead" in result.stdout) == (left == 0)
 
@@ -213,8 +214,8 @@ def test_check_reports_queue_keys_of_the_wrong_type(
     path = str(config(tmp_path, redis_server.url, ["jobs", "mail"]))
     client = redis_server.client()
     client.set("jobs", "a string")
-    client.hset("jobs:dead", "a", "hash")
-    client.lpush("mail:retry", "a list")
+    client.hset(Keys("jobs").dead, "a", "hash")
+    client.lpush(Keys("mail").retry, "a list")
     client.lpush("mail", "fine: a list")
     result = rqworkers(env, "check", "-c", path)
     assert result.returncode == 1, result
@@ -272,6 +273,25 @@ def test_check_names_keys_the_acl_user_may_not_touch(
     assert result.returncode == 1, result
     assert "may not run EVALSHA" in result.stderr
     assert "no permissions to access" in result.stderr
+    no_traceback(result)
+
+
+@pytest.mark.parametrize("dangerous", ["-@dangerous", "+@dangerous"])
+@pytest.mark.service
+def test_check_names_a_user_who_may_not_touch_the_owner_key(
+    tmp_path: Path, env: dict[str, str], redis_server: RedisServer, dangerous: str
+) -> None:
+    """TAKE reads and writes `<queue>:owner:<worker-id>`: a user allowed every other key of
+    the queue would wait forever at run time, so `check` names it."""
+    patterns = [f"~{key.of('jobs', '*')}" for key in Keys.declared() if key is not Keys.owner]
+    url = _acl_user(redis_server, "no-owner", *patterns, "+@all", dangerous)
+    path = str(config(tmp_path, url, ["jobs"]))
+    result = rqworkers(env, "check", "-c", path)
+    assert result.returncode == 1, result
+    assert "may not run EVALSHA" in result.stderr
+    if dangerous == "+@dangerous":  # ACL DRYRUN names the key: `jobs:owner:<worker-id>`
+        assert f"'{Keys('jobs').owner}" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
     no_traceback(result)
 
 
@@ -540,7 +560,7 @@ def test_the_dead_letter_walkthrough_of_the_docs_works_as_written(
     ]  # fmt: skip
     for command, shown in steps:
         if command.startswith("rqworkers"):
-            wait_for(lambda: client.llen("queue2:dead") == 2, what="two dead letters")
+            wait_for(lambda: client.llen(Keys("queue2").dead) == 2, what="two dead letters")
         # The only change: redis-cli is pointed at the test's redis-server.
         command = command.replace("redis-cli", f"redis-cli -p {redis_server.port}")
         controller, terminal = pty.openpty()
@@ -559,7 +579,7 @@ def test_the_dead_letter_walkthrough_of_the_docs_works_as_written(
         got = _STAMP.sub("<time>", result.stdout).replace("[y/N] ", "[y/N] y\n").splitlines()
         assert got == [_STAMP.sub("<time>", line) for line in shown], command
     assert (tmp_path / "payload.bin").read_bytes() == b"bad\x00\xff binary"
-    assert client.llen("queue2:dead") == 0
+    assert client.llen(Keys("queue2").dead) == 0
 
 
 # -- scripts/run-local -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for
 
@@ -42,7 +43,9 @@ def pair(kind: str, **settings: object) -> dict[str, object]:
 def in_flight(server: RedisServer) -> list[Delivery]:
     client = server.client()
     return [
-        Delivery.parse(e) for k in client.keys("jobs:processing:*") for e in client.lrange(k, 0, -1)
+        Delivery.parse(e)
+        for k in client.keys(Keys("jobs", "*").processing)
+        for e in client.lrange(k, 0, -1)
     ]
 
 
@@ -82,14 +85,15 @@ def test_sigkill_mid_batch_replays_every_in_flight_message(
 
     def placed() -> dict[str, int]:
         """Where the messages not yet done sit, for the evidence should one go missing."""
-        keys = ["jobs", "jobs:retry", "jobs:dead", *client.keys("jobs:*ing:*")]
-        return {str(k): client.llen(k) if k != "jobs:retry" else client.zcard(k) for k in keys}
+        jobs = Keys("jobs")
+        keys = ["jobs", jobs.retry, jobs.dead, *client.keys("jobs:*ing:*")]
+        return {str(k): client.llen(k) if k != jobs.retry else client.zcard(k) for k in keys}
 
     try:
         wait_for(lambda: set(lrange(redis_server, "done")) >= set(messages), timeout=40)
     except TimeoutError:
         pytest.fail(f"not all done: {placed()}\n{svc.output()[-3000:]}")
-    assert client.llen("jobs:dead") == 0
+    assert client.llen(Keys("jobs").dead) == 0
     # Each had started, so each delivery was charged: all 50 ran twice, none dead.
     assert Counter(lrange(redis_server, "started")) == Counter(messages * 2)
 
@@ -101,7 +105,7 @@ def test_an_async_timeout_is_cancelled_without_a_recycle(
     [worker] = svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"sleep:30", *[f"sleep:0.01:{i}".encode() for i in range(20)])
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=10, what="timed-out one dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=10, what="timed-out one dead")
     wait_for(lambda: client.llen("done") == 20, what="the others done")
     assert svc.workers() == [worker], "a cancelled coroutine needs no recycle"
     assert "timeout after 0.3s" in svc.output()
@@ -114,7 +118,7 @@ def test_a_thread_past_its_timeout_recycles_the_worker_once_the_others_finish(
     [worker] = svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"sleep:3", *[f"sleep:0.2:{i}".encode() for i in range(10)])
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=10, what="the slow one dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=10, what="the slow one dead")
     wait_for(lambda: not worker.is_running(), timeout=10, what="the worker recycled")
     wait_for(lambda: client.llen("done") >= 10, timeout=10, what="the others done")
     wait_for(lambda: "exited: timeout" in svc.output(), what="the exit logged as a timeout")
@@ -128,7 +132,7 @@ def test_a_coroutine_that_blocks_the_loop_is_killed_by_the_manager(
     redis_server.client().lpush("jobs", b"block:30")
     wait_for(lambda: not worker.is_running(), timeout=15, what="the manager's kill")
     assert "killed" in svc.output()
-    wait_for(lambda: redis_server.client().llen("jobs:dead") == 1, timeout=15, what="dead")
+    wait_for(lambda: redis_server.client().llen(Keys("jobs").dead) == 1, timeout=15, what="dead")
 
 
 @pytest.mark.parametrize("kind", ["async", "threads"])
@@ -162,7 +166,7 @@ def test_identical_payloads_in_flight_settle_out_of_order(
         "jobs", *[b"sleep:0.3", b"sleep:0.01"] * 20, *[b"raise"] * 3, *[b"sleep:0.01"] * 20
     )
     wait_for(lambda: client.llen("done") == 60, timeout=15, what="sixty twins done")
-    wait_for(lambda: client.llen("jobs:dead") == 3, timeout=15, what="three dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 3, timeout=15, what="three dead")
     assert lrange(redis_server, "started").count(b"raise") == 6, "two deliveries each"
     wait_for(lambda: in_flight(redis_server) == [], what="everything acked")
 

@@ -34,6 +34,7 @@ from rqworkers.store.connections import (
     queue_problem,
     url_problem,
 )
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import ReliableQueue
 from tests.servers import (
     Cluster,
@@ -287,8 +288,8 @@ def test_cluster_fetch_ack_dead_letter_and_orphan_reclaim_end_to_end(
     client = cluster.client()
     client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
     # A node that died with two messages in its private list, and no lease left.
-    client.rpush("{jobs}:processing:gone:1", b"orphan-2", b"orphan-1")
-    client.sadd("{jobs}:workers", "gone:1")
+    client.rpush(Keys("{jobs}", "gone:1").processing, b"orphan-2", b"orphan-1")
+    client.sadd(Keys("{jobs}").registry, "gone:1")
     svc = service(
         cluster.url,
         [
@@ -301,13 +302,13 @@ def test_cluster_fetch_ack_dead_letter_and_orphan_reclaim_end_to_end(
     client.lpush("{jobs}", *sorted(messages), b"raise")
     client.lpush("{other}", b"o1")
     wait_done(bookkeeper, messages | {b"orphan-1", b"orphan-2", b"o1"})
-    wait_for(lambda: client.lrange("{jobs}:dead", 0, -1) == [b"raise"], what="poison dead")
+    wait_for(lambda: client.lrange(Keys("{jobs}").dead, 0, -1) == [b"raise"], what="poison dead")
     assert Counter(bookkeeper.client().lrange("started", 0, -1))[b"raise"] == 2
     assert re.search(r"reclaimed 2 message\(s\) of \{jobs\}", svc.output())
     # Acked: the private lists are gone; the keeper renews leases in two slots at once.
-    wait_for(lambda: not client.keys("{jobs}:processing:*"), what="empty private lists")
-    assert client.llen("{jobs}") == 0 and client.keys("{jobs}:processing:*") == []
-    leases = ["{jobs}:lease:n1:1", "{other}:lease:n1:1"]
+    wait_for(lambda: not client.keys(Keys("{jobs}", "*").processing), what="empty private lists")
+    assert client.llen("{jobs}") == 0 and client.keys(Keys("{jobs}", "*").processing) == []
+    leases = [Keys("{jobs}", "n1:1").lease, Keys("{other}", "n1:1").lease]
     assert len({client.get_node_from_key(key).name for key in leases}) == 2, "two nodes"
     # The keeper's status, not the worker's placeholder: the keeper renewed both leases in
     # one non-transactional pipeline, which redis-py splits by node.
@@ -438,7 +439,9 @@ def test_sentinel_failover_is_followed_and_the_loss_is_measured(
     wait_done(bookkeeper, after, timeout=40)
     new_master = redis.Redis(port=setup.master_port() or 0, socket_timeout=5)
     wait_for(
-        lambda: new_master.llen("stream") == 0 and not new_master.keys("stream:processing:*"),
+        lambda: (
+            new_master.llen("stream") == 0 and not new_master.keys(Keys("stream", "*").processing)
+        ),
         timeout=20,
         what="the queue drained on the new master",
     )

@@ -20,6 +20,7 @@ import pytest
 
 import rqworkers
 from rqworkers import Executor, Producer, TaskError
+from rqworkers.store.keys import Keys
 from tests.servers import Cluster, Processes, SentinelSetup
 from tests.support import (
     APPS,
@@ -243,7 +244,7 @@ def test_a_task_past_its_own_timeout_fails_with_reason_timeout(
     assert isinstance(error, TaskError) and error.reason == "timeout"
     assert error.message == "timeout after 0.5s"
     assert time.monotonic() - started < 10, "the task's own timeout, not the pair's 30 s"
-    (payload,) = redis_server.client().lrange("tasks:dead", 0, -1)
+    (payload,) = redis_server.client().lrange(Keys("tasks").dead, 0, -1)
     assert dead_info(redis_server, "tasks", payload)["reason"] == "timeout after 0.5s"
     (line,) = [line for line in svc.output().splitlines() if "dead-lettered" in line]
     assert "timeout after 0.5s" in line and "after 30s" not in svc.output()
@@ -398,15 +399,15 @@ def test_bad_input_is_dead_lettered_at_once_with_its_reason(
     client = redis_server.client()
     after = b'{"task": "taskapp:add", "args": [1, 2], "reply_to": "tasks:replies:after"}'
     Producer(redis_server.url).push("tasks", payload, after)
-    wait_for(lambda: client.llen("tasks:dead") == 1, timeout=15, what="the dead letter")
+    wait_for(lambda: client.llen(Keys("tasks").dead) == 1, timeout=15, what="the dead letter")
     popped = client.brpop(
         ["tasks:replies:after"], timeout=15
     )  # the worker went on with the next message
     assert popped is not None and json.loads(popped[1])["result"] == 3
-    assert client.lrange("tasks:dead", 0, -1) == [payload]
-    (details,) = [json.loads(v) for v in client.hvals("tasks:dead:reasons")]
+    assert client.lrange(Keys("tasks").dead, 0, -1) == [payload]
+    (details,) = [json.loads(v) for v in client.hvals(Keys("tasks").dead_reasons)]
     assert reason in details["reason"] and details["attempts"] == 1
-    assert client.llen("tasks") == 0 and client.zcard("tasks:retry") == 0
+    assert client.llen("tasks") == 0 and client.zcard(Keys("tasks").retry) == 0
     assert not marker.exists(), "a module outside the allow-list was imported"
     log = svc.output()
     assert "Traceback" not in log

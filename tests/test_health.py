@@ -229,7 +229,7 @@ def test_exits_in_mid_message_are_named_with_their_true_code(
     assert exits.findall(svc.output()) == ["exited mid-message (exit code 0)"] * 2
     assert "jobs-1 called sys.exit(0)" in svc.output()
     # Each message counted as delivered once, and its worker's exit is its reason.
-    wait_for(lambda: len(lrange(redis_server, "jobs:dead")) == 2, what="both dead-lettered")
+    wait_for(lambda: len(lrange(redis_server, Keys("jobs").dead)) == 2, what="both dead-lettered")
     assert "after 1 deliveries: exited mid-message (exit code 0)" in svc.output()
 
 

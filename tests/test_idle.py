@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from rqworkers.store.keys import Keys
 from tests.support import APPS, REPO, RedisServer, Service, wait_for, write_config
 
 StartService = Callable[..., Service]
@@ -99,7 +100,7 @@ def test_a_full_redis_still_takes_acks_so_the_service_drains_what_it_holds(
         wait_for(lambda: records.client().llen("done") == 100, timeout=30, what="all drained")
         assert client.llen("jobs") == 0
         wait_for(
-            lambda: sum(client.llen(k) for k in client.keys("jobs:processing:*")) == 0,
+            lambda: sum(client.llen(k) for k in client.keys(Keys("jobs", "*").processing)) == 0,
             what="every ack through",
         )
         assert sorted(records.client().lrange("done", 0, -1)) == sorted(messages)

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rqworkers.ops.metrics import Target, health
+from rqworkers.store.keys import Keys
 from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for, write_config
 
@@ -60,7 +61,7 @@ def test_status_shows_queues_and_live_workers_and_survives_an_unreachable_host(
     client = redis_server.client()
     client.lpush("q1", b"raise", b"ok1", b"ok2")
     client.lpush("q2", b"sleep:30")
-    wait_for(lambda: client.llen("q1:dead") == 1, what="poison dead-lettered")
+    wait_for(lambda: client.llen(Keys("q1").dead) == 1, what="poison dead-lettered")
     wait_for(lambda: b"sleep:30" in lrange(redis_server, "started"), what="q2 busy")
 
     def q2_busy() -> dict[str, object] | None:
@@ -110,7 +111,7 @@ def test_dead_letter_commands_on_really_dead_lettered_payloads(
     binary = b"raise:\x00\xff\xfebinary"
     payloads = [b"raise:first", binary, b"raise:" + b"x" * 500]
     client.lpush("jobs", *payloads)
-    wait_for(lambda: client.llen("jobs:dead") == 3, what="three dead letters")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 3, what="three dead letters")
     svc.signal(signal.SIGTERM)
     assert svc.wait(20) == 0
     config = str(svc.config_path)
@@ -128,15 +129,15 @@ def test_dead_letter_commands_on_really_dead_lettered_payloads(
     requeued = cli("dead", "requeue", "1", "-c", config)
     assert requeued.returncode == 0, requeued.stderr
     assert lrange(redis_server, "jobs") == [binary]
-    assert client.zcard("jobs:retry") == 0, "requeued as a fresh message"
-    assert client.llen("jobs:dead") == 2
+    assert client.zcard(Keys("jobs").retry) == 0, "requeued as a fresh message"
+    assert client.llen(Keys("jobs").dead) == 2
 
     refused = cli("dead", "purge", "-c", config, stdin="n\n")
-    assert refused.returncode != 0 and client.llen("jobs:dead") == 2
+    assert refused.returncode != 0 and client.llen(Keys("jobs").dead) == 2
     purged = cli("dead", "purge", "--yes", "--limit", "1", "-c", config)
-    assert purged.returncode == 0 and client.lrange("jobs:dead", 0, -1) == [payloads[2]]
+    assert purged.returncode == 0 and client.lrange(Keys("jobs").dead, 0, -1) == [payloads[2]]
     assert cli("dead", "purge", "--yes", "-c", config).returncode == 0
-    assert client.llen("jobs:dead") == 0 and client.hlen("jobs:dead:reasons") == 0
+    assert client.llen(Keys("jobs").dead) == 0 and client.hlen(Keys("jobs").dead_reasons) == 0
 
     missing = cli("dead", "show", "7", "-c", config)
     assert missing.returncode == 1 and b"no dead letter at index 7" in missing.stderr
@@ -149,13 +150,13 @@ def test_requeue_all_puts_the_oldest_first_in_line(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", *[f"raise:{i}".encode() for i in range(250)])
-    wait_for(lambda: client.llen("jobs:dead") == 250, what="all dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 250, what="all dead")
     svc.signal(signal.SIGTERM)
     assert svc.wait(20) == 0
     assert cli("dead", "requeue", "-c", str(svc.config_path)).returncode == 0
     in_line = list(reversed(lrange(redis_server, "jobs")))  # next first
     assert in_line == [f"raise:{i}".encode() for i in range(250)]
-    assert client.llen("jobs:dead") == 0 and client.hlen("jobs:dead:reasons") == 0
+    assert client.llen(Keys("jobs").dead) == 0 and client.hlen(Keys("jobs").dead_reasons) == 0
 
 
 # -- metrics and health ------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_metrics_count_a_known_workload_across_recycles(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"raise", *[f"ok{i}".encode() for i in range(33)])
-    wait_for(lambda: client.llen("jobs:dead") == 1, what="poison dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, what="poison dead")
     wait_for(lambda: len(lrange(redis_server, "done")) == 33, what="all done")
     q = (("host", "local"), ("queue", "jobs"))
 
@@ -359,7 +360,7 @@ def test_a_message_from_user_data_cannot_forge_a_log_line(
     )
     svc.wait_workers(1)
     redis_server.client().lpush("jobs", HOSTILE)
-    wait_for(lambda: redis_server.client().llen("jobs:dead") == 1, what="the dead letter")
+    wait_for(lambda: redis_server.client().llen(Keys("jobs").dead) == 1, what="the dead letter")
     wait_for(lambda: "dead-lettered" in svc.output(), what="its log line")
     output = svc.output()
     assert not any(line.startswith((FORGED, "[9]")) for line in output.splitlines()), output
@@ -516,7 +517,7 @@ def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
     from rqworkers.store.queue import DeadLetter, DeadLetters
 
     client = fakeredis.FakeRedis()
-    client.lpush("jobs:dead", *[f"old-{i:03d}".encode() for i in range(BATCH + 50)])
+    client.lpush(Keys("jobs").dead, *[f"old-{i:03d}".encode() for i in range(BATCH + 50)])
     dead = DeadLetters(client, "jobs")
     calls = 0
 
@@ -524,11 +525,11 @@ def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
-            client.lpush("jobs:dead", b"NEW-unseen")  # dead-lettered between two batches
+            client.lpush(Keys("jobs").dead, b"NEW-unseen")  # dead-lettered between two batches
         return dead.purge(letters)
 
     assert take_out(dead, Selection([], None), purge_and_meanwhile_a_new_one) == BATCH + 50
-    assert client.lrange("jobs:dead", 0, -1) == [b"NEW-unseen"]
+    assert client.lrange(Keys("jobs").dead, 0, -1) == [b"NEW-unseen"]
 
 
 def test_dead_list_and_show_say_how_many_copies_and_show_the_traceback(
@@ -538,7 +539,7 @@ def test_dead_list_and_show_say_how_many_copies_and_show_the_traceback(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"raise", b"raise")
-    wait_for(lambda: client.llen("jobs:dead") == 2, what="two dead twins")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 2, what="two dead twins")
     config = str(svc.config_path)
     listed = cli("dead", "list", "-c", config).stdout.decode()
     assert listed.count("one of 2 copies of this payload in the dead list") == 2
@@ -556,7 +557,7 @@ def test_dead_list_and_show_escape_control_characters_from_user_data(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", HOSTILE)
-    wait_for(lambda: client.llen("jobs:dead") == 1, what="the dead letter")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, what="the dead letter")
     config = str(svc.config_path)
     for args in (["list"], ["show", "0"]):
         result = cli("dead", *args, "-c", config)
@@ -595,10 +596,10 @@ def test_a_dead_record_that_is_not_ours_to_read_does_not_stop_a_requeue(
 
     for client in (fakeredis.FakeRedis(), redis_server.client()):
         client.flushdb()
-        client.lpush("jobs:dead", b"m", b"n")
-        client.hset("jobs:dead:reasons", digest(b"m"), record)
+        client.lpush(Keys("jobs").dead, b"m", b"n")
+        client.hset(Keys("jobs").dead_reasons, digest(b"m"), record)
         dead = DeadLetters(client, "jobs")
         assert [letter.payload for letter in dead.page()] == [b"n", b"m"]
         assert dead.requeue(dead.page()) == 2
         assert client.lrange("jobs", 0, -1) == [b"n", b"m"]  # the oldest, m, next in line
-        assert client.llen("jobs:dead") == 0 and client.hlen("jobs:dead:reasons") == 0
+        assert client.llen(Keys("jobs").dead) == 0 and client.hlen(Keys("jobs").dead_reasons) == 0

@@ -8,7 +8,6 @@ dead list; and identical payloads are independent messages, each with its own at
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -89,7 +88,7 @@ def shared(client: redis.Redis, queue: str = QUEUE) -> list[bytes]:
 
 def retrying(client: redis.Redis, queue: str = QUEUE) -> list[tuple[bytes, int]]:
     """(payload, attempts) of the retry set, soonest first."""
-    members = client.zrange(f"{queue}:retry", 0, -1)
+    members = client.zrange(Keys(queue).retry, 0, -1)
     return [(d.payload, d.attempts) for d in map(Delivery.parse, members)]
 
 
@@ -465,7 +464,7 @@ def test_reclaim_charges_every_delivery_and_keeps_the_order(
 @pytest.mark.parametrize("queue", ["{orders}", "{orders}.high", "jobs", "a:b"])
 def test_every_key_starts_with_the_queue_name(queue: str) -> None:
     keys = Keys.of(queue, "node:7")
-    names = [getattr(keys, f.name) for f in dataclasses.fields(keys)]  # every key, new ones too
+    names = list(keys.names().values())  # every key, new ones too
     assert len(names) >= 6
     assert all(name.startswith(queue) for name in names)
     assert len(set(names)) == len(names)
@@ -496,9 +495,8 @@ def test_a_hash_tagged_queue_writes_only_keys_under_its_name(
     q.dead_letter(b, {"reason": "r", "attempts": 1})
     q.take([c.element], 0)
     written = {key.decode() for key in client.keys("*")}
-    registry = f"{queue}:workers"  # a worker without a lease registers as it takes
-    owner = f"{queue}:owner:{WORKER}"
-    assert written == {f"{queue}:retry", f"{queue}:dead", f"{queue}:dead:reasons", registry, owner}
+    keys = Keys(queue, WORKER)  # a worker without a lease registers as it takes
+    assert written == {keys.retry, keys.dead, keys.dead_reasons, keys.registry, keys.owner}
 
 
 # -- conservation ------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_reclaim_hands_an_expired_list_back_first_in_order_each_charged(
     client.delete(rescuer.keys.lease)
     assert rescuer.reclaim() == 4, "only what it took since"
     assert rescuer.reclaim() == 0, "a second reclaim finds nothing to move"
-    assert client.zcard("jobs:retry") == 4
+    assert client.zcard(Keys("jobs").retry) == 4
 
 
 def test_reclaim_is_fenced(client: redis.Redis) -> None:
@@ -89,7 +89,7 @@ def test_a_lost_node_has_its_messages_reclaimed_by_another(
     node_a.signal_session(signal.SIGKILL)
     wait_for(lambda: lrange(redis_server, "done") == [b"sleep:3"], timeout=20, what="reclaim")
     assert lrange(redis_server, "started") == [b"sleep:3", b"sleep:3"]
-    assert client.llen("jobs:processing:node-a:1") == 0
+    assert client.llen(Keys("jobs", "node-a:1").processing) == 0
     assert "reclaimed 1 message(s) of jobs from jobs:processing:node-a:1" in node_b.output()
 
 
@@ -113,7 +113,8 @@ def test_a_slow_handler_holding_its_process_is_never_reclaimed(
 def test_renewing_a_lease_registers_the_worker_again(client: redis.Redis) -> None:
     from rqworkers.store.queue import renew_leases
 
-    client.srem("jobs:workers", "node-a:1")  # struck out by a reclaim while the node was frozen
+    # Struck out by a reclaim while the node was frozen:
+    client.srem(Keys("jobs").registry, "node-a:1")
     renew_leases(client, {("jobs", "node-a:1"): "{}"}, ttl=5)
     assert registered_workers(client, "jobs") == ["node-a:1"]
     assert client.pttl(Keys.of("jobs", "node-a:1").lease) > 0
@@ -132,11 +133,11 @@ def test_a_node_frozen_past_its_lease_is_found_again_when_it_dies_later(
     node_a.signal_session(signal.SIGCONT)
     wait_for(lambda: "node-a:1" in registered_workers(client, "jobs"), what="node a back")
     client.lpush("jobs", *[f"sleep:1:{i}".encode() for i in range(6)])
-    wait_for(lambda: client.llen("jobs:processing:node-a:1") == 1, what="node a busy")
+    wait_for(lambda: client.llen(Keys("jobs", "node-a:1").processing) == 1, what="node a busy")
     node_a.signal_session(signal.SIGKILL)  # and now it is lost for good
     expected = {f"sleep:1:{i}".encode() for i in range(6)}
     wait_for(lambda: set(lrange(redis_server, "done")) == expected, timeout=30, what="all done")
-    assert client.llen("jobs:processing:node-a:1") == 0
+    assert client.llen(Keys("jobs", "node-a:1").processing) == 0
 
 
 def test_a_fetch_reclaimed_before_it_was_taken_in_is_left_to_its_new_owner(
@@ -167,7 +168,8 @@ def dead_letter_across_nodes(
     for node in nodes:
         node.wait_workers(1)
     client.lpush("jobs", payload)
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered by reclaim")
+    dead = Keys("jobs").dead
+    wait_for(lambda: client.llen(dead) == 1, timeout=30, what="dead-lettered by reclaim")
     return nodes
 
 
@@ -183,7 +185,7 @@ def test_a_message_that_takes_every_node_down_is_dead_lettered_by_reclaim_after_
     assert sum(node.process is not None and node.process.poll() is None for node in nodes) == 1
     record = dead_info(redis_server, "jobs", b"killnode")
     assert record["attempts"] == 2 and "killed by" not in str(record["reason"])
-    assert client.llen("jobs") == 0 and client.zcard("jobs:retry") == 0
+    assert client.llen("jobs") == 0 and client.zcard(Keys("jobs").retry) == 0
 
 
 def test_a_retry_keeps_its_attempt_number_when_its_node_is_lost(

@@ -23,6 +23,7 @@ from rqworkers.common.globs import Glob
 from rqworkers.config import PairSettings, load
 from rqworkers.errors import ConfigError, ReplyError
 from rqworkers.ops import checks
+from rqworkers.store.keys import Keys
 from rqworkers.worker.taskhandler import TaskHandler
 from tests.support import (
     APPS,
@@ -261,20 +262,21 @@ def test_a_reply_to_outside_the_namespace_is_dead_lettered_at_once_and_touches_n
     """The issue's reproductions: each would have deleted, fed or forged another key."""
     client = redis_server.client()
     client.lpush("victim", *[f"waiting {n}".encode() for n in range(5)])
-    client.lpush("victim:processing:node:1", b"in flight")
-    client.lpush("bad:dead", b"dead letter")
+    client.lpush(Keys("victim", "node:1").processing, b"in flight")
+    client.lpush(Keys("bad").dead, b"dead letter")
     client.lpush("other:replies:someone", b"theirs")
     before = {key: client.lrange(key, 0, -1) for key in client.scan_iter()}
     svc = service([task_pair(max_attempts=5)])
     hostile = [
         task("taskapp:sleep", 0, key, reply_to=key, result_ttl=0.001)
-        for key in ["victim", "victim:processing:node:1", "bad:dead", "raw", "tasks",
+        for key in ["victim", Keys("victim", "node:1").processing, Keys("bad").dead, "raw", "tasks",
                     "tasks:dead", "other:replies:someone", "tasks:replies", "tasks:*"]
     ]  # fmt: skip
     after = task("taskapp:add", 1, 2, reply_to="tasks:replies:after")
     Producer(redis_server.url).push("tasks", *hostile, after)
     assert reply_of(redis_server, "tasks:replies:after")["result"] == 3
-    wait_for(lambda: client.llen("tasks:dead") == len(hostile), timeout=15, what="dead letters")
+    dead = Keys("tasks").dead
+    wait_for(lambda: client.llen(dead) == len(hostile), timeout=15, what="dead letters")
     for message in hostile:
         info = dead_info(redis_server, "tasks", message)
         assert info["attempts"] == 1 and "is not one of this queue's reply keys" in str(
@@ -311,7 +313,8 @@ def test_a_refused_message_runs_nothing_not_even_its_on_failure(
     ]
     ran = task("taskapp:fail", "ran", **on_failure)
     Producer(redis_server.url).push("tasks", *refused)
-    wait_for(lambda: client.llen("tasks:dead") == len(refused), timeout=15, what="dead letters")
+    dead = Keys("tasks").dead
+    wait_for(lambda: client.llen(dead) == len(refused), timeout=15, what="dead letters")
     Producer(redis_server.url).push("tasks", ran)
     wait_for(lambda: client.llen("callbacks:failure") > 0, timeout=15, what="on_failure")
     assert client.lrange("callbacks:failure", 0, -1) == [b"raised|raised: ValueError: ran"]
@@ -338,7 +341,7 @@ def test_a_reply_of_the_wrong_type_fails_its_delivery_and_the_queue_goes_on(
     after = task("taskapp:add", 1, 2, reply_to="tasks:replies:after")
     Producer(redis_server.url).push("tasks", message, after)
     assert reply_of(redis_server, "tasks:replies:after")["result"] == 3
-    wait_for(lambda: client.llen("tasks:dead") == 1, timeout=15, what="the dead letter")
+    wait_for(lambda: client.llen(Keys("tasks").dead) == 1, timeout=15, what="the dead letter")
     info = dead_info(redis_server, "tasks", message)
     assert info["attempts"] == 3
     assert "ReplyError: reply to 'tasks:replies:x' not written" in str(info["reason"])
@@ -391,7 +394,7 @@ def test_a_reply_the_redis_user_may_not_write_fails_its_delivery_not_the_queue(
         after = task("taskapp:add", 1, 2, reply_to="tasks:replies:ok:after")
         Producer(redis_server.url).push("tasks", message, after)
         assert reply_of(redis_server, "tasks:replies:ok:after")["result"] == 3
-        wait_for(lambda: client.llen("tasks:dead") == 1, timeout=15, what="the dead letter")
+        wait_for(lambda: client.llen(Keys("tasks").dead) == 1, timeout=15, what="the dead letter")
         reason = str(dead_info(redis_server, "tasks", message)["reason"])
         assert (
             "reply to 'tasks:replies:denied' not written" in reason

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery
 from tests.support import (
     APPS,
@@ -122,7 +123,7 @@ def test_a_worker_killed_mid_message_has_it_replayed_after_the_respawn(
     [worker] = svc.wait_workers(1)
     redis_server.client().lpush("jobs", b"sleep:30")
     wait_for(lambda: lrange(redis_server, "started") == [b"sleep:30"], what="message started")
-    private = f"jobs:processing:{_node()}:1"
+    private = Keys("jobs", f"{_node()}:1").processing
     assert [d.payload for d in in_flight(redis_server, private)] == [b"sleep:30"]
     worker.kill()
     wait_for(lambda: len(lrange(redis_server, "started")) == 2, what="replay after respawn")
@@ -173,8 +174,8 @@ def test_a_message_past_its_timeout_recycles_the_worker(
     [worker] = svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", payload)
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=15, what="timed-out message dead")
-    assert client.lrange("jobs:dead", 0, -1) == [payload]
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=15, what="timed-out message dead")
+    assert client.lrange(Keys("jobs").dead, 0, -1) == [payload]
     info = dead_info(redis_server, "jobs", payload)
     assert "timeout" in str(info["reason"])
     wait_for(lambda: reason in svc.output(), what=reason)
@@ -208,7 +209,7 @@ def test_soft_memory_limit_lets_the_message_finish(
     )
     [replacement] = svc.wait_workers(1)
     assert replacement.pid != worker.pid
-    assert redis_server.client().llen("jobs:processing:" + _node() + ":1") == 0
+    assert redis_server.client().llen(Keys("jobs", f"{_node()}:1").processing) == 0
     assert lrange(redis_server, "started") == [b"alloc:200:1.5"], "not replayed"
 
 
@@ -231,7 +232,8 @@ def test_hard_memory_limit_kills_at_once_and_the_message_is_replayed_and_counted
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"alloc:300:30")
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=20, what="memory hog dead-lettered")
+    dead = Keys("jobs").dead
+    wait_for(lambda: client.llen(dead) == 1, timeout=20, what="memory hog dead-lettered")
     assert len(lrange(redis_server, "started")) == 2
     assert "hard memory limit" in str(dead_info(redis_server, "jobs", b"alloc:300:30")["reason"])
     assert svc.output().count("exited: hard memory limit") == 2
@@ -247,12 +249,12 @@ def test_a_poison_message_is_dead_lettered_after_exactly_max_attempts_while_othe
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"raise", *[f"ok{i}".encode() for i in range(50)])
-    wait_for(lambda: client.llen("jobs:dead") == 1, what="poison dead-lettered")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, what="poison dead-lettered")
     assert lrange(redis_server, "started").count(b"raise") == 3
     info = dead_info(redis_server, "jobs", b"raise")
     assert info["attempts"] == 3 and "ValueError: boom from testapp" in str(info["reason"])
     assert len(wait_done(redis_server, 50)) == 50
-    assert client.zcard("jobs:retry") == 0 and client.keys("jobs:processing:*") == []
+    assert client.zcard(Keys("jobs").retry) == 0 and client.keys(Keys("jobs", "*").processing) == []
 
 
 def test_a_message_that_kills_its_worker_ends_in_the_dead_list(
@@ -264,7 +266,7 @@ def test_a_message_that_kills_its_worker_ends_in_the_dead_list(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"kill", b"after")
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=20, what="killer dead-lettered")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=20, what="killer dead-lettered")
     assert lrange(redis_server, "started").count(b"kill") == 3
     info = dead_info(redis_server, "jobs", b"kill")
     assert info["attempts"] == 3 and "signal 9" in str(info["reason"])
@@ -283,12 +285,12 @@ def test_a_retry_keeps_its_attempt_number_across_a_worker_crash(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"steps:rkr:1", *[b"twin"] * 20)
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="dead-lettered")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=30, what="dead-lettered")
     assert lrange(redis_server, "started").count(b"steps:rkr:1") == 3
     info = dead_info(redis_server, "jobs", b"steps:rkr:1")
     assert info["attempts"] == 3 and "step 3 of" in str(info["reason"])
     assert wait_done(redis_server, 20).count(b"twin") >= 20
-    assert client.lrange("jobs:dead", 0, -1) == [b"steps:rkr:1"]
+    assert client.lrange(Keys("jobs").dead, 0, -1) == [b"steps:rkr:1"]
 
 
 def test_a_queue_key_of_the_wrong_type_ends_the_worker_with_a_clear_error_not_a_wait(
@@ -318,7 +320,7 @@ def test_class_handler_callbacks_that_raise_never_stall_the_worker(
     client = redis_server.client()
     client.lpush("jobs", b"a", b"raise", b"b")
     wait_for(lambda: lrange(redis_server, "done") == [b"a", b"b"], what="both handled")
-    wait_for(lambda: client.llen("jobs:dead") == 1, what="failure dead-lettered")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, what="failure dead-lettered")
     svc.signal(signal.SIGTERM)
     assert svc.wait(20) == 0
     events = [e.decode() for e in lrange(redis_server, "lifecycle")]
@@ -345,7 +347,7 @@ def test_manager_sigterm_finishes_in_flight_work_and_leaves_no_process(
     assert gone([w.pid for w in workers])
     done = lrange(redis_server, "done")
     assert b"sleep:1.5" in done, "the in-flight message finished before the worker exited"
-    left = client.lrange("q2", 0, -1) + client.lrange(f"q2:processing:{_node()}:1", 0, -1)
+    left = client.lrange("q2", 0, -1) + client.lrange(Keys("q2", f"{_node()}:1").processing, 0, -1)
     assert sorted(done + left) == sorted([b"sleep:1.5"] + [f"m{i}".encode() for i in range(100)])
 
 
@@ -385,7 +387,7 @@ def test_a_redis_restart_mid_stream_loses_nothing(
     wait_for(all_done, timeout=60, what="every message handled")
     # At-least-once: the handler's own Redis writes may have failed mid-restart, so a few
     # messages may run twice; none may be missing, and every key must drain.
-    wait_for(lambda: client.llen("jobs") + client.zcard("jobs:retry") == 0, what="drained")
+    wait_for(lambda: client.llen("jobs") + client.zcard(Keys("jobs").retry) == 0, what="drained")
     output = svc.output()
     assert output.count("retrying with backoff") >= 1
     assert "is back after" in output
@@ -464,12 +466,12 @@ def test_a_crash_in_a_prefetched_batch_does_not_count_against_its_neighbours(
     client = redis_server.client()
     innocents = [f"ok{i}".encode() for i in range(50)]
     client.lpush("jobs", b"kill", *innocents)  # all fit in the first batch, `kill` first
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=20, what="killer dead-lettered")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, timeout=20, what="killer dead-lettered")
     assert sorted(wait_done(redis_server, 50)) == sorted(innocents)
     started = lrange(redis_server, "started")
     assert started.count(b"kill") == 2
     assert all(started.count(m) == 1 for m in innocents), "each innocent ran exactly once"
-    assert client.lrange("jobs:dead", 0, -1) == [b"kill"]
+    assert client.lrange(Keys("jobs").dead, 0, -1) == [b"kill"]
 
 
 def test_a_poison_mid_batch_makes_the_twins_before_it_run_again_once_not_per_crash(
@@ -484,12 +486,13 @@ def test_a_poison_mid_batch_makes_the_twins_before_it_run_again_once_not_per_cra
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", *[b"twin"] * 10, b"kill", *[b"twin"] * 10)
-    wait_for(lambda: client.llen("jobs:dead") == 1, timeout=30, what="the killer dead-lettered")
+    dead = Keys("jobs").dead
+    wait_for(lambda: client.llen(dead) == 1, timeout=30, what="the killer dead-lettered")
     assert wait_done(redis_server, 20).count(b"twin") >= 20
     started = lrange(redis_server, "started")
     assert started.count(b"kill") == 3
     assert started.count(b"twin") <= 30, "the first ten ran once per crash"
-    assert client.llen("jobs:dead") == 1 and client.lrange("jobs:dead", 0, -1) == [b"kill"]
+    assert client.llen(dead) == 1 and client.lrange(dead, 0, -1) == [b"kill"]
 
 
 def test_sigterm_gives_unstarted_prefetched_messages_back_to_the_head_in_order(
@@ -506,8 +509,8 @@ def test_sigterm_gives_unstarted_prefetched_messages_back_to_the_head_in_order(
     done = lrange(redis_server, "done")
     back = list(reversed(client.lrange("jobs", 0, -1)))  # oldest first
     assert done + back == messages, "handled ones, then the rest in their original order"
-    assert client.keys("jobs:processing:*") == []
-    assert client.zcard("jobs:retry") == 0, "untried messages carry no count"
+    assert client.keys(Keys("jobs", "*").processing) == []
+    assert client.zcard(Keys("jobs").retry) == 0, "untried messages carry no count"
     assert "gave" in svc.output() and "unstarted message(s) back to jobs" in svc.output()
 
 
@@ -523,7 +526,8 @@ def test_a_worker_growing_after_its_soft_limit_sigterm_is_still_hard_killed(
     redis_server.client().lpush("jobs", b"grow")
     wait_for(lambda: "soft memory limit" in svc.output(), what="soft limit")
     wait_for(lambda: "exited: hard memory limit" in svc.output(), timeout=10, what="hard kill")
-    wait_for(lambda: redis_server.client().llen("jobs:dead") == 1, what="dead-lettered on replay")
+    dead = Keys("jobs").dead
+    wait_for(lambda: redis_server.client().llen(dead) == 1, what="dead-lettered on replay")
 
 
 def test_a_message_that_takes_its_whole_node_down_still_ends_in_the_dead_list(
@@ -536,7 +540,7 @@ def test_a_message_that_takes_its_whole_node_down_still_ends_in_the_dead_list(
         svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 2}])
         if life < 2:
             assert svc.wait(20) != 0, "the manager died with its worker"
-    wait_for(lambda: client.llen("jobs:dead") == 1, what="dead-lettered by the third life")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 1, what="dead-lettered by the third life")
     assert lrange(redis_server, "started").count(b"killnode") == 2
     assert "killed by" not in str(dead_info(redis_server, "jobs", b"killnode")["reason"])
 

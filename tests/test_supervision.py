@@ -28,6 +28,7 @@ from rqworkers.config import Config, LoggingSettings
 from rqworkers.manager.supervisor import Manager, build_slots
 from rqworkers.ops import checks
 from rqworkers.ops.keeper import Keeper, KeeperSpec, Lease
+from rqworkers.store.keys import Keys
 from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 from tests.test_operate import scrape
@@ -352,7 +353,7 @@ def test_a_host_that_hangs_holds_no_other_host_back(
         now = time.monotonic()
         keeper.tick(now)
         assert time.monotonic() - now < 3, "one short timeout, not one per action"
-        assert redis_server.client().pttl("b:lease:n:1") > 25_000
+        assert redis_server.client().pttl(Keys("b", "n:1").lease) > 25_000
         by_url = {endpoint.url: endpoint for endpoint in keeper.endpoints}
         assert by_url[redis_server.url].next_reclaim == now + 10, "its own schedule"
         assert by_url[frozen_url].next_reclaim >= now + 30, "a full TTL after its outage"

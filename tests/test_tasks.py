@@ -21,6 +21,7 @@ from rqworkers.client.tasks import AllowList, TaskError
 from rqworkers.config import PairSettings, load
 from rqworkers.errors import ConfigError, MessageTimeout, Refused
 from rqworkers.ops import checks
+from rqworkers.store.keys import Keys
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.taskhandler import TaskHandler
 from rqworkers.worker.taskhandler import load as load_handler
@@ -554,7 +555,7 @@ def test_reply_keys_widen_the_namespace_only_as_the_operator_says(
             message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
             assert made.handle(message) == 3
             assert made.before_ack([message]) == []
-        for key in ("done:a1", "done:12x", "result", "tasks:dead"):
+        for key in ("done:a1", "done:12x", "result", Keys("tasks").dead):
             message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
             with pytest.raises(Refused, match=r"\(tasks:replies:\*, results:\*, done:\[0-9\]\?\)"):
                 made.handle(message)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import DeadLetters
 from tests.support import RedisServer, Service, wait_for
 
@@ -26,7 +27,7 @@ def lrange(server: RedisServer, key: str) -> list[bytes]:
 
 def settled(server: RedisServer, done: int, dead: int) -> bool:
     client = server.client()
-    return client.llen("done") == done and client.llen("jobs:dead") == dead
+    return client.llen("done") == done and client.llen(Keys("jobs").dead) == dead
 
 
 def start_one(service: StartService, redis_server: RedisServer, **settings: object) -> redis.Redis:
@@ -41,8 +42,9 @@ def assert_nothing_left(server: RedisServer) -> None:
     client = server.client()
 
     def empty() -> bool:
-        keys = ["jobs", *client.keys("jobs:processing:*"), *client.keys("jobs:landing:*")]
-        return sum(client.llen(k) for k in keys) == 0 and client.zcard("jobs:retry") == 0
+        every = Keys("jobs", "*")
+        keys = ["jobs", *client.keys(every.processing), *client.keys(every.landing)]
+        return sum(client.llen(k) for k in keys) == 0 and client.zcard(Keys("jobs").retry) == 0
 
     wait_for(empty, timeout=5, what="queue, private lists and retry set empty")
 
@@ -79,7 +81,7 @@ def test_twins_of_a_poison_message_each_keep_their_own_attempts_and_record(
 ) -> None:
     client = start_one(service, redis_server, max_attempts=3, retry_delay=0.05)
     client.lpush("jobs", *[b"raise"] * 4)
-    wait_for(lambda: client.llen("jobs:dead") == 4, timeout=30, what="four dead twins")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 4, timeout=30, what="four dead twins")
     assert lrange(redis_server, "started").count(b"raise") == 12, "three deliveries each"
     letters = DeadLetters(client, "jobs").page(0, 10)
     assert [letter.copies for letter in letters] == [4] * 4
@@ -129,7 +131,7 @@ def test_twins_reclaimed_from_a_lost_node_run_elsewhere_and_none_is_dead(
     node_b.wait_workers(1)
     node_a.signal_session(signal.SIGKILL)
     wait_for(lambda: client.llen("done") >= 10, timeout=30, what="all ten handled")
-    assert client.llen("jobs:dead") == 0, "a node loss charges one attempt each: none dead"
+    assert client.llen(Keys("jobs").dead) == 0, "a node loss charges one attempt each: none dead"
     assert "reclaimed" in node_b.output()
     assert_nothing_left(redis_server)
 
@@ -144,11 +146,11 @@ def test_a_retry_keeps_its_attempts_across_a_redis_restart(
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"raise", b"raise")
-    wait_for(lambda: client.zcard("jobs:retry") == 2, what="both twins waiting to retry")
+    wait_for(lambda: client.zcard(Keys("jobs").retry) == 2, what="both twins waiting to retry")
     redis_server.stop()  # AOF with appendfsync always: the retry set and its counts survive
     redis_server.start()
     client = redis_server.client()
-    wait_for(lambda: client.llen("jobs:dead") == 2, timeout=40, what="both dead")
+    wait_for(lambda: client.llen(Keys("jobs").dead) == 2, timeout=40, what="both dead")
     assert lrange(redis_server, "started").count(b"raise") == 6, "three deliveries each"
     infos = [letter.info or {} for letter in DeadLetters(client, "jobs").page()]
     assert [info.get("attempts") for info in infos] == [3, 3]
@@ -202,4 +204,4 @@ def test_sigterm_gives_prefetched_messages_back_while_the_handler_still_runs(
     svc.signal(signal.SIGTERM)
     wait_for(lambda: client.llen("jobs") == 4, timeout=5, what="four given back at once")
     assert svc.wait(20) == 0
-    assert client.llen("jobs:dead") == 0
+    assert client.llen(Keys("jobs").dead) == 0

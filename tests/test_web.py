@@ -37,6 +37,7 @@ from rqworkers.ops.web.auth import COOKIE, Gate
 from rqworkers.ops.web.cache import SharedReads
 from rqworkers.ops.web.server import CSP
 from rqworkers.ops.web.site import MAX_HOSTS_LOGGED, letter_key
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import ReliableQueue
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 
@@ -268,7 +269,7 @@ def test_dead_letters_are_paged_with_binary_safe_previews(web: Callable[..., Ser
     assert b"<script>" not in raw and b"\\u003cscript\\u003e" in raw  # escaped even in JSON
     assert json.loads(raw)["letters"][0]["preview"] == repr(payloads[2][:60]) + "…"
     assert server.call("GET", "/api/dead?queue=nope")[0] == 404
-    server.redis.set("q1:dead", b"not a list")
+    server.redis.set(Keys("q1").dead, b"not a list")
     status, _, raw = server.call("GET", "/api/dead?queue=q1")
     assert status == 503 and b"WRONGTYPE" in raw  # an error reply, said as such
     assert server.call("GET", "/api/dead?queue=q2&limit=1000")[0] == 400
@@ -296,7 +297,7 @@ def test_without_a_token_the_page_is_read_only(web: Callable[..., Server]) -> No
     for path, body in [("/api/dead/requeue", requeue), ("/login", b"token=anything")]:
         status, _, reply = server.call("POST", path, body, Authorization=f"Bearer {TOKEN}")
         assert status == 403 and b"read-only" in reply
-    assert server.redis.llen("q1:dead") == 1
+    assert server.redis.llen(Keys("q1").dead) == 1
 
 
 def test_actions_need_the_token_and_a_csrf_token_and_act_by_value(
@@ -331,13 +332,13 @@ def test_actions_need_the_token_and_a_csrf_token_and_act_by_value(
     dead_letter(server.redis, "q3", b"fourth", "boom")
     status, _, reply = server.call("POST", "/api/dead/requeue", requeue, Cookie=session,
                                    X_CSRF_Token=csrf)  # fmt: skip
-    assert status == 409 and server.redis.llen("q3:dead") == 4
+    assert status == 409 and server.redis.llen(Keys("q3").dead) == 4
     requeue["letters"] = [{"index": 2, "key": letters[1]["key"]}]
     status, _, reply = server.call("POST", "/api/dead/requeue", requeue, Cookie=session,
                                    X_CSRF_Token=csrf)  # fmt: skip
     assert status == 200 and json.loads(reply) == {"action": "requeue", "asked": 1, "done": 1}
     assert server.redis.lrange("q3", 0, -1) == [b"second"]
-    assert server.redis.lrange("q3:dead", 0, -1) == [b"fourth", b"third", b"first"]
+    assert server.redis.lrange(Keys("q3").dead, 0, -1) == [b"fourth", b"third", b"first"]
 
     # The file is read at each check: a new token locks out old sessions and the old token.
     secret.write_text("a-brand-new-token-here\n")
@@ -348,7 +349,7 @@ def test_actions_need_the_token_and_a_csrf_token_and_act_by_value(
     assert server.call("POST", "/api/dead/purge", purge, Authorization=f"Bearer {TOKEN}")[0] == 403
     status, _, _ = server.call("POST", "/api/dead/purge", purge,
                                Authorization="Bearer a-brand-new-token-here")  # fmt: skip
-    assert status == 200 and server.redis.lrange("q3:dead", 0, -1) == [b"third", b"first"]
+    assert status == 200 and server.redis.lrange(Keys("q3").dead, 0, -1) == [b"third", b"first"]
     assert TOKEN not in caplog.text and "a-brand-new-token-here" not in caplog.text
     assert "dashboard: requeue of 1 dead letter(s) of q3" in caplog.text
 
@@ -428,7 +429,7 @@ def test_a_token_file_spoiled_while_running_turns_every_action_off(
             forged = server.call("POST", "/api/dead/purge", purge, Cookie=cookie, X_CSRF_Token=csrf)
             assert forged[0] == 403, repr(content)
         assert server.json("/api/session")["actions"] is False
-        assert server.redis.llen("q1:dead") == 1
+        assert server.redis.llen(Keys("q1").dead) == 1
 
     for content in ("", "ab", " " * 20, "\n"):  # emptied, shortened, blanked
         secret.write_text(content)
@@ -463,7 +464,7 @@ def test_a_token_file_spoiled_while_running_turns_every_action_off(
     secret.unlink()
     secret.write_text(TOKEN + "\n")
     status, _, _ = server.call("POST", "/api/dead/purge", purge, Authorization=f"Bearer {TOKEN}")
-    assert status == 200 and server.redis.llen("q1:dead") == 0
+    assert status == 200 and server.redis.llen(Keys("q1").dead) == 0
     assert "the token is usable again" in caplog.text
     assert TOKEN not in caplog.text
 
@@ -784,14 +785,14 @@ def test_posts_from_another_origin_are_refused_before_any_guess_is_counted(
         status, _, body = server.call("POST", "/api/dead/purge", purge, Authorization=bearer,
                                       **headers)  # fmt: skip
         assert status == 403 and b"another origin" in body, headers
-    assert server.redis.llen("q1:dead") == 1
+    assert server.redis.llen(Keys("q1").dead) == 1
     # The page's own origin, a typed address, and curl: served, and the right token works.
     for headers in ({"Origin": own, "Sec_Fetch_Site": "same-origin"}, {"Sec_Fetch_Site": "none"},
                     {}):  # fmt: skip
         status, reply, _ = server.call("POST", "/login", f"token={TOKEN}".encode(), **headers)
         assert status == 303 and COOKIE in reply["Set-Cookie"], headers
     assert server.call("POST", "/api/dead/purge", purge, Authorization=bearer)[0] == 200
-    assert server.redis.llen("q1:dead") == 0
+    assert server.redis.llen(Keys("q1").dead) == 0
 
 
 def test_a_listed_host_name_is_an_origin_of_ours(web: Callable[..., Server]) -> None:
@@ -879,7 +880,7 @@ def test_hostile_bodies_get_a_400_never_a_traceback(
         status, _, reply = server.call("POST", "/api/dead/purge", body, **bearer)
         assert status in (400, 404), (body[:60], status, reply)
         assert b"error" in reply
-    assert server.redis.llen("q1:dead") == 1
+    assert server.redis.llen(Keys("q1").dead) == 1
     assert "Traceback" not in capfd.readouterr().err
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

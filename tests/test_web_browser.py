@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 
+from rqworkers.store.keys import Keys
 from tests.browser import INSTALL, chromium, chromium_path
 from tests.support import RedisServer, Service, free_port, wait_for
 
@@ -131,7 +132,7 @@ def test_the_page_shows_the_service_live_and_acts_only_with_the_token(
     # A logged-in browser still cannot be made to act without the page's CSRF token.
     assert _post_json(page, "api/dead/purge", {"queue": "mail", "letters": [
         {"index": 0, "key": key}]}) == 403  # fmt: skip
-    assert client.llen("mail:dead") == 2
+    assert client.llen(Keys("mail").dead) == 2
     assert dialogs == [] and page.evaluate("window.notReloaded") is True
 
 
@@ -160,7 +161,7 @@ def _page_with_a_dead_letter(
             defaults={"handler": "testapp:handle"})  # fmt: skip
     client = redis_server.client()
     client.lpush("mail", payload)
-    wait_for(lambda: client.llen("mail:dead") == 1, timeout=15, what="a dead letter")
+    wait_for(lambda: client.llen(Keys("mail").dead) == 1, timeout=15, what="a dead letter")
     wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
              what="the status page to be served")  # fmt: skip
     return port
@@ -169,10 +170,10 @@ def _page_with_a_dead_letter(
 def _redis_counts(client: redis.Redis) -> dict[str, dict[str, int]]:
     counts = {}
     for queue in ("orders", "slow", "mail"):
-        in_flight = sum(client.llen(key) for key in client.keys(f"{queue}:processing:*"))
+        in_flight = sum(client.llen(key) for key in client.keys(Keys(queue, "*").processing))
         counts[queue] = {"waiting": client.llen(queue), "in_flight": in_flight,
-                         "retrying": client.zcard(f"{queue}:retry"),
-                         "dead": client.llen(f"{queue}:dead")}  # fmt: skip
+                         "retrying": client.zcard(Keys(queue).retry),
+                         "dead": client.llen(Keys(queue).dead)}  # fmt: skip
     return counts
 
 

@@ -15,6 +15,7 @@ import redis
 
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import ReliableQueue, Taken
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.loop import Worker, WorkerSpec
@@ -85,6 +86,6 @@ def test_identical_payloads_survive_a_lost_take(
     worker = run_worker(FlakyQueue(client, fail_at=2, after=after), prefetch, messages=4)
     assert sorted(HANDLED) == [b"P", b"P", b"X", b"Y"], "each once, none lost"
     assert client.llen("jobs") == 0
-    assert client.llen("jobs:processing:node:1") == 0
-    assert client.zcard("jobs:retry") == 0 and client.llen("jobs:dead") == 0
+    assert client.llen(Keys("jobs", "node:1").processing) == 0
+    assert client.zcard(Keys("jobs").retry) == 0 and client.llen(Keys("jobs").dead) == 0
     assert worker.board.in_flight() == 0

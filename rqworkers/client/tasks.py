@@ -45,6 +45,7 @@ from typing import Any
 
 from rqworkers.common.globs import Glob
 from rqworkers.errors import MessageTimeout, Refused, RqworkersError
+from rqworkers.store.keys import REPLIES
 
 VERSION = 1  # the "v" field; a message without one is version 1
 DEFAULT_RESULT_TTL = 3600.0  # seconds a reply is kept when the message does not say
@@ -449,7 +450,7 @@ def verify(patterns: Sequence[str]) -> str | None:
 
 def reply_prefix(queue: str) -> str:
     """How every key of `queue`'s own reply namespace starts."""
-    return f"{queue}:replies:"
+    return REPLIES.of(queue).removesuffix("<id>")
 
 
 def new_reply_key(queue: str) -> str:

@@ -23,7 +23,7 @@ from rqworkers.config import (
 )
 from rqworkers.store import connections
 from rqworkers.store.connections import Client, redact
-from rqworkers.store.queue import Keys
+from rqworkers.store.keys import REPLIES, Keys
 from rqworkers.worker import handlers
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
@@ -166,14 +166,9 @@ def _prefixed(pair: PairSettings, lines: list[str]) -> list[str]:
 
 
 def _key_types(keys: Keys) -> dict[str, str]:
-    """What each shared key of a queue must be, if it exists (docs/redis-keys.md)."""
-    return {
-        keys.queue: "list",
-        keys.retry: "zset",
-        keys.dead: "list",
-        keys.dead_reasons: "hash",
-        keys.registry: "set",
-    }
+    """What each shared key of a queue must be, if it exists (`store.keys`). A worker's own
+    keys are left to the worker: `check` does not know every worker id."""
+    return keys.types(per_worker=False)
 
 
 def key_type_problems(client: Client, keys: Keys) -> list[str]:
@@ -193,31 +188,19 @@ def key_type_problems(client: Client, keys: Keys) -> list[str]:
     return problems
 
 
-# What a worker and its keeper run on a queue's keys, as ACL DRYRUN arguments. Not
-# BRPOPLPUSH: only servers without BLMOVE use it, and those have no DRYRUN either.
+# What a worker and its keeper run on a queue's keys, as ACL DRYRUN arguments (declared
+# with each key in `store.keys`). Not BRPOPLPUSH: only servers without BLMOVE use it, and
+# those have no DRYRUN either.
 def _worker_commands(keys: Keys, replies: bool = False) -> list[list[str]]:
-    every_key = [keys.queue, keys.landing, keys.processing, keys.retry, keys.dead,
-                 keys.dead_reasons, keys.registry, keys.lease, keys.fence]  # fmt: skip
-    reply = tasks.reply_prefix(keys.queue) + "check"  # a task pair's replies: one script
-    reply_commands = [["EVAL", "return 0", "1", reply], ["LPUSH", reply, "r"],
-                      ["PEXPIRE", reply, "1"]]  # fmt: skip
+    every_key = list(keys.names().values())
+    reply = tasks.reply_prefix(keys.queue) + "check"  # one of a task pair's replies
+    reply_commands = REPLIES.probes({REPLIES.name: reply})
     return [
         *(reply_commands if replies else []),
         # A script that does not exist: NOSCRIPT if allowed, so probing it changes nothing.
         ["EVALSHA", "0" * 40, str(len(every_key)), *every_key],
         ["SCRIPT", "LOAD", "return 0"],
-        ["BLMOVE", keys.queue, keys.landing, "RIGHT", "LEFT", "1"],
-        ["HMGET", keys.dead_reasons, "d"],
-        ["LRANGE", keys.processing, "0", "-1"],
-        ["ZRANGE", keys.retry, "0", "0"],
-        ["SET", keys.lease, "v", "PX", "1000", "GET"],
-        ["SET", keys.fence, "1", "NX", "PX", "1000"],
-        ["DEL", keys.fence],
-        ["SADD", keys.registry, "w"],
-        ["SSCAN", keys.registry, "0"],
-        ["EXISTS", keys.lease],
-        ["LLEN", keys.queue],
-        ["ZCARD", keys.retry],
+        *keys.commands(),
     ]
 
 

@@ -283,14 +283,14 @@ class Keeper:
             if lease_alive(client, queue, worker_id):
                 continue
             unstarted = own.get((queue, worker_id)) or b""
-            moved = ReliableQueue(client, queue, worker_id).reclaim(unstarted)
+            lost = ReliableQueue(client, queue, worker_id)
+            moved = lost.reclaim(unstarted)
             if moved:
                 log.warning(
-                    "reclaimed %d message(s) of %s from %s:processing:%s (its lease expired)",
+                    "reclaimed %d message(s) of %s from %s (its lease expired)",
                     moved,
                     queue,
-                    queue,
-                    worker_id,
+                    lost.keys.processing,
                 )
 
     def close(self) -> None:

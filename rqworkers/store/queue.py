@@ -18,27 +18,13 @@ handler when its predecessor died (finished but unsettled deliveries included, w
 exit); a keeper reclaiming a lost node's list charges everything in it, because nobody
 knows what ran there.
 
-Keys, all prefixed by the queue name so that a `{hash tag}` in it keeps them in one
-Redis Cluster slot:
-
-- `<queue>`: the shared list. Producers `LPUSH`; workers take from the right (FIFO).
-- `<queue>:landing:<worker-id>`: at most one message a worker's blocking fetch moved while
-  the queue was empty; its next take moves it to the private list.
-- `<queue>:processing:<worker-id>`: one worker's private list of in-flight envelopes,
-  newest on the left.
-- `<queue>:retry`: sorted set of envelopes waiting for their time (failed messages, and
-  messages given back or reclaimed with attempts behind them, due at once). Workers take
-  due ones before the shared list.
-- `<queue>:dead`: the dead-letter list, original payloads byte-for-byte.
-- `<queue>:dead:reasons`: hash, SHA-1 of a payload → JSON record of its newest dead copy,
-  with `copies` and the `older` copies' own records.
-- `<queue>:workers`: set of worker ids that have had a private list (the reclaim registry).
-- `<queue>:lease:<worker-id>`: string with a TTL, alive while the worker's node is.
-- `<queue>:reclaim:<worker-id>`: short fence so that only one manager reclaims a list.
-- `<queue>:owner:<worker-id>`: the process (its id prefix) that last replayed the private
-  list. Only it may take into the list: a second process on the same worker id (two
-  managers sharing a node name) is refused, rather than having its messages mixed into the
-  list of another, which acks by trimming the list's oldest.
+The keys, their types and what each holds are declared once, in `keys` (and shown in
+docs/redis-keys.md): all start with the queue name, so that a `{hash tag}` in it keeps
+them in one Redis Cluster slot. `<queue>:owner:<worker-id>` names the process (its id
+prefix) that last replayed the private list. Only it may take into the list: a second
+process on the same worker id (two managers sharing a node name) is refused, rather than
+having its messages mixed into the list of another, which acks by trimming the list's
+oldest.
 """
 
 from __future__ import annotations
@@ -63,6 +49,9 @@ from rqworkers.store.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
+
+# The keys are declared in `keys`; imported from here too.
+from rqworkers.store.keys import Keys as Keys
 
 _PREFIX = scripts.PREFIX.encode()
 R = TypeVar("R")
@@ -127,39 +116,6 @@ class Taken:
 def digest(message: bytes) -> str:
     """The key of a payload in `<queue>:dead:reasons`. Identical payloads share it."""
     return hashlib.sha1(message, usedforsecurity=False).hexdigest()
-
-
-@dataclass(frozen=True)
-class Keys:
-    queue: str
-    landing: str
-    processing: str
-    retry: str
-    dead: str
-    dead_reasons: str
-    registry: str
-    lease: str
-    fence: str
-    owner: str
-
-    @classmethod
-    def of(cls, queue: str, worker_id: str) -> Keys:
-        return cls(
-            queue=queue,
-            landing=f"{queue}:landing:{worker_id}",
-            processing=f"{queue}:processing:{worker_id}",
-            retry=f"{queue}:retry",
-            dead=f"{queue}:dead",
-            dead_reasons=f"{queue}:dead:reasons",
-            registry=f"{queue}:workers",
-            lease=f"{queue}:lease:{worker_id}",
-            fence=f"{queue}:reclaim:{worker_id}",
-            owner=f"{queue}:owner:{worker_id}",
-        )
-
-    def of_script(self, script: scripts.Script[Any]) -> list[str]:
-        """The KEYS of `script`, in the order its Lua header binds them."""
-        return [getattr(self, name) for name in script.keys]
 
 
 class ReliableQueue:

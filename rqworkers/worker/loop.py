@@ -393,10 +393,9 @@ def _block_for(next_due: float | None) -> float:
 
 
 def _wrong_types(queue: ReliableQueue) -> str:
-    """' (<key> is a <type>, ...)' for the queue's keys that hold the wrong kind of value."""
-    k = queue.keys
-    expected = {k.queue: "list", k.processing: "list", k.landing: "list", k.retry: "zset"}
-    expected.update({k.dead: "list", k.dead_reasons: "hash"})
+    """' (<key> is a <type>, ...)' for the queue's keys that hold the wrong kind of value
+    (each key's type is declared in `store.keys`)."""
+    expected = queue.keys.types()
     try:
         found = {key: queue.client.type(key) for key in expected}
     except redis.RedisError:

@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from rqworkers.store.keys import Keys
+
 _client: redis.Redis | None = None
 
 
@@ -146,7 +148,7 @@ def refuse_the_ack(message: bytes) -> None:
     """
     _record("started", message)
     if message.startswith(b"poison"):
-        for key in client().keys("jobs:owner:*"):
+        for key in client().keys(Keys("jobs", "*").owner):
             pipe = client().pipeline()
             pipe.delete(key)
             pipe.rpush(key, b"not a string")

@@ -1,0 +1,193 @@
+"""Every key of a queue, declared once: its name, its Redis type, what runs on it, what it
+holds.
+
+Everything else that knows a key reads it from here, so that a key added or changed is
+changed everywhere at once: the names a worker uses (`Keys`), the types `rqworkers check`
+expects and a worker names when Redis answers WRONGTYPE, the commands the ACL check asks
+about, and the table in docs/redis-keys.md (a test renders it from this declaration).
+
+All keys start with the queue name, so that a `{hash tag}` in it keeps them in one Redis
+Cluster slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    from rqworkers.store import scripts
+
+QUEUE = "<queue>"
+WORKER = "<worker-id>"
+
+
+class Key:
+    """One key of a queue, declared as an attribute of `Keys`.
+
+    `pattern` is its name with `<queue>` and `<worker-id>` to fill in; `type` is what Redis
+    TYPE answers for it; `ttl` says how it expires, for the documentation. `commands` are
+    what workers and keepers run on it outside the Lua scripts (which may touch every key),
+    as the ACL check asks about them: `{name}` stands for the key of that name, so a move
+    names its destination too. On an instance of `Keys` the attribute is the key's name.
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        type: str,
+        meaning: str,
+        commands: tuple[tuple[str, ...], ...] = (),
+        ttl: str = "",
+        name: str = "",
+    ) -> None:
+        self.pattern = pattern
+        self.type = type
+        self.meaning = meaning
+        self.commands = commands
+        self.ttl = ttl
+        self.name = name  # an attribute of `Keys` is named by `__set_name__`
+
+    def __set_name__(self, owner: type[Keys], name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, keys: None, owner: type[Keys]) -> Key: ...
+    @overload
+    def __get__(self, keys: Keys, owner: type[Keys]) -> str: ...
+    def __get__(self, keys: Keys | None, owner: type[Keys]) -> Key | str:
+        if keys is None:
+            return self
+        # Kept on the instance, which then answers without calling here again.
+        value = keys.__dict__[self.name] = self.of(keys.queue_name, keys.worker_id)
+        return value
+
+    def of(self, queue: str, worker_id: str = "") -> str:
+        """This key's name for one queue (and worker). Every pattern starts with `<queue>`;
+        only the rest is filled in, so a queue name is never read as a placeholder."""
+        return queue + self.pattern.removeprefix(QUEUE).replace(WORKER, worker_id)
+
+    def probes(self, names: Mapping[str, str]) -> list[list[str]]:
+        """`commands`, with the keys' names from `names` (attribute name → key name)."""
+        return [[arg.format_map(names) for arg in command] for command in self.commands]
+
+    @property
+    def per_worker(self) -> bool:
+        """Whether each worker has its own (a private list, a lease), or the queue has one."""
+        return WORKER in self.pattern
+
+
+class Keys:
+    """The keys of one queue, as one of its workers names them: `Keys("jobs", "n:1").dead`.
+
+    Each attribute below is a key's declaration on the class and its name on an instance
+    (`Keys.dead.type` is "list", `Keys("jobs").dead` is "jobs:dead"). A worker id is needed
+    only for the keys that have one (`Key.per_worker`).
+    """
+
+    queue = Key(
+        QUEUE, "list",
+        "the shared queue: producers `LPUSH`, workers take from the right (FIFO)",
+        commands=(("BLMOVE", "{queue}", "{landing}", "RIGHT", "LEFT", "1"), ("LLEN", "{queue}")),
+    )  # fmt: skip
+    landing = Key(
+        f"{QUEUE}:landing:{WORKER}", "list",
+        "at most one message a worker's blocking fetch (`BLMOVE`) took while the queue was "
+        "empty; its next take moves it to the private list",
+    )  # fmt: skip
+    processing = Key(
+        f"{QUEUE}:processing:{WORKER}", "list",
+        "one worker's in-flight deliveries, as envelopes `rqw1:<id>:<attempts>:<payload>`",
+        commands=(("LRANGE", "{processing}", "0", "-1"),),
+    )  # fmt: skip
+    retry = Key(
+        f"{QUEUE}:retry", "zset",
+        "envelopes waiting for their time: failed messages, and messages given back or "
+        "reclaimed with attempts behind them (due at once); taken before the shared list",
+        commands=(("ZRANGE", "{retry}", "0", "0"), ("ZCARD", "{retry}")),
+    )  # fmt: skip
+    dead = Key(
+        f"{QUEUE}:dead", "list", "dead-lettered payloads, byte-for-byte, newest first"
+    )  # fmt: skip
+    dead_reasons = Key(
+        f"{QUEUE}:dead:reasons", "hash",
+        "SHA-1 of a payload → JSON record of its newest dead copy `{reason, attempts, "
+        "traceback, at, worker, id, copies, older}`; `older` holds the other copies' records, "
+        "newest first",
+        commands=(("HMGET", "{dead_reasons}", "d"),),
+    )  # fmt: skip
+    registry = Key(
+        f"{QUEUE}:workers", "set",
+        "worker ids that have had a private list: where orphan recovery looks (`SSCAN`)",
+        commands=(("SADD", "{registry}", "w"), ("SSCAN", "{registry}", "0")),
+    )  # fmt: skip
+    lease = Key(
+        f"{QUEUE}:lease:{WORKER}", "string",
+        "the worker's lease; its value is the worker's status as JSON",
+        commands=(("SET", "{lease}", "v", "PX", "1000", "GET"), ("EXISTS", "{lease}")),
+        ttl="`lease_ttl`",
+    )  # fmt: skip
+    fence = Key(
+        f"{QUEUE}:reclaim:{WORKER}", "string",
+        "fence held while one manager reclaims that list",
+        commands=(("SET", "{fence}", "1", "NX", "PX", "1000"), ("DEL", "{fence}")),
+        ttl="5 s",
+    )  # fmt: skip
+    owner = Key(
+        f"{QUEUE}:owner:{WORKER}", "string",
+        "the id prefix of the process that last replayed (or first took into) that private "
+        "list: only it takes into the list; deleted by a reclaim",
+    )  # fmt: skip
+
+    def __init__(self, queue: str, worker_id: str = "") -> None:
+        self.queue_name = queue
+        self.worker_id = worker_id
+
+    @classmethod
+    def of(cls, queue: str, worker_id: str) -> Keys:
+        """`Keys(queue, worker_id)`, as the queue's callers spell it."""
+        return cls(queue, worker_id)
+
+    @classmethod
+    def declared(cls) -> Iterator[Key]:
+        """Every key of a queue, in the order declared above."""
+        return (value for value in vars(cls).values() if isinstance(value, Key))
+
+    def names(self) -> dict[str, str]:
+        """Each key's attribute name → its name for this queue and worker."""
+        return {key.name: key.of(self.queue_name, self.worker_id) for key in self.declared()}
+
+    def types(self, per_worker: bool = True) -> dict[str, str]:
+        """Each key's name → the type Redis TYPE must answer for it, if it exists; without
+        `per_worker`, only the keys the queue has one of (the shared list, the dead list...)."""
+        return {
+            key.of(self.queue_name, self.worker_id): key.type
+            for key in self.declared()
+            if per_worker or not key.per_worker
+        }
+
+    def commands(self) -> list[list[str]]:
+        """What workers and keepers run on these keys outside scripts (`Key.commands`)."""
+        names = self.names()
+        return [probe for key in self.declared() for probe in key.probes(names)]
+
+    def of_script(self, script: scripts.Script[Any]) -> list[str]:
+        """The KEYS of `script`, in the order its Lua header binds them."""
+        return [getattr(self, name) for name in script.keys]
+
+    def __repr__(self) -> str:
+        return f"Keys({self.queue_name!r}, {self.worker_id!r})"
+
+
+# A task pair's replies: not one key per queue or worker but a namespace, `<id>` being
+# anything after the prefix (`tasks.reply_prefix`). One script pushes a reply and sets its
+# expiry; the ACL check asks about a key of it, `{replies}`.
+REPLIES = Key(
+    f"{QUEUE}:replies:<id>", "list",
+    "task replies: an `Executor`'s, `Producer.reply_key`'s, any `reply_to` (the only keys a "
+    "task message can make a worker write, with the pair's `reply_keys`)",
+    commands=(("EVAL", "return 0", "1", "{replies}"), ("LPUSH", "{replies}", "r"),
+              ("PEXPIRE", "{replies}", "1")),
+    ttl="`result_ttl`",
+    name="replies",
+)  # fmt: skip
