@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
-    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -355,13 +354,8 @@ class LoggingSettings(_Section):
     format: Literal["text", "json"] = "text"
     # Per-message lines, as the fraction of messages that get one (0 = none, 1 = all): at
     # thousands of messages a second, logging each would become the bottleneck.
-    # Shares (0 to 1) of messages that get a log line; the old names are still read.
-    sample_succeeded: Float = Field(
-        0.0, ge=0, le=1, validation_alias=AliasChoices("sample_succeeded", "handled")
-    )
-    sample_failed: Float = Field(
-        1.0, ge=0, le=1, validation_alias=AliasChoices("sample_failed", "failures")
-    )
+    sample_succeeded: Float = Field(0.0, ge=0, le=1)
+    sample_failed: Float = Field(1.0, ge=0, le=1)
 
     _file_path = field_validator("file")(_no_nul)
 

@@ -557,7 +557,7 @@ def test_a_pid_file_naming_a_directory_is_refused(tmp_path: Path) -> None:
         ("backup_count = 1e9", "logging.backup_count", "expected an integer"),
         ("backup_count = 100000", "logging.backup_count", "less than or equal to 1000"),
         ("sample_succeeded = nan", "logging.sample_succeeded", "finite number"),
-        ("failures = inf", "logging.failures", "finite number"),
+        ("sample_failed = inf", "logging.sample_failed", "finite number"),
         ('max_bytes = "1e400"', "logging.max_bytes", "is not a size"),
         ('file = "a\\u0000b"', "logging.file", "'a\\x00b' holds a NUL character: no file has"),
     ],
@@ -898,8 +898,6 @@ _KNOWN_KEYS = sorted(
         "format",
         "sample_succeeded",
         "sample_failed",
-        "handled",
-        "failures",
         "lease_ttl",
         "reclaim_interval",
         "pid_file",
@@ -1187,12 +1185,15 @@ def test_cli_check_reports_a_malformed_url_without_a_traceback(
     assert str(path) in result.stderr
 
 
-def test_the_old_names_of_the_log_shares_are_still_read(tmp_path: Path) -> None:
-    """`handled` was both a count and a share; the share is `sample_succeeded` now."""
+def test_names_no_release_shipped_are_unknown_settings(tmp_path: Path) -> None:
+    """`handled` and `failures` named the log shares before any release: no alias is kept."""
     path = tmp_path / "old.toml"
     path.write_text(
         "[logging]\nhandled = 0.5\nfailures = 0.25\n"
         '[[workers]]\nhost = "redis://127.0.0.1:6379/0"\nqueue = "q"\nhandler = "m:f"\n'
     )
-    config = load(path)
-    assert (config.logging.sample_succeeded, config.logging.sample_failed) == (0.5, 0.25)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    said = str(caught.value)
+    assert "logging.handled: unknown setting" in said
+    assert "logging.failures: unknown setting" in said

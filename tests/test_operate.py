@@ -122,6 +122,10 @@ def test_dead_letter_commands_on_really_dead_lettered_payloads(
     assert "\\x00\\xff\\xfe" in listed, "binary shown escaped"
     assert listed.count("attempts 1") == 3 and "ValueError: boom from testapp" in listed
     assert "…" in listed, "long payloads are cut"
+    assert "more (--limit" not in listed, "all three are shown"
+    cut = cli("dead", "list", "--limit", "2", "-c", config).stdout.decode()
+    assert "[1] " in cut and "[2] " not in cut
+    assert cut.endswith("... and 1 more (--limit 3 lists them all)\n"), cut
 
     raw = cli("dead", "show", "1", "--raw", "-c", config)
     assert raw.returncode == 0 and raw.stdout == binary
@@ -416,7 +420,7 @@ def test_the_log_file_rotates_and_keeps_every_process_lines(
     log_file = tmp_path / "service.log"
     svc = service(
         [{"queue": "jobs", "handler": HANDLER, "processes": 2}],
-        logging={"file": str(log_file), "max_bytes": 4000, "backup_count": 3, "handled": 1.0},
+        logging={"file": str(log_file), "max_bytes": 4000, "backup_count": 3, "sample_succeeded": 1.0},
     )
     svc.wait_workers(2)
     # The manager checks the size once per tick, so a file may pass max_bytes by what the

@@ -48,9 +48,12 @@ def open_dead_letters(pair: PairSettings) -> DeadLetters:
 
 def list_letters(dead: DeadLetters, limit: int, out: TextIO) -> None:
     letters = dead.page(0, limit)
-    out.write(f"{dead.keys.dead}: {len(dead)} message(s), newest first\n")
+    total = len(dead)
+    out.write(f"{dead.keys.dead}: {total} message(s), newest first\n")
     for letter in letters:
         out.write(describe(letter) + "\n")
+    if total > len(letters):  # never a silent cut: say what is left and how to see it
+        out.write(f"... and {total - len(letters)} more (--limit {total} lists them all)\n")
 
 
 def describe(letter: DeadLetter) -> str:
