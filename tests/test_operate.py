@@ -420,7 +420,9 @@ def test_the_log_file_rotates_and_keeps_every_process_lines(
     log_file = tmp_path / "service.log"
     svc = service(
         [{"queue": "jobs", "handler": HANDLER, "processes": 2}],
-        logging={"file": str(log_file), "max_bytes": 4000, "backup_count": 3, "sample_succeeded": 1.0},
+        logging={
+            "file": str(log_file), "max_bytes": 4000, "backup_count": 3, "sample_succeeded": 1.0
+        },
     )
     svc.wait_workers(2)
     # The manager checks the size once per tick, so a file may pass max_bytes by what the
