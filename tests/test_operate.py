@@ -421,7 +421,10 @@ def test_the_log_file_rotates_and_keeps_every_process_lines(
     svc = service(
         [{"queue": "jobs", "handler": HANDLER, "processes": 2}],
         logging={
-            "file": str(log_file), "max_bytes": 4000, "backup_count": 3, "sample_succeeded": 1.0
+            "file": str(log_file),
+            "max_bytes": 4000,
+            "backup_count": 3,
+            "sample_succeeded": 1.0,
         },
     )
     svc.wait_workers(2)
