@@ -22,7 +22,7 @@ from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import pidfile
 from rqworkers.manager.supervisor import Manager
 from rqworkers.ops import checks, dead, status
-from rqworkers.store.queue import TRANSIENT_ERRORS
+from rqworkers.store.outage import REDIS_ERRORS, explain
 
 log = logging.getLogger("rqworkers")
 
@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RqworkersError as exc:
         print(f"rqworkers: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
-    except TRANSIENT_ERRORS as exc:
-        print(f"rqworkers: redis failed: {exc}", file=sys.stderr)
+    except REDIS_ERRORS as exc:
+        print(f"rqworkers: redis failed: {explain(exc)}", file=sys.stderr)
         return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.FAILURE

@@ -27,7 +27,6 @@ from rqworkers import config
 from rqworkers.errors import ConfigError
 from rqworkers.store import connections
 from rqworkers.store.connections import (
-    TRANSIENT_ERRORS,
     connect,
     hash_tag,
     parse,
@@ -35,6 +34,7 @@ from rqworkers.store.connections import (
     url_problem,
 )
 from rqworkers.store.keys import Keys
+from rqworkers.store.outage import REDIS_ERRORS, is_outage
 from rqworkers.store.queue import ReliableQueue
 from tests.servers import (
     Cluster,
@@ -176,9 +176,9 @@ def test_a_cluster_client_contacts_nobody_until_its_first_command() -> None:
     """A worker started while the cluster is down waits it out instead of crashing."""
     client = connect(f"redis+cluster://127.0.0.1:{free_port()}", timeout=0.5)
     queue = ReliableQueue(client, "{jobs}", "n:1")  # registers its scripts: no contact
-    with pytest.raises(TRANSIENT_ERRORS):
+    with pytest.raises(REDIS_ERRORS):
         queue.take([], 1)
-    with pytest.raises(TRANSIENT_ERRORS):  # and tries again on the next command
+    with pytest.raises(REDIS_ERRORS):  # and tries again on the next command
         client.ping()
     client.close()
 
@@ -355,7 +355,7 @@ class Producer:
                 tick()
                 try:
                     self.client.lpush("stream", payload)
-                except TRANSIENT_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     code = str(exc).split(" ")[0] if type(exc) is redis.ResponseError else ""
                     self.refused[code or type(exc).__name__] += 1
                     time.sleep(0.05)
@@ -522,7 +522,7 @@ def test_tls_with_a_ca_file_and_a_client_certificate_end_to_end(
 def _answers(client: connections.Client) -> bool:
     try:
         return bool(client.ping())
-    except TRANSIENT_ERRORS:
+    except REDIS_ERRORS:
         return False
 
 
@@ -834,5 +834,5 @@ def test_workers_resume_promptly_after_a_sentinel_failover_with_the_first_sentin
     ],
 )
 def test_only_replies_that_waiting_can_cure_count_as_an_outage(reply: str, outage: bool) -> None:
-    assert connections.is_outage(redis.ResponseError(reply)) is outage
-    assert connections.is_outage(redis.ConnectionError("Connection refused")) is True
+    assert is_outage(redis.ResponseError(reply)) is outage
+    assert is_outage(redis.ConnectionError("Connection refused")) is True

@@ -20,6 +20,7 @@ import pytest
 
 import rqworkers
 from rqworkers import Executor, Producer, TaskError
+from rqworkers.errors import RqworkersError
 from rqworkers.store.keys import Keys
 from tests.servers import Cluster, Processes, SentinelSetup
 from tests.support import (
@@ -580,3 +581,20 @@ def test_producer_and_executor_on_a_cluster_and_through_sentinels(
         if svc is not None:
             svc.cleanup()
         processes.kill_all()
+
+
+def test_a_reply_list_of_the_wrong_type_fails_the_futures_instead_of_hanging_them(
+    executor: Callable[..., Executor], redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRONGTYPE never passes by waiting: the pending future fails with the cause, and so
+    does every later submit, rather than wait forever for replies no one can read."""
+    from rqworkers.client import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "_BLOCK", 0.1)  # the reader notices within 0.1 s
+    ex = executor()
+    future = ex.submit(taskapp.square, 3)  # no worker runs: it waits in the queue
+    redis_server.client().set(ex.reply_key, b"not a list")
+    with pytest.raises(RqworkersError, match="WRONGTYPE"):
+        future.result(timeout=10)
+    with pytest.raises(RqworkersError, match="cannot be read"):
+        ex.submit(taskapp.square, 4)

@@ -8,6 +8,8 @@ that fails or hangs, a handler that exits) and checks what the service says abou
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import signal
 import time
@@ -15,11 +17,14 @@ import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
+import fakeredis
 import psutil
 import pytest
 import redis
 
-from rqworkers.common.backoff import RETRY_CAP, Outage, describe
+from rqworkers.common.backoff import RETRY_CAP
+from rqworkers.ops.keeper import Endpoint, Keeper, KeeperSpec
+from rqworkers.store.outage import Outage, explain
 from rqworkers.store.queue import Keys
 from tests.support import RedisServer, Service, free_port, wait_for
 from tests.test_operate import cli, lrange, scrape
@@ -256,7 +261,7 @@ def test_an_outage_reports_each_cause_then_its_end_and_retries_at_least_every_se
 def test_a_long_redis_error_is_described_on_one_line() -> None:
     error = redis.ConnectionError("Error 111 connecting to 127.0.0.1:1.\n  Connection refused.")
     assert (
-        describe(error)
+        explain(error)
         == "ConnectionError: Error 111 connecting to 127.0.0.1:1. Connection refused."
     )
 
@@ -290,3 +295,29 @@ def test_status_shows_a_lost_managers_workers_as_stale(
     svc.signal_session(signal.SIGKILL)  # the whole node: nobody says goodbye
     row = wait_for(lambda: " stale " in (r := status_row(svc)) and r, timeout=15, what="stale")
     assert "no news from its node for" in row and " idle " not in row, row
+
+
+def test_the_keeper_logs_a_lasting_error_once_and_does_not_treat_it_as_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """WRONGTYPE is not waited out: no fast retry, no outage line, one error line however
+    many passes meet it; an outage is still an outage."""
+    keeper = Keeper(KeeperSpec("node", os.getpid(), 6.0, 3.0, ()))
+    endpoint = Endpoint("redis://127.0.0.1:1/0", fakeredis.FakeRedis(), (), Outage("test"))
+    far = time.monotonic() + 3600.0
+    endpoint.next_renew = endpoint.next_reclaim = far
+
+    def wrong_type(_: Endpoint) -> None:
+        raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+
+    with caplog.at_level(logging.WARNING):
+        assert not keeper.guarded(endpoint, wrong_type)
+        assert not keeper.guarded(endpoint, wrong_type)
+    assert [r.levelname for r in caplog.records] == ["ERROR"] and "WRONGTYPE" in caplog.text
+    assert endpoint.outage.errors == 0 and endpoint.next_renew == far
+
+    def refused(_: Endpoint) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    assert not keeper.guarded(endpoint, refused)
+    assert endpoint.outage.errors == 1 and endpoint.next_renew < far

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rqworkers import config
+from rqworkers.ops import status as status_report
 from rqworkers.ops.metrics import Target, health
 from rqworkers.store.keys import Keys
 from rqworkers.worker.scoreboard import Scoreboard
@@ -612,3 +614,25 @@ def test_a_dead_record_that_is_not_ours_to_read_does_not_stop_a_requeue(
         assert dead.requeue(dead.page()) == 2
         assert client.lrange("jobs", 0, -1) == [b"n", b"m"]  # the oldest, m, next in line
         assert client.llen(Keys("jobs").dead) == 0 and client.hlen(Keys("jobs").dead_reasons) == 0
+
+
+def test_status_blames_a_key_of_the_wrong_type_on_its_queue_not_on_the_host(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A lasting error reply (WRONGTYPE) is this queue's problem: the other queue on the
+    same Redis is still read, and the line says what Redis said, not "unreachable"."""
+    path = write_config(
+        tmp_path / "rqworkers.toml",
+        redis_server.url,
+        [{"queue": "broken", "handler": HANDLER}, {"queue": "fine", "handler": HANDLER}],
+    )
+    client = redis_server.client()
+    client.set(Keys("broken").dead, b"not a list")
+    client.lpush("fine", b"a", b"b")
+    statuses = status_report.collect(config.load(path))
+    assert status_report.exit_code(statuses) == 1
+    report = {s.queue: s for s in statuses}
+    fine = report["fine"]
+    assert fine.error is None and fine.snapshot is not None and fine.snapshot.waiting == 2
+    error = report["broken"].error
+    assert error is not None and "WRONGTYPE" in error and "unreachable" not in error

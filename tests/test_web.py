@@ -271,7 +271,7 @@ def test_dead_letters_are_paged_with_binary_safe_previews(web: Callable[..., Ser
     assert server.call("GET", "/api/dead?queue=nope")[0] == 404
     server.redis.set(Keys("q1").dead, b"not a list")
     status, _, raw = server.call("GET", "/api/dead?queue=q1")
-    assert status == 503 and b"WRONGTYPE" in raw  # an error reply, said as such
+    assert status == 500 and b"WRONGTYPE" in raw  # a lasting error: said as such, not "retry"
     assert server.call("GET", "/api/dead?queue=q2&limit=1000")[0] == 400
 
 

@@ -31,8 +31,9 @@ from typing import Any, cast
 from rqworkers.client import tasks
 from rqworkers.client.producer import Producer
 from rqworkers.client.tasks import TaskError
-from rqworkers.common.backoff import Outage
-from rqworkers.store.connections import TRANSIENT_ERRORS, connect, redact
+from rqworkers.errors import RqworkersError
+from rqworkers.store.connections import connect, redact
+from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 
 __all__ = ["Executor", "TaskError", "TaskFuture"]
 
@@ -102,6 +103,7 @@ class Executor(concurrent.futures.Executor):
         self._slots = threading.Semaphore(max_pending) if max_pending else None
         self._shutdown = False
         self._closing = False  # no new futures will come: the reader ends when none pend
+        self._broken: Exception | None = None  # why the reader stopped for good, if it did
         self._batch = threading.local()  # futures `map` has not pushed yet, per thread
         self._reader = threading.Thread(
             target=self._read_replies, name=f"rqworkers-replies-{queue}", daemon=True
@@ -136,6 +138,8 @@ class Executor(concurrent.futures.Executor):
         payload = tasks.encode(message)
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._broken is not None:  # no reply could ever be read: fail now, not hang
+            raise self._broken
         self._take_slot()
         future = TaskFuture(self, message.id, payload)
         with self._lock:
@@ -226,7 +230,7 @@ class Executor(concurrent.futures.Executor):
         """Take a message out of the queue if it is still waiting there."""
         try:
             return bool(self._producer.client.lrem(self.queue, 1, payload))  # type: ignore[arg-type]
-        except TRANSIENT_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("cannot cancel a task while redis at %s fails: %s", self._endpoint, exc)
             return False
 
@@ -252,15 +256,33 @@ class Executor(concurrent.futures.Executor):
                 if not replies:
                     popped = cast(Any, client.brpop([self.reply_key], timeout=_BLOCK))
                     replies = [popped[1]] if popped else []
-            except TRANSIENT_ERRORS as exc:
+            except REDIS_ERRORS as exc:
+                if not is_outage(exc):
+                    self._break(exc)
+                    return
                 outage.wait(exc, self._done_reading)
                 continue
             outage.over()
             for reply in replies:
                 self._resolve(reply)
-        with contextlib.suppress(*TRANSIENT_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             client.delete(self.reply_key)
         client.close()
+        self._producer.close()
+
+    def _break(self, exc: Exception) -> None:
+        """Redis refuses to read the reply list, and always will (a WRONGTYPE: someone
+        wrote another type there): fail every pending future, and every later `submit`,
+        with that error rather than let them wait for replies that cannot be read."""
+        error = RqworkersError(f"replies on {self.reply_key} cannot be read: {explain(exc)}")
+        log.error("%s", error)
+        with self._lock:
+            self._broken = error
+            pending = list(self._futures.values())
+        for future in pending:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(error)
+        self._reader_client.close()
         self._producer.close()
 
     def _done_reading(self) -> bool:
@@ -306,5 +328,5 @@ class Executor(concurrent.futures.Executor):
         pipe = self._producer.client.pipeline(transaction=False)
         pipe.lpush(self.reply_key, _WAKE)
         pipe.pexpire(self.reply_key, tasks.milliseconds(self.result_ttl))
-        with contextlib.suppress(*TRANSIENT_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             pipe.execute()

@@ -24,10 +24,11 @@ from rqworkers.config import (
 from rqworkers.store import connections
 from rqworkers.store.connections import Client, redact
 from rqworkers.store.keys import REPLIES, Keys
+from rqworkers.store.outage import REDIS_ERRORS
 from rqworkers.worker import handlers
 
 # What a PING may raise: a cluster client raises more than redis.RedisError.
-_FAILURES: tuple[type[Exception], ...] = (*connections.TRANSIENT_ERRORS, redis.RedisError)
+_FAILURES: tuple[type[Exception], ...] = (*REDIS_ERRORS, redis.RedisError)
 _IDENTITY_FAILURES: tuple[type[Exception], ...] = (*_FAILURES, KeyError, TypeError, ValueError)
 
 

@@ -31,15 +31,15 @@ from http.server import ThreadingHTTPServer
 import psutil
 import setproctitle
 
-from rqworkers.common.backoff import RETRY_CAP, Outage
+from rqworkers.common.backoff import RETRY_CAP
 from rqworkers.common.process import StopFlag
 from rqworkers.config import Config
 from rqworkers.errors import ExitCode
 from rqworkers.ops.metrics import Metrics, Target, health, serve
 from rqworkers.ops.web import Site
 from rqworkers.store.connections import Client, connect, redact
+from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import (
-    TRANSIENT_ERRORS,
     ReliableQueue,
     Snapshot,
     lease_alive,
@@ -124,6 +124,7 @@ class Endpoint:
     client: Client
     leases: tuple[Lease, ...]
     outage: Outage
+    lasting: str | None = None  # the lasting error last logged, so each is logged once
     next_renew: float = 0.0
     next_reclaim: float = 0.0
 
@@ -190,7 +191,10 @@ class Keeper:
         succeeded. The endpoint's next renewal is its retry."""
         try:
             action(endpoint)
-        except TRANSIENT_ERRORS as exc:
+        except REDIS_ERRORS as exc:
+            if not is_outage(exc):  # never cured by retrying soon: tried at the next pass
+                self.lasting_error(endpoint, exc)
+                return False
             endpoint.outage.record(exc)
             now = time.monotonic()
             # Back within a second of Redis answering again, whatever the renewal period.
@@ -199,7 +203,16 @@ class Keeper:
             endpoint.next_reclaim = max(endpoint.next_reclaim, now + self.spec.lease_ttl)
             return False
         endpoint.outage.over()
+        endpoint.lasting = None
         return True
+
+    def lasting_error(self, endpoint: Endpoint, exc: Exception) -> None:
+        """Log an error reply that waiting cannot cure (a key of the wrong type, say) once,
+        not at every renewal; the keeper goes on with its other work."""
+        cause = explain(exc)
+        if cause != endpoint.lasting:
+            endpoint.lasting = cause
+            log.error("keeper: redis at %s refused an operation: %s", redact(endpoint.url), cause)
 
     def read_queues(self, endpoint: Endpoint) -> None:
         """Refresh the queue lengths that `/metrics` reports."""
@@ -232,7 +245,7 @@ class Keeper:
             }
             try:
                 publish_status(endpoint.client, values)
-            except TRANSIENT_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("could not mark the workers of %s stopped: %s", endpoint.url, exc)
 
     def status(self, lease: Lease, state: str | None = None) -> dict[str, object]:

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from rqworkers.common.backoff import describe
 from rqworkers.common.text import printable
 from rqworkers.config import Config, PairSettings
 from rqworkers.errors import ExitCode
-from rqworkers.store.queue import TRANSIENT_ERRORS, Snapshot, connect, snapshot
+from rqworkers.store.outage import REDIS_ERRORS, explain, is_outage
+from rqworkers.store.queue import Snapshot, connect, snapshot
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,10 @@ def _pair_status(pair: PairSettings, clients: dict[str, Any], errors: dict[str, 
     client = clients.get(pair.url) or clients.setdefault(pair.url, connect(pair.url, 0.0))
     try:
         return PairStatus(pair.endpoint, pair.queue, snapshot(client, pair.queue), None)
-    except TRANSIENT_ERRORS as exc:
-        errors[pair.url] = f"unreachable: {describe(exc)}"
+    except REDIS_ERRORS as exc:
+        if not is_outage(exc):  # this queue's keys are at fault, not the host
+            return PairStatus(pair.endpoint, pair.queue, None, f"error: {explain(exc)}")
+        errors[pair.url] = f"unreachable: {explain(exc)}"
         return PairStatus(pair.endpoint, pair.queue, None, errors[pair.url])
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import ssl
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,50 +49,6 @@ SINGLE_SCHEMES = ("redis", "rediss", "unix")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 SCHEMES = tuple(f"{s}://" for s in (*SINGLE_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES))
-
-# Errors after which the connection is suspect and the caller should back off and retry.
-# ResponseError covers OOM/READONLY/NOPERM/LOADING/CLUSTERDOWN replies: the command did
-# nothing. RedisClusterException is what a cluster client raises when no node answers.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.ResponseError,
-    RedisClusterException,
-)
-
-# Error replies that mean "not now" rather than "never": the server is full, read-only,
-# loading, failing over, or the user lacks a permission an operator can grant. Any other
-# error reply (WRONGTYPE, a Lua runtime error) will fail the same way every time.
-_OUTAGE_REPLIES = ("OOM", "READONLY", "NOPERM", "TRYAGAIN", "MASTERDOWN", "LOADING", "CLUSTERDOWN")
-_WRAPPED_CODE = re.compile(r": -([A-Z]+) ")
-_OUTAGE_CLASSES = (
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.NoPermissionError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
-)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """True if `exc` (one of TRANSIENT_ERRORS) is worth waiting out; False for an error
-    reply that retrying cannot cure."""
-    if not isinstance(exc, redis.ResponseError) or isinstance(exc, _OUTAGE_CLASSES):
-        return True
-    return _error_code(str(exc)) in _OUTAGE_REPLIES
-
-
-def _error_code(message: str) -> str:
-    """An error reply's code: its first word. Before 7.0, Redis wraps an error that a
-    command inside a script returned, `ERR Error running script (call to f_...):
-    @user_script:9: -OOM command not allowed ...`: there it is the word after the dash."""
-    code = message.split(" ", 1)[0]
-    if code == "ERR" and "Error running script" in message:
-        wrapped = _WRAPPED_CODE.search(message)
-        if wrapped:
-            return wrapped.group(1)
-    return code
-
 
 # Query arguments naming files that must exist; `password_file` is read here.
 _FILE_ARGUMENTS = ("password_file", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")

@@ -45,7 +45,6 @@ from rqworkers.errors import Superseded
 from rqworkers.store import scripts
 
 # Connecting lives in `connections`; these two are imported from here too.
-from rqworkers.store.connections import TRANSIENT_ERRORS as TRANSIENT_ERRORS
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller

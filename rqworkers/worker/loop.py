@@ -26,12 +26,11 @@ from typing import Any, TypeVar
 
 import redis
 
-from rqworkers.common.backoff import Outage, describe
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Superseded
-from rqworkers.store.connections import is_outage
-from rqworkers.store.queue import TRANSIENT_ERRORS, Delivery, ReliableQueue
+from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
+from rqworkers.store.queue import Delivery, ReliableQueue
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.scoreboard import Scoreboard
@@ -105,7 +104,7 @@ class Worker:
             except Superseded as exc:
                 code = self.superseded(exc)
                 break
-            except TRANSIENT_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if not is_outage(exc):
                     code = self.refused(exc)
                     break
@@ -255,7 +254,7 @@ class Worker:
         log.error(
             "redis refused an operation on %s: %s%s; exiting",
             self.queue.keys.queue,
-            describe(exc),
+            explain(exc),
             _wrong_types(self.queue),
         )
         self.batch.clear()  # left in the private list for the next worker
@@ -269,9 +268,9 @@ class Worker:
         try:
             self.outbox.flush()
             self.give_back_batch()
-        except TRANSIENT_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             # They stay in the private list: the next worker of this slot replays them.
-            log.warning("could not settle in-flight messages on exit: %s", describe(exc))
+            log.warning("could not settle in-flight messages on exit: %s", explain(exc))
 
     def give_back_batch(self) -> None:
         """Return what was taken but never started to the head of the queue, at once: if the

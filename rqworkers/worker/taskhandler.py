@@ -33,11 +33,12 @@ from redis.commands.core import AsyncScript, Script
 
 from rqworkers.client import tasks
 from rqworkers.client.tasks import AllowList, ReplyKeys, Task, TaskError
-from rqworkers.common.backoff import ExponentialBackoff, describe
+from rqworkers.common.backoff import ExponentialBackoff
 from rqworkers.config import PairSettings
 from rqworkers.errors import HandlerError, MessageTimeout, Refused, ReplyError
 from rqworkers.store import scripts
-from rqworkers.store.connections import TRANSIENT_ERRORS, Client, connect, is_outage
+from rqworkers.store.connections import Client, connect
+from rqworkers.store.outage import REDIS_ERRORS, explain, is_outage
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.handlers import Handler, awaited
 
@@ -245,7 +246,7 @@ class TaskHandler(Handler):
             self._put_back(due)  # sent again with the next acks (a second copy is harmless)
             raise
         return [
-            (message, ReplyError(f"reply to {key!r} not written: {describe(exc)}"))
+            (message, ReplyError(f"reply to {key!r} not written: {explain(exc)}"))
             for (message, (key, _, _)), exc in refused
         ]
 
@@ -297,9 +298,9 @@ class TaskHandler(Handler):
             try:
                 self._send(key, ttl, reply)
                 return
-            except TRANSIENT_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 if attempt == _REPLY_ATTEMPTS or not _may_pass(exc):
-                    log.error("failure reply to %r not written: %s", key, describe(exc))
+                    log.error("failure reply to %r not written: %s", key, explain(exc))
                     return
                 time.sleep(backoff.compute(attempt))
 

@@ -27,7 +27,6 @@ from urllib.parse import parse_qs, urlsplit
 
 from redis.exceptions import RedisError
 
-from rqworkers.common.backoff import describe
 from rqworkers.config import Config, PairSettings
 from rqworkers.ops import dead, status
 from rqworkers.ops.web.auth import (
@@ -41,7 +40,8 @@ from rqworkers.ops.web.auth import (
 )
 from rqworkers.ops.web.cache import SharedReads
 from rqworkers.store.connections import Client
-from rqworkers.store.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
+from rqworkers.store.outage import REDIS_ERRORS, explain, is_outage
+from rqworkers.store.queue import DeadLetter, DeadLetters, connect
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,15 @@ class Site:
         except RefusedError as exc:
             response = _error(exc.status, str(exc))
             response.headers += exc.headers
-        except TRANSIENT_ERRORS as exc:
-            response = _error(HTTPStatus.SERVICE_UNAVAILABLE, f"redis: {describe(exc)}")
+        except REDIS_ERRORS as exc:
+            code = (
+                HTTPStatus.SERVICE_UNAVAILABLE
+                if is_outage(exc)
+                else HTTPStatus.INTERNAL_SERVER_ERROR
+            )
+            response = _error(code, f"redis: {explain(exc)}")
         except RedisError as exc:  # any other: said as such, never a dropped connection
-            response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"redis: {describe(exc)}")
+            response = _error(HTTPStatus.INTERNAL_SERVER_ERROR, f"redis: {explain(exc)}")
         except (ConnectionError, TimeoutError):
             raise  # the client went away: nobody to answer (`web.server` logs it quietly)
         except Exception:  # a bug: logged with its traceback, and still an answer
