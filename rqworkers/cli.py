@@ -239,7 +239,7 @@ def dead_show(cfg: config.Config, args: argparse.Namespace) -> int:
 
 def dead_requeue(cfg: config.Config, args: argparse.Namespace) -> int:
     letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
-    moved = dead.take_out(letters, dead.Selection(args.indexes, args.limit), letters.requeue)
+    moved = dead.act_on(letters, dead.Selection(args.indexes, args.limit), letters.requeue)
     print(f"requeued {plural(moved, 'message')} to the head of {letters.keys.queue}")
     return ExitCode.OK
 
@@ -257,7 +257,7 @@ def dead_purge(cfg: config.Config, args: argparse.Namespace) -> int:
     if not args.yes and not _confirmed(_purge_question(args, len(letters), letters.keys.dead)):
         print("nothing deleted")
         return ExitCode.FAILURE
-    purged = dead.take_out(letters, dead.Selection(args.indexes, args.limit), letters.purge)
+    purged = dead.act_on(letters, dead.Selection(args.indexes, args.limit), letters.purge)
     print(f"deleted {plural(purged, 'dead letter')} from {letters.keys.dead}")
     return ExitCode.OK
 

@@ -502,7 +502,7 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     try:
         document = _Document.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(source, _describe(exc, ())) from None
+        raise ConfigError(source, _explain(exc, ())) from None
 
     pairs = _resolve_pairs(document, problems)
     if problems:
@@ -582,7 +582,7 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
         try:
             pair = PairSettings.model_validate({**defaults, **entry})
         except ValidationError as exc:
-            for line in _describe(exc, where, from_defaults=set(defaults) - set(entry)):
+            for line in _explain(exc, where, from_defaults=set(defaults) - set(entry)):
                 if line not in problems:
                     problems.append(line)
             continue
@@ -754,7 +754,7 @@ def _host_url(host: str, hosts: Mapping[str, str]) -> str | None:
     return url if url.startswith(URL_SCHEMES) else None
 
 
-def _describe(
+def _explain(
     exc: ValidationError, where: tuple[Any, ...], from_defaults: set[str] | None = None
 ) -> list[str]:
     lines = []

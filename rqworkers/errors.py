@@ -73,5 +73,5 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 71
     STARTUP_FAILED = 72
     ORPHANED = 73
-    REDIS_REFUSED = 74  # an error reply retrying cannot cure, e.g. WRONGTYPE on a queue key
+    REDIS_LASTING_ERROR = 74  # an error reply retrying cannot cure, e.g. WRONGTYPE on a queue key
     SUPERSEDED = 75  # another process replayed this worker id's private list since

@@ -165,7 +165,7 @@ class LogFile(logging.Handler):
         self.backup_count = rotation.backup_count if rotation else 0
         self.file: TextIO | None = None
         self.seen: tuple[int, int] | None = None  # the file at `path` last opened or refused
-        self.refused: str | None = None
+        self.unusable: str | None = None
 
     def open(self) -> None:
         """Open the file at the path now, in place of any open one; `OSError` if refused."""
@@ -175,7 +175,7 @@ class LogFile(logging.Handler):
         fd = files.open_regular(self.path, _LOG_FLAGS, follow=self.follow)
         info = os.fstat(fd)
         self.file = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
-        self.seen, self.refused = (info.st_dev, info.st_ino), None
+        self.seen, self.unusable = (info.st_dev, info.st_ino), None
 
     def reopen_if_moved(self) -> None:
         found = self._found()
@@ -195,8 +195,8 @@ class LogFile(logging.Handler):
 
     def _refuse(self, found: tuple[int, int] | None, why: str) -> None:
         self.seen = found
-        if why != self.refused:
-            self.refused = why  # first: the line below comes back here, and is not repeated
+        if why != self.unusable:
+            self.unusable = why  # first: the line below comes back here, and is not repeated
             log.error("log file %s: %s; its lines go to stderr only until that is fixed",
                       self.path, why)  # fmt: skip
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rqworkers import config
 from rqworkers.ops import status as status_report
-from rqworkers.ops.metrics import Target, health
+from rqworkers.ops.metrics import SlotView, health
 from rqworkers.store.keys import Keys
 from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for, write_config
@@ -235,15 +235,15 @@ def consuming_board() -> Scoreboard:
 def test_healthz_is_ok_only_while_every_pair_has_a_worker_consuming() -> None:
     one, two, other = consuming_board(), consuming_board(), consuming_board()
     targets = (
-        Target("local", "jobs", "jobs-1", one),
-        Target("local", "jobs", "jobs-2", two),
-        Target("local", "mail", "mail-1", other),
+        SlotView("local", "jobs", "jobs-1", one),
+        SlotView("local", "jobs", "jobs-2", two),
+        SlotView("local", "mail", "mail-1", other),
     )
     assert health(targets, os.getppid()) == (True, {"status": "ok", "workers": 3, "pairs": 2})
 
     one.waiting("Redis out of memory (maxmemory reached, nothing evictable): OOM")
     assert health(targets, os.getppid())[0], "jobs-2 still consumes for the pair"
-    two.worker_ended("killed by signal 9 (SIGKILL)", "crash", time.time() + 30, failures=2)
+    two.worker_ended("killed by signal 9 (SIGKILL)", "crash", time.time() + 30, bad_exits=2)
     ok, body = health(targets, os.getppid())
     assert not ok and set(body["pairs"]) == {"local/jobs"}  # type: ignore[arg-type]
     assert "jobs-1 is waiting out a Redis error: Redis out of memory" in str(body["reason"])
@@ -524,7 +524,7 @@ def test_an_unwritable_log_file_is_a_clear_config_error(
 def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
     import fakeredis
 
-    from rqworkers.ops.dead import BATCH, Selection, take_out
+    from rqworkers.ops.dead import BATCH, Selection, act_on
     from rqworkers.store.queue import DeadLetter, DeadLetters
 
     client = fakeredis.FakeRedis()
@@ -539,7 +539,7 @@ def test_purge_all_takes_only_the_letters_there_were_when_it_started() -> None:
             client.lpush(Keys("jobs").dead, b"NEW-unseen")  # dead-lettered between two batches
         return dead.purge(letters)
 
-    assert take_out(dead, Selection([], None), purge_and_meanwhile_a_new_one) == BATCH + 50
+    assert act_on(dead, Selection([], None), purge_and_meanwhile_a_new_one) == BATCH + 50
     assert client.lrange(Keys("jobs").dead, 0, -1) == [b"NEW-unseen"]
 
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from rqworkers.common.process import describe_exit
+from rqworkers.common.process import explain_exit
 from tests.support import fork_and_wait
 
 
@@ -24,15 +24,15 @@ from tests.support import fork_and_wait
         (40, "killed by signal 40 (unknown)"),  # a real-time signal without a name
     ],
 )
-def test_describe_exit(status: int, words: str) -> None:
-    assert describe_exit(status) == words
+def test_explain_exit(status: int, words: str) -> None:
+    assert explain_exit(status) == words
 
 
-def test_describe_exit_of_real_children() -> None:
-    assert describe_exit(fork_and_wait(lambda: 3)) == "exit code 3"
+def test_explain_exit_of_real_children() -> None:
+    assert explain_exit(fork_and_wait(lambda: 3)) == "exit code 3"
 
     def killed() -> int:
         os.kill(os.getpid(), signal.SIGKILL)
         return 0
 
-    assert describe_exit(fork_and_wait(killed)) == "killed by signal 9 (SIGKILL)"
+    assert explain_exit(fork_and_wait(killed)) == "killed by signal 9 (SIGKILL)"

@@ -440,7 +440,7 @@ def test_reclaim_charges_every_delivery_and_keeps_the_order(
     client: redis.Redis, make_queue: MakeQueue
 ) -> None:
     lost = make_queue(worker_id="node-a:1")
-    lost.take_lease(ttl=60)
+    lost.hold_lease(ttl=60)
     produce(client, b"m1", b"m1", b"m2", b"landed", b"later")
     take_all(lost, 3)
     assert lost.fetch(0.1)

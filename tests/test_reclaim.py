@@ -42,7 +42,7 @@ def test_reclaim_hands_an_expired_list_back_first_in_order_each_charged(
     client: redis.Redis,
 ) -> None:
     dead = ReliableQueue(client, "jobs", "node-a:1")
-    dead.take_lease(ttl=60)
+    dead.hold_lease(ttl=60)
     client.lpush("jobs", b"m1", b"m2", b"m3", b"later")
     assert [d.payload for d in dead.take([], 3).deliveries] == [b"m1", b"m2", b"m3"]
     assert dead.reclaim() is None, "a live lease is never reclaimed"
@@ -59,7 +59,7 @@ def test_reclaim_hands_an_expired_list_back_first_in_order_each_charged(
         (b"m3", 1),
         (b"later", 0),
     ]
-    rescuer.take_lease(ttl=60)  # now a live worker again: its list is its own
+    rescuer.hold_lease(ttl=60)  # now a live worker again: its list is its own
     client.delete(rescuer.keys.lease)
     assert rescuer.reclaim() == 4, "only what it took since"
     assert rescuer.reclaim() == 0, "a second reclaim finds nothing to move"

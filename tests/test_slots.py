@@ -34,7 +34,7 @@ def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
     slot.board.idle(False, 0.01)
     reason = slot.ended(exited(ExitCode.MAX_REQUESTS), now=101.0, backoff=BACKOFF)
     assert reason == "max requests"
-    assert slot.failures == 0
+    assert slot.bad_exits == 0
     assert slot.next_start == 101.0
     assert slot.previous_exit is None
     assert (slot.pid, slot.process) == (None, None)
@@ -46,10 +46,10 @@ def test_a_max_requests_recycle_restarts_at_once(slot: Slot) -> None:
 
 
 def test_a_timeout_recycle_restarts_at_once(slot: Slot) -> None:
-    slot.failures = 3
+    slot.bad_exits = 3
     slot.spawned(os.getpid(), now=100.0)
     assert slot.ended(exited(ExitCode.TIMEOUT), now=100.5, backoff=BACKOFF) == "timeout"
-    assert slot.failures == 0
+    assert slot.bad_exits == 0
     assert slot.next_start == 100.5
 
 
@@ -64,7 +64,7 @@ def test_repeated_quick_crashes_back_off_more_and_more(slot: Slot) -> None:
         assert slot.previous_exit == reason
         delays.append(slot.next_start - now)
         now = slot.next_start
-    assert slot.failures == 6
+    assert slot.bad_exits == 6
     assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
 
 
@@ -74,7 +74,7 @@ def test_startup_failures_count_as_crashes(slot: Slot) -> None:
         assert slot.ended(exited(ExitCode.STARTUP_FAILED), now=0.1, backoff=BACKOFF) == (
             "startup failed"
         )
-        assert slot.failures == expected
+        assert slot.bad_exits == expected
     assert slot.next_start == pytest.approx(0.1 + 1.0)
     assert slot.previous_exit == "startup failed"
 
@@ -82,7 +82,7 @@ def test_startup_failures_count_as_crashes(slot: Slot) -> None:
 def test_an_unexpected_exit_code_is_a_crash(slot: Slot) -> None:
     slot.spawned(os.getpid(), now=0.0)
     assert slot.ended(exited(1), now=0.5, backoff=BACKOFF) == "exit code 1"
-    assert slot.failures == 1
+    assert slot.bad_exits == 1
     assert slot.previous_exit == "exit code 1"
 
 
@@ -91,13 +91,13 @@ def test_a_crash_after_a_long_life_restarts_at_once(slot: Slot) -> None:
     slot.ended(signal.SIGKILL, now=1.0, backoff=BACKOFF)
     slot.spawned(os.getpid(), now=1.0)
     slot.ended(signal.SIGKILL, now=2.0, backoff=BACKOFF)
-    assert slot.failures == 2
+    assert slot.bad_exits == 2
     assert slot.next_start == 2.5
 
     slot.spawned(os.getpid(), now=3.0)
     slot.board.ready()  # its handler's setup() returned
     slot.ended(signal.SIGSEGV, now=3.0 + HEALTHY_AFTER, backoff=BACKOFF)
-    assert slot.failures == 1  # the count starts over
+    assert slot.bad_exits == 1  # the count starts over
     assert slot.next_start == 3.0 + HEALTHY_AFTER  # no delay
 
 
@@ -117,14 +117,14 @@ def test_a_quick_crash_after_progress_restarts_at_once_however_many_came_before(
         slot.board.busy(time.monotonic())
         now += 1.0
         slot.ended(signal.SIGKILL, now, BACKOFF)
-        assert slot.failures == 1 and slot.next_start == now
+        assert slot.bad_exits == 1 and slot.next_start == now
     slot.board.prepare()
     slot.spawned(os.getpid(), now)
     slot.ended(signal.SIGKILL, now + 0.1, BACKOFF)  # then one that did nothing at all
-    assert slot.failures == 2 and slot.next_start == pytest.approx(now + 0.1 + 0.5)
+    assert slot.bad_exits == 2 and slot.next_start == pytest.approx(now + 0.1 + 0.5)
 
 
-@pytest.mark.parametrize("code", [signal.SIGKILL, exited(ExitCode.REDIS_REFUSED)])
+@pytest.mark.parametrize("code", [signal.SIGKILL, exited(ExitCode.REDIS_LASTING_ERROR)])
 @pytest.mark.parametrize("finished", [False, True], ids=["in-handler", "handler-returned"])
 def test_the_same_delivery_ending_its_worker_again_and_again_backs_off(
     slot: Slot, code: int, finished: bool
@@ -147,7 +147,7 @@ def test_the_same_delivery_ending_its_worker_again_and_again_backs_off(
         delays.append(slot.next_start - now)
         now = slot.next_start
     assert delays == pytest.approx([0.0, 0.5, 1.0, 2.0])
-    assert slot.board.get("failures") == 4, "published for /healthz and status"
+    assert slot.board.get("bad_exits") == 4, "published for /healthz and status"
     assert slot.board.state() == "backoff"
 
 
@@ -155,8 +155,8 @@ def test_a_setup_that_fails_slowly_is_still_a_crash_loop(slot: Slot) -> None:
     for start in range(3):
         slot.spawned(os.getpid(), now=100.0 * start)
         slot.ended(exited(ExitCode.STARTUP_FAILED), now=100.0 * start + 90, backoff=BACKOFF)
-    assert slot.failures == 3, "never ready: a long life in setup() resets nothing"
-    assert slot.board.get("failures") == 3, "published for /healthz"
+    assert slot.bad_exits == 3, "never ready: a long life in setup() resets nothing"
+    assert slot.board.get("bad_exits") == 3, "published for /healthz"
 
 
 def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
@@ -165,7 +165,7 @@ def test_an_exit_mid_message_is_named_so_whatever_its_code(slot: Slot) -> None:
     slot.board.busy(time.monotonic())
     reason = slot.ended(exited(ExitCode.OK), now=20.0, backoff=BACKOFF)
     assert reason == "exited mid-message (exit code 0)"
-    assert slot.failures == 1 and slot.previous_exit == reason
+    assert slot.bad_exits == 1 and slot.previous_exit == reason
     assert slot.board.totals()["recycled_crash"] == 1
 
 
@@ -175,7 +175,7 @@ def test_a_clean_stop_resets_failures_and_previous_exit(slot: Slot) -> None:
     assert slot.previous_exit is not None
     slot.spawned(os.getpid(), now=1.0)
     assert slot.ended(exited(ExitCode.OK), now=2.0, backoff=BACKOFF) == "stopped"
-    assert slot.failures == 0
+    assert slot.bad_exits == 0
     assert slot.previous_exit is None
 
 
@@ -183,14 +183,14 @@ def test_the_managers_stop_reason_wins(slot: Slot) -> None:
     for _ in range(3):
         slot.spawned(os.getpid(), now=0.0)
         slot.ended(signal.SIGKILL, now=0.1, backoff=BACKOFF)
-    assert slot.failures == 3
+    assert slot.bad_exits == 3
 
     slot.spawned(os.getpid(), now=10.0)
     assert slot.stop_reason is None  # started() clears it
     slot.stop_reason = "hard memory limit (400MB > 300MB)"
     reason = slot.ended(signal.SIGKILL, now=10.5, backoff=BACKOFF)
     assert reason == "hard memory limit (400MB > 300MB)"
-    assert slot.failures == 0  # the manager's own kill is not the worker's crash
+    assert slot.bad_exits == 0  # the manager's own kill is not the worker's crash
     assert slot.next_start == 10.5
     assert slot.previous_exit == reason  # handed to the next worker for its dead letters
     assert slot.stop_reason is None

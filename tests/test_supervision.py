@@ -306,9 +306,9 @@ def test_a_failed_fork_is_a_failed_start_with_backoff(
     monkeypatch.setattr(os, "fork", _fork_fails)
     [slot] = h.manager.slots
     h.manager.spawn_worker(slot)
-    assert slot.pid is None and slot.failures == 1
+    assert slot.pid is None and slot.bad_exits == 1
     h.manager.spawn_worker(slot)
-    assert slot.failures == 2
+    assert slot.bad_exits == 2
     assert slot.next_start - time.monotonic() > 0.3, "the second failure waits"
     assert "cannot fork" in slot.board.last_exit and slot.board.state() == "backoff"
 

@@ -100,7 +100,7 @@ class Executor(concurrent.futures.Executor):
         self._endpoint = redact(url)
         self._futures: dict[str, TaskFuture] = {}
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(max_pending) if max_pending else None
+        self._room = threading.Semaphore(max_pending) if max_pending else None
         self._shutdown = False
         self._closing = False  # no new futures will come: the reader ends when none pend
         self._broken: Exception | None = None  # why the reader stopped for good, if it did
@@ -140,7 +140,7 @@ class Executor(concurrent.futures.Executor):
             raise RuntimeError("cannot schedule new futures after shutdown")
         if self._broken is not None:  # no reply could ever be read: fail now, not hang
             raise self._broken
-        self._take_slot()
+        self._wait_for_room()
         future = TaskFuture(self, message.id, payload)
         with self._lock:
             self._futures[message.id] = future  # before the push: a reply may come at once
@@ -195,10 +195,10 @@ class Executor(concurrent.futures.Executor):
         nonce, tag = task_id[:32], task_id[32:]
         return len(task_id) == 48 and secrets.compare_digest(tag, self._tag(nonce))
 
-    def _take_slot(self) -> None:
-        if self._slots is not None and not self._slots.acquire(blocking=False):
+    def _wait_for_room(self) -> None:
+        if self._room is not None and not self._room.acquire(blocking=False):
             self._flush()  # unsent messages would never finish and free a slot
-            self._slots.acquire()
+            self._room.acquire()
 
     def _push(self, future: TaskFuture) -> None:
         batch: list[TaskFuture] | None = getattr(self._batch, "futures", None)
@@ -239,8 +239,8 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             self._futures.pop(future.task_id, None)
             last = self._closing and not self._futures
-        if self._slots is not None:
-            self._slots.release()
+        if self._room is not None:
+            self._room.release()
         if last:
             self._wake_reader()
 

@@ -15,7 +15,8 @@ RETRY_CAP = 1.0
 
 @dataclass(frozen=True)
 class ExponentialBackoff:
-    """`base * 2**(failures - 1)` seconds, capped; `free` failures cost nothing.
+    """`base * 2**(in_a_row - 1)` seconds after `in_a_row` failures, capped; the first `free`
+    cost nothing.
 
     `free=1` lets the first failure retry at once (a single crash respawns immediately),
     then doubles: a worker that keeps dying is never restarted in a tight loop.
@@ -26,9 +27,9 @@ class ExponentialBackoff:
     free: int = 0
     jitter: float = 0.0  # fraction of the delay taken off at random, to spread herds
 
-    def compute(self, failures: int) -> float:
-        """Seconds to wait after `failures` consecutive failures (0 for none)."""
-        paid = failures - self.free
+    def compute(self, in_a_row: int) -> float:
+        """Seconds to wait after `in_a_row` consecutive failures (0 for none)."""
+        paid = in_a_row - self.free
         if paid <= 0:
             return 0.0
         delay: float = min(self.cap, self.base * 2 ** min(paid - 1, 62))

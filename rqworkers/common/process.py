@@ -163,7 +163,7 @@ def exit_code_of(exc: SystemExit) -> int:
     return exc.code if isinstance(exc.code, int) else int(ExitCode.FAILURE)
 
 
-def describe_exit(status: int) -> str:
+def explain_exit(status: int) -> str:
     """Words for a wait status: `exit code 3`, `killed by signal 9 (SIGKILL)`."""
     code = os.waitstatus_to_exitcode(status)
     if code >= 0:

@@ -1,7 +1,8 @@
 """The manager's bookkeeping for one worker process of one `(host, queue)` pair.
 
 A slot outlives its processes: it keeps the worker id (so a respawned worker finds its
-private list), the count of consecutive failures and the time the next start is due.
+private list), its bad exits in a row (crashes and failed starts) and the time the next
+start is due.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from rqworkers.common.backoff import ExponentialBackoff
-from rqworkers.common.process import describe_exit
+from rqworkers.common.process import explain_exit
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode
 from rqworkers.worker.scoreboard import Scoreboard
@@ -35,7 +36,7 @@ _EXIT_WORDS = {
     ExitCode.OK: "stopped",
     ExitCode.STARTUP_FAILED: "startup failed",
     ExitCode.ORPHANED: "orphaned",
-    ExitCode.REDIS_REFUSED: "redis refused an operation",
+    ExitCode.REDIS_LASTING_ERROR: "redis refused an operation",
     ExitCode.SUPERSEDED: "another process took over its private list (node name shared?)",
 }
 
@@ -50,7 +51,7 @@ class Slot:
     pid: int | None = None
     process: psutil.Process | None = None
     spawned_at: float = 0.0  # monotonic time of the fork
-    failures: int = 0
+    bad_exits: int = 0  # crashes and failed starts in a row
     next_start: float = 0.0
     # Why the manager itself signalled the worker; it explains the exit when reaped.
     stop_reason: str | None = None
@@ -96,30 +97,30 @@ class Slot:
             reason, kind = self.stop_reason, self.stop_kind
             crashed = kind == "crash"
         elif self.board.busy_for():
-            reason, kind, crashed = f"exited mid-message ({describe_exit(status)})", "crash", True
+            reason, kind, crashed = f"exited mid-message ({explain_exit(status)})", "crash", True
         elif code in _RECYCLES:
             (reason, kind), crashed = _RECYCLES[ExitCode(code)], False
         elif code in _EXIT_WORDS:
             reason, crashed = _EXIT_WORDS[ExitCode(code)], code != ExitCode.OK
             kind = "crash" if crashed else ""
         else:
-            reason, kind, crashed = describe_exit(status), "crash", True
+            reason, kind, crashed = explain_exit(status), "crash", True
         unstarted = self.board.first_unstarted
         if not crashed:
-            self.failures = 0
+            self.bad_exits = 0
         elif healthy or self.board.made_progress:
             # It settled a message before it died: respawn at once. A worker that dies before
             # settling anything (a bad import, a refused login, a failing setup(), or the
             # same delivery ending its worker again and again) backs off.
-            self.failures = 1
+            self.bad_exits = 1
         else:
-            self.failures += 1
+            self.bad_exits += 1
         self.previous_exit = reason if (crashed or self.stop_reason) else None
         if unstarted is not None:  # else the worker never took over: keep what we knew
             self.previous_unstarted = unstarted
-        delay = backoff.compute(self.failures)
+        delay = backoff.compute(self.bad_exits)
         self.next_start = now + delay
-        self.board.worker_ended(reason, kind, time.time() + delay, self.failures)
+        self.board.worker_ended(reason, kind, time.time() + delay, self.bad_exits)
         self.pid = None
         self.process = None
         self.stop_reason = None
@@ -128,10 +129,10 @@ class Slot:
     def start_failed(self, reason: str, now: float, backoff: ExponentialBackoff) -> float:
         """No worker could be started (the fork failed): a failure like a crash at start,
         retried after the same backoff. Returns that delay."""
-        self.failures += 1
-        delay = backoff.compute(self.failures)
+        self.bad_exits += 1
+        delay = backoff.compute(self.bad_exits)
         self.next_start = now + delay
-        self.board.worker_ended(reason, "", time.time() + delay, self.failures)
+        self.board.worker_ended(reason, "", time.time() + delay, self.bad_exits)
         return delay
 
     def rss(self) -> int:
@@ -157,7 +158,7 @@ class KeeperSlot:
             log.info("keeper %d stopped", self.pid)
             self.next_start = now
         else:
-            log.warning("keeper %d exited: %s; restarting in 1s", self.pid, describe_exit(status))
+            log.warning("keeper %d exited: %s; restarting in 1s", self.pid, explain_exit(status))
             self.next_start = now + 1.0
         self.pid = None
         self.restarting = False

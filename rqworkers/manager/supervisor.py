@@ -374,7 +374,7 @@ class Manager:
             succeeded, failed = slot.board.succeeded, slot.board.failed
             reason = slot.ended(status, time.monotonic(), self.backoff)
             delay = max(0.0, slot.next_start - time.monotonic())
-            level = logging.WARNING if slot.failures else logging.INFO
+            level = logging.WARNING if slot.bad_exits else logging.INFO
             log.log(
                 level,
                 "%s %d exited: %s (succeeded %d, failed %d)%s",

@@ -114,7 +114,7 @@ def server_identity(client: Client, url: str) -> object:
     """What tells one server (and database) from another whatever the URL's spelling:
     `127.0.0.1` and `localhost`, a port written or left out, a Sentinel and the master's own
     address. The server's `run_id` and the database; for a cluster, its nodes' ids. None if
-    the server does not say (INFO refused to this user, say)."""
+    the server does not say (INFO denied to this user, say)."""
     try:
         if isinstance(client, redis.RedisCluster):
             nodes: object = client.cluster_nodes()
@@ -220,14 +220,14 @@ def permission_problems(client: Client, keys: Keys, replies: bool = False) -> li
     except redis.ResponseError:  # no ACL DRYRUN here, or not for this user: probe instead
         verdicts = [_probe(client, c) for c in _harmless(commands, keys)]
         commands = _harmless(commands, keys)
-    refused: dict[str, list[str]] = {}
+    denied: dict[str, list[str]] = {}
     for command, verdict in zip(commands, verdicts, strict=True):
         if verdict != "OK":
             name = " ".join(command[:2]) if command[0] == "SCRIPT" else command[0]
-            refused.setdefault(verdict, []).append(name)
+            denied.setdefault(verdict, []).append(name)
     return [
         f"the Redis user may not run {', '.join(dict.fromkeys(names))} as workers do: {why}"
-        for why, names in refused.items()
+        for why, names in denied.items()
     ]
 
 

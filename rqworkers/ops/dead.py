@@ -51,12 +51,12 @@ def list_letters(dead: DeadLetters, limit: int, out: TextIO) -> None:
     total = len(dead)
     out.write(f"{dead.keys.dead}: {total} message(s), newest first\n")
     for letter in letters:
-        out.write(describe(letter) + "\n")
+        out.write(summary(letter) + "\n")
     if total > len(letters):  # never a silent cut: say what is left and how to see it
         out.write(f"... and {total - len(letters)} more (--limit {total} lists them all)\n")
 
 
-def describe(letter: DeadLetter) -> str:
+def summary(letter: DeadLetter) -> str:
     info = letter.info or {}
     when = info.get("at")
     stamp = (
@@ -90,14 +90,14 @@ def show(dead: DeadLetters, index: int, raw: bool, out: TextIO, raw_out: BinaryI
         raw_out.write(letter.payload)
         raw_out.flush()
         return
-    out.write(describe(letter) + "\n")
+    out.write(summary(letter) + "\n")
     out.write(repr(letter.payload) + "\n")
     traceback = (letter.info or {}).get("traceback")
     if traceback:
         out.write(quoted(str(traceback)))  # text from Redis, which any client can write
 
 
-def take_out(
+def act_on(
     dead: DeadLetters,
     selection: Selection,
     action: Callable[[list[DeadLetter]], int],

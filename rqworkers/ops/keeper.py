@@ -35,7 +35,7 @@ from rqworkers.common.backoff import RETRY_CAP
 from rqworkers.common.process import StopFlag
 from rqworkers.config import Config
 from rqworkers.errors import ExitCode
-from rqworkers.ops.metrics import Metrics, Target, health, serve
+from rqworkers.ops.metrics import Metrics, SlotView, health, serve
 from rqworkers.ops.web import Site
 from rqworkers.store.connections import Client, connect, redact
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
@@ -152,7 +152,7 @@ class Keeper:
         self.snapshots: dict[tuple[str, str], Snapshot] = {}  # for metrics only
 
     def serve_metrics(self) -> ThreadingHTTPServer | None:
-        targets = tuple(Target(x.host, x.queue, x.name, x.board) for x in self.spec.leases)
+        targets = tuple(SlotView(x.host, x.queue, x.name, x.board) for x in self.spec.leases)
         collector = Metrics(
             targets, lambda: dict(self.snapshots), self.spec.manager_start_time, self.rss
         )

@@ -41,7 +41,7 @@ CRASH_LOOP = 2  # failures in a row (crashes, failed starts) that make a slot un
 
 
 @dataclass(frozen=True)
-class Target:
+class SlotView:
     """One slot as metrics see it."""
 
     host: str  # the host's name in the config
@@ -53,7 +53,7 @@ class Target:
 class Metrics(Collector):
     def __init__(
         self,
-        targets: tuple[Target, ...],
+        targets: tuple[SlotView, ...],
         snapshots: Callable[[], dict[tuple[str, str], Snapshot]],
         manager_start_time: float,
         rss: Callable[[int], int],
@@ -162,7 +162,7 @@ class Metrics(Collector):
 
 
 def health(
-    targets: tuple[Target, ...], manager_pid: int, now: float | None = None
+    targets: tuple[SlotView, ...], manager_pid: int, now: float | None = None
 ) -> tuple[bool, dict[str, object]]:
     """Healthy while the manager runs and every pair has a worker consuming.
 
@@ -192,7 +192,7 @@ def health(
     return True, {"status": "ok", "workers": len(targets), "pairs": len(pairs)}
 
 
-def _slot_problem(target: Target, now: float) -> str | None:
+def _slot_problem(target: SlotView, now: float) -> str | None:
     """Why the slot has no worker consuming, or None if it has one (or is between two
     after a normal exit, for less than `RESTART_GRACE` seconds)."""
     board = target.board
@@ -201,12 +201,12 @@ def _slot_problem(target: Target, now: float) -> str | None:
         return None
     if state == "waiting":
         return f"is waiting out a Redis error: {board.waiting_reason}"
-    failures = int(board.get("failures"))
+    bad_exits = int(board.get("bad_exits"))
     last = f"last exit: {board.last_exit}" if board.last_exit else "no exit yet"
-    if failures >= CRASH_LOOP:
+    if bad_exits >= CRASH_LOOP:
         restart = board.get("next_start") - now
         when = f", restart in {restart:.1f}s" if restart > 0 else ""
-        return f"keeps failing ({failures} times in a row, {last}{when})"
+        return f"keeps failing ({bad_exits} times in a row, {last}{when})"
     since = board.get("since") if board.pid else board.get("ended_at")
     if now - since < RESTART_GRACE:
         return None

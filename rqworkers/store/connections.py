@@ -57,7 +57,7 @@ _MAX_SECRET_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
-class Target:
+class ParsedUrl:
     """A host URL taken apart: what to connect to and how."""
 
     kind: Literal["single", "cluster", "sentinel"]
@@ -71,7 +71,7 @@ class Target:
     password_file: str | None = None
 
 
-def parse(url: str) -> Target:
+def parse(url: str) -> ParsedUrl:
     """Take a host URL apart; `ValueError` says what is wrong with it, without secrets."""
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in (*SINGLE_SCHEMES, *CLUSTER_SCHEMES, *SENTINEL_SCHEMES):
@@ -100,7 +100,7 @@ def parse(url: str) -> Target:
         if password_file is not None and clean_query:
             clean += f"?{clean_query}"
         parse_url(clean)  # redis-py's own checks: the port, the db
-        return Target("single", tls, clean, password_file=password_file)
+        return ParsedUrl("single", tls, clean, password_file=password_file)
 
     nodes = tuple(_node(item) for item in hostlist.split(","))
     base = "rediss" if tls else "redis"
@@ -114,7 +114,7 @@ def parse(url: str) -> Target:
         first = urlunsplit((base, netloc, "", clean_query, ""))
         if "db" in dict(parse_url(first)):
             raise ValueError("a Redis Cluster has only database 0: no db argument")
-        return Target("cluster", tls, first, nodes, password_file=password_file)
+        return ParsedUrl("cluster", tls, first, nodes, password_file=password_file)
 
     if not path or len(path) > 2:
         raise ValueError("a Sentinel URL ends with /<master-name> or /<master-name>/<db>")
@@ -125,7 +125,9 @@ def parse(url: str) -> Target:
         raise ValueError(f"the database after /{service}/ must be a number") from None
     first = urlunsplit((base, netloc, f"/{db}", clean_query, ""))
     options = parse_url(first)
-    return Target("sentinel", tls, first, nodes, service, int(options.get("db", db)), password_file)
+    return ParsedUrl(
+        "sentinel", tls, first, nodes, service, int(options.get("db", db)), password_file
+    )
 
 
 def parse_url(url: str) -> dict[str, Any]:
@@ -202,7 +204,7 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _check_arguments(target: Target) -> None:
+def _check_arguments(target: ParsedUrl) -> None:
     """Let redis-py judge the URL's arguments by making (not opening) a connection with them.
 
     Raises TypeError for an argument it does not know, RedisError for a bad value.

@@ -260,7 +260,7 @@ class ReliableQueue:
 
     # -- leases and orphans -----------------------------------------------------------------
 
-    def take_lease(self, ttl: float) -> None:
+    def hold_lease(self, ttl: float) -> None:
         """Claim this worker's lease and register its private list for orphan recovery.
 
         Taken before the worker replays anything, so that no reclaimer can move its

@@ -106,7 +106,7 @@ class Worker:
                 break
             except REDIS_ERRORS as exc:
                 if not is_outage(exc):
-                    code = self.refused(exc)
+                    code = self.lasting_error(exc)
                     break
                 self.board.count("redis_errors")
                 self.lose_track()
@@ -154,7 +154,7 @@ class Worker:
         """Before taking anything: hold the lease, then replay the private list if a start
         or a Redis error left it unknown. The lease comes first, so no reclaimer races us."""
         if self.needs_lease:
-            self.queue.take_lease(self.spec.lease_ttl)
+            self.queue.hold_lease(self.spec.lease_ttl)
             self.needs_lease = False
         if self.replaying:
             self.replay()
@@ -249,7 +249,7 @@ class Worker:
         self.outbox.acks.clear()
         return ExitCode.SUPERSEDED
 
-    def refused(self, exc: Exception) -> int:
+    def lasting_error(self, exc: Exception) -> int:
         """An error reply that waiting cannot cure: name the keys at fault, and exit."""
         log.error(
             "redis refused an operation on %s: %s%s; exiting",
@@ -258,7 +258,7 @@ class Worker:
             _wrong_types(self.queue),
         )
         self.batch.clear()  # left in the private list for the next worker
-        return ExitCode.REDIS_REFUSED
+        return ExitCode.REDIS_LASTING_ERROR
 
     def finish(self) -> None:
         """On the way out: send pending settlements, give unstarted messages back."""

@@ -44,7 +44,7 @@ class Outbox:
     on_settled: Callable[[int], None] = lambda deliveries: None  # once Redis confirmed them
     acks: list[Delivery] = field(default_factory=list)
     oldest_ack: float = 0.0  # monotonic seconds when the oldest pending ack was added
-    failures: list[Failure] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
     # After a lost reply, pending operations are sent again: a miss is then expected.
     resending: bool = False
     # Acks in take order are the oldest of the private list: sent as one LTRIM (see
@@ -63,16 +63,16 @@ class Outbox:
 
     def fail(self, failure: Failure) -> None:
         """Retry or dead-letter `failure` now (it stays pending if Redis does not answer)."""
-        self.failures.append(failure)
-        self.send_failures()
+        self.failed.append(failure)
+        self.send_failed()
 
     def take(self, limit: int, landed: bool = False) -> Taken:
-        """Send pending failures, then the acks with a take of up to `limit` new deliveries
-        (`landed`: a blocking fetch left one in the landing list). What must precede the
-        acks goes first: it may turn an ack into a failure."""
+        """Send the failed deliveries' moves, then the acks with a take of up to `limit` new
+        deliveries (`landed`: a blocking fetch left one in the landing list). What must
+        precede the acks goes first: it may turn an ack into a failure."""
         if self.acks:
             self.before_acks()
-        self.send_failures()
+        self.send_failed()
         acks = self.acks
         if not acks and limit <= 0:
             return Taken(0, [], None)  # nothing to send
@@ -111,7 +111,7 @@ class Outbox:
     def flush(self) -> None:
         """Send everything pending, taking nothing new (a trim refused is sent again, one
         by one, so this ends in two trips at most)."""
-        while self.acks or self.failures:
+        while self.acks or self.failed:
             self.take(0)
 
     def lost_reply(self) -> None:
@@ -120,15 +120,15 @@ class Outbox:
 
     @property
     def empty(self) -> bool:
-        return not (self.acks or self.failures)
+        return not (self.acks or self.failed)
 
-    def send_failures(self) -> None:
-        while self.failures:
-            failure = self.failures[0]
+    def send_failed(self) -> None:
+        while self.failed:
+            failure = self.failed[0]
             if failure.delay is None:
                 moved = self.queue.dead_letter(failure.delivery, failure.record)
             else:
                 moved = self.queue.retry_later(failure.delivery, failure.delay)
-            self.failures.pop(0)
+            self.failed.pop(0)
             self.on_settled(1)
             self.on_failure_settled(failure, moved or self.resending)

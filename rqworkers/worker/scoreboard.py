@@ -52,7 +52,7 @@ def _layout() -> dict[str, int]:
         "since",  # manager: wall-clock start time of the live worker
         "next_start",  # manager: wall-clock time of the next start while in backoff
         "ended_at",  # manager: wall-clock time the last worker ended
-        "failures",  # manager: the slot's consecutive failed starts or crashes
+        "bad_exits",  # manager: the slot's consecutive failed starts or crashes
         "succeeded_base",  # manager: `succeeded` when the live worker started
         "failed_base",
         "settled_base",
@@ -189,16 +189,18 @@ class Scoreboard:
     def set_pid(self, pid: int) -> None:
         self._set("pid", pid)
 
-    def worker_ended(self, reason: str, recycle: str, next_start: float, failures: int = 0) -> None:
+    def worker_ended(
+        self, reason: str, recycle: str, next_start: float, bad_exits: int = 0
+    ) -> None:
         """Record why the worker ended (`recycle` is one of RECYCLE_REASONS or ''), and the
-        slot's consecutive `failures` so far (0 after a normal exit)."""
+        slot's `bad_exits` so far: crashes and failed starts in a row, 0 after a normal exit."""
         self._set("pid", 0)
         self._clear_entries()
         self._set("waiting_since", 0.0)
         self._set("ready", 0)
         self._set("next_start", next_start)
         self._set("ended_at", time.time())
-        self._set("failures", failures)
+        self._set("bad_exits", bad_exits)
         if recycle:
             self._add(f"recycled_{recycle}")
         self._write_text(_REASON_OFFSET, reason)

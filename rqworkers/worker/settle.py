@@ -137,7 +137,7 @@ class Settler:
             delivery = next((d for d in acks if d.payload == message), None)
             if delivery is not None:
                 acks.remove(delivery)
-                outbox.failures.append(self.failure(delivery, error))
+                outbox.failed.append(self.failure(delivery, error))
 
     def confirmed(self, failure: Failure, moved: bool) -> None:
         """Count and log a retry or dead-letter that Redis confirmed."""
