@@ -1,8 +1,10 @@
 """The status page and its JSON API, served next to `/metrics` by the keeper.
 
 Reads: `GET /api/status` is exactly `rqworkers status --json` (one `status.collect` per
-second at most, shared by every open browser); `GET /api/dead` pages a queue's dead
-letters, each with a binary-safe preview (`dead.preview`) and everything its record says.
+second at most, shared by every open browser); `GET /api/history` the throughput of the
+last minutes, sampled here (`history`); `GET /api/dead` pages a queue's dead letters, each
+with a binary-safe preview (`dead.preview`), everything its record says, and the worker
+that dead-lettered it by the name and node the workers table shows.
 Writes: `POST /api/dead/requeue` and `/api/dead/purge`, only with the token (see `auth`).
 All of it only for requests addressed to one of this server's names (`Site.check_host`).
 
@@ -40,8 +42,9 @@ from rqworkers.ops.web.auth import (
     token_source,
 )
 from rqworkers.ops.web.cache import SharedReads
+from rqworkers.ops.web.history import History
 from rqworkers.store.connections import Client
-from rqworkers.store.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect
+from rqworkers.store.queue import TRANSIENT_ERRORS, DeadLetter, DeadLetters, connect, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +115,14 @@ class Site:
         self._hosts_refused: set[str] = set()
         self.status_reads: SharedReads[bytes] = SharedReads()
         self.dead_reads: SharedReads[dict[str, Any]] = SharedReads()
+        # Started by whoever serves the page (the keeper): `history.start()`.
+        self.history = History(lambda: cast(list[dict[str, Any]], json.loads(self.status())))
         self._clients: dict[str, Client] = {}
         self._clients_lock = threading.Lock()
         self.assets = {path: (_STATIC / name).read_bytes() for path, (name, _) in ASSETS.items()}
         self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("GET", "/api/status"): self.get_status,
+            ("GET", "/api/history"): lambda r: _json(self.history.as_json()),
             ("GET", "/api/session"): self.get_session,
             ("GET", "/api/dead"): self.get_dead,
             ("POST", "/api/dead/requeue"): lambda r: self.act(r, "requeue"),
@@ -253,6 +259,7 @@ class Site:
             return self._clients[url]
 
     def close(self) -> None:
+        self.history.stop()
         with self._clients_lock:
             for client in self._clients.values():
                 client.close()
@@ -279,11 +286,14 @@ class Site:
         _, content_type = ASSETS[request.path]
         return Response(HTTPStatus.OK, self.assets[request.path], content_type)
 
-    def get_status(self, request: Request) -> Response:
-        body = self.status_reads.get(
+    def status(self) -> bytes:
+        """`rqworkers status --json`, at most a second old: one read for every caller."""
+        return self.status_reads.get(
             "status", lambda: _safe_json(status.as_json(status.collect(self.config)))
         )
-        return Response(HTTPStatus.OK, body)
+
+    def get_status(self, request: Request) -> Response:
+        return Response(HTTPStatus.OK, self.status())
 
     def get_session(self, request: Request) -> Response:
         identity = self.identify(request)
@@ -306,13 +316,21 @@ class Site:
         limit = _integer(request.arg("limit", "20"), "limit", 1, MAX_PAGE)
 
         def read() -> dict[str, Any]:
-            letters = DeadLetters(self.client(pair.url), pair.queue)
+            client = self.client(pair.url)
+            letters = DeadLetters(client, pair.queue)
+            page = letters.page(start, limit)
+            # Records name a worker by its id (`node:index`, for Redis keys); the workers
+            # table, the logs and `ps` by its name and node: shown as those where known.
+            names = {
+                str(w["worker_id"]): {"name": w.get("name"), "node": w.get("node")}
+                for w in snapshot(client, pair.queue).workers
+            }
             return {
                 "host": pair.endpoint,
                 "queue": pair.queue,
                 "total": len(letters),
                 "start": start,
-                "letters": [_letter(letter) for letter in letters.page(start, limit)],
+                "letters": [_letter(letter, names) for letter in page],
             }
 
         return _json(self.dead_reads.get((pair.url, pair.queue, start, limit), read))
@@ -452,13 +470,20 @@ def _no_constant(text: str) -> float:
     raise ValueError(f"{text} is not JSON")
 
 
-def _letter(letter: DeadLetter) -> dict[str, Any]:
+def _letter(letter: DeadLetter, names: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    info = letter.info or {}  # reason, attempts, at, worker, and any newer fields
+    worker = info.get("worker")
     return {
         "index": letter.index,
         "key": letter_key(letter.payload),
         "size": len(letter.payload),
         "preview": dead.preview(letter.payload),
-        "info": letter.info or {},  # reason, attempts, at, worker, and any newer fields
+        "info": info,
+        # `name` and `node` as the workers table shows them; without a live worker of that
+        # id, `name` is None and the page shows the stored id.
+        "worker": {"id": worker, "name": None, "node": None, **names.get(str(worker), {})}
+        if worker is not None
+        else None,
     }
 
 
