@@ -104,7 +104,7 @@ def main(out: Path) -> None:
                 page.fill("#login input[name=token]", TOKEN)
                 page.click("#login button")
                 page.wait_for_selector("#logout", state="visible")
-                time.sleep(LOAD_SECONDS)  # the chart shows what the page saw meanwhile
+                time.sleep(LOAD_SECONDS)  # the chart shows what the server sampled meanwhile
                 page.select_option("#dead-queue", value=f"{redis_server.url} billing")
                 page.wait_for_selector("#dead td.preview")
                 page.check("#dead tr[data-index='1'] input")

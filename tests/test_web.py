@@ -35,10 +35,11 @@ from rqworkers.ops.web import Site, auth
 from rqworkers.ops.web import server as web_server
 from rqworkers.ops.web.auth import COOKIE, Gate
 from rqworkers.ops.web.cache import SharedReads
+from rqworkers.ops.web.history import History
 from rqworkers.ops.web.server import CSP
 from rqworkers.ops.web.site import MAX_HOSTS_LOGGED, letter_key
 from rqworkers.store.keys import Keys
-from rqworkers.store.queue import ReliableQueue
+from rqworkers.store.queue import ReliableQueue, renew_leases
 from tests.support import RedisServer, Service, free_port, wait_for, write_config
 
 TOKEN = "s3cret-token-for-tests"
@@ -273,6 +274,86 @@ def test_dead_letters_are_paged_with_binary_safe_previews(web: Callable[..., Ser
     status, _, raw = server.call("GET", "/api/dead?queue=q1")
     assert status == 500 and b"WRONGTYPE" in raw  # a lasting error: said as such, not "retry"
     assert server.call("GET", "/api/dead?queue=q2&limit=1000")[0] == 400
+
+
+def _publish(client: redis.Redis, queue: str, worker_id: str, **status: Any) -> None:
+    """A live worker's lease, as a keeper renews it: its status is the value."""
+    value = {"name": f"{queue}-1", "node": "web-1", "pid": 4242, "at": time.time(), **status}
+    renew_leases(client, {(queue, worker_id): json.dumps(value)}, 30.0)
+
+
+def test_a_dead_letter_names_its_worker_as_the_workers_table_does(
+    web: Callable[..., Server],
+) -> None:
+    """Records hold the worker's id (`web-1:1`); the workers table, the logs and `ps` its
+    name (`q1-1`) and node: the page must not call one worker two names."""
+    server = web()
+    client = server.redis
+    client.lpush("q1", b"poison")
+    queue = ReliableQueue(client, "q1", "web-1:1")
+    queue.replay(None)
+    [delivery] = queue.take([], 1).deliveries
+    assert queue.dead_letter(delivery, {"reason": "boom", "attempts": 3})
+    dead_letter(client, "q1", b"by a worker gone since", "boom")  # worker `test:1`, no lease
+    _publish(client, "q1", "web-1:1")
+    [row] = [w for p in server.json("/api/status") if p["queue"] == "q1"
+             for w in p["snapshot"]["workers"]]  # fmt: skip
+    page = server.json("/api/dead?queue=q1")
+    gone, live = page["letters"]
+    assert live["info"]["worker"] == "web-1:1"  # the record itself is shown unchanged
+    assert live["worker"] == {"id": "web-1:1", "name": row["name"], "node": row["node"]}
+    assert (row["name"], row["node"]) == ("q1-1", "web-1")
+    assert gone["worker"] == {"id": "test:1", "name": None, "node": None}
+
+
+def test_the_chart_s_history_is_kept_by_the_server(web: Callable[..., Server]) -> None:
+    """A page just opened draws the last minutes at once: `/api/history` has them, sampled
+    by the server whether a page is open or not."""
+    server = web()
+    assert server.site is not None
+    history, now = server.site.history, [1000.0]
+    history.clock = lambda: now[0]
+    assert server.json("/api/history")["points"] == []
+    for step, (succeeded, failed) in enumerate([(10, 0), (40, 3), (40, 3), (7, 1)]):
+        _publish(server.redis, "q2", "web-1:1", succeeded=succeeded, failed=failed,
+                 pid=4242 if step < 3 else 4343)  # fmt: skip
+        server.site.status_reads.forget()
+        now[0] += 3.0
+        history.sample()
+    reply = server.json("/api/history")
+    assert reply["every"] == 3.0 and reply["keep"] == 300.0
+    # 30 succeeded and 3 failed in 3 s; nothing; a new process (pid) counted from zero.
+    assert reply["points"] == [
+        {"t": 1006.0, "ok": 10.0, "failed": 1.0},
+        {"t": 1009.0, "ok": 0.0, "failed": 0.0},
+        {"t": 1012.0, "ok": 7 / 3, "failed": 1 / 3},
+    ]
+
+
+def test_the_history_is_bounded_and_survives_a_failing_read() -> None:
+    def status(n: int) -> list[dict[str, Any]]:
+        worker = {"worker_id": "n:1", "pid": 1, "succeeded": n, "failed": 0}
+        return [{"host": "h", "queue": "q", "snapshot": {"workers": [worker]}}]
+
+    reads = iter([status(n) for n in range(500)])
+    history = History(lambda: next(reads), every=3.0, keep=300.0)
+    for _ in range(500):
+        history.sample()
+    points = history.as_json()["points"]
+    assert len(points) == 100 and all(p["ok"] > 0 for p in points)
+
+    tries: list[float] = []
+
+    def broken() -> list[dict[str, Any]]:
+        tries.append(time.monotonic())
+        raise redis.ConnectionError("down")
+
+    failing = History(broken, every=0.01)
+    failing.start()
+    wait_for(lambda: len(tries) >= 3, timeout=5, what="the sampler to try again after errors")
+    assert failing._thread is not None and failing._thread.is_alive()
+    failing.stop()
+    assert not failing._thread.is_alive()
 
 
 def test_every_response_carries_the_security_headers(web: Callable[..., Server]) -> None:
@@ -635,7 +716,7 @@ def test_the_page_answers_only_its_own_names(
     assert len(warnings) == 1 and "dashboard_hosts" in warnings[0]  # once per name
     for n in range(MAX_HOSTS_LOGGED + 20):  # a flood of names: the log and memory stay bounded
         assert server.call("GET", "/api/status", Host=f"n{n}.evil.example")[0] == 421
-    assert server.site is not None and len(server.site._hosts_refused) == MAX_HOSTS_LOGGED
+    assert server.site is not None and len(server.site._hosts_denied) == MAX_HOSTS_LOGGED
 
 
 def test_dashboard_hosts_and_private_are_checked(tmp_path: Path) -> None:
@@ -846,9 +927,9 @@ def test_the_global_bucket_refills_and_refused_logins_are_summarised(
     quiet = auth.QuietLog(clock=lambda: now[0])
     caplog.set_level(logging.WARNING, logger="rqworkers.ops.web")
     for n in range(500):
-        quiet.refused("a login", f"10.2.0.{n % 7}", "wrong token")
+        quiet.note("a login", f"10.2.0.{n % 7}", "wrong token")
     now[0] += auth.LOG_EVERY
-    quiet.refused("a login", "10.2.0.9", "wrong token")
+    quiet.note("a login", "10.2.0.9", "wrong token")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert "and 499 more refused from 7 address(es)" in lines[1]

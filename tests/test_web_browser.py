@@ -6,7 +6,9 @@ Skipped only where no Chromium is installed (`.ci/run` installs Debian's).
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import signal
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import pytest
 import redis
 
 from rqworkers.store.keys import Keys
+from rqworkers.store.queue import DeadLetters
 from tests.browser import INSTALL, chromium, chromium_path
 from tests.support import RedisServer, Service, free_port, wait_for
 
@@ -134,6 +137,84 @@ def test_the_page_shows_the_service_live_and_acts_only_with_the_token(
         {"index": 0, "key": key}]}) == 403  # fmt: skip
     assert client.llen(Keys("mail").dead) == 2
     assert dialogs == [] and page.evaluate("window.notReloaded") is True
+
+
+def test_one_name_one_clock_one_count_and_a_chart_at_once(
+    browser: Browser, service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    """Issue 18 §8, as a reviewer met it: a worker named one way in the workers table and
+    another in the dead letters; a local clock beside UTC dead letters; an empty chart
+    until the page's second refresh; a queue's dead count other than its pager's."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = _page_with_a_dead_letter(service, redis_server, b"raise:poison")
+    client = redis_server.client()
+
+    def history() -> list[dict[str, float]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/history", timeout=5) as r:
+            return list(json.load(r)["points"])
+
+    wait_for(history, timeout=20, what="the server's first point")  # the worker seen
+    client.lpush("mail", *[f"ok:{n}".encode() for n in range(20)])
+    wait_for(lambda: any(p["ok"] > 0 for p in history()), timeout=20,
+             what="the server's history to show the work")  # fmt: skip
+    # Far from UTC, so that a local clock cannot pass for a UTC one.
+    page = browser.new_context(timezone_id="Pacific/Kiritimati").new_page()
+    injected: list[int] = []
+
+    def dead_letters_meanwhile(route: Any) -> None:
+        # Two letters die between the page's status read and its dead-letter read.
+        if not injected:
+            injected.append(client.lpush(Keys("mail").dead, b"late 1", b"late 2"))
+        route.continue_()
+
+    page.route("**/api/dead?*", dead_letters_meanwhile)
+    page.goto(f"http://127.0.0.1:{port}/")
+    expect(page.locator("#refreshed")).to_contain_text("updated")
+    # The first refresh already draws the past minutes (green: the succeeded line).
+    drawn = page.evaluate("""() => {
+        const canvas = document.getElementById("chart");
+        const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+        let green = 0;
+        for (let i = 0; i < data.length; i += 4) {
+            if (data[i] === 0x22 && data[i + 1] === 0xaa && data[i + 2] === 0x77) green++;
+        }
+        return green;
+    }""")
+    assert drawn > 0, "the chart is empty on the first refresh"
+
+    # One time zone, named: the clock is UTC, as the dead letters' times are.
+    clock = page.locator("#refreshed").inner_text()
+    assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC", clock), clock
+    shown = datetime.datetime.strptime(clock.split()[1], "%H:%M:%S").time()
+    now = datetime.datetime.now(datetime.UTC)
+    gap = abs((now - now.replace(hour=shown.hour, minute=shown.minute, second=shown.second))
+              .total_seconds())  # fmt: skip
+    assert min(gap, 86400 - gap) < 30, (clock, now)
+    poison = DeadLetters(client, "mail").get(2)
+    assert poison is not None and poison.info is not None and poison.payload == b"raise:poison"
+    at = datetime.datetime.fromtimestamp(float(poison.info["at"]), datetime.UTC)
+    expect(page.locator("#dead tr[data-index='2'] td.at")).to_have_text(
+        at.strftime("%Y-%m-%d %H:%M:%S"))  # fmt: skip
+    expect(page.locator("#dead thead")).to_contain_text("time (UTC)")
+
+    # One count: the pager's total is the queue's dead count, though two letters died
+    # between the two reads.
+    expect(page.locator("#dead-count")).to_contain_text("of 3")
+    counts = page.evaluate("""() => [
+        document.querySelector('#queues tr[data-queue="mail"] td.dead').textContent,
+        document.getElementById("dead-count").textContent]""")
+    assert counts[0] == "3" and "of 3" in counts[1], counts
+
+    # One name: the worker that dead-lettered `poison` as the workers table shows it.
+    letter = page.locator("#dead tr[data-index='2']")
+    expect(letter.locator("td.worker")).to_have_text("mail-1")
+    expect(letter.locator("td.node")).to_have_text("web-1")
+    worker = page.locator('#workers tr[data-worker="web-1/mail-1"]')
+    expect(worker.locator("td.name")).to_have_text("mail-1")
+    expect(worker.locator("td.node")).to_have_text("web-1")
+    assert injected
 
 
 def _manager(node: str, **extra: Any) -> dict[str, Any]:

@@ -156,16 +156,20 @@ class Keeper:
         collector = Metrics(
             targets, lambda: dict(self.snapshots), self.spec.manager_start_time, self.rss
         )
+        site = Site(self.spec.config) if self.spec.config else None
         try:
-            return serve(
+            server = serve(
                 str(self.spec.metrics_address),
                 collector,
                 lambda: health(targets, self.spec.manager_pid),
-                Site(self.spec.config).handle if self.spec.config else None,
+                site.handle if site else None,
             )
         except OSError as exc:  # the port is taken: keep the leases going regardless
             log.error("cannot serve metrics on %s: %s", self.spec.metrics_address, exc)
             return None
+        if site:
+            site.history.start()  # the chart's past, for a page opened later
+        return server
 
     def next_due(self) -> float:
         due = (min(x.next_renew, x.next_reclaim) for x in self.endpoints)

@@ -267,7 +267,7 @@ class QuietLog:
         self._held = 0  # refusals since, not yet written
         self._clients: set[str] = set()  # their addresses (at most MAX_CLIENTS kept)
 
-    def refused(self, what: str, client: str, why: str) -> None:
+    def note(self, what: str, client: str, why: str) -> None:
         """Note that `what` (`a login`) from `client` was refused because of `why`."""
         with self._lock:
             now = self.clock()

@@ -1,8 +1,10 @@
 """The status page and its JSON API, served next to `/metrics` by the keeper.
 
 Reads: `GET /api/status` is exactly `rqworkers status --json` (one `status.collect` per
-second at most, shared by every open browser); `GET /api/dead` pages a queue's dead
-letters, each with a binary-safe preview (`dead.preview`) and everything its record says.
+second at most, shared by every open browser); `GET /api/history` the throughput of the
+last minutes, sampled here (`history`); `GET /api/dead` pages a queue's dead letters, each
+with a binary-safe preview (`dead.preview`), everything its record says, and the worker
+that dead-lettered it by the name and node the workers table shows.
 Writes: `POST /api/dead/requeue` and `/api/dead/purge`, only with the token (see `auth`).
 All of it only for requests addressed to one of this server's names (`Site.check_host`).
 
@@ -39,9 +41,10 @@ from rqworkers.ops.web.auth import (
     token_source,
 )
 from rqworkers.ops.web.cache import SharedReads
+from rqworkers.ops.web.history import History
 from rqworkers.store.connections import Client
 from rqworkers.store.outage import REDIS_ERRORS, explain, is_outage
-from rqworkers.store.queue import DeadLetter, DeadLetters, connect
+from rqworkers.store.queue import DeadLetter, DeadLetters, connect, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,9 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-class RefusedError(Exception):
-    """A request that cannot be served as asked: answered with `status` and `message`."""
+class HttpError(Exception):
+    """A request that cannot be served as asked (bad, forbidden, not found...): answered
+    with `status` and `message`."""
 
     def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
@@ -106,17 +110,20 @@ class Site:
         self.config = config
         self.gate = Gate(token_source(config.manager))
         self.throttle = Throttle()
-        self.refusals = QuietLog()
+        self.denials = QuietLog()
         self.private = config.manager.dashboard_private
         self.hosts = frozenset(config.manager.dashboard_hosts)
-        self._hosts_refused: set[str] = set()
+        self._hosts_denied: set[str] = set()
         self.status_reads: SharedReads[bytes] = SharedReads()
         self.dead_reads: SharedReads[dict[str, Any]] = SharedReads()
+        # Started by whoever serves the page (the keeper): `history.start()`.
+        self.history = History(lambda: cast(list[dict[str, Any]], json.loads(self.status())))
         self._clients: dict[str, Client] = {}
         self._clients_lock = threading.Lock()
         self.assets = {path: (_STATIC / name).read_bytes() for path, (name, _) in ASSETS.items()}
         self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("GET", "/api/status"): self.get_status,
+            ("GET", "/api/history"): lambda r: _json(self.history.as_json()),
             ("GET", "/api/session"): self.get_session,
             ("GET", "/api/dead"): self.get_dead,
             ("POST", "/api/dead/requeue"): lambda r: self.act(r, "requeue"),
@@ -140,13 +147,11 @@ class Site:
             if http.command == "POST":
                 self.check_origin(http)
             if route is None:
-                raise RefusedError(
-                    HTTPStatus.METHOD_NOT_ALLOWED, f"{http.command} not allowed here"
-                )
+                raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{http.command} not allowed here")
             request = Request(http.command, url.path, parse_qs(url.query), http.headers,
                               _body(http), http.client_address[0])  # fmt: skip
             response = route(request)
-        except RefusedError as exc:
+        except HttpError as exc:
             response = _error(exc.status, str(exc))
             response.headers += exc.headers
         except REDIS_ERRORS as exc:
@@ -191,14 +196,14 @@ class Site:
         if name in (*LOOPBACK, bound_name) and (port == str(bound_port) or default_port):
             return
         with self._clients_lock:
-            first = host not in self._hosts_refused and len(self._hosts_refused) < MAX_HOSTS_LOGGED
+            first = host not in self._hosts_denied and len(self._hosts_denied) < MAX_HOSTS_LOGGED
             if first:
-                self._hosts_refused.add(host)
+                self._hosts_denied.add(host)
         if first:
             log.warning("dashboard: refused requests for Host %r from %s: not a name of this "
                         "server (add it to [manager] dashboard_hosts if it is)",
                         host, http.client_address[0])  # fmt: skip
-        raise RefusedError(HTTPStatus.MISDIRECTED_REQUEST,
+        raise HttpError(HTTPStatus.MISDIRECTED_REQUEST,
                            f"this server does not answer for Host {host!r}")  # fmt: skip
 
     def check_authority(self, http: BaseHTTPRequestHandler, scheme: str, netloc: str) -> None:
@@ -209,7 +214,7 @@ class Site:
             return
         host = (http.headers.get("Host") or "").strip().lower()
         if scheme not in ("http", "https") or netloc.lower() != host:
-            raise RefusedError(HTTPStatus.BAD_REQUEST,
+            raise HttpError(HTTPStatus.BAD_REQUEST,
                                "the request names another server than its Host")  # fmt: skip
 
     def check_origin(self, http: BaseHTTPRequestHandler) -> None:
@@ -234,9 +239,9 @@ class Site:
         elif not fetch_site and origin is not None and not self._our_origin(origin, http):
             problem = f"Origin {origin[:100]!r}"
         if problem:
-            self.refusals.refused(f"a POST to {urlsplit(http.path).path}", http.client_address[0],
+            self.denials.note(f"a POST to {urlsplit(http.path).path}", http.client_address[0],
                                   f"sent from another origin ({problem})")  # fmt: skip
-            raise RefusedError(HTTPStatus.FORBIDDEN, "refused: sent from a page of another origin")
+            raise HttpError(HTTPStatus.FORBIDDEN, "refused: sent from a page of another origin")
 
     def _our_origin(self, origin: str, http: BaseHTTPRequestHandler) -> bool:
         try:
@@ -258,6 +263,7 @@ class Site:
             return self._clients[url]
 
     def close(self) -> None:
+        self.history.stop()
         with self._clients_lock:
             for client in self._clients.values():
                 client.close()
@@ -271,9 +277,9 @@ class Site:
             p for p in self.config.pairs if p.queue == queue and host in (None, "", p.endpoint)
         ]
         if not matches:
-            raise RefusedError(HTTPStatus.NOT_FOUND, f"no queue {queue!r} in the config")
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no queue {queue!r} in the config")
         if len({p.url for p in matches}) > 1:
-            raise RefusedError(
+            raise HttpError(
                 HTTPStatus.BAD_REQUEST, f"queue {queue!r} is on several hosts: add host"
             )
         return matches[0]
@@ -284,11 +290,14 @@ class Site:
         _, content_type = ASSETS[request.path]
         return Response(HTTPStatus.OK, self.assets[request.path], content_type)
 
-    def get_status(self, request: Request) -> Response:
-        body = self.status_reads.get(
+    def status(self) -> bytes:
+        """`rqworkers status --json`, at most a second old: one read for every caller."""
+        return self.status_reads.get(
             "status", lambda: _safe_json(status.as_json(status.collect(self.config)))
         )
-        return Response(HTTPStatus.OK, body)
+
+    def get_status(self, request: Request) -> Response:
+        return Response(HTTPStatus.OK, self.status())
 
     def get_session(self, request: Request) -> Response:
         identity = self.identify(request)
@@ -305,19 +314,27 @@ class Site:
 
     def get_dead(self, request: Request) -> Response:
         if self.private and not self.identify(request).authenticated:
-            raise RefusedError(HTTPStatus.FORBIDDEN, PRIVATE)
+            raise HttpError(HTTPStatus.FORBIDDEN, PRIVATE)
         pair = self.pair({"queue": request.arg("queue"), "host": request.arg("host")})
         start = _integer(request.arg("start", "0"), "start", 0, 2**31)
         limit = _integer(request.arg("limit", "20"), "limit", 1, MAX_PAGE)
 
         def read() -> dict[str, Any]:
-            letters = DeadLetters(self.client(pair.url), pair.queue)
+            client = self.client(pair.url)
+            letters = DeadLetters(client, pair.queue)
+            page = letters.page(start, limit)
+            # Records name a worker by its id (`node:index`, for Redis keys); the workers
+            # table, the logs and `ps` by its name and node: shown as those where known.
+            names = {
+                str(w["worker_id"]): {"name": w.get("name"), "node": w.get("node")}
+                for w in snapshot(client, pair.queue).workers
+            }
             return {
                 "host": pair.endpoint,
                 "queue": pair.queue,
                 "total": len(letters),
                 "start": start,
-                "letters": [_letter(letter) for letter in letters.page(start, limit)],
+                "letters": [_letter(letter, names) for letter in page],
             }
 
         return _json(self.dead_reads.get((pair.url, pair.queue, start, limit), read))
@@ -339,27 +356,27 @@ class Site:
         """Charge the client one guess, or refuse (429) if it has none left."""
         wait = self.throttle.attempt(request.client)
         if wait > 0:
-            raise RefusedError(HTTPStatus.TOO_MANY_REQUESTS,
+            raise HttpError(HTTPStatus.TOO_MANY_REQUESTS,
                                f"too many wrong tokens: try again in {math.ceil(wait)}s",
                                (("Retry-After", str(math.ceil(wait))),))  # fmt: skip
 
     def actions_on(self) -> None:
-        """`RefusedError` (403) unless a usable token is configured right now."""
+        """`HttpError` (403) unless a usable token is configured right now."""
         if not self.gate.actions_enabled:
             configured = self.config.manager
             unset = configured.dashboard_token is None and configured.dashboard_token_file is None
-            raise RefusedError(HTTPStatus.FORBIDDEN, READ_ONLY if unset else UNUSABLE)
+            raise HttpError(HTTPStatus.FORBIDDEN, READ_ONLY if unset else UNUSABLE)
 
     def authorize(self, request: Request) -> Identity:
-        """The requester, if it may act; else `RefusedError` with 403 and why."""
+        """The requester, if it may act; else `HttpError` with 403 and why."""
         self.actions_on()
         identity = self.identify(request)
         if not identity.authenticated:
-            self.refusals.refused(f"{request.method} {request.path}", request.client,
+            self.denials.note(f"{request.method} {request.path}", request.client,
                                   "no valid token")  # fmt: skip
-            raise RefusedError(HTTPStatus.FORBIDDEN, "a valid token is needed: log in first")
+            raise HttpError(HTTPStatus.FORBIDDEN, "a valid token is needed: log in first")
         if not self.gate.csrf_ok(identity, request.headers.get("X-CSRF-Token")):
-            raise RefusedError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
+            raise HttpError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
         return identity
 
     def act(self, request: Request, action: str) -> Response:
@@ -367,24 +384,24 @@ class Site:
         has moved since the page read it, nothing is done (409) and the page reloads."""
         self.authorize(request)
         if request.headers.get_content_type() != "application/json":
-            raise RefusedError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
         args = _parse_json(request.body)
         shape = "expected {queue, letters: [{index, key}]}"
         try:
             wanted = [(x["index"], x["key"]) for x in args["letters"]]
         except (KeyError, TypeError) as exc:
-            raise RefusedError(HTTPStatus.BAD_REQUEST, f"{shape}: {exc}") from None
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"{shape}: {exc}") from None
         if not all(type(i) is int and 0 <= i < 2**31 and isinstance(k, str) for i, k in wanted):
-            raise RefusedError(HTTPStatus.BAD_REQUEST, f"{shape}: index a whole number, key text")
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"{shape}: index a whole number, key text")
         if not 0 < len(wanted) <= MAX_PAGE:
-            raise RefusedError(HTTPStatus.BAD_REQUEST, f"name 1 to {MAX_PAGE} letters")
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"name 1 to {MAX_PAGE} letters")
         pair = self.pair(args)
         letters = DeadLetters(self.client(pair.url), pair.queue)
         found: list[DeadLetter] = []
         for index, key in sorted(set(wanted)):
             letter = letters.get(index)
             if letter is None or letter_key(letter.payload) != key:
-                raise RefusedError(HTTPStatus.CONFLICT, "the dead letters changed since the page "
+                raise HttpError(HTTPStatus.CONFLICT, "the dead letters changed since the page "
                               "read them: nothing was done, look again")  # fmt: skip
             found.append(letter)
         done = letters.requeue(found) if action == "requeue" else letters.purge(found)
@@ -399,8 +416,8 @@ class Site:
         self.slow_down(request)
         form = parse_qs(request.body.decode("utf-8", "surrogateescape"))
         if not self.gate.token_matches((form.get("token") or [""])[0]):
-            self.refusals.refused("a login", request.client, "wrong token")
-            raise RefusedError(HTTPStatus.FORBIDDEN, "wrong token")
+            self.denials.note("a login", request.client, "wrong token")
+            raise HttpError(HTTPStatus.FORBIDDEN, "wrong token")
         self.throttle.refund(request.client)
         log.info("dashboard: login from %s", request.client)
         return _see_other(_cookie(request, self.gate.new_session(), SESSION_SECONDS))
@@ -426,12 +443,12 @@ def _body(http: BaseHTTPRequestHandler) -> bytes:
     try:
         length = int(http.headers.get("Content-Length") or 0)
     except ValueError:
-        raise RefusedError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+        raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
     if not 0 <= length <= MAX_BODY:
-        raise RefusedError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"at most {MAX_BODY} bytes")
+        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"at most {MAX_BODY} bytes")
     body = http.rfile.read(length)
     if len(body) < length:
-        raise RefusedError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
+        raise HttpError(HTTPStatus.BAD_REQUEST, "the body ended before its Content-Length")
     return body
 
 
@@ -441,9 +458,9 @@ def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
-        raise RefusedError(HTTPStatus.BAD_REQUEST, "JSON nested too deep") from None
+        raise HttpError(HTTPStatus.BAD_REQUEST, "JSON nested too deep") from None
     except ValueError as exc:  # UnicodeDecodeError and too long integers included
-        raise RefusedError(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}") from None
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"not JSON: {exc}") from None
 
 
 def _finite(text: str) -> float:
@@ -457,13 +474,20 @@ def _no_constant(text: str) -> float:
     raise ValueError(f"{text} is not JSON")
 
 
-def _letter(letter: DeadLetter) -> dict[str, Any]:
+def _letter(letter: DeadLetter, names: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    info = letter.info or {}  # reason, attempts, at, worker, and any newer fields
+    worker = info.get("worker")
     return {
         "index": letter.index,
         "key": letter_key(letter.payload),
         "size": len(letter.payload),
         "preview": dead.preview(letter.payload),
-        "info": letter.info or {},  # reason, attempts, at, worker, and any newer fields
+        "info": info,
+        # `name` and `node` as the workers table shows them; without a live worker of that
+        # id, `name` is None and the page shows the stored id.
+        "worker": {"id": worker, "name": None, "node": None, **names.get(str(worker), {})}
+        if worker is not None
+        else None,
     }
 
 
@@ -471,9 +495,9 @@ def _integer(text: str | None, name: str, low: int, high: int) -> int:
     try:
         value = int(text or "")
     except ValueError:
-        raise RefusedError(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number") from None
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a whole number") from None
     if not low <= value <= high:
-        raise RefusedError(HTTPStatus.BAD_REQUEST, f"{name} must be from {low} to {high}")
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be from {low} to {high}")
     return value
 
 

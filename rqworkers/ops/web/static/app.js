@@ -3,7 +3,6 @@
 "use strict";
 
 const REFRESH_MS = 2000;
-const HISTORY_MS = 5 * 60 * 1000; // what the chart keeps
 const RATE_SAMPLES = 5; // rates in the queue table: over the last few refreshes
 const PAGE = 20; // dead letters per page
 
@@ -11,8 +10,10 @@ const $ = (id) => document.getElementById(id);
 const state = {
   session: { actions: false, authenticated: false, csrf: null },
   samples: [], // {t, perPair: Map(pair -> {ok, failed}), workers: Map(id -> {pid, ok, failed})}
+  history: { keep: 300, points: [] }, // the chart's: kept by the server, so there at once
   pairs: [],
-  dead: { pair: null, start: 0, count: null, letters: [] },
+  // `total`: the count the pager shows, also shown as its queue's dead count (one read).
+  dead: { pair: null, start: 0, count: null, total: null, letters: [] },
 };
 
 function el(tag, attrs = {}, ...children) {
@@ -52,6 +53,7 @@ function duration(seconds) {
   return `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")}m`;
 }
 
+// Every time on the page is UTC, as the dead letters' records and the logs are.
 function utc(epoch) {
   return epoch ? new Date(Number(epoch) * 1000).toISOString().replace("T", " ").slice(0, 19) : "?";
 }
@@ -81,7 +83,7 @@ function sample(pairs, t) {
     perPair.set(pairKey(pair), sum);
   }
   state.samples.push({ t, stamp, perPair, workers });
-  while (state.samples.length > 2 && t - state.samples[0].t > HISTORY_MS) state.samples.shift();
+  while (state.samples.length > RATE_SAMPLES + 1) state.samples.shift();
 }
 
 function rate(key) {
@@ -113,9 +115,15 @@ function renderQueues(pairs) {
     return el("tr", attrs,
       el("td", { class: "host" }, pair.host), el("td", { class: "queue" }, pair.queue),
       cell("waiting", snap.waiting), cell("in_flight", snap.in_flight),
-      cell("retrying", snap.retrying), cell("dead", snap.dead),
+      cell("retrying", snap.retrying), cell("dead", deadCount(pair)),
       cell("ok-rate", r ? r.ok.toFixed(1) : "…"), cell("failed-rate", r ? r.failed.toFixed(1) : "…"));
   }));
+}
+
+// The chosen queue's dead count is the pager's: one read, never two numbers at once.
+function deadCount(pair) {
+  const shown = pairKey(pair) === state.dead.pair && state.dead.total !== null;
+  return shown ? state.dead.total : pair.snapshot?.dead;
 }
 
 function renderWorkers(pairs) {
@@ -148,22 +156,18 @@ function renderChart() {
   const ctx = canvas.getContext("2d");
   const { width, height } = canvas;
   ctx.clearRect(0, 0, width, height);
-  const points = [];
-  for (let i = 1; i < state.samples.length; i++) {
-    const s = state.samples[i];
-    const seconds = (s.t - state.samples[i - 1].t) / 1000;
-    let ok = 0, failed = 0;
-    for (const d of s.perPair.values()) { ok += d.ok; failed += d.failed; }
-    points.push({ t: s.t, ok: ok / seconds, failed: failed / seconds });
-  }
+  const points = state.history.points.map((p) => ({ t: p.t * 1000, ok: p.ok, failed: p.failed }));
+  const keep = state.history.keep * 1000;
   const top = Math.max(1, ...points.map((p) => Math.max(p.ok, p.failed)));
-  $("chart-scale").textContent = `(top: ${top.toFixed(1)}/s; a line every minute, now on the right)`;
-  const end = state.samples.length ? state.samples[state.samples.length - 1].t : 0;
-  const x = (t) => width - ((end - t) / HISTORY_MS) * width;
+  const end = points.length ? points[points.length - 1].t : 0;
+  const last = points.length ? `, last ${utc(end / 1000).slice(11)} UTC` : "";
+  $("chart-scale").textContent = `(top: ${top.toFixed(1)}/s; a line every minute, now on the right${last})`;
+  canvas.dataset.points = points.length;
+  const x = (t) => width - ((end - t) / keep) * width;
   const y = (v) => height - 4 - (v / top) * (height - 12);
   ctx.strokeStyle = "#e3e5ea";
   ctx.lineWidth = 1;
-  for (let minute = 1; minute < HISTORY_MS / 60000; minute++) { // a line a minute back
+  for (let minute = 1; minute < keep / 60000; minute++) { // a line a minute back
     ctx.beginPath();
     ctx.moveTo(x(end - minute * 60000), 0);
     ctx.lineTo(x(end - minute * 60000), height);
@@ -197,10 +201,14 @@ function renderDead(page) {
   const body = $("dead").tBodies[0];
   const first = page.total ? page.start + 1 : 0;
   $("dead-count").textContent = `${first}–${page.start + page.letters.length} of ${page.total}, newest first`;
+  state.dead.total = page.total;
+  const row = [...$("queues").tBodies[0].rows].find((r) => state.dead.pair === `${r.dataset.host} ${r.dataset.queue}`);
+  const cell = row?.querySelector("td.dead");
+  if (cell) cell.textContent = page.total;
   $("dead-prev").disabled = page.start === 0;
   $("dead-next").disabled = page.start + page.letters.length >= page.total;
   if (!page.letters.length) {
-    body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 8 }, "no dead letter")));
+    body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: 9 }, "no dead letter")));
     return;
   }
   const known = new Set(["reason", "attempts", "at", "worker", "traceback"]);
@@ -216,7 +224,10 @@ function renderDead(page) {
     return el("tr", { "data-index": letter.index },
       el("td", { class: "pick" }, pick), el("td", { class: "n" }, letter.index), el("td", { class: "n" }, letter.size),
       el("td", { class: "preview" }, letter.preview), el("td", { class: "n attempts" }, info.attempts ?? "?"),
-      reason, el("td", {}, utc(info.at)), el("td", {}, info.worker ?? "?"));
+      reason, el("td", { class: "at" }, utc(info.at)),
+      // As the workers table names it; a worker no longer live keeps its stored id.
+      el("td", { class: "worker" }, letter.worker?.name ?? letter.worker?.id ?? "?"),
+      el("td", { class: "node" }, letter.worker?.node ?? "?"));
   }));
 }
 
@@ -243,6 +254,7 @@ async function loadDead() {
     renderSession();
   } catch (error) {
     state.dead.letters = [];
+    state.dead.total = null;
     $("dead").tBodies[0].replaceChildren();
     $("dead-count").textContent = `cannot read dead letters: ${error.message}`;
   }
@@ -254,12 +266,14 @@ async function refresh() {
   if (refreshing) return;
   refreshing = true;
   try {
-    const pairs = await api("api/status");
+    const [pairs, history] = await Promise.all([api("api/status"), api("api/history")]);
     sample(pairs, Date.now());
+    state.history = history;
+    renderDeadChoices(pairs);
+    if (state.dead.pair !== $("dead-queue").value) state.dead.total = null;
     renderQueues(pairs);
     renderWorkers(pairs);
     renderChart();
-    renderDeadChoices(pairs);
     const chosen = pairs.find((p) => pairKey(p) === $("dead-queue").value);
     const count = chosen?.snapshot?.dead ?? null;
     // Dead letters are read again only when their count (or the chosen queue) changes.
@@ -268,7 +282,7 @@ async function refresh() {
       state.dead.count = count;
       await loadDead();
     }
-    $("refreshed").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    $("refreshed").textContent = `updated ${utc(Date.now() / 1000).slice(11)} UTC`;
     $("refreshed").classList.remove("error");
   } catch (error) {
     $("refreshed").textContent = `cannot refresh: ${error.message}`;
