@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from rqworkers import Producer
 from rqworkers.config import PairSettings
 from rqworkers.errors import ReplyError
 from rqworkers.store.keys import Keys
@@ -21,7 +22,7 @@ from rqworkers.store.queue import DeadLetters, Delivery, ReliableQueue
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.scoreboard import Scoreboard
 from rqworkers.worker.settle import Settler
-from tests.support import RedisServer, Service, wait_for
+from tests.support import APPS, RedisServer, Service, task_pair, wait_for
 
 StartService = Callable[..., Service]
 HANDLER = "testapp:handle"
@@ -303,3 +304,29 @@ def test_a_reply_stays_with_its_ack_through_a_lost_connection(redis_server: Redi
     settler.outbox.flush()
     assert client.lrange("replies:r", 0, -1) == [b"run 2", b"run 1"]
     assert client.llen(queue.keys.processing) == 0 and settler.outbox.empty
+
+
+def test_a_twin_abandoned_past_its_timeout_never_lends_its_reply_to_a_concurrent_twin(
+    service: StartService, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three twins of a task in a pool of two threads. Run 1 outlives its timeout and is
+    retried, but its thread still finishes, before run 3 does. Each acked twin's caller
+    hears its own run (2, 3), the retried one its retry's (4); run 1's reply, of a
+    delivery that failed, is written by nobody."""
+    monkeypatch.syspath_prepend(str(APPS))
+    from rqworkers.client import tasks
+
+    timeout = 2.0  # run 1 ends at 1.2x, run 3 starts at 0.6x and ends at 1.4x (its own 1.6x)
+    svc = service([task_pair(concurrency=2, prefetch=3, timeout=timeout, max_attempts=3)])
+    svc.wait_workers(1)
+    reply_to = "tasks:replies:twins"
+    schedule = (1.2 * timeout, 0.6 * timeout, 0.8 * timeout)
+    message = tasks.encode(
+        Producer.task("taskapp:on_schedule", ("t", *schedule), reply_to=reply_to)
+    )
+    client = redis_server.client()
+    client.lpush("tasks", message, message, message)
+    wait_for(lambda: client.llen(reply_to) >= 3, timeout=30, what="three replies")
+    results = [tasks.read_reply(reply)[1] for reply in client.lrange(reply_to, 0, -1)]
+    assert sorted(results) == [2, 3, 4], "each reply is its own delivery's run"
+    assert client.get("on_schedule:t") == b"4", "the abandoned twin ran again, once"
