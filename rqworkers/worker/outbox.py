@@ -67,7 +67,7 @@ class Outbox:
     def replace_ack(self, delivery: Delivery, failure: Failure) -> None:
         """`delivery` is not to be acked after all (its reply was refused): `failure`
         takes the place of its ack, and of its reply."""
-        self.acks.remove(delivery)  # this very delivery: a twin is another object
+        self.acks.remove(delivery)  # equal only with its own id: never a twin
         self.replies.pop(delivery.id, None)
         self.failures.append(failure)
 

@@ -143,9 +143,9 @@ class Settler:
         that does not answer raises: every reply stays with its ack, to go again with it.
         """
         outbox = self.outbox
-        due = [delivery for delivery in outbox.acks if delivery.id in outbox.replies]
-        if not due:
+        if not outbox.replies:  # a plain handler's, always: nothing to look through
             return
+        due = [delivery for delivery in outbox.acks if delivery.id in outbox.replies]
         errors = self.handler.write_replies([outbox.replies[d.id] for d in due])
         for delivery, error in zip(due, errors, strict=True):
             if error is None:
