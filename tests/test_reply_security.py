@@ -222,16 +222,16 @@ def test_a_reply_redis_refuses_fails_only_its_own_message(
     client.set("tasks:replies:str", "x")
     bad = task("taskapp:add", 1, 2, reply_to="tasks:replies:str")
     good = task("taskapp:add", 2, 2, reply_to="tasks:replies:ok")
-    assert handler.handle(bad) == 3 and handler.handle(good) == 4
+    (three, bad_reply), (four, good_reply) = handler.run(bad), handler.run(good)
+    assert (three, four) == (3, 4) and bad_reply is not None and good_reply is not None
     started = time.monotonic()
-    ((message, error),) = handler.before_ack([bad, good])
+    error, written = handler.write_replies([bad_reply, good_reply])
     assert time.monotonic() - started < 0.5, "WRONGTYPE is not worth waiting for"
-    assert message == bad and isinstance(error, ReplyError)
+    assert written is None and isinstance(error, ReplyError)
     assert "reply to 'tasks:replies:str' not written" in str(error)
     assert "WRONGTYPE" in str(error)
     assert client.get("tasks:replies:str") == b"x"
     assert json.loads(client.rpop("tasks:replies:ok"))["result"] == 4  # type: ignore[arg-type]
-    assert handler.before_ack([bad, good]) == [], "each reply is sent (or failed) once"
 
 
 def test_a_reply_refused_for_memory_is_retried_briefly_then_fails_its_message(
@@ -239,15 +239,16 @@ def test_a_reply_refused_for_memory_is_retried_briefly_then_fails_its_message(
 ) -> None:
     client = redis_server.client()
     message = task("taskapp:add", 1, 2, reply_to="tasks:replies:oom")
-    assert handler.handle(message) == 3
+    result, reply = handler.run(message)
+    assert result == 3 and reply is not None
     client.config_set("maxmemory", 1)
     try:
         started = time.monotonic()
-        ((failed, error),) = handler.before_ack([message])
+        (error,) = handler.write_replies([reply])
         waited = time.monotonic() - started
     finally:
         client.config_set("maxmemory", 0)
-    assert failed == message and "tasks:replies:oom" in str(error)
+    assert isinstance(error, ReplyError) and "tasks:replies:oom" in str(error)
     assert "out of memory" in str(error)
     assert 0.5 < waited < 3.0, f"a short retry, not an outage ({waited:.2f}s)"
     assert client.exists("tasks:replies:oom") == 0

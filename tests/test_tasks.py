@@ -109,8 +109,8 @@ def test_only_task_is_required_and_a_missing_id_is_the_same_for_every_retry() ->
 
 def test_a_message_survives_encoding_and_parsing_unchanged() -> None:
     sent = Producer.task(
-        "myapp.jobs:add", (1, "two", [3.5], {"four": None}), {"é": "ü"}, 2.5, "replies",
-        60, "myapp.jobs:ok", "myapp.jobs:ko",
+        "myapp.jobs:add", (1, "two", [3.5], {"four": None}), {"é": "ü"}, timeout=2.5,
+        reply_to="replies", result_ttl=60, on_success="myapp.jobs:ok", on_failure="myapp.jobs:ko",
     )  # fmt: skip
     data = tasks.encode(sent)
     assert json.loads(data)["v"] == tasks.VERSION
@@ -414,11 +414,12 @@ def test_the_handler_runs_the_task_and_replies_before_the_ack(
 ) -> None:
     r = "tasks:replies:r"
     message = tasks.encode(Producer.task("taskapp:job", (7, 6), {"scale": 2}, reply_to=r))
-    assert handler.handle(message)["result"] == 12
+    result, reply = handler.run(message)
+    assert result["result"] == 12 and reply is not None and reply[0] == r
     client = redis_server.client()
     assert client.exists(r) == 0, "replies travel together, just before the acks"
-    assert handler.before_ack([b"another message"]) == [] and client.exists(r) == 0
-    assert handler.before_ack([message]) == []
+    assert handler.write_replies([]) == [] and client.exists(r) == 0
+    assert handler.write_replies([reply]) == [None]
     assert 0 < client.pttl(r) <= tasks.DEFAULT_RESULT_TTL * 1000
     task_id, result, error = tasks.read_reply(client.rpop(r))
     assert (task_id, result["result"], error) == (tasks.parse(message).id, 12, None)
@@ -513,8 +514,9 @@ def test_a_reply_to_in_the_queues_reply_namespace_is_written(
     handler: TaskHandler, redis_server: RedisServer, key: str
 ) -> None:
     message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
-    assert handler.handle(message) == 3
-    assert handler.before_ack([message]) == []
+    result, reply = handler.run(message)
+    assert result == 3 and reply is not None
+    assert handler.write_replies([reply]) == [None]
     assert redis_server.client().keys() == [key.encode()]
 
 
@@ -553,8 +555,9 @@ def test_reply_keys_widen_the_namespace_only_as_the_operator_says(
     try:
         for key in ("results:x", "done:1a", "tasks:replies:y"):
             message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
-            assert made.handle(message) == 3
-            assert made.before_ack([message]) == []
+            result, reply = made.run(message)
+            assert result == 3 and reply is not None
+            assert made.write_replies([reply]) == [None]
         for key in ("done:a1", "done:12x", "result", Keys("tasks").dead):
             message = tasks.encode(Producer.task("taskapp:add", (1, 2), reply_to=key))
             with pytest.raises(Refused, match=r"\(tasks:replies:\*, results:\*, done:\[0-9\]\?\)"):

@@ -8,14 +8,21 @@ for a crash only if it was the one running.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 
 import pytest
 import redis
 
+from rqworkers import Producer
+from rqworkers.config import PairSettings
+from rqworkers.errors import ReplyError
 from rqworkers.store.keys import Keys
-from rqworkers.store.queue import DeadLetters
-from tests.support import RedisServer, Service, wait_for
+from rqworkers.store.queue import DeadLetters, Delivery, ReliableQueue
+from rqworkers.worker.handlers import Handler, Reply
+from rqworkers.worker.scoreboard import Scoreboard
+from rqworkers.worker.settle import Settler
+from tests.support import APPS, RedisServer, Service, task_pair, wait_for
 
 StartService = Callable[..., Service]
 HANDLER = "testapp:handle"
@@ -205,3 +212,121 @@ def test_sigterm_gives_prefetched_messages_back_while_the_handler_still_runs(
     wait_for(lambda: client.llen("jobs") == 4, timeout=5, what="four given back at once")
     assert svc.wait(20) == 0
     assert client.llen(Keys("jobs").dead) == 0
+
+
+# --- task replies: each twin's is its own ----------------------------------------------------
+
+
+class RefusesOneReply(Handler):
+    """Writes each reply to Redis (RPUSH), but refuses `refused`, as Redis refuses a reply
+    key that turned into a string (WRONGTYPE) or a full memory (OOM) for one write."""
+
+    def __init__(self, client: redis.Redis, refused: bytes) -> None:  # nothing to import
+        self.path = "tests.test_twins:RefusesOneReply"
+        self.has_callbacks = False
+        self.client, self.refused = client, refused
+        self.calls: list[list[Reply]] = []
+
+    def write_replies(self, replies: list[Reply]) -> list[Exception | None]:
+        self.calls.append(list(replies))
+        errors: list[Exception | None] = []
+        for key, _, reply in replies:
+            if reply == self.refused:
+                errors.append(ReplyError(f"reply to {key!r} not written: WRONGTYPE"))
+            else:
+                self.client.rpush(key, reply)
+                errors.append(None)
+        return errors
+
+
+@pytest.mark.parametrize("order", ["in-order", "out-of-order"])
+def test_a_refused_reply_fails_the_twin_whose_run_made_it_and_acks_the_other(
+    redis_server: RedisServer, order: str
+) -> None:
+    """Two twins each ran and made their own reply (a task's result may differ from run to
+    run); Redis refuses the second twin's. That twin alone fails, with one attempt more;
+    the first is acked, its reply written once; neither's count moves for the other's."""
+    client = redis_server.client()
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    pair = PairSettings(host="h", queue="jobs", handler="testapp:handle", retry_delay=60.0)
+    handler = RefusesOneReply(client, refused=b"result of run 2")
+    settler = Settler(pair, handler, queue, Scoreboard(), (0.0, 0.0), lambda: None)
+    retried: list[Delivery] = []
+    retry_later = queue.retry_later
+
+    def watched_retry_later(delivery: Delivery, delay: float) -> bool:
+        retried.append(delivery)
+        return retry_later(delivery, delay)
+
+    queue.retry_later = watched_retry_later  # type: ignore[method-assign]
+    queue.hold_lease(30)
+    client.lpush("jobs", b"twin", b"twin")
+    first, second = settler.outbox.take(2).deliveries
+    assert first.payload == second.payload and first.id != second.id
+    runs = [(first, b"result of run 1"), (second, b"result of run 2")]
+    for delivery, reply in runs if order == "in-order" else runs[::-1]:  # a concurrent loop
+        settler.settle(delivery, None, time.monotonic(), 0.0, ("replies:r", 60.0, reply))
+    settler.outbox.flush()
+
+    assert retried == [second], "the refusal is charged to the twin whose reply it was"
+    assert client.lrange("replies:r", 0, -1) == [b"result of run 1"]
+    assert client.llen(queue.keys.processing) == 0, "the first twin is acked"
+    (member,) = client.zrange(queue.keys.retry, 0, -1)
+    assert member.endswith(b":1:twin"), f"one attempt more, no more: {member!r}"
+    assert settler.outbox.empty and not settler.outbox.replies
+    settler.outbox.flush()
+    assert len(handler.calls) == 1, "each reply is written (or refused) once"
+
+
+def test_a_reply_stays_with_its_ack_through_a_lost_connection(redis_server: RedisServer) -> None:
+    """Redis stops answering as the replies go: none is lost, each goes again with its
+    own delivery's ack once Redis answers (a second copy of a written one is harmless)."""
+    client = redis_server.client()
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    pair = PairSettings(host="h", queue="jobs", handler="testapp:handle")
+    handler = RefusesOneReply(client, refused=b"")
+    settler = Settler(pair, handler, queue, Scoreboard(), (0.0, 0.0), lambda: None)
+    queue.hold_lease(30)
+    client.lpush("jobs", b"twin", b"twin")
+    first, second = settler.outbox.take(2).deliveries
+    for delivery, reply in [(second, b"run 2"), (first, b"run 1")]:
+        settler.settle(delivery, None, time.monotonic(), 0.0, ("replies:r", 60.0, reply))
+    write = handler.write_replies
+
+    def drop(replies: list[Reply]) -> list[Exception | None]:
+        handler.write_replies = write  # type: ignore[method-assign]
+        raise redis.ConnectionError("reset")
+
+    handler.write_replies = drop  # type: ignore[method-assign]
+    with pytest.raises(redis.ConnectionError):
+        settler.outbox.flush()
+    assert settler.outbox.acks == [second, first] and len(settler.outbox.replies) == 2
+    settler.outbox.flush()
+    assert client.lrange("replies:r", 0, -1) == [b"run 2", b"run 1"]
+    assert client.llen(queue.keys.processing) == 0 and settler.outbox.empty
+
+
+def test_a_twin_abandoned_past_its_timeout_never_lends_its_reply_to_a_concurrent_twin(
+    service: StartService, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three twins of a task in a pool of two threads. Run 1 outlives its timeout and is
+    retried, but its thread still finishes, before run 3 does. Each acked twin's caller
+    hears its own run (2, 3), the retried one its retry's (4); run 1's reply, of a
+    delivery that failed, is written by nobody."""
+    monkeypatch.syspath_prepend(str(APPS))
+    from rqworkers.client import tasks
+
+    timeout = 2.0  # run 1 ends at 1.2x, run 3 starts at 0.6x and ends at 1.4x (its own 1.6x)
+    svc = service([task_pair(concurrency=2, prefetch=3, timeout=timeout, max_attempts=3)])
+    svc.wait_workers(1)
+    reply_to = "tasks:replies:twins"
+    schedule = (1.2 * timeout, 0.6 * timeout, 0.8 * timeout)
+    message = tasks.encode(
+        Producer.task("taskapp:on_schedule", ("t", *schedule), reply_to=reply_to)
+    )
+    client = redis_server.client()
+    client.lpush("tasks", message, message, message)
+    wait_for(lambda: client.llen(reply_to) >= 3, timeout=30, what="three replies")
+    results = [tasks.read_reply(reply)[1] for reply in client.lrange(reply_to, 0, -1)]
+    assert sorted(results) == [2, 3, 4], "each reply is its own delivery's run"
+    assert client.get("on_schedule:t") == b"4", "the abandoned twin ran again, once"

@@ -130,9 +130,9 @@ class Executor(concurrent.futures.Executor):
             tasks.path_of(fn),
             args,
             kwargs,
-            self.timeout,
-            self.reply_key,
-            self.result_ttl,
+            timeout=self.timeout,
+            reply_to=self.reply_key,
+            result_ttl=self.result_ttl,
             task_id=self._new_id(),
         )
         payload = tasks.encode(message)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 
 from rqworkers.client import tasks
 from rqworkers.client.tasks import Task
@@ -24,6 +24,17 @@ from rqworkers.store.connections import Client, connect
 
 _BATCH = 1000  # payloads per LPUSH: big inputs go in bounded round trips
 _BLOCK = 1.0  # seconds per BRPOP while waiting for a reply (the client's reply timeout is 11 s)
+
+
+class TaskOptions(TypedDict, total=False):
+    """What a task message may say beside its function and arguments (see `submit`)."""
+
+    timeout: float | None
+    reply_to: str | None
+    result_ttl: float | None
+    on_success: str | None
+    on_failure: str | None
+    task_id: str | None
 
 
 class Producer:
@@ -57,13 +68,7 @@ class Producer:
         task: str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        reply_to: str | None = None,
-        result_ttl: float | None = None,
-        on_success: str | None = None,
-        on_failure: str | None = None,
-        task_id: str | None = None,
+        **options: Unpack[TaskOptions],
     ) -> str:
         """Send a task message naming `task` (`"module:function"`); its id.
 
@@ -74,9 +79,7 @@ class Producer:
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
         """
-        message = self.task(
-            task, args, kwargs, timeout, reply_to, result_ttl, on_success, on_failure, task_id
-        )
+        message = self.task(task, args, kwargs, **options)
         self.client.lpush(queue, tasks.encode(message))
         return message.id
 
@@ -85,24 +88,20 @@ class Producer:
         task: str,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-        reply_to: str | None = None,
-        result_ttl: float | None = None,
-        on_success: str | None = None,
-        on_failure: str | None = None,
-        task_id: str | None = None,
+        **options: Unpack[TaskOptions],
     ) -> Task:
         """The `Task` that `submit` would send, with a fresh id unless given one."""
+        result_ttl = options.get("result_ttl")
         return Task(
             task=task,
             args=list(args),
             kwargs=dict(kwargs or {}),
-            id=task_id or secrets.token_hex(16),
-            timeout=timeout,
-            reply_to=reply_to,
+            id=options.get("task_id") or secrets.token_hex(16),
+            timeout=options.get("timeout"),
+            reply_to=options.get("reply_to"),
             result_ttl=tasks.DEFAULT_RESULT_TTL if result_ttl is None else result_ttl,
-            on_success=on_success,
-            on_failure=on_failure,
+            on_success=options.get("on_success"),
+            on_failure=options.get("on_failure"),
         )
 
     @staticmethod

@@ -25,7 +25,7 @@ from typing import Any
 
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.store.queue import Delivery
-from rqworkers.worker.handlers import Handler
+from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ POLL = 0.05  # seconds between looks for new messages while others are in flight
 class Outcome:
     error: BaseException | None
     seconds: float  # time in the handler, callbacks not included
+    reply: Reply | None = None  # what this run must write before its delivery's ack
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ def thread_jobs(handler: Handler, threads: int) -> tuple[Job, Callable[[], None]
         began = time.monotonic()
         error: BaseException | None = None
         result: Any = None
+        reply: Reply | None = None
         try:
-            result = handler.handle(payload)
+            result, reply = handler.run(payload)
         except Exception as exc:
             error = exc
         seconds = time.monotonic() - began
@@ -68,7 +70,7 @@ def thread_jobs(handler: Handler, threads: int) -> tuple[Job, Callable[[], None]
                 handler.on_success(payload, result)
             else:
                 handler.on_failure(payload, error)
-        return Outcome(error, seconds)
+        return Outcome(error, seconds, reply)  # the reply goes with this run's delivery
 
     return (lambda payload: pool.submit(run, payload)), lambda: pool.shutdown(wait=False)
 
@@ -98,6 +100,7 @@ def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], 
         error: BaseException | None = None
         result: Any = None
         try:
+            # An async handler makes no reply to write (tasks run in the others: `run`).
             result = await asyncio.wait_for(handler.handle(payload), timeout)
         except TimeoutError as exc:
             # wait_for's own, or one the handler raised: only the first is a timeout
@@ -194,7 +197,7 @@ class ConcurrentWorker(Worker):
         failure = settler.verdict(delivery, error)
         self.board.idle(error is not None, outcome.seconds, running.entry)
         self.free_entries.append(running.entry)
-        settler.settle(delivery, failure, time.monotonic(), outcome.seconds)
+        settler.settle(delivery, failure, time.monotonic(), outcome.seconds, outcome.reply)
         if self.exit_code is None:
             self.exit_code = settler.recycle()
 

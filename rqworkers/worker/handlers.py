@@ -26,6 +26,11 @@ from rqworkers.errors import HandlerError
 
 log = logging.getLogger(__name__)
 
+# What a run of a message must have written to Redis before that delivery's ack: a task's
+# reply, as (key, seconds to keep it, the reply). It belongs to the delivery that made it,
+# never to the message's bytes: twins (identical payloads) each have their own.
+Reply = tuple[str, float, bytes]
+
 
 def resolve(path: str) -> Any:
     """Import `module:attr` (attr may be dotted) and return the object it names."""
@@ -119,11 +124,17 @@ class Handler:
         except Exception:
             log.exception("handler %s.%s() raised; ignored", self.path, name)
 
-    def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
-        """Called before the acks of `messages` are sent: what must reach Redis ahead of
-        them (task replies). Returns the messages whose writes failed, with why: those
-        deliveries fail instead of being acked."""
-        return []
+    def run(self, message: bytes) -> tuple[Any, Reply | None]:
+        """What the worker's loops call: `handle(message)`'s result, and the reply that
+        must reach Redis before this delivery's ack (`write_replies`), if any. Returned,
+        not kept here: the worker holds it with the delivery that ran, until its ack."""
+        return self.handle(message), None
+
+    def write_replies(self, replies: list[Reply]) -> list[Exception | None]:
+        """Write `replies`, those of deliveries about to be acked, ahead of their acks. For
+        each, in order: None once written, else why it was not (its delivery fails instead
+        of being acked). A Redis that does not answer raises: they all go again."""
+        return [None] * len(replies)  # `run` makes none
 
     def own_timeout(self, message: bytes) -> float | None:
         """A message's own time limit, if the message names one (task messages do)."""

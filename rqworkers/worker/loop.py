@@ -32,7 +32,7 @@ from rqworkers.errors import ExitCode, MessageTimeout, Superseded
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import Delivery, ReliableQueue
 from rqworkers.worker.alarm import ALARM
-from rqworkers.worker.handlers import Handler
+from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.scoreboard import Scoreboard
 from rqworkers.worker.settle import Settler
 
@@ -246,7 +246,7 @@ class Worker:
             self.spec.worker_id,
         )
         self.batch.clear()
-        self.outbox.acks.clear()
+        self.outbox.forget_acks()
         return ExitCode.SUPERSEDED
 
     def lasting_error(self, exc: Exception) -> int:
@@ -307,18 +307,20 @@ class Worker:
         error: BaseException | None = None
         handler = self.handler
         self.in_handler = True
+        result: Any = None
+        reply: Reply | None = None
         try:
-            result: Any = ALARM.until(since + self.pair.timeout, handler.handle, delivery.payload)
+            result, reply = ALARM.until(since + self.pair.timeout, handler.run, delivery.payload)
         except (Exception, MessageTimeout) as exc:
             error = exc
         ended = time.monotonic()
         callback_timed_out = handler.has_callbacks and self.run_callback(
-            delivery.payload, result if error is None else None, error
+            delivery.payload, result, error
         )
         self.in_handler = False
         failure = settler.verdict(delivery, error)
         self.board.idle(error is not None, ended - since)  # after the callbacks: busy till then
-        settler.settle(delivery, failure, ended, ended - since)
+        settler.settle(delivery, failure, ended, ended - since, reply)
         if failure is None and self.outbox.acks_overdue(ended):
             self.outbox.flush()  # a slow batch must not hold finished work unacked long
         return isinstance(error, MessageTimeout) or callback_timed_out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rqworkers.store.queue import Delivery, ReliableQueue, Taken
+from rqworkers.worker.handlers import Reply
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Outbox:
     before_take: Callable[[], None] = lambda: None  # called as a take is about to be sent
     on_settled: Callable[[int], None] = lambda deliveries: None  # once Redis confirmed them
     acks: list[Delivery] = field(default_factory=list)
+    # The replies some acks must be preceded by (`before_acks` writes them), by the id of
+    # the delivery whose run made each: twins share a payload, never an id.
+    replies: dict[bytes, Reply] = field(default_factory=dict)
     oldest_ack: float = 0.0  # monotonic seconds when the oldest pending ack was added
     failed: list[Failure] = field(default_factory=list)
     # After a lost reply, pending operations are sent again: a miss is then expected.
@@ -52,10 +56,25 @@ class Outbox:
     trim_acks: bool = True
     one_by_one: bool = False  # the last trim found the list otherwise: send each ack once
 
-    def ack(self, delivery: Delivery, now: float) -> None:
+    def ack(self, delivery: Delivery, now: float, reply: Reply | None = None) -> None:
+        """Queue `delivery`'s ack, preceded by `reply` if its run made one."""
         if not self.acks:
             self.oldest_ack = now
         self.acks.append(delivery)
+        if reply is not None:
+            self.replies[delivery.id] = reply
+
+    def replace_ack(self, delivery: Delivery, failure: Failure) -> None:
+        """`delivery` is not to be acked after all (its reply was refused): `failure`
+        takes the place of its ack, and of its reply."""
+        self.acks.remove(delivery)  # equal only with its own id: never a twin
+        self.replies.pop(delivery.id, None)
+        self.failed.append(failure)
+
+    def forget_acks(self) -> None:
+        """Drop the pending acks and their replies: they are no longer this worker's."""
+        self.acks = []
+        self.replies.clear()
 
     def acks_overdue(self, now: float) -> bool:
         """True when finished work has waited long enough for its ack."""
@@ -92,7 +111,7 @@ class Outbox:
             )
         if acks:
             self.on_settled(len(acks))
-        self.acks = []
+        self.forget_acks()
         self.resending = self.one_by_one = False
         return taken
 

@@ -20,7 +20,7 @@ from rqworkers.common.backoff import ExponentialBackoff
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Refused
 from rqworkers.store.queue import Delivery, ReliableQueue
-from rqworkers.worker.handlers import Handler
+from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.outbox import Failure, Outbox
 from rqworkers.worker.scoreboard import Scoreboard
 
@@ -79,15 +79,21 @@ class Settler:
         return None if error is None else self.failure(delivery, error)
 
     def settle(
-        self, delivery: Delivery, failure: Failure | None, ended: float, seconds: float
+        self,
+        delivery: Delivery,
+        failure: Failure | None,
+        ended: float,
+        seconds: float,
+        reply: Reply | None = None,
     ) -> None:
         """Count a delivery run to an end (at monotonic `ended`, after `seconds` in its
-        handler), and queue its ack or send its failure."""
+        handler), and queue its ack, preceded by the `reply` its run made, or send its
+        failure."""
         self.finished += 1
         if failure is not None:
             self.outbox.fail(failure)
             return
-        self.outbox.ack(delivery, ended)
+        self.outbox.ack(delivery, ended, reply)
         if self.sample_succeeded and _sampled(self.sample_succeeded):
             log.info(
                 "succeeded: %d bytes in %.3fs",
@@ -129,15 +135,23 @@ class Settler:
         return Failure(delivery, record, delay, error)
 
     def write_replies(self) -> None:
-        """Send what the handler must write ahead of the pending acks (task replies); a
-        delivery whose own write failed is failed instead, like any failure of its own."""
+        """Have the handler write the replies of the pending acks, ahead of them; a delivery
+        whose own reply was refused fails instead, like any failure of its own.
+
+        Each reply is the one its delivery's run made, and a refusal is charged to that
+        delivery: a twin (the same payload) is never acked or failed in its place. A Redis
+        that does not answer raises: every reply stays with its ack, to go again with it.
+        """
         outbox = self.outbox
-        acks = outbox.acks
-        for message, error in self.handler.before_ack([delivery.payload for delivery in acks]):
-            delivery = next((d for d in acks if d.payload == message), None)
-            if delivery is not None:
-                acks.remove(delivery)
-                outbox.failed.append(self.failure(delivery, error))
+        if not outbox.replies:  # a plain handler's, always: nothing to look through
+            return
+        due = [delivery for delivery in outbox.acks if delivery.id in outbox.replies]
+        errors = self.handler.write_replies([outbox.replies[d.id] for d in due])
+        for delivery, error in zip(due, errors, strict=True):
+            if error is None:
+                del outbox.replies[delivery.id]  # written: once is enough
+            else:
+                outbox.replace_ack(delivery, self.failure(delivery, error))
 
     def confirmed(self, failure: Failure, moved: bool) -> None:
         """Count and log a retry or dead-letter that Redis confirmed."""

@@ -5,11 +5,13 @@ path (replay, delivery counts, timeouts, memory limits, recycling, leases) holds
 
 - `handle` reads the message, refuses (`Refused`: dead-lettered at once) what can never
   run, a `reply_to` outside the queue's reply keys included, and calls the function under
-  the message's own `timeout`. With `reply_to`, its success reply waits to be pushed just
-  before the message's ack (`before_ack`, many in one round trip). A reply Redis refuses
-  (WRONGTYPE, NOPERM, OOM past a short retry) fails that delivery alone (`ReplyError`):
-  it is retried or dead-lettered like any failure, and the queue goes on. A reply whose
-  ack is lost is sent again with the replay: a reply is sent at least once.
+  the message's own `timeout`. With `reply_to`, `run` returns its success reply with the
+  result; the worker holds it with the delivery that ran (twins, identical payloads, each
+  have their own) and has it pushed just before that delivery's ack (`write_replies`,
+  many in one round trip). A reply Redis refuses (WRONGTYPE, NOPERM, OOM past a short
+  retry) fails that delivery alone (`ReplyError`): it is retried or dead-lettered like any
+  failure, and the queue goes on. A reply whose ack is lost is sent again with the
+  replay: a reply is sent at least once.
 - An exception is retried like any message; only the last one is final. The worker calls
   `on_dead_letter` after every dead-letter, whatever the cause, and that is where the
   failure reply goes and the message's `on_failure` runs: so a caller hears once, at the
@@ -40,7 +42,7 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client, connect
 from rqworkers.store.outage import REDIS_ERRORS, explain, is_outage
 from rqworkers.worker.alarm import ALARM
-from rqworkers.worker.handlers import Handler, awaited
+from rqworkers.worker.handlers import Handler, Reply, awaited
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,6 @@ _REPLY_ATTEMPTS = 6  # a failure reply retried over about 3 s of Redis errors, t
 # A success reply refused for a cause that may pass (OOM, READONLY...) is tried this many
 # times over about 0.75 s; then its delivery fails, and the queue goes on.
 _SUCCESS_REPLY_ATTEMPTS = 5
-
-Reply = tuple[str, float, bytes]  # (key, seconds to keep it, the reply)
 
 
 def load(pair: PairSettings) -> Handler:
@@ -74,15 +74,12 @@ class TaskHandler(Handler):
         self.url = pair.url
         self._client: Client | None = None
         self._instance = None
-        self.handle: Callable[[bytes], Any] = self.run
+        # The value alone: the worker's loops call `run`, which returns the reply too.
+        self.handle: Callable[[bytes], Any] = lambda message: self.run(message)[0]
         self.has_callbacks = True  # a message may name an `on_success`
         self._signatures: dict[Callable[..., Any], inspect.Signature] = {}
         self._last: tuple[bytes, Task] | None = None
         self._reply_script: AsyncScript | Script | None = None
-        # Success replies of handled messages, by message, sent by `before_ack` ahead of
-        # their acks; locked, since handler threads add while the worker's loop takes.
-        self._replies: dict[bytes, list[Reply]] = {}
-        self._replies_lock = threading.Lock()
 
     @property
     def client(self) -> Client:
@@ -101,8 +98,9 @@ class TaskHandler(Handler):
         if self._client is not None:
             self._client.close()
 
-    def run(self, message: bytes) -> Any:
-        """Run the task in `message`; its return value, or whatever it raised.
+    def run(self, message: bytes) -> tuple[Any, Reply | None]:
+        """Run the task in `message`: its return value and, with `reply_to`, its success
+        reply (`handle` is the value alone); or whatever it raised.
 
         `Refused` for a message that can never run: unreadable, outside the allow-list, a
         function that does not exist, callbacks that are not allowed, arguments that do not
@@ -111,11 +109,9 @@ class TaskHandler(Handler):
         task, function = self._admit(message)
         self._last = (message, task)
         result = self._call(function, task)
-        if task.reply_to is not None:
-            reply = (task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
-            with self._replies_lock:
-                self._replies.setdefault(message, []).append(reply)
-        return result
+        if task.reply_to is None:
+            return result, None
+        return result, (task.reply_to, task.result_ttl, tasks.success_reply(task.id, result))
 
     def _admit(self, message: bytes) -> tuple[Task, Callable[..., Any]]:
         """The task in `message` and its function, if it may run; `Refused` otherwise."""
@@ -200,9 +196,12 @@ class TaskHandler(Handler):
             self._callback(task.on_failure, failure)
 
     def _task(self, message: bytes) -> Task:
-        """`message`'s task if `run` lets it run, else `Refused`: usually the one it just ran."""
-        if self._last is not None and self._last[0] == message:
-            return self._last[1]
+        """`message`'s task if `run` lets it run, else `Refused`: usually the one it just ran.
+        A task is what its bytes say, so a twin's will do; `_last` is read once, as handler
+        threads replace it meanwhile."""
+        last = self._last
+        if last is not None and last[0] == message:
+            return last[1]
         return self._admit(message)[0]
 
     def _callback(self, path: str, argument: Any) -> None:
@@ -220,57 +219,37 @@ class TaskHandler(Handler):
             self._reply_script = self.client.register_script(scripts.REPLY.source)
         self._reply_script(keys=[key], args=_reply_args(reply, ttl))
 
-    def before_ack(self, messages: list[bytes]) -> list[tuple[bytes, Exception]]:
-        """Send the success replies of `messages`, about to be acked, in one round trip.
-        Returns the messages whose reply Redis refused, each with a `ReplyError` naming the
-        key and why: those deliveries fail instead of being acked; the others go on.
+    def write_replies(self, replies: list[Reply]) -> list[Exception | None]:
+        """Push `replies`, of deliveries about to be acked, in one round trip. For each, in
+        order: None once written, else a `ReplyError` naming the key and why Redis refused
+        it: that delivery fails instead of being acked; the others go on.
 
-        A reply reaches Redis before its message's ack, never after: a crash between the two
+        A reply reaches Redis before its delivery's ack, never after: a crash between the two
         repeats the task (at-least-once), and its caller keeps the first reply. A Redis that
-        does not answer raises, as for any command: the replies go again with the acks.
+        does not answer raises, as for any command: the replies go again with the acks (a
+        second copy of one already written is harmless).
         """
-        due = self._take_replies(messages)
-        if not due:
+        if not replies:
             return []
         backoff = ExponentialBackoff(base=0.05, cap=0.4)
-        try:
-            refused = self._push(due)
-            for attempt in range(1, _SUCCESS_REPLY_ATTEMPTS):
-                passing = [(item, exc) for item, exc in refused if _may_pass(exc)]
-                if not passing:
-                    break
-                time.sleep(backoff.compute(attempt))  # OOM, say: Redis may free memory
-                lasting = [(item, exc) for item, exc in refused if not _may_pass(exc)]
-                refused = lasting + self._push([item for item, _ in passing])
-        except BaseException:
-            self._put_back(due)  # sent again with the next acks (a second copy is harmless)
-            raise
-        return [
-            (message, ReplyError(f"reply to {key!r} not written: {explain(exc)}"))
-            for (message, (key, _, _)), exc in refused
-        ]
+        refused = self._push(list(enumerate(replies)))
+        for attempt in range(1, _SUCCESS_REPLY_ATTEMPTS):
+            passing = [(index, exc) for index, exc in refused if _may_pass(exc)]
+            if not passing:
+                break
+            time.sleep(backoff.compute(attempt))  # OOM, say: Redis may free memory
+            lasting = [(index, exc) for index, exc in refused if not _may_pass(exc)]
+            refused = lasting + self._push([(index, replies[index]) for index, _ in passing])
+        errors: list[Exception | None] = [None] * len(replies)
+        for index, exc in refused:
+            errors[index] = ReplyError(
+                f"reply to {replies[index][0]!r} not written: {explain(exc)}"
+            )
+        return errors
 
-    def _take_replies(self, messages: list[bytes]) -> list[tuple[bytes, Reply]]:
-        """The waiting replies of `messages`, one per message (twins have one each)."""
-        due = []
-        with self._replies_lock:
-            for message in messages:
-                waiting = self._replies.get(message)
-                if waiting:
-                    due.append((message, waiting.pop(0)))
-                    if not waiting:
-                        del self._replies[message]
-        return due
-
-    def _put_back(self, due: list[tuple[bytes, Reply]]) -> None:
-        with self._replies_lock:
-            for message, reply in reversed(due):
-                self._replies.setdefault(message, []).insert(0, reply)
-
-    def _push(
-        self, items: list[tuple[bytes, Reply]]
-    ) -> list[tuple[tuple[bytes, Reply], redis.ResponseError]]:
-        """Push every reply of `items`; those Redis refused, with its error reply."""
+    def _push(self, items: list[tuple[int, Reply]]) -> list[tuple[int, redis.ResponseError]]:
+        """Push the reply of every (index, reply) of `items`; the indexes of those Redis
+        refused, each with its error reply."""
         results: list[Any] = []
         if isinstance(self.client, RedisCluster):  # replies may sit in several slots
             for _, (key, ttl, reply) in items:
@@ -285,8 +264,8 @@ class TaskHandler(Handler):
                 pipe.eval(scripts.REPLY.source, 1, key, *_reply_args(reply, ttl))
             results = pipe.execute(raise_on_error=False)
         return [
-            (item, result)
-            for item, result in zip(items, results, strict=True)
+            (index, result)
+            for (index, _), result in zip(items, results, strict=True)
             if isinstance(result, redis.ResponseError)
         ]
 
