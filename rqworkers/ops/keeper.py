@@ -35,7 +35,7 @@ from rqworkers.common.backoff import RETRY_CAP, Outage
 from rqworkers.common.process import StopFlag
 from rqworkers.config import Config
 from rqworkers.errors import ExitCode
-from rqworkers.ops.metrics import Metrics, Target, health, serve
+from rqworkers.ops.metrics import Metrics, Target, health, liveness, serve
 from rqworkers.ops.web import Site
 from rqworkers.store.connections import Client, connect, redact
 from rqworkers.store.queue import (
@@ -161,6 +161,7 @@ class Keeper:
                 collector,
                 lambda: health(targets, self.spec.manager_pid),
                 Site(self.spec.config).handle if self.spec.config else None,
+                lambda: liveness(self.spec.manager_pid),
             )
         except OSError as exc:  # the port is taken: keep the leases going regardless
             log.error("cannot serve metrics on %s: %s", self.spec.metrics_address, exc)
