@@ -261,7 +261,7 @@ def serve(
                 self.not_found()
 
         def not_found(self) -> None:
-            self.reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
+            self.reply(404, "text/plain", b"not found: try /metrics, /healthz or /livez\n")
 
         def reply_check(self, check: Callable[[], tuple[bool, dict[str, object]]]) -> None:
             ok, body = check()
