@@ -24,9 +24,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -392,6 +394,58 @@ def test_the_secrets_are_the_files_the_config_reads(tmp_path: Path, secret_dir: 
     [command] = re.findall(r"kubectl create secret generic rqworkers .*?(?<!\\)\n", docs, re.S)
     assert set(re.findall(r"--from-literal=([\w-]+)=", command)) == SECRET_KEYS
     load(local_config(tmp_path, secret_dir))  # the token is long enough, the paths right
+
+
+POD_UID = 10001  # the image's user, which the Deployment runs as
+
+
+def kubernetes_secret_volume(root: Path, files: dict[str, str], gid: int) -> None:
+    """A Secret volume as the kubelet lays it out (its atomic writer, then fsGroup):
+    a tmpfs root (mode 1777), a timestamped folder holding the files (root:gid, 02755),
+    `..data` pointing at it, and one symlink per key through `..data`; each file
+    root:gid with the Secret's `defaultMode` 0440."""
+    root.mkdir(mode=0o755)
+    root.chmod(0o1777 | 0o2000)
+    stamped = root / "..2026_12_06_10_00_00.000000001"
+    stamped.mkdir()
+    for name, content in files.items():
+        (stamped / name).write_text(content)
+        os.chown(stamped / name, 0, gid)
+        (stamped / name).chmod(0o440)
+    os.chown(stamped, 0, gid)
+    stamped.chmod(0o2755)
+    (root / "..data").symlink_to(stamped.name)
+    for name in files:
+        (root / name).symlink_to(f"..data/{name}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lays files out as root for another uid")
+def test_the_token_in_a_kubernetes_secret_volume_passes_rqworkers_checks() -> None:
+    from rqworkers.config import read_token_file
+    from tests.support import fork_and_wait
+
+    token = "0123456789abcdef0123456789abcdef"
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (
+        POD_UID,
+        POD_UID,
+    )
+    assert volume("secret")["secret"]["defaultMode"] == 0o440
+    base = Path(tempfile.mkdtemp())  # in /tmp (sticky); mkdtemp's 0700 opened for the uid
+    try:
+        base.chmod(0o755)
+        mount = base / "secret"
+        kubernetes_secret_volume(mount, {"dashboard-token": token + "\n"}, POD_UID)
+
+        def as_the_pod() -> int:
+            os.setgroups([POD_UID])
+            os.setgid(POD_UID)
+            os.setuid(POD_UID)
+            return 0 if read_token_file(str(mount / "dashboard-token")) == token else 3
+
+        assert fork_and_wait(as_the_pod) == 0
+    finally:
+        shutil.rmtree(base)
 
 
 def test_the_autoscaler_counts_waiting_and_in_flight_messages_of_a_configured_queue(
