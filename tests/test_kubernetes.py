@@ -555,6 +555,13 @@ def test_the_deployment_runs_the_images_command_as_its_user() -> None:
     assert f"./config:{config_path.parent}:ro" in compose()["services"]["rqworkers"]["volumes"]
 
 
+def test_compose_waits_for_the_drain_before_it_kills() -> None:
+    config = load(REPO / "config" / "rqworkers.toml", {})
+    grace = compose()["services"]["rqworkers"]["stop_grace_period"]
+    assert re.fullmatch(r"\d+s", grace)
+    assert int(grace[:-1]) > config.manager.shutdown_timeout + KEEPER_STOP
+
+
 def test_compose_publishes_redis_on_loopback_only() -> None:
     services = compose()["services"]
     for name, service in services.items():
