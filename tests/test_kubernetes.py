@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -660,41 +660,18 @@ def test_the_manager_as_pid_1_drains_on_sigterm(tmp_path: Path, redis_server: Re
         outer.wait(10)
 
 
-def node(name: str, **extra: object) -> dict[str, object]:
-    return {"check_interval": 0.2, "shutdown_timeout": 30.0, "node": name,
-            "lease_ttl": 1.5, "reclaim_interval": 0.3, **extra}  # fmt: skip
+def pod(name: str, handler: str, prefetch: int) -> dict[str, Any]:
+    """`service`'s arguments for a manager of queue `jobs` on a node name of its own."""
+    return {
+        "workers": [{"queue": "jobs", "handler": handler, "prefetch": prefetch, "timeout": 60.0}],
+        "manager": {"check_interval": 0.2, "shutdown_timeout": 30.0, "node": name,
+                    "lease_ttl": 1.5, "reclaim_interval": 0.3},
+    }  # fmt: skip
 
 
-@pytest.fixture
-def two_nodes(
-    tmp_path: Path, redis_server: RedisServer
-) -> Iterator[Callable[[str, str, int], Service]]:
-    """Managers of one queue on their own node names, with their own handlers."""
-    from tests.support import write_config
-
-    started: list[Service] = []
-
-    def start(name: str, handler: str, prefetch: int) -> Service:
-        worker = {"queue": "jobs", "handler": handler, "prefetch": prefetch, "timeout": 60.0}
-        path = write_config(tmp_path / f"{name}.toml", redis_server.url, [worker],
-                            manager=node(name))  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)]),
-               "TESTAPP_REDIS_URL": redis_server.url}  # fmt: skip
-        svc = Service(path, tmp_path, env).start()
-        started.append(svc)
-        return svc
-
-    try:
-        yield start
-    finally:
-        for svc in started:
-            svc.cleanup()
-
-
-@pytest.mark.service
 @pytest.mark.slow  # ~11 s: the reclaimed message waits out pod b's idle fetch (BLOCK_TIMEOUT)
 def test_a_pod_killed_past_its_grace_period_loses_nothing(
-    two_nodes: Callable[[str, str, int], Service], redis_server: RedisServer
+    service: StartService, redis_server: RedisServer
 ) -> None:
     """A scale-in as the kubelet does it: SIGTERM, then SIGKILL to every process of the pod
     once the grace period is over, with a message still in its handler.
@@ -704,7 +681,7 @@ def test_a_pod_killed_past_its_grace_period_loses_nothing(
     SIGKILL. The reclaimed message then waits for pod b's idle worker to end its blocking
     fetch (up to `BLOCK_TIMEOUT`), which docs/kubernetes.md counts in the worst case."""
     client = redis_server.client()
-    pod_a = two_nodes("pod-a", "testapp:handle", 3)
+    pod_a = service(**pod("pod-a", "testapp:handle", 3))
     pod_a.wait_workers(1)
     # One push of three: pod a takes them all (prefetch 3) and starts the first.
     client.lpush("jobs", b"sleep:60", b"second", b"third")
@@ -712,7 +689,7 @@ def test_a_pod_killed_past_its_grace_period_loses_nothing(
     processing = Keys.of("jobs", "pod-a:1").processing
     assert client.llen(processing) == 3, "the other two are prefetched, not started"
     # The surviving pod; its handler records without sleeping, so the rerun is quick.
-    pod_b = two_nodes("pod-b", "testapp:Lifecycle", 1)
+    pod_b = service(**pod("pod-b", "testapp:Lifecycle", 1))
     pod_b.wait_workers(1)
 
     pod_a.signal(signal.SIGTERM)
