@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,10 @@ def mount_of(volume_name: str) -> str:
 def config_text() -> str:
     [text] = one("ConfigMap", BASE)["data"].values()
     return str(text)
+
+
+def load_raw_config() -> dict[str, Any]:
+    return tomllib.loads(config_text())
 
 
 @pytest.fixture
@@ -311,6 +316,10 @@ def test_the_resources_refer_to_each_other_by_the_right_names() -> None:
     target = one("ScaledObject")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert volume("config")["configMap"]["name"] == one("ConfigMap")["metadata"]["name"]
+    # Each pod its own node name, so that no two managers share private lists.
+    [node] = [e for e in container()["env"] if e["name"] == "RQWORKERS_NODE"]
+    assert node["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert "node" not in load_raw_config()["manager"], "it would win over the variable"
     # No replicas: a later `kubectl apply` must not undo what KEDA's HPA scaled.
     assert "replicas" not in deployment["spec"]
 
@@ -319,21 +328,23 @@ def test_the_resources_refer_to_each_other_by_the_right_names() -> None:
 def test_rqworkers_check_accepts_the_configmaps_config(
     tmp_path: Path, secret_dir: Path, redis_server: RedisServer
 ) -> None:
+    path = local_config(tmp_path, secret_dir, redis_server.url)
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rqworkers", "check", "--config", str(path)],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+
+    # An empty password in the Secret: a Redis without one, no AUTH sent.
+    assert (done := check()).returncode == 0, done.stdout + done.stderr
     # With a password, read from the Secret's file as in the pod.
     redis_server.client().config_set("requirepass", "s3cret-password")
     (secret_dir / "redis-password").write_text("s3cret-password\n")
-    path = local_config(tmp_path, secret_dir, redis_server.url)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "rqworkers", "check", "--config", str(path)],
-        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert (done := check()).returncode == 0, done.stdout + done.stderr
     (secret_dir / "redis-password").write_text("wrong\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "rqworkers", "check", "--config", str(path)],
-        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+    done = check()
     assert done.returncode != 0 and "AuthenticationError" in done.stderr, done.stderr
     assert str(secret_dir / "redis-password") in done.stderr
 
