@@ -482,6 +482,9 @@ def test_the_autoscaler_counts_waiting_and_in_flight_messages_of_a_configured_qu
         assert queue in {pair.queue for pair in config.pairs}
     # Every pod reports the whole queue's numbers: the query takes their max, not their sum.
     assert query.count("max by (queue)") == 2
+    # docs/keda.md shows this very query.
+    blocks = re.findall(r"```\n(sum\(.*?)```", (REPO / "docs" / "keda.md").read_text(), re.S)
+    assert [" ".join(b.split()) for b in blocks] == [" ".join(query.split())]
     [pair] = config.pairs
     assert float(prometheus_trigger()["threshold"]) == pair.processes * pair.prefetch
 
