@@ -194,7 +194,7 @@ def health(
 
 
 def liveness(manager_pid: int) -> tuple[bool, dict[str, object]]:
-    """Alive while the manager runs (and this keeper answers): what a restart could cure.
+    """Whether the manager still runs: the one failure here that a restart cures.
 
     Narrower than `health` on purpose. A Redis outage, a handler whose setup() fails or a
     slot in restart backoff make `/healthz` answer 503, and restarting the process cures
