@@ -9,7 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Unprivileged user that runs the service; /app stays root-owned and read-only to it.
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+RUN groupadd --system --gid 10001 rqworkers \
+    && useradd --system --uid 10001 --gid rqworkers --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin rqworkers \
     && install -d -o rqworkers -g rqworkers -m 0755 /run/rqworkers
 # The pid file (for `rqworkers reload`) in a directory of its own, which only rqworkers writes.
@@ -21,7 +22,8 @@ COPY . /app
 RUN pip install --no-cache-dir . \
     && rm -rf /app/build /app/*.egg-info
 
-USER rqworkers
+# By number: a pod with runAsNonRoot can then verify it is no root (a name cannot be checked).
+USER 10001:10001
 # rqworkers drains in-flight messages on SIGTERM; docker-compose allows it 40s (stop_grace_period).
 STOPSIGNAL SIGTERM
 CMD ["rqworkers", "run", "--config", "/app/config/rqworkers.toml"]

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
 KEEPER_RETRY = 1.0  # seconds before trying again to start a keeper that could not fork
+# Seconds the keeper is given to mark its workers stopped, after they are gone: a stop takes
+# up to `shutdown_timeout` plus this (deploy/kubernetes sizes its grace period by it).
+KEEPER_STOP = 5.0
 
 
 class Manager:
@@ -462,7 +465,7 @@ class Manager:
         if self.keeper.pid is None:
             return
         process.send(self.keeper.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + KEEPER_STOP
         while self.keeper.pid is not None and time.monotonic() < deadline:
             self._wait_for_wakeup(0.05)
             self.reap_workers()

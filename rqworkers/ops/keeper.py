@@ -35,7 +35,7 @@ from rqworkers.common.backoff import RETRY_CAP
 from rqworkers.common.process import StopFlag
 from rqworkers.config import Config
 from rqworkers.errors import ExitCode
-from rqworkers.ops.metrics import Metrics, SlotView, health, serve
+from rqworkers.ops.metrics import Metrics, SlotView, health, liveness, serve
 from rqworkers.ops.web import Site
 from rqworkers.store.connections import Client, connect, redact
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
@@ -163,6 +163,7 @@ class Keeper:
                 collector,
                 lambda: health(targets, self.spec.manager_pid),
                 site.handle if site else None,
+                lambda: liveness(self.spec.manager_pid),
             )
         except OSError as exc:  # the port is taken: keep the leases going regardless
             log.error("cannot serve metrics on %s: %s", self.spec.metrics_address, exc)

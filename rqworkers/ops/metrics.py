@@ -1,4 +1,4 @@
-"""`/metrics` (Prometheus) and `/healthz`, served by the keeper process.
+"""`/metrics` (Prometheus), `/healthz` and `/livez`, served by the keeper process.
 
 Counts come from the slots' scoreboards, which are cumulative over every worker a slot has
 had, so counters stay correct across recycling without the manager doing any I/O. Queue
@@ -170,8 +170,9 @@ def health(
     seconds; one whose workers keep failing, or that waits out a Redis error, is not.
     The body names, for each pair that cannot consume, why not.
     """
-    if os.getppid() != manager_pid:
-        return False, {"status": "unhealthy", "reason": f"manager {manager_pid} is gone"}
+    alive, body = liveness(manager_pid)
+    if not alive:
+        return alive, body
     now = time.time() if now is None else now
     pairs: dict[tuple[str, str], list[str]] = {}
     for target in targets:
@@ -190,6 +191,19 @@ def health(
         reason = "; ".join(p for problems in failing.values() for p in problems)
         return False, {"status": "unhealthy", "reason": reason, "pairs": failing}
     return True, {"status": "ok", "workers": len(targets), "pairs": len(pairs)}
+
+
+def liveness(manager_pid: int) -> tuple[bool, dict[str, object]]:
+    """Whether the manager still runs: the one failure here that a restart cures.
+
+    Narrower than `health` on purpose. A Redis outage, a handler whose setup() fails or a
+    slot in restart backoff make `/healthz` answer 503, and restarting the process cures
+    none of them: it would only end the handlers that are still running and charge their
+    messages an attempt. An orchestrator's liveness check asks this; its readiness check,
+    `health`."""
+    if os.getppid() != manager_pid:
+        return False, {"status": "unhealthy", "reason": f"manager {manager_pid} is gone"}
+    return True, {"status": "ok"}
 
 
 def _slot_problem(target: SlotView, now: float) -> str | None:
@@ -220,8 +234,9 @@ def serve(
     metrics: Metrics,
     healthy: Callable[[], tuple[bool, dict[str, object]]],
     pages: Callable[[BaseHTTPRequestHandler], bool] | None = None,
+    alive: Callable[[], tuple[bool, dict[str, object]]] | None = None,
 ) -> Server:
-    """Start serving `/metrics` and `/healthz` on `host:port` in a daemon thread.
+    """Start serving `/metrics`, `/healthz` and `/livez` on `host:port` in a daemon thread.
 
     `pages` answers every other request (the status page, `rqworkers.ops.web`) and returns
     False for a path it does not serve, which then gets a 404. The server is bounded
@@ -235,8 +250,9 @@ def serve(
             if self.path.split("?")[0] == "/metrics":
                 self.reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
             elif self.path.split("?")[0] == "/healthz":
-                ok, body = healthy()
-                self.reply(200 if ok else 503, "application/json", json.dumps(body).encode())
+                self.reply_check(healthy)
+            elif self.path.split("?")[0] == "/livez" and alive is not None:
+                self.reply_check(alive)
             elif not (pages and pages(self)):
                 self.not_found()
 
@@ -245,7 +261,11 @@ def serve(
                 self.not_found()
 
         def not_found(self) -> None:
-            self.reply(404, "text/plain", b"not found: try /metrics or /healthz\n")
+            self.reply(404, "text/plain", b"not found: try /metrics, /healthz or /livez\n")
+
+        def reply_check(self, check: Callable[[], tuple[bool, dict[str, object]]]) -> None:
+            ok, body = check()
+            self.reply(200 if ok else 503, "application/json", json.dumps(body).encode())
 
         def reply(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)
