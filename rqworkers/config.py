@@ -35,6 +35,7 @@ from pydantic_core import InitErrorDetails
 from rqworkers.client import tasks
 from rqworkers.common import files
 from rqworkers.common.globs import Glob
+from rqworkers.common.rates import Rate
 from rqworkers.errors import ConfigError
 from rqworkers.store import connections
 
@@ -126,6 +127,20 @@ _NUMBER = BeforeValidator(_from_environment)
 Int = Annotated[int, _NUMBER]
 Float = Annotated[float, _NUMBER]
 Size = Annotated[int, BeforeValidator(parse_size), Field(le=MAX_SIZE)]
+
+
+def _rate(value: object) -> object:
+    """`"100/s"` as a `Rate`; a `Rate` as it is (a pair from `[defaults]`)."""
+    if isinstance(value, Rate):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{value!r} is not a rate: write a string, N/s, N/m or N/h, such as '100/s'"
+        )
+    return Rate.parse(value)
+
+
+RateLimit = Annotated[Rate, BeforeValidator(_rate)]
 
 
 class _Section(BaseModel):
@@ -393,6 +408,10 @@ class PairSettings(_Section):
     max_attempts: Int = Field(5, ge=1, le=MAX_COUNT)
     retry_delay: Float = Field(1.0, ge=0, le=MAX_SECONDS)
     retry_delay_max: Float = Field(300.0, ge=0, le=MAX_SECONDS)
+    # Flow control across the fleet (`docs/flow-control.md`): at most this many messages of
+    # the queue in a handler at once, and at most this many handler starts in any window.
+    max_running: Int | None = Field(None, ge=1, le=MAX_COUNT)
+    rate_limit: RateLimit | None = None
     # Filled in by the loader, never by the user: the host's URL.
     url: str = Field("", exclude=True)
 

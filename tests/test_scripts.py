@@ -15,7 +15,7 @@ SCRIPTS = {name: s for name, s in vars(scripts).items() if isinstance(s, scripts
 
 def test_every_lua_file_is_a_script_or_the_library() -> None:
     loaded = {s.name for s in SCRIPTS.values()}
-    assert {p.name for p in LUA.glob("*.lua")} == loaded | {"envelope.lua"}
+    assert {p.name for p in LUA.glob("*.lua")} == loaded | set(scripts.LIBRARIES)
     assert len(loaded) == len(SCRIPTS) == 9
 
 
@@ -46,8 +46,10 @@ def test_argv_follows_the_header_whatever_order_the_caller_names_them_in() -> No
     assert argv == [b"e", 1.5, "m", 2]
     acks = [b"a1", b"a2"]
     named = {"limit": 5, "now": 1.0, "idbase": "p.1.", "landed": "0", "worker_id": "w"}
-    assert scripts.TAKE.argv(**named, trim=0, acks=acks) == [5, 1.0, "p.1.", "0", "w", 0, *acks]
-    assert scripts.TAKE.argv(**named, trim=0) == [5, 1.0, "p.1.", "0", "w", 0], "no acks"
+    flow = {"max_running": 3, "running": 1, "rate": 10, "window": 1000}
+    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000]
+    assert scripts.TAKE.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
+    assert scripts.TAKE.argv(**flow, **named, trim=0) == head, "no acks"
 
 
 @pytest.mark.parametrize(
@@ -69,10 +71,12 @@ def test_argv_refuses_a_name_missing_or_unknown(
 
 def test_the_take_reply_is_decoded_by_name() -> None:
     assert scripts.TAKE.decode([-2]).superseded
-    reply = scripts.TAKE.decode([0, b"", b"", b"a", b"b"])
-    assert reply == (False, 0, None, [0, 0], [b"a", b"b"])
-    reply = scripts.TAKE.decode([-1, b"12.5", b"2,0", b"a", b"b"])
+    reply = scripts.TAKE.decode([0, b"", b"", b"", b"a", b"b"])
+    assert reply == (False, 0, None, [0, 0], [b"a", b"b"], None)
+    reply = scripts.TAKE.decode([-1, b"12.5", b"2,0", b"", b"a", b"b"])
     assert (reply.missing_acks, reply.next_due, reply.attempts) == (-1, 12.5, [2, 0])
+    assert scripts.TAKE.decode([0, b"", b"", b"rate:250"]).held == ("rate", 0.25)
+    assert scripts.TAKE.decode([0, b"", b"", b"paused"]).held == ("paused", None)
 
 
 def test_a_reclaim_refused_by_a_live_lease_decodes_to_none() -> None:
@@ -101,8 +105,9 @@ def test_a_header_the_loader_cannot_read_stops_the_import(
 
 
 def test_a_script_gets_the_library_and_constants_only_if_it_reads_them() -> None:
-    assert scripts.DEAD_LETTER.library
+    assert scripts.DEAD_LETTER.libraries == ("envelope.lua",)
     assert scripts.DEAD_LETTER.constants == ("PREFIX", "KEPT_TWIN_RECORDS")
     assert scripts.TAKE.constants == ("PREFIX",)
-    assert not scripts.LEASE.library and not scripts.LEASE.constants
-    assert not scripts.REPLY.library and "PREFIX" not in scripts.REPLY.source
+    assert not scripts.LEASE.libraries and not scripts.LEASE.constants
+    assert not scripts.REPLY.libraries and "PREFIX" not in scripts.REPLY.source
+    assert scripts.TAKE.libraries == ("envelope.lua", "flow.lua")

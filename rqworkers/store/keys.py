@@ -139,6 +139,32 @@ class Keys:
         "list: only it takes into the list; deleted by a reclaim",
     )  # fmt: skip
 
+    paused = Key(
+        f"{QUEUE}:paused", "string",
+        "present while the queue is paused (`rqworkers pause`): who paused it and when, as "
+        "JSON; no worker starts a message of the queue meanwhile",
+        commands=(("SET", "{paused}", "v"), ("DEL", "{paused}"), ("GET", "{paused}")),
+    )  # fmt: skip
+    permits = Key(
+        f"{QUEUE}:permits", "hash",
+        "worker id → how many of the queue's `max_running` permits it holds; a worker's "
+        "entry goes with its replay or reclaim",
+        commands=(("HGETALL", "{permits}"),),
+    )  # fmt: skip
+    starts = Key(
+        f"{QUEUE}:starts", "zset",
+        "the handler starts of the last `rate_limit` window, scored by their time in ms "
+        "(Redis's clock): the sliding window's log",
+        commands=(("ZCOUNT", "{starts}", "0", "+inf"),),
+        ttl="the window",
+    )  # fmt: skip
+    wake = Key(
+        f"{QUEUE}:wake", "list",
+        "tokens that wake workers waiting for a permit or a resume (`BLPOP`); a few at most",
+        commands=(("BLPOP", "{wake}", "1"), ("LPUSH", "{wake}", "1"), ("PEXPIRE", "{wake}", "1")),
+        ttl="2 s",
+    )  # fmt: skip
+
     def __init__(self, queue: str, worker_id: str = "") -> None:
         self.queue_name = queue
         self.worker_id = worker_id

@@ -48,9 +48,11 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
+from rqworkers.store.flow import NO_LIMITS, Limits
 
 # The keys are declared in `keys`; imported from here too.
 from rqworkers.store.keys import Keys as Keys
+from rqworkers.store.scripts import Held
 
 _PREFIX = scripts.PREFIX.encode()
 R = TypeVar("R")
@@ -110,6 +112,7 @@ class Taken:
     missing_acks: int  # -1: acks sent as a trim were not where claimed, and were not removed
     deliveries: list[Delivery]
     next_due: float | None
+    held: Held | None = None  # what held the take back: the pause or a flow limit
 
 
 def digest(message: bytes) -> str:
@@ -127,8 +130,10 @@ class ReliableQueue:
         worker_id: str,
         use_blmove: bool | None = None,
         keep_connection: bool = False,  # a worker's own queue: see `direct`
+        limits: Limits = NO_LIMITS,
     ) -> None:
         self.client = client
+        self.limits = limits
         self.keys = Keys.of(queue, worker_id)
         self.worker_id = worker_id
         self._use_blmove = use_blmove
@@ -151,13 +156,23 @@ class ReliableQueue:
 
     # -- the hot path -----------------------------------------------------------------------
 
-    def take(self, acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
+    def take(
+        self,
+        acks: list[bytes],
+        limit: int,
+        landed: bool = False,
+        trim: int = 0,
+        running: int = 0,
+    ) -> Taken:
         """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
         `landed`: a blocking fetch just landed one, to be taken first.
 
         `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
-        holds only the oldest and the newest of them (see `scripts.TAKE`)."""
+        holds only the oldest and the newest of them (see `scripts.TAKE`). `running`: this
+        worker's deliveries that hold a `max_running` permit beside what this call takes
+        (those in a handler and those taken, about to start)."""
         base = self._id_base()
+        limits = self.limits
         reply = self._take(
             limit=limit,
             now=time.time(),
@@ -165,6 +180,10 @@ class ReliableQueue:
             landed="1" if landed else "0",
             worker_id=self.worker_id,
             trim=trim,
+            max_running=limits.max_running,
+            running=running,
+            rate=limits.rate.starts if limits.rate else 0,
+            window=limits.rate.seconds * 1000 if limits.rate else 0,
             acks=acks,
         )
         if reply.superseded:
@@ -178,7 +197,7 @@ class ReliableQueue:
                 zip(reply.attempts, reply.payloads, strict=True), 1
             )
         ]
-        return Taken(reply.missing_acks, deliveries, reply.next_due)
+        return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
 
     def fetch(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a message; True once one has landed.
@@ -203,6 +222,11 @@ class ReliableQueue:
         result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
         return result is not None
 
+    def wait_for_wake(self, timeout: float) -> bool:
+        """Block up to `timeout` seconds for a permit given back or a resume (the `wake`
+        list); True if woken before then."""
+        return self.client.blpop([self.keys.wake], timeout) is not None
+
     def ack(self, delivery: Delivery) -> bool:
         """Remove a handled delivery. False if it was no longer there (someone moved it)."""
         return self.take([delivery.element], 0).missing_acks == 0
@@ -221,7 +245,11 @@ class ReliableQueue:
         charge = "0" if charge_before is None else "1"
         mine = f"{self._id_prefix}."
         reply = self._replay(
-            charge=charge, unstarted=charge_before or b"", idbase=self._id_base(), mine=mine
+            charge=charge,
+            unstarted=charge_before or b"",
+            idbase=self._id_base(),
+            mine=mine,
+            worker_id=self.worker_id,
         )
         seq = self._seq
         self._seq += len(reply)

@@ -8,10 +8,11 @@ Each script is a file in `lua/`, whose header comment (up to the first blank lin
 its KEYS and ARGV by name (`-- KEYS: a, b` and `-- ARGV: c, d, rest...`) and says what it
 returns. The loader here reads those names, and puts before the script's body a prologue
 that binds them to `local`s, then the constants Python shares with the Lua (`PREFIX`,
-`KEPT_TWIN_RECORDS`) and the envelope library `lua/envelope.lua`, each only if the body
-reads it. A caller names its arguments (`Script.argv`) and keys (`queue.Keys.of_script`)
-by the same names, so the order is written once, in the header; each script's reply is read
-by the decoder declared beside it here.
+`KEPT_TWIN_RECORDS`) and the libraries (`lua/envelope.lua`, the envelope's format;
+`lua/flow.lua`, waking waiting workers), each only if the body reads it. A caller names
+its arguments (`Script.argv`) and keys (`queue.Keys.of_script`) by the same names, so the
+order is written once, in the header; each script's reply is read by the decoder declared
+beside it here.
 
 The elements of a private list are *envelopes*, `rqw1:<id>:<attempts>:<payload>` (see
 `queue.py` for the invariant): `id` makes every delivery unique, even of identical
@@ -61,8 +62,8 @@ class Script(Generic[R]):
     flags: tuple[str, ...]  # Redis 7 script flags, such as allow-oom
     body: str  # the file after its header
     decode: Callable[[Any], R]
-    constants: tuple[str, ...] = ()  # the names of CONSTANTS it (or its library) reads
-    library: bool = False  # whether it calls the envelope library
+    constants: tuple[str, ...] = ()  # the names of CONSTANTS it (or its libraries) reads
+    libraries: tuple[str, ...] = ()  # the files of LIBRARIES it calls
     _names: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,14 +84,15 @@ class Script(Generic[R]):
         if self.rest:
             lines.append(f"local REST = {len(self.args) + 1}  -- where {self.rest} start")
         lines += [f"local {name} = {_literal(CONSTANTS[name])}" for name in self.constants]
-        lines += [_LIBRARY if self.library else "", self.body]
+        lines += [LIBRARIES[name].body for name in self.libraries]
+        lines.append(self.body)
         return "\n".join(line for line in lines if line)
 
     @property
     def bound(self) -> tuple[str, ...]:
         """The names the prologue binds before the body: what a linter must take as known."""
         rest = ("REST",) if self.rest else ()
-        library = LIBRARY_NAMES if self.library else ()
+        library = [f for name in self.libraries for f in LIBRARIES[name].functions]
         return (*self.keys, *self.args, *rest, *self.constants, *library)
 
     def argv(self, **values: Any) -> list[Any]:
@@ -138,8 +140,22 @@ def _words(code: str) -> set[str]:
 
 
 _LUA = resources.files("rqworkers.store").joinpath("lua")
-_LIBRARY = _split("envelope.lua", _LUA.joinpath("envelope.lua").read_text(encoding="utf-8"))[1]
-LIBRARY_NAMES = tuple(re.findall(r"^local function (\w+)", _LIBRARY, re.MULTILINE))
+
+
+class Library(NamedTuple):
+    """A file of `lua/` that defines functions for scripts: put before a script's body if
+    the body calls one of them."""
+
+    body: str
+    functions: tuple[str, ...]
+
+    @classmethod
+    def read(cls, name: str) -> Library:
+        body = _split(name, _LUA.joinpath(name).read_text(encoding="utf-8"))[1]
+        return cls(body, tuple(re.findall(r"^local function (\w+)", body, re.MULTILINE)))
+
+
+LIBRARIES = {name: Library.read(name) for name in ("envelope.lua", "flow.lua")}
 _NAMES = re.compile(r"[a-z_][a-z0-9_]*")
 _VARIADIC = re.compile(r"[a-z_][a-z0-9_]*\.\.\.")  # the last of ARGV may be `name...`
 _SHEBANG = re.compile(r"#!lua flags=([a-z-]+(?:,[a-z-]+)*)")
@@ -174,14 +190,21 @@ def load(name: str, decode: Callable[[Any], R]) -> Script[R]:
     rest = args.pop().removesuffix("...") if args[-1].endswith("...") else None
     keys = tuple(_header(name, header, "KEYS"))
     words = _words(body)
-    library = not words.isdisjoint(LIBRARY_NAMES)
-    if library:
-        words |= _words(_LIBRARY)
+    libraries = tuple(n for n, lib in LIBRARIES.items() if not words.isdisjoint(lib.functions))
+    for library in libraries:
+        words |= _words(LIBRARIES[library].body)
     constants = tuple(c for c in CONSTANTS if c in words)
-    return Script(name, keys, tuple(args), rest, flags, body, decode, constants, library)
+    return Script(name, keys, tuple(args), rest, flags, body, decode, constants, libraries)
 
 
 # -- the scripts, and their replies ------------------------------------------------------------
+
+
+class Held(NamedTuple):
+    """Why a take brought less than asked, when the pause or a flow limit did it."""
+
+    reason: str  # "paused", "full" (no `max_running` permit free) or "rate"
+    wait: float | None  # for "rate": seconds until the next start is allowed
 
 
 class TakeReply(NamedTuple):
@@ -192,19 +215,27 @@ class TakeReply(NamedTuple):
     next_due: float | None  # epoch seconds; None if no retry waits, or the take was full
     attempts: list[int]  # of each new delivery
     payloads: list[bytes]  # of each new delivery, in take order
+    held: Held | None = None  # what held the take back, if anything did
 
 
 SUPERSEDED = -2  # what TAKE answers a process that no longer owns the private list
 
 
+def _held(text: bytes) -> Held | None:
+    if not text:
+        return None
+    reason, _, ms = text.decode().partition(":")
+    return Held(reason, int(ms) / 1000 if ms else None)
+
+
 def _take_reply(reply: list[Any]) -> TakeReply:
     if reply[0] == SUPERSEDED:
         return TakeReply(True, 0, None, [], [])
-    payloads = reply[3:]
+    payloads = reply[4:]
     # Attempts are listed only when some deliveries have them (retries, given back).
     attempts = [int(n) for n in reply[2].split(b",")] if reply[2] else [0] * len(payloads)
     next_due = float(reply[1]) if reply[1] else None
-    return TakeReply(False, int(reply[0]), next_due, attempts, payloads)
+    return TakeReply(False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]))
 
 
 def _envelopes(reply: list[bytes]) -> list[bytes]:

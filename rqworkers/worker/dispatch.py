@@ -26,7 +26,7 @@ from typing import Any
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.store.queue import Delivery
 from rqworkers.worker.handlers import Handler, Reply
-from rqworkers.worker.loop import Worker
+from rqworkers.worker.loop import WAKE_TIMEOUT, Worker
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,16 @@ class ConcurrentWorker(Worker):
     def running_elements(self) -> set[bytes]:
         return {r.delivery.element for r in self.running.values()}
 
+    def holding(self) -> int:
+        return len(self.running) + len(self.batch)
+
+    def take_limit(self) -> int:
+        """With a limit, only what starts now: as many as there are free handlers."""
+        limit = max(1, self.settler.cap(self.pair.prefetch, len(self.running)))
+        if self.queue.limits.any:
+            return max(1, min(limit, len(self.free_entries) - len(self.batch)))
+        return limit
+
     def start_what_fits(self) -> None:
         while self.batch and self.free_entries and self.exit_code is None:
             delivery, lost_reason = self.batch.popleft()
@@ -198,6 +208,8 @@ class ConcurrentWorker(Worker):
         self.board.idle(error is not None, outcome.seconds, running.entry)
         self.free_entries.append(running.entry)
         settler.settle(delivery, failure, time.monotonic(), outcome.seconds, outcome.reply)
+        if self.queue.limits.any:  # its permit is free again: use it at once
+            self.next_look = 0.0
         if self.exit_code is None:
             self.exit_code = settler.recycle()
 
@@ -226,6 +238,9 @@ class ConcurrentWorker(Worker):
             self.took(taken.deliveries)
             if len(taken.deliveries) == limit:  # the queue has more: look again at once
                 self.next_look = now
+            elif taken.held is not None:  # look again when it may pass, or one settles
+                wait = taken.held.wait
+                self.next_look = now + (WAKE_TIMEOUT / 2 if wait is None else wait)
         elif self.outbox.acks_overdue(now):
             self.outbox.flush()
 

@@ -31,6 +31,7 @@ from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Superseded
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import Delivery, ReliableQueue
+from rqworkers.store.scripts import Held
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.scoreboard import Scoreboard
@@ -42,6 +43,13 @@ T = TypeVar("T")
 # Seconds an idle fetch blocks, which bounds an idle worker's Redis traffic (two commands
 # per block) and how often it checks that its manager lives. A stop signal cuts it short.
 BLOCK_TIMEOUT = 10.0
+# Seconds a worker held back by a full `max_running` or a pause waits for a wake-up before
+# it asks again: wake-ups come when permits are given back or the queue is resumed, so
+# this only bounds the cost of one lost (a holder's node vanished: its reclaim wakes too).
+WAKE_TIMEOUT = 2.0
+# With a limit, a worker takes at most what it will start within about this many seconds:
+# a message held in its private list is a message no other worker can start.
+LIMITED_BATCH_SECONDS = 1.0
 MIN_BLOCK = 0.01  # seconds: a blocking fetch of 0 would wait forever
 LOST_WORKER = "earlier deliveries never finished (worker lost)"
 
@@ -83,6 +91,8 @@ class Worker:
         samples = (spec.sample_succeeded, spec.sample_failed)
         self.settler = Settler(spec.pair, handler, queue, board, samples, self.before_take)
         self.outbox = self.settler.outbox
+        self.outbox.holding = self.holding
+        self.pace = LIMITED_BATCH_SECONDS  # seconds a handler takes, on average (EWMA)
         self.needs_lease = True  # taken before any replay, so no reclaimer races us
         # Replay what the private list holds before taking anything new, charging the
         # deliveries an earlier life of this worker had started (all, if that is unknown).
@@ -200,16 +210,47 @@ class Worker:
         if not self.marked and self.batch:
             self.mark_unstarted()
 
-    def fill_batch(self) -> bool:
-        """Ack what is done and take up to `prefetch` messages; block only if there are none."""
+    def holding(self) -> int:
+        """Deliveries of this worker that hold a permit beside what a take brings: taken,
+        not yet started (between two messages, none is in a handler)."""
+        return len(self.batch)
+
+    def take_limit(self) -> int:
+        """How many to take: up to `prefetch`; with a limit, only what starts soon. Under a
+        rate limit that is one (each start is counted when taken, so it must start now);
+        under `max_running`, about a second's worth at the handler's pace."""
         limit = max(1, self.settler.cap(self.pair.prefetch))
+        limits = self.queue.limits
+        if limits.rate is not None:
+            return 1
+        if limits.max_running:
+            return max(1, min(limit, int(LIMITED_BATCH_SECONDS / max(self.pace, 1e-4))))
+        return limit
+
+    def fill_batch(self) -> bool:
+        """Ack what is done and take up to `prefetch` messages; block only if there are none,
+        or until a limit lets this worker take one."""
+        limit = self.take_limit()
         taken = self.outbox.take(limit)
         if not taken.deliveries:
+            if taken.held is not None:
+                self.wait_for_permit(taken.held)
+                return False
             if not self.wait_for_message(_block_for(taken.next_due)):
                 return False
             taken = self.outbox.take(limit, landed=True)
         self.took(taken.deliveries)
         return bool(self.batch)
+
+    def wait_for_permit(self, held: Held) -> None:
+        """Sleep until the pause or a limit may let a take through: until the rate window
+        has room, or a worker gives a permit back, or the queue is resumed. No polling: a
+        wake-up comes through the queue's `wake` list; WAKE_TIMEOUT bounds a lost one."""
+        if self.stop.set:
+            return
+        seconds = held.wait if held.wait is not None else WAKE_TIMEOUT
+        if interruptible(self.stop, self.queue.wait_for_wake, max(MIN_BLOCK, seconds)) is None:
+            _drop_connections(self.queue.client)
 
     def wait_for_message(self, seconds: float) -> bool:
         """Block until a message lands or `seconds` pass; a stop signal ends it at once.
@@ -263,11 +304,16 @@ class Worker:
     def finish(self) -> None:
         """On the way out: send pending settlements, give unstarted messages back."""
         ALARM.disarm()
-        if self.outbox.empty and not self.batch:
+        permits = bool(self.queue.limits.max_running)  # none is held past this worker's end
+        if self.outbox.empty and not self.batch and not permits:
             return
         try:
             self.outbox.flush()
             self.give_back_batch()
+            if permits:
+                self.outbox.take(0)
+        except Superseded:
+            pass  # its list, and its permits, are another process's business now
         except REDIS_ERRORS as exc:
             # They stay in the private list: the next worker of this slot replays them.
             log.warning("could not settle in-flight messages on exit: %s", explain(exc))
@@ -314,6 +360,7 @@ class Worker:
         except (Exception, MessageTimeout) as exc:
             error = exc
         ended = time.monotonic()
+        self.pace += (ended - since - self.pace) * 0.2
         callback_timed_out = handler.has_callbacks and self.run_callback(
             delivery.payload, result, error
         )

@@ -16,6 +16,7 @@ from rqworkers.common.process import StopFlag
 from rqworkers.common.text import printable
 from rqworkers.errors import ExitCode
 from rqworkers.store.connections import Client, connect
+from rqworkers.store.flow import Limits
 from rqworkers.store.queue import ReliableQueue
 from rqworkers.worker import taskhandler
 from rqworkers.worker.alarm import ALARM
@@ -50,7 +51,10 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
         return ExitCode.STARTUP_FAILED
     stop = _install_signals()
     board.ready()
-    queue = ReliableQueue(client, spec.pair.queue, spec.worker_id, keep_connection=True)
+    limits = Limits(spec.pair.max_running or 0, spec.pair.rate_limit)
+    queue = ReliableQueue(
+        client, spec.pair.queue, spec.worker_id, keep_connection=True, limits=limits
+    )
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             return ConcurrentWorker(spec, handler, queue, board, stop).run()

@@ -2,9 +2,9 @@
 -- RECLAIM: hands an orphaned worker's messages back, if its lease is still gone: its
 -- deliveries to the retry set, due at once and oldest first, each charged one attempt if
 -- its handler had started; the messages its blocking fetch had landed, never delivered, to
--- the head of the shared list.
+-- the head of the shared list. Its `max_running` permits are given back.
 --
--- KEYS: processing, landing, queue, retry, lease, registry, owner
+-- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake
 -- ARGV: worker_id, unstarted
 --   worker_id  the orphaned worker, struck from the registry once its messages are back
 --   unstarted  the id of its oldest delivery that had not started: every one older is
@@ -34,5 +34,6 @@ while true do
   redis.call('RPOP', processing)
 end
 redis.call('SREM', registry, worker_id)
+release_permits(permits, wake, queue, worker_id)
 redis.call('DEL', owner)  -- whoever takes into the list next owns it
 return moved

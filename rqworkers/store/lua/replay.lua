@@ -2,8 +2,8 @@
 -- REPLAY: what an earlier life of this worker left in flight, oldest first, after charging
 -- one attempt to each delivery whose handler had started.
 --
--- KEYS: processing, landing, owner
--- ARGV: charge, unstarted, idbase, mine
+-- KEYS: processing, landing, owner, queue, permits, wake
+-- ARGV: charge, unstarted, idbase, mine, worker_id
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
 --              has that id; '0' (this process's own list, after a Redis error): none
@@ -11,6 +11,7 @@
 --              or nobody knows)
 --   idbase     an id base of this process, for the envelopes this call writes
 --   mine       the id prefix of this process: what it wrote itself is never charged
+--   worker_id  the worker: the `max_running` permits an earlier life held are given back
 -- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY).
 --
 -- A charged envelope gets a new id of this process, so a replay sent again after a lost
@@ -20,6 +21,7 @@
 -- becomes the list's `owner`.
 
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
+release_permits(permits, wake, queue, worker_id)  -- its next take asks for what it runs
 local started = charge == '1'
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}

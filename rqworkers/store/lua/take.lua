@@ -2,8 +2,8 @@
 -- TAKE: acks handled deliveries, then moves up to `limit` messages into the private list,
 -- in one round trip.
 --
--- KEYS: queue, processing, landing, retry, lease, registry, owner
--- ARGV: limit, now, idbase, landed, worker_id, trim, acks...
+-- KEYS: queue, processing, landing, retry, lease, registry, owner, paused, permits, starts, wake
+-- ARGV: limit, now, idbase, landed, worker_id, trim, max_running, running, rate, window, acks...
 --   limit      how many messages to take at most (0: only ack)
 --   now        the time, epoch seconds: retries due by then may be taken
 --   idbase     `<process>.<call>.`: the n-th new delivery gets the id idbase .. n, n
@@ -15,13 +15,25 @@
 --   trim       0: `acks` are the envelopes to remove, one LREM each. n > 0: the n acks are
 --              the oldest of the private list, and `acks` holds the oldest and the newest
 --              of them (see remove_acks)
+--   max_running  at most this many deliveries of the queue in a handler at once, across
+--              every worker (the `permits` hash); 0: no such limit
+--   running    this worker's deliveries that hold a permit beside what this call takes
+--              (in a handler, or taken and about to start): its entry is set to that plus
+--              what it takes, so a call sent twice counts nothing twice
+--   rate       at most this many handler starts in any `window` ms (the `starts` log, by
+--              Redis's clock); 0: no such limit
 --   acks...    envelopes, as `trim` says
+-- Nothing is taken while the queue is `paused`, and no more than the limits allow; what a
+-- blocking fetch landed then goes back to the queue's tail, its place kept.
 -- Returns {-2} to a process that no longer owns the list, taking and acking nothing; else
--- {missing, next_due, attempts, payload1, payload2, ...} (decoded by scripts.TakeReply):
+-- {missing, next_due, attempts, held, payload1, payload2, ...} (decoded by scripts.TakeReply):
 --   missing    acks that found nothing, or -1: the acks sent as a trim were not where
 --              claimed, and nothing was removed (the worker sends them one by one)
 --   next_due   due time of the next retry; '' if none, or if this call took all it could
 --   attempts   the attempts of each new delivery joined by ','; '' when all are 0
+--   held       why it took less than `limit`, if a limit did it: 'paused', 'full' (no
+--              permit free) or 'rate:<ms>' (the next start is allowed in that many ms);
+--              '' otherwise
 --   payloads   of the new deliveries: the worker knows the ids it gave, so the envelopes
 --              need not travel back
 --
@@ -29,9 +41,10 @@
 -- due retries and returned messages (oldest first), then the oldest of the shared list.
 
 -- The reply, and the new envelopes with their attempts, built up by the functions below.
-local taken = {0, '', ''}
+local taken = {0, '', '', ''}
 local fresh, attempts_of, tried = {}, {}, false
 local room = tonumber(limit)
+local now_ms  -- Redis's clock in ms, once a rate limit has read it
 
 -- Only the process that last replayed the list (or, if none did, took first) takes into it
 -- and trims it (see `owner` in queue.py): the list holds one process's deliveries, in order.
@@ -72,14 +85,20 @@ local function add_to_batch(attempts, payload)
   local n = #fresh + 1
   fresh[n] = wrap(idbase .. n, attempts, payload)
   attempts_of[n] = attempts
-  taken[n + 3] = payload
+  taken[n + 4] = payload
   if attempts ~= 0 then tried = true end
   room = room - 1
 end
 
--- The message a blocking fetch left in the landing list, taken; false if none.
+-- The message a blocking fetch left in the landing list, taken; false if none. When the
+-- pause or a limit leaves no room for it, it goes back to the queue's tail, to be next.
 local function take_landed()
   local message = landed == '1' and redis.call('LINDEX', landing, -1)
+  if message and room <= 0 then
+    redis.call('RPUSH', queue, message)
+    redis.call('RPOP', landing)
+    return false
+  end
   if message then add_to_batch(0, message) end
   return message
 end
@@ -91,9 +110,7 @@ local function take_due(first)
   local due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)
-    if not id then  -- the format before envelopes: 8 random bytes, then the payload
-      attempts, payload = 1, string.sub(member, 9)
-    end
+    if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
     add_to_batch(attempts, payload)
   end
   return due
@@ -108,9 +125,62 @@ local function take_shared()
   for i = #oldest_last, 1, -1 do
     n = n + 1
     fresh[n] = head .. n .. ':0:' .. oldest_last[i]
-    taken[n + 3] = oldest_last[i]
+    taken[n + 4] = oldest_last[i]
   end
   return oldest_last
+end
+
+-- Flow control: lowers `room` to what the pause and the limits allow now, and says why in
+-- the reply when they allow less than asked. Returns this worker's permits before the call.
+local function limit_room()
+  local had = 0
+  if redis.call('EXISTS', paused) == 1 then
+    room, taken[4] = 0, 'paused'
+  end
+  local most = tonumber(max_running)
+  if most > 0 then
+    had = tonumber(redis.call('HGET', permits, worker_id) or '0')
+    local held = 0
+    for _, n in ipairs(redis.call('HVALS', permits)) do held = held + tonumber(n) end
+    local free = most - (held - had) - tonumber(running)
+    if free < room then room = math.max(free, 0); taken[4] = 'full' end
+  end
+  local starts_allowed = tonumber(rate)
+  if starts_allowed > 0 and room > 0 then
+    local clock = redis.call('TIME')
+    local ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    redis.call('ZREMRANGEBYSCORE', starts, '-inf', ms - tonumber(window))
+    local free = starts_allowed - redis.call('ZCARD', starts)
+    if free < room then
+      room = math.max(free, 0)
+      local oldest = redis.call('ZRANGE', starts, 0, 0, 'WITHSCORES')[2]
+      taken[4] = 'rate:' .. math.max(1, tonumber(oldest) + tonumber(window) - ms)
+    end
+    now_ms = ms
+  end
+  return had
+end
+
+-- Records what was taken against the limits: this worker's permits, and a start in the
+-- rate window for each delivery. Permits it gave back wake a waiting worker each.
+local function count_taken(had)
+  if tonumber(max_running) > 0 or had > 0 then
+    local held = tonumber(running) + #fresh
+    if held > 0 then
+      redis.call('HSET', permits, worker_id, held)
+    else
+      redis.call('HDEL', permits, worker_id)
+    end
+    if held < had and redis.call('LLEN', queue) > 0 then wake_waiters(wake, had - held) end
+  end
+  if now_ms and #fresh > 0 then
+    local log = {}
+    for i = 1, #fresh do
+      log[2 * i - 1], log[2 * i] = now_ms, idbase .. i
+    end
+    redis.call('ZADD', starts, unpack(log))
+    redis.call('PEXPIRE', starts, tonumber(window))
+  end
 end
 
 -- Moves what was taken into the private list. Pushed before they leave where they were:
@@ -128,7 +198,11 @@ end
 
 if not owns_list() then return {-2} end
 taken[1] = remove_acks()
-if room <= 0 then return taken end
+local had = limit_room()
+if room <= 0 and landed ~= '1' then
+  count_taken(had)
+  return taken
+end
 -- A worker whose lease lapsed (its node froze) was struck from the registry by a reclaim:
 -- what it takes now must stay findable should its node die before the keeper renews.
 if redis.call('EXISTS', lease) == 0 then redis.call('SADD', registry, worker_id) end
@@ -136,6 +210,7 @@ local landed_message = take_landed()
 local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
 local due = take_due(first)
 move(landed_message, due, take_shared())
+count_taken(had)
 if tried then
   for i = #attempts_of + 1, #fresh do attempts_of[i] = 0 end
   taken[3] = table.concat(attempts_of, ',')

@@ -1,0 +1,29 @@
+-- The flow library, put before the body of every script that calls it (see scripts.py).
+-- Workers that find no permit free, or their queue paused, block on the queue's `wake`
+-- list (`BLPOP`, at most a few seconds) rather than poll; whoever frees permits, or
+-- resumes the queue, pushes a token for each worker that may now start something.
+--
+-- Defines:
+--   wake_waiters(wake, n) -> pushes n tokens (at most 100) onto the list `wake`, which
+--     expires 2 s after the last push: a token nobody took soon is stale
+--   release_permits(permits, wake, queue, worker_id) -> drops the worker's entry from
+--     `permits` (it died, or was replaced), waking as many waiters as it held, if the
+--     queue has messages for them
+-- A script need not use both:
+-- luacheck: ignore 211
+
+local function wake_waiters(wake, n)
+  local tokens = {}
+  for i = 1, math.min(n, 100) do tokens[i] = '1' end
+  redis.call('LPUSH', wake, unpack(tokens))
+  redis.call('LTRIM', wake, 0, 99)
+  redis.call('PEXPIRE', wake, 2000)
+end
+
+local function release_permits(permits, wake, queue, worker_id)
+  local had = tonumber(redis.call('HGET', permits, worker_id) or '0')
+  if had > 0 then
+    redis.call('HDEL', permits, worker_id)
+    if redis.call('LLEN', queue) > 0 then wake_waiters(wake, had) end
+  end
+end

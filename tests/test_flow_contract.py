@@ -1,0 +1,132 @@
+"""Flow control at the queue: TAKE takes only what the pause and the limits allow, against
+fakeredis and a real redis-server. A message held back stays in the shared list, in its
+place and uncharged; permits are counted per worker and given back by replay and reclaim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+
+from rqworkers.common.rates import Rate
+from rqworkers.store import flow
+from rqworkers.store.flow import Limits
+from rqworkers.store.queue import Keys, ReliableQueue
+
+QUEUE = "jobs"
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
+    if request.param == "fakeredis":
+        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        conn = request.getfixturevalue("redis_server").client()
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def worker(client: redis.Redis, n: int, **limits: object) -> ReliableQueue:
+    return ReliableQueue(client, QUEUE, f"node:{n}", limits=Limits(**limits))  # type: ignore[arg-type]
+
+
+def produce(client: redis.Redis, count: int) -> None:
+    client.lpush(QUEUE, *[f"m{i}".encode() for i in range(count)])
+
+
+def payloads(taken: list[object]) -> list[bytes]:
+    return [d.payload for d in taken]  # type: ignore[attr-defined]
+
+
+def test_max_running_is_shared_by_every_worker_and_freed_by_acks(client: redis.Redis) -> None:
+    produce(client, 10)
+    a, b = worker(client, 1, max_running=3), worker(client, 2, max_running=3)
+    first = a.take([], 2)
+    assert payloads(first.deliveries) == [b"m0", b"m1"] and first.held is None
+    second = b.take([], 5)
+    assert payloads(second.deliveries) == [b"m2"], "only one permit was left"
+    assert second.held is not None and second.held.reason == "full"
+    assert b.take([], 5, running=1).held == ("full", None), "nothing left: nothing taken"
+    assert client.llen(QUEUE) == 7, "held back in the shared list, in place"
+    freed = a.take([d.element for d in first.deliveries], 5)  # acks both: two permits free
+    assert payloads(freed.deliveries) == [b"m3", b"m4"]
+    assert flow.flow_state(client, QUEUE, None).running == 3
+
+
+def test_a_take_sent_twice_counts_its_permits_once(client: redis.Redis) -> None:
+    """A worker says how many it still runs; its entry is set, not added to."""
+    produce(client, 10)
+    a = worker(client, 1, max_running=4)
+    a.take([], 2)
+    a.take([], 0, running=2)  # a flush resent after a lost reply
+    a.take([], 0, running=2)
+    assert client.hget(Keys(QUEUE).permits, "node:1") == b"2"
+    a.take([], 0, running=0)
+    assert client.hget(Keys(QUEUE).permits, "node:1") is None
+
+
+def test_replay_and_reclaim_give_a_lost_holders_permits_back(client: redis.Redis) -> None:
+    produce(client, 10)
+    lost, other = worker(client, 1, max_running=2), worker(client, 2, max_running=2)
+    lost.take([], 2)
+    assert other.take([], 1).held == ("full", None)
+    ReliableQueue(client, QUEUE, "node:1").replay(b"")  # its replacement starts
+    assert payloads(other.take([], 1).deliveries) == [b"m2"], "given back at once"
+    client.delete(Keys(QUEUE, "node:2").lease)
+    third = worker(client, 3, max_running=2)
+    third.take([], 1)
+    assert third.take([], 1, running=1).held == ("full", None)
+    assert other.reclaim() == 1  # node:2's lease is gone: its node vanished
+    assert payloads(third.take([], 1, running=1).deliveries) == [b"m2"], "its retry, next"
+
+
+def test_a_rate_limit_allows_n_starts_in_any_window(client: redis.Redis) -> None:
+    produce(client, 10)
+    a, b = worker(client, 1, rate=Rate(3, 1)), worker(client, 2, rate=Rate(3, 1))
+    assert len(a.take([], 2).deliveries) == 2
+    taken = b.take([], 2)
+    assert len(taken.deliveries) == 1 and taken.held is not None
+    assert taken.held.reason == "rate" and 0 < (taken.held.wait or 0) <= 1.0
+    assert client.zcard(Keys(QUEUE).starts) == 3
+    assert flow.flow_state(client, QUEUE, Rate(3, 1)).started == 3
+
+
+def test_a_paused_queue_gives_nothing_and_a_landed_message_keeps_its_place(
+    client: redis.Redis,
+) -> None:
+    q = worker(client, 1)
+    assert flow.pause(client, QUEUE, "test") and not flow.pause(client, QUEUE, "again")
+    produce(client, 1)
+    assert q.fetch(0.1)  # a blocking fetch landed it before the pause was seen
+    produce(client, 1)
+    taken = q.take([], 5, landed=True)
+    assert taken.deliveries == [] and taken.held == ("paused", None)
+    assert client.lrange(QUEUE, 0, -1) == [b"m0", b"m0"] and client.llen(q.keys.landing) == 0
+    assert client.rpop(QUEUE) == b"m0", "the landed one is next, as it was"
+    assert flow.flow_state(client, QUEUE, None).paused is not None
+    assert flow.resume(client, QUEUE) and not flow.resume(client, QUEUE)
+    assert client.llen(Keys(QUEUE).wake) == flow.RESUME_TOKENS, "waiting workers are woken"
+    assert payloads(q.take([], 5).deliveries) == [b"m0"]
+
+
+def test_permits_given_back_wake_waiting_workers_only_when_work_waits(
+    client: redis.Redis,
+) -> None:
+    produce(client, 3)
+    a = worker(client, 1, max_running=1)
+    (d,) = a.take([], 1).deliveries
+    a.take([d.element], 0)
+    assert client.llen(Keys(QUEUE).wake) == 1, "one permit back, one waiter woken"
+    assert a.wait_for_wake(0.05)
+    client.delete(QUEUE, Keys(QUEUE).wake)
+    client.lpush(QUEUE, b"x")
+    b = worker(client, 2, max_running=1)
+    (e,) = b.take([], 1).deliveries  # the queue is empty now
+    b.take([e.element], 0)
+    assert client.llen(Keys(QUEUE).wake) == 0, "no work waits: nobody to wake"
