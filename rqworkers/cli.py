@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
@@ -22,6 +23,7 @@ from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import pidfile
 from rqworkers.manager.supervisor import Manager
 from rqworkers.ops import checks, dead, status
+from rqworkers.store import flow
 from rqworkers.store.outage import REDIS_ERRORS, explain
 
 log = logging.getLogger("rqworkers")
@@ -75,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", metavar="S", help="the task's own timeout, seconds")
     submit.add_argument("--wait", nargs="?", const="", metavar="S",
                         help="wait for the result, at most S seconds (none: no limit)")  # fmt: skip
+
+    for name, text in (
+        ("pause", "stop every worker of a queue, on every node, from starting messages"),
+        ("resume", "let the workers of a paused queue start messages again"),
+    ):
+        sub = command(name, text)
+        sub.add_argument("queue", metavar="QUEUE", help="the queue, as the config names it")
+        sub.add_argument("--host", help="the pair's host, when the queue is on several")
 
     dead_parser = command("dead", "list, show, requeue or purge dead letters")
     dead_parser.set_defaults(help_of=dead_parser)
@@ -373,7 +383,27 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def pause(cfg: config.Config, args: argparse.Namespace) -> int:
+    pair = _pair(cfg, args)
+    with Producer(pair.url) as producer:
+        done = flow.pause(
+            producer.client, pair.queue, by=f"rqworkers pause ({socket.gethostname()})"
+        )
+    print(f"paused {pair.queue}" if done else f"{pair.queue} was paused already")
+    return ExitCode.OK
+
+
+def resume(cfg: config.Config, args: argparse.Namespace) -> int:
+    pair = _pair(cfg, args)
+    with Producer(pair.url) as producer:
+        done = flow.resume(producer.client, pair.queue)
+    print(f"resumed {pair.queue}" if done else f"{pair.queue} was not paused")
+    return ExitCode.OK
+
+
 COMMANDS: dict[str, Command] = {
+    "pause": pause,
+    "resume": resume,
     "push": push,
     "submit": submit,
     "run": run,

@@ -38,6 +38,7 @@ from rqworkers.common.globs import Glob
 from rqworkers.common.rates import Rate
 from rqworkers.errors import ConfigError
 from rqworkers.store import connections
+from rqworkers.store.flow import Limits
 
 URL_SCHEMES = connections.SCHEMES
 
@@ -480,6 +481,11 @@ class PairSettings(_Section):
     def endpoint(self) -> str:
         """The URL with any password hidden, fit for logs."""
         return connections.redact(self.url)
+
+    @property
+    def limits(self) -> Limits:
+        """The flow limits its workers enforce (in TAKE) and `status` shows."""
+        return Limits(self.max_running or 0, self.rate_limit)
 
 
 class _Document(_Section):

@@ -56,7 +56,7 @@ def test_max_running_is_shared_by_every_worker_and_freed_by_acks(client: redis.R
     assert client.llen(QUEUE) == 7, "held back in the shared list, in place"
     freed = a.take([d.element for d in first.deliveries], 5)  # acks both: two permits free
     assert payloads(freed.deliveries) == [b"m3", b"m4"]
-    assert flow.flow_state(client, QUEUE, None).running == 3
+    assert flow.flow_state(client, QUEUE).running == 3
 
 
 def test_a_take_sent_twice_counts_its_permits_once(client: redis.Redis) -> None:
@@ -92,9 +92,9 @@ def test_a_rate_limit_allows_n_starts_in_any_window(client: redis.Redis) -> None
     assert len(a.take([], 2).deliveries) == 2
     taken = b.take([], 2)
     assert len(taken.deliveries) == 1 and taken.held is not None
-    assert taken.held.reason == "rate" and 0 < (taken.held.wait or 0) <= 1.0
+    assert taken.held.reason == "rate" and 0 < (taken.held.wait or 0) <= 1.05
     assert client.zcard(Keys(QUEUE).starts) == 3
-    assert flow.flow_state(client, QUEUE, Rate(3, 1)).started == 3
+    assert flow.flow_state(client, QUEUE, Limits(rate=Rate(3, 1))).started == 3
 
 
 def test_a_paused_queue_gives_nothing_and_a_landed_message_keeps_its_place(
@@ -109,7 +109,7 @@ def test_a_paused_queue_gives_nothing_and_a_landed_message_keeps_its_place(
     assert taken.deliveries == [] and taken.held == ("paused", None)
     assert client.lrange(QUEUE, 0, -1) == [b"m0", b"m0"] and client.llen(q.keys.landing) == 0
     assert client.rpop(QUEUE) == b"m0", "the landed one is next, as it was"
-    assert flow.flow_state(client, QUEUE, None).paused is not None
+    assert flow.flow_state(client, QUEUE).paused is not None
     assert flow.resume(client, QUEUE) and not flow.resume(client, QUEUE)
     assert client.llen(Keys(QUEUE).wake) == flow.RESUME_TOKENS, "waiting workers are woken"
     assert payloads(q.take([], 5).deliveries) == [b"m0"]

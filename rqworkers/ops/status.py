@@ -48,7 +48,9 @@ def _pair_status(pair: PairSettings, clients: dict[str, Any], errors: dict[str, 
         return PairStatus(pair.endpoint, pair.queue, None, errors[pair.url])
     client = clients.get(pair.url) or clients.setdefault(pair.url, connect(pair.url, 0.0))
     try:
-        return PairStatus(pair.endpoint, pair.queue, snapshot(client, pair.queue), None)
+        return PairStatus(
+            pair.endpoint, pair.queue, snapshot(client, pair.queue, pair.limits), None
+        )
     except REDIS_ERRORS as exc:
         if not is_outage(exc):  # this queue's keys are at fault, not the host
             return PairStatus(pair.endpoint, pair.queue, None, f"error: {explain(exc)}")
@@ -84,6 +86,9 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
             f"retrying {snap.retrying}  dead {snap.dead}  "
             "(oldest waiting: unknown, payloads carry no timestamp)"
         )
+        flow = _flow_line(snap)
+        if flow:
+            lines.append(f"  {flow}")
         rows: list[tuple[str, ...]] = [(*_COLUMNS, "NOTE")]
         for w in sorted(snap.workers, key=lambda w: (str(w.get("node")), str(w.get("name")))):
             rows.append(tuple(map(printable, _worker_row(w, now))))  # data any client can write
@@ -96,6 +101,29 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
                 lines.append("  " + "  ".join([*cells, row[-1]]).rstrip())
         lines.append("")
     return "\n".join(lines)
+
+
+def _flow_line(snap: Snapshot) -> str:
+    """The pause and the limits, and how much of each is in use: '' if none applies."""
+    flow = snap.flow
+    parts = []
+    if flow.paused is not None:
+        paused = flow.paused
+        when = paused.get("at")
+        since = f" since {_clock(float(when))}" if isinstance(when, int | float) else ""
+        parts.append(f"PAUSED by {printable(str(paused.get('by', '?')))}{since}")
+    if flow.max_running:
+        parts.append(f"running {flow.running}/{flow.max_running} (max_running)")
+    if flow.rate_limit:
+        parts.append(f"started {flow.started}/{flow.rate_starts} in the window ({flow.rate_limit})")
+    if snap.held_back:
+        why = "the pause" if flow.paused is not None else "a limit"
+        parts.append(f"{snap.held_back} held back by {why}")
+    return "  ".join(parts)
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
 def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:

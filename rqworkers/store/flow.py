@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,6 +20,10 @@ from rqworkers.store.connections import Client
 from rqworkers.store.keys import Keys
 
 RESUME_TOKENS = 100  # wake tokens a resume pushes: every waiting worker of a queue, at most
+# A start is logged when its message is taken, a moment before its handler starts: each
+# stays in the window this much longer, so that no window of handler starts holds N + 1.
+# (At full speed, "N/s" then allows N starts every 1.05 s.)
+RATE_MARGIN_MS = 50
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,11 @@ class Limits:
     @property
     def any(self) -> bool:
         return bool(self.max_running or self.rate)
+
+    @property
+    def window_ms(self) -> int:
+        """How long a start counts against the rate limit, in ms; 0 without one."""
+        return self.rate.seconds * 1000 + RATE_MARGIN_MS if self.rate else 0
 
 
 NO_LIMITS = Limits()
@@ -57,30 +67,62 @@ def resume(client: Client, queue: str) -> bool:
 
 @dataclass(frozen=True)
 class FlowState:
-    """How much of its limits a queue uses now."""
+    """A queue's pause and limits, and how much of each is in use now."""
 
-    paused: dict[str, Any] | None  # who paused it and when, if it is paused
-    running: int  # `max_running` permits held, across every worker
-    started: int  # handler starts in the current rate window (0 without a rate limit)
+    paused: dict[str, Any] | None = None  # who paused it and when, if it is paused
+    running: int = 0  # `max_running` permits held, across every worker
+    max_running: int = 0  # 0: no such limit
+    started: int = 0  # handler starts in the current rate window
+    rate_limit: str = ""  # "100/s"; "" without one
+    rate_starts: int = 0  # the N of the rate limit
+
+    @property
+    def binding(self) -> bool:
+        """Whether the pause or a limit lets nothing start now."""
+        full = bool(self.max_running) and self.running >= self.max_running
+        return (
+            self.paused is not None
+            or full
+            or (bool(self.rate_starts) and self.started >= self.rate_starts)
+        )
 
 
-def flow_state(client: Client, queue: str, rate: Rate | None) -> FlowState:
-    """One read of a queue's pause and limits, in one round trip."""
+Pipeline = Any  # a redis-py pipeline, plain or cluster
+
+
+def flow_reader(
+    pipe: Pipeline, queue: str, limits: Limits
+) -> Callable[[list[Any]], tuple[FlowState, list[Any]]]:
+    """Queue the reads of `queue`'s flow state on `pipe`; returns what reads their replies
+    off the front of the pipeline's results (the state, and the results after them)."""
     keys = Keys(queue)
-    pipe = client.pipeline(transaction=False)
     pipe.get(keys.paused)
     pipe.hvals(keys.permits)
-    if rate is not None:
-        pipe.time()
-    found = cast(list[Any], pipe.execute())
-    paused = _record(found[0])
-    running = sum(int(n) for n in found[1])
-    started = 0
-    if rate is not None:
-        seconds, micros = found[2]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        started = int(client.zcount(keys.starts, now_ms - rate.seconds * 1000, "+inf"))
-    return FlowState(paused, running, started)
+    rate = limits.rate
+    if rate is not None:  # by this machine's clock: for display, not for enforcing
+        pipe.zcount(keys.starts, int(time.time() * 1000) - limits.window_ms, "+inf")
+
+    def read(results: list[Any]) -> tuple[FlowState, list[Any]]:
+        count = 3 if rate is not None else 2
+        found, rest = results[:count], results[count:]
+        state = FlowState(
+            paused=_record(found[0]),
+            running=sum(int(n) for n in found[1]),
+            max_running=limits.max_running,
+            started=int(found[2]) if rate is not None else 0,
+            rate_limit=str(rate) if rate is not None else "",
+            rate_starts=rate.starts if rate is not None else 0,
+        )
+        return state, rest
+
+    return read
+
+
+def flow_state(client: Client, queue: str, limits: Limits = NO_LIMITS) -> FlowState:
+    """One read of a queue's pause and limits, in one round trip."""
+    pipe = client.pipeline(transaction=False)
+    read = flow_reader(pipe, queue, limits)
+    return read(cast(list[Any], pipe.execute()))[0]
 
 
 def _record(raw: bytes | None) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 import redis
@@ -48,7 +48,7 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
-from rqworkers.store.flow import NO_LIMITS, Limits
+from rqworkers.store.flow import NO_LIMITS, FlowState, Limits, flow_reader
 
 # The keys are declared in `keys`; imported from here too.
 from rqworkers.store.keys import Keys as Keys
@@ -183,7 +183,7 @@ class ReliableQueue:
             max_running=limits.max_running,
             running=running,
             rate=limits.rate.starts if limits.rate else 0,
-            window=limits.rate.seconds * 1000 if limits.rate else 0,
+            window=limits.window_ms,
             acks=acks,
         )
         if reply.superseded:
@@ -465,22 +465,31 @@ class Snapshot:
     retrying: int
     dead: int
     workers: list[dict[str, Any]]
+    flow: FlowState = field(default_factory=FlowState)
+
+    @property
+    def held_back(self) -> int:
+        """Messages waiting because the pause or a limit lets none start now."""
+        return self.waiting if self.flow.binding else 0
 
 
-def snapshot(client: Client, queue: str) -> Snapshot:
-    """Read a queue's lengths and its workers' published status in two round trips."""
+def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot:
+    """Read a queue's lengths, its flow state under `limits`, and its workers' published
+    status, in two round trips."""
     keys = Keys.of(queue, "")
     ids = registered_workers(client, queue)
     pipe = client.pipeline(transaction=False)
     pipe.llen(keys.queue)
     pipe.zcard(keys.retry)
     pipe.llen(keys.dead)
+    read_flow = flow_reader(pipe, queue, limits)
     for worker_id in ids:
         worker_keys = Keys.of(queue, worker_id)
         pipe.llen(worker_keys.processing)
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
     waiting, retrying, dead, *rest = pipe.execute()
+    flow_state, rest = read_flow(rest)
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
     for worker_id, raw in zip(ids, rest[2::3], strict=True):
@@ -492,7 +501,7 @@ def snapshot(client: Client, queue: str) -> Snapshot:
             info = {"name": worker_id}
         if isinstance(info, dict):
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
-    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers)
+    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers, flow_state)
 
 
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:

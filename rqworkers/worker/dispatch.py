@@ -162,6 +162,9 @@ class ConcurrentWorker(Worker):
     def holding(self) -> int:
         return len(self.running) + len(self.batch)
 
+    def holds_permit(self) -> bool:
+        return bool(self.running) or bool(self.batch)
+
     def take_limit(self) -> int:
         """With a limit, only what starts now: as many as there are free handlers."""
         limit = max(1, self.settler.cap(self.pair.prefetch, len(self.running)))

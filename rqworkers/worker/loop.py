@@ -176,7 +176,13 @@ class Worker:
         leftovers = self.queue.replay(self.charge_before)
         self.charge_before = None  # from here on this process knows what it ran
         running = self.running_elements()
-        self.batch.extend((d, reason) for d in leftovers if d.element not in running)
+        leftovers = [d for d in leftovers if d.element not in running]
+        if leftovers and self.queue.limits.any:
+            # Under a limit a leftover must get its permit like any message: back to the
+            # head of the queue (counts kept), to be taken again through the limits.
+            self.queue.give_back(leftovers)
+            leftovers = []
+        self.batch.extend((d, reason) for d in leftovers)
         self.mark_unstarted()
         self.replaying = False
         self.board.replayed()
@@ -214,6 +220,11 @@ class Worker:
         """Deliveries of this worker that hold a permit beside what a take brings: taken,
         not yet started (between two messages, none is in a handler)."""
         return len(self.batch)
+
+    def holds_permit(self) -> bool:
+        """Whether a delivery of this worker is in its handler or about to be (for
+        `FreezeWatch`, from its own thread: a glance, no lock needed)."""
+        return self.in_handler or bool(self.batch)
 
     def take_limit(self) -> int:
         """How many to take: up to `prefetch`; with a limit, only what starts soon. Under a

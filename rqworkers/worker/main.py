@@ -16,11 +16,11 @@ from rqworkers.common.process import StopFlag
 from rqworkers.common.text import printable
 from rqworkers.errors import ExitCode
 from rqworkers.store.connections import Client, connect
-from rqworkers.store.flow import Limits
 from rqworkers.store.queue import ReliableQueue
 from rqworkers.worker import taskhandler
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.dispatch import ConcurrentWorker
+from rqworkers.worker.freeze import FreezeWatch
 from rqworkers.worker.handlers import startup_failure
 from rqworkers.worker.loop import BLOCK_TIMEOUT, Worker, WorkerSpec
 from rqworkers.worker.scoreboard import Scoreboard
@@ -51,16 +51,19 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
         return ExitCode.STARTUP_FAILED
     stop = _install_signals()
     board.ready()
-    limits = Limits(spec.pair.max_running or 0, spec.pair.rate_limit)
+    pair = spec.pair
     queue = ReliableQueue(
-        client, spec.pair.queue, spec.worker_id, keep_connection=True, limits=limits
+        client, pair.queue, spec.worker_id, keep_connection=True, limits=pair.limits
     )
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
-            return ConcurrentWorker(spec, handler, queue, board, stop).run()
-        worker = Worker(spec, handler, queue, board, stop)
-        signal.signal(signal.SIGTERM, worker.on_stop_signal)
-        signal.signal(signal.SIGINT, worker.on_stop_signal)
+            worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop)
+        else:
+            worker = Worker(spec, handler, queue, board, stop)
+            signal.signal(signal.SIGTERM, worker.on_stop_signal)
+            signal.signal(signal.SIGINT, worker.on_stop_signal)
+        if spec.pair.max_running:
+            FreezeWatch(spec.pair.url, queue.keys, spec.lease_ttl, worker.holds_permit).start()
         return worker.run()
     finally:
         handler.teardown()

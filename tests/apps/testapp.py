@@ -161,3 +161,25 @@ def to_file(message: bytes) -> None:
     may be out of memory."""
     with open(os.environ["TESTAPP_OUT"], "ab") as out:
         out.write(message + b"\n")
+
+
+# The most `flow:running` reached: compared and set in one step, whatever runs beside it.
+_MAX = (
+    "local n = tonumber(ARGV[1]) "
+    "if n > tonumber(redis.call('GET', KEYS[1]) or '0') then redis.call('SET', KEYS[1], n) end"
+)
+
+
+def measure(message: bytes) -> None:
+    """`<seconds>:<id>`: count itself running (`flow:running`, its peak in `flow:max`),
+    note its start time in `flow:starts`, sleep, and record `done`."""
+    c = client()
+    running = c.incr("flow:running")
+    c.eval(_MAX, 1, "flow:max", running)
+    c.rpush("flow:starts", repr(time.time()))
+    c.rpush("flow:pids", os.getpid())
+    try:
+        time.sleep(float(message.split(b":")[0]))
+    finally:
+        c.decr("flow:running")
+    _record("done", message)

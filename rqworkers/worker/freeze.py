@@ -1,0 +1,76 @@
+"""A worker frozen past its lease must not run on past `max_running` when it wakes.
+
+A process stopped long enough (SIGSTOP, a paused VM, a host under swap) loses its lease;
+another node then reclaims its messages and gives its permits back, and others start what
+those permits allow. The frozen handler, when it wakes, is still mid-message: left alone it
+would run beside them, one past the limit. So a worker of a queue with `max_running` keeps
+a small thread that notices such a gap in time and, if the worker held a permit and its
+entry in `<queue>:permits` is gone meanwhile, ends the process at once (exit 75, as a
+worker whose list another process took over). What it ran is not lost: the reclaim moved
+it, charged, to the retry set, and it runs again elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from rqworkers.errors import ExitCode
+from rqworkers.store.connections import Client, connect
+from rqworkers.store.keys import Keys
+from rqworkers.store.outage import REDIS_ERRORS
+
+log = logging.getLogger(__name__)
+
+TICK = 0.2  # seconds between two looks at the clock
+
+
+def _clock() -> float:
+    """Seconds that also count while the machine is suspended (CLOCK_BOOTTIME on Linux)."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+class FreezeWatch:
+    """Watches for a gap of at least `lease_ttl / 2` between two ticks; then asks Redis
+    whether this worker's permits are still its own, and exits if they are not."""
+
+    def __init__(
+        self, url: str, keys: Keys, lease_ttl: float, holds_permit: Callable[[], bool]
+    ) -> None:
+        self.url = url
+        self.keys = keys
+        self.gap = lease_ttl / 2
+        self.holds_permit = holds_permit
+        self._client: Client | None = None
+        self.thread = threading.Thread(target=self.run, name="freeze-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        last = _clock()
+        while True:
+            time.sleep(TICK)
+            now = _clock()
+            if now - last - TICK >= self.gap and self.revoked():
+                log.error(
+                    "this worker was frozen %.1fs, past its lease, and its permits were given "
+                    "to others meanwhile: exiting before it runs beside them",
+                    now - last,
+                )
+                os._exit(ExitCode.SUPERSEDED)
+            last = now
+
+    def revoked(self) -> bool:
+        """True if this worker holds a permit in its own view but not in Redis's."""
+        if not self.holds_permit():
+            return False
+        try:
+            if self._client is None:
+                self._client = connect(self.url, timeout=2.0)
+            return self._client.hget(self.keys.permits, self.keys.worker_id) is None
+        except REDIS_ERRORS:
+            return False  # Redis cannot say: the worker's own next take will
