@@ -4,16 +4,18 @@ pause and resume reach every worker; permits come back when their holder dies.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
 from rqworkers.store.keys import Keys
-from tests.support import RedisServer, Service, run_cli, wait_for
+from tests.support import APPS, REPO, RedisServer, Service, run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.service
 
@@ -177,3 +179,30 @@ def test_a_small_group_is_not_held_behind_a_flood_and_each_group_keeps_its_limit
     assert int(client.get("flow:max:flood") or 0) == 2, "each group keeps to its own limit"
     status = run_cli("status", "-c", str(svc.config_path))
     assert "group flood: waiting" in status.stdout, status.stdout
+
+
+def test_limits_hold_through_a_redis_restart(redis_server: RedisServer, tmp_path: Path) -> None:
+    """The permits are in Redis, written with every take (append-only, fsync always):
+    after a restart in mid-run the holders' counts are still there, and no worker starts
+    more than `max_running` allows while theirs run. The handlers count themselves in a
+    second Redis, which stays up."""
+    bookkeeper = RedisServer(tmp_path / "bookkeeper")
+    bookkeeper.start()
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url,
+                        [measured(max_running=2, processes=2, concurrency=3)],
+                        manager=MANAGER)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)]),
+           "TESTAPP_REDIS_URL": bookkeeper.url}  # fmt: skip
+    svc = Service(path, tmp_path, env).start()
+    try:
+        svc.wait_workers(2)
+        push(redis_server, 0.4, 16)
+        wait_for(lambda: done(bookkeeper) >= 2, timeout=20, what="a first few handled")
+        redis_server.stop()
+        time.sleep(0.5)
+        redis_server.start()
+        wait_for(lambda: done(bookkeeper) >= 16, timeout=40, what="all 16 handled")
+        assert int(bookkeeper.client().get("flow:max") or 0) == 2
+    finally:
+        svc.cleanup()
+        bookkeeper.discard()
