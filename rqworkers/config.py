@@ -474,15 +474,6 @@ class PairSettings(_Section):
         return pair
 
     @model_validator(mode="after")
-    def _groups_named(self) -> PairSettings:
-        if (self.group_max_running or self.group_rate_limit) and not self.group_by:
-            raise ValueError(
-                "group_max_running and group_rate_limit need group_by, the JSON field that "
-                "names each message's group"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _limits_ordered(self) -> PairSettings:
         soft, hard = self.soft_memory_limit, self.hard_memory_limit
         if soft and hard and soft >= hard:
@@ -500,11 +491,11 @@ class PairSettings(_Section):
     def limits(self) -> Limits:
         """The flow limits its workers enforce (in TAKE) and `status` shows."""
         return Limits(
-            self.max_running or 0,
-            self.rate_limit,
-            self.group_by or "",
-            self.group_max_running or 0,
-            self.group_rate_limit,
+            max_running=self.max_running or 0,
+            rate=self.rate_limit,
+            group_by=self.group_by or "",
+            group_max_running=self.group_max_running or 0,
+            group_rate=self.group_rate_limit,
         )
 
 

@@ -206,3 +206,31 @@ def test_limits_hold_through_a_redis_restart(redis_server: RedisServer, tmp_path
     finally:
         svc.cleanup()
         bookkeeper.discard()
+
+
+def test_a_handlers_group_method_groups_raw_payloads(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    pair = {"queue": "jobs", "handler": "testapp:Tenants", "group_max_running": 2,
+            "processes": 2, "concurrency": 2}  # fmt: skip
+    service([pair], manager=MANAGER).wait_workers(2)
+    client = redis_server.client()
+    client.lpush("jobs", *[f"flood:0.2:{i}".encode() for i in range(200)])
+    client.lpush("jobs", *[f"small:0.2:{i}".encode() for i in range(4)])
+
+    def small_done() -> bool:
+        return sum(m.startswith(b"small") for m in client.lrange("done", 0, -1)) == 4
+
+    wait_for(small_done, timeout=20, what="the small group's four")
+    assert client.llen("done") < 20, "the small group did not wait for the flood's 200"
+    assert int(client.get("flow:max:flood") or 0) == 2
+
+
+def test_check_refuses_group_limits_without_groups(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    pair = {"queue": "jobs", "handler": "testapp:handle", "group_max_running": 2}
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, [pair])
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2 and "group_max_running" in result.stderr
+    assert "set group_by" in result.stderr and "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ SCRIPTS = {name: s for name, s in vars(scripts).items() if isinstance(s, scripts
 def test_every_lua_file_is_a_script_or_the_library() -> None:
     loaded = {s.name for s in SCRIPTS.values()}
     assert {p.name for p in LUA.glob("*.lua")} == loaded | set(scripts.LIBRARIES)
-    assert len(loaded) == len(SCRIPTS) == 9
+    assert len(loaded) == len(SCRIPTS) == 10
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -47,11 +47,11 @@ def test_argv_follows_the_header_whatever_order_the_caller_names_them_in() -> No
     acks = [b"a1", b"a2"]
     named = {"limit": 5, "now": 1.0, "idbase": "p.1.", "landed": "0", "worker_id": "w"}
     flow = {"max_running": 3, "running": 1, "rate": 10, "window": 1000}
-    groups = {"group_by": "", "group_max": 0, "group_rate": 0, "group_window": 0,
+    groups = {"group_by": "", "sorter": "", "group_max": 0, "group_rate": 0, "group_window": 0,
               "group_prefix": "q:group:", "starts_prefix": "q:group_starts:",
               "mine": "{}"}  # fmt: skip
     flow |= groups
-    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000, "", 0, 0, 0, "q:group:",
+    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000, "", "", 0, 0, 0, "q:group:",
             "q:group_starts:", "{}"]  # fmt: skip
     assert scripts.TAKE.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
     assert scripts.TAKE.argv(**flow, **named, trim=0) == head, "no acks"

@@ -33,6 +33,8 @@ class Limits:
     max_running: int = 0
     rate: Rate | None = None
     group_by: str = ""  # a dotted path into JSON payloads: the queue has groups
+    # A handler's `group(message)`, when it names the groups instead (the worker sorts).
+    grouper: Callable[[bytes], str] | None = None
     group_max_running: int = 0
     group_rate: Rate | None = None
 
@@ -40,6 +42,12 @@ class Limits:
     def any(self) -> bool:
         """Whether a limit may hold a take back (groups share fairly even without one)."""
         return bool(self.max_running or self.rate or self.group_max_running or self.group_rate)
+
+    @property
+    def sorter(self) -> str:
+        """Who sorts messages into groups: 'redis' (TAKE, by `group_by`), 'worker' (by its
+        handler's `group()`, through SORT), '' when the queue has no groups."""
+        return "redis" if self.group_by else "worker" if self.grouper else ""
 
     @property
     def window_ms(self) -> int:

@@ -151,6 +151,7 @@ class ReliableQueue:
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
         self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
+        self._sort = Bound(runner, self.keys, scripts.SORT)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -175,8 +176,10 @@ class ReliableQueue:
         worker's deliveries that hold a `max_running` permit beside what this call takes
         (those in a handler and those taken, about to start); `mine`, the same by group
         (`Delivery.group`), for a queue with groups."""
-        base = self._id_base()
         limits = self.limits
+        if limits.grouper is not None and not limits.group_by:
+            landed = self._sort_by_handler(limits.grouper, landed)
+        base = self._id_base()
         reply = self._take(
             limit=limit,
             now=time.time(),
@@ -189,6 +192,7 @@ class ReliableQueue:
             rate=limits.rate.starts if limits.rate else 0,
             window=limits.window_ms,
             group_by=limits.group_by,
+            sorter=limits.sorter,
             group_max=limits.group_max_running,
             group_rate=limits.group_rate.starts if limits.group_rate else 0,
             group_window=limits.group_window_ms,
@@ -234,6 +238,28 @@ class ReliableQueue:
         # BRPOPLPUSH takes whole seconds on servers older than 6.0
         result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
         return result is not None
+
+    def _sort_by_handler(self, group: Callable[[bytes], str], landed: bool) -> bool:
+        """Put messages in their groups' turns by the handler's `group()` (SORT): the
+        oldest of the shared list, what a blocking fetch landed, and due retries not yet
+        sorted. Returns whether a landed message is still for TAKE to see (SORT found it
+        moved, say): TAKE then puts it in the default group's turn."""
+        k = self.keys
+        if landed:
+            element = cast(bytes | None, self.client.lindex(k.landing, -1))
+            if element is not None:
+                landed = not self._sort(group_prefix=k.group_list, source="landing",
+                                        items=_tagged([element], group))  # fmt: skip
+        oldest_last = cast(list[bytes], self.client.lrange(k.queue, -SORT_BATCH, -1))
+        if oldest_last:
+            items = _tagged(oldest_last[::-1], group)
+            self._sort(group_prefix=k.group_list, source="queue", items=items)
+        due = cast(list[bytes], self.client.zrangebyscore(k.retry, "-inf", time.time(), 0, 100))
+        untagged = [(m, p) for m in due for tagged, p in [_retry_payload(m)] if not tagged]
+        if untagged:
+            items = [x for m, p in untagged for x in (m, _hex_group(group, p))]
+            self._sort(group_prefix=k.group_list, source="retry", items=items)
+        return landed
 
     def wait_for_wake(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a permit given back or a resume (the `wake`
@@ -351,6 +377,30 @@ class ReliableQueue:
         value = self.client.hget(self.keys.dead_reasons, digest(message))
         info: dict[str, Any] | None = json.loads(cast(bytes, value)) if value else None
         return info
+
+
+SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
+GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
+
+
+def _hex_group(group: Callable[[bytes], str], payload: bytes) -> bytes:
+    """The name of `payload`'s group, as SORT takes it: UTF-8, cut, in hex."""
+    return group(payload).encode()[:GROUP_NAME_MAX].hex().encode()
+
+
+def _tagged(payloads: list[bytes], group: Callable[[bytes], str]) -> list[bytes]:
+    """SORT's items: each payload, then its group's name in hex."""
+    return [x for p in payloads for x in (p, _hex_group(group, p))]
+
+
+def _retry_payload(member: bytes) -> tuple[bool, bytes]:
+    """Whether a retry set member is tagged with its group (`G<hex>.` id), and its payload."""
+    if not member.startswith(_PREFIX) or member.count(b":") < 3:
+        return False, member
+    _, ident, attempts, payload = member.split(b":", 3)
+    if b"." not in ident or not attempts.isdigit():  # as lua/envelope.lua's parse
+        return False, member
+    return ident.startswith(b"G"), payload
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:

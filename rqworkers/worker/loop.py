@@ -316,7 +316,7 @@ class Worker:
         """On the way out: send pending settlements, give unstarted messages back."""
         ALARM.disarm()
         limits = self.queue.limits
-        permits = bool(limits.max_running or limits.group_by)  # none held past its end
+        permits = bool(limits.max_running or limits.sorter)  # none held past its end
         if self.outbox.empty and not self.batch and not permits:
             return
         try:

@@ -6,6 +6,7 @@ build on each other while this, which picks between them, sits above both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 
@@ -52,9 +53,11 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     stop = _install_signals()
     board.ready()
     pair = spec.pair
-    queue = ReliableQueue(
-        client, pair.queue, spec.worker_id, keep_connection=True, limits=pair.limits
-    )
+    limits = pair.limits
+    grouper = handler.grouper()
+    if grouper is not None and not limits.group_by:  # `group_by` wins where both are set
+        limits = dataclasses.replace(limits, grouper=grouper)
+    queue = ReliableQueue(client, pair.queue, spec.worker_id, keep_connection=True, limits=limits)
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop)

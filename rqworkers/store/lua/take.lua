@@ -5,7 +5,8 @@
 -- KEYS: queue, processing, landing, retry, lease, registry, owner, paused, permits, starts, wake,
 --   ring, group_running, held
 -- ARGV: limit, now, idbase, landed, worker_id, trim, max_running, running, rate, window,
---   group_by, group_max, group_rate, group_window, group_prefix, starts_prefix, mine, acks...
+--   group_by, sorter, group_max, group_rate, group_window, group_prefix, starts_prefix, mine,
+--   acks...
 --   limit      how many messages to take at most (0: only ack)
 --   now        the time, epoch seconds: retries due by then may be taken
 --   idbase     `<process>.<call>.`: the n-th new delivery gets the id idbase .. n, n
@@ -24,10 +25,12 @@
 --              what it takes, so a call sent twice counts nothing twice
 --   rate       at most this many handler starts in any `window` ms (the `starts` log, by
 --              Redis's clock); 0: no such limit
---   group_by   a dotted path into JSON payloads naming each message's group; '' when the
---              queue has no groups. With groups, messages are sorted out of the shared list
---              into one list per group (`group_prefix` .. group, each element `<ms>|payload`,
---              ms when sorted in), and taken round-robin between the groups of the `ring`
+--   group_by   a dotted path into JSON payloads naming each message's group
+--   sorter     who sorts messages into groups: 'redis' (this script, by `group_by`),
+--              'worker' (its handler's `group()`, through SORT, before each take), or ''
+--              when the queue has no groups. With groups, messages wait in one list per
+--              group (`group_prefix` .. group, each element `<ms>|payload`, ms when sorted
+--              in), and are taken round-robin between the groups of the `ring`
 --   group_max, group_rate, group_window  the same limits as above, for each group (0: none)
 --   starts_prefix  the rate log of a group is `starts_prefix` .. group
 --   mine       JSON {hex of a group: n}: this worker's group permits beside what this call
@@ -102,7 +105,7 @@ local function add_to_batch(attempts, payload)
 end
 
 -- Groups (`group_by`) ---------------------------------------------------------------------
-local grouped = group_by ~= ''
+local grouped, sorts_here = sorter ~= '', sorter == 'redis'
 local SORT_BATCH = 1000  -- messages sorted into their groups per call, at most
 local GROUP_NAME_MAX = 200  -- bytes of a group's name kept: it is part of key names
 local group_of_taken, mine_now = {}, {}
@@ -127,13 +130,17 @@ local function clock_ms()
   return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 end
 
--- Puts `payload` at the back of its group's list, and the group in the ring if it had no
--- message waiting.
+-- The group of a retry: by `group_by`, or the `G<hex>.` its id got from SORT; nil (not
+-- taken now) for one the worker has not sorted yet.
+local function retry_group(id, payload)
+  if sorts_here then return group_of(payload) end
+  local hex = id and string.match(id, '^G(%x*)%.')
+  return hex and unhex(hex)
+end
+
+-- Puts `payload` in its group's turn.
 local function sort_one(payload, stamp)
-  local g = group_of(payload)
-  if redis.call('LPUSH', group_prefix .. g, stamp .. '|' .. payload) == 1 then
-    redis.call('RPUSH', ring, g)
-  end
+  sort_into(group_prefix, ring, group_of(payload), payload, stamp)
 end
 
 -- Sorts up to SORT_BATCH of the oldest messages of the shared list into their groups.
@@ -143,15 +150,6 @@ local function sort_in()
   local stamp = clock_ms()
   for i = #batch, 1, -1 do sort_one(batch[i], stamp) end
   redis.call('LTRIM', queue, 0, -#batch - 1)
-end
-
--- Group names travel to and from the worker in hex: any bytes, and JSON needs UTF-8.
-local function tohex(g)
-  return (string.gsub(g, '.', function(c) return string.format('%02x', string.byte(c)) end))
-end
-
-local function unhex(h)
-  return (string.gsub(h, '%x%x', function(cc) return string.char(tonumber(cc, 16)) end))
 end
 
 -- This worker's group permits become what it says it holds (`mine`): set, not added to.
@@ -269,8 +267,10 @@ local function take_due(first)
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)
     if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
-    local g = grouped and group_of(payload)
-    if not g or group_room(g) > 0 then  -- a retry keeps to its group's limits too
+    local g = grouped and retry_group(id, payload)
+    -- Not grouped: taken. Grouped: in its group's turn (a retry keeps to its group's limits
+    -- too), or left for the worker's next SORT when it has no group yet.
+    if g == false or (g and group_room(g) > 0) then
       add_to_batch(attempts, payload)
       if g then count_group_start(g) end
       chosen[#chosen + 1] = member
@@ -363,7 +363,7 @@ if not owns_list() then return {-2} end
 taken[1] = remove_acks()
 local had = limit_room()
 local released = grouped and reconcile_groups()
-if grouped then sort_in() end
+if sorts_here then sort_in() end
 if room <= 0 and landed ~= '1' then
   count_taken(had)
   if grouped then record_groups(released) end
