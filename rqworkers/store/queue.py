@@ -146,6 +146,9 @@ class ReliableQueue:
         runner = script_caller(client, keep_connection)
         self._lease = Bound(runner, self.keys, scripts.LEASE)
         self._take = Bound(runner, self.keys, scripts.TAKE)
+        self._take_flow = Bound(runner, self.keys, scripts.TAKE_FLOW)
+        self._pause_looked_up = -PAUSE_LOOKUP  # monotonic time of the last look
+        self._was_paused = False
         self._replay = Bound(runner, self.keys, scripts.REPLAY)
         self._give_back = Bound(runner, self.keys, scripts.GIVE_BACK)
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
@@ -180,27 +183,19 @@ class ReliableQueue:
         if limits.grouper is not None and not limits.group_by:
             landed = self._sort_by_handler(limits.grouper, landed)
         base = self._id_base()
-        reply = self._take(
-            limit=limit,
-            now=time.time(),
-            idbase=base,
-            landed="1" if landed else "0",
-            worker_id=self.worker_id,
-            trim=trim,
-            max_running=limits.max_running,
-            running=running,
-            rate=limits.rate.starts if limits.rate else 0,
-            window=limits.window_ms,
-            group_by=limits.group_by,
-            sorter=limits.sorter,
-            group_max=limits.group_max_running,
-            group_rate=limits.group_rate.starts if limits.group_rate else 0,
-            group_window=limits.group_window_ms,
-            group_prefix=self.keys.group_list,
-            starts_prefix=self.keys.group_starts,
-            mine=json.dumps(mine or {}),
-            acks=acks,
-        )
+        common = {
+            "limit": limit,
+            "now": time.time(),
+            "idbase": base,
+            "landed": "1" if landed else "0",
+            "worker_id": self.worker_id,
+            "trim": trim,
+            "acks": acks,
+        }
+        if not (limits.any or limits.sorter or self._paused(landed)):
+            reply = self._take(**common)  # the hot path: no limit, nothing to look up
+        else:
+            reply = self._take_flow(**common, **self._flow_args(running, mine))
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
         seq = self._seq
@@ -215,6 +210,34 @@ class ReliableQueue:
         for delivery, group in zip(deliveries, reply.groups, strict=False):
             delivery.group = group
         return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
+
+    def _paused(self, landed: bool) -> bool:
+        """Whether the queue is paused, looked up at most once a second (and whenever a
+        blocking fetch landed a message): a queue without limits takes through the plain
+        TAKE, which does not look, so that its hot path pays nothing for pausing."""
+        now = time.monotonic()
+        if landed or now >= self._pause_looked_up + PAUSE_LOOKUP:
+            self._pause_looked_up = now
+            self._was_paused = bool(self.client.exists(self.keys.paused))
+        return self._was_paused
+
+    def _flow_args(self, running: int, mine: dict[str, int] | None) -> dict[str, Any]:
+        """TAKE_FLOW's arguments beyond TAKE's: the limits, and what this worker holds."""
+        limits = self.limits
+        return {
+            "max_running": limits.max_running,
+            "running": running,
+            "rate": limits.rate.starts if limits.rate else 0,
+            "window": limits.window_ms,
+            "group_by": limits.group_by,
+            "sorter": limits.sorter,
+            "group_max": limits.group_max_running,
+            "group_rate": limits.group_rate.starts if limits.group_rate else 0,
+            "group_window": limits.group_window_ms,
+            "group_prefix": self.keys.group_list,
+            "starts_prefix": self.keys.group_starts,
+            "mine": json.dumps(mine or {}),
+        }
 
     def fetch(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a message; True once one has landed.
@@ -379,6 +402,7 @@ class ReliableQueue:
         return info
 
 
+PAUSE_LOOKUP = 1.0  # seconds between two looks for a pause, on a queue without limits
 SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
 GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
 
