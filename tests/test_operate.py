@@ -5,6 +5,7 @@ Every command runs as the real CLI against a real redis-server and the real mana
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,14 +17,20 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 from rqworkers import config
 from rqworkers.ops import status as status_report
-from rqworkers.ops.metrics import SlotView, health
+from rqworkers.ops.metrics import MAX_GROUP_NAME, MAX_GROUPS, Metrics, SlotView, health
+from rqworkers.store import flow
+from rqworkers.store.flow import FlowState
 from rqworkers.store.keys import Keys
+from rqworkers.store.queue import Snapshot
 from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for, write_config
 
@@ -222,6 +229,95 @@ def test_metrics_count_a_known_workload_across_recycles(
     status, body = scrape(port, "/healthz")
     assert status == 200 and json.loads(body)["status"] == "ok"
     assert scrape(port, "/nope")[0] == 404
+
+
+def test_metrics_show_the_pause_and_each_limit_in_use(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """Permits in use against `max_running`, starts in the window against `rate_limit`,
+    the messages held back, the pause: for the queues that have each, read from Redis by
+    the keeper under its pairs' limits."""
+    port = free_port()
+    manager = {"check_interval": 0.2, "shutdown_timeout": 1.0, "lease_ttl": 3.0,
+               "metrics_address": f"127.0.0.1:{port}"}  # fmt: skip
+    limited = {"queue": "jobs", "handler": HANDLER, "concurrency": 3, "max_running": 2,
+               "rate_limit": "100/m"}  # fmt: skip
+    service([limited, {"queue": "free", "handler": HANDLER}], manager=manager).wait_workers(2)
+    client = redis_server.client()
+    client.lpush("jobs", *[f"sleep:30:{n}".encode() for n in range(5)])
+    jobs, free = (("host", "local"), ("queue", "jobs")), (("host", "local"), ("queue", "free"))
+
+    def reading(name: str, labels: tuple[tuple[str, str], ...] = jobs) -> float | None:
+        return samples(scrape(port)[1]).get((name, labels))
+
+    wait_for(lambda: reading("rqworkers_queue_held_back_messages") == 3, timeout=15,
+             what="3 of 5 messages held back by max_running 2")  # fmt: skip
+    values = samples(scrape(port)[1])
+    expected = {
+        "rqworkers_queue_running_permits": 2,
+        "rqworkers_queue_max_running": 2,
+        "rqworkers_queue_rate_window_starts": 2,
+        "rqworkers_queue_rate_limit_starts": 100,
+        "rqworkers_queue_rate_limit_window_seconds": 60,
+        "rqworkers_queue_waiting_messages": 3,
+        "rqworkers_queue_paused": 0,
+    }
+    assert {name: values.get((name, jobs)) for name in expected} == expected
+    # A queue without limits has no limit to show: no series, rather than a limit of 0.
+    assert values[("rqworkers_queue_paused", free)] == 0
+    assert values[("rqworkers_queue_held_back_messages", free)] == 0
+    assert ("rqworkers_queue_max_running", free) not in values
+    assert ("rqworkers_queue_rate_window_starts", free) not in values
+
+    flow.pause(client, "free", by="test")
+    client.lpush("free", b"held by the pause")
+    wait_for(lambda: reading("rqworkers_queue_paused", free) == 1, timeout=15,
+             what="the pause in /metrics")  # fmt: skip
+    assert reading("rqworkers_queue_held_back_messages", free) == 1
+    flow.resume(client, "free")
+    wait_for(lambda: reading("rqworkers_queue_paused", free) == 0, timeout=15,
+             what="the resume in /metrics")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupedFlow(FlowState):
+    """A flow state with per-group counts, as `groups` carries them (busiest first)."""
+
+    groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def test_metrics_show_the_busiest_groups_only_each_name_once() -> None:
+    """A group per tenant must not make a series per tenant: the busiest MAX_GROUPS of each
+    queue, a name cut to MAX_GROUP_NAME characters, and never one series twice."""
+    groups = [
+        {"name": f"tenant-{n}", "waiting": 100 - n, "running": n % 3, "oldest_age": 2.5 * n}
+        for n in range(MAX_GROUPS + 5)
+    ]
+    long = "x" * 1000
+    groups[1:1] = [
+        {"name": long, "waiting": 99, "running": 0, "oldest_age": 1.0},
+        {"name": long + "y", "waiting": 98, "running": 0, "oldest_age": 1.0},
+    ]
+    snap = Snapshot(200, 0, 0, 0, [], _GroupedFlow(groups=groups))
+    plain = Snapshot(0, 0, 0, 0, [])
+    collector = Metrics((), lambda: {("local", "jobs"): snap, ("local", "mail"): plain},
+                        time.time(), lambda pid: 0)  # fmt: skip
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    values = samples(generate_latest(registry).decode())
+    waiting = {
+        dict(labels)["group"]: value
+        for (name, labels), value in values.items()
+        if name == "rqworkers_queue_group_waiting_messages"
+    }
+    cut = "x" * MAX_GROUP_NAME
+    assert list(waiting) == ["tenant-0", cut, *[f"tenant-{n}" for n in range(1, 9)]]
+    assert waiting[cut] == 99 and waiting["tenant-8"] == 92
+    label = (("group", "tenant-4"), ("host", "local"), ("queue", "jobs"))
+    assert values[("rqworkers_queue_group_running_messages", label)] == 1
+    assert values[("rqworkers_queue_group_oldest_waiting_seconds", label)] == 10.0
+    assert not [key for key in values if key[0].startswith("rqworkers_queue_group")
+                and ("queue", "mail") in key[1]]  # fmt: skip
 
 
 def consuming_board() -> Scoreboard:

@@ -10,6 +10,7 @@ there, while the manager, which forks, stays single-threaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from rqworkers.common.rates import Rate
 from rqworkers.ops.web.server import Handler as BoundedHandler
 from rqworkers.ops.web.server import Server
 from rqworkers.store.queue import Snapshot
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 LABELS = ["host", "queue"]
 RESTART_GRACE = 2.0  # seconds a slot may go without a worker between exit and respawn
 CRASH_LOOP = 2  # failures in a row (crashes, failed starts) that make a slot unhealthy
+MAX_GROUPS = 10  # groups per queue with series of their own: the busiest
+MAX_GROUP_NAME = 100  # characters of a group's name kept in its label
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,98 @@ class Metrics(Collector):
             for name, family in families.items():
                 family.add_metric([host, queue], getattr(snap, name))
         yield from families.values()
+        yield from self._flow()
+
+    def _flow(self) -> Iterator[Metric]:
+        """The pause and the flow limits of each queue, and how much of each is in use. A
+        limit's gauges are there only for the queues that have it: `running / max_running`
+        then never divides by a limit that is not one."""
+        gauge = functools.partial(GaugeMetricFamily, labels=LABELS)
+        paused = gauge("rqworkers_queue_paused", "1 while the queue is paused, else 0.")
+        held = gauge(
+            "rqworkers_queue_held_back_messages",
+            "Waiting messages that the pause or a limit lets none of start now.",
+        )
+        running = gauge(
+            "rqworkers_queue_running_permits",
+            "max_running permits in use, across every worker of the queue.",
+        )
+        most = gauge("rqworkers_queue_max_running", "The queue's max_running.")
+        started = gauge(
+            "rqworkers_queue_rate_window_starts",
+            "Handler starts in the current rate_limit window.",
+        )
+        allowed = gauge("rqworkers_queue_rate_limit_starts", "The N of the queue's rate_limit.")
+        window = gauge(
+            "rqworkers_queue_rate_limit_window_seconds", "The window of the queue's rate_limit."
+        )
+        group_labels = [*LABELS, "group"]
+        group_waiting = GaugeMetricFamily(
+            "rqworkers_queue_group_waiting_messages",
+            f"Messages waiting, per group: the {MAX_GROUPS} busiest groups of each queue.",
+            labels=group_labels,
+        )
+        group_running = GaugeMetricFamily(
+            "rqworkers_queue_group_running_messages",
+            f"Messages running, per group: the {MAX_GROUPS} busiest groups of each queue.",
+            labels=group_labels,
+        )
+        group_oldest = GaugeMetricFamily(
+            "rqworkers_queue_group_oldest_waiting_seconds",
+            f"Age of the oldest waiting message, per group: the {MAX_GROUPS} busiest groups.",
+            labels=group_labels,
+        )
+        for (host, queue), snap in self.snapshots().items():
+            flow, labels = snap.flow, [host, queue]
+            paused.add_metric(labels, 0 if flow.paused is None else 1)
+            held.add_metric(labels, snap.held_back)
+            if flow.max_running:
+                running.add_metric(labels, flow.running)
+                most.add_metric(labels, flow.max_running)
+            if flow.rate_limit:
+                started.add_metric(labels, flow.started)
+                allowed.add_metric(labels, flow.rate_starts)
+                window.add_metric(labels, Rate.parse(flow.rate_limit).seconds)
+            for group in busiest_groups(snap):
+                labels_of = [*labels, group.name]
+                group_waiting.add_metric(labels_of, group.waiting)
+                group_running.add_metric(labels_of, group.running)
+                group_oldest.add_metric(labels_of, group.oldest_age)
+        yield from (paused, held, running, most, started, allowed, window)
+        yield from (group_waiting, group_running, group_oldest)
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """One group of a queue as `/metrics` and the page show it."""
+
+    name: str
+    waiting: int
+    running: int
+    oldest_age: float  # seconds its oldest waiting message has waited
+
+
+def busiest_groups(snap: Snapshot) -> list[GroupView]:
+    """The busiest `MAX_GROUPS` groups of a queue, as its flow state lists them (busiest
+    first), each name once: a group per tenant must not make a series per tenant. A name
+    is user data (a field of a payload): cut to `MAX_GROUP_NAME` characters."""
+    found: list[GroupView] = []
+    for group in getattr(snap.flow, "groups", None) or ():
+        read = group.get if isinstance(group, dict) else functools.partial(getattr, group)
+        name = str(read("name", ""))[:MAX_GROUP_NAME]
+        if any(seen.name == name for seen in found):
+            continue
+        found.append(
+            GroupView(
+                name,
+                int(read("waiting", 0) or 0),
+                int(read("running", 0) or 0),
+                float(read("oldest_age", 0) or 0),
+            )
+        )
+        if len(found) == MAX_GROUPS:
+            break
+    return found
 
 
 def health(

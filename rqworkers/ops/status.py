@@ -64,7 +64,18 @@ def exit_code(statuses: list[PairStatus]) -> int:
 
 
 def as_json(statuses: list[PairStatus]) -> str:
-    return json.dumps([asdict(s) for s in statuses], indent=2, default=str)
+    return json.dumps([_as_dict(s) for s in statuses], indent=2, default=str)
+
+
+def _as_dict(status: PairStatus) -> dict[str, Any]:
+    """A pair's status with what its snapshot derives (properties are not fields): the
+    messages held back, and which of the pause and the limits hold them (`held_by`)."""
+    value = asdict(status)
+    snap = status.snapshot
+    if snap is not None:
+        value["snapshot"]["held_back"] = snap.held_back
+        value["snapshot"]["flow"]["held_by"] = snap.flow.held_by
+    return value
 
 
 _COLUMNS = ("WORKER", "NODE", "PID", "STATE", "SUCCEEDED", "FAILED", "CURRENT", "RSS", "UPTIME")

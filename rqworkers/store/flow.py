@@ -79,12 +79,20 @@ class FlowState:
     @property
     def binding(self) -> bool:
         """Whether the pause or a limit lets nothing start now."""
-        full = bool(self.max_running) and self.running >= self.max_running
-        return (
-            self.paused is not None
-            or full
-            or (bool(self.rate_starts) and self.started >= self.rate_starts)
-        )
+        return bool(self.held_by)
+
+    @property
+    def held_by(self) -> list[str]:
+        """What lets nothing start now, by its setting's name: `paused`, `max_running`
+        (every permit in use), `rate_limit` (the window is full); empty if none does."""
+        reasons = []
+        if self.paused is not None:
+            reasons.append("paused")
+        if self.max_running and self.running >= self.max_running:
+            reasons.append("max_running")
+        if self.rate_starts and self.started >= self.rate_starts:
+            reasons.append("rate_limit")
+        return reasons
 
 
 Pipeline = Any  # a redis-py pipeline, plain or cluster
