@@ -387,3 +387,47 @@ def test_a_page_of_another_origin_cannot_lock_the_operator_out(
         operator.fill("#login input[name=token]", TOKEN)
         operator.click("#login button")
         expect(operator.locator("#logout")).to_be_visible()
+
+
+def test_a_limit_that_holds_a_queue_back_is_plain_and_pause_resume_act_from_the_page(
+    browser: Browser, service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    """Issue 19: from the page alone, an operator sees which limit holds a queue back and
+    how many messages wait on it, and pauses and resumes it (with the token only)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = free_port()
+    service([{"queue": "pay", "handler": "testapp:handle", "concurrency": 2, "max_running": 1}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN))  # fmt: skip
+    client = redis_server.client()
+    client.lpush("pay", *[f"sleep:30:{n}".encode() for n in range(3)])
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    row = page.locator('#queues tr[data-queue="pay"]')
+    line = page.locator("#queues tr.flow-detail.held .held-line")
+    expect(line).to_have_text("held back by max_running (1/1 running): 2 waiting")
+    expect(row).to_have_class("held")
+    expect(row.locator("td.running")).to_have_text("1/1")
+    expect(row.locator("button.pause")).to_be_hidden()  # not logged in
+
+    page.fill("#login input[name=token]", TOKEN)
+    page.click("#login button")
+    row.locator("button.pause").click()
+    expect(page.locator("#flow-message")).to_have_text("pay paused")
+    badge = row.locator(".badge.paused")
+    expect(badge).to_have_text("PAUSED")
+    who = re.compile(r"paused by the status page \(127\.0\.0\.1\) since [-\d]+ [:\d]+ UTC")
+    expect(badge).to_have_attribute("title", who)
+    expect(line).to_contain_text("held back by the pause (by the status page (127.0.0.1) since ")
+    expect(line).to_contain_text("and max_running (1/1 running): 2 waiting")
+    assert client.exists(Keys("pay").paused)
+
+    row.locator("button.resume").click()
+    expect(page.locator("#flow-message")).to_have_text("pay resumed")
+    expect(badge).to_have_count(0)
+    expect(line).to_have_text("held back by max_running (1/1 running): 2 waiting")
+    assert not client.exists(Keys("pay").paused)
