@@ -26,7 +26,14 @@ from prometheus_client.registry import CollectorRegistry
 
 from rqworkers import config
 from rqworkers.ops import status as status_report
-from rqworkers.ops.metrics import MAX_GROUP_NAME, MAX_GROUPS, Metrics, SlotView, health
+from rqworkers.ops.metrics import (
+    MAX_GROUP_NAME,
+    MAX_GROUPS,
+    GroupView,
+    Metrics,
+    SlotView,
+    health,
+)
 from rqworkers.store import flow
 from rqworkers.store.flow import FlowState
 from rqworkers.store.keys import Keys
@@ -283,14 +290,17 @@ def test_metrics_show_the_pause_and_each_limit_in_use(
 class _GroupedFlow(FlowState):
     """A flow state with per-group counts, as `groups` carries them (busiest first)."""
 
-    groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    groups: list[Any] = dataclasses.field(default_factory=list)
 
 
 def test_metrics_show_the_busiest_groups_only_each_name_once() -> None:
     """A group per tenant must not make a series per tenant: the busiest MAX_GROUPS of each
     queue, a name cut to MAX_GROUP_NAME characters, and never one series twice."""
-    groups = [
+    # As dicts or as objects with those attributes: either is read.
+    groups: list[Any] = [
         {"name": f"tenant-{n}", "waiting": 100 - n, "running": n % 3, "oldest_age": 2.5 * n}
+        if n % 2
+        else GroupView(f"tenant-{n}", 100 - n, n % 3, 2.5 * n)
         for n in range(MAX_GROUPS + 5)
     ]
     long = "x" * 1000
@@ -313,9 +323,10 @@ def test_metrics_show_the_busiest_groups_only_each_name_once() -> None:
     cut = "x" * MAX_GROUP_NAME
     assert list(waiting) == ["tenant-0", cut, *[f"tenant-{n}" for n in range(1, 9)]]
     assert waiting[cut] == 99 and waiting["tenant-8"] == 92
-    label = (("group", "tenant-4"), ("host", "local"), ("queue", "jobs"))
-    assert values[("rqworkers_queue_group_running_messages", label)] == 1
-    assert values[("rqworkers_queue_group_oldest_waiting_seconds", label)] == 10.0
+    for n, running, oldest in ((4, 1, 10.0), (5, 2, 12.5)):  # an object, a dict
+        label = (("group", f"tenant-{n}"), ("host", "local"), ("queue", "jobs"))
+        assert values[("rqworkers_queue_group_running_messages", label)] == running
+        assert values[("rqworkers_queue_group_oldest_waiting_seconds", label)] == oldest
     assert not [key for key in values if key[0].startswith("rqworkers_queue_group")
                 and ("queue", "mail") in key[1]]  # fmt: skip
 

@@ -241,7 +241,7 @@ def busiest_groups(snap: Snapshot) -> list[GroupView]:
     found: list[GroupView] = []
     for group in getattr(snap.flow, "groups", None) or ():
         read = group.get if isinstance(group, dict) else functools.partial(getattr, group)
-        name = str(read("name", ""))[:MAX_GROUP_NAME]
+        name = str(read("name", None) or "")[:MAX_GROUP_NAME]  # the default group: ""
         if any(seen.name == name for seen in found):
             continue
         found.append(

@@ -158,8 +158,9 @@ function flowDetail(pair, snap, flow) {
   }
   if (groups.length) {
     const rows = groups.map((g) => el("tr", { "data-group": g.name },
-      el("td", { class: "group" }, g.name === "" ? "(default)" : g.name), el("td", { class: "n" }, count(g.waiting)),
-      el("td", { class: "n" }, count(g.running)), el("td", { class: "n" }, duration(g.oldest_age))));
+      el("td", { class: "group" }, g.name == null || g.name === "" ? "(default)" : g.name),
+      el("td", { class: "n waiting" }, count(g.waiting)), el("td", { class: "n running" }, count(g.running)),
+      el("td", { class: "n oldest" }, g.oldest_age == null ? "?" : duration(g.oldest_age))));
     cell.append(el("table", { class: "groups" },
       el("thead", {}, el("tr", {}, el("th", {}, "busiest groups"), el("th", { class: "n" }, "waiting"),
         el("th", { class: "n" }, "running"), el("th", { class: "n" }, "oldest waiting"))),
