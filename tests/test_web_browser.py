@@ -398,18 +398,24 @@ def test_a_limit_that_holds_a_queue_back_is_plain_and_pause_resume_act_from_the_
 
     expect.set_options(timeout=WAIT_MS)
     port = free_port()
-    service([{"queue": "pay", "handler": "testapp:handle", "concurrency": 2, "max_running": 1}],
+    service([{"queue": "pay", "concurrency": 2, "max_running": 1},
+             {"queue": "mail", "rate_limit": "1/h"}],
             manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
-                             dashboard_token=TOKEN))  # fmt: skip
+                             dashboard_token=TOKEN),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
     client = redis_server.client()
     client.lpush("pay", *[f"sleep:30:{n}".encode() for n in range(3)])
+    client.lpush("mail", b"sleep:0:first", b"sleep:0:second")
     wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
              what="the status page to be served")  # fmt: skip
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     row = page.locator('#queues tr[data-queue="pay"]')
-    line = page.locator("#queues tr.flow-detail.held .held-line")
+    line = page.locator(f'#queues tr.flow-detail.held[data-flow-of="{redis_server.url} pay"]')
     expect(line).to_have_text("held back by max_running (1/1 running): 2 waiting")
+    mail = page.locator(f'#queues tr.flow-detail.held[data-flow-of="{redis_server.url} mail"]')
+    expect(mail).to_have_text("held back by rate_limit (1/1 started in the last hour): 1 waiting")
+    expect(page.locator('#queues tr[data-queue="mail"] td.started')).to_have_text("1/1")
     expect(row).to_have_class("held")
     expect(row.locator("td.running")).to_have_text("1/1")
     expect(row.locator("button.pause")).to_be_hidden()  # not logged in

@@ -103,6 +103,7 @@ function rate(key) {
 
 const COLUMNS = 11; // of the queue table
 const count = (n) => Number(n ?? 0).toLocaleString("en-US");
+const PERIODS = { s: "second", m: "minute", h: "hour" }; // of a rate_limit: "100/s"
 
 function renderQueues(pairs) {
   const body = $("queues").tBodies[0];
@@ -147,7 +148,7 @@ function flowDetail(pair, snap, flow) {
   const why = (flow.held_by ?? []).map((reason) => ({
     paused: `the pause (by ${flow.paused?.by ?? "?"} since ${utc(flow.paused?.at)} UTC)`,
     max_running: `max_running (${flow.running}/${flow.max_running} running)`,
-    rate_limit: `rate_limit (${flow.started}/${flow.rate_starts} started in the window of ${flow.rate_limit})`,
+    rate_limit: `rate_limit (${flow.started}/${flow.rate_starts} started in the last ${PERIODS[String(flow.rate_limit).slice(-1)] ?? flow.rate_limit})`,
   })[reason] ?? reason);
   const held = why.length > 0 && (snap.held_back > 0 || Boolean(flow.paused));
   const groups = flow.groups ?? [];
