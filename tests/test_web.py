@@ -31,6 +31,7 @@ import redis
 from rqworkers import config
 from rqworkers.errors import ConfigError
 from rqworkers.ops import metrics
+from rqworkers.ops import status as status_report
 from rqworkers.ops.web import Site, auth
 from rqworkers.ops.web import server as web_server
 from rqworkers.ops.web.auth import COOKIE, Gate
@@ -1148,3 +1149,27 @@ def test_a_bad_pause_request_is_a_400_or_404_and_pauses_nothing(
     assert server.call("GET", "/api/pause")[0] == 405
     assert not server.redis.keys("*paused*")
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_pause_record_written_by_hand_cannot_break_the_page_or_status(
+    web: Callable[..., Server],
+) -> None:
+    """The pause is a key any Redis client can write: whatever it holds, the queue shows
+    as paused, `/api/status` stays JSON a browser parses (no `NaN`), and `status` prints."""
+    server = web()
+    assert server.site is not None
+    records = [b'{"by": "x", "at": NaN}', b'{"by": "x", "at": 1e300}', b'{"by": "x", "at": -1}',
+               b'{"by": ["x"], "at": "noon"}', b'{"by": "x", "at": Infinity}', b"[1]",
+               b"\xff\xfe", b"", b'{"by": "<b>x</b>", "at": 1765000000.5}']  # fmt: skip
+    for record in records:
+        server.redis.set(Keys("q1").paused, record)
+        server.site.status_reads.forget()
+        status, _, raw = server.call("GET", "/api/status")
+        assert status == 200
+        pairs = json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+        paused = pairs[0]["snapshot"]["flow"]["paused"]
+        assert paused is not None and pairs[0]["snapshot"]["flow"]["held_by"] == ["paused"]
+        assert isinstance(paused["by"], str), record
+        assert paused["at"] is None or 0 <= paused["at"] < 1e11, record
+        assert "PAUSED by " in status_report.as_text(status_report.collect(server.site.config))
+    assert paused == {"by": "<b>x</b>", "at": 1765000000.5}

@@ -24,6 +24,7 @@ RESUME_TOKENS = 100  # wake tokens a resume pushes: every waiting worker of a qu
 # stays in the window this much longer, so that no window of handler starts holds N + 1.
 # (At full speed, "N/s" then allows N starts every 1.05 s.)
 RATE_MARGIN_MS = 50
+MAX_EPOCH = 1e11  # seconds: a pause's time past this (year 5138) is no time
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,18 @@ def flow_state(client: Client, queue: str, limits: Limits = NO_LIMITS) -> FlowSt
 
 
 def _record(raw: bytes | None) -> dict[str, Any] | None:
+    """Who paused the queue and when, `{by: text, at: epoch seconds or None}`. The key is
+    any client's to write: whatever it holds, the queue is paused, and what is not text
+    and a plausible time (`NaN`, `1e300`, a list) is left out, rather than make the
+    page's JSON unparsable or `status` fail to print a date."""
     if raw is None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
-        return {"by": "?", "at": None}  # set by hand: paused all the same
-    return value if isinstance(value, dict) else {"by": "?", "at": None}
+    except (ValueError, RecursionError):
+        value = None  # set by hand: paused all the same
+    if not isinstance(value, dict):
+        return {"by": "?", "at": None}
+    by, at = value.get("by"), value.get("at")
+    plausible = isinstance(at, int | float) and not isinstance(at, bool) and 0 <= at < MAX_EPOCH
+    return {"by": by if isinstance(by, str) else "?", "at": at if plausible else None}

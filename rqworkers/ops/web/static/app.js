@@ -55,7 +55,8 @@ function duration(seconds) {
 
 // Every time on the page is UTC, as the dead letters' records and the logs are.
 function utc(epoch) {
-  return epoch ? new Date(Number(epoch) * 1000).toISOString().replace("T", " ").slice(0, 19) : "?";
+  const date = new Date(Number(epoch) * 1000); // an invalid one (NaN, 1e300) throws in toISOString
+  return epoch && Number.isFinite(date.getTime()) ? date.toISOString().replace("T", " ").slice(0, 19) : "?";
 }
 
 // -- rates: differences of the workers' counters between refreshes ---------------------
