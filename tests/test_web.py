@@ -1173,3 +1173,13 @@ def test_a_pause_record_written_by_hand_cannot_break_the_page_or_status(
         assert paused["at"] is None or 0 <= paused["at"] < 1e11, record
         assert "PAUSED by " in status_report.as_text(status_report.collect(server.site.config))
     assert paused == {"by": "<b>x</b>", "at": 1765000000.5}
+    # A worker's lease, as well: its value is published status, any client's to write.
+    lease = b'{"name": "q1-1", "at": NaN, "rss": Infinity, "since": [-Infinity]}'
+    server.redis.sadd(Keys("q1").registry, "web-1:1")
+    server.redis.set(Keys("q1", "web-1:1").lease, lease)
+    server.site.status_reads.forget()
+    [worker] = json.loads(server.call("GET", "/api/status")[2],
+                          parse_constant=lambda name: pytest.fail(f"{name} in JSON")
+                          )[0]["snapshot"]["workers"]  # fmt: skip
+    assert (worker["name"], worker["at"], worker["rss"], worker["since"]) == ("q1-1", None, None,
+                                                                               [None])  # fmt: skip

@@ -11,6 +11,7 @@ reached (or refused the reading); a config problem is 2, as for every command.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -64,7 +65,20 @@ def exit_code(statuses: list[PairStatus]) -> int:
 
 
 def as_json(statuses: list[PairStatus]) -> str:
-    return json.dumps([_as_dict(s) for s in statuses], indent=2, default=str)
+    """JSON, strictly: a worker's lease is any client's to write, and a `NaN` copied from
+    one would make the whole reading unparsable for a browser (it becomes `null`)."""
+    values = _finite([_as_dict(s) for s in statuses])
+    return json.dumps(values, indent=2, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _as_dict(status: PairStatus) -> dict[str, Any]:
