@@ -413,6 +413,11 @@ class PairSettings(_Section):
     # the queue in a handler at once, and at most this many handler starts in any window.
     max_running: Int | None = Field(None, ge=1, le=MAX_COUNT)
     rate_limit: RateLimit | None = None
+    # Groups: the JSON field naming each message's group; they share the workers fairly
+    # (round-robin), each under these limits of its own.
+    group_by: str | None = Field(None, pattern=r"^[^.\s]+(\.[^.\s]+)*$", max_length=200)
+    group_max_running: Int | None = Field(None, ge=1, le=MAX_COUNT)
+    group_rate_limit: RateLimit | None = None
     # Filled in by the loader, never by the user: the host's URL.
     url: str = Field("", exclude=True)
 
@@ -485,7 +490,13 @@ class PairSettings(_Section):
     @property
     def limits(self) -> Limits:
         """The flow limits its workers enforce (in TAKE) and `status` shows."""
-        return Limits(self.max_running or 0, self.rate_limit)
+        return Limits(
+            max_running=self.max_running or 0,
+            rate=self.rate_limit,
+            group_by=self.group_by or "",
+            group_max_running=self.group_max_running or 0,
+            group_rate=self.group_rate_limit,
+        )
 
 
 class _Document(_Section):

@@ -42,9 +42,21 @@ def handler_problems(config: Config) -> list[str]:
         else:
             problem = handlers.verify(pair.handler or "")
             what = f"handler {pair.handler!r}"
+        if not problem and (pair.group_max_running or pair.group_rate_limit):
+            problem = _group_problem(pair)
         if problem:
             problems.append(f"{what} of queue {pair.queue!r}: {problem}")
     return problems
+
+
+def _group_problem(pair: PairSettings) -> str | None:
+    """Group limits need groups: a `group_by` field, or a handler class's `group()`."""
+    if pair.group_by or (pair.handler and handlers.names_groups(pair.handler)):
+        return None
+    return (
+        "group_max_running and group_rate_limit need groups: set group_by (the JSON field "
+        "that names each message's group), or give the handler class a group(message) method"
+    )
 
 
 def handler_problems_isolated(config: Config) -> list[str]:

@@ -30,6 +30,7 @@ oldest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -48,7 +49,7 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
-from rqworkers.store.flow import NO_LIMITS, FlowState, Limits, flow_reader
+from rqworkers.store.flow import NO_LIMITS, FlowState, Limits, flow_reader, group_states
 
 # The keys are declared in `keys`; imported from here too.
 from rqworkers.store.keys import Keys as Keys
@@ -67,7 +68,7 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "id", "payload", "seq")
+    __slots__ = ("_element", "attempts", "group", "id", "payload", "seq")
 
     def __init__(
         self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
@@ -77,6 +78,7 @@ class Delivery:
         self.payload = payload
         self.seq = seq
         self._element = element
+        self.group: str | None = None  # with groups: its group, as TAKE names it (hex)
 
     @property
     def element(self) -> bytes:
@@ -149,6 +151,7 @@ class ReliableQueue:
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
         self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
+        self._sort = Bound(runner, self.keys, scripts.SORT)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -163,6 +166,7 @@ class ReliableQueue:
         landed: bool = False,
         trim: int = 0,
         running: int = 0,
+        mine: dict[str, int] | None = None,
     ) -> Taken:
         """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
         `landed`: a blocking fetch just landed one, to be taken first.
@@ -170,9 +174,12 @@ class ReliableQueue:
         `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
         holds only the oldest and the newest of them (see `scripts.TAKE`). `running`: this
         worker's deliveries that hold a `max_running` permit beside what this call takes
-        (those in a handler and those taken, about to start)."""
-        base = self._id_base()
+        (those in a handler and those taken, about to start); `mine`, the same by group
+        (`Delivery.group`), for a queue with groups."""
         limits = self.limits
+        if limits.grouper is not None and not limits.group_by:
+            landed = self._sort_by_handler(limits.grouper, landed)
+        base = self._id_base()
         reply = self._take(
             limit=limit,
             now=time.time(),
@@ -184,6 +191,14 @@ class ReliableQueue:
             running=running,
             rate=limits.rate.starts if limits.rate else 0,
             window=limits.window_ms,
+            group_by=limits.group_by,
+            sorter=limits.sorter,
+            group_max=limits.group_max_running,
+            group_rate=limits.group_rate.starts if limits.group_rate else 0,
+            group_window=limits.group_window_ms,
+            group_prefix=self.keys.group_list,
+            starts_prefix=self.keys.group_starts,
+            mine=json.dumps(mine or {}),
             acks=acks,
         )
         if reply.superseded:
@@ -197,6 +212,8 @@ class ReliableQueue:
                 zip(reply.attempts, reply.payloads, strict=True), 1
             )
         ]
+        for delivery, group in zip(deliveries, reply.groups, strict=False):
+            delivery.group = group
         return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
 
     def fetch(self, timeout: float) -> bool:
@@ -221,6 +238,28 @@ class ReliableQueue:
         # BRPOPLPUSH takes whole seconds on servers older than 6.0
         result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
         return result is not None
+
+    def _sort_by_handler(self, group: Callable[[bytes], str], landed: bool) -> bool:
+        """Put messages in their groups' turns by the handler's `group()` (SORT): the
+        oldest of the shared list, what a blocking fetch landed, and due retries not yet
+        sorted. Returns whether a landed message is still for TAKE to see (SORT found it
+        moved, say): TAKE then puts it in the default group's turn."""
+        k = self.keys
+        if landed:
+            element = cast(bytes | None, self.client.lindex(k.landing, -1))
+            if element is not None:
+                landed = not self._sort(group_prefix=k.group_list, source="landing",
+                                        items=_tagged([element], group))  # fmt: skip
+        oldest_last = cast(list[bytes], self.client.lrange(k.queue, -SORT_BATCH, -1))
+        if oldest_last:
+            items = _tagged(oldest_last[::-1], group)
+            self._sort(group_prefix=k.group_list, source="queue", items=items)
+        due = cast(list[bytes], self.client.zrangebyscore(k.retry, "-inf", time.time(), 0, 100))
+        untagged = [(m, p) for m in due for tagged, p in [_retry_payload(m)] if not tagged]
+        if untagged:
+            items = [x for m, p in untagged for x in (m, _hex_group(group, p))]
+            self._sort(group_prefix=k.group_list, source="retry", items=items)
+        return landed
 
     def wait_for_wake(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a permit given back or a resume (the `wake`
@@ -338,6 +377,30 @@ class ReliableQueue:
         value = self.client.hget(self.keys.dead_reasons, digest(message))
         info: dict[str, Any] | None = json.loads(cast(bytes, value)) if value else None
         return info
+
+
+SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
+GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
+
+
+def _hex_group(group: Callable[[bytes], str], payload: bytes) -> bytes:
+    """The name of `payload`'s group, as SORT takes it: UTF-8, cut, in hex."""
+    return group(payload).encode()[:GROUP_NAME_MAX].hex().encode()
+
+
+def _tagged(payloads: list[bytes], group: Callable[[bytes], str]) -> list[bytes]:
+    """SORT's items: each payload, then its group's name in hex."""
+    return [x for p in payloads for x in (p, _hex_group(group, p))]
+
+
+def _retry_payload(member: bytes) -> tuple[bool, bytes]:
+    """Whether a retry set member is tagged with its group (`G<hex>.` id), and its payload."""
+    if not member.startswith(_PREFIX) or member.count(b":") < 3:
+        return False, member
+    _, ident, attempts, payload = member.split(b":", 3)
+    if b"." not in ident or not attempts.isdigit():  # as lua/envelope.lua's parse
+        return False, member
+    return ident.startswith(b"G"), payload
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
@@ -490,6 +553,8 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.get(worker_keys.lease)
     waiting, retrying, dead, *rest = pipe.execute()
     flow_state, rest = read_flow(rest)
+    if limits.group_by:
+        flow_state = dataclasses.replace(flow_state, groups=group_states(client, queue))
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
     for worker_id, raw in zip(ids, rest[2::3], strict=True):

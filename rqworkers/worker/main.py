@@ -6,6 +6,7 @@ build on each other while this, which picks between them, sits above both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 
@@ -52,9 +53,11 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     stop = _install_signals()
     board.ready()
     pair = spec.pair
-    queue = ReliableQueue(
-        client, pair.queue, spec.worker_id, keep_connection=True, limits=pair.limits
-    )
+    limits = pair.limits
+    grouper = handler.grouper()
+    if grouper is not None and not limits.group_by:  # `group_by` wins where both are set
+        limits = dataclasses.replace(limits, grouper=grouper)
+    queue = ReliableQueue(client, pair.queue, spec.worker_id, keep_connection=True, limits=limits)
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop)
@@ -62,7 +65,7 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
             worker = Worker(spec, handler, queue, board, stop)
             signal.signal(signal.SIGTERM, worker.on_stop_signal)
             signal.signal(signal.SIGINT, worker.on_stop_signal)
-        if spec.pair.max_running:
+        if spec.pair.max_running or spec.pair.group_max_running:
             FreezeWatch(spec.pair.url, queue.keys, spec.lease_ttl, worker.holds_permit).start()
         return worker.run()
     finally:
