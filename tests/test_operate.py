@@ -5,7 +5,6 @@ Every command runs as the real CLI against a real redis-server and the real mana
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -26,16 +24,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from rqworkers import config
 from rqworkers.ops import status as status_report
-from rqworkers.ops.metrics import (
-    MAX_GROUP_NAME,
-    MAX_GROUPS,
-    GroupView,
-    Metrics,
-    SlotView,
-    health,
-)
+from rqworkers.ops.metrics import Metrics, SlotView, health
 from rqworkers.store import flow
-from rqworkers.store.flow import FlowState
+from rqworkers.store.flow import BUSIEST, FlowState, GroupState
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Snapshot
 from rqworkers.worker.scoreboard import Scoreboard
@@ -249,9 +240,15 @@ def test_metrics_show_the_pause_and_each_limit_in_use(
                "metrics_address": f"127.0.0.1:{port}"}  # fmt: skip
     limited = {"queue": "jobs", "handler": HANDLER, "concurrency": 3, "max_running": 2,
                "rate_limit": "100/m"}  # fmt: skip
-    service([limited, {"queue": "free", "handler": HANDLER}], manager=manager).wait_workers(2)
+    grouped = {"queue": "tenants", "handler": "testapp:measure_json", "concurrency": 2,
+               "group_by": "kwargs.tenant", "group_max_running": 1}  # fmt: skip
+    service([limited, {"queue": "free", "handler": HANDLER}, grouped],
+            manager=manager).wait_workers(3)  # fmt: skip
     client = redis_server.client()
     client.lpush("jobs", *[f"sleep:30:{n}".encode() for n in range(5)])
+    tenants = [("acme", n) for n in range(3)] + [("globex", n) for n in range(2)]
+    client.lpush("tenants", *[json.dumps({"kwargs": {"tenant": t}, "seconds": 30, "n": n})
+                              for t, n in tenants])  # fmt: skip
     jobs, free = (("host", "local"), ("queue", "jobs")), (("host", "local"), ("queue", "free"))
 
     def reading(name: str, labels: tuple[tuple[str, str], ...] = jobs) -> float | None:
@@ -276,6 +273,19 @@ def test_metrics_show_the_pause_and_each_limit_in_use(
     assert ("rqworkers_queue_max_running", free) not in values
     assert ("rqworkers_queue_rate_window_starts", free) not in values
 
+    # Per group: acme runs 1 (its group_max_running) of 3, globex 1 of 2.
+    def group(name: str, group: str) -> float | None:
+        return reading(name, (("group", group), ("host", "local"), ("queue", "tenants")))
+
+    wait_for(lambda: group("rqworkers_queue_group_waiting_messages", "acme") == 2, timeout=15,
+             what="acme's groups in /metrics")  # fmt: skip
+    assert group("rqworkers_queue_group_running_messages", "acme") == 1
+    assert group("rqworkers_queue_group_waiting_messages", "globex") == 1
+    assert group("rqworkers_queue_group_running_messages", "globex") == 1
+    assert 0 <= (group("rqworkers_queue_group_oldest_waiting_seconds", "acme") or -1) < 30
+    assert reading("rqworkers_queue_group_max_running", (("host", "local"),
+                                                          ("queue", "tenants"))) == 1  # fmt: skip
+
     flow.pause(client, "free", by="test")
     client.lpush("free", b"held by the pause")
     wait_for(lambda: reading("rqworkers_queue_paused", free) == 1, timeout=15,
@@ -286,29 +296,13 @@ def test_metrics_show_the_pause_and_each_limit_in_use(
              what="the resume in /metrics")  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class _GroupedFlow(FlowState):
-    """A flow state with per-group counts, as `groups` carries them (busiest first)."""
-
-    groups: list[Any] = dataclasses.field(default_factory=list)
-
-
 def test_metrics_show_the_busiest_groups_only_each_name_once() -> None:
-    """A group per tenant must not make a series per tenant: the busiest MAX_GROUPS of each
-    queue, a name cut to MAX_GROUP_NAME characters, and never one series twice."""
-    # As dicts or as objects with those attributes: either is read.
-    groups: list[Any] = [
-        {"name": f"tenant-{n}", "waiting": 100 - n, "running": n % 3, "oldest_age": 2.5 * n}
-        if n % 2
-        else GroupView(f"tenant-{n}", 100 - n, n % 3, 2.5 * n)
-        for n in range(MAX_GROUPS + 5)
-    ]
-    long = "x" * 1000
-    groups[1:1] = [
-        {"name": long, "waiting": 99, "running": 0, "oldest_age": 1.0},
-        {"name": long + "y", "waiting": 98, "running": 0, "oldest_age": 1.0},
-    ]
-    snap = Snapshot(200, 0, 0, 0, [], _GroupedFlow(groups=groups))
+    """A group per tenant must not make a series per tenant: the `BUSIEST` of each queue,
+    never one series twice (`\\xff` is how the name of the bytes b'\\xff' reads), and no
+    age where it is unknown."""
+    groups = [GroupState(f"tenant-{n}", 100 - n, n % 3, 2.5 * n) for n in range(BUSIEST + 5)]
+    groups[1:1] = [GroupState("\\xff", 99, 0, None), GroupState("\\xff", 98, 0, 1.0)]
+    snap = Snapshot(200, 0, 0, 0, [], FlowState(groups=groups, group_max_running=3))
     plain = Snapshot(0, 0, 0, 0, [])
     collector = Metrics((), lambda: {("local", "jobs"): snap, ("local", "mail"): plain},
                         time.time(), lambda pid: 0)  # fmt: skip
@@ -320,13 +314,15 @@ def test_metrics_show_the_busiest_groups_only_each_name_once() -> None:
         for (name, labels), value in values.items()
         if name == "rqworkers_queue_group_waiting_messages"
     }
-    cut = "x" * MAX_GROUP_NAME
-    assert list(waiting) == ["tenant-0", cut, *[f"tenant-{n}" for n in range(1, 9)]]
-    assert waiting[cut] == 99 and waiting["tenant-8"] == 92
-    for n, running, oldest in ((4, 1, 10.0), (5, 2, 12.5)):  # an object, a dict
-        label = (("group", f"tenant-{n}"), ("host", "local"), ("queue", "jobs"))
-        assert values[("rqworkers_queue_group_running_messages", label)] == running
-        assert values[("rqworkers_queue_group_oldest_waiting_seconds", label)] == oldest
+    assert list(waiting) == ["tenant-0", "\\xff", *[f"tenant-{n}" for n in range(1, 8)]]
+    assert waiting["\\xff"] == 99 and waiting["tenant-7"] == 93
+    label = (("group", "tenant-4"), ("host", "local"), ("queue", "jobs"))
+    assert values[("rqworkers_queue_group_running_messages", label)] == 1
+    assert values[("rqworkers_queue_group_oldest_waiting_seconds", label)] == 10.0
+    unknown = (("group", "\\xff"), ("host", "local"), ("queue", "jobs"))
+    assert ("rqworkers_queue_group_oldest_waiting_seconds", unknown) not in values
+    jobs = (("host", "local"), ("queue", "jobs"))
+    assert values[("rqworkers_queue_group_max_running", jobs)] == 3
     assert not [key for key in values if key[0].startswith("rqworkers_queue_group")
                 and ("queue", "mail") in key[1]]  # fmt: skip
 

@@ -1076,6 +1076,9 @@ def test_status_says_what_each_limit_holds_back(web: Callable[..., Server]) -> N
         "started": 2,
         "rate_limit": "10/s",
         "rate_starts": 10,
+        "groups": [],
+        "group_max_running": 0,
+        "group_rate_limit": "",
         "held_by": ["max_running"],
     }
     assert snapshots["q1"]["held_back"] == 3

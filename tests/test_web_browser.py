@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 TOKEN = "browser-test-token-0123"
 SCRIPT = b"raise:<script>alert(1)</script>"
 IMAGE = b'raise:<img src=x onerror="alert(2)">\x00\xff'
+HOSTILE = '<img src=x onerror="alert(3)">'  # a group's name, from a payload
 WAIT_MS = 20_000  # every on-page condition: the page refreshes every 2 s, leases last 3 s
 
 
@@ -399,13 +400,18 @@ def test_a_limit_that_holds_a_queue_back_is_plain_and_pause_resume_act_from_the_
     expect.set_options(timeout=WAIT_MS)
     port = free_port()
     service([{"queue": "pay", "concurrency": 2, "max_running": 1},
-             {"queue": "mail", "rate_limit": "1/h"}],
+             {"queue": "mail", "rate_limit": "1/h"},
+             {"queue": "tenants", "handler": "testapp:measure_json", "concurrency": 2,
+              "group_by": "kwargs.tenant", "group_max_running": 1}],
             manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
                              dashboard_token=TOKEN),
             defaults={"handler": "testapp:handle"})  # fmt: skip
     client = redis_server.client()
     client.lpush("pay", *[f"sleep:30:{n}".encode() for n in range(3)])
     client.lpush("mail", b"sleep:0:first", b"sleep:0:second")
+    tenants = [("acme", n) for n in range(3)] + [(HOSTILE, n) for n in range(2)]
+    client.lpush("tenants", *[json.dumps({"kwargs": {"tenant": t}, "seconds": 30, "n": n})
+                              for t, n in tenants])  # fmt: skip
     wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
              what="the status page to be served")  # fmt: skip
     page = browser.new_page()
@@ -438,24 +444,16 @@ def test_a_limit_that_holds_a_queue_back_is_plain_and_pause_resume_act_from_the_
     expect(line).to_have_text("held back by max_running (1/1 running): 2 waiting")
     assert not client.exists(Keys("pay").paused)
 
-    # Groups, when the flow state lists them (the lead's FlowState.groups, busiest first:
-    # not in this Redis reading yet, so added to the API's answer): each shown as text.
-    hostile = '<img src=x onerror="alert(3)">'
-
-    def with_groups(route: Any) -> None:
-        response = route.fetch()
-        pairs = response.json()
-        pairs[0]["snapshot"]["flow"]["groups"] = [
-            {"name": "acme", "waiting": 1200, "running": 1, "oldest_age": 125.0},
-            {"name": hostile, "waiting": 3, "running": 0, "oldest_age": None},
-            {"name": "", "waiting": 1, "running": 0, "oldest_age": 2.0},
-        ]
-        route.fulfill(response=response, json=pairs)
-
-    page.route("**/api/status", with_groups)
-    groups = page.locator("#queues table.groups tbody tr")
-    expect(groups).to_have_count(3)
-    expect(groups.nth(0).locator("td")).to_have_text(["acme", "1,200", "1", "2m05s"])
-    expect(groups.nth(1).locator("td")).to_have_text([hostile, "3", "0", "?"])
-    expect(groups.nth(2).locator("td")).to_have_text(["(default)", "1", "0", "2s"])
+    # Groups: the busiest, each name shown as text, and the one at its limit says so.
+    groups = page.locator(f'#queues tr.flow-detail[data-flow-of="{redis_server.url} tenants"] '
+                          "table.groups tbody tr")  # fmt: skip
+    expect(groups).to_have_count(2)
+    full = "held back by group_max_running (1/1 running)"
+    age = re.compile(r"\d+s")
+    expect(groups.nth(0).locator("td")).to_have_text(["acme", "2", "1", age, full])
+    expect(groups.nth(1).locator("td")).to_have_text([HOSTILE, "1", "1", age, full])
+    expect(groups.nth(0)).to_have_class("held")
+    expect(page.locator("#queues table.groups th").first).to_have_text(
+        "busiest groups (group_max_running 1)"
+    )
     assert page.locator("#queues img").count() == 0

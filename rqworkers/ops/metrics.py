@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from rqworkers.common.rates import Rate
 from rqworkers.ops.web.server import Handler as BoundedHandler
 from rqworkers.ops.web.server import Server
+from rqworkers.store.flow import BUSIEST, GroupState
 from rqworkers.store.queue import Snapshot
 from rqworkers.worker.scoreboard import DURATION_BUCKETS, RECYCLE_REASONS, Scoreboard
 
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 LABELS = ["host", "queue"]
 RESTART_GRACE = 2.0  # seconds a slot may go without a worker between exit and respawn
 CRASH_LOOP = 2  # failures in a row (crashes, failed starts) that make a slot unhealthy
-MAX_GROUPS = 10  # groups per queue with series of their own: the busiest
-MAX_GROUP_NAME = 100  # characters of a group's name kept in its label
 
 
 @dataclass(frozen=True)
@@ -188,20 +187,21 @@ class Metrics(Collector):
         window = gauge(
             "rqworkers_queue_rate_limit_window_seconds", "The window of the queue's rate_limit."
         )
+        group_most = gauge("rqworkers_queue_group_max_running", "The queue's group_max_running.")
         group_labels = [*LABELS, "group"]
         group_waiting = GaugeMetricFamily(
             "rqworkers_queue_group_waiting_messages",
-            f"Messages waiting, per group: the {MAX_GROUPS} busiest groups of each queue.",
+            f"Messages waiting, per group: the {BUSIEST} busiest groups of each queue.",
             labels=group_labels,
         )
         group_running = GaugeMetricFamily(
             "rqworkers_queue_group_running_messages",
-            f"Messages running, per group: the {MAX_GROUPS} busiest groups of each queue.",
+            f"Messages running, per group: the {BUSIEST} busiest groups of each queue.",
             labels=group_labels,
         )
         group_oldest = GaugeMetricFamily(
             "rqworkers_queue_group_oldest_waiting_seconds",
-            f"Age of the oldest waiting message, per group: the {MAX_GROUPS} busiest groups.",
+            f"Age of the oldest waiting message, per group: the {BUSIEST} busiest groups.",
             labels=group_labels,
         )
         for (host, queue), snap in self.snapshots().items():
@@ -215,45 +215,28 @@ class Metrics(Collector):
                 started.add_metric(labels, flow.started)
                 allowed.add_metric(labels, flow.rate_starts)
                 window.add_metric(labels, Rate.parse(flow.rate_limit).seconds)
+            if flow.group_max_running:
+                group_most.add_metric(labels, flow.group_max_running)
             for group in busiest_groups(snap):
                 labels_of = [*labels, group.name]
                 group_waiting.add_metric(labels_of, group.waiting)
                 group_running.add_metric(labels_of, group.running)
-                group_oldest.add_metric(labels_of, group.oldest_age)
+                if group.oldest_age is not None:  # unknown: no sample, rather than a 0
+                    group_oldest.add_metric(labels_of, group.oldest_age)
         yield from (paused, held, running, most, started, allowed, window)
-        yield from (group_waiting, group_running, group_oldest)
+        yield from (group_most, group_waiting, group_running, group_oldest)
 
 
-@dataclass(frozen=True)
-class GroupView:
-    """One group of a queue as `/metrics` and the page show it."""
-
-    name: str
-    waiting: int
-    running: int
-    oldest_age: float  # seconds its oldest waiting message has waited
-
-
-def busiest_groups(snap: Snapshot) -> list[GroupView]:
-    """The busiest `MAX_GROUPS` groups of a queue, as its flow state lists them (busiest
-    first), each name once: a group per tenant must not make a series per tenant. A name
-    is user data (a field of a payload): cut to `MAX_GROUP_NAME` characters."""
-    found: list[GroupView] = []
-    for group in getattr(snap.flow, "groups", None) or ():
-        read = group.get if isinstance(group, dict) else functools.partial(getattr, group)
-        name = str(read("name", None) or "")[:MAX_GROUP_NAME]  # the default group: ""
-        if any(seen.name == name for seen in found):
-            continue
-        found.append(
-            GroupView(
-                name,
-                int(read("waiting", 0) or 0),
-                int(read("running", 0) or 0),
-                float(read("oldest_age", 0) or 0),
-            )
-        )
-        if len(found) == MAX_GROUPS:
-            break
+def busiest_groups(snap: Snapshot) -> list[GroupState]:
+    """The groups of a queue that get series of their own: those its flow state lists (the
+    `BUSIEST`), each name once. A group per tenant must not make a series per tenant, nor
+    two names that read alike (undecodable bytes are escaped) one series twice."""
+    seen: set[str] = set()
+    found = []
+    for group in snap.flow.groups[:BUSIEST]:
+        if group.name not in seen:
+            seen.add(group.name)
+            found.append(group)
     return found
 
 

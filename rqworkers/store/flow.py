@@ -97,6 +97,8 @@ class FlowState:
     rate_limit: str = ""  # "100/s"; "" without one
     rate_starts: int = 0  # the N of the rate limit
     groups: list[GroupState] = field(default_factory=list)  # the busiest, with groups
+    group_max_running: int = 0  # each group's limit; 0: none
+    group_rate_limit: str = ""  # each group's rate limit, "50/m"; "" without one
 
     @property
     def binding(self) -> bool:
@@ -193,6 +195,8 @@ def flow_reader(
             started=int(found[2]) if rate is not None else 0,
             rate_limit=str(rate) if rate is not None else "",
             rate_starts=rate.starts if rate is not None else 0,
+            group_max_running=limits.group_max_running,
+            group_rate_limit=str(limits.group_rate) if limits.group_rate is not None else "",
         )
         return state, rest
 

@@ -159,13 +159,21 @@ function flowDetail(pair, snap, flow) {
     cell.append(el("p", { class: "held-line" }, `held back by ${why.join(" and ")}: ${count(snap.held_back)} waiting`));
   }
   if (groups.length) {
-    const rows = groups.map((g) => el("tr", { "data-group": g.name },
-      el("td", { class: "group" }, g.name == null || g.name === "" ? "(default)" : g.name),
-      el("td", { class: "n waiting" }, count(g.waiting)), el("td", { class: "n running" }, count(g.running)),
-      el("td", { class: "n oldest" }, g.oldest_age == null ? "?" : duration(g.oldest_age))));
+    const most = Number(flow.group_max_running || 0);
+    const rows = groups.map((g) => {
+      const full = most > 0 && g.running >= most && g.waiting > 0; // this group falls behind
+      return el("tr", { "data-group": g.name, class: full ? "held" : null },
+        el("td", { class: "group" }, g.name == null || g.name === "" ? "(default)" : g.name),
+        el("td", { class: "n waiting" }, count(g.waiting)), el("td", { class: "n running" }, count(g.running)),
+        el("td", { class: "n oldest" }, g.oldest_age == null ? "?" : duration(g.oldest_age)),
+        el("td", { class: "note" }, full ? `held back by group_max_running (${g.running}/${most} running)` : ""));
+    });
+    const limits = [most ? `group_max_running ${most}` : "", flow.group_rate_limit ? `group_rate_limit ${flow.group_rate_limit}` : ""]
+      .filter(Boolean).join(", ");
     cell.append(el("table", { class: "groups" },
-      el("thead", {}, el("tr", {}, el("th", {}, "busiest groups"), el("th", { class: "n" }, "waiting"),
-        el("th", { class: "n" }, "running"), el("th", { class: "n" }, "oldest waiting"))),
+      el("thead", {}, el("tr", {}, el("th", {}, limits ? `busiest groups (${limits})` : "busiest groups"),
+        el("th", { class: "n" }, "waiting"), el("th", { class: "n" }, "running"),
+        el("th", { class: "n" }, "oldest waiting"), el("th", {}, ""))),
       el("tbody", {}, ...rows)));
   }
   return el("tr", { class: held ? "flow-detail held" : "flow-detail",
