@@ -336,6 +336,7 @@ class Manager:
                     s.pair.host,
                     s.board,
                     s.pair.concurrency,
+                    s.pair.limits,
                 )
                 for s in self.slots
             ),

@@ -11,6 +11,7 @@ reached (or refused the reading); a config problem is 2, as for every command.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -64,7 +65,31 @@ def exit_code(statuses: list[PairStatus]) -> int:
 
 
 def as_json(statuses: list[PairStatus]) -> str:
-    return json.dumps([asdict(s) for s in statuses], indent=2, default=str)
+    """JSON, strictly: a worker's lease is any client's to write, and a `NaN` copied from
+    one would make the whole reading unparsable for a browser (it becomes `null`)."""
+    values = _finite([_as_dict(s) for s in statuses])
+    return json.dumps(values, indent=2, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _as_dict(status: PairStatus) -> dict[str, Any]:
+    """A pair's status with what its snapshot derives (properties are not fields): the
+    messages held back, and which of the pause and the limits hold them (`held_by`)."""
+    value = asdict(status)
+    snap = status.snapshot
+    if snap is not None:
+        value["snapshot"]["held_back"] = snap.held_back
+        value["snapshot"]["flow"]["held_by"] = snap.flow.held_by
+    return value
 
 
 _COLUMNS = ("WORKER", "NODE", "PID", "STATE", "SUCCEEDED", "FAILED", "CURRENT", "RSS", "UPTIME")

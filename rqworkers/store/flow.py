@@ -24,6 +24,7 @@ RESUME_TOKENS = 100  # wake tokens a resume pushes: every waiting worker of a qu
 # stays in the window this much longer, so that no window of handler starts holds N + 1.
 # (At full speed, "N/s" then allows N starts every 1.05 s.)
 RATE_MARGIN_MS = 50
+MAX_EPOCH = 1e11  # seconds: a pause's time past this (year 5138) is no time
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,26 @@ class FlowState:
     rate_limit: str = ""  # "100/s"; "" without one
     rate_starts: int = 0  # the N of the rate limit
     groups: list[GroupState] = field(default_factory=list)  # the busiest, with groups
+    group_max_running: int = 0  # each group's limit; 0: none
+    group_rate_limit: str = ""  # each group's rate limit, "50/m"; "" without one
 
     @property
     def binding(self) -> bool:
         """Whether the pause or a limit lets nothing start now."""
-        full = bool(self.max_running) and self.running >= self.max_running
-        return (
-            self.paused is not None
-            or full
-            or (bool(self.rate_starts) and self.started >= self.rate_starts)
-        )
+        return bool(self.held_by)
+
+    @property
+    def held_by(self) -> list[str]:
+        """What lets nothing start now, by its setting's name: `paused`, `max_running`
+        (every permit in use), `rate_limit` (the window is full); empty if none does."""
+        reasons = []
+        if self.paused is not None:
+            reasons.append("paused")
+        if self.max_running and self.running >= self.max_running:
+            reasons.append("max_running")
+        if self.rate_starts and self.started >= self.rate_starts:
+            reasons.append("rate_limit")
+        return reasons
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,8 @@ def flow_reader(
             started=int(found[2]) if rate is not None else 0,
             rate_limit=str(rate) if rate is not None else "",
             rate_starts=rate.starts if rate is not None else 0,
+            group_max_running=limits.group_max_running,
+            group_rate_limit=str(limits.group_rate) if limits.group_rate is not None else "",
         )
         return state, rest
 
@@ -198,10 +211,18 @@ def flow_state(client: Client, queue: str, limits: Limits = NO_LIMITS) -> FlowSt
 
 
 def _record(raw: bytes | None) -> dict[str, Any] | None:
+    """Who paused the queue and when, `{by: text, at: epoch seconds or None}`. The key is
+    any client's to write: whatever it holds, the queue is paused, and what is not text
+    and a plausible time (`NaN`, `1e300`, a list) is left out, rather than make the
+    page's JSON unparsable or `status` fail to print a date."""
     if raw is None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
-        return {"by": "?", "at": None}  # set by hand: paused all the same
-    return value if isinstance(value, dict) else {"by": "?", "at": None}
+    except (ValueError, RecursionError):
+        value = None  # set by hand: paused all the same
+    if not isinstance(value, dict):
+        return {"by": "?", "at": None}
+    by, at = value.get("by"), value.get("at")
+    plausible = isinstance(at, int | float) and not isinstance(at, bool) and 0 <= at < MAX_EPOCH
+    return {"by": by if isinstance(by, str) else "?", "at": at if plausible else None}
