@@ -240,3 +240,19 @@ def test_a_landed_message_and_a_retry_join_their_groups_turns(client: redis.Redi
     assert sorted(d.payload for d in first) == [b"a:landed", b"b:other"], "a's retry first"
     assert [d.attempts for d in first if d.payload == b"a:landed"] == [1]
     assert client.llen(f"{q.keys.group_list}a") == 1, "a:next waits for a's permit"
+
+
+def test_status_counts_what_waits_in_groups_and_says_when_every_group_is_full(
+    client: redis.Redis,
+) -> None:
+    from rqworkers.store.queue import snapshot
+
+    client.lpush(QUEUE, *[tenant("a", i) for i in range(5)], *[tenant("b", i) for i in range(3)])
+    q = grouped(client, 1, group_max_running=1)
+    assert len(q.take([], 5).deliveries) == 2  # one of each group: both full now
+    snap = snapshot(client, QUEUE, q.limits)
+    assert snap.waiting == 6, "sorted into the groups' lists, still waiting"
+    assert snap.flow.held_by == ["group_max_running"] and snap.held_back == 6
+    assert {g.name: (g.waiting, g.running) for g in snap.flow.groups} == {"a": (4, 1), "b": (2, 1)}
+    hooked_view = snapshot(client, QUEUE)  # a handler's group(): the reader knows no limits
+    assert hooked_view.waiting == 6 and len(hooked_view.flow.groups) == 2

@@ -697,6 +697,11 @@ def test_status_escapes_what_any_redis_client_can_write_in_a_worker_entry() -> N
     assert "jobs-1\\x1b[2J" in text and "n\\nforged" in text
     text = as_text([PairStatus("redis://h/0", "jobs", None, "unreachable: \x1b[2J")])
     assert "unreachable: \\x1b[2J" in text
+    numbers = {"name": "w", "state": "busy", "rss": float("inf"), "since": "yesterday",
+               "current_age": float("nan"), "concurrency": 1e999, "in_flight": "many"}  # fmt: skip
+    snap = Snapshot(waiting=0, in_flight=0, retrying=0, dead=0, workers=[numbers])
+    text = as_text([PairStatus("redis://h/0", "jobs", snap, None)], now=0.0)
+    assert "0MB" in text, "figures that are not finite numbers show as none, no crash"
 
 
 @pytest.mark.parametrize("record", [b"{not json", b"42", b'"text"'])

@@ -1077,6 +1077,8 @@ def test_status_says_what_each_limit_holds_back(web: Callable[..., Server]) -> N
         "rate_limit": "10/s",
         "rate_starts": 10,
         "groups": [],
+        "grouped_waiting": 0,
+        "groups_full": False,
         "group_max_running": 0,
         "group_rate_limit": "",
         "held_by": ["max_running"],

@@ -157,9 +157,19 @@ def _clock(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
+def _number(value: Any) -> float:
+    """A figure of a published status, which any Redis client can write: 0 for anything
+    that is not a finite number (a string, NaN, Infinity, 1e999)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
 def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
-    since = float(w.get("since") or 0)
-    current = float(w.get("current_age") or 0)
+    since = _number(w.get("since"))
+    current = _number(w.get("current_age"))
     return (
         str(w.get("name", w.get("worker_id", "?"))),
         str(w.get("node", "?")),
@@ -168,7 +178,7 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
         str(w.get("succeeded", "?")),
         str(w.get("failed", "?")),
         f"{current:.1f}s" if current else "-",
-        f"{int(w.get('rss') or 0) // (1024 * 1024)}MB",
+        f"{int(_number(w.get('rss'))) // (1024 * 1024)}MB",
         _duration(now - since) if since else "?",
         _note(w),
     )
@@ -177,9 +187,9 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
 def _state(w: dict[str, Any]) -> str:
     """The state, with how many of its `concurrency` handlers are busy when it has several."""
     state = str(w.get("state", "?"))
-    concurrency = int(w.get("concurrency") or 1)
+    concurrency = int(_number(w.get("concurrency")) or 1)
     if concurrency > 1 and state == "busy":
-        return f"busy {int(w.get('in_flight') or 0)}/{concurrency}"
+        return f"busy {int(_number(w.get('in_flight')))}/{concurrency}"
     return state
 
 

@@ -97,6 +97,8 @@ class FlowState:
     rate_limit: str = ""  # "100/s"; "" without one
     rate_starts: int = 0  # the N of the rate limit
     groups: list[GroupState] = field(default_factory=list)  # the busiest, with groups
+    grouped_waiting: int = 0  # messages waiting in the groups' lists (sorted, not taken)
+    groups_full: bool = False  # every group with messages waiting is at group_max_running
     group_max_running: int = 0  # each group's limit; 0: none
     group_rate_limit: str = ""  # each group's rate limit, "50/m"; "" without one
 
@@ -116,6 +118,8 @@ class FlowState:
             reasons.append("max_running")
         if self.rate_starts and self.started >= self.rate_starts:
             reasons.append("rate_limit")
+        if self.groups_full:
+            reasons.append("group_max_running")
         return reasons
 
 
@@ -133,33 +137,44 @@ BUSIEST = 10  # groups shown, the most waiting first
 GROUPS_READ = 1000  # groups of the ring looked at to find them
 
 
-def group_states(client: Client, queue: str, now: float | None = None) -> list[GroupState]:
-    """The busiest groups of `queue` (most waiting first), in two round trips."""
+@dataclass(frozen=True)
+class Groups:
+    """What `group_states` read: the busiest groups, and what the rest add up to."""
+
+    busiest: list[GroupState]
+    waiting: int  # in every group's list read
+    full: bool  # every group with messages waiting is at `group_max` (0: no such limit)
+
+
+def group_states(
+    client: Client, queue: str, group_max: int = 0, now: float | None = None
+) -> Groups:
+    """The busiest groups of `queue` (most waiting first), and their totals, in three
+    round trips (one, for a queue without groups)."""
     keys = Keys(queue)
     names = cast(list[bytes], client.lrange(keys.ring, 0, GROUPS_READ - 1))
     if not names:
-        return []
+        return Groups([], 0, False)
     prefix = keys.group_list.encode()  # a group's name is any bytes: keys are built as bytes
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.llen(prefix + name)
-    lengths = cast(list[int], pipe.execute())
-    busiest = sorted(zip(names, lengths, strict=True), key=lambda x: -x[1])[:BUSIEST]
+    pipe.hmget(keys.group_running, names)
+    *lengths, running_raw = cast(list[Any], pipe.execute())
+    running = [int(n or 0) for n in running_raw]
+    table = list(zip(names, lengths, running, strict=True))
+    full = bool(group_max) and all(r >= group_max for _, w, r in table if w)
+    busiest = sorted(table, key=lambda x: -x[1])[:BUSIEST]
     pipe = client.pipeline(transaction=False)
-    for name, _ in busiest:
-        pipe.hget(keys.group_running, name)
+    for name, _, _ in busiest:
         pipe.lindex(prefix + name, -1)
-    found = cast(list[Any], pipe.execute())
+    oldest = cast(list[Any], pipe.execute())
     now = time.time() if now is None else now
-    return [
-        GroupState(
-            name.decode("utf-8", "backslashreplace"),
-            waiting,
-            int(found[2 * i] or 0),
-            _age(found[2 * i + 1], now),
-        )
-        for i, (name, waiting) in enumerate(busiest)
+    states = [
+        GroupState(name.decode("utf-8", "backslashreplace"), waiting, run, _age(first, now))
+        for (name, waiting, run), first in zip(busiest, oldest, strict=True)
     ]
+    return Groups(states, sum(lengths), full)
 
 
 def _age(element: bytes | None, now: float) -> float | None:

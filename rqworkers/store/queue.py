@@ -577,8 +577,16 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.get(worker_keys.lease)
     waiting, retrying, dead, *rest = pipe.execute()
     flow_state, rest = read_flow(rest)
-    if limits.group_by:
-        flow_state = dataclasses.replace(flow_state, groups=group_states(client, queue))
+    # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
+    # worker knows of): a queue with no group waiting costs one LRANGE.
+    groups = group_states(client, queue, limits.group_max_running)
+    if groups.busiest:
+        flow_state = dataclasses.replace(
+            flow_state,
+            groups=groups.busiest,
+            grouped_waiting=groups.waiting,
+            groups_full=groups.full,
+        )
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
     for worker_id, raw in zip(ids, rest[2::3], strict=True):
@@ -590,7 +598,8 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
             info = {"name": worker_id}
         if isinstance(info, dict):
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
-    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers, flow_state)
+    waiting = int(waiting) + flow_state.grouped_waiting  # sorted into groups, still waiting
+    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow_state)
 
 
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:
