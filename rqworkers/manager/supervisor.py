@@ -303,6 +303,7 @@ class Manager:
             lease_ttl=self.settings.lease_ttl,
             sample_succeeded=self.config.logging.sample_succeeded,
             sample_failed=self.config.logging.sample_failed,
+            tracing=self.config.telemetry.tracing,
         )
         board = slot.board
         logging_settings = self.config.logging

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,8 +34,9 @@ _IDENTITY_FAILURES: tuple[type[Exception], ...] = (*_FAILURES, KeyError, TypeErr
 
 
 def handler_problems(config: Config) -> list[str]:
-    """One line per handler (or task allow-list) that cannot be imported, naming its queue."""
-    problems = []
+    """One line per handler (or task allow-list) that cannot be imported, naming its queue;
+    and the `otel` extra, when `[telemetry] tracing` is on, if it cannot be imported."""
+    problems = tracing_problems(config)
     for pair in config.pairs:
         if pair.tasks is not None:
             problem = tasks.verify(pair.tasks)
@@ -45,6 +47,23 @@ def handler_problems(config: Config) -> list[str]:
         if problem:
             problems.append(f"{what} of queue {pair.queue!r}: {problem}")
     return problems
+
+
+def tracing_problems(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Why a worker could not export its spans: with `[telemetry] tracing = true`, the
+    `otel` extra must import (checked by importing it: a broken install counts too), and the
+    OTEL_* variables must name an exporter it has."""
+    if not config.telemetry.tracing:
+        return []
+    try:
+        from rqworkers.worker import tracing
+    except ImportError as exc:
+        return [
+            f"telemetry.tracing: tracing is on but OpenTelemetry cannot be imported ({exc}): "
+            "install the extra, pip install 'rqworkers[otel]', or set tracing = false"
+        ]
+    env = os.environ if environ is None else environ
+    return [f"telemetry.tracing: {problem}" for problem in tracing.problems(env)]
 
 
 def handler_problems_isolated(config: Config) -> list[str]:
