@@ -47,7 +47,7 @@ def read(value: Any) -> dict[str, str] | None:
     if not isinstance(value, dict):
         return None
     parent = value.get("traceparent")
-    if not isinstance(parent, str) or len(parent) != 55 or not _TRACEPARENT.match(parent):
+    if not isinstance(parent, str) or len(parent) != 55 or not _TRACEPARENT.fullmatch(parent):
         return None
     found = {"traceparent": parent}
     state = value.get("tracestate")
@@ -55,7 +55,7 @@ def read(value: Any) -> dict[str, str] | None:
         isinstance(state, str)
         and state
         and len(state) <= _TRACESTATE_LIMIT
-        and _TRACESTATE.match(state)
+        and _TRACESTATE.fullmatch(state)
         and state.count(",") < 32
     ):
         found["tracestate"] = state
