@@ -198,6 +198,38 @@ def test_a_traced_service_exports_one_trace_from_submit_to_the_workers_span(
     assert outer.trace_id != span_of_add.trace_id and not outer.parent_id
 
 
+def test_handler_threads_and_coroutines_run_inside_their_deliverys_span(
+    service: Any, redis_server: RedisServer, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `concurrency` > 1 a handler runs in a pool thread or as a coroutine: each sees
+    its own delivery's span as current, so the spans it makes are that span's children."""
+    _exporting_to(receiver, monkeypatch, delay_ms=100)
+    threads = task_pair(concurrency=3, tasks=TASKS)
+    coroutines = {"queue": "async", "handler": "tracingapp:async_inner", "concurrency": 3}
+    coroutines["max_attempts"] = 1
+    service([threads, coroutines], telemetry={"tracing": True}).wait_workers(2)
+    producer = Producer(redis_server.url)
+    caller = TracerProvider().get_tracer("caller")
+    with caller.start_as_current_span("caller") as span:
+        for tag in "abc":
+            producer.submit("tasks", "tracingapp:inner", (tag,))
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    producer.push("async", b"d", b"e", b"fail")
+    for tag in "abcde":
+        inner = wait_for(lambda tag=tag: receiver.named(f"inner {tag}"), 20)[0]
+        (outer,) = [
+            s
+            for s in receiver.named(f"process {'tasks' if tag < 'd' else 'async'}")
+            if s.span_id == inner.parent_id
+        ]
+        assert outer.trace_id == inner.trace_id
+        if tag < "d":
+            assert outer.trace_id == trace_id
+    (failed,) = wait_for(lambda: receiver.where("messaging.rqworkers.outcome", "dead"), 20)
+    assert failed.status == 2 and failed.attributes["error.type"] == "RuntimeError"
+    assert receiver.named("inner fail")[0].parent_id == failed.span_id
+
+
 def _loaded_by(code: str) -> set[str]:
     """What a fresh interpreter has loaded of OpenTelemetry after running `code`."""
     script = f"import json, tracingapp; {code}; print(json.dumps(tracingapp.loaded()))"

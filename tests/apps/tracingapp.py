@@ -34,3 +34,12 @@ def inner(tag: str) -> str:
 
 def slow(seconds: float) -> None:
     time.sleep(seconds)
+
+
+async def async_inner(message: bytes) -> None:
+    """An `async def` handler that makes a span of its own, named after the message."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("tracingapp").start_as_current_span(f"inner {message.decode()}"):
+        if message == b"fail":
+            raise RuntimeError("async failure")
