@@ -135,23 +135,25 @@ class Tracing:
         """The span of `delivery`, started now; `current`: made this thread's current span
         until `Traced.end` (the one-at-a-time loop), else `Traced.attach` in the thread
         that runs the handler (`concurrency` > 1)."""
-        attributes = dict(self.attributes)
-        attributes["messaging.message.id"] = delivery.id.decode(errors="replace")
-        attributes["messaging.message.body.size"] = len(delivery.payload)
-        attributes["messaging.rqworkers.message.delivery_count"] = delivery.attempts + 1
         parent = None
-        if self.tasks:
-            label = tasks.label(delivery.payload)
-            if label is not None:
-                if label.task is not None:
-                    attributes["messaging.rqworkers.task.name"] = label.task
-                if label.id is not None:
-                    attributes["messaging.rqworkers.task.id"] = label.id
-                if label.trace is not None:
-                    parent = _PROPAGATOR.extract(label.trace)
+        label = tasks.label(delivery.payload) if self.tasks else None
+        if label is not None and label.trace is not None:
+            parent = _PROPAGATOR.extract(label.trace)
         span = self.tracer.start_span(
-            self.name, parent, kind=SpanKind.CONSUMER, attributes=attributes
+            self.name, parent, kind=SpanKind.CONSUMER, attributes=self.attributes
         )
+        if span.is_recording():  # sampled: the rest is worth its cost
+            span.set_attributes(
+                {
+                    "messaging.message.id": delivery.id.decode(errors="replace"),
+                    "messaging.message.body.size": len(delivery.payload),
+                    "messaging.rqworkers.message.delivery_count": delivery.attempts + 1,
+                }
+            )
+            if label is not None and label.task is not None:
+                span.set_attribute("messaging.rqworkers.task.name", label.task)
+            if label is not None and label.id is not None:
+                span.set_attribute("messaging.rqworkers.task.id", label.id)
         traced = Traced(span)
         if current:
             traced.token = traced.attach()
@@ -189,6 +191,8 @@ class Traced:
         if self.token is not None:
             self.detach(self.token)
             self.token = None
+        if not span.is_recording():  # not sampled
+            return
         if failure is None:
             span.set_attribute("messaging.rqworkers.outcome", "ack")
         else:
