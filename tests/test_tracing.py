@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,7 @@ from rqworkers.client import tasks, tracecontext
 from rqworkers.errors import MessageTimeout, Refused
 from rqworkers.store.queue import Delivery
 from rqworkers.worker.outbox import Failure
-from rqworkers.worker.tracing import Tracing
+from rqworkers.worker.tracing import FLUSH_TIMEOUT, Tracing
 from tests.support import APPS, REPO, RedisServer, run_cli, task_pair, write_config
 
 TASKS = ["taskapp:*", "tracingapp:*"]
@@ -293,6 +294,32 @@ def test_a_worker_flushes_its_last_spans_on_recycle_timeout_and_sigterm(
     assert wait_for(lambda: spans_of("taskapp:count"), 10)
 
 
+def test_a_collector_that_never_answers_holds_a_stopping_worker_3_seconds_at_most(
+    service: Any, redis_server: RedisServer, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exporter would wait 10 s for it (and the SDK's flush keeps to no timeout)."""
+    import socket
+
+    with socket.socket() as hole:  # listens, never reads: a POST to it hangs
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        _exporting_to(receiver, monkeypatch, delay_ms=600_000)
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{hole.getsockname()[1]}"
+        )
+        svc = service([task_pair(tasks=TASKS)], telemetry={"tracing": True})
+        svc.wait_workers(1)
+        producer = Producer(redis_server.url)
+        reply = producer.reply_key("tasks")
+        producer.submit("tasks", "taskapp:add", (1, 2), reply_to=reply)
+        assert producer.wait_reply(reply, timeout=20) == 3
+        began = time.monotonic()
+        svc.signal(signal.SIGTERM)
+        assert svc.wait() == 0
+        assert time.monotonic() - began < FLUSH_TIMEOUT + 2
+    assert "the last spans were not exported within 3s; dropped" in svc.output()
+
+
 # -- check and run, without the extra ----------------------------------------------------------
 
 
@@ -428,6 +455,12 @@ def test_a_tracestate_is_kept_only_when_well_formed_and_bounded() -> None:
             "traceparent": PARENT
         }
     assert tracecontext.read({"traceparent": PARENT, "other": "x"}) == {"traceparent": PARENT}
+
+
+def test_a_span_leaves_out_a_huge_task_name_or_id() -> None:
+    message = json.dumps({"task": "m:" + "f" * 10_000, "id": "i" * 10_000}).encode()
+    assert tasks.label(message) == tasks.Label(None, None, None)
+    assert tasks.label(b"[" * 100_000) is None  # too deep for the parser: no label, no error
 
 
 def test_other_fields_are_still_refused_beside_a_trace() -> None:

@@ -243,6 +243,9 @@ def reply_address(message: bytes) -> ReplyAddress | None:
     return ReplyAddress(task_id, fields["reply_to"], ttl) if fields["reply_to"] else None
 
 
+_LABEL = 200  # characters of a task's name or id a span keeps; a longer one is left out
+
+
 @dataclass(frozen=True)
 class Label:
     """What a worker's span says of a task message: each part None if it is not valid."""
@@ -263,8 +266,8 @@ def label(message: bytes) -> Label | None:
         return None
     task, task_id = fields.get("task"), fields.get("id")
     return Label(
-        task if isinstance(task, str) and _PATH_RE.match(task) else None,
-        task_id if isinstance(task_id, str) and 0 < len(task_id) <= 200 else None,
+        task if isinstance(task, str) and len(task) <= _LABEL and _PATH_RE.match(task) else None,
+        task_id if isinstance(task_id, str) and 0 < len(task_id) <= _LABEL else None,
         tracecontext.read(fields.get("trace")),
     )
 

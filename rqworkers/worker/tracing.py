@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -160,7 +161,20 @@ class Tracing:
         return traced
 
     def close(self) -> None:
-        """Export what is left, within `FLUSH_TIMEOUT`: the worker is about to exit."""
+        """Export what is left, within `FLUSH_TIMEOUT`: the worker is about to exit.
+
+        In a thread of its own, waited for that long at most: the SDK's flush does not keep
+        to its timeout (an exporter retries for `OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s), and a
+        collector that does not answer must not hold a stopping worker past the manager's
+        `shutdown_timeout`. The process leaves through `os._exit`, which ends the thread.
+        """
+        flush = threading.Thread(target=self._flush, name="flush-spans", daemon=True)
+        flush.start()
+        flush.join(FLUSH_TIMEOUT)
+        if flush.is_alive():
+            log.warning("the last spans were not exported within %gs; dropped", FLUSH_TIMEOUT)
+
+    def _flush(self) -> None:
         try:
             self.provider.force_flush(int(FLUSH_TIMEOUT * 1000))
             self.provider.shutdown()
