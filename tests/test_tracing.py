@@ -320,6 +320,22 @@ def test_a_collector_that_never_answers_holds_a_stopping_worker_3_seconds_at_mos
     assert "the last spans were not exported within 3s; dropped" in svc.output()
 
 
+def test_a_reload_that_turns_tracing_on_replaces_the_workers(
+    service: Any, redis_server: RedisServer, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _exporting_to(receiver, monkeypatch, delay_ms=100)
+    svc = service([task_pair(tasks=TASKS)], telemetry={"tracing": False})
+    (first,) = svc.wait_workers(1)
+    svc.config_path.write_text(
+        svc.config_path.read_text().replace("tracing = false", "tracing = true")
+    )
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: [w for w in svc.workers() if w.pid != first.pid], 20)
+    Producer(redis_server.url).submit("tasks", "taskapp:add", (1, 2))
+    assert wait_for(lambda: receiver.where("messaging.rqworkers.task.name", "taskapp:add"), 20)
+    assert "[telemetry] changed" in svc.output()
+
+
 # -- check and run, without the extra ----------------------------------------------------------
 
 
