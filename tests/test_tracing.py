@@ -400,6 +400,28 @@ def test_an_exporter_the_otel_variables_cannot_name_is_a_check_error(
     assert "OTLP protocol 'udp' is not one of grpc, http/protobuf" in checked.stderr
 
 
+def test_the_otel_variables_are_checked_as_a_worker_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rqworkers.worker.tracing import problems
+
+    def found(**variables: str) -> list[str]:
+        for name in ("TRACES_EXPORTER", "EXPORTER_OTLP_PROTOCOL", "EXPORTER_OTLP_COMPRESSION"):
+            monkeypatch.delenv(f"OTEL_{name}", raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(f"OTEL_{name}", value)
+        return problems()
+
+    assert found() == []
+    assert found(TRACES_EXPORTER=" OTLP , console") == []
+    assert found(TRACES_EXPORTER="none", EXPORTER_OTLP_PROTOCOL="x") == []
+    assert found(EXPORTER_OTLP_PROTOCOL="http/protobuf") == []
+    (line,) = found(TRACES_EXPORTER="otlp,zipkin")
+    assert "OTEL_TRACES_EXPORTER='otlp,zipkin'" in line
+    (line,) = found(EXPORTER_OTLP_COMPRESSION="bogus")
+    assert line.startswith("cannot make the span exporter: ") and "bogus" in line
+
+
 def test_the_telemetry_section_is_validated_naming_the_field(tmp_path: Path) -> None:
     from rqworkers.config import load
     from rqworkers.errors import ConfigError

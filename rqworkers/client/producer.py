@@ -51,7 +51,9 @@ class Producer:
         return self.push_many(queue, payloads)
 
     def push_many(self, queue: str, payloads: Iterable[bytes | str | Task]) -> int:
-        """`push` for an iterable of any size, sent in batches of 1,000 per round trip."""
+        """`push` for an iterable of any size, sent in batches of 1,000 per round trip. A
+        task message that cannot be encoded raises when its turn comes, once the batches
+        before it are sent."""
         length = 0
         batch: list[bytes | str] = []
         for payload in payloads:

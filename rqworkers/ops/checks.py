@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,7 +48,7 @@ def handler_problems(config: Config) -> list[str]:
     return problems
 
 
-def tracing_problems(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+def tracing_problems(config: Config) -> list[str]:
     """Why a worker could not export its spans: with `[telemetry] tracing = true`, the
     `otel` extra must import (checked by importing it: a broken install counts too), and the
     OTEL_* variables must name an exporter it has."""
@@ -62,8 +61,7 @@ def tracing_problems(config: Config, environ: Mapping[str, str] | None = None) -
             f"telemetry.tracing: tracing is on but OpenTelemetry cannot be imported ({exc}): "
             "install the extra, pip install 'rqworkers[otel]', or set tracing = false"
         ]
-    env = os.environ if environ is None else environ
-    return [f"telemetry.tracing: {problem}" for problem in tracing.problems(env)]
+    return [f"telemetry.tracing: {problem}" for problem in tracing.problems()]
 
 
 def handler_problems_isolated(config: Config) -> list[str]:

@@ -98,13 +98,13 @@ def _client(spec: WorkerSpec) -> Client | None:
 
 def _tracing(spec: WorkerSpec) -> Tracing | None:
     """This process's span exporter, or None after one line saying why there is none (the
-    `otel` extra gone since `check`, an OTEL_* variable that names no exporter)."""
+    `otel` extra gone since `check`, an OTEL_* variable the SDK or rqworkers refuses)."""
     try:
         from rqworkers.worker.tracing import Tracing
 
         return Tracing(spec.pair)
-    except (ImportError, ValueError) as exc:
-        log.error("cannot start tracing: %s", printable(str(exc)))
+    except Exception as exc:  # a bad OTEL_* value (headers, certificate...): said, not raised
+        log.error("cannot start tracing: %s: %s", type(exc).__name__, printable(str(exc)))
         return None
 
 

@@ -64,23 +64,42 @@ _EXPORTERS = ("otlp", "console", "none")
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C `traceparent` and `tracestate` only
 
 
-def problems(environ: Mapping[str, str]) -> list[str]:
-    """What in the `OTEL_*` variables would keep a worker from exporting, one line each."""
+def problems() -> list[str]:
+    """What in the `OTEL_*` variables would keep a worker from exporting, one line each:
+    found by making the exporters as a worker will (which sends nothing), then letting go.
+    (The exporters read `os.environ` themselves.)"""
+    environ = os.environ
+    found = _name_problems(environ)
+    if found:
+        return found
+    try:
+        exporters = _exporters(environ)
+    except Exception as exc:  # the SDK's own refusals: a compression, a header...
+        return [f"cannot make the span exporter: {type(exc).__name__}: {exc}"]
+    for exporter in exporters:
+        exporter.shutdown()
+    return []
+
+
+def _name_problems(environ: Mapping[str, str]) -> list[str]:
     found = []
-    exporter = _exporter_name(environ)
-    if exporter not in _EXPORTERS:
+    names = _exporter_names(environ)
+    unknown = [name for name in names if name not in _EXPORTERS]
+    if unknown:
         found.append(
-            f"OTEL_TRACES_EXPORTER={exporter!r}: rqworkers exports with one of "
-            f"{', '.join(_EXPORTERS)}"
+            f"OTEL_TRACES_EXPORTER={environ.get('OTEL_TRACES_EXPORTER', '')!r}: rqworkers "
+            f"exports with {', '.join(_EXPORTERS)} (a comma-separated list of them)"
         )
     protocol = _protocol(environ)
-    if exporter == "otlp" and protocol not in _OTLP:
+    if "otlp" in names and protocol not in _OTLP:
         found.append(f"OTLP protocol {protocol!r} is not one of {', '.join(_OTLP)}")
     return found
 
 
-def _exporter_name(environ: Mapping[str, str]) -> str:
-    return (environ.get("OTEL_TRACES_EXPORTER") or "otlp").strip().lower()
+def _exporter_names(environ: Mapping[str, str]) -> list[str]:
+    """`OTEL_TRACES_EXPORTER`, a comma-separated list (`otlp` when unset)."""
+    value = environ.get("OTEL_TRACES_EXPORTER") or "otlp"
+    return [name.strip().lower() for name in value.split(",") if name.strip()] or ["otlp"]
 
 
 def _protocol(environ: Mapping[str, str]) -> str:
@@ -90,19 +109,19 @@ def _protocol(environ: Mapping[str, str]) -> str:
     return (value or "grpc").strip()
 
 
-def _exporter(environ: Mapping[str, str]) -> SpanExporter | None:
-    """The exporter the environment names, None for `none`; `ValueError` for another."""
-    trouble = problems(environ)
+def _exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    """The exporters the environment names (none for `none`); `ValueError` for another."""
+    trouble = _name_problems(environ)
     if trouble:
         raise ValueError("; ".join(trouble))
-    name = _exporter_name(environ)
-    if name == "none":
-        return None
-    if name == "console":
-        return ConsoleSpanExporter()
-    module: Any = importlib.import_module(_OTLP[_protocol(environ)])
-    exporter: SpanExporter = module.OTLPSpanExporter()  # endpoint, headers...: from OTEL_*
-    return exporter
+    found: list[SpanExporter] = []
+    for name in dict.fromkeys(_exporter_names(environ)):
+        if name == "console":
+            found.append(ConsoleSpanExporter())
+        elif name == "otlp":
+            module: Any = importlib.import_module(_OTLP[_protocol(environ)])
+            found.append(module.OTLPSpanExporter())  # endpoint, headers...: from OTEL_*
+    return found
 
 
 def _resource() -> Resource:
@@ -115,10 +134,10 @@ def _resource() -> Resource:
 class Tracing:
     """The spans of one worker process's deliveries, and the provider that exports them."""
 
-    def __init__(self, pair: PairSettings, environ: Mapping[str, str] | None = None) -> None:
-        exporter = _exporter(os.environ if environ is None else environ)
+    def __init__(self, pair: PairSettings) -> None:
+        exporters = _exporters(os.environ)
         self.provider = TracerProvider(resource=_resource())  # the sampler from OTEL_*
-        if exporter is not None:
+        for exporter in exporters:
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
         # Global, so that the spans a handler makes are exported too, as this span's children.
         trace.set_tracer_provider(self.provider)
