@@ -15,7 +15,7 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
@@ -381,6 +381,12 @@ class LoggingSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class TelemetrySettings(_Section):
+    # One consumer span per delivery, exported as the OTEL_* environment variables say
+    # (docs/tracing.md); needs the `otel` extra, which `check` and `run` verify.
+    tracing: bool = False
+
+
 class PairSettings(_Section):
     """One `(host, queue)` pair with every setting resolved. The unit the manager runs."""
 
@@ -502,6 +508,7 @@ class PairSettings(_Section):
 class _Document(_Section):
     manager: ManagerSettings = ManagerSettings()
     logging: LoggingSettings = LoggingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     hosts: dict[str, str] = {}
     defaults: dict[str, Any] = {}
     workers: list[dict[str, Any]] = Field(min_length=1)
@@ -514,6 +521,7 @@ class Config:
     manager: ManagerSettings
     logging: LoggingSettings
     pairs: tuple[PairSettings, ...]
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -544,7 +552,9 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     if problems:
         raise ConfigError(source, problems)
     node = document.manager.node or env.get("RQWORKERS_NODE") or socket.gethostname()
-    return Config(source, node, document.manager, document.logging, tuple(pairs))
+    return Config(
+        source, node, document.manager, document.logging, tuple(pairs), document.telemetry
+    )
 
 
 def _override_log_level(document: dict[str, Any], env: Mapping[str, str]) -> None:
