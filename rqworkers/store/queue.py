@@ -318,6 +318,11 @@ class ReliableQueue:
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
 
     @property
+    def owner_name(self) -> bytes:
+        """What `<queue>:owner:<worker-id>` holds while this process owns the private list."""
+        return f"{self._id_prefix}.".encode()
+
+    @property
     def next_take_id(self) -> bytes:
         """The id the next `take` gives its first delivery, should it take one."""
         return f"{self._id_prefix}.{self._ids + 1}.1".encode()
