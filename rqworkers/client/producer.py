@@ -9,10 +9,17 @@
     print(producer.wait_reply(replies, timeout=30))
 
 A message is pushed with `LPUSH`, as workers take from the right: first in, first out.
+With `delay` (seconds, or a `timedelta`) or `at` (an aware `datetime`, or epoch seconds) it
+goes to the queue's retry set instead, and is taken once due (see `store.delayed`):
+
+    producer.push("queue1", b"later", delay=30)
+    producer.submit("tasks", "myapp.jobs:remind", ["bob"], at=datetime(2026, 12, 24, tzinfo=UTC))
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,9 +28,45 @@ from typing import Any, TypedDict, Unpack, cast
 from rqworkers.client import tasks
 from rqworkers.client.tasks import Task
 from rqworkers.store.connections import Client, connect
+from rqworkers.store.delayed import DelayedPusher
 
 _BATCH = 1000  # payloads per LPUSH: big inputs go in bounded round trips
 _BLOCK = 1.0  # seconds per BRPOP while waiting for a reply (the client's reply timeout is 11 s)
+MAX_DELAY = 10 * 365 * 86400.0  # ten years: further is a mistake (milliseconds for seconds?)
+
+Delay = float | datetime.timedelta
+When = float | datetime.datetime
+
+
+def due_time(delay: Delay | None, at: When | None, now: float | None = None) -> float | None:
+    """When a message sent at `now` with `delay` or `at` is due, epoch seconds; None for
+    neither (send it at once). `ValueError`, in one line, for both at once, a delay that is
+    not a number of seconds from 0 to ten years (NaN, infinite, negative), or an `at` that
+    is a naive `datetime` (whose zone would be a guess) or more than ten years ahead. An
+    `at` in the past is due at once."""
+    now = time.time() if now is None else now
+    if delay is not None and at is not None:
+        raise ValueError("give delay or at, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, datetime.timedelta) else delay
+        if not _number(seconds) or not 0 <= seconds <= MAX_DELAY:
+            raise ValueError(
+                f"delay must be seconds from 0 to {MAX_DELAY:g} (ten years), not {delay!r}"
+            )
+        return now + seconds
+    if at is None:
+        return None
+    if isinstance(at, datetime.datetime):
+        if at.utcoffset() is None:
+            raise ValueError(f"at: {at} is a naive datetime; give it a time zone (tzinfo=UTC)")
+        at = at.timestamp()
+    if not _number(at) or not math.isfinite(at) or at > now + MAX_DELAY:
+        raise ValueError(f"at must be a datetime or epoch seconds within ten years, not {at!r}")
+    return float(at)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
 class TaskOptions(TypedDict, total=False):
@@ -35,6 +78,8 @@ class TaskOptions(TypedDict, total=False):
     on_success: str | None
     on_failure: str | None
     task_id: str | None
+    delay: Delay | None  # seconds (or a timedelta) before it may be taken
+    at: When | None  # when it may be taken: an aware datetime, or epoch seconds
 
 
 class Producer:
@@ -44,13 +89,32 @@ class Producer:
     def __init__(self, url: str) -> None:
         self.url = url
         self.client: Client = connect(url)
+        self.delayed = DelayedPusher(self.client)
 
-    def push(self, queue: str, *payloads: bytes | str) -> int:
-        """Push raw payloads (str is sent as UTF-8), in order; the queue's length after."""
-        return self.push_many(queue, payloads)
+    def push(
+        self,
+        queue: str,
+        *payloads: bytes | str,
+        delay: Delay | None = None,
+        at: When | None = None,
+    ) -> int:
+        """Push raw payloads (str is sent as UTF-8), in order; the queue's length after.
 
-    def push_many(self, queue: str, payloads: Iterable[bytes | str]) -> int:
+        With `delay` or `at` (see `due_time`), they wait in the queue's retry set until
+        due, and the number of messages waiting there (retries too) is returned."""
+        return self.push_many(queue, payloads, delay=delay, at=at)
+
+    def push_many(
+        self,
+        queue: str,
+        payloads: Iterable[bytes | str],
+        delay: Delay | None = None,
+        at: When | None = None,
+    ) -> int:
         """`push` for an iterable of any size, sent in batches of 1,000 per round trip."""
+        due = due_time(delay, at)
+        if due is not None:
+            return self.delayed.push(queue, list(payloads), due)[0]
         length = 0
         batch: list[bytes | str] = []
         for payload in payloads:
@@ -78,9 +142,14 @@ class Producer:
         pair's `reply_keys`.
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
+        With `delay` or `at`, the task is taken once due (see `due_time`).
         """
+        due = due_time(options.get("delay"), options.get("at"))
         message = self.task(task, args, kwargs, **options)
-        self.client.lpush(queue, tasks.encode(message))
+        if due is None:
+            self.client.lpush(queue, tasks.encode(message))
+        else:
+            self.delayed.push(queue, [tasks.encode(message)], due)
         return message.id
 
     @staticmethod

@@ -102,9 +102,15 @@ class Keys:
     )  # fmt: skip
     retry = Key(
         f"{QUEUE}:retry", "zset",
-        "envelopes waiting for their time: failed messages, and messages given back or "
-        "reclaimed with attempts behind them (due at once); taken before the shared list",
+        "envelopes waiting for their time (the score): failed messages, delayed messages "
+        "(attempts 0, id `p<128 random bits>.<n>`), and messages given back or reclaimed "
+        "with attempts behind them (due at once); taken before the shared list",
         commands=(("ZRANGE", "{retry}", "0", "0"), ("ZCARD", "{retry}")),
+    )  # fmt: skip
+    nudge = Key(
+        f"{QUEUE}:nudge", "string",
+        "a random token, set once: pushed onto an empty shared list, it wakes a worker "
+        "blocked there to learn that a message is due sooner (a nudge); a take drops it",
     )  # fmt: skip
     dead = Key(
         f"{QUEUE}:dead", "list", "dead-lettered payloads, byte-for-byte, newest first"

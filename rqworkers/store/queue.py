@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -289,7 +290,9 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            return self._reclaim(worker_id=self.worker_id, unstarted=unstarted)
+            return self._reclaim(
+                worker_id=self.worker_id, unstarted=unstarted, token=secrets.token_hex(16)
+            )
         finally:
             self.client.delete(k.fence)
 
@@ -434,9 +437,10 @@ class Snapshot:
 
     waiting: int
     in_flight: int
-    retrying: int
+    retrying: int  # the retry set: retries waiting for their time and delayed messages
     dead: int
     workers: list[dict[str, Any]]
+    next_due: float | None = None  # when the retry set's soonest is due, epoch seconds
 
 
 def snapshot(client: Client, queue: str) -> Snapshot:
@@ -447,12 +451,13 @@ def snapshot(client: Client, queue: str) -> Snapshot:
     pipe.llen(keys.queue)
     pipe.zcard(keys.retry)
     pipe.llen(keys.dead)
+    pipe.zrange(keys.retry, 0, 0, withscores=True)
     for worker_id in ids:
         worker_keys = Keys.of(queue, worker_id)
         pipe.llen(worker_keys.processing)
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
-    waiting, retrying, dead, *rest = pipe.execute()
+    waiting, retrying, dead, first, *rest = pipe.execute()
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
     for worker_id, raw in zip(ids, rest[2::3], strict=True):
@@ -464,7 +469,8 @@ def snapshot(client: Client, queue: str) -> Snapshot:
             info = {"name": worker_id}
         if isinstance(info, dict):
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
-    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers)
+    next_due = float(first[0][1]) if first else None
+    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers, next_due)
 
 
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:

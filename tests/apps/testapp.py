@@ -161,3 +161,8 @@ def to_file(message: bytes) -> None:
     may be out of memory."""
     with open(os.environ["TESTAPP_OUT"], "ab") as out:
         out.write(message + b"\n")
+
+
+def arrival(message: bytes) -> None:
+    """Records when each message reached a handler: `arrived` gets `<epoch time> <payload>`."""
+    client().rpush("arrived", b"%r %s" % (time.time(), message))

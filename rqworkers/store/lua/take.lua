@@ -2,7 +2,7 @@
 -- TAKE: acks handled deliveries, then moves up to `limit` messages into the private list,
 -- in one round trip.
 --
--- KEYS: queue, processing, landing, retry, lease, registry, owner
+-- KEYS: queue, processing, landing, retry, lease, registry, owner, nudge
 -- ARGV: limit, now, idbase, landed, worker_id, trim, acks...
 --   limit      how many messages to take at most (0: only ack)
 --   now        the time, epoch seconds: retries due by then may be taken
@@ -24,6 +24,9 @@
 --   attempts   the attempts of each new delivery joined by ','; '' when all are 0
 --   payloads   of the new deliveries: the worker knows the ids it gave, so the envelopes
 --              need not travel back
+--
+-- A nudge (see lua/envelope.lua) is no message: dropped from the landing or shared list
+-- wherever this script meets one; a worker woken by it takes nothing and learns next_due.
 --
 -- What it takes, in this order: the message a blocking fetch left in the landing list, then
 -- due retries and returned messages (oldest first), then the oldest of the shared list.
@@ -67,6 +70,18 @@ local function remove_acks()
   return missing
 end
 
+-- `elements` without the queue's nudges. A nudge is only ever pushed onto an empty shared
+-- list, but a give-back or requeue may RPUSH behind it, so any element may be one.
+local function without_nudges(elements)
+  local token = nudge_token(nudge)
+  if not token then return elements end
+  local kept = {}
+  for _, element in ipairs(elements) do
+    if element ~= token then kept[#kept + 1] = element end
+  end
+  return kept
+end
+
 -- Adds one message to what this call takes.
 local function add_to_batch(attempts, payload)
   local n = #fresh + 1
@@ -80,7 +95,7 @@ end
 -- The message a blocking fetch left in the landing list, taken; false if none.
 local function take_landed()
   local message = landed == '1' and redis.call('LINDEX', landing, -1)
-  if message then add_to_batch(0, message) end
+  if message and without_nudges({message})[1] then add_to_batch(0, message) end
   return message
 end
 
@@ -104,11 +119,12 @@ end
 local function take_shared()
   if room <= 0 then return {} end
   local oldest_last = redis.call('LRANGE', queue, -room, -1)
+  local messages = without_nudges(oldest_last)
   local n, head = #fresh, PREFIX .. idbase
-  for i = #oldest_last, 1, -1 do
+  for i = #messages, 1, -1 do
     n = n + 1
-    fresh[n] = head .. n .. ':0:' .. oldest_last[i]
-    taken[n + 3] = oldest_last[i]
+    fresh[n] = head .. n .. ':0:' .. messages[i]
+    taken[n + 3] = messages[i]
   end
   return oldest_last
 end

@@ -108,16 +108,28 @@ function renderQueues(pairs) {
     const snap = pair.snapshot;
     if (!snap) {
       return el("tr", { ...attrs, class: "unreachable" },
-        el("td", {}, pair.host), el("td", {}, pair.queue), el("td", { colspan: 6, class: "error" }, pair.error));
+        el("td", {}, pair.host), el("td", {}, pair.queue), el("td", { colspan: 7, class: "error" }, pair.error));
     }
     const r = rate(pairKey(pair));
     const cell = (name, value) => el("td", { class: `n ${name}` }, value);
     return el("tr", attrs,
       el("td", { class: "host" }, pair.host), el("td", { class: "queue" }, pair.queue),
       cell("waiting", snap.waiting), cell("in_flight", snap.in_flight),
-      cell("retrying", snap.retrying), cell("dead", deadCount(pair)),
+      cell("retrying", snap.retrying), cell("next-due", dueIn(snap.next_due)),
+      cell("dead", deadCount(pair)),
       cell("ok-rate", r ? r.ok.toFixed(1) : "…"), cell("failed-rate", r ? r.failed.toFixed(1) : "…"));
   }));
+}
+
+// "in 3.2s", "1.0s overdue", "in 2h05m"; "-" for nothing scheduled.
+function dueIn(epoch) {
+  if (epoch === null || epoch === undefined) return "-";
+  const left = epoch - Date.now() / 1000;
+  const abs = Math.abs(left);
+  const span = abs < 60 ? `${abs.toFixed(1)}s`
+    : abs < 3600 ? `${Math.floor(abs / 60)}m${String(Math.floor(abs % 60)).padStart(2, "0")}s`
+      : `${Math.floor(abs / 3600)}h${String(Math.floor(abs % 3600 / 60)).padStart(2, "0")}m`;
+  return left >= 0 ? `in ${span}` : `${span} overdue`;
 }
 
 // The chosen queue's dead count is the pager's: one read, never two numbers at once.
