@@ -23,7 +23,7 @@ from rqworkers.common.text import plural, printable, quoted
 from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import pidfile
 from rqworkers.manager.supervisor import Manager
-from rqworkers.ops import checks, dead, scheduled, status
+from rqworkers.ops import checks, dead, scheduled, schedules, status
 from rqworkers.store.outage import REDIS_ERRORS, explain
 
 log = logging.getLogger("rqworkers")
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                     help="redraw every SECONDS (default 2) until Ctrl-C")  # fmt: skip
+
+    sched = command("schedules", "each [[schedules]] table with its last and next fire time")
+    sched.add_argument("--json", action="store_true", help="machine-readable output")
 
     push = command("push", "push raw payloads onto a queue: the arguments, or stdin's lines")
     push.add_argument("--queue", help="queue name (needed when several are configured)")
@@ -259,6 +262,15 @@ def show_status(cfg: config.Config, args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render())
     return status.exit_code(statuses)
+
+
+def show_schedules(cfg: config.Config, args: argparse.Namespace) -> int:
+    found = schedules.collect(cfg)
+    if args.json:
+        print(json.dumps(schedules.as_dicts(found), indent=2))
+    else:
+        schedules.write_text(found, sys.stdout)
+    return ExitCode.FAILURE if any(s.error for s in found) else ExitCode.OK
 
 
 def dead_list(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -472,6 +484,7 @@ COMMANDS: dict[str, Command] = {
     "check": check,
     "reload": reload,
     "status": show_status,
+    "schedules": show_schedules,
     "dead list": dead_list,
     "dead show": dead_show,
     "dead requeue": dead_requeue,

@@ -165,13 +165,15 @@ class Manager:
         except OSError as exc:
             log.error("reload refused, keeping the running config: log file: %s", exc)
             return
-        manager_changed = new.manager != self.settings
+        # The keeper fires the schedules, and serves the page with `metrics_address` and
+        # the token: either change gives it a new config.
+        manager_changed = new.manager != self.settings or new.schedules != self.config.schedules
         self.config, self.settings = new, new.manager
         self.backoff = restart_backoff(self.settings.restart_backoff_max)
         # Below the lowest, the same workers, but a SIGTTIN would seem to do nothing.
         self.extra_processes = max(self.extra_processes, _lowest_extra(new))
         self.reconcile("removed from the config")
-        if manager_changed:  # the keeper serves the page with `metrics_address` and the token
+        if manager_changed:
             self.restart_keeper()
 
     def scale(self, delta: int) -> None:

@@ -112,6 +112,12 @@ class Keys:
         "a random token, set once: pushed onto an empty shared list, it wakes a worker "
         "blocked there to learn that a message is due sooner (a nudge); a take drops it",
     )  # fmt: skip
+    schedules = Key(
+        f"{QUEUE}:schedules", "hash",
+        "schedule name → its watermark, the epoch seconds of the last fire time claimed: a "
+        "manager enqueues a fire only by moving it, compare-and-set, in the same script",
+        commands=(("HGETALL", "{schedules}"),),
+    )  # fmt: skip
     dead = Key(
         f"{QUEUE}:dead", "list", "dead-lettered payloads, byte-for-byte, newest first"
     )  # fmt: skip
