@@ -116,7 +116,7 @@ class Keys:
         f"{QUEUE}:schedules", "hash",
         "schedule name → its watermark, the epoch seconds of the last fire time claimed: a "
         "manager enqueues a fire only by moving it, compare-and-set, in the same script",
-        commands=(("HGETALL", "{schedules}"),),
+        commands=(("HGET", "{schedules}", "s"),),
     )  # fmt: skip
     dead = Key(
         f"{QUEUE}:dead", "list", "dead-lettered payloads, byte-for-byte, newest first"
