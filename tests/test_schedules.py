@@ -8,6 +8,7 @@ import itertools
 import json
 import signal
 import time
+import urllib.request
 import zoneinfo
 from pathlib import Path
 from typing import Any, cast
@@ -18,7 +19,7 @@ from rqworkers import config
 from rqworkers.config import ScheduleSettings
 from rqworkers.ops.schedules import MISSED_AFTER, fire_times, next_fire, plan
 from rqworkers.store.keys import Keys
-from tests.support import RedisServer, run_cli, wait_for, write_config
+from tests.support import RedisServer, free_port, run_cli, wait_for, write_config
 
 BERLIN = "Europe/Berlin"
 
@@ -171,3 +172,36 @@ def test_catch_up_after_no_manager_ran_and_the_schedules_command(
     assert shown.returncode == 0, shown.stderr
     assert "all  → all on" in shown.stdout and "every 10s  catch_up all" in shown.stdout
     assert "last fire 2" in shown.stdout and "next fire 2" in shown.stdout
+
+
+@pytest.mark.service
+def test_reload_adds_and_removes_schedules_and_the_page_shows_them(
+    redis_server: RedisServer, service: Any
+) -> None:
+    port = free_port()
+    workers = [{"queue": "idle", "handler": "testapp:handle"}]
+    manager = {"check_interval": 0.2, "metrics_address": f"127.0.0.1:{port}"}
+
+    def ticks(name: str) -> dict[str, Any]:
+        return {"name": name, "host": "local", "queue": name, "every": 0.5, "payload": name}
+
+    def page() -> list[dict[str, Any]] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/schedules", timeout=5) as r:
+                return cast(list[dict[str, Any]], json.load(r))
+        except OSError:
+            return None
+
+    client = redis_server.client()
+    svc = service(workers, manager=manager, schedules=[ticks("first")])
+    wait_for(lambda: client.llen("first") >= 2, timeout=20, what="the first schedule to fire")
+    shown = wait_for(page, timeout=15, what="the page")
+    assert [s["name"] for s in shown] == ["first"] and shown[0]["last_fire"] > 0
+    write_config(svc.config_path, redis_server.url, workers, manager=manager,
+                 schedules=[ticks("second")])  # fmt: skip
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: client.llen("second") >= 1, timeout=20, what="the added schedule to fire")
+    before = client.llen("first")
+    wait_for(lambda: client.llen("second") >= 4, timeout=20, what="three more fires")
+    assert client.llen("first") == before, "the removed schedule fires no more"
+    wait_for(lambda: [s["name"] for s in page() or []] == ["second"], timeout=15, what="the page")

@@ -132,6 +132,15 @@ function dueIn(epoch) {
   return left >= 0 ? `in ${span}` : `${span} overdue`;
 }
 
+function renderSchedules(schedules) {
+  $("schedules-section").hidden = !schedules.length;
+  const when = (epoch) => (epoch === null ? "never" : `${utc(epoch)} (${dueIn(epoch)})`);
+  $("schedules").tBodies[0].replaceChildren(...schedules.map((s) => el("tr", { "data-name": s.name },
+    el("td", { class: "name" }, s.name), el("td", {}, s.queue), el("td", {}, s.rule),
+    el("td", {}, s.catch_up), el("td", { class: "last-fire" }, s.error ? s.error : when(s.last_fire)),
+    el("td", { class: "next-fire" }, s.error ? "" : when(s.next_fire)))));
+}
+
 // The chosen queue's dead count is the pager's: one read, never two numbers at once.
 function deadCount(pair) {
   const shown = pairKey(pair) === state.dead.pair && state.dead.total !== null;
@@ -278,7 +287,9 @@ async function refresh() {
   if (refreshing) return;
   refreshing = true;
   try {
-    const [pairs, history] = await Promise.all([api("api/status"), api("api/history")]);
+    const [pairs, history, schedules] = await Promise.all(
+      [api("api/status"), api("api/history"), api("api/schedules")]);
+    renderSchedules(schedules);
     sample(pairs, Date.now());
     state.history = history;
     renderDeadChoices(pairs);
