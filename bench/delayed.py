@@ -62,17 +62,20 @@ def taker(port: int, index: int, prefetch: int, until: float, out: Any) -> None:
     queue.hold_lease(600)
     late: list[float] = []
     acks: list[bytes] = []
+    first = last = 0.0
     while time.time() < until:
         taken = queue.take(acks, prefetch)
         now = time.time()
         acks = [d.element for d in taken.deliveries]
+        if taken.deliveries:
+            first, last = first or now, now
         for delivery in taken.deliveries:
             late.append(now - float(delivery.payload.split(b" ")[0]))
         if not taken.deliveries:
             wait = (taken.next_due or now + 0.05) - time.time()
             time.sleep(min(0.05, max(0.0, wait)))  # the bench's stand-in for BLMOVE's wait
     queue.take(acks, 0)
-    out.put(late)
+    out.put((late, first, last))
 
 
 def run(messages: int, spread: float, takers: int, prefetch: int) -> dict[str, Any]:
@@ -104,7 +107,10 @@ def run(messages: int, spread: float, takers: int, prefetch: int) -> dict[str, A
             ]
             for proc in procs:
                 proc.start()
-            late = sorted(x for _ in procs for x in results.get())
+            got = [results.get() for _ in procs]
+            late = sorted(x for lateness, _, _ in got for x in lateness)
+            spans = [(a, b) for _, a, b in got if a]
+            took = max(b for _, b in spans) - min(a for a, _ in spans) if spans else 0.0
             for proc in procs:
                 proc.join()
             left = int(client.zcard(Keys(QUEUE).retry))
@@ -124,7 +130,8 @@ def run(messages: int, spread: float, takers: int, prefetch: int) -> dict[str, A
         "push_overran_start_by_s": round(max(0.0, behind), 2),
         "promoted": len(late),
         "left_in_retry_set": left,
-        "promoted_per_second_needed": round(messages / spread),
+        "promoted_per_second_needed": round(messages / spread) if spread else None,
+        "promoted_per_second": round(len(late) / took) if took else None,
         "lateness_ms_p50": round(q[499] * 1000, 1),
         "lateness_ms_p99": round(q[989] * 1000, 1),
         "lateness_ms_p999": round(q[998] * 1000, 1),
