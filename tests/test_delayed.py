@@ -269,3 +269,25 @@ def test_push_delay_and_the_scheduled_commands(tmp_path: Path, redis_server: Red
         bad = run_cli("-c", path, "push", *args, "x")
         assert bad.returncode == 2, (args, bad.stderr)
         assert complaint in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_status_and_metrics_say_how_many_are_scheduled_and_when_the_next_is_due(
+    redis_server: RedisServer,
+) -> None:
+    from rqworkers.ops.metrics import Metrics
+    from rqworkers.ops.status import PairStatus, as_text
+    from rqworkers.store.queue import snapshot
+
+    due = time.time() + 90
+    Producer(redis_server.url).push(QUEUE, b"a", b"b", at=due)
+    snap = snapshot(redis_server.client(), QUEUE)
+    assert snap.retrying == 2 and snap.next_due == pytest.approx(due)
+    text = as_text([PairStatus("redis://h/0", QUEUE, snap, None)], now=due - 30)
+    assert "scheduled 2 (next due in 30.0s)" in text, text
+    found = {
+        sample.name: sample.value
+        for family in Metrics((), lambda: {("h", QUEUE): snap}, 0.0, lambda pid: 0).collect()
+        for sample in family.samples
+    }
+    assert found["rqworkers_queue_next_due_timestamp_seconds"] == pytest.approx(due)
+    assert found["rqworkers_queue_retrying_messages"] == 2
