@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--host", help="the pair's host, when the queue is on several")
     push.add_argument("payloads", nargs="*", metavar="PAYLOAD", help="default: lines of stdin")
     _when_options(push)
+    _dedup_options(push)
     submit = command("submit", "send a task message to a task queue; print its id or result")
     submit.add_argument("--queue", help="queue name (needed when several are configured)")
     submit.add_argument("--host", help="the pair's host, when the queue is on several")
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", nargs="?", const="", metavar="S",
                         help="wait for the result, at most S seconds (none: no limit)")  # fmt: skip
     _when_options(submit)
+    _dedup_options(submit)
 
     dead_parser = command("dead", "list, show, requeue or purge dead letters")
     dead_parser.set_defaults(help_of=dead_parser)
@@ -131,6 +133,25 @@ def _when_options(parser: argparse.ArgumentParser) -> None:
         "--at", metavar="TIME", help="taken no sooner than this ISO 8601 time with a zone, "
         "e.g. 2026-12-24T18:00:00Z",
     )  # fmt: skip
+
+
+def _dedup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dedup-key", metavar="KEY", help="dropped while a message pushed with KEY is pending"
+    )
+    parser.add_argument(
+        "--dedup-ttl", metavar="S", help="with --dedup-key: KEY blocks pushes S seconds instead"
+    )
+
+
+def _dedup(args: argparse.Namespace) -> dict[str, Any]:
+    """The deduplication options of `push` and `submit`, checked; {} for none."""
+    if args.dedup_key is None:
+        if args.dedup_ttl is not None:
+            raise UsageError("--dedup-ttl goes with --dedup-key")
+        return {}
+    ttl = None if args.dedup_ttl is None else _seconds(args.dedup_ttl, "--dedup-ttl")
+    return {"dedup_key": args.dedup_key, "dedup_ttl": ttl}
 
 
 def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -417,6 +438,9 @@ def _with_progress(lines: Iterator[bytes], out: TextIO, every: int = 10_000) -> 
 def push(cfg: config.Config, args: argparse.Namespace) -> int:
     pair = _pair(cfg, args)
     due = _due(args)
+    once = _dedup(args)
+    if once:
+        return _push_once(pair, args, due, once)
     # Bytes as given, from stdin and from the arguments alike: a payload need not be UTF-8.
     # Only the line's own "\n" goes; a "\r" before it is the payload's.
     lines = (line.removesuffix(b"\n") for line in sys.stdin.buffer)
@@ -428,6 +452,22 @@ def push(cfg: config.Config, args: argparse.Namespace) -> int:
         else:
             length = producer.push_many(pair.queue, payloads, at=due)
             print(f"scheduled on {pair.queue} for {_iso(due)} ({length} scheduled)")
+    return ExitCode.OK
+
+
+def _push_once(
+    pair: config.PairSettings, args: argparse.Namespace, due: float | None, once: dict[str, Any]
+) -> int:
+    """`push --dedup-key`: one payload, enqueued or dropped, and which."""
+    if len(args.payloads) != 1:
+        raise UsageError("--dedup-key pushes exactly one PAYLOAD, given as an argument")
+    with Producer(pair.url) as producer:
+        sent = producer.push(pair.queue, os.fsencode(args.payloads[0]), at=due, **once)
+    key = printable(args.dedup_key)
+    if sent:
+        print(f"pushed to {pair.queue} (dedup key {key})")
+    else:
+        print(f"dropped: a message with dedup key {key} is pending on {pair.queue}")
     return ExitCode.OK
 
 

@@ -5,6 +5,7 @@ and `submit_at`, `rqworkers push --delay/--at`, the nudge that wakes a blocked w
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 import time
 from pathlib import Path
@@ -291,3 +292,16 @@ def test_status_and_metrics_say_how_many_are_scheduled_and_when_the_next_is_due(
     }
     assert found["rqworkers_queue_next_due_timestamp_seconds"] == pytest.approx(due)
     assert found["rqworkers_queue_retrying_messages"] == 2
+
+
+def test_submit_with_a_delay_sends_the_task_message_to_the_retry_set(
+    redis_server: RedisServer,
+) -> None:
+    producer = Producer(redis_server.url)
+    task_id = producer.submit(QUEUE, "taskapp:add", (1, 2), delay=60)
+    (item,) = RetrySet(redis_server.client(), QUEUE).page()
+    assert json.loads(item.delivery.payload)["id"] == task_id and item.delayed
+    assert item.due == pytest.approx(time.time() + 60, abs=1)
+    with pytest.raises(ValueError, match="not both"):
+        producer.submit(QUEUE, "taskapp:add", (1, 2), delay=1, at=time.time())
+    assert redis_server.client().llen(QUEUE) <= 1, "nothing pushed but the nudge"

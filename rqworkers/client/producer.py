@@ -10,9 +10,12 @@
 
 A message is pushed with `LPUSH`, as workers take from the right: first in, first out.
 With `delay` (seconds, or a `timedelta`) or `at` (an aware `datetime`, or epoch seconds) it
-goes to the queue's retry set instead, and is taken once due (see `store.delayed`):
+goes to the queue's retry set instead, and is taken once due (see `store.delayed`). With
+`dedup_key`, it is dropped while a message pushed with that key waits, is scheduled or
+runs (see `store.dedup`):
 
     producer.push("queue1", b"later", delay=30)
+    producer.push("queue1", b"rebuild", dedup_key="rebuild:42")   # 1 if enqueued, else 0
     producer.submit("tasks", "myapp.jobs:remind", ["bob"], at=datetime(2026, 12, 24, tzinfo=UTC))
 """
 
@@ -23,10 +26,11 @@ import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypedDict, Unpack, cast
+from typing import Any, Literal, TypedDict, Unpack, cast
 
 from rqworkers.client import tasks
 from rqworkers.client.tasks import Task
+from rqworkers.store import dedup as dedup_keys
 from rqworkers.store.connections import Client, connect
 from rqworkers.store.delayed import DelayedPusher
 
@@ -36,6 +40,7 @@ MAX_DELAY = 10 * 365 * 86400.0  # ten years: further is a mistake (milliseconds 
 
 Delay = float | datetime.timedelta
 When = float | datetime.datetime
+DedupMode = Literal["debounce"]
 
 
 def due_time(delay: Delay | None, at: When | None, now: float | None = None) -> float | None:
@@ -80,6 +85,9 @@ class TaskOptions(TypedDict, total=False):
     task_id: str | None
     delay: Delay | None  # seconds (or a timedelta) before it may be taken
     at: When | None  # when it may be taken: an aware datetime, or epoch seconds
+    dedup_key: str | None  # dropped while a message with this key is pending (see `push`)
+    dedup_ttl: float | None  # the key blocks pushes this long instead (throttle)
+    dedup: DedupMode | None  # "debounce": the newest replaces the pending delayed one
 
 
 class Producer:
@@ -97,12 +105,57 @@ class Producer:
         *payloads: bytes | str,
         delay: Delay | None = None,
         at: When | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
+        dedup: DedupMode | None = None,
     ) -> int:
         """Push raw payloads (str is sent as UTF-8), in order; the queue's length after.
 
         With `delay` or `at` (see `due_time`), they wait in the queue's retry set until
-        due, and the number of messages waiting there (retries too) is returned."""
-        return self.push_many(queue, payloads, delay=delay, at=at)
+        due, and the number of messages waiting there (retries too) is returned.
+
+        With `dedup_key` (one payload only), the push is dropped while a message pushed with
+        that key waits, is scheduled or runs (until it is acked or dead-lettered; a day
+        after it is due at most); 1 if it was enqueued, 0 if dropped. With `dedup_ttl`
+        (seconds), the key blocks pushes that long from this push instead, whatever
+        becomes of the message (throttle). With `dedup="debounce"` (delayed messages),
+        no push is dropped: the newest replaces the one pending, due anew.
+        """
+        if dedup_key is None and dedup_ttl is None and dedup is None:
+            return self.push_many(queue, payloads, delay=delay, at=at)
+        if len(payloads) != 1:
+            raise ValueError("a push with dedup_key sends exactly one payload")
+        payload = payloads[0]
+        return int(
+            self._push_once(
+                queue, payload.encode() if isinstance(payload, str) else payload,
+                due_time(delay, at), dedup_key, dedup_ttl, dedup,
+            )
+        )  # fmt: skip
+
+    def _push_once(
+        self,
+        queue: str,
+        payload: bytes,
+        due: float | None,
+        key: str | None,
+        ttl: float | None,
+        mode: DedupMode | None,
+    ) -> bool:
+        """`push` with a deduplication key: whether it was enqueued."""
+        key = dedup_keys.check_key(key)
+        if mode not in (None, "debounce"):
+            raise ValueError(f"dedup must be 'debounce' or left out, not {mode!r}")
+        if mode == "debounce" and (due is None or ttl is not None):
+            raise ValueError(
+                "dedup='debounce' is for delayed messages (delay or at), without dedup_ttl"
+            )
+        if ttl is not None:
+            hold = tasks.seconds(ttl, "dedup_ttl")
+            return dedup_keys.push_once(self.client, queue, key, payload, "throttle", hold, due)
+        wait = 0.0 if due is None else max(0.0, due - time.time())
+        hold = dedup_keys.HOLD + wait
+        return dedup_keys.push_once(self.client, queue, key, payload, mode or "hold", hold, due)
 
     def push_many(
         self,
@@ -142,10 +195,19 @@ class Producer:
         pair's `reply_keys`.
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
-        With `delay` or `at`, the task is taken once due (see `due_time`).
+        With `delay` or `at`, the task is taken once due (see `due_time`). With
+        `dedup_key` (and `dedup_ttl`, `dedup`) as for `push`: "" if it was dropped.
         """
         due = due_time(options.get("delay"), options.get("at"))
         message = self.task(task, args, kwargs, **options)
+        if {"dedup_key", "dedup_ttl", "dedup"} & options.keys():
+            key, ttl, mode = (
+                options.get("dedup_key"),
+                options.get("dedup_ttl"),
+                options.get("dedup"),
+            )
+            sent = self._push_once(queue, tasks.encode(message), due, key, ttl, mode)
+            return message.id if sent else ""
         if due is None:
             self.client.lpush(queue, tasks.encode(message))
         else:

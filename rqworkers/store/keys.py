@@ -203,3 +203,15 @@ REPLIES = Key(
     ttl="`result_ttl`",
     name="replies",
 )  # fmt: skip
+
+# A deduplication key (`Producer.push(dedup_key=K)`): one key per K, `<key>` being K as
+# given. Its value is `<token>:<member>`: the token of the message that holds it (and its
+# envelope in the retry set, when delayed). Written by one script with the push, freed by
+# another when the message is acked or dead-lettered, or when its TTL ends.
+DEDUP = Key(
+    f"{QUEUE}:dedup:<key>", "string",
+    "a deduplication key held by the message pushed with it, until that message is acked "
+    "or dead-lettered (or, with `dedup_ttl`, for that long)",
+    ttl="`dedup_ttl`, else 24 h after the message is due",
+    name="dedup",
+)  # fmt: skip

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +55,26 @@ from rqworkers.store.direct import Call, script_caller
 from rqworkers.store.keys import Keys as Keys
 
 _PREFIX = scripts.PREFIX.encode()
+DEDUP_HEAD = _PREFIX + b"dedup:"  # a payload pushed with a deduplication key (`dedup`)
 R = TypeVar("R")
+_DEDUP_TOKEN = re.compile(rb"[0-9a-f]{32}")
+_HEX = re.compile(rb"(?:[0-9a-f]{2})+")
+
+
+def wrap_dedup(token: str, key: str, payload: bytes) -> bytes:
+    """`payload` as pushed under a deduplication key: `rqw1:dedup:<token>:<key hex>:<payload>`."""
+    return b"%s%s:%s:%s" % (DEDUP_HEAD, token.encode(), key.encode().hex().encode(), payload)
+
+
+def unwrap_dedup(payload: bytes) -> tuple[bytes, str, str] | None:
+    """(payload, token, key) of a payload `wrap_dedup` made; None for any other bytes, a
+    producer's payload that merely starts like one included."""
+    parts = payload[len(DEDUP_HEAD) :].split(b":", 2)
+    # As lua/envelope.lua's `bare` reads it: 32 hex digits, then an even number of them.
+    if len(parts) != 3 or not _DEDUP_TOKEN.fullmatch(parts[0]) or not _HEX.fullmatch(parts[1]):
+        return None
+    key = bytes.fromhex(parts[1].decode()).decode("utf-8", "replace")
+    return parts[2], parts[0].decode(), key
 
 
 class Delivery:
@@ -66,7 +86,7 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "id", "payload", "seq")
+    __slots__ = ("_element", "attempts", "dedup", "id", "payload", "seq")
 
     def __init__(
         self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
@@ -76,6 +96,18 @@ class Delivery:
         self.payload = payload
         self.seq = seq
         self._element = element
+        # (token, key) of a message pushed with a deduplication key, which its handler
+        # sees unwrapped, and whose key is freed once it is settled; else None.
+        self.dedup: tuple[str, str] | None = None
+        if payload.startswith(DEDUP_HEAD):
+            self._unwrap()
+
+    def _unwrap(self) -> None:
+        found = unwrap_dedup(self.payload)
+        if found is not None:
+            self._element = self.element  # the envelope holds what was pushed
+            self.payload, token, key = found
+            self.dedup = (token, key)
 
     @property
     def element(self) -> bytes:

@@ -178,6 +178,9 @@ def load(name: str, decode: Callable[[Any], R]) -> Script[R]:
     if library:
         words |= _words(_LIBRARY)
     constants = tuple(c for c in CONSTANTS if c in words)
+    shadowed = set(LIBRARY_NAMES) & {*keys, *args, rest or ""} if library else set()
+    if shadowed:  # the library, bound after them, would hide them from the body
+        raise ValueError(f"lua/{name}: {sorted(shadowed)} are names of lua/envelope.lua")
     return Script(name, keys, tuple(args), rest, flags, body, decode, constants, library)
 
 
@@ -236,3 +239,5 @@ REPLY = load("reply.lua", _nothing)
 DELAY = load("delay.lua", int)
 RUN_NOW = load("run_now.lua", int)
 FIRE = load("fire.lua", bool)
+PUSH_ONCE = load("push_once.lua", bool)
+RELEASE = load("release.lua", bool)

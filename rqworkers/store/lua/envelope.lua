@@ -16,6 +16,9 @@
 --     empty (else no worker blocks there); `token` becomes the queue's nudge token if it
 --     has none yet
 --   nudge_token(nudge) -> the queue's nudge token, false if it has none
+--   bare(payload) -> the payload a producer pushed under a deduplication key, without the
+--     wrapper `<PREFIX>dedup:<32 hex digits>:<key in hex>:` (store/queue.py's
+--     `unwrap_dedup` reads it alike); any other payload as it is
 -- A script need not use them all:
 -- luacheck: ignore 211
 
@@ -45,4 +48,14 @@ local function push_nudge(queue, nudge, token)
   if redis.call('LLEN', queue) > 0 then return end
   redis.call('SET', nudge, token, 'NX')
   redis.call('LPUSH', queue, redis.call('GET', nudge))
+end
+
+local function bare(payload)
+  local head = PREFIX .. 'dedup:'
+  if string.sub(payload, 1, #head) ~= head then return payload end
+  local token, key, rest = string.match(string.sub(payload, #head + 1), '^(%x+):(%x+):(.*)$')
+  if not token or #token ~= 32 or string.find(token .. key, '%u') or #key % 2 == 1 then
+    return payload
+  end
+  return rest
 end
