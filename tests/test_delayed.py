@@ -305,3 +305,33 @@ def test_submit_with_a_delay_sends_the_task_message_to_the_retry_set(
     with pytest.raises(ValueError, match="not both"):
         producer.submit(QUEUE, "taskapp:add", (1, 2), delay=1, at=time.time())
     assert redis_server.client().llen(QUEUE) <= 1, "nothing pushed but the nudge"
+
+
+@pytest.mark.slow
+def test_delayed_and_deduplicated_pushes_on_a_redis_cluster(tmp_path: Path) -> None:
+    """Every key a push touches (the queue, its retry set, nudge and dedup keys) shares the
+    queue's {hash tag}: the scripts run on one Cluster node."""
+    from tests.servers import Cluster, Processes, server_version
+
+    if server_version() < (7, 0):
+        pytest.skip("the cluster fixture needs redis-server 7.0 or later")
+    processes = Processes()
+    try:
+        cluster = Cluster(processes, tmp_path / "cluster").start()
+        producer = Producer(cluster.url)
+        queue = "{later}"
+        assert producer.push(queue, b"a", b"a", at=time.time() + 0.2) == 2
+        assert producer.push(queue, b"b", dedup_key="k", delay=0.2) == 1
+        assert producer.push(queue, b"b", dedup_key="k", delay=0.2) == 0
+        taker = ReliableQueue(cluster.client(), queue, "n:1")
+        assert taker.take([], 10).deliveries == []
+        found: list[bytes] = []
+
+        def all_taken() -> bool:
+            found.extend(d.payload for d in taker.take([], 10).deliveries)
+            return len(found) >= 3
+
+        wait_for(all_taken, timeout=5, what="the due messages")
+        assert sorted(found) == [b"a", b"a", b"b"]
+    finally:
+        processes.kill_all()
