@@ -94,7 +94,9 @@ def test_a_delayed_message_due_sooner_nudges_a_blocked_worker(redis_server: Redi
     queue = queue_for(redis_server)
     assert queue.take([], 1).next_due is None
     woke: list[float] = []
-    blocked = threading.Thread(target=lambda: woke.append(queue.fetch(10.0) and time.time()))
+    blocked = threading.Thread(
+        target=lambda: woke.append(queue.fetch(10.0) and time.time()), daemon=True
+    )
     blocked.start()
     wait_for(lambda: redis_server.client().info("clients")["blocked_clients"] == 1, timeout=5)
     pushed = time.time()
@@ -335,3 +337,21 @@ def test_delayed_and_deduplicated_pushes_on_a_redis_cluster(tmp_path: Path) -> N
         assert sorted(found) == [b"a", b"a", b"b"]
     finally:
         processes.kill_all()
+
+
+def test_a_reclaim_nudges_a_blocked_worker_to_take_what_it_moved(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    client.rpush(Keys(QUEUE, "gone:1").processing, b"rqw1:ab.1.1:0:orphan")
+    client.sadd(Keys(QUEUE).registry, "gone:1")
+    queue = queue_for(redis_server)
+    assert queue.take([], 1).deliveries == []
+    woke: list[bool] = []
+    blocked = threading.Thread(target=lambda: woke.append(queue.fetch(10.0)), daemon=True)
+    blocked.start()
+    wait_for(lambda: client.info("clients")["blocked_clients"] == 1, timeout=5)
+    assert ReliableQueue(client, QUEUE, "gone:1").reclaim() == 1
+    blocked.join(2)
+    assert woke == [True], "woken at once, not after its 10 s block"
+    assert [d.payload for d in queue.take([], 1, landed=True).deliveries] == [b"orphan"]
