@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -517,6 +518,10 @@ class ScheduleSettings(_Section):
             raise ValueError("set `task` (a task message) or `payload` (raw bytes), one of them")
         if self.task is None and (self.args or self.kwargs):
             raise ValueError("args and kwargs go with `task`, not with `payload`")
+        try:  # TOML has dates and times, which a task message (JSON) cannot carry
+            json.dumps([self.args, self.kwargs], allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"args and kwargs must be JSON values: {exc}") from None
         return self
 
     @property

@@ -205,3 +205,9 @@ def test_reload_adds_and_removes_schedules_and_the_page_shows_them(
     wait_for(lambda: client.llen("second") >= 4, timeout=20, what="three more fires")
     assert client.llen("first") == before, "the removed schedule fires no more"
     wait_for(lambda: [s["name"] for s in page() or []] == ["second"], timeout=15, what="the page")
+
+
+def test_task_arguments_must_be_json_values() -> None:
+    """TOML has dates; a task message cannot carry one: refused by `check`, never at fire time."""
+    with pytest.raises(ValueError, match="args and kwargs must be JSON values"):
+        schedule(every=1.0, payload=None, task="a:b", args=[datetime.datetime(2026, 1, 1)])

@@ -142,12 +142,13 @@ class Scheduler:
                 try:
                     self.next_check[schedule.name] = self.fire(schedule, now)
                     self.failing.pop(schedule.name, None)
-                except REDIS_ERRORS as exc:
-                    self.next_check[schedule.name] = now + (1.0 if is_outage(exc) else 30.0)
-                    cause = explain(exc)
+                except Exception as exc:  # the keeper holds the leases: it must go on
+                    outage = isinstance(exc, REDIS_ERRORS) and is_outage(exc)
+                    self.next_check[schedule.name] = now + (1.0 if outage else 30.0)
+                    cause = explain(exc) if isinstance(exc, REDIS_ERRORS) else repr(exc)
                     if self.failing.get(schedule.name) != cause:
                         self.failing[schedule.name] = cause
-                        log.error("schedule %s: redis failed: %s", schedule.name, cause)
+                        log.error("schedule %s: cannot fire: %s", schedule.name, cause)
 
     def fire(self, schedule: ScheduleSettings, now: float) -> float:
         """Claim and push what is due; when to look again (wall clock)."""

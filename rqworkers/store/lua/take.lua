@@ -74,7 +74,11 @@ end
 -- list, but a give-back or requeue may RPUSH behind it, so any element may be one.
 local function without_nudges(elements)
   local token = nudge_token(nudge)
-  if not token then return elements end
+  local found = false
+  for _, element in ipairs(token and elements or {}) do
+    if element == token then found = true end
+  end
+  if not found then return elements end  -- nearly always: nothing copied
   local kept = {}
   for _, element in ipairs(elements) do
     if element ~= token then kept[#kept + 1] = element end
