@@ -73,6 +73,7 @@ end
 -- `elements` without the queue's nudges. A nudge is only ever pushed onto an empty shared
 -- list, but a give-back or requeue may RPUSH behind it, so any element may be one.
 local function without_nudges(elements)
+  if #elements == 0 then return elements end  -- an idle worker's take reads nothing more
   local token = nudge_token(nudge)
   local found = false
   for _, element in ipairs(token and elements or {}) do
