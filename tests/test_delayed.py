@@ -355,3 +355,19 @@ def test_a_reclaim_nudges_a_blocked_worker_to_take_what_it_moved(
     blocked.join(2)
     assert woke == [True], "woken at once, not after its 10 s block"
     assert [d.payload for d in queue.take([], 1, landed=True).deliveries] == [b"orphan"]
+
+
+def test_a_nudge_left_in_a_landing_list_is_never_replayed_as_a_message(
+    redis_server: RedisServer,
+) -> None:
+    """A worker stopped while blocked leaves what its fetch moved in its landing list; its
+    successor replays that list: a nudge there is dropped, a message kept."""
+    Producer(redis_server.url).push(QUEUE, b"delayed", delay=60)
+    client = redis_server.client()
+    token = client.get(Keys(QUEUE).nudge)
+    landing = Keys(QUEUE, "n:1").landing
+    client.lmove(QUEUE, landing, "RIGHT", "LEFT")
+    client.lpush(landing, b"a message")
+    assert client.lrange(landing, 0, -1) == [b"a message", token]
+    replayed = queue_for(redis_server).replay(b"")
+    assert [d.payload for d in replayed] == [b"a message"] and client.llen(landing) == 0
