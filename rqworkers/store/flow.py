@@ -19,6 +19,11 @@ from rqworkers.common.rates import Rate
 from rqworkers.store.connections import Client
 from rqworkers.store.keys import Keys
 
+# Seconds the permits of a worker whose list was taken over stay counted, when its process
+# may still run: orphaned by a manager SIGKILLed alone, or frozen. Its freeze watch ends it
+# within a tick (0.2 s) of seeing its list taken over (worker/freeze.py); this covers that
+# tick and a round trip, so that it never runs beside those who got its permits.
+PERMIT_HOLD = 1.0
 RESUME_TOKENS = 100  # wake tokens a resume pushes: every waiting worker of a queue, at most
 # A start is logged when its message is taken, a moment before its handler starts: each
 # stays in the window this much longer, so that no window of handler starts holds N + 1.

@@ -51,7 +51,14 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
-from rqworkers.store.flow import NO_LIMITS, FlowState, Limits, flow_reader, group_states
+from rqworkers.store.flow import (
+    NO_LIMITS,
+    PERMIT_HOLD,
+    FlowState,
+    Limits,
+    flow_reader,
+    group_states,
+)
 
 # The keys are declared in `keys`; imported from here too.
 from rqworkers.store.keys import Keys as Keys
@@ -331,14 +338,15 @@ class ReliableQueue:
 
     # -- leftovers, failures, stopping -------------------------------------------------------
 
-    def replay(self, charge_before: bytes | None) -> list[Delivery]:
+    def replay(self, charge_before: bytes | None, hold_permits: float = 0.0) -> list[Delivery]:
         """The private list, oldest first, after charging the deliveries that had started.
 
         `charge_before`: the id of the oldest delivery an earlier life of this worker left
         unstarted (its scoreboard's `first_unstarted`): each delivery older than it is
         charged one attempt, every one when no delivery has that id (b"": all had started,
         or nobody knows). None: this process's own list, after a Redis error: nothing is
-        charged.
+        charged. `hold_permits`: seconds the earlier life's `max_running` permits stay
+        counted, when its end was not seen (it may run on, orphaned: see `PERMIT_HOLD`).
         """
         charge = "0" if charge_before is None else "1"
         mine = f"{self._id_prefix}."
@@ -348,6 +356,7 @@ class ReliableQueue:
             idbase=self._id_base(),
             mine=mine,
             worker_id=self.worker_id,
+            hold=int(hold_permits * 1000),
         )
         seq = self._seq
         self._seq += len(reply)
@@ -421,7 +430,10 @@ class ReliableQueue:
             return None
         try:
             return self._reclaim(
-                worker_id=self.worker_id, unstarted=unstarted, token=secrets.token_hex(16)
+                worker_id=self.worker_id,
+                unstarted=unstarted,
+                token=secrets.token_hex(16),
+                hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
             )
         finally:
             self.client.delete(k.fence)

@@ -29,6 +29,7 @@ import redis
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Superseded
+from rqworkers.store.flow import PERMIT_HOLD
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import Delivery, ReliableQueue
 from rqworkers.store.scripts import Held
@@ -179,7 +180,10 @@ class Worker:
         """Settle what a lost reply left unconfirmed, then queue the private list's leftovers."""
         self.outbox.flush()
         reason = self.spec.previous_exit or LOST_WORKER
-        leftovers = self.queue.replay(self.charge_before)
+        # A predecessor this manager saw end is gone; one it did not see (a new manager)
+        # may run on, orphaned: its permits stay counted a moment (`flow.PERMIT_HOLD`).
+        unseen = self.spec.previous_unstarted is None and self.charge_before is not None
+        leftovers = self.queue.replay(self.charge_before, PERMIT_HOLD if unseen else 0.0)
         self.charge_before = None  # from here on this process knows what it ran
         running = self.running_elements()
         leftovers = [d for d in leftovers if d.element not in running]

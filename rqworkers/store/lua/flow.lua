@@ -6,9 +6,12 @@
 -- Defines:
 --   wake_waiters(wake, n) -> pushes n tokens (at most 100) onto the list `wake`, which
 --     expires 2 s after the last push: a token nobody took soon is stale
---   release_permits(permits, wake, queue, worker_id, held, group_running, ring) -> drops
---     the worker's entry from `permits` and its group permits (`held`, counted in
---     `group_running`): it died, or was replaced. Waiters are woken if work waits.
+--   release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold) ->
+--     drops the worker's entry from `permits` and its group permits (`held`, counted in
+--     `group_running`): it died, or was replaced, and waiters are woken if work waits. With
+--     `hold` > 0 (ms) its process may still be running, orphaned or frozen, until it sees
+--     its list taken over (worker/freeze.py): its `max_running` permits then stay counted
+--     that long, as the entry `<worker-id>~<until, ms>`, which TAKE_FLOW drops once past
 --   tohex(bytes), unhex(hex) -> group names travel to and from the worker in hex: any
 --     bytes, where JSON needs UTF-8
 --   sort_into(group_prefix, ring, g, payload, stamp) -> puts `payload` at the back of group
@@ -24,9 +27,15 @@ local function wake_waiters(wake, n)
   redis.call('PEXPIRE', wake, 2000)
 end
 
-local function release_permits(permits, wake, queue, worker_id, held, group_running, ring)
+local function release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold)
   local had = tonumber(redis.call('HGET', permits, worker_id) or '0')
   redis.call('HDEL', permits, worker_id)
+  if had > 0 and tonumber(hold) > 0 then
+    local clock = redis.call('TIME')
+    local ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    redis.call('HSET', permits, worker_id .. '~' .. (ms + tonumber(hold)), had)
+    had = 0  -- not free yet: nobody to wake
+  end
   local groups = redis.call('HGETALL', held)
   for i = 1, #groups, 2 do
     redis.call('HINCRBY', group_running, groups[i], -tonumber(groups[i + 1]))

@@ -8,12 +8,14 @@
 --
 -- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake, held,
 --   group_running, ring, nudge
--- ARGV: worker_id, unstarted, token
+-- ARGV: worker_id, unstarted, token, hold
 --   worker_id  the orphaned worker, struck from the registry once its messages are back
 --   unstarted  the id of its oldest delivery that had not started: every one older is
 --              charged (as in REPLAY), so every one for '' (a lost node: nobody knows
 --              which ran). A slot of the reclaimer's own node has it from its scoreboard.
 --   token      a fresh random token, kept as the queue's nudge token if it has none
+--   hold       ms its `max_running` permits stay counted: its process may still run,
+--              orphaned or frozen, until it sees its list taken over (see lua/flow.lua)
 -- Returns how many moved, or -1 if the lease is alive (decoded by scripts.RECLAIM).
 
 if redis.call('EXISTS', lease) == 1 then return -1 end
@@ -39,6 +41,6 @@ while true do
 end
 if moved > landed_moved then push_nudge(queue, nudge, token) end
 redis.call('SREM', registry, worker_id)
-release_permits(permits, wake, queue, worker_id, held, group_running, ring)
+release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold)
 redis.call('DEL', owner)  -- whoever takes into the list next owns it
 return moved

@@ -3,7 +3,7 @@
 -- one attempt to each delivery whose handler had started.
 --
 -- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring, nudge
--- ARGV: charge, unstarted, idbase, mine, worker_id
+-- ARGV: charge, unstarted, idbase, mine, worker_id, hold
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
 --              has that id; '0' (this process's own list, after a Redis error): none
@@ -12,6 +12,8 @@
 --   idbase     an id base of this process, for the envelopes this call writes
 --   mine       the id prefix of this process: what it wrote itself is never charged
 --   worker_id  the worker: the `max_running` permits an earlier life held are given back
+--   hold       ms those permits stay counted (see lua/flow.lua): > 0 when this worker's
+--              manager did not see the earlier life end (a new manager: it may be an orphan)
 -- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY).
 --
 -- A charged envelope gets a new id of this process, so a replay sent again after a lost
@@ -25,7 +27,7 @@ redis.call('SET', owner, mine)  -- from now on only this process takes into the 
 -- A new process gives back the permits of the one before (its next take asks for what it
 -- runs); this process's own replay, after a Redis error, keeps those its handlers hold.
 if charge == '1' then
-  release_permits(permits, wake, queue, worker_id, held, group_running, ring)
+  release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold)
 end
 local started = charge == '1'
 local elements = redis.call('LRANGE', processing, 0, -1)

@@ -247,8 +247,15 @@ local function limit_room()
   local most = tonumber(max_running)
   if most > 0 then
     had = tonumber(redis.call('HGET', permits, worker_id) or '0')
-    local in_use = 0
-    for _, n in ipairs(redis.call('HVALS', permits)) do in_use = in_use + tonumber(n) end
+    local in_use, entries = 0, redis.call('HGETALL', permits)
+    for i = 1, #entries, 2 do
+      local until_ms = string.match(entries[i], '~(%d+)$')
+      if until_ms and tonumber(until_ms) <= clock_ms() then
+        redis.call('HDEL', permits, entries[i])  -- a replaced holder's, held long enough
+      else
+        in_use = in_use + tonumber(entries[i + 1])
+      end
+    end
     local free = most - (in_use - had) - tonumber(running)
     if free < room then room = math.max(free, 0); taken[4] = 'full' end
   end
