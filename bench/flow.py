@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 
 from bench import flowapp
@@ -67,6 +68,7 @@ from bench.throughput import (
     _session,
     _terminate,
     bench_env,
+    cpu_seconds,
     fill,
     machine_info,
     no_message_logs,
@@ -119,7 +121,9 @@ class Overhead:
     prefetch: int
     case: str
     rates: list[float] = field(default_factory=list)  # messages/s, one per round
+    n: int = 0  # messages per run
     redis_us: list[float] = field(default_factory=list)  # Redis CPU µs per message
+    worker_us: list[float] = field(default_factory=list)  # rqworkers' CPU µs per message
     ratios: list[float] = field(default_factory=list)  # against "no limit", same round
 
 
@@ -138,7 +142,6 @@ class Report:
     load: dict[str, list[float]] = field(default_factory=dict)
     accuracy: list[Accuracy] = field(default_factory=list)
     overhead: list[Overhead] = field(default_factory=list)
-    overhead_n: dict[str, int] = field(default_factory=dict)
     fairness: list[dict[str, Any]] = field(default_factory=list)
     recovery: list[Recovery] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -451,45 +454,53 @@ class FlowBench(Bench):
     # -- overhead -------------------------------------------------------------------------
 
     def overhead(self) -> None:
-        sizes = {1: 2_000, 100: 20_000} if self.args.tiny else {1: 10_000, 100: 50_000}
-        self.out.overhead_n = {str(k): v for k, v in sizes.items()}
-        rows = {(p, case): Overhead(p, case) for p in sizes for case in OVERHEAD_LIMITS}
+        slow, fast = (2_000, 20_000) if self.args.tiny else (20_000, 200_000)
+        rows = {(p, case): Overhead(p, case) for p in (1, 100) for case in OVERHEAD_LIMITS}
         for round_ in range(self.args.rounds):
-            for prefetch, n in sizes.items():
+            for prefetch in (1, 100):
                 base = 0.0
                 for case, line in OVERHEAD_LIMITS.items():  # interleaved, every round
-                    rate, redis_us = self.drain(prefetch, line, n)
+                    # A rate limit takes one message per take at any prefetch: prefetch 1's
+                    # pace, so prefetch 1's N keeps its run as short.
+                    n = fast if prefetch == 100 and not line.startswith("rate") else slow
                     row = rows[(prefetch, case)]
+                    row.n = n
+                    rate, redis_us, worker_us = self.drain(prefetch, line, n)
                     row.rates.append(rate)
                     row.redis_us.append(redis_us)
+                    row.worker_us.append(worker_us)
                     base = base or rate
                     row.ratios.append(rate / base)
                     self.log(
                         f"overhead round {round_ + 1}, prefetch {prefetch}, {case}: "
-                        f"{rate:,.0f}/s ({rate / base:.2f}x), Redis {redis_us:.1f} µs/msg"
+                        f"{rate:,.0f}/s ({rate / base:.2f}x), Redis {redis_us:.1f} µs/msg, "
+                        f"worker {worker_us:.1f} µs/msg"
                     )
         self.out.overhead = list(rows.values())
 
-    def drain(self, prefetch: int, limit_line: str, n: int) -> tuple[float, float]:
-        """One start of the service, one batch of n drained: (messages/s, Redis CPU µs/msg)."""
+    def drain(self, prefetch: int, limit_line: str, n: int) -> tuple[float, float, float]:
+        """One start of the service, one batch of n drained: messages/s, and the CPU µs per
+        message of Redis (INFO cpu) and of the rqworkers processes (manager, worker, keeper)."""
         run = ServiceRun(
             self, prefetch, 1, 0, work=f'handler = "bench.handlers:Noop"\n{limit_line}'
         )
         run.name = f"overhead-p{prefetch}-" + (limit_line.split()[0] if limit_line else "none")
         self.client.flushdb()
         fill(self.client, STAGING, n)
-        with run.service():
-            before = redis_cpu(self.client)
+        with run.service() as manager:
+            pids = [manager.pid, *(c.pid for c in psutil.Process(manager.pid).children())]
+            before, ours = redis_cpu(self.client), sum(cpu_seconds(p) or 0.0 for p in pids)
             t0 = time.time()
             self.client.rename(STAGING, QUEUE)
             wait_for(run.drained, timeout=120 + n / 100, what="the queue to drain", interval=0.02)
             spent = redis_cpu(self.client) - before
+            ours = sum(cpu_seconds(p) or 0.0 for p in pids) - ours
         stats = [self.client.hgetall(k) for k in self.client.keys("bench:stats:*")]
         handled = sum(int(st.get(b"0:count", 0)) for st in stats)
         if handled != n:
             raise RuntimeError(f"overhead: handled {handled} of {n}")
         last = max(float(st.get(b"0:last", 0)) for st in stats)
-        return n / (last - t0), spent / n * 1e6
+        return n / (last - t0), spent / n * 1e6, ours / n * 1e6
 
     # -- fairness -------------------------------------------------------------------------
 
@@ -588,18 +599,18 @@ def render(report: Report) -> str:
             )
         lines.append("")
     if report.overhead:
-        n = report.overhead_n
         lines += ["### Overhead (limits that never bind)", ""]
-        lines += [f"N: {n.get('1')} messages at prefetch 1, {n.get('100')} at prefetch 100; "
-                  "ratio: against no limit in the same round, median of the rounds.",
-                  ""]  # fmt: skip
-        lines += ["| prefetch | limit | msgs/s (median) | ratio (median; each round) "
-                  "| Redis CPU µs/msg (median) |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["ratio: msgs/s against no limit at the same prefetch in the same round; "
+                  "the median of the rounds, then each round's. CPU: µs per message, "
+                  "median of the rounds.", ""]  # fmt: skip
+        lines += ["| prefetch | limit | N | msgs/s | ratio (each round) | Redis CPU "
+                  "| rqworkers CPU |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for o in report.overhead:
             each = ", ".join(f"{r:.2f}" for r in o.ratios)
             lines.append(
-                f"| {o.prefetch} | {o.case} | {_median(o.rates):,.0f} "
-                f"| {_median(o.ratios):.2f}x ({each}) | {_median(o.redis_us):.1f} |"
+                f"| {o.prefetch} | `{o.case}` | {o.n:,} | {_median(o.rates):,.0f} "
+                f"| {_median(o.ratios):.2f}x ({each}) | {_median(o.redis_us):.1f} "
+                f"| {_median(o.worker_us):.1f} |"
             )
         lines.append("")
     if report.fairness:
