@@ -505,7 +505,78 @@ class FlowBench(Bench):
     # -- fairness -------------------------------------------------------------------------
 
     def fairness(self) -> None:
-        self.note("fairness: not yet measurable (groups not on this branch's main)")
+        """A flood of group A, then a few of group B: when B's start and finish.
+
+        One node, `processes` 4 (prefetch 1): 4 workers. The flood is pushed first, then
+        B's messages at once; times are from B's push. The fair share: round-robin between
+        two groups gives B every other start, so its n messages start within about n / 2
+        handler periods (a period: 4 workers' time per start, measured on A's starts before
+        B arrived) and end one handler time later. FIFO (no `group_by`) is the yardstick: B
+        waits for the whole flood.
+        """
+        flood, few = (1_000, 10) if self.args.tiny else (10_000, 10)
+        sleep, workers = 0.005, 4
+        url, queue, client = self.target("single")
+        cases = [
+            ("no group_by (FIFO)", ""),
+            ('group_by = "group"', 'group_by = "group"'),
+            ('group_by = "group", group_max_running = 2',
+             'group_by = "group"\ngroup_max_running = 2'),
+        ]  # fmt: skip
+        for label, lines in cases:
+            self.log(f"fairness: {label}: {flood} of A, then {few} of B, {workers} workers")
+            self.clean(client)
+            fleet = Fleet(self, url, queue, f"prefetch = 1\n{lines}", processes=workers)
+            with fleet.running():
+                push(client, queue, messages(flood, sleep, "A"))
+                wait_for(lambda: self.book.llen(flowapp.STARTS) >= 4 * workers, timeout=30,
+                         what="the flood to start")  # fmt: skip
+                time.sleep(1.0)  # A runs alone a while: its pace is the yardstick
+                pushed = time.time()
+                push(client, queue, messages(few, sleep, "B", first=flood))
+                wait_for(lambda: self.b_ended(flood) >= few, timeout=120 + flood * sleep,
+                         what="B's messages to end", interval=0.01)  # fmt: skip
+            self.out.fairness.append(self.judge_fairness(label, flood, few, pushed, workers))
+            f = self.out.fairness[-1]
+            self.log(
+                f"  B: first start {f['b_first_start_s']:.3f} s, last start "
+                f"{f['b_last_start_s']:.3f} s, last end {f['b_last_end_s']:.3f} s after its "
+                f"push ({f['b_last_end_periods']:.1f} periods; fair share "
+                f"{f['fair_periods']:.1f}); A started meanwhile {f['a_before_b']}"
+            )
+
+    def b_ended(self, first_b: int) -> int:
+        return sum(1 for i in read_ends(self.book) if i >= first_b)
+
+    def judge_fairness(
+        self, label: str, flood: int, few: int, pushed: float, workers: int
+    ) -> dict[str, Any]:
+        starts, ends = read_starts(self.book), read_ends(self.book)
+        a = [s.at for s in starts if s.group == "A"]
+        b = sorted(s.at for s in starts if s.group == "B")
+        b_ends = sorted(at for i, at in ends.items() if i >= flood)
+        before = [t for t in a if pushed - 1.0 <= t < pushed]
+        period = 1.0 / len(before) if before else float("nan")  # s per start, all workers
+        handler = workers * period  # one worker's time per message
+        return {
+            "case": label,
+            "flood": flood,
+            "few": few,
+            "workers": workers,
+            "handler_sleep_ms": 5.0,
+            "a_starts_per_s_before": len(before),
+            "handler_period_ms": handler * 1000,
+            "b_first_start_s": b[0] - pushed,
+            "b_last_start_s": b[-1] - pushed,
+            "b_last_end_s": b_ends[-1] - pushed,
+            "b_last_end_periods": (b_ends[-1] - pushed) / handler,
+            # Every other start is B's: its last starts after 2 * few starts of the fleet
+            # at `period` each, and ends a handler time later.
+            "fair_periods": (2 * few * period + handler) / handler,
+            "fifo_periods": ((flood - len([t for t in a if t < pushed])) * period + handler)
+            / handler,
+            "a_before_b": sum(1 for t in a if pushed <= t < b[0]),
+        }
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -614,7 +685,22 @@ def render(report: Report) -> str:
             )
         lines.append("")
     if report.fairness:
-        lines += ["### Fairness", "", "```", *(json.dumps(f) for f in report.fairness), "```", ""]
+        lines += ["### Fairness", "", "Times from B's push, in seconds and in handler times "
+                  "(one worker's time per message, measured on A's starts in the second "
+                  "before B's push).", ""]  # fmt: skip
+        lines += ["| case | flood of A, then B | workers | handler time | B first start "
+                  "| B last start | B last end | in handler times (fair share; FIFO) "
+                  "| A started between B's push and B's first start |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for f in report.fairness:
+            lines.append(
+                f"| {f['case']} | {f['flood']:,}, then {f['few']} | {f['workers']} "
+                f"| {f['handler_period_ms']:.1f} ms | {f['b_first_start_s']:.3f} "
+                f"| {f['b_last_start_s']:.3f} | {f['b_last_end_s']:.3f} "
+                f"| {f['b_last_end_periods']:.1f} ({f['fair_periods']:.1f}; "
+                f"{f['fifo_periods']:.0f}) | {f['a_before_b']:,} |"
+            )
+        lines.append("")
     if report.recovery:
         lines += ["### Recovery", "", "| case | kill -> next start (s) | kill -> replacement's "
                   "setup (s) | note |", "|---|---|---|---|"]  # fmt: skip
