@@ -51,6 +51,9 @@ NODES = ("chaos-a", "chaos-b")
 HANDLED_KEY = "chaos:handled"  # hash: payload -> times handled
 URL_ENV = "CHAOS_REDIS_URL"
 SLEEP_ENV = "CHAOS_SLEEP_MS"
+LIMITS_ENV = "CHAOS_LIMITS"  # set: the handler logs each handling's start and end time
+SPANS_KEY = "chaos:spans"  # list per queue: "<start> <end>" of each handling that ended
+STARTS_KEY = "chaos:starts"  # list per queue: the start time of each handling
 
 LEASE_TTL = 2.0
 SHUTDOWN_TIMEOUT = 10.0
@@ -100,9 +103,16 @@ def record(message: bytes) -> None:
         _client = redis.Redis.from_url(
             os.environ[URL_ENV], socket_timeout=10, retry=Retry(NoBackoff(), 0)
         )
+    limits = os.environ.get(LIMITS_ENV)
+    began = time.time()
+    if limits:
+        queue = message.split(b":", 1)[0].decode()
+        _client.rpush(f"{STARTS_KEY}:{queue}", repr(began))
     sleep_ms = float(os.environ.get(SLEEP_ENV) or 0)
     if sleep_ms > 0:
         time.sleep(random.uniform(0, sleep_ms) / 1000)
+    if limits:
+        _client.rpush(f"{SPANS_KEY}:{queue}", f"{began!r} {time.time()!r}")
     _client.hincrby(HANDLED_KEY, message, 1)
 
 
@@ -125,6 +135,8 @@ class Settings:
     drain_timeout: float
     distinct: int = 0  # payload values per queue; 0: every payload unique
     concurrency: int = 1  # messages a worker of the second queue runs at once
+    max_running: int = 0  # on the first queue; 0: none
+    rate_limit: str = ""  # on the second queue, "N/s"; "": none
 
 
 def config_text(node: str, url: str, s: Settings) -> str:
@@ -136,9 +148,13 @@ def config_text(node: str, url: str, s: Settings) -> str:
     """
     prefetch = {QUEUES[0]: 1, QUEUES[1]: s.prefetch}
     concurrency = {QUEUES[0]: 1, QUEUES[1]: s.concurrency}
+    limits = {
+        QUEUES[0]: f"max_running = {s.max_running}\n" if s.max_running else "",
+        QUEUES[1]: f'rate_limit = "{s.rate_limit}"\n' if s.rate_limit else "",
+    }
     workers = "".join(
         f'\n[[workers]]\nqueue = "{queue}"\nprefetch = {prefetch[queue]}\n'
-        f"concurrency = {concurrency[queue]}\n"
+        f"concurrency = {concurrency[queue]}\n{limits[queue]}"
         for queue in QUEUES
     )
     return f"""\
@@ -388,10 +404,16 @@ class Report:
     stuck: dict[str, int] = field(default_factory=dict)
     lost_sample: dict[str, str] = field(default_factory=dict)  # payload -> where it sits
     anomalies: list[str] = field(default_factory=list)
+    # With limits: the most handlings of the first queue that overlapped (of those that
+    # ended: a handler killed mid-message logs no end), and the most starts of the second
+    # in any window of the rate limit's length; None without limits.
+    max_running_seen: int | None = None
+    most_starts_in_window: int | None = None
+    limits_held: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.drained
+        return self.lost == 0 and self.drained and self.limits_held
 
 
 class Chaos:
@@ -411,6 +433,8 @@ class Chaos:
         )
         env[URL_ENV] = self.redis.url
         env[SLEEP_ENV] = str(settings.handler_sleep_ms)
+        if settings.max_running or settings.rate_limit:
+            env[LIMITS_ENV] = "1"
         env.pop("RQWORKERS_CONFIG", None)
         self.nodes: list[Node] = []
         for name in NODES:
@@ -764,6 +788,7 @@ class Chaos:
         r.unexpected_payloads = len(handled.keys() - produced.keys())
         r.faults = {kind: self.faults[kind] for kind in FAULT_KINDS}
         r.faults_skipped = {k: v for k, v in self.skipped.items() if v}
+        self.count_limits()
         where = self.locate(set(lost[:20]))
         r.lost_sample = {p.decode(): where.get(p, "nowhere") for p in lost[:20]}
         for node in self.nodes:
@@ -773,6 +798,26 @@ class Chaos:
             for error in tracebacks(text):
                 r.tracebacks += 1
                 r.anomalies.append(f"traceback in {node.log.name}: {error}")
+
+    def count_limits(self) -> None:
+        """How close the handlings came to the limits, from the handler's own log."""
+        r, s = self.report, self.s
+        if s.max_running:
+            spans = [
+                tuple(map(float, line.split()))
+                for line in cast(list[bytes], self.client.lrange(f"{SPANS_KEY}:{QUEUES[0]}", 0, -1))
+            ]
+            r.max_running_seen = most_overlapping(spans)
+            r.limits_held &= r.max_running_seen <= s.max_running
+        if s.rate_limit:
+            count, unit = s.rate_limit.split("/")
+            seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+            starts = sorted(
+                float(x)
+                for x in cast(list[bytes], self.client.lrange(f"{STARTS_KEY}:{QUEUES[1]}", 0, -1))
+            )
+            r.most_starts_in_window = most_in_window(starts, seconds)
+            r.limits_held &= r.most_starts_in_window <= int(count)
 
     def locate(self, wanted: set[bytes]) -> dict[bytes, str]:
         """Where each of `wanted` still sits, for the evidence of a loss."""
@@ -827,6 +872,7 @@ def render(report: Report, command: str) -> str:
         ("dead-lettered", str(report.dead_lettered)),
         ("LOST", str(report.lost)),
         ("duplicates (extra handlings)", str(report.duplicates)),
+        *_limit_rows(report),
         ("max deliveries of one message", str(report.max_deliveries)),
         ("faults injected", f"{faults} ({kinds})"),
         ("faults skipped (no target)", skipped),
@@ -887,6 +933,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--drain-timeout", type=float, default=120.0, help="bound of the final drain wait"
     )
+    parser.add_argument(
+        "--max-running", type=int, default=0, help=f"rqworkers max_running on {QUEUES[0]}"
+    )
+    parser.add_argument(
+        "--rate-limit", default="", help=f'rqworkers rate_limit on {QUEUES[1]}, as "N/s"'
+    )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.faults < 0 or args.prefetch < 1 or args.distinct < 0:
         parser.error("--messages and --prefetch must be at least 1, --faults at least 0")
@@ -910,6 +962,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         drain_timeout=args.drain_timeout,
         distinct=args.distinct,
         concurrency=args.concurrency,
+        max_running=args.max_running,
+        rate_limit=args.rate_limit,
     )
 
 
@@ -964,6 +1018,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(table)
     return 0 if report.ok else 1
+
+
+def _limit_rows(report: Report) -> list[tuple[str, str]]:
+    rows = []
+    if report.max_running_seen is not None:
+        rows.append((f"most running at once ({QUEUES[0]})", str(report.max_running_seen)))
+    if report.most_starts_in_window is not None:
+        rows.append((f"most starts in a window ({QUEUES[1]})", str(report.most_starts_in_window)))
+    return rows
+
+
+def most_overlapping(spans: list[tuple[float, ...]]) -> int:
+    """The most of `spans` (start, end) that were open at one instant."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = running = 0
+    for _, change in events:  # an end sorts before a start at the same instant
+        running += change
+        most = max(most, running)
+    return most
+
+
+def most_in_window(starts: list[float], seconds: float) -> int:
+    """The most of the sorted `starts` in any window of `seconds` (each start opens one)."""
+    most, first = 0, 0
+    for last, moment in enumerate(starts):
+        while moment - starts[first] >= seconds:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 if __name__ == "__main__":

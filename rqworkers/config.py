@@ -413,6 +413,11 @@ class PairSettings(_Section):
     # the queue in a handler at once, and at most this many handler starts in any window.
     max_running: Int | None = Field(None, ge=1, le=MAX_COUNT)
     rate_limit: RateLimit | None = None
+    # Groups: the JSON field naming each message's group; they share the workers fairly
+    # (round-robin), each under these limits of its own.
+    group_by: str | None = Field(None, pattern=r"^[^.\s]+(\.[^.\s]+)*$", max_length=200)
+    group_max_running: Int | None = Field(None, ge=1, le=MAX_COUNT)
+    group_rate_limit: RateLimit | None = None
     # Filled in by the loader, never by the user: the host's URL.
     url: str = Field("", exclude=True)
 
@@ -469,6 +474,15 @@ class PairSettings(_Section):
         return pair
 
     @model_validator(mode="after")
+    def _groups_named(self) -> PairSettings:
+        if (self.group_max_running or self.group_rate_limit) and not self.group_by:
+            raise ValueError(
+                "group_max_running and group_rate_limit need group_by, the JSON field that "
+                "names each message's group"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _limits_ordered(self) -> PairSettings:
         soft, hard = self.soft_memory_limit, self.hard_memory_limit
         if soft and hard and soft >= hard:
@@ -485,7 +499,13 @@ class PairSettings(_Section):
     @property
     def limits(self) -> Limits:
         """The flow limits its workers enforce (in TAKE) and `status` shows."""
-        return Limits(self.max_running or 0, self.rate_limit)
+        return Limits(
+            self.max_running or 0,
+            self.rate_limit,
+            self.group_by or "",
+            self.group_max_running or 0,
+            self.group_rate_limit,
+        )
 
 
 class _Document(_Section):

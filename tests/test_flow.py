@@ -3,6 +3,7 @@ pause and resume reach every worker; permits come back when their holder dies.""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -151,3 +152,28 @@ def test_a_holder_frozen_past_its_lease_does_not_run_on_beside_the_next(
     time.sleep(0.5)
     assert done(redis_server) == 1, "the frozen run never finished beside it"
     assert "frozen" in node_a.output()
+
+
+def tenant(name: str, seconds: float, n: int) -> bytes:
+    return json.dumps({"kwargs": {"tenant": name}, "seconds": seconds, "n": n}).encode()
+
+
+def test_a_small_group_is_not_held_behind_a_flood_and_each_group_keeps_its_limit(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    pair = {"queue": "jobs", "handler": "testapp:measure_json", "group_by": "kwargs.tenant",
+            "group_max_running": 2, "processes": 2, "concurrency": 2}  # fmt: skip
+    svc = service([pair], manager=MANAGER)
+    svc.wait_workers(2)
+    client = redis_server.client()
+    client.lpush("jobs", *[tenant("flood", 0.2, i) for i in range(300)])
+    client.lpush("jobs", *[tenant("small", 0.2, i) for i in range(4)])
+
+    def small_done() -> bool:
+        return sum(b"small" in m for m in client.lrange("done", 0, -1)) == 4
+
+    wait_for(small_done, timeout=20, what="the small group's four")
+    assert client.llen("done") < 20, "the small group did not wait for the flood's 300"
+    assert int(client.get("flow:max:flood") or 0) == 2, "each group keeps to its own limit"
+    status = run_cli("status", "-c", str(svc.config_path))
+    assert "group flood: waiting" in status.stdout, status.stdout

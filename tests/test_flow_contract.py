@@ -5,6 +5,8 @@ place and uncharged; permits are counted per worker and given back by replay and
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import redis
 from rqworkers.common.rates import Rate
 from rqworkers.store import flow
 from rqworkers.store.flow import Limits
-from rqworkers.store.queue import Keys, ReliableQueue
+from rqworkers.store.queue import Delivery, Keys, ReliableQueue
 
 QUEUE = "jobs"
 
@@ -130,3 +132,80 @@ def test_permits_given_back_wake_waiting_workers_only_when_work_waits(
     (e,) = b.take([], 1).deliveries  # the queue is empty now
     b.take([e.element], 0)
     assert client.llen(Keys(QUEUE).wake) == 0, "no work waits: nobody to wake"
+
+
+def tenant(name: str, n: int) -> bytes:
+    return json.dumps({"kwargs": {"tenant": name}, "n": n}).encode()
+
+
+def tenants(taken: list[Delivery]) -> list[str]:
+    return [json.loads(d.payload)["kwargs"]["tenant"] for d in taken]
+
+
+def grouped(client: redis.Redis, n: int, **limits: object) -> ReliableQueue:
+    return worker(client, n, group_by="kwargs.tenant", **limits)
+
+
+def test_groups_take_turns_so_a_flood_does_not_hold_a_small_group_back(
+    client: redis.Redis,
+) -> None:
+    client.lpush(QUEUE, *[tenant("flood", i) for i in range(500)])
+    client.lpush(QUEUE, *[tenant("small", i) for i in range(3)])
+    q = grouped(client, 1)
+    taken = q.take([], 6).deliveries
+    assert sorted(tenants(taken)) == ["flood"] * 3 + ["small"] * 3, "one of each, in turn"
+    smalls = [json.loads(d.payload)["n"] for d in taken if b"small" in d.payload]
+    assert smalls == [0, 1, 2], "first in, first out within a group"
+    assert client.llen(QUEUE) == 0, "sorted out of the shared list into the groups' lists"
+
+
+def test_each_group_keeps_to_its_own_max_running(client: redis.Redis) -> None:
+    client.lpush(QUEUE, *[tenant(t, i) for i in range(5) for t in ("a", "b")])
+    a, b = grouped(client, 1, group_max_running=2), grouped(client, 2, group_max_running=2)
+    first = a.take([], 3).deliveries
+    second = b.take([], 5)
+    running = tenants(first) + tenants(second.deliveries)
+    assert sorted(running) == ["a", "a", "b", "b"] and second.held == ("full", None)
+    # a's worker finishes its deliveries: their group permits go back, to be used again
+    mine = Counter(d.group for d in second.deliveries)
+    b.take([], 0, running=len(second.deliveries), mine=dict(mine))
+    again = a.take([d.element for d in first], 5).deliveries
+    assert sorted(tenants(again)) == sorted(tenants(first))
+
+
+def test_a_group_rate_limit_counts_each_group_apart(client: redis.Redis) -> None:
+    client.lpush(QUEUE, *[tenant(t, i) for i in range(5) for t in ("a", "b")])
+    q = grouped(client, 1, group_rate=Rate(2, 60))
+    taken = q.take([], 10)
+    assert sorted(tenants(taken.deliveries)) == ["a", "a", "b", "b"]
+    assert taken.held is not None and taken.held.reason == "rate"
+
+
+def test_a_retry_keeps_to_its_groups_limit_and_replay_gives_group_permits_back(
+    client: redis.Redis,
+) -> None:
+    client.lpush(QUEUE, tenant("a", 1), tenant("a", 2))
+    q = grouped(client, 1, group_max_running=1)
+    (first,) = q.take([], 5).deliveries
+    q.retry_later(first, 0)  # failed; due at once, but a's one permit is still held
+    held = q.take([], 5, running=1, mine={first.group or "": 1})
+    assert held.deliveries == [] and held.held == ("full", None)
+    ReliableQueue(client, QUEUE, "node:1").replay(b"")  # the worker died: permits back
+    (retried,) = grouped(client, 2, group_max_running=1).take([], 5).deliveries
+    assert retried.attempts == 1 and json.loads(retried.payload)["n"] == 1
+
+
+def test_payloads_without_the_field_share_the_default_group_and_twins_stay_apart(
+    client: redis.Redis,
+) -> None:
+    odd = [b"not json", b"{}", b'{"kwargs": {"tenant": {"nested": 1}}}', b"[1, 2]", b""]
+    huge = json.dumps({"kwargs": {"tenant": "t" * 10_000}}).encode()
+    client.lpush(QUEUE, *odd, huge, huge)
+    q = grouped(client, 1, group_max_running=100)
+    taken = q.take([], 20).deliveries
+    assert sorted(d.payload for d in taken) == sorted([*odd, huge, huge]), "byte for byte"
+    assert len({d.id for d in taken}) == 7, "twins are two deliveries"
+    names = {bytes.fromhex(g) for g in client.lrange(Keys(QUEUE).ring, 0, -1)} | {
+        bytes.fromhex(d.group or "") for d in taken
+    }
+    assert names == {b"", b"t" * 200}, "the default group, and a name cut to 200 bytes"

@@ -47,7 +47,12 @@ def test_argv_follows_the_header_whatever_order_the_caller_names_them_in() -> No
     acks = [b"a1", b"a2"]
     named = {"limit": 5, "now": 1.0, "idbase": "p.1.", "landed": "0", "worker_id": "w"}
     flow = {"max_running": 3, "running": 1, "rate": 10, "window": 1000}
-    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000]
+    groups = {"group_by": "", "group_max": 0, "group_rate": 0, "group_window": 0,
+              "group_prefix": "q:group:", "starts_prefix": "q:group_starts:",
+              "mine": "{}"}  # fmt: skip
+    flow |= groups
+    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000, "", 0, 0, 0, "q:group:",
+            "q:group_starts:", "{}"]  # fmt: skip
     assert scripts.TAKE.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
     assert scripts.TAKE.argv(**flow, **named, trim=0) == head, "no acks"
 
@@ -71,12 +76,13 @@ def test_argv_refuses_a_name_missing_or_unknown(
 
 def test_the_take_reply_is_decoded_by_name() -> None:
     assert scripts.TAKE.decode([-2]).superseded
-    reply = scripts.TAKE.decode([0, b"", b"", b"", b"a", b"b"])
-    assert reply == (False, 0, None, [0, 0], [b"a", b"b"], None)
-    reply = scripts.TAKE.decode([-1, b"12.5", b"2,0", b"", b"a", b"b"])
+    reply = scripts.TAKE.decode([0, b"", b"", b"", b"", b"a", b"b"])
+    assert reply == (False, 0, None, [0, 0], [b"a", b"b"], None, [])
+    reply = scripts.TAKE.decode([-1, b"12.5", b"2,0", b"", b"", b"a", b"b"])
     assert (reply.missing_acks, reply.next_due, reply.attempts) == (-1, 12.5, [2, 0])
-    assert scripts.TAKE.decode([0, b"", b"", b"rate:250"]).held == ("rate", 0.25)
-    assert scripts.TAKE.decode([0, b"", b"", b"paused"]).held == ("paused", None)
+    assert scripts.TAKE.decode([0, b"", b"", b"rate:250", b""]).held == ("rate", 0.25)
+    assert scripts.TAKE.decode([0, b"", b"", b"paused", b""]).held == ("paused", None)
+    assert scripts.TAKE.decode([0, b"", b"", b"", b'["61"]', b"x"]).groups == ["61"]
 
 
 def test_a_reclaim_refused_by_a_live_lease_decodes_to_none() -> None:

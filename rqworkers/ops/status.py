@@ -89,6 +89,12 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
         flow = _flow_line(snap)
         if flow:
             lines.append(f"  {flow}")
+        for group in snap.flow.groups:
+            age = "-" if group.oldest_age is None else _duration(group.oldest_age)
+            lines.append(
+                f"    group {printable(group.name) or '(default)'}: waiting {group.waiting}  "
+                f"running {group.running}  oldest waiting {age}"
+            )
         rows: list[tuple[str, ...]] = [(*_COLUMNS, "NOTE")]
         for w in sorted(snap.workers, key=lambda w: (str(w.get("node")), str(w.get("name")))):
             rows.append(tuple(map(printable, _worker_row(w, now))))  # data any client can write

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from rqworkers.common.rates import Rate
@@ -32,15 +32,27 @@ class Limits:
 
     max_running: int = 0
     rate: Rate | None = None
+    group_by: str = ""  # a dotted path into JSON payloads: the queue has groups
+    group_max_running: int = 0
+    group_rate: Rate | None = None
 
     @property
     def any(self) -> bool:
-        return bool(self.max_running or self.rate)
+        """Whether a limit may hold a take back (groups share fairly even without one)."""
+        return bool(self.max_running or self.rate or self.group_max_running or self.group_rate)
 
     @property
     def window_ms(self) -> int:
         """How long a start counts against the rate limit, in ms; 0 without one."""
-        return self.rate.seconds * 1000 + RATE_MARGIN_MS if self.rate else 0
+        return _window_ms(self.rate)
+
+    @property
+    def group_window_ms(self) -> int:
+        return _window_ms(self.group_rate)
+
+
+def _window_ms(rate: Rate | None) -> int:
+    return rate.seconds * 1000 + RATE_MARGIN_MS if rate else 0
 
 
 NO_LIMITS = Limits()
@@ -75,6 +87,7 @@ class FlowState:
     started: int = 0  # handler starts in the current rate window
     rate_limit: str = ""  # "100/s"; "" without one
     rate_starts: int = 0  # the N of the rate limit
+    groups: list[GroupState] = field(default_factory=list)  # the busiest, with groups
 
     @property
     def binding(self) -> bool:
@@ -85,6 +98,57 @@ class FlowState:
             or full
             or (bool(self.rate_starts) and self.started >= self.rate_starts)
         )
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """One group of a queue with `group_by`: its messages waiting and in a handler."""
+
+    name: str  # as the payloads spell it ('' is the default group), undecodable bytes escaped
+    waiting: int
+    running: int
+    oldest_age: float | None  # seconds its oldest waiting message has waited since sorted in
+
+
+BUSIEST = 10  # groups shown, the most waiting first
+GROUPS_READ = 1000  # groups of the ring looked at to find them
+
+
+def group_states(client: Client, queue: str, now: float | None = None) -> list[GroupState]:
+    """The busiest groups of `queue` (most waiting first), in two round trips."""
+    keys = Keys(queue)
+    names = cast(list[bytes], client.lrange(keys.ring, 0, GROUPS_READ - 1))
+    if not names:
+        return []
+    prefix = keys.group_list.encode()  # a group's name is any bytes: keys are built as bytes
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.llen(prefix + name)
+    lengths = cast(list[int], pipe.execute())
+    busiest = sorted(zip(names, lengths, strict=True), key=lambda x: -x[1])[:BUSIEST]
+    pipe = client.pipeline(transaction=False)
+    for name, _ in busiest:
+        pipe.hget(keys.group_running, name)
+        pipe.lindex(prefix + name, -1)
+    found = cast(list[Any], pipe.execute())
+    now = time.time() if now is None else now
+    return [
+        GroupState(
+            name.decode("utf-8", "backslashreplace"),
+            waiting,
+            int(found[2 * i] or 0),
+            _age(found[2 * i + 1], now),
+        )
+        for i, (name, waiting) in enumerate(busiest)
+    ]
+
+
+def _age(element: bytes | None, now: float) -> float | None:
+    """Seconds since a group list's element (`<ms>|<payload>`) was sorted in."""
+    if not element:
+        return None
+    stamp, _, _ = element.partition(b"|")
+    return max(0.0, now - int(stamp) / 1000) if stamp.isdigit() else None
 
 
 Pipeline = Any  # a redis-py pipeline, plain or cluster

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 QUEUE = "<queue>"
 WORKER = "<worker-id>"
+GROUP = "<group>"  # a key per group: on a `Keys`, the name up to the group (a prefix)
 
 
 class Key:
@@ -65,7 +66,8 @@ class Key:
     def of(self, queue: str, worker_id: str = "") -> str:
         """This key's name for one queue (and worker). Every pattern starts with `<queue>`;
         only the rest is filled in, so a queue name is never read as a placeholder."""
-        return queue + self.pattern.removeprefix(QUEUE).replace(WORKER, worker_id)
+        rest = self.pattern.removeprefix(QUEUE).replace(WORKER, worker_id)
+        return queue + rest.removesuffix(GROUP)
 
     def probes(self, names: Mapping[str, str]) -> list[list[str]]:
         """`commands`, with the keys' names from `names` (attribute name → key name)."""
@@ -163,6 +165,34 @@ class Keys:
         "tokens that wake workers waiting for a permit or a resume (`BLPOP`); a few at most",
         commands=(("BLPOP", "{wake}", "1"), ("LPUSH", "{wake}", "1"), ("PEXPIRE", "{wake}", "1")),
         ttl="2 s",
+    )  # fmt: skip
+
+    ring = Key(
+        f"{QUEUE}:groups", "list",
+        "with `group_by`: the groups that have messages waiting, each once, in their turn "
+        "(taken round-robin)",
+        commands=(("LRANGE", "{ring}", "0", "99"),),
+    )  # fmt: skip
+    group_list = Key(
+        f"{QUEUE}:group:{GROUP}", "list",
+        "with `group_by`: one group's waiting messages, oldest last, each `<ms>|<payload>` "
+        "(ms: when it was sorted out of the shared list)",
+        commands=(("LLEN", "{group_list}"), ("LINDEX", "{group_list}", "-1")),
+    )  # fmt: skip
+    group_running = Key(
+        f"{QUEUE}:group_running", "hash",
+        "with `group_max_running`: group → its messages in a handler, across every worker",
+        commands=(("HMGET", "{group_running}", "g"),),
+    )  # fmt: skip
+    held = Key(
+        f"{QUEUE}:held:{WORKER}", "hash",
+        "with groups: group → the group permits this worker holds; given back with its "
+        "replay or reclaim",
+    )  # fmt: skip
+    group_starts = Key(
+        f"{QUEUE}:group_starts:{GROUP}", "zset",
+        "with `group_rate_limit`: one group's handler starts in its window, as `starts`",
+        ttl="the window",
     )  # fmt: skip
 
     def __init__(self, queue: str, worker_id: str = "") -> None:

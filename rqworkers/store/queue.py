@@ -30,6 +30,7 @@ oldest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -48,7 +49,7 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, script_caller
-from rqworkers.store.flow import NO_LIMITS, FlowState, Limits, flow_reader
+from rqworkers.store.flow import NO_LIMITS, FlowState, Limits, flow_reader, group_states
 
 # The keys are declared in `keys`; imported from here too.
 from rqworkers.store.keys import Keys as Keys
@@ -67,7 +68,7 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "id", "payload", "seq")
+    __slots__ = ("_element", "attempts", "group", "id", "payload", "seq")
 
     def __init__(
         self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
@@ -77,6 +78,7 @@ class Delivery:
         self.payload = payload
         self.seq = seq
         self._element = element
+        self.group: str | None = None  # with groups: its group, as TAKE names it (hex)
 
     @property
     def element(self) -> bytes:
@@ -163,6 +165,7 @@ class ReliableQueue:
         landed: bool = False,
         trim: int = 0,
         running: int = 0,
+        mine: dict[str, int] | None = None,
     ) -> Taken:
         """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
         `landed`: a blocking fetch just landed one, to be taken first.
@@ -170,7 +173,8 @@ class ReliableQueue:
         `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
         holds only the oldest and the newest of them (see `scripts.TAKE`). `running`: this
         worker's deliveries that hold a `max_running` permit beside what this call takes
-        (those in a handler and those taken, about to start)."""
+        (those in a handler and those taken, about to start); `mine`, the same by group
+        (`Delivery.group`), for a queue with groups."""
         base = self._id_base()
         limits = self.limits
         reply = self._take(
@@ -184,6 +188,13 @@ class ReliableQueue:
             running=running,
             rate=limits.rate.starts if limits.rate else 0,
             window=limits.window_ms,
+            group_by=limits.group_by,
+            group_max=limits.group_max_running,
+            group_rate=limits.group_rate.starts if limits.group_rate else 0,
+            group_window=limits.group_window_ms,
+            group_prefix=self.keys.group_list,
+            starts_prefix=self.keys.group_starts,
+            mine=json.dumps(mine or {}),
             acks=acks,
         )
         if reply.superseded:
@@ -197,6 +208,8 @@ class ReliableQueue:
                 zip(reply.attempts, reply.payloads, strict=True), 1
             )
         ]
+        for delivery, group in zip(deliveries, reply.groups, strict=False):
+            delivery.group = group
         return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
 
     def fetch(self, timeout: float) -> bool:
@@ -490,6 +503,8 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.get(worker_keys.lease)
     waiting, retrying, dead, *rest = pipe.execute()
     flow_state, rest = read_flow(rest)
+    if limits.group_by:
+        flow_state = dataclasses.replace(flow_state, groups=group_states(client, queue))
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
     for worker_id, raw in zip(ids, rest[2::3], strict=True):

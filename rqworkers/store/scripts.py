@@ -35,6 +35,7 @@ reads no flags; there every script waits (see `legacy_source` and `queue.bind_sc
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,14 +163,20 @@ _SHEBANG = re.compile(r"#!lua flags=([a-z-]+(?:,[a-z-]+)*)")
 
 
 def _header(name: str, lines: list[str], label: str) -> list[str]:
-    """The names a script's header declares on its `-- KEYS:` or `-- ARGV:` line."""
-    found = [line for line in lines if line.startswith(f"-- {label}: ")]
+    """The names a script's header declares on its `-- KEYS:` or `-- ARGV:` line; a line
+    ending in a comma goes on in the next (`--   more, names`)."""
+    found = [i for i, line in enumerate(lines) if line.startswith(f"-- {label}: ")]
     if len(found) != 1:
         raise ValueError(f"lua/{name}: no single '-- {label}: ' line in its header")
-    *names, last = found[0].removeprefix(f"-- {label}: ").split(", ")
+    at = found[0]
+    text = lines[at].removeprefix(f"-- {label}: ")
+    while text.endswith(",") and at + 1 < len(lines):
+        at += 1
+        text += " " + lines[at].removeprefix("--").strip()
+    *names, last = text.split(", ")
     last_ok = _NAMES.fullmatch(last) or (label == "ARGV" and _VARIADIC.fullmatch(last))
     if not last_ok or not all(_NAMES.fullmatch(n) for n in names):
-        raise ValueError(f"lua/{name}: {found[0]!r} is not a list of names")
+        raise ValueError(f"lua/{name}: {lines[found[0]]!r} is not a list of names")
     return [*names, last]
 
 
@@ -216,6 +223,7 @@ class TakeReply(NamedTuple):
     attempts: list[int]  # of each new delivery
     payloads: list[bytes]  # of each new delivery, in take order
     held: Held | None = None  # what held the take back, if anything did
+    groups: list[str] = []  # with groups: each new delivery's group (hex)  # noqa: RUF012
 
 
 SUPERSEDED = -2  # what TAKE answers a process that no longer owns the private list
@@ -231,11 +239,12 @@ def _held(text: bytes) -> Held | None:
 def _take_reply(reply: list[Any]) -> TakeReply:
     if reply[0] == SUPERSEDED:
         return TakeReply(True, 0, None, [], [])
-    payloads = reply[4:]
+    payloads = reply[5:]
     # Attempts are listed only when some deliveries have them (retries, given back).
     attempts = [int(n) for n in reply[2].split(b",")] if reply[2] else [0] * len(payloads)
     next_due = float(reply[1]) if reply[1] else None
-    return TakeReply(False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]))
+    groups = json.loads(reply[4]) if reply[4] else []
+    return TakeReply(False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]), groups)
 
 
 def _envelopes(reply: list[bytes]) -> list[bytes]:

@@ -159,8 +159,8 @@ class ConcurrentWorker(Worker):
     def running_elements(self) -> set[bytes]:
         return {r.delivery.element for r in self.running.values()}
 
-    def holding(self) -> int:
-        return len(self.running) + len(self.batch)
+    def holding(self) -> list[Delivery]:
+        return [r.delivery for r in self.running.values()] + super().holding()
 
     def holds_permit(self) -> bool:
         return bool(self.running) or bool(self.batch)

@@ -4,8 +4,8 @@ A process stopped long enough (SIGSTOP, a paused VM, a host under swap) loses it
 another node then reclaims its messages and gives its permits back, and others start what
 those permits allow. The frozen handler, when it wakes, is still mid-message: left alone it
 would run beside them, one past the limit. So a worker of a queue with `max_running` keeps
-a small thread that notices such a gap in time and, if the worker held a permit and its
-entry in `<queue>:permits` is gone meanwhile, ends the process at once (exit 75, as a
+a small thread that notices such a gap in time and, if the worker held a permit and a
+reclaim took its list meanwhile (its `owner` key is gone), ends the process at once (exit 75, as a
 worker whose list another process took over). What it ran is not lost: the reclaim moved
 it, charged, to the retry set, and it runs again elsewhere.
 """
@@ -65,12 +65,14 @@ class FreezeWatch:
             last = now
 
     def revoked(self) -> bool:
-        """True if this worker holds a permit in its own view but not in Redis's."""
+        """True if this worker holds a permit in its own view, but a reclaim gave it away."""
         if not self.holds_permit():
             return False
         try:
             if self._client is None:
                 self._client = connect(self.url, timeout=2.0)
-            return self._client.hget(self.keys.permits, self.keys.worker_id) is None
+            # A reclaim strikes the list's owner (and gives its permits back); the worker
+            # itself is mid-message, so no take of its own has named it owner again.
+            return self._client.exists(self.keys.owner) == 0
         except REDIS_ERRORS:
             return False  # Redis cannot say: the worker's own next take will

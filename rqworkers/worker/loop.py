@@ -216,10 +216,10 @@ class Worker:
         if not self.marked and self.batch:
             self.mark_unstarted()
 
-    def holding(self) -> int:
+    def holding(self) -> list[Delivery]:
         """Deliveries of this worker that hold a permit beside what a take brings: taken,
         not yet started (between two messages, none is in a handler)."""
-        return len(self.batch)
+        return [delivery for delivery, _ in self.batch]
 
     def holds_permit(self) -> bool:
         """Whether a delivery of this worker is in its handler or about to be (for
@@ -232,9 +232,9 @@ class Worker:
         under `max_running`, about a second's worth at the handler's pace."""
         limit = max(1, self.settler.cap(self.pair.prefetch))
         limits = self.queue.limits
-        if limits.rate is not None:
+        if limits.rate or limits.group_rate:
             return 1
-        if limits.max_running:
+        if limits.max_running or limits.group_max_running:
             return max(1, min(limit, int(LIMITED_BATCH_SECONDS / max(self.pace, 1e-4))))
         return limit
 
@@ -315,7 +315,8 @@ class Worker:
     def finish(self) -> None:
         """On the way out: send pending settlements, give unstarted messages back."""
         ALARM.disarm()
-        permits = bool(self.queue.limits.max_running)  # none is held past this worker's end
+        limits = self.queue.limits
+        permits = bool(limits.max_running or limits.group_by)  # none held past its end
         if self.outbox.empty and not self.batch and not permits:
             return
         try:

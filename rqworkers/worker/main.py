@@ -62,7 +62,7 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
             worker = Worker(spec, handler, queue, board, stop)
             signal.signal(signal.SIGTERM, worker.on_stop_signal)
             signal.signal(signal.SIGINT, worker.on_stop_signal)
-        if spec.pair.max_running:
+        if spec.pair.max_running or spec.pair.group_max_running:
             FreezeWatch(spec.pair.url, queue.keys, spec.lease_ttl, worker.holds_permit).start()
         return worker.run()
     finally:

@@ -10,6 +10,7 @@ settled is therefore handled again, and nothing is settled twice.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,9 +44,9 @@ class Outbox:
     before_acks: Callable[[], None] = lambda: None  # what must reach Redis ahead of acks
     before_take: Callable[[], None] = lambda: None  # called as a take is about to be sent
     on_settled: Callable[[int], None] = lambda deliveries: None  # once Redis confirmed them
-    # This worker's deliveries that hold a `max_running` permit beside what a take brings:
-    # those in a handler, and those taken and not yet started.
-    holding: Callable[[], int] = lambda: 0
+    # This worker's deliveries that hold a permit beside what a take brings: those in a
+    # handler, and those taken and not yet started.
+    holding: Callable[[], list[Delivery]] = lambda: []
     acks: list[Delivery] = field(default_factory=list)
     # The replies some acks must be preceded by (`before_acks` writes them), by the id of
     # the delivery whose run made each: twins share a payload, never an id.
@@ -101,7 +102,9 @@ class Outbox:
         trim = len(acks) if self._in_take_order() else 0
         elements = [acks[0].element, acks[-1].element] if trim else [d.element for d in acks]
         self.before_take()
-        taken = self.queue.take(elements, limit, landed, trim, self.holding())
+        held = self.holding()
+        groups = Counter(d.group for d in held if d.group is not None)
+        taken = self.queue.take(elements, limit, landed, trim, len(held), dict(groups))
         if taken.missing_acks < 0:  # nothing was removed: the acks wait for the next trip
             log.debug("%d acks were not the oldest of the private list; sent one by one", trim)
             self.one_by_one = True

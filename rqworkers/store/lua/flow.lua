@@ -6,9 +6,9 @@
 -- Defines:
 --   wake_waiters(wake, n) -> pushes n tokens (at most 100) onto the list `wake`, which
 --     expires 2 s after the last push: a token nobody took soon is stale
---   release_permits(permits, wake, queue, worker_id) -> drops the worker's entry from
---     `permits` (it died, or was replaced), waking as many waiters as it held, if the
---     queue has messages for them
+--   release_permits(permits, wake, queue, worker_id, held, group_running, ring) -> drops
+--     the worker's entry from `permits` and its group permits (`held`, counted in
+--     `group_running`): it died, or was replaced. Waiters are woken if work waits.
 -- A script need not use both:
 -- luacheck: ignore 211
 
@@ -20,10 +20,16 @@ local function wake_waiters(wake, n)
   redis.call('PEXPIRE', wake, 2000)
 end
 
-local function release_permits(permits, wake, queue, worker_id)
+local function release_permits(permits, wake, queue, worker_id, held, group_running, ring)
   local had = tonumber(redis.call('HGET', permits, worker_id) or '0')
-  if had > 0 then
-    redis.call('HDEL', permits, worker_id)
-    if redis.call('LLEN', queue) > 0 then wake_waiters(wake, had) end
+  redis.call('HDEL', permits, worker_id)
+  local groups = redis.call('HGETALL', held)
+  for i = 1, #groups, 2 do
+    redis.call('HINCRBY', group_running, groups[i], -tonumber(groups[i + 1]))
+    had = had + tonumber(groups[i + 1])
+  end
+  redis.call('DEL', held)
+  if had > 0 and (redis.call('LLEN', queue) > 0 or redis.call('LLEN', ring) > 0) then
+    wake_waiters(wake, had)
   end
 end

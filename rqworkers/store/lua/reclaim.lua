@@ -4,7 +4,8 @@
 -- its handler had started; the messages its blocking fetch had landed, never delivered, to
 -- the head of the shared list. Its `max_running` permits are given back.
 --
--- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake
+-- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake, held,
+--   group_running, ring
 -- ARGV: worker_id, unstarted
 --   worker_id  the orphaned worker, struck from the registry once its messages are back
 --   unstarted  the id of its oldest delivery that had not started: every one older is
@@ -34,6 +35,6 @@ while true do
   redis.call('RPOP', processing)
 end
 redis.call('SREM', registry, worker_id)
-release_permits(permits, wake, queue, worker_id)
+release_permits(permits, wake, queue, worker_id, held, group_running, ring)
 redis.call('DEL', owner)  -- whoever takes into the list next owns it
 return moved

@@ -2,7 +2,7 @@
 -- REPLAY: what an earlier life of this worker left in flight, oldest first, after charging
 -- one attempt to each delivery whose handler had started.
 --
--- KEYS: processing, landing, owner, queue, permits, wake
+-- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring
 -- ARGV: charge, unstarted, idbase, mine, worker_id
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
@@ -21,7 +21,8 @@
 -- becomes the list's `owner`.
 
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
-release_permits(permits, wake, queue, worker_id)  -- its next take asks for what it runs
+-- Its next take asks for the permits of what it runs:
+release_permits(permits, wake, queue, worker_id, held, group_running, ring)
 local started = charge == '1'
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}
