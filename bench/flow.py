@@ -319,6 +319,9 @@ processes = {self.processes}
             wait_for(ready, timeout=60, what=f"{want} workers to run setup()", interval=0.05)
             yield self
         finally:
+            for leader in self.leaders:  # all at once: their graceful stops overlap
+                with suppress(ProcessLookupError):
+                    leader.send_signal(signal.SIGTERM)
             for leader in self.leaders:
                 self.bench.procs.stop(leader, timeout=10)
             self.leaders.clear()
