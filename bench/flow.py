@@ -92,6 +92,10 @@ OVERHEAD_LIMITS = {  # case -> the pair's limit line: high enough never to bind
 }
 LEASE_TTL = 3.0  # the node-loss case's lease settings, short to keep the run short
 RECLAIM_INTERVAL = 1.0
+ORPHANS_NOTE = (
+    "its workers, orphaned, finish the message in hand (SIGTERM on the manager's death); "
+    "the peak counts every handler running, orphans included"
+)
 
 
 # -- results --------------------------------------------------------------------------------
@@ -645,51 +649,60 @@ class FlowBench(Bench):
             node.seconds.append(nxt - killed)
             self.log(f"recovery, node lost: next start after {nxt - killed:.3f} s")
         self.out.recovery.append(node)
-        orphans = Recovery(
-            "the manager alone SIGKILLed and started again at once on the same node "
-            "(concurrency 2, max_running 2, 4 s handlers)",
-            limit=2,
-            note="its workers, orphaned, finish the message in hand (SIGTERM on the "
-            "manager's death); the peak counts every handler running, orphans included",
-        )
-        pair = "max_running = 2\nconcurrency = 2\nprefetch = 1"
-        for _ in range(repeats):
-            fleet = Fleet(self, url, queue, pair, managers=1, processes=1)
-            killed, nxt, peak = self.restart_manager(fleet, client)
-            orphans.seconds.append(nxt - killed)
-            orphans.peaks.append(peak)
-            self.log(f"recovery, manager restarted: next start after {nxt - killed:.3f} s, "
-                     f"most running at once {peak} (max_running 2)")  # fmt: skip
-        self.out.recovery.append(orphans)
-        if any(peak > orphans.limit for peak in orphans.peaks):
-            self.note(
-                "FINDING: with the manager SIGKILLed alone and started again on the same node, "
-                f"up to {max(orphans.peaks)} handlers ran at once under max_running "
-                f"{orphans.limit}: the new workers' replay gives the orphans' permits back and "
-                "queues their in-flight messages again while the orphans still run them"
-            )
+        cases = [  # label, managers, limit and concurrency, the long message's seconds, restart
+            ("the manager alone SIGKILLed and started again at once on the same node "
+             "(`max_running = 2`, `concurrency` 2, 4 s handlers)", 1, 2, 4.0, True),
+            ("the manager alone SIGKILLed, not started again; another node (both with "
+             f"{lease.replace(chr(10), ', ')}) reclaims; 8 s handler, `max_running = 1`",
+             2, 1, 8.0, False),
+        ]  # fmt: skip
+        for label, managers, limit, seconds, restart in cases:
+            orphans = Recovery(label, limit=limit, note=ORPHANS_NOTE)
+            pair = f"max_running = {limit}\nconcurrency = {limit}\nprefetch = 1"
+            lines = "" if restart else lease
+            for _ in range(repeats):
+                fleet = Fleet(self, url, queue, pair, managers, 1, manager_lines=lines)
+                killed, nxt, peak = self.orphan_manager(fleet, client, limit, seconds, restart)
+                orphans.seconds.append(nxt - killed)
+                orphans.peaks.append(peak)
+                self.log(f"recovery, manager killed ({'restarted' if restart else 'not restarted'})"
+                         f": next start after {nxt - killed:.3f} s, most running at once {peak} "
+                         f"(max_running {limit})")  # fmt: skip
+            self.out.recovery.append(orphans)
+            if any(peak > limit for peak in orphans.peaks):
+                self.note(
+                    f"FINDING: {label}: up to {max(orphans.peaks)} handlers ran at once under "
+                    f"max_running {limit}: the orphaned workers run on while their permits "
+                    "are given back (by the new workers' replay, or by the other node's "
+                    "reclaim once the lease lapses) and their messages run again"
+                )
 
-    def restart_manager(self, fleet: Fleet, client: Any) -> tuple[float, float, int]:
-        """Two long messages hold both permits; SIGKILL the manager alone and start it again
-        at once, as a supervisor (systemd's Restart=always) would. Returns the kill's time,
-        the next start's, and the most handlers running at once (the counter's peak: no
-        handler is killed here, so every start is matched by an end)."""
+    def orphan_manager(
+        self, fleet: Fleet, client: Any, limit: int, seconds: float, restart: bool
+    ) -> tuple[float, float, int]:
+        """`limit` long messages hold every permit; SIGKILL the holders' manager alone, and start it
+        again at once (as systemd's Restart=always would) or not. Returns the kill's time,
+        the next start's, and the most handlers running at once, orphans included (the
+        counter's peak: no handler is killed here, so every start is matched by an end)."""
         self.clean(client)
         with fleet.running():
-            push(client, fleet.queue, messages(2, 4.0))
-            wait_for(lambda: len(read_starts(self.book)) >= 2, timeout=30, what="two starts")
-            push(client, fleet.queue, messages(4, 0.5, first=2))
+            push(client, fleet.queue, messages(limit, seconds))
+            first = wait_for(lambda: read_starts(self.book)[limit - 1 :], timeout=30,
+                             what="the long messages to start")  # fmt: skip
+            push(client, fleet.queue, messages(4, 0.5, first=limit))
             time.sleep(0.3)
-            old = fleet.leaders[0]
+            index = fleet.node_of(first[0].pid)
+            old = fleet.leaders[index]
             killed = time.time()
             os.kill(old.pid, signal.SIGKILL)
             old.wait()
-            fleet.leaders[0] = fleet.start_manager(0)
+            if restart:
+                fleet.leaders[index] = fleet.start_manager(index)
             try:
-                nxt = wait_for(lambda: read_starts(self.book)[2:], timeout=30,
+                nxt = wait_for(lambda: read_starts(self.book)[limit:], timeout=30,
                                what="the next start", interval=0.005)  # fmt: skip
-                wait_for(lambda: self.book.llen(flowapp.ENDS) >= 6, timeout=60,
-                         what="every message to end")  # fmt: skip
+                wait_for(lambda: self.book.llen(flowapp.ENDS) >= limit, timeout=seconds + 30,
+                         what="the orphans' messages to end")  # fmt: skip
             finally:
                 for pid in _session(old.pid):  # orphans left, if any
                     with suppress(ProcessLookupError):
