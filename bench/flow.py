@@ -10,25 +10,32 @@ the limits from inside the handlers (`bench/flowapp.py`), which record each star
 in a separate bookkeeping redis-server.
 
 - accuracy: 3 managers x 2 processes x `concurrency` 4 (24 handlers) on one queue, with
-  `max_running` 5 and 50 ms handlers, then with `rate_limit = "50/s"` and 10 ms handlers.
+  `max_running` 5 and 50 ms handlers, then with `rate_limit = "50/s"` and 10 ms handlers,
+  then the same per group (`group_max_running` 2, `group_rate_limit = "20/s"`, 3 groups).
   Reported: the most handlers ever running at once (a counter in the bookkeeping Redis,
-  and again from the start and end times), the most starts in any sliding 1 s window, and
-  how close the fleet came to the limit (throughput against max_running / handler time,
-  start rate against N/s). On the Cluster the queue is `{flow}:q`: its limits' keys share
-  its slot.
+  and again from the start and end times, per group where there are groups), the most
+  starts in any sliding 1 s window, and how close the fleet came to the limit: the run's
+  length against the least the limit allows. On the Cluster the queue is `{flow}:q`: its
+  limits' keys share its slot.
 - overhead: one worker process, no-op handler, prefetch 1 and 100, with no limit, with
   `max_running = 1000000` and with `rate_limit = "1000000/s"` (limits that never bind), as
   `bench/throughput.py` times rqworkers (messages RENAMEd onto the queue while the worker
   blocks, rate = N / (last handler return - RENAME)). The three cases of a prefetch run back
   to back in each round, each a fresh start of the service; a ratio is taken within its
   round, and the median of the rounds is reported. Redis CPU per message is the change of
-  INFO cpu (used_cpu_user + used_cpu_sys) over the drain, divided by N.
-- fairness: a flood of one group, then a few messages of another, with `group_by`; when
-  the small group's messages start and finish against their fair share of the handlers.
-- recovery: `max_running = 1`; the holder of the only permit is SIGKILLed (its replacement
-  starts on the same node), or its whole node is (the manager's session SIGKILLed, with
-  `lease_ttl` 3 s and `reclaim_interval` 1 s on both nodes). Reported: the time from the
-  kill to the next handler start anywhere.
+  INFO cpu (used_cpu_user + used_cpu_sys) over the drain, divided by N; rqworkers' is that
+  of its manager, worker and keeper (/proc schedstat).
+- fairness: a flood of one group, then a few messages of another, 4 workers, with
+  `group_by` (and `group_max_running`) and without (FIFO, the yardstick): when the small
+  group's messages start and finish, against their fair share of the workers.
+- recovery: the time from a SIGKILL to the next handler start anywhere, `max_running = 1`,
+  when the holder of the only permit is killed (its replacement starts on the same node),
+  or its whole node is (the manager's session, with `lease_ttl` 3 s and `reclaim_interval`
+  1 s on both nodes); and the most handlers running at once when a manager alone is killed
+  (its workers, orphaned, finish their message) and started again at once on the same
+  node, or not started again while another node reclaims.
+
+Exit code 1 if a limit was exceeded anywhere (the report says where), else 0.
 
 Run it under `nice`: the machine may be shared. Every process it starts is killed on the
 way out, Ctrl-C and SIGTERM included.
