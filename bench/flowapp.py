@@ -8,7 +8,7 @@ keys nor load the Redis whose CPU is measured.
 A message is JSON: `{"id": 7, "sleep": 0.05, "group": "A"}` (`group` may be missing). Per
 start, one round trip: the running count goes up and its peak is kept (one script, so the
 peak is exact in Redis's order of events), and `start id group pid node` is appended to a list.
-Per end, another: the count goes down and `end id` is appended.
+Per end, another: the count goes down and `end id pid` is appended.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ URL_ENV = "BENCH_FLOW_URL"
 RUNNING = "flow:running"  # handlers running now
 PEAK = "flow:peak"  # the most that ever ran at once
 STARTS = "flow:starts"  # list of "<time> <id> <group> <pid> <session>" (session: the node)
-ENDS = "flow:ends"  # list of "<time> <id>"
+ENDS = "flow:ends"  # list of "<time> <id> <pid>"
 READY = "flow:ready"  # list of "<pid> <time>": workers whose setup ran, and when
 
 # KEYS: running, peak, starts  ARGV: the start record. Returns the count after the start.
@@ -58,7 +58,7 @@ class Measure:
         finally:
             pipe = self.client.pipeline(transaction=False)
             pipe.decr(RUNNING)
-            pipe.rpush(ENDS, f"{time.time()!r} {number}")
+            pipe.rpush(ENDS, f"{time.time()!r} {number} {self.pid}")
             pipe.execute()
 
     def teardown(self) -> None:
