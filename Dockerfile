@@ -19,7 +19,9 @@ ENV RQWORKERS_PID_FILE=/run/rqworkers/rqworkers.pid
 WORKDIR /app
 # What gets copied is trimmed by .dockerignore (no .git, venvs, tests, caches).
 COPY . /app
-RUN pip install --no-cache-dir . \
+# Optional extras, e.g. `docker build --build-arg EXTRAS=otel` for tracing (docs/tracing.md).
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
     && rm -rf /app/build /app/*.egg-info
 
 # By number: a pod with runAsNonRoot can then verify it is no root (a name cannot be checked).

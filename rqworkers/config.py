@@ -15,7 +15,7 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
@@ -381,6 +381,12 @@ class LoggingSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class TelemetrySettings(_Section):
+    # One consumer span per delivery, exported as the OTEL_* environment variables say
+    # (docs/tracing.md); needs the `otel` extra, which `check` and `run` verify.
+    tracing: bool = False
+
+
 class PairSettings(_Section):
     """One `(host, queue)` pair with every setting resolved. The unit the manager runs."""
 
@@ -474,15 +480,6 @@ class PairSettings(_Section):
         return pair
 
     @model_validator(mode="after")
-    def _groups_named(self) -> PairSettings:
-        if (self.group_max_running or self.group_rate_limit) and not self.group_by:
-            raise ValueError(
-                "group_max_running and group_rate_limit need group_by, the JSON field that "
-                "names each message's group"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _limits_ordered(self) -> PairSettings:
         soft, hard = self.soft_memory_limit, self.hard_memory_limit
         if soft and hard and soft >= hard:
@@ -500,17 +497,18 @@ class PairSettings(_Section):
     def limits(self) -> Limits:
         """The flow limits its workers enforce (in TAKE) and `status` shows."""
         return Limits(
-            self.max_running or 0,
-            self.rate_limit,
-            self.group_by or "",
-            self.group_max_running or 0,
-            self.group_rate_limit,
+            max_running=self.max_running or 0,
+            rate=self.rate_limit,
+            group_by=self.group_by or "",
+            group_max_running=self.group_max_running or 0,
+            group_rate=self.group_rate_limit,
         )
 
 
 class _Document(_Section):
     manager: ManagerSettings = ManagerSettings()
     logging: LoggingSettings = LoggingSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     hosts: dict[str, str] = {}
     defaults: dict[str, Any] = {}
     workers: list[dict[str, Any]] = Field(min_length=1)
@@ -523,6 +521,7 @@ class Config:
     manager: ManagerSettings
     logging: LoggingSettings
     pairs: tuple[PairSettings, ...]
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -553,7 +552,9 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     if problems:
         raise ConfigError(source, problems)
     node = document.manager.node or env.get("RQWORKERS_NODE") or socket.gethostname()
-    return Config(source, node, document.manager, document.logging, tuple(pairs))
+    return Config(
+        source, node, document.manager, document.logging, tuple(pairs), document.telemetry
+    )
 
 
 def _override_log_level(document: dict[str, Any], env: Mapping[str, str]) -> None:

@@ -4,8 +4,8 @@
 
 Starts a redis-server, two managers with different node names (`web-1` serves the page),
 four queues fed by a producer at a few hundred messages a second, some of which fail into
-retries and dead letters; waits for the chart to fill, then saves PNGs. Every process is
-killed at the end, as in the tests.
+retries and dead letters, and one of which falls behind on its `max_running`; waits for
+the chart to fill, then saves PNGs. Every process is killed at the end, as in the tests.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def start_node(
     workers = [
         {"queue": "orders", "processes": 2 if node == "web-1" else 1},
         {"queue": "emails"},
-        {"queue": "thumbnails", "processes": 2},
+        # Slower than it is fed: the page shows it held back by its limit.
+        {"queue": "thumbnails", "processes": 2, "max_running": 2},
         *([{"queue": "billing", "max_attempts": 3, "retry_delay": 2.0}] if node == "web-1" else []),
     ]
     path = write_config(workdir / f"{node}.toml", redis_server.url, workers,

@@ -25,8 +25,13 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
 @pytest.mark.timeout(BUDGET + 60)
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--distinct", "10", "--max-attempts", "3"], ["--concurrency", "20"]],
-    ids=["unique-payloads", "ten-repeating-payloads", "concurrency-20"],
+    [
+        [],
+        ["--distinct", "10", "--max-attempts", "3"],
+        ["--concurrency", "20"],
+        ["--max-running", "3", "--rate-limit", "400/s"],
+    ],
+    ids=["unique-payloads", "ten-repeating-payloads", "concurrency-20", "flow-limits"],
 )
 @pytest.mark.service
 def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
@@ -54,6 +59,9 @@ def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
     assert report["handled"] + report["dead_lettered"] == report["produced"], err
     if extra:
         assert report["dead_lettered"] == 0, err
+    if "--max-running" in extra:  # and under every fault, the limits held
+        assert report["limits_held"], err
+        assert report["max_running_seen"] <= 3 and report["most_starts_in_window"] <= 400
     assert report["unexpected_payloads"] == 0, err
     missing = [kind for kind in FAULT_KINDS if report["faults"].get(kind, 0) < 1]
     assert not missing, f"fault kinds never injected: {missing}\n{err}"

@@ -4,16 +4,18 @@ pause and resume reach every worker; permits come back when their holder dies.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
 from rqworkers.store.keys import Keys
-from tests.support import RedisServer, Service, run_cli, wait_for
+from tests.support import APPS, REPO, RedisServer, Service, run_cli, wait_for, write_config
 
 pytestmark = pytest.mark.service
 
@@ -177,3 +179,58 @@ def test_a_small_group_is_not_held_behind_a_flood_and_each_group_keeps_its_limit
     assert int(client.get("flow:max:flood") or 0) == 2, "each group keeps to its own limit"
     status = run_cli("status", "-c", str(svc.config_path))
     assert "group flood: waiting" in status.stdout, status.stdout
+
+
+def test_limits_hold_through_a_redis_restart(redis_server: RedisServer, tmp_path: Path) -> None:
+    """The permits are in Redis, written with every take (append-only, fsync always):
+    after a restart in mid-run the holders' counts are still there, and no worker starts
+    more than `max_running` allows while theirs run. The handlers count themselves in a
+    second Redis, which stays up."""
+    bookkeeper = RedisServer(tmp_path / "bookkeeper")
+    bookkeeper.start()
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url,
+                        [measured(max_running=2, processes=2, concurrency=3)],
+                        manager=MANAGER)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(APPS), str(REPO)]),
+           "TESTAPP_REDIS_URL": bookkeeper.url}  # fmt: skip
+    svc = Service(path, tmp_path, env).start()
+    try:
+        svc.wait_workers(2)
+        push(redis_server, 0.4, 16)
+        wait_for(lambda: done(bookkeeper) >= 2, timeout=20, what="a first few handled")
+        redis_server.stop()
+        time.sleep(0.5)
+        redis_server.start()
+        wait_for(lambda: done(bookkeeper) >= 16, timeout=40, what="all 16 handled")
+        assert int(bookkeeper.client().get("flow:max") or 0) == 2
+    finally:
+        svc.cleanup()
+        bookkeeper.discard()
+
+
+def test_a_handlers_group_method_groups_raw_payloads(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    pair = {"queue": "jobs", "handler": "testapp:Tenants", "group_max_running": 2,
+            "processes": 2, "concurrency": 2}  # fmt: skip
+    service([pair], manager=MANAGER).wait_workers(2)
+    client = redis_server.client()
+    client.lpush("jobs", *[f"flood:0.2:{i}".encode() for i in range(200)])
+    client.lpush("jobs", *[f"small:0.2:{i}".encode() for i in range(4)])
+
+    def small_done() -> bool:
+        return sum(m.startswith(b"small") for m in client.lrange("done", 0, -1)) == 4
+
+    wait_for(small_done, timeout=20, what="the small group's four")
+    assert client.llen("done") < 20, "the small group did not wait for the flood's 200"
+    assert int(client.get("flow:max:flood") or 0) == 2
+
+
+def test_check_refuses_group_limits_without_groups(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    pair = {"queue": "jobs", "handler": "testapp:handle", "group_max_running": 2}
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, [pair])
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2 and "group_max_running" in result.stderr
+    assert "set group_by" in result.stderr and "Traceback" not in result.stderr

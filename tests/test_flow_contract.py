@@ -209,3 +209,50 @@ def test_payloads_without_the_field_share_the_default_group_and_twins_stay_apart
         bytes.fromhex(d.group or "") for d in taken
     }
     assert names == {b"", b"t" * 200}, "the default group, and a name cut to 200 bytes"
+
+
+def by_prefix(message: bytes) -> str:
+    """A handler's `group()` for raw payloads `<tenant>:<n>`."""
+    return message.split(b":", 1)[0].decode()
+
+
+def hooked(client: redis.Redis, n: int, **limits: object) -> ReliableQueue:
+    return worker(client, n, grouper=by_prefix, **limits)
+
+
+def test_a_handlers_group_sorts_raw_payloads_into_fair_turns(client: redis.Redis) -> None:
+    client.lpush(QUEUE, *[f"flood:{i}".encode() for i in range(300)], b"small:0", b"small:1")
+    q = hooked(client, 1, group_max_running=1)
+    taken = q.take([], 4)
+    assert sorted(d.payload for d in taken.deliveries) == [b"flood:0", b"small:0"]
+    assert taken.held == ("full", None), "one of each group: both at their limit"
+
+
+def test_a_landed_message_and_a_retry_join_their_groups_turns(client: redis.Redis) -> None:
+    q = hooked(client, 1, group_max_running=1)
+    client.lpush(QUEUE, b"a:landed")
+    assert q.fetch(0.1)
+    (landed,) = q.take([], 5, landed=True).deliveries
+    assert landed.payload == b"a:landed" and client.llen(q.keys.landing) == 0
+    q.retry_later(landed, 0)
+    client.lpush(QUEUE, b"a:next", b"b:other")
+    first = q.take([], 5).deliveries
+    assert sorted(d.payload for d in first) == [b"a:landed", b"b:other"], "a's retry first"
+    assert [d.attempts for d in first if d.payload == b"a:landed"] == [1]
+    assert client.llen(f"{q.keys.group_list}a") == 1, "a:next waits for a's permit"
+
+
+def test_status_counts_what_waits_in_groups_and_says_when_every_group_is_full(
+    client: redis.Redis,
+) -> None:
+    from rqworkers.store.queue import snapshot
+
+    client.lpush(QUEUE, *[tenant("a", i) for i in range(5)], *[tenant("b", i) for i in range(3)])
+    q = grouped(client, 1, group_max_running=1)
+    assert len(q.take([], 5).deliveries) == 2  # one of each group: both full now
+    snap = snapshot(client, QUEUE, q.limits)
+    assert snap.waiting == 6, "sorted into the groups' lists, still waiting"
+    assert snap.flow.held_by == ["group_max_running"] and snap.held_back == 6
+    assert {g.name: (g.waiting, g.running) for g in snap.flow.groups} == {"a": (4, 1), "b": (2, 1)}
+    hooked_view = snapshot(client, QUEUE)  # a handler's group(): the reader knows no limits
+    assert hooked_view.waiting == 6 and len(hooked_view.flow.groups) == 2

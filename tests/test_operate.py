@@ -18,12 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 from rqworkers import config
 from rqworkers.ops import status as status_report
-from rqworkers.ops.metrics import SlotView, health
+from rqworkers.ops.metrics import Metrics, SlotView, health
+from rqworkers.store import flow
+from rqworkers.store.flow import BUSIEST, FlowState, GroupState
 from rqworkers.store.keys import Keys
+from rqworkers.store.queue import Snapshot
 from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for, write_config
 
@@ -222,6 +227,104 @@ def test_metrics_count_a_known_workload_across_recycles(
     status, body = scrape(port, "/healthz")
     assert status == 200 and json.loads(body)["status"] == "ok"
     assert scrape(port, "/nope")[0] == 404
+
+
+def test_metrics_show_the_pause_and_each_limit_in_use(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """Permits in use against `max_running`, starts in the window against `rate_limit`,
+    the messages held back, the pause: for the queues that have each, read from Redis by
+    the keeper under its pairs' limits."""
+    port = free_port()
+    manager = {"check_interval": 0.2, "shutdown_timeout": 1.0, "lease_ttl": 3.0,
+               "metrics_address": f"127.0.0.1:{port}"}  # fmt: skip
+    limited = {"queue": "jobs", "handler": HANDLER, "concurrency": 3, "max_running": 2,
+               "rate_limit": "100/m"}  # fmt: skip
+    grouped = {"queue": "tenants", "handler": "testapp:measure_json", "concurrency": 2,
+               "group_by": "kwargs.tenant", "group_max_running": 1}  # fmt: skip
+    service([limited, {"queue": "free", "handler": HANDLER}, grouped],
+            manager=manager).wait_workers(3)  # fmt: skip
+    client = redis_server.client()
+    client.lpush("jobs", *[f"sleep:30:{n}".encode() for n in range(5)])
+    tenants = [("acme", n) for n in range(3)] + [("globex", n) for n in range(2)]
+    client.lpush("tenants", *[json.dumps({"kwargs": {"tenant": t}, "seconds": 30, "n": n})
+                              for t, n in tenants])  # fmt: skip
+    jobs, free = (("host", "local"), ("queue", "jobs")), (("host", "local"), ("queue", "free"))
+
+    def reading(name: str, labels: tuple[tuple[str, str], ...] = jobs) -> float | None:
+        return samples(scrape(port)[1]).get((name, labels))
+
+    wait_for(lambda: reading("rqworkers_queue_held_back_messages") == 3, timeout=15,
+             what="3 of 5 messages held back by max_running 2")  # fmt: skip
+    values = samples(scrape(port)[1])
+    expected = {
+        "rqworkers_queue_running_permits": 2,
+        "rqworkers_queue_max_running": 2,
+        "rqworkers_queue_rate_window_starts": 2,
+        "rqworkers_queue_rate_limit_starts": 100,
+        "rqworkers_queue_rate_limit_window_seconds": 60,
+        "rqworkers_queue_waiting_messages": 3,
+        "rqworkers_queue_paused": 0,
+    }
+    assert {name: values.get((name, jobs)) for name in expected} == expected
+    # A queue without limits has no limit to show: no series, rather than a limit of 0.
+    assert values[("rqworkers_queue_paused", free)] == 0
+    assert values[("rqworkers_queue_held_back_messages", free)] == 0
+    assert ("rqworkers_queue_max_running", free) not in values
+    assert ("rqworkers_queue_rate_window_starts", free) not in values
+
+    # Per group: acme runs 1 (its group_max_running) of 3, globex 1 of 2.
+    def group(name: str, group: str) -> float | None:
+        return reading(name, (("group", group), ("host", "local"), ("queue", "tenants")))
+
+    wait_for(lambda: group("rqworkers_queue_group_waiting_messages", "acme") == 2, timeout=15,
+             what="acme's groups in /metrics")  # fmt: skip
+    assert group("rqworkers_queue_group_running_messages", "acme") == 1
+    assert group("rqworkers_queue_group_waiting_messages", "globex") == 1
+    assert group("rqworkers_queue_group_running_messages", "globex") == 1
+    assert 0 <= (group("rqworkers_queue_group_oldest_waiting_seconds", "acme") or -1) < 30
+    assert reading("rqworkers_queue_group_max_running", (("host", "local"),
+                                                          ("queue", "tenants"))) == 1  # fmt: skip
+
+    flow.pause(client, "free", by="test")
+    client.lpush("free", b"held by the pause")
+    wait_for(lambda: reading("rqworkers_queue_paused", free) == 1, timeout=15,
+             what="the pause in /metrics")  # fmt: skip
+    assert reading("rqworkers_queue_held_back_messages", free) == 1
+    flow.resume(client, "free")
+    wait_for(lambda: reading("rqworkers_queue_paused", free) == 0, timeout=15,
+             what="the resume in /metrics")  # fmt: skip
+
+
+def test_metrics_show_the_busiest_groups_only_each_name_once() -> None:
+    """A group per tenant must not make a series per tenant: the `BUSIEST` of each queue,
+    never one series twice (`\\xff` is how the name of the bytes b'\\xff' reads), and no
+    age where it is unknown."""
+    groups = [GroupState(f"tenant-{n}", 100 - n, n % 3, 2.5 * n) for n in range(BUSIEST + 5)]
+    groups[1:1] = [GroupState("\\xff", 99, 0, None), GroupState("\\xff", 98, 0, 1.0)]
+    snap = Snapshot(200, 0, 0, 0, [], FlowState(groups=groups, group_max_running=3))
+    plain = Snapshot(0, 0, 0, 0, [])
+    collector = Metrics((), lambda: {("local", "jobs"): snap, ("local", "mail"): plain},
+                        time.time(), lambda pid: 0)  # fmt: skip
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    values = samples(generate_latest(registry).decode())
+    waiting = {
+        dict(labels)["group"]: value
+        for (name, labels), value in values.items()
+        if name == "rqworkers_queue_group_waiting_messages"
+    }
+    assert list(waiting) == ["tenant-0", "\\xff", *[f"tenant-{n}" for n in range(1, 8)]]
+    assert waiting["\\xff"] == 99 and waiting["tenant-7"] == 93
+    label = (("group", "tenant-4"), ("host", "local"), ("queue", "jobs"))
+    assert values[("rqworkers_queue_group_running_messages", label)] == 1
+    assert values[("rqworkers_queue_group_oldest_waiting_seconds", label)] == 10.0
+    unknown = (("group", "\\xff"), ("host", "local"), ("queue", "jobs"))
+    assert ("rqworkers_queue_group_oldest_waiting_seconds", unknown) not in values
+    jobs = (("host", "local"), ("queue", "jobs"))
+    assert values[("rqworkers_queue_group_max_running", jobs)] == 3
+    assert not [key for key in values if key[0].startswith("rqworkers_queue_group")
+                and ("queue", "mail") in key[1]]  # fmt: skip
 
 
 def consuming_board() -> Scoreboard:
@@ -594,6 +697,11 @@ def test_status_escapes_what_any_redis_client_can_write_in_a_worker_entry() -> N
     assert "jobs-1\\x1b[2J" in text and "n\\nforged" in text
     text = as_text([PairStatus("redis://h/0", "jobs", None, "unreachable: \x1b[2J")])
     assert "unreachable: \\x1b[2J" in text
+    numbers = {"name": "w", "state": "busy", "rss": float("inf"), "since": "yesterday",
+               "current_age": float("nan"), "concurrency": 1e999, "in_flight": "many"}  # fmt: skip
+    snap = Snapshot(waiting=0, in_flight=0, retrying=0, dead=0, workers=[numbers])
+    text = as_text([PairStatus("redis://h/0", "jobs", snap, None)], now=0.0)
+    assert "0MB" in text, "figures that are not finite numbers show as none, no crash"
 
 
 @pytest.mark.parametrize("record", [b"{not json", b"42", b'"text"'])

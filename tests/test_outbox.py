@@ -55,7 +55,15 @@ class FakeQueue:
             raise redis.ConnectionError("reset before the reply")
         return result
 
-    def take(self, acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
+    def take(
+        self,
+        acks: list[bytes],
+        limit: int,
+        landed: bool = False,
+        trim: int = 0,
+        running: int = 0,
+        mine: dict[str, int] | None = None,
+    ) -> Taken:
         def effect() -> Taken:
             if trim:  # as scripts.TAKE: the ends must be where the worker says
                 present = self.present
@@ -176,7 +184,7 @@ def test_what_must_precede_the_acks_is_sent_first(fake: FakeQueue) -> None:
     box = Outbox(queue, lambda f, moved: None, lambda: order.append("before"))
     original = fake.take
 
-    def take(acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
+    def take(acks: list[bytes], limit: int, landed: bool = False, trim: int = 0, *_: Any) -> Taken:
         order.append(f"take {trim or len(acks)}")
         return original(acks, limit, landed, trim)
 

@@ -16,13 +16,14 @@ SCRIPTS = {name: s for name, s in vars(scripts).items() if isinstance(s, scripts
 def test_every_lua_file_is_a_script_or_the_library() -> None:
     loaded = {s.name for s in SCRIPTS.values()}
     assert {p.name for p in LUA.glob("*.lua")} == loaded | set(scripts.LIBRARIES)
-    assert len(loaded) == len(SCRIPTS) == 9
+    assert len(loaded) == len(SCRIPTS) == 11
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_every_name_a_header_declares_is_used_by_its_body(name: str) -> None:
     script = SCRIPTS[name]
-    code = "\n".join(line.split("--")[0] for line in script.body.splitlines())
+    text = "\n".join([script.body, *(scripts.LIBRARIES[n].body for n in script.libraries)])
+    code = "\n".join(line.split("--")[0] for line in text.splitlines())
     unused = [n for n in script.keys + script.args if not re.search(rf"\b{n}\b", code)]
     assert not unused
     assert bool(re.search(r"\bREST\b", code)) == (script.rest is not None), "variadic ARGV"
@@ -47,14 +48,15 @@ def test_argv_follows_the_header_whatever_order_the_caller_names_them_in() -> No
     acks = [b"a1", b"a2"]
     named = {"limit": 5, "now": 1.0, "idbase": "p.1.", "landed": "0", "worker_id": "w"}
     flow = {"max_running": 3, "running": 1, "rate": 10, "window": 1000}
-    groups = {"group_by": "", "group_max": 0, "group_rate": 0, "group_window": 0,
+    groups = {"group_by": "", "sorter": "", "group_max": 0, "group_rate": 0, "group_window": 0,
               "group_prefix": "q:group:", "starts_prefix": "q:group_starts:",
               "mine": "{}"}  # fmt: skip
     flow |= groups
-    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000, "", 0, 0, 0, "q:group:",
+    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000, "", "", 0, 0, 0, "q:group:",
             "q:group_starts:", "{}"]  # fmt: skip
-    assert scripts.TAKE.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
-    assert scripts.TAKE.argv(**flow, **named, trim=0) == head, "no acks"
+    assert scripts.TAKE_FLOW.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
+    assert scripts.TAKE_FLOW.argv(**flow, **named, trim=0) == head, "no acks"
+    assert scripts.TAKE.argv(**named, trim=0, acks=acks) == [5, 1.0, "p.1.", "0", "w", 0, *acks]
 
 
 @pytest.mark.parametrize(
@@ -116,4 +118,5 @@ def test_a_script_gets_the_library_and_constants_only_if_it_reads_them() -> None
     assert scripts.TAKE.constants == ("PREFIX",)
     assert not scripts.LEASE.libraries and not scripts.LEASE.constants
     assert not scripts.REPLY.libraries and "PREFIX" not in scripts.REPLY.source
-    assert scripts.TAKE.libraries == ("envelope.lua", "flow.lua")
+    assert scripts.TAKE.libraries == ("envelope.lua", "take_core.lua"), "the hot path: no flow"
+    assert scripts.TAKE_FLOW.libraries == ("envelope.lua", "flow.lua", "take_core.lua")

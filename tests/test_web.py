@@ -31,6 +31,7 @@ import redis
 from rqworkers import config
 from rqworkers.errors import ConfigError
 from rqworkers.ops import metrics
+from rqworkers.ops import status as status_report
 from rqworkers.ops.web import Site, auth
 from rqworkers.ops.web import server as web_server
 from rqworkers.ops.web.auth import COOKIE, Gate
@@ -183,8 +184,10 @@ def web(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable[..., Ser
     """The page's server on a free loopback port, for a config with queues q1, q2, q3."""
     started: list[tuple[Any, Site]] = []
 
-    def start(**manager: Any) -> Server:
-        workers = [{"queue": q, "handler": "testapp:handle"} for q in ("q1", "q2", "q3")]
+    def start(limits: dict[str, dict[str, Any]] | None = None, **manager: Any) -> Server:
+        """`limits`: more settings of some queues (`{"q1": {"max_running": 2}}`)."""
+        workers = [{"queue": q, "handler": "testapp:handle", **(limits or {}).get(q, {})}
+                   for q in ("q1", "q2", "q3")]  # fmt: skip
         path = write_config(tmp_path / f"web{len(started)}.toml", redis_server.url, workers,
                             manager={"node": "web-1", **manager})  # fmt: skip
         site = Site(config.load(path))
@@ -1047,3 +1050,141 @@ def test_idle_slow_and_surplus_connections_are_bounded(
     assert server.call("GET", "/api/status")[0] == 200
     assert "Traceback" not in capfd.readouterr().err
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- issue 19: flow control on the page ---------------------------------------------------
+
+
+def test_status_says_what_each_limit_holds_back(web: Callable[..., Server]) -> None:
+    """`/api/status` carries each queue's pause and limits, how much of each is in use, the
+    messages held back and by what: all the page needs to make a limit plain."""
+    server = web(limits={"q1": {"max_running": 2, "rate_limit": "10/s"},
+                         "q2": {"rate_limit": "3/m"}})  # fmt: skip
+    client = server.redis
+    client.lpush("q1", b"a", b"b", b"c")
+    client.hset(Keys("q1").permits, mapping={"web-1:1": 1, "web-2:1": 1})  # 2 of 2 in use
+    now_ms = int(time.time() * 1000)
+    client.zadd(Keys("q1").starts, {"s1": now_ms - 500, "s2": now_ms, "old": now_ms - 5000})
+    client.zadd(Keys("q2").starts, {f"s{n}": now_ms - n * 1000 for n in range(3)})  # 3 of 3
+    client.lpush("q2", b"d")
+    client.lpush("q3", b"e")
+    snapshots = {p["queue"]: p["snapshot"] for p in server.json("/api/status")}
+    assert snapshots["q1"]["flow"] == {
+        "paused": None,
+        "running": 2,
+        "max_running": 2,
+        "started": 2,
+        "rate_limit": "10/s",
+        "rate_starts": 10,
+        "groups": [],
+        "grouped_waiting": 0,
+        "groups_full": False,
+        "group_max_running": 0,
+        "group_rate_limit": "",
+        "held_by": ["max_running"],
+    }
+    assert snapshots["q1"]["held_back"] == 3
+    assert snapshots["q2"]["flow"]["held_by"] == ["rate_limit"]
+    assert snapshots["q2"]["flow"]["started"] == 3 and snapshots["q2"]["held_back"] == 1
+    assert snapshots["q3"]["flow"]["held_by"] == [] and snapshots["q3"]["held_back"] == 0
+    client.hset(Keys("q1").permits, "web-2:1", 0)  # a permit given back: nothing held
+    server.site.status_reads.forget()  # type: ignore[union-attr]
+    q1 = next(p for p in server.json("/api/status") if p["queue"] == "q1")["snapshot"]
+    assert q1["flow"]["held_by"] == [] and q1["held_back"] == 0
+
+
+def test_pause_and_resume_from_the_page_need_the_token(
+    web: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rqworkers.ops.web")
+    client = web().redis  # no token: read-only
+    for path in ("/api/pause", "/api/resume"):
+        status, _, reply = web().call("POST", path, {"queue": "q1"},
+                                      Authorization=f"Bearer {TOKEN}")  # fmt: skip
+        assert status == 403 and b"read-only" in reply
+    server = web(dashboard_token=TOKEN)
+    body = {"queue": "q1"}
+    assert server.call("POST", "/api/pause", body)[0] == 403  # nobody
+    assert "refused POST /api/pause from 127.0.0.1: no valid token" in caplog.text
+    _, headers, _ = server.call("POST", "/login", f"token={TOKEN}".encode())
+    session = headers["Set-Cookie"].split(";")[0]
+    assert server.call("POST", "/api/pause", body, Cookie=session)[0] == 403  # no CSRF token
+    foreign = {"Authorization": f"Bearer {TOKEN}", "Origin": "http://attacker.test"}
+    assert server.call("POST", "/api/pause", body, **foreign)[0] == 403
+    csrf = server.json("/api/session", Cookie=session)["csrf"]
+    as_page = {"Cookie": session, "X_CSRF_Token": csrf}
+    as_form = json.dumps(body).encode()  # what a form of another site could send
+    status, _, _ = server.call("POST", "/api/pause", as_form, Content_Type="text/plain", **as_page)
+    assert status == 415
+    assert client.get(Keys("q1").paused) is None
+
+    status, _, reply = server.call("POST", "/api/pause", body, **as_page)
+    assert status == 200
+    host = server.json("/api/status")[0]["host"]  # as the page names it
+    assert json.loads(reply) == {"action": "pause", "host": host, "queue": "q1", "done": True}
+    record = json.loads(client.get(Keys("q1").paused) or b"{}")
+    assert record["by"] == "the status page (127.0.0.1)" and record["at"] > time.time() - 10
+    paused = next(p for p in server.json("/api/status") if p["queue"] == "q1")  # at once
+    assert paused["snapshot"]["flow"]["paused"] == record
+    assert json.loads(server.call("POST", "/api/pause", body, **as_page)[2])["done"] is False
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    status, _, reply = server.call("POST", "/api/resume", {"queue": "q1", "host": host}, **bearer)
+    assert status == 200 and json.loads(reply)["done"] is True
+    assert client.get(Keys("q1").paused) is None and client.llen(Keys("q1").wake) > 0
+    assert json.loads(server.call("POST", "/api/resume", body, **bearer)[2])["done"] is False
+    assert "dashboard: pause of q1 on redis://" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_a_bad_pause_request_is_a_400_or_404_and_pauses_nothing(
+    web: Callable[..., Server], capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = web(dashboard_token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}", "Content_Type": "application/json"}
+    bad = [b"", b"not json", b"[]", b'"q1"', b"{}", b'{"queue": 7}', b'{"queue": ["q1"]}',
+           b'{"queue": "q1", "host": ["x"]}', b'{"queue": "q1", "host": 7}',
+           b'{"queue": {"$ne": 1}}', b"[" * 30_000 + b"]" * 30_000]  # fmt: skip
+    for body in bad:
+        status, _, reply = server.call("POST", "/api/pause", body, **bearer)
+        assert status == 400 and b"error" in reply, (body[:40], status, reply)
+    for body in (b'{"queue": "nope"}', b'{"queue": "q1", "host": "redis://elsewhere:6379/0"}',
+                 b'{"queue": "q1:paused"}'):  # fmt: skip
+        status, _, reply = server.call("POST", "/api/pause", body, **bearer)
+        assert status == 404 and b"no queue" in reply, body
+    assert server.call("GET", "/api/pause")[0] == 405
+    assert not server.redis.keys("*paused*")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_pause_record_written_by_hand_cannot_break_the_page_or_status(
+    web: Callable[..., Server],
+) -> None:
+    """The pause is a key any Redis client can write: whatever it holds, the queue shows
+    as paused, `/api/status` stays JSON a browser parses (no `NaN`), and `status` prints."""
+    server = web()
+    assert server.site is not None
+    records = [b'{"by": "x", "at": NaN}', b'{"by": "x", "at": 1e300}', b'{"by": "x", "at": -1}',
+               b'{"by": ["x"], "at": "noon"}', b'{"by": "x", "at": Infinity}', b"[1]",
+               b"\xff\xfe", b"", b'{"by": "<b>x</b>", "at": 1765000000.5}']  # fmt: skip
+    for record in records:
+        server.redis.set(Keys("q1").paused, record)
+        server.site.status_reads.forget()
+        status, _, raw = server.call("GET", "/api/status")
+        assert status == 200
+        pairs = json.loads(raw, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+        paused = pairs[0]["snapshot"]["flow"]["paused"]
+        assert paused is not None and pairs[0]["snapshot"]["flow"]["held_by"] == ["paused"]
+        assert isinstance(paused["by"], str), record
+        assert paused["at"] is None or 0 <= paused["at"] < 1e11, record
+        assert "PAUSED by " in status_report.as_text(status_report.collect(server.site.config))
+    assert paused == {"by": "<b>x</b>", "at": 1765000000.5}
+    # A worker's lease, as well: its value is published status, any client's to write.
+    lease = b'{"name": "q1-1", "at": NaN, "rss": Infinity, "since": [-Infinity]}'
+    server.redis.sadd(Keys("q1").registry, "web-1:1")
+    server.redis.set(Keys("q1", "web-1:1").lease, lease)
+    server.site.status_reads.forget()
+    [worker] = json.loads(server.call("GET", "/api/status")[2],
+                          parse_constant=lambda name: pytest.fail(f"{name} in JSON")
+                          )[0]["snapshot"]["workers"]  # fmt: skip
+    assert (worker["name"], worker["at"], worker["rss"], worker["since"]) == ("q1-1", None, None,
+                                                                               [None])  # fmt: skip

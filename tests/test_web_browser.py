@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 TOKEN = "browser-test-token-0123"
 SCRIPT = b"raise:<script>alert(1)</script>"
 IMAGE = b'raise:<img src=x onerror="alert(2)">\x00\xff'
+HOSTILE = '<img src=x onerror="alert(3)">'  # a group's name, from a payload
 WAIT_MS = 20_000  # every on-page condition: the page refreshes every 2 s, leases last 3 s
 
 
@@ -387,3 +388,72 @@ def test_a_page_of_another_origin_cannot_lock_the_operator_out(
         operator.fill("#login input[name=token]", TOKEN)
         operator.click("#login button")
         expect(operator.locator("#logout")).to_be_visible()
+
+
+def test_a_limit_that_holds_a_queue_back_is_plain_and_pause_resume_act_from_the_page(
+    browser: Browser, service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    """Issue 19: from the page alone, an operator sees which limit holds a queue back and
+    how many messages wait on it, and pauses and resumes it (with the token only)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    port = free_port()
+    service([{"queue": "pay", "concurrency": 2, "max_running": 1},
+             {"queue": "mail", "rate_limit": "1/h"},
+             {"queue": "tenants", "handler": "testapp:measure_json", "concurrency": 2,
+              "group_by": "kwargs.tenant", "group_max_running": 1}],
+            manager=_manager("web-1", metrics_address=f"127.0.0.1:{port}",
+                             dashboard_token=TOKEN),
+            defaults={"handler": "testapp:handle"})  # fmt: skip
+    client = redis_server.client()
+    client.lpush("pay", *[f"sleep:30:{n}".encode() for n in range(3)])
+    client.lpush("mail", b"sleep:0:first", b"sleep:0:second")
+    tenants = [("acme", n) for n in range(3)] + [(HOSTILE, n) for n in range(2)]
+    client.lpush("tenants", *[json.dumps({"kwargs": {"tenant": t}, "seconds": 30, "n": n})
+                              for t, n in tenants])  # fmt: skip
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/session"), timeout=15,
+             what="the status page to be served")  # fmt: skip
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    row = page.locator('#queues tr[data-queue="pay"]')
+    line = page.locator(f'#queues tr.flow-detail.held[data-flow-of="{redis_server.url} pay"]')
+    expect(line).to_have_text("held back by max_running (1/1 running): 2 waiting")
+    mail = page.locator(f'#queues tr.flow-detail.held[data-flow-of="{redis_server.url} mail"]')
+    expect(mail).to_have_text("held back by rate_limit (1/1 started in the last hour): 1 waiting")
+    expect(page.locator('#queues tr[data-queue="mail"] td.started')).to_have_text("1/1")
+    expect(row).to_have_class("held")
+    expect(row.locator("td.running")).to_have_text("1/1")
+    expect(row.locator("button.pause")).to_be_hidden()  # not logged in
+
+    page.fill("#login input[name=token]", TOKEN)
+    page.click("#login button")
+    row.locator("button.pause").click()
+    expect(page.locator("#flow-message")).to_have_text("pay paused")
+    badge = row.locator(".badge.paused")
+    expect(badge).to_have_text("PAUSED")
+    who = re.compile(r"paused by the status page \(127\.0\.0\.1\) since [-\d]+ [:\d]+ UTC")
+    expect(badge).to_have_attribute("title", who)
+    expect(line).to_contain_text("held back by the pause (by the status page (127.0.0.1) since ")
+    expect(line).to_contain_text("and max_running (1/1 running): 2 waiting")
+    assert client.exists(Keys("pay").paused)
+
+    row.locator("button.resume").click()
+    expect(page.locator("#flow-message")).to_have_text("pay resumed")
+    expect(badge).to_have_count(0)
+    expect(line).to_have_text("held back by max_running (1/1 running): 2 waiting")
+    assert not client.exists(Keys("pay").paused)
+
+    # Groups: the busiest, each name shown as text, and the one at its limit says so.
+    groups = page.locator(f'#queues tr.flow-detail[data-flow-of="{redis_server.url} tenants"] '
+                          "table.groups tbody tr")  # fmt: skip
+    expect(groups).to_have_count(2)
+    full = "held back by group_max_running (1/1 running)"
+    age = re.compile(r"\d+s")
+    expect(groups.nth(0).locator("td")).to_have_text(["acme", "2", "1", age, full])
+    expect(groups.nth(1).locator("td")).to_have_text([HOSTILE, "1", "1", age, full])
+    expect(groups.nth(0)).to_have_class("held")
+    expect(page.locator("#queues table.groups th").first).to_have_text(
+        "busiest groups (group_max_running 1)"
+    )
+    assert page.locator("#queues img").count() == 0

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict, Unpack, cast
 
-from rqworkers.client import tasks
+from rqworkers.client import tasks, tracecontext
 from rqworkers.client.tasks import Task
 from rqworkers.store.connections import Client, connect
 
@@ -45,16 +45,19 @@ class Producer:
         self.url = url
         self.client: Client = connect(url)
 
-    def push(self, queue: str, *payloads: bytes | str) -> int:
-        """Push raw payloads (str is sent as UTF-8), in order; the queue's length after."""
+    def push(self, queue: str, *payloads: bytes | str | Task) -> int:
+        """Push raw payloads (str is sent as UTF-8) and task messages (`task`), in order;
+        the queue's length after."""
         return self.push_many(queue, payloads)
 
-    def push_many(self, queue: str, payloads: Iterable[bytes | str]) -> int:
-        """`push` for an iterable of any size, sent in batches of 1,000 per round trip."""
+    def push_many(self, queue: str, payloads: Iterable[bytes | str | Task]) -> int:
+        """`push` for an iterable of any size, sent in batches of 1,000 per round trip. A
+        task message that cannot be encoded raises when its turn comes, once the batches
+        before it are sent."""
         length = 0
         batch: list[bytes | str] = []
         for payload in payloads:
-            batch.append(payload)
+            batch.append(tasks.encode(payload) if isinstance(payload, Task) else payload)
             if len(batch) == _BATCH:
                 length = self.client.lpush(queue, *batch)
                 batch = []
@@ -90,7 +93,8 @@ class Producer:
         kwargs: Mapping[str, Any] | None = None,
         **options: Unpack[TaskOptions],
     ) -> Task:
-        """The `Task` that `submit` would send, with a fresh id unless given one."""
+        """The `Task` that `submit` would send, with a fresh id unless given one, and the
+        context of the caller's active OpenTelemetry span, if there is one."""
         result_ttl = options.get("result_ttl")
         return Task(
             task=task,
@@ -102,6 +106,7 @@ class Producer:
             result_ttl=tasks.DEFAULT_RESULT_TTL if result_ttl is None else result_ttl,
             on_success=options.get("on_success"),
             on_failure=options.get("on_failure"),
+            trace=tracecontext.current(),
         )
 
     @staticmethod

@@ -4,9 +4,13 @@ A task message is one JSON object, UTF-8, that any language can produce and read
 
     {"v": 1, "task": "myapp.jobs:add", "args": [1, 2], "kwargs": {}, "id": "…",
      "timeout": 10, "reply_to": "jobs:replies:…", "result_ttl": 3600,
-     "on_success": "myapp.jobs:notify", "on_failure": "myapp.jobs:alert"}
+     "on_success": "myapp.jobs:notify", "on_failure": "myapp.jobs:alert",
+     "trace": {"traceparent": "00-…-…-01", "tracestate": "…"}}
 
-Only `task` is required. A message this worker cannot read (not JSON, not an object, a
+Only `task` is required. `trace` is the sender's OpenTelemetry context (`tracecontext`):
+one that is malformed is ignored, never a reason to refuse the task.
+
+A message this worker cannot read (not JSON, not an object, a
 missing or mistyped field, an unknown field, a newer version) raises `Refused` with the
 reason: it can never succeed, so it is dead-lettered at once instead of retried. "JSON" is
 what every parser reads (RFC 8259): UTF-8 only, and no `NaN` or `Infinity`, which Python's
@@ -43,6 +47,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from rqworkers.client import tracecontext
 from rqworkers.common.globs import Glob
 from rqworkers.errors import MessageTimeout, Refused, RqworkersError
 from rqworkers.store.keys import REPLIES
@@ -56,7 +61,7 @@ _PATH_RE = re.compile(rf"^{_NAME}(?:\.{_NAME})*:{_NAME}$")
 _PATTERN_RE = re.compile(rf"^{_NAME}(?:\.{_NAME})*:(?:\*|{_NAME})$")
 _FIELDS = (
     "v", "task", "args", "kwargs", "id", "timeout", "reply_to", "result_ttl",
-    "on_success", "on_failure",
+    "on_success", "on_failure", "trace",
 )  # fmt: skip
 
 # Why a task failed for good, as `TaskError.reason` and a reply's "reason".
@@ -79,6 +84,7 @@ class Task:
     result_ttl: float = DEFAULT_RESULT_TTL  # seconds
     on_success: str | None = None
     on_failure: str | None = None
+    trace: dict[str, str] | None = None  # the sender's trace context (`tracecontext`)
 
 
 class TaskError(RqworkersError):
@@ -149,6 +155,9 @@ def encode(task: Task) -> bytes:
             fields[name] = getattr(task, name)
     if task.reply_to is not None:
         fields["result_ttl"] = task.result_ttl
+    trace = tracecontext.read(task.trace)
+    if trace is not None:
+        fields["trace"] = trace
     try:
         validate(fields, task.id)
     except Refused as exc:
@@ -234,6 +243,35 @@ def reply_address(message: bytes) -> ReplyAddress | None:
     return ReplyAddress(task_id, fields["reply_to"], ttl) if fields["reply_to"] else None
 
 
+_LABEL = 200  # characters of a task's name or id a span keeps; a longer one is left out
+
+
+@dataclass(frozen=True)
+class Label:
+    """What a worker's span says of a task message: each part None if it is not valid."""
+
+    task: str | None
+    id: str | None
+    trace: dict[str, str] | None
+
+
+def label(message: bytes) -> Label | None:
+    """`message`'s task, id and trace context, read leniently (a span names even a message
+    that will be refused); None for what is not a JSON object."""
+    try:
+        fields = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    task, task_id = fields.get("task"), fields.get("id")
+    return Label(
+        task if isinstance(task, str) and len(task) <= _LABEL and _PATH_RE.match(task) else None,
+        task_id if isinstance(task_id, str) and 0 < len(task_id) <= _LABEL else None,
+        tracecontext.read(fields.get("trace")),
+    )
+
+
 def _default_id(message: bytes) -> str:
     # Derived from the bytes, so that every retry of a message replies under the same id.
     return hashlib.sha1(message).hexdigest()[:20]
@@ -275,6 +313,7 @@ def validate(fields: object, default_id: str) -> Task:
         result_ttl=_seconds(fields, "result_ttl") or DEFAULT_RESULT_TTL,
         on_success=_path(fields, "on_success"),
         on_failure=_path(fields, "on_failure"),
+        trace=tracecontext.read(fields.get("trace")),
     )
 
 

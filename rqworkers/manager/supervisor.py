@@ -166,11 +166,16 @@ class Manager:
             log.error("reload refused, keeping the running config: log file: %s", exc)
             return
         manager_changed = new.manager != self.settings
+        telemetry_changed = new.telemetry != self.config.telemetry
         self.config, self.settings = new, new.manager
         self.backoff = restart_backoff(self.settings.restart_backoff_max)
         # Below the lowest, the same workers, but a SIGTTIN would seem to do nothing.
         self.extra_processes = max(self.extra_processes, _lowest_extra(new))
         self.reconcile("removed from the config")
+        if telemetry_changed:  # a worker sets its tracing up at its start: replace them all
+            for slot in self.slots:
+                if not slot.retiring:
+                    self.kill_worker(slot, signal.SIGTERM, "[telemetry] changed")
         if manager_changed:  # the keeper serves the page with `metrics_address` and the token
             self.restart_keeper()
 
@@ -303,6 +308,7 @@ class Manager:
             lease_ttl=self.settings.lease_ttl,
             sample_succeeded=self.config.logging.sample_succeeded,
             sample_failed=self.config.logging.sample_failed,
+            tracing=self.config.telemetry.tracing,
         )
         board = slot.board
         logging_settings = self.config.logging
@@ -336,6 +342,7 @@ class Manager:
                     s.pair.host,
                     s.board,
                     s.pair.concurrency,
+                    s.pair.limits,
                 )
                 for s in self.slots
             ),

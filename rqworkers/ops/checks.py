@@ -33,8 +33,9 @@ _IDENTITY_FAILURES: tuple[type[Exception], ...] = (*_FAILURES, KeyError, TypeErr
 
 
 def handler_problems(config: Config) -> list[str]:
-    """One line per handler (or task allow-list) that cannot be imported, naming its queue."""
-    problems = []
+    """One line per handler (or task allow-list) that cannot be imported, naming its queue;
+    and the `otel` extra, when `[telemetry] tracing` is on, if it cannot be imported."""
+    problems = tracing_problems(config)
     for pair in config.pairs:
         if pair.tasks is not None:
             problem = tasks.verify(pair.tasks)
@@ -42,9 +43,37 @@ def handler_problems(config: Config) -> list[str]:
         else:
             problem = handlers.verify(pair.handler or "")
             what = f"handler {pair.handler!r}"
+        if not problem and (pair.group_max_running or pair.group_rate_limit):
+            problem = _group_problem(pair)
         if problem:
             problems.append(f"{what} of queue {pair.queue!r}: {problem}")
     return problems
+
+
+def _group_problem(pair: PairSettings) -> str | None:
+    """Group limits need groups: a `group_by` field, or a handler class's `group()`."""
+    if pair.group_by or (pair.handler and handlers.names_groups(pair.handler)):
+        return None
+    return (
+        "group_max_running and group_rate_limit need groups: set group_by (the JSON field "
+        "that names each message's group), or give the handler class a group(message) method"
+    )
+
+
+def tracing_problems(config: Config) -> list[str]:
+    """Why a worker could not export its spans: with `[telemetry] tracing = true`, the
+    `otel` extra must import (checked by importing it: a broken install counts too), and the
+    OTEL_* variables must name an exporter it has."""
+    if not config.telemetry.tracing:
+        return []
+    try:
+        from rqworkers.worker import tracing
+    except ImportError as exc:
+        return [
+            f"telemetry.tracing: tracing is on but OpenTelemetry cannot be imported ({exc}): "
+            "install the extra, pip install 'rqworkers[otel]', or set tracing = false"
+        ]
+    return [f"telemetry.tracing: {problem}" for problem in tracing.problems()]
 
 
 def handler_problems_isolated(config: Config) -> list[str]:

@@ -38,6 +38,7 @@ from rqworkers.errors import ExitCode
 from rqworkers.ops.metrics import Metrics, SlotView, health, liveness, serve
 from rqworkers.ops.web import Site
 from rqworkers.store.connections import Client, connect, redact
+from rqworkers.store.flow import NO_LIMITS, Limits
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import (
     ReliableQueue,
@@ -70,6 +71,7 @@ class Lease:
     host: str  # the host's name in the config, for metric labels
     board: Scoreboard  # the slot's; its pid says whether the worker lives
     concurrency: int = 1  # messages its worker may run at once
+    limits: Limits = NO_LIMITS  # its pair's flow limits, for what `/metrics` shows of them
 
 
 @dataclass(frozen=True)
@@ -220,10 +222,11 @@ class Keeper:
             log.error("keeper: redis at %s refused an operation: %s", redact(endpoint.url), cause)
 
     def read_queues(self, endpoint: Endpoint) -> None:
-        """Refresh the queue lengths that `/metrics` reports."""
-        hosts = {lease.queue: lease.host for lease in endpoint.leases}
+        """Refresh the queue lengths and flow state that `/metrics` reports."""
+        pairs = {lease.queue: lease for lease in endpoint.leases}
         for queue in endpoint.queues:
-            self.snapshots[(hosts[queue], queue)] = snapshot(endpoint.client, queue)
+            lease = pairs[queue]
+            self.snapshots[(lease.host, queue)] = snapshot(endpoint.client, queue, lease.limits)
 
     def renew(self, endpoint: Endpoint) -> None:
         """Renew the lease of every live worker; its value is the worker's status. A slot

@@ -10,6 +10,7 @@ there, while the manager, which forks, stays single-threaded.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,8 +29,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from rqworkers.common.rates import Rate
 from rqworkers.ops.web.server import Handler as BoundedHandler
 from rqworkers.ops.web.server import Server
+from rqworkers.store.flow import BUSIEST, GroupState
 from rqworkers.store.queue import Snapshot
 from rqworkers.worker.scoreboard import DURATION_BUCKETS, RECYCLE_REASONS, Scoreboard
 
@@ -159,6 +162,82 @@ class Metrics(Collector):
             for name, family in families.items():
                 family.add_metric([host, queue], getattr(snap, name))
         yield from families.values()
+        yield from self._flow()
+
+    def _flow(self) -> Iterator[Metric]:
+        """The pause and the flow limits of each queue, and how much of each is in use. A
+        limit's gauges are there only for the queues that have it: `running / max_running`
+        then never divides by a limit that is not one."""
+        gauge = functools.partial(GaugeMetricFamily, labels=LABELS)
+        paused = gauge("rqworkers_queue_paused", "1 while the queue is paused, else 0.")
+        held = gauge(
+            "rqworkers_queue_held_back_messages",
+            "Waiting messages that the pause or a limit lets none of start now.",
+        )
+        running = gauge(
+            "rqworkers_queue_running_permits",
+            "max_running permits in use, across every worker of the queue.",
+        )
+        most = gauge("rqworkers_queue_max_running", "The queue's max_running.")
+        started = gauge(
+            "rqworkers_queue_rate_window_starts",
+            "Handler starts in the current rate_limit window.",
+        )
+        allowed = gauge("rqworkers_queue_rate_limit_starts", "The N of the queue's rate_limit.")
+        window = gauge(
+            "rqworkers_queue_rate_limit_window_seconds", "The window of the queue's rate_limit."
+        )
+        group_most = gauge("rqworkers_queue_group_max_running", "The queue's group_max_running.")
+        group_labels = [*LABELS, "group"]
+        group_waiting = GaugeMetricFamily(
+            "rqworkers_queue_group_waiting_messages",
+            f"Messages waiting, per group: the {BUSIEST} busiest groups of each queue.",
+            labels=group_labels,
+        )
+        group_running = GaugeMetricFamily(
+            "rqworkers_queue_group_running_messages",
+            f"Messages running, per group: the {BUSIEST} busiest groups of each queue.",
+            labels=group_labels,
+        )
+        group_oldest = GaugeMetricFamily(
+            "rqworkers_queue_group_oldest_waiting_seconds",
+            f"Age of the oldest waiting message, per group: the {BUSIEST} busiest groups.",
+            labels=group_labels,
+        )
+        for (host, queue), snap in self.snapshots().items():
+            flow, labels = snap.flow, [host, queue]
+            paused.add_metric(labels, 0 if flow.paused is None else 1)
+            held.add_metric(labels, snap.held_back)
+            if flow.max_running:
+                running.add_metric(labels, flow.running)
+                most.add_metric(labels, flow.max_running)
+            if flow.rate_limit:
+                started.add_metric(labels, flow.started)
+                allowed.add_metric(labels, flow.rate_starts)
+                window.add_metric(labels, Rate.parse(flow.rate_limit).seconds)
+            if flow.group_max_running:
+                group_most.add_metric(labels, flow.group_max_running)
+            for group in busiest_groups(snap):
+                labels_of = [*labels, group.name]
+                group_waiting.add_metric(labels_of, group.waiting)
+                group_running.add_metric(labels_of, group.running)
+                if group.oldest_age is not None:  # unknown: no sample, rather than a 0
+                    group_oldest.add_metric(labels_of, group.oldest_age)
+        yield from (paused, held, running, most, started, allowed, window)
+        yield from (group_most, group_waiting, group_running, group_oldest)
+
+
+def busiest_groups(snap: Snapshot) -> list[GroupState]:
+    """The groups of a queue that get series of their own: those its flow state lists (the
+    `BUSIEST`), each name once. A group per tenant must not make a series per tenant, nor
+    two names that read alike (undecodable bytes are escaped) one series twice."""
+    seen: set[str] = set()
+    found = []
+    for group in snap.flow.groups[:BUSIEST]:
+        if group.name not in seen:
+            seen.add(group.name)
+            found.append(group)
+    return found
 
 
 def health(

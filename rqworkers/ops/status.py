@@ -11,6 +11,7 @@ reached (or refused the reading); a config problem is 2, as for every command.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -64,7 +65,31 @@ def exit_code(statuses: list[PairStatus]) -> int:
 
 
 def as_json(statuses: list[PairStatus]) -> str:
-    return json.dumps([asdict(s) for s in statuses], indent=2, default=str)
+    """JSON, strictly: a worker's lease is any client's to write, and a `NaN` copied from
+    one would make the whole reading unparsable for a browser (it becomes `null`)."""
+    values = _finite([_as_dict(s) for s in statuses])
+    return json.dumps(values, indent=2, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _as_dict(status: PairStatus) -> dict[str, Any]:
+    """A pair's status with what its snapshot derives (properties are not fields): the
+    messages held back, and which of the pause and the limits hold them (`held_by`)."""
+    value = asdict(status)
+    snap = status.snapshot
+    if snap is not None:
+        value["snapshot"]["held_back"] = snap.held_back
+        value["snapshot"]["flow"]["held_by"] = snap.flow.held_by
+    return value
 
 
 _COLUMNS = ("WORKER", "NODE", "PID", "STATE", "SUCCEEDED", "FAILED", "CURRENT", "RSS", "UPTIME")
@@ -132,9 +157,19 @@ def _clock(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
+def _number(value: Any) -> float:
+    """A figure of a published status, which any Redis client can write: 0 for anything
+    that is not a finite number (a string, NaN, Infinity, 1e999)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
 def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
-    since = float(w.get("since") or 0)
-    current = float(w.get("current_age") or 0)
+    since = _number(w.get("since"))
+    current = _number(w.get("current_age"))
     return (
         str(w.get("name", w.get("worker_id", "?"))),
         str(w.get("node", "?")),
@@ -143,7 +178,7 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
         str(w.get("succeeded", "?")),
         str(w.get("failed", "?")),
         f"{current:.1f}s" if current else "-",
-        f"{int(w.get('rss') or 0) // (1024 * 1024)}MB",
+        f"{int(_number(w.get('rss'))) // (1024 * 1024)}MB",
         _duration(now - since) if since else "?",
         _note(w),
     )
@@ -152,9 +187,9 @@ def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:
 def _state(w: dict[str, Any]) -> str:
     """The state, with how many of its `concurrency` handlers are busy when it has several."""
     state = str(w.get("state", "?"))
-    concurrency = int(w.get("concurrency") or 1)
+    concurrency = int(_number(w.get("concurrency")) or 1)
     if concurrency > 1 and state == "busy":
-        return f"busy {int(w.get('in_flight') or 0)}/{concurrency}"
+        return f"busy {int(_number(w.get('in_flight')))}/{concurrency}"
     return state
 
 

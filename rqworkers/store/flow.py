@@ -24,6 +24,7 @@ RESUME_TOKENS = 100  # wake tokens a resume pushes: every waiting worker of a qu
 # stays in the window this much longer, so that no window of handler starts holds N + 1.
 # (At full speed, "N/s" then allows N starts every 1.05 s.)
 RATE_MARGIN_MS = 50
+MAX_EPOCH = 1e11  # seconds: a pause's time past this (year 5138) is no time
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Limits:
     max_running: int = 0
     rate: Rate | None = None
     group_by: str = ""  # a dotted path into JSON payloads: the queue has groups
+    # A handler's `group(message)`, when it names the groups instead (the worker sorts).
+    grouper: Callable[[bytes], str] | None = None
     group_max_running: int = 0
     group_rate: Rate | None = None
 
@@ -40,6 +43,12 @@ class Limits:
     def any(self) -> bool:
         """Whether a limit may hold a take back (groups share fairly even without one)."""
         return bool(self.max_running or self.rate or self.group_max_running or self.group_rate)
+
+    @property
+    def sorter(self) -> str:
+        """Who sorts messages into groups: 'redis' (TAKE, by `group_by`), 'worker' (by its
+        handler's `group()`, through SORT), '' when the queue has no groups."""
+        return "redis" if self.group_by else "worker" if self.grouper else ""
 
     @property
     def window_ms(self) -> int:
@@ -88,16 +97,30 @@ class FlowState:
     rate_limit: str = ""  # "100/s"; "" without one
     rate_starts: int = 0  # the N of the rate limit
     groups: list[GroupState] = field(default_factory=list)  # the busiest, with groups
+    grouped_waiting: int = 0  # messages waiting in the groups' lists (sorted, not taken)
+    groups_full: bool = False  # every group with messages waiting is at group_max_running
+    group_max_running: int = 0  # each group's limit; 0: none
+    group_rate_limit: str = ""  # each group's rate limit, "50/m"; "" without one
 
     @property
     def binding(self) -> bool:
         """Whether the pause or a limit lets nothing start now."""
-        full = bool(self.max_running) and self.running >= self.max_running
-        return (
-            self.paused is not None
-            or full
-            or (bool(self.rate_starts) and self.started >= self.rate_starts)
-        )
+        return bool(self.held_by)
+
+    @property
+    def held_by(self) -> list[str]:
+        """What lets nothing start now, by its setting's name: `paused`, `max_running`
+        (every permit in use), `rate_limit` (the window is full); empty if none does."""
+        reasons = []
+        if self.paused is not None:
+            reasons.append("paused")
+        if self.max_running and self.running >= self.max_running:
+            reasons.append("max_running")
+        if self.rate_starts and self.started >= self.rate_starts:
+            reasons.append("rate_limit")
+        if self.groups_full:
+            reasons.append("group_max_running")
+        return reasons
 
 
 @dataclass(frozen=True)
@@ -114,33 +137,44 @@ BUSIEST = 10  # groups shown, the most waiting first
 GROUPS_READ = 1000  # groups of the ring looked at to find them
 
 
-def group_states(client: Client, queue: str, now: float | None = None) -> list[GroupState]:
-    """The busiest groups of `queue` (most waiting first), in two round trips."""
+@dataclass(frozen=True)
+class Groups:
+    """What `group_states` read: the busiest groups, and what the rest add up to."""
+
+    busiest: list[GroupState]
+    waiting: int  # in every group's list read
+    full: bool  # every group with messages waiting is at `group_max` (0: no such limit)
+
+
+def group_states(
+    client: Client, queue: str, group_max: int = 0, now: float | None = None
+) -> Groups:
+    """The busiest groups of `queue` (most waiting first), and their totals, in three
+    round trips (one, for a queue without groups)."""
     keys = Keys(queue)
     names = cast(list[bytes], client.lrange(keys.ring, 0, GROUPS_READ - 1))
     if not names:
-        return []
+        return Groups([], 0, False)
     prefix = keys.group_list.encode()  # a group's name is any bytes: keys are built as bytes
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.llen(prefix + name)
-    lengths = cast(list[int], pipe.execute())
-    busiest = sorted(zip(names, lengths, strict=True), key=lambda x: -x[1])[:BUSIEST]
+    pipe.hmget(keys.group_running, names)
+    *lengths, running_raw = cast(list[Any], pipe.execute())
+    running = [int(n or 0) for n in running_raw]
+    table = list(zip(names, lengths, running, strict=True))
+    full = bool(group_max) and all(r >= group_max for _, w, r in table if w)
+    busiest = sorted(table, key=lambda x: -x[1])[:BUSIEST]
     pipe = client.pipeline(transaction=False)
-    for name, _ in busiest:
-        pipe.hget(keys.group_running, name)
+    for name, _, _ in busiest:
         pipe.lindex(prefix + name, -1)
-    found = cast(list[Any], pipe.execute())
+    oldest = cast(list[Any], pipe.execute())
     now = time.time() if now is None else now
-    return [
-        GroupState(
-            name.decode("utf-8", "backslashreplace"),
-            waiting,
-            int(found[2 * i] or 0),
-            _age(found[2 * i + 1], now),
-        )
-        for i, (name, waiting) in enumerate(busiest)
+    states = [
+        GroupState(name.decode("utf-8", "backslashreplace"), waiting, run, _age(first, now))
+        for (name, waiting, run), first in zip(busiest, oldest, strict=True)
     ]
+    return Groups(states, sum(lengths), full)
 
 
 def _age(element: bytes | None, now: float) -> float | None:
@@ -176,6 +210,8 @@ def flow_reader(
             started=int(found[2]) if rate is not None else 0,
             rate_limit=str(rate) if rate is not None else "",
             rate_starts=rate.starts if rate is not None else 0,
+            group_max_running=limits.group_max_running,
+            group_rate_limit=str(limits.group_rate) if limits.group_rate is not None else "",
         )
         return state, rest
 
@@ -190,10 +226,18 @@ def flow_state(client: Client, queue: str, limits: Limits = NO_LIMITS) -> FlowSt
 
 
 def _record(raw: bytes | None) -> dict[str, Any] | None:
+    """Who paused the queue and when, `{by: text, at: epoch seconds or None}`. The key is
+    any client's to write: whatever it holds, the queue is paused, and what is not text
+    and a plausible time (`NaN`, `1e300`, a list) is left out, rather than make the
+    page's JSON unparsable or `status` fail to print a date."""
     if raw is None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
-        return {"by": "?", "at": None}  # set by hand: paused all the same
-    return value if isinstance(value, dict) else {"by": "?", "at": None}
+    except (ValueError, RecursionError):
+        value = None  # set by hand: paused all the same
+    if not isinstance(value, dict):
+        return {"by": "?", "at": None}
+    by, at = value.get("by"), value.get("at")
+    plausible = isinstance(at, int | float) and not isinstance(at, bool) and 0 <= at < MAX_EPOCH
+    return {"by": by if isinstance(by, str) else "?", "at": at if plausible else None}

@@ -146,11 +146,15 @@ class ReliableQueue:
         runner = script_caller(client, keep_connection)
         self._lease = Bound(runner, self.keys, scripts.LEASE)
         self._take = Bound(runner, self.keys, scripts.TAKE)
+        self._take_flow = Bound(runner, self.keys, scripts.TAKE_FLOW)
+        self._pause_looked_up = -PAUSE_LOOKUP  # monotonic time of the last look
+        self._was_paused = False
         self._replay = Bound(runner, self.keys, scripts.REPLAY)
         self._give_back = Bound(runner, self.keys, scripts.GIVE_BACK)
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
         self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
+        self._sort = Bound(runner, self.keys, scripts.SORT)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -175,28 +179,23 @@ class ReliableQueue:
         worker's deliveries that hold a `max_running` permit beside what this call takes
         (those in a handler and those taken, about to start); `mine`, the same by group
         (`Delivery.group`), for a queue with groups."""
-        base = self._id_base()
         limits = self.limits
-        reply = self._take(
-            limit=limit,
-            now=time.time(),
-            idbase=base,
-            landed="1" if landed else "0",
-            worker_id=self.worker_id,
-            trim=trim,
-            max_running=limits.max_running,
-            running=running,
-            rate=limits.rate.starts if limits.rate else 0,
-            window=limits.window_ms,
-            group_by=limits.group_by,
-            group_max=limits.group_max_running,
-            group_rate=limits.group_rate.starts if limits.group_rate else 0,
-            group_window=limits.group_window_ms,
-            group_prefix=self.keys.group_list,
-            starts_prefix=self.keys.group_starts,
-            mine=json.dumps(mine or {}),
-            acks=acks,
-        )
+        if limits.grouper is not None and not limits.group_by:
+            landed = self._sort_by_handler(limits.grouper, landed)
+        base = self._id_base()
+        common = {
+            "limit": limit,
+            "now": time.time(),
+            "idbase": base,
+            "landed": "1" if landed else "0",
+            "worker_id": self.worker_id,
+            "trim": trim,
+            "acks": acks,
+        }
+        if not (limits.any or limits.sorter or self._paused(landed)):
+            reply = self._take(**common)  # the hot path: no limit, nothing to look up
+        else:
+            reply = self._take_flow(**common, **self._flow_args(running, mine))
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
         seq = self._seq
@@ -211,6 +210,34 @@ class ReliableQueue:
         for delivery, group in zip(deliveries, reply.groups, strict=False):
             delivery.group = group
         return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
+
+    def _paused(self, landed: bool) -> bool:
+        """Whether the queue is paused, looked up at most once a second (and whenever a
+        blocking fetch landed a message): a queue without limits takes through the plain
+        TAKE, which does not look, so that its hot path pays nothing for pausing."""
+        now = time.monotonic()
+        if landed or now >= self._pause_looked_up + PAUSE_LOOKUP:
+            self._pause_looked_up = now
+            self._was_paused = bool(self.client.exists(self.keys.paused))
+        return self._was_paused
+
+    def _flow_args(self, running: int, mine: dict[str, int] | None) -> dict[str, Any]:
+        """TAKE_FLOW's arguments beyond TAKE's: the limits, and what this worker holds."""
+        limits = self.limits
+        return {
+            "max_running": limits.max_running,
+            "running": running,
+            "rate": limits.rate.starts if limits.rate else 0,
+            "window": limits.window_ms,
+            "group_by": limits.group_by,
+            "sorter": limits.sorter,
+            "group_max": limits.group_max_running,
+            "group_rate": limits.group_rate.starts if limits.group_rate else 0,
+            "group_window": limits.group_window_ms,
+            "group_prefix": self.keys.group_list,
+            "starts_prefix": self.keys.group_starts,
+            "mine": json.dumps(mine or {}),
+        }
 
     def fetch(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a message; True once one has landed.
@@ -234,6 +261,28 @@ class ReliableQueue:
         # BRPOPLPUSH takes whole seconds on servers older than 6.0
         result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
         return result is not None
+
+    def _sort_by_handler(self, group: Callable[[bytes], str], landed: bool) -> bool:
+        """Put messages in their groups' turns by the handler's `group()` (SORT): the
+        oldest of the shared list, what a blocking fetch landed, and due retries not yet
+        sorted. Returns whether a landed message is still for TAKE to see (SORT found it
+        moved, say): TAKE then puts it in the default group's turn."""
+        k = self.keys
+        if landed:
+            element = cast(bytes | None, self.client.lindex(k.landing, -1))
+            if element is not None:
+                landed = not self._sort(group_prefix=k.group_list, source="landing",
+                                        items=_tagged([element], group))  # fmt: skip
+        oldest_last = cast(list[bytes], self.client.lrange(k.queue, -SORT_BATCH, -1))
+        if oldest_last:
+            items = _tagged(oldest_last[::-1], group)
+            self._sort(group_prefix=k.group_list, source="queue", items=items)
+        due = cast(list[bytes], self.client.zrangebyscore(k.retry, "-inf", time.time(), 0, 100))
+        untagged = [(m, p) for m in due for tagged, p in [_retry_payload(m)] if not tagged]
+        if untagged:
+            items = [x for m, p in untagged for x in (m, _hex_group(group, p))]
+            self._sort(group_prefix=k.group_list, source="retry", items=items)
+        return landed
 
     def wait_for_wake(self, timeout: float) -> bool:
         """Block up to `timeout` seconds for a permit given back or a resume (the `wake`
@@ -267,6 +316,11 @@ class ReliableQueue:
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
+
+    @property
+    def owner_name(self) -> bytes:
+        """What `<queue>:owner:<worker-id>` holds while this process owns the private list."""
+        return f"{self._id_prefix}.".encode()
 
     @property
     def next_take_id(self) -> bytes:
@@ -351,6 +405,31 @@ class ReliableQueue:
         value = self.client.hget(self.keys.dead_reasons, digest(message))
         info: dict[str, Any] | None = json.loads(cast(bytes, value)) if value else None
         return info
+
+
+PAUSE_LOOKUP = 1.0  # seconds between two looks for a pause, on a queue without limits
+SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
+GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
+
+
+def _hex_group(group: Callable[[bytes], str], payload: bytes) -> bytes:
+    """The name of `payload`'s group, as SORT takes it: UTF-8, cut, in hex."""
+    return group(payload).encode()[:GROUP_NAME_MAX].hex().encode()
+
+
+def _tagged(payloads: list[bytes], group: Callable[[bytes], str]) -> list[bytes]:
+    """SORT's items: each payload, then its group's name in hex."""
+    return [x for p in payloads for x in (p, _hex_group(group, p))]
+
+
+def _retry_payload(member: bytes) -> tuple[bool, bytes]:
+    """Whether a retry set member is tagged with its group (`G<hex>.` id), and its payload."""
+    if not member.startswith(_PREFIX) or member.count(b":") < 3:
+        return False, member
+    _, ident, attempts, payload = member.split(b":", 3)
+    if b"." not in ident or not attempts.isdigit():  # as lua/envelope.lua's parse
+        return False, member
+    return ident.startswith(b"G"), payload
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
@@ -503,8 +582,16 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.get(worker_keys.lease)
     waiting, retrying, dead, *rest = pipe.execute()
     flow_state, rest = read_flow(rest)
-    if limits.group_by:
-        flow_state = dataclasses.replace(flow_state, groups=group_states(client, queue))
+    # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
+    # worker knows of): a queue with no group waiting costs one LRANGE.
+    groups = group_states(client, queue, limits.group_max_running)
+    if groups.busiest:
+        flow_state = dataclasses.replace(
+            flow_state,
+            groups=groups.busiest,
+            grouped_waiting=groups.waiting,
+            groups_full=groups.full,
+        )
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
     for worker_id, raw in zip(ids, rest[2::3], strict=True):
@@ -516,7 +603,8 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
             info = {"name": worker_id}
         if isinstance(info, dict):
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
-    return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers, flow_state)
+    waiting = int(waiting) + flow_state.grouped_waiting  # sorted into groups, still waiting
+    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow_state)
 
 
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:

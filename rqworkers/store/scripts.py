@@ -9,7 +9,8 @@ its KEYS and ARGV by name (`-- KEYS: a, b` and `-- ARGV: c, d, rest...`) and say
 returns. The loader here reads those names, and puts before the script's body a prologue
 that binds them to `local`s, then the constants Python shares with the Lua (`PREFIX`,
 `KEPT_TWIN_RECORDS`) and the libraries (`lua/envelope.lua`, the envelope's format;
-`lua/flow.lua`, waking waiting workers), each only if the body reads it. A caller names
+`lua/flow.lua`, waking waiting workers; `lua/take_core.lua`, what the two takes share),
+each only if the body reads it. A caller names
 its arguments (`Script.argv`) and keys (`queue.Keys.of_script`) by the same names, so the
 order is written once, in the header; each script's reply is read by the decoder declared
 beside it here.
@@ -93,7 +94,7 @@ class Script(Generic[R]):
     def bound(self) -> tuple[str, ...]:
         """The names the prologue binds before the body: what a linter must take as known."""
         rest = ("REST",) if self.rest else ()
-        library = [f for name in self.libraries for f in LIBRARIES[name].functions]
+        library = [f for name in self.libraries for f in LIBRARIES[name].names]
         return (*self.keys, *self.args, *rest, *self.constants, *library)
 
     def argv(self, **values: Any) -> list[Any]:
@@ -149,14 +150,23 @@ class Library(NamedTuple):
 
     body: str
     functions: tuple[str, ...]
+    variables: tuple[str, ...]  # its top-level locals, which the script's body may change
 
     @classmethod
     def read(cls, name: str) -> Library:
         body = _split(name, _LUA.joinpath(name).read_text(encoding="utf-8"))[1]
-        return cls(body, tuple(re.findall(r"^local function (\w+)", body, re.MULTILINE)))
+        functions = re.findall(r"^local function (\w+)", body, re.MULTILINE)
+        shared = re.findall(r"^local (?!function )(\w+(?:, \w+)*)", body, re.MULTILINE)
+        variables = [n for group in shared for n in group.split(", ")]
+        return cls(body, tuple(functions), tuple(variables))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.functions + self.variables
 
 
-LIBRARIES = {name: Library.read(name) for name in ("envelope.lua", "flow.lua")}
+# In the order they are put before a body: one may call those before it.
+LIBRARIES = {name: Library.read(name) for name in ("envelope.lua", "flow.lua", "take_core.lua")}
 _NAMES = re.compile(r"[a-z_][a-z0-9_]*")
 _VARIADIC = re.compile(r"[a-z_][a-z0-9_]*\.\.\.")  # the last of ARGV may be `name...`
 _SHEBANG = re.compile(r"#!lua flags=([a-z-]+(?:,[a-z-]+)*)")
@@ -197,9 +207,14 @@ def load(name: str, decode: Callable[[Any], R]) -> Script[R]:
     rest = args.pop().removesuffix("...") if args[-1].endswith("...") else None
     keys = tuple(_header(name, header, "KEYS"))
     words = _words(body)
-    libraries = tuple(n for n, lib in LIBRARIES.items() if not words.isdisjoint(lib.functions))
-    for library in libraries:
-        words |= _words(LIBRARIES[library].body)
+    libraries: tuple[str, ...] = ()
+    while True:  # a library may call another: what it calls is put before it
+        found = tuple(n for n, lib in LIBRARIES.items() if not words.isdisjoint(lib.functions))
+        if found == libraries:
+            break
+        libraries = found
+        for library in libraries:
+            words |= _words(LIBRARIES[library].body)
     constants = tuple(c for c in CONSTANTS if c in words)
     return Script(name, keys, tuple(args), rest, flags, body, decode, constants, libraries)
 
@@ -265,6 +280,7 @@ def _nothing(reply: None) -> None:
 
 
 TAKE = load("take.lua", _take_reply)
+TAKE_FLOW = load("take_flow.lua", _take_reply)
 REPLAY = load("replay.lua", _envelopes)
 GIVE_BACK = load("give_back.lua", int)
 RETRY_LATER = load("retry_later.lua", bool)
@@ -273,3 +289,4 @@ DEAD_LETTER = load("dead_letter.lua", bool)
 RECLAIM = load("reclaim.lua", _moved_unless_leased)
 DEAD_TAKE = load("dead_take.lua", int)
 REPLY = load("reply.lua", _nothing)
+SORT = load("sort.lua", int)

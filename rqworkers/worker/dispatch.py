@@ -21,12 +21,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rqworkers.errors import ExitCode, MessageTimeout
 from rqworkers.store.queue import Delivery
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.loop import WAKE_TIMEOUT, Worker
+
+if TYPE_CHECKING:  # loaded only when tracing is on (`worker.main`)
+    from rqworkers.worker.tracing import Traced
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +49,19 @@ class Running:
     entry: int  # its scoreboard entry
     deadline: float  # monotonic seconds
     limit: float  # seconds it may run: the pair's `timeout`, or the message's own if shorter
+    traced: Traced | None = None  # its span, when tracing is on
 
 
-Job = Callable[[bytes], "cf.Future[Outcome]"]
+# A job runs a payload, made the current span's in the thread or coroutine that runs it.
+Job = Callable[[bytes, "Traced | None"], "cf.Future[Outcome]"]
 
 
 def thread_jobs(handler: Handler, threads: int) -> tuple[Job, Callable[[], None]]:
     """Submit deliveries to a pool of `threads`; and a function that lets the pool go."""
     pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="handler")
 
-    def run(payload: bytes) -> Outcome:
+    def run(payload: bytes, traced: Traced | None) -> Outcome:
+        token = None if traced is None else traced.attach()
         began = time.monotonic()
         error: BaseException | None = None
         result: Any = None
@@ -70,9 +76,14 @@ def thread_jobs(handler: Handler, threads: int) -> tuple[Job, Callable[[], None]
                 handler.on_success(payload, result)
             else:
                 handler.on_failure(payload, error)
+        if traced is not None:
+            traced.detach(token)
         return Outcome(error, seconds, reply)  # the reply goes with this run's delivery
 
-    return (lambda payload: pool.submit(run, payload)), lambda: pool.shutdown(wait=False)
+    def submit(payload: bytes, traced: Traced | None) -> cf.Future[Outcome]:
+        return pool.submit(run, payload, traced)
+
+    return submit, lambda: pool.shutdown(wait=False)
 
 
 def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], None]]:
@@ -95,7 +106,9 @@ def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], 
             else:
                 log.exception("handler %s.%s() raised; ignored", handler.path, name)
 
-    async def run(payload: bytes) -> Outcome:
+    async def run(payload: bytes, traced: Traced | None) -> Outcome:
+        if traced is not None:
+            traced.attach()  # in this coroutine's own context, which ends with it
         began = time.monotonic()
         error: BaseException | None = None
         result: Any = None
@@ -116,7 +129,11 @@ def coroutine_jobs(handler: Handler, timeout: float) -> tuple[Job, Callable[[], 
         return Outcome(error, seconds)
 
     loop = handler.loop
-    return (lambda payload: asyncio.run_coroutine_threadsafe(run(payload), loop)), lambda: None
+
+    def submit(payload: bytes, traced: Traced | None) -> cf.Future[Outcome]:
+        return asyncio.run_coroutine_threadsafe(run(payload, traced), loop)
+
+    return submit, lambda: None
 
 
 class ConcurrentWorker(Worker):
@@ -181,10 +198,11 @@ class ConcurrentWorker(Worker):
             entry = self.free_entries.pop()
             now = time.monotonic()
             self.board.busy(now, entry)
-            future = self.submit(delivery.payload)
+            traced = None if self.tracing is None else self.tracing.start(delivery, False)
+            future = self.submit(delivery.payload, traced)
             own = self.handler.own_timeout(delivery.payload)
             limit = self.pair.timeout if own is None else min(own, self.pair.timeout)
-            self.running[future] = Running(delivery, entry, now + limit, limit)
+            self.running[future] = Running(delivery, entry, now + limit, limit, traced)
 
     def settle_finished(self) -> None:
         """Wait until one delivery finishes, a thread's deadline passes, or it is time to
@@ -208,6 +226,8 @@ class ConcurrentWorker(Worker):
         outcome = future.result()
         settler, delivery, error = self.settler, running.delivery, outcome.error
         failure = settler.verdict(delivery, error)
+        if running.traced is not None:
+            running.traced.end(failure, error)
         self.board.idle(error is not None, outcome.seconds, running.entry)
         self.free_entries.append(running.entry)
         settler.settle(delivery, failure, time.monotonic(), outcome.seconds, outcome.reply)
@@ -223,7 +243,10 @@ class ConcurrentWorker(Worker):
         del self.running[future]
         self.abandoned.append(running.entry)
         delivery = running.delivery
-        failure = self.settler.failure(delivery, MessageTimeout(running.limit))
+        timeout = MessageTimeout(running.limit)
+        failure = self.settler.failure(delivery, timeout)
+        if running.traced is not None:
+            running.traced.end(failure, timeout)
         self.settler.settle(delivery, failure, time.monotonic(), running.limit)
         log.error("a handler thread ran past %gs; recycling once the others finish", running.limit)
         self.exit_code = ExitCode.TIMEOUT

@@ -1,4 +1,4 @@
-"""A worker frozen past its lease must not run on past `max_running` when it wakes.
+"""A worker frozen past its lease, or orphaned, must not run on past `max_running`.
 
 A process stopped long enough (SIGSTOP, a paused VM, a host under swap) loses its lease;
 another node then reclaims its messages and gives its permits back, and others start what
@@ -8,6 +8,11 @@ a small thread that notices such a gap in time and, if the worker held a permit 
 reclaim took its list meanwhile (its `owner` key is gone), ends the process at once (exit 75, as a
 worker whose list another process took over). What it ran is not lost: the reclaim moved
 it, charged, to the retry set, and it runs again elsewhere.
+
+An orphan is the same case: a manager SIGKILLed alone leaves its workers finishing the
+message in hand, while a new manager's workers (the same worker ids) replay their lists and
+give their permits back, or another node reclaims them. So an orphaned worker holding a
+permit looks too, every tick, and ends itself once its list is someone else's.
 """
 
 from __future__ import annotations
@@ -38,12 +43,20 @@ class FreezeWatch:
     whether this worker's permits are still its own, and exits if they are not."""
 
     def __init__(
-        self, url: str, keys: Keys, lease_ttl: float, holds_permit: Callable[[], bool]
+        self,
+        url: str,
+        keys: Keys,
+        lease_ttl: float,
+        holds_permit: Callable[[], bool],
+        manager_pid: int,
+        owner: bytes,
     ) -> None:
         self.url = url
         self.keys = keys
         self.gap = lease_ttl / 2
         self.holds_permit = holds_permit
+        self.manager_pid = manager_pid
+        self.owner = owner  # what `<queue>:owner:<worker-id>` says while the list is ours
         self._client: Client | None = None
         self.thread = threading.Thread(target=self.run, name="freeze-watch", daemon=True)
 
@@ -55,11 +68,14 @@ class FreezeWatch:
         while True:
             time.sleep(TICK)
             now = _clock()
-            if now - last - TICK >= self.gap and self.revoked():
+            frozen = now - last - TICK >= self.gap
+            orphaned = os.getppid() != self.manager_pid
+            if (frozen or orphaned) and self.revoked():
+                why = f"frozen {now - last:.1f}s, past its lease" if frozen else "orphaned"
                 log.error(
-                    "this worker was frozen %.1fs, past its lease, and its permits were given "
-                    "to others meanwhile: exiting before it runs beside them",
-                    now - last,
+                    "this worker was %s, and its list and permits were taken over meanwhile: "
+                    "exiting before it runs beside those who took them",
+                    why,
                 )
                 os._exit(ExitCode.SUPERSEDED)
             last = now
@@ -71,8 +87,9 @@ class FreezeWatch:
         try:
             if self._client is None:
                 self._client = connect(self.url, timeout=2.0)
-            # A reclaim strikes the list's owner (and gives its permits back); the worker
-            # itself is mid-message, so no take of its own has named it owner again.
-            return self._client.exists(self.keys.owner) == 0
+            # A reclaim strikes the list's owner, a new manager's replay names its own
+            # worker owner (each gives the permits back); the worker itself is mid-message,
+            # so no take of its own has named it owner again.
+            return self._client.get(self.keys.owner) != self.owner
         except REDIS_ERRORS:
             return False  # Redis cannot say: the worker's own next take will

@@ -84,6 +84,25 @@ class Handler:
             thread.start()
         return self._loop
 
+    def grouper(self) -> Callable[[bytes], str] | None:
+        """`group(message)` of a class handler that names each raw message's group, made
+        safe: its exception, or an answer that is not a string (None included), is the
+        default group ''. None if the handler names no groups."""
+        method = self.method("group")
+        if method is None or self.is_async:
+            return None
+
+        def group(message: bytes) -> str:
+            try:
+                name = method(message)
+            except Exception:
+                log.exception("handler %s.group() raised; the message joins the default group",
+                              self.path)  # fmt: skip
+                return ""
+            return name if isinstance(name, str) else ""
+
+        return group
+
     def method(self, name: str) -> Callable[..., Any] | None:
         """The instance's `name` method (setup, on_success...), if it has one."""
         method = getattr(self._instance, name, None)
@@ -169,3 +188,12 @@ def verify(path: str) -> str | None:
     except HandlerError as exc:
         return str(exc)
     return None
+
+
+def names_groups(path: str) -> bool:
+    """Whether the handler at `path` is a class with a `group(message)` method."""
+    try:
+        target = resolve(path)
+    except HandlerError:
+        return False
+    return isinstance(target, type) and callable(getattr(target, "group", None))

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -36,6 +36,9 @@ from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.scoreboard import Scoreboard
 from rqworkers.worker.settle import Settler
+
+if TYPE_CHECKING:  # loaded only when tracing is on (`worker.main`)
+    from rqworkers.worker.tracing import Tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +72,7 @@ class WorkerSpec:
     lease_ttl: float
     sample_succeeded: float = 0.0  # share of succeeded messages that get a log line
     sample_failed: float = 1.0  # share of failed and dead-lettered messages that do
+    tracing: bool = False  # `[telemetry] tracing`: a span per delivery (`worker.tracing`)
 
 
 class Worker:
@@ -81,8 +85,10 @@ class Worker:
         queue: ReliableQueue,
         board: Scoreboard,
         stop: StopFlag,
+        tracing: Tracing | None = None,
     ) -> None:
         self.spec = spec
+        self.tracing = tracing  # None: tracing is off, and costs one test per message
         self.pair = spec.pair
         self.handler = handler
         self.queue = queue
@@ -316,7 +322,7 @@ class Worker:
         """On the way out: send pending settlements, give unstarted messages back."""
         ALARM.disarm()
         limits = self.queue.limits
-        permits = bool(limits.max_running or limits.group_by)  # none held past its end
+        permits = bool(limits.max_running or limits.sorter)  # none held past its end
         if self.outbox.empty and not self.batch and not permits:
             return
         try:
@@ -360,6 +366,7 @@ class Worker:
         if not settler.admit(delivery, lost_reason):
             return False
         self.mark_unstarted()  # from here on, its worker's end charges it
+        traced = None if self.tracing is None else self.tracing.start(delivery)
         since = time.monotonic()
         self.board.busy(since)
         error: BaseException | None = None
@@ -378,6 +385,8 @@ class Worker:
         )
         self.in_handler = False
         failure = settler.verdict(delivery, error)
+        if traced is not None:
+            traced.end(failure, error)
         self.board.idle(error is not None, ended - since)  # after the callbacks: busy till then
         settler.settle(delivery, failure, ended, ended - since, reply)
         if failure is None and self.outbox.acks_overdue(ended):

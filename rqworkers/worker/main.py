@@ -6,8 +6,10 @@ build on each other while this, which picks between them, sits above both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import setproctitle
 
@@ -25,6 +27,9 @@ from rqworkers.worker.handlers import startup_failure
 from rqworkers.worker.loop import BLOCK_TIMEOUT, Worker, WorkerSpec
 from rqworkers.worker.scoreboard import Scoreboard
 
+if TYPE_CHECKING:  # loaded only when tracing is on: `_tracing`
+    from rqworkers.worker.tracing import Tracing
+
 log = logging.getLogger("rqworkers.worker")
 
 
@@ -35,9 +40,24 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     the default action the fork left them: a setup that hangs, in Python or in C, stops at
     once. Only then does SIGTERM become a request to finish the message in hand. The
     manager ends a setup that runs past `setup_timeout`.
+
+    With tracing on, the span exporter is made here, in this process (no exporting thread
+    survives a fork), before the handler loads, so that its spans are exported too; and it
+    is flushed on every way out.
     """
     setproctitle.setproctitle(f"rqworkers: worker {spec.name}")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the manager's business
+    tracing = _tracing(spec) if spec.tracing else None
+    if spec.tracing and tracing is None:
+        return ExitCode.STARTUP_FAILED
+    try:
+        return _run(spec, board, tracing)
+    finally:
+        if tracing is not None:
+            tracing.close()
+
+
+def _run(spec: WorkerSpec, board: Scoreboard, tracing: Tracing | None) -> int:
     client = _client(spec)
     if client is None:
         return ExitCode.STARTUP_FAILED
@@ -52,18 +72,27 @@ def main(spec: WorkerSpec, board: Scoreboard) -> int:
     stop = _install_signals()
     board.ready()
     pair = spec.pair
-    queue = ReliableQueue(
-        client, pair.queue, spec.worker_id, keep_connection=True, limits=pair.limits
-    )
+    limits = pair.limits
+    grouper = handler.grouper()
+    if grouper is not None and not limits.group_by:  # `group_by` wins where both are set
+        limits = dataclasses.replace(limits, grouper=grouper)
+    queue = ReliableQueue(client, pair.queue, spec.worker_id, keep_connection=True, limits=limits)
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
-            worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop)
+            worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop, tracing)
         else:
-            worker = Worker(spec, handler, queue, board, stop)
+            worker = Worker(spec, handler, queue, board, stop, tracing)
             signal.signal(signal.SIGTERM, worker.on_stop_signal)
             signal.signal(signal.SIGINT, worker.on_stop_signal)
         if spec.pair.max_running or spec.pair.group_max_running:
-            FreezeWatch(spec.pair.url, queue.keys, spec.lease_ttl, worker.holds_permit).start()
+            FreezeWatch(
+                spec.pair.url,
+                queue.keys,
+                spec.lease_ttl,
+                worker.holds_permit,
+                spec.manager_pid,
+                queue.owner_name,
+            ).start()
         return worker.run()
     finally:
         handler.teardown()
@@ -81,6 +110,18 @@ def _client(spec: WorkerSpec) -> Client | None:
     except (OSError, ValueError) as exc:  # ValueError: a password that is not UTF-8
         where = f"password_file {exc.path} " if isinstance(exc, files.NotRegularFileError) else ""
         log.error("cannot connect to %s: %s%s", spec.pair.endpoint, where, printable(str(exc)))
+        return None
+
+
+def _tracing(spec: WorkerSpec) -> Tracing | None:
+    """This process's span exporter, or None after one line saying why there is none (the
+    `otel` extra gone since `check`, an OTEL_* variable the SDK or rqworkers refuses)."""
+    try:
+        from rqworkers.worker.tracing import Tracing
+
+        return Tracing(spec.pair)
+    except Exception as exc:  # a bad OTEL_* value (headers, certificate...): said, not raised
+        log.error("cannot start tracing: %s: %s", type(exc).__name__, printable(str(exc)))
         return None
 
 

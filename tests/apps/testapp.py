@@ -198,3 +198,21 @@ def measure_json(message: bytes) -> None:
     finally:
         c.decr(key)
     _record("done", message)
+
+
+class Tenants:
+    """Raw payloads `<tenant>:<seconds>:<n>`, grouped by tenant through `group()`."""
+
+    def group(self, message: bytes) -> str:
+        return message.split(b":", 1)[0].decode()
+
+    def handle(self, message: bytes) -> None:
+        tenant, seconds, _ = message.split(b":", 2)
+        c = client()
+        key = f"flow:running:{tenant.decode()}"
+        c.eval(_MAX, 1, f"flow:max:{tenant.decode()}", c.incr(key))
+        try:
+            time.sleep(float(seconds))
+        finally:
+            c.decr(key)
+        _record("done", message)

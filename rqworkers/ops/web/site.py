@@ -5,7 +5,8 @@ second at most, shared by every open browser); `GET /api/history` the throughput
 last minutes, sampled here (`history`); `GET /api/dead` pages a queue's dead letters, each
 with a binary-safe preview (`dead.preview`), everything its record says, and the worker
 that dead-lettered it by the name and node the workers table shows.
-Writes: `POST /api/dead/requeue` and `/api/dead/purge`, only with the token (see `auth`).
+Writes: `POST /api/dead/requeue` and `/api/dead/purge`, `POST /api/pause` and
+`/api/resume` (a queue, on every node: `store.flow`), only with the token (see `auth`).
 All of it only for requests addressed to one of this server's names (`Site.check_host`).
 
 Nothing here runs in a worker: the page costs the workers' hot path nothing, and Redis at
@@ -42,6 +43,7 @@ from rqworkers.ops.web.auth import (
 )
 from rqworkers.ops.web.cache import SharedReads
 from rqworkers.ops.web.history import History
+from rqworkers.store import flow
 from rqworkers.store.connections import Client
 from rqworkers.store.outage import REDIS_ERRORS, explain, is_outage
 from rqworkers.store.queue import DeadLetter, DeadLetters, connect, snapshot
@@ -128,6 +130,8 @@ class Site:
             ("GET", "/api/dead"): self.get_dead,
             ("POST", "/api/dead/requeue"): lambda r: self.act(r, "requeue"),
             ("POST", "/api/dead/purge"): lambda r: self.act(r, "purge"),
+            ("POST", "/api/pause"): lambda r: self.flow(r, "pause"),
+            ("POST", "/api/resume"): lambda r: self.flow(r, "resume"),
             ("POST", "/login"): self.login,
             ("POST", "/logout"): self.logout,
             **{("GET", path): self.get_asset for path in ASSETS},
@@ -379,13 +383,18 @@ class Site:
             raise HttpError(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
         return identity
 
+    def json_body(self, request: Request) -> Any:
+        """An action's JSON body; 415 for any other type, which a form of another site
+        could send without asking the browser first."""
+        if request.headers.get_content_type() != "application/json":
+            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        return _parse_json(request.body)
+
     def act(self, request: Request, action: str) -> Response:
         """Requeue or purge the letters named by index and value; all or nothing: if any
         has moved since the page read it, nothing is done (409) and the page reloads."""
         self.authorize(request)
-        if request.headers.get_content_type() != "application/json":
-            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
-        args = _parse_json(request.body)
+        args = self.json_body(request)
         shape = "expected {queue, letters: [{index, key}]}"
         try:
             wanted = [(x["index"], x["key"]) for x in args["letters"]]
@@ -410,6 +419,28 @@ class Site:
         log.info("dashboard: %s of %d dead letter(s) of %s on %s by %s: %d done",
                  action, len(found), pair.queue, pair.endpoint, request.client, done)  # fmt: skip
         return _json({"action": action, "asked": len(found), "done": done})
+
+    def flow(self, request: Request, action: str) -> Response:
+        """Pause or resume the queue named by `{queue, host}` on every node, as `rqworkers
+        pause` and `resume` do; `done` is False if it was paused (resumed) already."""
+        self.authorize(request)
+        args = self.json_body(request)
+        if not (
+            isinstance(args, dict)
+            and isinstance(args.get("queue"), str)
+            and isinstance(args.get("host", ""), str)
+        ):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "expected {queue, host}, as text")
+        pair = self.pair(args)
+        client = self.client(pair.url)
+        if action == "pause":
+            done = flow.pause(client, pair.queue, by=f"the status page ({request.client})")
+        else:
+            done = flow.resume(client, pair.queue)
+        self.status_reads.forget()
+        log.info("dashboard: %s of %s on %s by %s: %s", action, pair.queue, pair.endpoint,
+                 request.client, "done" if done else "nothing to do")  # fmt: skip
+        return _json({"action": action, "host": pair.endpoint, "queue": pair.queue, "done": done})
 
     def login(self, request: Request) -> Response:
         self.actions_on()

@@ -9,7 +9,11 @@
 --   release_permits(permits, wake, queue, worker_id, held, group_running, ring) -> drops
 --     the worker's entry from `permits` and its group permits (`held`, counted in
 --     `group_running`): it died, or was replaced. Waiters are woken if work waits.
--- A script need not use both:
+--   tohex(bytes), unhex(hex) -> group names travel to and from the worker in hex: any
+--     bytes, where JSON needs UTF-8
+--   sort_into(group_prefix, ring, g, payload, stamp) -> puts `payload` at the back of group
+--     `g`'s list (`<stamp>|<payload>`), and `g` in the ring if it had nothing waiting
+-- A script need not use them all:
 -- luacheck: ignore 211
 
 local function wake_waiters(wake, n)
@@ -31,5 +35,19 @@ local function release_permits(permits, wake, queue, worker_id, held, group_runn
   redis.call('DEL', held)
   if had > 0 and (redis.call('LLEN', queue) > 0 or redis.call('LLEN', ring) > 0) then
     wake_waiters(wake, had)
+  end
+end
+
+local function tohex(g)
+  return (string.gsub(g, '.', function(c) return string.format('%02x', string.byte(c)) end))
+end
+
+local function unhex(h)
+  return (string.gsub(h, '%x%x', function(cc) return string.char(tonumber(cc, 16)) end))
+end
+
+local function sort_into(group_prefix, ring, g, payload, stamp)
+  if redis.call('LPUSH', group_prefix .. g, stamp .. '|' .. payload) == 1 then
+    redis.call('RPUSH', ring, g)
   end
 end

@@ -21,8 +21,11 @@
 -- becomes the list's `owner`.
 
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
--- Its next take asks for the permits of what it runs:
-release_permits(permits, wake, queue, worker_id, held, group_running, ring)
+-- A new process gives back the permits of the one before (its next take asks for what it
+-- runs); this process's own replay, after a Redis error, keeps those its handlers hold.
+if charge == '1' then
+  release_permits(permits, wake, queue, worker_id, held, group_running, ring)
+end
 local started = charge == '1'
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}

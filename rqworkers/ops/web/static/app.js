@@ -55,7 +55,8 @@ function duration(seconds) {
 
 // Every time on the page is UTC, as the dead letters' records and the logs are.
 function utc(epoch) {
-  return epoch ? new Date(Number(epoch) * 1000).toISOString().replace("T", " ").slice(0, 19) : "?";
+  const date = new Date(Number(epoch) * 1000); // an invalid one (NaN, 1e300) throws in toISOString
+  return epoch && Number.isFinite(date.getTime()) ? date.toISOString().replace("T", " ").slice(0, 19) : "?";
 }
 
 // -- rates: differences of the workers' counters between refreshes ---------------------
@@ -101,23 +102,82 @@ function rate(key) {
 
 // -- rendering ------------------------------------------------------------------------
 
+const COLUMNS = 11; // of the queue table
+const count = (n) => Number(n ?? 0).toLocaleString("en-US");
+const PERIODS = { s: "second", m: "minute", h: "hour" }; // of a rate_limit: "100/s"
+
 function renderQueues(pairs) {
   const body = $("queues").tBodies[0];
-  body.replaceChildren(...pairs.map((pair) => {
+  body.replaceChildren(...pairs.flatMap((pair) => {
     const attrs = { "data-host": pair.host, "data-queue": pair.queue };
     const snap = pair.snapshot;
     if (!snap) {
-      return el("tr", { ...attrs, class: "unreachable" },
-        el("td", {}, pair.host), el("td", {}, pair.queue), el("td", { colspan: 6, class: "error" }, pair.error));
+      return [el("tr", { ...attrs, class: "unreachable" },
+        el("td", {}, pair.host), el("td", {}, pair.queue), el("td", { colspan: COLUMNS - 2, class: "error" }, pair.error))];
     }
     const r = rate(pairKey(pair));
+    const flow = snap.flow ?? {};
     const cell = (name, value) => el("td", { class: `n ${name}` }, value);
-    return el("tr", attrs,
-      el("td", { class: "host" }, pair.host), el("td", { class: "queue" }, pair.queue),
+    const name = el("td", { class: "queue" }, pair.queue);
+    if (flow.paused) {
+    const who = `paused by ${flow.paused.by ?? "?"} since ${utc(flow.paused.at)} UTC`;
+    name.append(" ", el("span", { class: "badge paused", title: who }, "PAUSED"));
+  }
+    const row = el("tr", { ...attrs, class: snap.held_back ? "held" : null },
+      el("td", { class: "host" }, pair.host), name,
       cell("waiting", snap.waiting), cell("in_flight", snap.in_flight),
       cell("retrying", snap.retrying), cell("dead", deadCount(pair)),
-      cell("ok-rate", r ? r.ok.toFixed(1) : "…"), cell("failed-rate", r ? r.failed.toFixed(1) : "…"));
+      cell("ok-rate", r ? r.ok.toFixed(1) : "…"), cell("failed-rate", r ? r.failed.toFixed(1) : "…"),
+      cell("running", flow.max_running ? `${flow.running}/${flow.max_running}` : "-"),
+      cell("started", flow.rate_limit ? `${flow.started}/${flow.rate_starts}` : "-"),
+      el("td", { class: "flow-actions" }, flowButton(pair, flow.paused ? "resume" : "pause")));
+    const detail = flowDetail(pair, snap, flow);
+    return detail ? [row, detail] : [row];
   }));
+}
+
+function flowButton(pair, action) {
+  return el("button", { type: "button", class: `flow-action ${action}`, "data-flow": action,
+    "data-host": pair.host, "data-queue": pair.queue, hidden: state.session.authenticated ? null : "" },
+  action === "pause" ? "Pause" : "Resume");
+}
+
+// Why a queue falls behind, said in one line under it: the pause (who, since when) and
+// each limit that lets nothing start, with how many messages wait on it; then its busiest
+// groups, when it has groups. No line for a queue with nothing to say.
+function flowDetail(pair, snap, flow) {
+  const why = (flow.held_by ?? []).map((reason) => ({
+    paused: `the pause (by ${flow.paused?.by ?? "?"} since ${utc(flow.paused?.at)} UTC)`,
+    max_running: `max_running (${flow.running}/${flow.max_running} running)`,
+    rate_limit: `rate_limit (${flow.started}/${flow.rate_starts} started in the last ${PERIODS[String(flow.rate_limit).slice(-1)] ?? flow.rate_limit})`,
+  })[reason] ?? reason);
+  const held = why.length > 0 && (snap.held_back > 0 || Boolean(flow.paused));
+  const groups = flow.groups ?? [];
+  if (!held && !groups.length) return null;
+  const cell = el("td", { colspan: COLUMNS });
+  if (held) {
+    cell.append(el("p", { class: "held-line" }, `held back by ${why.join(" and ")}: ${count(snap.held_back)} waiting`));
+  }
+  if (groups.length) {
+    const most = Number(flow.group_max_running || 0);
+    const rows = groups.map((g) => {
+      const full = most > 0 && g.running >= most && g.waiting > 0; // this group falls behind
+      return el("tr", { "data-group": g.name, class: full ? "held" : null },
+        el("td", { class: "group" }, g.name == null || g.name === "" ? "(default)" : g.name),
+        el("td", { class: "n waiting" }, count(g.waiting)), el("td", { class: "n running" }, count(g.running)),
+        el("td", { class: "n oldest" }, g.oldest_age == null ? "?" : duration(g.oldest_age)),
+        el("td", { class: "note" }, full ? `held back by group_max_running (${g.running}/${most} running)` : ""));
+    });
+    const limits = [most ? `group_max_running ${most}` : "", flow.group_rate_limit ? `group_rate_limit ${flow.group_rate_limit}` : ""]
+      .filter(Boolean).join(", ");
+    cell.append(el("table", { class: "groups" },
+      el("thead", {}, el("tr", {}, el("th", {}, limits ? `busiest groups (${limits})` : "busiest groups"),
+        el("th", { class: "n" }, "waiting"), el("th", { class: "n" }, "running"),
+        el("th", { class: "n" }, "oldest waiting"), el("th", {}, ""))),
+      el("tbody", {}, ...rows)));
+  }
+  return el("tr", { class: held ? "flow-detail held" : "flow-detail",
+    "data-flow-of": pairKey(pair) }, cell);
 }
 
 // The chosen queue's dead count is the pager's: one read, never two numbers at once.
@@ -238,6 +298,7 @@ function renderSession() {
   $("logout").hidden = !s.authenticated;
   $("private").hidden = !s.private || s.authenticated;
   $("dead-actions").hidden = !s.authenticated;
+  for (const button of document.querySelectorAll("#queues .flow-action")) button.hidden = !s.authenticated;
   for (const cell of document.querySelectorAll("#dead .pick")) cell.hidden = !s.authenticated;
 }
 
@@ -326,6 +387,24 @@ async function act(action) {
   await refresh();
 }
 
+async function flowAction(action, host, queue) {
+  const message = $("flow-message");
+  message.classList.remove("error");
+  try {
+    const result = await api(`api/${action}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": state.session.csrf ?? "" },
+      body: JSON.stringify({ host, queue }),
+    });
+    const already = action === "pause" ? "was paused already" : "was not paused";
+    message.textContent = `${result.queue} ${result.done ? `${action}d` : already}`;
+  } catch (error) {
+    message.textContent = `${action} refused (${error.status ?? "?"}): ${error.message}`;
+    message.classList.add("error");
+  }
+  await refresh();
+}
+
 function start() {
   $("login").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -343,6 +422,10 @@ function start() {
   });
   $("requeue").addEventListener("click", () => act("requeue"));
   $("purge").addEventListener("click", () => act("purge"));
+  $("queues").addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-flow]");
+    if (button) flowAction(button.dataset.flow, button.dataset.host, button.dataset.queue);
+  });
   $("dead-queue").addEventListener("change", () => { state.dead.start = 0; refresh(); });
   $("dead-prev").addEventListener("click", () => { state.dead.start = Math.max(0, state.dead.start - PAGE); loadDead(); });
   $("dead-next").addEventListener("click", () => { state.dead.start += PAGE; loadDead(); });

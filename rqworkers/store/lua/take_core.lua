@@ -1,0 +1,100 @@
+-- The take library: what TAKE and TAKE_FLOW share, put before the body of each (see
+-- scripts.py): the reply being built, the owner check, the acks, adding to the batch,
+-- the shared list's oldest, the move into the private list, and the reply's last fields.
+-- It reads the KEYS and ARGV both scripts name alike (queue, processing, landing, retry,
+-- owner; limit, idbase, trim, acks...).
+--
+-- Defines:
+--   taken, fresh, attempts_of, tried, room: the reply, the new envelopes and their
+--     attempts, whether any has attempts, and how many more this call may take
+--   owns_list(), remove_acks(), add_to_batch(attempts, payload), take_shared(),
+--   move(landed_message, due, oldest_last), finish(first) -> the reply
+-- luacheck: ignore 211
+
+-- The reply, and the new envelopes with their attempts, built up by the functions below.
+local taken = {0, '', '', '', ''}
+local fresh, attempts_of, tried = {}, {}, false
+local room = tonumber(limit)
+
+-- Only the process that last replayed the list (or, if none did, took first) takes into it
+-- and trims it (see `owner` in queue.py): the list holds one process's deliveries, in order.
+local function owns_list()
+  local me, owned_by = string.match(idbase, '^[^.]*%.'), redis.call('GET', owner)
+  if not owned_by then
+    redis.call('SET', owner, me)
+  elseif owned_by ~= me then
+    return false
+  end
+  return true
+end
+
+-- Removes the acked deliveries; returns how many were not found, or -1. The worker sends
+-- its acks as a trim only when they follow the private list's order; every envelope is
+-- unique and the list holds only its owner's deliveries, in take order, so if the two ends
+-- are in place, the n between them are the acks. If they are not, nothing is removed.
+local function remove_acks()
+  local acks = tonumber(trim)
+  if acks > 0 then
+    local in_place = redis.call('LINDEX', processing, -1) == ARGV[REST]
+    if in_place and acks > 1 then
+      in_place = redis.call('LINDEX', processing, -acks) == ARGV[REST + 1]
+    end
+    if not in_place then return -1 end
+    redis.call('LTRIM', processing, 0, -acks - 1)
+    return 0
+  end
+  local missing = 0
+  for i = REST, #ARGV do
+    if redis.call('LREM', processing, -1, ARGV[i]) == 0 then missing = missing + 1 end
+  end
+  return missing
+end
+
+-- Adds one message to what this call takes.
+local function add_to_batch(attempts, payload)
+  local n = #fresh + 1
+  fresh[n] = wrap(idbase .. n, attempts, payload)
+  attempts_of[n] = attempts
+  taken[n + 5] = payload
+  if attempts ~= 0 then tried = true end
+  room = room - 1
+end
+
+-- The oldest messages of the shared list, as many as there is room for, taken, oldest last.
+-- The bulk of every busy take: add_to_batch inlined, attempts 0.
+local function take_shared()
+  if room <= 0 then return {} end
+  local oldest_last = redis.call('LRANGE', queue, -room, -1)
+  local n, head = #fresh, PREFIX .. idbase
+  for i = #oldest_last, 1, -1 do
+    n = n + 1
+    fresh[n] = head .. n .. ':0:' .. oldest_last[i]
+    taken[n + 5] = oldest_last[i]
+  end
+  return oldest_last
+end
+
+-- Moves what was taken into the private list. Pushed before they leave where they were:
+-- Redis out of memory refuses the push, and then nothing has moved.
+local function move(landed_message, due, oldest_last)
+  for i = 1, #fresh, 1000 do
+    redis.call('LPUSH', processing, unpack(fresh, i, math.min(i + 999, #fresh)))
+  end
+  if landed_message then redis.call('RPOP', landing) end
+  for i = 1, #due, 1000 do
+    redis.call('ZREM', retry, unpack(due, i, math.min(i + 999, #due)))
+  end
+  if #oldest_last > 0 then redis.call('LTRIM', queue, 0, -#oldest_last - 1) end
+end
+
+-- The reply's attempts and, if this call did not fill up, when the next retry is due.
+local function finish(first)
+  if tried then
+    for i = #attempts_of + 1, #fresh do attempts_of[i] = 0 end
+    taken[3] = table.concat(attempts_of, ',')
+  end
+  if room > 0 and first[2] then
+    taken[2] = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or ''
+  end
+  return taken
+end
