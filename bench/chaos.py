@@ -1,6 +1,11 @@
 """Fault injection for rqworkers: push numbered messages while breaking things, then count.
 
     python -m bench.chaos --messages 10000 --faults 30 --seed 1 [--json]
+    python -m bench.chaos --delayed 0.5 --max-delay 3   # half of them delayed 0..3 s
+
+With `--delayed`, that share of the messages is pushed delayed (`Producer.push(at=)`), its
+due time written into the payload after an `@`; the handler counts any delivery that comes
+before it (`early`), which must stay 0 as `lost` must.
 
 Two managers, node identities `chaos-a` and `chaos-b`, consume two queues from a private
 redis-server (append-only, fsync always) while this script SIGKILLs and SIGSTOPs workers,
@@ -44,11 +49,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bench.redisproc import RedisServer
+from rqworkers.store.delayed import DelayedPusher
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUES = ("chaos1", "chaos2")
 NODES = ("chaos-a", "chaos-b")
 HANDLED_KEY = "chaos:handled"  # hash: payload -> times handled
+EARLY_KEY = "chaos:early"  # hash: payload -> deliveries before its due time
 URL_ENV = "CHAOS_REDIS_URL"
 SLEEP_ENV = "CHAOS_SLEEP_MS"
 LIMITS_ENV = "CHAOS_LIMITS"  # set: the handler logs each handling's start and end time
@@ -108,6 +115,9 @@ def record(message: bytes) -> None:
     if limits:
         queue = message.split(b":", 1)[0].decode()
         _client.rpush(f"{STARTS_KEY}:{queue}", repr(began))
+    _, at, due = message.partition(b"@")
+    if at and time.time() < float(due):
+        _client.hincrby(EARLY_KEY, message, 1)
     sleep_ms = float(os.environ.get(SLEEP_ENV) or 0)
     if sleep_ms > 0:
         time.sleep(random.uniform(0, sleep_ms) / 1000)
@@ -137,6 +147,8 @@ class Settings:
     concurrency: int = 1  # messages a worker of the second queue runs at once
     max_running: int = 0  # on the first queue; 0: none
     rate_limit: str = ""  # on the second queue, "N/s"; "": none
+    delayed: float = 0.0  # share of the messages pushed delayed
+    max_delay: float = 3.0  # seconds: each delayed message is due 0..max_delay after its push
 
 
 def config_text(node: str, url: str, s: Settings) -> str:
@@ -401,6 +413,8 @@ class Report:
     orphans: int = 0
     manager_exit_codes: dict[str, int | None] = field(default_factory=dict)
     unexpected_payloads: int = 0
+    delayed: int = 0  # messages pushed delayed
+    early: int = 0  # deliveries before the message was due
     stuck: dict[str, int] = field(default_factory=dict)
     lost_sample: dict[str, str] = field(default_factory=dict)  # payload -> where it sits
     anomalies: list[str] = field(default_factory=list)
@@ -413,7 +427,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.drained and self.limits_held
+        return self.lost == 0 and self.drained and self.limits_held and self.early == 0
 
 
 class Chaos:
@@ -450,6 +464,8 @@ class Chaos:
         self.faults: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.produced = 0
+        self.made: dict[int, bytes] = {}  # the delayed messages' payloads, by number
+        self.delay_rng = random.Random(settings.seed + 1)  # leaves the faults' draw alone
         self.production_end = 0.0
         self.t0 = time.monotonic()
         self.last_fault_end = self.t0
@@ -560,6 +576,8 @@ class Chaos:
                 payload(n, self.width, self.s.distinct)
                 for n in range(self.produced + 1, self.produced + count + 1)
             ]
+            if self.s.delayed:
+                batch = self.push_delayed(batch, self.produced + 1)
             pipe = self.client.pipeline(transaction=False)
             for queue in QUEUES:
                 mine = [p for p in batch if p.startswith(queue.encode() + b":")]
@@ -569,6 +587,21 @@ class Chaos:
             self.produced += count
             if self.produced == self.s.messages:
                 self.production_end = time.monotonic()
+
+    def push_delayed(self, batch: list[bytes], first: int) -> list[bytes]:
+        """Push a `--delayed` share of `batch` (numbered from `first`) delayed, each due
+        0..`--max-delay` s from now, written in its payload; the rest, to push at once."""
+        pusher = DelayedPusher(self.client)
+        now = time.time()
+        rest = []
+        for n, body in enumerate(batch, first):
+            if self.delay_rng.random() >= self.s.delayed:
+                rest.append(body)
+                continue
+            due = now + self.delay_rng.uniform(0, self.s.max_delay)
+            self.made[n] = b"%s@%r" % (body, due)
+            pusher.push(body.split(b":")[0].decode(), [self.made[n]], due)
+        return rest
 
     def supervise(self) -> None:
         """Notice managers that die on their own, orphans outliving their manager, no node left."""
@@ -771,8 +804,11 @@ class Chaos:
         for queue in QUEUES:
             dead.update(cast(list[bytes], self.client.lrange(f"{queue}:dead", 0, -1)))
         produced = Counter(
-            payload(n, self.width, self.s.distinct) for n in range(1, self.produced + 1)
+            self.made.get(n) or payload(n, self.width, self.s.distinct)
+            for n in range(1, self.produced + 1)
         )
+        r.delayed = len(self.made)
+        r.early = sum(int(v) for v in cast(list[bytes], self.client.hvals(EARLY_KEY)))
         # Per payload value: copies produced, handled, dead. With unique payloads this is
         # exact; with repeating ones a loss shows as fewer copies handled or dead than made.
         short = {p: n - handled.get(p, 0) - dead[p] for p, n in produced.items()}
@@ -871,6 +907,8 @@ def render(report: Report, command: str) -> str:
         ("handled (each message once)", str(report.handled)),
         ("dead-lettered", str(report.dead_lettered)),
         ("LOST", str(report.lost)),
+        ("pushed delayed", str(report.delayed)),
+        ("EARLY (handled before due)", str(report.early)),
         ("duplicates (extra handlings)", str(report.duplicates)),
         *_limit_rows(report),
         ("max deliveries of one message", str(report.max_deliveries)),
@@ -939,9 +977,15 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--rate-limit", default="", help=f'rqworkers rate_limit on {QUEUES[1]}, as "N/s"'
     )
+    parser.add_argument("--delayed", type=float, default=0.0, help="share pushed delayed, 0..1")
+    parser.add_argument(
+        "--max-delay", type=float, default=3.0, help="a delayed message is due 0..N s later"
+    )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.faults < 0 or args.prefetch < 1 or args.distinct < 0:
         parser.error("--messages and --prefetch must be at least 1, --faults at least 0")
+    if not 0 <= args.delayed <= 1 or not 0 <= args.max_delay <= 3600:
+        parser.error("--delayed must be from 0 to 1, --max-delay from 0 to 3600")
     if not 1 <= args.concurrency <= 1000:
         parser.error("--concurrency must be from 1 to 1000")
     # Default pace: about 500 messages and 3 faults a second at most, 10 s at least.
@@ -964,6 +1008,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         concurrency=args.concurrency,
         max_running=args.max_running,
         rate_limit=args.rate_limit,
+        delayed=args.delayed,
+        max_delay=args.max_delay,
     )
 
 

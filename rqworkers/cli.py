@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -16,13 +18,13 @@ from typing import Any, TextIO
 
 from rqworkers import __version__, config, logs
 from rqworkers.client import tasks
-from rqworkers.client.producer import Producer
+from rqworkers.client.producer import Producer, due_time
 from rqworkers.client.tasks import TaskError
 from rqworkers.common.text import plural, printable, quoted
 from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import pidfile
 from rqworkers.manager.supervisor import Manager
-from rqworkers.ops import checks, dead, status
+from rqworkers.ops import checks, dead, scheduled, schedules, status
 from rqworkers.store import flow
 from rqworkers.store.outage import REDIS_ERRORS, explain
 
@@ -63,10 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                     help="redraw every SECONDS (default 2) until Ctrl-C")  # fmt: skip
 
+    sched = command("schedules", "each [[schedules]] table with its last and next fire time")
+    sched.add_argument("--json", action="store_true", help="machine-readable output")
+
     push = command("push", "push raw payloads onto a queue: the arguments, or stdin's lines")
     push.add_argument("--queue", help="queue name (needed when several are configured)")
     push.add_argument("--host", help="the pair's host, when the queue is on several")
     push.add_argument("payloads", nargs="*", metavar="PAYLOAD", help="default: lines of stdin")
+    _when_options(push)
+    _dedup_options(push)
     submit = command("submit", "send a task message to a task queue; print its id or result")
     submit.add_argument("--queue", help="queue name (needed when several are configured)")
     submit.add_argument("--host", help="the pair's host, when the queue is on several")
@@ -77,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", metavar="S", help="the task's own timeout, seconds")
     submit.add_argument("--wait", nargs="?", const="", metavar="S",
                         help="wait for the result, at most S seconds (none: no limit)")  # fmt: skip
+    _when_options(submit)
+    _dedup_options(submit)
 
     for name, text in (
         ("pause", "stop every worker of a queue, on every node, from starting messages"),
@@ -105,7 +114,54 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("indexes", type=int, nargs="*", help="indexes (default: all)")
         if name == "purge":
             sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    scheduled_parser = command("scheduled", "list, run now or delete messages not yet due")
+    scheduled_parser.set_defaults(help_of=scheduled_parser)
+    scheduled_commands = scheduled_parser.add_subparsers(dest="scheduled_command", metavar="ACTION")
+    for name, text in (
+        ("list", "list delayed messages and retries, soonest first"),
+        ("run-now", "make messages due now"),
+        ("delete", "delete messages"),
+    ):
+        sub = command(name, text, scheduled_commands)
+        sub.add_argument("--queue", help="queue name (needed when several are configured)")
+        sub.add_argument("--host", help="the pair's host, when the queue is on several")
+        if name == "list":
+            sub.add_argument("--limit", type=int, default=20, help="at most this many")
+        else:
+            sub.add_argument("ids", nargs="+", metavar="ID", help="ids from `scheduled list`")
     return parser
+
+
+def _when_options(parser: argparse.ArgumentParser) -> None:
+    """`--delay` and `--at`, read by `_due` so that a bad value is refused in one line."""
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument(
+        "--delay", metavar="DURATION", help="taken no sooner than this: 30, 30s, 250ms, 5m, 2h, 1d"
+    )
+    when.add_argument(
+        "--at", metavar="TIME", help="taken no sooner than this ISO 8601 time with a zone, "
+        "e.g. 2026-12-24T18:00:00Z",
+    )  # fmt: skip
+
+
+def _dedup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dedup-key", metavar="KEY", help="dropped while a message pushed with KEY is pending"
+    )
+    parser.add_argument(
+        "--dedup-ttl", metavar="S", help="with --dedup-key: KEY blocks pushes S seconds instead"
+    )
+
+
+def _dedup(args: argparse.Namespace) -> dict[str, Any]:
+    """The deduplication options of `push` and `submit`, checked; {} for none."""
+    if args.dedup_key is None:
+        if args.dedup_ttl is not None:
+            raise UsageError("--dedup-ttl goes with --dedup-key")
+        return {}
+    ttl = None if args.dedup_ttl is None else _seconds(args.dedup_ttl, "--dedup-ttl")
+    return {"dedup_key": args.dedup_key, "dedup_ttl": ttl}
 
 
 def _config_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -124,7 +180,10 @@ def _incomplete(args: argparse.Namespace) -> bool:
 
     Help rather than argparse's `required: dead_command`, which tells a newcomer nothing.
     """
-    if args.command is None or (args.command == "dead" and args.dead_command is None):
+    if args.command is None or any(
+        args.command == group and getattr(args, f"{group}_command") is None
+        for group in ("dead", "scheduled")
+    ):
         args.help_of.print_help()
         return True
     return False
@@ -150,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rqworkers: invalid configuration\n{exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    name = args.command if args.command != "dead" else f"dead {args.dead_command}"
+    action = getattr(args, f"{args.command}_command", None)
+    name = f"{args.command} {action}" if action else args.command
     try:
         return COMMANDS[name](cfg, args)
     except ConfigError as exc:  # a start problem: reported as `check` reports a bad config
@@ -235,6 +295,15 @@ def show_status(cfg: config.Config, args: argparse.Namespace) -> int:
     return status.exit_code(statuses)
 
 
+def show_schedules(cfg: config.Config, args: argparse.Namespace) -> int:
+    found = schedules.collect(cfg)
+    if args.json:
+        print(json.dumps(schedules.as_dicts(found), indent=2))
+    else:
+        schedules.write_text(found, sys.stdout)
+    return ExitCode.FAILURE if any(s.error for s in found) else ExitCode.OK
+
+
 def dead_list(cfg: config.Config, args: argparse.Namespace) -> int:
     letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
     dead.list_letters(letters, args.limit or 20, sys.stdout)
@@ -269,6 +338,25 @@ def dead_purge(cfg: config.Config, args: argparse.Namespace) -> int:
         return ExitCode.FAILURE
     purged = dead.act_on(letters, dead.Selection(args.indexes, args.limit), letters.purge)
     print(f"deleted {plural(purged, 'dead letter')} from {letters.keys.dead}")
+    return ExitCode.OK
+
+
+def scheduled_list(cfg: config.Config, args: argparse.Namespace) -> int:
+    scheduled.list_scheduled(scheduled.open_retry_set(_pair(cfg, args)), args.limit, sys.stdout)
+    return ExitCode.OK
+
+
+def scheduled_run_now(cfg: config.Config, args: argparse.Namespace) -> int:
+    retry_set = scheduled.open_retry_set(_pair(cfg, args))
+    done = retry_set.run_now([item.member for item in scheduled.chosen(retry_set, args.ids)])
+    print(f"made {plural(done, 'message')} due now on {retry_set.keys.queue}")
+    return ExitCode.OK
+
+
+def scheduled_delete(cfg: config.Config, args: argparse.Namespace) -> int:
+    retry_set = scheduled.open_retry_set(_pair(cfg, args))
+    done = retry_set.delete([item.member for item in scheduled.chosen(retry_set, args.ids)])
+    print(f"deleted {plural(done, 'message')} from {retry_set.keys.retry}")
     return ExitCode.OK
 
 
@@ -321,6 +409,27 @@ def _seconds(text: str, option: str) -> float:
     return value
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _due(args: argparse.Namespace) -> float | None:
+    """When `--delay` or `--at` says the message is due, epoch seconds; None for neither."""
+    try:
+        if args.delay is not None:
+            match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(ms|s|m|h|d)?\s*", args.delay)
+            if not match:
+                raise ValueError(f"{args.delay!r} is not a duration such as 30s, 5m or 2h")
+            return due_time(float(match[1]) * _UNITS[match[2] or "s"], None)
+        if args.at is not None:
+            at = datetime.datetime.fromisoformat(args.at)
+            if at.utcoffset() is None:
+                raise ValueError(f"{args.at!r} has no time zone: end it with Z or +01:00")
+            return due_time(None, at)
+    except ValueError as exc:
+        raise UsageError(f"--{'delay' if args.delay is not None else 'at'}: {exc}") from None
+    return None
+
+
 def _with_progress(lines: Iterator[bytes], out: TextIO, every: int = 10_000) -> Iterator[bytes]:
     """`lines`, counting them on `out` when it is a terminal (for large inputs)."""
     if not out.isatty():
@@ -338,14 +447,42 @@ def _with_progress(lines: Iterator[bytes], out: TextIO, every: int = 10_000) -> 
 
 def push(cfg: config.Config, args: argparse.Namespace) -> int:
     pair = _pair(cfg, args)
+    due = _due(args)
+    once = _dedup(args)
+    if once:
+        return _push_once(pair, args, due, once)
     # Bytes as given, from stdin and from the arguments alike: a payload need not be UTF-8.
     # Only the line's own "\n" goes; a "\r" before it is the payload's.
     lines = (line.removesuffix(b"\n") for line in sys.stdin.buffer)
     payloads = [os.fsencode(p) for p in args.payloads] or _with_progress(lines, sys.stderr)
     with Producer(pair.url) as producer:
-        length = producer.push_many(pair.queue, payloads)
-    print(f"pushed to {pair.queue} ({length} waiting)")
+        if due is None:
+            length = producer.push_many(pair.queue, payloads)
+            print(f"pushed to {pair.queue} ({length} waiting)")
+        else:
+            length = producer.push_many(pair.queue, payloads, at=due)
+            print(f"scheduled on {pair.queue} for {_iso(due)} ({length} scheduled)")
     return ExitCode.OK
+
+
+def _push_once(
+    pair: config.PairSettings, args: argparse.Namespace, due: float | None, once: dict[str, Any]
+) -> int:
+    """`push --dedup-key`: one payload, enqueued or dropped, and which."""
+    if len(args.payloads) != 1:
+        raise UsageError("--dedup-key pushes exactly one PAYLOAD, given as an argument")
+    with Producer(pair.url) as producer:
+        sent = producer.push(pair.queue, os.fsencode(args.payloads[0]), at=due, **once)
+    key = printable(args.dedup_key)
+    if sent:
+        print(f"pushed to {pair.queue} (dedup key {key})")
+    else:
+        print(f"dropped: a message with dedup key {key} is pending on {pair.queue}")
+    return ExitCode.OK
+
+
+def _iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def submit(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -359,11 +496,18 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"TASK: {exc}") from None
     timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
+    due = _due(args)
     wait = _seconds(args.wait, "--wait") if args.wait else None  # `--wait` alone: no limit
     with Producer(pair.url) as producer:
         reply_to = Producer.reply_key(pair.queue) if args.wait is not None else None
         task_id = producer.submit(
-            pair.queue, args.task, args.args, args.kwargs, timeout=timeout, reply_to=reply_to
+            pair.queue,
+            args.task,
+            args.args,
+            args.kwargs,
+            timeout=timeout,
+            reply_to=reply_to,
+            at=due,
         )
         if reply_to is None:
             print(task_id)
@@ -410,8 +554,12 @@ COMMANDS: dict[str, Command] = {
     "check": check,
     "reload": reload,
     "status": show_status,
+    "schedules": show_schedules,
     "dead list": dead_list,
     "dead show": dead_show,
     "dead requeue": dead_requeue,
     "dead purge": dead_purge,
+    "scheduled list": scheduled_list,
+    "scheduled run-now": scheduled_run_now,
+    "scheduled delete": scheduled_delete,
 }

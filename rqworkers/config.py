@@ -8,18 +8,22 @@ each naming the file, the field path and what is wrong.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import json
 import os
 import re
 import socket
 import stat
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
+import cronsim
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -505,6 +509,68 @@ class PairSettings(_Section):
         )
 
 
+MIN_EVERY = 0.1  # seconds between a schedule's fires, at least: the keeper ticks 5 a second
+CATCH_UP_ALL = 100  # fires `catch_up = "all"` sends at most, the newest: never a storm
+
+
+class ScheduleSettings(_Section):
+    """One `[[schedules]]` table: a message pushed onto `queue` at each fire time (see
+    `ops/schedules.py`), by whichever manager claims the fire time first."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[\w.-]+$")
+    host: str = Field(min_length=1)
+    queue: str = Field(min_length=1)
+    cron: str | None = Field(None, min_length=1)
+    every: Float | None = Field(None, ge=MIN_EVERY, le=MAX_SECONDS)
+    timezone: str = "UTC"
+    task: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    payload: str | None = None
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    catch_up: Literal["none", "last", "all"] = "last"
+    # Filled in by the loader, never by the user: the host's URL.
+    url: str = Field("", exclude=True)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not an IANA time zone (such as Europe/Berlin)"
+            ) from None
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                cronsim.CronSim(value, datetime.datetime.now(datetime.UTC))
+            except cronsim.CronSimError as exc:
+                raise ValueError(f"{value!r} is not a cron expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> ScheduleSettings:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("set `cron` (an expression) or `every` (seconds), one of them")
+        if (self.task is None) == (self.payload is None):
+            raise ValueError("set `task` (a task message) or `payload` (raw bytes), one of them")
+        if self.task is None and (self.args or self.kwargs):
+            raise ValueError("args and kwargs go with `task`, not with `payload`")
+        try:  # TOML has dates and times, which a task message (JSON) cannot carry
+            json.dumps([self.args, self.kwargs], allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"args and kwargs must be JSON values: {exc}") from None
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return connections.redact(self.url)
+
+
 class _Document(_Section):
     manager: ManagerSettings = ManagerSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -512,6 +578,7 @@ class _Document(_Section):
     hosts: dict[str, str] = {}
     defaults: dict[str, Any] = {}
     workers: list[dict[str, Any]] = Field(min_length=1)
+    schedules: list[dict[str, Any]] = []
 
 
 @dataclass(frozen=True)
@@ -522,6 +589,7 @@ class Config:
     logging: LoggingSettings
     pairs: tuple[PairSettings, ...]
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    schedules: tuple[ScheduleSettings, ...] = ()
 
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -549,11 +617,18 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
         raise ConfigError(source, _explain(exc, ())) from None
 
     pairs = _resolve_pairs(document, problems)
+    schedules = _resolve_schedules(document, problems)
     if problems:
         raise ConfigError(source, problems)
     node = document.manager.node or env.get("RQWORKERS_NODE") or socket.gethostname()
     return Config(
-        source, node, document.manager, document.logging, tuple(pairs), document.telemetry
+        source,
+        node,
+        document.manager,
+        document.logging,
+        tuple(pairs),
+        document.telemetry,
+        schedules,
     )
 
 
@@ -786,6 +861,45 @@ def _reply_key_collisions(pairs: Mapping[int, PairSettings]) -> list[str]:
                     )
                     break
     return problems
+
+
+def _resolve_schedules(document: _Document, problems: list[str]) -> tuple[ScheduleSettings, ...]:
+    """The `[[schedules]]`, each with its host's URL; every problem named by its table."""
+    hosts, bad_hosts = _check_hosts(document.hosts, [])  # reported by _resolve_pairs
+    schedules: list[ScheduleSettings] = []
+    names: dict[str, int] = {}
+    for index, entry in enumerate(document.schedules):
+        where = ("schedules", index)
+        try:
+            schedule = ScheduleSettings.model_validate(entry)
+        except ValidationError as exc:
+            problems.extend(_explain(exc, where))
+            continue
+        if schedule.host in bad_hosts:
+            continue
+        url = _host_url(schedule.host, hosts)
+        problem = (
+            f"{schedule.host!r} is neither a [hosts] name nor a URL starting with "
+            f"{', '.join(URL_SCHEMES)}"
+            if url is None
+            else _url_problem(url)
+        )
+        if problem or url is None:
+            problems.append(f"{_path(where)}.host: {problem}")
+            continue
+        problem = connections.queue_problem(url, schedule.queue)
+        if problem:
+            problems.append(f"{_path(where)}.queue: {problem}")
+            continue
+        if schedule.name in names:
+            problems.append(
+                f"{_path(where)}.name: {schedule.name!r} is already the name of "
+                f"schedules[{names[schedule.name]}]"
+            )
+            continue
+        names[schedule.name] = index
+        schedules.append(schedule.model_copy(update={"url": url}))
+    return tuple(schedules)
 
 
 def _too_many_processes(pairs: Iterable[PairSettings]) -> list[str]:

@@ -213,12 +213,14 @@ def run_cli(
 
 
 def write_config(path: Path, url: str, workers: list[dict[str, Any]], **sections: Any) -> Path:
-    """A config file with one `[[workers]]` table per dict; `sections` become `[name]` tables."""
+    """A config file with one `[[workers]]` table per dict; `sections` become `[name]` tables,
+    or `[[name]]` tables if given a list of dicts."""
     lines = [f'[hosts]\nlocal = "{url}"\n']
     for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml(value)}" for key, value in values.items())
-        lines.append("")
+        for table in values if isinstance(values, list) else [values]:
+            lines.append(f"[[{name}]]" if isinstance(values, list) else f"[{name}]")
+            lines.extend(f"{key} = {_toml(value)}" for key, value in table.items())
+            lines.append("")
     for worker in workers:
         lines.append("[[workers]]")
         entry = {"host": "local", **worker}

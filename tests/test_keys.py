@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rqworkers.store.keys import REPLIES, Key, Keys
+from rqworkers.store.keys import DEDUP, REPLIES, Key, Keys
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "redis-keys.md"
 
@@ -19,7 +19,7 @@ def _row(key: Key) -> str:
 
 def table() -> str:
     """docs/redis-keys.md's table of keys, as the declaration renders it."""
-    rows = [_row(key) for key in (*Keys.declared(), REPLIES)]
+    rows = [_row(key) for key in (*Keys.declared(), REPLIES, DEDUP)]
     head = ["| key | type | probed by `check` | what it holds |", "|---|---|---|---|"]
     return "\n".join([*head, *rows])
 

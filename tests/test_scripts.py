@@ -16,7 +16,7 @@ SCRIPTS = {name: s for name, s in vars(scripts).items() if isinstance(s, scripts
 def test_every_lua_file_is_a_script_or_the_library() -> None:
     loaded = {s.name for s in SCRIPTS.values()}
     assert {p.name for p in LUA.glob("*.lua")} == loaded | set(scripts.LIBRARIES)
-    assert len(loaded) == len(SCRIPTS) == 11
+    assert len(loaded) == len(SCRIPTS) == 16
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -56,7 +56,8 @@ def test_argv_follows_the_header_whatever_order_the_caller_names_them_in() -> No
             "q:group_starts:", "{}"]  # fmt: skip
     assert scripts.TAKE_FLOW.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
     assert scripts.TAKE_FLOW.argv(**flow, **named, trim=0) == head, "no acks"
-    assert scripts.TAKE.argv(**named, trim=0, acks=acks) == [5, 1.0, "p.1.", "0", "w", 0, *acks]
+    plain = scripts.TAKE.argv(**named, trim=0, look="0", acks=acks)
+    assert plain == [5, 1.0, "p.1.", "0", "w", 0, "0", *acks]
 
 
 @pytest.mark.parametrize(

@@ -29,10 +29,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from rqworkers.client import tasks
-from rqworkers.client.producer import Producer
+from rqworkers.client.producer import Delay, Producer, When, due_time
 from rqworkers.client.tasks import TaskError
 from rqworkers.errors import RqworkersError
 from rqworkers.store.connections import connect, redact
+from rqworkers.store.keys import Keys
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 
 __all__ = ["Executor", "TaskError", "TaskFuture"]
@@ -49,16 +50,20 @@ class TaskFuture(concurrent.futures.Future[Any]):
     """A future of one task message. `cancel()` succeeds while the message still waits in
     the queue, and takes it out; once a worker has it, it cannot be cancelled."""
 
-    def __init__(self, executor: Executor, task_id: str, payload: bytes) -> None:
+    def __init__(
+        self, executor: Executor, task_id: str, payload: bytes, due: float | None = None
+    ) -> None:
         super().__init__()
         self.task_id = task_id
         self._executor = executor
         self.payload = payload
+        self.due = due  # epoch seconds, for `submit_later` and `submit_at`
+        self.member = b""  # its envelope in the retry set, once a delayed one is sent
 
     def cancel(self) -> bool:
         if self.cancelled():
             return True
-        if self.done() or not self._executor._withdraw(self.payload):
+        if self.done() or not self._executor._withdraw(self):
             return False
         super().cancel()
         # What an executor does for a cancelled future it meets: without it, `wait` and
@@ -126,6 +131,30 @@ class Executor(concurrent.futures.Executor):
         `ValueError` for a function a worker could not import by name, `TypeError` for
         arguments that are not JSON, `RuntimeError` after `shutdown`.
         """
+        return self._submit(None, fn, args, kwargs)
+
+    def submit_later(
+        self, delay: Delay, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> TaskFuture:
+        """`submit`, the task taken no sooner than `delay` seconds (or a `timedelta`) from
+        now. `cancel()` succeeds until it is taken. `ValueError` for a delay that is not
+        seconds from 0 to ten years."""
+        return self._submit(due_time(delay, None), fn, args, kwargs)
+
+    def submit_at(
+        self, when: When, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any
+    ) -> TaskFuture:
+        """`submit`, the task taken no sooner than `when`: an aware `datetime` or epoch
+        seconds (`ValueError` for a naive `datetime`); one in the past is due at once."""
+        return self._submit(due_time(None, when), fn, args, kwargs)
+
+    def _submit(
+        self,
+        due: float | None,
+        fn: Callable[..., Any] | str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> TaskFuture:
         message = Producer.task(
             tasks.path_of(fn),
             args,
@@ -141,7 +170,7 @@ class Executor(concurrent.futures.Executor):
         if self._broken is not None:  # no reply could ever be read: fail now, not hang
             raise self._broken
         self._wait_for_room()
-        future = TaskFuture(self, message.id, payload)
+        future = TaskFuture(self, message.id, payload, due)
         with self._lock:
             self._futures[message.id] = future  # before the push: a reply may come at once
         future.add_done_callback(self._finished)
@@ -202,6 +231,9 @@ class Executor(concurrent.futures.Executor):
 
     def _push(self, future: TaskFuture) -> None:
         batch: list[TaskFuture] | None = getattr(self._batch, "futures", None)
+        if future.due is not None:
+            self._send_delayed(future)
+            return
         if batch is None:
             self._send([future])
             return
@@ -226,10 +258,24 @@ class Executor(concurrent.futures.Executor):
                 future.set_exception(exc)  # frees its slot; a late reply is ignored
             raise
 
-    def _withdraw(self, payload: bytes) -> bool:
-        """Take a message out of the queue if it is still waiting there."""
+    def _send_delayed(self, future: TaskFuture) -> None:
+        """Its message into the retry set, due at `future.due`; on failure, as `_send`."""
+        assert future.due is not None
         try:
-            return bool(self._producer.client.lrem(self.queue, 1, payload))  # type: ignore[arg-type]
+            _, members = self._producer.delayed.push(self.queue, [future.payload], future.due)
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        future.member = members[0]
+
+    def _withdraw(self, future: TaskFuture) -> bool:
+        """Take a message out of the queue (or the retry set, if delayed) if it is still
+        waiting there."""
+        client = self._producer.client
+        try:
+            if future.member:
+                return bool(client.zrem(Keys(self.queue).retry, future.member))
+            return bool(client.lrem(self.queue, 1, future.payload))  # type: ignore[arg-type]
         except REDIS_ERRORS as exc:
             log.warning("cannot cancel a task while redis at %s fails: %s", self._endpoint, exc)
             return False

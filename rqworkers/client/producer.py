@@ -9,21 +9,69 @@
     print(producer.wait_reply(replies, timeout=30))
 
 A message is pushed with `LPUSH`, as workers take from the right: first in, first out.
+With `delay` (seconds, or a `timedelta`) or `at` (an aware `datetime`, or epoch seconds) it
+goes to the queue's retry set instead, and is taken once due (see `store.delayed`). With
+`dedup_key`, it is dropped while a message pushed with that key waits, is scheduled or
+runs (see `store.dedup`):
+
+    producer.push("queue1", b"later", delay=30)
+    producer.push("queue1", b"rebuild", dedup_key="rebuild:42")   # 1 if enqueued, else 0
+    producer.submit("tasks", "myapp.jobs:remind", ["bob"], at=datetime(2026, 12, 24, tzinfo=UTC))
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypedDict, Unpack, cast
+from typing import Any, Literal, TypedDict, Unpack, cast
 
 from rqworkers.client import tasks, tracecontext
 from rqworkers.client.tasks import Task
+from rqworkers.store import dedup as dedup_keys
 from rqworkers.store.connections import Client, connect
+from rqworkers.store.delayed import DelayedPusher
 
 _BATCH = 1000  # payloads per LPUSH: big inputs go in bounded round trips
 _BLOCK = 1.0  # seconds per BRPOP while waiting for a reply (the client's reply timeout is 11 s)
+MAX_DELAY = 10 * 365 * 86400.0  # ten years: further is a mistake (milliseconds for seconds?)
+
+Delay = float | datetime.timedelta
+When = float | datetime.datetime
+DedupMode = Literal["debounce"]
+
+
+def due_time(delay: Delay | None, at: When | None, now: float | None = None) -> float | None:
+    """When a message sent at `now` with `delay` or `at` is due, epoch seconds; None for
+    neither (send it at once). `ValueError`, in one line, for both at once, a delay that is
+    not a number of seconds from 0 to ten years (NaN, infinite, negative), or an `at` that
+    is a naive `datetime` (whose zone would be a guess) or more than ten years ahead. An
+    `at` in the past is due at once."""
+    now = time.time() if now is None else now
+    if delay is not None and at is not None:
+        raise ValueError("give delay or at, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, datetime.timedelta) else delay
+        if not _number(seconds) or not 0 <= seconds <= MAX_DELAY:
+            raise ValueError(
+                f"delay must be seconds from 0 to {MAX_DELAY:g} (ten years), not {delay!r}"
+            )
+        return now + seconds
+    if at is None:
+        return None
+    if isinstance(at, datetime.datetime):
+        if at.utcoffset() is None:
+            raise ValueError(f"at: {at} is a naive datetime; give it a time zone (tzinfo=UTC)")
+        at = at.timestamp()
+    if not _number(at) or not math.isfinite(at) or at > now + MAX_DELAY:
+        raise ValueError(f"at must be a datetime or epoch seconds within ten years, not {at!r}")
+    return float(at)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
 class TaskOptions(TypedDict, total=False):
@@ -35,6 +83,11 @@ class TaskOptions(TypedDict, total=False):
     on_success: str | None
     on_failure: str | None
     task_id: str | None
+    delay: Delay | None  # seconds (or a timedelta) before it may be taken
+    at: When | None  # when it may be taken: an aware datetime, or epoch seconds
+    dedup_key: str | None  # dropped while a message with this key is pending (see `push`)
+    dedup_ttl: float | None  # the key blocks pushes this long instead (throttle)
+    dedup: DedupMode | None  # "debounce": the newest replaces the pending delayed one
 
 
 class Producer:
@@ -44,20 +97,82 @@ class Producer:
     def __init__(self, url: str) -> None:
         self.url = url
         self.client: Client = connect(url)
+        self.delayed = DelayedPusher(self.client)
 
-    def push(self, queue: str, *payloads: bytes | str | Task) -> int:
+    def push(
+        self,
+        queue: str,
+        *payloads: bytes | str | Task,
+        delay: Delay | None = None,
+        at: When | None = None,
+        dedup_key: str | None = None,
+        dedup_ttl: float | None = None,
+        dedup: DedupMode | None = None,
+    ) -> int:
         """Push raw payloads (str is sent as UTF-8) and task messages (`task`), in order;
-        the queue's length after."""
-        return self.push_many(queue, payloads)
+        the queue's length after.
 
-    def push_many(self, queue: str, payloads: Iterable[bytes | str | Task]) -> int:
+        With `delay` or `at` (see `due_time`), they wait in the queue's retry set until
+        due, and the number of messages waiting there (retries too) is returned.
+
+        With `dedup_key` (one payload only), the push is dropped while a message pushed with
+        that key waits, is scheduled or runs (until it is acked or dead-lettered; a day
+        after it is due at most); 1 if it was enqueued, 0 if dropped. With `dedup_ttl`
+        (seconds), the key blocks pushes that long from this push instead, whatever
+        becomes of the message (throttle). With `dedup="debounce"` (delayed messages),
+        no push is dropped: the newest replaces the one pending, due anew.
+        """
+        if dedup_key is None and dedup_ttl is None and dedup is None:
+            return self.push_many(queue, payloads, delay=delay, at=at)
+        if len(payloads) != 1:
+            raise ValueError("a push with dedup_key sends exactly one payload")
+        return int(
+            self._push_once(
+                queue, _encoded(payloads[0]), due_time(delay, at), dedup_key, dedup_ttl, dedup
+            )
+        )
+
+    def _push_once(
+        self,
+        queue: str,
+        payload: bytes,
+        due: float | None,
+        key: str | None,
+        ttl: float | None,
+        mode: DedupMode | None,
+    ) -> bool:
+        """`push` with a deduplication key: whether it was enqueued."""
+        key = dedup_keys.check_key(key)
+        if mode not in (None, "debounce"):
+            raise ValueError(f"dedup must be 'debounce' or left out, not {mode!r}")
+        if mode == "debounce" and (due is None or ttl is not None):
+            raise ValueError(
+                "dedup='debounce' is for delayed messages (delay or at), without dedup_ttl"
+            )
+        if ttl is not None:
+            hold = tasks.seconds(ttl, "dedup_ttl")
+            return dedup_keys.push_once(self.client, queue, key, payload, "throttle", hold, due)
+        wait = 0.0 if due is None else max(0.0, due - time.time())
+        hold = dedup_keys.HOLD + wait
+        return dedup_keys.push_once(self.client, queue, key, payload, mode or "hold", hold, due)
+
+    def push_many(
+        self,
+        queue: str,
+        payloads: Iterable[bytes | str | Task],
+        delay: Delay | None = None,
+        at: When | None = None,
+    ) -> int:
         """`push` for an iterable of any size, sent in batches of 1,000 per round trip. A
         task message that cannot be encoded raises when its turn comes, once the batches
         before it are sent."""
+        due = due_time(delay, at)
+        if due is not None:
+            return self.delayed.push(queue, [_encoded(p) for p in payloads], due)[0]
         length = 0
-        batch: list[bytes | str] = []
+        batch: list[bytes] = []
         for payload in payloads:
-            batch.append(tasks.encode(payload) if isinstance(payload, Task) else payload)
+            batch.append(_encoded(payload))
             if len(batch) == _BATCH:
                 length = self.client.lpush(queue, *batch)
                 batch = []
@@ -81,9 +196,23 @@ class Producer:
         pair's `reply_keys`.
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
+        With `delay` or `at`, the task is taken once due (see `due_time`). With
+        `dedup_key` (and `dedup_ttl`, `dedup`) as for `push`: "" if it was dropped.
         """
+        due = due_time(options.get("delay"), options.get("at"))
         message = self.task(task, args, kwargs, **options)
-        self.client.lpush(queue, tasks.encode(message))
+        if {"dedup_key", "dedup_ttl", "dedup"} & options.keys():
+            key, ttl, mode = (
+                options.get("dedup_key"),
+                options.get("dedup_ttl"),
+                options.get("dedup"),
+            )
+            sent = self._push_once(queue, tasks.encode(message), due, key, ttl, mode)
+            return message.id if sent else ""
+        if due is None:
+            self.client.lpush(queue, tasks.encode(message))
+        else:
+            self.delayed.push(queue, [tasks.encode(message)], due)
         return message.id
 
     @staticmethod
@@ -142,3 +271,10 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _encoded(payload: bytes | str | Task) -> bytes:
+    """What goes onto the list: a task message encoded, a str as UTF-8, bytes as they are."""
+    if isinstance(payload, Task):
+        return tasks.encode(payload)
+    return payload.encode() if isinstance(payload, str) else payload

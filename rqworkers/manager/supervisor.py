@@ -165,7 +165,9 @@ class Manager:
         except OSError as exc:
             log.error("reload refused, keeping the running config: log file: %s", exc)
             return
-        manager_changed = new.manager != self.settings
+        # The keeper fires the schedules, and serves the page with `metrics_address` and
+        # the token: either change gives it a new config.
+        manager_changed = new.manager != self.settings or new.schedules != self.config.schedules
         telemetry_changed = new.telemetry != self.config.telemetry
         self.config, self.settings = new, new.manager
         self.backoff = restart_backoff(self.settings.restart_backoff_max)
@@ -176,7 +178,7 @@ class Manager:
             for slot in self.slots:
                 if not slot.retiring:
                     self.kill_worker(slot, signal.SIGTERM, "[telemetry] changed")
-        if manager_changed:  # the keeper serves the page with `metrics_address` and the token
+        if manager_changed:
             self.restart_keeper()
 
     def scale(self, delta: int) -> None:

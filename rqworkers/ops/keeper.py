@@ -10,6 +10,9 @@ each live worker's pid into its scoreboard; the keeper renews a lease for every 
 pid. A lease only expires when the whole node is gone (or cut off from Redis, or frozen)
 for `lease_ttl` seconds.
 
+It also fires the config's `[[schedules]]` (`schedules.Scheduler`), with no leader: every
+manager's keeper tries, one enqueues each fire time.
+
 Every `reclaim_interval` the keeper also looks, on every queue it serves, for registered
 workers whose lease has expired, and hands their private lists back to the shared queue.
 After an outage of its own it waits one `lease_ttl` before reclaiming, so that every live
@@ -36,6 +39,7 @@ from rqworkers.common.process import StopFlag
 from rqworkers.config import Config
 from rqworkers.errors import ExitCode
 from rqworkers.ops.metrics import Metrics, SlotView, health, liveness, serve
+from rqworkers.ops.schedules import Scheduler
 from rqworkers.ops.web import Site
 from rqworkers.store.connections import Client, connect, redact
 from rqworkers.store.flow import NO_LIMITS, Limits
@@ -150,6 +154,8 @@ class Keeper:
             )
             for url in sorted({lease.url for lease in spec.leases})
         ]
+        schedules = spec.config.schedules if spec.config else ()
+        self.scheduler = Scheduler(schedules, timeout) if schedules else None
         self.processes: dict[int, psutil.Process] = {}  # live workers only, for their RSS
         self.snapshots: dict[tuple[str, str], Snapshot] = {}  # for metrics only
 
@@ -175,7 +181,9 @@ class Keeper:
         return server
 
     def next_due(self) -> float:
-        due = (min(x.next_renew, x.next_reclaim) for x in self.endpoints)
+        due = [min(x.next_renew, x.next_reclaim) for x in self.endpoints]
+        if self.scheduler:  # its times are wall clock
+            due.append(time.monotonic() + self.scheduler.next_due() - time.time())
         return min(due, default=time.monotonic() + self.renew_every)
 
     def tick(self, now: float) -> None:
@@ -191,6 +199,8 @@ class Keeper:
                 for queue in endpoint.queues:
                     if not self.guarded(endpoint, functools.partial(self.reclaim, queue=queue)):
                         break
+        if self.scheduler:
+            self.scheduler.tick(time.time())
         self.forget_processes()
 
     def guarded(self, endpoint: Endpoint, action: Callable[[Endpoint], None]) -> bool:
@@ -317,3 +327,5 @@ class Keeper:
     def close(self) -> None:
         for endpoint in self.endpoints:
             endpoint.client.close()
+        if self.scheduler:
+            self.scheduler.close()

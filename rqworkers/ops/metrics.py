@@ -149,7 +149,7 @@ class Metrics(Collector):
         gauges = {
             "waiting": "Messages in the shared list.",
             "in_flight": "Messages in workers' private lists.",
-            "retrying": "Failed messages waiting for their retry time.",
+            "retrying": "Messages in the retry set: retries and delayed messages not yet due.",
             "dead": "Messages in the dead-letter list.",
         }
         families = {
@@ -158,10 +158,18 @@ class Metrics(Collector):
             )
             for name, text in gauges.items()
         }
+        next_due = GaugeMetricFamily(
+            "rqworkers_queue_next_due_timestamp_seconds",
+            "When the soonest message of the retry set is due (absent when it is empty).",
+            labels=["host", "queue"],
+        )
         for (host, queue), snap in self.snapshots().items():
             for name, family in families.items():
                 family.add_metric([host, queue], getattr(snap, name))
+            if snap.next_due is not None:
+                next_due.add_metric([host, queue], snap.next_due)
         yield from families.values()
+        yield next_due
         yield from self._flow()
 
     def _flow(self) -> Iterator[Metric]:

@@ -106,9 +106,10 @@ def as_text(statuses: list[PairStatus], now: float | None = None) -> str:
             lines.append(f"  {printable(status.error or '')}")
             lines.append("")
             continue
+        next_due = f" (next due {in_words(snap.next_due, now)})" if snap.next_due else ""
         lines.append(
             f"  waiting {snap.waiting}  in-flight {snap.in_flight}  "
-            f"retrying {snap.retrying}  dead {snap.dead}  "
+            f"scheduled {snap.retrying}{next_due}  dead {snap.dead}  "
             "(oldest waiting: unknown, payloads carry no timestamp)"
         )
         flow = _flow_line(snap)
@@ -165,6 +166,13 @@ def _number(value: Any) -> float:
     except (TypeError, ValueError, OverflowError):
         return 0.0
     return number if math.isfinite(number) else 0.0
+
+
+def in_words(due: float, now: float) -> str:
+    """'in 3.2s', '2.0s overdue': how far a due time is from `now`."""
+    left = due - now
+    span = f"{abs(left):.1f}s" if abs(left) < 60 else _duration(abs(left))
+    return f"in {span}" if left >= 0 else f"{span} overdue"
 
 
 def _worker_row(w: dict[str, Any], now: float) -> tuple[str, ...]:

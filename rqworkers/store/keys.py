@@ -104,9 +104,21 @@ class Keys:
     )  # fmt: skip
     retry = Key(
         f"{QUEUE}:retry", "zset",
-        "envelopes waiting for their time: failed messages, and messages given back or "
-        "reclaimed with attempts behind them (due at once); taken before the shared list",
+        "envelopes waiting for their time (the score): failed messages, delayed messages "
+        "(attempts 0, id `p<128 random bits>.<n>`), and messages given back or reclaimed "
+        "with attempts behind them (due at once); taken before the shared list",
         commands=(("ZRANGE", "{retry}", "0", "0"), ("ZCARD", "{retry}")),
+    )  # fmt: skip
+    nudge = Key(
+        f"{QUEUE}:nudge", "string",
+        "a random token, set once: pushed onto an empty shared list, it wakes a worker "
+        "blocked there to learn that a message is due sooner (a nudge); a take drops it",
+    )  # fmt: skip
+    schedules = Key(
+        f"{QUEUE}:schedules", "hash",
+        "schedule name → its watermark, the epoch seconds of the last fire time claimed: a "
+        "manager enqueues a fire only by moving it, compare-and-set, in the same script",
+        commands=(("HGET", "{schedules}", "s"),),
     )  # fmt: skip
     dead = Key(
         f"{QUEUE}:dead", "list", "dead-lettered payloads, byte-for-byte, newest first"
@@ -246,4 +258,16 @@ REPLIES = Key(
               ("PEXPIRE", "{replies}", "1")),
     ttl="`result_ttl`",
     name="replies",
+)  # fmt: skip
+
+# A deduplication key (`Producer.push(dedup_key=K)`): one key per K, `<key>` being K as
+# given. Its value is `<token>:<member>`: the token of the message that holds it (and its
+# envelope in the retry set, when delayed). Written by one script with the push, freed by
+# another when the message is acked or dead-lettered, or when its TTL ends.
+DEDUP = Key(
+    f"{QUEUE}:dedup:<key>", "string",
+    "a deduplication key held by the message pushed with it, until that message is acked "
+    "or dead-lettered (or, with `dedup_ttl`, for that long)",
+    ttl="`dedup_ttl`, else 24 h after the message is due",
+    name="dedup",
 )  # fmt: skip

@@ -35,6 +35,8 @@ import functools
 import hashlib
 import json
 import os
+import re
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +58,26 @@ from rqworkers.store.keys import Keys as Keys
 from rqworkers.store.scripts import Held
 
 _PREFIX = scripts.PREFIX.encode()
+DEDUP_HEAD = _PREFIX + b"dedup:"  # a payload pushed with a deduplication key (`dedup`)
 R = TypeVar("R")
+_DEDUP_TOKEN = re.compile(rb"[0-9a-f]{32}")
+_HEX = re.compile(rb"(?:[0-9a-f]{2})+")
+
+
+def wrap_dedup(token: str, key: str, payload: bytes) -> bytes:
+    """`payload` as pushed under a deduplication key: `rqw1:dedup:<token>:<key hex>:<payload>`."""
+    return b"%s%s:%s:%s" % (DEDUP_HEAD, token.encode(), key.encode().hex().encode(), payload)
+
+
+def unwrap_dedup(payload: bytes) -> tuple[bytes, str, str] | None:
+    """(payload, token, key) of a payload `wrap_dedup` made; None for any other bytes, a
+    producer's payload that merely starts like one included."""
+    parts = payload[len(DEDUP_HEAD) :].split(b":", 2)
+    # As lua/envelope.lua's `bare` reads it: 32 hex digits, then an even number of them.
+    if len(parts) != 3 or not _DEDUP_TOKEN.fullmatch(parts[0]) or not _HEX.fullmatch(parts[1]):
+        return None
+    key = bytes.fromhex(parts[1].decode()).decode("utf-8", "replace")
+    return parts[2], parts[0].decode(), key
 
 
 class Delivery:
@@ -68,7 +89,7 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "group", "id", "payload", "seq")
+    __slots__ = ("_element", "attempts", "dedup", "group", "id", "payload", "seq")
 
     def __init__(
         self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
@@ -79,6 +100,18 @@ class Delivery:
         self.seq = seq
         self._element = element
         self.group: str | None = None  # with groups: its group, as TAKE names it (hex)
+        # (token, key) of a message pushed with a deduplication key, which its handler
+        # sees unwrapped, and whose key is freed once it is settled; else None.
+        self.dedup: tuple[str, str] | None = None
+        if payload.startswith(DEDUP_HEAD):
+            self._unwrap()
+
+    def _unwrap(self) -> None:
+        found = unwrap_dedup(self.payload)
+        if found is not None:
+            self._element = self.element  # the envelope holds what was pushed
+            self.payload, token, key = found
+            self.dedup = (token, key)
 
     @property
     def element(self) -> bytes:
@@ -192,10 +225,12 @@ class ReliableQueue:
             "trim": trim,
             "acks": acks,
         }
-        if not (limits.any or limits.sorter or self._paused(landed)):
-            reply = self._take(**common)  # the hot path: no limit, nothing to look up
-        else:
+        if limits.any or limits.sorter or self._was_paused:
             reply = self._take_flow(**common, **self._flow_args(running, mine))
+            self._was_paused = reply.held is not None and reply.held.reason == "paused"
+        else:  # the hot path: no limit, and a look for a pause at most once a second
+            reply = self._take(**common, look="1" if self._look_for_pause(landed) else "0")
+            self._was_paused = reply.held is not None
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
         seq = self._seq
@@ -211,15 +246,16 @@ class ReliableQueue:
             delivery.group = group
         return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
 
-    def _paused(self, landed: bool) -> bool:
-        """Whether the queue is paused, looked up at most once a second (and whenever a
-        blocking fetch landed a message): a queue without limits takes through the plain
-        TAKE, which does not look, so that its hot path pays nothing for pausing."""
+    def _look_for_pause(self, landed: bool) -> bool:
+        """Whether this take should look for a pause: at most once a second, and whenever a
+        blocking fetch landed a message. A queue without limits takes through the plain
+        TAKE, so that its hot path pays for pausing only then; once paused, its takes go
+        through TAKE_FLOW, which looks every time, until one finds it resumed."""
         now = time.monotonic()
         if landed or now >= self._pause_looked_up + PAUSE_LOOKUP:
             self._pause_looked_up = now
-            self._was_paused = bool(self.client.exists(self.keys.paused))
-        return self._was_paused
+            return True
+        return False
 
     def _flow_args(self, running: int, mine: dict[str, int] | None) -> dict[str, Any]:
         """TAKE_FLOW's arguments beyond TAKE's: the limits, and what this worker holds."""
@@ -384,7 +420,9 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            return self._reclaim(worker_id=self.worker_id, unstarted=unstarted)
+            return self._reclaim(
+                worker_id=self.worker_id, unstarted=unstarted, token=secrets.token_hex(16)
+            )
         finally:
             self.client.delete(k.fence)
 
@@ -554,7 +592,7 @@ class Snapshot:
 
     waiting: int
     in_flight: int
-    retrying: int
+    retrying: int  # the retry set: retries waiting for their time and delayed messages
     dead: int
     workers: list[dict[str, Any]]
     flow: FlowState = field(default_factory=FlowState)
@@ -563,6 +601,8 @@ class Snapshot:
     def held_back(self) -> int:
         """Messages waiting because the pause or a limit lets none start now."""
         return self.waiting if self.flow.binding else 0
+
+    next_due: float | None = None  # when the retry set's soonest is due, epoch seconds
 
 
 def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot:
@@ -574,13 +614,14 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
     pipe.llen(keys.queue)
     pipe.zcard(keys.retry)
     pipe.llen(keys.dead)
+    pipe.zrange(keys.retry, 0, 0, withscores=True)
     read_flow = flow_reader(pipe, queue, limits)
     for worker_id in ids:
         worker_keys = Keys.of(queue, worker_id)
         pipe.llen(worker_keys.processing)
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
-    waiting, retrying, dead, *rest = pipe.execute()
+    waiting, retrying, dead, first, *rest = pipe.execute()
     flow_state, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
     # worker knows of): a queue with no group waiting costs one LRANGE.
@@ -604,7 +645,8 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         if isinstance(info, dict):
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
     waiting = int(waiting) + flow_state.grouped_waiting  # sorted into groups, still waiting
-    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow_state)
+    next_due = float(first[0][1]) if first else None
+    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow_state, next_due)
 
 
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:

@@ -216,6 +216,10 @@ def load(name: str, decode: Callable[[Any], R]) -> Script[R]:
         for library in libraries:
             words |= _words(LIBRARIES[library].body)
     constants = tuple(c for c in CONSTANTS if c in words)
+    names = {n for library in libraries for n in LIBRARIES[library].names}
+    shadowed = names & {*keys, *args, rest or ""}
+    if shadowed:  # a library, bound after them, would hide them from the body
+        raise ValueError(f"lua/{name}: {sorted(shadowed)} are names of its libraries")
     return Script(name, keys, tuple(args), rest, flags, body, decode, constants, libraries)
 
 
@@ -290,3 +294,8 @@ RECLAIM = load("reclaim.lua", _moved_unless_leased)
 DEAD_TAKE = load("dead_take.lua", int)
 REPLY = load("reply.lua", _nothing)
 SORT = load("sort.lua", int)
+DELAY = load("delay.lua", int)
+RUN_NOW = load("run_now.lua", int)
+FIRE = load("fire.lua", bool)
+PUSH_ONCE = load("push_once.lua", bool)
+RELEASE = load("release.lua", bool)

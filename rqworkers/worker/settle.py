@@ -3,8 +3,9 @@
 Both worker loops (`loop.Worker`, one message at a time, and `dispatch.ConcurrentWorker`,
 many at once) hand every delivery to a `Settler`, which decides: acked (success), retried
 later, dead-lettered (its attempts used up, a refusal, or never finished by earlier
-workers), its task reply written ahead of the ack, and when the worker has finished enough
-messages to recycle. A loop decides only how and when handlers run; so a rule changed here
+workers), its task reply written ahead of the ack, its deduplication key freed once it is
+acked or dead-lettered (not retried: it is still pending), and when the worker has finished
+enough messages to recycle. A loop decides only how and when handlers run; so a rule changed here
 holds in both.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 from rqworkers.common.backoff import ExponentialBackoff
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Refused
+from rqworkers.store import dedup
+from rqworkers.store.outage import REDIS_ERRORS, explain
 from rqworkers.store.queue import Delivery, ReliableQueue
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.outbox import Failure, Outbox
@@ -94,6 +97,8 @@ class Settler:
             self.outbox.fail(failure)
             return
         self.outbox.ack(delivery, ended, reply)
+        if delivery.dedup is not None:
+            self.release(delivery)
         if self.sample_succeeded and _sampled(self.sample_succeeded):
             log.info(
                 "succeeded: %d bytes in %.3fs",
@@ -187,10 +192,22 @@ class Settler:
                 exc_info=show,
                 extra={"event": "dead_lettered"},
             )
+        if failure.delivery.dedup is not None:
+            self.release(failure.delivery)
         try:
             self.handler.on_dead_letter(failure.delivery.payload, record["reason"], error)
         except Exception:
             log.exception("handler %s.on_dead_letter() raised; ignored", self.handler.path)
+
+    def release(self, delivery: Delivery) -> None:
+        """Free the deduplication key a settled message holds, so that a push with it is
+        enqueued again. Best effort: should Redis fail now, the key expires on its own."""
+        assert delivery.dedup is not None
+        token, key = delivery.dedup
+        try:
+            dedup.release(self.queue.client, self.queue.keys.queue_name, token, key)
+        except REDIS_ERRORS as exc:
+            log.warning("could not free dedup key %r: %s; it expires by itself", key, explain(exc))
 
 
 def _text_of(error: BaseException) -> str:

@@ -216,3 +216,8 @@ class Tenants:
         finally:
             c.decr(key)
         _record("done", message)
+
+
+def arrival(message: bytes) -> None:
+    """Records when each message reached a handler: `arrived` gets `<epoch time> <payload>`."""
+    client().rpush("arrived", b"%r %s" % (time.time(), message))

@@ -1,7 +1,8 @@
 """The status page and its JSON API, served next to `/metrics` by the keeper.
 
 Reads: `GET /api/status` is exactly `rqworkers status --json` (one `status.collect` per
-second at most, shared by every open browser); `GET /api/history` the throughput of the
+second at most, shared by every open browser), `GET /api/schedules` `rqworkers schedules
+--json` (as often); `GET /api/history` the throughput of the
 last minutes, sampled here (`history`); `GET /api/dead` pages a queue's dead letters, each
 with a binary-safe preview (`dead.preview`), everything its record says, and the worker
 that dead-lettered it by the name and node the workers table shows.
@@ -31,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 from redis.exceptions import RedisError
 
 from rqworkers.config import Config, PairSettings
-from rqworkers.ops import dead, status
+from rqworkers.ops import dead, schedules, status
 from rqworkers.ops.web.auth import (
     COOKIE,
     SESSION_SECONDS,
@@ -125,6 +126,7 @@ class Site:
         self.assets = {path: (_STATIC / name).read_bytes() for path, (name, _) in ASSETS.items()}
         self.routes: dict[tuple[str, str], Callable[[Request], Response]] = {
             ("GET", "/api/status"): self.get_status,
+            ("GET", "/api/schedules"): self.get_schedules,
             ("GET", "/api/history"): lambda r: _json(self.history.as_json()),
             ("GET", "/api/session"): self.get_session,
             ("GET", "/api/dead"): self.get_dead,
@@ -302,6 +304,14 @@ class Site:
 
     def get_status(self, request: Request) -> Response:
         return Response(HTTPStatus.OK, self.status())
+
+    def get_schedules(self, request: Request) -> Response:
+        """`rqworkers schedules --json`, at most a second old."""
+        read = self.status_reads.get(
+            "schedules",
+            lambda: _safe_json(json.dumps(schedules.as_dicts(schedules.collect(self.config)))),
+        )
+        return Response(HTTPStatus.OK, read)
 
     def get_session(self, request: Request) -> Response:
         identity = self.identify(request)

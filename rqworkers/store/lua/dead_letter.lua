@@ -1,5 +1,6 @@
 -- DEAD_LETTER: moves a delivery that used up its attempts to the dead list, as its original
--- payload, and files its record in `dead_reasons` under the payload's digest.
+-- payload (without the wrapper of a deduplication key: see `bare`), and files its record
+-- in `dead_reasons` under the payload's digest.
 --
 -- KEYS: processing, dead, dead_reasons
 -- ARGV: element, digest, record
@@ -17,7 +18,8 @@
 -- field of many copies stays small.
 -- No allow-oom flag: a record of any size is something new, and waits for memory.
 
-local _, _, payload = parse(element)
+local _, _, wrapped = parse(element)
+local payload = bare(wrapped)
 local ok, new = pcall(cjson.decode, record)
 if not ok or type(new) ~= 'table' then new = {reason = 'unreadable record'} end
 local previous = redis.call('HGET', dead_reasons, digest)

@@ -3,11 +3,23 @@
 -- `<PREFIX><id>:<attempts>:<payload>`: parsed and built here, and nowhere else in Lua.
 --
 -- Uses PREFIX, bound by the loader from scripts.PREFIX, which the Python side reads too.
+-- The other element rqworkers writes where messages go, the nudge, is here too: a token,
+-- stored once in the queue's `nudge` key, pushed onto the empty shared list to wake a
+-- worker blocked there (a BLMOVE wakes only for an element) when a message comes due
+-- sooner than the worker was told; a take drops it wherever it meets it.
+--
 -- Defines:
 --   parse(element) -> id, attempts, payload; nil, 0, element for an element that is not
 --     an envelope
 --   wrap(id, attempts, payload) -> the envelope
--- A script need not use both:
+--   push_nudge(queue, nudge, token) -> wakes a worker blocked on `queue`, if the list is
+--     empty (else no worker blocks there); `token` becomes the queue's nudge token if it
+--     has none yet
+--   nudge_token(nudge) -> the queue's nudge token, false if it has none
+--   bare(payload) -> the payload a producer pushed under a deduplication key, without the
+--     wrapper `<PREFIX>dedup:<32 hex digits>:<key in hex>:` (store/queue.py's
+--     `unwrap_dedup` reads it alike); any other payload as it is
+-- A script need not use them all:
 -- luacheck: ignore 211
 
 local function parse(element)
@@ -26,4 +38,24 @@ end
 
 local function wrap(id, attempts, payload)
   return PREFIX .. id .. ':' .. attempts .. ':' .. payload
+end
+
+local function nudge_token(nudge)
+  return redis.call('GET', nudge) or false
+end
+
+local function push_nudge(queue, nudge, token)
+  if redis.call('LLEN', queue) > 0 then return end
+  redis.call('SET', nudge, token, 'NX')
+  redis.call('LPUSH', queue, redis.call('GET', nudge))
+end
+
+local function bare(payload)
+  local head = PREFIX .. 'dedup:'
+  if string.sub(payload, 1, #head) ~= head then return payload end
+  local token, key, rest = string.match(string.sub(payload, #head + 1), '^(%x+):(%x+):(.*)$')
+  if not token or #token ~= 32 or string.find(token .. key, '%u') or #key % 2 == 1 then
+    return payload
+  end
+  return rest
 end

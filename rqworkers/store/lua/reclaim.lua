@@ -2,15 +2,18 @@
 -- RECLAIM: hands an orphaned worker's messages back, if its lease is still gone: its
 -- deliveries to the retry set, due at once and oldest first, each charged one attempt if
 -- its handler had started; the messages its blocking fetch had landed, never delivered, to
--- the head of the shared list. Its `max_running` permits are given back.
+-- the head of the shared list. Its `max_running` permits are given back. A nudge wakes a
+-- blocked worker for the deliveries, which are due at once: without it they would wait for
+-- the next idle worker's block to end.
 --
 -- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake, held,
---   group_running, ring
--- ARGV: worker_id, unstarted
+--   group_running, ring, nudge
+-- ARGV: worker_id, unstarted, token
 --   worker_id  the orphaned worker, struck from the registry once its messages are back
 --   unstarted  the id of its oldest delivery that had not started: every one older is
 --              charged (as in REPLAY), so every one for '' (a lost node: nobody knows
 --              which ran). A slot of the reclaimer's own node has it from its scoreboard.
+--   token      a fresh random token, kept as the queue's nudge token if it has none
 -- Returns how many moved, or -1 if the lease is alive (decoded by scripts.RECLAIM).
 
 if redis.call('EXISTS', lease) == 1 then return -1 end
@@ -23,7 +26,7 @@ while true do
   redis.call('RPOP', landing)
   moved = moved + 1
 end
-local started = true
+local landed_moved, started = moved, true
 while true do
   local element = redis.call('LINDEX', processing, -1)
   if not element then break end
@@ -34,6 +37,7 @@ while true do
   redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
   redis.call('RPOP', processing)
 end
+if moved > landed_moved then push_nudge(queue, nudge, token) end
 redis.call('SREM', registry, worker_id)
 release_permits(permits, wake, queue, worker_id, held, group_running, ring)
 redis.call('DEL', owner)  -- whoever takes into the list next owns it

@@ -2,7 +2,7 @@
 -- REPLAY: what an earlier life of this worker left in flight, oldest first, after charging
 -- one attempt to each delivery whose handler had started.
 --
--- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring
+-- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring, nudge
 -- ARGV: charge, unstarted, idbase, mine, worker_id
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
@@ -16,9 +16,10 @@
 --
 -- A charged envelope gets a new id of this process, so a replay sent again after a lost
 -- reply charges nothing twice. Messages a blocking fetch left in the landing list never
--- reached a handler; they join the private list uncharged. An element that is not an
--- envelope (written by hand, or by another program) is wrapped. The replaying process
--- becomes the list's `owner`.
+-- reached a handler; they join the private list uncharged, except a nudge (see
+-- lua/envelope.lua), which a worker that stopped while blocked left there: dropped. An
+-- element that is not an envelope (written by hand, or by another program) is wrapped. The
+-- replaying process becomes the list's `owner`.
 
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
 -- A new process gives back the permits of the one before (its next take asks for what it
@@ -46,14 +47,16 @@ for i = #elements, 1, -1 do
   end
   result[#result + 1] = element
 end
-local n = 0
+local n, token = 0, nudge_token(nudge)
 while true do
   local landed = redis.call('LINDEX', landing, -1)
   if not landed then break end
-  n = n + 1
-  local element = wrap(idbase .. 'L' .. n, 0, landed)
-  redis.call('LPUSH', processing, element)
+  if landed ~= token then
+    n = n + 1
+    local element = wrap(idbase .. 'L' .. n, 0, landed)
+    redis.call('LPUSH', processing, element)
+    result[#result + 1] = element
+  end
   redis.call('RPOP', landing)
-  result[#result + 1] = element
 end
 return result

@@ -4,7 +4,7 @@
 -- the shared list (or the landing list) into their groups' lists, and due members of the
 -- retry set tagged with their group, for TAKE to keep them to that group's limits.
 --
--- KEYS: queue, landing, retry, ring
+-- KEYS: queue, landing, retry, ring, nudge
 -- ARGV: group_prefix, source, items...
 --   group_prefix  a group's list is `group_prefix` .. group
 --   source     'queue' or 'landing': items are payloads from that list's tail, oldest
@@ -31,9 +31,10 @@ end
 local list = source == 'landing' and landing or queue
 local clock = redis.call('TIME')
 local stamp = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local token = nudge_token(nudge)  -- a nudge is no message: dropped, never sorted
 for i = REST, #ARGV - 1, 2 do
   if redis.call('LINDEX', list, -1) ~= ARGV[i] then break end
-  sort_into(group_prefix, ring, unhex(ARGV[i + 1]), ARGV[i], stamp)
+  if ARGV[i] ~= token then sort_into(group_prefix, ring, unhex(ARGV[i + 1]), ARGV[i], stamp) end
   redis.call('RPOP', list)
   sorted = sorted + 1
 end

@@ -2,8 +2,8 @@
 -- TAKE: acks handled deliveries, then moves up to `limit` messages into the private list,
 -- in one round trip.
 --
--- KEYS: queue, processing, landing, retry, lease, registry, owner
--- ARGV: limit, now, idbase, landed, worker_id, trim, acks...
+-- KEYS: queue, processing, landing, retry, lease, registry, owner, nudge, paused
+-- ARGV: limit, now, idbase, landed, worker_id, trim, look, acks...
 --   limit      how many messages to take at most (0: only ack)
 --   now        the time, epoch seconds: retries due by then may be taken
 --   idbase     `<process>.<call>.`: the n-th new delivery gets the id idbase .. n, n
@@ -26,8 +26,15 @@
 --   payloads   of the new deliveries: the worker knows the ids it gave, so the envelopes
 --              need not travel back
 --
--- A queue with flow control, or paused, is taken with TAKE_FLOW instead; the worker looks
--- for a pause once a second and before a landed message is taken.
+--   look       '1': look whether the queue is `paused` (the worker asks at most once a
+--              second, and whenever a blocking fetch landed a message): if it is, take
+--              nothing, put a landed message back at the queue's tail, and say 'paused'
+--
+-- A queue with flow control, or paused, is taken with TAKE_FLOW instead, which looks at
+-- every call.
+--
+-- A nudge (see lua/envelope.lua) is no message: dropped from the landing or shared list
+-- wherever this script meets one; a worker woken by it takes nothing and learns next_due.
 --
 -- What it takes, in this order: the message a blocking fetch left in the landing list, then
 -- due retries and returned messages (oldest first), then the oldest of the shared list.
@@ -35,7 +42,7 @@
 -- The message a blocking fetch left in the landing list, taken; false if none.
 local function take_landed()
   local message = landed == '1' and redis.call('LINDEX', landing, -1)
-  if message then add_to_batch(0, message) end
+  if message and without_nudges({message})[1] then add_to_batch(0, message) end
   return message
 end
 
@@ -54,10 +61,19 @@ end
 
 if not owns_list() then return {-2} end
 taken[1] = remove_acks()
+-- The lease and, when looking, the pause in one call: EXISTS counts `paused` twice, so the
+-- answer is 1 for the lease plus 2 for a pause (an idle worker's take costs no more).
+local seen = look == '1' and redis.call('EXISTS', lease, paused, paused)
+if seen and seen >= 2 then
+  local message = landed == '1' and redis.call('RPOP', landing)
+  if message then redis.call('RPUSH', queue, message) end
+  taken[4] = 'paused'
+  return taken
+end
 if room <= 0 then return taken end
 -- A worker whose lease lapsed (its node froze) was struck from the registry by a reclaim:
 -- what it takes now must stay findable should its node die before the keeper renews.
-if redis.call('EXISTS', lease) == 0 then redis.call('SADD', registry, worker_id) end
+if (seen or redis.call('EXISTS', lease)) == 0 then redis.call('SADD', registry, worker_id) end
 local landed_message = take_landed()
 local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
 local due = take_due(first)

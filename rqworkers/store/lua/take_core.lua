@@ -2,12 +2,13 @@
 -- scripts.py): the reply being built, the owner check, the acks, adding to the batch,
 -- the shared list's oldest, the move into the private list, and the reply's last fields.
 -- It reads the KEYS and ARGV both scripts name alike (queue, processing, landing, retry,
--- owner; limit, idbase, trim, acks...).
+-- owner, nudge; limit, idbase, trim, acks...).
 --
 -- Defines:
 --   taken, fresh, attempts_of, tried, room: the reply, the new envelopes and their
 --     attempts, whether any has attempts, and how many more this call may take
---   owns_list(), remove_acks(), add_to_batch(attempts, payload), take_shared(),
+--   owns_list(), remove_acks(), without_nudges(elements), add_to_batch(attempts, payload),
+--   take_shared(),
 --   move(landed_message, due, oldest_last), finish(first) -> the reply
 -- luacheck: ignore 211
 
@@ -50,6 +51,23 @@ local function remove_acks()
   return missing
 end
 
+-- `elements` without the queue's nudges. A nudge is only ever pushed onto an empty shared
+-- list, but a give-back or requeue may RPUSH behind it, so any element may be one.
+local function without_nudges(elements)
+  if #elements == 0 then return elements end  -- an idle worker's take reads nothing more
+  local token = nudge_token(nudge)
+  local found = false
+  for _, element in ipairs(token and elements or {}) do
+    if element == token then found = true end
+  end
+  if not found then return elements end  -- nearly always: nothing copied
+  local kept = {}
+  for _, element in ipairs(elements) do
+    if element ~= token then kept[#kept + 1] = element end
+  end
+  return kept
+end
+
 -- Adds one message to what this call takes.
 local function add_to_batch(attempts, payload)
   local n = #fresh + 1
@@ -65,11 +83,12 @@ end
 local function take_shared()
   if room <= 0 then return {} end
   local oldest_last = redis.call('LRANGE', queue, -room, -1)
+  local messages = without_nudges(oldest_last)
   local n, head = #fresh, PREFIX .. idbase
-  for i = #oldest_last, 1, -1 do
+  for i = #messages, 1, -1 do
     n = n + 1
-    fresh[n] = head .. n .. ':0:' .. oldest_last[i]
-    taken[n + 5] = oldest_last[i]
+    fresh[n] = head .. n .. ':0:' .. messages[i]
+    taken[n + 5] = messages[i]
   end
   return oldest_last
 end

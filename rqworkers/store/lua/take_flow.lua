@@ -3,8 +3,8 @@
 -- paused: acks handled deliveries, then moves into the private list up to `limit`
 -- messages, as many as the pause and the limits allow, in one round trip.
 --
--- KEYS: queue, processing, landing, retry, lease, registry, owner, paused, permits, starts, wake,
---   ring, group_running, held
+-- KEYS: queue, processing, landing, retry, lease, registry, owner, nudge, paused, permits,
+--   starts, wake, ring, group_running, held
 -- ARGV: limit, now, idbase, landed, worker_id, trim, max_running, running, rate, window,
 --   group_by, sorter, group_max, group_rate, group_window, group_prefix, starts_prefix, mine,
 --   acks...
@@ -38,7 +38,8 @@
 --              takes, set like `running` (they are the `held` hash)
 --   acks...    envelopes, as `trim` says
 -- Nothing is taken while the queue is `paused`, and no more than the limits allow; what a
--- blocking fetch landed then goes back to the queue's tail, its place kept.
+-- blocking fetch landed then goes back to the queue's tail, its place kept. A nudge (see
+-- lua/envelope.lua) is no message: dropped wherever this script meets one.
 -- Returns {-2} to a process that no longer owns the list, taking and acking nothing; else
 -- {missing, next_due, attempts, held, payload1, payload2, ...} (decoded by scripts.TakeReply):
 --   missing    acks that found nothing, or -1: the acks sent as a trim were not where
@@ -100,8 +101,8 @@ end
 local function sort_in()
   local batch = redis.call('LRANGE', queue, -SORT_BATCH, -1)
   if #batch == 0 then return end
-  local stamp = clock_ms()
-  for i = #batch, 1, -1 do sort_one(batch[i], stamp) end
+  local stamp, messages = clock_ms(), without_nudges(batch)
+  for i = #messages, 1, -1 do sort_one(messages[i], stamp) end
   redis.call('LTRIM', queue, 0, -#batch - 1)
 end
 
@@ -197,6 +198,10 @@ end
 -- pause or a limit leaves no room for it, it goes back to the queue's tail, to be next.
 local function take_landed()
   local message = landed == '1' and redis.call('LINDEX', landing, -1)
+  if message and not without_nudges({message})[1] then  -- no message: dropped
+    redis.call('RPOP', landing)
+    return false
+  end
   if message and grouped then  -- in its group's turn, like any other
     sort_one(message, clock_ms())
     redis.call('RPOP', landing)

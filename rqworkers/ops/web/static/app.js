@@ -102,7 +102,7 @@ function rate(key) {
 
 // -- rendering ------------------------------------------------------------------------
 
-const COLUMNS = 11; // of the queue table
+const COLUMNS = 12; // of the queue table
 const count = (n) => Number(n ?? 0).toLocaleString("en-US");
 const PERIODS = { s: "second", m: "minute", h: "hour" }; // of a rate_limit: "100/s"
 
@@ -126,7 +126,8 @@ function renderQueues(pairs) {
     const row = el("tr", { ...attrs, class: snap.held_back ? "held" : null },
       el("td", { class: "host" }, pair.host), name,
       cell("waiting", snap.waiting), cell("in_flight", snap.in_flight),
-      cell("retrying", snap.retrying), cell("dead", deadCount(pair)),
+      cell("retrying", snap.retrying), cell("next-due", dueIn(snap.next_due)),
+      cell("dead", deadCount(pair)),
       cell("ok-rate", r ? r.ok.toFixed(1) : "…"), cell("failed-rate", r ? r.failed.toFixed(1) : "…"),
       cell("running", flow.max_running ? `${flow.running}/${flow.max_running}` : "-"),
       cell("started", flow.rate_limit ? `${flow.started}/${flow.rate_starts}` : "-"),
@@ -178,6 +179,26 @@ function flowDetail(pair, snap, flow) {
   }
   return el("tr", { class: held ? "flow-detail held" : "flow-detail",
     "data-flow-of": pairKey(pair) }, cell);
+}
+
+// "in 3.2s", "1.0s overdue", "in 2h05m"; "-" for nothing scheduled.
+function dueIn(epoch) {
+  if (epoch === null || epoch === undefined) return "-";
+  const left = epoch - Date.now() / 1000;
+  const abs = Math.abs(left);
+  const span = abs < 60 ? `${abs.toFixed(1)}s`
+    : abs < 3600 ? `${Math.floor(abs / 60)}m${String(Math.floor(abs % 60)).padStart(2, "0")}s`
+      : `${Math.floor(abs / 3600)}h${String(Math.floor(abs % 3600 / 60)).padStart(2, "0")}m`;
+  return left >= 0 ? `in ${span}` : `${span} overdue`;
+}
+
+function renderSchedules(schedules) {
+  $("schedules-section").hidden = !schedules.length;
+  const when = (epoch) => (epoch === null ? "never" : `${utc(epoch)} (${dueIn(epoch)})`);
+  $("schedules").tBodies[0].replaceChildren(...schedules.map((s) => el("tr", { "data-name": s.name },
+    el("td", { class: "name" }, s.name), el("td", {}, s.queue), el("td", {}, s.rule),
+    el("td", {}, s.catch_up), el("td", { class: "last-fire" }, s.error ? s.error : when(s.last_fire)),
+    el("td", { class: "next-fire" }, s.error ? "" : when(s.next_fire)))));
 }
 
 // The chosen queue's dead count is the pager's: one read, never two numbers at once.
@@ -327,7 +348,9 @@ async function refresh() {
   if (refreshing) return;
   refreshing = true;
   try {
-    const [pairs, history] = await Promise.all([api("api/status"), api("api/history")]);
+    const [pairs, history, schedules] = await Promise.all(
+      [api("api/status"), api("api/history"), api("api/schedules")]);
+    renderSchedules(schedules);
     sample(pairs, Date.now());
     state.history = history;
     renderDeadChoices(pairs);
