@@ -38,11 +38,19 @@ class FlakyQueue(ReliableQueue):
         self.fail_at = fail_at
         self.after = after
 
-    def take(self, acks: list[bytes], limit: int, landed: bool = False, trim: int = 0) -> Taken:
+    def take(
+        self,
+        acks: list[bytes],
+        limit: int,
+        landed: bool = False,
+        trim: int = 0,
+        running: int = 0,
+        mine: dict[str, int] | None = None,
+    ) -> Taken:
         self.takes += 1
         if self.takes == self.fail_at and not self.after:
             raise redis.ConnectionError("connection reset before the command was sent")
-        taken = super().take(acks, limit, landed, trim)
+        taken = super().take(acks, limit, landed, trim, running, mine)
         if self.takes == self.fail_at:
             raise redis.ConnectionError("connection reset before the reply arrived")
         return taken
