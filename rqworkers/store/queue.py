@@ -486,8 +486,29 @@ def registered_workers(client: Client, queue: str) -> list[str]:
     return sorted(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
 
 
-def lease_alive(client: Client, queue: str, worker_id: str) -> bool:
-    return bool(client.exists(Keys.of(queue, worker_id).lease))
+def take_reclaim_turn(client: Client, queue: str, node: str, seconds: float) -> bool:
+    """Whether it is `node`'s turn to walk `queue`'s registry for orphans; if so, the turn
+    is held for `seconds` (the keeper's `turn`), and the next pass of any node after that
+    takes the next turn.
+
+    Every lease must be looked at once a `reclaim_interval`, but by one node, not by all:
+    every node walking the whole registry at every pass costs Redis O(nodes) commands per
+    node, O(nodes²) for the fleet (bench/fleet.py measured it). With turns, a pass of a
+    node costs one command, and the fleet's walks one `EXISTS` per worker per turn.
+    """
+    turn = Keys.of(queue, "").reclaim_turn
+    return bool(client.set(turn, node, nx=True, px=max(1, int(seconds * 1000))))
+
+
+def expired_workers(client: Client, queue: str, worker_ids: Sequence[str]) -> list[str]:
+    """Those of `worker_ids` whose lease on `queue` has expired, in one round trip."""
+    if not worker_ids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.exists(Keys.of(queue, worker_id).lease)
+    alive = pipe.execute()
+    return [w for w, live in zip(worker_ids, alive, strict=True) if not live]
 
 
 @dataclass(frozen=True)
