@@ -203,12 +203,16 @@ def test_a_retry_keeps_its_attempt_number_when_its_node_is_lost(
     assert dead_info(redis_server, "jobs", b"steps:rn:1")["attempts"] == 2
 
 
-# -- reclaim turns: what a node costs Redis does not grow with the fleet -------------------------
+# -- what a node costs Redis does not grow with the fleet: reclaim turns, shared lengths ----------
 
 
 @contextmanager
 def keepers(
-    url: str, nodes: list[str], reclaim_interval: float = 10.0, live: bool = True
+    url: str,
+    nodes: list[str],
+    reclaim_interval: float = 10.0,
+    live: bool = True,
+    lease_ttl: float = 6.0,
 ) -> Iterator[list[Keeper]]:
     """One keeper per node, each holding the lease of one slot on `jobs` (a live worker's
     unless `live` is false: a slot in restart backoff)."""
@@ -218,7 +222,8 @@ def keepers(
         board.prepare()
         board.set_pid(os.getpid() if live else 0)
         lease = Lease(url, "jobs", f"{node}:1", "jobs-1", "local", board)
-        made.append(Keeper(KeeperSpec(node, os.getppid(), 6.0, reclaim_interval, (lease,))))
+        spec = KeeperSpec(node, os.getppid(), lease_ttl, reclaim_interval, (lease,))
+        made.append(Keeper(spec))
     try:
         yield made
     finally:
@@ -226,8 +231,8 @@ def keepers(
             keeper.close()
 
 
-def exists_calls(client: redis.Redis) -> int:
-    return int(client.info("commandstats").get("cmdstat_exists", {}).get("calls", 0))
+def calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
 def test_one_node_a_pass_walks_the_registry_not_every_node(redis_server: RedisServer) -> None:
@@ -240,10 +245,10 @@ def test_one_node_a_pass_walks_the_registry_not_every_node(redis_server: RedisSe
         client.set(Keys("jobs", worker_id).lease, "{}", px=60_000)
     client.sadd(Keys("jobs", "").registry, *others)
     with keepers(redis_server.url, [f"n{i}" for i in range(5)]) as fleet:
-        before = exists_calls(client)
+        before = calls(client, "exists")
         for keeper in fleet:
             keeper.reclaim(keeper.endpoints[0], "jobs")
-        assert exists_calls(client) - before == len(others), "one walk for five nodes"
+        assert calls(client, "exists") - before == len(others), "one walk for five nodes"
     assert client.get(Keys("jobs", "").reclaim_turn) == b"n0"
     assert 0 < client.pttl(Keys("jobs", "").reclaim_turn) <= 4_800, "0.8 of the 6 s lease"
 
@@ -282,3 +287,30 @@ def test_a_slot_in_backoff_is_reclaimed_by_its_own_node_when_it_is_not_its_turn(
         keeper.reclaim(keeper.endpoints[0], "jobs")
     assert client.llen(own.keys.processing) == 0
     assert [d.payload for d, _ in own.retrying()] == [b"m1"]
+
+
+def test_one_node_a_period_reads_the_queue_lengths_every_node_reports(
+    redis_server: RedisServer,
+) -> None:
+    """Reading a queue's in-flight count reads every private list: with every node serving
+    `/metrics` doing so each period, the fleet's cost grew as the square of its size."""
+    client = redis_server.client()
+    others = [f"far-{i}:1" for i in range(40)]
+    client.sadd(Keys("jobs", "").registry, *others)
+    client.lpush(Keys("jobs", "far-0:1").processing, b"a", b"b")
+    client.lpush("jobs", b"w")
+    with keepers(redis_server.url, [f"n{i}" for i in range(5)], lease_ttl=1.5) as fleet:
+        before = calls(client, "llen")
+        for keeper in fleet:
+            keeper.read_queues(keeper.endpoints[0])
+        assert calls(client, "llen") - before == 2 + 2 * len(others), "read once, not 5 times"
+        for keeper in fleet:
+            [lengths] = keeper.snapshots.values()
+            assert (lengths.waiting, lengths.in_flight) == (1, 2)
+        client.lpush("jobs", b"w2")
+
+        def fresh() -> bool:
+            fleet[1].read_queues(fleet[1].endpoints[0])
+            return next(iter(fleet[1].snapshots.values())).waiting == 2
+
+        wait_for(fresh, timeout=5, interval=0.05, what="the lengths read again after a period")

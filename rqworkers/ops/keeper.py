@@ -49,7 +49,7 @@ from rqworkers.store.queue import (
     publish_status,
     registered_workers,
     renew_leases,
-    snapshot,
+    shared_lengths,
     take_reclaim_turn,
 )
 from rqworkers.worker.scoreboard import Scoreboard
@@ -230,10 +230,12 @@ class Keeper:
             log.error("keeper: redis at %s refused an operation: %s", redact(endpoint.url), cause)
 
     def read_queues(self, endpoint: Endpoint) -> None:
-        """Refresh the queue lengths that `/metrics` reports."""
+        """Refresh the queue lengths that `/metrics` reports: read by one node a renewal
+        period and shared (`shared_lengths`), so they are at most two periods old."""
         hosts = {lease.queue: lease.host for lease in endpoint.leases}
         for queue in endpoint.queues:
-            self.snapshots[(hosts[queue], queue)] = snapshot(endpoint.client, queue)
+            lengths = shared_lengths(endpoint.client, queue, self.renew_every)
+            self.snapshots[(hosts[queue], queue)] = lengths
 
     def renew(self, endpoint: Endpoint) -> None:
         """Renew the lease of every live worker; its value is the worker's status. A slot

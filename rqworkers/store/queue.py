@@ -467,6 +467,32 @@ def snapshot(client: Client, queue: str) -> Snapshot:
     return Snapshot(int(waiting), in_flight, int(retrying), int(dead), workers)
 
 
+def shared_lengths(client: Client, queue: str, seconds: float) -> Snapshot:
+    """A queue's lengths (no workers) as some node read them less than `seconds` ago, or as
+    read now and published for `seconds` if none did.
+
+    The lengths are the queue's, the same for every node, but reading them costs O(workers)
+    commands (every private list), every renewal period: every node reading them itself
+    would cost Redis O(nodes²) for a fleet whose every node serves `/metrics`.
+    """
+    key = Keys.of(queue, "").lengths
+    raw = client.get(key)
+    try:
+        shared = json.loads(raw) if raw else None
+        if isinstance(shared, dict):
+            waiting, in_flight, retrying, dead = (int(shared[name]) for name in _LENGTHS)
+            return Snapshot(waiting, in_flight, retrying, dead, [])
+    except (ValueError, KeyError, TypeError):
+        pass  # not ours, or from another version: read anew
+    read = snapshot(client, queue)
+    value = json.dumps({name: getattr(read, name) for name in _LENGTHS})
+    client.set(key, value, px=max(1, int(seconds * 1000)))
+    return read
+
+
+_LENGTHS = ("waiting", "in_flight", "retrying", "dead")  # `Snapshot`'s counts, in order
+
+
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:
     """A published status whose keeper has not renewed it for `STALE_AFTER` periods says
     `stale` and since when, rather than the state its node was last seen in."""
