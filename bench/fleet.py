@@ -116,16 +116,19 @@ class Settings:
     prefetch: int
     victims: float  # share of the nodes that vanish
     reclaim_under: str  # "load": the producer runs meanwhile; "idle": survivors block
+    metrics: bool  # every node serves /metrics
     json: bool
     keep: bool
 
 
 def config_text(node: str, url: str, queue: str, s: Settings) -> str:
-    """One node: one pair, one process, short leases, logs at WARNING (reclaims show)."""
+    """One node: one pair, one process, short leases, logs at WARNING (reclaims show), and
+    `/metrics` on a port of its own with `--metrics`, as deploy/kubernetes runs every pod."""
+    metrics = f'metrics_address = "127.0.0.1:{free_port()}"\n' if s.metrics else ""
     return f"""\
 [manager]
 node = "{node}"
-check_interval = 1.0
+{metrics}check_interval = 1.0
 shutdown_timeout = 5.0
 lease_ttl = {s.lease_ttl}
 reclaim_interval = {s.reclaim_interval}
@@ -283,6 +286,9 @@ class Row:
     keeper_commands_per_s: float = 0.0  # all keepers (MONITOR sample)
     worker_commands_per_s: float = 0.0  # all workers, idle (MONITOR sample)
     keeper_commands: dict[str, float] = field(default_factory=dict)  # command -> /s
+    # Commands of connections gone by the time they were mapped to processes: short-lived
+    # ones, such as the status page sampler's in a keeper with `--metrics` (command -> /s).
+    other_commands: dict[str, float] = field(default_factory=dict)
     loaded_rate: float = 0.0  # messages/s pushed
     loaded_commands_per_s: float = 0.0  # producer's own taken out
     loaded_redis_cpu: float = 0.0
@@ -414,6 +420,7 @@ class Fleet:
         wall = time.monotonic() - t0
         owner = self._port_owners()
         keeper: Counter[str] = Counter()
+        other: Counter[str] = Counter()
         worker = 0
         for counts in ports:
             for (port, command), n in counts.items():
@@ -422,9 +429,12 @@ class Fleet:
                     keeper[command] += n
                 elif kind == "worker":
                     worker += n
+                else:  # a connection closed since (the status page's sampler opens its own)
+                    other[command] += n
         self.row.keeper_commands_per_s = round(sum(keeper.values()) / wall, 2)
         self.row.worker_commands_per_s = round(worker / wall, 2)
         self.row.keeper_commands = {k: round(v / wall, 2) for k, v in keeper.most_common()}
+        self.row.other_commands = {k: round(v / wall, 2) for k, v in other.most_common()}
         self.say(f"keepers send {self.row.keeper_commands_per_s}/s: {self.row.keeper_commands}")
 
     def _monitor_one(self, server: RedisServer) -> Counter[tuple[int, str]]:
@@ -686,8 +696,10 @@ def render(report: Report) -> str:
     lines += ["", "What the keepers send, per node and second (MONITOR sample, idle):", ""]
     for r in report.rows:
         shown = ", ".join(f"{c} {v / r.nodes:.2f}" for c, v in r.keeper_commands.items())
+        rest = ", ".join(f"{c} {v / r.nodes:.2f}" for c, v in r.other_commands.items())
+        rest = f"; short-lived connections: {rest}" if rest else ""
         notes = f" ({'; '.join(r.notes)})" if r.notes else ""
-        lines.append(f"- {r.topology}, {r.nodes} nodes: {shown or 'none'}{notes}")
+        lines.append(f"- {r.topology}, {r.nodes} nodes: {shown or 'none'}{rest}{notes}")
     for skipped in report.skipped:
         lines.append(f"- skipped: {skipped}")
     lines += ["", "```", *plot(report), "```"]
@@ -733,6 +745,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         default="load",
         help="whether the producer runs while the lost nodes' messages are reclaimed",
     )
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="every node serves /metrics and the status page, as on Kubernetes",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     a = parser.parse_args(argv)
@@ -742,7 +760,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         parser.error("--lease-ttl must be at least 1; --window, --monitor, --rate above 0")
     return Settings(
         tuple(a.nodes), tuple(a.redis), a.lease_ttl, a.reclaim_interval, a.window, a.settle,
-        a.monitor, a.rate, a.prefetch, a.victims, a.reclaim_under, a.json, a.keep,
+        a.monitor, a.rate, a.prefetch, a.victims, a.reclaim_under, a.metrics, a.json, a.keep,
     )  # fmt: skip
 
 
