@@ -713,13 +713,14 @@ def plot(report: Report, width: int = 50) -> list[str]:
     if not rows:
         return []
     top = max(max(r.per_node(r.idle_commands_per_s), 0.01) for r in rows)
+    label = max(len(r.topology) for r in rows)
     out = [f"idle Redis commands/s per node (#) and the keepers' share (k); full width = {top:.2f}"]
     for r in rows:
         total = r.per_node(r.idle_commands_per_s)
         keeper = min(total, r.per_node(r.keeper_commands_per_s))
         k = round(width * keeper / top)
         rest = max(0, round(width * total / top) - k)
-        out.append(f"{r.topology:>7} {r.nodes:>4} |{'k' * k}{'#' * rest} {total:.2f}")
+        out.append(f"{r.topology:>{label}} {r.nodes:>4} |{'k' * k}{'#' * rest} {total:.2f}")
     return out
 
 
