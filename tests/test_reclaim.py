@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from rqworkers.ops.keeper import Keeper, KeeperSpec, Lease
-from rqworkers.store.queue import Keys, ReliableQueue, registered_workers
+from rqworkers.store.queue import Keys, ReliableQueue, registered_workers, take_reclaim_turn
 from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import RedisServer, Service, dead_info, wait_for
 
@@ -314,3 +314,22 @@ def test_one_node_a_period_reads_the_queue_lengths_every_node_reports(
             return next(iter(fleet[1].snapshots.values())).waiting == 2
 
         wait_for(fresh, timeout=5, interval=0.05, what="the lengths read again after a period")
+
+
+def test_on_a_redis_out_of_memory_every_node_walks_and_reads_as_before(
+    redis_server: RedisServer,
+) -> None:
+    """Over maxmemory Redis refuses the turn and the shared lengths (writes), not the walk
+    or the reading: a keeper must neither stop reclaiming nor report an outage then."""
+    client = redis_server.client()
+    client.sadd(Keys("jobs", "").registry, "lost:1")
+    client.lpush(Keys("jobs", "lost:1").processing, b"x")
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", 1_000_000)
+    with keepers(redis_server.url, ["a", "b"]) as fleet:
+        for keeper in fleet:
+            assert take_reclaim_turn(keeper.endpoints[0].client, "jobs", "a", 5.0)
+            keeper.read_queues(keeper.endpoints[0])
+            assert next(iter(keeper.snapshots.values())).in_flight == 1
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")

@@ -486,7 +486,9 @@ def shared_lengths(client: Client, queue: str, seconds: float) -> Snapshot:
         pass  # not ours, or from another version: read anew
     read = snapshot(client, queue)
     value = json.dumps({name: getattr(read, name) for name in _LENGTHS})
-    client.set(key, value, px=max(1, int(seconds * 1000)))
+    # Shared for the others' sake: a Redis out of memory refuses it, not the reading.
+    with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+        client.set(key, value, px=max(1, int(seconds * 1000)))
     return read
 
 
@@ -523,7 +525,12 @@ def take_reclaim_turn(client: Client, queue: str, node: str, seconds: float) -> 
     node costs one command, and the fleet's walks one `EXISTS` per worker per turn.
     """
     turn = Keys.of(queue, "").reclaim_turn
-    return bool(client.set(turn, node, nx=True, px=max(1, int(seconds * 1000))))
+    try:
+        return bool(client.set(turn, node, nx=True, px=max(1, int(seconds * 1000))))
+    except redis.exceptions.OutOfMemoryError:
+        # Redis out of memory refuses the turn, not the reads of a walk: every node walks,
+        # as before turns, rather than none while the queue drains.
+        return True
 
 
 def expired_workers(client: Client, queue: str, worker_ids: Sequence[str]) -> list[str]:
