@@ -28,6 +28,10 @@ For each fleet size, in this order:
   a message handled twice is a duplicate and one never handled (nor dead-lettered) is
   lost. Both must be 0.
 
+`--reclaim-under idle` kills with no producer running (every survivor idle in its blocking
+fetch: the worst case for the pickup); `--metrics` gives every node `/metrics` and the
+status page, as deploy/kubernetes runs every pod. bench/RESULTS.md has the figures.
+
 Leases are short (`--lease-ttl`, default 6 s) so that a reclaim is measured in seconds.
 Run it under `nice -n 10` on a shared machine; 200 nodes are about 600 Python processes
 (forked, so they share most pages): the bench refuses a size the free memory cannot hold.
