@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -156,13 +156,14 @@ class RedisServer:
         return redis.Redis(host=HOST, port=self.port)
 
 
-def start_redis(procs: Processes, workdir: Path) -> RedisServer:
-    """A redis-server of our own: the INFO pid must be our child's, never someone else's."""
+def start_redis(procs: Processes, workdir: Path, extra: Sequence[str] = ()) -> RedisServer:
+    """A redis-server of our own: the INFO pid must be our child's, never someone else's.
+    `extra`: more arguments (a cluster node's, say)."""
     binary = redis_server_binary()
     for _ in range(5):
         port = free_port()
         args = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-        args += ["--dir", str(workdir), "--protected-mode", "yes"]
+        args += ["--dir", str(workdir), "--protected-mode", "yes", *extra]
         proc = procs.start(args, log=workdir / f"redis-{port}.log")
         client = redis.Redis(host=HOST, port=port)
         deadline = time.monotonic() + 10

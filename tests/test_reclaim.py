@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import fakeredis
 import pytest
 import redis
 
-from rqworkers.store.queue import Keys, ReliableQueue, registered_workers
+from rqworkers.ops.keeper import Keeper, KeeperSpec, Lease
+from rqworkers.store.queue import Keys, ReliableQueue, registered_workers, take_reclaim_turn
+from rqworkers.worker.scoreboard import Scoreboard
 from tests.support import RedisServer, Service, dead_info, wait_for
 
 StartService = Callable[..., Service]
@@ -197,3 +201,135 @@ def test_a_retry_keeps_its_attempt_number_when_its_node_is_lost(
     dead_letter_across_nodes(service, client, b"steps:rn:1", "ab", {"retry_delay": 0.1})
     assert lrange(redis_server, "started").count(b"steps:rn:1") == 2
     assert dead_info(redis_server, "jobs", b"steps:rn:1")["attempts"] == 2
+
+
+# -- what a node costs Redis does not grow with the fleet: reclaim turns, shared lengths ----------
+
+
+@contextmanager
+def keepers(
+    url: str,
+    nodes: list[str],
+    reclaim_interval: float = 10.0,
+    live: bool = True,
+    lease_ttl: float = 6.0,
+) -> Iterator[list[Keeper]]:
+    """One keeper per node, each holding the lease of one slot on `jobs` (a live worker's
+    unless `live` is false: a slot in restart backoff)."""
+    made = []
+    for node in nodes:
+        board = Scoreboard()
+        board.prepare()
+        board.set_pid(os.getpid() if live else 0)
+        lease = Lease(url, "jobs", f"{node}:1", "jobs-1", "local", board)
+        spec = KeeperSpec(node, os.getppid(), lease_ttl, reclaim_interval, (lease,))
+        made.append(Keeper(spec))
+    try:
+        yield made
+    finally:
+        for keeper in made:
+            keeper.close()
+
+
+def calls(client: redis.Redis, command: str) -> int:
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_one_node_a_pass_walks_the_registry_not_every_node(redis_server: RedisServer) -> None:
+    """A fleet's reclaim passes cost one EXISTS per registered worker, not one per worker
+    and node: with every node walking the whole registry, the fleet's cost grew as the
+    square of its size (bench/fleet.py)."""
+    client = redis_server.client()
+    others = [f"far-{i}:1" for i in range(40)]
+    for worker_id in others:
+        client.set(Keys("jobs", worker_id).lease, "{}", px=60_000)
+    client.sadd(Keys("jobs", "").registry, *others)
+    with keepers(redis_server.url, [f"n{i}" for i in range(5)]) as fleet:
+        before = calls(client, "exists")
+        for keeper in fleet:
+            keeper.reclaim(keeper.endpoints[0], "jobs")
+        assert calls(client, "exists") - before == len(others), "one walk for five nodes"
+    assert client.get(Keys("jobs", "").reclaim_turn) == b"n0"
+    assert 0 < client.pttl(Keys("jobs", "").reclaim_turn) <= 4_800, "0.8 of the 6 s lease"
+
+
+def test_when_the_node_whose_turn_it_was_dies_another_takes_the_next_turn(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    with keepers(redis_server.url, ["gone", "alive"], reclaim_interval=0.5) as (gone, alive):
+        gone.reclaim(gone.endpoints[0], "jobs")  # its turn; then it dies
+        orphan = ReliableQueue(client, "jobs", "lost:1")
+        orphan.hold_lease(ttl=60)
+        client.lpush("jobs", b"m1")
+        orphan.take([], 1)
+        client.delete(orphan.keys.lease)
+
+        def reclaimed() -> bool:
+            alive.reclaim(alive.endpoints[0], "jobs")
+            return client.llen(orphan.keys.processing) == 0
+
+        wait_for(reclaimed, timeout=5, interval=0.05, what="the next turn's reclaim")
+    assert [d.payload for d, _ in orphan.retrying()] == [b"m1"]
+
+
+def test_a_slot_in_backoff_is_reclaimed_by_its_own_node_when_it_is_not_its_turn(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    client.set(Keys("jobs", "").reclaim_turn, "another", px=60_000)
+    with keepers(redis_server.url, ["n"], live=False) as (keeper,):
+        own = ReliableQueue(client, "jobs", "n:1")
+        own.hold_lease(ttl=60)
+        client.lpush("jobs", b"m1")
+        own.take([], 1)
+        client.delete(own.keys.lease)  # its worker is in restart backoff past its lease
+        keeper.reclaim(keeper.endpoints[0], "jobs")
+    assert client.llen(own.keys.processing) == 0
+    assert [d.payload for d, _ in own.retrying()] == [b"m1"]
+
+
+def test_one_node_a_period_reads_the_queue_lengths_every_node_reports(
+    redis_server: RedisServer,
+) -> None:
+    """Reading a queue's in-flight count reads every private list: with every node serving
+    `/metrics` doing so each period, the fleet's cost grew as the square of its size."""
+    client = redis_server.client()
+    others = [f"far-{i}:1" for i in range(40)]
+    client.sadd(Keys("jobs", "").registry, *others)
+    client.lpush(Keys("jobs", "far-0:1").processing, b"a", b"b")
+    client.lpush("jobs", b"w")
+    with keepers(redis_server.url, [f"n{i}" for i in range(5)], lease_ttl=1.5) as fleet:
+        before = calls(client, "llen")
+        for keeper in fleet:
+            keeper.read_queues(keeper.endpoints[0])
+        assert calls(client, "llen") - before == 2 + 2 * len(others), "read once, not 5 times"
+        for keeper in fleet:
+            [lengths] = keeper.snapshots.values()
+            assert (lengths.waiting, lengths.in_flight) == (1, 2)
+        client.lpush("jobs", b"w2")
+
+        def fresh() -> bool:
+            fleet[1].read_queues(fleet[1].endpoints[0])
+            return next(iter(fleet[1].snapshots.values())).waiting == 2
+
+        wait_for(fresh, timeout=5, interval=0.05, what="the lengths read again after a period")
+
+
+def test_on_a_redis_out_of_memory_every_node_walks_and_reads_as_before(
+    redis_server: RedisServer,
+) -> None:
+    """Over maxmemory Redis refuses the turn and the shared lengths (writes), not the walk
+    or the reading: a keeper must neither stop reclaiming nor report an outage then."""
+    client = redis_server.client()
+    client.sadd(Keys("jobs", "").registry, "lost:1")
+    client.lpush(Keys("jobs", "lost:1").processing, b"x")
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", 1_000_000)
+    with keepers(redis_server.url, ["a", "b"]) as fleet:
+        for keeper in fleet:
+            assert take_reclaim_turn(keeper.endpoints[0].client, "jobs", "a", 5.0)
+            keeper.read_queues(keeper.endpoints[0])
+            assert next(iter(keeper.snapshots.values())).in_flight == 1
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")

@@ -15,6 +15,9 @@ manager's keeper tries, one enqueues each fire time.
 
 Every `reclaim_interval` the keeper also looks, on every queue it serves, for registered
 workers whose lease has expired, and hands their private lists back to the shared queue.
+One node of the fleet a pass walks a queue's whole registry (it holds the queue's reclaim
+turn); the others look at their own idle slots only, so that a node costs Redis the same
+in a fleet of 200 as alone.
 After an outage of its own it waits one `lease_ttl` before reclaiming, so that every live
 node has had the time to renew leases Redis may have lost meanwhile.
 """
@@ -47,11 +50,12 @@ from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import (
     ReliableQueue,
     Snapshot,
-    lease_alive,
+    expired_workers,
     publish_status,
     registered_workers,
     renew_leases,
-    snapshot,
+    shared_lengths,
+    take_reclaim_turn,
 )
 from rqworkers.worker.scoreboard import Scoreboard
 
@@ -64,6 +68,11 @@ STATUS_INTERVAL = 5.0
 # TTL): one that hangs delays the renewals of the others by no more, so that those still
 # come at least every half TTL.
 REPLY_TIMEOUT = 1.5
+# A reclaim turn lasts this share of `reclaim_interval`, or of `lease_ttl` if shorter: less
+# than a whole interval, so that a lone node, whose passes are one interval apart, never
+# finds its own last turn still held; and no longer than a lease, so that a node configured
+# with a long interval cannot hold the turn, and other nodes' reclaims, back for long.
+TURN_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ class Keeper:
         self.spec = spec
         # Often enough to keep leases (a third of their TTL) and status fresh.
         self.renew_every = min(spec.lease_ttl / 3, STATUS_INTERVAL)
+        self.turn = TURN_SHARE * min(spec.reclaim_interval, spec.lease_ttl)
         timeout = min(REPLY_TIMEOUT, spec.lease_ttl / 6)
         self.endpoints = [
             Endpoint(
@@ -232,11 +242,14 @@ class Keeper:
             log.error("keeper: redis at %s refused an operation: %s", redact(endpoint.url), cause)
 
     def read_queues(self, endpoint: Endpoint) -> None:
-        """Refresh the queue lengths and flow state that `/metrics` reports."""
+        """Refresh the queue lengths and flow state that `/metrics` reports: the lengths
+        read by one node a renewal period and shared (`shared_lengths`), so they are at most
+        two periods old; the flow state read by each node (a few commands)."""
         pairs = {lease.queue: lease for lease in endpoint.leases}
         for queue in endpoint.queues:
             lease = pairs[queue]
-            self.snapshots[(lease.host, queue)] = snapshot(endpoint.client, queue, lease.limits)
+            read = shared_lengths(endpoint.client, queue, self.renew_every, lease.limits)
+            self.snapshots[(lease.host, queue)] = read
 
     def renew(self, endpoint: Endpoint) -> None:
         """Renew the lease of every live worker; its value is the worker's status. A slot
@@ -305,14 +318,20 @@ class Keeper:
                 self.processes.pop(pid, None)
 
     def reclaim(self, endpoint: Endpoint, queue: str) -> None:
-        # Our own slots are included: a slot stuck in restart backoff whose lease lapsed
-        # should not sit on its messages while other workers could handle them.
+        """Hand back the private lists of `queue`'s workers whose lease expired: every
+        registered worker's when it is this node's turn (`take_reclaim_turn`), else only
+        those of our own slots that have no live worker."""
         client = endpoint.client
-        # Our own slots' scoreboards tell what had started; a lost node's cannot be read.
+        # Our own slots are included: a slot stuck in restart backoff whose lease lapsed
+        # should not sit on its messages while other workers could handle them. Their
+        # scoreboards tell what had started; a lost node's cannot be read.
         own = {(x.queue, x.worker_id): x.board.first_unstarted for x in endpoint.leases}
-        for worker_id in registered_workers(client, queue):
-            if lease_alive(client, queue, worker_id):
-                continue
+        if take_reclaim_turn(client, queue, self.spec.node, self.turn):
+            candidates = registered_workers(client, queue)
+        else:
+            candidates = [x.worker_id for x in endpoint.leases
+                          if x.queue == queue and not x.board.pid]  # fmt: skip
+        for worker_id in expired_workers(client, queue, candidates):
             unstarted = own.get((queue, worker_id)) or b""
             lost = ReliableQueue(client, queue, worker_id)
             moved = lost.reclaim(unstarted)

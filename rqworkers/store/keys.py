@@ -147,6 +147,20 @@ class Keys:
         commands=(("SET", "{fence}", "1", "NX", "PX", "1000"), ("DEL", "{fence}")),
         ttl="5 s",
     )  # fmt: skip
+    reclaim_turn = Key(
+        f"{QUEUE}:reclaim-turn", "string",
+        "the node whose keeper has the turn to look for orphans: one node at a time walks "
+        "the registry, not every node at every pass",
+        commands=(("SET", "{reclaim_turn}", "n", "NX", "PX", "1000"),),
+        ttl="0.8 of the shorter of `reclaim_interval` and `lease_ttl`",
+    )  # fmt: skip
+    lengths = Key(
+        f"{QUEUE}:lengths", "string",
+        "the queue's lengths as a keeper last read them, JSON `{waiting, in_flight, "
+        "retrying, dead}`: every node's `/metrics` shows them, one node a period reads them",
+        commands=(("GET", "{lengths}"), ("SET", "{lengths}", "v", "PX", "1000")),
+        ttl="the keepers' renewal period",
+    )  # fmt: skip
     owner = Key(
         f"{QUEUE}:owner:{WORKER}", "string",
         "the id prefix of the process that last replayed (or first took into) that private "

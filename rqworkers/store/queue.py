@@ -57,6 +57,7 @@ from rqworkers.store.flow import (
     FlowState,
     Limits,
     flow_reader,
+    flow_state,
     group_states,
 )
 
@@ -634,16 +635,13 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
     waiting, retrying, dead, first, *rest = pipe.execute()
-    flow_state, rest = read_flow(rest)
+    flow, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
     # worker knows of): a queue with no group waiting costs one LRANGE.
     groups = group_states(client, queue, limits.group_max_running)
     if groups.busiest:
-        flow_state = dataclasses.replace(
-            flow_state,
-            groups=groups.busiest,
-            grouped_waiting=groups.waiting,
-            groups_full=groups.full,
+        flow = dataclasses.replace(
+            flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
         )
     in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
     workers = []
@@ -656,9 +654,56 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
             info = {"name": worker_id}
         if isinstance(info, dict):
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
-    waiting = int(waiting) + flow_state.grouped_waiting  # sorted into groups, still waiting
+    waiting = int(waiting) + flow.grouped_waiting  # sorted into groups, still waiting
     next_due = float(first[0][1]) if first else None
-    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow_state, next_due)
+    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow, next_due)
+
+
+def shared_lengths(
+    client: Client, queue: str, seconds: float, limits: Limits = NO_LIMITS
+) -> Snapshot:
+    """A queue's lengths (no workers) as some node read them less than `seconds` ago, or as
+    read now and published for `seconds` if none did; its flow state under `limits`, read
+    now (a few commands, whatever the fleet's size).
+
+    The lengths are the queue's, the same for every node, but reading them costs O(workers)
+    commands (every private list), every renewal period: every node reading them itself
+    would cost Redis O(nodes²) for a fleet whose every node serves `/metrics`.
+    """
+    key = Keys.of(queue, "").lengths
+    raw = client.get(key)
+    try:
+        shared = json.loads(raw) if raw else None
+        if isinstance(shared, dict):
+            waiting, in_flight, retrying, dead = (int(shared[name]) for name in _LENGTHS)
+            due = shared.get("next_due")
+            next_due = float(due) if isinstance(due, int | float) else None
+            flow = current_flow(client, queue, limits)
+            return Snapshot(waiting, in_flight, retrying, dead, [], flow, next_due)
+    except (ValueError, KeyError, TypeError):
+        pass  # not ours, or from another version: read anew
+    read = snapshot(client, queue, limits)
+    value = json.dumps(
+        {**{name: getattr(read, name) for name in _LENGTHS}, "next_due": read.next_due}
+    )
+    # Shared for the others' sake: a Redis out of memory refuses it, not the reading.
+    with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+        client.set(key, value, px=max(1, int(seconds * 1000)))
+    return read
+
+
+_LENGTHS = ("waiting", "in_flight", "retrying", "dead")  # `Snapshot`'s counts, in order
+
+
+def current_flow(client: Client, queue: str, limits: Limits) -> FlowState:
+    """A queue's pause, limits and groups as they stand: `snapshot`'s flow state alone."""
+    flow = flow_state(client, queue, limits)
+    groups = group_states(client, queue, limits.group_max_running)
+    if not groups.busiest:
+        return flow
+    return dataclasses.replace(
+        flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
+    )
 
 
 def _freshness(info: dict[str, Any], now: float) -> dict[str, Any]:
@@ -680,8 +725,34 @@ def registered_workers(client: Client, queue: str) -> list[str]:
     return sorted(i.decode() if isinstance(i, bytes) else str(i) for i in ids)
 
 
-def lease_alive(client: Client, queue: str, worker_id: str) -> bool:
-    return bool(client.exists(Keys.of(queue, worker_id).lease))
+def take_reclaim_turn(client: Client, queue: str, node: str, seconds: float) -> bool:
+    """Whether it is `node`'s turn to walk `queue`'s registry for orphans; if so, the turn
+    is held for `seconds` (the keeper's `turn`), and the next pass of any node after that
+    takes the next turn.
+
+    Every lease must be looked at once a `reclaim_interval`, but by one node, not by all:
+    every node walking the whole registry at every pass costs Redis O(nodes) commands per
+    node, O(nodes²) for the fleet (bench/fleet.py measured it). With turns, a pass of a
+    node costs one command, and the fleet's walks one `EXISTS` per worker per turn.
+    """
+    turn = Keys.of(queue, "").reclaim_turn
+    try:
+        return bool(client.set(turn, node, nx=True, px=max(1, int(seconds * 1000))))
+    except redis.exceptions.OutOfMemoryError:
+        # Redis out of memory refuses the turn, not the reads of a walk: every node walks,
+        # as before turns, rather than none while the queue drains.
+        return True
+
+
+def expired_workers(client: Client, queue: str, worker_ids: Sequence[str]) -> list[str]:
+    """Those of `worker_ids` whose lease on `queue` has expired, in one round trip."""
+    if not worker_ids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.exists(Keys.of(queue, worker_id).lease)
+    alive = pipe.execute()
+    return [w for w, live in zip(worker_ids, alive, strict=True) if not live]
 
 
 @dataclass(frozen=True)
