@@ -361,7 +361,7 @@ def acl_user(server: RedisServer, *reply_keys: str) -> str:
     and on `reply_keys`."""
     server.client().execute_command(  # type: ignore[no-untyped-call]
         "ACL", "SETUSER", "worker", "on", ">worker-password-0123", "+@all", "~tasks",
-        "~tasks:[^r]*", "~tasks:retry", "~tasks:reclaim:*", *reply_keys,
+        "~tasks:[^r]*", "~tasks:retry", "~tasks:reclaim:*", "~tasks:reclaim-turn", *reply_keys,
     )  # fmt: skip
     return f"redis://worker:worker-password-0123@127.0.0.1:{server.port}/0"
 

@@ -222,6 +222,7 @@ class ConcurrentWorker(Worker):
                 self.abandon(future, running)
 
     def settle(self, future: cf.Future[Outcome]) -> None:
+        self.guard_permits()
         running = self.running.pop(future)
         outcome = future.result()
         settler, delivery, error = self.settler, running.delivery, outcome.error

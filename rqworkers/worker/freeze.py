@@ -58,27 +58,34 @@ class FreezeWatch:
         self.manager_pid = manager_pid
         self.owner = owner  # what `<queue>:owner:<worker-id>` says while the list is ours
         self._client: Client | None = None
+        self.last = _clock()  # when the clock was last looked at, by either thread
         self.thread = threading.Thread(target=self.run, name="freeze-watch", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def run(self) -> None:
-        last = _clock()
+        self.last = _clock()
         while True:
             time.sleep(TICK)
-            now = _clock()
-            frozen = now - last - TICK >= self.gap
-            orphaned = os.getppid() != self.manager_pid
-            if (frozen or orphaned) and self.revoked():
-                why = f"frozen {now - last:.1f}s, past its lease" if frozen else "orphaned"
-                log.error(
-                    "this worker was %s, and its list and permits were taken over meanwhile: "
-                    "exiting before it runs beside those who took them",
-                    why,
-                )
-                os._exit(ExitCode.SUPERSEDED)
-            last = now
+            self.check(orphaned=os.getppid() != self.manager_pid)
+
+    def check(self, orphaned: bool = False) -> None:
+        """Exit if this process was frozen (no tick for half a lease) or is `orphaned`, and
+        its list was taken over meanwhile. The worker's own thread calls it too, before
+        each take: woken from a freeze, it may get there before this thread's next tick,
+        and its take would make the list its own again."""
+        now = _clock()
+        frozen = now - self.last - TICK >= self.gap
+        if (frozen or orphaned) and self.revoked():
+            why = f"frozen {now - self.last:.1f}s, past its lease" if frozen else "orphaned"
+            log.error(
+                "this worker was %s, and its list and permits were taken over meanwhile: "
+                "exiting before it runs beside those who took them",
+                why,
+            )
+            os._exit(ExitCode.SUPERSEDED)
+        self.last = now
 
     def revoked(self) -> bool:
         """True if this worker holds a permit in its own view, but a reclaim gave it away."""

@@ -34,6 +34,7 @@ from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
 from rqworkers.store.queue import Delivery, ReliableQueue
 from rqworkers.store.scripts import Held
 from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.freeze import FreezeWatch
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.scoreboard import Scoreboard
 from rqworkers.worker.settle import Settler
@@ -47,6 +48,10 @@ T = TypeVar("T")
 # Seconds an idle fetch blocks, which bounds an idle worker's Redis traffic (two commands
 # per block) and how often it checks that its manager lives. A stop signal cuts it short.
 BLOCK_TIMEOUT = 10.0
+# Seconds an idle worker blocks again, without a take, after its blocking fetch timed out
+# and no retry it knows of is due (see `Worker.fill_batch`): the bound for a retry it could
+# not know of (given back by a stopping worker) to be found by an idle pair.
+IDLE_TAKE_EVERY = 30.0
 # Seconds a worker held back by a full `max_running` or a pause waits for a wake-up before
 # it asks again: wake-ups come when permits are given back or the queue is resumed, so
 # this only bounds the cost of one lost (a holder's node vanished: its reclaim wakes too).
@@ -100,6 +105,11 @@ class Worker:
         self.outbox = self.settler.outbox
         self.outbox.holding = self.holding
         self.pace = LIMITED_BATCH_SECONDS  # seconds a handler takes, on average (EWMA)
+        # Idle: until when (epoch seconds) a take would find nothing, after a fetch timed
+        # out; whether that time is a retry's due time (a take is needed then).
+        self.quiet_until = 0.0
+        self.quiet_due = False
+        self.freeze_watch: FreezeWatch | None = None  # set under a limit (worker/main.py)
         self.needs_lease = True  # taken before any replay, so no reclaimer races us
         # Replay what the private list holds before taking anything new, charging the
         # deliveries an earlier life of this worker had started (all, if that is unknown).
@@ -216,9 +226,19 @@ class Worker:
 
     def before_take(self) -> None:
         """A take is about to be sent: if no delivery in hand is unstarted, what it takes
-        is the oldest unstarted, even should this worker die before the reply is read."""
+        is the oldest unstarted, even should this worker die before the reply is read.
+        Under `max_running`, a worker woken from a freeze past its lease whose list was
+        taken over exits here rather than take the list back (`FreezeWatch.check`)."""
+        self.guard_permits()
         if not self.marked:
             self.board.mark_unstarted(self.queue.next_take_id)
+
+    def guard_permits(self) -> None:
+        """Under `max_running`: exit now if this worker was frozen past its lease and its
+        list taken over (`FreezeWatch.check`), before its handler's outcome is settled or
+        its next take makes the list its own again."""
+        if self.freeze_watch is not None:
+            self.freeze_watch.check()
 
     def took(self, deliveries: list[Delivery]) -> None:
         """Add what a take brought to the batch."""
@@ -250,16 +270,34 @@ class Worker:
 
     def fill_batch(self) -> bool:
         """Ack what is done and take up to `prefetch` messages; block only if there are none,
-        or until a limit lets this worker take one."""
+        or until a limit lets this worker take one.
+
+        An idle worker whose blocking fetch timed out blocks again without a take, until a
+        retry it knows of is due or IDLE_TAKE_EVERY has passed: the take would find nothing
+        (a push wakes the fetch; a delayed message, a reclaim and a resume push a nudge or a
+        wake), and it is most of what an idle pair costs Redis."""
         limit = self.take_limit()
-        taken = self.outbox.take(limit)
-        if not taken.deliveries:
+        quiet = self.outbox.empty and time.time() < self.quiet_until
+        if quiet:  # the last take found nothing, and nothing it knows of is due yet
+            next_due: float | None = self.quiet_until if self.quiet_due else None
+        else:
+            taken = self.outbox.take(limit)
+            if taken.deliveries:
+                self.took(taken.deliveries)
+                return bool(self.batch)
             if taken.held is not None:
                 self.wait_for_permit(taken.held)
                 return False
-            if not self.wait_for_message(_block_for(taken.next_due)):
-                return False
-            taken = self.outbox.take(limit, landed=True)
+            next_due = taken.next_due
+            # Until the retry it knows of is due, or IDLE_TAKE_EVERY: a take finds nothing.
+            self.quiet_due = next_due is not None
+            self.quiet_until = next_due if next_due is not None else time.time() + IDLE_TAKE_EVERY
+        if not self.wait_for_message(_block_for(next_due)):
+            if next_due is not None and next_due <= time.time() + MIN_BLOCK:
+                self.quiet_until = 0.0  # a retry is due now: the next call takes it
+            return False
+        self.quiet_until = 0.0
+        taken = self.outbox.take(limit, landed=True)
         self.took(taken.deliveries)
         return bool(self.batch)
 
@@ -383,6 +421,7 @@ class Worker:
         except (Exception, MessageTimeout) as exc:
             error = exc
         ended = time.monotonic()
+        self.guard_permits()  # woken from a freeze: settle nothing of a run not ours now
         self.pace += (ended - since - self.pace) * 0.2
         callback_timed_out = handler.has_callbacks and self.run_callback(
             delivery.payload, result, error

@@ -85,14 +85,16 @@ def _run(spec: WorkerSpec, board: Scoreboard, tracing: Tracing | None) -> int:
             signal.signal(signal.SIGTERM, worker.on_stop_signal)
             signal.signal(signal.SIGINT, worker.on_stop_signal)
         if spec.pair.max_running or spec.pair.group_max_running:
-            FreezeWatch(
+            watch = FreezeWatch(
                 spec.pair.url,
                 queue.keys,
                 spec.lease_ttl,
                 worker.holds_permit,
                 spec.manager_pid,
                 queue.owner_name,
-            ).start()
+            )
+            worker.freeze_watch = watch
+            watch.start()
         return worker.run()
     finally:
         handler.teardown()
