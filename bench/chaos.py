@@ -49,6 +49,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bench.redisproc import RedisServer
+from bench.windows import most_in_window, most_overlapping
 from rqworkers.store.delayed import DelayedPusher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1073,26 +1074,6 @@ def _limit_rows(report: Report) -> list[tuple[str, str]]:
     if report.most_starts_in_window is not None:
         rows.append((f"most starts in a window ({QUEUES[1]})", str(report.most_starts_in_window)))
     return rows
-
-
-def most_overlapping(spans: list[tuple[float, ...]]) -> int:
-    """The most of `spans` (start, end) that were open at one instant."""
-    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    most = running = 0
-    for _, change in events:  # an end sorts before a start at the same instant
-        running += change
-        most = max(most, running)
-    return most
-
-
-def most_in_window(starts: list[float], seconds: float) -> int:
-    """The most of the sorted `starts` in any window of `seconds` (each start opens one)."""
-    most, first = 0, 0
-    for last, moment in enumerate(starts):
-        while moment - starts[first] >= seconds:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +82,7 @@ from bench.throughput import (
     no_message_logs,
     start_redis,
 )
+from bench.windows import most_in_window
 
 HOST = "127.0.0.1"
 SECTIONS = ("accuracy", "overhead", "fairness", "recovery")
@@ -168,16 +169,6 @@ class Report:
 
 
 # -- analysis -------------------------------------------------------------------------------
-
-
-def most_in_window(times: Sequence[float], seconds: float) -> int:
-    """The most of `times` (sorted) in any window [t, t + seconds): every start opens one."""
-    most, first = 0, 0
-    for last, t in enumerate(times):
-        while t - times[first] >= seconds:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 def time_over(intervals: Iterable[tuple[float, float]], limit: int) -> float:

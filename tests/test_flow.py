@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from bench.windows import most_in_window
 from rqworkers.store.keys import Keys
 from tests.support import APPS, REPO, RedisServer, Service, run_cli, wait_for, write_config
 
@@ -39,16 +40,6 @@ def starts(server: RedisServer) -> list[float]:
     return sorted(float(x) for x in server.client().lrange("flow:starts", 0, -1))
 
 
-def most_in_any_window(times: list[float], seconds: float) -> int:
-    """The most starts in any window of `seconds` (sliding: every start opens one)."""
-    most, first = 0, 0
-    for last, t in enumerate(times):
-        while t - times[first] >= seconds:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
-
-
 def test_max_running_holds_across_managers_processes_and_threads(
     service: StartService, redis_server: RedisServer
 ) -> None:
@@ -69,7 +60,7 @@ def test_a_rate_limit_holds_in_every_sliding_window(
     push(redis_server, 0, 16)
     wait_for(lambda: done(redis_server) == 16, timeout=30, what="all 16 handled")
     times = starts(redis_server)
-    assert most_in_any_window(times, 1.0) <= 5
+    assert most_in_window(times, 1.0) <= 5
     assert times[-1] - times[0] >= 2.9, "16 starts at 5/s take at least three windows"
 
 
