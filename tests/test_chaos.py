@@ -27,8 +27,10 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
     "extra",
     [
         [],
-        ["--distinct", "10", "--max-attempts", "3"],
-        ["--concurrency", "20"],
+        # Each run takes about 25 s: two of the four run only with `-m slow` (or `-m ""`),
+        # to keep the default suite within its 15-minute budget on 2 cores.
+        pytest.param(["--distinct", "10", "--max-attempts", "3"], marks=pytest.mark.slow),
+        pytest.param(["--concurrency", "20"], marks=pytest.mark.slow),
         ["--max-running", "3", "--rate-limit", "400/s"],
     ],
     ids=["unique-payloads", "ten-repeating-payloads", "concurrency-20", "flow-limits"],
