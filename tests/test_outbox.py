@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import redis
 
+from rqworkers.store.flow import NO_LIMITS
 from rqworkers.store.queue import Delivery, Keys, ReliableQueue, Taken
 from rqworkers.worker.outbox import ACK_INTERVAL, Failure, Outbox
 
@@ -36,6 +37,8 @@ class PrivateList(list[bytes]):
 class FakeQueue:
     """Records what reaches "Redis"; `fail_next` makes the next call raise, before or after
     it took effect (`lost_reply`), as a dropped connection would."""
+
+    limits = NO_LIMITS  # as a ReliableQueue of a queue without flow control
 
     def __init__(self) -> None:
         self.keys = Keys.of("jobs", "n:1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -38,19 +39,11 @@ class FlakyQueue(ReliableQueue):
         self.fail_at = fail_at
         self.after = after
 
-    def take(
-        self,
-        acks: list[bytes],
-        limit: int,
-        landed: bool = False,
-        trim: int = 0,
-        running: int = 0,
-        mine: dict[str, int] | None = None,
-    ) -> Taken:
+    def take(self, *args: Any, **kwargs: Any) -> Taken:
         self.takes += 1
         if self.takes == self.fail_at and not self.after:
             raise redis.ConnectionError("connection reset before the command was sent")
-        taken = super().take(acks, limit, landed, trim, running, mine)
+        taken = super().take(*args, **kwargs)
         if self.takes == self.fail_at:
             raise redis.ConnectionError("connection reset before the reply arrived")
         return taken

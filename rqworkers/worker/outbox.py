@@ -102,9 +102,13 @@ class Outbox:
         trim = len(acks) if self._in_take_order() else 0
         elements = [acks[0].element, acks[-1].element] if trim else [d.element for d in acks]
         self.before_take()
-        held = self.holding()
-        groups = Counter(d.group for d in held if d.group is not None)
-        taken = self.queue.take(elements, limit, landed, trim, len(held), dict(groups))
+        limits = self.queue.limits
+        if limits.any or limits.sorter:  # what this worker holds counts only against limits
+            held = self.holding()
+            groups = Counter(d.group for d in held if d.group is not None)
+            taken = self.queue.take(elements, limit, landed, trim, len(held), dict(groups))
+        else:
+            taken = self.queue.take(elements, limit, landed, trim)
         if taken.missing_acks < 0:  # nothing was removed: the acks wait for the next trip
             log.debug("%d acks were not the oldest of the private list; sent one by one", trim)
             self.one_by_one = True
