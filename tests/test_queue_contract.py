@@ -518,6 +518,7 @@ def test_operations_never_duplicate_or_lose_a_message(
         total = client.llen(keys.queue) + client.zcard(keys.retry) + client.llen(keys.dead)
         for w in workers:
             total += client.llen(w.keys.processing) + client.llen(w.keys.landing)
+            total += sum(client.llen(name) for name in w.fast.lists)  # the fast path's
         return total
 
     for step in range(200):

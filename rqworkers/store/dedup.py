@@ -77,7 +77,7 @@ def push_once(
         due="" if due is None else repr(due),
         member=member,
         payload=body,
-        fresh_token=secrets.token_hex(16),
+        fresh_token=scripts.new_nudge_token(),
     )
 
 

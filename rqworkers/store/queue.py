@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ from rqworkers.store import scripts
 # Connecting lives in `connections`; these two are imported from here too.
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
-from rqworkers.store.direct import Call, script_caller
+from rqworkers.store.direct import Call, runner_for, script_caller
+from rqworkers.store.fast import FastAck, FastPath, fast_lists
 from rqworkers.store.flow import (
     NO_LIMITS,
     PERMIT_HOLD,
@@ -97,16 +97,25 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "dedup", "group", "id", "payload", "seq")
+    __slots__ = ("_element", "attempts", "dedup", "fast", "group", "id", "payload", "seq")
 
     def __init__(
-        self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
+        self,
+        id: bytes,
+        attempts: int,
+        payload: bytes,
+        seq: int = 0,
+        element: bytes = b"",
+        fast: str = "",
     ) -> None:
         self.id = id
         self.attempts = attempts
         self.payload = payload
         self.seq = seq
         self._element = element
+        # Taken by the fast path (see fast.py): the fast list it sits in, as the payload
+        # it came as (its `element`), with no attempts behind it; '' for any other.
+        self.fast = fast
         self.group: str | None = None  # with groups: its group, as TAKE names it (hex)
         # (token, key) of a message pushed with a deduplication key, which its handler
         # sees unwrapped, and whose key is freed once it is settled; else None.
@@ -123,9 +132,9 @@ class Delivery:
 
     @property
     def element(self) -> bytes:
-        """The envelope in the private list, `rqw1:<id>:<attempts>:<payload>`: what acks
-        and moves name."""
-        if not self._element:
+        """The envelope in the private list, `rqw1:<id>:<attempts>:<payload>` (in the fast
+        list, the payload as it came): what acks and moves name."""
+        if not self._element and not self.fast:
             self._element = b"%s%s:%d:%s" % (_PREFIX, self.id, self.attempts, self.payload)
         return self._element
 
@@ -163,6 +172,11 @@ def digest(message: bytes) -> str:
     return hashlib.sha1(message, usedforsecurity=False).hexdigest()
 
 
+# Reads of a list's `owner` before a replay or reclaim gives up: it changes only as
+# processes take the list over, and a script finding it changed since is called again.
+OWNER_READS = 5
+
+
 class ReliableQueue:
     """One worker's view of a queue: its shared list and its own private list."""
 
@@ -184,18 +198,21 @@ class ReliableQueue:
         self._id_prefix = os.urandom(6).hex()
         self._ids = 0
         self._seq = 0  # of the last delivery this process was handed (take order)
-        runner = script_caller(client, keep_connection)
+        self._runner = runner_for(client, keep_connection)
+        runner = self._runner.bind
         self._lease = Bound(runner, self.keys, scripts.LEASE)
         self._take = Bound(runner, self.keys, scripts.TAKE)
         self._take_flow = Bound(runner, self.keys, scripts.TAKE_FLOW)
         self._pause_looked_up = -PAUSE_LOOKUP  # monotonic time of the last look
         self._was_paused = False
-        self._replay = Bound(runner, self.keys, scripts.REPLAY)
         self._give_back = Bound(runner, self.keys, scripts.GIVE_BACK)
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
-        self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
         self._sort = Bound(runner, self.keys, scripts.SORT)
+        # The fast path (prefetch 1), and the settling scripts for what it took, which sits
+        # in the fast list: to them it is the private list.
+        self.fast = FastPath(self.keys, self._id_prefix, self._runner.send_all)
+        self._from_fast: dict[tuple[str, str], Bound[Any]] = {}  # see `_settling`
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -211,19 +228,35 @@ class ReliableQueue:
         trim: int = 0,
         running: int = 0,
         mine: dict[str, int] | None = None,
+        fast_acks: Sequence[FastAck] = (),
     ) -> Taken:
-        """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
-        `landed`: a blocking fetch just landed one, to be taken first.
+        """Ack the deliveries `acks` and `fast_acks` (of the private and the fast list) and
+        take up to `limit` new ones, in one round trip; `landed`: a blocking fetch just
+        landed one, to be taken first.
 
         `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
         holds only the oldest and the newest of them (see `scripts.TAKE`). `running`: this
         worker's deliveries that hold a `max_running` permit beside what this call takes
         (those in a handler and those taken, about to start); `mine`, the same by group
-        (`Delivery.group`), for a queue with groups."""
+        (`Delivery.group`), for a queue with groups.
+
+        One message at a time, with no limit, nothing to look for and nothing known to be
+        due, is taken by the fast path (see fast.py); the rest by a script."""
         limits = self.limits
         if limits.grouper is not None and not limits.group_by:
             landed = self._sort_by_handler(limits.grouper, landed)
         base = self._id_base()
+        plain = not (limits.any or limits.sorter or self._was_paused)
+        look = plain and self._look_for_pause(landed)
+        fast, missing = self.fast, 0
+        if plain and limit == 1 and not (landed or look or acks) and fast.ready(fast_acks):
+            got = fast.take(fast_acks)
+            if not got.to_script:
+                deliveries = self._fast_deliveries(base, got.payload)
+                return Taken(got.missing_acks, deliveries, got.next_due)
+            missing = got.missing_acks  # something is due: the script takes it
+        elif fast_acks:
+            missing = fast.ack(fast_acks)
         common = {
             "limit": limit,
             "now": time.time(),
@@ -233,14 +266,15 @@ class ReliableQueue:
             "trim": trim,
             "acks": acks,
         }
-        if limits.any or limits.sorter or self._was_paused:
+        if not plain:
             reply = self._take_flow(**common, **self._flow_args(running, mine))
             self._was_paused = reply.held is not None and reply.held.reason == "paused"
-        else:  # the hot path: no limit, and a look for a pause at most once a second
-            reply = self._take(**common, look="1" if self._look_for_pause(landed) else "0")
+        else:  # no limit, and a look for a pause at most once a second
+            reply = self._take(**common, look="1" if look else "0")
             self._was_paused = reply.held is not None
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
+        fast.note(reply.next_due)
         seq = self._seq
         self._seq += len(reply.payloads)
         prefix = base.encode()
@@ -252,7 +286,18 @@ class ReliableQueue:
         ]
         for delivery, group in zip(deliveries, reply.groups, strict=False):
             delivery.group = group
-        return Taken(reply.missing_acks, deliveries, reply.next_due, reply.held)
+        # A trim refused (-1) removed none of `acks`; the fast acks went all the same.
+        missed = reply.missing_acks if reply.missing_acks < 0 else reply.missing_acks + missing
+        return Taken(missed, deliveries, reply.next_due, reply.held)
+
+    def _fast_deliveries(self, base: str, payload: bytes | None) -> list[Delivery]:
+        """The delivery of a fast take, with the id a script's first would have had (the
+        one `next_take_id` names to the scoreboard); none if it took nothing."""
+        if payload is None:
+            return []
+        self._seq += 1
+        held = cast(str, self.fast.held)
+        return [Delivery(f"{base}1".encode(), 0, payload, self._seq, payload, fast=held)]
 
     def _look_for_pause(self, landed: bool) -> bool:
         """Whether this take should look for a pause: at most once a second, and whenever a
@@ -335,6 +380,8 @@ class ReliableQueue:
 
     def ack(self, delivery: Delivery) -> bool:
         """Remove a handled delivery. False if it was no longer there (someone moved it)."""
+        if delivery.fast:
+            return self.fast.ack([(delivery.fast, delivery.element)]) == 0
         return self.take([delivery.element], 0).missing_acks == 0
 
     # -- leftovers, failures, stopping -------------------------------------------------------
@@ -351,17 +398,48 @@ class ReliableQueue:
         """
         charge = "0" if charge_before is None else "1"
         mine = f"{self._id_prefix}."
-        reply = self._replay(
-            charge=charge,
-            unstarted=charge_before or b"",
-            idbase=self._id_base(),
-            mine=mine,
-            worker_id=self.worker_id,
-            hold=int(hold_permits * 1000),
-        )
+        for _ in range(OWNER_READS):
+            previous, keys, _ = self._owners_fast_list()
+            reply = Bound(self._runner.bind, keys, scripts.REPLAY)(
+                charge=charge,
+                unstarted=charge_before or b"",
+                idbase=self._id_base(),
+                mine=mine,
+                worker_id=self.worker_id,
+                hold=int(hold_permits * 1000),
+                previous=previous,
+            )
+            if reply is not None:
+                break
+        else:
+            raise Superseded(f"{self.keys.processing} keeps changing hands")
+        self.fast.forget()  # what its fast lists held is in the private list now
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
+
+    def _owners_fast_list(self) -> tuple[bytes, Keys, tuple[str, str]]:
+        """What the list's `owner` holds (b"" if nothing), that process's fast lists (this
+        process's own if none owns the list), and these keys naming them `fast_0` and
+        `fast_1`, as REPLAY and RECLAIM do."""
+        try:
+            previous = cast(bytes | None, self.client.get(self.keys.owner)) or b""
+        except redis.ResponseError:  # not a string: the replay sets it right
+            previous = b""
+        process = previous.decode(errors="replace").removesuffix(".") or self._id_prefix
+        keys = Keys(self.keys.queue_name, self.worker_id, process)
+        return previous, keys, (keys.fast_0, keys.fast_1)
+
+    def _settling(self, script: scripts.Script[R], fast_list: str) -> Bound[R]:
+        """`script` bound to this queue's keys, with `fast_list` (if any) as the private
+        list: what settles a delivery the fast path took works on the fast list it is in."""
+        if not fast_list:
+            return Bound(self._runner.bind, self.keys, script)
+        bound = self._from_fast.get((script.name, fast_list))
+        if bound is None:
+            keys = self.keys.but(processing=fast_list)
+            bound = self._from_fast[script.name, fast_list] = Bound(self._runner.bind, keys, script)
+        return bound
 
     @property
     def owner_name(self) -> bytes:
@@ -376,12 +454,24 @@ class ReliableQueue:
     def give_back(self, unstarted: list[Delivery]) -> int:
         """Return deliveries that never reached the handler, oldest first in `unstarted`,
         to the head of the queue; those with attempts behind them keep their count."""
-        elements = [d.element for d in reversed(unstarted)]
-        return self._give_back(idbase=f"g{self._id_base()}", envelopes=elements)
+        moved = 0
+        for fast_list in dict.fromkeys(d.fast for d in unstarted):
+            elements = [d.element for d in reversed(unstarted) if d.fast == fast_list]
+            give_back = self._settling(scripts.GIVE_BACK, fast_list) if fast_list else None
+            moved += (give_back or self._give_back)(
+                idbase=f"g{self._id_base()}", envelopes=elements
+            )
+            self.fast.settled(fast_list)
+        return moved
 
     def retry_later(self, delivery: Delivery, delay: float) -> bool:
         """Park a failed delivery for `delay` seconds with one more attempt counted."""
-        return self._retry_later(
+        if delivery.fast:
+            self.fast.settled(delivery.fast)  # once sent; resent, should the reply be lost
+        retry_later = self._retry_later
+        if delivery.fast:
+            retry_later = self._settling(scripts.RETRY_LATER, delivery.fast)
+        return retry_later(
             element=delivery.element,
             due=time.time() + delay,
             member_id=self._id_base(),
@@ -395,9 +485,11 @@ class ReliableQueue:
         # Raw UTF-8, not \u escapes: Lua's cjson refuses an escaped lone surrogate, which an
         # exception about undecodable bytes may hold; each becomes "?" here.
         text = json.dumps(info, ensure_ascii=False).encode("utf-8", "replace")
-        return self._dead_letter(
-            element=delivery.element, digest=digest(delivery.payload), record=text
-        )
+        dead_letter = self._dead_letter
+        if delivery.fast:
+            self.fast.settled(delivery.fast)
+            dead_letter = self._settling(scripts.DEAD_LETTER, delivery.fast)
+        return dead_letter(element=delivery.element, digest=digest(delivery.payload), record=text)
 
     # -- leases and orphans -----------------------------------------------------------------
 
@@ -430,21 +522,35 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            return self._reclaim(
-                worker_id=self.worker_id,
-                unstarted=unstarted,
-                token=secrets.token_hex(16),
-                hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
-            )
+            for _ in range(OWNER_READS):
+                previous, keys, _ = self._owners_fast_list()
+                moved = Bound(self._runner.bind, keys, scripts.RECLAIM)(
+                    worker_id=self.worker_id,
+                    unstarted=unstarted,
+                    token=scripts.new_nudge_token(),
+                    hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
+                    previous=previous,
+                )
+                if moved != scripts.OWNER_CHANGED:
+                    return moved
+            return None  # it keeps changing hands: a later pass tries again
         finally:
             self.client.delete(k.fence)
 
     # -- reading ----------------------------------------------------------------------------
 
     def in_flight(self) -> list[Delivery]:
-        """The private list, oldest first."""
+        """The private list, oldest first, then the owner's fast list, oldest first."""
         elements = cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))
-        return [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
+        listed = [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
+        previous, _, lists = self._owners_fast_list()
+        if not previous:
+            return listed
+        for name in lists:
+            if self.client.type(name) in (b"list", "list"):
+                payloads = cast(list[bytes], self.client.lrange(name, 0, -1))
+                listed += [Delivery(b"", 0, p, 0, p, fast=name) for p in reversed(payloads)]
+        return listed
 
     def retrying(self) -> list[tuple[Delivery, float]]:
         """The retry set, soonest first, with due times (epoch seconds)."""
@@ -620,7 +726,7 @@ class Snapshot:
 
 def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot:
     """Read a queue's lengths, its flow state under `limits`, and its workers' published
-    status, in two round trips."""
+    status, in three round trips."""
     keys = Keys.of(queue, "")
     ids = registered_workers(client, queue)
     pipe = client.pipeline(transaction=False)
@@ -634,6 +740,7 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.llen(worker_keys.processing)
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
+        pipe.get(worker_keys.owner)
     waiting, retrying, dead, first, *rest = pipe.execute()
     flow, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
@@ -643,9 +750,10 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         flow = dataclasses.replace(
             flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
         )
-    in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
+    in_flight = sum(int(n) for n in rest[0::4]) + sum(int(n) for n in rest[1::4])
+    in_flight += _fast_in_flight(client, queue, dict(zip(ids, rest[3::4], strict=True)))
     workers = []
-    for worker_id, raw in zip(ids, rest[2::3], strict=True):
+    for worker_id, raw in zip(ids, rest[2::4], strict=True):
         if raw is None:
             continue
         try:
@@ -657,6 +765,21 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
     waiting = int(waiting) + flow.grouped_waiting  # sorted into groups, still waiting
     next_due = float(first[0][1]) if first else None
     return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow, next_due)
+
+
+def _fast_in_flight(client: Client, queue: str, owners: dict[str, bytes | None]) -> int:
+    """How many deliveries the fast lists of the workers' owning processes hold (a sealed
+    list holds none); `owners`: worker id → what its `owner` holds."""
+    pipe = client.pipeline(transaction=False)
+    for worker_id, owner in owners.items():
+        if owner:
+            process = owner.decode(errors="replace").removesuffix(".")
+            for name in fast_lists(Keys.of(queue, worker_id), process):
+                pipe.llen(name)
+    if not len(pipe):
+        return 0
+    lengths = pipe.execute(raise_on_error=False)  # WRONGTYPE: a sealed list, holding none
+    return sum(n for n in lengths if isinstance(n, int))
 
 
 def shared_lengths(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -50,6 +51,13 @@ KEPT_TWIN_RECORDS = 100
 CONSTANTS: dict[str, str | int] = {"PREFIX": PREFIX, "KEPT_TWIN_RECORDS": KEPT_TWIN_RECORDS}
 
 R = TypeVar("R")
+
+
+def new_nudge_token() -> str:
+    """A fresh nudge token (see lua/envelope.lua), kept as the queue's if it has none yet:
+    128 random bits behind the envelope prefix, so that a worker's fast path (see fast.py)
+    knows a nudge it took by its first bytes, as it knows a look-alike envelope."""
+    return f"{PREFIX}nudge:{secrets.token_hex(16)}"
 
 
 @dataclass(frozen=True)
@@ -266,13 +274,17 @@ def _take_reply(reply: list[Any]) -> TakeReply:
     return TakeReply(False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]), groups)
 
 
-def _envelopes(reply: list[bytes]) -> list[bytes]:
-    return list(reply)
+def _envelopes(reply: list[bytes] | None) -> list[bytes] | None:
+    """The envelopes; None if the list's owner changed since the caller read it."""
+    return None if reply is None else list(reply)
+
+
+OWNER_CHANGED = -3  # RECLAIM: `owner` no longer holds what the caller read: read it again
 
 
 def _moved_unless_leased(reply: int) -> int | None:
-    """How many moved, or None if the lease was alive (-1)."""
-    return None if int(reply) < 0 else int(reply)
+    """How many moved, None if the lease was alive (-1), or OWNER_CHANGED."""
+    return None if int(reply) == -1 else int(reply)
 
 
 def _previous(reply: bytes | None) -> bytes | None:
