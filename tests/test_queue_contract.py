@@ -61,7 +61,9 @@ def make_queue(client: redis.Redis, variant: tuple[bool, bool]) -> MakeQueue:
     use_blmove, keep = variant
 
     def make(queue: str = QUEUE, worker_id: str = WORKER) -> ReliableQueue:
-        return ReliableQueue(client, queue, worker_id, use_blmove=use_blmove, keep_connection=keep)
+        return ReliableQueue(
+            client, queue, worker_id, use_blmove=use_blmove, keep_connection=keep, fast_path=True
+        )
 
     return make
 

@@ -107,13 +107,20 @@ class Keys:
         f"{QUEUE}:fast:{WORKER}:{PROCESS}", "list",
         "one worker process's in-flight deliveries taken by the fast path (prefetch 1: "
         "`LMOVE` from the shared list, acked by `LREM`), as the payloads themselves; "
-        "`<process>` is the process's id prefix (what `owner` holds) and `:0` or `:1`, for "
+        "`<process>` is the process's id prefix (in `fast_owners`) and `:0` or `:1`, for "
         "each process has two, used in turn (`fast_0`, `fast_1`). Once a replay or "
         "reclaim took it over, *sealed*: a string `superseded` for a day, so that a `LMOVE` "
         "into it fails and the superseded process can take nothing more",
         commands=(("LMOVE", "{queue}", "{fast}", "RIGHT", "LEFT"), ("LREM", "{fast}", "-1", "x"),
                   ("LMOVE", "{fast}", "{queue}", "LEFT", "RIGHT"), ("TYPE", "{fast}")),
         ttl="1 day, once superseded",
+    )  # fmt: skip
+    fast_owners = Key(
+        f"{QUEUE}:fast-owners:{WORKER}", "set",
+        "the processes (id prefixes) of that worker whose fast lists may hold deliveries: "
+        "added by a process's replay, struck when its lists are taken over; where the "
+        "next replay, or a reclaim, finds them",
+        commands=(("SMEMBERS", "{fast_owners}"),),
     )  # fmt: skip
     retry = Key(
         f"{QUEUE}:retry", "zset",

@@ -50,7 +50,7 @@ from rqworkers.store import scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, runner_for, script_caller
-from rqworkers.store.fast import FastAck, FastPath, fast_lists
+from rqworkers.store.fast import FastAck, FastPath
 from rqworkers.store.flow import (
     NO_LIMITS,
     PERMIT_HOLD,
@@ -172,11 +172,6 @@ def digest(message: bytes) -> str:
     return hashlib.sha1(message, usedforsecurity=False).hexdigest()
 
 
-# Reads of a list's `owner` before a replay or reclaim gives up: it changes only as
-# processes take the list over, and a script finding it changed since is called again.
-OWNER_READS = 5
-
-
 class ReliableQueue:
     """One worker's view of a queue: its shared list and its own private list."""
 
@@ -188,6 +183,7 @@ class ReliableQueue:
         use_blmove: bool | None = None,
         keep_connection: bool = False,  # a worker's own queue: see `direct`
         limits: Limits = NO_LIMITS,
+        fast_path: bool = False,  # take one at a time by native commands: see fast.py
     ) -> None:
         self.client = client
         self.limits = limits
@@ -213,6 +209,9 @@ class ReliableQueue:
         # in the fast list: to them it is the private list.
         self.fast = FastPath(self.keys, self._id_prefix, self._runner.send_all)
         self._from_fast: dict[tuple[str, str], Bound[Any]] = {}  # see `_settling`
+        self.fast_path = fast_path
+        self._replay = Bound(runner, self.keys, scripts.REPLAY)
+        self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -249,7 +248,8 @@ class ReliableQueue:
         plain = not (limits.any or limits.sorter or self._was_paused)
         look = plain and self._look_for_pause(landed)
         fast, missing = self.fast, 0
-        if plain and limit == 1 and not (landed or look or acks) and fast.ready(fast_acks):
+        ready = self.fast_path and limit == 1 and not (landed or look or acks)
+        if plain and ready and fast.ready(fast_acks):
             got = fast.take(fast_acks)
             if not got.to_script:
                 deliveries = self._fast_deliveries(base, got.payload)
@@ -396,39 +396,48 @@ class ReliableQueue:
         charged. `hold_permits`: seconds the earlier life's `max_running` permits stay
         counted, when its end was not seen (it may run on, orphaned: see `PERMIT_HOLD`).
         """
-        charge = "0" if charge_before is None else "1"
-        mine = f"{self._id_prefix}."
-        for _ in range(OWNER_READS):
-            previous, keys, _ = self._owners_fast_list()
-            reply = Bound(self._runner.bind, keys, scripts.REPLAY)(
-                charge=charge,
-                unstarted=charge_before or b"",
-                idbase=self._id_base(),
-                mine=mine,
-                worker_id=self.worker_id,
-                hold=int(hold_permits * 1000),
-                previous=previous,
-            )
-            if reply is not None:
-                break
-        else:
-            raise Superseded(f"{self.keys.processing} keeps changing hands")
-        self.fast.forget()  # what its fast lists held is in the private list now
+        # First what fast lists hold, into the private list: an earlier process's (charged
+        # if started), or after a Redis error this process's own (see fast.py: what is
+        # still there is in hand, uncharged).
+        for process in self._fast_owners():
+            own = process == self._id_prefix
+            # The scoreboard names the id a fast take gave when its delivery never started.
+            unstarted = (charge_before or b"").startswith(f"{process}.".encode())
+            started = charge_before is not None and not own and not unstarted
+            self._take_over(process, "private", started, own)
+        self.fast.forget()
+        reply = self._replay(
+            charge="0" if charge_before is None else "1",
+            unstarted=charge_before or b"",
+            idbase=self._id_base(),
+            mine=f"{self._id_prefix}.",
+            worker_id=self.worker_id,
+            hold=int(hold_permits * 1000),
+            fast="1" if self.fast_path else "0",
+        )
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
 
-    def _owners_fast_list(self) -> tuple[bytes, Keys, tuple[str, str]]:
-        """What the list's `owner` holds (b"" if nothing), that process's fast lists (this
-        process's own if none owns the list), and these keys naming them `fast_0` and
-        `fast_1`, as REPLAY and RECLAIM do."""
-        try:
-            previous = cast(bytes | None, self.client.get(self.keys.owner)) or b""
-        except redis.ResponseError:  # not a string: the replay sets it right
-            previous = b""
-        process = previous.decode(errors="replace").removesuffix(".") or self._id_prefix
+    def _fast_owners(self) -> list[str]:
+        """The processes of this worker whose fast lists may hold deliveries."""
+        # On the worker's kept connection, as its scripts: no other need be opened.
+        [members] = self._runner.send_all([("SMEMBERS", self.keys.fast_owners)])
+        if isinstance(members, Exception):
+            raise members
+        return sorted(m.decode(errors="replace") for m in members)
+
+    def _take_over(self, process: str, to: str, charge: bool, own: bool) -> scripts.TakenOver:
+        """Move what `process`'s fast lists hold `to` the private list or the retry set."""
         keys = Keys(self.keys.queue_name, self.worker_id, process)
-        return previous, keys, (keys.fast_0, keys.fast_1)
+        return Bound(self._runner.bind, keys, scripts.TAKE_OVER)(
+            process=process,
+            to=to,
+            charge="1" if charge else "0",
+            idbase=self._id_base(),
+            token=scripts.new_nudge_token(),
+            seal="0" if own else "1",
+        )
 
     def _settling(self, script: scripts.Script[R], fast_list: str) -> Bound[R]:
         """`script` bound to this queue's keys, with `fast_list` (if any) as the private
@@ -522,34 +531,35 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            for _ in range(OWNER_READS):
-                previous, keys, _ = self._owners_fast_list()
-                moved = Bound(self._runner.bind, keys, scripts.RECLAIM)(
-                    worker_id=self.worker_id,
-                    unstarted=unstarted,
-                    token=scripts.new_nudge_token(),
-                    hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
-                    previous=previous,
-                )
-                if moved != scripts.OWNER_CHANGED:
-                    return moved
-            return None  # it keeps changing hands: a later pass tries again
+            moved = 0
+            for process in self._fast_owners():  # see fast.py, and `replay`
+                charge = not unstarted.startswith(f"{process}.".encode())
+                fast = self._take_over(process, "retry", charge, own=False).moved
+                if fast is None:
+                    return None  # the lease is alive
+                moved += fast
+            back = self._reclaim(
+                worker_id=self.worker_id,
+                unstarted=unstarted,
+                token=scripts.new_nudge_token(),
+                hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
+            )
+            return None if back is None else moved + back
         finally:
             self.client.delete(k.fence)
 
     # -- reading ----------------------------------------------------------------------------
 
     def in_flight(self) -> list[Delivery]:
-        """The private list, oldest first, then the owner's fast list, oldest first."""
+        """The private list, oldest first, then what fast lists hold (see fast.py)."""
         elements = cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))
         listed = [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
-        previous, _, lists = self._owners_fast_list()
-        if not previous:
-            return listed
-        for name in lists:
-            if self.client.type(name) in (b"list", "list"):
-                payloads = cast(list[bytes], self.client.lrange(name, 0, -1))
-                listed += [Delivery(b"", 0, p, 0, p, fast=name) for p in reversed(payloads)]
+        for process in self._fast_owners():
+            keys = Keys(self.keys.queue_name, self.worker_id, process)
+            for name in (keys.fast_0, keys.fast_1):
+                if self.client.type(name) in (b"list", "list"):
+                    payloads = cast(list[bytes], self.client.lrange(name, 0, -1))
+                    listed += [Delivery(b"", 0, p, 0, p, fast=name) for p in reversed(payloads)]
         return listed
 
     def retrying(self) -> list[tuple[Delivery, float]]:
@@ -740,7 +750,7 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.llen(worker_keys.processing)
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
-        pipe.get(worker_keys.owner)
+        pipe.smembers(worker_keys.fast_owners)
     waiting, retrying, dead, first, *rest = pipe.execute()
     flow, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
@@ -767,15 +777,15 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
     return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow, next_due)
 
 
-def _fast_in_flight(client: Client, queue: str, owners: dict[str, bytes | None]) -> int:
-    """How many deliveries the fast lists of the workers' owning processes hold (a sealed
-    list holds none); `owners`: worker id → what its `owner` holds."""
+def _fast_in_flight(client: Client, queue: str, owners: dict[str, set[bytes]]) -> int:
+    """How many deliveries the workers' fast lists hold (a sealed list holds none);
+    `owners`: worker id → its `fast_owners`."""
     pipe = client.pipeline(transaction=False)
-    for worker_id, owner in owners.items():
-        if owner:
-            process = owner.decode(errors="replace").removesuffix(".")
-            for name in fast_lists(Keys.of(queue, worker_id), process):
-                pipe.llen(name)
+    for worker_id, processes in owners.items():
+        for process in processes:
+            keys = Keys(queue, worker_id, process.decode(errors="replace"))
+            pipe.llen(keys.fast_0)
+            pipe.llen(keys.fast_1)
     if not len(pipe):
         return 0
     lengths = pipe.execute(raise_on_error=False)  # WRONGTYPE: a sealed list, holding none

@@ -274,17 +274,26 @@ def _take_reply(reply: list[Any]) -> TakeReply:
     return TakeReply(False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]), groups)
 
 
-def _envelopes(reply: list[bytes] | None) -> list[bytes] | None:
-    """The envelopes; None if the list's owner changed since the caller read it."""
-    return None if reply is None else list(reply)
-
-
-OWNER_CHANGED = -3  # RECLAIM: `owner` no longer holds what the caller read: read it again
+def _envelopes(reply: list[bytes]) -> list[bytes]:
+    return list(reply)
 
 
 def _moved_unless_leased(reply: int) -> int | None:
-    """How many moved, None if the lease was alive (-1), or OWNER_CHANGED."""
-    return None if int(reply) == -1 else int(reply)
+    """How many moved, or None if the lease was alive (-1)."""
+    return None if int(reply) < 0 else int(reply)
+
+
+class TakenOver(NamedTuple):
+    """TAKE_OVER's reply: how many moved (None if a reclaim found the lease alive), and
+    the envelopes a replay added to the private list, oldest first."""
+
+    moved: int | None
+    envelopes: list[bytes]
+
+
+def _taken_over(reply: list[Any]) -> TakenOver:
+    moved = int(reply[0])
+    return TakenOver(None if moved < 0 else moved, list(reply[1:]))
 
 
 def _previous(reply: bytes | None) -> bytes | None:
@@ -303,6 +312,7 @@ RETRY_LATER = load("retry_later.lua", bool)
 LEASE = load("lease.lua", _previous)
 DEAD_LETTER = load("dead_letter.lua", bool)
 RECLAIM = load("reclaim.lua", _moved_unless_leased)
+TAKE_OVER = load("take_over.lua", _taken_over)
 DEAD_TAKE = load("dead_take.lua", int)
 REPLY = load("reply.lua", _nothing)
 SORT = load("sort.lua", int)

@@ -7,8 +7,8 @@
 -- the next idle worker's block to end.
 --
 -- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake, held,
---   group_running, ring, nudge, fast_0, fast_1
--- ARGV: worker_id, unstarted, token, hold, previous
+--   group_running, ring, nudge
+-- ARGV: worker_id, unstarted, token, hold
 --   worker_id  the orphaned worker, struck from the registry once its messages are back
 --   unstarted  the id of its oldest delivery that had not started: every one older is
 --              charged (as in REPLAY), so every one for '' (a lost node: nobody knows
@@ -16,17 +16,9 @@
 --   token      a fresh random token, kept as the queue's nudge token if it has none
 --   hold       ms its `max_running` permits stay counted: its process may still run,
 --              orphaned or frozen, until it sees its list taken over (see lua/flow.lua)
---   previous   what `owner` held when the caller read it ('' if nothing): `fast_0` and
---              `fast_1` are that process's fast lists (any names if ''), whose payloads
---              are its deliveries too (charged alike, none if no envelope has the id
---              `unstarted`: a fast take's delivery that never started); they are then
---              sealed (see `fast` in keys.py)
--- Returns how many moved, -1 if the lease is alive, or -3 if `owner` no longer holds
--- `previous` (read again, and call again) (decoded by scripts.RECLAIM).
+-- Returns how many moved, or -1 if the lease is alive (decoded by scripts.RECLAIM).
 
 if redis.call('EXISTS', lease) == 1 then return -1 end
-local owned_by = redis.call('TYPE', owner).ok == 'string' and redis.call('GET', owner) or ''
-if owned_by ~= previous then return -3 end
 local tag = 'x' .. string.gsub(worker_id, '[^%w]', '-') .. '.'
 local moved = 0
 while true do
@@ -46,17 +38,6 @@ while true do
   if started then attempts = attempts + 1 end
   redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
   redis.call('RPOP', processing)
-end
-local charge_fast = started and unstarted == ''  -- else a fast take's never started
-for _, fast in ipairs(previous ~= '' and {fast_0, fast_1} or {}) do
-  if redis.call('TYPE', fast).ok == 'list' then
-    local taken_fast = redis.call('LRANGE', fast, 0, -1)
-    for i = #taken_fast, 1, -1 do
-      moved = moved + 1
-      redis.call('ZADD', retry, moved, wrap(tag .. moved, charge_fast and 1 or 0, taken_fast[i]))
-    end
-  end
-  redis.call('SET', fast, 'superseded', 'EX', 86400)
 end
 if moved > landed_moved then push_nudge(queue, nudge, token) end
 redis.call('SREM', registry, worker_id)

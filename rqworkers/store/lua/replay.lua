@@ -3,8 +3,8 @@
 -- one attempt to each delivery whose handler had started.
 --
 -- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring, nudge,
---   fast_0, fast_1
--- ARGV: charge, unstarted, idbase, mine, worker_id, hold, previous
+--   fast_owners
+-- ARGV: charge, unstarted, idbase, mine, worker_id, hold, fast
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
 --              has that id; '0' (this process's own list, after a Redis error): none
@@ -15,10 +15,9 @@
 --   worker_id  the worker: the `max_running` permits an earlier life held are given back
 --   hold       ms those permits stay counted (see lua/flow.lua): > 0 when this worker's
 --              manager did not see the earlier life end (a new manager: it may be an orphan)
---   previous   what `owner` held when the caller read it ('' if nothing): `fast_0` and
---              `fast_1` are that process's fast lists (this process's own if '')
--- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY); nil
--- if `owner` no longer holds `previous` (read again, and call again).
+--   fast       '1': this process takes by the fast path: it is added to `fast_owners`,
+--              where its successor, or a reclaim, finds its fast lists (see TAKE_OVER)
+-- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY).
 --
 -- A charged envelope gets a new id of this process, so a replay sent again after a lost
 -- reply charges nothing twice. Messages a blocking fetch left in the landing list never
@@ -26,17 +25,9 @@
 -- lua/envelope.lua), which a worker that stopped while blocked left there: dropped. An
 -- element that is not an envelope (written by hand, or by another program) is wrapped. The
 -- replaying process becomes the list's `owner`.
---
--- The fast lists of the process that owned the list hold payloads, not envelopes (see
--- `fast` in keys.py): they join the private list as envelopes, each charged (by a new
--- process) if it had started: all had, unless the earlier life named an `unstarted` id
--- no envelope has (a fast take it sent, whose delivery never started). An earlier
--- process's fast lists are then sealed: strings, so that the process, if it still runs,
--- can move nothing more into them. A list sealed already is passed over.
 
-local owned_by = redis.call('TYPE', owner).ok == 'string' and redis.call('GET', owner) or ''
-if owned_by ~= previous then return false end
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
+if fast == '1' then redis.call('SADD', fast_owners, string.sub(mine, 1, -2)) end
 -- A new process gives back the permits of the one before (its next take asks for what it
 -- runs); this process's own replay, after a Redis error, keeps those its handlers hold.
 if charge == '1' then
@@ -61,22 +52,6 @@ for i = #elements, 1, -1 do
     redis.call('LSET', processing, i - 1, element)
   end
   result[#result + 1] = element
-end
-local charge_fast = started and unstarted == ''  -- else a fast take's never started
-for side, fast in ipairs({fast_0, fast_1}) do
-  if redis.call('TYPE', fast).ok == 'list' then
-    local taken_fast = redis.call('LRANGE', fast, 0, -1)
-    for i = #taken_fast, 1, -1 do
-      local element = wrap(idbase .. 'F' .. side .. '.' .. i, charge_fast and 1 or 0, taken_fast[i])
-      redis.call('LPUSH', processing, element)
-      result[#result + 1] = element
-    end
-  end
-  if previous ~= '' and previous ~= mine then
-    redis.call('SET', fast, 'superseded', 'EX', 86400)
-  elseif redis.call('TYPE', fast).ok == 'list' then
-    redis.call('DEL', fast)
-  end
 end
 local n, token = 0, nudge_token(nudge)
 while true do
