@@ -30,6 +30,15 @@ Cases (rqworkers is the real `python -m rqworkers run`, started anew for every c
   with the CPU of the worker processes and of Redis as shares of a core: which one is the
   bound.
 
+Noise on a small VM: a message that goes back and forth between two processes (prefetch 1,
+yardstick (b)) costs each of them about 3 times more CPU, and takes about 2.5 times longer,
+when the vCPUs halt between messages (a quiet machine: waking a halted vCPU goes through the
+hypervisor) than when something else keeps them busy. So a prefetch-1 figure moves with what
+other tenants do, and Redis CPU per message with it; "machine busy" (every process's CPU
+over the drain, 2 = both cores) says which of the two a sample saw, and a ratio is only to
+be trusted in rounds where both sides saw the same. "stolen" (/proc/stat steal) tells apart a
+hypervisor that takes cores away.
+
 Exits 1 on a run failure (a message lost or handled twice, a process that did not start),
 never on a missed target: targets are reported.
 """
@@ -121,8 +130,9 @@ class Sample:
     rate: float  # messages per second
     redis_us: float  # Redis CPU per message, microseconds
     redis_core: float  # Redis CPU over the drain's wall time, in cores
-    busy: float  # whole machine, cores busy over the drain
+    busy: float  # whole machine, cores busy over the drain (stolen time included)
     worker_core: float | None = None  # all worker processes together, cores
+    steal: float = 0.0  # cores the hypervisor took from this VM over the drain
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -142,6 +152,22 @@ def redis_cpu(client: redis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def machine() -> tuple[float, float]:
+    """CPU seconds the whole VM has been busy, and those the hypervisor stole from it (a
+    stolen moment counts as CPU time in every process it interrupted: Redis's too)."""
+    return machine_busy(), float(getattr(psutil.cpu_times(), "steal", 0.0))
+
+
+def _sample(
+    rate: float, redis_s: float, n: float, wall: float, m0: tuple[float, float],
+    m1: tuple[float, float], worker_s: float | None = None,
+) -> Sample:  # fmt: skip
+    """The figures of one drain: `m0`, `m1` are `machine()` at its edges."""
+    worker = None if worker_s is None else worker_s / wall
+    busy, steal = (m1[0] - m0[0]) / wall, (m1[1] - m0[1]) / wall
+    return Sample(rate, redis_s / n * 1e6, redis_s / wall, busy, worker, steal)
+
+
 def size_name(size: int) -> str:
     return {100: "100 B", KB: "10 KB", MB: "1 MB"}[size]
 
@@ -155,16 +181,17 @@ def yardstick(target: Target, mode: str, n: int, processes: int = 1, size: int =
     client.flushdb()
     fill(client, QUEUE, n, size=size)
     edge: dict[str, float] = {}
+    edges: list[tuple[float, float]] = []
 
     def before() -> None:
-        edge["cpu"], edge["busy"], edge["t"] = redis_cpu(client), machine_busy(), time.time()
+        edge["cpu"], edge["t"] = redis_cpu(client), time.time()
+        edges.append(machine())
 
     rate = run_yardsticks(client, target.redis.url, mode, n, processes, before_go=before)
     # The processes exited after their last command: nothing after it is theirs.
     wall = time.time() - edge["t"]
     spent = redis_cpu(client) - edge["cpu"]
-    busy = machine_busy() - edge["busy"]
-    return Sample(rate, spent / n * 1e6, spent / wall, busy / wall)
+    return _sample(rate, spent, n, wall, edges[0], machine())
 
 
 def _work(concurrency: int) -> str:
@@ -202,18 +229,18 @@ def service(
     run = ServiceRun(cast(Bench, target), prefetch, processes, 0, work=_work(concurrency))
     with _service(run) as pids:
         fill(client, STAGING, n, size=size)
-        cpu0, redis0, busy0 = _cpu_of(pids), redis_cpu(client), machine_busy()
+        cpu0, redis0, m0 = _cpu_of(pids), redis_cpu(client), machine()
         t0 = time.time()
         client.rename(STAGING, QUEUE)
         wait_for(run.drained, 120 + n / 100, what="the queue to drain", interval=0.02)
-        redis1, busy1, t1 = redis_cpu(client), machine_busy(), time.time()
+        redis1, m1, t1 = redis_cpu(client), machine(), time.time()
         cpu1 = _cpu_of(pids)
     what = f"prefetch {prefetch}, {processes} proc, concurrency {concurrency}, {size_name(size)}"
     rate, workers = _check(client, t0, n, what)
     wall = t1 - t0
     spent = redis1 - redis0
     worker = sum(cpu1[pid] - cpu0[pid] for pid in workers if pid in cpu0)
-    return Sample(rate, spent / n * 1e6, spent / wall, (busy1 - busy0) / wall, worker / wall)
+    return _sample(rate, spent, n, wall, m0, m1, worker)
 
 
 def fill_backlog(client: redis.Redis, key: str, count: int, size: int = 100) -> None:
@@ -241,7 +268,7 @@ def backlog(target: Target, prefetch: int, n: int, behind: int) -> Sample:
     with _service(run) as pids:
         client.rename(parked, STAGING)
         fill(client, STAGING, n, right=True)  # taken first: the top of the queue
-        cpu0, redis0, busy0 = _cpu_of(pids), redis_cpu(client), machine_busy()
+        cpu0, redis0, m0 = _cpu_of(pids), redis_cpu(client), machine()
         t0 = time.time()
         client.rename(STAGING, QUEUE)
         wait_for(lambda: client.llen(QUEUE) <= behind, 120 + n / 100, "the n to be taken",
@@ -250,11 +277,7 @@ def backlog(target: Target, prefetch: int, n: int, behind: int) -> Sample:
         pipe.info("cpu")
         pipe.llen(QUEUE)
         info, left = pipe.execute()
-        redis1, busy1, t1 = (
-            info["used_cpu_user"] + info["used_cpu_sys"],
-            machine_busy(),
-            time.time(),
-        )
+        redis1, m1, t1 = info["used_cpu_user"] + info["used_cpu_sys"], machine(), time.time()
         cpu1 = _cpu_of(pids)
         with contextlib.suppress(redis.ResponseError):  # empty: the 1,000 were eaten too
             client.rename(QUEUE, parked)  # the rest waits for the next round
@@ -264,7 +287,7 @@ def backlog(target: Target, prefetch: int, n: int, behind: int) -> Sample:
     wall = t1 - t0
     spent = redis1 - redis0
     worker = sum(cpu1[pid] - cpu0[pid] for pid in workers if pid in cpu0)
-    sample = Sample(rate, spent / moved * 1e6, spent / wall, (busy1 - busy0) / wall, worker / wall)
+    sample = _sample(rate, spent, moved, wall, m0, m1, worker)
     sample.extra["moved"] = moved
     return sample
 
@@ -414,8 +437,8 @@ def render(report: Report) -> str:
     lines += ["", f"Command: `{report.command}`", ""]
     lines += ["### Cases (median of the rounds; per round in brackets)", ""]
     lines.append("| case | N | msgs/s | Redis CPU µs/msg | worker CPU µs/msg | Redis cores | "
-                 "worker cores | machine busy | bound |")  # fmt: skip
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+                 "worker cores | machine busy | stolen | bound |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for name, samples in report.cases.items():
         if not samples:
             continue
@@ -424,12 +447,13 @@ def render(report: Report) -> str:
         rc = statistics.median(x["redis_core"] for x in samples)
         wc = [x["worker_core"] for x in samples if x["worker_core"] is not None]
         busy = statistics.median(x["busy"] for x in samples)
+        steal = max(x.get("steal", 0.0) for x in samples)
         processes = 4 if "4 proc" in name else 2 if "2 proc" in name else 1
-        worker = f"| - | {rc:.2f} | - | {busy:.2f} | - |"
+        worker = f"| - | {rc:.2f} | - | {busy:.2f} | {steal:.2f} | - |"
         if wc:
             w = statistics.median(wc)
             per = statistics.median(x["worker_core"] / x["rate"] * 1e6 for x in samples)
-            worker = (f"| {per:.2f} | {rc:.2f} | {w:.2f} | {busy:.2f} "
+            worker = (f"| {per:.2f} | {rc:.2f} | {w:.2f} | {busy:.2f} | {steal:.2f} "
                       f"| {bound(rc, w, processes)} |")  # fmt: skip
         lines.append(
             f"| {name} | {report.cases_n[name]:,} "
@@ -467,7 +491,9 @@ def render(report: Report) -> str:
               "neither saturated: worker and Redis take turns (each waits for the other's "
               "reply), and the one that spends more per message sets the pace. Worker CPU "
               "µs/msg: the worker processes' CPU over the drain / N (the yardsticks' is not "
-              "measured)."]  # fmt: skip
+              "measured). Stolen: the most of any round, in cores, that the hypervisor took from "
+              "this VM during the drain (/proc/stat steal); a stolen moment is counted as CPU "
+              "time of the process it interrupted, Redis included."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
