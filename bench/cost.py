@@ -408,6 +408,26 @@ def per_round(report: Report, top: str, bottom: str, key: str) -> list[float]:
     return [x[key] / y[key] for x, y in zip(a, b, strict=False) if y[key]]
 
 
+QUIET = 1.3  # machine busy below this: the vCPUs halted between messages (see the top)
+
+
+def by_state(report: Report, top: str, bottom: str) -> str:
+    """The ratios again, of the rounds where both sides saw the VM in the same state only:
+    quiet (machine busy < QUIET on both) or busy (>= QUIET on both)."""
+    a, b = report.cases.get(top, []), report.cases.get(bottom, [])
+    parts = []
+    for state, quiet in (("quiet", True), ("busy", False)):
+        pairs = [(x, y) for x, y in zip(a, b, strict=False)
+                 if (x["busy"] < QUIET) == quiet and (y["busy"] < QUIET) == quiet]  # fmt: skip
+        if not pairs:
+            parts.append(f"{state}: none")
+            continue
+        rate = statistics.median(x["rate"] / y["rate"] for x, y in pairs)
+        cpu = statistics.median(x["redis_us"] / y["redis_us"] for x, y in pairs)
+        parts.append(f"{state}: {rate:.3g}x, CPU {cpu:.3g}x ({len(pairs)})")
+    return "; ".join(parts)
+
+
 def _shown(values: list[float], spec: str) -> str:
     return ", ".join(format(v, spec) for v in values)
 
@@ -461,8 +481,9 @@ def render(report: Report) -> str:
             f"| {statistics.median(cpus):.2f} ({_shown(cpus, '.2f')}) " + worker
         )
     lines += ["", "### Ratios (per round, then the median)", ""]
-    lines.append("| ratio | throughput | target | Redis CPU per message | target |")
-    lines.append("|---|---|---|---|---|")
+    lines.append("| ratio | throughput | target | Redis CPU per message | target "
+                 "| rounds with the VM quiet / busy on both sides |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|")
     for name, top, bottom, least, most in RATIOS:
         rates = per_round(report, top, bottom, "rate")
         cpus = per_round(report, top, bottom, "redis_us")
@@ -473,7 +494,7 @@ def render(report: Report) -> str:
         met_c = "-" if most is None else _verdict(c <= most, most, "<=")
         lines.append(
             f"| {name} | {r:.3g}x ({_shown(rates, '.3g')}) | {met_r} "
-            f"| {c:.3g}x ({_shown(cpus, '.3g')}) | {met_c} |"
+            f"| {c:.3g}x ({_shown(cpus, '.3g')}) | {met_c} | {by_state(report, top, bottom)} |"
         )
     rq = per_round(report, "p100 100 B, 2 proc", "p100 100 B", "rate")
     yard = per_round(report, "(c) 100 B, 2 proc", "(c) 100 B", "rate")
@@ -482,7 +503,7 @@ def render(report: Report) -> str:
         q = statistics.median(quotients)
         lines.append(
             f"| 2 proc scaling, prefetch 100 / (c)'s own | {q:.2f}x ({_shown(quotients, '.2f')}) "
-            f"| {_verdict(q >= 1.0, 1.0, '>=')} | - | - |"
+            f"| {_verdict(q >= 1.0, 1.0, '>=')} | - | - | - |"
         )
     lines += ["", "Redis cores, worker cores (all worker processes together; the manager "
               "and keeper not counted), machine busy (every process on the VM, ours or not): "
@@ -493,7 +514,9 @@ def render(report: Report) -> str:
               "µs/msg: the worker processes' CPU over the drain / N (the yardsticks' is not "
               "measured). Stolen: the most of any round, in cores, that the hypervisor took from "
               "this VM during the drain (/proc/stat steal); a stolen moment is counted as CPU "
-              "time of the process it interrupted, Redis included."]  # fmt: skip
+              "time of the process it interrupted, Redis included. Quiet / busy: the medians of "
+              f"the rounds where both sides had machine busy < {QUIET} (quiet) or >= {QUIET} "
+              "(busy), with how many rounds that was."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
