@@ -467,13 +467,14 @@ def render(report: Report) -> str:
         rc = statistics.median(x["redis_core"] for x in samples)
         wc = [x["worker_core"] for x in samples if x["worker_core"] is not None]
         busy = statistics.median(x["busy"] for x in samples)
-        steal = max(x.get("steal", 0.0) for x in samples)
+        stolen = [x["steal"] for x in samples if "steal" in x]  # not in early saved runs
+        steal = "-" if not stolen else format(max(stolen), ".2f")
         processes = 4 if "4 proc" in name else 2 if "2 proc" in name else 1
-        worker = f"| - | {rc:.2f} | - | {busy:.2f} | {steal:.2f} | - |"
+        worker = f"| - | {rc:.2f} | - | {busy:.2f} | {steal} | - |"
         if wc:
             w = statistics.median(wc)
             per = statistics.median(x["worker_core"] / x["rate"] * 1e6 for x in samples)
-            worker = (f"| {per:.2f} | {rc:.2f} | {w:.2f} | {busy:.2f} | {steal:.2f} "
+            worker = (f"| {per:.2f} | {rc:.2f} | {w:.2f} | {busy:.2f} | {steal} "
                       f"| {bound(rc, w, processes)} |")  # fmt: skip
         lines.append(
             f"| {name} | {report.cases_n[name]:,} "
