@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from rqworkers.store import scripts
+from rqworkers.store import levels, scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.direct import script_caller
 from rqworkers.store.keys import Keys
@@ -48,7 +48,8 @@ class Scheduled:
 
 
 class DelayedPusher:
-    """Pushes delayed messages onto the queues of one client, one script call per batch."""
+    """Pushes delayed and prioritised messages onto the retry sets of one client's queues,
+    one script call per batch."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -56,11 +57,12 @@ class DelayedPusher:
         self._bound: dict[str, Bound[int]] = {}
 
     def push(
-        self, queue: str, payloads: Sequence[bytes | str], due: float
+        self, queue: str, payloads: Sequence[bytes | str], due: float | None, level: int = 0
     ) -> tuple[int, list[bytes]]:
-        """Add `payloads` to `queue`'s retry set, due at `due` (epoch seconds), in order;
-        the set's size after, and their envelopes (the members `Scheduled.member` names),
-        which a caller may ZREM."""
+        """Add `payloads` to `queue`'s retry set, due at `due` (epoch seconds; None: at
+        once, for a priority `level` of 1 to 9), in order, in `level`'s band; the set's
+        size after, and their envelopes (the members `Scheduled.member` names), which a
+        caller may ZREM."""
         bound = self._bound.get(queue)
         if bound is None:
             bound = self._bound[queue] = Bound(self._runner, Keys(queue), scripts.DELAY)
@@ -68,12 +70,17 @@ class DelayedPusher:
             raise ValueError(f"at most {MAX_PER_PUSH} delayed messages per push")
         members: list[bytes] = []
         size = 0
-        idbase = f"p{secrets.token_hex(16)}."
+        if due is None:  # waiting at its level, in the order pushed
+            score: float = levels.waiting_score(level)
+            idbase = levels.waiting_id_base(secrets.token_hex(8))
+        else:
+            score = levels.due_score(level, due)
+            idbase = f"p{secrets.token_hex(16)}."
         for start in range(0, len(payloads), MAX_PER_CALL):
             chunk = payloads[start : start + MAX_PER_CALL]
-            batch = [p.encode() if isinstance(p, str) else p for p in chunk]
+            batch = [levels.wrap(level, p.encode() if isinstance(p, str) else p) for p in chunk]
             token = secrets.token_hex(16)
-            size = bound(due=repr(due), idbase=idbase, offset=start, token=token, payloads=batch)
+            size = bound(due=repr(score), idbase=idbase, offset=start, token=token, payloads=batch)
             members += [
                 Delivery(b"%s%08d" % (idbase.encode(), n), 0, payload).element
                 for n, payload in enumerate(batch, start + 1)

@@ -1,11 +1,12 @@
--- DELAY: adds delayed messages to the retry set, due at `due`: each a new envelope with
--- attempts 0 and an id of its own, so that identical payloads stay separate messages. If
--- they are due before everything the set held, a nudge wakes a blocked worker, which then
--- blocks only until they are due. Not allow-oom: it adds new messages, as a push does.
+-- DELAY: adds delayed (or prioritised) messages to the retry set, at the score `due`: each
+-- a new envelope with attempts 0 and an id of its own, so that identical payloads stay
+-- separate messages. If they may be due before everything the set held, a nudge wakes a
+-- blocked worker, which then blocks only until they are due. Not allow-oom: it adds new
+-- messages, as a push does.
 --
 -- KEYS: queue, retry, nudge
 -- ARGV: due, idbase, offset, token, payloads...
---   due        epoch seconds
+--   due        epoch seconds; for a priority level, its band's score (see lua/levels.lua)
 --   idbase     `p<128 random bits hex>.`, one per push: the n-th payload's id is idbase ..
 --              (offset + n) on 8 digits, so that one push's messages, sent in several calls,
 --              are taken in order when due together (the set orders equal scores by
@@ -25,5 +26,5 @@ end
 for i = 1, #members, 1000 do
   redis.call('ZADD', retry, unpack(members, i, math.min(i + 999, #members)))
 end
-if not first or tonumber(due) < tonumber(first) then push_nudge(queue, nudge, token) end
+if earlier(due, first) then push_nudge(queue, nudge, token) end
 return redis.call('ZCARD', retry)
