@@ -35,16 +35,21 @@ DELAYED_ID = b"p"  # the first letter of a delayed message's id
 
 @dataclass(frozen=True)
 class Scheduled:
-    """A member of the retry set: a delayed message or a retry, due at `due`."""
+    """A member of the retry set: a delayed message or a retry, due at `due`, or a
+    prioritised message waiting at its level (`delivery.level`), due at once."""
 
     delivery: Delivery
-    due: float  # epoch seconds
+    due: float | None  # epoch seconds; None for a prioritised message that waits
     member: bytes  # its envelope, which `run_now` and `delete` name
 
     @property
     def delayed(self) -> bool:
         """Pushed with a delay, rather than a failed message waiting for its retry."""
         return self.delivery.id.startswith(DELAYED_ID) and self.delivery.attempts == 0
+
+    @classmethod
+    def of(cls, member: bytes, score: float) -> Scheduled:
+        return cls(Delivery.parse(member), levels.due_of_score(score), member)
 
 
 class DelayedPusher:
@@ -100,21 +105,25 @@ class RetrySet:
         return int(self.client.zcard(self.keys.retry))
 
     def next_due(self) -> float | None:
-        """When the soonest member is due (epoch seconds); None if the set is empty."""
+        """When the soonest member is due (epoch seconds); None if the set is empty, or
+        holds only prioritised messages waiting (due at once)."""
         first = cast(
             list[tuple[bytes, float]], self.client.zrange(self.keys.retry, 0, 0, withscores=True)
         )
+        if first and first[0][1] < 0:  # prioritised messages: see `levels`
+            return levels.read_bands(self.client, self.keys.retry).next_due
         return float(first[0][1]) if first else None  # fmt: skip
 
     def page(self, start: int = 0, limit: int = 20) -> list[Scheduled]:
-        """Up to `limit` members from index `start`, soonest first."""
+        """Up to `limit` members from index `start`, in the order they will be taken:
+        soonest first; with priorities, highest level first."""
         if limit <= 0:
             return []
         raw = self.client.zrange(self.keys.retry, start, start + limit - 1, withscores=True)
         found = []
         for member, score in cast(list[tuple[bytes, float]], raw):
             if member.startswith(scripts.PREFIX.encode()) and member.count(b":") >= 3:
-                found.append(Scheduled(Delivery.parse(member), float(score), member))
+                found.append(Scheduled.of(member, float(score)))
         return found
 
     def find(self, ids: Sequence[str]) -> list[Scheduled]:
@@ -124,9 +133,9 @@ class RetrySet:
         for member, score in self.client.zscan_iter(self.keys.retry, count=1000):
             member = cast(bytes, member)
             if member.startswith(scripts.PREFIX.encode()) and member.count(b":") >= 3:
-                delivery = Delivery.parse(member)
-                if delivery.id in wanted:
-                    found.append(Scheduled(delivery, float(score), member))
+                item = Scheduled.of(member, float(score))
+                if item.delivery.id in wanted:
+                    found.append(item)
         return found
 
     def run_now(self, members: Sequence[bytes]) -> int:

@@ -543,7 +543,7 @@ def _retry_payload(member: bytes) -> tuple[bool, bytes]:
     _, ident, attempts, payload = member.split(b":", 3)
     if b"." not in ident or not attempts.isdigit():  # as lua/envelope.lua's parse
         return False, member
-    return ident.startswith(b"G"), payload
+    return ident.startswith(b"G"), Delivery(ident, 0, payload).payload  # as its handler sees it
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:

@@ -7,7 +7,9 @@
 -- KEYS: queue, retry, nudge
 -- ARGV: due, idbase, offset, token, payloads...
 --   due        epoch seconds; for a priority level, its band's score (see lua/levels.lua)
---   idbase     `p<128 random bits hex>.`, one per push: the n-th payload's id is idbase ..
+--   idbase     `p<128 random bits hex>.` (or for messages waiting at a priority level,
+--              `q<epoch µs, 16 digits><64 random bits hex>.`, which orders them by push
+--              time), one per push: the n-th payload's id is idbase ..
 --              (offset + n) on 8 digits, so that one push's messages, sent in several calls,
 --              are taken in order when due together (the set orders equal scores by
 --              member); never a worker's id form `<process>.<call>.<n>`
