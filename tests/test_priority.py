@@ -313,3 +313,56 @@ def test_priorities_on_a_redis_cluster(tmp_path: Path) -> None:
         assert [d.level for d in q.take([], 1).deliveries] == [9]
     finally:
         processes.kill_all()
+
+
+# -- the real service ----------------------------------------------------------------------
+
+
+def started(server: RedisServer) -> list[bytes]:
+    return cast(list[bytes], server.client().lrange("started", 0, -1))
+
+
+@pytest.mark.service
+def test_high_priorities_overtake_a_waiting_backlog(
+    redis_server: RedisServer, service: Any
+) -> None:
+    svc = service([{"queue": QUEUE, "handler": "testapp:handle", "prefetch": 1}])
+    svc.wait_workers(1)
+    producer = Producer(redis_server.url)
+    producer.push(QUEUE, *[b"sleep:0.01:plain-%d" % n for n in range(300)])
+    wait_for(lambda: len(started(redis_server)) >= 20, timeout=20, what="the backlog under way")
+    at = len(started(redis_server))
+    producer.push(QUEUE, *[b"sleep:0.01:five-%d" % n for n in range(3)], priority=5)
+    producer.push(QUEUE, *[b"sleep:0.01:nine-%d" % n for n in range(3)], priority=9)
+    wait_for(lambda: sum(b"five" in p for p in started(redis_server)) == 3, timeout=20)
+    order = started(redis_server)
+    high = [i for i, p in enumerate(order) if b"nine" in p or b"five" in p]
+    assert [order[i].split(b":")[2][:4] for i in high] == [b"nine"] * 3 + [b"five"] * 3
+    assert high[-1] < at + 6 + 3, "taken next: at most the messages in hand before them"
+    assert redis_server.client().llen(QUEUE) > 100, "the backlog still waits behind them"
+
+
+@pytest.mark.service
+def test_a_level_9_message_whose_worker_is_sigkilled_is_replayed_and_retried_at_level_9(
+    redis_server: RedisServer, service: Any
+) -> None:
+    """`steps:kr:` kills its worker on its first start and raises on its second: replayed
+    from the private list, then retried, it keeps level 9 throughout."""
+    pair = {"queue": QUEUE, "handler": "testapp:handle", "retry_delay": 60}
+    svc = service([pair])
+    svc.wait_workers(1)
+    Producer(redis_server.url).push(QUEUE, b"steps:kr:1", priority=9)
+    retry_set = RetrySet(redis_server.client(), QUEUE)
+
+    def retried() -> bool:
+        return [s.delivery.attempts for s in retry_set.page()] == [2]
+
+    wait_for(retried, timeout=20, what="the retry (the message itself waited there first)")
+    assert started(redis_server) == [b"steps:kr:1"] * 2, "the handler saw the payload as pushed"
+    (item,) = retry_set.page()
+    assert (item.delivery.level, item.delivery.attempts) == (9, 2)
+    assert item.due == pytest.approx(time.time() + 120, abs=5), "doubled: its 2nd retry"
+    assert retry_set.run_now([item.member]) == 1  # its nudge wakes the idle worker
+    Producer(redis_server.url).push(QUEUE, b"plain")
+    wait_for(lambda: len(started(redis_server)) == 4, timeout=20, what="both run")
+    assert started(redis_server)[2:] == [b"steps:kr:1", b"plain"], "level 9 first"
