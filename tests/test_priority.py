@@ -62,9 +62,9 @@ def test_higher_levels_first_first_in_first_out_within_a_level(
     client.lpush(QUEUE, b"plain-1", b"plain-2")  # any producer's LPUSH: level 0
     expected: dict[int, list[bytes]] = {level: [] for level in levels.LEVELS}
     expected[0] = [b"plain-1", b"plain-2"]
-    for n in range(60):  # one push each, in a tight loop: many in the same millisecond
+    for n in range(500):  # one push each, in a tight loop: many in the same millisecond
         level = (n * 7) % 10
-        payload = b"%d-%02d" % (level, n)
+        payload = b"%d-%03d" % (level, n)
         producer.push(QUEUE, payload, priority=level)
         expected[level].append(payload)
     producer.push(QUEUE, b"twin", b"twin", b"twin", priority=4)  # identical: three messages
@@ -366,3 +366,46 @@ def test_a_level_9_message_whose_worker_is_sigkilled_is_replayed_and_retried_at_
     Producer(redis_server.url).push(QUEUE, b"plain")
     wait_for(lambda: len(started(redis_server)) == 4, timeout=20, what="both run")
     assert started(redis_server)[2:] == [b"steps:kr:1", b"plain"], "level 9 first"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[[workers]]\nhost = 'h'\nqueue = 'q'\nhandler = 'a:b'\nlevel0_every = -1\n",
+         "workers[0].level0_every"),
+        ("[defaults]\nlevel0_every = 'often'\n[[workers]]\nhost = 'h'\nqueue = 'q'\n"
+         "handler = 'a:b'\n", "defaults.level0_every"),
+    ],
+)  # fmt: skip
+def test_a_bad_level0_every_names_the_file_and_the_field(
+    tmp_path: Path, text: str, field: str
+) -> None:
+    from rqworkers.config import load
+    from rqworkers.errors import ConfigError
+
+    path = tmp_path / "c.toml"
+    path.write_text("[hosts]\nh = 'redis://127.0.0.1:1/0'\n" + text)
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    assert f"{path}: {field}: " in str(info.value), str(info.value)
+    good = text.replace("-1", "10").replace("'often'", "3")
+    assert load(path_with(tmp_path, good), environ={}).pairs[0].level0_every in (10, 3)
+
+
+def path_with(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "good.toml"
+    path.write_text("[hosts]\nh = 'redis://127.0.0.1:1/0'\n" + text)
+    return path
+
+
+def test_scores_below_every_band_written_by_hand_are_taken_once(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    retry = Keys(QUEUE).retry
+    odd = {b"minus-inf": float("-inf"), b"far-below": -1e15, b"raw": -9.5e12}  # raw: level 1
+    client.zadd(retry, odd)
+    Producer(redis_server.url).push(QUEUE, b"nine", priority=9)
+    taken = [d.payload for d in taker(redis_server).take([], 10).deliveries]
+    assert taken == [b"minus-inf", b"far-below", b"nine", b"raw"]
+    assert client.zcard(retry) == 0
+    client.zadd(retry, {b"again": float("-inf")})
+    assert snapshot(client, QUEUE).waiting == 0  # read without error

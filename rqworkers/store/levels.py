@@ -64,7 +64,8 @@ def due_score(level: int, due: float) -> float:
 
 
 def level_of_score(score: float) -> int:
-    return 0 if score >= 0 else math.ceil(-score / LEVEL_BAND)
+    """The level of a member scored `score`: 9 for any below the bands (written by hand)."""
+    return 0 if score >= 0 else min(9, math.ceil(-score / LEVEL_BAND))
 
 
 def due_of_score(score: float) -> float | None:

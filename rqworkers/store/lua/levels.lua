@@ -49,11 +49,17 @@ local function due_by_level(retry, first, now, limit)
   end
   while score and score < 0 and #due < limit do
     local floor = -math.ceil(-score / LEVEL_BAND) * LEVEL_BAND
-    local top = exact(floor + LEVEL_BAND - 1)
-    add(redis.call('ZRANGEBYSCORE', retry, exact(floor), exact(math.min(floor + now_ms,
-      floor + LEVEL_BAND - 2)), 'LIMIT', 0, limit - #due))
-    if #due < limit then
-      add(redis.call('ZRANGEBYSCORE', retry, top, top, 'LIMIT', 0, limit - #due))
+    if score < -9 * LEVEL_BAND then  -- below every band: not ours (written by hand), due
+      floor = -10 * LEVEL_BAND
+      add(redis.call('ZRANGEBYSCORE', retry, '-inf', '(' .. exact(floor + LEVEL_BAND),
+        'LIMIT', 0, limit - #due))
+    else
+      local top = exact(floor + LEVEL_BAND - 1)
+      add(redis.call('ZRANGEBYSCORE', retry, exact(floor), exact(math.min(floor + now_ms,
+        floor + LEVEL_BAND - 2)), 'LIMIT', 0, limit - #due))
+      if #due < limit then
+        add(redis.call('ZRANGEBYSCORE', retry, top, top, 'LIMIT', 0, limit - #due))
+      end
     end
     if #due >= limit then break end
     score = tonumber(redis.call('ZRANGEBYSCORE', retry, exact(floor + LEVEL_BAND), '+inf',
