@@ -409,3 +409,29 @@ def test_scores_below_every_band_written_by_hand_are_taken_once(redis_server: Re
     assert client.zcard(retry) == 0
     client.zadd(retry, {b"again": float("-inf")})
     assert snapshot(client, QUEUE).waiting == 0  # read without error
+
+
+def test_a_delayed_message_due_before_a_later_level_retry_still_nudges(
+    redis_server: RedisServer,
+) -> None:
+    """With the bands first in the set, its first score says nothing of the soonest due
+    time: a push that may be due sooner nudges, and the take learns the true next due."""
+    import threading
+
+    client = redis_server.client()
+    producer = Producer(redis_server.url)
+    producer.push(QUEUE, b"in an hour", priority=9, delay=3600)
+    queue = taker(redis_server)
+    idle = queue.take([], 1)
+    assert idle.deliveries == [] and idle.next_due == pytest.approx(time.time() + 3600, abs=5)
+    client.delete(QUEUE)  # the first push's nudge: nobody was blocked
+    woke: list[bool] = []
+    blocked = threading.Thread(target=lambda: woke.append(queue.fetch(10.0)), daemon=True)
+    blocked.start()
+    wait_for(lambda: client.info("clients")["blocked_clients"] == 1, timeout=5)
+    due = time.time() + 0.3
+    producer.push(QUEUE, b"soon", at=due)
+    blocked.join(2)
+    assert woke == [True]
+    woken = queue.take([], 1, landed=True)
+    assert woken.deliveries == [] and woken.next_due == pytest.approx(due, abs=0.01)

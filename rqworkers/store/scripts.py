@@ -248,7 +248,10 @@ class TakeReply(NamedTuple):
 
     superseded: bool  # this process no longer owns the private list: nothing was done
     missing_acks: int  # -1: acks sent as a trim were not where claimed, and were not removed
-    next_due: float | None  # epoch seconds; None if no retry waits, or the take was full
+    # Epoch seconds; None if no retry waits, or the take was full. Below 0: the retry set's
+    # first score is a priority level's (see lua/levels.lua), not in due order, and
+    # `queue.ReliableQueue.take` reads the soonest due time from the bands.
+    next_due: float | None
     attempts: list[int]  # of each new delivery
     payloads: list[bytes]  # of each new delivery, in take order
     held: Held | None = None  # what held the take back, if anything did
