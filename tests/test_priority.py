@@ -17,7 +17,7 @@ from rqworkers.store.delayed import RetrySet
 from rqworkers.store.flow import Limits
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery, ReliableQueue, snapshot
-from tests.support import RedisServer, dead_info, run_cli, wait_for, write_config
+from tests.support import RedisServer, dead_info, run_cli, task_pair, wait_for, write_config
 
 QUEUE = "prio"
 
@@ -435,3 +435,27 @@ def test_a_delayed_message_due_before_a_later_level_retry_still_nudges(
     assert woke == [True]
     woken = queue.take([], 1, landed=True)
     assert woken.deliveries == [] and woken.next_due == pytest.approx(due, abs=0.01)
+
+
+@pytest.mark.service
+def test_a_pair_with_level0_every_serves_level_0_under_a_high_backlog(
+    redis_server: RedisServer, service: Any
+) -> None:
+    producer = Producer(redis_server.url)
+    producer.push(QUEUE, *[b"plain-%d" % n for n in range(20)])
+    producer.push(QUEUE, *[b"high-%d" % n for n in range(20)], priority=9)
+    service([{"queue": QUEUE, "handler": "testapp:handle", "level0_every": 2}])
+    wait_for(lambda: len(started(redis_server)) >= 10, timeout=20, what="ten handled")
+    first = started(redis_server)[:10]
+    assert sum(p.startswith(b"plain") for p in first) == 5, first
+
+
+@pytest.mark.service
+def test_submit_priority(tmp_path: Path, redis_server: RedisServer) -> None:
+    path = str(write_config(tmp_path / "c.toml", redis_server.url, [task_pair()]))
+    sent = run_cli("-c", path, "submit", "--priority", "8", "taskapp:add", "--args", "[1, 2]")
+    assert sent.returncode == 0, sent.stderr
+    (item,) = RetrySet(redis_server.client(), "tasks").page()
+    assert item.delivery.level == 8 and item.due is None
+    bad = run_cli("-c", path, "submit", "--priority", "true", "taskapp:add")
+    assert bad.returncode == 2 and "--priority: 'true' is not an integer from 0 to 9" in bad.stderr
