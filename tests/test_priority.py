@@ -136,22 +136,33 @@ def test_delayed_at_a_level_is_never_early_then_taken_at_its_level(
     assert [d.payload for d in queue.take([], 10).deliveries] == [b"later-9", b"now-8b"]
 
 
-def test_a_priority_push_wakes_a_worker_blocked_on_the_empty_queue(
+def test_a_priority_push_wakes_as_many_blocked_workers_as_it_has_messages(
     redis_server: RedisServer,
 ) -> None:
     import threading
 
     client = redis_server.client()
-    queue = taker(redis_server)
-    assert queue.take([], 1).deliveries == []
+    queues = [taker(redis_server, f"n:{n}") for n in range(3)]
+    for queue in queues:
+        queue.hold_lease(30)  # registered, as a worker is before it takes
+        assert queue.take([], 1).deliveries == []
     woke: list[bool] = []
-    blocked = threading.Thread(target=lambda: woke.append(queue.fetch(10.0)), daemon=True)
-    blocked.start()
-    wait_for(lambda: client.info("clients")["blocked_clients"] == 1, timeout=5)
-    Producer(redis_server.url).push(QUEUE, b"wake up", priority=2)
-    blocked.join(2)
-    assert woke == [True], "woken at once, not after its 10 s block"
-    assert [d.payload for d in queue.take([], 1, landed=True).deliveries] == [b"wake up"]
+    blocked = [
+        threading.Thread(target=lambda q=q: woke.append(q.fetch(10.0)), daemon=True) for q in queues
+    ]
+    for thread in blocked:
+        thread.start()
+    wait_for(lambda: client.info("clients")["blocked_clients"] == 3, timeout=5)
+    Producer(redis_server.url).push(QUEUE, b"wake up", b"you too", priority=2)
+    wait_for(lambda: len(woke) == 2, timeout=2, what="two woken at once, not after 10 s")
+    assert client.info("clients")["blocked_clients"] == 1, "the third sleeps on"
+    taken = [d.payload for q in queues for d in q.take([], 1, landed=True).deliveries]
+    assert sorted(taken) == [b"wake up", b"you too"]
+    assert client.llen(QUEUE) == 0, "no nudge left behind"
+    client.lpush(QUEUE, b"for the third")
+    for thread in blocked:
+        thread.join(5)
+    assert woke.count(True) == 3
 
 
 def test_deduplicated_at_a_level(redis_server: RedisServer) -> None:

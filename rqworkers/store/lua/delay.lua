@@ -1,10 +1,12 @@
 -- DELAY: adds delayed (or prioritised) messages to the retry set, at the score `due`: each
 -- a new envelope with attempts 0 and an id of its own, so that identical payloads stay
 -- separate messages. If they may be due before everything the set held, a nudge wakes a
--- blocked worker, which then blocks only until they are due. Not allow-oom: it adds new
+-- blocked worker, which then blocks only until they are due; messages waiting at a
+-- priority level, due at once, wake as many blocked workers as they are (up to the
+-- workers in the queue's `registry`). Not allow-oom: it adds new
 -- messages, as a push does.
 --
--- KEYS: queue, retry, nudge
+-- KEYS: queue, retry, nudge, registry
 -- ARGV: due, idbase, offset, token, payloads...
 --   due        epoch seconds; for a priority level, its band's score (see lua/levels.lua)
 --   idbase     `p<128 random bits hex>.` (or for messages waiting at a priority level,
@@ -28,5 +30,9 @@ end
 for i = 1, #members, 1000 do
   redis.call('ZADD', retry, unpack(members, i, math.min(i + 999, #members)))
 end
-if earlier(due, first) then push_nudge(queue, nudge, token) end
+if waiting(due) then
+  wake_for(queue, nudge, token, registry, #ARGV - REST + 1)
+elseif earlier(due, first) then
+  push_nudge(queue, nudge, token)
+end
 return redis.call('ZCARD', retry)

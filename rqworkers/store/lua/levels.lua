@@ -21,6 +21,10 @@
 --   earlier(score, first) -> whether a member scored `score` may be due before every
 --     member the set held, whose first score was `first` (false if none): a nudge wakes a
 --     blocked worker then. With bands it answers yes: the set is not in due order.
+--   waiting(score) -> whether `score` is a level's top: a message waiting there, due at once
+--   wake_for(queue, nudge, token, registry, n) -> wakes up to `n` workers blocked on the
+--     empty shared list (no more than the queue has workers, 100 at most), a nudge each
+--     (see push_nudge in lua/envelope.lua): for `n` messages due at once
 -- A script need not use them all:
 -- luacheck: ignore 211
 
@@ -69,6 +73,21 @@ local function due_by_level(retry, first, now, limit)
     add(redis.call('ZRANGEBYSCORE', retry, 0, now, 'LIMIT', 0, limit - #due))
   end
   return due
+end
+
+local function waiting(score)
+  local n = tonumber(score)
+  return n < 0 and (n + 1) % LEVEL_BAND == 0
+end
+
+local function wake_for(queue, nudge, token, registry, n)
+  if redis.call('LLEN', queue) > 0 then return end  -- no worker blocks there
+  push_nudge(queue, nudge, token)
+  local more = math.min(n, redis.call('SCARD', registry), 100) - 1
+  if more <= 0 then return end
+  local tokens, value = {}, redis.call('GET', nudge)
+  for i = 1, more do tokens[i] = value end
+  redis.call('LPUSH', queue, unpack(tokens))
 end
 
 local function earlier(score, first)
