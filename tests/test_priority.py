@@ -470,3 +470,24 @@ def test_submit_priority(tmp_path: Path, redis_server: RedisServer) -> None:
     assert item.delivery.level == 8 and item.due is None
     bad = run_cli("-c", path, "submit", "--priority", "true", "taskapp:add")
     assert bad.returncode == 2 and "--priority: 'true' is not an integer from 0 to 9" in bad.stderr
+
+
+def test_levels_with_groups_named_by_the_handler(redis_server: RedisServer) -> None:
+    """A handler's `group(message)` sees the payload as pushed, and levels go first."""
+    producer = Producer(redis_server.url)
+    producer.push(QUEUE, b"a-plain")
+    producer.push(QUEUE, b"b-three", priority=3)
+    producer.push(QUEUE, b"c-nine", priority=9)
+    seen: list[bytes] = []
+
+    def group(message: bytes) -> str:
+        seen.append(message)
+        return message[:1].decode()
+
+    queue = taker(redis_server, limits=Limits(grouper=group, group_max_running=1))
+    found: list[Delivery] = []
+    for _ in range(5):
+        found += queue.take([d.element for d in found[-1:]], 1, running=0, mine={}).deliveries
+    assert [d.payload for d in found] == [b"c-nine", b"b-three", b"a-plain"]
+    assert [d.group for d in found] == [g.encode().hex() for g in "cba"]
+    assert all(not m.startswith(b"rqw1:") for m in seen), seen
