@@ -491,3 +491,15 @@ def test_levels_with_groups_named_by_the_handler(redis_server: RedisServer) -> N
     assert [d.payload for d in found] == [b"c-nine", b"b-three", b"a-plain"]
     assert [d.group for d in found] == [g.encode().hex() for g in "cba"]
     assert all(not m.startswith(b"rqw1:") for m in seen), seen
+
+
+def test_a_level_0_first_take_gives_its_first_delivery_the_announced_id(
+    redis_server: RedisServer,
+) -> None:
+    """The scoreboard is told `next_take_id` before a take: should the worker die, every
+    delivery from it on is known unstarted. A take in two calls must keep that true."""
+    Producer(redis_server.url).push(QUEUE, b"nine", priority=9)
+    queue = taker(redis_server, level0_every=1)
+    announced = queue.next_take_id
+    (taken,) = queue.take([], 1).deliveries
+    assert (taken.payload, taken.id) == (b"nine", announced)

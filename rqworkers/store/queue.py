@@ -253,6 +253,8 @@ class ReliableQueue:
         first = self._take_once(acks, limit, landed, trim, running, mine, LEVEL0_FIRST)
         if len(first.deliveries) >= limit or first.held is not None:
             return first
+        if not first.deliveries:  # its ids went unused: the second's first delivery gets
+            self._ids -= 1  # `next_take_id`, which the scoreboard was told of
         held = dict(mine or {})
         for delivery in first.deliveries:
             if delivery.group is not None:
