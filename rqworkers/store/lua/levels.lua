@@ -58,9 +58,12 @@ local function due_by_level(retry, first, now, limit)
       add(redis.call('ZRANGEBYSCORE', retry, '-inf', '(' .. exact(floor + LEVEL_BAND),
         'LIMIT', 0, limit - #due))
     else
-      local top = exact(floor + LEVEL_BAND - 1)
-      add(redis.call('ZRANGEBYSCORE', retry, exact(floor), exact(math.min(floor + now_ms,
-        floor + LEVEL_BAND - 2)), 'LIMIT', 0, limit - #due))
+      local top, due_by = exact(floor + LEVEL_BAND - 1), math.min(floor + now_ms,
+        floor + LEVEL_BAND - 2)
+      if score <= due_by then  -- the band's first is a due retry or delayed message
+        add(redis.call('ZRANGEBYSCORE', retry, exact(floor), exact(due_by),
+          'LIMIT', 0, limit - #due))
+      end
       if #due < limit then
         add(redis.call('ZRANGEBYSCORE', retry, top, top, 'LIMIT', 0, limit - #due))
       end
