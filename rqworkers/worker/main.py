@@ -76,7 +76,10 @@ def _run(spec: WorkerSpec, board: Scoreboard, tracing: Tracing | None) -> int:
     grouper = handler.grouper()
     if grouper is not None and not limits.group_by:  # `group_by` wins where both are set
         limits = dataclasses.replace(limits, grouper=grouper)
-    queue = ReliableQueue(client, pair.queue, spec.worker_id, keep_connection=True, limits=limits)
+    queue = ReliableQueue(
+        client, pair.queue, spec.worker_id, keep_connection=True, limits=limits,
+        level0_every=pair.level0_every,
+    )  # fmt: skip
     try:
         if spec.pair.concurrency > 1 or handler.is_async:
             worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop, tracing)
