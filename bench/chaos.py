@@ -2,10 +2,12 @@
 
     python -m bench.chaos --messages 10000 --faults 30 --seed 1 [--json]
     python -m bench.chaos --delayed 0.5 --max-delay 3   # half of them delayed 0..3 s
+    python -m bench.chaos --prioritised 0.5             # half of them at priority 1..9
 
 With `--delayed`, that share of the messages is pushed delayed (`Producer.push(at=)`), its
 due time written into the payload after an `@`; the handler counts any delivery that comes
-before it (`early`), which must stay 0 as `lost` must.
+before it (`early`), which must stay 0 as `lost` must. With `--prioritised`, that share
+(of the delayed ones too) is pushed at a priority level from 1 to 9, drawn at random.
 
 Two managers, node identities `chaos-a` and `chaos-b`, consume two queues from a private
 redis-server (append-only, fsync always) while this script SIGKILLs and SIGSTOPs workers,
@@ -150,6 +152,7 @@ class Settings:
     rate_limit: str = ""  # on the second queue, "N/s"; "": none
     delayed: float = 0.0  # share of the messages pushed delayed
     max_delay: float = 3.0  # seconds: each delayed message is due 0..max_delay after its push
+    prioritised: float = 0.0  # share of the messages pushed at a priority level 1..9
 
 
 def config_text(node: str, url: str, s: Settings) -> str:
@@ -415,6 +418,7 @@ class Report:
     manager_exit_codes: dict[str, int | None] = field(default_factory=dict)
     unexpected_payloads: int = 0
     delayed: int = 0  # messages pushed delayed
+    prioritised: int = 0  # messages pushed at a priority level
     early: int = 0  # deliveries before the message was due
     stuck: dict[str, int] = field(default_factory=dict)
     lost_sample: dict[str, str] = field(default_factory=dict)  # payload -> where it sits
@@ -467,6 +471,7 @@ class Chaos:
         self.produced = 0
         self.made: dict[int, bytes] = {}  # the delayed messages' payloads, by number
         self.delay_rng = random.Random(settings.seed + 1)  # leaves the faults' draw alone
+        self.level_rng = random.Random(settings.seed + 2)
         self.production_end = 0.0
         self.t0 = time.monotonic()
         self.last_fault_end = self.t0
@@ -579,6 +584,8 @@ class Chaos:
             ]
             if self.s.delayed:
                 batch = self.push_delayed(batch, self.produced + 1)
+            if self.s.prioritised:
+                batch = self.push_prioritised(batch)
             pipe = self.client.pipeline(transaction=False)
             for queue in QUEUES:
                 mine = [p for p in batch if p.startswith(queue.encode() + b":")]
@@ -601,7 +608,30 @@ class Chaos:
                 continue
             due = now + self.delay_rng.uniform(0, self.s.max_delay)
             self.made[n] = b"%s@%r" % (body, due)
-            pusher.push(body.split(b":")[0].decode(), [self.made[n]], due)
+            pusher.push(body.split(b":")[0].decode(), [self.made[n]], due, self.level())
+        return rest
+
+    def level(self) -> int:
+        """A priority level for the next message: 1..9 for a `--prioritised` share, else 0."""
+        if self.s.prioritised and self.level_rng.random() < self.s.prioritised:
+            self.report.prioritised += 1
+            return self.level_rng.randint(1, 9)
+        return 0
+
+    def push_prioritised(self, batch: list[bytes]) -> list[bytes]:
+        """Push a `--prioritised` share of `batch` at a priority level, a batch per (queue,
+        level); the rest, to push at once."""
+        pusher = DelayedPusher(self.client)
+        rest = []
+        chosen: dict[tuple[str, int], list[bytes]] = {}
+        for body in batch:
+            level = self.level()
+            if level:
+                chosen.setdefault((body.split(b":")[0].decode(), level), []).append(body)
+            else:
+                rest.append(body)
+        for (queue, level), bodies in chosen.items():
+            pusher.push(queue, bodies, None, level)
         return rest
 
     def supervise(self) -> None:
@@ -909,6 +939,7 @@ def render(report: Report, command: str) -> str:
         ("dead-lettered", str(report.dead_lettered)),
         ("LOST", str(report.lost)),
         ("pushed delayed", str(report.delayed)),
+        ("pushed at a priority level", str(report.prioritised)),
         ("EARLY (handled before due)", str(report.early)),
         ("duplicates (extra handlings)", str(report.duplicates)),
         *_limit_rows(report),
@@ -982,9 +1013,14 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument(
         "--max-delay", type=float, default=3.0, help="a delayed message is due 0..N s later"
     )
+    parser.add_argument(
+        "--prioritised", type=float, default=0.0, help="share pushed at priority 1..9, 0..1"
+    )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.faults < 0 or args.prefetch < 1 or args.distinct < 0:
         parser.error("--messages and --prefetch must be at least 1, --faults at least 0")
+    if not 0 <= args.prioritised <= 1:
+        parser.error("--prioritised must be from 0 to 1")
     if not 0 <= args.delayed <= 1 or not 0 <= args.max_delay <= 3600:
         parser.error("--delayed must be from 0 to 1, --max-delay from 0 to 3600")
     if not 1 <= args.concurrency <= 1000:
@@ -1011,6 +1047,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         rate_limit=args.rate_limit,
         delayed=args.delayed,
         max_delay=args.max_delay,
+        prioritised=args.prioritised,
     )
 
 

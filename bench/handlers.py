@@ -90,6 +90,20 @@ class Sleep1ms(Noop):
         self._record(message, started)
 
 
+class ThreadNoop(Noop):
+    """Does nothing, for `concurrency` > 1: the worker's threads share `_record`'s counters,
+    which they would lose without the lock (bench/cost.py's concurrency cases)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.lock = threading.Lock()
+
+    def handle(self, message: bytes) -> None:
+        started = time.time()
+        with self.lock:
+            self._record(message, started)
+
+
 WAIT = 0.05  # seconds an I/O-bound handler waits (bench/concurrency.py)
 
 

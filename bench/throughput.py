@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -183,23 +183,40 @@ def start_redis(procs: Processes, workdir: Path, extra: Sequence[str] = ()) -> R
 # -- payloads and queues --------------------------------------------------------------------
 
 
-def throughput_payloads(n: int, phase: int = 0) -> Iterator[bytes]:
+def throughput_payloads(n: int, phase: int = 0, size: int = PAYLOAD_SIZE) -> Iterator[bytes]:
     """`T`, the phase as one digit (see bench/handlers.py), a counter: distinct payloads."""
     for i in range(n):
-        yield (b"T%d%08d" % (phase, i)).ljust(PAYLOAD_SIZE, b"x")
+        yield (b"T%d%08d" % (phase, i)).ljust(size, b"x")
 
 
-def fill(client: redis.Redis, key: str, n: int, phase: int = 0) -> None:
-    """Push n distinct 100-byte payloads, oldest at the right (where consumers take)."""
+def fill(
+    client: redis.Redis,
+    key: str,
+    n: int,
+    phase: int = 0,
+    size: int = PAYLOAD_SIZE,
+    right: bool = False,
+) -> None:
+    """Push n distinct `size`-byte payloads, oldest at the right (where consumers take);
+    with `right`, onto the right end: ahead of whatever the list already holds.
+
+    Sent in pipelines of at most ~16 MB: a batch of 1 MB payloads is not held twice over
+    in this process's memory."""
     chunk: list[bytes] = []
     pipe = client.pipeline(transaction=False)
-    for payload in throughput_payloads(n, phase):
+    per_command = max(1, min(1000, (1 << 20) // size))
+    held = 0
+    for payload in throughput_payloads(n, phase, size):
         chunk.append(payload)
-        if len(chunk) == 1000:
-            pipe.lpush(key, *chunk)
+        if len(chunk) == per_command:
+            (pipe.rpush if right else pipe.lpush)(key, *chunk)
             chunk = []
+            held += per_command * size
+            if held >= 16 << 20:
+                pipe.execute()
+                held = 0
     if chunk:
-        pipe.lpush(key, *chunk)
+        (pipe.rpush if right else pipe.lpush)(key, *chunk)
     pipe.execute()
 
 
@@ -385,6 +402,54 @@ def _sizes_for(messages: int | None, quick: bool) -> Sizes:
     )
 
 
+def run_yardsticks(
+    client: redis.Redis,
+    url: str,
+    mode: str,
+    n: int,
+    processes: int,
+    sleep_ms: int = 0,
+    before_go: Callable[[], object] | None = None,
+) -> float:
+    """`processes` runs of `bench.yardsticks` sharing the n messages already on QUEUE, started
+    at one signal (`before_go` is called just before it); the rate over the union of their
+    runs. Returns once every one of them has exited."""
+    client.delete("bench:go", "bench:go:ready")
+    args = [sys.executable, "-m", "bench.yardsticks", "--url", url]
+    args += ["--queue", QUEUE, "--mode", mode, "--n", str(n), "--go", "bench:go"]
+    args += ["--sleep", str(sleep_ms / 1000)]
+    runs = [
+        subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(processes)
+    ]
+    try:
+        wait_for(
+            lambda: client.llen("bench:go:ready") == processes,
+            timeout=60,
+            what="the yardstick processes to connect",
+        )
+        if before_go is not None:
+            before_go()
+        client.lpush("bench:go", *["go"] * processes)
+        results = []
+        for run in runs:
+            out, err = run.communicate(timeout=900)
+            if run.returncode:
+                raise RuntimeError(f"yardstick {mode} failed: {err.decode()[-2000:]}")
+            results.append(json.loads(out))
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    handled = sum(r["handled"] for r in results)
+    if handled != n or any(r["left"] for r in results):
+        raise RuntimeError(f"yardstick {mode} x{processes} handled {results}")
+    began = min(r["began"] for r in results)
+    ended = max(r["ended"] for r in results)
+    return float(n / (ended - began))
+
+
 # -- the bench ------------------------------------------------------------------------------
 
 
@@ -494,37 +559,7 @@ class Bench:
         one signal; the rate is over the union of their runs."""
         self.client.flushdb()
         fill(self.client, QUEUE, n)
-        args = [sys.executable, "-m", "bench.yardsticks", "--url", self.redis.url]
-        args += ["--queue", QUEUE, "--mode", mode, "--n", str(n), "--go", "bench:go"]
-        args += ["--sleep", str(sleep_ms / 1000)]
-        runs = [
-            subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for _ in range(processes)
-        ]
-        try:
-            wait_for(
-                lambda: self.client.llen("bench:go:ready") == processes,
-                timeout=60,
-                what="the yardstick processes to connect",
-            )
-            self.client.lpush("bench:go", *["go"] * processes)
-            results = []
-            for run in runs:
-                out, err = run.communicate(timeout=900)
-                if run.returncode:
-                    raise RuntimeError(f"yardstick {mode} failed: {err.decode()[-2000:]}")
-                results.append(json.loads(out))
-        finally:
-            for run in runs:
-                if run.poll() is None:
-                    run.kill()
-                    run.wait()
-        handled = sum(r["handled"] for r in results)
-        if handled != n or any(r["left"] for r in results):
-            raise RuntimeError(f"yardstick {mode} x{processes} handled {results}")
-        began = min(r["began"] for r in results)
-        ended = max(r["ended"] for r in results)
-        return float(n / (ended - began))
+        return run_yardsticks(self.client, self.redis.url, mode, n, processes, sleep_ms)
 
     # -- 2b. the issue-8 ratios, paired ---------------------------------------------------
 
@@ -863,6 +898,25 @@ def bench_env(url: str) -> dict[str, str]:
     return env
 
 
+def phase_results(
+    client: redis.Redis, starts: list[float], n: int
+) -> tuple[list[int], list[float], list[int]]:
+    """What the bench handlers wrote at teardown (bench/handlers.py): the pids of the
+    workers that handled anything, and per phase (`starts[phase]` its RENAME time) the rate
+    n / (its last handler return - its start) and how many messages it handled."""
+    first_calls = {int(k): float(v) for k, v in client.hgetall("bench:first").items()}
+    workers = sorted(first_calls)
+    stats = [client.hgetall(f"bench:stats:{pid}") for pid in workers]
+    rates: list[float] = []
+    counts: list[int] = []
+    for phase, t0 in enumerate(starts):
+        tag = str(phase).encode()
+        last = max((float(st.get(tag + b":last", 0)) for st in stats), default=0.0)
+        counts.append(sum(int(st.get(tag + b":count", 0)) for st in stats))
+        rates.append(n / (last - t0) if last > t0 else 0.0)
+    return workers, rates, counts
+
+
 def parse_benchmark_csv(text: str) -> float | None:
     """The requests per second of the last line of `redis-benchmark --csv`."""
     for line in reversed(text.strip().splitlines()):
@@ -1006,16 +1060,9 @@ prefetch = {self.prefetch}
                 start = {pid: cpu_seconds(pid) or 0.0 for pid in pids}
                 time.sleep(idle)
                 idle_cpu = {pid: ((cpu_seconds(pid) or 0.0) - start[pid]) / idle for pid in pids}
-        first_calls = {int(k): float(v) for k, v in self.client.hgetall("bench:first").items()}
-        workers = sorted(first_calls)
-        stats = [self.client.hgetall(f"bench:stats:{pid}") for pid in workers]
-        rates: list[float] = []
-        handled = 0
-        for phase, t0 in enumerate(starts):
-            tag = str(phase).encode()
-            last = max(float(st.get(tag + b":last", 0)) for st in stats)
-            handled += sum(int(st.get(tag + b":count", 0)) for st in stats)
-            rates.append(n / (last - t0))
+        workers, rates, counts = phase_results(self.client, starts, n)
+        first_calls = set(workers)
+        handled = sum(counts)
         latencies = array("d")
         for pid in workers:
             latencies.frombytes(cast(bytes, self.client.get(f"bench:latency:{pid}") or b""))

@@ -25,7 +25,7 @@ from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import pidfile
 from rqworkers.manager.supervisor import Manager
 from rqworkers.ops import checks, dead, scheduled, schedules, status
-from rqworkers.store import flow
+from rqworkers.store import flow, levels
 from rqworkers.store.outage import REDIS_ERRORS, explain
 
 log = logging.getLogger("rqworkers")
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("payloads", nargs="*", metavar="PAYLOAD", help="default: lines of stdin")
     _when_options(push)
     _dedup_options(push)
+    _priority_option(push)
     submit = command("submit", "send a task message to a task queue; print its id or result")
     submit.add_argument("--queue", help="queue name (needed when several are configured)")
     submit.add_argument("--host", help="the pair's host, when the queue is on several")
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait for the result, at most S seconds (none: no limit)")  # fmt: skip
     _when_options(submit)
     _dedup_options(submit)
+    _priority_option(submit)
 
     for name, text in (
         ("pause", "stop every worker of a queue, on every node, from starting messages"),
@@ -152,6 +154,20 @@ def _dedup_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dedup-ttl", metavar="S", help="with --dedup-key: KEY blocks pushes S seconds instead"
     )
+
+
+def _priority_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--priority", metavar="N", default="0", help="0 to 9: higher levels are taken first"
+    )
+
+
+def _priority(args: argparse.Namespace) -> int:
+    """`--priority`, checked in one line."""
+    try:
+        return levels.check(int(args.priority) if args.priority.strip().isdigit() else None)
+    except ValueError:
+        raise UsageError(f"--priority: {args.priority!r} is not an integer from 0 to 9") from None
 
 
 def _dedup(args: argparse.Namespace) -> dict[str, Any]:
@@ -449,18 +465,22 @@ def push(cfg: config.Config, args: argparse.Namespace) -> int:
     pair = _pair(cfg, args)
     due = _due(args)
     once = _dedup(args)
+    level = _priority(args)
     if once:
-        return _push_once(pair, args, due, once)
+        return _push_once(pair, args, due, {**once, "priority": level})
     # Bytes as given, from stdin and from the arguments alike: a payload need not be UTF-8.
     # Only the line's own "\n" goes; a "\r" before it is the payload's.
     lines = (line.removesuffix(b"\n") for line in sys.stdin.buffer)
     payloads = [os.fsencode(p) for p in args.payloads] or _with_progress(lines, sys.stderr)
     with Producer(pair.url) as producer:
-        if due is None:
+        if due is None and not level:
             length = producer.push_many(pair.queue, payloads)
             print(f"pushed to {pair.queue} ({length} waiting)")
+        elif due is None:
+            length = producer.push_many(pair.queue, payloads, priority=level)
+            print(f"pushed to {pair.queue} at priority {level} ({length} in {pair.queue}:retry)")
         else:
-            length = producer.push_many(pair.queue, payloads, at=due)
+            length = producer.push_many(pair.queue, payloads, at=due, priority=level)
             print(f"scheduled on {pair.queue} for {_iso(due)} ({length} scheduled)")
     return ExitCode.OK
 
@@ -497,6 +517,7 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
         raise UsageError(f"TASK: {exc}") from None
     timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
     due = _due(args)
+    level = _priority(args)
     wait = _seconds(args.wait, "--wait") if args.wait else None  # `--wait` alone: no limit
     with Producer(pair.url) as producer:
         reply_to = Producer.reply_key(pair.queue) if args.wait is not None else None
@@ -508,6 +529,7 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
             timeout=timeout,
             reply_to=reply_to,
             at=due,
+            priority=level,
         )
         if reply_to is None:
             print(task_id)

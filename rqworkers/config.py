@@ -428,6 +428,9 @@ class PairSettings(_Section):
     group_by: str | None = Field(None, pattern=r"^[^.\s]+(\.[^.\s]+)*$", max_length=200)
     group_max_running: Int | None = Field(None, ge=1, le=MAX_COUNT)
     group_rate_limit: RateLimit | None = None
+    # Priorities (`docs/time.md`): every N-th take of a worker serves level 0 (the shared
+    # list) first, so that a steady stream of prioritised messages cannot starve it; 0: off.
+    level0_every: Int = Field(0, ge=0, le=MAX_COUNT)
     # Filled in by the loader, never by the user: the host's URL.
     url: str = Field("", exclude=True)
 

@@ -32,8 +32,15 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
         pytest.param(["--distinct", "10", "--max-attempts", "3"], marks=pytest.mark.slow),
         pytest.param(["--concurrency", "20"], marks=pytest.mark.slow),
         ["--max-running", "3", "--rate-limit", "400/s"],
+        pytest.param(["--prioritised", "0.5", "--delayed", "0.2"], marks=pytest.mark.slow),
     ],
-    ids=["unique-payloads", "ten-repeating-payloads", "concurrency-20", "flow-limits"],
+    ids=[
+        "unique-payloads",
+        "ten-repeating-payloads",
+        "concurrency-20",
+        "flow-limits",
+        "prioritised-and-delayed",
+    ],
 )
 @pytest.mark.service
 def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
@@ -61,6 +68,8 @@ def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
     assert report["handled"] + report["dead_lettered"] == report["produced"], err
     if extra:
         assert report["dead_lettered"] == 0, err
+    if "--prioritised" in extra:
+        assert report["prioritised"] > 0 and report["early"] == 0, err
     if "--max-running" in extra:  # and under every fault, the limits held
         assert report["limits_held"], err
         assert report["max_running_seen"] <= 3 and report["most_starts_in_window"] <= 400

@@ -17,6 +17,11 @@ runs (see `store.dedup`):
     producer.push("queue1", b"later", delay=30)
     producer.push("queue1", b"rebuild", dedup_key="rebuild:42")   # 1 if enqueued, else 0
     producer.submit("tasks", "myapp.jobs:remind", ["bob"], at=datetime(2026, 12, 24, tzinfo=UTC))
+
+With `priority` (0 to 9), higher levels are taken first, first in, first out within a level;
+a plain push is level 0 (see `store.levels`):
+
+    producer.push("queue1", b"urgent", priority=9)
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Literal, TypedDict, Unpack, cast
 from rqworkers.client import tasks, tracecontext
 from rqworkers.client.tasks import Task
 from rqworkers.store import dedup as dedup_keys
+from rqworkers.store import levels
 from rqworkers.store.connections import Client, connect
 from rqworkers.store.delayed import DelayedPusher
 
@@ -88,6 +94,7 @@ class TaskOptions(TypedDict, total=False):
     dedup_key: str | None  # dropped while a message with this key is pending (see `push`)
     dedup_ttl: float | None  # the key blocks pushes this long instead (throttle)
     dedup: DedupMode | None  # "debounce": the newest replaces the pending delayed one
+    priority: int  # 0 to 9: higher levels are taken first (see `push`)
 
 
 class Producer:
@@ -108,6 +115,7 @@ class Producer:
         dedup_key: str | None = None,
         dedup_ttl: float | None = None,
         dedup: DedupMode | None = None,
+        priority: int = 0,
     ) -> int:
         """Push raw payloads (str is sent as UTF-8) and task messages (`task`), in order;
         the queue's length after.
@@ -121,16 +129,19 @@ class Producer:
         (seconds), the key blocks pushes that long from this push instead, whatever
         becomes of the message (throttle). With `dedup="debounce"` (delayed messages),
         no push is dropped: the newest replaces the one pending, due anew.
+
+        With `priority` from 1 to 9 (0, the default, is a plain push), the messages wait in
+        the queue's retry set at that level: higher levels are taken first, and the same
+        level first in, first out; the number of messages in the retry set is returned.
+        A retry keeps its level. With `delay` or `at` too, they are due then, at that level.
         """
         if dedup_key is None and dedup_ttl is None and dedup is None:
-            return self.push_many(queue, payloads, delay=delay, at=at)
+            return self.push_many(queue, payloads, delay=delay, at=at, priority=priority)
+        level = levels.check(priority)
         if len(payloads) != 1:
             raise ValueError("a push with dedup_key sends exactly one payload")
-        return int(
-            self._push_once(
-                queue, _encoded(payloads[0]), due_time(delay, at), dedup_key, dedup_ttl, dedup
-            )
-        )
+        payload, due = _encoded(payloads[0]), due_time(delay, at)
+        return int(self._push_once(queue, payload, due, dedup_key, dedup_ttl, dedup, level))
 
     def _push_once(
         self,
@@ -140,6 +151,7 @@ class Producer:
         key: str | None,
         ttl: float | None,
         mode: DedupMode | None,
+        level: int = 0,
     ) -> bool:
         """`push` with a deduplication key: whether it was enqueued."""
         key = dedup_keys.check_key(key)
@@ -151,10 +163,14 @@ class Producer:
             )
         if ttl is not None:
             hold = tasks.seconds(ttl, "dedup_ttl")
-            return dedup_keys.push_once(self.client, queue, key, payload, "throttle", hold, due)
+            return dedup_keys.push_once(
+                self.client, queue, key, payload, "throttle", hold, due, level
+            )
         wait = 0.0 if due is None else max(0.0, due - time.time())
         hold = dedup_keys.HOLD + wait
-        return dedup_keys.push_once(self.client, queue, key, payload, mode or "hold", hold, due)
+        return dedup_keys.push_once(
+            self.client, queue, key, payload, mode or "hold", hold, due, level
+        )
 
     def push_many(
         self,
@@ -162,13 +178,15 @@ class Producer:
         payloads: Iterable[bytes | str | Task],
         delay: Delay | None = None,
         at: When | None = None,
+        priority: int = 0,
     ) -> int:
         """`push` for an iterable of any size, sent in batches of 1,000 per round trip. A
         task message that cannot be encoded raises when its turn comes, once the batches
         before it are sent."""
+        level = levels.check(priority)
         due = due_time(delay, at)
-        if due is not None:
-            return self.delayed.push(queue, [_encoded(p) for p in payloads], due)[0]
+        if due is not None or level:
+            return self.delayed.push(queue, [_encoded(p) for p in payloads], due, level)[0]
         length = 0
         batch: list[bytes] = []
         for payload in payloads:
@@ -197,9 +215,11 @@ class Producer:
         `on_success(result)` and `on_failure(error)` run in the worker; they must be on
         the queue's allow-list too. `TypeError` if the arguments are not JSON.
         With `delay` or `at`, the task is taken once due (see `due_time`). With
-        `dedup_key` (and `dedup_ttl`, `dedup`) as for `push`: "" if it was dropped.
+        `dedup_key` (and `dedup_ttl`, `dedup`) as for `push`: "" if it was dropped. With
+        `priority` (0 to 9) as for `push`.
         """
         due = due_time(options.get("delay"), options.get("at"))
+        level = levels.check(options.get("priority", 0))
         message = self.task(task, args, kwargs, **options)
         if {"dedup_key", "dedup_ttl", "dedup"} & options.keys():
             key, ttl, mode = (
@@ -207,12 +227,12 @@ class Producer:
                 options.get("dedup_ttl"),
                 options.get("dedup"),
             )
-            sent = self._push_once(queue, tasks.encode(message), due, key, ttl, mode)
+            sent = self._push_once(queue, tasks.encode(message), due, key, ttl, mode, level)
             return message.id if sent else ""
-        if due is None:
+        if due is None and not level:
             self.client.lpush(queue, tasks.encode(message))
         else:
-            self.delayed.push(queue, [tasks.encode(message)], due)
+            self.delayed.push(queue, [tasks.encode(message)], due, level)
         return message.id
 
     @staticmethod

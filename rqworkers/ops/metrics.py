@@ -147,7 +147,7 @@ class Metrics(Collector):
 
     def _lengths(self) -> Iterator[Metric]:
         gauges = {
-            "waiting": "Messages in the shared list.",
+            "waiting": "Messages waiting: the shared list, and prioritised ones (levels 1-9).",
             "in_flight": "Messages in workers' private lists.",
             "retrying": "Messages in the retry set: retries and delayed messages not yet due.",
             "dead": "Messages in the dead-letter list.",

@@ -33,9 +33,14 @@ def stamp(epoch: float) -> str:
 
 def summary(item: Scheduled, now: float) -> str:
     kind = "delayed" if item.delayed else f"retry, attempts {item.delivery.attempts}"
+    level = item.delivery.level
+    if item.due is None:
+        when, kind = "waiting", f"priority {level}"
+    else:
+        when = f"due {stamp(item.due)} ({in_words(item.due, now)})"
+        kind += f", priority {level}" if level else ""
     return (
-        f"{item.delivery.id.decode(errors='replace')}  due {stamp(item.due)} "
-        f"({in_words(item.due, now)})  {kind}\n"
+        f"{item.delivery.id.decode(errors='replace')}  {when}  {kind}\n"
         f"    {len(item.delivery.payload)} bytes  {preview(item.delivery.payload)}"
     )
 
@@ -44,7 +49,8 @@ def list_scheduled(retry_set: RetrySet, limit: int, out: TextIO) -> None:
     items = retry_set.page(0, limit)
     total = len(retry_set)
     now = time.time()
-    out.write(f"{retry_set.keys.retry}: {plural(total, 'message')}, soonest first\n")
+    order = "highest priority first, then " if items and items[0].delivery.level else ""
+    out.write(f"{retry_set.keys.retry}: {plural(total, 'message')}, {order}soonest first\n")
     for item in items:
         out.write(summary(item, now) + "\n")
     if total > len(items):  # never a silent cut

@@ -20,7 +20,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Literal
 
-from rqworkers.store import scripts
+from rqworkers.store import levels, scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.direct import script_caller
 from rqworkers.store.keys import DEDUP, Keys
@@ -58,14 +58,20 @@ def push_once(
     mode: Mode,
     hold: float,
     due: float | None,
+    level: int = 0,
 ) -> bool:
-    """Push `payload` onto `queue` (or its retry set, due at `due`) under `key`; whether it
-    was enqueued. `hold`: seconds the key lives (after `due`, if delayed)."""
+    """Push `payload` onto `queue` (or its retry set, due at `due`, or waiting at a priority
+    `level` of 1 to 9) under `key`; whether it was enqueued. `hold`: seconds the key lives
+    (after `due`, if delayed)."""
     token = secrets.token_hex(16)
     body = payload if mode == "throttle" else wrap_dedup(token, key, payload)
-    member = b""
-    if due is not None:
-        member = b"%sp%s.00000001:0:%s" % (scripts.PREFIX.encode(), token.encode(), body)
+    body = levels.wrap(level, body)
+    member, score = b"", ""
+    if due is not None or level:
+        ident = f"p{token}." if due is not None else levels.waiting_id_base(token[:16])
+        member = b"%s%s00000001:0:%s" % (scripts.PREFIX.encode(), ident.encode(), body)
+        at = levels.waiting_score(level) if due is None else levels.due_score(level, due)
+        score = repr(at)
     k = Keys(queue)
     return _call(
         client,
@@ -74,7 +80,7 @@ def push_once(
         mode=mode,
         token=token,
         hold_ms=max(1, round(hold * 1000)),
-        due="" if due is None else repr(due),
+        due=score,
         member=member,
         payload=body,
         fresh_token=scripts.new_nudge_token(),

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from rqworkers.store import scripts
+from rqworkers.store import levels, scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.direct import script_caller
 from rqworkers.store.keys import Keys
@@ -35,10 +35,11 @@ DELAYED_ID = b"p"  # the first letter of a delayed message's id
 
 @dataclass(frozen=True)
 class Scheduled:
-    """A member of the retry set: a delayed message or a retry, due at `due`."""
+    """A member of the retry set: a delayed message or a retry, due at `due`, or a
+    prioritised message waiting at its level (`delivery.level`), due at once."""
 
     delivery: Delivery
-    due: float  # epoch seconds
+    due: float | None  # epoch seconds; None for a prioritised message that waits
     member: bytes  # its envelope, which `run_now` and `delete` name
 
     @property
@@ -46,9 +47,14 @@ class Scheduled:
         """Pushed with a delay, rather than a failed message waiting for its retry."""
         return self.delivery.id.startswith(DELAYED_ID) and self.delivery.attempts == 0
 
+    @classmethod
+    def of(cls, member: bytes, score: float) -> Scheduled:
+        return cls(Delivery.parse(member), levels.due_of_score(score), member)
+
 
 class DelayedPusher:
-    """Pushes delayed messages onto the queues of one client, one script call per batch."""
+    """Pushes delayed and prioritised messages onto the retry sets of one client's queues,
+    one script call per batch."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -56,11 +62,12 @@ class DelayedPusher:
         self._bound: dict[str, Bound[int]] = {}
 
     def push(
-        self, queue: str, payloads: Sequence[bytes | str], due: float
+        self, queue: str, payloads: Sequence[bytes | str], due: float | None, level: int = 0
     ) -> tuple[int, list[bytes]]:
-        """Add `payloads` to `queue`'s retry set, due at `due` (epoch seconds), in order;
-        the set's size after, and their envelopes (the members `Scheduled.member` names),
-        which a caller may ZREM."""
+        """Add `payloads` to `queue`'s retry set, due at `due` (epoch seconds; None: at
+        once, for a priority `level` of 1 to 9), in order, in `level`'s band; the set's
+        size after, and their envelopes (the members `Scheduled.member` names), which a
+        caller may ZREM."""
         bound = self._bound.get(queue)
         if bound is None:
             bound = self._bound[queue] = Bound(self._runner, Keys(queue), scripts.DELAY)
@@ -68,12 +75,17 @@ class DelayedPusher:
             raise ValueError(f"at most {MAX_PER_PUSH} delayed messages per push")
         members: list[bytes] = []
         size = 0
-        idbase = f"p{secrets.token_hex(16)}."
+        if due is None:  # waiting at its level, in the order pushed
+            score: float = levels.waiting_score(level)
+            idbase = levels.waiting_id_base(secrets.token_hex(8))
+        else:
+            score = levels.due_score(level, due)
+            idbase = f"p{secrets.token_hex(16)}."
         for start in range(0, len(payloads), MAX_PER_CALL):
             chunk = payloads[start : start + MAX_PER_CALL]
-            batch = [p.encode() if isinstance(p, str) else p for p in chunk]
+            batch = [levels.wrap(level, p.encode() if isinstance(p, str) else p) for p in chunk]
             token = scripts.new_nudge_token()
-            size = bound(due=repr(due), idbase=idbase, offset=start, token=token, payloads=batch)
+            size = bound(due=repr(score), idbase=idbase, offset=start, token=token, payloads=batch)
             members += [
                 Delivery(b"%s%08d" % (idbase.encode(), n), 0, payload).element
                 for n, payload in enumerate(batch, start + 1)
@@ -93,21 +105,25 @@ class RetrySet:
         return int(self.client.zcard(self.keys.retry))
 
     def next_due(self) -> float | None:
-        """When the soonest member is due (epoch seconds); None if the set is empty."""
+        """When the soonest member is due (epoch seconds); None if the set is empty, or
+        holds only prioritised messages waiting (due at once)."""
         first = cast(
             list[tuple[bytes, float]], self.client.zrange(self.keys.retry, 0, 0, withscores=True)
         )
+        if first and first[0][1] < 0:  # prioritised messages: see `levels`
+            return levels.read_bands(self.client, self.keys.retry).next_due
         return float(first[0][1]) if first else None  # fmt: skip
 
     def page(self, start: int = 0, limit: int = 20) -> list[Scheduled]:
-        """Up to `limit` members from index `start`, soonest first."""
+        """Up to `limit` members from index `start`, in the order they will be taken:
+        soonest first; with priorities, highest level first."""
         if limit <= 0:
             return []
         raw = self.client.zrange(self.keys.retry, start, start + limit - 1, withscores=True)
         found = []
         for member, score in cast(list[tuple[bytes, float]], raw):
             if member.startswith(scripts.PREFIX.encode()) and member.count(b":") >= 3:
-                found.append(Scheduled(Delivery.parse(member), float(score), member))
+                found.append(Scheduled.of(member, float(score)))
         return found
 
     def find(self, ids: Sequence[str]) -> list[Scheduled]:
@@ -117,9 +133,9 @@ class RetrySet:
         for member, score in self.client.zscan_iter(self.keys.retry, count=1000):
             member = cast(bytes, member)
             if member.startswith(scripts.PREFIX.encode()) and member.count(b":") >= 3:
-                delivery = Delivery.parse(member)
-                if delivery.id in wanted:
-                    found.append(Scheduled(delivery, float(score), member))
+                item = Scheduled.of(member, float(score))
+                if item.delivery.id in wanted:
+                    found.append(item)
         return found
 
     def run_now(self, members: Sequence[bytes]) -> int:

@@ -126,8 +126,13 @@ class Keys:
         f"{QUEUE}:retry", "zset",
         "envelopes waiting for their time (the score): failed messages, delayed messages "
         "(attempts 0, id `p<128 random bits>.<n>`), and messages given back or reclaimed "
-        "with attempts behind them (due at once); taken before the shared list",
-        commands=(("ZRANGE", "{retry}", "0", "0"), ("ZCARD", "{retry}")),
+        "with attempts behind them (due at once); taken before the shared list. Priorities 1 "
+        "to 9 in bands of scores below 0, highest first (`rqw1:prio:<L>:` before the payload; "
+        "see lua/levels.lua)",
+        commands=(
+            ("ZRANGE", "{retry}", "0", "0"), ("ZCARD", "{retry}"),
+            ("ZRANGEBYSCORE", "{retry}", "0", "0"), ("ZCOUNT", "{retry}", "0", "0"),
+        ),
     )  # fmt: skip
     nudge = Key(
         f"{QUEUE}:nudge", "string",

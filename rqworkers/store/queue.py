@@ -44,7 +44,7 @@ from typing import Any, Generic, TypeVar, cast
 import redis
 
 from rqworkers.errors import Superseded
-from rqworkers.store import scripts
+from rqworkers.store import levels, scripts
 
 # Connecting lives in `connections`; these two are imported from here too.
 from rqworkers.store.connections import Client
@@ -97,7 +97,9 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "dedup", "fast", "group", "id", "payload", "seq")
+    __slots__ = (
+        "_element", "attempts", "dedup", "fast", "group", "id", "level", "payload", "seq"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -120,15 +122,19 @@ class Delivery:
         # (token, key) of a message pushed with a deduplication key, which its handler
         # sees unwrapped, and whose key is freed once it is settled; else None.
         self.dedup: tuple[str, str] | None = None
-        if payload.startswith(DEDUP_HEAD):
+        self.level = 0  # its priority level, which its payload carried (see `levels`)
+        if payload.startswith(_PREFIX):  # a plain message pays this one comparison
             self._unwrap()
 
     def _unwrap(self) -> None:
-        found = unwrap_dedup(self.payload)
+        element = self.element  # the envelope holds what was pushed
+        level, payload = levels.unwrap(self.payload)
+        found = unwrap_dedup(payload) if payload.startswith(DEDUP_HEAD) else None
         if found is not None:
-            self._element = self.element  # the envelope holds what was pushed
-            self.payload, token, key = found
+            payload, token, key = found
             self.dedup = (token, key)
+        if level or found is not None:
+            self._element, self.payload, self.level = element, payload, level
 
     @property
     def element(self) -> bytes:
@@ -167,6 +173,14 @@ class Taken:
     held: Held | None = None  # what held the take back: the pause or a flow limit
 
 
+def _with_missing(taken: Taken, missing: int) -> Taken:
+    """`taken`, counting `missing` more acks that found nothing (unless its own were not
+    removed at all: -1)."""
+    if not missing or taken.missing_acks < 0:
+        return taken
+    return dataclasses.replace(taken, missing_acks=taken.missing_acks + missing)
+
+
 def digest(message: bytes) -> str:
     """The key of a payload in `<queue>:dead:reasons`. Identical payloads share it."""
     return hashlib.sha1(message, usedforsecurity=False).hexdigest()
@@ -183,10 +197,15 @@ class ReliableQueue:
         use_blmove: bool | None = None,
         keep_connection: bool = False,  # a worker's own queue: see `direct`
         limits: Limits = NO_LIMITS,
+        level0_every: int = 0,
         fast_path: bool = False,  # take one at a time by native commands: see fast.py
     ) -> None:
         self.client = client
         self.limits = limits
+        # Every `level0_every`-th take serves level 0 (the shared list) first, so that a
+        # steady stream of prioritised messages cannot starve it; 0: strict priorities.
+        self.level0_every = level0_every
+        self._takes = 0
         self.keys = Keys.of(queue, worker_id)
         self.worker_id = worker_id
         self._use_blmove = use_blmove
@@ -240,7 +259,58 @@ class ReliableQueue:
         (`Delivery.group`), for a queue with groups.
 
         One message at a time, with no limit, nothing to look for and nothing known to be
-        due, is taken by the fast path (see fast.py); the rest by a script."""
+        due, is taken by the fast path (see fast.py); the rest by a script. With
+        `level0_every`, every so many takes (that take anything) serve level 0 first: the
+        shared list's oldest, before the retry set; what it leaves room for is taken as
+        usual by a second call."""
+        if self.level0_every and limit > 0:
+            self._takes += 1
+            if self._takes % self.level0_every == 0:
+                missing = self.fast.ack(fast_acks) if fast_acks else 0
+                taken = self._take_level0_first(acks, limit, landed, trim, running, mine)
+                return _with_missing(taken, missing)
+        return self._take_once(acks, limit, landed, trim, running, mine, time.time(), fast_acks)
+
+    def _take_level0_first(
+        self,
+        acks: list[bytes],
+        limit: int,
+        landed: bool,
+        trim: int,
+        running: int,
+        mine: dict[str, int] | None,
+    ) -> Taken:
+        """`take`, the shared list first: a take that finds nothing of the retry set due
+        (`LEVEL0_FIRST` is before every score), then one for the room it left."""
+        first = self._take_once(acks, limit, landed, trim, running, mine, LEVEL0_FIRST)
+        if len(first.deliveries) >= limit or first.held is not None:
+            return first
+        if not first.deliveries:  # its ids went unused: the second's first delivery gets
+            self._ids -= 1  # `next_take_id`, which the scoreboard was told of
+        held = dict(mine or {})
+        for delivery in first.deliveries:
+            if delivery.group is not None:
+                held[delivery.group] = held.get(delivery.group, 0) + 1
+        more = self._take_once(
+            [], limit - len(first.deliveries), False, 0, running + len(first.deliveries),
+            held if mine is not None else None, time.time(),
+        )  # fmt: skip
+        return Taken(
+            first.missing_acks, first.deliveries + more.deliveries, more.next_due, more.held
+        )
+
+    def _take_once(
+        self,
+        acks: list[bytes],
+        limit: int,
+        landed: bool,
+        trim: int,
+        running: int,
+        mine: dict[str, int] | None,
+        now: float,
+        fast_acks: Sequence[FastAck] = (),
+    ) -> Taken:
+        """`take`, counting as due what is due by `now` (epoch seconds)."""
         limits = self.limits
         if limits.grouper is not None and not limits.group_by:
             landed = self._sort_by_handler(limits.grouper, landed)
@@ -248,8 +318,9 @@ class ReliableQueue:
         plain = not (limits.any or limits.sorter or self._was_paused)
         look = plain and self._look_for_pause(landed)
         fast, missing = self.fast, 0
+        # (Not for a take that serves level 0 first: see `take`.)
         ready = self.fast_path and limit == 1 and not (landed or look or acks)
-        if plain and ready and fast.ready(fast_acks):
+        if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
             got = fast.take(fast_acks)
             if not got.to_script:
                 deliveries = self._fast_deliveries(base, got.payload)
@@ -259,7 +330,7 @@ class ReliableQueue:
             missing = fast.ack(fast_acks)
         common = {
             "limit": limit,
-            "now": time.time(),
+            "now": now,
             "idbase": base,
             "landed": "1" if landed else "0",
             "worker_id": self.worker_id,
@@ -286,9 +357,12 @@ class ReliableQueue:
         ]
         for delivery, group in zip(deliveries, reply.groups, strict=False):
             delivery.group = group
+        next_due = reply.next_due
+        if next_due is not None and next_due < 0:  # a level's band: not in due order
+            next_due = levels.read_bands(self.client, self.keys.retry).next_due
         # A trim refused (-1) removed none of `acks`; the fast acks went all the same.
         missed = reply.missing_acks if reply.missing_acks < 0 else reply.missing_acks + missing
-        return Taken(missed, deliveries, reply.next_due, reply.held)
+        return Taken(missed, deliveries, next_due, reply.held)
 
     def _fast_deliveries(self, base: str, payload: bytes | None) -> list[Delivery]:
         """The delivery of a fast take, with the id a script's first would have had (the
@@ -474,15 +548,15 @@ class ReliableQueue:
         return moved
 
     def retry_later(self, delivery: Delivery, delay: float) -> bool:
-        """Park a failed delivery for `delay` seconds with one more attempt counted."""
-        if delivery.fast:
-            self.fast.settled(delivery.fast)  # once sent; resent, should the reply be lost
+        """Park a failed delivery for `delay` seconds with one more attempt counted, in
+        its priority level's band."""
         retry_later = self._retry_later
         if delivery.fast:
+            self.fast.settled(delivery.fast)  # once sent; resent, should the reply be lost
             retry_later = self._settling(scripts.RETRY_LATER, delivery.fast)
         return retry_later(
             element=delivery.element,
-            due=time.time() + delay,
+            due=repr(levels.due_score(delivery.level, time.time() + delay)),
             member_id=self._id_base(),
             attempts=delivery.attempts + 1,
         )
@@ -491,6 +565,8 @@ class ReliableQueue:
         """Move a delivery that used up its attempts to the dead list, with its record
         (reason, attempts, ...); this worker, the time and the delivery id are added."""
         info = {**record, "id": delivery.id.decode(), "at": time.time(), "worker": self.worker_id}
+        if delivery.level:
+            info["priority"] = delivery.level
         # Raw UTF-8, not \u escapes: Lua's cjson refuses an escaped lone surrogate, which an
         # exception about undecodable bytes may hold; each becomes "?" here.
         text = json.dumps(info, ensure_ascii=False).encode("utf-8", "replace")
@@ -575,6 +651,7 @@ class ReliableQueue:
 
 
 PAUSE_LOOKUP = 1.0  # seconds between two looks for a pause, on a queue without limits
+LEVEL0_FIRST = -1e300  # a take's `now` before every score: nothing of the retry set is due
 SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
 GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
 
@@ -596,7 +673,7 @@ def _retry_payload(member: bytes) -> tuple[bool, bytes]:
     _, ident, attempts, payload = member.split(b":", 3)
     if b"." not in ident or not attempts.isdigit():  # as lua/envelope.lua's parse
         return False, member
-    return ident.startswith(b"G"), payload
+    return ident.startswith(b"G"), Delivery(ident, 0, payload).payload  # as its handler sees it
 
 
 def renew_leases(client: Client, leases: dict[tuple[str, str], str], ttl: float) -> int:
@@ -722,6 +799,7 @@ class Snapshot:
     waiting: int
     in_flight: int
     retrying: int  # the retry set: retries waiting for their time and delayed messages
+    # (`waiting` counts the prioritised messages it holds, due at once: see `levels`)
     dead: int
     workers: list[dict[str, Any]]
     flow: FlowState = field(default_factory=FlowState)
@@ -774,7 +852,15 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
             workers.append(_freshness({"worker_id": worker_id, **info}, time.time()))
     waiting = int(waiting) + flow.grouped_waiting  # sorted into groups, still waiting
     next_due = float(first[0][1]) if first else None
-    return Snapshot(waiting, in_flight, int(retrying), int(dead), workers, flow, next_due)
+    retrying = int(retrying)
+    if next_due is not None and next_due < 0:  # prioritised messages wait in the retry set
+        bands = levels.read_bands(client, keys.retry)
+        waiting, retrying, next_due = (
+            waiting + bands.waiting,
+            retrying - bands.waiting,
+            bands.next_due,
+        )
+    return Snapshot(waiting, in_flight, retrying, int(dead), workers, flow, next_due)
 
 
 def _fast_in_flight(client: Client, queue: str, owners: dict[str, set[bytes]]) -> int:

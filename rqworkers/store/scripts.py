@@ -8,9 +8,10 @@ Each script is a file in `lua/`, whose header comment (up to the first blank lin
 its KEYS and ARGV by name (`-- KEYS: a, b` and `-- ARGV: c, d, rest...`) and says what it
 returns. The loader here reads those names, and puts before the script's body a prologue
 that binds them to `local`s, then the constants Python shares with the Lua (`PREFIX`,
-`KEPT_TWIN_RECORDS`) and the libraries (`lua/envelope.lua`, the envelope's format;
-`lua/flow.lua`, waking waiting workers; `lua/take_core.lua`, what the two takes share),
-each only if the body reads it. A caller names
+`KEPT_TWIN_RECORDS`, `LEVEL_BAND`) and the libraries (`lua/envelope.lua`, the envelope's
+format; `lua/levels.lua`, priority levels in the retry set; `lua/flow.lua`, waking waiting
+workers; `lua/take_core.lua`, what the two takes share), each only if the body reads it.
+A caller names
 its arguments (`Script.argv`) and keys (`queue.Keys.of_script`) by the same names, so the
 order is written once, in the header; each script's reply is read by the decoder declared
 beside it here.
@@ -47,8 +48,15 @@ from typing import Any, Generic, NamedTuple, TypeVar
 PREFIX = "rqw1:"
 # How many older copies' records a dead letter's record keeps (see lua/dead_letter.lua).
 KEPT_TWIN_RECORDS = 100
+# The width of a priority level's band of scores in the retry set (see lua/levels.lua):
+# epoch milliseconds below it (until the year 2286) fit, and nine bands stay exact in a double.
+LEVEL_BAND = 10**13
 # Bound to locals of the same names before every script.
-CONSTANTS: dict[str, str | int] = {"PREFIX": PREFIX, "KEPT_TWIN_RECORDS": KEPT_TWIN_RECORDS}
+CONSTANTS: dict[str, str | int] = {
+    "PREFIX": PREFIX,
+    "KEPT_TWIN_RECORDS": KEPT_TWIN_RECORDS,
+    "LEVEL_BAND": LEVEL_BAND,
+}
 
 R = TypeVar("R")
 
@@ -174,7 +182,9 @@ class Library(NamedTuple):
 
 
 # In the order they are put before a body: one may call those before it.
-LIBRARIES = {name: Library.read(name) for name in ("envelope.lua", "flow.lua", "take_core.lua")}
+LIBRARIES = {
+    name: Library.read(name) for name in ("envelope.lua", "levels.lua", "flow.lua", "take_core.lua")
+}
 _NAMES = re.compile(r"[a-z_][a-z0-9_]*")
 _VARIADIC = re.compile(r"[a-z_][a-z0-9_]*\.\.\.")  # the last of ARGV may be `name...`
 _SHEBANG = re.compile(r"#!lua flags=([a-z-]+(?:,[a-z-]+)*)")
@@ -246,7 +256,10 @@ class TakeReply(NamedTuple):
 
     superseded: bool  # this process no longer owns the private list: nothing was done
     missing_acks: int  # -1: acks sent as a trim were not where claimed, and were not removed
-    next_due: float | None  # epoch seconds; None if no retry waits, or the take was full
+    # Epoch seconds; None if no retry waits, or the take was full. Below 0: the retry set's
+    # first score is a priority level's (see lua/levels.lua), not in due order, and
+    # `queue.ReliableQueue.take` reads the soonest due time from the bands.
+    next_due: float | None
     attempts: list[int]  # of each new delivery
     payloads: list[bytes]  # of each new delivery, in take order
     held: Held | None = None  # what held the take back, if anything did

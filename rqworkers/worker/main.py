@@ -84,6 +84,7 @@ def _run(spec: WorkerSpec, board: Scoreboard, tracing: Tracing | None) -> int:
         spec.worker_id,
         keep_connection=True,
         limits=limits,
+        level0_every=pair.level0_every,
         fast_path=one_at_a_time,
     )
     try:

@@ -1,12 +1,17 @@
--- DELAY: adds delayed messages to the retry set, due at `due`: each a new envelope with
--- attempts 0 and an id of its own, so that identical payloads stay separate messages. If
--- they are due before everything the set held, a nudge wakes a blocked worker, which then
--- blocks only until they are due. Not allow-oom: it adds new messages, as a push does.
+-- DELAY: adds delayed (or prioritised) messages to the retry set, at the score `due`: each
+-- a new envelope with attempts 0 and an id of its own, so that identical payloads stay
+-- separate messages. If they may be due before everything the set held, a nudge wakes a
+-- blocked worker, which then blocks only until they are due; messages waiting at a
+-- priority level, due at once, wake as many blocked workers as they are (up to the
+-- workers in the queue's `registry`). Not allow-oom: it adds new
+-- messages, as a push does.
 --
--- KEYS: queue, retry, nudge
+-- KEYS: queue, retry, nudge, registry
 -- ARGV: due, idbase, offset, token, payloads...
---   due        epoch seconds
---   idbase     `p<128 random bits hex>.`, one per push: the n-th payload's id is idbase ..
+--   due        epoch seconds; for a priority level, its band's score (see lua/levels.lua)
+--   idbase     `p<128 random bits hex>.` (or for messages waiting at a priority level,
+--              `q<epoch µs, 16 digits><64 random bits hex>.`, which orders them by push
+--              time), one per push: the n-th payload's id is idbase ..
 --              (offset + n) on 8 digits, so that one push's messages, sent in several calls,
 --              are taken in order when due together (the set orders equal scores by
 --              member); never a worker's id form `<process>.<call>.<n>`
@@ -25,5 +30,9 @@ end
 for i = 1, #members, 1000 do
   redis.call('ZADD', retry, unpack(members, i, math.min(i + 999, #members)))
 end
-if not first or tonumber(due) < tonumber(first) then push_nudge(queue, nudge, token) end
+if waiting(due) then
+  wake_for(queue, nudge, token, registry, #ARGV - REST + 1)
+elseif earlier(due, first) then
+  push_nudge(queue, nudge, token)
+end
 return redis.call('ZCARD', retry)

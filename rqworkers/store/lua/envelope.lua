@@ -18,7 +18,8 @@
 --   nudge_token(nudge) -> the queue's nudge token, false if it has none
 --   bare(payload) -> the payload a producer pushed under a deduplication key, without the
 --     wrapper `<PREFIX>dedup:<32 hex digits>:<key in hex>:` (store/queue.py's
---     `unwrap_dedup` reads it alike); any other payload as it is
+--     `unwrap_dedup` reads it alike), and without a priority level's `<PREFIX>prio:<1-9>:`
+--     before it (see lua/levels.lua); any other payload as it is
 -- A script need not use them all:
 -- luacheck: ignore 211
 
@@ -51,6 +52,10 @@ local function push_nudge(queue, nudge, token)
 end
 
 local function bare(payload)
+  local level = PREFIX .. 'prio:'
+  if string.sub(payload, 1, #level) == level and string.find(payload, '^[1-9]:', #level + 1) then
+    payload = string.sub(payload, #level + 3)
+  end
   local head = PREFIX .. 'dedup:'
   if string.sub(payload, 1, #head) ~= head then return payload end
   local token, key, rest = string.match(string.sub(payload, #head + 1), '^(%x+):(%x+):(.*)$')

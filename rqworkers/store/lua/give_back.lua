@@ -2,6 +2,7 @@
 -- GIVE_BACK: gives deliveries that never reached the handler back, oldest nearest the
 -- head: untried ones to the head of the shared list as they came, ones with attempts
 -- behind them to the retry set, due at once and in order, so that their count survives.
+-- Prioritised ones (see lua/levels.lua) go to their level's band, due at once, tried or not.
 --
 -- KEYS: queue, processing, retry
 -- ARGV: idbase, envelopes...
@@ -12,17 +13,19 @@
 local moved = 0
 for i = REST, #ARGV do
   local _, attempts, payload = parse(ARGV[i])
+  local level = level_of(payload)
+  local listed = attempts == 0 and level == 0
   -- A new id each call: were it the delivery's, a give-back sent again after a lost reply
   -- would find its own earlier copy in the retry set and remove it (ZREM below).
   local member = wrap(idbase .. (i - REST + 1), attempts, payload)
-  if attempts == 0 then
+  if listed then
     redis.call('RPUSH', queue, payload)
   else
-    redis.call('ZADD', retry, #ARGV - i, member)
+    redis.call('ZADD', retry, level_score(level, #ARGV - i), member)
   end
   if redis.call('LREM', processing, -1, ARGV[i]) == 1 then
     moved = moved + 1
-  elseif attempts == 0 then
+  elseif listed then
     redis.call('RPOP', queue)
   else
     redis.call('ZREM', retry, member)

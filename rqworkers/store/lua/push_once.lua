@@ -12,8 +12,9 @@
 --                retry set and this one takes its place, due anew
 --   token        128 random bits: the key's value starts with it (`<token>:<member>`)
 --   hold_ms      how long the key lives, milliseconds
---   due          epoch seconds for a delayed message; '' to push at once
---   member       its envelope in the retry set, when delayed; else ''
+--   due          epoch seconds for a delayed message, its level's score (see
+--                lua/levels.lua) for a prioritised one; '' to push at once
+--   member       its envelope in the retry set, when delayed or prioritised; else ''
 --   payload      what is pushed onto the shared list when not delayed
 --   fresh_token  a fresh random token, kept as the queue's nudge token if it has none
 -- Returns 1 if enqueued, 0 if dropped (decoded by scripts.PUSH_ONCE).
@@ -32,5 +33,5 @@ if due == '' then
 end
 local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2]
 redis.call('ZADD', retry, due, member)
-if not first or tonumber(due) < tonumber(first) then push_nudge(queue, nudge, fresh_token) end
+if earlier(due, first) then push_nudge(queue, nudge, fresh_token) end
 return 1

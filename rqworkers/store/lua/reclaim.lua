@@ -1,6 +1,7 @@
 #!lua flags=allow-oom
 -- RECLAIM: hands an orphaned worker's messages back, if its lease is still gone: its
--- deliveries to the retry set, due at once and oldest first, each charged one attempt if
+-- deliveries to the retry set, due at once and oldest first (in their priority level's band,
+-- see lua/levels.lua), each charged one attempt if
 -- its handler had started; the messages its blocking fetch had landed, never delivered, to
 -- the head of the shared list. Its `max_running` permits are given back. A nudge wakes a
 -- blocked worker for the deliveries, which are due at once: without it they would wait for
@@ -36,7 +37,8 @@ while true do
   moved = moved + 1
   if id == unstarted then started = false end
   if started then attempts = attempts + 1 end
-  redis.call('ZADD', retry, moved, wrap(tag .. moved, attempts, payload))
+  local member = wrap(tag .. moved, attempts, payload)
+  redis.call('ZADD', retry, level_score(level_of(payload), moved), member)
   redis.call('RPOP', processing)
 end
 if moved > landed_moved then push_nudge(queue, nudge, token) end

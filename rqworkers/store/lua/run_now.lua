@@ -1,5 +1,6 @@
 #!lua flags=allow-oom
--- RUN_NOW: makes members of the retry set due at `now`, those still there (a worker may
+-- RUN_NOW: makes members of the retry set due at `now` (in their level's band: see
+-- lua/levels.lua), those still there (a worker may
 -- have taken one meanwhile: it is not added again), and nudges a blocked worker to take them.
 --
 -- KEYS: queue, retry, nudge
@@ -12,7 +13,9 @@
 local found = 0
 for i = REST, #ARGV do
   if redis.call('ZSCORE', retry, ARGV[i]) then
-    redis.call('ZADD', retry, now, ARGV[i])
+    local level = level_of(select(3, parse(ARGV[i])))
+    local score = level == 0 and now or level_score(level, math.floor(tonumber(now) * 1000))
+    redis.call('ZADD', retry, string.format('%.17g', score), ARGV[i])
     found = found + 1
   end
 end

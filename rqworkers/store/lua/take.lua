@@ -38,7 +38,8 @@
 -- wherever this script meets one; a worker woken by it takes nothing and learns next_due.
 --
 -- What it takes, in this order: the message a blocking fetch left in the landing list, then
--- due retries and returned messages (oldest first), then the oldest of the shared list.
+-- due retries and returned messages (oldest first; with priorities, highest level first:
+-- see lua/levels.lua), then the oldest of the shared list.
 
 -- The message a blocking fetch left in the landing list, taken; false if none.
 local function take_landed()
@@ -51,7 +52,9 @@ end
 -- set's first member and its score, if it has one.
 local function take_due(first)
   if room <= 0 or not first[2] or tonumber(first[2]) > tonumber(now) then return {} end
-  local due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
+  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
+    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)
     if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh

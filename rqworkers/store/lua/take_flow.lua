@@ -55,7 +55,8 @@
 --              need not travel back
 --
 -- What it takes, in this order: the message a blocking fetch left in the landing list, then
--- due retries and returned messages (oldest first), then the oldest of the shared list.
+-- due retries and returned messages (oldest first; with priorities, highest level first:
+-- see lua/levels.lua), then the oldest of the shared list.
 
 local now_ms  -- Redis's clock in ms, once a rate limit has read it
 
@@ -69,7 +70,7 @@ local soonest  -- ms until the first group held back by its rate may start again
 -- The group of a payload: the string or number at `group_by` in its JSON; '' (the default
 -- group) when it is not JSON or has nothing there.
 local function group_of(payload)
-  local ok, value = pcall(cjson.decode, payload)
+  local ok, value = pcall(cjson.decode, bare(payload))
   if not ok then return '' end
   for part in string.gmatch(group_by, '[^.]+') do
     if type(value) ~= 'table' then return '' end
@@ -221,7 +222,9 @@ end
 -- set's first member and its score, if it has one.
 local function take_due(first)
   if room <= 0 or not first[2] or tonumber(first[2]) > tonumber(now) then return {} end
-  local due = redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
+  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
+    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
   local chosen = {}
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)

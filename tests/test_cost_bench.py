@@ -1,0 +1,67 @@
+"""`python -m bench.cost`, smoke-sized: the core cases run, every figure is there and sane.
+
+Runs the bench for real (a private redis-server, the yardsticks, `rqworkers run` at prefetch
+1 and 100, one and two processes) with `--quick --only core`: about 5 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO
+
+BUDGET = 120.0
+
+
+@pytest.mark.timeout(BUDGET + 60)
+@pytest.mark.service
+def test_the_core_cases_report_throughput_and_redis_cpu_per_message() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.cost", "--quick", "--only", "core", "--json"],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = process.communicate(timeout=BUDGET)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # the bench kills what it started, then exits
+        out, err = process.communicate(timeout=60)
+        pytest.fail(f"the cost bench took over {BUDGET}s:\n{err}")
+    assert process.returncode == 0, err
+    report = json.loads(out)
+    cases = report["cases"]
+    assert set(cases) == {
+        "(b) 100 B",
+        "p1 100 B",
+        "(c) 100 B",
+        "p100 100 B",
+        "(c) 100 B, 2 proc",
+        "p100 100 B, 2 proc",
+    }
+    for name, samples in cases.items():
+        assert len(samples) == 1, name
+        (sample,) = samples
+        assert sample["rate"] > 0, name
+        # Some Redis CPU per message, and less than a whole millisecond of it: the edges of
+        # the window are those of the drain, not of the service's start.
+        assert 0 < sample["redis_us"] < 1000, (name, sample)
+    rendered = subprocess.run(
+        [sys.executable, "-m", "bench.cost", "--render", "/dev/stdin"],
+        cwd=REPO,
+        input=out,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert "| prefetch 1 / (b) |" in rendered.stdout
+    assert "| prefetch 100 / (c) |" in rendered.stdout
