@@ -106,12 +106,15 @@ class FastPath:
             return False
         return not acks or acks[0][0] == self.held
 
-    def take(self, acks: Sequence[FastAck]) -> FastTake:
-        """Ack `acks` (the delivery in hand, if `ready` said so) and take one message, into
-        the fast list that does not hold it."""
+    def take(self, acks: Sequence[FastAck], listed: Sequence[bytes] = ()) -> FastTake:
+        """Ack `acks` (the delivery in hand, if `ready` said so) and `listed` (envelopes of
+        the private list: what the script took last) and take one message, into the fast
+        list that does not hold one."""
         k, held = self.keys, self.held
         into = self.lists[1] if held == self.lists[0] else self.lists[0]
         commands: list[tuple[Any, ...]] = [("LREM", name, -1, ack) for name, ack in acks]
+        commands += [("LREM", k.processing, -1, envelope) for envelope in listed]
+        acks = [*acks, *((k.processing, e) for e in listed)]
         commands.append(("LMOVE", k.queue, into, "RIGHT", "LEFT"))
         commands.append(("ZRANGE", k.retry, 0, 0, "WITHSCORES"))
         replies = self._checked(self._send_all(commands))
@@ -119,10 +122,10 @@ class FastPath:
         missing = sum(1 for removed in replies[: len(acks)] if not removed)
         payload, next_due = replies[-2], _first_score(replies[-1])
         self.due_now = next_due is not None and next_due <= time.time()
-        if payload is not None and (self.due_now or self._not_plain(payload)):
-            # Back to the queue's tail, where it was: only the script takes it rightly.
-            self._checked(self._send_all([("LMOVE", into, k.queue, "LEFT", "RIGHT")]))
-            self.due_now = True
+        if self.due_now or (payload is not None and self._not_plain(payload)):
+            if payload is not None:  # back to the queue's tail, where it was
+                self._checked(self._send_all([("LMOVE", into, k.queue, "LEFT", "RIGHT")]))
+            self.due_now = True  # only the script takes rightly what comes first now
             return FastTake(missing, None, next_due, True)
         if payload is not None:
             self.held = into

@@ -229,6 +229,9 @@ class ReliableQueue:
         self.fast = FastPath(self.keys, self._id_prefix, self._runner.send_all)
         self._from_fast: dict[tuple[str, str], Bound[Any]] = {}  # see `_settling`
         self.fast_path = fast_path
+        # Its replay put this process in `fast_owners`, where a successor or a reclaim
+        # finds its fast lists: only then does it take into them.
+        self._fast_found = False
         self._replay = Bound(runner, self.keys, scripts.REPLAY)
         self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
 
@@ -318,14 +321,17 @@ class ReliableQueue:
         plain = not (limits.any or limits.sorter or self._was_paused)
         look = plain and self._look_for_pause(landed)
         fast, missing = self.fast, 0
-        # (Not for a take that serves level 0 first: see `take`.)
-        ready = self.fast_path and limit == 1 and not (landed or look or acks)
+        # Not for a take that serves level 0 first (see `take`); the acks of what the
+        # script took last go along, one LREM each (the one, at prefetch 1: a trim of 1).
+        listed = acks[:1] if trim == 1 else acks
+        ready = self._fast_found and limit == 1 and not (landed or look) and trim <= 1
         if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
-            got = fast.take(fast_acks)
+            got = fast.take(fast_acks, listed)
             if not got.to_script:
                 deliveries = self._fast_deliveries(base, got.payload)
                 return Taken(got.missing_acks, deliveries, got.next_due)
             missing = got.missing_acks  # something is due: the script takes it
+            acks, trim = [], 0  # sent
         elif fast_acks:
             missing = fast.ack(fast_acks)
         common = {
@@ -489,6 +495,7 @@ class ReliableQueue:
             hold=int(hold_permits * 1000),
             fast="1" if self.fast_path else "0",
         )
+        self._fast_found = self.fast_path
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
