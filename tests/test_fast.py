@@ -248,3 +248,23 @@ def test_a_lost_reply_mid_pipeline_loses_and_doubles_nothing(client: redis.Redis
         expected = 1 if ran == 2 else 0
         assert len(left) == expected and client.llen(QUEUE) == 1 - expected
         time.sleep(0)
+
+
+def test_out_of_memory_the_script_takes_and_the_queue_drains(client: redis.Redis) -> None:
+    if isinstance(client, fakeredis.FakeRedis):
+        pytest.skip("maxmemory is a real server's")
+    q = worker(client)
+    push(client, b"a", b"b")
+    client.config_set("maxmemory-policy", "noeviction")
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory", "1mb")
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.lmove(QUEUE, "probe", "RIGHT", "LEFT")  # what the fast path would send
+        a = take_one(q)
+        assert a is not None and a.payload == b"a" and not a.fast, "taken by the script"
+        b = take_one(q, [a])
+        assert b is not None and b.payload == b"b" and q.ack(b)
+        assert client.llen(QUEUE) == 0 and client.llen(q.keys.processing) == 0
+    finally:
+        client.config_set("maxmemory", "0")

@@ -39,6 +39,9 @@ What the script did beside the move, and how each still holds:
   same way, and the script drops or wraps it.
 - *Pauses and lapsed leases*: the script's once-a-second look (`PAUSE_LOOKUP`) finds
   them, as it did before.
+- *Out of memory*: Redis refuses the LMOVE over maxmemory (the acks still go through); the
+  script, flagged to run all the same (it only moves messages), takes instead, so a full
+  Redis still drains.
 """
 
 from __future__ import annotations
@@ -117,12 +120,18 @@ class FastPath:
         acks = [*acks, *((k.processing, e) for e in listed)]
         commands.append(("LMOVE", k.queue, into, "RIGHT", "LEFT"))
         commands.append(("ZRANGE", k.retry, 0, 0, "WITHSCORES"))
-        replies = self._checked(self._send_all(commands))
+        replies = self._send_all(commands)
+        # Over maxmemory, Redis refuses a LMOVE (it may grow memory) before it moves
+        # anything; the script, which may, takes instead (the acks went through).
+        full = isinstance(replies[-2], redis.exceptions.OutOfMemoryError)
+        if full:
+            replies[-2] = None
+        replies = self._checked(replies)
         self.held = None
         missing = sum(1 for removed in replies[: len(acks)] if not removed)
         payload, next_due = replies[-2], _first_score(replies[-1])
         self.due_now = next_due is not None and next_due <= time.time()
-        if self.due_now or (payload is not None and self._not_plain(payload)):
+        if full or self.due_now or (payload is not None and self._not_plain(payload)):
             if payload is not None:  # back to the queue's tail, where it was
                 self._checked(self._send_all([("LMOVE", into, k.queue, "LEFT", "RIGHT")]))
             self.due_now = True  # only the script takes rightly what comes first now
