@@ -4,8 +4,6 @@ every guarantee of the script's take. Against fakeredis and a real redis-server.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import fakeredis
 import pytest
@@ -17,18 +15,6 @@ from rqworkers.store.queue import Delivery, ReliableQueue, snapshot
 
 QUEUE = "{jobs}"
 WORKER = "n:1"
-
-
-@pytest.fixture(params=["fakeredis", "redis-server"])
-def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    else:
-        conn = request.getfixturevalue("redis_server").client()
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def worker(client: redis.Redis, worker_id: str = WORKER) -> ReliableQueue:

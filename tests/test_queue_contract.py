@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import fakeredis
 import pytest
@@ -25,18 +24,6 @@ from tests.support import RedisServer
 
 QUEUE = "jobs"
 WORKER = "node-a:1"
-
-
-@pytest.fixture(params=["fakeredis", "redis-server"])
-def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())  # a fresh server per test
-    else:
-        conn = request.getfixturevalue("redis_server").client()
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 # (BLMOVE or the BRPOPLPUSH fallback, scripts on a kept connection or through the pool)
