@@ -17,7 +17,9 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
+import redis
 
 from tests.support import APPS, REPO, RedisServer, Service, write_config
 
@@ -100,3 +102,17 @@ def service(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable[...,
     finally:
         for svc in started:
             svc.cleanup()
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """A client of fakeredis (a fresh server per test) and, as a second case, of a real
+    redis-server: the contract tests run the same test on both."""
+    if request.param == "fakeredis":
+        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        conn = request.getfixturevalue("redis_server").client()
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import redis
 
 from bench.redisproc import free_port, redis_server_binary, wait_for
@@ -265,3 +266,24 @@ def fork_and_wait(child: Callable[[], int]) -> int:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return status
+
+
+def run_bench(args: list[str], budget: float, what: str) -> tuple[int | None, str, str]:
+    """Run `python -m <args>` (a bench, the chaos harness) from the repository: its exit
+    code, standard output and error. Over `budget` seconds it is sent SIGTERM (each kills
+    what it started, then exits) and the test fails."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = process.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+        pytest.fail(f"{what} took over {budget}s:\n{err}")
+    return process.returncode, out, err

@@ -8,15 +8,11 @@ every time and includes each kind at least once.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
 from bench.chaos import FAULT_KINDS
-from tests.support import REPO
+from tests.support import run_bench
 
 ARGS = ["--messages", "1500", "--faults", "12", "--duration", "20", "--seed", "7"]
 BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
@@ -46,21 +42,9 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
 def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
     """With repeating payloads too: twins are separate messages, so with no poison pushed
     none is dead-lettered, even with only 3 attempts each."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.chaos", *ARGS, *extra, "--drain-timeout", "90", "--json"],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = process.communicate(timeout=BUDGET)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # the harness kills what it started, then exits
-        out, err = process.communicate(timeout=60)
-        pytest.fail(f"the chaos run took over {BUDGET}s:\n{err}")
-    assert out.strip(), f"no report (exit code {process.returncode}):\n{err}"
+    args = ["bench.chaos", *ARGS, *extra, "--drain-timeout", "90", "--json"]
+    code, out, err = run_bench(args, BUDGET, "the chaos run")
+    assert out.strip(), f"no report (exit code {code}):\n{err}"
     report = json.loads(out.strip().splitlines()[-1])
     assert report["produced"] == 1500, err
     assert report["lost"] == 0, f"lost messages: {report['lost_sample']}\n{err}"
@@ -76,4 +60,4 @@ def test_no_message_is_lost_under_every_kind_of_fault(extra: list[str]) -> None:
     assert report["unexpected_payloads"] == 0, err
     missing = [kind for kind in FAULT_KINDS if report["faults"].get(kind, 0) < 1]
     assert not missing, f"fault kinds never injected: {missing}\n{err}"
-    assert process.returncode == 0, err
+    assert code == 0, err

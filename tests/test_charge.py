@@ -38,7 +38,9 @@ def drained(server: RedisServer) -> bool:
 def test_a_message_whose_ack_is_refused_runs_at_most_max_attempts_times(
     service: StartService, redis_server: RedisServer, prefetch: int, concurrency: int
 ) -> None:
-    pair = {"queue": "jobs", "handler": HANDLER, "max_attempts": 3}
+    # One at a time, at prefetch 1, the worker takes by the fast path, which reads no owner.
+    handler = "testapp:end_after_handling" if (prefetch, concurrency) == (1, 1) else HANDLER
+    pair = {"queue": "jobs", "handler": handler, "max_attempts": 3}
     svc = service([{**pair, "prefetch": prefetch, "concurrency": concurrency}])
     svc.wait_workers(1)
     client = redis_server.client()
@@ -72,7 +74,10 @@ def test_an_exit_that_repeats_on_one_delivery_backs_off_and_shows(
 ) -> None:
     port = free_port()
     manager = manager_with_metrics(port, restart_backoff_max=4.0)
-    svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 6}], manager=manager)
+    # Prefetch 2: takes by the script, whose owner check the handler breaks (at prefetch 1
+    # the fast path reads no owner: see the test above).
+    pair = {"queue": "jobs", "handler": HANDLER, "max_attempts": 6, "prefetch": 2}
+    svc = service([pair], manager=manager)
     svc.wait_workers(1)
     client = redis_server.client()
     client.lpush("jobs", b"poison", b"after")

@@ -7,14 +7,12 @@ Runs the bench for real (a private redis-server, the yardsticks, `rqworkers run`
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, run_bench
 
 BUDGET = 120.0
 
@@ -22,21 +20,10 @@ BUDGET = 120.0
 @pytest.mark.timeout(BUDGET + 60)
 @pytest.mark.service
 def test_the_core_cases_report_throughput_and_redis_cpu_per_message() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.cost", "--quick", "--only", "core", "--json"],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, out, err = run_bench(
+        ["bench.cost", "--quick", "--only", "core", "--json"], BUDGET, "the cost bench"
     )
-    try:
-        out, err = process.communicate(timeout=BUDGET)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # the bench kills what it started, then exits
-        out, err = process.communicate(timeout=60)
-        pytest.fail(f"the cost bench took over {BUDGET}s:\n{err}")
-    assert process.returncode == 0, err
+    assert code == 0, err
     report = json.loads(out)
     cases = report["cases"]
     assert set(cases) == {

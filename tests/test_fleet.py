@@ -8,14 +8,10 @@ SIGKILL of one whole node); the full measurement (up to 200 nodes) is in bench/R
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.support import REPO
+from tests.support import run_bench
 
 ARGS = ["--nodes", "2", "--redis", "single", "--lease-ttl", "2", "--reclaim-interval", "0.5",
         "--window", "1", "--settle", "1", "--monitor", "1", "--json"]  # fmt: skip
@@ -26,21 +22,8 @@ BUDGET = 120.0  # seconds; a run takes about 15 s on 2 cores
 @pytest.mark.service
 @pytest.mark.timeout(BUDGET + 30)
 def test_two_nodes_one_lost_nothing_lost_nothing_twice() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fleet", *ARGS],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = process.communicate(timeout=BUDGET)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # the bench kills what it started, then exits
-        out, err = process.communicate(timeout=30)
-        pytest.fail(f"the fleet bench took over {BUDGET}s:\n{err}")
-    assert out.strip(), f"no report (exit code {process.returncode}):\n{err}"
+    code, out, err = run_bench(["bench.fleet", *ARGS], BUDGET, "the fleet bench")
+    assert out.strip(), f"no report (exit code {code}):\n{err}"
     report = json.loads(out.strip().splitlines()[-1])
     [row] = report["rows"]
     assert row["produced"] > 0 and row["handled"] == row["produced"], err
@@ -48,4 +31,4 @@ def test_two_nodes_one_lost_nothing_lost_nothing_twice() -> None:
     assert row["victims"] == 1 and row["reclaimed_messages"] >= 1, err
     assert row["reclaim_seconds"] is not None, f"not reclaimed: {row['notes']}\n{err}"
     assert row["idle_commands_per_s"] > 0 and row["keeper_commands_per_s"] > 0, err
-    assert report["ok"] and process.returncode == 0, err
+    assert report["ok"] and code == 0, err

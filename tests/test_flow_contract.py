@@ -8,11 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
-import fakeredis
-import pytest
 import redis
 
 from rqworkers.common.rates import Rate
@@ -22,18 +18,6 @@ from rqworkers.store.queue import Delivery, Keys, ReliableQueue
 from tests.support import wait_for
 
 QUEUE = "jobs"
-
-
-@pytest.fixture(params=["fakeredis", "redis-server"])
-def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    else:
-        conn = request.getfixturevalue("redis_server").client()
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def worker(client: redis.Redis, n: int, **limits: object) -> ReliableQueue:

@@ -4,7 +4,7 @@ confirms it, is sent again after a lost reply, and a resend's miss is not a warn
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -66,7 +66,10 @@ class FakeQueue:
         trim: int = 0,
         running: int = 0,
         mine: dict[str, int] | None = None,
+        fast_acks: Sequence[tuple[str, bytes]] = (),
     ) -> Taken:
+        assert not fast_acks  # these deliveries are all of the private list
+
         def effect() -> Taken:
             if trim:  # as scripts.TAKE: the ends must be where the worker says
                 present = self.present
@@ -187,7 +190,9 @@ def test_what_must_precede_the_acks_is_sent_first(fake: FakeQueue) -> None:
     box = Outbox(queue, lambda f, moved: None, lambda: order.append("before"))
     original = fake.take
 
-    def take(acks: list[bytes], limit: int, landed: bool = False, trim: int = 0, *_: Any) -> Taken:
+    def take(
+        acks: list[bytes], limit: int, landed: bool = False, trim: int = 0, *_: Any, **__: Any
+    ) -> Taken:
         order.append(f"take {trim or len(acks)}")
         return original(acks, limit, landed, trim)
 

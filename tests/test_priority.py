@@ -343,8 +343,10 @@ def test_high_priorities_overtake_a_waiting_backlog(
     producer.push(QUEUE, *[b"sleep:0.01:plain-%d" % n for n in range(300)])
     wait_for(lambda: len(started(redis_server)) >= 20, timeout=20, what="the backlog under way")
     at = len(started(redis_server))
-    producer.push(QUEUE, *[b"sleep:0.01:five-%d" % n for n in range(3)], priority=5)
+    # Level 9 first: were 5 pushed first, the worker could start one before 9 came (the
+    # order of levels both waiting is test_higher_levels_first_first_in_first_out_...'s).
     producer.push(QUEUE, *[b"sleep:0.01:nine-%d" % n for n in range(3)], priority=9)
+    producer.push(QUEUE, *[b"sleep:0.01:five-%d" % n for n in range(3)], priority=5)
     wait_for(lambda: sum(b"five" in p for p in started(redis_server)) == 3, timeout=20)
     order = started(redis_server)
     high = [i for i, p in enumerate(order) if b"nine" in p or b"five" in p]

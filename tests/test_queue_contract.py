@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import fakeredis
 import pytest
@@ -25,18 +24,6 @@ from tests.support import RedisServer
 
 QUEUE = "jobs"
 WORKER = "node-a:1"
-
-
-@pytest.fixture(params=["fakeredis", "redis-server"])
-def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())  # a fresh server per test
-    else:
-        conn = request.getfixturevalue("redis_server").client()
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 # (BLMOVE or the BRPOPLPUSH fallback, scripts on a kept connection or through the pool)
@@ -61,7 +48,9 @@ def make_queue(client: redis.Redis, variant: tuple[bool, bool]) -> MakeQueue:
     use_blmove, keep = variant
 
     def make(queue: str = QUEUE, worker_id: str = WORKER) -> ReliableQueue:
-        return ReliableQueue(client, queue, worker_id, use_blmove=use_blmove, keep_connection=keep)
+        return ReliableQueue(
+            client, queue, worker_id, use_blmove=use_blmove, keep_connection=keep, fast_path=True
+        )
 
     return make
 
@@ -518,6 +507,7 @@ def test_operations_never_duplicate_or_lose_a_message(
         total = client.llen(keys.queue) + client.zcard(keys.retry) + client.llen(keys.dead)
         for w in workers:
             total += client.llen(w.keys.processing) + client.llen(w.keys.landing)
+            total += sum(client.llen(name) for name in w.fast.lists)  # the fast path's
         return total
 
     for step in range(200):

@@ -83,7 +83,7 @@ def push_once(
         due=score,
         member=member,
         payload=body,
-        fresh_token=secrets.token_hex(16),
+        fresh_token=scripts.new_nudge_token(),
     )
 
 

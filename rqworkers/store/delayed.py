@@ -84,7 +84,7 @@ class DelayedPusher:
         for start in range(0, len(payloads), MAX_PER_CALL):
             chunk = payloads[start : start + MAX_PER_CALL]
             batch = [levels.wrap(level, p.encode() if isinstance(p, str) else p) for p in chunk]
-            token = secrets.token_hex(16)
+            token = scripts.new_nudge_token()
             size = bound(due=repr(score), idbase=idbase, offset=start, token=token, payloads=batch)
             members += [
                 Delivery(b"%s%08d" % (idbase.encode(), n), 0, payload).element
@@ -142,7 +142,8 @@ class RetrySet:
         """Make `members` due now, and wake a worker for them; how many were still there."""
         if not members:
             return 0
-        return self._run_now(now=repr(time.time()), token=secrets.token_hex(16), members=members)
+        token = scripts.new_nudge_token()
+        return self._run_now(now=repr(time.time()), token=token, members=members)
 
     def delete(self, members: Sequence[bytes]) -> int:
         """Remove `members`; how many were still there (a worker may have taken some)."""

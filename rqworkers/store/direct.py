@@ -8,7 +8,8 @@ prefetch 1 that is the difference between trailing a plain pipelined consumer an
 it (measured in bench/RESULTS.md, "A kept connection").
 
 So a worker keeps one connection out of its client's pool for its life and sends EVALSHA
-on it directly. Errors are the same as through the client: the connection raises
+on it directly, and the fast path's native commands (see store/fast.py) the same way.
+Errors are the same as through the client: the connection raises
 redis-py's exceptions and drops its socket after any failure, so the next call reconnects
 (through Sentinel, to the current master). A cluster client has no single connection to
 keep: it runs scripts the ordinary way.
@@ -53,7 +54,26 @@ class ScriptRunner:
 
         return call
 
-    def _run(self, *command: Any) -> Any:
+    def send_all(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send `commands` in one write and read their replies, in order; an error reply is
+        returned in its place (a `redis.ResponseError`), not raised, as a pipeline's are."""
+        connection = self._ready()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as exc:  # the connection is in step
+                    replies.append(exc)
+        except BaseException:
+            connection.disconnect()  # as in `_run`: a reply may still come
+            raise
+        self._used = time.monotonic()
+        return replies
+
+    def _ready(self) -> Any:
+        """The kept connection, connected and holding nothing unread."""
         connection = self._connection
         if connection is None:  # kept for this process's life: never given back
             connection = self._connection = self._pool.get_connection()
@@ -66,6 +86,10 @@ class ScriptRunner:
             # to back, a system call per call would be pure cost.
             connection.disconnect()
             connection.connect()
+        return connection
+
+    def _run(self, *command: Any) -> Any:
+        connection = self._ready()
         try:
             connection.send_command(*command)
             reply = connection.read_response()
@@ -90,16 +114,35 @@ def _stale(connection: Any) -> bool:
         return True
 
 
-def script_caller(client: Client, keep_connection: bool) -> Callable[[str, Sequence[str]], Call]:
-    """`bind(source, keys)`: a callable running a script with `keys`; with
-    `keep_connection`, on a connection kept for good (for a worker's own queue, not for
-    a keeper's passing reclaim), if `client` has one to keep."""
-    if keep_connection and isinstance(client, redis.Redis):
-        return ScriptRunner(client).bind
+class PooledRunner:
+    """Runs scripts and commands the ordinary way, through the client and its pool (or a
+    cluster client's nodes): for a passing caller, or a client with no connection to keep."""
 
-    def bind(source: str, keys: Sequence[str]) -> Call:
-        registered = client.register_script(source)
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def bind(self, source: str, keys: Sequence[str]) -> Call:
+        registered = self._client.register_script(source)
         key_list = list(keys)
         return lambda *args: registered(keys=key_list, args=args)
 
-    return bind
+    def send_all(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """As `ScriptRunner.send_all`, in a pipeline (no transaction)."""
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+
+
+def runner_for(client: Client, keep_connection: bool) -> ScriptRunner | PooledRunner:
+    """What runs a queue's scripts and native commands: with `keep_connection`, on a
+    connection kept for good (for a worker's own queue, not for a keeper's passing
+    reclaim), if `client` has one to keep."""
+    if keep_connection and isinstance(client, redis.Redis):
+        return ScriptRunner(client)
+    return PooledRunner(client)
+
+
+def script_caller(client: Client, keep_connection: bool) -> Callable[[str, Sequence[str]], Call]:
+    """`bind(source, keys)`: a callable running a script with `keys` (see `runner_for`)."""
+    return runner_for(client, keep_connection).bind

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 QUEUE = "<queue>"
 WORKER = "<worker-id>"
 GROUP = "<group>"  # a key per group: on a `Keys`, the name up to the group (a prefix)
+PROCESS = "<process>"  # a key per worker process: on a `Keys`, the name up to it (a prefix)
 
 
 class Key:
@@ -67,7 +68,7 @@ class Key:
         """This key's name for one queue (and worker). Every pattern starts with `<queue>`;
         only the rest is filled in, so a queue name is never read as a placeholder."""
         rest = self.pattern.removeprefix(QUEUE).replace(WORKER, worker_id)
-        return queue + rest.removesuffix(GROUP)
+        return queue + rest.removesuffix(GROUP).removesuffix(PROCESS)
 
     def probes(self, names: Mapping[str, str]) -> list[list[str]]:
         """`commands`, with the keys' names from `names` (attribute name → key name)."""
@@ -102,6 +103,25 @@ class Keys:
         "one worker's in-flight deliveries, as envelopes `rqw1:<id>:<attempts>:<payload>`",
         commands=(("LRANGE", "{processing}", "0", "-1"),),
     )  # fmt: skip
+    fast = Key(
+        f"{QUEUE}:fast:{WORKER}:{PROCESS}", "list",
+        "one worker process's in-flight deliveries taken by the fast path (prefetch 1: "
+        "`LMOVE` from the shared list, acked by `LREM`), as the payloads themselves; "
+        "`<process>` is the process's id prefix (in `fast_owners`) and `:0` or `:1`, for "
+        "each process has two, used in turn (`fast_0`, `fast_1`). Once a replay or "
+        "reclaim took it over, *sealed*: a string `superseded` for a day, so that a `LMOVE` "
+        "into it fails and the superseded process can take nothing more",
+        commands=(("LMOVE", "{queue}", "{fast}", "RIGHT", "LEFT"), ("LREM", "{fast}", "-1", "x"),
+                  ("LMOVE", "{fast}", "{queue}", "LEFT", "RIGHT"), ("TYPE", "{fast}")),
+        ttl="1 day, once superseded",
+    )  # fmt: skip
+    fast_owners = Key(
+        f"{QUEUE}:fast-owners:{WORKER}", "set",
+        "the processes (id prefixes) of that worker whose fast lists may hold deliveries: "
+        "added by a process's replay, struck when its lists are taken over; where the "
+        "next replay, or a reclaim, finds them",
+        commands=(("SMEMBERS", "{fast_owners}"),),
+    )  # fmt: skip
     retry = Key(
         f"{QUEUE}:retry", "zset",
         "envelopes waiting for their time (the score): failed messages, delayed messages "
@@ -118,6 +138,7 @@ class Keys:
         f"{QUEUE}:nudge", "string",
         "a random token, set once: pushed onto an empty shared list, it wakes a worker "
         "blocked there to learn that a message is due sooner (a nudge); a take drops it",
+        commands=(("GET", "{nudge}"),),
     )  # fmt: skip
     schedules = Key(
         f"{QUEUE}:schedules", "hash",
@@ -226,9 +247,20 @@ class Keys:
         ttl="the window",
     )  # fmt: skip
 
-    def __init__(self, queue: str, worker_id: str = "") -> None:
+    def __init__(self, queue: str, worker_id: str = "", process: str = "") -> None:
         self.queue_name = queue
         self.worker_id = worker_id
+        self.process = process  # a worker process's id prefix, for its fast lists
+
+    @property
+    def fast_0(self) -> str:
+        """The first of the two fast lists of the worker's process `process`."""
+        return f"{self.fast}{self.process}:0"
+
+    @property
+    def fast_1(self) -> str:
+        """The second of them (see store/fast.py for why two)."""
+        return f"{self.fast}{self.process}:1"
 
     @classmethod
     def of(cls, queue: str, worker_id: str) -> Keys:
@@ -257,6 +289,14 @@ class Keys:
         """What workers and keepers run on these keys outside scripts (`Key.commands`)."""
         names = self.names()
         return [probe for key in self.declared() for probe in key.probes(names)]
+
+    def but(self, **names: str) -> Keys:
+        """These keys, but with the keys `names` names given other names: a process's own
+        fast list (`fast`), or its fast list as the private list a settling script works
+        on (`processing`)."""
+        keys = Keys(self.queue_name, self.worker_id, self.process)
+        keys.__dict__.update(names)  # as `Key.__get__` keeps a name once worked out
+        return keys
 
     def of_script(self, script: scripts.Script[Any]) -> list[str]:
         """The KEYS of `script`, in the order its Lua header binds them."""

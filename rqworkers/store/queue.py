@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ from rqworkers.store import levels, scripts
 # Connecting lives in `connections`; these two are imported from here too.
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
-from rqworkers.store.direct import Call, script_caller
+from rqworkers.store.direct import Call, runner_for, script_caller
+from rqworkers.store.fast import FastAck, FastPath
 from rqworkers.store.flow import (
     NO_LIMITS,
     PERMIT_HOLD,
@@ -97,16 +97,27 @@ class Delivery:
     tuple: a worker makes one per message, and its envelope is only built when needed.
     """
 
-    __slots__ = ("_element", "attempts", "dedup", "group", "id", "level", "payload", "seq")
+    __slots__ = (
+        "_element", "attempts", "dedup", "fast", "group", "id", "level", "payload", "seq"
+    )  # fmt: skip
 
     def __init__(
-        self, id: bytes, attempts: int, payload: bytes, seq: int = 0, element: bytes = b""
+        self,
+        id: bytes,
+        attempts: int,
+        payload: bytes,
+        seq: int = 0,
+        element: bytes = b"",
+        fast: str = "",
     ) -> None:
         self.id = id
         self.attempts = attempts
         self.payload = payload
         self.seq = seq
         self._element = element
+        # Taken by the fast path (see fast.py): the fast list it sits in, as the payload
+        # it came as (its `element`), with no attempts behind it; '' for any other.
+        self.fast = fast
         self.group: str | None = None  # with groups: its group, as TAKE names it (hex)
         # (token, key) of a message pushed with a deduplication key, which its handler
         # sees unwrapped, and whose key is freed once it is settled; else None.
@@ -127,9 +138,9 @@ class Delivery:
 
     @property
     def element(self) -> bytes:
-        """The envelope in the private list, `rqw1:<id>:<attempts>:<payload>`: what acks
-        and moves name."""
-        if not self._element:
+        """The envelope in the private list, `rqw1:<id>:<attempts>:<payload>` (in the fast
+        list, the payload as it came): what acks and moves name."""
+        if not self._element and not self.fast:
             self._element = b"%s%s:%d:%s" % (_PREFIX, self.id, self.attempts, self.payload)
         return self._element
 
@@ -162,6 +173,14 @@ class Taken:
     held: Held | None = None  # what held the take back: the pause or a flow limit
 
 
+def _with_missing(taken: Taken, missing: int) -> Taken:
+    """`taken`, counting `missing` more acks that found nothing (unless its own were not
+    removed at all: -1)."""
+    if not missing or taken.missing_acks < 0:
+        return taken
+    return dataclasses.replace(taken, missing_acks=taken.missing_acks + missing)
+
+
 def digest(message: bytes) -> str:
     """The key of a payload in `<queue>:dead:reasons`. Identical payloads share it."""
     return hashlib.sha1(message, usedforsecurity=False).hexdigest()
@@ -179,6 +198,7 @@ class ReliableQueue:
         keep_connection: bool = False,  # a worker's own queue: see `direct`
         limits: Limits = NO_LIMITS,
         level0_every: int = 0,
+        fast_path: bool = False,  # take one at a time by native commands: see fast.py
     ) -> None:
         self.client = client
         self.limits = limits
@@ -193,18 +213,27 @@ class ReliableQueue:
         self._id_prefix = os.urandom(6).hex()
         self._ids = 0
         self._seq = 0  # of the last delivery this process was handed (take order)
-        runner = script_caller(client, keep_connection)
+        self._runner = runner_for(client, keep_connection)
+        runner = self._runner.bind
         self._lease = Bound(runner, self.keys, scripts.LEASE)
         self._take = Bound(runner, self.keys, scripts.TAKE)
         self._take_flow = Bound(runner, self.keys, scripts.TAKE_FLOW)
         self._pause_looked_up = -PAUSE_LOOKUP  # monotonic time of the last look
         self._was_paused = False
-        self._replay = Bound(runner, self.keys, scripts.REPLAY)
         self._give_back = Bound(runner, self.keys, scripts.GIVE_BACK)
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
-        self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
         self._sort = Bound(runner, self.keys, scripts.SORT)
+        # The fast path (prefetch 1), and the settling scripts for what it took, which sits
+        # in the fast list: to them it is the private list.
+        self.fast = FastPath(self.keys, self._id_prefix, self._runner.send_all)
+        self._from_fast: dict[tuple[str, str], Bound[Any]] = {}  # see `_settling`
+        self.fast_path = fast_path
+        # Its replay put this process in `fast_owners`, where a successor or a reclaim
+        # finds its fast lists: only then does it take into them.
+        self._fast_found = False
+        self._replay = Bound(runner, self.keys, scripts.REPLAY)
+        self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
 
     def _id_base(self) -> str:
         self._ids += 1
@@ -220,9 +249,11 @@ class ReliableQueue:
         trim: int = 0,
         running: int = 0,
         mine: dict[str, int] | None = None,
+        fast_acks: Sequence[FastAck] = (),
     ) -> Taken:
-        """Ack the deliveries `acks` and take up to `limit` new ones, in one round trip;
-        `landed`: a blocking fetch just landed one, to be taken first.
+        """Ack the deliveries `acks` and `fast_acks` (of the private and the fast list) and
+        take up to `limit` new ones, in one round trip; `landed`: a blocking fetch just
+        landed one, to be taken first.
 
         `trim` > 0 says that the acks are the `trim` oldest of the private list, and `acks`
         holds only the oldest and the newest of them (see `scripts.TAKE`). `running`: this
@@ -230,14 +261,18 @@ class ReliableQueue:
         (those in a handler and those taken, about to start); `mine`, the same by group
         (`Delivery.group`), for a queue with groups.
 
-        With `level0_every`, every so many takes (that take anything) serve level 0 first:
-        the shared list's oldest, before the retry set; what it leaves room for is taken
-        as usual by a second call."""
+        One message at a time, with no limit, nothing to look for and nothing known to be
+        due, is taken by the fast path (see fast.py); the rest by a script. With
+        `level0_every`, every so many takes (that take anything) serve level 0 first: the
+        shared list's oldest, before the retry set; what it leaves room for is taken as
+        usual by a second call."""
         if self.level0_every and limit > 0:
             self._takes += 1
             if self._takes % self.level0_every == 0:
-                return self._take_level0_first(acks, limit, landed, trim, running, mine)
-        return self._take_once(acks, limit, landed, trim, running, mine, time.time())
+                missing = self.fast.ack(fast_acks) if fast_acks else 0
+                taken = self._take_level0_first(acks, limit, landed, trim, running, mine)
+                return _with_missing(taken, missing)
+        return self._take_once(acks, limit, landed, trim, running, mine, time.time(), fast_acks)
 
     def _take_level0_first(
         self,
@@ -276,12 +311,29 @@ class ReliableQueue:
         running: int,
         mine: dict[str, int] | None,
         now: float,
+        fast_acks: Sequence[FastAck] = (),
     ) -> Taken:
         """`take`, counting as due what is due by `now` (epoch seconds)."""
         limits = self.limits
         if limits.grouper is not None and not limits.group_by:
             landed = self._sort_by_handler(limits.grouper, landed)
         base = self._id_base()
+        plain = not (limits.any or limits.sorter or self._was_paused)
+        look = plain and self._look_for_pause(landed)
+        fast, missing = self.fast, 0
+        # Not for a take that serves level 0 first (see `take`); the acks of what the
+        # script took last go along, one LREM each (the one, at prefetch 1: a trim of 1).
+        listed = acks[:1] if trim == 1 else acks
+        ready = self._fast_found and limit == 1 and not (landed or look) and trim <= 1
+        if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
+            got = fast.take(fast_acks, listed)
+            if not got.to_script:
+                deliveries = self._fast_deliveries(base, got.payload)
+                return Taken(got.missing_acks, deliveries, got.next_due)
+            missing = got.missing_acks  # something is due: the script takes it
+            acks, trim = [], 0  # sent
+        elif fast_acks:
+            missing = fast.ack(fast_acks)
         common = {
             "limit": limit,
             "now": now,
@@ -291,14 +343,15 @@ class ReliableQueue:
             "trim": trim,
             "acks": acks,
         }
-        if limits.any or limits.sorter or self._was_paused:
+        if not plain:
             reply = self._take_flow(**common, **self._flow_args(running, mine))
             self._was_paused = reply.held is not None and reply.held.reason == "paused"
-        else:  # the hot path: no limit, and a look for a pause at most once a second
-            reply = self._take(**common, look="1" if self._look_for_pause(landed) else "0")
+        else:  # no limit, and a look for a pause at most once a second
+            reply = self._take(**common, look="1" if look else "0")
             self._was_paused = reply.held is not None
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
+        fast.note(reply.next_due)
         seq = self._seq
         self._seq += len(reply.payloads)
         prefix = base.encode()
@@ -313,7 +366,18 @@ class ReliableQueue:
         next_due = reply.next_due
         if next_due is not None and next_due < 0:  # a level's band: not in due order
             next_due = levels.read_bands(self.client, self.keys.retry).next_due
-        return Taken(reply.missing_acks, deliveries, next_due, reply.held)
+        # A trim refused (-1) removed none of `acks`; the fast acks went all the same.
+        missed = reply.missing_acks if reply.missing_acks < 0 else reply.missing_acks + missing
+        return Taken(missed, deliveries, next_due, reply.held)
+
+    def _fast_deliveries(self, base: str, payload: bytes | None) -> list[Delivery]:
+        """The delivery of a fast take, with the id a script's first would have had (the
+        one `next_take_id` names to the scoreboard); none if it took nothing."""
+        if payload is None:
+            return []
+        self._seq += 1
+        held = cast(str, self.fast.held)
+        return [Delivery(f"{base}1".encode(), 0, payload, self._seq, payload, fast=held)]
 
     def _look_for_pause(self, landed: bool) -> bool:
         """Whether this take should look for a pause: at most once a second, and whenever a
@@ -396,6 +460,8 @@ class ReliableQueue:
 
     def ack(self, delivery: Delivery) -> bool:
         """Remove a handled delivery. False if it was no longer there (someone moved it)."""
+        if delivery.fast:
+            return self.fast.ack([(delivery.fast, delivery.element)]) == 0
         return self.take([delivery.element], 0).missing_acks == 0
 
     # -- leftovers, failures, stopping -------------------------------------------------------
@@ -410,19 +476,60 @@ class ReliableQueue:
         charged. `hold_permits`: seconds the earlier life's `max_running` permits stay
         counted, when its end was not seen (it may run on, orphaned: see `PERMIT_HOLD`).
         """
-        charge = "0" if charge_before is None else "1"
-        mine = f"{self._id_prefix}."
+        # First what fast lists hold, into the private list: an earlier process's (charged
+        # if started), or after a Redis error this process's own (see fast.py: what is
+        # still there is in hand, uncharged).
+        for process in self._fast_owners():
+            own = process == self._id_prefix
+            # The scoreboard names the id a fast take gave when its delivery never started.
+            unstarted = (charge_before or b"").startswith(f"{process}.".encode())
+            started = charge_before is not None and not own and not unstarted
+            self._take_over(process, "private", started, own)
+        self.fast.forget()
         reply = self._replay(
-            charge=charge,
+            charge="0" if charge_before is None else "1",
             unstarted=charge_before or b"",
             idbase=self._id_base(),
-            mine=mine,
+            mine=f"{self._id_prefix}.",
             worker_id=self.worker_id,
             hold=int(hold_permits * 1000),
+            fast="1" if self.fast_path else "0",
         )
+        self._fast_found = self.fast_path
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
+
+    def _fast_owners(self) -> list[str]:
+        """The processes of this worker whose fast lists may hold deliveries."""
+        # On the worker's kept connection, as its scripts: no other need be opened.
+        [members] = self._runner.send_all([("SMEMBERS", self.keys.fast_owners)])
+        if isinstance(members, Exception):
+            raise members
+        return sorted(m.decode(errors="replace") for m in members)
+
+    def _take_over(self, process: str, to: str, charge: bool, own: bool) -> scripts.TakenOver:
+        """Move what `process`'s fast lists hold `to` the private list or the retry set."""
+        keys = Keys(self.keys.queue_name, self.worker_id, process)
+        return Bound(self._runner.bind, keys, scripts.TAKE_OVER)(
+            process=process,
+            to=to,
+            charge="1" if charge else "0",
+            idbase=self._id_base(),
+            token=scripts.new_nudge_token(),
+            seal="0" if own else "1",
+        )
+
+    def _settling(self, script: scripts.Script[R], fast_list: str) -> Bound[R]:
+        """`script` bound to this queue's keys, with `fast_list` (if any) as the private
+        list: what settles a delivery the fast path took works on the fast list it is in."""
+        if not fast_list:
+            return Bound(self._runner.bind, self.keys, script)
+        bound = self._from_fast.get((script.name, fast_list))
+        if bound is None:
+            keys = self.keys.but(processing=fast_list)
+            bound = self._from_fast[script.name, fast_list] = Bound(self._runner.bind, keys, script)
+        return bound
 
     @property
     def owner_name(self) -> bytes:
@@ -437,13 +544,24 @@ class ReliableQueue:
     def give_back(self, unstarted: list[Delivery]) -> int:
         """Return deliveries that never reached the handler, oldest first in `unstarted`,
         to the head of the queue; those with attempts behind them keep their count."""
-        elements = [d.element for d in reversed(unstarted)]
-        return self._give_back(idbase=f"g{self._id_base()}", envelopes=elements)
+        moved = 0
+        for fast_list in dict.fromkeys(d.fast for d in unstarted):
+            elements = [d.element for d in reversed(unstarted) if d.fast == fast_list]
+            give_back = self._settling(scripts.GIVE_BACK, fast_list) if fast_list else None
+            moved += (give_back or self._give_back)(
+                idbase=f"g{self._id_base()}", envelopes=elements
+            )
+            self.fast.settled(fast_list)
+        return moved
 
     def retry_later(self, delivery: Delivery, delay: float) -> bool:
         """Park a failed delivery for `delay` seconds with one more attempt counted, in
         its priority level's band."""
-        return self._retry_later(
+        retry_later = self._retry_later
+        if delivery.fast:
+            self.fast.settled(delivery.fast)  # once sent; resent, should the reply be lost
+            retry_later = self._settling(scripts.RETRY_LATER, delivery.fast)
+        return retry_later(
             element=delivery.element,
             due=repr(levels.due_score(delivery.level, time.time() + delay)),
             member_id=self._id_base(),
@@ -459,9 +577,11 @@ class ReliableQueue:
         # Raw UTF-8, not \u escapes: Lua's cjson refuses an escaped lone surrogate, which an
         # exception about undecodable bytes may hold; each becomes "?" here.
         text = json.dumps(info, ensure_ascii=False).encode("utf-8", "replace")
-        return self._dead_letter(
-            element=delivery.element, digest=digest(delivery.payload), record=text
-        )
+        dead_letter = self._dead_letter
+        if delivery.fast:
+            self.fast.settled(delivery.fast)
+            dead_letter = self._settling(scripts.DEAD_LETTER, delivery.fast)
+        return dead_letter(element=delivery.element, digest=digest(delivery.payload), record=text)
 
     # -- leases and orphans -----------------------------------------------------------------
 
@@ -494,21 +614,36 @@ class ReliableQueue:
         if not self.client.set(k.fence, "1", nx=True, px=int(fence_ttl * 1000)):
             return None
         try:
-            return self._reclaim(
+            moved = 0
+            for process in self._fast_owners():  # see fast.py, and `replay`
+                charge = not unstarted.startswith(f"{process}.".encode())
+                fast = self._take_over(process, "retry", charge, own=False).moved
+                if fast is None:
+                    return None  # the lease is alive
+                moved += fast
+            back = self._reclaim(
                 worker_id=self.worker_id,
                 unstarted=unstarted,
-                token=secrets.token_hex(16),
+                token=scripts.new_nudge_token(),
                 hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
             )
+            return None if back is None else moved + back
         finally:
             self.client.delete(k.fence)
 
     # -- reading ----------------------------------------------------------------------------
 
     def in_flight(self) -> list[Delivery]:
-        """The private list, oldest first."""
+        """The private list, oldest first, then what fast lists hold (see fast.py)."""
         elements = cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))
-        return [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
+        listed = [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
+        for process in self._fast_owners():
+            keys = Keys(self.keys.queue_name, self.worker_id, process)
+            for name in (keys.fast_0, keys.fast_1):
+                if self.client.type(name) in (b"list", "list"):
+                    payloads = cast(list[bytes], self.client.lrange(name, 0, -1))
+                    listed += [Delivery(b"", 0, p, 0, p, fast=name) for p in reversed(payloads)]
+        return listed
 
     def retrying(self) -> list[tuple[Delivery, float]]:
         """The retry set, soonest first, with due times (epoch seconds)."""
@@ -686,7 +821,7 @@ class Snapshot:
 
 def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot:
     """Read a queue's lengths, its flow state under `limits`, and its workers' published
-    status, in two round trips."""
+    status, in three round trips."""
     keys = Keys.of(queue, "")
     ids = registered_workers(client, queue)
     pipe = client.pipeline(transaction=False)
@@ -700,6 +835,7 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         pipe.llen(worker_keys.processing)
         pipe.llen(worker_keys.landing)
         pipe.get(worker_keys.lease)
+        pipe.smembers(worker_keys.fast_owners)
     waiting, retrying, dead, first, *rest = pipe.execute()
     flow, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
@@ -709,9 +845,10 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
         flow = dataclasses.replace(
             flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
         )
-    in_flight = sum(int(n) for n in rest[0::3]) + sum(int(n) for n in rest[1::3])
+    in_flight = sum(int(n) for n in rest[0::4]) + sum(int(n) for n in rest[1::4])
+    in_flight += _fast_in_flight(client, queue, dict(zip(ids, rest[3::4], strict=True)))
     workers = []
-    for worker_id, raw in zip(ids, rest[2::3], strict=True):
+    for worker_id, raw in zip(ids, rest[2::4], strict=True):
         if raw is None:
             continue
         try:
@@ -731,6 +868,21 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
             bands.next_due,
         )
     return Snapshot(waiting, in_flight, retrying, int(dead), workers, flow, next_due)
+
+
+def _fast_in_flight(client: Client, queue: str, owners: dict[str, set[bytes]]) -> int:
+    """How many deliveries the workers' fast lists hold (a sealed list holds none);
+    `owners`: worker id → its `fast_owners`."""
+    pipe = client.pipeline(transaction=False)
+    for worker_id, processes in owners.items():
+        for process in processes:
+            keys = Keys(queue, worker_id, process.decode(errors="replace"))
+            pipe.llen(keys.fast_0)
+            pipe.llen(keys.fast_1)
+    if not len(pipe):
+        return 0
+    lengths = pipe.execute(raise_on_error=False)  # WRONGTYPE: a sealed list, holding none
+    return sum(n for n in lengths if isinstance(n, int))
 
 
 def shared_lengths(

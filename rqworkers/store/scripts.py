@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -58,6 +59,13 @@ CONSTANTS: dict[str, str | int] = {
 }
 
 R = TypeVar("R")
+
+
+def new_nudge_token() -> str:
+    """A fresh nudge token (see lua/envelope.lua), kept as the queue's if it has none yet:
+    128 random bits behind the envelope prefix, so that a worker's fast path (see fast.py)
+    knows a nudge it took by its first bytes, as it knows a look-alike envelope."""
+    return f"{PREFIX}nudge:{secrets.token_hex(16)}"
 
 
 @dataclass(frozen=True)
@@ -288,6 +296,19 @@ def _moved_unless_leased(reply: int) -> int | None:
     return None if int(reply) < 0 else int(reply)
 
 
+class TakenOver(NamedTuple):
+    """TAKE_OVER's reply: how many moved (None if a reclaim found the lease alive), and
+    the envelopes a replay added to the private list, oldest first."""
+
+    moved: int | None
+    envelopes: list[bytes]
+
+
+def _taken_over(reply: list[Any]) -> TakenOver:
+    moved = int(reply[0])
+    return TakenOver(None if moved < 0 else moved, list(reply[1:]))
+
+
 def _previous(reply: bytes | None) -> bytes | None:
     return reply
 
@@ -304,6 +325,7 @@ RETRY_LATER = load("retry_later.lua", bool)
 LEASE = load("lease.lua", _previous)
 DEAD_LETTER = load("dead_letter.lua", bool)
 RECLAIM = load("reclaim.lua", _moved_unless_leased)
+TAKE_OVER = load("take_over.lua", _taken_over)
 DEAD_TAKE = load("dead_take.lua", int)
 REPLY = load("reply.lua", _nothing)
 SORT = load("sort.lua", int)

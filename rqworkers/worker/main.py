@@ -76,12 +76,19 @@ def _run(spec: WorkerSpec, board: Scoreboard, tracing: Tracing | None) -> int:
     grouper = handler.grouper()
     if grouper is not None and not limits.group_by:  # `group_by` wins where both are set
         limits = dataclasses.replace(limits, grouper=grouper)
+    # One message at a time, in a plain loop, is what the fast path serves (store/fast.py).
+    one_at_a_time = pair.concurrency == 1 and not handler.is_async
     queue = ReliableQueue(
-        client, pair.queue, spec.worker_id, keep_connection=True, limits=limits,
+        client,
+        pair.queue,
+        spec.worker_id,
+        keep_connection=True,
+        limits=limits,
         level0_every=pair.level0_every,
-    )  # fmt: skip
+        fast_path=one_at_a_time,
+    )
     try:
-        if spec.pair.concurrency > 1 or handler.is_async:
+        if not one_at_a_time:
             worker: Worker = ConcurrentWorker(spec, handler, queue, board, stop, tracing)
         else:
             worker = Worker(spec, handler, queue, board, stop, tracing)

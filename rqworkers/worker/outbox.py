@@ -99,19 +99,31 @@ class Outbox:
         acks = self.acks
         if not acks and limit <= 0:
             return Taken(0, [], None)  # nothing to send
-        trim = len(acks) if self._in_take_order() else 0
-        elements = [acks[0].element, acks[-1].element] if trim else [d.element for d in acks]
+        # The fast path's acks are payloads of the fast list (see store/fast.py); the
+        # others, envelopes of the private list.
+        fast = [(d.fast, d.element) for d in acks if d.fast]
+        listed = [d for d in acks if not d.fast] if fast else acks
+        trim = len(listed) if self._in_take_order(listed) else 0
+        elements = [listed[0].element, listed[-1].element] if trim else [d.element for d in listed]
         self.before_take()
         limits = self.queue.limits
         if limits.any or limits.sorter:  # what this worker holds counts only against limits
             held = self.holding()
             groups = Counter(d.group for d in held if d.group is not None)
-            taken = self.queue.take(elements, limit, landed, trim, len(held), dict(groups))
+            taken = self.queue.take(
+                elements, limit, landed, trim, len(held), dict(groups), fast_acks=fast
+            )
         else:
-            taken = self.queue.take(elements, limit, landed, trim)
-        if taken.missing_acks < 0:  # nothing was removed: the acks wait for the next trip
+            taken = self.queue.take(elements, limit, landed, trim, fast_acks=fast)
+        if taken.missing_acks < 0:  # none of `listed` was removed: they wait for the next trip
             log.debug("%d acks were not the oldest of the private list; sent one by one", trim)
             self.one_by_one = True
+            if fast:  # those went all the same
+                self.on_settled(len(fast))
+                for delivery in acks:
+                    if delivery.fast:
+                        self.replies.pop(delivery.id, None)
+                self.acks = list(listed)
             return taken
         if taken.missing_acks and not self.resending:
             log.warning(
@@ -125,9 +137,8 @@ class Outbox:
         self.resending = self.one_by_one = False
         return taken
 
-    def _in_take_order(self) -> bool:
-        """True when the acks may travel as a trim: each taken after the one before."""
-        acks = self.acks
+    def _in_take_order(self, acks: list[Delivery]) -> bool:
+        """True when `acks` may travel as a trim: each taken after the one before."""
         if not acks or not self.trim_acks or self.one_by_one:
             return False
         previous = acks[0].seq

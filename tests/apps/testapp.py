@@ -156,6 +156,16 @@ def refuse_the_ack(message: bytes) -> None:
     _record("done", message)
 
 
+def end_after_handling(message: bytes) -> None:
+    """As `refuse_the_ack`, for a worker on the fast path (prefetch 1, store/fast.py), whose
+    ack is a plain LREM that no broken key of another kind refuses: a payload starting with
+    `poison` ends the worker with exit code 74 once its work is done, before the ack."""
+    _record("started", message)
+    _record("done", message)
+    if message.startswith(b"poison"):
+        os._exit(74)
+
+
 def to_file(message: bytes) -> None:
     """Appends the payload as a line to $TESTAPP_OUT: a record that needs no Redis, which
     may be out of memory."""

@@ -2,8 +2,9 @@
 -- REPLAY: what an earlier life of this worker left in flight, oldest first, after charging
 -- one attempt to each delivery whose handler had started.
 --
--- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring, nudge
--- ARGV: charge, unstarted, idbase, mine, worker_id, hold
+-- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring, nudge,
+--   fast_owners
+-- ARGV: charge, unstarted, idbase, mine, worker_id, hold, fast
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
 --              has that id; '0' (this process's own list, after a Redis error): none
@@ -14,6 +15,8 @@
 --   worker_id  the worker: the `max_running` permits an earlier life held are given back
 --   hold       ms those permits stay counted (see lua/flow.lua): > 0 when this worker's
 --              manager did not see the earlier life end (a new manager: it may be an orphan)
+--   fast       '1': this process takes by the fast path: it is added to `fast_owners`,
+--              where its successor, or a reclaim, finds its fast lists (see TAKE_OVER)
 -- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY).
 --
 -- A charged envelope gets a new id of this process, so a replay sent again after a lost
@@ -24,6 +27,7 @@
 -- replaying process becomes the list's `owner`.
 
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
+if fast == '1' then redis.call('SADD', fast_owners, string.sub(mine, 1, -2)) end
 -- A new process gives back the permits of the one before (its next take asks for what it
 -- runs); this process's own replay, after a Redis error, keeps those its handlers hold.
 if charge == '1' then

@@ -21,7 +21,8 @@
 -- scripts.TakeReply), `held` and `groups` always '' here (see take_flow.lua):
 --   missing    acks that found nothing, or -1: the acks sent as a trim were not where
 --              claimed, and nothing was removed (the worker sends them one by one)
---   next_due   due time of the next retry; '' if none, or if this call took all it could
+--   next_due   due time of the next retry, `now` if this call filled up with due ones
+--              (more may be due); '' if none
 --   attempts   the attempts of each new delivery joined by ','; '' when all are 0
 --   payloads   of the new deliveries: the worker knows the ids it gave, so the envelopes
 --              need not travel back
@@ -81,4 +82,4 @@ local landed_message = take_landed()
 local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
 local due = take_due(first)
 move(landed_message, due, take_shared())
-return finish(first)
+return finish(first, #due > 0)

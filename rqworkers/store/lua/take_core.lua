@@ -9,7 +9,7 @@
 --     attempts, whether any has attempts, and how many more this call may take
 --   owns_list(), remove_acks(), without_nudges(elements), add_to_batch(attempts, payload),
 --   take_shared(),
---   move(landed_message, due, oldest_last), finish(first) -> the reply
+--   move(landed_message, due, oldest_last), finish(first, took_due) -> the reply
 -- luacheck: ignore 211
 
 -- The reply, and the new envelopes with their attempts, built up by the functions below.
@@ -106,14 +106,19 @@ local function move(landed_message, due, oldest_last)
   if #oldest_last > 0 then redis.call('LTRIM', queue, 0, -#oldest_last - 1) end
 end
 
--- The reply's attempts and, if this call did not fill up, when the next retry is due.
-local function finish(first)
+-- The reply's attempts and when the next retry is due: if this call did not fill up, read
+-- anew; else the retry set's first before the call if it took none of the set (still the
+-- first), or `now` if it did (more may be due: the worker's fast path, see queue.py, then
+-- leaves the next take to this script).
+local function finish(first, took_due)
   if tried then
     for i = #attempts_of + 1, #fresh do attempts_of[i] = 0 end
     taken[3] = table.concat(attempts_of, ',')
   end
   if room > 0 and first[2] then
     taken[2] = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')[2] or ''
+  elseif first[2] then
+    taken[2] = took_due and now or first[2]
   end
   return taken
 end

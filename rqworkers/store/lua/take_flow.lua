@@ -44,7 +44,8 @@
 -- {missing, next_due, attempts, held, payload1, payload2, ...} (decoded by scripts.TakeReply):
 --   missing    acks that found nothing, or -1: the acks sent as a trim were not where
 --              claimed, and nothing was removed (the worker sends them one by one)
---   next_due   due time of the next retry; '' if none, or if this call took all it could
+--   next_due   due time of the next retry, `now` if this call filled up with due ones
+--              (more may be due); '' if none
 --   attempts   the attempts of each new delivery joined by ','; '' when all are 0
 --   held       why it took less than `limit`, if a limit did it: 'paused', 'full' (no
 --              permit free) or 'rate:<ms>' (the next start is allowed in that many ms);
@@ -325,4 +326,4 @@ else
   move(landed_message, due, take_shared())
 end
 count_taken(had)
-return finish(first)
+return finish(first, #due > 0)
