@@ -254,3 +254,16 @@ def test_out_of_memory_the_script_takes_and_the_queue_drains(client: redis.Redis
         assert client.llen(QUEUE) == 0 and client.llen(q.keys.processing) == 0
     finally:
         client.config_set("maxmemory", "0")
+
+
+def test_a_predecessor_seen_to_end_leaves_no_seal(client: redis.Redis) -> None:
+    """Its manager reaped it: nothing can run in it, and a seal is a key for a day, one per
+    restart (`max_requests` may recycle a worker often)."""
+    old = worker(client)
+    push(client, b"ran")
+    assert take_one(old) is not None
+    new = ReliableQueue(client, QUEUE, WORKER, keep_connection=True, fast_path=True)
+    [left] = new.replay(b"", may_run=False)
+    assert left.payload == b"ran" and left.attempts == 1
+    assert [client.type(name) for name in old.fast.lists] == [b"none", b"none"]
+    assert client.smembers(new.keys.fast_owners) == {new.owner_name[:-1]}

@@ -466,7 +466,9 @@ class ReliableQueue:
 
     # -- leftovers, failures, stopping -------------------------------------------------------
 
-    def replay(self, charge_before: bytes | None, hold_permits: float = 0.0) -> list[Delivery]:
+    def replay(
+        self, charge_before: bytes | None, hold_permits: float = 0.0, may_run: bool = True
+    ) -> list[Delivery]:
         """The private list, oldest first, after charging the deliveries that had started.
 
         `charge_before`: the id of the oldest delivery an earlier life of this worker left
@@ -475,6 +477,8 @@ class ReliableQueue:
         or nobody knows). None: this process's own list, after a Redis error: nothing is
         charged. `hold_permits`: seconds the earlier life's `max_running` permits stay
         counted, when its end was not seen (it may run on, orphaned: see `PERMIT_HOLD`).
+        `may_run`: an earlier process may still run (its end was not seen), so its fast
+        lists are sealed, not deleted (see fast.py): a seal is a key that lasts a day.
         """
         # First what fast lists hold, into the private list: an earlier process's (charged
         # if started), or after a Redis error this process's own (see fast.py: what is
@@ -484,7 +488,7 @@ class ReliableQueue:
             # The scoreboard names the id a fast take gave when its delivery never started.
             unstarted = (charge_before or b"").startswith(f"{process}.".encode())
             started = charge_before is not None and not own and not unstarted
-            self._take_over(process, "private", started, own)
+            self._take_over(process, "private", started, seal=may_run and not own)
         self.fast.forget()
         reply = self._replay(
             charge="0" if charge_before is None else "1",
@@ -508,7 +512,7 @@ class ReliableQueue:
             raise members
         return sorted(m.decode(errors="replace") for m in members)
 
-    def _take_over(self, process: str, to: str, charge: bool, own: bool) -> scripts.TakenOver:
+    def _take_over(self, process: str, to: str, charge: bool, seal: bool) -> scripts.TakenOver:
         """Move what `process`'s fast lists hold `to` the private list or the retry set."""
         keys = Keys(self.keys.queue_name, self.worker_id, process)
         return Bound(self._runner.bind, keys, scripts.TAKE_OVER)(
@@ -517,7 +521,7 @@ class ReliableQueue:
             charge="1" if charge else "0",
             idbase=self._id_base(),
             token=scripts.new_nudge_token(),
-            seal="0" if own else "1",
+            seal="1" if seal else "0",
         )
 
     def _settling(self, script: scripts.Script[R], fast_list: str) -> Bound[R]:
@@ -617,7 +621,7 @@ class ReliableQueue:
             moved = 0
             for process in self._fast_owners():  # see fast.py, and `replay`
                 charge = not unstarted.startswith(f"{process}.".encode())
-                fast = self._take_over(process, "retry", charge, own=False).moved
+                fast = self._take_over(process, "retry", charge, seal=True).moved
                 if fast is None:
                     return None  # the lease is alive
                 moved += fast

@@ -193,7 +193,9 @@ class Worker:
         # A predecessor this manager saw end is gone; one it did not see (a new manager)
         # may run on, orphaned: its permits stay counted a moment (`flow.PERMIT_HOLD`).
         unseen = self.spec.previous_unstarted is None and self.charge_before is not None
-        leftovers = self.queue.replay(self.charge_before, PERMIT_HOLD if unseen else 0.0)
+        leftovers = self.queue.replay(
+            self.charge_before, PERMIT_HOLD if unseen else 0.0, may_run=unseen
+        )
         self.charge_before = None  # from here on this process knows what it ran
         running = self.running_elements()
         leftovers = [d for d in leftovers if d.element not in running]

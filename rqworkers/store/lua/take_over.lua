@@ -1,9 +1,9 @@
 #!lua flags=allow-oom
 -- TAKE_OVER: moves what one process's two fast lists hold (see store/fast.py: payloads,
 -- not envelopes) into the private list, for a replay, or into the retry set, due at once,
--- for a reclaim; then seals them (a string in their place) unless they are the caller's
--- own, so that the process, if it still runs, can move nothing more into them, and strikes
--- the process from `fast_owners`.
+-- for a reclaim; then seals them (a string in their place) if the process may still run,
+-- so that it can move nothing more into them (else deletes them), and strikes the process
+-- from `fast_owners`.
 --
 -- KEYS: processing, retry, lease, queue, nudge, fast_0, fast_1, fast_owners
 -- ARGV: process, to, charge, idbase, token, seal
@@ -14,7 +14,8 @@
 --              started, as the scoreboard said)
 --   idbase     an id base of the caller, for the envelopes this call writes
 --   token      a fresh nudge token (see lua/envelope.lua), for a reclaim's due messages
---   seal       '1': seal the lists; '0' (the caller's own): delete them
+--   seal       '1': seal the lists; '0' (the caller's own, or a process whose end its
+--              manager saw): delete them
 -- Returns {n, envelope1, ...}: how many moved, and for a replay their envelopes, oldest
 -- first; {-1} if a reclaim found the lease alive (decoded by scripts.TAKE_OVER).
 
