@@ -66,7 +66,7 @@ def build(url: str, prefetch: int) -> Worker:
 def drain(worker: Worker, n: int) -> float:
     """Seconds for `worker` to finish n messages (one step each, plus the takes)."""
     started = time.perf_counter()
-    while worker.finished < n:
+    while worker.board.succeeded < n:
         worker.step()
     return time.perf_counter() - started
 
