@@ -1,0 +1,77 @@
+"""A hostile review of the fast path (rqworkers/store/fast.py): what it was found to get
+wrong. Against fakeredis and a real redis-server, as tests/test_fast.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from rqworkers.store import levels
+from rqworkers.store.queue import Delivery, ReliableQueue
+from tests.test_fast import QUEUE, WORKER, push, take_one, unlooked, worker
+
+
+def scripted(client: redis.Redis) -> ReliableQueue:
+    """A worker's queue as `worker` makes it, but taking through the script only."""
+    q = ReliableQueue(client, QUEUE, WORKER, keep_connection=True, fast_path=False)
+    q.hold_lease(30)
+    q.replay(b"")
+    unlooked(q)
+    return q
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a fast list's finished delivery is not charged when the scoreboard "
+                "names the next take's id: the take-over cannot tell it from the next take",
+            ),
+        ),
+    ],
+    ids=["script", "fast"],
+)
+def test_a_crash_between_the_handler_end_and_the_ack_charges_the_delivery_that_ran(
+    client: redis.Redis, fast: bool
+) -> None:
+    """The handler of `ran` ended; before the ack goes (with the next take), the loop marks
+    the next take's id as the oldest unstarted (`Worker.before_take`), and the process is
+    killed before it sends. `ran` reached its handler: its successor charges it, as the
+    scoreboard's docstring says ("finished but unsettled ones too")."""
+    old = worker(client) if fast else scripted(client)
+    push(client, b"ran", b"next")
+    ran = take_one(old)
+    assert ran is not None and bool(ran.fast) == fast
+    mark = old.next_take_id  # SIGKILL here: the ack never left
+    new = ReliableQueue(client, QUEUE, WORKER, keep_connection=True, fast_path=True)
+    [left] = new.replay(mark)
+    assert left.payload == b"ran" and left.attempts == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the fast take's due check and the script's `fast.note` take a negative first "
+    "score (any priority band) as due: one parked prioritised retry turns the fast path off",
+)
+def test_a_prioritised_retry_parked_for_an_hour_leaves_plain_takes_on_the_fast_path(
+    client: redis.Redis,
+) -> None:
+    q = worker(client)
+    later = levels.due_score(5, time.time() + 3600)
+    client.zadd(q.keys.retry, {Delivery(b"x.1", 1, b"parked").element: later})
+    push(client, b"a", b"b", b"c")
+    taken = []
+    previous: Delivery | None = None
+    for _ in range(3):
+        previous = take_one(q, [previous] if previous else [])
+        assert previous is not None
+        taken.append(previous)
+    assert [d.payload for d in taken] == [b"a", b"b", b"c"]
+    assert client.zcard(q.keys.retry) == 1, "the parked retry waits"
+    assert taken[-1].fast, "the fast path serves plain messages again"
