@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from rqworkers.store import levels
+from rqworkers.store import levels, scripts
 from rqworkers.store.queue import Delivery, ReliableQueue
 from tests.test_fast import QUEUE, WORKER, push, take_one, unlooked, worker
 
@@ -75,3 +75,29 @@ def test_a_prioritised_retry_parked_for_an_hour_leaves_plain_takes_on_the_fast_p
     assert [d.payload for d in taken] == [b"a", b"b", b"c"]
     assert client.zcard(q.keys.retry) == 1, "the parked retry waits"
     assert taken[-1].fast, "the fast path serves plain messages again"
+
+
+@pytest.mark.parametrize("after", ["successor", "own replay", "reclaim"])
+def test_a_nudge_caught_in_a_fast_list_is_dropped_not_handed_to_a_handler(
+    client: redis.Redis, after: str
+) -> None:
+    """A fast take moves whatever is oldest, the queue's nudge too, and sends it back in a
+    second round trip: a process killed (or a reply lost) in between leaves the nudge in
+    its fast list. Taking the list over must drop it, as a replay drops one it finds in the
+    landing list, not wrap it as a message."""
+    old = worker(client)
+    token = scripts.new_nudge_token()
+    client.set(old.keys.nudge, token)
+    push(client, token.encode())
+    client.lmove(QUEUE, old.fast.lists[0], "RIGHT", "LEFT")  # the fast take's LMOVE; then
+    if after == "successor":  # SIGKILL
+        new = ReliableQueue(client, QUEUE, WORKER, keep_connection=True, fast_path=True)
+        assert new.replay(old.next_take_id) == []
+    elif after == "own replay":  # a Redis error: the process replays its own lists
+        assert old.replay(None) == []
+    else:  # its node is lost: a reclaim
+        client.delete(old.keys.lease)
+        assert ReliableQueue(client, QUEUE, WORKER).reclaim(b"") is not None
+        assert client.zcard(old.keys.retry) == 0
+    assert client.llen(old.keys.processing) == 0
+    assert all(client.type(name) != b"list" for name in old.fast.lists)

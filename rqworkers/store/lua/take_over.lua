@@ -3,7 +3,8 @@
 -- not envelopes) into the private list, for a replay, or into the retry set, due at once,
 -- for a reclaim; then seals them (a string in their place) if the process may still run,
 -- so that it can move nothing more into them (else deletes them), and strikes the process
--- from `fast_owners`.
+-- from `fast_owners`. A nudge there (a fast take moves it, then sends it back: the process
+-- died, or its reply was lost, in between) is dropped, as REPLAY drops one landed.
 --
 -- KEYS: processing, retry, lease, queue, nudge, fast_0, fast_1, fast_owners
 -- ARGV: process, to, charge, idbase, token, seal
@@ -21,18 +22,21 @@
 
 if to == 'retry' and redis.call('EXISTS', lease) == 1 then return {-1} end
 local result, attempts = {0}, charge == '1' and 1 or 0
+local dropped = nudge_token(nudge)
 for side, fast in ipairs({fast_0, fast_1}) do
   if redis.call('TYPE', fast).ok == 'list' then
     local payloads = redis.call('LRANGE', fast, 0, -1)
     for i = #payloads, 1, -1 do
-      local element = wrap(idbase .. 'F' .. side .. '.' .. i, attempts, payloads[i])
-      if to == 'retry' then
-        redis.call('ZADD', retry, 0, element)
-      else
-        redis.call('LPUSH', processing, element)
-        result[#result + 1] = element
+      if payloads[i] ~= dropped then
+        local element = wrap(idbase .. 'F' .. side .. '.' .. i, attempts, payloads[i])
+        if to == 'retry' then
+          redis.call('ZADD', retry, 0, element)
+        else
+          redis.call('LPUSH', processing, element)
+          result[#result + 1] = element
+        end
+        result[1] = result[1] + 1
       end
-      result[1] = result[1] + 1
     end
   end
   if seal == '1' then
