@@ -8,6 +8,7 @@ import time
 import pytest
 import redis
 
+from rqworkers.errors import Superseded
 from rqworkers.store import levels, scripts
 from rqworkers.store.queue import Delivery, ReliableQueue
 from tests.test_fast import QUEUE, WORKER, push, take_one, unlooked, worker
@@ -101,3 +102,29 @@ def test_a_nudge_caught_in_a_fast_list_is_dropped_not_handed_to_a_handler(
         assert client.zcard(old.keys.retry) == 0
     assert client.llen(old.keys.processing) == 0
     assert all(client.type(name) != b"list" for name in old.fast.lists)
+
+
+@pytest.mark.parametrize("settle", ["retry", "dead", "give back"])
+def test_a_superseded_process_settling_a_fast_delivery_learns_it_was_superseded(
+    client: redis.Redis, settle: str
+) -> None:
+    """Its successor sealed the fast list its delivery sat in. A retry, a dead letter or a
+    give-back (on exit) of that delivery must say `Superseded`, as its ack does: not fail
+    as a lasting Redis error naming the seal a key of the wrong type (an operator told so
+    would delete it) and exiting as one."""
+    old = worker(client)
+    push(client, b"m")
+    m = take_one(old)
+    assert m is not None and m.fast
+    new = ReliableQueue(client, QUEUE, WORKER, keep_connection=True, fast_path=True)
+    [left] = new.replay(b"")
+    assert left.payload == b"m"
+    with pytest.raises(Superseded):
+        if settle == "retry":
+            old.retry_later(m, 0)
+        elif settle == "dead":
+            old.dead_letter(m, {"reason": "r", "attempts": 1})
+        else:
+            old.give_back([m])
+    assert client.llen(QUEUE) == 0 and client.zcard(old.keys.retry) == 0
+    assert client.llen(old.keys.dead) == 0

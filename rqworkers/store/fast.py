@@ -50,7 +50,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -63,6 +63,7 @@ _PREFIX = PREFIX.encode()
 _DEDUP_HEAD = _PREFIX + b"dedup:"  # a deduplicated payload's wrapper: taken as it is
 _TOKEN = re.compile(rb"[0-9a-f]{32}")  # a nudge token as earlier versions wrote it
 
+R = TypeVar("R")
 SendAll = Callable[[Sequence[Sequence[Any]]], list[Any]]
 FastAck = tuple[str, bytes]  # a handled fast delivery: its fast list, its payload there
 
@@ -151,6 +152,16 @@ class FastPath:
         """The delivery in `fast_list` is settled (acked, retried, dead or given back)."""
         if self.held == fast_list:
             self.held = None
+
+    def settling(self, settle: Callable[..., R], **args: Any) -> R:
+        """`settle(**args)`, a script settling a delivery in a fast list: should it find the list
+        sealed, `Superseded`, as a take or an ack would (not a lasting error of a key of the
+        wrong type, which an operator told so would delete)."""
+        try:
+            return settle(**args)
+        except redis.ResponseError as exc:
+            self._checked([exc])
+            raise
 
     def forget(self) -> None:
         """This process's own replay moved its fast lists into the private list."""

@@ -552,8 +552,8 @@ class ReliableQueue:
         for fast_list in dict.fromkeys(d.fast for d in unstarted):
             elements = [d.element for d in reversed(unstarted) if d.fast == fast_list]
             give_back = self._settling(scripts.GIVE_BACK, fast_list) if fast_list else None
-            moved += (give_back or self._give_back)(
-                idbase=f"g{self._id_base()}", envelopes=elements
+            moved += self.fast.settling(
+                give_back or self._give_back, idbase=f"g{self._id_base()}", envelopes=elements
             )
             self.fast.settled(fast_list)
         return moved
@@ -565,7 +565,8 @@ class ReliableQueue:
         if delivery.fast:
             self.fast.settled(delivery.fast)  # once sent; resent, should the reply be lost
             retry_later = self._settling(scripts.RETRY_LATER, delivery.fast)
-        return retry_later(
+        return self.fast.settling(
+            retry_later,
             element=delivery.element,
             due=repr(levels.due_score(delivery.level, time.time() + delay)),
             member_id=self._id_base(),
@@ -585,7 +586,9 @@ class ReliableQueue:
         if delivery.fast:
             self.fast.settled(delivery.fast)
             dead_letter = self._settling(scripts.DEAD_LETTER, delivery.fast)
-        return dead_letter(element=delivery.element, digest=digest(delivery.payload), record=text)
+        return self.fast.settling(
+            dead_letter, element=delivery.element, digest=digest(delivery.payload), record=text
+        )
 
     # -- leases and orphans -----------------------------------------------------------------
 

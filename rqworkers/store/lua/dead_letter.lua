@@ -18,6 +18,9 @@
 -- field of many copies stays small.
 -- No allow-oom flag: a record of any size is something new, and waits for memory.
 
+-- A sealed fast list (see lua/take_over.lua) fails here, WRONGTYPE, before anything is
+-- written: its superseded process must not add a copy of what was taken over.
+redis.call('LLEN', processing)
 local _, _, wrapped = parse(element)
 local payload = bare(wrapped)
 local ok, new = pcall(cjson.decode, record)

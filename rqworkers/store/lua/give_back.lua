@@ -10,6 +10,9 @@
 --   envelopes  the deliveries to give back, newest first
 -- Returns how many moved (decoded by scripts.GIVE_BACK).
 
+-- A sealed fast list (see lua/take_over.lua) fails here, WRONGTYPE, before anything is
+-- written: its superseded process must not add a copy of what was taken over.
+redis.call('LLEN', processing)
 local moved = 0
 for i = REST, #ARGV do
   local _, attempts, payload = parse(ARGV[i])

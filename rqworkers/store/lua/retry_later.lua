@@ -11,6 +11,9 @@
 --   attempts   its attempts, this one counted
 -- Returns 1 if it moved, else 0 (decoded by scripts.RETRY_LATER).
 
+-- A sealed fast list (see lua/take_over.lua) fails here, WRONGTYPE, before anything is
+-- written: its superseded process must not add a copy of what was taken over.
+redis.call('LLEN', processing)
 local _, _, payload = parse(element)
 local member = wrap(member_id, attempts, payload)
 redis.call('ZADD', retry, due, member)
