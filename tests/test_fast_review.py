@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import fakeredis
 import pytest
 import redis
 
@@ -128,3 +129,17 @@ def test_a_superseded_process_settling_a_fast_delivery_learns_it_was_superseded(
             old.give_back([m])
     assert client.llen(QUEUE) == 0 and client.zcard(old.keys.retry) == 0
     assert client.llen(old.keys.dead) == 0
+
+
+def test_before_redis_7_a_settling_script_stopped_by_a_seal_says_superseded_too() -> None:
+    """Redis 6 wraps an error a command inside a script returned: "ERR Error running
+    script ...: WRONGTYPE ...". It still means the seal."""
+    client = fakeredis.FakeRedis(version=(6, 2))
+    old = worker(client)
+    push(client, b"m")
+    m = take_one(old)
+    assert m is not None and m.fast
+    ReliableQueue(client, QUEUE, WORKER, keep_connection=True, fast_path=True).replay(b"")
+    with pytest.raises(Superseded):
+        old.retry_later(m, 0)
+    assert client.zcard(old.keys.retry) == 0

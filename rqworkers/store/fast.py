@@ -190,7 +190,8 @@ class FastPath:
         process took it over (`Superseded`); any other error is raised as it is."""
         for reply in replies:
             if isinstance(reply, redis.ResponseError):
-                if str(reply).startswith("WRONGTYPE") and self._sealed():
+                # Anywhere in it: in a script, before Redis 7.0, "ERR Error running ... -WRONGTYPE".
+                if "WRONGTYPE" in str(reply) and self._sealed():
                     raise Superseded(f"{self.lists[0]} was taken over by another process")
                 raise reply
         return replies
