@@ -4,6 +4,7 @@ wrong. Against fakeredis and a real redis-server, as tests/test_fast.py."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import fakeredis
 import pytest
@@ -12,6 +13,7 @@ import redis
 from rqworkers.errors import Superseded
 from rqworkers.store import levels, scripts
 from rqworkers.store.queue import Delivery, ReliableQueue
+from tests.servers import Processes, Server
 from tests.test_fast import QUEUE, WORKER, push, take_one, unlooked, worker
 
 
@@ -143,3 +145,23 @@ def test_before_redis_7_a_settling_script_stopped_by_a_seal_says_superseded_too(
     with pytest.raises(Superseded):
         old.retry_later(m, 0)
     assert client.zcard(old.keys.retry) == 0
+
+
+def test_a_server_without_lmove_before_6_2_is_served_by_the_script(tmp_path: Path) -> None:
+    """The fast path is on at prefetch 1, the default, and Redis before 6.2 knows no LMOVE
+    (rqworkers serves those servers: see `ReliableQueue.fetch`, `renew_leases`). Its take
+    falls back to the script, as a blocking fetch falls back to BRPOPLPUSH; not an error
+    that stops every worker. LMOVE renamed away stands in for an old server."""
+    processes = Processes()
+    try:
+        server = Server(processes, tmp_path / "old", ["--rename-command", "LMOVE", ""]).start()
+        client = server.client()
+        q = worker(client)
+        push(client, b"a", b"b")
+        a = take_one(q)
+        assert a is not None and a.payload == b"a" and not a.fast
+        b = take_one(q, [a])
+        assert b is not None and b.payload == b"b" and q.ack(b)
+        assert client.llen(QUEUE) == 0 and client.llen(q.keys.processing) == 0
+    finally:
+        processes.kill_all()

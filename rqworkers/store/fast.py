@@ -93,7 +93,7 @@ class FastPath:
     a take found something due in the retry set; the script takes until one finds none.
     """
 
-    __slots__ = ("_nudge", "_send_all", "due_now", "held", "keys", "lists")
+    __slots__ = ("_nudge", "_send_all", "due_now", "held", "keys", "lists", "no_lmove")
 
     def __init__(self, keys: Keys, process: str, send_all: SendAll) -> None:
         self.keys = keys
@@ -101,12 +101,13 @@ class FastPath:
         self._send_all = send_all
         self.held: str | None = None
         self.due_now = False
+        self.no_lmove = False  # a server before 6.2: the script takes (see `take`)
         self._nudge: bytes | None = None  # the queue's nudge token, once read
 
     def ready(self, acks: Sequence[FastAck]) -> bool:
         """Whether a fast take may go with `acks`: they settle the delivery in hand, if
         any, and nothing is known to be due."""
-        if self.due_now or len(acks) != (self.held is not None):
+        if self.no_lmove or self.due_now or len(acks) != (self.held is not None):
             return False
         return not acks or acks[0][0] == self.held
 
@@ -123,8 +124,13 @@ class FastPath:
         commands.append(("ZRANGE", k.retry, 0, 0, "WITHSCORES"))
         replies = self._send_all(commands)
         # Over maxmemory, Redis refuses a LMOVE (it may grow memory) before it moves
-        # anything; the script, which may, takes instead (the acks went through).
-        full = isinstance(replies[-2], redis.exceptions.OutOfMemoryError)
+        # anything; the script, which may, takes instead (the acks went through). Before
+        # 6.2 Redis knows no LMOVE (as `ReliableQueue.fetch` finds of BLMOVE): the script
+        # takes, from then on every time.
+        moved = replies[-2]
+        full = isinstance(moved, redis.exceptions.OutOfMemoryError)
+        if isinstance(moved, redis.ResponseError) and "unknown command" in str(moved).lower():
+            full = self.no_lmove = True
         if full:
             replies[-2] = None
         replies = self._checked(replies)
