@@ -30,14 +30,7 @@ def scripted(client: redis.Redis) -> ReliableQueue:
     "fast",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a fast list's finished delivery is not charged when the scoreboard "
-                "names the next take's id: the take-over cannot tell it from the next take",
-            ),
-        ),
+        True,
     ],
     ids=["script", "fast"],
 )

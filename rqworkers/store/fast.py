@@ -111,12 +111,14 @@ class FastPath:
             return False
         return not acks or acks[0][0] == self.held
 
-    def take(self, acks: Sequence[FastAck], listed: Sequence[bytes] = ()) -> FastTake:
+    def take(self, acks: Sequence[FastAck], listed: Sequence[bytes], side: int) -> FastTake:
         """Ack `acks` (the delivery in hand, if `ready` said so) and `listed` (envelopes of
-        the private list: what the script took last) and take one message, into the fast
-        list that does not hold one."""
-        k, held = self.keys, self.held
-        into = self.lists[1] if held == self.lists[0] else self.lists[0]
+        the private list: what the script took last) and take one message into the fast
+        list `side` (the parity of the take's number), which never holds the delivery in
+        hand."""
+        k = self.keys
+        into = self.lists[side]
+        assert into != self.held, "a take's number is never of the held list's parity"
         commands: list[tuple[Any, ...]] = [("LREM", name, -1, ack) for name, ack in acks]
         commands += [("LREM", k.processing, -1, envelope) for envelope in listed]
         acks = [*acks, *((k.processing, e) for e in listed)]
@@ -153,6 +155,11 @@ class FastPath:
         for name, _ in acks:
             self.settled(name)
         return sum(1 for removed in replies if not removed)
+
+    @property
+    def held_side(self) -> int | None:
+        """The side (0 or 1) of the fast list holding the delivery in hand, if any."""
+        return None if self.held is None else self.lists.index(self.held)
 
     def settled(self, fast_list: str) -> None:
         """The delivery in `fast_list` is settled (acked, retried, dead or given back)."""

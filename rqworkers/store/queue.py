@@ -173,6 +173,17 @@ class Taken:
     held: Held | None = None  # what held the take back: the pause or a flow limit
 
 
+def _unstarted_side(unstarted: bytes, process: str) -> str:
+    """The fast list ('0' or '1') of `process` that the scoreboard's mark `unstarted`
+    names as holding a take whose delivery never started ('' if it names none): the
+    side of its take's number (`ReliableQueue._next_take_number`)."""
+    head, _, rest = unstarted.partition(b".")
+    number = rest.split(b".", 1)[0]
+    if head.decode(errors="replace") != process or not number.isdigit():
+        return ""
+    return str(int(number) % 2)
+
+
 def _with_missing(taken: Taken, missing: int) -> Taken:
     """`taken`, counting `missing` more acks that found nothing (unless its own were not
     removed at all: -1)."""
@@ -238,6 +249,14 @@ class ReliableQueue:
     def _id_base(self) -> str:
         self._ids += 1
         return f"{self._id_prefix}.{self._ids}."
+
+    def _next_take_number(self) -> int:
+        """The number of the next take: a fast take goes into the fast list of its parity
+        (`FastPath.take`), so a number of the parity of the list holding the delivery in
+        hand is passed over. The scoreboard's mark then tells a replay which fast list
+        holds a take that never started, and which a delivery that did (`_take_over`)."""
+        n = self._ids + 1
+        return n + 1 if self.fast.held_side == n % 2 else n
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -317,6 +336,7 @@ class ReliableQueue:
         limits = self.limits
         if limits.grouper is not None and not limits.group_by:
             landed = self._sort_by_handler(limits.grouper, landed)
+        self._ids = self._next_take_number() - 1
         base = self._id_base()
         plain = not (limits.any or limits.sorter or self._was_paused)
         look = plain and self._look_for_pause(landed)
@@ -326,7 +346,7 @@ class ReliableQueue:
         listed = acks[:1] if trim == 1 else acks
         ready = self._fast_found and limit == 1 and not (landed or look) and trim <= 1
         if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
-            got = fast.take(fast_acks, listed)
+            got = fast.take(fast_acks, listed, self._ids % 2)
             if not got.to_script:
                 deliveries = self._fast_deliveries(base, got.payload)
                 return Taken(got.missing_acks, deliveries, got.next_due)
@@ -485,10 +505,9 @@ class ReliableQueue:
         # still there is in hand, uncharged).
         for process in self._fast_owners():
             own = process == self._id_prefix
-            # The scoreboard names the id a fast take gave when its delivery never started.
-            unstarted = (charge_before or b"").startswith(f"{process}.".encode())
-            started = charge_before is not None and not own and not unstarted
-            self._take_over(process, "private", started, seal=may_run and not own)
+            charge = charge_before is not None and not own
+            unstarted = _unstarted_side(charge_before or b"", process)
+            self._take_over(process, "private", charge, unstarted, seal=may_run and not own)
         self.fast.forget()
         reply = self._replay(
             charge="0" if charge_before is None else "1",
@@ -512,13 +531,16 @@ class ReliableQueue:
             raise members
         return sorted(m.decode(errors="replace") for m in members)
 
-    def _take_over(self, process: str, to: str, charge: bool, seal: bool) -> scripts.TakenOver:
+    def _take_over(
+        self, process: str, to: str, charge: bool, unstarted: str, seal: bool
+    ) -> scripts.TakenOver:
         """Move what `process`'s fast lists hold `to` the private list or the retry set."""
         keys = Keys(self.keys.queue_name, self.worker_id, process)
         return Bound(self._runner.bind, keys, scripts.TAKE_OVER)(
             process=process,
             to=to,
             charge="1" if charge else "0",
+            unstarted=unstarted,
             idbase=self._id_base(),
             token=scripts.new_nudge_token(),
             seal="1" if seal else "0",
@@ -543,7 +565,7 @@ class ReliableQueue:
     @property
     def next_take_id(self) -> bytes:
         """The id the next `take` gives its first delivery, should it take one."""
-        return f"{self._id_prefix}.{self._ids + 1}.1".encode()
+        return f"{self._id_prefix}.{self._next_take_number()}.1".encode()
 
     def give_back(self, unstarted: list[Delivery]) -> int:
         """Return deliveries that never reached the handler, oldest first in `unstarted`,
@@ -623,8 +645,8 @@ class ReliableQueue:
         try:
             moved = 0
             for process in self._fast_owners():  # see fast.py, and `replay`
-                charge = not unstarted.startswith(f"{process}.".encode())
-                fast = self._take_over(process, "retry", charge, seal=True).moved
+                side = _unstarted_side(unstarted, process)
+                fast = self._take_over(process, "retry", True, side, seal=True).moved
                 if fast is None:
                     return None  # the lease is alive
                 moved += fast
