@@ -50,7 +50,7 @@ from rqworkers.store import levels, scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.connections import connect as connect
 from rqworkers.store.direct import Call, runner_for, script_caller
-from rqworkers.store.fast import FastAck, FastPath
+from rqworkers.store.fast import FastAck, FastPath, fast_lists
 from rqworkers.store.flow import (
     NO_LIMITS,
     PERMIT_HOLD,
@@ -667,8 +667,7 @@ class ReliableQueue:
         elements = cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))
         listed = [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
         for process in self._fast_owners():
-            keys = Keys(self.keys.queue_name, self.worker_id, process)
-            for name in (keys.fast_0, keys.fast_1):
+            for name in fast_lists(self.keys, process):
                 if self.client.type(name) in (b"list", "list"):
                     payloads = cast(list[bytes], self.client.lrange(name, 0, -1))
                     listed += [Delivery(b"", 0, p, 0, p, fast=name) for p in reversed(payloads)]
@@ -905,9 +904,8 @@ def _fast_in_flight(client: Client, queue: str, owners: dict[str, set[bytes]]) -
     pipe = client.pipeline(transaction=False)
     for worker_id, processes in owners.items():
         for process in processes:
-            keys = Keys(queue, worker_id, process.decode(errors="replace"))
-            pipe.llen(keys.fast_0)
-            pipe.llen(keys.fast_1)
+            for name in fast_lists(Keys.of(queue, worker_id), process.decode(errors="replace")):
+                pipe.llen(name)
     if not len(pipe):
         return 0
     lengths = pipe.execute(raise_on_error=False)  # WRONGTYPE: a sealed list, holding none
