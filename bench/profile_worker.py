@@ -9,7 +9,8 @@ finished, against a private redis-server (no persistence). For each prefetch it 
 - the loop's wall time per message (best of R runs, no profiler), split into the time
   spent in `Outbox.take` (the Lua round trip that acks and takes, client wall time: the
   server's work, the socket, redis-py and hiredis) and the rest, the worker's own Python;
-- the redis-server's CPU per message over the same runs;
+- the redis-server's CPU per message over the same runs, the worker's and the yardstick's,
+  and their ratio (the median of the runs');
 - the yardstick of the same prefetch (`bench/yardsticks.py`: (b) for prefetch 1, (c)
   otherwise) run in this process before each run, on the same messages: a ratio taken
   without the service around the worker (no fork, no manager, no bench polling);
@@ -29,6 +30,7 @@ import io
 import os
 import pstats
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -144,16 +146,19 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
     n = args.messages
     print(f"## prefetch {prefetch}, {n:,} messages, load {os.getloadavg()[0]:.2f}\n")
     best: tuple[float, float, int] | None = None
-    redis_cpu = 0.0
+    redis_cpu: list[float] = []  # per run: the worker's, then the yardstick's
+    yardstick_cpu: list[float] = []
     mode = "b" if prefetch == 1 else "c"
     yardstick: list[float] = []
     for _ in range(args.repeat):
         client.flushdb()  # the yardstick of this prefetch first, on the same messages
         fill(client, QUEUE, n)
         client.script_load(_TAKE_BATCH)
+        before = cpu_seconds(redis_pid) or 0.0
         started = time.perf_counter()
         MODES[mode](client, QUEUE, f"{QUEUE}:processing", n, _handler(0.0))
         yardstick.append(time.perf_counter() - started)
+        yardstick_cpu.append((cpu_seconds(redis_pid) or 0.0) - before)
         client.flushdb()
         fill(client, QUEUE, n)
         worker = build(url, prefetch)
@@ -161,7 +166,7 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
         timer = TakeTimer(worker.outbox)
         before = cpu_seconds(redis_pid) or 0.0
         wall = drain(worker, n)
-        redis_cpu += (cpu_seconds(redis_pid) or 0.0) - before
+        redis_cpu.append((cpu_seconds(redis_pid) or 0.0) - before)
         worker.finish()
         worker.queue.client.close()
         if best is None or wall < best[0]:
@@ -172,7 +177,13 @@ def report(args: argparse.Namespace, url: str, redis_pid: int, client: Any, pref
     print(f"wall per message (best of {args.repeat}): {wall * us:.2f} us = {n / wall:,.0f} msgs/s")
     print(f"  in Outbox.take (Redis round trip, redis-py): {in_take * us:.2f} us ({takes:,} calls)")
     print(f"  the rest (worker Python per message): {(wall - in_take) * us:.2f} us")
-    print(f"redis-server CPU per message: {redis_cpu / args.repeat * us:.2f} us")
+    ratios = sorted(w / y for w, y in zip(redis_cpu, yardstick_cpu, strict=True))
+    print(
+        f"redis-server CPU per message (median of {args.repeat}): the worker "
+        f"{statistics.median(redis_cpu) * us:.2f} us, yardstick ({mode}) "
+        f"{statistics.median(yardstick_cpu) * us:.2f} us; the worker: "
+        f"{statistics.median(ratios):.2f}x (per run: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
     fastest = min(yardstick)
     print(
         f"yardstick ({mode}) in this process, interleaved (best of {args.repeat}): "

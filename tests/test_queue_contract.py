@@ -102,6 +102,24 @@ def test_take_moves_the_oldest_messages_into_the_private_list_as_envelopes(
     assert all(e.startswith(scripts.PREFIX.encode()) for e in elements)
 
 
+def test_every_envelope_of_a_large_take_is_the_one_the_worker_names(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    # TAKE writes the first 100 envelopes' tails from constants and formats the rest: acks
+    # and moves name an envelope as `Delivery.element` builds it, so the two must agree
+    # byte for byte, past the constants too, or an ack would miss and a message run twice.
+    produce(client, *[b"same"] * 150, b"x" * 1000)
+    taken = q.take([], 151).deliveries
+    assert [e for e in reversed(client.lrange(q.keys.processing, 0, -1))] == [
+        b"%s%s:0:%s" % (scripts.PREFIX.encode(), d.id, d.payload) for d in taken
+    ]
+    assert [d.id.rsplit(b".", 1)[1] for d in taken] == [b"%d" % n for n in range(1, 152)]
+    # Acked one by one and as one trim alike, every envelope is found.
+    assert q.take([d.element for d in taken[:120]], 0).missing_acks == 0
+    assert q.take([taken[120].element, taken[-1].element], 0, trim=31).missing_acks == 0
+    assert client.llen(q.keys.processing) == 0
+
+
 def test_identical_payloads_are_separate_deliveries_with_their_own_ids(
     client: redis.Redis, q: ReliableQueue
 ) -> None:

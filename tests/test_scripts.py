@@ -116,7 +116,7 @@ def test_a_header_the_loader_cannot_read_stops_the_import(
 def test_a_script_gets_the_library_and_constants_only_if_it_reads_them() -> None:
     assert scripts.DEAD_LETTER.libraries == ("envelope.lua",)
     assert scripts.DEAD_LETTER.constants == ("PREFIX", "KEPT_TWIN_RECORDS")
-    assert scripts.TAKE.constants == ("PREFIX", "LEVEL_BAND")
+    assert scripts.TAKE.constants == ("PREFIX", "LEVEL_BAND", "FRESH_TAILS")
     assert not scripts.LEASE.libraries and not scripts.LEASE.constants
     assert not scripts.REPLY.libraries and "PREFIX" not in scripts.REPLY.source
     assert scripts.TAKE.libraries == ("envelope.lua", "levels.lua", "take_core.lua"), "no flow"

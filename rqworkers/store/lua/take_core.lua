@@ -79,7 +79,8 @@ local function add_to_batch(attempts, payload)
 end
 
 -- The oldest messages of the shared list, as many as there is room for, taken, oldest last.
--- The bulk of every busy take: add_to_batch inlined, attempts 0.
+-- The bulk of every busy take: add_to_batch inlined, attempts 0, and the envelopes' tails
+-- the loader's constants (`n .. ':0:'` formats a number per message).
 local function take_shared()
   if room <= 0 then return {} end
   local oldest_last = redis.call('LRANGE', queue, -room, -1)
@@ -87,7 +88,7 @@ local function take_shared()
   local n, head = #fresh, PREFIX .. idbase
   for i = #messages, 1, -1 do
     n = n + 1
-    fresh[n] = head .. n .. ':0:' .. messages[i]
+    fresh[n] = head .. (FRESH_TAILS[n] or n .. ':0:') .. messages[i]
     taken[n + 5] = messages[i]
   end
   return oldest_last
