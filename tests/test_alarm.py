@@ -48,6 +48,33 @@ def test_many_short_calls_outlasting_the_limit_together_are_never_interrupted() 
     assert calls >= 20
 
 
+def test_a_stream_of_quick_calls_does_not_keep_waking_the_watchdog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker with quick handlers is mostly between calls, and gives the watchdog the GIL
+    # at every take's socket read; had the watchdog, finding no call then, gone to sleep
+    # for good, the next call would wake it again: a wake-up (and a thread taking the GIL
+    # from the worker) per batch of messages. It sleeps on towards the deadline it saw.
+    wakes = 0
+    wake = ALARM._wake.set
+
+    def counted() -> None:
+        nonlocal wakes
+        wakes += 1
+        wake()
+
+    ALARM.call(0.01, spin, 0.0)
+    give_up = time.monotonic() + 5.0
+    while ALARM.watching:  # the watchdog wakes at that deadline, finds nothing running...
+        assert time.monotonic() < give_up
+        time.sleep(0.005)
+    monkeypatch.setattr(ALARM._wake, "set", counted)  # ...and sleeps until a call wakes it
+    for _ in range(200):
+        ALARM.call(30.0, spin, 0.0)
+        time.sleep(0.0005)  # the GIL free, as in a socket read: the watchdog may look
+    assert wakes == 1, "the first call wakes it; it then sleeps towards that call's deadline"
+
+
 def test_each_call_gets_its_whole_limit_even_when_an_earlier_call_armed_the_timer() -> None:
     ALARM.call(0.2, spin, 0.0)  # armed to ring 0.2 s from now
     spin(0.15)

@@ -98,7 +98,11 @@ class Alarm:
             deadline = self.deadline
             now = time.monotonic()
             if not deadline:
-                target = 0.0  # nothing runs: sleep until a call wakes us
+                # Nothing runs. Between two calls, which is where a worker with quick
+                # handlers mostly is, keep sleeping towards the old target: the next call's
+                # deadline is later, so it need not wake this thread (one wake per batch of
+                # messages took the GIL from the worker). Once past it, sleep till a call wakes.
+                target = self.watching if self.watching > now else 0.0
             elif now < deadline:
                 target = deadline  # woken early, or by a later call: sleep till it is due
             else:
