@@ -293,3 +293,106 @@ def test_a_thread_callback_shares_its_message_timeout() -> None:
     assert _run_to_exit(worker) == ExitCode.TIMEOUT and DONE == [b"ok"]
     keys = worker.queue.keys
     assert client.zcard(keys.retry) == 1 and client.llen(keys.processing) == 0
+
+
+# -- the quick path (`Worker.run_quickly`) against `deliver` ----------------------------------
+
+
+class WithCallback:
+    """`handle` of this module with an `on_success`: its worker takes the general path."""
+
+    def handle(self, message: bytes) -> None:
+        handle(message)
+
+    def on_success(self, message: bytes, result: object) -> None:
+        pass
+
+
+def slow(message: bytes) -> None:
+    """`handle`, 30 ms a message, sleeping: long enough for a short ack interval to pass."""
+    time.sleep(0.03)
+    handle(message)
+
+
+def test_a_plain_handler_runs_quickly_and_anything_more_does_not() -> None:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    assert _worker(Worker, client).can_be_quick()
+    assert not _worker(Worker, client, handler="tests.test_loop:WithCallback").can_be_quick()
+    assert not _worker(Worker, client, sample_succeeded=0.5).can_be_quick()
+    for limited in ({"max_running": 2}, {"rate_limit": "10/s"}):
+        worker = _worker(Worker, client, **limited)
+        worker.queue.limits = worker.pair.limits  # as worker.main builds its queue
+        assert not worker.can_be_quick()
+
+
+QUICK_OR_NOT = pytest.mark.parametrize(
+    "handler", ["tests.test_loop:handle", "tests.test_loop:WithCallback"], ids=["quick", "general"]
+)
+
+
+@QUICK_OR_NOT
+def test_both_paths_settle_a_mixed_batch_alike(handler: str) -> None:
+    """Successes acked, a raise retried then dead-lettered, a retried delivery run after the
+    finished ones are settled, and the scoreboard's counts: the same on either path."""
+    STARTED.clear()
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(Worker, client, handler=handler, prefetch=10, max_attempts=2)
+    assert worker.can_be_quick() == handler.endswith(":handle")
+    client.lpush("jobs", b"ok1", b"raise", b"ok2", b"ok3")
+    try:
+        for _ in range(1000):
+            assert worker.step() is None
+            if client.llen(worker.queue.keys.dead) == 1:
+                break
+        worker.outbox.flush()
+    finally:
+        worker.finish()
+    assert STARTED == [b"ok1", b"raise", b"ok2", b"ok3", b"raise"]
+    assert DONE == [b"ok1", b"ok2", b"ok3"]
+    assert worker.board.succeeded == 3 and worker.board.failed == 2
+    keys = worker.queue.keys
+    assert client.llen(keys.processing) == 0 and client.zcard(keys.retry) == 0
+    assert client.lrange(worker.queue.keys.dead, 0, -1) == [b"raise"]
+
+
+@QUICK_OR_NOT
+def test_both_paths_end_the_worker_at_a_timeout(handler: str) -> None:
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    worker = _worker(Worker, client, handler="tests.test_loop:slow", prefetch=10, timeout=0.01)
+    client.lpush("jobs", b"a", b"b")
+    assert _run_to_exit(worker) == ExitCode.TIMEOUT
+    assert worker.board.failed == 1
+    assert client.zcard(worker.queue.keys.retry) == 1, "retried, not lost"
+    assert client.llen("jobs") + client.llen(worker.queue.keys.processing) == 1
+
+
+@QUICK_OR_NOT
+def test_both_paths_send_acks_once_they_waited_the_ack_interval(
+    handler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow batch does not hold finished work unacked: once the oldest pending ack has
+    waited ACK_INTERVAL, the acks leave before the batch ends."""
+    monkeypatch.setattr("rqworkers.worker.outbox.ACK_INTERVAL", 0.05)
+    DONE.clear()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    name = "tests.test_loop:slow" if handler.endswith(":handle") else handler
+    worker = _worker(Worker, client, handler=name, prefetch=10)
+    client.lpush("jobs", *[f"ok{i}".encode() for i in range(10)])
+    worker.resume()
+    assert worker.fill_batch() and len(worker.batch) == 10
+    seen: list[int] = []
+    real_handle = worker.handler.handle
+
+    def watching(message: bytes) -> None:
+        seen.append(client.llen(worker.queue.keys.processing))
+        real_handle(message)
+        time.sleep(0.03)
+
+    worker.handler.handle = watching
+    try:
+        assert worker.run_batch() is None
+    finally:
+        worker.finish()
+    assert len(DONE) == 10
+    assert min(seen) < 10, f"acks were held back for the whole batch: {seen}"

@@ -39,6 +39,7 @@ class FakeQueue:
     it took effect (`lost_reply`), as a dropped connection would."""
 
     limits = NO_LIMITS  # as a ReliableQueue of a queue without flow control
+    fast_path = False  # nor the fast path (prefetch 1)
 
     def __init__(self) -> None:
         self.keys = Keys.of("jobs", "n:1")

@@ -100,8 +100,8 @@ class Outbox:
         if not acks and limit <= 0:
             return Taken(0, [], None)  # nothing to send
         # The fast path's acks are payloads of the fast list (see store/fast.py); the
-        # others, envelopes of the private list.
-        fast = [(d.fast, d.element) for d in acks if d.fast]
+        # others, envelopes of the private list. Only a queue with the fast path has any.
+        fast = [(d.fast, d.element) for d in acks if d.fast] if self.queue.fast_path else []
         listed = [d for d in acks if not d.fast] if fast else acks
         trim = len(listed) if self._in_take_order(listed) else 0
         elements = [listed[0].element, listed[-1].element] if trim else [d.element for d in listed]

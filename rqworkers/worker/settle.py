@@ -107,6 +107,16 @@ class Settler:
                 extra={"event": "succeeded"},
             )
 
+    def succeeded(self, delivery: Delivery, ended: float) -> None:
+        """`settle` for a delivery of `Worker.run_quickly`, whose handler returned at monotonic
+        `ended` and made no reply, with no deduplication key and no log line: count it and
+        queue its ack, sent at once if the oldest pending one has waited ACK_INTERVAL."""
+        self.finished += 1
+        outbox = self.outbox
+        outbox.ack(delivery, ended)
+        if outbox.acks_overdue(ended):
+            outbox.flush()
+
     def cap(self, limit: int, in_flight: int = 0) -> int:
         """`limit` lowered to what `max_requests` leaves this worker to start: it must not
         take what it will not live to start (`in_flight` are started, not yet finished)."""
