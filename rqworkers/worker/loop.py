@@ -211,7 +211,9 @@ class Worker:
             if delivery.attempts or delivery.dedup is not None:
                 timed_out = self.deliver(delivery, lost_reason)
             else:
-                self.mark_unstarted()  # from here on, its worker's end charges it
+                # `mark_unstarted`: from here on, its worker's end charges it
+                board.mark_unstarted(batch[0][0].id if batch else b"")
+                self.marked = bool(batch)
                 since = monotonic()
                 board.busy(since)
                 self.in_handler = True

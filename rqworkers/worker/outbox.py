@@ -60,13 +60,16 @@ class Outbox:
     trim_acks: bool = True
     one_by_one: bool = False  # the last trim found the list otherwise: send each ack once
 
-    def ack(self, delivery: Delivery, now: float, reply: Reply | None = None) -> None:
-        """Queue `delivery`'s ack, preceded by `reply` if its run made one."""
-        if not self.acks:
+    def ack(self, delivery: Delivery, now: float, reply: Reply | None = None) -> bool:
+        """Queue `delivery`'s ack, preceded by `reply` if its run made one; True when the
+        pending acks are overdue (`acks_overdue`)."""
+        acks = self.acks
+        if not acks:
             self.oldest_ack = now
-        self.acks.append(delivery)
+        acks.append(delivery)
         if reply is not None:
             self.replies[delivery.id] = reply
+        return now - self.oldest_ack > ACK_INTERVAL
 
     def replace_ack(self, delivery: Delivery, failure: Failure) -> None:
         """`delivery` is not to be acked after all (its reply was refused): `failure`

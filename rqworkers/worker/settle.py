@@ -112,10 +112,8 @@ class Settler:
         `ended` and made no reply, with no deduplication key and no log line: count it and
         queue its ack, sent at once if the oldest pending one has waited ACK_INTERVAL."""
         self.finished += 1
-        outbox = self.outbox
-        outbox.ack(delivery, ended)
-        if outbox.acks_overdue(ended):
-            outbox.flush()
+        if self.outbox.ack(delivery, ended):
+            self.outbox.flush()
 
     def cap(self, limit: int, in_flight: int = 0) -> int:
         """`limit` lowered to what `max_requests` leaves this worker to start: it must not
