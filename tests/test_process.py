@@ -102,3 +102,20 @@ def test_a_fork_leaves_the_signal_mask_as_it_found_it(monkeypatch: pytest.Monkey
     with pytest.raises(OSError):
         process.call_in_child(lambda: "")
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_a_signal_to_the_parent_during_the_fork_is_delayed_not_lost(
+    noted: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What reaches the manager while its signals are held (a SIGCHLD, a stop) is handled once
+    # they are let in again; the child, where it was never pending, does not get it.
+    real_fork = os.fork
+
+    def fork_signalled() -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # while the signals are held
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork_signalled)
+    pid = process.fork(lambda: 0)
+    assert explain_exit(os.waitpid(pid, 0)[1]) == "exit code 0"
+    assert wait_for(lambda: noted, timeout=5, what="the parent's handler") == [signal.SIGTERM]
