@@ -7,6 +7,7 @@ replaced; the others run the real `rqworkers run` against a real redis-server.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -408,6 +409,37 @@ def test_a_reload_with_a_bad_log_file_keeps_the_manager_and_its_workers(
     wait_for(lambda: b"after" in redis_server.client().lrange("done", 0, -1), what="handled")
 
 
+def test_workers_signalled_the_instant_they_are_forked_stop_at_once(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    # SIGTERM during setup() stops a worker at once. Sent before the new child has run a
+    # line of its own, it must not reach the handler the child inherited from the manager,
+    # which only notes the signal (in the child's copy of the manager): the worker would
+    # then hang in setup() until setup_timeout, and a manager stopping waits for it.
+    processes = 8
+    svc = service(
+        [{"queue": "q", "handler": "opsapp:HangingSetup", "processes": processes,
+          "setup_timeout": 60.0}],
+    )  # fmt: skip
+    first = {w.pid for w in svc.wait_workers(processes)}
+    spared = _children(svc.pid) - first  # the keeper
+    for pid in first:  # a first failed start is restarted at once, all in one pass
+        os.kill(pid, signal.SIGTERM)
+    signalled: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(signalled) < processes and time.monotonic() < deadline:
+        for pid in _children(svc.pid) - first - spared - signalled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            signalled.add(pid)
+    assert len(signalled) == processes, "every slot restarted"
+    wait_for(
+        lambda: not [pid for pid in signalled if _alive(pid)],
+        timeout=5,
+        what=f"the workers signalled at their fork to end ({[p for p in signalled if _alive(p)]})",
+    )
+
+
 def test_a_hard_kill_takes_the_handlers_subprocesses_along(
     service: StartService, redis_server: RedisServer
 ) -> None:
@@ -464,6 +496,16 @@ def test_ctrl_c_in_a_terminal_stops_everything_gracefully(
     keeper_stop = re.search(r"keeper \d+ stopped", output)
     assert worker_exit and keeper_stop
     assert worker_exit.start() < keeper_stop.start(), "leases kept until the workers are done"
+
+
+def _children(pid: int) -> set[int]:
+    """The pids of `pid`'s children, zombies included, read straight from /proc: quick
+    enough to act on a fork before the child has run a line of its own."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(child) for child in text.split()}
 
 
 def _alive(pid: int) -> bool:

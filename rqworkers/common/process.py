@@ -27,6 +27,7 @@ _MANAGER_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
 )
+_Mask = set[int | signal.Signals]  # blocked signals, as `signal.pthread_sigmask` gives them
 CALL_TIMEOUT = 30.0  # seconds `call_in_child` waits for its child's answer
 
 
@@ -62,14 +63,14 @@ def fork(child: Callable[[], int], name: str = "child", own_group: bool = False)
     manager, which gets the SIGINT, stops it with SIGTERM.
     """
     parent = os.getpid()
-    pid = os.fork()
+    pid, mask = _fork_holding_signals()
     if pid:
         if own_group:  # in both processes, so the group exists whichever runs first
             _join_own_group(pid)
         return pid
     code = int(ExitCode.FAILURE)
     try:
-        attached = _enter_child(parent)
+        attached = _enter_child(parent, mask)
         if own_group:
             _join_own_group(0)
             signal.signal(signal.SIGTTOU, signal.SIG_IGN)
@@ -86,13 +87,39 @@ def fork(child: Callable[[], int], name: str = "child", own_group: bool = False)
         os._exit(code)
 
 
-def _enter_child(parent: int) -> bool:
-    """First thing in a forked child: drop the manager's signal handling and wake-up fd,
-    and ask for SIGTERM when the manager dies. False if it died already: before prctl
-    took effect, no signal will ever come."""
+def _fork_holding_signals() -> tuple[int, _Mask]:
+    """`os.fork()` with the manager's signals blocked across it; the pid, and the mask to
+    put back, which the parent has put back already.
+
+    The child starts with the manager's handlers, which only note a signal for the
+    manager's loop, a loop the child never runs: a SIGTERM let in before `_enter_child`
+    has dropped them would be lost, and a worker hanging in setup() would never end.
+    Blocked, it waits in the child until the handlers are the default ones, then ends it.
+    The parent loses nothing either: what came while blocked (a SIGCHLD) is only delayed.
+    The mask is put back whatever happens, a failed fork included: a manager left with
+    its signals blocked, and every process it starts after (a mask outlives exec), would
+    never hear SIGTERM, SIGHUP or SIGCHLD again.
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _MANAGER_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return pid, mask
+
+
+def _enter_child(parent: int, mask: _Mask) -> bool:
+    """First thing in a child of `_fork_holding_signals`: drop the manager's signal
+    handling and wake-up fd, only then let its signals in (`mask`), and ask for SIGTERM
+    when the manager dies. False if it died already: before prctl took effect, no signal
+    will ever come."""
     signal.set_wakeup_fd(-1)
     for signum in _MANAGER_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     set_parent_death_signal(signal.SIGTERM)
     return os.getppid() == parent
 
@@ -114,7 +141,7 @@ def call_in_child(fn: Callable[[], str], timeout: float = CALL_TIMEOUT) -> str:
     parent = os.getpid()
     read_end, write_end = os.pipe()
     try:
-        pid = os.fork()
+        pid, mask = _fork_holding_signals()
     except OSError:
         os.close(read_end)
         os.close(write_end)
@@ -122,7 +149,7 @@ def call_in_child(fn: Callable[[], str], timeout: float = CALL_TIMEOUT) -> str:
     if pid == 0:
         try:
             os.close(read_end)
-            text = fn() if _enter_child(parent) else "manager gone"
+            text = fn() if _enter_child(parent, mask) else "manager gone"
         except BaseException as exc:
             text = f"{type(exc).__name__}: {exc}"
         try:
