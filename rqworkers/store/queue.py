@@ -372,15 +372,15 @@ class ReliableQueue:
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
         fast.note(reply.next_due)
-        seq = self._seq
-        self._seq += len(reply.payloads)
+        seq, count = self._seq, len(reply.payloads)
+        self._seq += count
+        if len(reply.attempts) != count:
+            raise ValueError(f"TAKE replied {count} payloads and {len(reply.attempts)} attempts")
         prefix = base.encode()
-        deliveries = [
-            Delivery(b"%s%d" % (prefix, n), attempts, payload, seq + n)
-            for n, (attempts, payload) in enumerate(
-                zip(reply.attempts, reply.payloads, strict=True), 1
-            )
-        ]
+        ids = [b"%s%d" % (prefix, n) for n in range(1, count + 1)]
+        # `map` over the columns: the bulk of a busy take, cheaper than a loop that unpacks
+        seqs = range(seq + 1, seq + count + 1)
+        deliveries = list(map(Delivery, ids, reply.attempts, reply.payloads, seqs))
         for delivery, group in zip(deliveries, reply.groups, strict=False):
             delivery.group = group
         next_due = reply.next_due
