@@ -295,7 +295,7 @@ def test_a_thread_callback_shares_its_message_timeout() -> None:
     assert client.zcard(keys.retry) == 1 and client.llen(keys.processing) == 0
 
 
-# -- the quick path (`Worker.run_quickly`) against `deliver` ----------------------------------
+# -- the lean loop (`Worker.run_lean`) against `deliver` ------------------------------------
 
 
 class WithCallback:
@@ -314,23 +314,23 @@ def slow(message: bytes) -> None:
     handle(message)
 
 
-def test_a_plain_handler_runs_quickly_and_anything_more_does_not() -> None:
+def test_a_plain_handler_runs_lean_and_anything_more_does_not() -> None:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    assert _worker(Worker, client).can_be_quick()
-    assert not _worker(Worker, client, handler="tests.test_loop:WithCallback").can_be_quick()
-    assert not _worker(Worker, client, sample_succeeded=0.5).can_be_quick()
+    assert _worker(Worker, client).can_run_lean()
+    assert not _worker(Worker, client, handler="tests.test_loop:WithCallback").can_run_lean()
+    assert not _worker(Worker, client, sample_succeeded=0.5).can_run_lean()
     for limited in ({"max_running": 2}, {"rate_limit": "10/s"}):
         worker = _worker(Worker, client, **limited)
         worker.queue.limits = worker.pair.limits  # as worker.main builds its queue
-        assert not worker.can_be_quick()
+        assert not worker.can_run_lean()
 
 
-QUICK_OR_NOT = pytest.mark.parametrize(
-    "handler", ["tests.test_loop:handle", "tests.test_loop:WithCallback"], ids=["quick", "general"]
+LEAN_OR_NOT = pytest.mark.parametrize(
+    "handler", ["tests.test_loop:handle", "tests.test_loop:WithCallback"], ids=["lean", "general"]
 )
 
 
-@QUICK_OR_NOT
+@LEAN_OR_NOT
 def test_both_paths_settle_a_mixed_batch_alike(handler: str) -> None:
     """Successes acked, a raise retried then dead-lettered, a retried delivery run after the
     finished ones are settled, and the scoreboard's counts: the same on either path."""
@@ -338,7 +338,7 @@ def test_both_paths_settle_a_mixed_batch_alike(handler: str) -> None:
     DONE.clear()
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     worker = _worker(Worker, client, handler=handler, prefetch=10, max_attempts=2)
-    assert worker.can_be_quick() == handler.endswith(":handle")
+    assert worker.can_run_lean() == handler.endswith(":handle")
     client.lpush("jobs", b"ok1", b"raise", b"ok2", b"ok3")
     try:
         for _ in range(1000):
@@ -356,7 +356,7 @@ def test_both_paths_settle_a_mixed_batch_alike(handler: str) -> None:
     assert client.lrange(worker.queue.keys.dead, 0, -1) == [b"raise"]
 
 
-@QUICK_OR_NOT
+@LEAN_OR_NOT
 def test_both_paths_end_the_worker_at_a_timeout(handler: str) -> None:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     worker = _worker(Worker, client, handler="tests.test_loop:slow", prefetch=10, timeout=0.01)
@@ -367,7 +367,7 @@ def test_both_paths_end_the_worker_at_a_timeout(handler: str) -> None:
     assert client.llen("jobs") + client.llen(worker.queue.keys.processing) == 1
 
 
-@QUICK_OR_NOT
+@LEAN_OR_NOT
 def test_both_paths_send_acks_once_they_waited_the_ack_interval(
     handler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

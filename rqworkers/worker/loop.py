@@ -120,7 +120,7 @@ class Worker:
         self.batch: deque[tuple[Delivery, str]] = deque()
         self.marked = False  # the scoreboard names an unstarted delivery of the private list
         self.in_handler = False  # user code runs: this worker's Redis client is idle
-        self.quick: bool | None = None  # `can_be_quick`, known at the first batch
+        self.lean: bool | None = None  # `can_run_lean`, known at the first batch
         # Its outages are published, so that `/healthz` and `status` can tell them.
         self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
         ALARM.install()
@@ -169,10 +169,10 @@ class Worker:
 
     def run_batch(self) -> int | None:
         """Handle the batch in turn until it is done, a stop is asked for, or a limit hit."""
-        if self.quick is None:
-            self.quick = self.can_be_quick()
-        if self.quick:
-            return self.run_quickly()
+        if self.lean is None:
+            self.lean = self.can_run_lean()
+        if self.lean:
+            return self.run_lean()
         batch, stop = self.batch, self.stop
         while batch and not stop.set:
             delivery, lost_reason = batch.popleft()
@@ -183,10 +183,10 @@ class Worker:
                 return code
         return None
 
-    def can_be_quick(self) -> bool:
-        """Whether `run_quickly` may run this worker's batches: a plain handler, which makes
+    def can_run_lean(self) -> bool:
+        """Whether `run_lean` may run this worker's batches: a plain handler, which makes
         no replies and has no callbacks, no tracing, no log line per success, and no flow
-        limit (whose permits and pace the quick path does not keep)."""
+        limit (whose permits and pace the lean loop does not keep)."""
         handler, limits = self.handler, self.queue.limits
         return (
             type(handler).run is Handler.run
@@ -197,8 +197,8 @@ class Worker:
             and not (limits.any or limits.sorter)
         )
 
-    def run_quickly(self) -> int | None:
-        """`run_batch` for a quick worker (`can_be_quick`): a delivery with no attempts and
+    def run_lean(self) -> int | None:
+        """`run_batch` for a lean worker (`can_run_lean`): a delivery with no attempts and
         no deduplication key whose handler returns is run and queued for its ack with the
         scoreboard's writes and the timer of `deliver`, and nothing else: at a prefetch of
         100 and a short handler, the calls around each message were half of a worker's

@@ -108,7 +108,7 @@ class Settler:
             )
 
     def succeeded(self, delivery: Delivery, ended: float) -> None:
-        """`settle` for a delivery of `Worker.run_quickly`, whose handler returned at monotonic
+        """`settle` for a delivery of `Worker.run_lean`, whose handler returned at monotonic
         `ended` and made no reply, with no deduplication key and no log line: count it and
         queue its ack, sent at once if the oldest pending one has waited ACK_INTERVAL."""
         self.finished += 1
