@@ -86,9 +86,10 @@ local function take_shared()
   local oldest_last = redis.call('LRANGE', queue, -room, -1)
   local messages = without_nudges(oldest_last)
   local n, head = #fresh, PREFIX .. idbase
+  local tails = #messages > 8 and FRESH_TAILS() or {}  -- a table of 100 costs some 8 numbers
   for i = #messages, 1, -1 do
     n = n + 1
-    fresh[n] = head .. (FRESH_TAILS[n] or n .. ':0:') .. messages[i]
+    fresh[n] = head .. (tails[n] or n .. ':0:') .. messages[i]
     taken[n + 5] = messages[i]
   end
   return oldest_last
