@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import redis
 
+from rqworkers.client.producer import Producer
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.store.keys import Keys
-from rqworkers.store.queue import ReliableQueue, Taken
+from rqworkers.store.queue import Delivery, ReliableQueue, Taken
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.loop import Worker, WorkerSpec
 from rqworkers.worker.scoreboard import Scoreboard
@@ -90,3 +91,92 @@ def test_identical_payloads_survive_a_lost_take(
     assert client.llen(Keys("jobs", "node:1").processing) == 0
     assert client.zcard(Keys("jobs").retry) == 0 and client.llen(Keys("jobs").dead) == 0
     assert worker.board.in_flight() == 0
+
+
+# -- what a SIGKILL would charge, at every handler start, on both loops ---------------------
+
+CHARGED: list[tuple[bytes, bool]] = []  # (payload, whether a kill now charges what started)
+RUNNING: list[Worker] = []
+
+
+def what_a_kill_charges() -> list[bytes]:
+    """The private list's envelopes a successor would charge were this worker killed now:
+    those older than the scoreboard's mark, or all of them if no envelope has its id."""
+    worker = RUNNING[0]
+    mark = worker.board.first_unstarted
+    elements = worker.queue.client.lrange(worker.queue.keys.processing, 0, -1)[::-1]
+    ids = [Delivery.parse(element).id for element in elements]
+    return elements[: ids.index(mark)] if mark in ids else elements
+
+
+def charge_check(message: bytes) -> None:
+    """Records whether a kill now would charge exactly the deliveries that reached a
+    handler (this one, and those finished but not yet acked), then raises for `raise`."""
+    worker = RUNNING[0]
+    unstarted = {delivery.element for delivery, _ in worker.batch}
+    elements = worker.queue.client.lrange(worker.queue.keys.processing, 0, -1)[::-1]
+    started = [element for element in elements if element not in unstarted]
+    CHARGED.append((message, what_a_kill_charges() == started))
+    if message == b"raise":
+        raise ValueError("boom")
+
+
+class ChargeCheckWithCallback:
+    """`charge_check` with an `on_success`: its worker takes the general path."""
+
+    def handle(self, message: bytes) -> None:
+        charge_check(message)
+
+    def on_success(self, message: bytes, result: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        "tests.test_worker_recovery:charge_check",
+        "tests.test_worker_recovery:ChargeCheckWithCallback",
+    ],
+    ids=["lean", "general"],
+)
+def test_a_kill_at_any_handler_start_charges_exactly_what_started(
+    client: redis.Redis, redis_server: RedisServer, handler: str
+) -> None:
+    """Leftovers with attempts, twins, a prioritised and a deduplicated message and a failure
+    in one batch: at every handler start, the scoreboard's mark leaves charged exactly the
+    delivery in the handler and those finished but unacked, on the lean loop as on the
+    general path, whose scoreboard counts it matches."""
+    CHARGED.clear()
+    RUNNING.clear()
+    pair = PairSettings(host="h", queue="jobs", handler=handler, prefetch=10, retry_delay=0.0)
+    client.lpush("jobs", b"left1", b"left2")
+    first = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    assert len(first.take([], 2).deliveries) == 2
+    # The first worker died in left1: its mark names left2, which never started.
+    previous = f"{first._id_prefix}.1.2".encode()
+    producer = Producer(redis_server.url)
+    producer.push("jobs", b"twin", b"twin", b"raise", b"plain")
+    producer.push("jobs", b"urgent", priority=5)
+    producer.push("jobs", b"once", dedup_key="k")
+    producer.push("jobs", b"twin")
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), "killed", previous, lease_ttl=30)
+    worker = Worker(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+    assert worker.can_run_lean() == handler.endswith(":charge_check")
+    RUNNING.append(worker)
+    try:
+        for _ in range(50):
+            worker.step()
+            if len(CHARGED) == 10:
+                break
+    finally:
+        worker.finish()
+    assert [m for m, _ in CHARGED] == [
+        b"left1", b"left2", b"urgent", b"twin", b"twin", b"raise", b"plain", b"once", b"twin",
+        b"raise",
+    ]  # fmt: skip
+    assert [m for m, exact in CHARGED if not exact] == []
+    assert (worker.board.succeeded, worker.board.failed) == (8, 2)
+    assert sum(worker.board.buckets()) == 10
+    assert client.llen(queue.keys.processing) == 0 and client.llen("jobs") == 0
+    assert client.zrange(queue.keys.retry, 0, -1)[0].endswith(b":2:raise"), "to run a third time"
