@@ -19,6 +19,7 @@ from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery, ReliableQueue, Taken
+from rqworkers.worker.dispatch import ConcurrentWorker
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.loop import Worker, WorkerSpec
 from rqworkers.worker.scoreboard import Scoreboard
@@ -186,3 +187,51 @@ def test_a_kill_at_any_handler_start_charges_exactly_what_started(
     assert client.llen(queue.keys.processing) == 0 and client.llen("jobs") == 0
     retried = cast(list[bytes], client.zrange(queue.keys.retry, 0, -1))
     assert [r.rsplit(b":", 2)[1:] for r in retried] == [[b"2", b"raise"]], "to run a third time"
+
+
+@pytest.mark.parametrize(
+    ("kind", "handler"),
+    [
+        (Worker, "tests.test_worker_recovery:record"),
+        (Worker, "tests.test_worker_recovery:ChargeCheckWithCallback"),
+        (ConcurrentWorker, "tests.test_worker_recovery:record"),
+    ],
+    ids=["lean", "general", "concurrent"],
+)
+def test_a_kill_after_an_exhausted_leftover_charges_nothing_the_next_take_brought(
+    client: redis.Redis, kind: type[Worker], handler: str
+) -> None:
+    """A leftover that used up its attempts is dead-lettered unhandled; the scoreboard's
+    mark, which named it, must move on: a worker killed as its next take arrives has
+    started none of what that take brought, and its successor charges none of it."""
+    HANDLED.clear()
+    RUNNING.clear()
+    pair = PairSettings(
+        host="h", queue="jobs", handler=handler, prefetch=10, max_attempts=1, concurrency=2
+    )
+    client.lpush("jobs", b"doomed")
+    assert ReliableQueue(client, "jobs", "node:1", keep_connection=True).take([], 1).deliveries
+    # Its worker died, and which of its deliveries had started is unknown: all are charged.
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), "killed", None, lease_ttl=30)
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    board = Scoreboard()
+    worker = kind(spec, Handler(handler), queue, board, StopFlag())
+    RUNNING.append(worker)
+    try:
+        worker.resume()
+        if isinstance(worker, ConcurrentWorker):
+            worker.start_what_fits()
+        else:
+            assert worker.run_batch() is None
+        assert client.lrange(queue.keys.dead, 0, -1) == [b"doomed"] and HANDLED == []
+        client.lpush("jobs", b"a", b"b")
+        assert worker.fill_batch() and len(worker.batch) == 2
+        # Killed now, as the take's reply arrived: its successor replays the private list.
+        assert what_a_kill_charges() == [], "a and b never reached a handler"
+        charge_before = board.first_unstarted
+    finally:
+        worker.batch.clear()  # "killed": nothing given back
+        worker.finish()
+    successor = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    replayed = successor.replay(charge_before)
+    assert [(d.payload, d.attempts) for d in replayed] == [(b"a", 0), (b"b", 0)]
