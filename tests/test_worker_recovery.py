@@ -235,3 +235,23 @@ def test_a_kill_after_an_exhausted_leftover_charges_nothing_the_next_take_brough
     successor = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
     replayed = successor.replay(charge_before)
     assert [(d.payload, d.attempts) for d in replayed] == [(b"a", 0), (b"b", 0)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: REPLAY charges and re-ids the started deliveries, but the scoreboard "
+    "says `replayed` only after the reply; a worker killed in between leaves its manager the "
+    "old mark, and its successor charges the same run again",
+)
+def test_a_worker_killed_in_its_replay_leaves_each_started_delivery_charged_once(
+    client: redis.Redis,
+) -> None:
+    client.lpush("jobs", b"ran", b"never")
+    first = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    _, never = first.take([], 2).deliveries
+    mark = never.id  # the first worker died in `ran`
+    second = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    assert [(d.payload, d.attempts) for d in second.replay(mark)] == [(b"ran", 1), (b"never", 0)]
+    # Killed before its scoreboard said `replayed`: its manager passes the same mark on.
+    third = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    assert [(d.payload, d.attempts) for d in third.replay(mark)] == [(b"ran", 1), (b"never", 0)]
