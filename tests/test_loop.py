@@ -314,6 +314,13 @@ def slow(message: bytes) -> None:
     handle(message)
 
 
+class SlowWithCallback(WithCallback):
+    """`slow` with an `on_success`: its worker takes the general path."""
+
+    def handle(self, message: bytes) -> None:
+        slow(message)
+
+
 def test_a_plain_handler_runs_lean_and_anything_more_does_not() -> None:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     assert _worker(Worker, client).can_run_lean()
@@ -359,7 +366,13 @@ def test_both_paths_settle_a_mixed_batch_alike(handler: str) -> None:
 @LEAN_OR_NOT
 def test_both_paths_end_the_worker_at_a_timeout(handler: str) -> None:
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    worker = _worker(Worker, client, handler="tests.test_loop:slow", prefetch=10, timeout=0.01)
+    name = (
+        "tests.test_loop:slow"
+        if handler.endswith(":handle")
+        else "tests.test_loop:SlowWithCallback"
+    )
+    worker = _worker(Worker, client, handler=name, prefetch=10, timeout=0.01)
+    assert worker.can_run_lean() == handler.endswith(":handle")
     client.lpush("jobs", b"a", b"b")
     assert _run_to_exit(worker) == ExitCode.TIMEOUT
     assert worker.board.failed == 1

@@ -192,9 +192,10 @@ class ConcurrentWorker(Worker):
     def start_what_fits(self) -> None:
         while self.batch and self.free_entries and self.exit_code is None:
             delivery, lost_reason = self.batch.popleft()
-            if not self.settler.admit(delivery, lost_reason):
+            admitted = self.settler.admit(delivery, lost_reason)
+            self.mark_unstarted()  # after a dead letter too: see `Worker.deliver`
+            if not admitted:
                 continue  # dead-lettered unhandled
-            self.mark_unstarted()
             entry = self.free_entries.pop()
             now = time.monotonic()
             self.board.busy(now, entry)

@@ -464,9 +464,13 @@ class Worker:
         goes to the dead list with `lost_reason`, unhandled, once they reach `max_attempts`.
         """
         settler = self.settler
-        if not settler.admit(delivery, lost_reason):
+        admitted = settler.admit(delivery, lost_reason)
+        # From here on, its worker's end charges it; or it was dead-lettered unhandled, and
+        # the mark that named it must not stay on a delivery gone from the list (a mark
+        # found nowhere charges all, and the next take's would be charged unstarted).
+        self.mark_unstarted()
+        if not admitted:
             return False
-        self.mark_unstarted()  # from here on, its worker's end charges it
         traced = None if self.tracing is None else self.tracing.start(delivery)
         since = time.monotonic()
         self.board.busy(since)
