@@ -86,3 +86,17 @@ def test_the_scoreboard_tells_the_state_of_its_slot() -> None:
     assert board.state() == "backoff"
     assert board.last_exit == "killed by signal 9 (SIGKILL)"
     assert board.totals()["recycled_crash"] == 1
+
+
+def test_a_replay_begun_and_not_finished_names_its_process_until_the_next_start() -> None:
+    board = Scoreboard()
+    board.prepare()
+    assert board.replay_interrupted is None, "no replay begun"
+    board.replaying(b"0123456789ab.")
+    assert board.replay_interrupted == b"0123456789ab.", "begun, not finished: maybe charged"
+    board.replayed()
+    assert board.replay_interrupted is None, "finished: its mark says what it ran"
+    board.prepare()
+    board.replaying(b"ba9876543210.")
+    board.prepare()  # the next worker of the slot
+    assert board.replay_interrupted is None

@@ -7,6 +7,7 @@ fails at a chosen moment: before Redis ran it, or after (the reply is lost).
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -237,12 +238,6 @@ def test_a_kill_after_an_exhausted_leftover_charges_nothing_the_next_take_brough
     assert [(d.payload, d.attempts) for d in replayed] == [(b"a", 0), (b"b", 0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: REPLAY charges and re-ids the started deliveries, but the scoreboard "
-    "says `replayed` only after the reply; a worker killed in between leaves its manager the "
-    "old mark, and its successor charges the same run again",
-)
 def test_a_worker_killed_in_its_replay_leaves_each_started_delivery_charged_once(
     client: redis.Redis,
 ) -> None:
@@ -252,6 +247,58 @@ def test_a_worker_killed_in_its_replay_leaves_each_started_delivery_charged_once
     mark = never.id  # the first worker died in `ran`
     second = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
     assert [(d.payload, d.attempts) for d in second.replay(mark)] == [(b"ran", 1), (b"never", 0)]
-    # Killed before its scoreboard said `replayed`: its manager passes the same mark on.
+    # Killed before its scoreboard said `replayed`: its manager passes the same mark on, and
+    # names the process whose replay charged what carries its ids.
     third = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
-    assert [(d.payload, d.attempts) for d in third.replay(mark)] == [(b"ran", 1), (b"never", 0)]
+    replayed = third.replay(mark, spared=[second.owner_name])
+    assert [(d.payload, d.attempts) for d in replayed] == [(b"ran", 1), (b"never", 0)]
+
+
+class _Killed(BaseException):
+    """The worker's end at the worst instant (SIGKILL)."""
+
+
+def test_a_slot_spares_what_a_worker_killed_in_its_replay_had_charged(
+    client: redis.Redis,
+) -> None:
+    """The whole way: a worker killed after its REPLAY charged `ran`, before its scoreboard
+    said `replayed`; its slot passes the old mark on, with the killed process's id, and the
+    next worker's replay charges `ran` no second time, and `never` not at all."""
+    from rqworkers.common.backoff import ExponentialBackoff
+    from rqworkers.manager.slots import Slot
+
+    client.lpush("jobs", b"ran", b"never")
+    first = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+    _, never = first.take([], 2).deliveries
+    pair = PairSettings(host="h", queue="jobs", handler="tests.test_loop:handle", prefetch=10)
+    slot = Slot(pair, 1, "jobs-1", "node:1")
+    slot.previous_unstarted = never.id  # the first worker died in `ran`
+    backoff = ExponentialBackoff(base=0.5, cap=30.0, free=1)
+
+    def start() -> Worker:
+        slot.board.prepare()
+        slot.spawned(os.getpid(), now=100.0)
+        spec = WorkerSpec(
+            pair, "jobs-1", "node:1", os.getppid(), "killed", slot.previous_unstarted,
+            lease_ttl=30, spared=slot.spared,
+        )  # fmt: skip
+        queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
+        return Worker(spec, Handler(pair.handler), queue, slot.board, StopFlag())
+
+    second = start()
+
+    def killed() -> None:
+        raise _Killed
+
+    second.board.replayed = killed  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        second.resume()
+    del second.board.replayed  # the slot's board, which its next worker writes as it should
+    slot.ended(signal.SIGKILL, now=101.0, backoff=backoff)
+    assert slot.previous_unstarted == never.id and slot.spared == (second.queue.owner_name,)
+    third = start()
+    third.resume()
+    assert [(d.payload, d.attempts) for d, _ in third.batch] == [(b"ran", 1), (b"never", 0)]
+    third.board.mark_unstarted(b"")  # it ran both, and recycled: the slot forgets the spared
+    slot.ended(0, now=102.0, backoff=backoff)
+    assert slot.spared == () and slot.previous_unstarted == b""

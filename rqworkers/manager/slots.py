@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # Seconds a worker must live, once its handler's setup() returned, for its slot's failure
 # count to reset: a setup() that fails or hangs on every start is a crash loop, however slow.
 HEALTHY_AFTER = 10.0
+# How many workers in a row that died in their own replay a slot remembers (`Slot.spared`):
+# each backs off, so more than a few in a row is a slot that cannot start at all.
+SPARED_KEPT = 16
 
 # Exits the slot expects in normal life: respawn at once, no backoff. Values: the reason
 # for the log, and the recycle kind for metrics (see `scoreboard.RECYCLE_REASONS`).
@@ -64,6 +67,9 @@ class Slot:
     # replay charges every one before it an attempt (see `scripts.REPLAY`). None: unknown
     # (a new manager, or a worker that died before replaying): every leftover is charged.
     previous_unstarted: bytes | None = None
+    # Workers since that mark that died in their replay, after it had charged what had
+    # started (`Scoreboard.replay_interrupted`): what carries their ids is not charged again.
+    spared: tuple[bytes, ...] = ()
     retiring: bool = False  # removed (reload or SIGTTOU): not restarted once its worker exits
 
     @property
@@ -117,7 +123,11 @@ class Slot:
             self.bad_exits += 1
         self.previous_exit = reason if (crashed or self.stop_reason) else None
         if unstarted is not None:  # else the worker never took over: keep what we knew
-            self.previous_unstarted = unstarted
+            self.previous_unstarted, self.spared = unstarted, ()
+        else:
+            interrupted = self.board.replay_interrupted
+            if interrupted is not None:  # bounded: a slot that keeps dying that way backs off
+                self.spared = (*self.spared, interrupted)[-SPARED_KEPT:]
         delay = backoff.compute(self.bad_exits)
         self.next_start = now + delay
         self.board.worker_ended(reason, kind, time.time() + delay, self.bad_exits)

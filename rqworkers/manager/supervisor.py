@@ -307,6 +307,7 @@ class Manager:
             manager_pid=self.pid,
             previous_exit=slot.previous_exit,
             previous_unstarted=slot.previous_unstarted,
+            spared=slot.spared,
             lease_ttl=self.settings.lease_ttl,
             sample_succeeded=self.config.logging.sample_succeeded,
             sample_failed=self.config.logging.sample_failed,

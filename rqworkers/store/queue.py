@@ -487,7 +487,11 @@ class ReliableQueue:
     # -- leftovers, failures, stopping -------------------------------------------------------
 
     def replay(
-        self, charge_before: bytes | None, hold_permits: float = 0.0, may_run: bool = True
+        self,
+        charge_before: bytes | None,
+        hold_permits: float = 0.0,
+        may_run: bool = True,
+        spared: Sequence[bytes] = (),
     ) -> list[Delivery]:
         """The private list, oldest first, after charging the deliveries that had started.
 
@@ -499,6 +503,8 @@ class ReliableQueue:
         counted, when its end was not seen (it may run on, orphaned: see `PERMIT_HOLD`).
         `may_run`: an earlier process may still run (its end was not seen), so its fast
         lists are sealed, not deleted (see fast.py): a seal is a key that lasts a day.
+        `spared`: the `owner_name`s of earlier lives that died in their own replay (see
+        `Scoreboard.replay_interrupted`): what carries their ids was charged already.
         """
         # First what fast lists hold, into the private list: an earlier process's (charged
         # if started), or after a Redis error this process's own (see fast.py: what is
@@ -517,6 +523,7 @@ class ReliableQueue:
             worker_id=self.worker_id,
             hold=int(hold_permits * 1000),
             fast="1" if self.fast_path else "0",
+            spared=b",".join(spared),
         )
         self._fast_found = self.fast_path
         seq = self._seq

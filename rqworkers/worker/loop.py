@@ -77,6 +77,9 @@ class WorkerSpec:
     # `Scoreboard.mark_unstarted`); the ones before it are charged. None: unknown.
     previous_unstarted: bytes | None
     lease_ttl: float
+    # Earlier lives of this slot that died in their replay, after it had charged what had
+    # started (`Scoreboard.replay_interrupted`): their ids are not charged again.
+    spared: tuple[bytes, ...] = ()
     sample_succeeded: float = 0.0  # share of succeeded messages that get a log line
     sample_failed: float = 1.0  # share of failed and dead-lettered messages that do
     tracing: bool = False  # `[telemetry] tracing`: a span per delivery (`worker.tracing`)
@@ -250,8 +253,10 @@ class Worker:
         # A predecessor this manager saw end is gone; one it did not see (a new manager)
         # may run on, orphaned: its permits stay counted a moment (`flow.PERMIT_HOLD`).
         unseen = self.spec.previous_unstarted is None and self.charge_before is not None
+        if self.charge_before is not None:  # what it charges now, it must never charge again
+            self.board.replaying(self.queue.owner_name)
         leftovers = self.queue.replay(
-            self.charge_before, PERMIT_HOLD if unseen else 0.0, may_run=unseen
+            self.charge_before, PERMIT_HOLD if unseen else 0.0, unseen, self.spec.spared
         )
         self.charge_before = None  # from here on this process knows what it ran
         running = self.running_elements()

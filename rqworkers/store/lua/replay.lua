@@ -4,7 +4,7 @@
 --
 -- KEYS: processing, landing, owner, queue, permits, wake, held, group_running, ring, nudge,
 --   fast_owners
--- ARGV: charge, unstarted, idbase, mine, worker_id, hold, fast
+-- ARGV: charge, unstarted, idbase, mine, worker_id, hold, fast, spared
 --   charge     '1': charge every delivery older than the one whose id is `unstarted`
 --              (deliveries sit in the list in the order they start), or every one if none
 --              has that id; '0' (this process's own list, after a Redis error): none
@@ -17,6 +17,10 @@
 --              manager did not see the earlier life end (a new manager: it may be an orphan)
 --   fast       '1': this process takes by the fast path: it is added to `fast_owners`,
 --              where its successor, or a reclaim, finds its fast lists (see TAKE_OVER)
+--   spared     id prefixes (`<process>.`, joined by ',') whose envelopes, like `mine`'s, are
+--              never charged: earlier lives of this worker that died in their own replay,
+--              after it had charged and renamed what had started, and before their
+--              scoreboard said so (see `Scoreboard.replay_interrupted`); '' none
 -- Returns {envelope1, ...}, the private list oldest first (decoded by scripts.REPLAY).
 --
 -- A charged envelope gets a new id of this process, so a replay sent again after a lost
@@ -34,6 +38,8 @@ if charge == '1' then
   release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold)
 end
 local started = charge == '1'
+local uncharged = {[mine] = true}  -- by id prefix
+for prefix in string.gmatch(spared, '[^,]+') do uncharged[prefix] = true end
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}
 for i = #elements, 1, -1 do
@@ -44,7 +50,7 @@ for i = #elements, 1, -1 do
   if not id then
     id, changed = idbase .. 'W' .. i, true
   end
-  if started and string.sub(id, 1, #mine) ~= mine then
+  if started and not uncharged[string.match(id, '^[^.]*%.') or ''] then
     attempts, changed, id = attempts + 1, true, idbase .. 'C' .. i
   end
   if changed then
