@@ -6,6 +6,8 @@ fails at a chosen moment: before Redis ran it, or after (the reply is lost).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import signal
 from collections.abc import Iterator
@@ -16,8 +18,10 @@ import pytest
 import redis
 
 from rqworkers.client.producer import Producer
+from rqworkers.common.backoff import ExponentialBackoff
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
+from rqworkers.manager.slots import Slot
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery, ReliableQueue, Taken
 from rqworkers.worker.dispatch import ConcurrentWorker
@@ -264,9 +268,6 @@ def test_a_slot_spares_what_a_worker_killed_in_its_replay_had_charged(
     """The whole way: a worker killed after its REPLAY charged `ran`, before its scoreboard
     said `replayed`; its slot passes the old mark on, with the killed process's id, and the
     next worker's replay charges `ran` no second time, and `never` not at all."""
-    from rqworkers.common.backoff import ExponentialBackoff
-    from rqworkers.manager.slots import Slot
-
     client.lpush("jobs", b"ran", b"never")
     first = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
     _, never = first.take([], 2).deliveries
@@ -302,3 +303,108 @@ def test_a_slot_spares_what_a_worker_killed_in_its_replay_had_charged(
     third.board.mark_unstarted(b"")  # it ran both, and recycled: the slot forgets the spared
     slot.ended(0, now=102.0, backoff=backoff)
     assert slot.spared == () and slot.previous_unstarted == b""
+
+
+# -- kills at every step of a replay, one or two in a row ------------------------------------
+
+# Where a successor may die in its replay: (object, method, before or after it ran).
+REPLAY_STEPS = [
+    ("board", "replaying", "before"),  # nothing written yet
+    ("board", "replaying", "after"),  # named on the scoreboard, nothing sent to Redis
+    ("queue", "_take_over", "after"),  # a fast list moved in, charged, REPLAY not sent
+    ("queue", "_replay", "after"),  # REPLAY charged and renamed, reply not read
+    ("queue", "give_back", "after"),  # under a limit: leftovers back in the queue
+    ("board", "replayed", "before"),  # its new mark written, not yet that it replayed
+]
+
+
+def _die_at(worker: Worker, step: tuple[str, str, str]) -> None:
+    """Make `worker` end (as by SIGKILL) at `step` of its replay, should it get there."""
+    where, name, when = step
+    target = worker.board if where == "board" else worker.queue
+    real = getattr(target, name)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        if when == "after":
+            real(*args, **kwargs)
+        raise _Killed
+
+    setattr(target, name, killed)
+
+
+def _attempts(client: redis.Redis, keys: Keys) -> dict[bytes, list[int]]:
+    """Every copy of every message of the worker, wherever it is, with its attempts."""
+    found: dict[bytes, list[int]] = {}
+    elements = [*client.lrange(keys.processing, 0, -1), *client.zrange(keys.retry, 0, -1)]
+    for element in cast(list[bytes], elements):
+        delivery = Delivery.parse(element)
+        found.setdefault(delivery.payload, []).append(delivery.attempts)
+    for payload in cast(
+        list[bytes], [*client.lrange("jobs", 0, -1), *client.lrange(keys.landing, 0, -1)]
+    ):
+        found.setdefault(payload, []).append(0)
+    return found
+
+
+def _start(client: redis.Redis, slot: Slot, fast: bool) -> Worker:
+    """The next worker of `slot`, as its manager starts it (in this process)."""
+    slot.board.prepare()
+    slot.spawned(os.getpid(), now=100.0)
+    pair = slot.pair
+    spec = WorkerSpec(
+        pair, "jobs-1", "node:1", os.getppid(), "killed", slot.previous_unstarted,
+        lease_ttl=30, spared=slot.spared,
+    )  # fmt: skip
+    queue = ReliableQueue(client, "jobs", "node:1", limits=pair.limits, fast_path=fast)
+    return Worker(spec, Handler(pair.handler), queue, slot.board, StopFlag())
+
+
+@pytest.mark.parametrize(
+    "case", ["script", "limits", "new-manager", "fast-started", "fast-unstarted"]
+)
+def test_kills_at_any_step_of_one_or_two_replays_charge_each_started_delivery_once(
+    client: redis.Redis, case: str
+) -> None:
+    """The first worker died with `ran` started and `never` not (a fast delivery on the fast
+    path), a message landed and an element that is no envelope; its successors are killed
+    at every step of their replay, once or twice in a row, through the slot. The worker
+    that replays at last finds `ran` charged once and nothing else charged (or, after a
+    new manager, which knows nothing, every delivery once)."""
+    fast = case.startswith("fast")
+    limits: dict[str, Any] = {"max_running": 5} if case == "limits" else {}
+    pair = PairSettings(host="h", queue="jobs", handler="tests.test_worker_recovery:record",
+                        prefetch=1 if fast else 10, **limits)  # fmt: skip
+    combos = [(), *[(s,) for s in REPLAY_STEPS], *itertools.product(REPLAY_STEPS, repeat=2)]
+    wrong = []
+    for combo in combos:
+        client.flushdb()
+        first = ReliableQueue(client, "jobs", "node:1", fast_path=fast)
+        if fast:
+            first.replay(b"")
+            first._pause_looked_up = float("inf")  # no look for a pause: the fast path takes
+            client.lpush("jobs", b"ran")
+            mark = first.next_take_id if case == "fast-unstarted" else b""
+            assert first.take([], 1).deliveries[0].fast
+            expected = {b"ran": [0 if case == "fast-unstarted" else 1]}
+        else:
+            client.rpush(first.keys.processing, b"no envelope")  # never reached a handler
+            client.lpush("jobs", b"ran", b"never")
+            mark = first.take([], 2).deliveries[1].id
+            expected = {b"no envelope": [0], b"ran": [1], b"never": [int(case == "new-manager")]}
+        client.lpush(first.keys.landing, b"landed")
+        expected[b"landed"] = [0]
+        slot = Slot(pair, 1, "jobs-1", "node:1")
+        slot.previous_unstarted = None if case == "new-manager" else mark
+        backoff = ExponentialBackoff(base=0.5, cap=30.0, free=1)
+        for step in combo:
+            worker = _start(client, slot, fast)
+            _die_at(worker, step)
+            with contextlib.suppress(_Killed):  # not every step is on every path
+                worker.resume()
+            vars(slot.board).pop(step[1], None)  # the slot's board: its next worker's too
+            slot.ended(signal.SIGKILL, now=101.0, backoff=backoff)
+        _start(client, slot, fast).resume()
+        found = _attempts(client, Keys("jobs", "node:1"))
+        if found != expected:
+            wrong.append((combo, found))
+    assert wrong == []
