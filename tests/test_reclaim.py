@@ -310,7 +310,7 @@ def test_a_slot_whose_worker_died_in_its_replay_is_reclaimed_charging_nothing_tw
         _, never = first.take([], 2).deliveries
         second = ReliableQueue(client, "jobs", "n:1")
         board = keeper.spec.leases[0].board
-        board.replaying(second.owner_name)
+        board.replay_begun(second.owner_name)
         second.replay(never.id)  # then killed: no `replayed`
         client.delete(first.keys.lease)  # the slot is in restart backoff past its lease
         keeper.reclaim(keeper.endpoints[0], "jobs")

@@ -92,11 +92,11 @@ def test_a_replay_begun_and_not_finished_names_its_process_until_the_next_start(
     board = Scoreboard()
     board.prepare()
     assert board.replay_interrupted is None, "no replay begun"
-    board.replaying(b"0123456789ab.")
+    board.replay_begun(b"0123456789ab.")
     assert board.replay_interrupted == b"0123456789ab.", "begun, not finished: maybe charged"
     board.replayed()
     assert board.replay_interrupted is None, "finished: its mark says what it ran"
     board.prepare()
-    board.replaying(b"ba9876543210.")
+    board.replay_begun(b"ba9876543210.")
     board.prepare()  # the next worker of the slot
     assert board.replay_interrupted is None

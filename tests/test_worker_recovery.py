@@ -309,8 +309,8 @@ def test_a_slot_spares_what_a_worker_killed_in_its_replay_had_charged(
 
 # Where a successor may die in its replay: (object, method, before or after it ran).
 REPLAY_STEPS = [
-    ("board", "replaying", "before"),  # nothing written yet
-    ("board", "replaying", "after"),  # named on the scoreboard, nothing sent to Redis
+    ("board", "replay_begun", "before"),  # nothing written yet
+    ("board", "replay_begun", "after"),  # named on the scoreboard, nothing sent to Redis
     ("queue", "_take_over", "after"),  # a fast list moved in, charged, REPLAY not sent
     ("queue", "_replay", "after"),  # REPLAY charged and renamed, reply not read
     ("queue", "give_back", "after"),  # under a limit: leftovers back in the queue

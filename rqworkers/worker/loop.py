@@ -254,7 +254,7 @@ class Worker:
         # may run on, orphaned: its permits stay counted a moment (`flow.PERMIT_HOLD`).
         unseen = self.spec.previous_unstarted is None and self.charge_before is not None
         if self.charge_before is not None:  # what it charges now, it must never charge again
-            self.board.replaying(self.queue.owner_name)
+            self.board.replay_begun(self.queue.owner_name)
         leftovers = self.queue.replay(
             self.charge_before, PERMIT_HOLD if unseen else 0.0, unseen, self.spec.spared
         )

@@ -38,7 +38,7 @@ def _layout() -> dict[str, int]:
     names = [
         "entries_used",  # worker: running entries ever used (readers look no further)
         "replayed",  # worker: 1 once it has replayed its private list (its mark means something)
-        "replaying",  # worker: the length of the process id it replays as (see `replaying`)
+        "replay_begun",  # worker: the length of the process id it replays as (see `replay_begun`)
         "ready",  # worker: 1 once its handler's setup() has returned
         "waiting_since",  # worker: wall-clock start of the Redis error it waits out; 0 none
         "mark_side",  # worker: which of the two unstarted marks is the current one
@@ -71,8 +71,8 @@ _ENTRIES_OFFSET = _WAITING_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
 # that has not reached the handler. The worker writes the spare one and then flips
 # `mark_side`, so a worker killed at any instant leaves a whole mark.
 _MARKS_OFFSET = _ENTRIES_OFFSET + CAPACITY * 8
-_REPLAYING_OFFSET = _MARKS_OFFSET + 2 * _MARK_BYTES  # the process id of `replaying`
-_SIZE = _REPLAYING_OFFSET + _MARK_BYTES
+_REPLAY_BEGUN_OFFSET = _MARKS_OFFSET + 2 * _MARK_BYTES  # the process id of `replay_begun`
+_SIZE = _REPLAY_BEGUN_OFFSET + _MARK_BYTES
 _FLOATS = {"duration_sum", "since", "next_start", "waiting_since", "ended_at"}
 # Indexes the per-message path uses, resolved once.
 _ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
@@ -148,15 +148,15 @@ class Scoreboard:
         elsewhere (a thread abandoned past its timeout, as the worker exits)."""
         self._floats[_ENTRY0 + entry] = 0.0
 
-    def replaying(self, process: bytes) -> None:
+    def replay_begun(self, process: bytes) -> None:
         """The worker is about to replay its private list as `process` (its id prefix, as
         its envelopes carry it). Should it die before `replayed`, its manager learns who
         may have charged (and renamed) the deliveries its mark names, so that the next
         replay does not charge them again (`replay_interrupted`). The id is written, then
         its length: a worker killed in between leaves none."""
         process = process[:_ID_BYTES]
-        self._map[_REPLAYING_OFFSET : _REPLAYING_OFFSET + len(process)] = process
-        self._set("replaying", len(process))
+        self._map[_REPLAY_BEGUN_OFFSET : _REPLAY_BEGUN_OFFSET + len(process)] = process
+        self._set("replay_begun", len(process))
 
     def replayed(self) -> None:
         self._set("replayed", 1)
@@ -187,7 +187,7 @@ class Scoreboard:
         self._clear_entries()
         self._set("entries_used", 0)
         self._set("replayed", 0)
-        self._set("replaying", 0)
+        self._set("replay_begun", 0)
         self._set("mark_side", 0)
         self._ints[_MARK0] = 0
         self._set("ready", 0)
@@ -270,10 +270,10 @@ class Scoreboard:
         """The process id of a worker that began its replay and died before it said
         `replayed` (None if it did not begin, or finished): whatever its replay charged
         carries that id, and must not be charged again."""
-        if self.get("replayed") or not self.get("replaying"):
+        if self.get("replayed") or not self.get("replay_begun"):
             return None
-        size = int(self.get("replaying"))
-        return bytes(self._map[_REPLAYING_OFFSET : _REPLAYING_OFFSET + size])
+        size = int(self.get("replay_begun"))
+        return bytes(self._map[_REPLAY_BEGUN_OFFSET : _REPLAY_BEGUN_OFFSET + size])
 
     @property
     def made_progress(self) -> bool:
