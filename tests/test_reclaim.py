@@ -289,12 +289,6 @@ def test_a_slot_in_backoff_is_reclaimed_by_its_own_node_when_it_is_not_its_turn(
     assert [d.payload for d, _ in own.retrying()] == [b"m1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: the keeper's mark for its own slot is the scoreboard's, which a worker "
-    "killed in its replay (after REPLAY charged) leaves unknown, and it knows nothing of "
-    "Slot.previous_unstarted or Slot.spared: it charges every delivery again",
-)
 def test_a_slot_whose_worker_died_in_its_replay_is_reclaimed_charging_nothing_twice(
     redis_server: RedisServer,
 ) -> None:
@@ -312,9 +306,32 @@ def test_a_slot_whose_worker_died_in_its_replay_is_reclaimed_charging_nothing_tw
         board = keeper.spec.leases[0].board
         board.replay_begun(second.owner_name)
         second.replay(never.id)  # then killed: no `replayed`
+        # What its manager's slot writes once that worker has ended (`Slot.ended`).
+        board.hand_on(never.id, (second.owner_name,))
         client.delete(first.keys.lease)  # the slot is in restart backoff past its lease
         keeper.reclaim(keeper.endpoints[0], "jobs")
     assert client.llen(first.keys.processing) == 0
+    assert [(d.payload, d.attempts) for d, _ in first.retrying()] == [(b"ran", 1), (b"never", 0)]
+
+
+def test_a_slot_whose_worker_died_in_setup_is_reclaimed_charging_only_what_had_started(
+    redis_server: RedisServer,
+) -> None:
+    """The first worker died in `ran` (`never` unstarted); the next one's setup() fails, so
+    it never replays, and the slot backs off past its lease: its own keeper reclaims the
+    list with the mark the slot hands on, not as a lost node's (every one charged)."""
+    client = redis_server.client()
+    client.set(Keys("jobs", "").reclaim_turn, "another", px=60_000)
+    with keepers(redis_server.url, ["n"], live=False) as (keeper,):
+        first = ReliableQueue(client, "jobs", "n:1")
+        first.hold_lease(ttl=60)
+        client.lpush("jobs", b"ran", b"never")
+        _, never = first.take([], 2).deliveries
+        board = keeper.spec.leases[0].board
+        board.prepare()  # the next worker starts, and dies in setup()
+        board.hand_on(never.id, ())  # what its manager's slot writes then (`Slot.ended`)
+        client.delete(first.keys.lease)
+        keeper.reclaim(keeper.endpoints[0], "jobs")
     assert [(d.payload, d.attempts) for d, _ in first.retrying()] == [(b"ran", 1), (b"never", 0)]
 
 

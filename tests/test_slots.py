@@ -202,3 +202,17 @@ def test_started_tolerates_a_pid_that_is_already_gone(slot: Slot) -> None:
     assert slot.rss() == 0
     slot.spawned(os.getpid(), now=5.0)
     assert slot.rss() > 0
+
+
+def test_a_worker_that_never_replayed_leaves_its_keeper_the_mark_the_slot_knew(
+    slot: Slot,
+) -> None:
+    """Its setup() failed: the slot keeps the mark of the worker before, and writes it back
+    to the scoreboard, where its keeper reads it should it reclaim the list meanwhile."""
+    slot.previous_unstarted = b"0123456789ab.7.3"
+    slot.board.prepare()
+    slot.spawned(os.getpid(), now=100.0)
+    assert slot.board.first_unstarted is None, "the new worker has not replayed"
+    slot.ended(exited(ExitCode.FAILURE), now=100.5, backoff=BACKOFF)
+    assert slot.previous_unstarted == b"0123456789ab.7.3"
+    assert slot.board.first_unstarted == b"0123456789ab.7.3" and slot.board.spared == ()

@@ -297,6 +297,8 @@ def test_a_slot_spares_what_a_worker_killed_in_its_replay_had_charged(
     del second.board.replayed  # the slot's board, which its next worker writes as it should
     slot.ended(signal.SIGKILL, now=101.0, backoff=backoff)
     assert slot.previous_unstarted == never.id and slot.spared == (second.queue.owner_name,)
+    # Handed on for the keeper too, should it reclaim the list before the next worker starts.
+    assert slot.board.first_unstarted == never.id and slot.board.spared == slot.spared
     third = start()
     third.resume()
     assert [(d.payload, d.attempts) for d, _ in third.batch] == [(b"ran", 1), (b"never", 0)]

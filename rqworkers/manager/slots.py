@@ -128,6 +128,7 @@ class Slot:
             interrupted = self.board.replay_interrupted
             if interrupted is not None:  # bounded: a slot that keeps dying that way backs off
                 self.spared = (*self.spared, interrupted)[-SPARED_KEPT:]
+            self.board.hand_on(self.previous_unstarted, self.spared)  # for the keeper
         delay = backoff.compute(self.bad_exits)
         self.next_start = now + delay
         self.board.worker_ended(reason, kind, time.time() + delay, self.bad_exits)

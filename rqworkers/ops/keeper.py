@@ -325,16 +325,19 @@ class Keeper:
         # Our own slots are included: a slot stuck in restart backoff whose lease lapsed
         # should not sit on its messages while other workers could handle them. Their
         # scoreboards tell what had started; a lost node's cannot be read.
-        own = {(x.queue, x.worker_id): x.board.first_unstarted for x in endpoint.leases}
+        own = {
+            (x.queue, x.worker_id): (x.board.first_unstarted, x.board.spared)
+            for x in endpoint.leases
+        }
         if take_reclaim_turn(client, queue, self.spec.node, self.turn):
             candidates = registered_workers(client, queue)
         else:
             candidates = [x.worker_id for x in endpoint.leases
                           if x.queue == queue and not x.board.pid]  # fmt: skip
         for worker_id in expired_workers(client, queue, candidates):
-            unstarted = own.get((queue, worker_id)) or b""
+            unstarted, spared = own.get((queue, worker_id), (None, ()))
             lost = ReliableQueue(client, queue, worker_id)
-            moved = lost.reclaim(unstarted)
+            moved = lost.reclaim(unstarted or b"", spared=spared)
             if moved:
                 log.warning(
                     "reclaimed %d message(s) of %s from %s (its lease expired)",

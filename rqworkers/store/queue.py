@@ -635,11 +635,13 @@ class ReliableQueue:
             register="1",
         )
 
-    def reclaim(self, unstarted: bytes = b"", fence_ttl: float = 5.0) -> int | None:
+    def reclaim(
+        self, unstarted: bytes = b"", fence_ttl: float = 5.0, spared: Sequence[bytes] = ()
+    ) -> int | None:
         """Give this (dead) worker's messages back to its queue, charging one attempt to
         each that had started: each older than the delivery whose id is `unstarted` (its
         scoreboard's `first_unstarted`), so every one for b"" (a lost node, whose
-        scoreboard nobody can read).
+        scoreboard nobody can read), but none that carries a `spared` id (see `replay`).
 
         Returns how many moved, or None if the lease is alive or another manager holds the
         fence. Safe to call from any node at any time: the script checks the lease itself,
@@ -662,6 +664,7 @@ class ReliableQueue:
                 unstarted=unstarted,
                 token=scripts.new_nudge_token(),
                 hold=int(PERMIT_HOLD * 1000),  # its process may live on, orphaned or frozen
+                spared=b",".join(spared),
             )
             return None if back is None else moved + back
         finally:

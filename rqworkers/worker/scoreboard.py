@@ -57,6 +57,7 @@ def _layout() -> dict[str, int]:
         "succeeded_base",  # manager: `succeeded` when the live worker started
         "failed_base",
         "settled_base",
+        "spared",  # manager: the length of what `hand_on` wrote of the slot's spared ids
         *(f"recycled_{reason}" for reason in RECYCLE_REASONS),  # manager: cumulative
     ]
     return {name: 8 * i for i, name in enumerate(names)}
@@ -72,7 +73,11 @@ _ENTRIES_OFFSET = _WAITING_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
 # `mark_side`, so a worker killed at any instant leaves a whole mark.
 _MARKS_OFFSET = _ENTRIES_OFFSET + CAPACITY * 8
 _REPLAY_BEGUN_OFFSET = _MARKS_OFFSET + 2 * _MARK_BYTES  # the process id of `replay_begun`
-_SIZE = _REPLAY_BEGUN_OFFSET + _MARK_BYTES
+# Written by the manager while the slot has no worker (`hand_on`): the process ids of the
+# slot's `spared`, joined by ',', for its keeper's reclaim.
+_SPARED_OFFSET = _REPLAY_BEGUN_OFFSET + _MARK_BYTES
+_SPARED_BYTES = 16 * 16
+_SIZE = _SPARED_OFFSET + _SPARED_BYTES
 _FLOATS = {"duration_sum", "since", "next_start", "waiting_since", "ended_at"}
 # Indexes the per-message path uses, resolved once.
 _ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
@@ -188,6 +193,7 @@ class Scoreboard:
         self._set("entries_used", 0)
         self._set("replayed", 0)
         self._set("replay_begun", 0)
+        self._set("spared", 0)
         self._set("mark_side", 0)
         self._ints[_MARK0] = 0
         self._set("ready", 0)
@@ -235,6 +241,25 @@ class Scoreboard:
         """When each running entry a worker has used started; 0 for a free one."""
         used = min(int(self.get("entries_used")), CAPACITY)
         return [self._floats[_ENTRY0 + i] for i in range(used)]
+
+    def hand_on(self, unstarted: bytes | None, spared: tuple[bytes, ...]) -> None:
+        """Once its worker has ended without replaying (it died in setup, or in its replay):
+        the mark the slot hands its next worker, and the ids it spares (`Slot.spared`), so
+        that the keeper, should it reclaim the slot's list meanwhile (a restart backoff
+        past the lease), charges what the next worker would: not every delivery again."""
+        if unstarted is not None:
+            self.mark_unstarted(unstarted)
+            self._set("replayed", 1)
+        joined = b",".join(spared)[:_SPARED_BYTES]
+        self._map[_SPARED_OFFSET : _SPARED_OFFSET + len(joined)] = joined
+        self._set("spared", len(joined))
+
+    @property
+    def spared(self) -> tuple[bytes, ...]:
+        """What `hand_on` wrote of the slot's spared ids (none while a worker runs)."""
+        size = int(self.get("spared"))
+        joined = bytes(self._map[_SPARED_OFFSET : _SPARED_OFFSET + size])
+        return tuple(joined.split(b",")) if joined else ()
 
     def stop_requested(self) -> None:
         self._set("stopping", 1)

@@ -9,7 +9,7 @@
 --
 -- KEYS: processing, landing, queue, retry, lease, registry, owner, permits, wake, held,
 --   group_running, ring, nudge
--- ARGV: worker_id, unstarted, token, hold
+-- ARGV: worker_id, unstarted, token, hold, spared
 --   worker_id  the orphaned worker, struck from the registry once its messages are back
 --   unstarted  the id of its oldest delivery that had not started: every one older is
 --              charged (as in REPLAY), so every one for '' (a lost node: nobody knows
@@ -17,6 +17,9 @@
 --   token      a fresh random token, kept as the queue's nudge token if it has none
 --   hold       ms its `max_running` permits stay counted: its process may still run,
 --              orphaned or frozen, until it sees its list taken over (see lua/flow.lua)
+--   spared     id prefixes never charged, as in REPLAY: charged already by a replay of
+--              the slot's that was killed before it said so ('' none; only a slot of the
+--              reclaimer's own node can have any)
 -- Returns how many moved, or -1 if the lease is alive (decoded by scripts.RECLAIM).
 
 if redis.call('EXISTS', lease) == 1 then return -1 end
@@ -30,13 +33,17 @@ while true do
   moved = moved + 1
 end
 local landed_moved, started = moved, true
+local uncharged = {}  -- by id prefix
+for prefix in string.gmatch(spared, '[^,]+') do uncharged[prefix] = true end
 while true do
   local element = redis.call('LINDEX', processing, -1)
   if not element then break end
   local id, attempts, payload = parse(element)
   moved = moved + 1
   if id == unstarted then started = false end
-  if started then attempts = attempts + 1 end
+  if started and not (id and uncharged[string.match(id, '^[^.]*%.') or '']) then
+    attempts = attempts + 1
+  end
   local member = wrap(tag .. moved, attempts, payload)
   redis.call('ZADD', retry, level_score(level_of(payload), moved), member)
   redis.call('RPOP', processing)
