@@ -289,12 +289,15 @@ def test_a_slot_in_backoff_is_reclaimed_by_its_own_node_when_it_is_not_its_turn(
     assert [d.payload for d, _ in own.retrying()] == [b"m1"]
 
 
-def test_a_slot_whose_worker_died_in_its_replay_is_reclaimed_charging_nothing_twice(
-    redis_server: RedisServer,
+@pytest.mark.parametrize("died_in", ["setup", "replay"])
+def test_a_slot_whose_worker_died_before_replaying_is_reclaimed_charging_what_had_started(
+    redis_server: RedisServer, died_in: str
 ) -> None:
-    """The first worker died in `ran` (`never` unstarted); the second's replay charged `ran`,
-    and it was killed before its scoreboard said `replayed`; the slot then backs off past
-    its lease, and its own keeper reclaims the list: `ran` ran once, `never` never."""
+    """The first worker died in `ran` (`never` unstarted). The next one died before its
+    scoreboard said `replayed`: in setup(), or in its replay, after REPLAY had charged
+    `ran`. The slot then backs off past its lease, and its own keeper reclaims the list
+    with what the slot hands on: `ran` charged once, `never` not at all (a lost node's
+    list would have both charged)."""
     client = redis_server.client()
     client.set(Keys("jobs", "").reclaim_turn, "another", px=60_000)
     with keepers(redis_server.url, ["n"], live=False) as (keeper,):
@@ -302,36 +305,18 @@ def test_a_slot_whose_worker_died_in_its_replay_is_reclaimed_charging_nothing_tw
         first.hold_lease(ttl=60)
         client.lpush("jobs", b"ran", b"never")
         _, never = first.take([], 2).deliveries
-        second = ReliableQueue(client, "jobs", "n:1")
         board = keeper.spec.leases[0].board
-        board.replay_begun(second.owner_name)
-        second.replay(never.id)  # then killed: no `replayed`
-        # What its manager's slot writes once that worker has ended (`Slot.ended`).
-        board.hand_on(never.id, (second.owner_name,))
+        board.prepare()  # the next worker starts
+        spared: tuple[bytes, ...] = ()
+        if died_in == "replay":
+            second = ReliableQueue(client, "jobs", "n:1")
+            board.replay_begun(second.owner_name)
+            second.replay(never.id)  # then killed: no `replayed`
+            spared = (second.owner_name,)
+        board.hand_on(never.id, spared)  # what its manager's slot writes (`Slot.ended`)
         client.delete(first.keys.lease)  # the slot is in restart backoff past its lease
         keeper.reclaim(keeper.endpoints[0], "jobs")
     assert client.llen(first.keys.processing) == 0
-    assert [(d.payload, d.attempts) for d, _ in first.retrying()] == [(b"ran", 1), (b"never", 0)]
-
-
-def test_a_slot_whose_worker_died_in_setup_is_reclaimed_charging_only_what_had_started(
-    redis_server: RedisServer,
-) -> None:
-    """The first worker died in `ran` (`never` unstarted); the next one's setup() fails, so
-    it never replays, and the slot backs off past its lease: its own keeper reclaims the
-    list with the mark the slot hands on, not as a lost node's (every one charged)."""
-    client = redis_server.client()
-    client.set(Keys("jobs", "").reclaim_turn, "another", px=60_000)
-    with keepers(redis_server.url, ["n"], live=False) as (keeper,):
-        first = ReliableQueue(client, "jobs", "n:1")
-        first.hold_lease(ttl=60)
-        client.lpush("jobs", b"ran", b"never")
-        _, never = first.take([], 2).deliveries
-        board = keeper.spec.leases[0].board
-        board.prepare()  # the next worker starts, and dies in setup()
-        board.hand_on(never.id, ())  # what its manager's slot writes then (`Slot.ended`)
-        client.delete(first.keys.lease)
-        keeper.reclaim(keeper.endpoints[0], "jobs")
     assert [(d.payload, d.attempts) for d, _ in first.retrying()] == [(b"ran", 1), (b"never", 0)]
 
 
