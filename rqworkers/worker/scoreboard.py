@@ -159,9 +159,7 @@ class Scoreboard:
         may have charged (and renamed) the deliveries its mark names, so that the next
         replay does not charge them again (`replay_interrupted`). The id is written, then
         its length: a worker killed in between leaves none."""
-        process = process[:_ID_BYTES]
-        self._map[_REPLAY_BEGUN_OFFSET : _REPLAY_BEGUN_OFFSET + len(process)] = process
-        self._set("replay_begun", len(process))
+        self._write_sized(_REPLAY_BEGUN_OFFSET, "replay_begun", process[:_ID_BYTES])
 
     def replayed(self) -> None:
         self._set("replayed", 1)
@@ -250,16 +248,22 @@ class Scoreboard:
         if unstarted is not None:
             self.mark_unstarted(unstarted)
             self._set("replayed", 1)
-        joined = b",".join(spared)[:_SPARED_BYTES]
-        self._map[_SPARED_OFFSET : _SPARED_OFFSET + len(joined)] = joined
-        self._set("spared", len(joined))
+        self._write_sized(_SPARED_OFFSET, "spared", b",".join(spared)[:_SPARED_BYTES])
 
     @property
     def spared(self) -> tuple[bytes, ...]:
         """What `hand_on` wrote of the slot's spared ids (none while a worker runs)."""
-        size = int(self.get("spared"))
-        joined = bytes(self._map[_SPARED_OFFSET : _SPARED_OFFSET + size])
+        joined = self._read_sized(_SPARED_OFFSET, "spared")
         return tuple(joined.split(b",")) if joined else ()
+
+    def _write_sized(self, offset: int, length: str, data: bytes) -> None:
+        """`data` at `offset`, then its size in the field `length`: a process killed in
+        between leaves the size before, never a size that runs past what was written."""
+        self._map[offset : offset + len(data)] = data
+        self._set(length, len(data))
+
+    def _read_sized(self, offset: int, length: str) -> bytes:
+        return bytes(self._map[offset : offset + int(self.get(length))])
 
     def stop_requested(self) -> None:
         self._set("stopping", 1)
@@ -297,8 +301,7 @@ class Scoreboard:
         carries that id, and must not be charged again."""
         if self.get("replayed") or not self.get("replay_begun"):
             return None
-        size = int(self.get("replay_begun"))
-        return bytes(self._map[_REPLAY_BEGUN_OFFSET : _REPLAY_BEGUN_OFFSET + size])
+        return self._read_sized(_REPLAY_BEGUN_OFFSET, "replay_begun")
 
     @property
     def made_progress(self) -> bool:

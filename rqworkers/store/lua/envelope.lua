@@ -16,6 +16,9 @@
 --     empty (else no worker blocks there); `token` becomes the queue's nudge token if it
 --     has none yet
 --   nudge_token(nudge) -> the queue's nudge token, false if it has none
+--   charged_already(spared, also) -> a test of an envelope's id: true if the process that
+--     wrote it is one of `spared` (id prefixes `<process>.` joined by ',') or `also`, whose
+--     envelopes a charge passes over (see REPLAY's and RECLAIM's `spared`)
 --   bare(payload) -> the payload a producer pushed under a deduplication key, without the
 --     wrapper `<PREFIX>dedup:<32 hex digits>:<key in hex>:` (store/queue.py's
 --     `unwrap_dedup` reads it alike), and without a priority level's `<PREFIX>prio:<1-9>:`
@@ -39,6 +42,15 @@ end
 
 local function wrap(id, attempts, payload)
   return PREFIX .. id .. ':' .. attempts .. ':' .. payload
+end
+
+local function charged_already(spared, also)
+  local prefixes = {}
+  if also then prefixes[also] = true end
+  for prefix in string.gmatch(spared, '[^,]+') do prefixes[prefix] = true end
+  return function(id)
+    return prefixes[string.match(id, '^[^.]*%.') or ''] == true
+  end
 end
 
 local function nudge_token(nudge)

@@ -33,17 +33,14 @@ while true do
   moved = moved + 1
 end
 local landed_moved, started = moved, true
-local uncharged = {}  -- by id prefix
-for prefix in string.gmatch(spared, '[^,]+') do uncharged[prefix] = true end
+local uncharged = charged_already(spared)
 while true do
   local element = redis.call('LINDEX', processing, -1)
   if not element then break end
   local id, attempts, payload = parse(element)
   moved = moved + 1
   if id == unstarted then started = false end
-  if started and not (id and uncharged[string.match(id, '^[^.]*%.') or '']) then
-    attempts = attempts + 1
-  end
+  if started and not (id and uncharged(id)) then attempts = attempts + 1 end
   local member = wrap(tag .. moved, attempts, payload)
   redis.call('ZADD', retry, level_score(level_of(payload), moved), member)
   redis.call('RPOP', processing)

@@ -38,8 +38,7 @@ if charge == '1' then
   release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold)
 end
 local started = charge == '1'
-local uncharged = {[mine] = true}  -- by id prefix
-for prefix in string.gmatch(spared, '[^,]+') do uncharged[prefix] = true end
+local uncharged = charged_already(spared, mine)  -- and what it wrote itself
 local elements = redis.call('LRANGE', processing, 0, -1)
 local result = {}
 for i = #elements, 1, -1 do
@@ -50,7 +49,7 @@ for i = #elements, 1, -1 do
   if not id then
     id, changed = idbase .. 'W' .. i, true
   end
-  if started and not uncharged[string.match(id, '^[^.]*%.') or ''] then
+  if started and not uncharged(id) then
     attempts, changed, id = attempts + 1, true, idbase .. 'C' .. i
   end
   if changed then
