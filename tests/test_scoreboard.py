@@ -100,3 +100,43 @@ def test_a_replay_begun_and_not_finished_names_its_process_until_the_next_start(
     board.replay_begun(b"ba9876543210.")
     board.prepare()  # the next worker of the slot
     assert board.replay_interrupted is None
+
+
+def test_a_mark_moved_on_by_number_names_the_take_s_nth_delivery_even_after_a_kill() -> None:
+    """The lean loop names the oldest unstarted delivery of a take by its number
+    (`mark_in` once, then `start` per message): what a manager reads after the worker's
+    death is that delivery's whole id, and a mark by id afterwards replaces it."""
+    board = Scoreboard()
+    board.replayed()
+
+    def worker() -> int:
+        board.mark_in(b"0123456789ab.41.", 1)
+        for n in (2, 3, 10, 11):
+            board.start(n, time.monotonic())
+            board.succeeded_in(0.001)
+        board.start(12, time.monotonic())  # killed in the 11th's handler
+        return 0
+
+    assert fork_and_wait(worker) == 0
+    assert board.first_unstarted == b"0123456789ab.41.12"
+    board.mark_unstarted(b"other.7.3")
+    assert board.first_unstarted == b"other.7.3", "a mark by id holds no number"
+    board.mark_in(b"other.8.", 5)
+    assert board.first_unstarted == b"other.8.5"
+    board.mark_unstarted(b"")
+    assert board.first_unstarted == b"", "every delivery there has started"
+    board.prepare()
+    board.replayed()
+    assert board.first_unstarted == b"", "a new worker has started nothing"
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.001, 0.005, 0.0050001, 0.3, 10.0, 11.0, 1e9])
+def test_the_lean_loop_counts_a_success_as_idle_does(seconds: float) -> None:
+    lean, general = Scoreboard(), Scoreboard()
+    lean.busy(1.0)
+    lean.succeeded_in(seconds)
+    general.busy(1.0)
+    general.idle(False, seconds)
+    assert lean.buckets() == general.buckets() and sum(lean.buckets()) == 1
+    assert lean.totals() == general.totals() and lean.succeeded == 1
+    assert lean.busy_for() == general.busy_for() == 0.0

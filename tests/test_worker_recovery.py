@@ -194,6 +194,40 @@ def test_a_kill_at_any_handler_start_charges_exactly_what_started(
     assert [r.rsplit(b":", 2)[1:] for r in retried] == [[b"2", b"raise"]], "to run a third time"
 
 
+@pytest.mark.parametrize("after", [True, False], ids=["reply-lost", "never-sent"])
+def test_a_kill_at_any_start_of_a_replay_after_a_lost_take_charges_exactly_what_started(
+    client: redis.Redis, after: bool
+) -> None:
+    """The lean loop moves the mark along a take by number (`Scoreboard.start`). After a
+    Redis error its batch is the replay's leftovers, not that take's: at each of their
+    handler starts too, a kill charges exactly what started."""
+    CHARGED.clear()
+    RUNNING.clear()
+    handler = "tests.test_worker_recovery:charge_check"
+    pair = PairSettings(host="h", queue="jobs", handler=handler, prefetch=4)
+    client.lpush("jobs", *[b"m%d" % n for n in range(12)])
+    queue = FlakyQueue(client, fail_at=2, after=after)
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
+    worker = Worker(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+    worker.outage.backoff = type(worker.outage.backoff)(base=0.0, cap=0.0)
+    assert worker.can_run_lean()
+    RUNNING.append(worker)
+    try:
+        for _ in range(50):
+            try:
+                worker.step()
+            except redis.ConnectionError as exc:
+                worker.lose_track()
+                worker.outage.record(exc)
+            if len(CHARGED) == 12:
+                break
+    finally:
+        worker.finish()
+    assert sorted(m for m, _ in CHARGED) == sorted(b"m%d" % n for n in range(12))
+    assert [m for m, exact in CHARGED if not exact] == []
+    assert client.llen(queue.keys.processing) == 0 and client.llen("jobs") == 0
+
+
 @pytest.mark.parametrize(
     ("kind", "handler"),
     [

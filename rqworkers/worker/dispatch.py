@@ -263,7 +263,7 @@ class ConcurrentWorker(Worker):
         limit = self.settler.cap(min(self.pair.prefetch, room), len(self.running))
         if limit > 0:
             taken = self.outbox.take(limit)
-            self.took(taken.deliveries)
+            self.took(taken)
             if len(taken.deliveries) == limit:  # the queue has more: look again at once
                 self.next_look = now
             elif taken.held is not None:  # look again when it may pass, or one settles

@@ -32,7 +32,7 @@ from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Superseded
 from rqworkers.store.flow import PERMIT_HOLD
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
-from rqworkers.store.queue import Delivery, ReliableQueue
+from rqworkers.store.queue import Delivery, ReliableQueue, Taken
 from rqworkers.store.scripts import Held
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.freeze import FreezeWatch
@@ -124,6 +124,7 @@ class Worker:
         self.marked = False  # the scoreboard names an unstarted delivery of the private list
         self.in_handler = False  # user code runs: this worker's Redis client is idle
         self.lean: bool | None = None  # `can_run_lean`, known at the first batch
+        self.numbering: tuple[bytes, int] | None = None  # the batch's take's, if it is one's
         # Its outages are published, so that `/healthz` and `status` can tell them.
         self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
         ALARM.install()
@@ -209,32 +210,50 @@ class Worker:
         """
         batch, stop, board, settler = self.batch, self.stop, self.board, self.settler
         handle, timeout, monotonic = self.handler.handle, self.pair.timeout, time.monotonic
+        recycle = settler.recycle if settler.max_requests else None
+        # The batch is one take's, whose n-th has the id base + n: the mark moves on
+        # along it by its number (`Scoreboard.start`), once `mark_in` has named the take.
+        base, before = self.numbering or (b"", 0)
+        numbered = False  # the scoreboard's current mark is `mark_in` of this take
         while batch and not stop.set:
             delivery, lost_reason = batch.popleft()
             if delivery.attempts or delivery.dedup is not None:
+                numbered = False  # `deliver` marks by id
                 timed_out = self.deliver(delivery, lost_reason)
             else:
                 # `mark_unstarted`: from here on, its worker's end charges it
-                board.mark_unstarted(batch[0][0].id if batch else b"")
-                self.marked = bool(batch)
                 since = monotonic()
-                board.busy(since)
+                if not batch:
+                    board.mark_unstarted(b"")
+                    board.busy(since)
+                    self.marked = False
+                elif numbered:
+                    board.start(batch[0][0].seq - before, since)
+                elif base:
+                    board.mark_in(base, batch[0][0].seq - before)
+                    board.busy(since)
+                    numbered = self.marked = True
+                else:
+                    self.mark_unstarted()
+                    board.busy(since)
                 self.in_handler = True
                 try:
                     ALARM.until(since + timeout, handle, delivery.payload)
                 except (Exception, MessageTimeout) as exc:
                     timed_out = self.ended(delivery, since, exc)
+                    numbered = False  # a failure's retry may move the batch on
                 else:
                     ended = monotonic()
                     self.in_handler = False
-                    board.idle(False, ended - since)
+                    board.succeeded_in(ended - since)
                     settler.succeeded(delivery, ended)
                     timed_out = False
             if timed_out:
                 return ExitCode.TIMEOUT
-            code = settler.recycle()
-            if code is not None:
-                return code
+            if recycle is not None:
+                code = recycle()
+                if code is not None:
+                    return code
         return None
 
     def resume(self) -> None:
@@ -267,6 +286,7 @@ class Worker:
             self.queue.give_back(leftovers)
             leftovers = []
         self.batch.extend((d, reason) for d in leftovers)
+        self.numbering = None  # leftovers: ids of every kind
         self.mark_unstarted()
         self.replaying = False
         self.board.replayed()
@@ -304,9 +324,11 @@ class Worker:
         if self.freeze_watch is not None:
             self.freeze_watch.check()
 
-    def took(self, deliveries: list[Delivery]) -> None:
+    def took(self, taken: Taken) -> None:
         """Add what a take brought to the batch."""
-        self.batch.extend(zip(deliveries, repeat(LOST_WORKER)))
+        # Numbered (`run_lean`) only while the batch holds that take alone, in take order.
+        self.numbering = None if self.batch else taken.numbering
+        self.batch.extend(zip(taken.deliveries, repeat(LOST_WORKER)))
         if not self.marked and self.batch:
             self.mark_unstarted()
 
@@ -347,7 +369,7 @@ class Worker:
         else:
             taken = self.outbox.take(limit)
             if taken.deliveries:
-                self.took(taken.deliveries)
+                self.took(taken)
                 return bool(self.batch)
             if taken.held is not None:
                 self.wait_for_permit(taken.held)
@@ -362,7 +384,7 @@ class Worker:
             return False
         self.quiet_until = 0.0
         taken = self.outbox.take(limit, landed=True)
-        self.took(taken.deliveries)
+        self.took(taken)
         return bool(self.batch)
 
     def wait_for_permit(self, held: Held) -> None:

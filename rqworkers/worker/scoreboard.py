@@ -30,8 +30,9 @@ _REASON_BYTES = 120  # per text field: the manager's last exit, the worker's Red
 # What is in the handler: one entry per message a worker runs at once (up to `concurrency`),
 # each the monotonic time it started (0: free).
 CAPACITY = 1000
-_MARK_BYTES = 64  # a delivery id's length, then the id (up to 56 bytes)
-_ID_BYTES = _MARK_BYTES - 8
+# A mark: a delivery id's length, a number, then the id (up to 56 bytes); see `mark_unstarted`
+_MARK_BYTES = 72
+_ID_BYTES = _MARK_BYTES - 16
 
 
 def _layout() -> dict[str, int]:
@@ -68,9 +69,10 @@ _INDEX = {name: offset // 8 for name, offset in _OFFSETS.items()}
 _REASON_OFFSET = 8 * len(_OFFSETS)  # written by the manager: why the last worker ended
 _WAITING_OFFSET = _REASON_OFFSET + _REASON_BYTES  # written by the worker: its Redis error
 _ENTRIES_OFFSET = _WAITING_OFFSET + _REASON_BYTES + (-(_REASON_BYTES) % 8)
-# Two marks, each an id length then the id: the id of the oldest delivery in the private list
-# that has not reached the handler. The worker writes the spare one and then flips
-# `mark_side`, so a worker killed at any instant leaves a whole mark.
+# Two marks, each an id length, a number, then the id: the id of the oldest delivery in the
+# private list that has not reached the handler. The worker writes the spare one and then
+# flips `mark_side`, so a worker killed at any instant leaves a whole mark; or it moves the
+# current one's number on (`start`), a single aligned word, as whole.
 _MARKS_OFFSET = _ENTRIES_OFFSET + CAPACITY * 8
 _REPLAY_BEGUN_OFFSET = _MARKS_OFFSET + 2 * _MARK_BYTES  # the process id of `replay_begun`
 # Written by the manager while the slot has no worker (`hand_on`): the process ids of the
@@ -86,6 +88,7 @@ _ENTRIES_USED, _SUCCEEDED, _FAILED, _DURATION_SUM, _BUCKET0 = (
 _ENTRY0 = _ENTRIES_OFFSET // 8  # word index of entry 0, the start (a float) of each
 _MARK0, _MARK_WORDS = _MARKS_OFFSET // 8, _MARK_BYTES // 8
 _MARK_SIDE, _SETTLED = _INDEX["mark_side"], _INDEX["settled"]
+_FIRST_BOUND = DURATION_BUCKETS[0]
 
 
 class Scoreboard:
@@ -95,6 +98,7 @@ class Scoreboard:
         # cheaper than struct packing, and the worker writes on every message.
         self._ints = memoryview(self._map).cast("q")
         self._floats = memoryview(self._map).cast("d")
+        self._mark_number = _MARK0 + 1  # the word of the current mark's number (`start`)
 
     def get(self, name: str) -> float:
         view = self._floats if name in _FLOATS else self._ints
@@ -133,16 +137,48 @@ class Scoreboard:
         in the order they start, so if this worker dies, every delivery older than it in the
         list reached the handler and is charged one attempt, whatever the exit: finished but
         unsettled ones too, since nothing says their ack would ever get through."""
+        self._write_mark(delivery_id, 0)
+
+    def mark_in(self, base: bytes, n: int) -> None:
+        """`mark_unstarted` for the delivery `base` + n (n >= 1), the n-th of a take whose
+        ids are its id base and a count from 1: the mark `start` moves on along that take
+        with one word per message (bytes, per message, were a third of a quick handler's
+        scoreboard writes)."""
+        self._write_mark(base, n)
+
+    def start(self, n: int, since: float) -> None:
+        """`mark_in` of the n-th delivery of the take the current mark names, then `busy`
+        at `since` in entry 0: the lean loop's writes as a handler starts (`Worker.run_lean`).
+        Only after `mark_in` of that take, and with entry 0 in use."""
+        self._ints[self._mark_number] = n
+        self._floats[_ENTRY0] = since
+
+    def succeeded_in(self, seconds: float) -> None:
+        """`idle` of entry 0 after a handler returned in `seconds`: the lean loop's writes."""
+        ints, floats = self._ints, self._floats
+        floats[_ENTRY0] = 0.0
+        ints[_SUCCEEDED] += 1
+        floats[_DURATION_SUM] += seconds
+        # Most quick handlers fall in the first bucket: no search for them.
+        if seconds <= _FIRST_BOUND:
+            ints[_BUCKET0] += 1
+        else:
+            ints[_BUCKET0 + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+
+    def _write_mark(self, head: bytes, n: int) -> None:
+        """The mark `head` (+ n, if n) into the spare side, then that side made current."""
         ints = self._ints
         side = 1 - ints[_MARK_SIDE]
         word = _MARK0 + side * _MARK_WORDS
-        size = len(delivery_id)
+        size = len(head)
         if size > _ID_BYTES:  # never for ids rqworkers makes; the slice would copy
-            size, delivery_id = _ID_BYTES, delivery_id[:_ID_BYTES]
-        start = word * 8 + 8
-        self._map[start : start + size] = delivery_id
+            size, head = _ID_BYTES, head[:_ID_BYTES]
+        start = word * 8 + 16
+        self._map[start : start + size] = head
         ints[word] = size
+        ints[word + 1] = n
         ints[_MARK_SIDE] = side
+        self._mark_number = word + 1
 
     def settled(self, deliveries: int) -> None:
         """Redis confirmed the ack, retry or dead letter of `deliveries` more deliveries."""
@@ -193,7 +229,8 @@ class Scoreboard:
         self._set("replay_begun", 0)
         self._set("spared", 0)
         self._set("mark_side", 0)
-        self._ints[_MARK0] = 0
+        self._ints[_MARK0] = self._ints[_MARK0 + 1] = 0
+        self._mark_number = _MARK0 + 1
         self._set("ready", 0)
         self._set("waiting_since", 0.0)
         self._set("stopping", 0)
@@ -291,8 +328,9 @@ class Scoreboard:
         if not self.get("replayed"):
             return None
         word = _MARK0 + self._ints[_MARK_SIDE] * _MARK_WORDS
-        start = (word + 1) * 8
-        return bytes(self._map[start : start + self._ints[word]])
+        start, number = (word + 2) * 8, self._ints[word + 1]
+        head = bytes(self._map[start : start + self._ints[word]])
+        return b"%s%d" % (head, number) if number else head
 
     @property
     def replay_interrupted(self) -> bytes | None:
