@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from rqworkers.errors import Superseded
-from rqworkers.store import scripts
+from rqworkers.store import direct, scripts
 from rqworkers.store.direct import STALE_AFTER
 from rqworkers.store.queue import DeadLetters, Delivery, Keys, ReliableQueue
 from tests.support import RedisServer
@@ -591,6 +591,48 @@ def test_a_kept_connection_the_server_closed_while_idle_is_replaced_before_use(
     time.sleep(2 * STALE_AFTER)  # idle: a worker blocked on another connection, say
     assert [d.payload for d in q.take([], 1).deliveries] == [b"two"], "no error"
     assert [d.payload for d in q.in_flight()] == [b"one", b"two"]
+
+
+ARGUMENTS = [
+    ("EVALSHA", "f" * 40, 2, "jobs", "jobs:processing:n:1"),
+    ("LMOVE", b"q", "\u00e9t\u00e9 \u2603", "LEFT", "RIGHT"),  # text beyond ASCII, with a space
+    ("SET", b"", "", 0, -7, 2**70, 1.5, 1765000000.123456, float("inf"), 1e-7),
+    ("RPUSH", "k", bytes(range(256)) * 3, b"\r\n$3\r\n", memoryview(b"view")),
+]
+
+
+@pytest.mark.parametrize("command", ARGUMENTS, ids=lambda c: str(c[0]))
+@pytest.mark.parametrize("hiredis", [True, False], ids=["hiredis", "own"])
+def test_the_kept_connection_packs_every_argument_as_redis_py_does(
+    command: tuple[object, ...], hiredis: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hiredis:
+        monkeypatch.setattr(direct, "pack_command", None)
+    client = redis.Redis()
+    packer = direct.Packer(client)
+    expected = b"".join(client.connection_pool.make_connection().pack_command(*command))
+    assert packer.pack(packer.head(*command[:2]), command[2:]) == expected
+    assert packer.pack_all([command, command[:2]]) == expected + b"".join(
+        client.connection_pool.make_connection().pack_command(*command[:2])
+    )
+
+
+@pytest.mark.parametrize("value", [True, None, object()], ids=["bool", "None", "object"])
+def test_the_kept_connection_refuses_what_redis_py_refuses(value: object) -> None:
+    with pytest.raises(redis.DataError):
+        direct.Packer(redis.Redis()).pack((b"SET", b"k"), [value])
+
+
+def test_a_take_through_the_kept_connection_round_trips_every_byte(
+    kept: tuple[redis.Redis, ReliableQueue],
+) -> None:
+    client, q = kept
+    odd = [bytes(range(256)), b"", b"\r\n*1\r\n", "\u2603".encode()]
+    produce(client, *odd)
+    taken = take_all(q)
+    assert [d.payload for d in taken] == [b"one", b"two", *odd]
+    assert q.take([d.element for d in taken], 0).missing_acks == 0
+    assert q.in_flight() == []
 
 
 # -- acks as one trim -------------------------------------------------------------------------
