@@ -16,8 +16,8 @@ finished, against a private redis-server (no persistence). For each prefetch it 
   without the service around the worker (no fork, no manager, no bench polling);
 - what each piece of the per-message path costs alone (`timeit`, in the same process):
   the clock reads, the handler call under `ALARM` (and, for comparison, the two
-  `setitimer` calls a timer per message would cost), the scoreboard writes, making a
-  `Delivery` from a take's reply, the outbox's ack;
+  `setitimer` calls a timer per message would cost), the scoreboard writes (the general
+  path's and the lean loop's), making a `Delivery` from a take's reply, the outbox's ack;
 - a cProfile run's top functions by own time (the profiler adds its own cost per call, so
   its totals are larger than the wall time above; the proportions are what it is for).
 """
@@ -106,6 +106,12 @@ def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
         board.busy(1.0)
         board.idle(False, 0.0001)
 
+    board.mark_in(base, 1)
+
+    def lean_scoreboard() -> None:
+        board.start(2, 1.0)
+        board.succeeded_in(0.0001)
+
     def timer() -> None:
         signal.setitimer(signal.ITIMER_REAL, 30.0)
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -116,8 +122,9 @@ def pieces(worker: Worker) -> dict[str, Callable[[], object]]:
         "handler call via ALARM.call (lazy timer)": lambda: ALARM.call(
             30.0, handler.handle, delivery.payload
         ),
-        "scoreboard busy + idle": scoreboard,
-        "a Delivery made from a take's reply": lambda: Delivery(b"%s%d" % (base, 7), 0, payload, 7),
+        "scoreboard busy + idle (general path)": scoreboard,
+        "scoreboard start + succeeded_in (lean loop)": lean_scoreboard,
+        "a Delivery made from a take's reply": lambda: Delivery(base + b"7", 0, payload, 7),
         "outbox ack (append)": ack,
     }
 
