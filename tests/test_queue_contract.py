@@ -16,8 +16,9 @@ import fakeredis
 import pytest
 import redis
 
+from rqworkers.client.producer import Producer
 from rqworkers.errors import Superseded
-from rqworkers.store import direct, scripts
+from rqworkers.store import connections, direct, scripts
 from rqworkers.store.direct import STALE_AFTER
 from rqworkers.store.queue import DeadLetters, Delivery, Keys, ReliableQueue
 from tests.support import RedisServer
@@ -621,6 +622,51 @@ def test_the_kept_connection_packs_every_argument_as_redis_py_does(
 def test_the_kept_connection_refuses_what_redis_py_refuses(value: object) -> None:
     with pytest.raises(redis.DataError):
         direct.Packer(redis.Redis()).pack((b"SET", b"k"), [value])
+
+
+@pytest.mark.parametrize(
+    ("query", "text"),
+    [("encoding=latin-1", "\u00fcber"), ("encoding_errors=surrogateescape", "\u2603 \udcff")],
+    ids=["latin-1", "surrogateescape"],
+)
+def test_the_kept_connection_encodes_text_as_its_client_does(query: str, text: str) -> None:
+    """A host URL's query may set the client's `encoding` (redis-py passes it on): the kept
+    connection's text must be the client's, or its scripts name other keys."""
+    client = redis.Redis.from_url(f"redis://127.0.0.1:1/0?{query}")
+    packer = direct.Packer(client)
+    command = ("LMOVE", "caf\u00e9", text, b"\xe9", 3)
+    expected = b"".join(client.connection_pool.make_connection().pack_command(*command))
+    assert packer.pack(packer.head(*command[:2]), command[2:]) == expected
+    assert packer.pack_all([command]) == expected
+
+
+def test_the_kept_connection_packs_a_bytearray_as_redis_py_does() -> None:
+    client = redis.Redis()
+    expected = b"".join(
+        client.connection_pool.make_connection().pack_command("SET", b"k", bytearray(b"ab"))
+    )
+    assert direct.Packer(client).pack((b"SET", b"k"), [bytearray(b"ab")]) == expected
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["script", "fast-path"])
+def test_a_worker_on_a_latin_1_client_takes_what_its_producers_pushed(
+    redis_server: RedisServer, fast: bool
+) -> None:
+    """With `?encoding=latin-1` in the host URL, a queue named beyond ASCII: producers and the
+    worker's own client commands name its keys in Latin-1, and so must its kept connection,
+    or its takes look in lists nobody pushes to."""
+    client = connections.connect(f"{redis_server.url}?encoding=latin-1")
+    queue = "caf\u00e9"
+    Producer(f"{redis_server.url}?encoding=latin-1").push(queue, b"one")
+    assert client.llen(queue) == 1 and redis_server.client().exists(queue.encode("latin-1"))
+    q = ReliableQueue(client, queue, WORKER, keep_connection=True, fast_path=fast)
+    if fast:
+        q.replay(b"")
+        q._pause_looked_up = float("inf")  # no look for a pause: the fast path takes
+    [delivery] = q.take([], 1).deliveries
+    assert (delivery.payload, bool(delivery.fast)) == (b"one", fast)
+    assert q.ack(delivery) and client.llen(queue) == 0
+    assert q.in_flight() == [] and client.keys("*processing*") == []
 
 
 def test_a_take_through_the_kept_connection_round_trips_every_byte(
