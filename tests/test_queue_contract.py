@@ -598,7 +598,7 @@ ARGUMENTS = [
     ("EVALSHA", "f" * 40, 2, "jobs", "jobs:processing:n:1"),
     ("LMOVE", b"q", "\u00e9t\u00e9 \u2603", "LEFT", "RIGHT"),  # text beyond ASCII, with a space
     ("SET", b"", "", 0, -7, 2**70, 1.5, 1765000000.123456, float("inf"), 1e-7),
-    ("RPUSH", "k", bytes(range(256)) * 3, b"\r\n$3\r\n", memoryview(b"view")),
+    ("RPUSH", "k", bytes(range(256)) * 3, b"\r\n$3\r\n", memoryview(b"view"), bytearray(b"ba")),
 ]
 
 
@@ -629,23 +629,20 @@ def test_the_kept_connection_refuses_what_redis_py_refuses(value: object) -> Non
     [("encoding=latin-1", "\u00fcber"), ("encoding_errors=surrogateescape", "\u2603 \udcff")],
     ids=["latin-1", "surrogateescape"],
 )
-def test_the_kept_connection_encodes_text_as_its_client_does(query: str, text: str) -> None:
+@pytest.mark.parametrize("hiredis", [True, False], ids=["hiredis", "own"])
+def test_the_kept_connection_encodes_text_as_its_client_does(
+    query: str, text: str, hiredis: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A host URL's query may set the client's `encoding` (redis-py passes it on): the kept
     connection's text must be the client's, or its scripts name other keys."""
+    if not hiredis:
+        monkeypatch.setattr(direct, "pack_command", None)
     client = redis.Redis.from_url(f"redis://127.0.0.1:1/0?{query}")
     packer = direct.Packer(client)
     command = ("LMOVE", "caf\u00e9", text, b"\xe9", 3)
     expected = b"".join(client.connection_pool.make_connection().pack_command(*command))
     assert packer.pack(packer.head(*command[:2]), command[2:]) == expected
     assert packer.pack_all([command]) == expected
-
-
-def test_the_kept_connection_packs_a_bytearray_as_redis_py_does() -> None:
-    client = redis.Redis()
-    expected = b"".join(
-        client.connection_pool.make_connection().pack_command("SET", b"k", bytearray(b"ab"))
-    )
-    assert direct.Packer(client).pack((b"SET", b"k"), [bytearray(b"ab")]) == expected
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["script", "fast-path"])
