@@ -9,6 +9,8 @@ dead list; and identical payloads are independent messages, each with its own at
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -643,6 +645,29 @@ def test_the_kept_connection_encodes_text_as_its_client_does(
     expected = b"".join(client.connection_pool.make_connection().pack_command(*command))
     assert packer.pack(packer.head(*command[:2]), command[2:]) == expected
     assert packer.pack_all([command]) == expected
+
+
+# pyproject.toml allows hiredis 2.0, which has no pack_command (and which redis-py, wanting
+# 3.2 or later, leaves unused): a stand-in for it, made before anything imports hiredis.
+_OLD_HIREDIS = """
+import sys, types
+old = types.ModuleType("hiredis")
+old.__version__ = "2.0.0"
+sys.modules["hiredis"] = old
+import redis
+from rqworkers.store import direct
+client = redis.Redis()
+assert direct.pack_command is None, "hiredis too old for redis-py: not ours either"
+command = ("EVALSHA", "f" * 40, 1, "caf\u00e9", b"\\r\\n", 7, 1.5)
+packer = direct.Packer(client)
+ours = packer.pack(packer.head(*command[:3]), command[3:])
+assert ours == b"".join(client.connection_pool.make_connection().pack_command(*command))
+"""
+
+
+def test_the_kept_connection_packs_with_a_hiredis_redis_py_does_not_use() -> None:
+    done = subprocess.run([sys.executable, "-c", _OLD_HIREDIS], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["script", "fast-path"])

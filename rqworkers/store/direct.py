@@ -26,16 +26,16 @@ from typing import Any, cast
 
 import redis
 from redis.exceptions import NoScriptError
+from redis.utils import HIREDIS_AVAILABLE
 
 from rqworkers.store.connections import Client
 
 PackCommand = Callable[[tuple[bytes, ...]], bytes]
-try:
+pack_command: PackCommand | None = None  # without hiredis, `Packer` writes the protocol itself
+if HIREDIS_AVAILABLE:  # a hiredis redis-py uses (3.2 on): older ones may have no pack_command
     import hiredis
 
-    pack_command: PackCommand | None = cast(PackCommand, hiredis.pack_command)
-except ImportError:  # without hiredis, `Packer` writes the protocol itself
-    pack_command = None
+    pack_command = cast(PackCommand, hiredis.pack_command)
 
 Call = Callable[..., Any]  # call(*args) with the script's keys bound
 STALE_AFTER = 0.05  # seconds idle after which a kept connection is checked before use
