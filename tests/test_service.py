@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rqworkers.client.producer import Producer
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery
 from tests.support import (
@@ -96,6 +97,33 @@ def test_every_message_of_two_queues_is_handled_exactly_once(
     wait_for(lambda: client.keys("q*:processing:*") == [], what="empty private lists")
     assert client.llen("q1") == 0 and client.llen("q2") == 0
     assert re.search(r"q1-1 \d+ started", svc.output())
+
+
+@pytest.mark.service
+def test_a_host_url_s_text_encoding_is_its_workers_too(
+    tmp_path: Path, redis_server: RedisServer, prefetch: int
+) -> None:
+    """`?encoding=latin-1` in a host URL (redis-py's own query argument) and a queue named
+    beyond ASCII: its keys are Latin-1 to a producer on that URL, and so to the worker's
+    scripts and fast path, which take and ack what it pushed."""
+    url = f"{redis_server.url}?encoding=latin-1"
+    workers = [{"queue": "caf\u00e9", "handler": HANDLER}]
+    manager = {"check_interval": 0.2, "shutdown_timeout": 10.0}
+    path = write_config(
+        tmp_path / "rqworkers.toml", url, workers, defaults={"prefetch": prefetch}, manager=manager
+    )
+    env = dict(os.environ, TESTAPP_REDIS_URL=redis_server.url)
+    env["PYTHONPATH"] = os.pathsep.join([str(APPS), str(REPO)])
+    svc = Service(path, tmp_path, env).start()
+    try:
+        svc.wait_workers(1)
+        Producer(url).push("caf\u00e9", b"one", b"two")
+        assert sorted(wait_done(redis_server, 2)) == [b"one", b"two"]
+        client = redis_server.client()
+        wait_for(lambda: client.keys(b"caf\xe9:processing:*") == [], what="acks")
+        assert client.keys("caf\u00e9*".encode()) == [], "no key in UTF-8"
+    finally:
+        svc.cleanup()
 
 
 def test_odd_payloads_reach_the_handler_byte_for_byte(

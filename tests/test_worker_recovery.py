@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -444,3 +444,129 @@ def test_kills_at_any_step_of_one_or_two_replays_charge_each_started_delivery_on
         if found != expected:
             wrong.append((combo, found))
     assert wrong == []
+
+
+# -- what a SIGKILL would charge at every call to Redis, not only at handler starts ----------
+
+WATCHED: list[tuple[str, bool]] = []  # (where, whether a kill there charges what started)
+FAILED_ONCE: set[bytes] = set()
+IN_HAND: set[bytes] = set()  # popped by `Worker.deliver`, its handler not yet started
+
+
+def watch(where: str, unstarted: Iterable[bytes] = ()) -> None:
+    """Record whether a kill now would charge exactly what reached a handler: the private
+    list's deliveries but those taken and not started (the batch, `unstarted` and the
+    one `Worker.deliver` has in hand before its handler starts). Not while the worker
+    replays after a lost reply: its batch is then unknown, and its mark stays."""
+    worker = RUNNING[0]
+    if worker.replaying:
+        return
+    taken = {d.element for d, _ in worker.batch}.union(unstarted, IN_HAND)
+    started = [element for element in private_list(worker) if element not in taken]
+    WATCHED.append((where, what_a_kill_charges() == started))
+
+
+def watched_handler(message: bytes) -> None:
+    """Watches, may stop its worker (as SIGTERM would), raises once for `raise...`."""
+    IN_HAND.clear()
+    watch("handler")
+    if message == b"stop":
+        RUNNING[0].on_stop_signal(signal.SIGTERM, None)
+        watch("handler, the batch given back")
+    if message.startswith(b"raise") and message not in FAILED_ONCE:
+        FAILED_ONCE.add(message)
+        raise ValueError("boom")
+
+
+class WatchedQueue(ReliableQueue):
+    """Watches before and after each take (a flush's too), retry and give-back, and loses
+    the reply of the takes in `lose` (before Redis ran it for an odd number)."""
+
+    def __init__(self, client: redis.Redis, lose: tuple[int, ...], **kwargs: Any) -> None:
+        super().__init__(client, "jobs", "node:1", keep_connection=True, **kwargs)
+        self.lose = lose
+        self.takes = 0
+
+    def take(self, *args: Any, **kwargs: Any) -> Taken:
+        watch("before a take")
+        self.takes += 1
+        if self.takes in self.lose and self.takes % 2:
+            raise redis.ConnectionError("connection reset before the command was sent")
+        taken = super().take(*args, **kwargs)
+        watch("after a take", {d.element for d in taken.deliveries})
+        if self.takes in self.lose:
+            raise redis.ConnectionError("connection reset before the reply arrived")
+        return taken
+
+    def retry_later(self, delivery: Delivery, delay: float) -> bool:
+        watch("before a retry")
+        moved = super().retry_later(delivery, delay)
+        watch("after a retry")
+        return moved
+
+    def give_back(self, unstarted: list[Delivery]) -> int:
+        watch("before a give-back")
+        return super().give_back(unstarted)
+
+
+@pytest.mark.parametrize(
+    ("settings", "lose"),
+    [
+        ({"prefetch": 10}, ()),
+        ({"prefetch": 4}, (2, 3, 6, 9)),
+        ({"prefetch": 3, "level0_every": 2}, (4, 7)),
+        ({"prefetch": 10, "max_requests": 7}, ()),
+        ({"prefetch": 1, "fast_path": True}, (3, 6)),
+    ],
+    ids=["prefetch-10", "lost-replies", "level0-every", "max-requests", "fast-path"],
+)
+def test_a_kill_at_any_call_to_redis_charges_exactly_what_started(
+    client: redis.Redis, redis_server: RedisServer, settings: dict[str, Any], lose: tuple[int, ...]
+) -> None:
+    """Plain messages among retries, prioritised, deduplicated and failing ones, on the lean
+    loop, with lost replies, `level0_every`, `max_requests`, the fast path and a stop
+    mid-batch: before and after every take, flush, retry and give-back, as at every
+    handler start, a kill charges exactly the deliveries that reached a handler."""
+    WATCHED.clear()
+    RUNNING.clear()
+    FAILED_ONCE.clear()
+    IN_HAND.clear()
+    handler = "tests.test_worker_recovery:watched_handler"
+    fast = settings.pop("fast_path", False)
+    pair = PairSettings(host="h", queue="jobs", handler=handler, retry_delay=0.0, **settings)
+    producer = Producer(redis_server.url)
+    producer.push("jobs", b"a", b"raise1", b"b", b"twin", b"twin", b"c", b"raise2", b"d")
+    producer.push("jobs", b"urgent", priority=5)
+    producer.push("jobs", b"e", b"f", b"g")
+    producer.push("jobs", b"once", dedup_key="k")
+    producer.push("jobs", b"h", b"raise3", b"i", b"j", b"k", b"stop", b"l", b"m", b"n")
+    queue = WatchedQueue(client, lose, level0_every=pair.level0_every, fast_path=fast)
+    spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
+    worker = Worker(spec, Handler(handler), queue, Scoreboard(), StopFlag())
+    worker.outage.backoff = type(worker.outage.backoff)(base=0.0, cap=0.0)
+    real_deliver = worker.deliver
+
+    def deliver(delivery: Delivery, lost_reason: str) -> bool:
+        IN_HAND.add(delivery.element)
+        return real_deliver(delivery, lost_reason)
+
+    worker.deliver = deliver  # type: ignore[method-assign]
+    assert worker.can_run_lean()
+    RUNNING.append(worker)
+    try:
+        for _ in range(200):
+            try:
+                code = worker.step()
+            except redis.ConnectionError as exc:
+                worker.lose_track()
+                worker.outage.record(exc)
+                continue
+            if code is not None or worker.stop.set:
+                break
+    finally:
+        worker.finish()
+    assert [where for where, exact in WATCHED if not exact] == []
+    places = {where for where, _ in WATCHED}
+    assert {"handler", "before a take", "after a take", "before a retry"} <= places
+    # `max_requests` recycles before `stop`, having taken no more than it would start
+    assert ("handler, the batch given back" in places) == ("max_requests" not in settings)

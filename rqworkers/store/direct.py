@@ -26,16 +26,16 @@ from typing import Any, cast
 
 import redis
 from redis.exceptions import NoScriptError
+from redis.utils import HIREDIS_AVAILABLE
 
 from rqworkers.store.connections import Client
 
 PackCommand = Callable[[tuple[bytes, ...]], bytes]
-try:
+pack_command: PackCommand | None = None  # without hiredis, `Packer` writes the protocol itself
+if HIREDIS_AVAILABLE:  # a hiredis redis-py uses (3.2 on): older ones may have no pack_command
     import hiredis
 
-    pack_command: PackCommand | None = cast(PackCommand, hiredis.pack_command)
-except ImportError:  # without hiredis, `Packer` writes the protocol itself
-    pack_command = None
+    pack_command = cast(PackCommand, hiredis.pack_command)
 
 Call = Callable[..., Any]  # call(*args) with the script's keys bound
 STALE_AFTER = 0.05  # seconds idle after which a kept connection is checked before use
@@ -48,17 +48,24 @@ class Packer:
     constant head is encoded once (`head`)."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._encode = cast(Callable[[Any], bytes], client.get_encoder().encode)
+        encoder = client.get_encoder()
+        self._encode = cast(Callable[[Any], bytes | bytearray], encoder.encode)
+        # Text is the client's encoding's: a host URL's `?encoding=` reaches redis-py, and
+        # keys encoded otherwise here than by the client's own commands are other keys.
+        # redis-py's default, UTF-8 and strict, is encoded here; any other by the encoder.
+        self._utf8 = (encoder.encoding, encoder.encoding_errors) == ("utf-8", "strict")
 
     def encoded(self, value: Any) -> bytes:
         kind = type(value)
         if kind is bytes:
             return value  # type: ignore[no-any-return]
-        if kind is str:
+        if kind is str and self._utf8:
             return value.encode()  # type: ignore[no-any-return]
         if kind is int or kind is float:
             return repr(value).encode()
-        return self._encode(value)
+        encoded = self._encode(value)
+        # hiredis packs bytes and memoryviews, not the bytearray the encoder passes on
+        return bytes(encoded) if isinstance(encoded, bytearray) else encoded
 
     def head(self, *args: Any) -> tuple[bytes, ...]:
         return tuple(self.encoded(arg) for arg in args)
