@@ -107,6 +107,10 @@ def test_password_file_is_taken_out_of_the_url_given_to_redis_py(tmp_path: Path)
         ("rediss://h/0?ssl_ca_certs=/nonexistent/ca.crt", "ssl_ca_certs /nonexistent/ca.crt"),
         ("redis://h/0?password_file=/nonexistent/secret", "does not exist"),
         ("redis+nothing://h", "must start with"),
+        ("redis://h/0?encoding=nonsense", "encoding='nonsense' is not a text encoding"),
+        ("redis://h/0?encoding_errors=whatever", "encoding_errors='whatever' is not"),
+        ("redis://h/0?decode_responses=false", "decode_responses is not supported"),
+        ("redis+sentinel://s:26379/m?decode_responses=1", "decode_responses is not supported"),
     ],
 )
 def test_url_problems_are_found_without_connecting(url: str, problem: str) -> None:

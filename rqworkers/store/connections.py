@@ -25,6 +25,7 @@ a client certificate.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import ssl
@@ -192,6 +193,9 @@ def url_problem(url: str) -> str | None:
     except (ValueError, redis.RedisError, RedisClusterException) as exc:
         return str(exc)
     query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    text = _text_problem(query)
+    if text:
+        return text
     for key in _FILE_ARGUMENTS:
         path = query.get(key)
         if path and not os.access(path, os.R_OK):
@@ -201,6 +205,22 @@ def url_problem(url: str) -> str | None:
         found = path and key != "ssl_ca_path" and files.problem(path)
         if found:
             return f"{key} {path} {found}"
+    return None
+
+
+def _text_problem(query: dict[str, str]) -> str | None:
+    """What is wrong with the URL's text arguments, which redis-py takes as they are and
+    fails on only at the first command: a codec or error handler Python does not know, or
+    `decode_responses`, which (as any string, `false` too) would hand the worker text where
+    it reads payloads and envelopes as bytes."""
+    if "decode_responses" in query:
+        return "decode_responses is not supported: rqworkers reads replies as bytes"
+    for key, lookup in (("encoding", codecs.lookup), ("encoding_errors", codecs.lookup_error)):
+        if key in query:
+            try:
+                lookup(query[key])
+            except LookupError:
+                return f"{key}={query[key]!r} is not a text encoding Python knows"
     return None
 
 
