@@ -4,6 +4,7 @@ limits, reclaims, `level0_every`, and the real service: against real Redis."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -505,3 +506,29 @@ def test_a_level_0_first_take_gives_its_first_delivery_the_announced_id(
     announced = queue.next_take_id
     (taken,) = queue.take([], 1).deliveries
     assert (taken.payload, taken.id) == (b"nine", announced)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.5, 0.9999, 0.7558])
+@pytest.mark.parametrize("level", [1, 9])
+def test_a_prioritised_delayed_message_is_never_taken_in_the_millisecond_before_it_is_due(
+    redis_server: RedisServer, fraction: float, level: int
+) -> None:
+    """A band counts whole milliseconds. Due at 0.7558 ms past a millisecond, a message
+    must not be taken by a take whose `now` is in that same millisecond, before it
+    (the chaos harness's `--prioritised --delayed` run found one handled 0.8 ms early)."""
+    due = math.floor(time.time()) + 3600 + 0.123 + fraction / 1000
+    Producer(redis_server.url).push(QUEUE, b"later", at=due, priority=level)
+    queue = taker(redis_server)
+    start = math.floor(due * 1000) / 1000
+    before = start + (due - start) / 2  # in the millisecond `due` is in, before it
+    assert start < before < due
+    early = queue._take_once([], 10, False, 0, 0, None, before)
+    assert early.deliveries == [], "taken before it was due"
+    taken = queue._take_once([], 10, False, 0, 0, None, due + 0.001)
+    assert [d.payload for d in taken.deliveries] == [b"later"]
+
+
+@pytest.mark.parametrize("due", [1796592011.3327558, 1796592011.333, 1.0009, 0.0, 1e-9])
+def test_a_band_score_is_never_before_the_time_it_was_asked_for(due: float) -> None:
+    for level in (1, 5, 9):
+        assert cast(float, levels.due_of_score(levels.due_score(level, due))) >= due

@@ -56,10 +56,12 @@ def waiting_score(level: int) -> int:
 
 
 def due_score(level: int, due: float) -> float:
-    """The score of a member of `level` due at `due` (epoch seconds): `due` for level 0."""
+    """The score of a member of `level` due at `due` (epoch seconds): `due` for level 0.
+    A band counts whole milliseconds, rounded up: rounded down, a take in the millisecond
+    before `due` (`due_by_level` compares whole milliseconds) ran the message early."""
     if level == 0:
         return due
-    ms = min(max(0, math.floor(due * 1000)), LEVEL_BAND - 2)
+    ms = min(max(0, math.ceil(due * 1000)), LEVEL_BAND - 2)
     return float(-level * LEVEL_BAND + ms)
 
 
