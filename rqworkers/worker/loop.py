@@ -223,19 +223,15 @@ class Worker:
             else:
                 # `mark_unstarted`: from here on, its worker's end charges it
                 since = monotonic()
-                if not batch:
-                    board.mark_unstarted(b"")
+                if not (batch and base):  # the batch's last, or not one take's: by id
+                    self.mark_unstarted()
                     board.busy(since)
-                    self.marked = False
                 elif numbered:
                     board.start(batch[0][0].seq - before, since)
-                elif base:
+                else:
                     board.mark_in(base, batch[0][0].seq - before)
                     board.busy(since)
                     numbered = self.marked = True
-                else:
-                    self.mark_unstarted()
-                    board.busy(since)
                 self.in_handler = True
                 try:
                     ALARM.until(since + timeout, handle, delivery.payload)
