@@ -91,7 +91,7 @@ def take_all(q: ReliableQueue, limit: int = 100) -> list[Delivery]:
 # -- take, ack and fetch ---------------------------------------------------------------------
 
 
-def test_take_moves_the_oldest_messages_into_the_private_list_as_envelopes(
+def test_take_moves_the_oldest_messages_into_the_private_list(
     client: redis.Redis, q: ReliableQueue
 ) -> None:
     produce(client, b"first", b"second", b"third")
@@ -101,8 +101,32 @@ def test_take_moves_the_oldest_messages_into_the_private_list_as_envelopes(
     assert taken.missing_acks == 0 and taken.next_due is None
     assert shared(client) == [b"third"]
     assert q.in_flight() == taken.deliveries  # oldest first
-    elements = client.lrange(q.keys.processing, 0, -1)
-    assert all(e.startswith(scripts.PREFIX.encode()) for e in elements)
+    # Into an empty private list, fresh messages go as a segment: the oldest in its marked
+    # envelope, naming the segment's last number, the others as they came.
+    first = taken.deliveries[0]
+    assert client.lrange(q.keys.processing, 0, -1) == [
+        b"second", b"%s%s:0+2:first" % (scripts.PREFIX.encode(), first.id)
+    ]  # fmt: skip
+
+
+def test_a_take_onto_deliveries_in_hand_wraps_each_in_its_envelope(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, b"first", b"second", b"third", b"fourth")
+    (held,) = q.take([], 1).deliveries  # one alone is no segment
+    taken = q.take([], 2).deliveries
+    assert q.in_flight() == [held, *taken]
+    assert client.lrange(q.keys.processing, 0, -1) == [d.element for d in reversed([held, *taken])]
+    assert all(d.element.startswith(scripts.PREFIX.encode()) for d in [held, *taken])
+
+
+def test_a_worker_that_acks_out_of_order_takes_no_segment(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    q.segments = False
+    produce(client, b"first", b"second")
+    taken = q.take([], 2).deliveries
+    assert client.lrange(q.keys.processing, 0, -1) == [d.element for d in reversed(taken)]
 
 
 def test_every_envelope_of_a_large_take_is_the_one_the_worker_names(
@@ -112,6 +136,7 @@ def test_every_envelope_of_a_large_take_is_the_one_the_worker_names(
     # and moves name an envelope as `Delivery.element` builds it, so the two must agree
     # byte for byte, past the constants too, or an ack would miss and a message run twice.
     produce(client, *[b"same"] * 150, b"x" * 1000)
+    q.segments = False  # each in its envelope, as the script makes it
     taken = q.take([], 151).deliveries
     assert [e for e in reversed(client.lrange(q.keys.processing, 0, -1))] == [
         b"%s%s:0:%s" % (scripts.PREFIX.encode(), d.id, d.payload) for d in taken
@@ -798,3 +823,127 @@ def test_a_reclaimed_list_belongs_to_whoever_takes_next(
     assert [d.payload for d in take_all(second, 1)] == [b"x"]
     with pytest.raises(Superseded):
         first.take([], 1)
+
+
+# -- segments: fresh messages without envelopes (see lua/envelope.lua) -------------------------
+
+
+def private_list(client: redis.Redis, q: ReliableQueue) -> list[bytes]:
+    """The private list's elements, oldest first."""
+    return list(reversed(client.lrange(q.keys.processing, 0, -1)))
+
+
+def marked(delivery: Delivery, last: int) -> bytes:
+    return b"%s%s:0+%d:%s" % (scripts.PREFIX.encode(), delivery.id, last, delivery.payload)
+
+
+def test_an_in_order_trim_of_a_segment_marks_its_new_oldest(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, *[b"same"] * 5)
+    taken = take_all(q)
+    assert private_list(client, q) == [marked(taken[0], 5), *[b"same"] * 4]
+    assert trim(q, taken[:2]) == 0
+    assert private_list(client, q) == [marked(taken[2], 5), b"same", b"same"]
+    assert q.in_flight() == taken[2:]
+    assert trim(q, taken[:2]) == -1, "sent again after a lost reply: not the oldest any more"
+    assert trim(q, taken[3:]) == -1, "taken[2] is still in the handler"
+    assert trim(q, taken[2:]) == 0 and private_list(client, q) == []
+
+
+def test_a_trim_past_a_segment_reaches_the_envelopes_above_it(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    produce(client, *[b"same"] * 3)
+    taken = take_all(q, 2)  # a segment of two
+    taken += take_all(q, 2)  # onto it: an envelope
+    assert private_list(client, q)[2] == taken[2].element
+    assert trim(q, taken[1:]) == -1 and trim(q, taken) == 0
+    assert private_list(client, q) == []
+
+
+@pytest.mark.parametrize("settle", ["ack", "retry", "dead", "give back"])
+def test_a_segment_s_member_settled_alone_is_that_delivery_and_no_twin(
+    client: redis.Redis, q: ReliableQueue, settle: str
+) -> None:
+    """Any settling but the worker's trim first gives the segment its envelopes: the member
+    named goes, its twins stay, each with its own id, and in-order acks go on as a trim."""
+    produce(client, *[b"same"] * 6)
+    taken = take_all(q)
+    middle = taken[3]
+    if settle == "ack":
+        assert q.ack(middle) and not q.ack(middle), "an ack sent again removes no twin"
+    elif settle == "retry":
+        assert q.retry_later(middle, 3600) and not q.retry_later(middle, 3600)
+        assert retrying(client) == [(b"same", 1)]
+    elif settle == "dead":
+        assert q.dead_letter(middle, {"reason": "test", "attempts": 1})
+        assert not q.dead_letter(middle, {"reason": "test", "attempts": 1})
+        assert client.lrange(Keys(QUEUE).dead, 0, -1) == [b"same"]
+    else:
+        assert q.give_back([middle]) == 1 and q.give_back([middle]) == 0
+        assert shared(client) == [b"same"]
+    rest = [d for d in taken if d is not middle]
+    assert private_list(client, q) == [d.element for d in rest]
+    assert q.in_flight() == rest
+    assert trim(q, rest[:3]) == 0 and trim(q, rest[3:]) == 0
+    assert private_list(client, q) == []
+
+
+def test_a_replay_charges_a_segment_s_started_members_once(
+    client: redis.Redis, q: ReliableQueue, make_queue: MakeQueue
+) -> None:
+    produce(client, *[b"same"] * 5)
+    taken = take_all(q)
+    assert trim(q, taken[:1]) == 0
+    successor = make_queue()  # the worker's next process: taken[3] was the oldest unstarted
+    leftovers = successor.replay(taken[3].id)
+    assert [(d.payload, d.attempts) for d in leftovers] == [(b"same", 1)] * 2 + [(b"same", 0)] * 2
+    assert leftovers[2].id == taken[3].id and leftovers[3].id == taken[4].id
+    again = successor.replay(taken[3].id)  # sent again after a lost reply
+    assert [d.attempts for d in again] == [1, 1, 0, 0], "charged ids are its own: never twice"
+
+
+def test_a_reclaim_charges_a_segment_s_started_members(
+    client: redis.Redis, make_queue: MakeQueue
+) -> None:
+    lost = make_queue(worker_id="node-b:1")
+    produce(client, *[b"same"] * 4)
+    taken = take_all(lost)
+    assert trim(lost, taken[:1]) == 0
+    assert make_queue(worker_id="node-a:1").reclaim  # another node's view of it
+    assert lost.reclaim(taken[2].id) == 3
+    assert sorted(a for _, a in retrying(client)) == [0, 0, 1]
+    assert private_list(client, lost) == []
+
+
+def test_payloads_that_look_like_marked_envelopes_are_members_like_any(
+    client: redis.Redis, q: ReliableQueue, make_queue: MakeQueue
+) -> None:
+    prefix = scripts.PREFIX.encode()
+    odd = [prefix + b"ab.1.1:0+9:x", prefix + b"ab.1.2:0:y", prefix + b"seg", b"", prefix]
+    produce(client, *odd)
+    taken = take_all(q)
+    assert [d.payload for d in taken] == odd
+    assert q.in_flight() == taken
+    assert trim(q, taken[:1]) == 0, "the new oldest, itself a look-alike, is marked"
+    assert q.in_flight() == taken[1:]
+    leftovers = make_queue().replay(None)
+    assert [d.payload for d in leftovers] == odd[1:] and q.in_flight() != []
+
+
+def test_the_fast_path_waits_for_the_script_to_ack_an_open_segment(
+    client: redis.Redis, q: ReliableQueue
+) -> None:
+    """A prefetch cut to 1 (`max_requests` near) sends the fast path's acks as LREMs of
+    envelopes, which a segment's members are not: the script takes until it is acked."""
+    q.replay(None)  # the fast path takes once a replay has registered its lists
+    produce(client, *[b"same"] * 4)
+    taken = take_all(q, 2)
+    assert trim(q, taken[:1]) == 0  # acks sent early, alone (`ACK_INTERVAL`)
+    got = q.take([taken[1].element], 1, trim=1)
+    assert got.missing_acks == 0 and [d.fast for d in got.deliveries] == [""]
+    then = q.take([got.deliveries[0].element], 1, trim=1)  # no segment left: the fast path
+    assert then.missing_acks == 0 and then.deliveries[0].fast
+    assert q.take([], 0, fast_acks=[(then.deliveries[0].fast, b"same")]).missing_acks == 0
+    assert private_list(client, q) == [] and shared(client) == []

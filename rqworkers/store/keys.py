@@ -100,7 +100,9 @@ class Keys:
     )  # fmt: skip
     processing = Key(
         f"{QUEUE}:processing:{WORKER}", "list",
-        "one worker's in-flight deliveries, as envelopes `rqw1:<id>:<attempts>:<payload>`",
+        "one worker's in-flight deliveries, as envelopes `rqw1:<id>:<attempts>:<payload>`; "
+        "fresh messages taken into it when empty may sit there as they came (a *segment*), "
+        "above the oldest of them in a marked envelope `rqw1:<id>:0+<last>:<payload>`",
         commands=(("LRANGE", "{processing}", "0", "-1"),),
     )  # fmt: skip
     fast = Key(

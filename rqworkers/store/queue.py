@@ -5,9 +5,10 @@ The invariant everything else rests on:
     Every message is, at every instant, in exactly one key: the shared list, one landing
     list, one private list, the retry set or the dead list. Inside a worker's keys it is an
     envelope `rqw1:<id>:<attempts>:<payload>`, unique per delivery, whose `attempts` counts
-    the deliveries of this one message that ended without a result. Identical payloads are
-    therefore independent messages: nothing is keyed by a payload's bytes except
-    dead-letter records, which keep one record per copy.
+    the deliveries of this one message that ended without a result, or a member of a
+    segment at the bottom of a private list, whose id and attempts (0) its place gives
+    (see lua/envelope.lua). Identical payloads are therefore independent messages: nothing
+    is keyed by a payload's bytes except dead-letter records, which keep one record per copy.
 
 A message only ever moves atomically, in one Lua script (`scripts`): shared list → private
 list (take), private list → nowhere (ack), → retry set (retry later) or → dead list. The
@@ -187,6 +188,25 @@ def _unstarted_side(unstarted: bytes, process: str) -> str:
     return str(int(number) % 2)
 
 
+# A segment's oldest member, in its marked envelope (see lua/envelope.lua).
+_MARKED = re.compile(re.escape(_PREFIX) + rb"([^:]*?\.)(\d+):0\+(\d+):(.*)", re.DOTALL)
+
+
+def read_private_list(elements: list[bytes]) -> list[Delivery]:
+    """The deliveries of a private list read whole (LRANGE 0 -1, newest first), oldest
+    first: a segment's members as the envelopes a script would make them (`materialize` in
+    lua/envelope.lua), elements that are not envelopes left out."""
+    oldest_first = elements[::-1]
+    listed: list[Delivery] = []
+    found = _MARKED.fullmatch(oldest_first[0]) if oldest_first else None
+    if found:
+        base, first, last = found[1], int(found[2]), int(found[3])
+        members = [found[4], *oldest_first[1 : last - first + 1]]
+        listed = [Delivery(b"%s%d" % (base, first + i), 0, m) for i, m in enumerate(members)]
+        oldest_first = oldest_first[last - first + 1 :]
+    return listed + [Delivery.parse(e) for e in oldest_first if e.startswith(_PREFIX)]
+
+
 def _with_missing(taken: Taken, missing: int) -> Taken:
     """`taken`, counting `missing` more acks that found nothing (unless its own were not
     removed at all: -1)."""
@@ -256,6 +276,12 @@ class ReliableQueue:
         # Its replay put this process in `fast_owners`, where a successor or a reclaim
         # finds its fast lists: only then does it take into them.
         self._fast_found = False
+        # The worker acks in take order: a take of fresh messages into the empty private
+        # list may push them as a segment, without envelopes (see lua/envelope.lua).
+        self.segments = True
+        # The private list's bottom may be a segment, as the last take that looked said:
+        # its members are acked by the script's trim only, not by the fast path's LREMs.
+        self._segment = False
         self._replay = Bound(runner, self.keys, scripts.REPLAY)
         self._reclaim = Bound(runner, self.keys, scripts.RECLAIM)
 
@@ -357,7 +383,8 @@ class ReliableQueue:
         # Not for a take that serves level 0 first (see `take`); the acks of what the
         # script took last go along, one LREM each (the one, at prefetch 1: a trim of 1).
         listed = acks[:1] if trim == 1 else acks
-        ready = self._fast_found and limit == 1 and not (landed or look) and trim <= 1
+        ready = self._fast_found and limit == 1 and not (landed or look or self._segment)
+        ready = ready and trim <= 1
         if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
             got = fast.take(fast_acks, listed, self._ids % 2)
             if not got.to_script:
@@ -374,6 +401,7 @@ class ReliableQueue:
             "landed": "1" if landed else "0",
             "worker_id": self.worker_id,
             "trim": trim,
+            "segments": "1" if self.segments else "0",
             "acks": acks,
         }
         if not plain:
@@ -385,6 +413,8 @@ class ReliableQueue:
         if reply.superseded:
             raise Superseded(f"{self.keys.processing} was taken over by another process")
         fast.note(reply.next_due)
+        if reply.segment is not None:
+            self._segment = reply.segment
         seq, count = self._seq, len(reply.payloads)
         self._seq += count
         if len(reply.attempts) != count:
@@ -539,6 +569,7 @@ class ReliableQueue:
             spared=b",".join(spared),
         )
         self._fast_found = self.fast_path
+        self._segment = False  # the replay made its members envelopes
         seq = self._seq
         self._seq += len(reply)
         return [Delivery.parse(element, seq + n) for n, element in enumerate(reply, 1)]
@@ -688,7 +719,7 @@ class ReliableQueue:
     def in_flight(self) -> list[Delivery]:
         """The private list, oldest first, then what fast lists hold (see fast.py)."""
         elements = cast(list[bytes], self.client.lrange(self.keys.processing, 0, -1))
-        listed = [Delivery.parse(e) for e in reversed(elements) if e.startswith(_PREFIX)]
+        listed = read_private_list(elements)
         for process in self._fast_owners():
             for name in fast_lists(self.keys, process):
                 if self.client.type(name) in (b"list", "list"):

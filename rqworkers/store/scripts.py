@@ -19,8 +19,10 @@ beside it here.
 The elements of a private list are *envelopes*, `rqw1:<id>:<attempts>:<payload>` (see
 `queue.py` for the invariant): `id` makes every delivery unique, even of identical
 payloads, so a settling operation sent twice (after a lost reply) can never remove a twin;
-`attempts` counts this message's deliveries that ended without a result. Shared and dead
-lists hold payloads as producers sent them.
+`attempts` counts this message's deliveries that ended without a result. A take may leave
+fresh messages without them, as a *segment* whose place names each (lua/envelope.lua), which
+every other script first gives its envelopes. Shared and dead lists hold payloads as
+producers sent them.
 
 Writes are ordered so that a script refused by an out-of-memory Redis stops before it has
 lost anything: a message is pushed to its destination before it is removed from its
@@ -57,12 +59,16 @@ LEVEL_BAND = 10**13
 # Bound as a function that builds the table: a take of a few messages (1.2 us a call) does
 # not build it.
 FRESH_TAILS = tuple(f"{n}:0:" for n in range(1, 101))
+# The start of a segment's header, the bottom element of a private list whose oldest
+# deliveries sit there as they came, without envelopes (see lua/envelope.lua).
+SEGMENT = f"{PREFIX}seg:"
 # Bound to locals of the same names before every script that reads them.
 CONSTANTS: dict[str, str | int | tuple[str, ...]] = {
     "PREFIX": PREFIX,
     "KEPT_TWIN_RECORDS": KEPT_TWIN_RECORDS,
     "LEVEL_BAND": LEVEL_BAND,
     "FRESH_TAILS": FRESH_TAILS,
+    "SEGMENT": SEGMENT,
 }
 
 R = TypeVar("R")
@@ -273,6 +279,9 @@ class TakeReply(NamedTuple):
     payloads: list[bytes]  # of each new delivery, in take order
     held: Held | None = None  # what held the take back, if anything did
     groups: list[str] = []  # with groups: each new delivery's group (hex)  # noqa: RUF012
+    # Whether the private list's bottom is a segment (lua/envelope.lua) after the call; None
+    # if the call did not look.
+    segment: bool | None = None
 
 
 SUPERSEDED = -2  # what TAKE answers a process that no longer owns the private list
@@ -288,12 +297,15 @@ def _held(text: bytes) -> Held | None:
 def _take_reply(reply: list[Any]) -> TakeReply:
     if reply[0] == SUPERSEDED:
         return TakeReply(True, 0, None, [], [])
-    payloads = reply[5:]
+    payloads = reply[6:]
     # Attempts are listed only when some deliveries have them (retries, given back).
     attempts = [int(n) for n in reply[2].split(b",")] if reply[2] else [0] * len(payloads)
     next_due = float(reply[1]) if reply[1] else None
     groups = json.loads(reply[4]) if reply[4] else []
-    return TakeReply(False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]), groups)
+    segment = reply[5] == b"1" if reply[5] else None
+    return TakeReply(
+        False, int(reply[0]), next_due, attempts, payloads, _held(reply[3]), groups, segment
+    )
 
 
 def _envelopes(reply: list[bytes]) -> list[bytes]:

@@ -21,6 +21,9 @@
 -- A sealed fast list (see lua/take_over.lua) fails here, WRONGTYPE, before anything is
 -- written: its superseded process must not add a copy of what was taken over.
 redis.call('LLEN', processing)
+-- The private list's segment, if any, as envelopes (lua/envelope.lua); never a fast list's
+-- payload, which is no envelope.
+if parse(element) then materialize(processing) end
 local _, _, wrapped = parse(element)
 local payload = bare(wrapped)
 local ok, new = pcall(cjson.decode, record)

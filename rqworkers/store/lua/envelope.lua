@@ -19,10 +19,28 @@
 --   charged_already(spared, also) -> a test of an envelope's id: true if the process that
 --     wrote it is one of `spared` (id prefixes `<process>.` joined by ',') or `also`, whose
 --     envelopes a charge passes over (see REPLAY's and RECLAIM's `spared`)
+--   marked(id, last, payload) -> the envelope of a segment's oldest member (below)
+--   segment_of(element) -> base, first, last, payload of a segment's oldest member; nil for
+--     any other element
+--   materialize(list) -> writes the envelope of each member of the segment at the bottom of
+--     the private list `list`, if it has one
 --   bare(payload) -> the payload a producer pushed under a deduplication key, without the
 --     wrapper `<PREFIX>dedup:<32 hex digits>:<key in hex>:` (store/queue.py's
 --     `unwrap_dedup` reads it alike), and without a priority level's `<PREFIX>prio:<1-9>:`
 --     before it (see lua/levels.lua); any other payload as it is
+--
+-- A segment: a take of fresh messages into an empty private list (see `segments` in
+-- lua/take.lua) pushes them as they came, without envelopes, oldest nearest the bottom,
+-- but for the oldest, at the very bottom: it is in a *marked* envelope,
+-- `<PREFIX><id>:0+<last>:<payload>`, whose `+<last>` says that the deliveries above it up
+-- to the number `last` of its take are its segment. Each is the delivery `base` .. n of
+-- that take (its id base and a count), attempts 0, n counting up from the marked one's.
+-- An envelope's whole cost to Redis is its making (a third of a busy take's), and a
+-- delivery that ends well never needs one: a take's in-order ack trims the segment's
+-- oldest and marks the new oldest. Any other reader of the list first makes the envelopes
+-- (`materialize`), so that it finds what it always found. Only the marked envelope tells a
+-- member from a payload of the same bytes: it is only ever at the bottom, and a segment is
+-- only ever pushed onto an empty list, so everything of a segment sits right above it.
 -- A script need not use them all:
 -- luacheck: ignore 211
 
@@ -75,4 +93,28 @@ local function bare(payload)
     return payload
   end
   return rest
+end
+
+local function marked(id, last, payload)
+  return PREFIX .. id .. ':0+' .. last .. ':' .. payload
+end
+
+local function segment_of(element)
+  if not element or string.sub(element, 1, #PREFIX) ~= PREFIX then return nil end
+  local base, first, last, at = string.match(element, '^([^:]-%.)(%d+):0%+(%d+):()', #PREFIX + 1)
+  if not base then return nil end
+  return base, tonumber(first), tonumber(last), string.sub(element, at)
+end
+
+local function materialize(list)
+  local base, first, last, payload = segment_of(redis.call('LINDEX', list, -1))
+  if not base then return end
+  redis.call('LSET', list, -1, wrap(base .. first, 0, payload))
+  local count = last - first + 1
+  if count < 2 then return end
+  -- Newest first: the i-th is the member last - i + 1, at -(count + 1 - i).
+  local members = redis.call('LRANGE', list, -count, -2)
+  for i, member in ipairs(members) do
+    redis.call('LSET', list, -(count + 1 - i), wrap(base .. (last - i + 1), 0, member))
+  end
 end

@@ -13,6 +13,9 @@
 -- A sealed fast list (see lua/take_over.lua) fails here, WRONGTYPE, before anything is
 -- written: its superseded process must not add a copy of what was taken over.
 redis.call('LLEN', processing)
+-- The private list's segment, if any, as envelopes (lua/envelope.lua); never a fast list's
+-- payload, which is no envelope.
+if ARGV[REST] and parse(ARGV[REST]) then materialize(processing) end
 local moved = 0
 for i = REST, #ARGV do
   local _, attempts, payload = parse(ARGV[i])

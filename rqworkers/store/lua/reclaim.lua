@@ -33,6 +33,7 @@ while true do
   moved = moved + 1
 end
 local landed_moved, started = moved, true
+materialize(processing)  -- a segment's members, as envelopes (lua/envelope.lua)
 local uncharged = charged_already(spared)
 while true do
   local element = redis.call('LINDEX', processing, -1)

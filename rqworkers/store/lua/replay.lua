@@ -27,10 +27,12 @@
 -- reply charges nothing twice. Messages a blocking fetch left in the landing list never
 -- reached a handler; they join the private list uncharged, except a nudge (see
 -- lua/envelope.lua), which a worker that stopped while blocked left there: dropped. An
--- element that is not an envelope (written by hand, or by another program) is wrapped. The
--- replaying process becomes the list's `owner`.
+-- element that is not an envelope (written by hand, or by another program) is wrapped; a
+-- segment (see lua/envelope.lua) gets its envelopes first. The replaying process becomes the
+-- list's `owner`.
 
 redis.call('SET', owner, mine)  -- from now on only this process takes into the list
+materialize(processing)  -- a segment's members are read as envelopes, like any
 if fast == '1' then redis.call('SADD', fast_owners, string.sub(mine, 1, -2)) end
 -- A new process gives back the permits of the one before (its next take asks for what it
 -- runs); this process's own replay, after a Redis error, keeps those its handlers hold.

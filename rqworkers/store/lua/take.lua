@@ -3,7 +3,7 @@
 -- in one round trip.
 --
 -- KEYS: queue, processing, landing, retry, lease, registry, owner, nudge, paused
--- ARGV: limit, now, idbase, landed, worker_id, trim, look, acks...
+-- ARGV: limit, now, idbase, landed, worker_id, trim, segments, look, acks...
 --   limit      how many messages to take at most (0: only ack)
 --   now        the time, epoch seconds: retries due by then may be taken
 --   idbase     `<process>.<call>.`: the n-th new delivery gets the id idbase .. n, n
@@ -15,15 +15,20 @@
 --   trim       0: `acks` are the envelopes to remove, one LREM each. n > 0: the n acks are
 --              the oldest of the private list, and `acks` holds the oldest and the newest
 --              of them (see remove_acks)
+--   segments   '1': the worker acks in take order, so fresh messages taken from the shared
+--              list into an empty private list, more than one allowed, go in as a segment
+--              (see lua/envelope.lua), without envelopes
 --   acks...    envelopes, as `trim` says
 -- Returns {-2} to a process that no longer owns the list, taking and acking nothing; else
--- {missing, next_due, attempts, held, groups, payload1, payload2, ...} (decoded by
+-- {missing, next_due, attempts, held, groups, segment, payload1, payload2, ...} (decoded by
 -- scripts.TakeReply), `held` and `groups` always '' here (see take_flow.lua):
 --   missing    acks that found nothing, or -1: the acks sent as a trim were not where
 --              claimed, and nothing was removed (the worker sends them one by one)
 --   next_due   due time of the next retry, `now` if this call filled up with due ones
 --              (more may be due); '' if none
 --   attempts   the attempts of each new delivery joined by ','; '' when all are 0
+--   segment    '1' if the private list's bottom is a segment after this call, '0' if not,
+--              '' if this call did not look (it acked nothing and pushed no segment)
 --   payloads   of the new deliveries: the worker knows the ids it gave, so the envelopes
 --              need not travel back
 --

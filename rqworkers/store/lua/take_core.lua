@@ -2,20 +2,23 @@
 -- scripts.py): the reply being built, the owner check, the acks, adding to the batch,
 -- the shared list's oldest, the move into the private list, and the reply's last fields.
 -- It reads the KEYS and ARGV both scripts name alike (queue, processing, landing, retry,
--- owner, nudge; limit, idbase, trim, acks...).
+-- owner, nudge; limit, idbase, trim, segments, acks...).
 --
 -- Defines:
---   taken, fresh, attempts_of, tried, room: the reply, the new envelopes and their
---     attempts, whether any has attempts, and how many more this call may take
+--   taken, fresh, attempts_of, tried, room: the reply, the new envelopes (or, for a
+--     segment, payloads) and their attempts, whether any has attempts, and how many more
+--     this call may take
 --   owns_list(), remove_acks(), without_nudges(elements), add_to_batch(attempts, payload),
 --   take_shared(),
 --   move(landed_message, due, oldest_last), finish(first, took_due) -> the reply
 -- luacheck: ignore 211
 
 -- The reply, and the new envelopes with their attempts, built up by the functions below.
-local taken = {0, '', '', '', ''}
+local taken = {0, '', '', '', '', ''}
 local fresh, attempts_of, tried = {}, {}, false
 local room = tonumber(limit)
+-- Whether `fresh` is a segment (lua/envelope.lua), pushed by this call.
+local in_segment = false
 
 -- Only the process that last replayed the list (or, if none did, took first) takes into it
 -- and trims it (see `owner` in queue.py): the list holds one process's deliveries, in order.
@@ -29,20 +32,52 @@ local function owns_list()
   return true
 end
 
+-- A trim of the `acks` oldest when the bottom is a segment's marked envelope: its members
+-- are named by their ids, which the acks' envelopes carry, and their places by the mark, so
+-- the oldest ack must be the marked member, and the newest the member or the envelope just
+-- as far up. The segment's new oldest, if any is left, is marked.
+local function trim_segment(acks, base, first, last)
+  local left = last - first + 1
+  local newest = ARGV[REST + 1] or ARGV[REST]
+  local in_place = parse(ARGV[REST]) == base .. first
+  if in_place and acks <= left then
+    in_place = parse(newest) == base .. (first + acks - 1)
+  elseif in_place then
+    in_place = redis.call('LINDEX', processing, -acks) == newest
+  end
+  if not in_place then return -1 end
+  redis.call('LTRIM', processing, 0, -acks - 1)
+  taken[6] = acks < left and '1' or '0'
+  if acks < left then
+    local oldest = redis.call('LINDEX', processing, -1)
+    redis.call('LSET', processing, -1, marked(base .. (first + acks), last, oldest))
+  end
+  return 0
+end
+
 -- Removes the acked deliveries; returns how many were not found, or -1. The worker sends
 -- its acks as a trim only when they follow the private list's order; every envelope is
 -- unique and the list holds only its owner's deliveries, in take order, so if the two ends
 -- are in place, the n between them are the acks. If they are not, nothing is removed.
+-- Acks one by one are envelopes: a segment gets its envelopes first.
 local function remove_acks()
   local acks = tonumber(trim)
   if acks > 0 then
-    local in_place = redis.call('LINDEX', processing, -1) == ARGV[REST]
+    local bottom = redis.call('LINDEX', processing, -1)
+    local base, first, last = segment_of(bottom)
+    if base then return trim_segment(acks, base, first, last) end
+    taken[6] = '0'
+    local in_place = bottom == ARGV[REST]
     if in_place and acks > 1 then
       in_place = redis.call('LINDEX', processing, -acks) == ARGV[REST + 1]
     end
     if not in_place then return -1 end
     redis.call('LTRIM', processing, 0, -acks - 1)
     return 0
+  end
+  if REST <= #ARGV then
+    materialize(processing)
+    taken[6] = '0'
   end
   local missing = 0
   for i = REST, #ARGV do
@@ -73,24 +108,37 @@ local function add_to_batch(attempts, payload)
   local n = #fresh + 1
   fresh[n] = wrap(idbase .. n, attempts, payload)
   attempts_of[n] = attempts
-  taken[n + 5] = payload
+  taken[n + 6] = payload
   if attempts ~= 0 then tried = true end
   room = room - 1
 end
 
 -- The oldest messages of the shared list, as many as there is room for, taken, oldest last.
--- The bulk of every busy take: add_to_batch inlined, attempts 0, and the envelopes' tails
--- the loader's constants (`n .. ':0:'` formats a number per message).
+-- The bulk of every busy take: add_to_batch inlined, attempts 0. Into an empty private list,
+-- when the worker acks in order (`segments`), they go as a segment (see lua/envelope.lua),
+-- as they came; else each in its envelope, whose tail is one of the loader's constants
+-- (`n .. ':0:'` formats a number per message).
 local function take_shared()
   if room <= 0 then return {} end
   local oldest_last = redis.call('LRANGE', queue, -room, -1)
   local messages = without_nudges(oldest_last)
-  local n, head = #fresh, PREFIX .. idbase
+  local n = #fresh
+  in_segment = n == 0 and #messages > 1 and segments == '1'
+    and redis.call('LLEN', processing) == 0
+  if in_segment then
+    for i = #messages, 1, -1 do
+      n = n + 1
+      fresh[n], taken[n + 6] = messages[i], messages[i]
+    end
+    fresh[1] = marked(idbase .. 1, n, fresh[1])
+    return oldest_last
+  end
+  local head = PREFIX .. idbase
   local tails = #messages > 8 and FRESH_TAILS() or {}  -- a table of 100 costs some 8 numbers
   for i = #messages, 1, -1 do
     n = n + 1
     fresh[n] = head .. (tails[n] or n .. ':0:') .. messages[i]
-    taken[n + 5] = messages[i]
+    taken[n + 6] = messages[i]
   end
   return oldest_last
 end
@@ -98,6 +146,7 @@ end
 -- Moves what was taken into the private list. Pushed before they leave where they were:
 -- Redis out of memory refuses the push, and then nothing has moved.
 local function move(landed_message, due, oldest_last)
+  if in_segment then taken[6] = '1' end
   for i = 1, #fresh, 1000 do
     redis.call('LPUSH', processing, unpack(fresh, i, math.min(i + 999, #fresh)))
   end

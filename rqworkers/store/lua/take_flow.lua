@@ -5,9 +5,9 @@
 --
 -- KEYS: queue, processing, landing, retry, lease, registry, owner, nudge, paused, permits,
 --   starts, wake, ring, group_running, held
--- ARGV: limit, now, idbase, landed, worker_id, trim, max_running, running, rate, window,
---   group_by, sorter, group_max, group_rate, group_window, group_prefix, starts_prefix, mine,
---   acks...
+-- ARGV: limit, now, idbase, landed, worker_id, trim, segments, max_running, running, rate,
+--   window, group_by, sorter, group_max, group_rate, group_window, group_prefix,
+--   starts_prefix, mine, acks...
 --   limit      how many messages to take at most (0: only ack)
 --   now        the time, epoch seconds: retries due by then may be taken
 --   idbase     `<process>.<call>.`: the n-th new delivery gets the id idbase .. n, n
@@ -19,6 +19,7 @@
 --   trim       0: `acks` are the envelopes to remove, one LREM each. n > 0: the n acks are
 --              the oldest of the private list, and `acks` holds the oldest and the newest
 --              of them (see remove_acks)
+--   segments   '1': fresh messages may go in as a segment, as in TAKE
 --   max_running  at most this many deliveries of the queue in a handler at once, across
 --              every worker (the `permits` hash); 0: no such limit
 --   running    this worker's deliveries that hold a permit beside what this call takes
@@ -41,7 +42,8 @@
 -- blocking fetch landed then goes back to the queue's tail, its place kept. A nudge (see
 -- lua/envelope.lua) is no message: dropped wherever this script meets one.
 -- Returns {-2} to a process that no longer owns the list, taking and acking nothing; else
--- {missing, next_due, attempts, held, payload1, payload2, ...} (decoded by scripts.TakeReply):
+-- {missing, next_due, attempts, held, groups, segment, payload1, payload2, ...} (decoded by
+-- scripts.TakeReply):
 --   missing    acks that found nothing, or -1: the acks sent as a trim were not where
 --              claimed, and nothing was removed (the worker sends them one by one)
 --   next_due   due time of the next retry, `now` if this call filled up with due ones
@@ -51,6 +53,7 @@
 --              permit free) or 'rate:<ms>' (the next start is allowed in that many ms);
 --              '' otherwise
 --   groups     with groups, the group of each new delivery in hex, as a JSON list; else ''
+--   segment    as in TAKE
 --   payloads   of the new deliveries: the worker knows the ids it gave, so the envelopes
 --              need not travel back
 --
