@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from rqworkers.store.keys import Keys
-from rqworkers.store.queue import Delivery
+from rqworkers.store.queue import Delivery, read_private_list
 from tests.support import APPS, REPO, RedisServer, Service, free_port, wait_for
 
 StartService = Callable[..., Service]
@@ -43,9 +43,9 @@ def pair(kind: str, **settings: object) -> dict[str, object]:
 def in_flight(server: RedisServer) -> list[Delivery]:
     client = server.client()
     return [
-        Delivery.parse(e)
+        delivery
         for k in client.keys(Keys("jobs", "*").processing)
-        for e in client.lrange(k, 0, -1)
+        for delivery in read_private_list(client.lrange(k, 0, -1))
     ]
 
 

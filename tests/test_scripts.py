@@ -52,12 +52,14 @@ def test_argv_follows_the_header_whatever_order_the_caller_names_them_in() -> No
               "group_prefix": "q:group:", "starts_prefix": "q:group_starts:",
               "mine": "{}"}  # fmt: skip
     flow |= groups
-    head = [5, 1.0, "p.1.", "0", "w", 0, 3, 1, 10, 1000, "", "", 0, 0, 0, "q:group:",
+    head = [5, 1.0, "p.1.", "0", "w", 0, "1", 3, 1, 10, 1000, "", "", 0, 0, 0, "q:group:",
             "q:group_starts:", "{}"]  # fmt: skip
-    assert scripts.TAKE_FLOW.argv(**named, trim=0, acks=acks, **flow) == [*head, *acks]
-    assert scripts.TAKE_FLOW.argv(**flow, **named, trim=0) == head, "no acks"
-    plain = scripts.TAKE.argv(**named, trim=0, look="0", acks=acks)
-    assert plain == [5, 1.0, "p.1.", "0", "w", 0, "0", *acks]
+    assert scripts.TAKE_FLOW.argv(**named, trim=0, segments="1", acks=acks, **flow) == [
+        *head, *acks
+    ]  # fmt: skip
+    assert scripts.TAKE_FLOW.argv(**flow, segments="1", **named, trim=0) == head, "no acks"
+    plain = scripts.TAKE.argv(**named, trim=0, look="0", segments="0", acks=acks)
+    assert plain == [5, 1.0, "p.1.", "0", "w", 0, "0", "0", *acks]
 
 
 @pytest.mark.parametrize(
@@ -79,13 +81,15 @@ def test_argv_refuses_a_name_missing_or_unknown(
 
 def test_the_take_reply_is_decoded_by_name() -> None:
     assert scripts.TAKE.decode([-2]).superseded
-    reply = scripts.TAKE.decode([0, b"", b"", b"", b"", b"a", b"b"])
-    assert reply == (False, 0, None, [0, 0], [b"a", b"b"], None, [])
-    reply = scripts.TAKE.decode([-1, b"12.5", b"2,0", b"", b"", b"a", b"b"])
+    reply = scripts.TAKE.decode([0, b"", b"", b"", b"", b"", b"a", b"b"])
+    assert reply == (False, 0, None, [0, 0], [b"a", b"b"], None, [], None)
+    reply = scripts.TAKE.decode([-1, b"12.5", b"2,0", b"", b"", b"1", b"a", b"b"])
     assert (reply.missing_acks, reply.next_due, reply.attempts) == (-1, 12.5, [2, 0])
-    assert scripts.TAKE.decode([0, b"", b"", b"rate:250", b""]).held == ("rate", 0.25)
-    assert scripts.TAKE.decode([0, b"", b"", b"paused", b""]).held == ("paused", None)
-    assert scripts.TAKE.decode([0, b"", b"", b"", b'["61"]', b"x"]).groups == ["61"]
+    assert reply.segment is True
+    assert scripts.TAKE.decode([0, b"", b"", b"", b"", b"0"]).segment is False
+    assert scripts.TAKE.decode([0, b"", b"", b"rate:250", b"", b""]).held == ("rate", 0.25)
+    assert scripts.TAKE.decode([0, b"", b"", b"paused", b"", b""]).held == ("paused", None)
+    assert scripts.TAKE.decode([0, b"", b"", b"", b'["61"]', b"", b"x"]).groups == ["61"]
 
 
 def test_a_reclaim_refused_by_a_live_lease_decodes_to_none() -> None:

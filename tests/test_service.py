@@ -16,7 +16,7 @@ import pytest
 
 from rqworkers.client.producer import Producer
 from rqworkers.store.keys import Keys
-from rqworkers.store.queue import Delivery
+from rqworkers.store.queue import Delivery, read_private_list
 from tests.support import (
     APPS,
     REPO,
@@ -58,7 +58,7 @@ def wait_done(server: RedisServer, count: int, timeout: float = 20.0) -> list[by
 
 def in_flight(server: RedisServer, private: str) -> list[Delivery]:
     """A private list's deliveries, oldest first."""
-    return [Delivery.parse(e) for e in reversed(server.client().lrange(private, 0, -1))]
+    return read_private_list(server.client().lrange(private, 0, -1))
 
 
 def gone(pids: list[int]) -> bool:

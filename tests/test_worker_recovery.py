@@ -23,7 +23,7 @@ from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.manager.slots import Slot
 from rqworkers.store.keys import Keys
-from rqworkers.store.queue import Delivery, ReliableQueue, Taken
+from rqworkers.store.queue import Delivery, ReliableQueue, Taken, read_private_list
 from rqworkers.worker.dispatch import ConcurrentWorker
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.loop import Worker, WorkerSpec
@@ -106,8 +106,10 @@ RUNNING: list[Worker] = []
 
 
 def private_list(worker: Worker) -> list[bytes]:
-    """`worker`'s private list, oldest first."""
-    return cast(list[bytes], worker.queue.client.lrange(worker.queue.keys.processing, 0, -1))[::-1]
+    """`worker`'s private list, oldest first, as envelopes (a segment's members too: the
+    envelopes a replay gives them, see lua/envelope.lua)."""
+    elements = worker.queue.client.lrange(worker.queue.keys.processing, 0, -1)
+    return [d.element for d in read_private_list(cast(list[bytes], elements))]
 
 
 def what_a_kill_charges() -> list[bytes]:
@@ -371,9 +373,9 @@ def _die_at(worker: Worker, step: tuple[str, str, str]) -> None:
 def _attempts(client: redis.Redis, keys: Keys) -> dict[bytes, list[int]]:
     """Every copy of every message of the worker, wherever it is, with its attempts."""
     found: dict[bytes, list[int]] = {}
-    elements = [*client.lrange(keys.processing, 0, -1), *client.zrange(keys.retry, 0, -1)]
-    for element in cast(list[bytes], elements):
-        delivery = Delivery.parse(element)
+    in_flight = read_private_list(cast(list[bytes], client.lrange(keys.processing, 0, -1)))
+    retrying = [Delivery.parse(e) for e in cast(list[bytes], client.zrange(keys.retry, 0, -1))]
+    for delivery in [*in_flight, *retrying]:
         found.setdefault(delivery.payload, []).append(delivery.attempts)
     for payload in cast(
         list[bytes], [*client.lrange("jobs", 0, -1), *client.lrange(keys.landing, 0, -1)]
