@@ -105,7 +105,7 @@ def test_take_moves_the_oldest_messages_into_the_private_list(
     # envelope, naming the segment's last number, the others as they came.
     first = taken.deliveries[0]
     assert client.lrange(q.keys.processing, 0, -1) == [
-        b"second", b"%s%s:0+2:first" % (scripts.PREFIX.encode(), first.id)
+        b"second", b"%s%s+2:0:first" % (scripts.PREFIX.encode(), first.id)
     ]  # fmt: skip
 
 
@@ -834,7 +834,7 @@ def private_list(client: redis.Redis, q: ReliableQueue) -> list[bytes]:
 
 
 def marked(delivery: Delivery, last: int) -> bytes:
-    return b"%s%s:0+%d:%s" % (scripts.PREFIX.encode(), delivery.id, last, delivery.payload)
+    return b"%s%s+%d:0:%s" % (scripts.PREFIX.encode(), delivery.id, last, delivery.payload)
 
 
 def test_an_in_order_trim_of_a_segment_marks_its_new_oldest(
@@ -921,7 +921,14 @@ def test_payloads_that_look_like_marked_envelopes_are_members_like_any(
     client: redis.Redis, q: ReliableQueue, make_queue: MakeQueue
 ) -> None:
     prefix = scripts.PREFIX.encode()
-    odd = [prefix + b"ab.1.1:0+9:x", prefix + b"ab.1.2:0:y", prefix + b"seg", b"", prefix]
+    odd = [
+        prefix + b"ab.1.1+9:0:x",
+        prefix + b"ab.1.1:0+9:x",
+        prefix + b"ab.1.2:0:y",
+        prefix + b"seg",
+        b"",
+        prefix,
+    ]
     produce(client, *odd)
     taken = take_all(q)
     assert [d.payload for d in taken] == odd

@@ -102,7 +102,7 @@ class Keys:
         f"{QUEUE}:processing:{WORKER}", "list",
         "one worker's in-flight deliveries, as envelopes `rqw1:<id>:<attempts>:<payload>`; "
         "fresh messages taken into it when empty may sit there as they came (a *segment*), "
-        "above the oldest of them in a marked envelope `rqw1:<id>:0+<last>:<payload>`",
+        "above the oldest of them in a marked envelope `rqw1:<id>+<last>:0:<payload>`",
         commands=(("LRANGE", "{processing}", "0", "-1"),),
     )  # fmt: skip
     fast = Key(

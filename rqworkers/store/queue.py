@@ -189,7 +189,7 @@ def _unstarted_side(unstarted: bytes, process: str) -> str:
 
 
 # A segment's oldest member, in its marked envelope (see lua/envelope.lua).
-_MARKED = re.compile(re.escape(_PREFIX) + rb"([^:]*?\.)(\d+):0\+(\d+):(.*)", re.DOTALL)
+_MARKED = re.compile(re.escape(_PREFIX) + rb"([^:]*?\.)(\d+)\+(\d+):0:(.*)", re.DOTALL)
 
 
 def read_private_list(elements: list[bytes]) -> list[Delivery]:

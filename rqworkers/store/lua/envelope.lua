@@ -32,8 +32,11 @@
 -- A segment: a take of fresh messages into an empty private list (see `segments` in
 -- lua/take.lua) pushes them as they came, without envelopes, oldest nearest the bottom,
 -- but for the oldest, at the very bottom: it is in a *marked* envelope,
--- `<PREFIX><id>:0+<last>:<payload>`, whose `+<last>` says that the deliveries above it up
--- to the number `last` of its take are its segment. Each is the delivery `base` .. n of
+-- `<PREFIX><id>+<last>:0:<payload>`, whose `+<last>` says that the deliveries above it up
+-- to the number `last` of its take are its segment. The mark is in the id, so that a
+-- reader that knows no segments (an older rqworkers, during an upgrade) still reads the
+-- payload and its attempts whole, and takes the members for foreign elements, which it
+-- wraps as they are. Each is the delivery `base` .. n of
 -- that take (its id base and a count), attempts 0, n counting up from the marked one's.
 -- An envelope's whole cost to Redis is its making (a third of a busy take's), and a
 -- delivery that ends well never needs one: a take's in-order ack trims the segment's
@@ -96,12 +99,12 @@ local function bare(payload)
 end
 
 local function marked(id, last, payload)
-  return PREFIX .. id .. ':0+' .. last .. ':' .. payload
+  return PREFIX .. id .. '+' .. last .. ':0:' .. payload
 end
 
 local function segment_of(element)
   if not element or string.sub(element, 1, #PREFIX) ~= PREFIX then return nil end
-  local base, first, last, at = string.match(element, '^([^:]-%.)(%d+):0%+(%d+):()', #PREFIX + 1)
+  local base, first, last, at = string.match(element, '^([^:]-%.)(%d+)%+(%d+):0:()', #PREFIX + 1)
   if not base then return nil end
   return base, tonumber(first), tonumber(last), string.sub(element, at)
 end
