@@ -73,6 +73,8 @@ from bench.throughput import (
     machine_info,
     start_redis,
 )
+from rqworkers.store.keys import Keys
+from rqworkers.store.queue import read_private_list
 
 # -- the handler the nodes run ---------------------------------------------------------------
 
@@ -578,12 +580,10 @@ class Fleet:
         found: set[bytes] = set()
         for node in nodes:
             client = self.data.client_for(node.queue)
-            for key in (f"{node.queue}:processing:{node.worker_id}",
-                        f"{node.queue}:landing:{node.worker_id}"):  # fmt: skip
-                for element in cast(list[bytes], client.lrange(key, 0, -1)):
-                    found.add(
-                        element.split(b":", 3)[3] if element.startswith(b"rqw1:") else element
-                    )
+            keys = Keys(node.queue, node.worker_id)
+            private = cast(list[bytes], client.lrange(keys.processing, 0, -1))
+            found.update(d.payload for d in read_private_list(private))
+            found.update(cast(list[bytes], client.lrange(keys.landing, 0, -1)))
         return found
 
     def stop_and_count(self) -> None:

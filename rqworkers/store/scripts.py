@@ -59,16 +59,12 @@ LEVEL_BAND = 10**13
 # Bound as a function that builds the table: a take of a few messages (1.2 us a call) does
 # not build it.
 FRESH_TAILS = tuple(f"{n}:0:" for n in range(1, 101))
-# The start of a segment's header, the bottom element of a private list whose oldest
-# deliveries sit there as they came, without envelopes (see lua/envelope.lua).
-SEGMENT = f"{PREFIX}seg:"
 # Bound to locals of the same names before every script that reads them.
 CONSTANTS: dict[str, str | int | tuple[str, ...]] = {
     "PREFIX": PREFIX,
     "KEPT_TWIN_RECORDS": KEPT_TWIN_RECORDS,
     "LEVEL_BAND": LEVEL_BAND,
     "FRESH_TAILS": FRESH_TAILS,
-    "SEGMENT": SEGMENT,
 }
 
 R = TypeVar("R")

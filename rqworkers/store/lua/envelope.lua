@@ -33,11 +33,11 @@
 -- lua/take.lua) pushes them as they came, without envelopes, oldest nearest the bottom,
 -- but for the oldest, at the very bottom: it is in a *marked* envelope,
 -- `<PREFIX><id>+<last>:0:<payload>`, whose `+<last>` says that the deliveries above it up
--- to the number `last` of its take are its segment. The mark is in the id, so that a
--- reader that knows no segments (an older rqworkers, during an upgrade) still reads the
--- payload and its attempts whole, and takes the members for foreign elements, which it
--- wraps as they are. Each is the delivery `base` .. n of
+-- to the number `last` of its take are its segment. Each is the delivery `base` .. n of
 -- that take (its id base and a count), attempts 0, n counting up from the marked one's.
+-- The mark is in the id, which no other id holds a `+` in: a version before segments
+-- (an old pod's keeper or worker, mid-rollout) reads the marked one as an envelope, its
+-- payload intact, and each member as a payload (see docs/kubernetes.md, "Upgrades").
 -- An envelope's whole cost to Redis is its making (a third of a busy take's), and a
 -- delivery that ends well never needs one: a take's in-order ack trims the segment's
 -- oldest and marks the new oldest. Any other reader of the list first makes the envelopes
