@@ -287,3 +287,20 @@ def run_bench(args: list[str], budget: float, what: str) -> tuple[int | None, st
         out, err = process.communicate(timeout=60)
         pytest.fail(f"{what} took over {budget}s:\n{err}")
     return process.returncode, out, err
+
+
+def step_through_outages(worker: Any, steps: int, done: Callable[[], bool] = lambda: False) -> None:
+    """Call `worker.step()` (a `rqworkers.worker.loop.Worker`) up to `steps` times, as the
+    worker's main loop does: a Redis error is an outage, recorded, after which the next
+    step replays. Ends when the worker exits or is stopped, or once `done()` says so."""
+    for _ in range(steps):
+        if done():
+            return
+        try:
+            code = worker.step()
+        except redis.ConnectionError as exc:
+            worker.lose_track()
+            worker.outage.record(exc)
+            continue
+        if code is not None or worker.stop.set:
+            return

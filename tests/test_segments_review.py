@@ -13,7 +13,6 @@ import os
 import random
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import cast
 
 import pytest
@@ -40,7 +39,7 @@ from rqworkers.worker import loop, outbox
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.loop import Worker, WorkerSpec
 from rqworkers.worker.scoreboard import Scoreboard
-from tests.support import RedisServer
+from tests.support import RedisServer, step_through_outages
 
 QUEUE = "jobs"
 WORKER = "node-a:1"
@@ -48,18 +47,9 @@ PREFIX = scripts.PREFIX.encode()
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.discard()
-
-
-@pytest.fixture
-def client(server: RedisServer) -> Iterator[redis.Redis]:
-    conn = server.client()
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A real redis-server only (the conftest's `client` is fakeredis and real alike)."""
+    conn = redis_server.client()
     try:
         yield conn
     finally:
@@ -267,9 +257,9 @@ def test_the_queue_s_own_nudge_token_is_never_a_member(client: redis.Redis) -> N
 
 
 def test_dedup_and_priority_wrapped_pushes_as_segment_members(
-    client: redis.Redis, server: RedisServer
+    client: redis.Redis, redis_server: RedisServer
 ) -> None:
-    producer = Producer(server.url)
+    producer = Producer(redis_server.url)
     producer.push(QUEUE, b"once", dedup_key="k1")
     producer.push(QUEUE, b"plain")
     producer.push(QUEUE, b"twice", dedup_key="k2")
@@ -439,19 +429,13 @@ def make_worker(
 def drive(client: redis.Redis, worker: Worker) -> None:
     """Run `worker` until it exits, is stopped or finds nothing more to do."""
     k = worker.queue.keys
+
+    def idle() -> bool:
+        waiting = worker.batch or client.llen(QUEUE) or client.llen(k.processing)
+        return not waiting and worker.outbox.empty and not client.zcard(k.retry)
+
     try:
-        for _ in range(300):
-            idle = not (worker.batch or client.llen(QUEUE) or client.llen(k.processing))
-            if idle and worker.outbox.empty and not client.zcard(k.retry) and not worker.replaying:
-                break
-            try:
-                code = worker.step()
-            except redis.ConnectionError as exc:
-                worker.lose_track()
-                worker.outage.record(exc)
-                continue
-            if code is not None or worker.stop.set:
-                break
+        step_through_outages(worker, 300, lambda: idle() and not worker.replaying)
     except _Killed:
         raise  # as by SIGKILL: nothing more is sent
     FINISHING[0] = True
@@ -530,7 +514,7 @@ def _run_with_fault(
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_a_fault_at_any_call_to_redis_loses_nothing_and_charges_what_started(
-    client: redis.Redis, server: RedisServer, name: str, monkeypatch: pytest.MonkeyPatch
+    client: redis.Redis, redis_server: RedisServer, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hostile payloads and a deduplicated one, among failing ones and a stop mid-batch, on
     the lean loop, with segments, the fast path after a segment and `level0_every`: at every
@@ -542,13 +526,13 @@ def test_a_fault_at_any_call_to_redis_loses_nothing_and_charges_what_started(
         monkeypatch.setattr(outbox, "ACK_INTERVAL", -1.0)
     CALLS[0] = 0
     FAULT.clear()
-    assert _run_with_fault(client, server.url, settings, 10**6, "none") == ""
+    assert _run_with_fault(client, redis_server.url, settings, 10**6, "none") == ""
     calls = CALLS[1]
     assert calls > 5
     wrong = []
     for call in range(1, calls + 1):
         for how in ("kill-before", "kill-after", "lose-before", "lose-after"):
-            found = _run_with_fault(client, server.url, settings, call, how)
+            found = _run_with_fault(client, redis_server.url, settings, call, how)
             if found:
                 wrong.append((call, how, found))
     assert wrong == []

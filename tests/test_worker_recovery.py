@@ -28,7 +28,7 @@ from rqworkers.worker.dispatch import ConcurrentWorker
 from rqworkers.worker.handlers import Handler
 from rqworkers.worker.loop import Worker, WorkerSpec
 from rqworkers.worker.scoreboard import Scoreboard
-from tests.support import RedisServer
+from tests.support import RedisServer, step_through_outages
 
 HANDLED: list[bytes] = []
 
@@ -556,15 +556,7 @@ def test_a_kill_at_any_call_to_redis_charges_exactly_what_started(
     assert worker.can_run_lean()
     RUNNING.append(worker)
     try:
-        for _ in range(200):
-            try:
-                code = worker.step()
-            except redis.ConnectionError as exc:
-                worker.lose_track()
-                worker.outage.record(exc)
-                continue
-            if code is not None or worker.stop.set:
-                break
+        step_through_outages(worker, 200)
     finally:
         worker.finish()
     assert [where for where, exact in WATCHED if not exact] == []
