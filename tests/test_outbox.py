@@ -40,6 +40,7 @@ class FakeQueue:
 
     limits = NO_LIMITS  # as a ReliableQueue of a queue without flow control
     fast_path = False  # nor the fast path (prefetch 1)
+    acks_in_order = True  # as a ReliableQueue of a worker that settles in take order
 
     def __init__(self) -> None:
         self.keys = Keys.of("jobs", "n:1")

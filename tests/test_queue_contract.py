@@ -123,7 +123,7 @@ def test_a_take_onto_deliveries_in_hand_wraps_each_in_its_envelope(
 def test_a_worker_that_acks_out_of_order_takes_no_segment(
     client: redis.Redis, q: ReliableQueue
 ) -> None:
-    q.segments = False
+    q.acks_in_order = False
     produce(client, b"first", b"second")
     taken = q.take([], 2).deliveries
     assert client.lrange(q.keys.processing, 0, -1) == [d.element for d in reversed(taken)]
@@ -136,7 +136,7 @@ def test_every_envelope_of_a_large_take_is_the_one_the_worker_names(
     # and moves name an envelope as `Delivery.element` builds it, so the two must agree
     # byte for byte, past the constants too, or an ack would miss and a message run twice.
     produce(client, *[b"same"] * 150, b"x" * 1000)
-    q.segments = False  # each in its envelope, as the script makes it
+    q.acks_in_order = False  # each in its envelope, as the script makes it
     taken = q.take([], 151).deliveries
     assert [e for e in reversed(client.lrange(q.keys.processing, 0, -1))] == [
         b"%s%s:0:%s" % (scripts.PREFIX.encode(), d.id, d.payload) for d in taken

@@ -276,9 +276,11 @@ class ReliableQueue:
         # Its replay put this process in `fast_owners`, where a successor or a reclaim
         # finds its fast lists: only then does it take into them.
         self._fast_found = False
-        # The worker acks in take order: a take of fresh messages into the empty private
-        # list may push them as a segment, without envelopes (see lua/envelope.lua).
-        self.segments = True
+        # The worker acks in take order: its acks are the oldest of the private list, sent
+        # as one LTRIM (see `scripts.TAKE`), and a take of fresh messages into the empty list
+        # may push them as a segment, without envelopes (see lua/envelope.lua). A worker that
+        # settles out of order turns this off.
+        self.acks_in_order = True
         # The private list's bottom may be a segment, as the last take that looked said:
         # its members are acked by the script's trim only, not by the fast path's LREMs.
         self._segment = False
@@ -383,8 +385,8 @@ class ReliableQueue:
         # Not for a take that serves level 0 first (see `take`); the acks of what the
         # script took last go along, one LREM each (the one, at prefetch 1: a trim of 1).
         listed = acks[:1] if trim == 1 else acks
-        ready = self._fast_found and limit == 1 and not (landed or look or self._segment)
-        ready = ready and trim <= 1
+        ready = self._fast_found and limit == 1 and trim <= 1
+        ready = ready and not (landed or look or self._segment)
         if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
             got = fast.take(fast_acks, listed, self._ids % 2)
             if not got.to_script:
@@ -401,7 +403,7 @@ class ReliableQueue:
             "landed": "1" if landed else "0",
             "worker_id": self.worker_id,
             "trim": trim,
-            "segments": "1" if self.segments else "0",
+            "segments": "1" if self.acks_in_order else "0",
             "acks": acks,
         }
         if not plain:

@@ -141,8 +141,7 @@ class ConcurrentWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.outbox.trim_acks = False  # settled out of order: one LREM per ack
-        self.queue.segments = False  # so its takes push envelopes (lua/envelope.lua)
+        self.queue.acks_in_order = False  # settled out of order: one LREM per ack
         n = self.pair.concurrency
         if self.handler.is_async:
             self.submit, self.close_jobs = coroutine_jobs(self.handler, self.pair.timeout)

@@ -55,9 +55,6 @@ class Outbox:
     failed: list[Failure] = field(default_factory=list)
     # After a lost reply, pending operations are sent again: a miss is then expected.
     resending: bool = False
-    # Acks in take order are the oldest of the private list: sent as one LTRIM (see
-    # `scripts.TAKE`). A worker that settles out of order turns this off.
-    trim_acks: bool = True
     one_by_one: bool = False  # the last trim found the list otherwise: send each ack once
 
     def ack(self, delivery: Delivery, now: float, reply: Reply | None = None) -> bool:
@@ -142,7 +139,7 @@ class Outbox:
 
     def _in_take_order(self, acks: list[Delivery]) -> bool:
         """True when `acks` may travel as a trim: each taken after the one before."""
-        if not acks or not self.trim_acks or self.one_by_one:
+        if not acks or not self.queue.acks_in_order or self.one_by_one:
             return False
         previous = acks[0].seq
         for delivery in acks[1:]:
