@@ -264,7 +264,7 @@ class ConcurrentWorker(Worker):
         if limit > 0:
             taken = self.outbox.take(limit)
             self.took(taken)
-            if len(taken.deliveries) == limit:  # the queue has more: look again at once
+            if taken.count == limit:  # the queue has more: look again at once
                 self.next_look = now
             elif taken.held is not None:  # look again when it may pass, or one settles
                 wait = taken.held.wait

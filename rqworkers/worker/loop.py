@@ -18,10 +18,8 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,9 +30,10 @@ from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Superseded
 from rqworkers.store.flow import PERMIT_HOLD
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
-from rqworkers.store.queue import Delivery, ReliableQueue, Taken
+from rqworkers.store.queue import Delivery, Lot, ReliableQueue, Taken
 from rqworkers.store.scripts import Held
 from rqworkers.worker.alarm import ALARM
+from rqworkers.worker.batch import LOST_WORKER, Batch
 from rqworkers.worker.freeze import FreezeWatch
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.scoreboard import Scoreboard
@@ -61,7 +60,6 @@ WAKE_TIMEOUT = 2.0
 # a message held in its private list is a message no other worker can start.
 LIMITED_BATCH_SECONDS = 1.0
 MIN_BLOCK = 0.01  # seconds: a blocking fetch of 0 would wait forever
-LOST_WORKER = "earlier deliveries never finished (worker lost)"
 
 
 @dataclass(frozen=True)
@@ -119,12 +117,10 @@ class Worker:
         # deliveries an earlier life of this worker had started (all, if that is unknown).
         self.replaying = True
         self.charge_before: bytes | None = spec.previous_unstarted or b""
-        # Taken, not yet started, oldest first: (delivery, why it would be dead).
-        self.batch: deque[tuple[Delivery, str]] = deque()
+        self.batch = Batch()  # taken, not yet started, oldest first
         self.marked = False  # the scoreboard names an unstarted delivery of the private list
         self.in_handler = False  # user code runs: this worker's Redis client is idle
         self.lean: bool | None = None  # `can_run_lean`, known at the first batch
-        self.numbering: tuple[bytes, int] | None = None  # the batch's take's, if it is one's
         # Its outages are published, so that `/healthz` and `status` can tell them.
         self.outage = Outage(f"redis at {self.pair.endpoint}", report=board.waiting)
         ALARM.install()
@@ -202,55 +198,104 @@ class Worker:
         )
 
     def run_lean(self) -> int | None:
-        """`run_batch` for a lean worker (`can_run_lean`): a delivery with no attempts and
-        no deduplication key whose handler returns is run and queued for its ack with the
-        scoreboard's writes and the timer of `deliver`, and nothing else: at a prefetch of
-        100 and a short handler, the calls around each message were half of a worker's
-        Python. Any other delivery, and any that raises or runs out of time, is `deliver`'s.
+        """`run_batch` for a lean worker (`can_run_lean`): a take's lot, kept whole in
+        the batch, is run by `run_lot`; anything else (a replay's leftovers) by `deliver`."""
+        batch, stop = self.batch, self.stop
+        while batch and not stop.set:
+            if batch.waiting or batch.lot is None:
+                delivery, lost_reason = batch.popleft()
+                if self.deliver(delivery, lost_reason):
+                    return ExitCode.TIMEOUT
+                code = self.settler.recycle()
+            else:
+                code = self.run_lot(batch.lot)
+            if code is not None:
+                return code
+        return None
+
+    def run_lot(self, lot: Lot) -> int | None:
+        """Run the batch's `lot` in take order from its cursor on, until it is done, a
+        stop is asked for, or a limit hit.
+
+        One with no attempts and no deduplication key whose handler returns is run with the
+        scoreboard's writes and the timer of `deliver`, and counted in a run of successes
+        whose acks the outbox sends as one trim (`Outbox.ack_run`): no `Delivery` is made
+        for it, and no call per message settles it. At a prefetch of 100 and a short
+        handler, those were a quarter of a worker's own CPU. Any other, and any that raises
+        or runs out of time, is made a `Delivery` for `deliver` or `ended`, once the run
+        of successes before it is queued.
         """
         batch, stop, board, settler = self.batch, self.stop, self.board, self.settler
         handle, timeout, monotonic = self.handler.handle, self.pair.timeout, time.monotonic
-        recycle = settler.recycle if settler.max_requests else None
-        # The batch is one take's, whose n-th has the id base + n: the mark moves on
-        # along it by its number (`Scoreboard.start`), once `mark_in` has named the take.
-        base, before = self.numbering or (b"", 0)
+        payloads, prefix, plain = lot.payloads, lot.prefix, lot.plain
+        count, index = len(lot), batch.next
+        max_requests = settler.max_requests
+        first = -1  # the first of the run of successes not yet queued, if any
+        oldest = 0.0  # when that run's first ended (monotonic seconds)
+        due = 0.0  # when it, or an older ack pending in the outbox, is overdue
         numbered = False  # the scoreboard's current mark is `mark_in` of this take
-        while batch and not stop.set:
-            delivery, lost_reason = batch.popleft()
-            if delivery.attempts or delivery.dedup is not None:
-                numbered = False  # `deliver` marks by id
-                timed_out = self.deliver(delivery, lost_reason)
-            else:
+        try:
+            while index < count and not stop.set:
+                batch.next = index + 1  # it starts: a stop signal gives back the rest
+                payload = payloads[index]
+                delivery = None if plain else lot.delivery(index)
+                if delivery is not None:
+                    if delivery.attempts or delivery.dedup is not None:
+                        self.queue_run(lot, first, index - 1, oldest)
+                        first, numbered = -1, False  # `deliver` marks by id
+                        if self.deliver(delivery, LOST_WORKER):
+                            return ExitCode.TIMEOUT
+                        index += 1
+                        if settler.recycle() is not None:
+                            break
+                        continue
+                    payload = delivery.payload  # unwrapped
                 # `mark_unstarted`: from here on, its worker's end charges it
                 since = monotonic()
-                if not (batch and base):  # the batch's last, or not one take's: by id
+                if index + 1 == count:  # the take's last: none left unstarted
                     self.mark_unstarted()
                     board.busy(since)
                 elif numbered:
-                    board.start(batch[0][0].seq - before, since)
+                    board.start(index + 2, since)
                 else:
-                    board.mark_in(base, batch[0][0].seq - before)
+                    board.mark_in(prefix, index + 2)
                     board.busy(since)
                     numbered = self.marked = True
                 self.in_handler = True
                 try:
-                    ALARM.until(since + timeout, handle, delivery.payload)
+                    ALARM.until(since + timeout, handle, payload)
                 except (Exception, MessageTimeout) as exc:
-                    timed_out = self.ended(delivery, since, exc)
-                    numbered = False  # a failure's retry may move the batch on
+                    self.queue_run(lot, first, index - 1, oldest)
+                    first, numbered = -1, False  # a failure's retry may move the list on
+                    if self.ended(delivery or lot.delivery(index), since, exc):
+                        return ExitCode.TIMEOUT
                 else:
                     ended = monotonic()
                     self.in_handler = False
                     board.succeeded_in(ended - since)
-                    settler.succeeded(delivery, ended)
-                    timed_out = False
-            if timed_out:
-                return ExitCode.TIMEOUT
-            if recycle is not None:
-                code = recycle()
-                if code is not None:
-                    return code
-        return None
+                    if first < 0:
+                        first, oldest = index, ended
+                        due = self.outbox.overdue_at(ended)
+                    if ended > due:  # a slow batch must not hold finished work unacked long
+                        self.queue_run(lot, first, index, oldest)
+                        first = -1
+                        self.outbox.flush()
+                index += 1
+                # The run of successes not yet queued counts as finished too.
+                unqueued = index - first if first >= 0 else 0
+                if max_requests and settler.finished + unqueued >= max_requests:
+                    break
+        finally:
+            if batch.lot is lot:  # not given back meanwhile: drop it once all started
+                batch.moved_to(batch.next)
+            self.queue_run(lot, first, index - 1, oldest)
+        return settler.recycle()
+
+    def queue_run(self, lot: Lot, first: int, last: int, oldest: float) -> None:
+        """Queue the acks of the deliveries `first` to `last` of `lot`, which succeeded
+        (none if `first` < 0), the first of them at monotonic `oldest`."""
+        if 0 <= first <= last:
+            self.settler.succeeded_run(lot, first, last, oldest)
 
     def resume(self) -> None:
         """Before taking anything: hold the lease, then replay the private list if a start
@@ -282,7 +327,6 @@ class Worker:
             self.queue.give_back(leftovers)
             leftovers = []
         self.batch.extend((d, reason) for d in leftovers)
-        self.numbering = None  # leftovers: ids of every kind
         self.mark_unstarted()
         self.replaying = False
         self.board.replayed()
@@ -300,9 +344,9 @@ class Worker:
         The mark stays when the batch is dropped but its deliveries stay in the private list
         (a Redis error, an exit), and moves on only once they are given back.
         """
-        batch = self.batch
-        self.board.mark_unstarted(batch[0][0].id if batch else b"")
-        self.marked = bool(batch)
+        first = self.batch.first_id()
+        self.board.mark_unstarted(first)
+        self.marked = bool(first)
 
     def before_take(self) -> None:
         """A take is about to be sent: if no delivery in hand is unstarted, what it takes
@@ -322,16 +366,14 @@ class Worker:
 
     def took(self, taken: Taken) -> None:
         """Add what a take brought to the batch."""
-        # Numbered (`run_lean`) only while the batch holds that take alone, in take order.
-        self.numbering = None if self.batch else taken.numbering
-        self.batch.extend(zip(taken.deliveries, repeat(LOST_WORKER)))
+        self.batch.add(taken)
         if not self.marked and self.batch:
             self.mark_unstarted()
 
     def holding(self) -> list[Delivery]:
         """Deliveries of this worker that hold a permit beside what a take brings: taken,
         not yet started (between two messages, none is in a handler)."""
-        return [delivery for delivery, _ in self.batch]
+        return self.batch.deliveries()
 
     def holds_permit(self) -> bool:
         """Whether a delivery of this worker is in its handler or about to be (for
@@ -364,7 +406,7 @@ class Worker:
             next_due: float | None = self.quiet_until if self.quiet_due else None
         else:
             taken = self.outbox.take(limit)
-            if taken.deliveries:
+            if taken.count:
                 self.took(taken)
                 return bool(self.batch)
             if taken.held is not None:
@@ -465,7 +507,7 @@ class Worker:
         worker is then killed (a slow message past `shutdown_timeout`), a new manager would
         have to charge every leftover, not knowing which one ran."""
         if self.batch:
-            moved = self.queue.give_back([delivery for delivery, _ in self.batch])
+            moved = self.queue.give_back(self.batch.deliveries())
             log.info("gave %d unstarted message(s) back to %s", moved, self.queue.keys.queue)
             self.batch.clear()
             self.marked = False  # the one it names has left the list

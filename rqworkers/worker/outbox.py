@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rqworkers.store.queue import Delivery, ReliableQueue, Taken
+from rqworkers.store.queue import Delivery, Lot, ReliableQueue, Taken
 from rqworkers.worker.handlers import Reply
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ class Outbox:
     # handler, and those taken and not yet started.
     holding: Callable[[], list[Delivery]] = lambda: []
     acks: list[Delivery] = field(default_factory=list)
+    # Acks behind `acks`: the deliveries `first` to `last` (indexes) of one take's lot,
+    # run in order by the lean loop (`ack_run`), which travel as one trim with no
+    # `Delivery` made for them.
+    lot: Lot | None = None
+    first: int = 0
+    last: int = 0
     # The replies some acks must be preceded by (`before_acks` writes them), by the id of
     # the delivery whose run made each: twins share a payload, never an id.
     replies: dict[bytes, Reply] = field(default_factory=dict)
@@ -60,6 +66,7 @@ class Outbox:
     def ack(self, delivery: Delivery, now: float, reply: Reply | None = None) -> bool:
         """Queue `delivery`'s ack, preceded by `reply` if its run made one; True when the
         pending acks are overdue (`acks_overdue`)."""
+        self._unfold()  # this ack goes behind them
         acks = self.acks
         if not acks:
             self.oldest_ack = now
@@ -67,6 +74,28 @@ class Outbox:
         if reply is not None:
             self.replies[delivery.id] = reply
         return now - self.oldest_ack > ACK_INTERVAL
+
+    def ack_run(self, lot: Lot, first: int, last: int, since: float) -> None:
+        """Queue the acks of the deliveries `first` to `last` (indexes, both included) of
+        `lot`, which ran in take order after every ack pending, the first of them ending at
+        monotonic `since`. A run that goes on from the pending one joins it; any other
+        makes the pending one deliveries first (one trim then names them all, or, should
+        it be refused, each goes one by one)."""
+        if self.lot is not None:
+            if self.lot is lot and self.last + 1 == first:
+                self.last = last  # the run goes on
+                return
+            self._unfold()
+        if not self.acks:
+            self.oldest_ack = since
+        self.lot, self.first, self.last = lot, first, last
+
+    def _unfold(self) -> None:
+        """Make the pending run's deliveries acks among `acks`, for what needs them
+        one by one (a Delivery's ack behind them, or a trim refused)."""
+        if self.lot is not None:
+            self.acks.extend(self.lot.deliveries(self.first, self.last + 1))
+            self.lot = None
 
     def replace_ack(self, delivery: Delivery, failure: Failure) -> None:
         """`delivery` is not to be acked after all (its reply was refused): `failure`
@@ -78,11 +107,17 @@ class Outbox:
     def forget_acks(self) -> None:
         """Drop the pending acks and their replies: they are no longer this worker's."""
         self.acks = []
+        self.lot = None
         self.replies.clear()
 
     def acks_overdue(self, now: float) -> bool:
         """True when finished work has waited long enough for its ack."""
-        return bool(self.acks) and now - self.oldest_ack > ACK_INTERVAL
+        return (bool(self.acks) or self.lot is not None) and (now - self.oldest_ack > ACK_INTERVAL)
+
+    def overdue_at(self, now: float) -> float:
+        """When the pending acks, with one queued at monotonic `now`, are overdue."""
+        pending = self.acks or self.lot is not None
+        return (self.oldest_ack if pending else now) + ACK_INTERVAL
 
     def fail(self, failure: Failure) -> None:
         """Retry or dead-letter `failure` now (it stays pending if Redis does not answer)."""
@@ -96,15 +131,29 @@ class Outbox:
         if self.acks:
             self.before_acks()
         self.send_failed()
+        run = self.lot
+        if run is not None and (self.acks or self.one_by_one or not self.queue.acks_in_order):
+            self._unfold()
+            run = None
         acks = self.acks
-        if not acks and limit <= 0:
+        if not acks and run is None and limit <= 0:
             return Taken(0, [], None)  # nothing to send
-        # The fast path's acks are payloads of the fast list (see store/fast.py); the
-        # others, envelopes of the private list. Only a queue with the fast path has any.
-        fast = [(d.fast, d.element) for d in acks if d.fast] if self.queue.fast_path else []
-        listed = [d for d in acks if not d.fast] if fast else acks
-        trim = len(listed) if self._in_take_order(listed) else 0
-        elements = [listed[0].element, listed[-1].element] if trim else [d.element for d in listed]
+        fast: list[tuple[str, bytes]] = []
+        if run is not None:  # a run of one lot alone: one trim
+            trim = settled = self.last - self.first + 1
+            elements = [run.element(self.first), run.element(self.last)]
+        else:
+            # The fast path's acks are payloads of the fast list (see store/fast.py); the
+            # others, envelopes of the private list. Only a queue with the fast path has any.
+            if self.queue.fast_path:
+                fast = [(d.fast, d.element) for d in acks if d.fast]
+            listed = [d for d in acks if not d.fast] if fast else acks
+            trim = len(listed) if self._in_take_order(listed) else 0
+            if trim:
+                elements = [listed[0].element, listed[-1].element]
+            else:
+                elements = [d.element for d in listed]
+            settled = len(acks)
         self.before_take()
         limits = self.queue.limits
         if limits.any or limits.sorter:  # what this worker holds counts only against limits
@@ -131,8 +180,8 @@ class Outbox:
                 taken.missing_acks,
                 self.queue.keys.processing,
             )
-        if acks:
-            self.on_settled(len(acks))
+        if settled:
+            self.on_settled(settled)
         self.forget_acks()
         self.resending = self.one_by_one = False
         return taken
@@ -151,7 +200,7 @@ class Outbox:
     def flush(self) -> None:
         """Send everything pending, taking nothing new (a trim refused is sent again, one
         by one, so this ends in two trips at most)."""
-        while self.acks or self.failed:
+        while not self.empty:
             self.take(0)
 
     def lost_reply(self) -> None:
@@ -160,7 +209,7 @@ class Outbox:
 
     @property
     def empty(self) -> bool:
-        return not (self.acks or self.failed)
+        return not (self.acks or self.failed or self.lot is not None)
 
     def send_failed(self) -> None:
         while self.failed:

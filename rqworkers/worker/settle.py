@@ -22,7 +22,7 @@ from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Refused
 from rqworkers.store import dedup
 from rqworkers.store.outage import REDIS_ERRORS, explain
-from rqworkers.store.queue import Delivery, ReliableQueue
+from rqworkers.store.queue import Delivery, Lot, ReliableQueue
 from rqworkers.worker.handlers import Handler, Reply
 from rqworkers.worker.outbox import Failure, Outbox
 from rqworkers.worker.scoreboard import Scoreboard
@@ -107,13 +107,13 @@ class Settler:
                 extra={"event": "succeeded"},
             )
 
-    def succeeded(self, delivery: Delivery, ended: float) -> None:
-        """`settle` for a delivery of `Worker.run_lean`, whose handler returned at monotonic
-        `ended` and made no reply, with no deduplication key and no log line: count it and
-        queue its ack, sent at once if the oldest pending one has waited ACK_INTERVAL."""
-        self.finished += 1
-        if self.outbox.ack(delivery, ended):
-            self.outbox.flush()
+    def succeeded_run(self, lot: Lot, first: int, last: int, since: float) -> None:
+        """`settle` for the deliveries `first` to `last` of `lot`, run in take order by
+        `Worker.run_lot`, whose handlers returned (the first at monotonic `since`) with
+        no reply, no deduplication key and no log line: count them and queue their acks,
+        which travel as one trim (the caller sends them once ACK_INTERVAL has passed)."""
+        self.finished += last - first + 1
+        self.outbox.ack_run(lot, first, last, since)
 
     def cap(self, limit: int, in_flight: int = 0) -> int:
         """`limit` lowered to what `max_requests` leaves this worker to start: it must not
