@@ -281,10 +281,10 @@ class Worker:
                         first = -1
                         self.outbox.flush()
                 index += 1
-                # The run of successes not yet queued counts as finished too.
-                unqueued = index - first if first >= 0 else 0
-                if max_requests and settler.finished + unqueued >= max_requests:
-                    break
+                if max_requests:
+                    unqueued = index - first if first >= 0 else 0  # counts as finished too
+                    if settler.finished + unqueued >= max_requests:
+                        break
         finally:
             if batch.lot is lot:  # not given back meanwhile: drop it once all started
                 batch.moved_to(batch.next)
