@@ -64,7 +64,7 @@ def test_a_lot_makes_the_deliveries_a_take_made_one_by_one_or_all_at_once() -> N
 def test_a_batch_keeps_a_take_whole_and_hands_out_its_deliveries_in_order() -> None:
     batch = Batch()
     lot = _lot([b"a", b"b", b"c"])
-    batch.add(Taken(0, lot, None))
+    batch.add(Taken(0, lot, None), whole=True)
     assert batch.lot is lot and len(batch) == 3 and batch.first_id() == b"p1.7.1"
     first, reason = batch.popleft()
     assert (first.id, first.payload, reason) == (b"p1.7.1", b"a", LOST_WORKER)
@@ -73,11 +73,11 @@ def test_a_batch_keeps_a_take_whole_and_hands_out_its_deliveries_in_order() -> N
     batch.extend([(Delivery(b"q.1", 1, b"d"), "why")])
     assert batch.lot is None and [d.payload for d in batch.deliveries()] == [b"b", b"c", b"d"]
     # A take that finds deliveries waiting is queued behind them as deliveries.
-    batch.add(Taken(0, _lot([b"e"]), None))
+    batch.add(Taken(0, _lot([b"e"]), None), whole=True)
     assert [d.payload for d in batch.deliveries()] == [b"b", b"c", b"d", b"e"]
     batch.clear()
     assert not batch and len(batch) == 0 and batch.first_id() == b""
-    batch.add(Taken(0, _lot([b"z"]), None))
+    batch.add(Taken(0, _lot([b"z"]), None), whole=True)
     batch.moved_to(1)  # started: nothing left
     assert not batch and batch.lot is None and batch.first_id() == b""
     with pytest.raises(IndexError):

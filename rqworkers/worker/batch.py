@@ -48,9 +48,10 @@ class Batch:
     def lot_left(self) -> int:
         return 0 if self.lot is None else len(self.lot) - self.next
 
-    def add(self, taken: Taken) -> None:
-        """Add what a take brought: kept whole if nothing else waits."""
-        if not self and taken.lot is not None and len(taken.lot):
+    def add(self, taken: Taken, whole: bool) -> None:
+        """Add what a take brought: kept `whole` (for `Worker.run_lot`) if nothing else
+        waits. A loop that takes deliveries one by one gets them made at once, in one go."""
+        if whole and not self and taken.lot is not None and len(taken.lot):
             self.lot, self.next = taken.lot, 0
         else:
             self.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)

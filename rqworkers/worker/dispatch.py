@@ -173,6 +173,9 @@ class ConcurrentWorker(Worker):
         self.look_for_more()
         return None
 
+    def can_run_lean(self) -> bool:
+        return False  # its handlers run in threads or coroutines, never in `run_lean`
+
     def running_elements(self) -> set[bytes]:
         return {r.delivery.element for r in self.running.values()}
 

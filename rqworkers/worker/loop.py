@@ -366,7 +366,9 @@ class Worker:
 
     def took(self, taken: Taken) -> None:
         """Add what a take brought to the batch."""
-        self.batch.add(taken)
+        if self.lean is None:
+            self.lean = self.can_run_lean()
+        self.batch.add(taken, whole=self.lean)
         if not self.marked and self.batch:
             self.mark_unstarted()
 
