@@ -178,7 +178,7 @@ class Lot:
     rest of a lot; `Taken.deliveries`).
     """
 
-    __slots__ = ("attempts", "before", "groups", "payloads", "plain", "prefix")
+    __slots__ = ("attempts", "before", "fast", "groups", "payloads", "plain", "prefix")
 
     def __init__(
         self,
@@ -187,12 +187,16 @@ class Lot:
         groups: list[str],
         prefix: bytes,
         before: int,
+        fast: str = "",
     ) -> None:
         self.payloads = payloads
         self.attempts = attempts
         self.groups = groups
         self.prefix = prefix
         self.before = before
+        # Taken by the fast path: the fast list its one delivery sits in, as it came (see
+        # `Delivery.fast`); '' for a script's take.
+        self.fast = fast
         # None has attempts, a group, or a payload `Delivery` would unwrap: each is its
         # payload, and nothing else (the checks run in C, once per take).
         self.plain = not (any(attempts) or groups or any(map(_wrapped, payloads)))
@@ -202,11 +206,14 @@ class Lot:
 
     def delivery(self, index: int) -> Delivery:
         """The delivery at `index` (from 0)."""
+        payload = self.payloads[index]
         delivery = Delivery(
             self.prefix + b"%d" % (index + 1),
             self.attempts[index],
-            self.payloads[index],
+            payload,
             self.before + index + 1,
+            payload if self.fast else b"",
+            self.fast,
         )
         if index < len(self.groups):
             delivery.group = self.groups[index]
@@ -217,6 +224,8 @@ class Lot:
         stop = len(self.payloads) if stop is None else stop
         if stop <= start:
             return []
+        if self.fast:
+            return [self.delivery(index) for index in range(start, stop)]
         ids = [self.prefix + n for n in _counts(stop)[start:]]
         deliveries = list(
             map(
@@ -526,14 +535,15 @@ class ReliableQueue:
         missed = reply.missing_acks if reply.missing_acks < 0 else reply.missing_acks + missing
         return Taken(missed, lot, next_due, reply.held)
 
-    def _fast_deliveries(self, base: str, payload: bytes | None) -> list[Delivery]:
+    def _fast_deliveries(self, base: str, payload: bytes | None) -> Lot | list[Delivery]:
         """The delivery of a fast take, with the id a script's first would have had (the
-        one `next_take_id` names to the scoreboard); none if it took nothing."""
+        one `next_take_id` names to the scoreboard), as a lot of one; none if it took
+        nothing."""
         if payload is None:
             return []
         self._seq += 1
         held = cast(str, self.fast.held)
-        return [Delivery(f"{base}1".encode(), 0, payload, self._seq, payload, fast=held)]
+        return Lot([payload], [0], [], base.encode(), self._seq - 1, fast=held)
 
     def _look_for_pause(self, landed: bool) -> bool:
         """Whether this take should look for a pause: at most once a second, and whenever a

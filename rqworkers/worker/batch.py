@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import cast
 
 from rqworkers.store.queue import Delivery, Lot, Taken
 
@@ -24,7 +23,8 @@ Entry = tuple[Delivery, str]  # a delivery, and the reason it would be dead-lett
 
 class Batch:
     """Taken, not yet started: waiting pairs, or (only when none wait) the rest of one
-    take's lot, from its index `next` on."""
+    take's lot, from its index `next` on. A lot is dropped once its last has started, so
+    that `lot is not None` says there is something left in it."""
 
     __slots__ = ("lot", "next", "waiting")
 
@@ -34,7 +34,7 @@ class Batch:
         self.next = 0  # the index in `lot` of the next to start
 
     def __bool__(self) -> bool:
-        return bool(self.waiting) or self.lot_left() > 0
+        return self.lot is not None or bool(self.waiting)
 
     def __len__(self) -> int:
         return len(self.waiting) + self.lot_left()
@@ -72,7 +72,7 @@ class Batch:
         return delivery, LOST_WORKER
 
     def moved_to(self, index: int) -> None:
-        """The lot's deliveries before `index` have started (`Worker.run_lot`)."""
+        """The lot's deliveries before `index` have started."""
         if self.lot is not None and index >= len(self.lot):
             self.lot, self.next = None, 0
         else:
@@ -82,8 +82,8 @@ class Batch:
         """The id of the oldest unstarted delivery; b"" if there is none."""
         if self.waiting:
             return self.waiting[0][0].id
-        if self.lot_left() > 0:
-            return cast(Lot, self.lot).prefix + b"%d" % (self.next + 1)
+        if self.lot is not None:
+            return self.lot.prefix + b"%d" % (self.next + 1)
         return b""
 
     def deliveries(self) -> list[Delivery]:

@@ -236,7 +236,12 @@ class Worker:
         numbered = False  # the scoreboard's current mark is `mark_in` of this take
         try:
             while index < count and not stop.set:
-                batch.next = index + 1  # it starts: a stop signal gives back the rest
+                # It starts: a stop signal gives back the rest (none, after the last).
+                last = index + 1 == count
+                if last:
+                    batch.moved_to(count)
+                else:
+                    batch.next = index + 1
                 payload = payloads[index]
                 delivery = None if plain else lot.delivery(index)
                 if delivery is not None:
@@ -252,7 +257,7 @@ class Worker:
                     payload = delivery.payload  # unwrapped
                 # `mark_unstarted`: from here on, its worker's end charges it
                 since = monotonic()
-                if index + 1 == count:  # the take's last: none left unstarted
+                if last:
                     self.mark_unstarted()
                     board.busy(since)
                 elif numbered:
@@ -286,8 +291,6 @@ class Worker:
                     if settler.finished + unqueued >= max_requests:
                         break
         finally:
-            if batch.lot is lot:  # not given back meanwhile: drop it once all started
-                batch.moved_to(batch.next)
             self.queue_run(lot, first, index - 1, oldest)
         return settler.recycle()
 

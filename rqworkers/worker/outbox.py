@@ -132,7 +132,9 @@ class Outbox:
             self.before_acks()
         self.send_failed()
         run = self.lot
-        if run is not None and (self.acks or self.one_by_one or not self.queue.acks_in_order):
+        if run is not None and (
+            self.acks or self.one_by_one or run.fast or not self.queue.acks_in_order
+        ):  # each ack by name (a fast path's ack names its fast list, not a trim)
             self._unfold()
             run = None
         acks = self.acks
