@@ -6,6 +6,7 @@ wrapped and retried payloads included, and that every path settles each exactly 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Any, cast
@@ -18,6 +19,7 @@ from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode
 from rqworkers.store import levels
+from rqworkers.store.fast import fast_lists
 from rqworkers.store.queue import Delivery, Lot, ReliableQueue, Taken, read_private_list, wrap_dedup
 from rqworkers.worker.batch import LOST_WORKER, Batch
 from rqworkers.worker.handlers import Handler
@@ -84,11 +86,10 @@ def test_a_batch_keeps_a_take_whole_and_hands_out_its_deliveries_in_order() -> N
         batch.popleft()
 
 
-def _worker(client: Any, **settings: Any) -> Worker:
-    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True)
-    pair = PairSettings(
-        host="h", queue="jobs", handler="tests.test_lots:handle", retry_delay=0.0, **settings
-    )
+def _worker(client: Any, fast_path: bool = False, **settings: Any) -> Worker:
+    queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True, fast_path=fast_path)
+    settings.setdefault("retry_delay", 0.0)
+    pair = PairSettings(host="h", queue="jobs", handler="tests.test_lots:handle", **settings)
     spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), None, b"", lease_ttl=30)
     return Worker(spec, Handler("tests.test_lots:handle"), queue, Scoreboard(), StopFlag())
 
@@ -124,6 +125,40 @@ def test_the_lean_loop_settles_every_kind_of_member_once(client: redis.Redis) ->
     assert client.llen(keys.processing) == 0 and client.llen("jobs") == 0
     assert client.zcard(keys.retry) == 1  # the failure, once
     assert worker.outbox.empty
+
+
+def test_at_prefetch_1_a_fast_take_runs_lean_and_is_acked_by_name(
+    client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fast path's take is a lot of one: run inline like any lot, and acked as a fast
+    ack (its fast list, by payload), never as a trim (which the script would refuse, costing
+    a round trip): twins, an empty payload and a failure leave the fast lists and the
+    private list empty, the failure in the retry set."""
+    caplog.set_level(logging.DEBUG, logger="rqworkers.worker.outbox")
+    SEEN.clear()
+    worker = _worker(client, fast_path=True, prefetch=1, retry_delay=3600.0)
+    assert worker.can_run_lean()
+    pushed = [b"twin", b"", b"raise", b"twin", b"last"]
+    client.lpush("jobs", *pushed)
+    worker.resume()
+    worker.queue._pause_looked_up = float("inf")  # no look for a pause: the fast path takes
+    lots = []
+    took = worker.took
+
+    def noting(taken: Taken) -> None:
+        lots.append(taken.lot)
+        took(taken)
+
+    worker.took = noting  # type: ignore[method-assign]
+    _drain(worker, len(pushed))
+    assert pushed == SEEN
+    assert any(lot is not None and lot.fast for lot in lots), "no take went the fast path"
+    keys = worker.queue.keys
+    for held in (*fast_lists(keys, worker.queue.owner_name.decode()), keys.processing):
+        assert client.llen(held) == 0, f"{held} still holds {client.lrange(held, 0, -1)}"
+    assert client.llen("jobs") == 0 and client.zcard(keys.retry) == 1
+    assert worker.board.succeeded == 4 and worker.outbox.empty
+    assert "sent one by one" not in caplog.text
 
 
 def test_a_stop_signal_in_a_handler_gives_back_exactly_the_unstarted_members(
