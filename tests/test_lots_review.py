@@ -7,6 +7,7 @@ nothing is settled or handled twice, and a kill charges exactly the deliveries t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -26,7 +27,8 @@ from rqworkers.client.producer import Producer
 from rqworkers.common.process import StopFlag
 from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode
-from rqworkers.store import levels
+from rqworkers.store import flow, levels
+from rqworkers.store.flow import Limits
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery, Lot, ReliableQueue, Taken, read_private_list, wrap_dedup
 from rqworkers.worker import batch as batch_module
@@ -59,6 +61,16 @@ def handle(message: bytes) -> None:
         time.sleep(5)
 
 
+class WithCallback:
+    """`handle` with an `on_success`: its worker runs the general path, not the lean loop."""
+
+    def handle(self, message: bytes) -> None:
+        handle(message)
+
+    def on_success(self, message: bytes, result: object) -> None:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # An idle fetch returns at once: a drained queue ends a test's steps, not 10 s later.
@@ -75,13 +87,14 @@ def _worker(
     cls: type[Worker] = Worker,
     queue_args: dict[str, Any] | None = None,
     previous: tuple[str | None, bytes] = (None, b""),  # how the last worker ended, its mark
+    handler: str = HANDLER,
     **settings: Any,
 ) -> Worker:
     queue = ReliableQueue(client, "jobs", "node:1", keep_connection=True, **(queue_args or {}))
     settings.setdefault("retry_delay", 0.0)
-    pair = PairSettings(host="h", queue="jobs", handler=HANDLER, **settings)
+    pair = PairSettings(host="h", queue="jobs", handler=handler, **settings)
     spec = WorkerSpec(pair, "jobs-1", "node:1", os.getppid(), *previous, lease_ttl=30)
-    worker = cls(spec, Handler(HANDLER), queue, Scoreboard(), StopFlag())
+    worker = cls(spec, Handler(handler), queue, Scoreboard(), StopFlag())
     worker.outage.backoff = type(worker.outage.backoff)(base=0.0, cap=0.0)
     return worker
 
@@ -145,6 +158,8 @@ def _orders() -> Iterator[tuple[str, list[tuple[bytes, int]]]]:
         members[(at + 2) % 5] = (URGENT, 0)
         members[(at + 4) % 5] = (b"spent", MAX_ATTEMPTS)
         yield f"dedup-{at}", members
+    lookalikes = [b"rqw1:x.1.1:0:fake", b"rqw1:dedup:junk", b"rqw1:", b"rqw1:L3:zz", b"fail"]
+    yield "lookalikes", [(p, 0) for p in [b"a", *lookalikes, b"b"]]
     yield "all-kinds", [
         (b"", 0), (HUGE, 0), (b"fail", 0), (DEDUP, 0), (b"again", 2), (b"twin", 0),
         (URGENT, 0), (b"spent", MAX_ATTEMPTS), (b"", 0), (b"fail", 1), (b"twin", 0),
@@ -170,20 +185,23 @@ def _expected(members: list[tuple[bytes, int]]) -> tuple[list[bytes], list[Any],
     return handled, sorted(retried), sorted(dead)
 
 
+@pytest.mark.parametrize("handler", [HANDLER, "tests.test_lots_review:WithCallback"])
 def test_every_settling_order_of_a_lot_settles_each_member_once(
-    redis_server: RedisServer,
+    redis_server: RedisServer, handler: str
 ) -> None:
     """Failures first, last, in the middle, consecutive, all; a retry between fresh
     members; wrapped, deduplicated and exhausted members; twins, empty and 1 MB payloads:
     each member handled once in take order (or dead-lettered unhandled), the retry set and
     dead list hold exactly the failures, the private list ends empty and every member is
-    settled exactly once. Plain lots come from a real take; the others are crafted."""
+    settled exactly once, on the lean loop and the general path (`run_batch` popping the
+    lot). Lots of fresh members come from a real take; the others are crafted."""
     client = redis_server.client()
     wrong: list[str] = []
     for name, members in _orders():
         client.flushall()
         HANDLED.clear()
-        worker = _worker(client, prefetch=50, max_attempts=MAX_ATTEMPTS)
+        worker = _worker(client, prefetch=50, max_attempts=MAX_ATTEMPTS, handler=handler)
+        assert worker.can_run_lean() == (handler == HANDLER)
         worker.resume()
         if all(a == 0 for _, a in members) and not name.startswith("dedup"):
             client.lpush("jobs", *[p for p, _ in members])
@@ -209,6 +227,32 @@ def test_every_settling_order_of_a_lot_settles_each_member_once(
         if found != (handled, retried, dead, [], 0, len(members), len(handled)):
             wrong.append(f"{name}: {found!r:.300}")
     assert wrong == []
+
+
+def test_twins_that_fail_and_succeed_in_one_lot_are_each_settled_as_they_ended(
+    redis_server: RedisServer,
+) -> None:
+    """Five copies of one payload in one lot, the 2nd and 4th failing: two copies in the
+    retry set, three acked, none twice, the private list empty."""
+    client = redis_server.client()
+    worker = _worker(client, prefetch=50)
+
+    def second_and_fourth_fail(message: bytes) -> None:
+        if len(HANDLED) in (2, 4):
+            raise ValueError("a twin fails")
+
+    HOOKS.append(second_and_fourth_fail)
+    client.lpush("jobs", *[b"same"] * 5)
+    worker.resume()
+    assert worker.fill_batch() and worker.batch.lot is not None
+    try:
+        assert worker.run_batch() is None
+        worker.outbox.flush()
+    finally:
+        worker.finish()
+    keys = worker.queue.keys
+    assert HANDLED == [b"same"] * 5 and _retried(client, keys) == [(1, b"same")] * 2
+    assert client.llen(keys.processing) == 0 and worker.board.get("settled") == 5
 
 
 # -- a Redis error at every call while lots run -----------------------------------------------
@@ -650,6 +694,51 @@ def test_the_concurrent_worker_runs_a_lot_each_member_once() -> None:
     assert sorted(HANDLED) == sorted(payloads)
     assert client.llen(keys.processing) == 0 and client.lrange(keys.dead, 0, -1) == [b"fail"]
     assert worker.board.get("settled") == len(payloads)
+
+
+@pytest.mark.parametrize("cls", [Worker, ConcurrentWorker], ids=["one-at-a-time", "concurrent"])
+def test_under_group_limits_what_a_worker_holds_is_its_lots_groups(cls: type[Worker]) -> None:
+    """`holding()` reads a lot's groups from its cursor on: at every handler start each
+    group's deliveries held (taken, or in a handler) stay within `group_max_running`, the
+    batch's groups are the lot's own from its cursor, and every message runs once, its
+    permits all given back at the end."""
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    limits = Limits(group_by="kwargs.tenant", group_max_running=2)  # type: ignore[arg-type]
+    extra = {"concurrency": 2} if cls is ConcurrentWorker else {}
+    worker = _worker(client, cls, queue_args={"limits": limits}, prefetch=10, **extra)
+    payloads = [
+        json.dumps({"kwargs": {"tenant": t}, "n": n}).encode() for n in range(6) for t in "ab"
+    ]
+    client.lpush("jobs", *payloads)
+    wrong: list[str] = []
+    grouped_lots = []
+
+    def check(message: bytes) -> None:
+        held = Counter(d.group for d in worker.holding())
+        if cls is Worker:  # the one in its handler holds a permit too
+            held += Counter([json.loads(message)["kwargs"]["tenant"].encode().hex()])
+            lot = worker.batch.lot
+            if lot is not None:
+                grouped_lots.append(bool(lot.groups))
+                batch_groups = Counter(d.group for d in worker.batch.deliveries())
+                if batch_groups != Counter(lot.groups[worker.batch.next :]):
+                    wrong.append(f"batch {batch_groups} != lot {lot.groups}")
+        if max(held.values()) > 2:
+            wrong.append(f"holds {held}")
+
+    HOOKS.append(check)
+    try:
+        step_through_outages(worker, 200, lambda: len(HANDLED) == len(payloads))
+        worker.stop(signal.SIGTERM, None)
+        while worker.keep_going():
+            worker.step()
+    finally:
+        worker.finish()
+    assert sorted(HANDLED) == sorted(payloads) and wrong == []
+    assert cls is ConcurrentWorker or (grouped_lots and all(grouped_lots))
+    assert client.llen(worker.queue.keys.processing) == 0
+    state = flow.flow_state(client, "jobs", limits)
+    assert [g.running for g in state.groups] == [0] * len(state.groups)
 
 
 def test_a_batch_holding_a_lot_reads_as_its_deliveries_everywhere() -> None:
