@@ -441,16 +441,17 @@ class MarkWatch:
 
 
 @pytest.mark.parametrize(
-    "scenario", ["mixed", "crafted", "ack-interval-0", "stop", "max-requests", "leftovers"]
+    "scenario",
+    ["mixed", "crafted", "ack-interval-0", "stop", "max-requests", "leftovers", "general"],
 )
 def test_a_kill_at_any_instant_of_a_lot_charges_exactly_what_ran(
     redis_server: RedisServer, scenario: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lots with failures, a retry at their head and (crafted) in their middle, an
     exhausted member, wrapped and deduplicated ones, twins, ACK_INTERVAL expiring mid-lot,
-    a stop signal in a handler, `max_requests` mid-lot and a replay's leftovers before a
-    lot: at every line the worker runs, a kill would charge exactly the deliveries whose
-    handler was entered (and at most the one about to be)."""
+    a stop signal in a handler, `max_requests` mid-lot, a replay's leftovers before a lot,
+    and the general path popping a lot: at every line the worker runs, a kill would charge
+    exactly the deliveries whose handler was entered (and at most the one about to be)."""
     client = redis_server.client()
     producer = Producer(redis_server.url)
     settings: dict[str, Any] = {"prefetch": 4 if scenario == "mixed" else 50, "max_attempts": 3}
@@ -468,8 +469,9 @@ def test_a_kill_at_any_instant_of_a_lot_charges_exactly_what_ran(
     producer.push("jobs", b"once", dedup_key="k")
     producer.push("jobs", b"b", b"raise2", b"stop", b"c", b"twin", b"fail")
     producer.push("jobs", b"urgent", priority=5)
-    worker = _worker(client, previous=("killed", spec_unstarted), **settings)
-    assert worker.can_run_lean()
+    handler = "tests.test_lots_review:WithCallback" if scenario == "general" else HANDLER
+    worker = _worker(client, previous=("killed", spec_unstarted), handler=handler, **settings)
+    assert worker.can_run_lean() == (scenario != "general")
     watch = MarkWatch(worker)
     HOOKS.append(watch.entering)
     if scenario == "stop":
@@ -599,6 +601,36 @@ def test_a_stop_at_any_member_gives_back_exactly_the_unstarted(
     assert wrong == []
 
 
+def test_a_give_back_that_fails_in_the_stop_signal_is_done_on_the_way_out(
+    redis_server: RedisServer,
+) -> None:
+    """The stop signal's give-back meets a Redis error: the lot's rest stays in the batch,
+    the loop stops after the member in hand, and `finish` gives back exactly the rest."""
+    client = redis_server.client()
+    worker = _worker(client, prefetch=50)
+    real_give_back = worker.queue.give_back
+    calls: list[int] = []
+
+    def give_back(unstarted: list[Delivery]) -> int:
+        calls.append(len(unstarted))
+        if len(calls) == 1:
+            raise redis.ConnectionError("connection reset before the command was sent")
+        return real_give_back(unstarted)
+
+    worker.queue.give_back = give_back  # type: ignore[method-assign]
+    HOOKS.append(lambda m: m == b"c" and worker.on_stop_signal(signal.SIGTERM, None))
+    client.lpush("jobs", b"a", b"b", b"c", b"d", b"twin", b"twin")
+    worker.resume()
+    assert worker.fill_batch()
+    try:
+        assert worker.run_batch() is None
+    finally:
+        worker.finish()
+    assert HANDLED == [b"a", b"b", b"c"] and calls == [3, 3]
+    assert client.lrange("jobs", 0, -1)[::-1] == [b"d", b"twin", b"twin"]
+    assert client.llen(worker.queue.keys.processing) == 0
+
+
 def test_max_requests_at_any_member_of_a_lot_ends_at_exactly_that_many(
     redis_server: RedisServer,
 ) -> None:
@@ -629,10 +661,15 @@ def test_max_requests_at_any_member_of_a_lot_ends_at_exactly_that_many(
     assert wrong == []
 
 
-def test_a_timeout_mid_lot_retries_that_member_and_gives_back_the_rest() -> None:
+@pytest.mark.parametrize(
+    "slow", [b"slow", wrap_dedup("1" * 32, "s", b"slow")], ids=["lean", "deliver"]
+)
+def test_a_timeout_mid_lot_retries_that_member_and_gives_back_the_rest(slow: bytes) -> None:
+    """A member runs past `timeout` on the lean path, or on `deliver`'s (deduplicated):
+    the worker ends with TIMEOUT, the ones before acked, it retried, the rest given back."""
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     worker = _worker(client, prefetch=50, timeout=0.05)
-    client.lpush("jobs", b"a", b"twin", b"slow", b"twin", b"b")
+    client.lpush("jobs", b"a", b"twin", slow, b"twin", b"b")
     worker.resume()
     assert worker.fill_batch() and worker.batch.lot is not None
     try:
@@ -678,9 +715,12 @@ def test_acks_that_waited_the_ack_interval_leave_mid_lot(
 # -- other readers of a batch holding a lot ------------------------------------------------
 
 
-def test_the_concurrent_worker_runs_a_lot_each_member_once() -> None:
+@pytest.mark.parametrize("prefetch", [20, 2])
+def test_the_concurrent_worker_runs_a_lot_each_member_once(prefetch: int) -> None:
+    """A lot popped by `ConcurrentWorker`, whole (prefetch 20) or taken while the batch
+    still holds part of one (prefetch 2): each member once, settled once."""
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-    worker = _worker(client, ConcurrentWorker, prefetch=20, concurrency=3, max_attempts=1)
+    worker = _worker(client, ConcurrentWorker, prefetch=prefetch, concurrency=3, max_attempts=1)
     payloads = [b"twin", b"a", b"fail", b"twin", b"", b"b", b"twin"]
     client.lpush("jobs", *payloads)
     try:
