@@ -284,10 +284,16 @@ SWEPT = [b"a", b"raise1", b"twin", b"twin", b"b", b"", b"c", b"raise2", b"d", b"
 
 
 def _sweep_once(
-    client: redis.Redis, producer: Producer, fail_at: int, after: bool, settings: dict[str, Any]
+    client: redis.Redis,
+    producer: Producer,
+    fail_at: int,
+    after: bool,
+    settings: dict[str, Any],
+    watch: bool = False,
 ) -> tuple[int, str | None]:
     """Drain SWEPT (plus a deduplicated and a prioritised message) with the `fail_at`-th
-    call failing; (the calls made, what went wrong or None)."""
+    call failing; (the calls made, what went wrong or None). `watch`: and check at every
+    line the worker runs what a kill would charge (`MarkWatch`)."""
     client.flushall()
     HANDLED.clear()
     FAILED_ONCE.clear()
@@ -301,6 +307,10 @@ def _sweep_once(
     queue_args = {"fast_path": fast, "level0_every": level0}
     worker = _worker(client, queue_args=queue_args, max_attempts=5, **settings)
     faults = Faults(worker.queue, fail_at, after)
+    watching = MarkWatch(worker) if watch else None
+    if watching is not None:
+        HOOKS[:] = [watching.entering]
+        sys.settrace(watching.tracer)
     expected = Counter([*SWEPT, b"raise1", b"raise2", b"once", b"urgent"])
     keys = worker.queue.keys
 
@@ -317,7 +327,10 @@ def _sweep_once(
             except redis.ConnectionError:
                 worker.lose_track()
     finally:
+        sys.settrace(None)
         worker.finish()
+    if watching is not None and watching.wrong:
+        return faults.calls, f"charged: {watching.wrong[:3]}"
     state = (
         Counter(HANDLED),
         client.llen("jobs"),
@@ -359,6 +372,30 @@ def test_a_redis_error_at_any_call_while_lots_run_loses_and_repeats_nothing(
     for fail_at in range(1, calls + 1):
         for after in (False, True):
             _, problem = _sweep_once(client, producer, fail_at, after, settings)
+            if problem is not None:
+                wrong.append(f"call {fail_at} {'reply lost' if after else 'not sent'}: {problem}")
+    assert wrong == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [{"prefetch": 50}, {"prefetch": 4, "ack_interval": 0.0}])
+def test_a_kill_at_any_instant_around_a_redis_error_while_lots_run_charges_exactly_what_ran(
+    redis_server: RedisServer, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outage sweep above, watched at every line the worker runs: whichever call
+    fails, and whether Redis ran it, a kill at any instant (outside a replay, whose mark
+    is its predecessor's) charges exactly the deliveries whose handler was entered."""
+    settings = dict(settings)
+    if "ack_interval" in settings:
+        monkeypatch.setattr(outbox, "ACK_INTERVAL", settings.pop("ack_interval"))
+    client = redis_server.client()
+    producer = Producer(redis_server.url)
+    calls, problem = _sweep_once(client, producer, 0, False, settings, watch=True)
+    assert problem is None
+    wrong = []
+    for fail_at in range(1, calls + 1):
+        for after in (False, True):
+            _, problem = _sweep_once(client, producer, fail_at, after, settings, watch=True)
             if problem is not None:
                 wrong.append(f"call {fail_at} {'reply lost' if after else 'not sent'}: {problem}")
     assert wrong == []
