@@ -859,29 +859,42 @@ def test_a_lot_of_more_than_a_thousand_is_run_and_acked_whole(redis_server: Redi
 # -- the real service, killed mid-lot -----------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.service
-def test_the_service_killed_mid_lot_charges_exactly_what_ran(
-    redis_server: RedisServer, service: Callable[..., Service]
-) -> None:
-    """`rqworkers run` at prefetch 50 takes 40 messages (twins, failures) as one lot; the
-    worker is SIGKILLed in the 25th. With `max_attempts = 1` a charge is a dead letter: the
-    24 before it that succeeded but were not yet acked, and the one killed, are charged
-    (dead, `killed by signal 9`); the failures are dead with their own reason; the 15
-    after it are run once by the next worker; nothing is lost."""
-    client = redis_server.client()
+def _mixed(special: bytes, at: int) -> list[bytes]:
+    """40 payloads for testapp:handle: twins, unique ones, failures, and `special` at `at`."""
     payloads: list[bytes] = []
     for i in range(40):
-        if i == 24:
-            payloads.append(b"kill:x")
+        if i == at:
+            payloads.append(special)
         elif i % 9 == 4:
             payloads.append(b"raise:%d" % i)
         else:
             payloads.append(b"ok" if i % 3 else b"ok:%d" % i)  # twins among them
+    return payloads
+
+
+@pytest.mark.service
+@pytest.mark.parametrize(
+    "at",
+    [
+        pytest.param(0, id="first", marks=pytest.mark.slow),
+        pytest.param(24, id="middle"),  # the default run keeps one: under a second
+        pytest.param(39, id="last", marks=pytest.mark.slow),
+    ],
+)
+def test_the_service_killed_mid_lot_charges_exactly_what_ran(
+    redis_server: RedisServer, service: Callable[..., Service], at: int
+) -> None:
+    """`rqworkers run` at prefetch 50 takes 40 messages (twins, failures) as one lot; the
+    worker is SIGKILLed in its first, 25th or last. With `max_attempts = 1` a charge is a
+    dead letter: those before it that succeeded but were not yet acked, and the one killed,
+    are charged (dead, `killed by signal 9`); the failures are dead with their own reason;
+    those after it are run once by the next worker; nothing is lost."""
+    client = redis_server.client()
+    payloads = _mixed(b"kill:x", at)
     client.lpush("jobs", *payloads)
     pair = {"queue": "jobs", "handler": "testapp:handle", "prefetch": 50, "max_attempts": 1}
     svc = service([pair])
-    charged = Counter(p for p in payloads[:24] if not p.startswith(b"raise")) + Counter([b"kill:x"])
+    charged = Counter(p for p in payloads[:at] if not p.startswith(b"raise")) + Counter([b"kill:x"])
     failed = Counter(p for p in payloads if p.startswith(b"raise"))
     ran = [p for p in payloads if not p.startswith((b"raise", b"kill"))]
     wait_for(
@@ -906,3 +919,34 @@ def test_the_service_killed_mid_lot_charges_exactly_what_ran(
     assert "killed by signal 9" in str(client.hgetall("jobs:dead:reasons"))
     svc.signal(signal.SIGTERM)
     assert svc.wait(30) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.service
+def test_the_service_stopped_mid_lot_gives_back_the_rest_and_charges_nothing(
+    redis_server: RedisServer, service: Callable[..., Service]
+) -> None:
+    """SIGTERM to `rqworkers run` while the 21st of a 40-message lot sleeps in its
+    handler: it finishes and is acked, the 19 after it go back to the queue in order, and
+    a second run handles exactly those. With `max_attempts = 1`, any charge would be a dead
+    letter: only the failures are dead."""
+    client = redis_server.client()
+    payloads = _mixed(b"sleep:0.5:x", 20)
+    client.lpush("jobs", *payloads)
+    pair = {"queue": "jobs", "handler": "testapp:handle", "prefetch": 50, "max_attempts": 1}
+    svc = service([pair])
+    wait_for(lambda: b"sleep:0.5:x" in client.lrange("started", 0, -1), timeout=30)
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(30) == 0
+    assert cast(list[bytes], client.lrange("started", 0, -1)) == payloads[:21]
+    assert cast(list[bytes], client.lrange("jobs", 0, -1))[::-1] == payloads[21:]
+    assert not [k for k in client.keys("jobs:processing:*") if client.llen(k)]
+    second = service([pair])
+    wait_for(lambda: client.llen("started") == 40 and client.llen("jobs") == 0, timeout=30)
+    failed = [p for p in payloads if p.startswith(b"raise")]
+    wait_for(lambda: client.llen("done") == 40 - len(failed), timeout=10)
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    assert cast(list[bytes], client.lrange("started", 0, -1)) == payloads
+    assert sorted(cast(list[bytes], client.lrange("jobs:dead", 0, -1))) == sorted(failed)
+    assert not [k for k in client.keys("jobs:processing:*") if client.llen(k)]
