@@ -841,6 +841,60 @@ def test_a_batch_holding_a_lot_reads_as_its_deliveries_everywhere() -> None:
     assert [d.group for d in listed[:2]] == ["6262", None]
 
 
+_BATCH_CODE = {f.__code__ for f in vars(Batch).values() if callable(f)}
+
+
+def _read_while_its_lot_ends(at: int) -> tuple[bool, int]:
+    """`bool(batch)` of a batch holding a lot of one, with the lot's one member started
+    (`moved_to`) just before the `at`-th bytecode of the read: (its answer, bytecodes run)."""
+    batch = Batch()
+    batch.add(Taken(0, Lot([b"a"], [0], [], b"p.1.", 0), None))
+    ran = 0
+
+    def opcodes(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal ran
+        if event == "opcode":
+            ran += 1
+            if ran == at:
+                batch.moved_to(1)  # the worker's thread, between two bytecodes
+        return opcodes
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        if frame.f_code in _BATCH_CODE:
+            frame.f_trace_opcodes = True
+            return opcodes
+        return None
+
+    sys.settrace(calls)
+    try:
+        return bool(batch), ran
+    finally:
+        sys.settrace(None)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="Batch.lot_left reads self.lot twice: FreezeWatch's thread calls holds_permit() "
+    "-> bool(batch) while the worker's thread may end the lot (moved_to sets lot None) in "
+    "between, and len(None) raises TypeError, killing the watch thread (a deque's bool was "
+    "atomic)",
+)
+def test_a_batch_read_from_the_freeze_watch_thread_as_its_lot_ends_never_raises() -> None:
+    """`holds_permit()` runs on FreezeWatch's thread (`worker/freeze.py`) while the
+    worker's thread pops the batch. This interleaves the two at every bytecode in turn:
+    the watch thread's `bool(batch)` is under way when the worker starts the lot's last
+    member (`moved_to`), and the read goes on. Either answer, before or after, is right;
+    an exception is not."""
+    for at in range(1, 100):
+        held, ran = _read_while_its_lot_ends(at)
+        assert held in (True, False)
+        if ran < at:  # every bytecode of the read has been interleaved
+            break
+    else:
+        pytest.fail("bool(batch) ran more bytecodes than this test interleaves")
+
+
 def test_a_lot_of_more_than_a_thousand_is_run_and_acked_whole(redis_server: RedisServer) -> None:
     client = redis_server.client()
     worker = _worker(client, prefetch=2500)
