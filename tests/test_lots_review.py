@@ -895,19 +895,44 @@ def test_a_batch_read_from_the_freeze_watch_thread_as_its_lot_ends_never_raises(
         pytest.fail("bool(batch) ran more bytecodes than this test interleaves")
 
 
-def test_a_lot_of_more_than_a_thousand_is_run_and_acked_whole(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("fail_at", [None, 1200], ids=["all-succeed", "one-fails"])
+def test_a_lot_of_more_than_a_thousand_is_acked_by_one_trim(
+    redis_server: RedisServer, fail_at: int | None
+) -> None:
+    """2,500 twins in one lot (past the 1,000 ids made once), all succeeding or one failing
+    in the middle: their acks leave in one call to Redis, a trim Redis accepts (never
+    refused and sent again one by one), beside the one retry."""
     client = redis_server.client()
     worker = _worker(client, prefetch=2500)
-    client.lpush("jobs", *[b"m%d" % (i % 7) for i in range(2500)])
+    payloads = [b"m%d" % (i % 7) for i in range(2500)]
+    if fail_at is not None:
+        payloads[fail_at] = b"fail"
+    client.lpush("jobs", *payloads)
     worker.resume()
     assert worker.fill_batch() and worker.batch.lot is not None and len(worker.batch) == 2500
+    takes: list[Taken] = []
+    sent: list[tuple[int, int]] = []  # (envelopes named, the trim's count)
+    real_take = worker.queue.take
+
+    def take(
+        acks: list[bytes], limit: int, landed: bool = False, trim: int = 0, **kw: Any
+    ) -> Taken:
+        sent.append((len(acks), trim))
+        takes.append(real_take(acks, limit, landed, trim, **kw))
+        return takes[-1]
+
+    worker.queue.take = take  # type: ignore[method-assign]
     try:
         assert worker.run_batch() is None
+        assert takes == [], "acks wait for the lot's end"
         worker.outbox.flush()
     finally:
         worker.finish()
+    assert [t.missing_acks for t in takes] == [0], "one trim, accepted"
+    assert sent == [(2, 2500 if fail_at is None else 2499)], "naming the first and the last"
     assert len(HANDLED) == 2500 and worker.board.get("settled") == 2500
     assert client.llen(worker.queue.keys.processing) == 0
+    assert client.zcard(worker.queue.keys.retry) == (0 if fail_at is None else 1)
 
 
 # -- the real service, killed mid-lot -----------------------------------------------------
