@@ -158,8 +158,10 @@ def _orders() -> Iterator[tuple[str, list[tuple[bytes, int]]]]:
         members[(at + 2) % 5] = (URGENT, 0)
         members[(at + 4) % 5] = (b"spent", MAX_ATTEMPTS)
         yield f"dedup-{at}", members
+    marked = b"rqw1:deadbeef0000.1.1+3:0:evil"  # a segment's bottom, as a producer's payload
     lookalikes = [b"rqw1:x.1.1:0:fake", b"rqw1:dedup:junk", b"rqw1:", b"rqw1:L3:zz", b"fail"]
-    yield "lookalikes", [(p, 0) for p in [b"a", *lookalikes, b"b"]]
+    yield "lookalikes", [(p, 0) for p in [b"a", *lookalikes, marked, b"b"]]
+    yield "lookalikes-first", [(p, 0) for p in [marked, marked, b"a", *lookalikes]]
     yield "all-kinds", [
         (b"", 0), (HUGE, 0), (b"fail", 0), (DEDUP, 0), (b"again", 2), (b"twin", 0),
         (URGENT, 0), (b"spent", MAX_ATTEMPTS), (b"", 0), (b"fail", 1), (b"twin", 0),
@@ -280,7 +282,8 @@ class Faults:
         return result
 
 
-SWEPT = [b"a", b"raise1", b"twin", b"twin", b"b", b"", b"c", b"raise2", b"d", b"twin"]
+SWEPT = [b"rqw1:deadbeef0000.1.1+3:0:evil", b"a", b"raise1", b"twin", b"twin", b"", b"c"]
+SWEPT += [b"raise2", b"d", b"twin", b"rqw1:x.1.1:0:fake"]
 
 
 def _sweep_once(
@@ -357,10 +360,11 @@ def _sweep_once(
 def test_a_redis_error_at_any_call_while_lots_run_loses_and_repeats_nothing(
     redis_server: RedisServer, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Twins, an empty payload, failures retried, a deduplicated and a prioritised message
-    run as lots; each call to Redis in turn fails, before it was sent or with its reply
-    lost: every message is handled exactly once (the failing ones twice), nothing is left
-    in the queue, the private list, the retry set or the dead list."""
+    """Twins, an empty payload, payloads that look like envelopes (a segment's bottom among
+    them), failures retried, a deduplicated and a prioritised message run as lots; each
+    call to Redis in turn fails, before it was sent or with its reply lost: every message
+    is handled exactly once (the failing ones twice), nothing is left in the queue, the
+    private list, the retry set or the dead list."""
     settings = dict(settings)
     if "ack_interval" in settings:  # every other success flushes mid-lot
         monkeypatch.setattr(outbox, "ACK_INTERVAL", settings.pop("ack_interval"))
@@ -638,11 +642,13 @@ def test_a_stop_at_any_member_gives_back_exactly_the_unstarted(
     assert wrong == []
 
 
+@pytest.mark.parametrize("after", [False, True], ids=["not-sent", "reply-lost"])
 def test_a_give_back_that_fails_in_the_stop_signal_is_done_on_the_way_out(
-    redis_server: RedisServer,
+    redis_server: RedisServer, after: bool
 ) -> None:
-    """The stop signal's give-back meets a Redis error: the lot's rest stays in the batch,
-    the loop stops after the member in hand, and `finish` gives back exactly the rest."""
+    """The stop signal's give-back meets a Redis error, before Redis ran it or with its
+    reply lost: the lot's rest stays in the batch, the loop stops after the member in
+    hand, and `finish` gives back exactly the rest, once (never two copies of it)."""
     client = redis_server.client()
     worker = _worker(client, prefetch=50)
     real_give_back = worker.queue.give_back
@@ -650,9 +656,12 @@ def test_a_give_back_that_fails_in_the_stop_signal_is_done_on_the_way_out(
 
     def give_back(unstarted: list[Delivery]) -> int:
         calls.append(len(unstarted))
-        if len(calls) == 1:
+        if len(calls) == 1 and not after:
             raise redis.ConnectionError("connection reset before the command was sent")
-        return real_give_back(unstarted)
+        moved = real_give_back(unstarted)
+        if len(calls) == 1:
+            raise redis.ConnectionError("connection reset before the reply arrived")
+        return moved
 
     worker.queue.give_back = give_back  # type: ignore[method-assign]
     HOOKS.append(lambda m: m == b"c" and worker.on_stop_signal(signal.SIGTERM, None))
