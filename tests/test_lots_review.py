@@ -642,6 +642,80 @@ def test_a_stop_at_any_member_gives_back_exactly_the_unstarted(
     assert wrong == []
 
 
+def _stop_at_line(server: RedisServer, producer: Producer, at: int) -> tuple[int, str | None]:
+    """Run one lot with a stop signal at the `at`-th line the worker's code runs (0: none),
+    then a second worker on what is left: (lines run, what went wrong or None)."""
+    with server.client() as client:  # each worker keeps a connection of its own for life
+        return _stop_at_line_on(client, producer, at)
+
+
+def _stop_at_line_on(client: redis.Redis, producer: Producer, at: int) -> tuple[int, str | None]:
+    client.flushall()
+    HANDLED.clear()
+    FAILED_ONCE.clear()
+    _push_stopped(producer)
+    worker = _worker(client, prefetch=50, max_attempts=2)
+    lines = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines == at:  # where a signal lands: its handler runs between two bytecodes
+                worker.on_stop_signal(signal.SIGTERM, None)
+        return local
+
+    def calls(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename in _WATCHED_FILES else None
+
+    worker.resume()
+    assert worker.fill_batch()
+    sys.settrace(calls)
+    try:
+        worker.run_batch()
+    finally:
+        sys.settrace(None)
+        worker.finish()
+    keys = worker.queue.keys
+    second = _worker(client, prefetch=50, max_attempts=2)
+    try:
+        step_through_outages(
+            second, 20, lambda: client.llen("jobs") + client.zcard(keys.retry) == 0
+        )
+        second.outbox.flush()
+    finally:
+        second.finish()
+    expected = Counter([*STOPPED, b"raise", b"fail"])  # each fails once first
+    state = (
+        Counter(HANDLED),
+        client.llen("jobs"),
+        client.llen(keys.processing),
+        client.zcard(keys.retry),
+        client.lrange(keys.dead, 0, -1),
+    )
+    if state != (expected, 0, 0, 0, [b"fail"]):
+        return lines, f"{state!r:.300}"
+    return lines, None
+
+
+@pytest.mark.slow
+def test_a_stop_signal_at_any_line_of_a_lot_loses_and_repeats_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """A stop signal lands at every line the worker runs while a lot runs (in a handler
+    or not, in a flush, a retry, `deliver`'s path): what ran is settled once, the rest is
+    given back, and a second worker runs exactly that; nothing is lost or run twice."""
+    producer = Producer(redis_server.url)
+    lines, problem = _stop_at_line(redis_server, producer, 0)
+    assert problem is None and lines > 50
+    wrong = []
+    for at in range(1, lines + 1):
+        _, problem = _stop_at_line(redis_server, producer, at)
+        if problem is not None:
+            wrong.append(f"stop at line {at}: {problem}")
+    assert wrong == []
+
+
 @pytest.mark.parametrize("after", [False, True], ids=["not-sent", "reply-lost"])
 def test_a_give_back_that_fails_in_the_stop_signal_is_done_on_the_way_out(
     redis_server: RedisServer, after: bool
