@@ -832,6 +832,45 @@ def test_acks_that_waited_the_ack_interval_leave_mid_lot(
     assert client.llen(keys.processing) == 0 and worker.board.get("settled") == 8
 
 
+@pytest.mark.parametrize("interval", [1.0, 0.0], ids=["at-the-end", "mid-lot"])
+def test_runs_whose_trim_is_refused_are_acked_one_by_one_and_each_once(
+    redis_server: RedisServer, interval: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something this worker does not know of sits below its lot (the private list is not
+    what the run's trim claims): each trim is refused and its acks go one by one, at the
+    lot's end or mid-lot as ACK_INTERVAL expires; each member is acked once, the stranger
+    is left where it was, and no ack is lost between runs joined, unfolded and refused."""
+    monkeypatch.setattr(outbox, "ACK_INTERVAL", interval)
+    client = redis_server.client()
+    worker = _worker(client, prefetch=50)
+    worker.resume()
+    stranger = b"rqw1:ffffffffffff.1.1:0:stranger"
+    client.lpush(worker.queue.keys.processing, stranger)
+    members = [(b"twin", 0), (b"a", 0), (b"fail", 0), (b"twin", 0), (DEDUP, 0)]
+    members += [(b"b", 0), (b"twin", 0), (b"again", 1), (b"c", 0), (b"twin", 0)]
+    _craft(worker, members)
+    missing: list[int] = []
+    real_take = worker.queue.take
+
+    def take(*args: Any, **kwargs: Any) -> Taken:
+        taken = real_take(*args, **kwargs)
+        missing.append(taken.missing_acks)
+        return taken
+
+    worker.queue.take = take  # type: ignore[method-assign]
+    try:
+        assert worker.run_batch() is None
+        worker.outbox.flush()
+    finally:
+        worker.finish()
+    keys = worker.queue.keys
+    assert [_shown(p) for p, _ in members] == HANDLED
+    assert -1 in missing and all(m <= 0 for m in missing), "refused, then none missing"
+    assert client.lrange(keys.processing, 0, -1) == [stranger]
+    assert _retried(client, keys) == [(1, b"fail")]
+    assert worker.board.get("settled") == len(members) and worker.outbox.empty
+
+
 # -- other readers of a batch holding a lot ------------------------------------------------
 
 
