@@ -32,7 +32,7 @@ from rqworkers.store.flow import Limits
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import Delivery, Lot, ReliableQueue, Taken, read_private_list, wrap_dedup
 from rqworkers.worker import batch as batch_module
-from rqworkers.worker import loop, outbox, scoreboard, settle
+from rqworkers.worker import dispatch, loop, outbox, scoreboard, settle
 from rqworkers.worker.batch import Batch
 from rqworkers.worker.dispatch import ConcurrentWorker
 from rqworkers.worker.handlers import Handler
@@ -542,6 +542,79 @@ def test_a_kill_at_any_instant_of_a_lot_charges_exactly_what_ran(
         assert len(HANDLED) == 6
     else:
         assert client.llen(worker.queue.keys.processing) == 0
+
+
+_START_WHAT_FITS = ConcurrentWorker.start_what_fits.__code__
+
+
+class ConcurrentMarkWatch(MarkWatch):
+    """`MarkWatch` for `ConcurrentWorker`, whose handlers run on threads: a handler entered
+    is known by its payload (the test's are unique), and the deliveries in a thread, or
+    popped by `start_what_fits` and about to be, may be charged."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
+        self.entered_payloads: set[bytes] = set()
+
+    def entering(self, message: bytes) -> None:
+        self.entered_payloads.add(message)
+
+    def check(self, frame: FrameType) -> None:
+        worker = cast(ConcurrentWorker, self.worker)
+        if worker.replaying or not worker.board.get("replayed"):
+            return
+        client, keys = worker.queue.client, worker.queue.keys
+        listed = _listed(client, keys.processing)
+        ids = [d.id for d in listed]
+        mark = worker.board.first_unstarted
+        charged = set(ids[: ids.index(mark)]) if mark in ids else set(ids)
+        must = {d.id for d in listed if d.payload in self.entered_payloads}
+        may = must | {r.delivery.id for r in worker.running.values()}
+        while frame is not None:
+            if frame.f_code is _START_WHAT_FITS and "delivery" in frame.f_locals:
+                may.add(cast(Delivery, frame.f_locals["delivery"]).id)
+            frame = frame.f_back  # type: ignore[assignment]
+        self.checks += 1
+        if not must <= charged <= may:
+            self.wrong.append(f"charges {sorted(charged)}, ran {sorted(must)}")
+
+
+def test_a_kill_at_any_instant_of_the_concurrent_worker_on_lots_charges_exactly_what_ran(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ConcurrentWorker` pops lots (`Batch.popleft`), and takes more behind part of one:
+    at every line its thread runs, a kill would charge exactly the deliveries whose
+    handler was entered, or that are in (or about to be handed to) a thread."""
+    monkeypatch.setattr(
+        sys.modules[__name__], "_WATCHED_FILES", _WATCHED_FILES | {dispatch.__file__}
+    )
+    client = redis_server.client()
+    producer = Producer(redis_server.url)
+    # Unique payloads, none retried: a handler entered is known by its payload.
+    producer.push("jobs", *[b"m%d" % i for i in range(6)])
+    producer.push("jobs", b"once", dedup_key="k")
+    producer.push("jobs", b"urgent", priority=5)
+    producer.push("jobs", *[b"n%d" % i for i in range(6)])
+    worker = _worker(client, ConcurrentWorker, prefetch=4, concurrency=3)
+    watch = ConcurrentMarkWatch(worker)
+    HOOKS.append(watch.entering)
+    expected = 14
+
+    def drained() -> bool:
+        return len(HANDLED) == expected and not worker.batch and not worker.running
+
+    sys.settrace(watch.tracer)
+    try:
+        step_through_outages(worker, 300, drained)
+        worker.stop(signal.SIGTERM, None)
+        while worker.keep_going():
+            worker.step()
+    finally:
+        sys.settrace(None)
+        worker.finish()
+    assert len(HANDLED) == expected and watch.checks > 100
+    assert watch.wrong == []
+    assert client.llen(worker.queue.keys.processing) == 0
 
 
 @pytest.mark.xfail(
