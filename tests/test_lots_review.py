@@ -111,7 +111,7 @@ def _craft(worker: Worker, members: list[tuple[bytes, int]]) -> Lot:
     queue.client.lpush(queue.keys.processing, *envelopes)
     lot = Lot([p for p, _ in members], [a for _, a in members], [], prefix, before)
     worker.took(Taken(0, lot, None))
-    assert worker.batch.lot is lot
+    assert (worker.batch.lot is lot) == worker.can_run_lean()  # kept whole by the lean loop
     return lot
 
 
@@ -207,7 +207,8 @@ def test_every_settling_order_of_a_lot_settles_each_member_once(
         worker.resume()
         if all(a == 0 for _, a in members) and not name.startswith("dedup"):
             client.lpush("jobs", *[p for p, _ in members])
-            assert worker.fill_batch() and worker.batch.lot is not None
+            assert worker.fill_batch()
+            assert (worker.batch.lot is not None) == (handler == HANDLER)  # lean keeps lots
         else:
             _craft(worker, members)
         try:
@@ -617,13 +618,6 @@ def test_a_kill_at_any_instant_of_the_concurrent_worker_on_lots_charges_exactly_
     assert client.llen(worker.queue.keys.processing) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Worker.deliver moves the mark off a delivery whose attempts are used up only "
-    "after Settler.admit dead-lettered it: between DEAD_LETTER's reply and mark_unstarted "
-    "the mark names an id gone from the private list, and a kill then charges every "
-    "unstarted delivery behind it (pre-existing: the old run_lean and run_batch did the same)",
-)
 def test_a_kill_as_an_exhausted_member_is_dead_lettered_charges_nothing_unstarted(
     redis_server: RedisServer,
 ) -> None:
@@ -1007,7 +1001,7 @@ def test_under_group_limits_what_a_worker_holds_is_its_lots_groups(cls: type[Wor
     finally:
         worker.finish()
     assert sorted(HANDLED) == sorted(payloads) and wrong == []
-    assert cls is ConcurrentWorker or (grouped_lots and all(grouped_lots))
+    assert not grouped_lots, "under a limit a take's deliveries are made at once"
     assert client.llen(worker.queue.keys.processing) == 0
     state = flow.flow_state(client, "jobs", limits)
     assert [g.running for g in state.groups] == [0] * len(state.groups)
@@ -1023,7 +1017,7 @@ def test_a_batch_holding_a_lot_reads_as_its_deliveries_everywhere() -> None:
     assert [d.id for d in whole[998:1001]] == [b"x.9.999", b"x.9.1000", b"x.9.1001"]
     assert [d.group for d in whole[:7]] == [*groups, None]
     batch = Batch()
-    batch.add(Taken(0, lot, None))
+    batch.add(Taken(0, lot, None), whole=True)
     batch.moved_to(1200)
     assert batch.first_id() == b"x.9.1201" and len(batch) == 300
     assert [d.seq for d in batch.deliveries()] == list(range(1301, 1601))
@@ -1043,7 +1037,7 @@ def _read_while_its_lot_ends(at: int) -> tuple[bool, int]:
     """`bool(batch)` of a batch holding a lot of one, with the lot's one member started
     (`moved_to`) just before the `at`-th bytecode of the read: (its answer, bytecodes run)."""
     batch = Batch()
-    batch.add(Taken(0, Lot([b"a"], [0], [], b"p.1.", 0), None))
+    batch.add(Taken(0, Lot([b"a"], [0], [], b"p.1.", 0), None), whole=True)
     ran = 0
 
     def opcodes(frame: FrameType, event: str, arg: Any) -> Any:
@@ -1067,14 +1061,6 @@ def _read_while_its_lot_ends(at: int) -> tuple[bool, int]:
         sys.settrace(None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="Batch.lot_left reads self.lot twice: FreezeWatch's thread calls holds_permit() "
-    "-> bool(batch) while the worker's thread may end the lot (moved_to sets lot None) in "
-    "between, and len(None) raises TypeError, killing the watch thread (a deque's bool was "
-    "atomic)",
-)
 def test_a_batch_read_from_the_freeze_watch_thread_as_its_lot_ends_never_raises() -> None:
     """`holds_permit()` runs on FreezeWatch's thread (`worker/freeze.py`) while the
     worker's thread pops the batch. This interleaves the two at every bytecode in turn:

@@ -41,18 +41,22 @@ class Batch:
 
     def __iter__(self) -> Iterator[Entry]:
         yield from self.waiting
-        if self.lot is not None:
-            for delivery in self.lot.deliveries(self.next):
+        lot, start = self.lot, self.next
+        if lot is not None:
+            for delivery in lot.deliveries(start):
                 yield delivery, LOST_WORKER
 
     def lot_left(self) -> int:
-        return 0 if self.lot is None else len(self.lot) - self.next
+        # `self.lot` read once: another thread (`FreezeWatch`) may read the batch as the
+        # worker ends its lot.
+        lot = self.lot
+        return 0 if lot is None else len(lot) - self.next
 
     def add(self, taken: Taken, whole: bool) -> None:
         """Add what a take brought: kept `whole` (for `Worker.run_lot`) if nothing else
         waits. A loop that takes deliveries one by one gets them made at once, in one go."""
         if whole and not self and taken.lot is not None and len(taken.lot):
-            self.lot, self.next = taken.lot, 0
+            self.next, self.lot = 0, taken.lot
         else:
             self.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
 
@@ -82,9 +86,8 @@ class Batch:
         """The id of the oldest unstarted delivery; b"" if there is none."""
         if self.waiting:
             return self.waiting[0][0].id
-        if self.lot is not None:
-            return self.lot.prefix + b"%d" % (self.next + 1)
-        return b""
+        lot = self.lot
+        return b"" if lot is None else lot.prefix + b"%d" % (self.next + 1)
 
     def deliveries(self) -> list[Delivery]:
         return [delivery for delivery, _ in self]

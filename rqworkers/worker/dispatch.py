@@ -195,9 +195,7 @@ class ConcurrentWorker(Worker):
     def start_what_fits(self) -> None:
         while self.batch and self.free_entries and self.exit_code is None:
             delivery, lost_reason = self.batch.popleft()
-            admitted = self.settler.admit(delivery, lost_reason)
-            self.mark_unstarted()  # after a dead letter too: see `Worker.deliver`
-            if not admitted:
+            if not self.admit(delivery, lost_reason):
                 continue  # dead-lettered unhandled
             entry = self.free_entries.pop()
             now = time.monotonic()

@@ -533,13 +533,7 @@ class Worker:
         A message whose earlier deliveries all ended without a result (its workers died)
         goes to the dead list with `lost_reason`, unhandled, once they reach `max_attempts`.
         """
-        settler = self.settler
-        admitted = settler.admit(delivery, lost_reason)
-        # From here on, its worker's end charges it; or it was dead-lettered unhandled, and
-        # the mark that named it must not stay on a delivery gone from the list (a mark
-        # found nowhere charges all, and the next take's would be charged unstarted).
-        self.mark_unstarted()
-        if not admitted:
+        if not self.admit(delivery, lost_reason):
             return False
         traced = None if self.tracing is None else self.tracing.start(delivery)
         since = time.monotonic()
@@ -554,6 +548,21 @@ class Worker:
         except (Exception, MessageTimeout) as exc:
             error = exc
         return self.ended(delivery, since, error, result, reply, traced)
+
+    def admit(self, delivery: Delivery, lost_reason: str) -> bool:
+        """`Settler.admit`, and the scoreboard's mark moved off `delivery`, which is out of
+        the batch: from here on, its worker's end charges it.
+
+        One whose attempts are used up is dead-lettered unhandled, and the mark moves
+        first: a mark left on a delivery gone from the list is found nowhere, and charges
+        everything (the unstarted behind it too); charging it changes nothing, since it is
+        dead either way. Any other moves after: what is finished is settled first.
+        """
+        if delivery.attempts >= self.pair.max_attempts:
+            self.mark_unstarted()
+        admitted = self.settler.admit(delivery, lost_reason)
+        self.mark_unstarted()
+        return admitted
 
     def ended(
         self,
