@@ -280,7 +280,8 @@ class Taken:
     @property
     def count(self) -> int:
         """How many deliveries it took."""
-        return len(self.lot) if self.lot is not None else len(self.deliveries)
+        lot = self.lot
+        return len(lot.payloads) if lot is not None else len(self.deliveries)
 
     def missing(self, more: int) -> Taken:
         """The same take, with `more` acks that found nothing (unless its own were not

@@ -55,8 +55,9 @@ class Batch:
     def add(self, taken: Taken, whole: bool) -> None:
         """Add what a take brought: kept `whole` (for `Worker.run_lot`) if nothing else
         waits. A loop that takes deliveries one by one gets them made at once, in one go."""
-        if whole and not self and taken.lot is not None and len(taken.lot):
-            self.next, self.lot = 0, taken.lot
+        lot = taken.lot
+        if whole and lot is not None and lot.payloads and self.lot is None and not self.waiting:
+            self.next, self.lot = 0, lot
         else:
             self.extend((delivery, LOST_WORKER) for delivery in taken.deliveries)
 
@@ -77,7 +78,8 @@ class Batch:
 
     def moved_to(self, index: int) -> None:
         """The lot's deliveries before `index` have started."""
-        if self.lot is not None and index >= len(self.lot):
+        lot = self.lot
+        if lot is not None and index >= len(lot.payloads):
             self.lot, self.next = None, 0
         else:
             self.next = index

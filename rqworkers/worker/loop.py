@@ -228,7 +228,7 @@ class Worker:
         batch, stop, board, settler = self.batch, self.stop, self.board, self.settler
         handle, timeout, monotonic = self.handler.handle, self.pair.timeout, time.monotonic
         payloads, prefix, plain = lot.payloads, lot.prefix, lot.plain
-        count, index = len(lot), batch.next
+        count, index = len(payloads), batch.next
         max_requests = settler.max_requests
         first = -1  # the first of the run of successes not yet queued, if any
         oldest = 0.0  # when that run's first ended (monotonic seconds)

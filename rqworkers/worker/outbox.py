@@ -132,16 +132,18 @@ class Outbox:
             self.before_acks()
         self.send_failed()
         run = self.lot
-        if run is not None and (
-            self.acks or self.one_by_one or run.fast or not self.queue.acks_in_order
-        ):  # each ack by name (a fast path's ack names its fast list, not a trim)
+        if run is not None and (self.acks or self.one_by_one or not self.queue.acks_in_order):
             self._unfold()
             run = None
         acks = self.acks
         if not acks and run is None and limit <= 0:
             return Taken(0, [], None)  # nothing to send
         fast: list[tuple[str, bytes]] = []
-        if run is not None:  # a run of one lot alone: one trim
+        elements: list[bytes] = []
+        if run is not None and run.fast:  # fast acks: the fast list, and the payload as it is
+            fast = [(run.fast, payload) for payload in run.payloads[self.first : self.last + 1]]
+            trim, settled = 0, len(fast)
+        elif run is not None:  # a run of one lot alone: one trim
             trim = settled = self.last - self.first + 1
             elements = [run.element(self.first), run.element(self.last)]
         else:
