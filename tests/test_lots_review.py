@@ -115,6 +115,27 @@ def _craft(worker: Worker, members: list[tuple[bytes, int]]) -> Lot:
     return lot
 
 
+def _run_batch(worker: Worker) -> None:
+    """Run the batch in hand to its end, send what it settled, and finish the worker."""
+    try:
+        assert worker.run_batch() is None
+        worker.outbox.flush()
+    finally:
+        worker.finish()
+
+
+def _run_all(worker: Worker, steps: int, messages: int) -> None:
+    """Step `worker` through outages until `messages` are handled, then stop it as SIGTERM
+    would and let it finish what is in flight."""
+    try:
+        step_through_outages(worker, steps, lambda: len(HANDLED) == messages)
+        worker.stop(signal.SIGTERM, None)
+        while worker.keep_going():
+            worker.step()
+    finally:
+        worker.finish()
+
+
 def _shown(payload: bytes) -> bytes:
     """What a handler sees of a payload as it sits in an envelope."""
     return Delivery(b"x", 0, payload).payload
@@ -211,11 +232,7 @@ def test_every_settling_order_of_a_lot_settles_each_member_once(
             assert (worker.batch.lot is not None) == (handler == HANDLER)  # lean keeps lots
         else:
             _craft(worker, members)
-        try:
-            assert worker.run_batch() is None
-            worker.outbox.flush()
-        finally:
-            worker.finish()
+        _run_batch(worker)
         keys = worker.queue.keys
         handled, retried, dead = _expected(members)
         found = (
@@ -248,11 +265,7 @@ def test_twins_that_fail_and_succeed_in_one_lot_are_each_settled_as_they_ended(
     client.lpush("jobs", *[b"same"] * 5)
     worker.resume()
     assert worker.fill_batch() and worker.batch.lot is not None
-    try:
-        assert worker.run_batch() is None
-        worker.outbox.flush()
-    finally:
-        worker.finish()
+    _run_batch(worker)
     keys = worker.queue.keys
     assert HANDLED == [b"same"] * 5 and _retried(client, keys) == [(1, b"same")] * 2
     assert client.llen(keys.processing) == 0 and worker.board.get("settled") == 5
@@ -889,11 +902,7 @@ def test_acks_that_waited_the_ack_interval_leave_mid_lot(
     client.lpush("jobs", *[b"m%d" % i for i in range(8)])
     worker.resume()
     assert worker.fill_batch()
-    try:
-        assert worker.run_batch() is None
-        worker.outbox.flush()
-    finally:
-        worker.finish()
+    _run_batch(worker)
     assert lengths[0] == 8 and min(lengths) < 8, "acked before the lot ended"
     assert lengths == sorted(lengths, reverse=True)
     assert client.llen(keys.processing) == 0 and worker.board.get("settled") == 8
@@ -925,11 +934,7 @@ def test_runs_whose_trim_is_refused_are_acked_one_by_one_and_each_once(
         return taken
 
     worker.queue.take = take  # type: ignore[method-assign]
-    try:
-        assert worker.run_batch() is None
-        worker.outbox.flush()
-    finally:
-        worker.finish()
+    _run_batch(worker)
     keys = worker.queue.keys
     assert [_shown(p) for p, _ in members] == HANDLED
     assert -1 in missing and all(m <= 0 for m in missing), "refused, then none missing"
@@ -949,13 +954,7 @@ def test_the_concurrent_worker_runs_a_lot_each_member_once(prefetch: int) -> Non
     worker = _worker(client, ConcurrentWorker, prefetch=prefetch, concurrency=3, max_attempts=1)
     payloads = [b"twin", b"a", b"fail", b"twin", b"", b"b", b"twin"]
     client.lpush("jobs", *payloads)
-    try:
-        step_through_outages(worker, 100, lambda: len(HANDLED) == len(payloads))
-        worker.stop(signal.SIGTERM, None)
-        while worker.keep_going():
-            worker.step()
-    finally:
-        worker.finish()
+    _run_all(worker, 100, len(payloads))
     keys = worker.queue.keys
     assert sorted(HANDLED) == sorted(payloads)
     assert client.llen(keys.processing) == 0 and client.lrange(keys.dead, 0, -1) == [b"fail"]
@@ -993,13 +992,7 @@ def test_under_group_limits_what_a_worker_holds_is_its_lots_groups(cls: type[Wor
             wrong.append(f"holds {held}")
 
     HOOKS.append(check)
-    try:
-        step_through_outages(worker, 200, lambda: len(HANDLED) == len(payloads))
-        worker.stop(signal.SIGTERM, None)
-        while worker.keep_going():
-            worker.step()
-    finally:
-        worker.finish()
+    _run_all(worker, 200, len(payloads))
     assert sorted(HANDLED) == sorted(payloads) and wrong == []
     assert not grouped_lots, "under a limit a take's deliveries are made at once"
     assert client.llen(worker.queue.keys.processing) == 0
