@@ -148,7 +148,7 @@ class Scoreboard:
 
     def start(self, n: int, since: float) -> None:
         """`mark_in` of the n-th delivery of the take the current mark names, then `busy`
-        at `since` in entry 0: the lean loop's writes as a handler starts (`Worker.run_lean`).
+        at `since` in entry 0: the lean loop's writes as a handler starts (`Worker.run_lot`).
         Only after `mark_in` of that take, and with entry 0 in use."""
         self._ints[self._mark_number] = n
         self._floats[_ENTRY0] = since
