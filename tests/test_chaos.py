@@ -23,11 +23,11 @@ BUDGET = 240.0  # seconds; a run takes about 25 s on 2 cores
     "extra",
     [
         [],
-        # Each run takes about 25 s: two of the four run only with `-m slow` (or `-m ""`),
+        # Each run takes about 25 s: all but the first run only with `-m slow` (or `-m ""`),
         # to keep the default suite within its 15-minute budget on 2 cores.
         pytest.param(["--distinct", "10", "--max-attempts", "3"], marks=pytest.mark.slow),
         pytest.param(["--concurrency", "20"], marks=pytest.mark.slow),
-        ["--max-running", "3", "--rate-limit", "400/s"],
+        pytest.param(["--max-running", "3", "--rate-limit", "400/s"], marks=pytest.mark.slow),
         pytest.param(["--prioritised", "0.5", "--delayed", "0.2"], marks=pytest.mark.slow),
     ],
     ids=[

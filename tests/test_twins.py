@@ -167,19 +167,19 @@ def test_a_poison_storm_leaves_the_healthy_messages_flowing(
     service: StartService, redis_server: RedisServer
 ) -> None:
     """One poison (SIGKILL) in every ten: a crash after progress is respawned at once, so
-    200 healthy and 20 poison messages settle well within a minute."""
+    100 healthy and 10 poison messages settle well within a minute."""
     svc = service([{"queue": "jobs", "handler": HANDLER, "max_attempts": 3}])
     svc.wait_workers(1)
     client = redis_server.client()
     messages = []
-    for i in range(200):
+    for i in range(100):
         messages.append(f"ok:{i}".encode())
         if i % 10 == 9:
             messages.append(f"kill:{i}".encode())
     client.lpush("jobs", *messages)
-    wait_for(lambda: settled(redis_server, 200, 20), timeout=60, what="storm settled")
+    wait_for(lambda: settled(redis_server, 100, 10), timeout=60, what="storm settled")
     started = lrange(redis_server, "started")
-    assert sum(m.startswith(b"kill") for m in started) == 60, "three deliveries per poison"
+    assert sum(m.startswith(b"kill") for m in started) == 30, "three deliveries per poison"
     assert_nothing_left(redis_server)
 
 
