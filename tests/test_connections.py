@@ -804,6 +804,7 @@ def test_workers_resume_promptly_after_a_cluster_node_is_back(
     assert delay < RESUME_WITHIN
 
 
+@pytest.mark.slow  # 10 to 17 s on 2 cores: with `-m slow`, for the default suite's budget
 def test_workers_resume_promptly_after_a_sentinel_failover_with_the_first_sentinel_down(
     processes: Processes, service: StartService, bookkeeper: RedisServer, tmp_path: Path
 ) -> None:

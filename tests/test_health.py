@@ -137,6 +137,7 @@ def test_healthz_names_a_redis_that_answers_but_refuses(
     assert "jobs-1 is waiting out a Redis error" in str(healthz(port)[1]["reason"]), body
 
 
+@pytest.mark.slow  # 10 to 17 s on 2 cores: with `-m slow`, for the default suite's budget
 def test_a_missing_permission_shows_in_status_and_healthz_with_its_reason(
     service: StartService, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -286,6 +287,7 @@ def test_status_shows_a_stopped_managers_workers_as_stopped_not_idle(
     assert " stopped " in row and " idle " not in row, row
 
 
+@pytest.mark.slow  # 10 to 17 s on 2 cores: with `-m slow`, for the default suite's budget
 def test_status_shows_a_lost_managers_workers_as_stale(
     service: StartService, redis_server: RedisServer
 ) -> None:

@@ -37,6 +37,7 @@ def test_a_due_retry_is_delivered_on_time_by_an_idle_worker(
     assert late < 0.25, f"the retry came {late:.3f}s after it was due"
 
 
+@pytest.mark.slow  # 10 to 17 s on 2 cores: with `-m slow`, for the default suite's budget
 def test_an_idle_pair_costs_redis_at_most_about_one_command_a_second(
     service: StartService, redis_server: RedisServer
 ) -> None:
