@@ -169,9 +169,7 @@ class Worker:
 
     def run_batch(self) -> int | None:
         """Handle the batch in turn until it is done, a stop is asked for, or a limit hit."""
-        if self.lean is None:
-            self.lean = self.can_run_lean()
-        if self.lean:
+        if self.runs_lean():
             return self.run_lean()
         batch, stop = self.batch, self.stop
         while batch and not stop.set:
@@ -182,6 +180,13 @@ class Worker:
             if code is not None:
                 return code
         return None
+
+    def runs_lean(self) -> bool:
+        """`can_run_lean`, asked once: at the first batch, when everything it reads is set
+        (`worker.main` sets the freeze watch after construction)."""
+        if self.lean is None:
+            self.lean = self.can_run_lean()
+        return self.lean
 
     def can_run_lean(self) -> bool:
         """Whether `run_lean` may run this worker's batches: a plain handler, which makes
@@ -369,9 +374,7 @@ class Worker:
 
     def took(self, taken: Taken) -> None:
         """Add what a take brought to the batch."""
-        if self.lean is None:
-            self.lean = self.can_run_lean()
-        self.batch.add(taken, whole=self.lean)
+        self.batch.add(taken, whole=self.runs_lean())
         if not self.marked and self.batch:
             self.mark_unstarted()
 

@@ -112,12 +112,16 @@ class Outbox:
 
     def acks_overdue(self, now: float) -> bool:
         """True when finished work has waited long enough for its ack."""
-        return (bool(self.acks) or self.lot is not None) and (now - self.oldest_ack > ACK_INTERVAL)
+        return self.has_acks and now - self.oldest_ack > ACK_INTERVAL
 
     def overdue_at(self, now: float) -> float:
         """When the pending acks, with one queued at monotonic `now`, are overdue."""
-        pending = self.acks or self.lot is not None
-        return (self.oldest_ack if pending else now) + ACK_INTERVAL
+        return (self.oldest_ack if self.has_acks else now) + ACK_INTERVAL
+
+    @property
+    def has_acks(self) -> bool:
+        """Whether any ack waits: a `Delivery`'s, or a lot's run."""
+        return bool(self.acks) or self.lot is not None
 
     def fail(self, failure: Failure) -> None:
         """Retry or dead-letter `failure` now (it stays pending if Redis does not answer)."""
@@ -213,7 +217,7 @@ class Outbox:
 
     @property
     def empty(self) -> bool:
-        return not (self.acks or self.failed or self.lot is not None)
+        return not (self.has_acks or self.failed)
 
     def send_failed(self) -> None:
         while self.failed:
