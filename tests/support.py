@@ -304,3 +304,12 @@ def step_through_outages(worker: Any, steps: int, done: Callable[[], bool] = lam
             continue
         if code is not None or worker.stop.set:
             return
+
+
+def process_ended(pid: int) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie not yet reaped). It may end
+    between two looks, so a process found missing on the second counts as ended."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

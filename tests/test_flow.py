@@ -11,12 +11,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from bench.windows import most_in_window
 from rqworkers.store.keys import Keys
-from tests.support import APPS, REPO, RedisServer, Service, run_cli, wait_for, write_config
+from tests.support import (
+    APPS,
+    REPO,
+    RedisServer,
+    Service,
+    process_ended,
+    run_cli,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.service
 
@@ -139,8 +147,7 @@ def test_a_holder_frozen_past_its_lease_does_not_run_on_beside_the_next(
     node_a.signal_session(signal.SIGSTOP)
     wait_for(lambda: client.llen("flow:pids") == 2, timeout=20, what="node b running it")
     node_a.signal_session(signal.SIGCONT)
-    wait_for(lambda: not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == "zombie",
-             timeout=5, what="the woken holder to end")  # fmt: skip
+    wait_for(lambda: process_ended(frozen), timeout=5, what="the woken holder to end")
     wait_for(lambda: done(redis_server) == 1, timeout=20, what="node b's run to finish")
     time.sleep(0.5)
     assert done(redis_server) == 1, "the frozen run never finished beside it"
