@@ -82,6 +82,7 @@ from bench.throughput import (
 
 PARKED = "bench:parked"  # + the size: a backlog, between rounds
 GROUPS = ("core", "payload", "backlog", "grid")
+WORKER_CPU = "(c) + worker CPU"  # (c), its handler burning what a worker spends beyond it
 KB, MB = 10_000, 1_000_000
 # Fills `KEYS[1]` with ARGV[3] LPUSHes of ARGV[2] copies of ARGV[1]: 10 M messages in ~2 s,
 # where a client sending them takes ~5 s more.
@@ -175,8 +176,11 @@ def size_name(size: int) -> str:
 # -- one sample of each kind ----------------------------------------------------------------
 
 
-def yardstick(target: Target, mode: str, n: int, processes: int = 1, size: int = 100) -> Sample:
-    """n messages of `size` bytes, drained by `processes` runs of bench.yardsticks."""
+def yardstick(
+    target: Target, mode: str, n: int, processes: int = 1, size: int = 100, burn_us: float = 0.0
+) -> Sample:
+    """n messages of `size` bytes, drained by `processes` runs of bench.yardsticks, their
+    handlers burning `burn_us` of CPU a message. The clients' CPU is the sample's worker's."""
     client = target.client
     client.flushdb()
     fill(client, QUEUE, n, size=size)
@@ -187,11 +191,21 @@ def yardstick(target: Target, mode: str, n: int, processes: int = 1, size: int =
         edge["cpu"], edge["t"] = redis_cpu(client), time.time()
         edges.append(machine())
 
-    rate = run_yardsticks(client, target.redis.url, mode, n, processes, before_go=before)
+    drain = run_yardsticks(
+        client, target.redis.url, mode, n, processes, before_go=before, burn_us=burn_us
+    )
     # The processes exited after their last command: nothing after it is theirs.
     wall = time.time() - edge["t"]
     spent = redis_cpu(client) - edge["cpu"]
-    return _sample(rate, spent, n, wall, edges[0], machine())
+    sample = _sample(drain.rate, spent, n, wall, edges[0], machine(), drain.cpu)
+    if burn_us:
+        sample.extra["burn_us"] = burn_us
+    return sample
+
+
+def worker_us(sample: Sample) -> float:
+    """The worker's (or a yardstick client's) CPU per message, microseconds."""
+    return (sample.worker_core or 0.0) / sample.rate * 1e6
 
 
 def _work(concurrency: int) -> str:
@@ -298,7 +312,15 @@ def backlog(target: Target, prefetch: int, n: int, behind: int) -> Sample:
 Case = tuple[str, int, Callable[[], Sample]]  # name, N, how to take one sample
 
 
-def cases(main: Target, side: Target | None, s: Sizes, only: tuple[str, ...]) -> list[Case]:
+def cases(
+    main: Target, side: Target | None, s: Sizes, only: tuple[str, ...], seen: dict[str, Sample]
+) -> list[Case]:
+    """The cases of one round, in order; `seen` holds the samples of this round so far."""
+
+    def burn() -> float:
+        """What one rqworkers worker spent per message in this round, beyond (c)'s client."""
+        return max(0.0, worker_us(seen["p100 100 B"]) - worker_us(seen["(c) 100 B"]))
+
     out: list[Case] = []
     if "core" in only:
         out += [
@@ -308,7 +330,11 @@ def cases(main: Target, side: Target | None, s: Sizes, only: tuple[str, ...]) ->
             ("p100 100 B", s.n100, lambda: service(main, 100, s.n100)),
             ("(c) 100 B, 2 proc", s.n100, lambda: yardstick(main, "c", s.n100, 2)),
             ("p100 100 B, 2 proc", s.n100, lambda: service(main, 100, s.n100, 2)),
-        ]
+            (f"{WORKER_CPU} 100 B", s.n100,
+             lambda: yardstick(main, "c", s.n100, burn_us=burn())),
+            (f"{WORKER_CPU} 100 B, 2 proc", s.n100,
+             lambda: yardstick(main, "c", s.n100, 2, burn_us=burn())),
+        ]  # fmt: skip
     if "payload" in only:
         for size, (n1, n100) in s.payload.items():
             name = size_name(size)
@@ -355,7 +381,8 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes) -> Report:
         fill_backlog(side.client, f"{PARKED}:{max(s.backlogs)}", max(s.backlogs))
         report.fill_seconds[f"{max(s.backlogs):,} messages"] = time.perf_counter() - started
         log(f"backlog of {max(s.backlogs):,} filled in {time.perf_counter() - started:.1f} s")
-    todo = cases(main, side, s, only)
+    seen: dict[str, Sample] = {}
+    todo = cases(main, side, s, only, seen)
     for name, n, _ in todo:
         report.cases[name] = []
         report.cases_n[name] = n
@@ -363,7 +390,7 @@ def run(args: argparse.Namespace, workdir: Path, procs: Processes) -> Report:
         report.load.append((f"round {number}", os.getloadavg()[0]))
         log(f"round {number} of {s.rounds} (load {os.getloadavg()[0]:.2f})")
         for name, _, take in todo:
-            sample = take()
+            sample = seen[name] = take()
             report.cases[name].append(asdict(sample))
             log(f"  {name}: {sample.rate:,.0f}/s, Redis {sample.redis_us:.2f} us/msg")
     report.load.append(("end", os.getloadavg()[0]))
@@ -378,6 +405,13 @@ RATIOS: list[tuple[str, str, str, float | None, float | None]] = [
     ("prefetch 100 / (c)", "p100 100 B", "(c) 100 B", 0.6, 1.0),
     ("prefetch 100, 2 proc / 1 proc", "p100 100 B, 2 proc", "p100 100 B", None, None),
     ("(c), 2 proc / 1 proc", "(c) 100 B, 2 proc", "(c) 100 B", None, None),
+    (
+        f"{WORKER_CPU}, 2 proc / 1 proc",
+        f"{WORKER_CPU} 100 B, 2 proc",
+        f"{WORKER_CPU} 100 B",
+        None,
+        None,
+    ),
     ("prefetch 1 / (b), 10 KB", "p1 10 KB", "(b) 10 KB", None, None),
     ("prefetch 100 / (c), 10 KB", "p100 10 KB", "(c) 10 KB", None, None),
     ("prefetch 1 / (b), 1 MB", "p1 1 MB", "(b) 1 MB", None, None),
@@ -498,26 +532,42 @@ def render(report: Report) -> str:
             f"| {c:.3g}x ({_shown(cpus, '.3g')}) | {met_c} | {by_state(report, top, bottom)} |"
         )
     rq = per_round(report, "p100 100 B, 2 proc", "p100 100 B", "rate")
-    yard = per_round(report, "(c) 100 B, 2 proc", "(c) 100 B", "rate")
-    if rq and yard:
+    for label, top, bottom, target in (
+        ("(c)'s own", "(c) 100 B, 2 proc", "(c) 100 B", True),
+        (f"{WORKER_CPU}'s own", f"{WORKER_CPU} 100 B, 2 proc", f"{WORKER_CPU} 100 B", False),
+    ):
+        yard = per_round(report, top, bottom, "rate")
+        if not (rq and yard):
+            continue
         quotients = [a / b for a, b in zip(rq, yard, strict=False)]
         q = statistics.median(quotients)
+        verdict = _verdict(q >= 1.0, 1.0, ">=") if target else "-"
         lines.append(
-            f"| 2 proc scaling, prefetch 100 / (c)'s own | {q:.2f}x ({_shown(quotients, '.2f')}) "
-            f"| {_verdict(q >= 1.0, 1.0, '>=')} | - | - | - |"
+            f"| 2 proc scaling, prefetch 100 / {label} | {q:.2f}x ({_shown(quotients, '.2f')}) "
+            f"| {verdict} | - | - | - |"
         )
+    burns = [x["extra"]["burn_us"] for x in report.cases.get(f"{WORKER_CPU} 100 B", [])
+             if "burn_us" in x["extra"]]  # fmt: skip
+    if burns:
+        lines += [
+            "",
+            f"{WORKER_CPU}: yardstick (c) whose handler burns, in each round, the "
+            "worker CPU per message of that round's prefetch 100 beyond (c)'s client's "
+            f"(µs: {_shown(burns, '.2f')}). The same round trips and Redis work as (c), "
+            "at a worker's CPU per message: what that CPU alone does to scaling here.",
+        ]
     lines += ["", "Redis cores, worker cores (all worker processes together; the manager "
               "and keeper not counted), machine busy (every process on the VM, ours or not): "
               "CPU over the drain's wall time, 2 = both cores. Bound: Redis, or each worker "
               "process, at >= 0.85 of a core; else worker + Redis >= 1.6 of the 2 cores; else "
               "neither saturated: worker and Redis take turns (each waits for the other's "
               "reply), and the one that spends more per message sets the pace. Worker CPU "
-              "µs/msg: the worker processes' CPU over the drain / N (the yardsticks' is not "
-              "measured). Stolen: the most of any round, in cores, that the hypervisor took from "
-              "this VM during the drain (/proc/stat steal); a stolen moment is counted as CPU "
-              "time of the process it interrupted, Redis included. Quiet / busy: the medians of "
-              f"the rounds where both sides had machine busy < {QUIET} (quiet) or >= {QUIET} "
-              "(busy), with how many rounds that was."]  # fmt: skip
+              "µs/msg: the worker processes' CPU over the drain / N (for a yardstick, its client "
+              "processes' CPU over their runs). Stolen: the most of any round, in cores, that "
+              "the hypervisor took from this VM during the drain (/proc/stat steal); a stolen "
+              "moment is counted as CPU time of the process it interrupted, Redis included. "
+              f"Quiet / busy: the medians of the rounds where both sides had machine busy < "
+              f"{QUIET} (quiet) or >= {QUIET} (busy), with how many rounds that was."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

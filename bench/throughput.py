@@ -402,6 +402,12 @@ def _sizes_for(messages: int | None, quick: bool) -> Sizes:
     )
 
 
+@dataclass(frozen=True)
+class YardstickDrain:
+    rate: float  # messages per second, over the union of the processes' runs
+    cpu: float  # CPU seconds the yardstick processes spent over their runs, all together
+
+
 def run_yardsticks(
     client: redis.Redis,
     url: str,
@@ -410,14 +416,15 @@ def run_yardsticks(
     processes: int,
     sleep_ms: int = 0,
     before_go: Callable[[], object] | None = None,
-) -> float:
+    burn_us: float = 0.0,
+) -> YardstickDrain:
     """`processes` runs of `bench.yardsticks` sharing the n messages already on QUEUE, started
-    at one signal (`before_go` is called just before it); the rate over the union of their
-    runs. Returns once every one of them has exited."""
+    at one signal (`before_go` is called just before it), each handler burning `burn_us` of
+    CPU a message. Returns once every one of them has exited."""
     client.delete("bench:go", "bench:go:ready")
     args = [sys.executable, "-m", "bench.yardsticks", "--url", url]
     args += ["--queue", QUEUE, "--mode", mode, "--n", str(n), "--go", "bench:go"]
-    args += ["--sleep", str(sleep_ms / 1000)]
+    args += ["--sleep", str(sleep_ms / 1000), "--burn", str(burn_us)]
     runs = [
         subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(processes)
@@ -447,7 +454,7 @@ def run_yardsticks(
         raise RuntimeError(f"yardstick {mode} x{processes} handled {results}")
     began = min(r["began"] for r in results)
     ended = max(r["ended"] for r in results)
-    return float(n / (ended - began))
+    return YardstickDrain(n / (ended - began), sum(r["cpu"] for r in results))
 
 
 # -- the bench ------------------------------------------------------------------------------
@@ -559,7 +566,7 @@ class Bench:
         one signal; the rate is over the union of their runs."""
         self.client.flushdb()
         fill(self.client, QUEUE, n)
-        return run_yardsticks(self.client, self.redis.url, mode, n, processes, sleep_ms)
+        return run_yardsticks(self.client, self.redis.url, mode, n, processes, sleep_ms).rate
 
     # -- 2b. the issue-8 ratios, paired ---------------------------------------------------
 

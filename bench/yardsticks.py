@@ -9,8 +9,15 @@ same reliability rqworkers gives, without its delivery counting, retries or supe
   round trip per 100 messages.
 
 Run as `python -m bench.yardsticks --url URL --queue Q --mode a --n N [--sleep S]` on a
-queue already holding N messages; it prints one JSON line. Connecting and loading the
-script happen before the clock starts.
+queue already holding N messages; it prints one JSON line, with the process's own CPU
+seconds over its run (`cpu`). Connecting and loading the script happen before the clock
+starts.
+
+`--burn US` makes the handler spend about US microseconds of CPU on each message (a loop
+timed before the clock starts). With it, a yardstick's client costs per message what a
+heavier consumer's does, at the same round trips and the same Redis work: `bench/cost.py`
+gives (c) the rqworkers worker's own CPU per message this way, to tell apart what a
+client's CPU does to scaling on a small machine from what rqworkers' design does.
 
 With `--go KEY`, several of them share one queue, as the processes of one rqworkers pair
 do: each pushes onto `KEY:ready` once it is connected, starts its clock when `KEY` gets an
@@ -26,6 +33,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 import redis
@@ -49,7 +57,41 @@ return out
 Handle = Callable[[bytes], None]
 
 
-def _handler(sleep: float) -> Handle:
+def _burner(loops: int) -> Handle:
+    def burn(message: bytes) -> None:
+        for _ in repeat(None, loops):  # the same cost per turn at any count (a range's
+            pass  # turns past 256 make new ints)
+
+    return burn
+
+
+def _fastest_call_us(handle: Handle, calls: int = 100, seconds: float = 0.05) -> float:
+    """CPU µs of one call of `handle`, at its fastest window of `calls` calls over
+    `seconds` (the first windows run slower, on a core still waking)."""
+    best = float("inf")
+    until = time.process_time() + seconds
+    while time.process_time() < until:
+        started = time.process_time()
+        for _ in range(calls):
+            handle(b"")
+        best = min(best, (time.process_time() - started) / calls * 1e6)
+    return best
+
+
+def _burner_of(burn_us: float) -> Handle:
+    """A handler that spends about `burn_us` of CPU a call more than a no-op one: its
+    loop is sized by timing the very function it returns at two sizes (a call costs a
+    fixed part and a part per turn)."""
+    noop = _fastest_call_us(_handler(0.0))
+    short, long = _fastest_call_us(_burner(100)), _fastest_call_us(_burner(2_000))
+    per_turn = max(1e-6, (long - short) / 1_900)
+    fixed = short - 100 * per_turn
+    return _burner(max(1, round((burn_us + noop - fixed) / per_turn)))
+
+
+def _handler(sleep: float, burn_us: float = 0.0) -> Handle:
+    if burn_us > 0:
+        return _burner_of(burn_us)
     if sleep <= 0:
 
         def noop(message: bytes) -> None:
@@ -128,6 +170,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), required=True)
     parser.add_argument("--n", type=int, required=True)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--burn", type=float, default=0.0, help="µs of CPU per message")
     parser.add_argument("--go", help="start when this list gets an element (see above)")
     args = parser.parse_args()
     client = redis.Redis.from_url(args.url)
@@ -139,11 +182,13 @@ def main() -> None:
         processing += f":{os.getpid()}"
         client.rpush(f"{args.go}:ready", os.getpid())
         client.blpop([args.go])
-    began, started = time.time(), time.perf_counter()
-    handled = MODES[args.mode](client, args.queue, processing, args.n, _handler(args.sleep))
-    elapsed = time.perf_counter() - started
+    handle = _handler(args.sleep, args.burn)
+    began, started, cpu = time.time(), time.perf_counter(), time.process_time()
+    handled = MODES[args.mode](client, args.queue, processing, args.n, handle)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     left = client.llen(processing)
     result = {"handled": handled, "expected": args.n, "elapsed": elapsed, "left": left}
+    result["cpu"] = cpu
     print(json.dumps({**result, "began": began, "ended": began + elapsed}))
 
 
