@@ -1,6 +1,6 @@
 """The cost of one message (issue 22): throughput and Redis CPU per message, in one interleaved run.
 
-    python -m bench.cost [--rounds R] [--quick] [--only core payload backlog grid] [--json]
+    python -m bench.cost [--rounds R] [--quick] [--only core payload backlog grid burn] [--json]
     python -m bench.cost --render run.json
 
 Every case runs once per round, all cases back to back, for R rounds; each figure is the
@@ -19,7 +19,9 @@ Two figures per case, over one drain of N messages:
 Cases (rqworkers is the real `python -m rqworkers run`, started anew for every case, as
 `bench/throughput.py`'s ServiceRun starts it; the handler is the bench's no-op):
 - core: yardstick (b) against prefetch 1, yardstick (c) against prefetch 100, and both with
-  two processes (the targets of issue 22);
+  two processes (the targets of issue 22); then "(c) + worker CPU" at one and two processes:
+  (c) whose handler burns what this round's prefetch-100 worker spent a message beyond (c)'s
+  client, to tell what a client's CPU per message does to scaling from what rqworkers does;
 - payload: the same pairs with 10 KB and 1 MB payloads (100 B is the core);
 - backlog: prefetch 1 and 100 draining N messages off the top of a queue with 1,000 and with
   10,000,000 more waiting behind them, on a second redis-server of their own. The backlog is
@@ -28,7 +30,9 @@ Cases (rqworkers is the real `python -m rqworkers run`, started anew for every c
   the messages that really left the queue in it;
 - grid: 1, 2 and 4 processes, and concurrency 1, 10 and 100 (prefetch 100, no-op handler),
   with the CPU of the worker processes and of Redis as shares of a core: which one is the
-  bound.
+  bound;
+- burn: yardstick (c) at one and two processes, its handler burning 0.1 to 2 µs of CPU a
+  message: its two-process ratio as the client's CPU per message grows.
 
 Noise on a small VM: a message that goes back and forth between two processes (prefetch 1,
 yardstick (b)) costs each of them about 3 times more CPU, and takes about 2.5 times longer,
@@ -81,7 +85,8 @@ from bench.throughput import (
 )
 
 PARKED = "bench:parked"  # + the size: a backlog, between rounds
-GROUPS = ("core", "payload", "backlog", "grid")
+GROUPS = ("core", "payload", "backlog", "grid", "burn")
+BURNS = (0.1, 0.25, 0.5, 1.0, 2.0)  # µs of CPU a message, the "burn" group's (c) handlers
 WORKER_CPU = "(c) + worker CPU"  # (c), its handler burning what a worker spends beyond it
 KB, MB = 10_000, 1_000_000
 # Fills `KEYS[1]` with ARGV[3] LPUSHes of ARGV[2] copies of ARGV[1]: 10 M messages in ~2 s,
@@ -357,6 +362,12 @@ def cases(
                 out.append((f"p100, {processes} proc, concurrency {concurrency}", n,
                             lambda p=processes, c=concurrency: service(main, 100, n, p,
                                                                        concurrency=c)))  # fmt: skip
+    if "burn" in only:
+        for us in BURNS:
+            for processes in (1, 2):
+                name = f"(c) + {us:g} µs 100 B" + (", 2 proc" if processes == 2 else "")
+                out.append((name, s.n100, lambda p=processes, b=us: yardstick(
+                    main, "c", s.n100, p, burn_us=b)))  # fmt: skip
     return out
 
 
@@ -435,6 +446,9 @@ for _proc in (2, 4):
 for _c in (10, 100):
     RATIOS.append((f"grid: concurrency {_c} / 1", f"p100, 1 proc, concurrency {_c}",
                    "p100, 1 proc, concurrency 1", None, None))  # fmt: skip
+for _us in BURNS:
+    RATIOS.append((f"(c) + {_us:g} µs, 2 proc / 1 proc", f"(c) + {_us:g} µs 100 B, 2 proc",
+                   f"(c) + {_us:g} µs 100 B", None, None))  # fmt: skip
 
 
 def per_round(report: Report, top: str, bottom: str, key: str) -> list[float]:
@@ -585,7 +599,11 @@ def main() -> int:
     parser.add_argument("--render", metavar="JSON", help="print the tables of a saved --json run")
     args = parser.parse_args()
     if args.render:
-        data = json.loads(Path(args.render).read_text())
+        try:
+            data = json.loads(Path(args.render).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"bench.cost: cannot read {args.render}: {exc}", file=sys.stderr)
+            return 2
         data["load"] = [tuple(x) for x in data["load"]]
         print(render(Report(**data)), end="")
         return 0

@@ -79,3 +79,24 @@ def test_a_burning_yardstick_spends_about_the_cpu_asked_per_message() -> None:
         spent_us = (time.process_time() - started) / 2_000 * 1e6
         # Calibrated on this machine a moment ago; a busy VM's preemptions only add to it.
         assert burn_us * 0.5 < spent_us < burn_us * 3, (burn_us, spent_us)
+
+
+@pytest.mark.timeout(BUDGET + 60)
+@pytest.mark.service
+def test_the_burn_group_runs_c_at_each_cpu_per_message_on_one_and_two_processes() -> None:
+    code, out, err = run_bench(
+        ["bench.cost", "--quick", "--only", "burn", "--json"], BUDGET, "the cost bench"
+    )
+    assert code == 0, err
+    cases = json.loads(out)["cases"]
+    from bench.cost import BURNS
+
+    expected = {f"(c) + {us:g} µs 100 B{suffix}" for us in BURNS for suffix in ("", ", 2 proc")}
+    assert set(cases) == expected
+    client_us = {}
+    for name, (sample,) in cases.items():
+        assert sample["rate"] > 0 and sample["extra"]["burn_us"] > 0, name
+        client_us[name] = sample["worker_core"] / sample["rate"] * 1e6
+    # What the handlers burn shows in the clients' own CPU a message.
+    low, high = f"(c) + {min(BURNS):g} µs 100 B", f"(c) + {max(BURNS):g} µs 100 B"
+    assert client_us[high] - client_us[low] > (max(BURNS) - min(BURNS)) / 2, client_us
