@@ -619,8 +619,10 @@ def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None)
     except ValidationError as exc:
         raise ConfigError(source, _explain(exc, ())) from None
 
-    pairs = _resolve_pairs(document, problems)
-    schedules = _resolve_schedules(document, problems)
+    schedule_problems: list[str] = []  # listed after the pairs' problems
+    schedules = _resolve_schedules(document, schedule_problems)
+    pairs = _resolve_pairs(document, problems, schedules)
+    problems.extend(schedule_problems)
     if problems:
         raise ConfigError(source, problems)
     node = document.manager.node or env.get("RQWORKERS_NODE") or socket.gethostname()
@@ -685,7 +687,9 @@ def _expand(value: Any, env: Mapping[str, str], where: tuple[Any, ...], problems
     return Expanded(text) if replaced else text
 
 
-def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSettings]:
+def _resolve_pairs(
+    document: _Document, problems: list[str], schedules: tuple[ScheduleSettings, ...] = ()
+) -> list[PairSettings]:
     if "queue" in document.defaults:
         problems.append("defaults.queue: a queue belongs in a [[workers]] entry")
     unknown_defaults = set(document.defaults) - (set(PairSettings.model_fields) - {"url"})
@@ -737,7 +741,7 @@ def _resolve_pairs(document: _Document, problems: list[str]) -> list[PairSetting
         seen[pair_key] = index
         pairs[index] = pair.model_copy(update={"url": url})
     problems.extend(key_collisions(pairs))
-    problems.extend(_reply_key_collisions(pairs))
+    problems.extend(_reply_key_collisions(pairs, schedules))
     problems.extend(_too_many_processes(pairs.values()))
     return list(pairs.values())
 
@@ -839,12 +843,15 @@ def key_collisions(
     return problems
 
 
-def _reply_key_collisions(pairs: Mapping[int, PairSettings]) -> list[str]:
+def _reply_key_collisions(
+    pairs: Mapping[int, PairSettings], schedules: Iterable[ScheduleSettings] = ()
+) -> list[str]:
     """One line per `reply_keys` glob that could match a key of a configured queue: the
     worker would push a reply wherever a message points it, so a glob that reaches
     another queue's keys (or this queue's own, outside `<queue>:replies:`) would let a
     producer corrupt that queue. Compared with every queue of the file, on any host: two
-    spellings of a URL may name one server, and only a refusal is sure to be safe."""
+    spellings of a URL may name one server, and only a refusal is sure to be safe. A queue
+    that a schedule pushes into is one of them, even if another fleet consumes it."""
     problems = []
     for index, pair in pairs.items():
         for number, pattern in enumerate(pair.reply_keys):
@@ -863,6 +870,16 @@ def _reply_key_collisions(pairs: Mapping[int, PairSettings]) -> list[str]:
                         "keys that no configured queue uses"
                     )
                     break
+            else:
+                for schedule in schedules:
+                    queue = schedule.queue
+                    if queue != pair.queue and tasks.reaches_queue(pattern, queue):
+                        problems.append(
+                            f"{where} could match keys of queue {queue!r} (schedule "
+                            f"{schedule.name!r} pushes there): a reply there would corrupt "
+                            "it; choose keys that no configured queue uses"
+                        )
+                        break
     return problems
 
 
