@@ -5,15 +5,20 @@ not look. Each test says which promise it holds the service to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
 from rqworkers.client.tasks import ReplyKeys
 from rqworkers.config import load
 from rqworkers.errors import ConfigError
+from rqworkers.ops.web.auth import COOKIE
+from rqworkers.ops.web.site import letter_key
 from rqworkers.store.keys import DEDUP, REPLIES, Keys
 from tests.support import APPS, task_pair, write_config
+from tests.test_web import TOKEN, Server, dead_letter, web  # noqa: F401 - `web` is a fixture
 
 
 @pytest.fixture(autouse=True)
@@ -76,3 +81,31 @@ def test_no_key_of_a_queue_but_its_replies_can_be_a_reply_to() -> None:
             assert replies.refusal(key) is None, key
         for key in ("", "\udc80", f"{queue}:replies:\ud800"):  # empty, not UTF-8
             assert replies.refusal(key), repr(key)
+
+
+# --- the page's token ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("written", [f"{TOKEN} \n", f"{TOKEN}\t\r\n", f"  {TOKEN}\n\n"])
+def test_a_token_file_with_blanks_around_the_token_works_as_the_token(
+    web: Callable[..., Server],  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    written: str,
+) -> None:
+    """`check` accepts a token file with blanks around the token (it measures the token
+    without them: `echo "$TOKEN " > file` and an editor's trailing tab are common), so
+    the token must then work: a bearer header cannot carry outer blanks, and no one types
+    them into the login form. Before, the page refused every action with a 403 that said
+    "wrong token", while the log said nothing was wrong."""
+    secret = tmp_path / "token"
+    secret.write_text(written)
+    server = web(dashboard_token_file=str(secret))
+    dead_letter(server.redis, "q1", b"poison", "boom")
+    purge = {"queue": "q1", "letters": [{"index": 0, "key": letter_key(b"poison")}]}
+    status, _, _ = server.call("POST", "/api/dead/purge", purge, Authorization=f"Bearer {TOKEN}")
+    assert status == 200 and server.redis.llen(Keys("q1").dead) == 0
+    status, headers, _ = server.call("POST", "/login", urlencode({"token": TOKEN}).encode())
+    assert status == 303 and COOKIE in headers.get("Set-Cookie", "")
+    # Blanks are not a way around the minimum: 15 characters and blanks stay refused.
+    secret.write_text(f"  {TOKEN[:15]}  \n")
+    assert server.json("/api/session")["actions"] is False

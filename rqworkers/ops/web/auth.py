@@ -106,10 +106,13 @@ class Gate:
 
     def token(self) -> str | None:
         """The token now, or None (actions off) if there is none or it is too short: an
-        empty or short key would let anyone log in or forge a session cookie."""
-        token = self.source()
+        empty or short key would let anyone log in or forge a session cookie.
+
+        Without the blanks around it, which `check_token` does not count either: a bearer
+        header cannot carry them (it is read stripped), nor does anyone type them."""
+        token = (self.source() or "").strip()
         try:
-            check_token(token or "", "dashboard token")
+            check_token(token, "dashboard token")
         except ValueError:
             return None
         return token
@@ -125,7 +128,7 @@ class Gate:
 
     def token_matches(self, candidate: str) -> bool:
         token = self.token()
-        return token is not None and _same(candidate, token)
+        return token is not None and _same(candidate.strip(), token)
 
     def identify(self, headers: Mapping[str, str]) -> Identity:
         """A bearer header, or a valid unexpired session cookie; else anonymous."""
