@@ -742,6 +742,7 @@ def _resolve_pairs(
         pairs[index] = pair.model_copy(update={"url": url})
     problems.extend(key_collisions(pairs))
     problems.extend(_reply_key_collisions(pairs, schedules))
+    problems.extend(_schedule_collisions(document, pairs, schedules))
     problems.extend(_too_many_processes(pairs.values()))
     return list(pairs.values())
 
@@ -838,6 +839,29 @@ def key_collisions(
                     f"{_path(('workers', index))}.queue: {pair.queue!r} could be a key of "
                     f"queue {other.queue!r} (workers[{other_index}]) on the same host: every "
                     f"key {other.queue}:... belongs to that queue; rename one of them"
+                )
+                break
+    return problems
+
+
+def _schedule_collisions(
+    document: _Document, pairs: Mapping[int, PairSettings], schedules: Iterable[ScheduleSettings]
+) -> list[str]:
+    """One line per schedule that pushes into a key of a queue on its host (`tasks:dead`
+    beside `tasks`): each fire would feed that queue's dead letters, replies or private
+    lists, as a queue of that name would take them (`key_collisions`)."""
+    index = {entry.get("name"): n for n, entry in enumerate(document.schedules)}
+    problems = []
+    for schedule in schedules:
+        for pair_index, pair in pairs.items():
+            if server_spelling(schedule.url) == _url(pair) and schedule.queue.startswith(
+                f"{pair.queue}:"
+            ):
+                problems.append(
+                    f"{_path(('schedules', index[schedule.name]))}.queue: {schedule.queue!r} "
+                    f"could be a key of queue {pair.queue!r} (workers[{pair_index}]) on the "
+                    f"same host: every key {pair.queue}:... belongs to that queue; push into "
+                    "the queue itself"
                 )
                 break
     return problems

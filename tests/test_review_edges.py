@@ -109,3 +109,28 @@ def test_a_token_file_with_blanks_around_the_token_works_as_the_token(
     # Blanks are not a way around the minimum: 15 characters and blanks stay refused.
     secret.write_text(f"  {TOKEN[:15]}  \n")
     assert server.json("/api/session")["actions"] is False
+
+
+# --- what a schedule pushes into ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue", ["tasks:dead", "tasks:replies:x", "tasks:processing:n:1"])
+def test_a_schedule_into_a_key_of_a_configured_queue_is_refused(tmp_path: Path, queue: str) -> None:
+    """The collision rule refuses a queue `jobs:dead` beside `jobs`, since it would take
+    `jobs`'s dead letters. A schedule is the other end of the same mistake: each fire
+    into `tasks:dead` fed the dead list, into `tasks:replies:x` forged a reply, into a
+    private list ran a message twice. Refused, naming the field."""
+    schedules = [{"name": "own", "host": "local", "queue": "tasks", "every": 60,
+                  "payload": "fine"},
+                 {"name": "bad", "host": "local", "queue": queue, "every": 60,
+                  "payload": "x"}]  # fmt: skip
+    path = write_config(tmp_path / "rq.toml", "redis://127.0.0.1:1/0", [task_pair()],
+                        schedules=schedules)  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    (line,) = info.value.render().splitlines()
+    assert line == (
+        f"{path}: schedules[1].queue: {queue!r} could be a key of queue 'tasks' "
+        "(workers[0]) on the same host: every key tasks:... belongs to that queue; "
+        "push into the queue itself"
+    )
