@@ -134,3 +134,27 @@ def test_a_schedule_into_a_key_of_a_configured_queue_is_refused(tmp_path: Path, 
         "(workers[0]) on the same host: every key tasks:... belongs to that queue; "
         "push into the queue itself"
     )
+
+
+# --- the page's paths ---------------------------------------------------------------------
+
+
+def test_no_path_reaches_a_file_beside_the_page_s_own(
+    web: Callable[..., Server],  # noqa: F811 - the fixture imported above
+) -> None:
+    """The page serves four named assets, never a path joined onto a folder: traversal,
+    encoded or not, doubled slashes and a trailing slash get 404 (`//x` is read as `/x`),
+    and a method the page lacks gets an answer with the security headers, never a file or
+    a traceback."""
+    server = web()
+    for path in ["/static/../site.py", "/static/..%2fsite.py", "/static/%2e%2e/auth.py",
+                 "/static/app.js/", "/static/app.js%00.py", "//etc/passwd",
+                 "/static//app.js", "/static/./app.js", "/static/APP.JS",
+                 "/static/app.js/../../../../etc/passwd"]:  # fmt: skip
+        status, headers, body = server.call("GET", path)
+        assert status == 404 and b"import" not in body, path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+    for method in ("PUT", "DELETE", "OPTIONS", "HEAD", "PATCH"):
+        status, headers, _ = server.call(method, "/api/dead?queue=q1")
+        assert status in (405, 501) and "Content-Security-Policy" in headers, method
+    assert server.call("GET", "/static/app.js")[0] == 200
