@@ -5,19 +5,31 @@ not look. Each test says which promise it holds the service to.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
+from rqworkers import Producer
 from rqworkers.client.tasks import ReplyKeys
 from rqworkers.config import load
 from rqworkers.errors import ConfigError
 from rqworkers.ops.web.auth import COOKIE
 from rqworkers.ops.web.site import letter_key
 from rqworkers.store.keys import DEDUP, REPLIES, Keys
-from tests.support import APPS, task_pair, write_config
+from tests.support import (
+    APPS,
+    RedisServer,
+    Service,
+    dead_info,
+    internal_tracebacks,
+    task_pair,
+    wait_for,
+    write_config,
+)
+from tests.test_reply_security import reply_of
 from tests.test_web import TOKEN, Server, dead_letter, web  # noqa: F401 - `web` is a fixture
 
 
@@ -158,3 +170,48 @@ def test_no_path_reaches_a_file_beside_the_page_s_own(
         status, headers, _ = server.call(method, "/api/dead?queue=q1")
         assert status in (405, 501) and "Content-Security-Policy" in headers, method
     assert server.call("GET", "/static/app.js")[0] == 200
+
+
+# --- task messages against the real service ----------------------------------------------
+
+
+@pytest.mark.service
+def test_hostile_task_fields_are_refused_at_once_and_odd_reply_keys_are_one_key(
+    service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    """Fields a hostile producer can spell in ways the first tests did not: a field given
+    twice (every JSON parser here reads the last; the check and the write must agree),
+    `reply_to` of every JSON type, a lone surrogate, a callback that is a name the module
+    imported. Each is refused before anything runs, with one attempt. And a `reply_to`
+    inside the namespace is one key however it is spelled: glob characters, a Cluster
+    hash tag, 64 KiB of it."""
+    client = redis_server.client()
+    client.lpush("victim", b"waiting")
+    svc = service([task_pair(max_attempts=3)])
+    hostile = [
+        b'{"task": "taskapp:sleep", "args": [0, "dup"], "reply_to": "tasks:replies:ok",'
+        b' "reply_to": "victim", "result_ttl": 0.001}',
+        b'{"task": "taskapp:sleep", "task": "taskapp:system", "args": ["true"]}',
+        b'{"task": "taskapp:sleep", "args": [0, "cb"], "on_success": "taskapp:system"}',
+        b'{"task": "taskapp:sleep", "args": [0, "sur"], "reply_to": "tasks:replies:\\ud800"}',
+        *(b'{"task": "taskapp:sleep", "args": [0, "t"], "reply_to": %s}' % value
+          for value in (b"5", b"[]", b"{}", b"true", b'""', b'"victim"')),
+    ]  # fmt: skip
+    long_key = "tasks:replies:" + "x" * 65536
+    odd = ["tasks:replies:*", "tasks:replies:{victim}", "tasks:replies:[a-z]?", long_key]
+    valid = [json.dumps({"task": "taskapp:add", "args": [n, 1], "reply_to": key}).encode()
+             for n, key in enumerate(odd)]  # fmt: skip
+    Producer(redis_server.url).push("tasks", *hostile, *valid)
+    for n, key in enumerate(odd):
+        assert reply_of(redis_server, key)["result"] == n + 1, key[:40]
+    dead = Keys("tasks").dead
+    wait_for(lambda: client.llen(dead) == len(hostile), timeout=15, what="dead letters")
+    for message in hostile:
+        info = dead_info(redis_server, "tasks", message)
+        reason = str(info["reason"])
+        refused = ("task message", "reply keys", "not a function")
+        assert info["attempts"] == 1 and any(r in reason for r in refused), (message, info)
+    assert client.lrange("sleep:started", 0, -1) == [], "no hostile task ran"
+    assert client.lrange("victim", 0, -1) == [b"waiting"] and client.pttl("victim") == -1
+    assert sorted(k for k in client.scan_iter("tasks:replies:*")) == [], "each read once"
+    assert internal_tracebacks(svc.output()) == []
