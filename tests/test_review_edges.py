@@ -6,6 +6,7 @@ not look. Each test says which promise it holds the service to.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
@@ -215,3 +216,29 @@ def test_hostile_task_fields_are_refused_at_once_and_odd_reply_keys_are_one_key(
     assert client.lrange("victim", 0, -1) == [b"waiting"] and client.pttl("victim") == -1
     assert sorted(k for k in client.scan_iter("tasks:replies:*")) == [], "each read once"
     assert internal_tracebacks(svc.output()) == []
+
+
+def test_a_hostile_cookie_costs_the_keeper_no_more_than_its_length(
+    web: Callable[..., Server],  # noqa: F811 - the fixture imported above
+) -> None:
+    """Any visitor may send a `Cookie` header, and the page reads it on every request that
+    asks who is calling (`/api/session` at least). The keeper serves the page in the
+    process that renews the leases, so seconds of CPU per request there are no longer only
+    the page's problem. The standard library's `SimpleCookie` takes time quadratic in
+    backslashes inside a quoted value on the Pythons before 3.11.10 and 3.12.6
+    (CVE-2024-7592): 60 KiB of them took 6 s here. The session cookie is read as what
+    it is: a name, `=`, and a value with no quotes."""
+    server = web(dashboard_token=TOKEN)
+    for hostile in ('rqworkers_session="' + "\\" * 60_000 + '"', 'a="' + "\\1" * 30_000 + '"'):
+        began = time.monotonic()
+        status, _, body = server.call("GET", "/api/session", Cookie=hostile)
+        took = time.monotonic() - began
+        assert status == 200 and json.loads(body)["authenticated"] is False
+        assert took < 0.5, f"{took:.2f}s for a {len(hostile)}-byte cookie"
+    # The real cookie still works, among others, in any order and spacing.
+    status, headers, _ = server.call("POST", "/login", urlencode({"token": TOKEN}).encode())
+    session = headers["Set-Cookie"].split(";")[0]
+    for cookie in (session, f"theme=dark; {session}", f'a=1;{session} ; b="x"'):
+        assert server.json("/api/session", Cookie=cookie)["authenticated"] is True, cookie
+    forged = session[:-1] + ("0" if session[-1] != "0" else "1")
+    assert server.json("/api/session", Cookie=forged)["authenticated"] is False
