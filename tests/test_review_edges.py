@@ -5,7 +5,9 @@ not look. Each test says which promise it holds the service to.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from rqworkers import Producer
 from rqworkers.client.tasks import ReplyKeys
+from rqworkers.common.globs import Glob
 from rqworkers.config import load
 from rqworkers.errors import ConfigError
 from rqworkers.ops.web.auth import COOKIE
@@ -242,3 +245,48 @@ def test_a_hostile_cookie_costs_the_keeper_no_more_than_its_length(
         assert server.json("/api/session", Cookie=cookie)["authenticated"] is True, cookie
     forged = session[:-1] + ("0" if session[-1] != "0" else "1")
     assert server.json("/api/session", Cookie=forged)["authenticated"] is False
+
+
+# --- a huge reply_to against the operator's globs -----------------------------------------
+
+
+def _reference(glob: Glob) -> re.Pattern[bytes]:
+    """The glob as a plain backtracking regex: right, but slow on some keys."""
+    parts = [b".*" if s is None else b"[" + b"".join(b"\\x%02x" % c for c in sorted(s)) + b"]"
+             if s else b"(?!)" for s in glob.steps]  # fmt: skip
+    return re.compile(b"".join(parts), re.DOTALL)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["results:*:*:done", "r*s*t", "a*b*c*d", "*", "a?*[bc]*\\*", "[^a]*a*[]"]
+)
+def test_a_glob_matches_in_time_linear_in_the_key_and_as_before(pattern: str) -> None:
+    """A worker matches every `reply_to` against the pair's `reply_keys` before it runs
+    anything, in C code that holds the GIL, where no timeout reaches. A regex of `.*`s
+    backtracks: `results:*:*:done` took 2.9 s on a 30 KB key and grows with its square,
+    so a producer's 1 MB `reply_to` held a worker for most of an hour. Each `*` but the
+    last now takes the first place its segment fits, and never tries another."""
+    glob = Glob.parse(pattern)
+    keys = ["".join(p) for n in range(6) for p in itertools.product("abcdr*:", repeat=n)]
+    keys = [k for k in keys if len(k) < 5] + ["results:a:b:done", "results:::done", "rst"]
+    for key in keys:
+        assert glob.matches(key) == bool(_reference(glob).fullmatch(key.encode())), key
+    for hostile in ("results:" + ":" * 1_000_000, "r" + "s" * 1_000_000, "a" + "b" * 10**6):
+        began = time.monotonic()
+        glob.matches(hostile)
+        assert time.monotonic() - began < 0.5, (pattern, hostile[:12])
+
+
+@pytest.mark.service
+def test_a_huge_reply_to_cannot_hold_a_worker(
+    service: Callable[..., Service], redis_server: RedisServer
+) -> None:
+    svc = service([task_pair(reply_keys=["results:*:*:done"])])
+    hostile = json.dumps({"task": "taskapp:add", "args": [1, 2],
+                          "reply_to": "results:" + ":" * 200_000}).encode()  # fmt: skip
+    after = json.dumps({"task": "taskapp:add", "args": [2, 2], "reply_to": "results:a:b:done"})
+    Producer(redis_server.url).push("tasks", hostile, after.encode())
+    assert reply_of(redis_server, "results:a:b:done", timeout=8)["result"] == 4
+    info = dead_info(redis_server, "tasks", hostile)
+    assert info["attempts"] == 1 and "reply keys" in str(info["reason"])
+    assert internal_tracebacks(svc.output()) == []
