@@ -267,6 +267,11 @@ def test_replies_carry_the_result_or_the_error() -> None:
     assert tasks.read_reply(tasks.success_reply("id1", {"a": [1]})) == ("id1", {"a": [1]}, None)
     with pytest.raises(TypeError, match="cannot be encoded as JSON"):
         tasks.success_reply("id1", {1, 2})
+    nested: list[object] = []
+    for _ in range(100_000):  # deeper than the encoder recurses: refused as the others are
+        nested = [nested]
+    with pytest.raises(TypeError, match="cannot be encoded as JSON: nested too deeply"):
+        tasks.success_reply("id1", nested)
     try:
         raise ValueError("bad value")
     except ValueError as exc:

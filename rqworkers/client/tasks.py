@@ -210,11 +210,14 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite)  # ma
 
 def _to_json(value: Any, what: str, **style: Any) -> bytes:
     """`value` as UTF-8 JSON that every parser reads; `TypeError` saying why not: a type
-    JSON lacks, a circular reference, NaN or an infinity, a lone surrogate."""
+    JSON lacks, a circular reference, NaN or an infinity, a lone surrogate, nesting deeper
+    than the encoder's recursion goes."""
     try:
         return json.dumps(value, allow_nan=False, **style).encode()
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise TypeError(f"{what} cannot be encoded as JSON: {exc}") from None
+    except RecursionError:
+        raise TypeError(f"{what} cannot be encoded as JSON: nested too deeply") from None
 
 
 @dataclass(frozen=True)
