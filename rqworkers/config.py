@@ -358,11 +358,17 @@ def _resolve_owned(path: str, where: str) -> str:
 def metrics_endpoint(address: str) -> tuple[str, int]:
     """`("127.0.0.1", 9108)` from `"127.0.0.1:9108"`; an empty host is 127.0.0.1.
 
-    Raises ValueError naming what is wrong: no port, or one outside 1..65535.
+    Raises ValueError naming what is wrong: no port, one outside 1..65535, or an IPv6
+    address (the keeper's server listens on IPv4).
     """
     host, colon, port = address.rpartition(":")
     if not colon or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(f"{address!r} is not host:port with a port from 1 to 65535")
+    if ":" in host or host.startswith("["):
+        raise ValueError(
+            f"{address!r}: the page and /metrics listen on IPv4 only; give an IPv4 address "
+            "or a host name, such as 127.0.0.1:9108 or 0.0.0.0:9108"
+        )
     return host or "127.0.0.1", int(port)
 
 

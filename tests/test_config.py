@@ -512,6 +512,8 @@ def test_bad_worker_values(tmp_path: Path, line: str, field: str, problem: str) 
         ('metrics_address = "127.0.0.1"', "manager.metrics_address", "not host:port"),
         ('metrics_address = "127.0.0.1:http"', "manager.metrics_address", "not host:port"),
         ('metrics_address = ":-1"', "manager.metrics_address", "not host:port"),
+        ('metrics_address = "[::1]:9108"', "manager.metrics_address", "IPv4 only"),
+        ('metrics_address = "::1:9108"', "manager.metrics_address", "IPv4 only"),
         ("metrics_address = 9108", "manager.metrics_address", "expected a string, not 9108"),
         ('pid_file = ""', "manager.pid_file", "at least 1 character"),
     ],
