@@ -1,0 +1,53 @@
+"""A hostile review of issue 20, time and order: delayed messages, schedules, deduplication
+and priorities, attacked with the values and moments a careless producer or an unlucky
+operator would bring, against real Redis and the real service."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any
+
+import pytest
+
+from rqworkers.client.producer import Producer, due_time
+from rqworkers.store.delayed import RetrySet
+from rqworkers.store.queue import ReliableQueue
+from tests.support import RedisServer
+
+QUEUE = "later"
+UTC = datetime.UTC
+
+
+# -- delayed messages: a due time before 1970 ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "at",
+    [-1.0, -315619200.0, datetime.datetime(1960, 1, 1, tzinfo=UTC)],
+    ids=["epoch-minus-one", "1960-seconds", "1960-datetime"],
+)
+def test_an_at_before_1970_is_due_at_once_at_level_0(redis_server: RedisServer, at: Any) -> None:
+    """An `at` in the past is due at once, the docs say, and a plain push is level 0. A
+    negative epoch landed below 0, in the priority bands: -1 read as a level-1 message
+    waiting (taken ahead of real level-1 ones), and 1960 as a level-1 retry due in the
+    year 2283: never taken."""
+    producer = Producer(redis_server.url)
+    producer.push(QUEUE, b"urgent", priority=1)
+    producer.push(QUEUE, b"old", at=at)
+    listed = RetrySet(redis_server.client(), QUEUE).page()
+    old = [s for s in listed if s.delivery.payload == b"old"]
+    assert len(old) == 1 and old[0].due is not None and old[0].due <= time.time()
+    queue = ReliableQueue(redis_server.client(), QUEUE, "n:1")
+    taken = [d.payload for d in queue.take([], 10).deliveries]
+    assert taken == [b"urgent", b"old"], "level 1 first, then the past one, at level 0"
+
+
+def test_an_enormous_integer_at_is_refused_or_due_at_once_never_an_overflow() -> None:
+    """An int too big for a float raised OverflowError from `math.isnan`: a traceback
+    where the docs promise a one-line `ValueError`."""
+    with pytest.raises(ValueError, match="at must be"):
+        due_time(None, 10**400)
+    assert due_time(None, -(10**400)) == 0.0, "in the past: due at once"
+    with pytest.raises(ValueError, match="delay must be"):
+        due_time(10**400, None)
