@@ -51,3 +51,25 @@ def test_an_enormous_integer_at_is_refused_or_due_at_once_never_an_overflow() ->
     assert due_time(None, -(10**400)) == 0.0, "in the past: due at once"
     with pytest.raises(ValueError, match="delay must be"):
         due_time(10**400, None)
+
+
+# -- deduplication: the key of a message an operator deleted -------------------------------
+
+
+@pytest.mark.parametrize("priority", [0, 4])
+def test_deleting_a_scheduled_message_frees_its_dedup_key(
+    redis_server: RedisServer, priority: int
+) -> None:
+    """A push with a key is dropped while its message "waits, is scheduled or runs". Once
+    `rqworkers scheduled delete` removed it, it is none of those, yet the key stayed held
+    for its day and its delay: every push with it was dropped meanwhile."""
+    producer = Producer(redis_server.url)
+    assert producer.push(QUEUE, b"v1", delay=3600, dedup_key="k", priority=priority) == 1
+    assert producer.push(QUEUE, b"v2", delay=3600, dedup_key="k", priority=priority) == 0
+    retry_set = RetrySet(redis_server.client(), QUEUE)
+    [item] = retry_set.page()
+    assert retry_set.delete([item.member]) == 1
+    assert producer.push(QUEUE, b"v3", delay=3600, dedup_key="k", priority=priority) == 1
+    assert [s.delivery.payload for s in retry_set.page()] == [b"v3"]
+    assert retry_set.delete([item.member]) == 0, "gone already: nothing more to free"
+    assert producer.push(QUEUE, b"v4", delay=3600, dedup_key="k") == 0, "v3 holds the key"
