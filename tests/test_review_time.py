@@ -13,7 +13,7 @@ import pytest
 from rqworkers.client.producer import Producer, due_time
 from rqworkers.store.delayed import RetrySet
 from rqworkers.store.queue import ReliableQueue
-from tests.support import RedisServer
+from tests.support import RedisServer, wait_for
 
 QUEUE = "later"
 UTC = datetime.UTC
@@ -73,3 +73,44 @@ def test_deleting_a_scheduled_message_frees_its_dedup_key(
     assert [s.delivery.payload for s in retry_set.page()] == [b"v3"]
     assert retry_set.delete([item.member]) == 0, "gone already: nothing more to free"
     assert producer.push(QUEUE, b"v4", delay=3600, dedup_key="k") == 0, "v3 holds the key"
+
+
+# -- delayed messages due together, and as many free workers --------------------------------
+
+
+def started_at(server: RedisServer, count: int, timeout: float) -> list[float]:
+    """When each of the first `count` messages reached a handler (`testapp:handle` records
+    `started`), as seen by polling every 10 ms: each within 10 ms late at most."""
+    client, seen = server.client(), list[float]()
+
+    def more() -> bool:
+        while len(seen) < min(count, int(client.llen("started"))):
+            seen.append(time.time())
+        return len(seen) >= count
+
+    wait_for(more, timeout=timeout, what=f"{count} handlers started", interval=0.01)
+    return seen
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("pushes", ["one push", "two pushes", "due 0.1 s apart"])
+def test_messages_due_together_start_on_every_free_worker_on_time(
+    redis_server: RedisServer, service: Any, pushes: str
+) -> None:
+    """The issue: "When a worker is free, it is handled within about 100 ms after it is
+    due." Two messages due at about one time, two idle workers: the push nudged one worker
+    only, which took one message when due and ran it for 3 s, while the other slept on in
+    its block (up to 30 s: its fetch, then its quiet time): the second message waited."""
+    service([{"queue": QUEUE, "handler": "testapp:handle", "processes": 2}])
+    client = redis_server.client()
+    wait_for(lambda: client.info("clients")["blocked_clients"] >= 2, timeout=15, what="idle")
+    producer, due = Producer(redis_server.url), time.time() + 1.0
+    dues = [due, due + 0.1 if pushes == "due 0.1 s apart" else due]
+    if pushes == "one push":
+        producer.push(QUEUE, b"sleep:3:a", b"sleep:3:b", at=due)
+    else:
+        producer.push(QUEUE, b"sleep:3:a", at=dues[0])
+        producer.push(QUEUE, b"sleep:3:b", at=dues[1])
+    late = [at - due for at, due in zip(started_at(redis_server, 2, timeout=40), dues, strict=True)]
+    assert late[0] >= 0, "never early"
+    assert late[1] < 0.5, f"the second started {late[1]:.2f}s late with a worker free"

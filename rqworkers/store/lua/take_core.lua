@@ -10,7 +10,7 @@
 --     this call may take
 --   owns_list(), remove_acks(), without_nudges(elements), add_to_batch(attempts, payload),
 --   take_shared(),
---   move(landed_message, due, oldest_last), finish(first, took_due) -> the reply
+--   move(landed_message, due, oldest_last), hand_on(due), finish(first, took_due) -> the reply
 -- luacheck: ignore 211
 
 -- The reply, and the new envelopes with their attempts, built up by the functions below.
@@ -155,6 +155,24 @@ local function move(landed_message, due, oldest_last)
     redis.call('ZREM', retry, unpack(due, i, math.min(i + 999, #due)))
   end
   if #oldest_last > 0 then redis.call('LTRIM', queue, 0, -#oldest_last - 1) end
+end
+
+-- After a take of `due` members of the retry set, what is left there may be due before any
+-- idle worker wakes: each blocks until the due time it last learned, and a push due later
+-- than the set's first nudged nobody. This worker is busy now, so it hands the watch on: a
+-- nudge (onto an empty shared list only, see push_nudge) wakes one blocked worker, which
+-- takes what is due or learns when the next is. Only with the queue's nudge token set (a
+-- delayed, prioritised or reclaimed message set it), and not for messages that waited at a
+-- priority level (ids `q...`): their push woke a worker for each (wake_for, lua/levels.lua).
+local function hand_on(due)
+  local waiting_head = PREFIX .. 'q'
+  for _, member in ipairs(due) do
+    if string.sub(member, 1, #waiting_head) ~= waiting_head then
+      local token = redis.call('GET', nudge)
+      if token and redis.call('EXISTS', retry) == 1 then push_nudge(queue, nudge, token) end
+      return
+    end
+  end
 end
 
 -- The reply's attempts and when the next retry is due: if this call did not fill up, read

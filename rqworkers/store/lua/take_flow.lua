@@ -329,4 +329,5 @@ else
   move(landed_message, due, take_shared())
 end
 count_taken(had)
+hand_on(due)
 return finish(first, #due > 0)
