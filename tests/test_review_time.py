@@ -114,3 +114,21 @@ def test_messages_due_together_start_on_every_free_worker_on_time(
     late = [at - due for at, due in zip(started_at(redis_server, 2, timeout=40), dues, strict=True)]
     assert late[0] >= 0, "never early"
     assert late[1] < 0.5, f"the second started {late[1]:.2f}s late with a worker free"
+
+
+# -- delayed payloads a hostile producer sends ---------------------------------------------
+
+
+def test_empty_and_look_alike_delayed_twins_stay_separate_messages_as_pushed(
+    redis_server: RedisServer,
+) -> None:
+    """Empty payloads, and payloads that look like our envelopes, nudges and wrappers,
+    delayed 0 s: each arrives once, as pushed, twins as twins."""
+    odd = [b"", b"", b"rqw1:x.1:0:y", b"rqw1:x.1:0:y", b"rqw1:nudge:", b"a:b:c:d", b"rqw1:prio:"]
+    producer = Producer(redis_server.url)
+    assert producer.push(QUEUE, *odd, delay=0) == len(odd)
+    queue = ReliableQueue(redis_server.client(), QUEUE, "n:1")
+    taken = queue.take([], 100)
+    assert [d.payload for d in taken.deliveries] == odd
+    assert len({d.id for d in taken.deliveries}) == len(odd)
+    assert queue.take([d.element for d in taken.deliveries], 100).deliveries == []
