@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 
 from rqworkers.client.producer import Producer, due_time
+from rqworkers.config import ScheduleSettings
+from rqworkers.ops.schedules import Scheduler
 from rqworkers.store.delayed import RetrySet
+from rqworkers.store.keys import Keys
 from rqworkers.store.queue import ReliableQueue
 from tests.support import RedisServer, wait_for
 
@@ -132,3 +135,29 @@ def test_empty_and_look_alike_delayed_twins_stay_separate_messages_as_pushed(
     assert [d.payload for d in taken.deliveries] == odd
     assert len({d.id for d in taken.deliveries}) == len(odd)
     assert queue.take([d.element for d in taken.deliveries], 100).deliveries == []
+
+
+# -- schedules: a manager whose clock runs ahead -------------------------------------------
+
+
+def test_a_manager_whose_clock_runs_ahead_neither_fires_early_nor_silences_the_schedule(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each fire time is claimed by moving the schedule's watermark. A manager whose clock
+    ran an hour ahead (a node booted before NTP set it) claimed the next hour's fire times
+    at once, pushing them early, and left the watermark an hour ahead: every manager with
+    a right clock then found nothing due, and the schedule fell silent for that hour."""
+    fields = {"name": "tick", "host": "local", "queue": QUEUE, "payload": "t", "every": 1.0}
+    plan = ScheduleSettings.model_validate({**fields, "catch_up": "all"})
+    plan = plan.model_copy(update={"url": redis_server.url})
+    scheduler = Scheduler((plan,), 5.0)
+    client, start = redis_server.client(), time.time()
+    scheduler.tick(start)  # the first sight: fires count from here
+    scheduler.tick(start + 3600)  # the clock an hour ahead
+    assert client.llen(QUEUE) == 0, "no fire pushed an hour early"
+    watermark = float(client.hget(Keys(QUEUE).schedules, "tick") or 0)
+    assert start <= watermark < start + 1, "the watermark stays where the right clocks are"
+    assert "clock runs more than 5s ahead of Redis's" in caplog.text
+    scheduler = Scheduler((plan,), 5.0)
+    scheduler.tick(start + 2.5)  # the clock right again
+    assert client.llen(QUEUE) == 2, "the fires of the next seconds, on time"
