@@ -2,7 +2,7 @@
 -- scripts.py): the reply being built, the owner check, the acks, adding to the batch,
 -- the shared list's oldest, the move into the private list, and the reply's last fields.
 -- It reads the KEYS and ARGV both scripts name alike (queue, processing, landing, retry,
--- owner, nudge; limit, idbase, trim, segments, acks...).
+-- registry, owner, nudge; limit, idbase, trim, segments, acks...).
 --
 -- Defines:
 --   taken, fresh, attempts_of, tried, room: the reply, the new envelopes (or, for a
@@ -162,14 +162,18 @@ end
 -- than the set's first nudged nobody. This worker is busy now, so it hands the watch on: a
 -- nudge (onto an empty shared list only, see push_nudge) wakes one blocked worker, which
 -- takes what is due or learns when the next is. Only with the queue's nudge token set (a
--- delayed, prioritised or reclaimed message set it), and not for messages that waited at a
--- priority level (ids `q...`): their push woke a worker for each (wake_for, lua/levels.lua).
+-- delayed, prioritised or reclaimed message set it) and another worker registered (a nudge
+-- nobody takes counts as a waiting message until a take drops it), and not for messages
+-- that waited at a priority level (ids `q...`): their push woke a worker for each
+-- (wake_for, lua/levels.lua).
 local function hand_on(due)
   local waiting_head = PREFIX .. 'q'
   for _, member in ipairs(due) do
     if string.sub(member, 1, #waiting_head) ~= waiting_head then
       local token = redis.call('GET', nudge)
-      if token and redis.call('EXISTS', retry) == 1 then push_nudge(queue, nudge, token) end
+      if token and redis.call('EXISTS', retry) == 1 and redis.call('SCARD', registry) > 1 then
+        push_nudge(queue, nudge, token)
+      end
       return
     end
   end
