@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from rqworkers.ops.schedules import Scheduler
 from rqworkers.store.delayed import RetrySet
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import ReliableQueue
-from tests.support import RedisServer, wait_for
+from tests.support import RedisServer, run_cli, task_pair, wait_for, write_config
 
 QUEUE = "later"
 UTC = datetime.UTC
@@ -161,3 +162,50 @@ def test_a_manager_whose_clock_runs_ahead_neither_fires_early_nor_silences_the_s
     scheduler = Scheduler((plan,), 5.0)
     scheduler.tick(start + 2.5)  # the clock right again
     assert client.llen(QUEUE) == 2, "the fires of the next seconds, on time"
+
+
+# -- the command line: a dedup key it cannot use -------------------------------------------
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("key", ["", "k" * 1025], ids=["empty", "over-1024-bytes"])
+@pytest.mark.parametrize(
+    "command",
+    [["push", QUEUE, "hello"], ["submit", "tasks", "taskapp:add"]],
+    ids=["push", "submit"],
+)
+def test_a_bad_dedup_key_on_the_command_line_is_one_line_and_exit_2(
+    tmp_path: Path, redis_server: RedisServer, key: str, command: list[str]
+) -> None:
+    """`--dedup-key=` (empty) or a key over 1024 bytes ended `push` and `submit` with a
+    Python traceback and exit 1, where every other bad option says what is wrong in one
+    line, with exit 2."""
+    workers = [{"queue": QUEUE, "handler": "testapp:handle"}, task_pair()]
+    path = str(write_config(tmp_path / "c.toml", redis_server.url, workers))
+    name, queue, what = command
+    done = run_cli("-c", path, name, "--queue", queue, f"--dedup-key={key}", what)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "--dedup-key: dedup_key must be" in done.stderr
+    assert redis_server.client().llen(queue) == 0
+
+
+@pytest.mark.service
+def test_submit_dedup_key_on_the_command_line_drops_the_second(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The issue asks for `--dedup-key` on the command line for `submit` too, and `submit`
+    accepted `--dedup-key` and `--dedup-ttl`, then ignored them: each submit was enqueued,
+    so an operator's guard against a double submit guarded nothing."""
+    path = str(write_config(tmp_path / "c.toml", redis_server.url, [task_pair()]))
+    submit = ("-c", path, "submit", "--queue", "tasks", "--dedup-key", "k", "taskapp:add")
+    first = run_cli(*submit, "--args", "[1, 2]")
+    assert first.returncode == 0 and len(first.stdout.strip()) == 32, first.stdout  # its id
+    again = run_cli(*submit, "--args", "[1, 2]")
+    assert again.returncode == 0, again.stderr
+    assert "dropped: a message with dedup key k is pending on tasks" in again.stdout
+    assert redis_server.client().llen("tasks") == 1
+    throttled = run_cli(*submit[:-2], "t", "--dedup-ttl", "60", "taskapp:add")
+    assert throttled.returncode == 0 and len(throttled.stdout.strip()) == 32
+    assert "dropped" in run_cli(*submit[:-2], "t", "--dedup-ttl", "60", "taskapp:add").stdout
+    assert redis_server.client().llen("tasks") == 2
