@@ -5,9 +5,12 @@ operator would bring, against real Redis and the real service."""
 from __future__ import annotations
 
 import datetime
+import itertools
+import json
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -209,3 +212,46 @@ def test_submit_dedup_key_on_the_command_line_drops_the_second(
     assert throttled.returncode == 0 and len(throttled.stdout.strip()) == 32
     assert "dropped" in run_cli(*submit[:-2], "t", "--dedup-ttl", "60", "taskapp:add").stdout
     assert redis_server.client().llen("tasks") == 2
+
+
+# -- schedules: a manager frozen mid-way -----------------------------------------------------
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_a_manager_frozen_mid_way_and_thawed_enqueues_no_fire_twice(
+    redis_server: RedisServer, service: Any
+) -> None:
+    """Two managers fire a schedule every 0.5 s; one is frozen (SIGSTOP, as a paused VM)
+    for 3 s, likely between reading the watermark and claiming, then thawed: what it had
+    planned is stale, and the claim must find the watermark moved. Every fire time once,
+    none skipped."""
+    every = 0.5
+    ticks = {"name": "ticks", "host": "local", "queue": "ticks", "every": every,
+             "task": "taskapp:add", "args": [1, 2], "catch_up": "all"}  # fmt: skip
+    managers = [
+        service(
+            [{"queue": "idle", "handler": "testapp:handle"}],
+            manager={"node": node, "check_interval": 0.2},
+            schedules=[ticks],
+        )
+        for node in ("a", "b")
+    ]
+    client = redis_server.client()
+
+    def count() -> int:
+        return int(client.llen("ticks"))
+
+    wait_for(lambda: count() >= 4, timeout=30, what="4 fires")
+    managers[0].signal_session(signal.SIGSTOP)
+    frozen_at = count()
+    wait_for(lambda: count() >= frozen_at + 6, timeout=30, what="6 fires while one is frozen")
+    managers[0].signal_session(signal.SIGCONT)
+    thawed_at = count()
+    wait_for(lambda: count() >= thawed_at + 6, timeout=30, what="6 fires after the thaw")
+    for manager in managers:
+        manager.signal_session(signal.SIGKILL)
+    messages = cast(list[bytes], client.lrange("ticks", 0, -1))
+    found = sorted(float(json.loads(m)["id"].split("@")[1]) for m in messages)
+    assert len(set(found)) == len(found), "no fire time enqueued twice"
+    assert {round(b - a, 6) for a, b in itertools.pairwise(found)} == {every}, "none skipped"
