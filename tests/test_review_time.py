@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 
+from rqworkers import config
 from rqworkers.client.producer import Producer, due_time
 from rqworkers.config import ScheduleSettings
 from rqworkers.ops.schedules import Scheduler
@@ -255,3 +256,27 @@ def test_a_manager_frozen_mid_way_and_thawed_enqueues_no_fire_twice(
     found = sorted(float(json.loads(m)["id"].split("@")[1]) for m in messages)
     assert len(set(found)) == len(found), "no fire time enqueued twice"
     assert {round(b - a, 6) for a, b in itertools.pairwise(found)} == {every}, "none skipped"
+
+
+# -- schedules: a time zone that names a folder, or a name too long for a file -------------
+
+
+@pytest.mark.parametrize(
+    "zone", ["Europe", "America", "x" * 300], ids=["Europe", "America", "long"]
+)
+def test_a_time_zone_that_is_a_folder_or_too_long_is_named_by_file_and_field(
+    tmp_path: Path, zone: str
+) -> None:
+    """`timezone = "Europe"` (a region, not a zone: an easy slip) made `zoneinfo` open a
+    folder, and a name of 300 letters a file name too long: OSError, a traceback from
+    `check` and `run`, where every other bad zone is a one-line ConfigError."""
+    entry = {"name": "s", "host": "local", "queue": "q", "payload": "x", "cron": "0 3 * * *",
+             "timezone": zone}  # fmt: skip
+    path = write_config(tmp_path / "c.toml", "redis://127.0.0.1:1/0",
+                        [{"queue": "w", "handler": "a:b"}], schedules=[entry])  # fmt: skip
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert str(path) in str(caught.value)
+    assert "schedules[0].timezone: " in str(caught.value) and "is not an IANA time zone" in str(
+        caught.value
+    )
