@@ -280,3 +280,37 @@ def test_a_time_zone_that_is_a_folder_or_too_long_is_named_by_file_and_field(
     assert "schedules[0].timezone: " in str(caught.value) and "is not an IANA time zone" in str(
         caught.value
     )
+
+
+# -- priorities: level0_every and level 0's retry set ---------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="level0_every serves the shared list only: a level-0 delayed message or retry, "
+    "due, starves under a steady level-9 stream however level0_every is set",
+)
+@pytest.mark.parametrize("kind", ["delayed", "retry"])
+def test_level0_every_serves_level_0s_due_retries_and_delayed_messages_too(
+    redis_server: RedisServer, kind: str
+) -> None:
+    """Docs: with `level0_every = 10`, "level 0 gets at least one message in ten of each
+    worker while it has any", and level 0 is "its due retries, then the oldest of the
+    shared list". A level-0 message due in the retry set (delayed, or a failed one waiting
+    for its retry) is never served by the level-0 turn, which looks at the shared list."""
+    producer = Producer(redis_server.url)
+    queue = ReliableQueue(redis_server.client(), QUEUE, "n:1", level0_every=4)
+    if kind == "delayed":
+        producer.push(QUEUE, b"plain", delay=0)
+    else:
+        producer.push(QUEUE, b"plain")
+        [failed] = queue.take([], 1).deliveries
+        assert queue.retry_later(failed, 0.0)
+    acks: list[bytes] = []
+    taken_plain = 0
+    for n in range(20):
+        producer.push(QUEUE, b"high-%d" % n, priority=9)  # one more before each take
+        taken = queue.take(acks, 1)
+        taken_plain += sum(d.payload == b"plain" for d in taken.deliveries)
+        acks = [d.element for d in taken.deliveries]
+    assert taken_plain == 1, "level 0's message within 20 takes at level0_every = 4"
