@@ -8,7 +8,8 @@
 --   taken, fresh, attempts_of, tried, room: the reply, the new envelopes (or, for a
 --     segment, payloads) and their attempts, whether any has attempts, and how many more
 --     this call may take
---   owns_list(), remove_acks(), without_nudges(elements), add_to_batch(attempts, payload),
+--   owns_list(), remove_acks(), without_nudges(elements), due_members(first),
+--   add_to_batch(attempts, payload),
 --   take_shared(),
 --   move(landed_message, due, oldest_last), hand_on(due), finish(first, took_due) -> the reply
 -- luacheck: ignore 211
@@ -101,6 +102,21 @@ local function without_nudges(elements)
     if element ~= token then kept[#kept + 1] = element end
   end
   return kept
+end
+
+-- The due members of the retry set, as many as there is room for: highest level first,
+-- in their bands (lua/levels.lua), then level 0's, soonest first. `first` is the set's
+-- first member and its score, if it has one. A `now` below 0 is level 0's turn (a
+-- worker's `level0_every`, see queue.py): level 0's members due by -now only, the bands
+-- left waiting, so that a level-0 retry or delayed message is served in it too.
+local function due_members(first)
+  if room <= 0 or not first[2] then return {} end
+  if string.sub(now, 1, 1) == '-' then  -- its digits as sent: Lua would keep 14 of them
+    return redis.call('ZRANGEBYSCORE', retry, 0, string.sub(now, 2), 'LIMIT', 0, room)
+  end
+  if tonumber(first[2]) > tonumber(now) then return {} end
+  return tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
+    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
 end
 
 -- Adds one message to what this call takes.
