@@ -25,7 +25,7 @@ from rqworkers.errors import ConfigError, ExitCode, RqworkersError
 from rqworkers.manager import pidfile
 from rqworkers.manager.supervisor import Manager
 from rqworkers.ops import checks, dead, scheduled, schedules, status
-from rqworkers.store import flow, levels
+from rqworkers.store import dedup, flow, levels
 from rqworkers.store.outage import REDIS_ERRORS, explain
 
 log = logging.getLogger("rqworkers")
@@ -176,6 +176,10 @@ def _dedup(args: argparse.Namespace) -> dict[str, Any]:
         if args.dedup_ttl is not None:
             raise UsageError("--dedup-ttl goes with --dedup-key")
         return {}
+    try:
+        dedup.check_key(args.dedup_key)
+    except ValueError as exc:
+        raise UsageError(f"--dedup-key: {exc}") from None
     ttl = None if args.dedup_ttl is None else _seconds(args.dedup_ttl, "--dedup-ttl")
     return {"dedup_key": args.dedup_key, "dedup_ttl": ttl}
 
@@ -493,12 +497,18 @@ def _push_once(
         raise UsageError("--dedup-key pushes exactly one PAYLOAD, given as an argument")
     with Producer(pair.url) as producer:
         sent = producer.push(pair.queue, os.fsencode(args.payloads[0]), at=due, **once)
-    key = printable(args.dedup_key)
     if sent:
-        print(f"pushed to {pair.queue} (dedup key {key})")
+        print(f"pushed to {pair.queue} (dedup key {printable(args.dedup_key)})")
     else:
-        print(f"dropped: a message with dedup key {key} is pending on {pair.queue}")
+        print(_dropped(args, pair))
     return ExitCode.OK
+
+
+def _dropped(args: argparse.Namespace, pair: config.PairSettings) -> str:
+    """What `push` and `submit` say of a message their `--dedup-key` dropped."""
+    return (
+        f"dropped: a message with dedup key {printable(args.dedup_key)} is pending on {pair.queue}"
+    )
 
 
 def _iso(epoch: float) -> str:
@@ -517,6 +527,7 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
         raise UsageError(f"TASK: {exc}") from None
     timeout = None if args.timeout is None else _seconds(args.timeout, "--timeout")
     due = _due(args)
+    once = _dedup(args)
     level = _priority(args)
     wait = _seconds(args.wait, "--wait") if args.wait else None  # `--wait` alone: no limit
     with Producer(pair.url) as producer:
@@ -530,7 +541,11 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
             reply_to=reply_to,
             at=due,
             priority=level,
+            **once,
         )
+        if once and not task_id:  # nothing sent: no reply to wait for
+            print(_dropped(args, pair))
+            return ExitCode.OK
         if reply_to is None:
             print(task_id)
             return ExitCode.OK

@@ -545,7 +545,8 @@ class ScheduleSettings(_Section):
     def _known_zone(cls, value: str) -> str:
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        # OSError: a region's folder ("Europe") or a name too long for a file, opened as one.
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(
                 f"{value!r} is not an IANA time zone (such as Europe/Berlin)"
             ) from None

@@ -54,7 +54,7 @@ def due_time(delay: Delay | None, at: When | None, now: float | None = None) -> 
     neither (send it at once). `ValueError`, in one line, for both at once, a delay that is
     not a number of seconds from 0 to ten years (NaN, infinite, negative), or an `at` that
     is a naive `datetime` (whose zone would be a guess) or more than ten years ahead. An
-    `at` in the past is due at once."""
+    `at` in the past is due at once (one before 1970 as if at 1970)."""
     now = time.time() if now is None else now
     if delay is not None and at is not None:
         raise ValueError("give delay or at, not both")
@@ -71,13 +71,17 @@ def due_time(delay: Delay | None, at: When | None, now: float | None = None) -> 
         if at.utcoffset() is None:
             raise ValueError(f"at: {at} is a naive datetime; give it a time zone (tzinfo=UTC)")
         at = at.timestamp()
-    if not _number(at) or not math.isfinite(at) or at > now + MAX_DELAY:
+    # Compared before any float(): an int too big for a float is refused, not an overflow.
+    if not _number(at) or not -math.inf < at <= now + MAX_DELAY:
         raise ValueError(f"at must be a datetime or epoch seconds within ten years, not {at!r}")
-    return float(at)
+    # Before 1970 is as past as any: 0, for a score below 0 is a priority band's (`levels`).
+    return float(max(at, 0))
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    if isinstance(value, float):
+        return not math.isnan(value)
+    return isinstance(value, int) and not isinstance(value, bool)  # any size: no float()
 
 
 class TaskOptions(TypedDict, total=False):

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 MISSED_AFTER = 5.0  # seconds late after which a fire counts as missed (see catch_up)
 CHECK_EVERY = 1.0  # seconds between reads of a watermark that another manager may move
+CLOCK_AHEAD = 5.0  # seconds a manager's clock may run ahead of Redis's and still claim fires
+
+
+class ClockAheadError(RuntimeError):
+    """This manager's clock runs ahead of Redis's: it claims no fire time (see lua/fire.lua)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,8 @@ class Scheduler:
                     outage = isinstance(exc, REDIS_ERRORS) and is_outage(exc)
                     self.next_check[schedule.name] = now + (1.0 if outage else 30.0)
                     cause = explain(exc) if isinstance(exc, REDIS_ERRORS) else repr(exc)
+                    if isinstance(exc, ClockAheadError):  # says it all, and the same each time
+                        cause = str(exc)
                     if self.failing.get(schedule.name) != cause:
                         self.failing[schedule.name] = cause
                         log.error("schedule %s: cannot fire: %s", schedule.name, cause)
@@ -155,16 +162,14 @@ class Scheduler:
         client = self.clients[schedule.url]
         raw = cast(bytes | None, client.hget(Keys(schedule.queue).schedules, schedule.name))
         if raw is None:
-            self._fire[schedule.name](name=schedule.name, last="", upto=repr(now), payloads=())
+            self._claim(schedule, "", now, [])
             return now  # read back whichever start won
         last = float(raw)
         todo = plan(schedule, last, now)
         if todo.upto is None:
             return min(next_fire(schedule, last), now + CHECK_EVERY)
         payloads = [message(schedule, at) for at in todo.fires]
-        claimed = self._fire[schedule.name](
-            name=schedule.name, last=raw.decode(), upto=repr(todo.upto), payloads=payloads
-        )
+        claimed = self._claim(schedule, raw.decode(), todo.upto, payloads)
         if claimed:
             skipped = len(fire_times(schedule, last, now)) - len(todo.fires)
             log.info(
@@ -175,6 +180,22 @@ class Scheduler:
                 f" ({skipped} missed, dropped: catch_up = {schedule.catch_up})" if skipped else "",
             )
         return now if not claimed else min(next_fire(schedule, todo.upto), now + CHECK_EVERY)
+
+    def _claim(
+        self, schedule: ScheduleSettings, last: str, upto: float, payloads: list[bytes]
+    ) -> bool:
+        """Move the watermark from `last` to `upto` and push `payloads`; whether this call
+        did. `ClockAheadError` if `upto` is ahead of Redis's clock: early fires, and a watermark
+        in the future that would silence the schedule for every manager with a right clock."""
+        claimed = self._fire[schedule.name](
+            name=schedule.name, last=last, upto=repr(upto), ahead=CLOCK_AHEAD, payloads=payloads
+        )
+        if claimed < 0:
+            raise ClockAheadError(
+                f"this manager's clock runs more than {CLOCK_AHEAD:g}s ahead of Redis's: "
+                "it fires nothing until they agree (NTP?)"
+            )
+        return bool(claimed)
 
     def close(self) -> None:
         for client in self.clients.values():

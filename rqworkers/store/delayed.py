@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from rqworkers.store import levels, scripts
+from rqworkers.store import dedup, levels, scripts
 from rqworkers.store.connections import Client
 from rqworkers.store.direct import script_caller
 from rqworkers.store.keys import Keys
@@ -146,5 +146,14 @@ class RetrySet:
         return self._run_now(now=repr(time.time()), token=token, members=members)
 
     def delete(self, members: Sequence[bytes]) -> int:
-        """Remove `members`; how many were still there (a worker may have taken some)."""
-        return int(self.client.zrem(self.keys.retry, *members)) if members else 0
+        """Remove `members`; how many were still there (a worker may have taken some). The
+        deduplication key a removed one held is freed, as its ack would: it is no longer
+        waiting, scheduled or running, so a push with its key must be enqueued."""
+        deleted = 0
+        for member in members:
+            if self.client.zrem(self.keys.retry, member):
+                deleted += 1
+                held = Delivery.parse(member).dedup
+                if held is not None:
+                    dedup.release(self.client, self.keys.queue_name, *held)
+        return deleted

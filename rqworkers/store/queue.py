@@ -353,8 +353,9 @@ class ReliableQueue:
     ) -> None:
         self.client = client
         self.limits = limits
-        # Every `level0_every`-th take serves level 0 (the shared list) first, so that a
-        # steady stream of prioritised messages cannot starve it; 0: strict priorities.
+        # Every `level0_every`-th take serves level 0 (its due retries, then the shared list)
+        # first, so that a steady stream of prioritised messages cannot starve it; 0: strict
+        # priorities.
         self.level0_every = level0_every
         self._takes = 0
         self.keys = Keys.of(queue, worker_id)
@@ -430,9 +431,9 @@ class ReliableQueue:
 
         One message at a time, with no limit, nothing to look for and nothing known to be
         due, is taken by the fast path (see fast.py); the rest by a script. With
-        `level0_every`, every so many takes (that take anything) serve level 0 first: the
-        shared list's oldest, before the retry set; what it leaves room for is taken as
-        usual by a second call."""
+        `level0_every`, every so many takes (that take anything) serve level 0 first: its
+        due retries and delayed messages, then the shared list's oldest, before the levels;
+        what it leaves room for is taken as usual by a second call."""
         if self.level0_every and limit > 0:
             self._takes += 1
             if self._takes % self.level0_every == 0:
@@ -450,9 +451,10 @@ class ReliableQueue:
         running: int,
         mine: dict[str, int] | None,
     ) -> Taken:
-        """`take`, the shared list first: a take that finds nothing of the retry set due
-        (`LEVEL0_FIRST` is before every score), then one for the room it left."""
-        first = self._take_once(acks, limit, landed, trim, running, mine, LEVEL0_FIRST)
+        """`take`, level 0 first: a take that counts only level 0's members of the retry
+        set as due (a `now` below 0: see lua/take_core.lua's due_members), its due retries
+        and delayed messages, then the shared list's oldest; then one for the room it left."""
+        first = self._take_once(acks, limit, landed, trim, running, mine, -time.time())
         if len(first.deliveries) >= limit or first.held is not None:
             return first
         if not first.deliveries:  # its ids went unused: the second's first delivery gets
@@ -494,7 +496,7 @@ class ReliableQueue:
         listed = acks[:1] if trim == 1 else acks
         ready = self._fast_found and limit == 1 and trim <= 1
         ready = ready and not (landed or look or self._segment)
-        if plain and ready and now != LEVEL0_FIRST and fast.ready(fast_acks):
+        if plain and ready and now >= 0 and fast.ready(fast_acks):
             got = fast.take(fast_acks, listed, self._ids % 2)
             if not got.to_script:
                 deliveries = self._fast_deliveries(base, got.payload)
@@ -844,7 +846,6 @@ class ReliableQueue:
 
 
 PAUSE_LOOKUP = 1.0  # seconds between two looks for a pause, on a queue without limits
-LEVEL0_FIRST = -1e300  # a take's `now` before every score: nothing of the retry set is due
 SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
 GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
 

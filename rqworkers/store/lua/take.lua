@@ -56,10 +56,7 @@ end
 -- The due members of the retry set, as many as there is room for, taken. `first` is the
 -- set's first member and its score, if it has one.
 local function take_due(first)
-  if room <= 0 or not first[2] or tonumber(first[2]) > tonumber(now) then return {} end
-  -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
-  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
-    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  local due = due_members(first)
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)
     if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
@@ -87,4 +84,5 @@ local landed_message = take_landed()
 local first = redis.call('ZRANGE', retry, 0, 0, 'WITHSCORES')
 local due = take_due(first)
 move(landed_message, due, take_shared())
+hand_on(due)
 return finish(first, #due > 0)

@@ -2,15 +2,16 @@
 -- scripts.py): the reply being built, the owner check, the acks, adding to the batch,
 -- the shared list's oldest, the move into the private list, and the reply's last fields.
 -- It reads the KEYS and ARGV both scripts name alike (queue, processing, landing, retry,
--- owner, nudge; limit, idbase, trim, segments, acks...).
+-- registry, owner, nudge; limit, idbase, trim, segments, acks...).
 --
 -- Defines:
 --   taken, fresh, attempts_of, tried, room: the reply, the new envelopes (or, for a
 --     segment, payloads) and their attempts, whether any has attempts, and how many more
 --     this call may take
---   owns_list(), remove_acks(), without_nudges(elements), add_to_batch(attempts, payload),
+--   owns_list(), remove_acks(), without_nudges(elements), due_members(first),
+--   add_to_batch(attempts, payload),
 --   take_shared(),
---   move(landed_message, due, oldest_last), finish(first, took_due) -> the reply
+--   move(landed_message, due, oldest_last), hand_on(due), finish(first, took_due) -> the reply
 -- luacheck: ignore 211
 
 -- The reply, and the new envelopes with their attempts, built up by the functions below.
@@ -103,6 +104,21 @@ local function without_nudges(elements)
   return kept
 end
 
+-- The due members of the retry set, as many as there is room for: highest level first,
+-- in their bands (lua/levels.lua), then level 0's, soonest first. `first` is the set's
+-- first member and its score, if it has one. A `now` below 0 is level 0's turn (a
+-- worker's `level0_every`, see queue.py): level 0's members due by -now only, the bands
+-- left waiting, so that a level-0 retry or delayed message is served in it too.
+local function due_members(first)
+  if room <= 0 or not first[2] then return {} end
+  if string.sub(now, 1, 1) == '-' then  -- its digits as sent: Lua would keep 14 of them
+    return redis.call('ZRANGEBYSCORE', retry, 0, string.sub(now, 2), 'LIMIT', 0, room)
+  end
+  if tonumber(first[2]) > tonumber(now) then return {} end
+  return tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
+    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+end
+
 -- Adds one message to what this call takes.
 local function add_to_batch(attempts, payload)
   local n = #fresh + 1
@@ -155,6 +171,28 @@ local function move(landed_message, due, oldest_last)
     redis.call('ZREM', retry, unpack(due, i, math.min(i + 999, #due)))
   end
   if #oldest_last > 0 then redis.call('LTRIM', queue, 0, -#oldest_last - 1) end
+end
+
+-- After a take of `due` members of the retry set, what is left there may be due before any
+-- idle worker wakes: each blocks until the due time it last learned, and a push due later
+-- than the set's first nudged nobody. This worker is busy now, so it hands the watch on: a
+-- nudge (onto an empty shared list only, see push_nudge) wakes one blocked worker, which
+-- takes what is due or learns when the next is. Only with the queue's nudge token set (a
+-- delayed, prioritised or reclaimed message set it) and another worker registered (a nudge
+-- nobody takes counts as a waiting message until a take drops it), and not for messages
+-- that waited at a priority level (ids `q...`): their push woke a worker for each
+-- (wake_for, lua/levels.lua).
+local function hand_on(due)
+  local waiting_head = PREFIX .. 'q'
+  for _, member in ipairs(due) do
+    if string.sub(member, 1, #waiting_head) ~= waiting_head then
+      local token = redis.call('GET', nudge)
+      if token and redis.call('EXISTS', retry) == 1 and redis.call('SCARD', registry) > 1 then
+        push_nudge(queue, nudge, token)
+      end
+      return
+    end
+  end
 end
 
 -- The reply's attempts and when the next retry is due: if this call did not fill up, read

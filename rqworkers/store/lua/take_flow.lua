@@ -224,10 +224,7 @@ end
 -- The due members of the retry set, as many as there is room for, taken. `first` is the
 -- set's first member and its score, if it has one.
 local function take_due(first)
-  if room <= 0 or not first[2] or tonumber(first[2]) > tonumber(now) then return {} end
-  -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
-  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
-    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  local due = due_members(first)
   local chosen = {}
   for _, member in ipairs(due) do
     local id, attempts, payload = parse(member)
@@ -329,4 +326,5 @@ else
   move(landed_message, due, take_shared())
 end
 count_taken(had)
+hand_on(due)
 return finish(first, #due > 0)
