@@ -70,6 +70,18 @@ local GROUP_NAME_MAX = 200  -- bytes of a group's name kept: it is part of key n
 local group_of_taken, mine_now = {}, {}
 local soonest  -- ms until the first group held back by its rate may start again
 
+-- A number as its JSON spells it, every digit kept: `tostring` keeps 14, which made
+-- tenants 123456789012341 and 123456789012342 one group. An integer (exact below 2^53) in
+-- full, else the fewest digits that read back as the same number.
+local function number_name(n)
+  if n == math.floor(n) and math.abs(n) < 2^53 then return string.format('%.0f', n) end
+  for digits = 14, 16 do
+    local text = string.format('%.' .. digits .. 'g', n)
+    if tonumber(text) == n then return text end
+  end
+  return string.format('%.17g', n)
+end
+
 -- The group of a payload: the string or number at `group_by` in its JSON; '' (the default
 -- group) when it is not JSON or has nothing there.
 local function group_of(payload)
@@ -79,7 +91,7 @@ local function group_of(payload)
     if type(value) ~= 'table' then return '' end
     value = value[part]
   end
-  if type(value) == 'number' then value = tostring(value) end
+  if type(value) == 'number' then value = number_name(value) end
   if type(value) ~= 'string' then return '' end
   return string.sub(value, 1, GROUP_NAME_MAX)
 end
