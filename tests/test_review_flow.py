@@ -4,14 +4,16 @@ where a production user meets them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import time
+from collections.abc import Callable
 
+import pytest
 import redis
 
 from rqworkers.store import flow
 from rqworkers.store.flow import Limits
 from rqworkers.store.queue import ReliableQueue
-from tests.support import RedisServer, run_cli, write_config
+from tests.support import RedisServer, Service, run_cli, wait_for
 
 QUEUE = "jobs"
 
@@ -33,3 +35,40 @@ def test_numeric_group_ids_keep_every_digit(redis_server: RedisServer) -> None:
     names = {g.name for g in flow.group_states(client, QUEUE).busiest}
     assert names == {str(t) for t in ids}
     assert len(q.take([], 10).deliveries) == len(ids), "a tenant each: a permit each"
+
+
+StartService = Callable[..., Service]
+MANAGER = {"check_interval": 0.2, "shutdown_timeout": 10.0}
+
+
+def starts(server: RedisServer) -> list[float]:
+    return sorted(float(x) for x in server.client().lrange("flow:starts", 0, -1))
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("grouped", [False, True], ids=["lean", "grouped"])
+def test_a_pause_stops_a_prefetching_worker_within_about_a_second(
+    service: StartService, redis_server: RedisServer, grouped: bool
+) -> None:
+    """`pause` stops every worker from starting new messages "within about a second".
+    A worker at prefetch 10 took ten 0.4 s messages at once: paused after its first start,
+    it must not start the other nine over the next 3.6 s. (Grouped: a worker that runs its
+    batch one delivery at a time, not the lean loop.)"""
+    pair = {"queue": "jobs", "handler": "testapp:measure", "prefetch": 10}
+    if grouped:
+        pair["group_by"] = "tenant"  # these payloads are not JSON: the default group
+    svc = service([pair], manager=MANAGER)
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[f"0.4:{i}".encode() for i in range(10)])
+    wait_for(lambda: starts(redis_server), what="the first message running")
+    paused = run_cli("pause", "jobs", "-c", str(svc.config_path))
+    assert paused.returncode == 0, paused.stderr
+    at = time.time()
+    time.sleep(2.5)  # the claim under test: nothing starts later than about a second
+    late = [s for s in starts(redis_server) if s > at + 1.2]
+    assert not late, f"{len(late)} started more than a second after the pause"
+    resumed = run_cli("resume", "jobs", "-c", str(svc.config_path))
+    assert resumed.returncode == 0, resumed.stderr
+    wait_for(lambda: client.llen("done") == 10, timeout=15, what="all ten, once each")
+    assert sorted(client.lrange("done", 0, -1)) == sorted(f"0.4:{i}".encode() for i in range(10))

@@ -557,6 +557,17 @@ class ReliableQueue:
             return True
         return False
 
+    def paused_now(self) -> bool:
+        """Whether the queue is paused, for a worker between two messages of a batch it
+        took before the pause: as the last take found it, or, when none has looked for a
+        second (PAUSE_LOOKUP), as one EXISTS finds it now. A pause must
+        stop every start within about a second, prefetched messages' too."""
+        now = time.monotonic()
+        if now >= self._pause_looked_up + PAUSE_LOOKUP:
+            self._pause_looked_up = now
+            self._was_paused = bool(self.client.exists(self.keys.paused))
+        return self._was_paused
+
     def _flow_args(self, running: int, mine: dict[str, int] | None) -> dict[str, Any]:
         """TAKE_FLOW's arguments beyond TAKE's: the limits, and what this worker holds."""
         limits = self.limits
