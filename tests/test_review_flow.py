@@ -4,6 +4,7 @@ where a production user meets them."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 
@@ -72,3 +73,53 @@ def test_a_pause_stops_a_prefetching_worker_within_about_a_second(
     assert resumed.returncode == 0, resumed.stderr
     wait_for(lambda: client.llen("done") == 10, timeout=15, what="all ten, once each")
     assert sorted(client.lrange("done", 0, -1)) == sorted(f"0.4:{i}".encode() for i in range(10))
+
+
+def tenant(name: str, seconds: float, n: int) -> bytes:
+    return json.dumps({"kwargs": {"tenant": name}, "seconds": seconds, "n": n}).encode()
+
+
+@pytest.mark.service
+def test_messages_sorted_into_groups_are_handled_after_a_reload_drops_group_by(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """A take moves waiting messages out of the shared list into their groups' lists. An
+    operator who then removes `group_by` (and its limit) and reloads must not find them
+    stranded there, where the plain take never looks: nothing is ever lost."""
+    pair = {"queue": "jobs", "handler": "testapp:measure_json", "group_by": "kwargs.tenant",
+            "group_max_running": 1}  # fmt: skip
+    svc = service([pair], manager=MANAGER)
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[tenant("acme", 0.5, i) for i in range(4)])
+    wait_for(lambda: client.llen("jobs:group:acme") == 3, what="three waiting in their group")
+    text = svc.config_path.read_text()
+    for line in ('group_by = "kwargs.tenant"\n', "group_max_running = 1\n"):
+        assert line in text
+        text = text.replace(line, "")
+    svc.config_path.write_text(text)
+    svc.signal(signal.SIGHUP)
+    wait_for(lambda: client.llen("done") == 4, timeout=15, what="all four handled")
+
+
+def test_ungroup_keeps_each_groups_order_across_batches(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What UNGROUP puts back is taken once each, each group's oldest first, however many
+    calls it takes (here 3 a call)."""
+    client = redis_server.client()
+    sent = [tenant(t, 0, i) for i in range(5) for t in ("a", "b", "c")]
+    client.lpush(QUEUE, *sent)
+    worker(client, 1, group_by="kwargs.tenant").take([], 0)  # sorts them into their groups
+    assert client.llen(QUEUE) == 0 and client.llen("jobs:groups") == 3
+    client.lpush(QUEUE, b"newer")
+    monkeypatch.setattr("rqworkers.store.queue.UNGROUP_BATCH", 3)
+    plain = worker(client, 2)
+    plain.ungroup()
+    assert not client.exists("jobs:groups", "jobs:group:a", "jobs:group:b", "jobs:group:c")
+    taken = [d.payload for d in plain.take([], 100).deliveries]
+    assert sorted(taken) == sorted([*sent, b"newer"]) and taken[-1] == b"newer"
+    for t in ("a", "b", "c"):
+        assert [m for m in taken if tenant(t, 0, 0)[:-2] in m] == [
+            tenant(t, 0, i) for i in range(5)
+        ]

@@ -375,6 +375,7 @@ class ReliableQueue:
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
         self._sort = Bound(runner, self.keys, scripts.SORT)
+        self._ungroup = Bound(runner, self.keys, scripts.UNGROUP)
         # The fast path (prefetch 1), and the settling scripts for what it took, which sits
         # in the fast list: to them it is the private list.
         self.fast = FastPath(self.keys, self._id_prefix, self._runner.send_all)
@@ -608,6 +609,13 @@ class ReliableQueue:
         # BRPOPLPUSH takes whole seconds on servers older than 6.0
         result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
         return result is not None
+
+    def ungroup(self) -> None:
+        """For a queue without groups: put what waits in the groups' lists, sorted there
+        while it had groups (before a reload that removed them), back at the tail of the
+        shared list, where the plain take finds it."""
+        while self._ungroup(group_prefix=self.keys.group_list, most=UNGROUP_BATCH):
+            pass
 
     def _sort_by_handler(self, group: Callable[[bytes], str], landed: bool) -> bool:
         """Put messages in their groups' turns by the handler's `group()` (SORT): the
@@ -857,6 +865,7 @@ class ReliableQueue:
 PAUSE_LOOKUP = 1.0  # seconds between two looks for a pause, on a queue without limits
 LEVEL0_FIRST = -1e300  # a take's `now` before every score: nothing of the retry set is due
 SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
+UNGROUP_BATCH = 10_000  # messages UNGROUP moves in one call: Redis runs nothing else meanwhile
 GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
 
 

@@ -353,6 +353,8 @@ class Worker:
         self.charge_before = None  # from here on this process knows what it ran
         running = self.running_elements()
         leftovers = [d for d in leftovers if d.element not in running]
+        if not self.queue.limits.sorter:  # groups removed by a reload: their lists emptied
+            self.queue.ungroup()
         if leftovers and self.queue.limits.any:
             # Under a limit a leftover must get its permit like any message: back to the
             # head of the queue (counts kept), to be taken again through the limits.
