@@ -123,3 +123,24 @@ def test_ungroup_keeps_each_groups_order_across_batches(
         assert [m for m in taken if tenant(t, 0, 0)[:-2] in m] == [
             tenant(t, 0, i) for i in range(5)
         ]
+
+
+@pytest.mark.service
+@pytest.mark.slow
+def test_a_long_rate_window_is_no_redis_outage(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """Under `rate_limit = "1/m"` a worker held back sleeps until the window has room: up
+    to a minute. It blocked on the wake list that long, past its socket's timeout (20 s),
+    so every such wait ended in `TimeoutError`: logged as a Redis failure, counted, shown
+    by `status` as "waiting out a Redis error", and the worker's list replayed."""
+    svc = service([{"queue": "jobs", "handler": "testapp:measure", "rate_limit": "1/m"}],
+                  manager=MANAGER)  # fmt: skip
+    svc.wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", b"0:a", b"0:b")
+    wait_for(lambda: client.llen("done") == 1, what="the first, at once")
+    time.sleep(23)  # the claim under test: a held-back worker waits quietly past 20 s
+    assert "TimeoutError" not in svc.output(), svc.output()[-2000:]
+    status = run_cli("status", "-c", str(svc.config_path))
+    assert "Redis error" not in status.stdout and "1 held back" in status.stdout, status.stdout

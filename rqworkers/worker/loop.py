@@ -462,10 +462,13 @@ class Worker:
     def wait_for_permit(self, held: Held) -> None:
         """Sleep until the pause or a limit may let a take through: until the rate window
         has room, or a worker gives a permit back, or the queue is resumed. No polling: a
-        wake-up comes through the queue's `wake` list; WAKE_TIMEOUT bounds a lost one."""
+        wake-up comes through the queue's `wake` list; WAKE_TIMEOUT bounds a lost one.
+        A rate window's wait (up to an hour under "N/h") is cut to BLOCK_TIMEOUT, the
+        longest block the connection's socket allows: longer, it ends in a `TimeoutError`
+        taken for a Redis outage. The next take finds how long is left."""
         if self.stop.set:
             return
-        seconds = held.wait if held.wait is not None else WAKE_TIMEOUT
+        seconds = min(held.wait, BLOCK_TIMEOUT) if held.wait is not None else WAKE_TIMEOUT
         if interruptible(self.stop, self.queue.wait_for_wake, max(MIN_BLOCK, seconds)) is None:
             _drop_connections(self.queue.client)
 
