@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from rqworkers.common.rates import Rate
 from rqworkers.store import flow
 from rqworkers.store.flow import Limits
 from rqworkers.store.queue import ReliableQueue
@@ -144,3 +145,28 @@ def test_a_long_rate_window_is_no_redis_outage(
     assert "TimeoutError" not in svc.output(), svc.output()[-2000:]
     status = run_cli("status", "-c", str(svc.config_path))
     assert "Redis error" not in status.stdout and "1 held back" in status.stdout, status.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TAKE_FLOW walks the whole ring of groups on every take that finds them held "
+    "back: ~50 ms of Redis, blocking every client, per take with 10,000 tenants",
+)
+def test_a_take_that_finds_every_group_held_back_costs_redis_little(
+    redis_server: RedisServer,
+) -> None:
+    """A group per tenant: 10,000 tenants, each with `group_rate_limit = "1/m"` used up and
+    a second message waiting. Every held-back take (each waiting worker, at every wake-up)
+    walked all 10,000 groups inside one script: Redis served no other client meanwhile."""
+    client = redis_server.client()
+    count = 10_000
+    client.lpush(QUEUE, *[json.dumps({"t": f"t{i}"}).encode() for i in range(count)] * 2)
+    q = worker(client, 1, group_by="t", group_rate=Rate(1, 60))
+    while client.llen(QUEUE):  # each tenant's first starts; its second waits on its rate
+        q.take([], 1000)
+    assert client.llen("jobs:groups") == count
+    client.config_resetstat()
+    held = q.take([], 1)
+    assert held.held is not None and held.held.reason == "rate"
+    usec = client.info("commandstats")["cmdstat_evalsha"]["usec"]
+    assert usec < 5_000, f"one take cost Redis {usec / 1000:.1f} ms"
