@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from rqworkers.client.producer import Producer
 from rqworkers.common.rates import Rate
 from rqworkers.store import flow
 from rqworkers.store.flow import Limits
@@ -170,3 +171,26 @@ def test_a_take_that_finds_every_group_held_back_costs_redis_little(
     assert held.held is not None and held.held.reason == "rate"
     usec = client.info("commandstats")["cmdstat_evalsha"]["usec"]
     assert usec < 5_000, f"one take cost Redis {usec / 1000:.1f} ms"
+
+
+def test_a_due_retry_of_a_full_group_holds_no_other_group_back_and_is_no_poll(
+    redis_server: RedisServer,
+) -> None:
+    """Group A is at its `group_max_running`; A's retry is due, and behind it B's. B's
+    must start (groups share fairly, retries too), and a worker that finds only A's
+    must be told to wait for a permit, not that a retry is due now: that made it take
+    again every 10 ms for as long as A's message ran."""
+    client = redis_server.client()
+    a, b = json.dumps({"t": "A"}).encode(), json.dumps({"t": "B"}).encode()
+    limits = {"group_by": "t", "group_max_running": 1}
+    client.lpush(QUEUE, a)
+    assert len(worker(client, 1, **limits).take([], 1).deliveries) == 1, "A runs"
+    with Producer(redis_server.url) as producer:
+        producer.push(QUEUE, a, delay=0.001)
+        producer.push(QUEUE, b, delay=0.001)
+    wait_for(lambda: client.zcount("jobs:retry", "-inf", time.time()) == 2, what="both due")
+    other = worker(client, 2, **limits)
+    taken = other.take([], 1)
+    assert [d.payload for d in taken.deliveries] == [b], "B's retry, past A's"
+    again = other.take([], 1, running=1)
+    assert not again.deliveries and again.held is not None, "wait for A's permit"

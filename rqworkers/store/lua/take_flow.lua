@@ -69,6 +69,8 @@ local SORT_BATCH = 1000  -- messages sorted into their groups per call, at most
 local GROUP_NAME_MAX = 200  -- bytes of a group's name kept: it is part of key names
 local group_of_taken, mine_now = {}, {}
 local soonest  -- ms until the first group held back by its rate may start again
+local RETRY_SCAN = 1000  -- due retries a grouped take looks through, at most
+local due_held = false  -- a due retry was left: its group's limits hold it back (take_due)
 
 -- A number as its JSON spells it, every digit kept: `tostring` keeps 14, which made
 -- tenants 123456789012341 and 123456789012342 one group. An integer (exact below 2^53) in
@@ -200,7 +202,7 @@ local function take_grouped()
       if redis.call('LLEN', list) == 0 then redis.call('LREM', ring, 1, g) end
     end
   end
-  if room > 0 and redis.call('LLEN', ring) > 0 and taken[4] == '' then  -- groups held back
+  if room > 0 and (due_held or redis.call('LLEN', ring) > 0) and taken[4] == '' then  -- held
     taken[4] = soonest and ('rate:' .. soonest) or 'full'
   end
 end
@@ -208,7 +210,10 @@ end
 -- Records this worker's group permits in `held`; a permit given back wakes a waiter.
 local function record_groups(released)
   for g, n in pairs(mine_now) do redis.call('HSET', held, g, n) end
-  if released and redis.call('LLEN', ring) > 0 then wake_waiters(wake, 1) end
+  -- (A due retry of the group may wait too: not in the ring, but in the retry set.)
+  if released and (redis.call('LLEN', ring) > 0 or redis.call('EXISTS', retry) == 1) then
+    wake_waiters(wake, 1)
+  end
 end
 
 -- The message a blocking fetch left in the landing list, taken; false if none. When the
@@ -234,14 +239,19 @@ local function take_landed()
 end
 
 -- The due members of the retry set, as many as there is room for, taken. `first` is the
--- set's first member and its score, if it has one.
+-- set's first member and its score, if it has one. With groups, it looks past those whose
+-- group's limits hold them back (up to RETRY_SCAN): a full group's retries must not hold
+-- another group's back. Those it leaves set `due_held`: the worker is to wait for a permit
+-- (or the group's rate), not be told that a retry is due and take again at once.
 local function take_due(first)
   if room <= 0 or not first[2] or tonumber(first[2]) > tonumber(now) then return {} end
+  local look = grouped and math.max(room, RETRY_SCAN) or room
   -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
-  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
-    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, look)
+    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, look)
   local chosen = {}
   for _, member in ipairs(due) do
+    if room <= 0 then break end
     local id, attempts, payload = parse(member)
     if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
     local g = grouped and retry_group(id, payload)
@@ -251,6 +261,8 @@ local function take_due(first)
       add_to_batch(attempts, payload)
       if g then count_group_start(g) end
       chosen[#chosen + 1] = member
+    elseif g then
+      due_held = true
     end
   end
   return chosen
