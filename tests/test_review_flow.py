@@ -194,3 +194,24 @@ def test_a_due_retry_of_a_full_group_holds_no_other_group_back_and_is_no_poll(
     assert [d.payload for d in taken.deliveries] == [b], "B's retry, past A's"
     again = other.take([], 1, running=1)
     assert not again.deliveries and again.held is not None, "wait for A's permit"
+
+
+def test_group_counts_stay_true_without_a_group_limit_and_hold_one_added_later(
+    redis_server: RedisServer,
+) -> None:
+    """With `group_by` and no `group_max_running`, a take counted its starts in the
+    worker's `held` but not in `group_running`, which the next take's reconcile then
+    lowered: a group's running count went -2, -4, ... for good. `status` showed
+    `running -4`, and once a reload added `group_max_running = 1`, that group ran 2 at
+    once."""
+    client = redis_server.client()
+    client.lpush(QUEUE, *[json.dumps({"t": "A", "n": i}).encode() for i in range(6)])
+    w = worker(client, 1, group_by="t")
+    first = w.take([], 2)
+    assert [g.running for g in flow.group_states(client, QUEUE).busiest] == [2]
+    second = w.take([d.element for d in first.deliveries], 2)
+    w.take([d.element for d in second.deliveries], 0)
+    assert [g.running for g in flow.group_states(client, QUEUE).busiest] == [0]
+    assert client.hlen("jobs:group_running") == 0, "no field left per group ever seen"
+    after_reload = worker(client, 2, group_by="t", group_max_running=1)
+    assert len(after_reload.take([], 5).deliveries) == 1

@@ -130,14 +130,14 @@ local function reconcile_groups()
   local before = redis.call('HGETALL', held)
   local released = false
   for i = 1, #before, 2 do
-    redis.call('HINCRBY', group_running, before[i], -tonumber(before[i + 1]))
+    add_running(group_running, before[i], -tonumber(before[i + 1]))
   end
   redis.call('DEL', held)
   for h, n in pairs(cjson.decode(mine)) do
     local g = unhex(h)
     if n > 0 then
       mine_now[g] = n
-      redis.call('HINCRBY', group_running, g, n)
+      add_running(group_running, g, n)
     end
   end
   for i = 1, #before, 2 do
@@ -171,7 +171,8 @@ end
 local function count_group_start(g)
   group_of_taken[#fresh] = tohex(g)
   mine_now[g] = (mine_now[g] or 0) + 1
-  if tonumber(group_max) > 0 then redis.call('HINCRBY', group_running, g, 1) end
+  -- Counted with or without a limit: the next take's reconcile takes it off again.
+  add_running(group_running, g, 1)
   if tonumber(group_rate) > 0 then
     local log = starts_prefix .. g
     redis.call('ZADD', log, now_ms, idbase .. #fresh)
