@@ -49,21 +49,23 @@ def starts(server: RedisServer) -> list[float]:
 
 
 @pytest.mark.service
-@pytest.mark.parametrize("grouped", [False, True], ids=["lean", "grouped"])
+@pytest.mark.parametrize(
+    "more", [{}, {"group_by": "tenant"}, {"concurrency": 2}], ids=["lean", "grouped", "threads"]
+)
 def test_a_pause_stops_a_prefetching_worker_within_about_a_second(
-    service: StartService, redis_server: RedisServer, grouped: bool
+    service: StartService, redis_server: RedisServer, more: dict[str, object]
 ) -> None:
     """`pause` stops every worker from starting new messages "within about a second".
     A worker at prefetch 10 took ten 0.4 s messages at once: paused after its first start,
     it must not start the other nine over the next 3.6 s. (Grouped: a worker that runs its
-    batch one delivery at a time, not the lean loop.)"""
-    pair = {"queue": "jobs", "handler": "testapp:measure", "prefetch": 10}
-    if grouped:
-        pair["group_by"] = "tenant"  # these payloads are not JSON: the default group
+    batch one delivery at a time, not the lean loop; these payloads are not JSON, so all
+    are in the default group. Threads: two handlers at once.)"""
+    pair = {"queue": "jobs", "handler": "testapp:measure", "prefetch": 10, **more}
     svc = service([pair], manager=MANAGER)
     svc.wait_workers(1)
     client = redis_server.client()
-    client.lpush("jobs", *[f"0.4:{i}".encode() for i in range(10)])
+    seconds = 0.4 * int(more.get("concurrency", 1))  # ten run 4 s or more
+    client.lpush("jobs", *[f"{seconds}:{i}".encode() for i in range(10)])
     wait_for(lambda: starts(redis_server), what="the first message running")
     paused = run_cli("pause", "jobs", "-c", str(svc.config_path))
     assert paused.returncode == 0, paused.stderr
@@ -74,7 +76,9 @@ def test_a_pause_stops_a_prefetching_worker_within_about_a_second(
     resumed = run_cli("resume", "jobs", "-c", str(svc.config_path))
     assert resumed.returncode == 0, resumed.stderr
     wait_for(lambda: client.llen("done") == 10, timeout=15, what="all ten, once each")
-    assert sorted(client.lrange("done", 0, -1)) == sorted(f"0.4:{i}".encode() for i in range(10))
+    assert sorted(client.lrange("done", 0, -1)) == sorted(
+        f"{seconds}:{i}".encode() for i in range(10)
+    )
 
 
 def tenant(name: str, seconds: float, n: int) -> bytes:
