@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,7 +17,7 @@ from rqworkers.common.rates import Rate
 from rqworkers.store import flow
 from rqworkers.store.flow import Limits
 from rqworkers.store.queue import ReliableQueue
-from tests.support import RedisServer, Service, run_cli, wait_for
+from tests.support import RedisServer, Service, run_cli, wait_for, write_config
 
 QUEUE = "jobs"
 
@@ -219,3 +220,29 @@ def test_group_counts_stay_true_without_a_group_limit_and_hold_one_added_later(
     assert client.hlen("jobs:group_running") == 0, "no field left per group ever seen"
     after_reload = worker(client, 2, group_by="t", group_max_running=1)
     assert len(after_reload.take([], 5).deliveries) == 1
+
+
+@pytest.mark.service
+def test_an_async_handlers_group_method_names_groups_and_its_limit_holds(
+    service: StartService, redis_server: RedisServer
+) -> None:
+    """`check` accepts group limits for a handler class with `group()`; an async class's
+    `group()` was then ignored at run time: no groups, and `group_max_running` not held."""
+    pair = {"queue": "jobs", "handler": "flowreviewapp:AsyncTenants", "group_max_running": 1,
+            "concurrency": 4, "prefetch": 4}  # fmt: skip
+    service([pair], manager=MANAGER).wait_workers(1)
+    client = redis_server.client()
+    client.lpush("jobs", *[f"acme:0.3:{i}".encode() for i in range(4)])
+    wait_for(lambda: client.llen("done") == 4, timeout=20, what="all four")
+    assert int(client.get("flow:max:acme") or 0) == 1, "one of the group at a time"
+
+
+@pytest.mark.service
+def test_check_refuses_group_limits_on_an_async_group_method(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    pair = {"queue": "jobs", "handler": "flowreviewapp:AwaitedGroups", "group_max_running": 1}
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, [pair])
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2 and "not async" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
