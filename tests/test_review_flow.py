@@ -16,7 +16,7 @@ from rqworkers.client.producer import Producer
 from rqworkers.common.rates import Rate
 from rqworkers.store import flow
 from rqworkers.store.flow import Limits
-from rqworkers.store.queue import ReliableQueue
+from rqworkers.store.queue import ReliableQueue, snapshot
 from tests.support import RedisServer, Service, run_cli, wait_for, write_config
 
 QUEUE = "jobs"
@@ -246,3 +246,18 @@ def test_check_refuses_group_limits_on_an_async_group_method(
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 2 and "not async" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_waiting_counts_every_groups_messages(redis_server: RedisServer) -> None:
+    """`status`, the page, `/metrics` and so the KEDA scaler read `waiting`: with a group
+    per tenant and more than 1,000 tenants waiting, it counted only the first 1,000
+    groups of the ring."""
+    client = redis_server.client()
+    tenants = 1500
+    client.lpush(QUEUE, *[json.dumps({"t": f"t{i}"}).encode() for i in range(tenants)] * 2)
+    paused = worker(client, 1, group_by="t")
+    flow.pause(client, QUEUE, by="test")
+    while client.llen(QUEUE):
+        paused.take([], 0)  # sorts 1,000 a take into their groups
+    snap = snapshot(client, QUEUE, Limits(group_by="t"))
+    assert snap.waiting == 2 * tenants and snap.held_back == 2 * tenants

@@ -139,7 +139,7 @@ class GroupState:
 
 
 BUSIEST = 10  # groups shown, the most waiting first
-GROUPS_READ = 1000  # groups of the ring looked at to find them
+GROUPS_READ = 1000  # groups whose lengths one round trip reads
 
 
 @dataclass(frozen=True)
@@ -154,20 +154,25 @@ class Groups:
 def group_states(
     client: Client, queue: str, group_max: int = 0, now: float | None = None
 ) -> Groups:
-    """The busiest groups of `queue` (most waiting first), and their totals, in three
-    round trips (one, for a queue without groups)."""
+    """The busiest groups of `queue` (most waiting first), and their totals over every
+    group with messages waiting: `waiting` is what `status`, `/metrics` and an autoscaler
+    read, so it must not stop at the first groups. Two round trips, and one more per
+    GROUPS_READ groups (one, for a queue without groups)."""
     keys = Keys(queue)
-    names = cast(list[bytes], client.lrange(keys.ring, 0, GROUPS_READ - 1))
-    if not names:
+    ring = cast(list[bytes], client.lrange(keys.ring, 0, -1))  # one read: it turns meanwhile
+    if not ring:
         return Groups([], 0, False)
     prefix = keys.group_list.encode()  # a group's name is any bytes: keys are built as bytes
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.llen(prefix + name)
-    pipe.hmget(keys.group_running, names)
-    *lengths, running_raw = cast(list[Any], pipe.execute())
-    running = [int(n or 0) for n in running_raw]
-    table = list(zip(names, lengths, running, strict=True))
+    table: list[tuple[bytes, int, int]] = []
+    for at in range(0, len(ring), GROUPS_READ):
+        names = ring[at : at + GROUPS_READ]
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(prefix + name)
+        pipe.hmget(keys.group_running, names)
+        *lengths, running_raw = cast(list[Any], pipe.execute())
+        running = [int(n or 0) for n in running_raw]
+        table += zip(names, lengths, running, strict=True)
     full = bool(group_max) and all(r >= group_max for _, w, r in table if w)
     busiest = sorted(table, key=lambda x: -x[1])[:BUSIEST]
     pipe = client.pipeline(transaction=False)
@@ -179,7 +184,7 @@ def group_states(
         GroupState(name.decode("utf-8", "backslashreplace"), waiting, run, _age(first, now))
         for (name, waiting, run), first in zip(busiest, oldest, strict=True)
     ]
-    return Groups(states, sum(lengths), full)
+    return Groups(states, sum(w for _, w, _ in table), full)
 
 
 def _age(element: bytes | None, now: float) -> float | None:
