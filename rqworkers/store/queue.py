@@ -517,6 +517,7 @@ class ReliableQueue:
         if not plain:
             reply = self._take_flow(**common, **self._flow_args(running, mine))
             self._was_paused = reply.held is not None and reply.held.reason == "paused"
+            self._pause_looked_up = time.monotonic()  # TAKE_FLOW looks every time
         else:  # no limit, and a look for a pause at most once a second
             reply = self._take(**common, look="1" if look else "0")
             self._was_paused = reply.held is not None
