@@ -261,3 +261,25 @@ def test_waiting_counts_every_groups_messages(redis_server: RedisServer) -> None
         paused.take([], 0)  # sorts 1,000 a take into their groups
     snap = snapshot(client, QUEUE, Limits(group_by="t"))
     assert snap.waiting == 2 * tenants and snap.held_back == 2 * tenants
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("command", ["pause", "resume"])
+def test_pause_of_a_queue_on_several_hosts_asks_which(
+    redis_server: RedisServer, tmp_path: Path, command: str
+) -> None:
+    """A queue name on two hosts: `pause jobs` paused the first alone and said "paused
+    jobs", while the workers of the other went on. It must ask for `--host`, as the
+    page's API does, in one line, pausing nothing."""
+    path = write_config(tmp_path / "rqworkers.toml", redis_server.url, [])
+    path.write_text(
+        path.read_text().replace("[hosts]\n", '[hosts]\nother = "redis://127.0.0.1:1/0"\n')
+        + '[[workers]]\nhost = "local"\nqueue = "jobs"\nhandler = "testapp:handle"\n\n'
+        + '[[workers]]\nhost = "other"\nqueue = "jobs"\nhandler = "testapp:handle"\n'
+    )
+    result = run_cli(command, "jobs", "-c", str(path))
+    assert result.returncode == 2 and "--host" in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not redis_server.client().exists("jobs:paused")
+    chosen = run_cli(command, "jobs", "-c", str(path), "--host", "local")
+    assert chosen.returncode == 0, chosen.stderr
