@@ -181,7 +181,7 @@ def test_a_take_that_finds_every_group_held_back_costs_redis_little(
 def test_a_due_retry_of_a_full_group_holds_no_other_group_back_and_is_no_poll(
     redis_server: RedisServer,
 ) -> None:
-    """Group A is at its `group_max_running`; A's retry is due, and behind it B's. B's
+    """Group A is at its `group_max_running`; A's retries are due, and behind them B's. B's
     must start (groups share fairly, retries too), and a worker that finds only A's
     must be told to wait for a permit, not that a retry is due now: that made it take
     again every 10 ms for as long as A's message ran."""
@@ -191,9 +191,9 @@ def test_a_due_retry_of_a_full_group_holds_no_other_group_back_and_is_no_poll(
     client.lpush(QUEUE, a)
     assert len(worker(client, 1, **limits).take([], 1).deliveries) == 1, "A runs"
     with Producer(redis_server.url) as producer:
-        producer.push(QUEUE, a, delay=0.001)
+        producer.push(QUEUE, a, a, a, delay=0.001)
         producer.push(QUEUE, b, delay=0.001)
-    wait_for(lambda: client.zcount("jobs:retry", "-inf", time.time()) == 2, what="both due")
+    wait_for(lambda: client.zcount("jobs:retry", "-inf", time.time()) == 4, what="all due")
     other = worker(client, 2, **limits)
     taken = other.take([], 1)
     assert [d.payload for d in taken.deliveries] == [b], "B's retry, past A's"

@@ -299,6 +299,7 @@ class Worker:
                     first, numbered = -1, False  # a failure's retry may move the list on
                     if self.ended(delivery or lot.delivery(index), since, exc):
                         return ExitCode.TIMEOUT
+                    ended = monotonic()  # for the look for a pause below
                 else:
                     ended = monotonic()
                     self.in_handler = False

@@ -239,32 +239,44 @@ local function take_landed()
   return message
 end
 
+-- The first `count` due members of the retry set; `first` is its first member and score.
+local function due_members(first, count)
+  -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
+  if tonumber(first[2]) < 0 then return due_by_level(retry, first[2], now, count) end
+  return redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, count)
+end
+
 -- The due members of the retry set, as many as there is room for, taken. `first` is the
--- set's first member and its score, if it has one. With groups, it looks past those whose
--- group's limits hold them back (up to RETRY_SCAN): a full group's retries must not hold
--- another group's back. Those it leaves set `due_held`: the worker is to wait for a permit
--- (or the group's rate), not be told that a retry is due and take again at once.
+-- set's first member and its score, if it has one. With groups, when its group's limits
+-- hold one back, it looks further (up to RETRY_SCAN in all): a full group's retries must
+-- not hold another group's back. Those it leaves set `due_held`: the worker is to wait for
+-- a permit (or the group's rate), not be told that a retry is due and take again at once.
 local function take_due(first)
   if room <= 0 or not first[2] or tonumber(first[2]) > tonumber(now) then return {} end
-  local look = grouped and math.max(room, RETRY_SCAN) or room
-  -- Below 0: prioritised messages, in their levels' bands (lua/levels.lua).
-  local due = tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, look)
-    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, look)
-  local chosen = {}
-  for _, member in ipairs(due) do
-    if room <= 0 then break end
-    local id, attempts, payload = parse(member)
-    if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
-    local g = grouped and retry_group(id, payload)
-    -- Not grouped: taken. Grouped: in its group's turn (a retry keeps to its group's limits
-    -- too), or left for the worker's next SORT when it has no group yet.
-    if g == false or (g and group_room(g) > 0) then
-      add_to_batch(attempts, payload)
-      if g then count_group_start(g) end
-      chosen[#chosen + 1] = member
-    elseif g then
-      due_held = true
+  local chosen, looked, asked = {}, 0, room
+  local due = due_members(first, asked)
+  while true do
+    for i = looked + 1, #due do
+      if room <= 0 then break end
+      local member = due[i]
+      local id, attempts, payload = parse(member)
+      if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
+      local g = grouped and retry_group(id, payload)
+      -- Not grouped: taken. Grouped: in its group's turn (a retry keeps to its group's
+      -- limits too), or left for the worker's next SORT when it has no group yet.
+      if g == false or (g and group_room(g) > 0) then
+        add_to_batch(attempts, payload)
+        if g then count_group_start(g) end
+        chosen[#chosen + 1] = member
+      elseif g then
+        due_held = true
+      end
     end
+    -- Looked at all there was, or as far as it may: done. Else once more, further (what
+    -- it chose is still in the set, in its place: skipped as looked at).
+    if room <= 0 or not due_held or #due < asked or asked >= RETRY_SCAN then break end
+    looked, asked = #due, RETRY_SCAN
+    due = due_members(first, asked)
   end
   return chosen
 end
