@@ -283,3 +283,19 @@ def test_pause_of_a_queue_on_several_hosts_asks_which(
     assert not redis_server.client().exists("jobs:paused")
     chosen = run_cli(command, "jobs", "-c", str(path), "--host", "local")
     assert chosen.returncode == 0, chosen.stderr
+
+
+def test_an_unstamped_element_in_a_groups_list_does_not_stop_the_queue(
+    redis_server: RedisServer,
+) -> None:
+    """A group's list is `<queue>:group:<name>`, which is also a valid name for another
+    queue. An element pushed there by its producers has no `<ms>|` stamp: TAKE_FLOW
+    failed on it (arithmetic on nil) at every take, and every worker of the queue exited
+    with a lasting Redis error, again and again. It is taken as the payload it is."""
+    client = redis_server.client()
+    client.lpush(QUEUE, json.dumps({"t": "acme"}).encode())
+    q = worker(client, 1, group_by="t")
+    q.take([], 0)  # sorts it into acme's list, which joins the ring
+    client.rpush("jobs:group:acme", b"pushed by a queue named jobs:group:acme")
+    taken = [d.payload for d in q.take([], 2).deliveries]
+    assert taken == [b"pushed by a queue named jobs:group:acme", b'{"t": "acme"}']

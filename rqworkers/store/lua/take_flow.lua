@@ -194,8 +194,10 @@ local function take_grouped()
       if group_room(g) > 0 then
         local element = redis.call('RPOP', list)
         if element then
-          local bar = string.find(element, '|', 1, true)
-          add_to_batch(0, string.sub(element, bar + 1))
+          -- No stamp (pushed there by another: a queue may be named like a group's list):
+          -- the payload whole, rather than fail every take of the queue.
+          local bar = string.match(element, '^%d+|()') or 1
+          add_to_batch(0, string.sub(element, bar))
           count_group_start(g)
           took = true
         end

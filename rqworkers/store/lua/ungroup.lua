@@ -20,9 +20,8 @@ for _, g in ipairs(redis.call('LRANGE', ring, 0, room - 1)) do
   local list = group_prefix .. g
   local elements = redis.call('LRANGE', list, 0, room - 1)  -- its newest first
   for i, element in ipairs(elements) do
-    local bar = string.find(element, '|', 1, true) or 0
-    moving[#moving + 1] = {tonumber(string.sub(element, 1, bar - 1)) or 0, i,
-                           string.sub(element, bar + 1)}
+    local stamp, at = string.match(element, '^(%d+)|()')  -- none: pushed there by another
+    moving[#moving + 1] = {tonumber(stamp) or 0, i, string.sub(element, at or 1)}
   end
   redis.call('LTRIM', list, #elements, -1)
   if redis.call('LLEN', list) == 0 then dropped = dropped + redis.call('LREM', ring, 0, g) end
