@@ -51,7 +51,13 @@ def starts(server: RedisServer) -> list[float]:
 
 @pytest.mark.service
 @pytest.mark.parametrize(
-    "more", [{}, {"group_by": "tenant"}, {"concurrency": 2}], ids=["lean", "grouped", "threads"]
+    "more",
+    [
+        {},
+        pytest.param({"group_by": "tenant"}, marks=pytest.mark.slow),  # about 7 s each
+        pytest.param({"concurrency": 2}, marks=pytest.mark.slow),
+    ],
+    ids=["lean", "grouped", "threads"],
 )
 def test_a_pause_stops_a_prefetching_worker_within_about_a_second(
     service: StartService, redis_server: RedisServer, more: dict[str, object]
