@@ -305,3 +305,16 @@ def test_an_unstamped_element_in_a_groups_list_does_not_stop_the_queue(
     client.rpush("jobs:group:acme", b"pushed by a queue named jobs:group:acme")
     taken = [d.payload for d in q.take([], 2).deliveries]
     assert taken == [b"pushed by a queue named jobs:group:acme", b'{"t": "acme"}']
+
+
+def test_a_queue_held_back_by_its_groups_rate_limit_says_so(redis_server: RedisServer) -> None:
+    """ "A limit that makes a queue fall behind must be plain to an operator from the page
+    alone": with every group at its `group_rate_limit`, `held_by` was empty and `held
+    back` 0, so the page drew no line, and `/metrics` said nothing held the queue back."""
+    client = redis_server.client()
+    client.lpush(QUEUE, *[json.dumps({"t": t}).encode() for t in ("a", "b") for _ in range(3)])
+    limits = Limits(group_by="t", group_rate=Rate(1, 60))
+    q = ReliableQueue(client, QUEUE, "node:1", limits=limits)
+    assert len(q.take([], 10).deliveries) == 2, "one of each group, then their rate holds"
+    snap = snapshot(client, QUEUE, limits)
+    assert snap.flow.held_by == ["group_rate_limit"] and snap.held_back == 4

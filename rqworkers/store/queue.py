@@ -57,6 +57,7 @@ from rqworkers.store.flow import (
     NO_LIMITS,
     PERMIT_HOLD,
     FlowState,
+    Groups,
     Limits,
     flow_reader,
     flow_state,
@@ -1047,11 +1048,9 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
     flow, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
     # worker knows of): a queue with no group waiting costs one LRANGE.
-    groups = group_states(client, queue, limits.group_max_running)
+    groups = group_states(client, queue, limits.group_max_running, group_rate=limits.group_rate)
     if groups.busiest:
-        flow = dataclasses.replace(
-            flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
-        )
+        flow = _with_groups(flow, groups)
     in_flight = sum(int(n) for n in rest[0::4]) + sum(int(n) for n in rest[1::4])
     in_flight += _fast_in_flight(client, queue, dict(zip(ids, rest[3::4], strict=True)))
     workers = []
@@ -1130,11 +1129,18 @@ _LENGTHS = ("waiting", "in_flight", "retrying", "dead")  # `Snapshot`'s counts, 
 def current_flow(client: Client, queue: str, limits: Limits) -> FlowState:
     """A queue's pause, limits and groups as they stand: `snapshot`'s flow state alone."""
     flow = flow_state(client, queue, limits)
-    groups = group_states(client, queue, limits.group_max_running)
-    if not groups.busiest:
-        return flow
+    groups = group_states(client, queue, limits.group_max_running, group_rate=limits.group_rate)
+    return _with_groups(flow, groups) if groups.busiest else flow
+
+
+def _with_groups(flow: FlowState, groups: Groups) -> FlowState:
+    """`flow` with what `group_states` read of its groups."""
     return dataclasses.replace(
-        flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
+        flow,
+        groups=groups.busiest,
+        grouped_waiting=groups.waiting,
+        groups_full=groups.full,
+        groups_held_by=groups.held_by,
     )
 
 
