@@ -564,8 +564,24 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _flow_pair(cfg: config.Config, args: argparse.Namespace) -> config.PairSettings:
+    """The pair whose queue `pause` or `resume` acts on. A queue name on several hosts
+    must be chosen with `--host` (as the page's API asks): pausing the first alone would
+    say "paused" while the workers of the others start on."""
+    if args.host is None:
+        pairs = [p for p in cfg.pairs if p.queue == args.queue]
+        # A host given as a URL is shown redacted: no password on a terminal.
+        hosts = list(dict.fromkeys(p.host if p.host != p.url else p.endpoint for p in pairs))
+        if len(hosts) > 1:
+            raise UsageError(
+                f"queue {args.queue!r} is on several hosts ({', '.join(hosts)}): "
+                "choose one with --host"
+            )
+    return _pair(cfg, args)
+
+
 def pause(cfg: config.Config, args: argparse.Namespace) -> int:
-    pair = _pair(cfg, args)
+    pair = _flow_pair(cfg, args)
     with Producer(pair.url) as producer:
         done = flow.pause(
             producer.client, pair.queue, by=f"rqworkers pause ({socket.gethostname()})"
@@ -575,7 +591,7 @@ def pause(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def resume(cfg: config.Config, args: argparse.Namespace) -> int:
-    pair = _pair(cfg, args)
+    pair = _flow_pair(cfg, args)
     with Producer(pair.url) as producer:
         done = flow.resume(producer.client, pair.queue)
     print(f"resumed {pair.queue}" if done else f"{pair.queue} was not paused")

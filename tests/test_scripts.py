@@ -16,7 +16,7 @@ SCRIPTS = {name: s for name, s in vars(scripts).items() if isinstance(s, scripts
 def test_every_lua_file_is_a_script_or_the_library() -> None:
     loaded = {s.name for s in SCRIPTS.values()}
     assert {p.name for p in LUA.glob("*.lua")} == loaded | set(scripts.LIBRARIES)
-    assert len(loaded) == len(SCRIPTS) == 17
+    assert len(loaded) == len(SCRIPTS) == 18
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

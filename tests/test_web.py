@@ -1079,6 +1079,7 @@ def test_status_says_what_each_limit_holds_back(web: Callable[..., Server]) -> N
         "groups": [],
         "grouped_waiting": 0,
         "groups_full": False,
+        "groups_held_by": [],
         "group_max_running": 0,
         "group_rate_limit": "",
         "held_by": ["max_running"],

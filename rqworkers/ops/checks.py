@@ -56,7 +56,8 @@ def _group_problem(pair: PairSettings) -> str | None:
         return None
     return (
         "group_max_running and group_rate_limit need groups: set group_by (the JSON field "
-        "that names each message's group), or give the handler class a group(message) method"
+        "that names each message's group), or give the handler class a group(message) method "
+        "(a plain def, not async)"
     )
 
 

@@ -103,7 +103,8 @@ class FlowState:
     rate_starts: int = 0  # the N of the rate limit
     groups: list[GroupState] = field(default_factory=list)  # the busiest, with groups
     grouped_waiting: int = 0  # messages waiting in the groups' lists (sorted, not taken)
-    groups_full: bool = False  # every group with messages waiting is at group_max_running
+    groups_full: bool = False  # every group with messages waiting is held back by a limit
+    groups_held_by: list[str] = field(default_factory=list)  # the group limits that do it
     group_max_running: int = 0  # each group's limit; 0: none
     group_rate_limit: str = ""  # each group's rate limit, "50/m"; "" without one
 
@@ -124,7 +125,7 @@ class FlowState:
         if self.rate_starts and self.started >= self.rate_starts:
             reasons.append("rate_limit")
         if self.groups_full:
-            reasons.append("group_max_running")
+            reasons += self.groups_held_by or ["group_max_running"]
         return reasons
 
 
@@ -139,7 +140,7 @@ class GroupState:
 
 
 BUSIEST = 10  # groups shown, the most waiting first
-GROUPS_READ = 1000  # groups of the ring looked at to find them
+GROUPS_READ = 1000  # groups whose lengths one round trip reads
 
 
 @dataclass(frozen=True)
@@ -148,38 +149,64 @@ class Groups:
 
     busiest: list[GroupState]
     waiting: int  # in every group's list read
-    full: bool  # every group with messages waiting is at `group_max` (0: no such limit)
+    full: bool  # every group with messages waiting is held back, by its max or its rate
+    held_by: list[str] = field(default_factory=list)  # which group limits hold some back
 
 
 def group_states(
-    client: Client, queue: str, group_max: int = 0, now: float | None = None
+    client: Client,
+    queue: str,
+    group_max: int = 0,
+    now: float | None = None,
+    group_rate: Rate | None = None,
 ) -> Groups:
-    """The busiest groups of `queue` (most waiting first), and their totals, in three
-    round trips (one, for a queue without groups)."""
+    """The busiest groups of `queue` (most waiting first), and their totals over every
+    group with messages waiting: `waiting` is what `status`, `/metrics` and an autoscaler
+    read, so it must not stop at the first groups. Two round trips, and one more per
+    GROUPS_READ groups (one, for a queue without groups). A group is held back at
+    `group_max` running, or with its `group_rate` window used (read by this machine's
+    clock: for display, not for enforcing)."""
     keys = Keys(queue)
-    names = cast(list[bytes], client.lrange(keys.ring, 0, GROUPS_READ - 1))
-    if not names:
+    ring = cast(list[bytes], client.lrange(keys.ring, 0, -1))  # one read: it turns meanwhile
+    if not ring:
         return Groups([], 0, False)
     prefix = keys.group_list.encode()  # a group's name is any bytes: keys are built as bytes
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.llen(prefix + name)
-    pipe.hmget(keys.group_running, names)
-    *lengths, running_raw = cast(list[Any], pipe.execute())
-    running = [int(n or 0) for n in running_raw]
-    table = list(zip(names, lengths, running, strict=True))
-    full = bool(group_max) and all(r >= group_max for _, w, r in table if w)
+    starts_prefix = keys.group_starts.encode()
+    now = time.time() if now is None else now
+    since = int(now * 1000) - _window_ms(group_rate)
+    table: list[tuple[bytes, int, int]] = []
+    held: list[set[str]] = []  # for each group with messages waiting: what holds it back
+    for at in range(0, len(ring), GROUPS_READ):
+        names = ring[at : at + GROUPS_READ]
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(prefix + name)
+        if group_rate is not None:
+            for name in names:
+                pipe.zcount(starts_prefix + name, since, "+inf")
+        pipe.hmget(keys.group_running, names)
+        *counts, running_raw = cast(list[Any], pipe.execute())
+        lengths, started = counts[: len(names)], counts[len(names) :] or [0] * len(names)
+        running = [int(n or 0) for n in running_raw]
+        for waiting, run, begun in zip(lengths, running, started, strict=True):
+            if waiting:
+                by = {"group_max_running"} if group_max and run >= group_max else set()
+                if group_rate is not None and begun >= group_rate.starts:
+                    by.add("group_rate_limit")
+                held.append(by)
+        table += zip(names, lengths, running, strict=True)
+    full = bool(held) and all(held)
+    held_by = [n for n in ("group_max_running", "group_rate_limit") if any(n in b for b in held)]
     busiest = sorted(table, key=lambda x: -x[1])[:BUSIEST]
     pipe = client.pipeline(transaction=False)
     for name, _, _ in busiest:
         pipe.lindex(prefix + name, -1)
     oldest = cast(list[Any], pipe.execute())
-    now = time.time() if now is None else now
     states = [
         GroupState(name.decode("utf-8", "backslashreplace"), waiting, run, _age(first, now))
         for (name, waiting, run), first in zip(busiest, oldest, strict=True)
     ]
-    return Groups(states, sum(lengths), full)
+    return Groups(states, sum(w for _, w, _ in table), full, held_by if full else [])
 
 
 def _age(element: bytes | None, now: float) -> float | None:

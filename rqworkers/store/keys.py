@@ -235,7 +235,8 @@ class Keys:
     )  # fmt: skip
     group_running = Key(
         f"{QUEUE}:group_running", "hash",
-        "with `group_max_running`: group → its messages in a handler, across every worker",
+        "with groups: group → its messages in a handler, across every worker; a group "
+        "with none running has no field",
         commands=(("HMGET", "{group_running}", "g"),),
     )  # fmt: skip
     held = Key(

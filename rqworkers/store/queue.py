@@ -57,6 +57,7 @@ from rqworkers.store.flow import (
     NO_LIMITS,
     PERMIT_HOLD,
     FlowState,
+    Groups,
     Limits,
     flow_reader,
     flow_state,
@@ -376,6 +377,7 @@ class ReliableQueue:
         self._retry_later = Bound(runner, self.keys, scripts.RETRY_LATER)
         self._dead_letter = Bound(runner, self.keys, scripts.DEAD_LETTER)
         self._sort = Bound(runner, self.keys, scripts.SORT)
+        self._ungroup = Bound(runner, self.keys, scripts.UNGROUP)
         # The fast path (prefetch 1), and the settling scripts for what it took, which sits
         # in the fast list: to them it is the private list.
         self.fast = FastPath(self.keys, self._id_prefix, self._runner.send_all)
@@ -518,6 +520,7 @@ class ReliableQueue:
         if not plain:
             reply = self._take_flow(**common, **self._flow_args(running, mine))
             self._was_paused = reply.held is not None and reply.held.reason == "paused"
+            self._pause_looked_up = time.monotonic()  # TAKE_FLOW looks every time
         else:  # no limit, and a look for a pause at most once a second
             reply = self._take(**common, look="1" if look else "0")
             self._was_paused = reply.held is not None
@@ -559,6 +562,17 @@ class ReliableQueue:
             return True
         return False
 
+    def paused_now(self) -> bool:
+        """Whether the queue is paused, for a worker between two messages of a batch it
+        took before the pause: as the last take found it, or, when none has looked for a
+        second (PAUSE_LOOKUP), as one EXISTS finds it now. A pause must
+        stop every start within about a second, prefetched messages' too."""
+        now = time.monotonic()
+        if now >= self._pause_looked_up + PAUSE_LOOKUP:
+            self._pause_looked_up = now
+            self._was_paused = bool(self.client.exists(self.keys.paused))
+        return self._was_paused
+
     def _flow_args(self, running: int, mine: dict[str, int] | None) -> dict[str, Any]:
         """TAKE_FLOW's arguments beyond TAKE's: the limits, and what this worker holds."""
         limits = self.limits
@@ -599,6 +613,13 @@ class ReliableQueue:
         # BRPOPLPUSH takes whole seconds on servers older than 6.0
         result = self.client.brpoplpush(k.queue, k.landing, max(1, round(timeout)))
         return result is not None
+
+    def ungroup(self) -> None:
+        """For a queue without groups: put what waits in the groups' lists, sorted there
+        while it had groups (before a reload that removed them), back at the tail of the
+        shared list, where the plain take finds it."""
+        while self._ungroup(group_prefix=self.keys.group_list, most=UNGROUP_BATCH):
+            pass
 
     def _sort_by_handler(self, group: Callable[[bytes], str], landed: bool) -> bool:
         """Put messages in their groups' turns by the handler's `group()` (SORT): the
@@ -847,6 +868,7 @@ class ReliableQueue:
 
 PAUSE_LOOKUP = 1.0  # seconds between two looks for a pause, on a queue without limits
 SORT_BATCH = 1000  # messages of the shared list a worker sorts by its handler per take (as TAKE)
+UNGROUP_BATCH = 10_000  # messages UNGROUP moves in one call: Redis runs nothing else meanwhile
 GROUP_NAME_MAX = 200  # bytes of a group's name kept (as lua/take.lua keeps them)
 
 
@@ -1027,11 +1049,9 @@ def snapshot(client: Client, queue: str, limits: Limits = NO_LIMITS) -> Snapshot
     flow, rest = read_flow(rest)
     # Read whatever sorted them (`group_by` or a handler's `group()`, which only the
     # worker knows of): a queue with no group waiting costs one LRANGE.
-    groups = group_states(client, queue, limits.group_max_running)
+    groups = group_states(client, queue, limits.group_max_running, group_rate=limits.group_rate)
     if groups.busiest:
-        flow = dataclasses.replace(
-            flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
-        )
+        flow = _with_groups(flow, groups)
     in_flight = sum(int(n) for n in rest[0::4]) + sum(int(n) for n in rest[1::4])
     in_flight += _fast_in_flight(client, queue, dict(zip(ids, rest[3::4], strict=True)))
     workers = []
@@ -1110,11 +1130,18 @@ _LENGTHS = ("waiting", "in_flight", "retrying", "dead")  # `Snapshot`'s counts, 
 def current_flow(client: Client, queue: str, limits: Limits) -> FlowState:
     """A queue's pause, limits and groups as they stand: `snapshot`'s flow state alone."""
     flow = flow_state(client, queue, limits)
-    groups = group_states(client, queue, limits.group_max_running)
-    if not groups.busiest:
-        return flow
+    groups = group_states(client, queue, limits.group_max_running, group_rate=limits.group_rate)
+    return _with_groups(flow, groups) if groups.busiest else flow
+
+
+def _with_groups(flow: FlowState, groups: Groups) -> FlowState:
+    """`flow` with what `group_states` read of its groups."""
     return dataclasses.replace(
-        flow, groups=groups.busiest, grouped_waiting=groups.waiting, groups_full=groups.full
+        flow,
+        groups=groups.busiest,
+        grouped_waiting=groups.waiting,
+        groups_full=groups.full,
+        groups_held_by=groups.held_by,
     )
 
 

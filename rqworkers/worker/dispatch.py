@@ -162,6 +162,8 @@ class ConcurrentWorker(Worker):
         if self.exit_code is not None and self.batch:
             self.give_back_batch()  # draining: what never started goes back at once
         self.resume()
+        if self.batch and self.exit_code is None:
+            self.paused_mid_batch()  # a pause: what has not started goes back
         self.start_what_fits()
         if not self.running:
             if self.exit_code is not None:

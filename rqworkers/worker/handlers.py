@@ -87,9 +87,11 @@ class Handler:
     def grouper(self) -> Callable[[bytes], str] | None:
         """`group(message)` of a class handler that names each raw message's group, made
         safe: its exception, or an answer that is not a string (None included), is the
-        default group ''. None if the handler names no groups."""
+        default group ''. None if the handler names no groups. An async handler's plain
+        `group()` names them too (it is called in the worker's own thread, before a take);
+        an `async def group()` does not (`names_groups` says so to `check`)."""
         method = self.method("group")
-        if method is None or self.is_async:
+        if method is None or inspect.iscoroutinefunction(method):
             return None
 
         def group(message: bytes) -> str:
@@ -191,9 +193,11 @@ def verify(path: str) -> str | None:
 
 
 def names_groups(path: str) -> bool:
-    """Whether the handler at `path` is a class with a `group(message)` method."""
+    """Whether the handler at `path` is a class with a `group(message)` method, a plain
+    one: the worker calls it before each take, where nothing could await it."""
     try:
         target = resolve(path)
     except HandlerError:
         return False
-    return isinstance(target, type) and callable(getattr(target, "group", None))
+    group = getattr(target, "group", None)
+    return isinstance(target, type) and callable(group) and not inspect.iscoroutinefunction(group)

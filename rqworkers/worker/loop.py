@@ -30,7 +30,7 @@ from rqworkers.config import PairSettings
 from rqworkers.errors import ExitCode, MessageTimeout, Superseded
 from rqworkers.store.flow import PERMIT_HOLD
 from rqworkers.store.outage import REDIS_ERRORS, Outage, explain, is_outage
-from rqworkers.store.queue import Delivery, Lot, ReliableQueue, Taken
+from rqworkers.store.queue import PAUSE_LOOKUP, Delivery, Lot, ReliableQueue, Taken
 from rqworkers.store.scripts import Held
 from rqworkers.worker.alarm import ALARM
 from rqworkers.worker.batch import LOST_WORKER, Batch
@@ -177,6 +177,8 @@ class Worker:
             if self.deliver(delivery, lost_reason):
                 return ExitCode.TIMEOUT
             code = self.settler.recycle()
+            if code is None and self.paused_mid_batch():
+                return None
             if code is not None:
                 return code
         return None
@@ -216,7 +218,23 @@ class Worker:
                 code = self.run_lot(batch.lot)
             if code is not None:
                 return code
+            if self.paused_mid_batch():
+                return None
         return None
+
+    def paused_mid_batch(self) -> bool:
+        """Whether the queue was paused while a batch ran, its rest then given back.
+
+        A pause stops every start within about a second: the messages a worker took
+        before it, up to `prefetch`, must not start for minutes after. They go back to the
+        head of the queue, uncharged, in their place, where they wait like any other (a
+        private list holds only what starts soon); the next take finds the pause and waits
+        for the resume. Looked up at most once a second (`ReliableQueue.paused_now`)."""
+        if not self.batch or not self.queue.paused_now():
+            return False
+        self.outbox.flush()
+        self.give_back_batch()
+        return True
 
     def run_lot(self, lot: Lot) -> int | None:
         """Run the batch's `lot` in take order from its cursor on, until it is done, a
@@ -239,6 +257,8 @@ class Worker:
         oldest = 0.0  # when that run's first ended (monotonic seconds)
         due = 0.0  # when it, or an older ack pending in the outbox, is overdue
         numbered = False  # the scoreboard's current mark is `mark_in` of this take
+        ended = 0.0  # when the last success ended (monotonic seconds)
+        look_at = monotonic() + PAUSE_LOOKUP  # when to look for a pause before the next
         try:
             while index < count and not stop.set:
                 # It starts: a stop signal gives back the rest (none, after the last).
@@ -279,6 +299,7 @@ class Worker:
                     first, numbered = -1, False  # a failure's retry may move the list on
                     if self.ended(delivery or lot.delivery(index), since, exc):
                         return ExitCode.TIMEOUT
+                    ended = monotonic()  # for the look for a pause below
                 else:
                     ended = monotonic()
                     self.in_handler = False
@@ -294,6 +315,10 @@ class Worker:
                 if max_requests:
                     unqueued = index - first if first >= 0 else 0  # counts as finished too
                     if settler.finished + unqueued >= max_requests:
+                        break
+                if ended >= look_at and index < count:  # run_lean gives the rest back
+                    look_at = ended + PAUSE_LOOKUP
+                    if self.queue.paused_now():
                         break
         finally:
             self.queue_run(lot, first, index - 1, oldest)
@@ -329,6 +354,8 @@ class Worker:
         self.charge_before = None  # from here on this process knows what it ran
         running = self.running_elements()
         leftovers = [d for d in leftovers if d.element not in running]
+        if not self.queue.limits.sorter:  # groups removed by a reload: their lists emptied
+            self.queue.ungroup()
         if leftovers and self.queue.limits.any:
             # Under a limit a leftover must get its permit like any message: back to the
             # head of the queue (counts kept), to be taken again through the limits.
@@ -436,10 +463,13 @@ class Worker:
     def wait_for_permit(self, held: Held) -> None:
         """Sleep until the pause or a limit may let a take through: until the rate window
         has room, or a worker gives a permit back, or the queue is resumed. No polling: a
-        wake-up comes through the queue's `wake` list; WAKE_TIMEOUT bounds a lost one."""
+        wake-up comes through the queue's `wake` list; WAKE_TIMEOUT bounds a lost one.
+        A rate window's wait (up to an hour under "N/h") is cut to BLOCK_TIMEOUT, the
+        longest block the connection's socket allows: longer, it ends in a `TimeoutError`
+        taken for a Redis outage. The next take finds how long is left."""
         if self.stop.set:
             return
-        seconds = held.wait if held.wait is not None else WAKE_TIMEOUT
+        seconds = min(held.wait, BLOCK_TIMEOUT) if held.wait is not None else WAKE_TIMEOUT
         if interruptible(self.stop, self.queue.wait_for_wake, max(MIN_BLOCK, seconds)) is None:
             _drop_connections(self.queue.client)
 

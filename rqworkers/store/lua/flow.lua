@@ -12,6 +12,9 @@
 --     `hold` > 0 (ms) its process may still be running, orphaned or frozen, until it sees
 --     its list taken over (worker/freeze.py): its `max_running` permits then stay counted
 --     that long, as the entry `<worker-id>~<until, ms>`, which TAKE_FLOW drops once past
+--   add_running(group_running, g, n) -> adds n (below 0: takes) to group `g`'s count of
+--     messages in a handler; a count that reaches 0 leaves the hash, which then holds only
+--     the groups running now, not every group ever seen
 --   tohex(bytes), unhex(hex) -> group names travel to and from the worker in hex: any
 --     bytes, where JSON needs UTF-8
 --   sort_into(group_prefix, ring, g, payload, stamp) -> puts `payload` at the back of group
@@ -27,6 +30,10 @@ local function wake_waiters(wake, n)
   redis.call('PEXPIRE', wake, 2000)
 end
 
+local function add_running(group_running, g, n)
+  if redis.call('HINCRBY', group_running, g, n) <= 0 then redis.call('HDEL', group_running, g) end
+end
+
 local function release_permits(permits, wake, queue, worker_id, held, group_running, ring, hold)
   local had = tonumber(redis.call('HGET', permits, worker_id) or '0')
   redis.call('HDEL', permits, worker_id)
@@ -38,7 +45,7 @@ local function release_permits(permits, wake, queue, worker_id, held, group_runn
   end
   local groups = redis.call('HGETALL', held)
   for i = 1, #groups, 2 do
-    redis.call('HINCRBY', group_running, groups[i], -tonumber(groups[i + 1]))
+    add_running(group_running, groups[i], -tonumber(groups[i + 1]))
     had = had + tonumber(groups[i + 1])
   end
   redis.call('DEL', held)

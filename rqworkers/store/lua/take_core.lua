@@ -104,19 +104,21 @@ local function without_nudges(elements)
   return kept
 end
 
--- The due members of the retry set, as many as there is room for: highest level first,
--- in their bands (lua/levels.lua), then level 0's, soonest first. `first` is the set's
--- first member and its score, if it has one. A `now` below 0 is level 0's turn (a
--- worker's `level0_every`, see queue.py): level 0's members due by -now only, the bands
--- left waiting, so that a level-0 retry or delayed message is served in it too.
-local function due_members(first)
-  if room <= 0 or not first[2] then return {} end
+-- The due members of the retry set, `count` of them at most (as many as there is room
+-- for if not given): highest level first, in their bands (lua/levels.lua), then level 0's,
+-- soonest first. `first` is the set's first member and its score, if it has one. A `now`
+-- below 0 is level 0's turn (a worker's `level0_every`, see queue.py): level 0's members
+-- due by -now only, the bands left waiting, so that a level-0 retry or delayed message is
+-- served in it too.
+local function due_members(first, count)
+  count = count or room
+  if count <= 0 or not first[2] then return {} end
   if string.sub(now, 1, 1) == '-' then  -- its digits as sent: Lua would keep 14 of them
-    return redis.call('ZRANGEBYSCORE', retry, 0, string.sub(now, 2), 'LIMIT', 0, room)
+    return redis.call('ZRANGEBYSCORE', retry, 0, string.sub(now, 2), 'LIMIT', 0, count)
   end
   if tonumber(first[2]) > tonumber(now) then return {} end
-  return tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, room)
-    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, room)
+  return tonumber(first[2]) < 0 and due_by_level(retry, first[2], now, count)
+    or redis.call('ZRANGEBYSCORE', retry, '-inf', now, 'LIMIT', 0, count)
 end
 
 -- Adds one message to what this call takes.

@@ -69,6 +69,20 @@ local SORT_BATCH = 1000  -- messages sorted into their groups per call, at most
 local GROUP_NAME_MAX = 200  -- bytes of a group's name kept: it is part of key names
 local group_of_taken, mine_now = {}, {}
 local soonest  -- ms until the first group held back by its rate may start again
+local RETRY_SCAN = 1000  -- due retries a grouped take looks through, at most
+local due_held = false  -- a due retry was left: its group's limits hold it back (take_due)
+
+-- A number as its JSON spells it, every digit kept: `tostring` keeps 14, which made
+-- tenants 123456789012341 and 123456789012342 one group. An integer (exact below 2^53) in
+-- full, else the fewest digits that read back as the same number.
+local function number_name(n)
+  if n == math.floor(n) and math.abs(n) < 2^53 then return string.format('%.0f', n) end
+  for digits = 14, 16 do
+    local text = string.format('%.' .. digits .. 'g', n)
+    if tonumber(text) == n then return text end
+  end
+  return string.format('%.17g', n)
+end
 
 -- The group of a payload: the string or number at `group_by` in its JSON; '' (the default
 -- group) when it is not JSON or has nothing there.
@@ -79,7 +93,7 @@ local function group_of(payload)
     if type(value) ~= 'table' then return '' end
     value = value[part]
   end
-  if type(value) == 'number' then value = tostring(value) end
+  if type(value) == 'number' then value = number_name(value) end
   if type(value) ~= 'string' then return '' end
   return string.sub(value, 1, GROUP_NAME_MAX)
 end
@@ -116,14 +130,14 @@ local function reconcile_groups()
   local before = redis.call('HGETALL', held)
   local released = false
   for i = 1, #before, 2 do
-    redis.call('HINCRBY', group_running, before[i], -tonumber(before[i + 1]))
+    add_running(group_running, before[i], -tonumber(before[i + 1]))
   end
   redis.call('DEL', held)
   for h, n in pairs(cjson.decode(mine)) do
     local g = unhex(h)
     if n > 0 then
       mine_now[g] = n
-      redis.call('HINCRBY', group_running, g, n)
+      add_running(group_running, g, n)
     end
   end
   for i = 1, #before, 2 do
@@ -157,7 +171,8 @@ end
 local function count_group_start(g)
   group_of_taken[#fresh] = tohex(g)
   mine_now[g] = (mine_now[g] or 0) + 1
-  if tonumber(group_max) > 0 then redis.call('HINCRBY', group_running, g, 1) end
+  -- Counted with or without a limit: the next take's reconcile takes it off again.
+  add_running(group_running, g, 1)
   if tonumber(group_rate) > 0 then
     local log = starts_prefix .. g
     redis.call('ZADD', log, now_ms, idbase .. #fresh)
@@ -179,8 +194,10 @@ local function take_grouped()
       if group_room(g) > 0 then
         local element = redis.call('RPOP', list)
         if element then
-          local bar = string.find(element, '|', 1, true)
-          add_to_batch(0, string.sub(element, bar + 1))
+          -- No stamp (pushed there by another: a queue may be named like a group's list):
+          -- the payload whole, rather than fail every take of the queue.
+          local bar = string.match(element, '^%d+|()') or 1
+          add_to_batch(0, string.sub(element, bar))
           count_group_start(g)
           took = true
         end
@@ -188,7 +205,7 @@ local function take_grouped()
       if redis.call('LLEN', list) == 0 then redis.call('LREM', ring, 1, g) end
     end
   end
-  if room > 0 and redis.call('LLEN', ring) > 0 and taken[4] == '' then  -- groups held back
+  if room > 0 and (due_held or redis.call('LLEN', ring) > 0) and taken[4] == '' then  -- held
     taken[4] = soonest and ('rate:' .. soonest) or 'full'
   end
 end
@@ -196,7 +213,10 @@ end
 -- Records this worker's group permits in `held`; a permit given back wakes a waiter.
 local function record_groups(released)
   for g, n in pairs(mine_now) do redis.call('HSET', held, g, n) end
-  if released and redis.call('LLEN', ring) > 0 then wake_waiters(wake, 1) end
+  -- (A due retry of the group may wait too: not in the ring, but in the retry set.)
+  if released and (redis.call('LLEN', ring) > 0 or redis.call('EXISTS', retry) == 1) then
+    wake_waiters(wake, 1)
+  end
 end
 
 -- The message a blocking fetch left in the landing list, taken; false if none. When the
@@ -222,21 +242,35 @@ local function take_landed()
 end
 
 -- The due members of the retry set, as many as there is room for, taken. `first` is the
--- set's first member and its score, if it has one.
+-- set's first member and its score, if it has one. With groups, when its group's limits
+-- hold one back, it looks further (up to RETRY_SCAN in all): a full group's retries must
+-- not hold another group's back. Those it leaves set `due_held`: the worker is to wait for
+-- a permit (or the group's rate), not be told that a retry is due and take again at once.
 local function take_due(first)
-  local due = due_members(first)
-  local chosen = {}
-  for _, member in ipairs(due) do
-    local id, attempts, payload = parse(member)
-    if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
-    local g = grouped and retry_group(id, payload)
-    -- Not grouped: taken. Grouped: in its group's turn (a retry keeps to its group's limits
-    -- too), or left for the worker's next SORT when it has no group yet.
-    if g == false or (g and group_room(g) > 0) then
-      add_to_batch(attempts, payload)
-      if g then count_group_start(g) end
-      chosen[#chosen + 1] = member
+  local chosen, looked, asked = {}, 0, room
+  local due = due_members(first, asked)
+  while true do
+    for i = looked + 1, #due do
+      if room <= 0 then break end
+      local member = due[i]
+      local id, attempts, payload = parse(member)
+      if not id then attempts, payload = 0, member end  -- not ours: taken whole, fresh
+      local g = grouped and retry_group(id, payload)
+      -- Not grouped: taken. Grouped: in its group's turn (a retry keeps to its group's
+      -- limits too), or left for the worker's next SORT when it has no group yet.
+      if g == false or (g and group_room(g) > 0) then
+        add_to_batch(attempts, payload)
+        if g then count_group_start(g) end
+        chosen[#chosen + 1] = member
+      elseif g then
+        due_held = true
+      end
     end
+    -- Looked at all there was, or as far as it may: done. Else once more, further (what
+    -- it chose is still in the set, in its place: skipped as looked at).
+    if room <= 0 or not due_held or #due < asked or asked >= RETRY_SCAN then break end
+    looked, asked = #due, RETRY_SCAN
+    due = due_members(first, asked)
   end
   return chosen
 end
