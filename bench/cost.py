@@ -202,7 +202,10 @@ def yardstick(
     # The processes exited after their last command: nothing after it is theirs.
     wall = time.time() - edge["t"]
     spent = redis_cpu(client) - edge["cpu"]
-    sample = _sample(drain.rate, spent, n, wall, edges[0], machine(), drain.cpu)
+    sample = _sample(drain.rate, spent, n, wall, edges[0], machine())
+    # The clients' CPU over their own runs (wall also holds their exits): in cores over the
+    # time the rate is taken over, so that worker_core / rate is their CPU per message.
+    sample.worker_core = drain.cpu * drain.rate / n
     if burn_us:
         sample.extra["burn_us"] = burn_us
     return sample
