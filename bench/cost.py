@@ -168,8 +168,11 @@ def _sample(
     rate: float, redis_s: float, n: float, wall: float, m0: tuple[float, float],
     m1: tuple[float, float], worker_s: float | None = None,
 ) -> Sample:  # fmt: skip
-    """The figures of one drain: `m0`, `m1` are `machine()` at its edges."""
-    worker = None if worker_s is None else worker_s / wall
+    """The figures of one drain: `m0`, `m1` are `machine()` at its edges. The workers' (or
+    clients') `worker_s` of CPU is taken in cores over the time the rate is taken over
+    (n / rate), not over `wall`, which also holds the edges' waits: so that worker cores /
+    rate is exactly their CPU per message."""
+    worker = None if worker_s is None else worker_s * rate / n
     busy, steal = (m1[0] - m0[0]) / wall, (m1[1] - m0[1]) / wall
     return Sample(rate, redis_s / n * 1e6, redis_s / wall, busy, worker, steal)
 
@@ -202,10 +205,7 @@ def yardstick(
     # The processes exited after their last command: nothing after it is theirs.
     wall = time.time() - edge["t"]
     spent = redis_cpu(client) - edge["cpu"]
-    sample = _sample(drain.rate, spent, n, wall, edges[0], machine())
-    # The clients' CPU over their own runs (wall also holds their exits): in cores over the
-    # time the rate is taken over, so that worker_core / rate is their CPU per message.
-    sample.worker_core = drain.cpu * drain.rate / n
+    sample = _sample(drain.rate, spent, n, wall, edges[0], machine(), drain.cpu)
     if burn_us:
         sample.extra["burn_us"] = burn_us
     return sample
