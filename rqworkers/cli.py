@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = command(name, text, dead_commands)
         sub.add_argument("--queue", help="queue name (needed when several are configured)")
+        sub.add_argument("--host", help="the pair's host, when the queue is on several")
         sub.add_argument("--limit", type=int, default=None, help="at most this many")
         if name == "show":
             sub.add_argument("index", type=int, help="index from `dead list`")
@@ -325,19 +326,19 @@ def show_schedules(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def dead_list(cfg: config.Config, args: argparse.Namespace) -> int:
-    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    letters = dead.open_dead_letters(_pair(cfg, args))
     dead.list_letters(letters, args.limit or 20, sys.stdout)
     return ExitCode.OK
 
 
 def dead_show(cfg: config.Config, args: argparse.Namespace) -> int:
-    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    letters = dead.open_dead_letters(_pair(cfg, args))
     dead.show(letters, args.index, args.raw, sys.stdout, sys.stdout.buffer)
     return ExitCode.OK
 
 
 def dead_requeue(cfg: config.Config, args: argparse.Namespace) -> int:
-    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    letters = dead.open_dead_letters(_pair(cfg, args))
     moved = dead.act_on(letters, dead.Selection(args.indexes, args.limit), letters.requeue)
     print(f"requeued {plural(moved, 'message')} to the head of {letters.keys.queue}")
     return ExitCode.OK
@@ -352,7 +353,7 @@ def dead_purge(cfg: config.Config, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.CONFIG
-    letters = dead.open_dead_letters(dead.pick_pair(cfg, args.queue))
+    letters = dead.open_dead_letters(_pair(cfg, args))
     if not args.yes and not _confirmed(_purge_question(args, len(letters), letters.keys.dead)):
         print("nothing deleted")
         return ExitCode.FAILURE
@@ -396,6 +397,18 @@ def _confirmed(question: str) -> bool:
 
 
 def _pair(cfg: config.Config, args: argparse.Namespace) -> config.PairSettings:
+    """The pair a command acts on: `--queue` (or QUEUE) on `--host`. A queue name on several
+    hosts must be chosen with `--host` (as the page's API asks): acting on the first alone
+    would push, pause, requeue or purge on one host and say nothing of the others."""
+    if args.host is None:
+        named = [p for p in cfg.pairs if p.queue == args.queue]
+        # A host given as a URL is shown redacted: no password on a terminal.
+        hosts = list(dict.fromkeys(p.host if p.host != p.url else p.endpoint for p in named))
+        if len(hosts) > 1:
+            raise UsageError(
+                f"queue {args.queue!r} is on several hosts ({', '.join(hosts)}): "
+                "choose one with --host"
+            )
     pairs = tuple(p for p in cfg.pairs if args.host in (None, p.host))
     return dead.pick_pair(dataclasses.replace(cfg, pairs=pairs), args.queue)
 
@@ -564,24 +577,8 @@ def submit(cfg: config.Config, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _flow_pair(cfg: config.Config, args: argparse.Namespace) -> config.PairSettings:
-    """The pair whose queue `pause` or `resume` acts on. A queue name on several hosts
-    must be chosen with `--host` (as the page's API asks): pausing the first alone would
-    say "paused" while the workers of the others start on."""
-    if args.host is None:
-        pairs = [p for p in cfg.pairs if p.queue == args.queue]
-        # A host given as a URL is shown redacted: no password on a terminal.
-        hosts = list(dict.fromkeys(p.host if p.host != p.url else p.endpoint for p in pairs))
-        if len(hosts) > 1:
-            raise UsageError(
-                f"queue {args.queue!r} is on several hosts ({', '.join(hosts)}): "
-                "choose one with --host"
-            )
-    return _pair(cfg, args)
-
-
 def pause(cfg: config.Config, args: argparse.Namespace) -> int:
-    pair = _flow_pair(cfg, args)
+    pair = _pair(cfg, args)
     with Producer(pair.url) as producer:
         done = flow.pause(
             producer.client, pair.queue, by=f"rqworkers pause ({socket.gethostname()})"
@@ -591,7 +588,7 @@ def pause(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def resume(cfg: config.Config, args: argparse.Namespace) -> int:
-    pair = _flow_pair(cfg, args)
+    pair = _pair(cfg, args)
     with Producer(pair.url) as producer:
         done = flow.resume(producer.client, pair.queue)
     print(f"resumed {pair.queue}" if done else f"{pair.queue} was not paused")

@@ -270,24 +270,40 @@ def test_waiting_counts_every_groups_messages(redis_server: RedisServer) -> None
 
 
 @pytest.mark.service
-@pytest.mark.parametrize("command", ["pause", "resume"])
-def test_pause_of_a_queue_on_several_hosts_asks_which(
-    redis_server: RedisServer, tmp_path: Path, command: str
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["pause", "jobs"],
+        ["resume", "jobs"],
+        ["push", "--queue", "jobs", "hello"],
+        ["dead", "list", "--queue", "jobs"],
+        ["dead", "requeue", "--queue", "jobs"],
+        ["dead", "purge", "--queue", "jobs", "--yes"],
+        ["scheduled", "list", "--queue", "jobs"],
+    ],
+    ids=lambda command: "-".join(command[:2]),
+)
+def test_a_command_on_a_queue_on_several_hosts_asks_which(
+    redis_server: RedisServer, tmp_path: Path, command: list[str]
 ) -> None:
     """A queue name on two hosts: `pause jobs` paused the first alone and said "paused
-    jobs", while the workers of the other went on. It must ask for `--host`, as the
-    page's API does, in one line, pausing nothing."""
+    jobs", while the workers of the other went on; `push`, `dead` and `scheduled` too
+    acted on the first host and said nothing of the other. Each must ask for `--host`, as
+    the page's API does, in one line, doing nothing."""
     path = write_config(tmp_path / "rqworkers.toml", redis_server.url, [])
     path.write_text(
         path.read_text().replace("[hosts]\n", '[hosts]\nother = "redis://127.0.0.1:1/0"\n')
         + '[[workers]]\nhost = "local"\nqueue = "jobs"\nhandler = "testapp:handle"\n\n'
         + '[[workers]]\nhost = "other"\nqueue = "jobs"\nhandler = "testapp:handle"\n'
     )
-    result = run_cli(command, "jobs", "-c", str(path))
+    client = redis_server.client()
+    client.lpush("jobs:dead", b"a dead letter")
+    result = run_cli(*command, "-c", str(path))
     assert result.returncode == 2 and "--host" in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not redis_server.client().exists("jobs:paused")
-    chosen = run_cli(command, "jobs", "-c", str(path), "--host", "local")
+    assert not client.exists("jobs:paused") and not client.exists("jobs")
+    assert client.llen("jobs:dead") == 1
+    chosen = run_cli(*command, "-c", str(path), "--host", "local")
     assert chosen.returncode == 0, chosen.stderr
 
 
