@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +313,19 @@ def process_ended(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def firing_managers(service: Callable[..., Any], nodes: Sequence[str], every: float) -> list[Any]:
+    """One manager per node, each with the same schedule: `taskapp:add` every `every`
+    seconds into `ticks`, every missed fire caught up (`catch_up = "all"`), its workers on
+    an idle queue; `service` is the fixture that starts them."""
+    ticks = {"name": "ticks", "host": "local", "queue": "ticks", "every": every,
+             "task": "taskapp:add", "args": [1, 2], "catch_up": "all"}  # fmt: skip
+    return [
+        service(
+            [{"queue": "idle", "handler": "testapp:handle"}],
+            manager={"node": node, "check_interval": 0.2},
+            schedules=[ticks],
+        )
+        for node in nodes
+    ]

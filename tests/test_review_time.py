@@ -21,7 +21,14 @@ from rqworkers.ops.schedules import Scheduler
 from rqworkers.store.delayed import RetrySet
 from rqworkers.store.keys import Keys
 from rqworkers.store.queue import ReliableQueue
-from tests.support import RedisServer, run_cli, task_pair, wait_for, write_config
+from tests.support import (
+    RedisServer,
+    firing_managers,
+    run_cli,
+    task_pair,
+    wait_for,
+    write_config,
+)
 
 QUEUE = "later"
 UTC = datetime.UTC
@@ -228,16 +235,7 @@ def test_a_manager_frozen_mid_way_and_thawed_enqueues_no_fire_twice(
     planned is stale, and the claim must find the watermark moved. Every fire time once,
     none skipped."""
     every = 0.5
-    ticks = {"name": "ticks", "host": "local", "queue": "ticks", "every": every,
-             "task": "taskapp:add", "args": [1, 2], "catch_up": "all"}  # fmt: skip
-    managers = [
-        service(
-            [{"queue": "idle", "handler": "testapp:handle"}],
-            manager={"node": node, "check_interval": 0.2},
-            schedules=[ticks],
-        )
-        for node in ("a", "b")
-    ]
+    managers = firing_managers(service, ("a", "b"), every)
     client = redis_server.client()
 
     def count() -> int:

@@ -19,7 +19,14 @@ from rqworkers import config
 from rqworkers.config import ScheduleSettings
 from rqworkers.ops.schedules import MISSED_AFTER, fire_times, next_fire, plan
 from rqworkers.store.keys import Keys
-from tests.support import RedisServer, free_port, run_cli, wait_for, write_config
+from tests.support import (
+    RedisServer,
+    firing_managers,
+    free_port,
+    run_cli,
+    wait_for,
+    write_config,
+)
 
 BERLIN = "Europe/Berlin"
 
@@ -123,16 +130,7 @@ def test_three_managers_one_killed_enqueue_each_fire_exactly_once(
     redis_server: RedisServer, service: Any
 ) -> None:
     every = 0.5
-    ticks = {"name": "ticks", "host": "local", "queue": "ticks", "every": every,
-             "task": "taskapp:add", "args": [1, 2], "catch_up": "all"}  # fmt: skip
-    managers = [
-        service(
-            [{"queue": "idle", "handler": "testapp:handle"}],
-            manager={"node": node, "check_interval": 0.2},
-            schedules=[ticks],
-        )
-        for node in ("a", "b", "c")
-    ]
+    managers = firing_managers(service, ("a", "b", "c"), every)
     wait_for(lambda: len(fires(redis_server, "ticks")) >= 6, timeout=30, what="6 fires")
     managers[1].signal_session(signal.SIGKILL)
     count = len(fires(redis_server, "ticks"))
