@@ -777,6 +777,8 @@ def resumption_delay(push: Callable[[], None], bookkeeper: RedisServer) -> float
     return time.monotonic() - back
 
 
+@pytest.mark.slow  # 12 s on 2 cores: with `-m slow`, for the default suite's budget (the
+# end-to-end Cluster test and the Cluster unit tests stay in it)
 def test_workers_resume_promptly_after_a_cluster_node_is_back(
     processes: Processes, service: StartService, bookkeeper: RedisServer, tmp_path: Path
 ) -> None:

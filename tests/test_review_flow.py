@@ -274,12 +274,13 @@ def test_waiting_counts_every_groups_messages(redis_server: RedisServer) -> None
     "command",
     [
         ["pause", "jobs"],
-        ["resume", "jobs"],
         ["push", "--queue", "jobs", "hello"],
-        ["dead", "list", "--queue", "jobs"],
-        ["dead", "requeue", "--queue", "jobs"],
         ["dead", "purge", "--queue", "jobs", "--yes"],
         ["scheduled", "list", "--queue", "jobs"],
+        # The same function chooses the pair for the others: with `-m slow`.
+        pytest.param(["resume", "jobs"], marks=pytest.mark.slow),
+        pytest.param(["dead", "list", "--queue", "jobs"], marks=pytest.mark.slow),
+        pytest.param(["dead", "requeue", "--queue", "jobs"], marks=pytest.mark.slow),
     ],
     ids=lambda command: "-".join(command[:2]),
 )
