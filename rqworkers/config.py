@@ -841,7 +841,7 @@ def key_collisions(
                     "its URL); use `processes` for more workers"
                 )
                 break
-            if same and pair.queue.startswith(f"{other.queue}:"):
+            if same and _could_be_key_of(pair.queue, other.queue):
                 problems.append(
                     f"{_path(('workers', index))}.queue: {pair.queue!r} could be a key of "
                     f"queue {other.queue!r} (workers[{other_index}]) on the same host: every "
@@ -849,6 +849,12 @@ def key_collisions(
                 )
                 break
     return problems
+
+
+def _could_be_key_of(name: str, queue: str) -> bool:
+    """Whether `name` has the form of a key of `queue`: every key derived from a queue is
+    `<queue>:<something>`."""
+    return name.startswith(f"{queue}:")
 
 
 def _schedule_collisions(
@@ -861,8 +867,8 @@ def _schedule_collisions(
     problems = []
     for schedule in schedules:
         for pair_index, pair in pairs.items():
-            if server_spelling(schedule.url) == _url(pair) and schedule.queue.startswith(
-                f"{pair.queue}:"
+            if server_spelling(schedule.url) == _url(pair) and _could_be_key_of(
+                schedule.queue, pair.queue
             ):
                 problems.append(
                     f"{_path(('schedules', index[schedule.name]))}.queue: {schedule.queue!r} "

@@ -149,11 +149,12 @@ class RetrySet:
         """Remove `members`; how many were still there (a worker may have taken some). The
         deduplication key a removed one held is freed, as its ack would: it is no longer
         waiting, scheduled or running, so a push with its key must be enqueued."""
-        deleted = 0
+        pipe = self.client.pipeline(transaction=False)  # one round trip, one answer each
         for member in members:
-            if self.client.zrem(self.keys.retry, member):
-                deleted += 1
-                held = Delivery.parse(member).dedup
-                if held is not None:
-                    dedup.release(self.client, self.keys.queue_name, *held)
-        return deleted
+            pipe.zrem(self.keys.retry, member)
+        removed = [m for m, gone in zip(members, pipe.execute(), strict=True) if gone]
+        for member in removed:
+            held = Delivery.parse(member).dedup
+            if held is not None:
+                dedup.release(self.client, self.keys.queue_name, *held)
+        return len(removed)
